@@ -1,0 +1,57 @@
+"""Per-connection scan coalescing: at most one active and one pending scan.
+
+Whatever asks for a scan (EXISTS, the tick, a reconnect) calls :meth:`ScanCoalescer.request`,
+which never blocks. The connection's scan worker loops on :meth:`ScanCoalescer.next_scan`.
+A request while idle wakes the worker (becomes *active*); a request while a scan is
+active becomes the *pending* one; further requests while one is pending are absorbed
+(counted in :attr:`absorbed`), because the pending scan, which starts after them, covers
+their mail too. So a burst of any size costs at most two scans.
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+
+@attrs.define
+class ScanCoalescer:
+    """A ``trio.Event`` plus a pending counter (0 or 1), per the design card."""
+
+    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+    pending: int = 0
+    active: bool = False
+    #: reason of the first request folded into the pending scan
+    pending_reason: str | None = None
+    requested: int = 0
+    absorbed: int = 0
+
+    def request(self, reason: str) -> bool:
+        """Ask for a scan. Returns False when it was absorbed into an already pending one."""
+        self.requested += 1
+        if self.pending:
+            self.absorbed += 1
+            return False
+        self.pending = 1
+        self.pending_reason = reason
+        self._wakeup.set()
+        return True
+
+    async def next_scan(self) -> str:
+        """Wait until a scan is pending, make it the active one and return its reason.
+
+        Call :meth:`done` when the scan finished (success or given up). Cancellation
+        while waiting leaves the state untouched.
+        """
+        while not self.pending:
+            if self._wakeup.is_set():
+                self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        reason = self.pending_reason or "exists"
+        self.pending = 0
+        self.pending_reason = None
+        self.active = True
+        return reason
+
+    def done(self) -> None:
+        self.active = False

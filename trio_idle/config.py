@@ -1,0 +1,581 @@
+"""Configuration: environment variables and CLI flags, parsed once into a frozen object.
+
+Parsing is a pure function of two mappings (environment, CLI overrides), so every rule
+here is tested without a process. A bad value raises :class:`ConfigError` whose message
+is one line naming the variable (or flag) and what was expected; the CLI exits with 2.
+Secrets are only ever read from the environment (argv is visible in ``ps``) and are
+wrapped in :class:`~trio_idle.secret.Secret`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import attrs
+
+from trio_idle.crypto import KEY_DERIVATIONS, MIN_KEY_CHARS
+from trio_idle.secret import Secret
+
+DEFAULT_QUERY: Final = (
+    'SELECT id, "userId", email, "imapHost", "imapPort", "imapUser", "encryptedPassword" '
+    'FROM "MailConnection" WHERE "isActive" = true'
+)
+SECURITY_MODES: Final = ("auto", "tls", "starttls", "plain")
+SOURCES: Final = ("postgres", "file")
+LOG_FORMATS: Final = ("text", "json")
+LOG_LEVELS: Final = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid. ``str()`` is the one-line message."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"120"``, ``"120s"``, ``"2m"``, ``"25min"``, ``"1.5h"``, ``"500ms"`` → seconds (> 0)."""
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise ValueError(f"expected a positive duration like 120, 30s, 2m or 1h, got {text!r}")
+    value = float(match.group(1)) * _UNIT_SECONDS[(match.group(2) or "s").lower()]
+    if value <= 0:
+        raise ValueError(f"expected a positive duration, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise ValueError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {text!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ValueError(f"expected a URL with a numeric port, got {text!r}") from None
+    return text.strip().rstrip("/")
+
+
+def _postgres_url(text: str) -> Secret:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("postgres", "postgresql"):
+        # Never echo the value: it usually carries a password.
+        raise ValueError("expected a postgresql://user:password@host:port/db URL")
+    return Secret(text.strip())
+
+
+def _path_part(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError(f"expected a path starting with '/', got {text!r}")
+    return text
+
+
+def _header_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9-]+", text):
+        raise ValueError(f"expected an HTTP header name (letters, digits, '-'), got {text!r}")
+    return text.lower()
+
+
+def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().upper() if upper else text.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _encryption_key(text: str) -> Secret:
+    if not text:
+        raise ValueError("must not be empty")
+    return Secret(text)
+
+
+def _nonempty_secret(text: str) -> Secret:
+    if not text:
+        raise ValueError("must not be empty")
+    return Secret(text)
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _optional_file(text: str) -> str:
+    return text.strip()
+
+
+@attrs.frozen
+class Option:
+    """One setting: where it comes from, its default, how it is parsed, what it means."""
+
+    field: str
+    env: str
+    flag: str | None
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+    secret: bool = False
+
+
+#: Every setting, in the order docs/configuration.md lists them. Defaults are strings and
+#: go through the same parser as user input, so a default can never be invalid silently.
+OPTIONS: Final[tuple[Option, ...]] = (
+    Option(
+        "source",
+        "TRIO_IDLE_SOURCE",
+        "--source",
+        _choice(SOURCES),
+        "postgres",
+        "where the connection list comes from: postgres (DATABASE_URL) or file",
+    ),
+    Option(
+        "database_url",
+        "DATABASE_URL",
+        None,
+        _postgres_url,
+        None,
+        "PostgreSQL URL (direct or through a transaction pooler)",
+        secret=True,
+    ),
+    Option(
+        "connections_query",
+        "TRIO_IDLE_QUERY",
+        "--query",
+        _nonempty,
+        DEFAULT_QUERY,
+        "SQL returning id, userId, email, imapHost, imapPort, imapUser, encryptedPassword",
+    ),
+    Option(
+        "connections_file",
+        "TRIO_IDLE_CONNECTIONS_FILE",
+        "--connections-file",
+        _nonempty,
+        None,
+        "TOML file with the connections (source=file)",
+    ),
+    Option(
+        "admin_secret",
+        "ADMIN_SECRET",
+        None,
+        _nonempty_secret,
+        None,
+        "shared secret sent in the scan request header",
+        secret=True,
+    ),
+    Option(
+        "encryption_key",
+        "ENCRYPTION_KEY",
+        None,
+        _encryption_key,
+        None,
+        f"AES-256 key string (at least {MIN_KEY_CHARS} characters with utf8-prefix)",
+        secret=True,
+    ),
+    Option(
+        "key_derivation",
+        "TRIO_IDLE_KEY_DERIVATION",
+        "--key-derivation",
+        _choice(KEY_DERIVATIONS),
+        "utf8-prefix",
+        "how ENCRYPTION_KEY becomes the AES key: utf8-prefix (first 32 bytes) or sha256",
+    ),
+    Option(
+        "node_env",
+        "NODE_ENV",
+        None,
+        lambda s: s.strip(),
+        "development",
+        "production switches the default BACKEND_URL port to 3015",
+    ),
+    Option(
+        "backend_url",
+        "BACKEND_URL",
+        "--backend-url",
+        _http_url,
+        None,
+        "backend base URL (default http://127.0.0.1:3016, :3015 when NODE_ENV=production)",
+    ),
+    Option(
+        "scan_path",
+        "TRIO_IDLE_SCAN_PATH",
+        "--scan-path",
+        _path_part,
+        "/api/mail/scan-internal",
+        "path of the scan webhook on the backend",
+    ),
+    Option(
+        "secret_header",
+        "TRIO_IDLE_SECRET_HEADER",
+        "--secret-header",
+        _header_name,
+        "x-admin-secret",
+        "header that carries ADMIN_SECRET",
+    ),
+    Option(
+        "signing_secret",
+        "TRIO_IDLE_SIGNING_SECRET",
+        None,
+        _nonempty_secret,
+        None,
+        "if set, the body is signed: x-signature: sha256=<hex HMAC-SHA256>",
+        secret=True,
+    ),
+    Option("mailbox", "TRIO_IDLE_MAILBOX", "--mailbox", _nonempty, "INBOX", "mailbox to watch"),
+    Option(
+        "refresh_interval",
+        "TRIO_IDLE_REFRESH_INTERVAL",
+        "--refresh-interval",
+        parse_duration,
+        "5m",
+        "how often the connection list is re-read",
+    ),
+    Option(
+        "idle_renew_interval",
+        "TRIO_IDLE_IDLE_RENEW",
+        "--idle-renew",
+        parse_duration,
+        "25m",
+        "re-issue IDLE after this long (servers drop IDLE at 29 min)",
+    ),
+    Option(
+        "tick_interval",
+        "TRIO_IDLE_TICK_INTERVAL",
+        "--tick-interval",
+        parse_duration,
+        "2m",
+        "leave IDLE, NOOP under a deadline, check the mailbox, re-enter IDLE",
+    ),
+    Option(
+        "connect_timeout",
+        "TRIO_IDLE_CONNECT_TIMEOUT",
+        "--connect-timeout",
+        parse_duration,
+        "30s",
+        "deadline for TCP connect + TLS + greeting",
+    ),
+    Option(
+        "command_timeout",
+        "TRIO_IDLE_COMMAND_TIMEOUT",
+        "--command-timeout",
+        parse_duration,
+        "30s",
+        "deadline for each IMAP command (LOGIN, SELECT, NOOP, DONE); missing answer = dead",
+    ),
+    Option(
+        "logout_timeout",
+        "TRIO_IDLE_LOGOUT_TIMEOUT",
+        "--logout-timeout",
+        parse_duration,
+        "2s",
+        "deadline for LOGOUT when a session is closed",
+    ),
+    Option(
+        "backoff_initial",
+        "TRIO_IDLE_BACKOFF_INITIAL",
+        "--backoff-initial",
+        parse_duration,
+        "5s",
+        "first reconnect delay (full jitter below the exponential bound, first one exact)",
+    ),
+    Option(
+        "backoff_max",
+        "TRIO_IDLE_BACKOFF_MAX",
+        "--backoff-max",
+        parse_duration,
+        "5m",
+        "cap of the reconnect delay",
+    ),
+    Option(
+        "backoff_reset_after",
+        "TRIO_IDLE_BACKOFF_RESET_AFTER",
+        "--backoff-reset-after",
+        parse_duration,
+        "2m",
+        "a session up this long resets the backoff",
+    ),
+    Option(
+        "auth_backoff",
+        "TRIO_IDLE_AUTH_BACKOFF",
+        "--auth-backoff",
+        parse_duration,
+        "15m",
+        "first delay after an authentication failure (doubles up to auth-backoff-max)",
+    ),
+    Option(
+        "auth_backoff_max",
+        "TRIO_IDLE_AUTH_BACKOFF_MAX",
+        "--auth-backoff-max",
+        parse_duration,
+        "2h",
+        "cap of the delay after repeated authentication failures",
+    ),
+    Option(
+        "connect_concurrency",
+        "TRIO_IDLE_CONNECT_CONCURRENCY",
+        "--connect-concurrency",
+        _positive_int,
+        "20",
+        "max IMAP handshakes + logins in progress at once",
+    ),
+    Option(
+        "connect_rate",
+        "TRIO_IDLE_CONNECT_RATE",
+        "--connect-rate",
+        _positive_float,
+        "50",
+        "max new IMAP connections started per second (all mailboxes)",
+    ),
+    Option(
+        "imap_security",
+        "TRIO_IDLE_IMAP_SECURITY",
+        "--imap-security",
+        _choice(SECURITY_MODES),
+        "auto",
+        "auto (993: TLS, 143: STARTTLS, other: TLS), tls, starttls or plain",
+    ),
+    Option(
+        "ca_file",
+        "TRIO_IDLE_CA_FILE",
+        "--ca-file",
+        _optional_file,
+        None,
+        "PEM file of extra CAs to trust (private CAs); system CAs are used otherwise",
+    ),
+    Option(
+        "tcp_keepalive",
+        "TRIO_IDLE_TCP_KEEPALIVE",
+        "--tcp-keepalive",
+        parse_duration,
+        "60s",
+        "TCP keepalive idle time on IMAP sockets (probes every 15 s, 4 probes)",
+    ),
+    Option(
+        "scan_timeout",
+        "TRIO_IDLE_SCAN_TIMEOUT",
+        "--scan-timeout",
+        parse_duration,
+        "60s",
+        "total deadline for one scan request to the backend",
+    ),
+    Option(
+        "scan_retry_initial",
+        "TRIO_IDLE_SCAN_RETRY_INITIAL",
+        "--scan-retry-initial",
+        parse_duration,
+        "1s",
+        "first delay before retrying a failed scan",
+    ),
+    Option(
+        "scan_retry_max",
+        "TRIO_IDLE_SCAN_RETRY_MAX",
+        "--scan-retry-max",
+        parse_duration,
+        "60s",
+        "cap of the scan retry delay (the scan is retried while it stays the active one)",
+    ),
+    Option(
+        "http_max_connections",
+        "TRIO_IDLE_HTTP_MAX_CONNECTIONS",
+        "--http-max-connections",
+        _positive_int,
+        "100",
+        "connection pool size towards the backend",
+    ),
+    Option(
+        "shutdown_timeout",
+        "TRIO_IDLE_SHUTDOWN_TIMEOUT",
+        "--shutdown-timeout",
+        parse_duration,
+        "5s",
+        "total time allowed for LOGOUTs on SIGTERM before the process exits",
+    ),
+    Option(
+        "db_timeout",
+        "TRIO_IDLE_DB_TIMEOUT",
+        "--db-timeout",
+        parse_duration,
+        "30s",
+        "deadline for connecting to the database and running the query",
+    ),
+    Option(
+        "log_level",
+        "TRIO_IDLE_LOG_LEVEL",
+        "--log-level",
+        _choice(LOG_LEVELS, upper=True),
+        "INFO",
+        "minimum log level",
+    ),
+    Option(
+        "log_format",
+        "TRIO_IDLE_LOG_FORMAT",
+        "--log-format",
+        _choice(LOG_FORMATS),
+        "text",
+        "text (the documented lines) or json (one object per line)",
+    ),
+)
+
+_BY_FIELD: Final = {o.field: o for o in OPTIONS}
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """The whole configuration, immutable. Durations are seconds (float)."""
+
+    source: str = "postgres"
+    database_url: Secret | None = None
+    connections_query: str = DEFAULT_QUERY
+    connections_file: str | None = None
+    admin_secret: Secret = attrs.field(factory=lambda: Secret(""))
+    encryption_key: Secret = attrs.field(factory=lambda: Secret(""))
+    key_derivation: str = "utf8-prefix"
+    node_env: str = "development"
+    backend_url: str = "http://127.0.0.1:3016"
+    scan_path: str = "/api/mail/scan-internal"
+    secret_header: str = "x-admin-secret"
+    signing_secret: Secret | None = None
+    mailbox: str = "INBOX"
+    refresh_interval: float = 300.0
+    idle_renew_interval: float = 1500.0
+    tick_interval: float = 120.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 30.0
+    logout_timeout: float = 2.0
+    backoff_initial: float = 5.0
+    backoff_max: float = 300.0
+    backoff_reset_after: float = 120.0
+    auth_backoff: float = 900.0
+    auth_backoff_max: float = 7200.0
+    connect_concurrency: int = 20
+    connect_rate: float = 50.0
+    imap_security: str = "auto"
+    ca_file: str | None = None
+    tcp_keepalive: float = 60.0
+    scan_timeout: float = 60.0
+    scan_retry_initial: float = 1.0
+    scan_retry_max: float = 60.0
+    http_max_connections: int = 100
+    shutdown_timeout: float = 5.0
+    db_timeout: float = 30.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    @property
+    def scan_url(self) -> str:
+        return self.backend_url + self.scan_path
+
+
+def default_backend_url(node_env: str) -> str:
+    """The original daemon's rule: port 3015 in production, 3016 otherwise."""
+    return "http://127.0.0.1:3015" if node_env == "production" else "http://127.0.0.1:3016"
+
+
+def parse_settings(
+    env: Mapping[str, str],
+    overrides: Mapping[str, str] | None = None,
+    *,
+    require: tuple[str, ...] = ("admin_secret", "encryption_key"),
+) -> Settings:
+    """Build :class:`Settings` from the environment and CLI overrides (by field name).
+
+    A CLI override wins over the environment, which wins over the default. Empty
+    environment values count as unset. ``require`` names fields that must end up set;
+    the source-specific requirement (``DATABASE_URL`` or a connections file) is added.
+    Raises :class:`ConfigError` on the first problem found.
+    """
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw: str | None
+        if overrides.get(option.field) is not None:
+            raw, label = overrides[option.field], option.flag or option.env
+        elif env.get(option.env):
+            raw, label = env[option.env], option.env
+        else:
+            raw, label = option.default, option.env
+        if raw is None:
+            continue
+        try:
+            values[option.field] = option.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(label, str(exc)) from None
+    if "backend_url" not in values:
+        values["backend_url"] = default_backend_url(values["node_env"])
+
+    needed = list(require)
+    if values["source"] == "postgres":
+        needed.append("database_url")
+    else:
+        needed.append("connections_file")
+    for name in needed:
+        if name not in values:
+            option = _BY_FIELD[name]
+            where = option.env + (f" (or {option.flag})" if option.flag else "")
+            raise ConfigError(option.env, f"is required: set {where}")
+    if "encryption_key" in values:
+        _check_key(values["encryption_key"], values["key_derivation"])
+    _check_relations(values)
+    return Settings(**values)
+
+
+def _check_key(key: Secret, derivation: str) -> None:
+    if derivation == "utf8-prefix" and (
+        len(key.reveal()) < MIN_KEY_CHARS or len(key.reveal().encode()) < 32
+    ):
+        raise ConfigError(
+            "ENCRYPTION_KEY",
+            f"must be at least {MIN_KEY_CHARS} characters (AES-256 key), got {len(key.reveal())}",
+        )
+
+
+def _check_relations(values: Mapping[str, Any]) -> None:
+    def at_least(small: str, big: str) -> None:
+        if values[small] > values[big]:
+            raise ConfigError(
+                _BY_FIELD[small].env, f"must not exceed {_BY_FIELD[big].env} ({values[big]:g}s)"
+            )
+
+    at_least("backoff_initial", "backoff_max")
+    at_least("auth_backoff", "auth_backoff_max")
+    at_least("scan_retry_initial", "scan_retry_max")

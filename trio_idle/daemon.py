@@ -1,0 +1,172 @@
+"""The daemon: root nursery, refresh loop, graceful shutdown.
+
+Task tree (see docs/architecture.md)::
+
+    trio.run → run_daemon
+      trio_asyncio loop (asyncio libraries run inside trio; no other event loop exists)
+      root nursery
+      ├── refresh loop      reads the source every refresh_interval, applies the diff
+      └── connection tasks  one per connection, owned by the Reconciler (reconcile.py)
+
+Guarantees: a source outage keeps every running session on the last good list and
+retries with backoff; :meth:`Daemon.shutdown` cancels every connection scope (each
+session LOGOUTs under ``logout_timeout``) and bounds the whole exit by
+``shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import trio
+import trio_asyncio
+from loguru import logger
+
+from trio_idle.config import Settings
+from trio_idle.connections import build_connections
+from trio_idle.crypto import derive_key
+from trio_idle.errors import SourceError
+from trio_idle.imap_client import make_ssl_context
+from trio_idle.limiter import ConnectLimiter
+from trio_idle.reconcile import Reconciler
+from trio_idle.session import SessionEnv
+from trio_idle.stats import Stats
+from trio_idle.webhook import WebhookClient
+
+
+class ConnectionSource(Protocol):
+    """Anything that returns rows with the ``"MailConnection"`` column names."""
+
+    name: str
+
+    async def fetch(self) -> Sequence[dict[str, Any]]: ...
+
+
+class Daemon:
+    """Handle to a running daemon, given to the caller by ``nursery.start(run_daemon, ...)``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: ConnectionSource,
+        reconciler: Reconciler,
+        stats: Stats,
+        root: trio.Nursery,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.reconciler = reconciler
+        self.stats = stats
+        self._root = root
+        self._key = derive_key(settings.encryption_key.reveal(), settings.key_derivation)
+        self._refresh_now = trio.Event()
+        self._logged_problems: set[tuple[str, str]] = set()
+        self.last_refresh_ok: float | None = None
+        self.connections_in_source = 0
+        #: set after every refresh attempt (tests and health checks wait on it)
+        self.refreshed = trio.Event()
+        self.stopping = False
+        self.stopped = trio.Event()
+
+    def request_refresh(self) -> None:
+        """Refresh now instead of at the next interval (SIGHUP, tests)."""
+        self._refresh_now.set()
+
+    async def refresh_once(self) -> bool:
+        """Read the source and apply the diff. Returns False if the source failed."""
+        try:
+            rows = await self.source.fetch()
+        except SourceError as exc:
+            self.stats.inc("refresh_failures")
+            logger.warning(
+                f"[idle/{self.source.name}] refresh failed: {exc}; keeping "
+                f"{len(self.reconciler.handles)} sessions on the last good list"
+            )
+            return False
+        wanted, problems = build_connections(rows, self._key)
+        current = {(p.connection_id, p.message) for p in problems}
+        for conn_id, message in sorted(current - self._logged_problems):
+            self.stats.inc("rows_skipped")
+            logger.error(f"[idle/{self.source.name}] connection {conn_id} skipped: {message}")
+        self._logged_problems = current  # a row that is fixed and breaks again logs again
+        if self.stopping:
+            return True
+        self.reconciler.apply(wanted)
+        self.connections_in_source = len(rows)
+        self.last_refresh_ok = trio.current_time()
+        self.stats.inc("refreshes")
+        logger.info(
+            f"[idle/{self.source.name}] refreshed — {len(rows)} active connections, "
+            f"{len(self.reconciler.handles)} sessions"
+        )
+        return True
+
+    async def refresh_loop(self) -> None:
+        retry = min(5.0, self.settings.refresh_interval)
+        while not self.stopping:
+            ok = await self.refresh_once()
+            self.refreshed.set()
+            self.refreshed = trio.Event()
+            if ok:
+                delay, retry = (
+                    self.settings.refresh_interval,
+                    min(5.0, self.settings.refresh_interval),
+                )
+            else:
+                delay, retry = retry, min(retry * 2, self.settings.refresh_interval)
+            with trio.move_on_after(delay):
+                await self._refresh_now.wait()
+            self._refresh_now = trio.Event()
+
+    def shutdown(self, reason: str = "shutdown requested") -> None:
+        """Stop refreshing, end every session (LOGOUT), exit within ``shutdown_timeout``."""
+        if self.stopping:
+            return
+        self.stopping = True
+        logger.info(
+            f"[idle/daemon] shutting down ({reason}): closing "
+            f"{len(self.reconciler.handles)} sessions"
+        )
+        self.reconciler.stop_all()
+        self._root.cancel_scope.deadline = trio.current_time() + self.settings.shutdown_timeout
+        self._refresh_now.set()
+
+
+async def run_daemon(
+    settings: Settings,
+    source: ConnectionSource,
+    *,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until :meth:`Daemon.shutdown` (returns normally) or cancellation."""
+    stats = Stats()
+    env = SessionEnv(
+        settings=settings,
+        limiter=ConnectLimiter(settings.connect_concurrency, settings.connect_rate),
+        ssl_context=make_ssl_context(settings.ca_file),
+        stats=stats,
+        rng=random.Random(),
+    )
+    webhook = WebhookClient(
+        settings.scan_url,
+        secret_header=settings.secret_header,
+        secret=settings.admin_secret,
+        signing_secret=settings.signing_secret,
+        total_timeout=settings.scan_timeout,
+        max_connections=settings.http_max_connections,
+    )
+    daemon: Daemon | None = None
+    async with trio_asyncio.open_loop():
+        try:
+            async with trio.open_nursery() as root:
+                daemon = Daemon(settings, source, Reconciler(root, env, webhook), stats, root)
+                root.start_soon(daemon.refresh_loop, name="refresh")
+                task_status.started(daemon)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await webhook.aclose()
+            if daemon is not None:
+                daemon.stopped.set()
+    logger.info("[idle/daemon] stopped")

@@ -1,0 +1,332 @@
+"""An IMAP connection for one session: aioimaplib's protocol, driven from trio.
+
+aioimaplib is used for what it is good at (the command/response state machine) and
+nothing else: we open the transport ourselves (so connect and TLS errors surface as real
+errors, TCP keepalive is set, STARTTLS works), and every wait is a trio deadline rather
+than an asyncio timer. Untagged lines go to a :class:`~trio_idle.push_monitor.PushMonitor`,
+which also notices a lost connection — aioimaplib itself would keep waiting forever.
+
+Guarantees: every method either returns within its deadline or raises an
+:class:`~trio_idle.errors.ImapError` subclass; after *any* exception (including
+cancellation) the connection is unusable and :meth:`ImapConnection.abort` or
+:meth:`ImapConnection.logout` must be called. Nothing here logs or raises a password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import aioimaplib
+import attrs
+import trio
+import trio_asyncio
+
+from trio_idle.connections import MailConnection
+from trio_idle.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
+from trio_idle.imap_responses import MailboxState, parse_mailbox_state
+from trio_idle.push_monitor import PushMonitor
+
+T = TypeVar("T")
+
+IMPLICIT_TLS_PORT: Final = 993
+STARTTLS_PORT: Final = 143
+
+
+def resolve_security(mode: str, port: int) -> str:
+    """``auto`` picks by port: 993 → tls, 143 → starttls, anything else → tls."""
+    if mode != "auto":
+        return mode
+    return "starttls" if port == STARTTLS_PORT else "tls"
+
+
+def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """One verifying client context shared by all sessions (contexts are costly).
+
+    System CAs are always trusted; ``ca_file`` adds private CAs on top.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@attrs.frozen
+class ImapTimeouts:
+    connect: float
+    command: float
+    keepalive_idle: float
+
+
+class _DiscardQueue:
+    """Replaces aioimaplib's IDLE queue: the monitor already saw every line."""
+
+    def put_nowait(self, item: object) -> None:
+        pass
+
+    async def put(self, item: object) -> None:
+        pass
+
+
+class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
+    def __init__(self, loop: asyncio.AbstractEventLoop, monitor: PushMonitor) -> None:
+        super().__init__(loop, conn_lost_cb=monitor.connection_lost)
+        self.idle_queue = _DiscardQueue()
+        self._monitor = monitor
+
+    def data_received(self, d: bytes) -> None:
+        self._monitor.activity()
+        super().data_received(d)
+
+    def _untagged_response(self, line: bytes) -> Any:
+        self._monitor.untagged(line)
+        return super()._untagged_response(line)
+
+
+def _describe_connect_error(exc: BaseException, host: str, port: int) -> str:
+    where = f"{host}:{port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate of {where} not trusted: {exc.verify_message} (see --ca-file)"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake with {where} failed: {exc.reason or exc}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {host}: {exc.strerror}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection to {where} refused"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    return f"cannot connect to {where}: {type(exc).__name__}: {exc}"
+
+
+def _set_keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 15)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+
+
+class ImapConnection:
+    """A connected, not yet authenticated IMAP client. Use :func:`connect` to make one."""
+
+    def __init__(self, protocol: _Protocol, monitor: PushMonitor, timeouts: ImapTimeouts) -> None:
+        self.protocol = protocol
+        self.monitor = monitor
+        self.timeouts = timeouts
+        self._idle_task: asyncio.Future[Any] | None = None
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _call(
+        self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, limit: float | None = None
+    ) -> T:
+        """Run one aioimaplib coroutine under a trio deadline; fail fast on a lost connection."""
+        limit = self.timeouts.command if limit is None else limit
+        with self.monitor.guard() as guard:
+            try:
+                with trio.fail_after(limit):
+                    result: T = await trio_asyncio.aio_as_trio(fn)(*args)
+                    return result
+            except trio.TooSlowError:
+                self.monitor.mark_dead(f"no answer to {what} within {limit:g}s")
+                raise ConnectionLost(f"no answer to {what} within {limit:g}s") from None
+            except aioimaplib.AioImapException as exc:
+                raise ImapError(f"{what} failed: {exc}") from None
+            except (TimeoutError, OSError) as exc:
+                raise ConnectionLost(f"{what} failed: {type(exc).__name__}: {exc}") from None
+        assert guard.cancelled_caught
+        raise ConnectionLost(f"{what}: {self.monitor.problem() or 'connection lost'}")
+
+    def _check(self) -> None:
+        problem = self.monitor.problem()
+        if problem is not None:
+            raise ConnectionLost(problem)
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def login(self, user: str, password: str) -> None:
+        response = await self._call("LOGIN", self.protocol.login, user, password)
+        if response.result != "OK":
+            text = b" ".join(bytes(x) for x in response.lines).decode("utf-8", "replace")
+            text = text.replace(password, "********") if password else text
+            if "[UNAVAILABLE]" in text.upper():  # RFC 5530: temporary, not a bad password
+                raise ImapError(f"login temporarily unavailable: {text[:200]}")
+            raise ImapAuthError(f"login rejected for {user}: {response.result} {text[:200]}")
+
+    async def select(self, mailbox: str) -> MailboxState:
+        response = await self._call("SELECT", self.protocol.select, mailbox)
+        if response.result != "OK":
+            raise ImapError(f"SELECT {mailbox} failed: {response.result}")
+        return parse_mailbox_state(response.lines)
+
+    @property
+    def has_idle(self) -> bool:
+        return "IDLE" in self.protocol.capabilities
+
+    async def noop(self) -> None:
+        response = await self._call("NOOP", self.protocol.simple_command, "NOOP")
+        if response.result != "OK":
+            raise ImapError(f"NOOP failed: {response.result}")
+        self._check()
+
+    async def idle_start(self) -> None:
+        """Send IDLE and wait for the server's continuation (``+ idling``)."""
+        self._idle_task = await self._call("IDLE", _aio_idle_start, self.protocol)
+        self._check()
+
+    async def idle_done(self) -> None:
+        """Send DONE and wait for the IDLE command's tagged answer."""
+        task, self._idle_task = self._idle_task, None
+        if task is None:
+            return
+        self._check()
+        self.protocol.idle_done()
+        response = await self._call("DONE", trio_asyncio.run_aio_future, task)
+        if response.result != "OK":
+            raise ImapError(f"IDLE ended with {response.result}")
+
+    async def logout(self, limit: float) -> None:
+        """Best-effort LOGOUT within ``limit`` seconds, then close. Never raises."""
+        try:
+            if self.monitor.problem() is None and self.protocol.state in (
+                aioimaplib.NONAUTH,
+                aioimaplib.AUTH,
+                aioimaplib.SELECTED,
+            ):
+                if self._idle_task is not None:
+                    self.protocol.idle_done()
+                    await self._call(
+                        "DONE", trio_asyncio.run_aio_future, self._idle_task, limit=limit
+                    )
+                    self._idle_task = None
+                await self._call("LOGOUT", self.protocol.logout, limit=limit)
+        except ImapError:
+            pass  # LOGOUT is a courtesy to the server; failing it changes nothing for us
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the socket now (no LOGOUT)."""
+        transport = self.protocol.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+
+async def _aio_idle_start(protocol: _Protocol) -> asyncio.Future[Any]:
+    """aioimaplib's ``idle_start`` without its asyncio timer (we renew with trio)."""
+    idle = asyncio.ensure_future(protocol.idle())
+    ack = asyncio.ensure_future(protocol.wait_for_idle_response())
+    try:
+        await asyncio.wait({idle, ack}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        idle.cancel()
+        ack.cancel()
+        raise
+    if not protocol.has_pending_idle_command():
+        ack.cancel()
+        if idle.done() and not idle.cancelled() and idle.exception() is None:
+            raise aioimaplib.Abort(f"server refused IDLE: {idle.result().result}")
+        raise aioimaplib.Abort("server refused IDLE")
+    result: asyncio.Future[Any] = idle
+    return result
+
+
+async def _aio_connect(
+    conn: MailConnection,
+    security: str,
+    context: ssl.SSLContext | None,
+    monitor: PushMonitor,
+    timeouts: ImapTimeouts,
+) -> _Protocol:
+    loop = asyncio.get_running_loop()
+    protocol = _Protocol(loop, monitor)
+    tls_now = context if security == "tls" else None
+    transport, _ = await loop.create_connection(
+        lambda: protocol,
+        conn.host,
+        conn.port,
+        ssl=tls_now,
+        server_hostname=conn.host if tls_now else None,
+        ssl_handshake_timeout=timeouts.connect if tls_now else None,
+    )
+    try:
+        _set_keepalive(transport, timeouts.keepalive_idle)
+        await _aio_handshake(loop, conn, security, context, protocol, transport, timeouts)
+    except BaseException:
+        transport.close()  # cancelled or failed mid-handshake: never leak the socket
+        raise
+    return protocol
+
+
+async def _aio_handshake(
+    loop: asyncio.AbstractEventLoop,
+    conn: MailConnection,
+    security: str,
+    context: ssl.SSLContext | None,
+    protocol: _Protocol,
+    transport: Any,
+    timeouts: ImapTimeouts,
+) -> None:
+    await protocol.wait("AUTH|NONAUTH")
+    if security == "starttls":
+        if "STARTTLS" not in protocol.capabilities:
+            raise _NoStartTls()
+        response = await protocol.execute(
+            aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=loop)
+        )
+        if response.result != "OK":
+            raise _NoStartTls()
+        assert context is not None
+        protocol.transport = await loop.start_tls(
+            transport,
+            protocol,
+            context,
+            server_hostname=conn.host,
+            ssl_handshake_timeout=timeouts.connect,
+        )
+        await protocol.capability()  # capabilities may differ once encrypted
+
+
+class _NoStartTls(Exception):
+    pass
+
+
+async def connect(
+    conn: MailConnection,
+    *,
+    security: str,
+    context: ssl.SSLContext | None,
+    timeouts: ImapTimeouts,
+) -> ImapConnection:
+    """Open TCP (+TLS or STARTTLS), wait for the greeting and capabilities.
+
+    Raises :class:`ImapConnectError` with a diagnosis (DNS, refused, TLS trust, no
+    greeting) within ``timeouts.connect`` seconds.
+    """
+    monitor = PushMonitor()
+    where = f"{conn.host}:{conn.port}"
+    try:
+        with trio.fail_after(timeouts.connect):
+            protocol = await trio_asyncio.aio_as_trio(_aio_connect)(
+                conn, security, context, monitor, timeouts
+            )
+    except trio.TooSlowError:
+        raise ImapConnectError(
+            f"no IMAP greeting from {where} within {timeouts.connect:g}s"
+        ) from None
+    except _NoStartTls:
+        raise ImapConnectError(f"{where} does not offer STARTTLS") from None
+    except (TimeoutError, OSError, aioimaplib.AioImapException) as exc:
+        raise ImapConnectError(_describe_connect_error(exc, conn.host, conn.port)) from None
+    imap = ImapConnection(protocol, monitor, timeouts)
+    if monitor.problem() is not None:
+        imap.abort()
+        raise ImapConnectError(f"{where}: {monitor.problem()}")
+    return imap

@@ -1,0 +1,155 @@
+"""Keeping the running sessions equal to the connection list.
+
+:func:`diff` is the pure decision; :class:`Reconciler` applies it. Task tree::
+
+    root nursery (daemon)
+    └── connection task  (one per connection id, started by the reconciler)
+        └── CancelScope  ← cancelled to remove or restart this connection only
+            └── child nursery
+                ├── IMAP session (connect / IDLE / reconnect loop)
+                └── scan worker (webhook, retries)
+
+Cancelling a connection's scope ends its whole subtree: the session LOGOUTs under a
+short shielded deadline, an in-flight scan request is abandoned. A restarted connection
+(changed host, port, login or password) waits for its predecessor to finish first, so
+one mailbox never holds two IMAP connections (Gmail allows 15 per account).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from trio_idle.coalescer import ScanCoalescer
+from trio_idle.connections import MailConnection
+from trio_idle.logs import session_logger
+from trio_idle.scan_worker import ScanPolicy, run_scan_worker
+from trio_idle.session import ConnectionMemory, SessionEnv, run_session
+from trio_idle.webhook import WebhookClient
+
+
+@attrs.frozen
+class Diff:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+
+def diff(running: Mapping[str, MailConnection], wanted: Mapping[str, MailConnection]) -> Diff:
+    """Which ids to start, stop and restart. Pure; ids sorted for stable logs."""
+    added = sorted(wanted.keys() - running.keys())
+    removed = sorted(running.keys() - wanted.keys())
+    changed = sorted(i for i in wanted.keys() & running.keys() if wanted[i] != running[i])
+    return Diff(tuple(added), tuple(removed), tuple(changed))
+
+
+@attrs.define
+class Handle:
+    """A running connection: its spec, the scope that owns its subtree, its state."""
+
+    conn: MailConnection
+    scope: trio.CancelScope
+    memory: ConnectionMemory
+    coalescer: ScanCoalescer
+    finished: trio.Event = attrs.field(factory=trio.Event)
+
+
+class Reconciler:
+    """Starts, stops and restarts connection subtrees in a nursery it does not own."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        env: SessionEnv,
+        webhook: WebhookClient,
+    ) -> None:
+        self._nursery = nursery
+        self._env = env
+        self._webhook = webhook
+        self.handles: dict[str, Handle] = {}
+        s = env.settings
+        self._policy = ScanPolicy(s.mailbox, s.scan_retry_initial, s.scan_retry_max)
+
+    @property
+    def running(self) -> dict[str, MailConnection]:
+        return {i: h.conn for i, h in self.handles.items()}
+
+    def apply(self, wanted: Mapping[str, MailConnection]) -> Diff:
+        """Bring the running set in line with ``wanted``. Synchronous: never blocks."""
+        d = diff(self.running, wanted)
+        for conn_id in d.removed:
+            self.handles.pop(conn_id).scope.cancel()
+        for conn_id in d.changed:
+            old = self.handles.pop(conn_id)
+            old.scope.cancel()
+            self._start(wanted[conn_id], predecessor=old)
+        for conn_id in d.added:
+            self._start(wanted[conn_id], predecessor=None)
+        return d
+
+    def stop_all(self) -> None:
+        for handle in self.handles.values():
+            handle.scope.cancel()
+        self.handles.clear()
+
+    def _start(self, conn: MailConnection, predecessor: Handle | None) -> None:
+        memory = predecessor.memory if predecessor else ConnectionMemory()
+        # a credentials restart keeps the pending scan: mail announced must still be scanned
+        coalescer = predecessor.coalescer if predecessor else ScanCoalescer()
+        handle = Handle(conn, trio.CancelScope(), memory, coalescer)
+        self.handles[conn.id] = handle
+        self._nursery.start_soon(self._run, handle, predecessor, name=f"conn:{conn.id}")
+
+    async def _run(self, handle: Handle, predecessor: Handle | None) -> None:
+        conn = handle.conn
+        log = session_logger(conn.email, conn.id)
+        try:
+            with handle.scope:
+                if predecessor is not None:
+                    await predecessor.finished.wait()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        run_scan_worker,
+                        conn,
+                        handle.coalescer,
+                        self._webhook,
+                        self._policy,
+                        self._env.stats,
+                        log,
+                        random.Random(),
+                        name=f"scan:{conn.id}",
+                    )
+                    await run_session(conn, self._env, handle.coalescer, handle.memory, log)
+        except Exception as exc:  # belt and braces: one connection never takes down the rest
+            self._env.stats.inc("internal_errors")
+            log.opt(exception=exc).error(f"[idle/{conn.email}] connection task crashed: {exc!r}")
+            if self.handles.get(conn.id) is handle:
+                del self.handles[conn.id]  # the next refresh starts it again
+        finally:
+            handle.finished.set()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per-connection detail for ``/status`` (no secrets)."""
+        out = []
+        for conn_id, h in sorted(self.handles.items()):
+            out.append(
+                {
+                    "id": conn_id,
+                    "email": h.conn.email,
+                    "host": f"{h.conn.host}:{h.conn.port}",
+                    "state": h.memory.state,
+                    "last_error": h.memory.last_error,
+                    "sessions": h.memory.sessions,
+                    "scan_active": h.coalescer.active,
+                    "scan_pending": bool(h.coalescer.pending),
+                }
+            )
+        return out

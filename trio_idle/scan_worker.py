@@ -1,0 +1,89 @@
+"""Sends a connection's scans, one at a time, retrying while the scan stays active.
+
+One worker task per connection takes scans from the connection's
+:class:`~trio_idle.coalescer.ScanCoalescer`. A failed attempt that is worth retrying
+(5xx, 429, timeout, refused) is retried with backoff — honouring ``Retry-After`` — while
+new requests pile up into the single pending slot, so a backend outage costs each
+mailbox at most one waiting scan, never a queue.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import attrs
+import trio
+
+from trio_idle.coalescer import ScanCoalescer
+from trio_idle.connections import MailConnection
+from trio_idle.logs import human_duration
+from trio_idle.stats import Stats
+from trio_idle.webhook import ScanJob, Verdict, WebhookClient, retry_delay
+
+
+@attrs.frozen
+class ScanPolicy:
+    mailbox: str
+    retry_initial: float
+    retry_max: float
+
+
+async def run_scan_worker(
+    conn: MailConnection,
+    coalescer: ScanCoalescer,
+    webhook: WebhookClient,
+    policy: ScanPolicy,
+    stats: Stats,
+    log: Any,
+    rng: random.Random,
+) -> None:
+    """Loop forever: wait for a scan, deliver it. Cancellation ends it at any point."""
+    while True:
+        reason = await coalescer.next_scan()
+        try:
+            await deliver(conn, reason, webhook, policy, stats, log, rng)
+        finally:
+            coalescer.done()
+
+
+async def deliver(
+    conn: MailConnection,
+    reason: str,
+    webhook: WebhookClient,
+    policy: ScanPolicy,
+    stats: Stats,
+    log: Any,
+    rng: random.Random,
+) -> None:
+    """Send one scan until the backend answers 2xx or refuses it for good."""
+    job = ScanJob(conn.id, conn.user_id, conn.email, policy.mailbox, reason)
+    prefix = f"[idle/{conn.email}]"
+    attempt = 0
+    while True:
+        attempt += 1
+        stats.inc("scans_sent", reason)
+        reply = await webhook.send(job)
+        if reply.verdict is Verdict.OK:
+            stats.inc("scans_ok")
+            if reply.scanned is None:
+                log.warning(f"{prefix} scan-triggered → {reply.detail}")
+            else:
+                log.info(
+                    f"{prefix} scan-triggered → scanned={reply.scanned} blocked={reply.blocked}"
+                )
+            return
+        label = str(reply.status) if reply.status is not None else "network"
+        if reply.verdict is Verdict.REJECT:
+            stats.inc("scans_failed", label)
+            log.error(f"{prefix} scan rejected: {reply.detail}")
+            return
+        stats.inc("scans_retried", label)
+        delay = retry_delay(
+            attempt, policy.retry_initial, policy.retry_max, reply.retry_after, rng.random()
+        )
+        log.warning(
+            f"{prefix} scan failed: {reply.detail}; retrying in "
+            f"{human_duration(delay)} (attempt {attempt + 1})"
+        )
+        await trio.sleep(delay)

@@ -1,0 +1,28 @@
+"""A wrapper that keeps secrets out of logs, errors and reprs."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+
+@attrs.frozen(repr=False, eq=True)
+class Secret:
+    """Holds a secret string; ``repr``/``str`` never show it. Call :meth:`reveal` at the edge."""
+
+    _value: str
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+MASK: Final = "********"

@@ -1,0 +1,233 @@
+"""One mailbox's IMAP session: connect, LOGIN, SELECT, IDLE — and reconnect forever.
+
+This is where new mail is noticed and a scan requested (:func:`_announce`):
+- an ``EXISTS`` pushed during IDLE (reason ``exists``);
+- the tick (every ``tick_interval``, jittered): leave IDLE, ``NOOP`` under a deadline — a
+  missing answer means a dead (half-open) connection — and scan if the count grew
+  (reason ``tick``; catches servers that never push);
+- a (re)connect whose SELECT shows a moved ``UIDNEXT`` or a new ``UIDVALIDITY`` compared
+  with what the previous session saw (reason ``reconnect``).
+
+IDLE is re-issued every ``idle_renew_interval`` (servers drop it at 29 min). Servers
+without the IDLE capability are polled with NOOP at the tick interval.
+
+Cancellation (connection removed, credentials changed, shutdown) ends the session with a
+LOGOUT under ``logout_timeout`` in a shielded scope, then closes the socket.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+from typing import Any
+
+import attrs
+import trio
+
+from trio_idle.backoff import Backoff, BackoffPolicy
+from trio_idle.coalescer import ScanCoalescer
+from trio_idle.config import Settings
+from trio_idle.connections import MailConnection
+from trio_idle.errors import ImapAuthError, ImapError
+from trio_idle.imap_client import ImapConnection, ImapTimeouts, connect, resolve_security
+from trio_idle.imap_responses import MailboxState, catch_up_decision
+from trio_idle.limiter import ConnectLimiter
+from trio_idle.logs import human_duration
+from trio_idle.stats import Stats
+
+#: States a session reports (``/status``, metrics).
+CONNECTING, IDLE, POLLING, BACKOFF, AUTH_FAILED = (
+    "connecting",
+    "idle",
+    "polling",
+    "backing-off",
+    "auth-failed",
+)
+
+
+@attrs.define
+class ConnectionMemory:
+    """What outlives one IMAP session of a connection (and a credentials restart)."""
+
+    #: mailbox as last seen; ``uidnext`` is a lower bound advanced on every announced mail
+    mailbox: MailboxState | None = None
+    state: str = CONNECTING
+    last_error: str | None = None
+    connected_since: float | None = None
+    sessions: int = 0
+
+
+@attrs.frozen
+class SessionEnv:
+    """What all sessions share: settings, the connect limiter, TLS context, counters."""
+
+    settings: Settings
+    limiter: ConnectLimiter
+    ssl_context: ssl.SSLContext | None
+    stats: Stats
+    rng: random.Random = attrs.field(factory=random.Random)
+
+    @property
+    def timeouts(self) -> ImapTimeouts:
+        s = self.settings
+        return ImapTimeouts(
+            connect=s.connect_timeout, command=s.command_timeout, keepalive_idle=s.tcp_keepalive
+        )
+
+
+async def run_session(
+    conn: MailConnection,
+    env: SessionEnv,
+    coalescer: ScanCoalescer,
+    memory: ConnectionMemory,
+    log: Any,
+) -> None:
+    """Keep one IMAP session alive until cancelled. Never returns otherwise."""
+    s = env.settings
+    prefix = f"[idle/{conn.email}]"
+    backoff = Backoff(
+        BackoffPolicy(s.backoff_initial, s.backoff_max, s.backoff_reset_after), env.rng
+    )
+    auth_backoff = Backoff(BackoffPolicy(s.auth_backoff, s.auth_backoff_max, float("inf")), env.rng)
+    security = resolve_security(s.imap_security, conn.port)
+    while True:
+        memory.state = CONNECTING
+        imap: ImapConnection | None = None
+        up_since: float | None = None
+        try:
+            async with env.limiter.slot():
+                env.stats.inc("connect_attempts")
+                imap = await connect(
+                    conn,
+                    security=security,
+                    context=None if security == "plain" else env.ssl_context,
+                    timeouts=env.timeouts,
+                )
+                await imap.login(conn.login, conn.password.reveal())
+            selected = await imap.select(s.mailbox)
+            up_since = trio.current_time()
+            auth_backoff.attempt = 0
+            memory.sessions += 1
+            memory.connected_since = up_since
+            memory.last_error = None
+            env.stats.inc("connects")
+            log.info(f"{prefix} connected ({conn.host}:{conn.port})")
+            decision = catch_up_decision(memory.mailbox, selected)
+            memory.mailbox = selected
+            if decision.scan:
+                log.info(f"{prefix} catch-up scan ({decision.why})")
+                env.stats.inc("catch_up_scans")
+                coalescer.request("reconnect")
+            await _watch(imap, conn, env, coalescer, memory, log)
+        except ImapAuthError as exc:
+            memory.state = AUTH_FAILED
+            memory.last_error = str(exc)
+            env.stats.inc("auth_failures")
+            delay = auth_backoff.next_delay()
+            log.error(
+                f"{prefix} authentication failed: {exc} — check the stored password; "
+                f"next login attempt in {human_duration(delay)}"
+            )
+        except ImapError as exc:
+            memory.state = BACKOFF
+            memory.last_error = str(exc)
+            if up_since is not None:
+                env.stats.inc("disconnects")
+                backoff.session_ended(trio.current_time() - up_since)
+                log.warning(f"{prefix} connection lost: {exc}")
+            else:
+                env.stats.inc("connect_failures")
+                log.warning(f"{prefix} connect failed: {exc}")
+            delay = backoff.next_delay()
+            log.info(
+                f"{prefix} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
+            )
+        except Exception as exc:  # a bug must cost one mailbox a reconnect, not the process
+            memory.state = BACKOFF
+            memory.last_error = f"internal error: {type(exc).__name__}"
+            env.stats.inc("internal_errors")
+            log.opt(exception=exc).error(f"{prefix} internal error: {type(exc).__name__}: {exc}")
+            delay = backoff.next_delay()
+            log.info(
+                f"{prefix} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
+            )
+        finally:
+            memory.connected_since = None
+            if imap is not None:
+                with trio.CancelScope(shield=True):
+                    await imap.logout(s.logout_timeout)
+        await trio.sleep(delay)
+
+
+def _announce(
+    conn: MailConnection,
+    imap: ImapConnection,
+    memory: ConnectionMemory,
+    coalescer: ScanCoalescer,
+    env: SessionEnv,
+    log: Any,
+    reason: str,
+) -> None:
+    """Request a scan for mail the monitor counted since the last call, if any."""
+    count = imap.monitor.take_new_mail()
+    if not count:
+        return
+    env.stats.inc("exists_events", reason)
+    if memory.mailbox is not None and memory.mailbox.uidnext is not None:
+        memory.mailbox = attrs.evolve(
+            memory.mailbox, uidnext=memory.mailbox.uidnext + count, exists=imap.monitor.exists
+        )
+    if reason == "exists":
+        log.info(f"[idle/{conn.email}] exists-event received (new mail)")
+    else:
+        log.info(f"[idle/{conn.email}] {reason}: {count} new message(s) found")
+    if not coalescer.request(reason):
+        env.stats.inc("scans_coalesced")
+
+
+async def _watch(
+    imap: ImapConnection,
+    conn: MailConnection,
+    env: SessionEnv,
+    coalescer: ScanCoalescer,
+    memory: ConnectionMemory,
+    log: Any,
+) -> None:
+    s = env.settings
+    prefix = f"[idle/{conn.email}]"
+    now = trio.current_time()
+    # A random phase spreads thousands of sessions' ticks over the whole interval.
+    next_tick = now + s.tick_interval * env.rng.uniform(0.5, 1.0)
+    renew_at = now + s.idle_renew_interval
+    if not imap.has_idle:
+        memory.state = POLLING
+        log.warning(
+            f"{prefix} server has no IDLE capability; polling every "
+            f"{human_duration(s.tick_interval)}"
+        )
+        while True:
+            _announce(conn, imap, memory, coalescer, env, log, "exists")
+            await trio.sleep_until(next_tick)
+            await imap.noop()
+            _announce(conn, imap, memory, coalescer, env, log, "tick")
+            next_tick = trio.current_time() + s.tick_interval
+    while True:
+        _announce(conn, imap, memory, coalescer, env, log, "exists")
+        await imap.idle_start()
+        memory.state = IDLE
+        with trio.move_on_at(min(next_tick, renew_at)):
+            while True:
+                await imap.monitor.wait()
+                if (problem := imap.monitor.problem()) is not None:
+                    raise ImapError(problem)
+                _announce(conn, imap, memory, coalescer, env, log, "exists")
+        await imap.idle_done()
+        now = trio.current_time()
+        if now >= renew_at:
+            log.info(f"{prefix} idle renewing ({human_duration(s.idle_renew_interval)} threshold)")
+            renew_at = now + s.idle_renew_interval
+        if now >= next_tick:
+            _announce(conn, imap, memory, coalescer, env, log, "exists")
+            await imap.noop()
+            _announce(conn, imap, memory, coalescer, env, log, "tick")
+            next_tick = trio.current_time() + s.tick_interval

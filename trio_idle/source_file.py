@@ -1,0 +1,78 @@
+"""The connection list from a TOML file: the embedded default for people without Postgres.
+
+Format::
+
+    [[connection]]
+    id = "alice"                       # required, unique
+    email = "alice@example.com"        # required
+    imap_host = "imap.example.com"     # required
+    imap_port = 993                    # default 993
+    imap_user = "alice"                # default: email
+    user_id = "u-1"                    # optional, sent to the backend as userId
+    active = true                      # default true
+    # exactly one of:
+    encrypted_password = "<iv hex>:<tag hex>:<ciphertext hex>"   # as the backend stores it
+    password_env = "ALICE_IMAP_PASSWORD"                        # read from the environment
+
+The file is re-read at every refresh, so editing it adds, removes or restarts sessions.
+Passwords never appear in the file in clear text.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+
+from trio_idle.errors import SourceError
+
+
+def rows_from_toml(data: Mapping[str, Any], env: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Pure: parsed TOML → rows with the ``"MailConnection"`` column names (active only)."""
+    entries = data.get("connection", [])
+    if not isinstance(entries, list):
+        raise SourceError("'connection' must be an array of tables ([[connection]])")
+    rows: list[dict[str, Any]] = []
+    for n, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise SourceError(f"connection #{n} must be a table")
+        if not entry.get("active", True):
+            continue
+        row: dict[str, Any] = {
+            "id": entry.get("id") or f"<entry {n}>",
+            "userId": entry.get("user_id"),
+            "email": entry.get("email"),
+            "imapHost": entry.get("imap_host"),
+            "imapPort": entry.get("imap_port", 993),
+            "imapUser": entry.get("imap_user"),
+            "encryptedPassword": entry.get("encrypted_password"),
+        }
+        if (var := entry.get("password_env")) is not None:
+            value = env.get(str(var))
+            # build_connection reports a missing password for this row only
+            row["password"] = value if value else None
+            row["passwordSource"] = f"environment variable {var}"
+        rows.append(row)
+    return rows
+
+
+class FileSource:
+    """Reads the TOML file at each refresh."""
+
+    name = "file"
+
+    def __init__(self, path: str, env: Mapping[str, str] | None = None) -> None:
+        self.path = path
+        self._env = os.environ if env is None else env
+
+    async def fetch(self) -> list[dict[str, Any]]:
+        try:
+            data = tomllib.loads((await trio.Path(self.path).read_bytes()).decode("utf-8"))
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.path}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{self.path} is not valid TOML: {exc}") from None
+        return rows_from_toml(data, self._env)
