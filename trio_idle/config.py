@@ -84,12 +84,13 @@ def _fraction(text: str) -> float:
 
 def _http_url(text: str) -> str:
     parts = urlsplit(text.strip())
+    shown = repr(text) if "@" not in text else "a URL with credentials (not shown)"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL with a host, got {text!r}")
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {shown}")
     try:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
-        raise ValueError(f"expected a URL with a numeric port, got {text!r}") from None
+        raise ValueError(f"expected a URL with a numeric port, got {shown}") from None
     return text.strip().rstrip("/")
 
 
@@ -526,6 +527,7 @@ def parse_settings(
     """
     overrides = overrides or {}
     values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
     for option in OPTIONS:
         raw: str | None
         if overrides.get(option.field) is not None:
@@ -536,6 +538,7 @@ def parse_settings(
             raw, label = option.default, option.env
         if raw is None:
             continue
+        labels[option.field] = label
         try:
             values[option.field] = option.parse(raw)
         except ValueError as exc:
@@ -555,7 +558,7 @@ def parse_settings(
             raise ConfigError(option.env, f"is required: set {where}")
     if "encryption_key" in values:
         _check_key(values["encryption_key"], values["key_derivation"])
-    _check_relations(values)
+    _check_relations(values, labels)
     return Settings(**values)
 
 
@@ -569,12 +572,10 @@ def _check_key(key: Secret, derivation: str) -> None:
         )
 
 
-def _check_relations(values: Mapping[str, Any]) -> None:
+def _check_relations(values: Mapping[str, Any], labels: Mapping[str, str]) -> None:
     def at_least(small: str, big: str) -> None:
         if values[small] > values[big]:
-            raise ConfigError(
-                _BY_FIELD[small].env, f"must not exceed {_BY_FIELD[big].env} ({values[big]:g}s)"
-            )
+            raise ConfigError(labels[small], f"must not exceed {labels[big]} ({values[big]:g}s)")
 
     at_least("backoff_initial", "backoff_max")
     at_least("auth_backoff", "auth_backoff_max")

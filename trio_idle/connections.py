@@ -70,6 +70,8 @@ def build_connection(row: Mapping[str, Any], key: bytes) -> MailConnection | Row
         return RowProblem(conn_id, f"imapPort {row.get('imapPort')!r} is not a number")
     if not 0 < port < 65536:
         return RowProblem(conn_id, f"imapPort {port} is outside 1-65535")
+    if row.get("passwordProblem"):
+        return RowProblem(conn_id, str(row["passwordProblem"]))
     if "passwordSource" in row:  # file source: the password came from the environment
         password = row.get("password")
         if not password:

@@ -188,7 +188,7 @@ class ImapConnection:
             return
         self._check()
         self.protocol.idle_done()
-        response = await self._call("DONE", trio_asyncio.run_aio_future, task)
+        response = await self._call("DONE", _aio_wait, task)
         if response.result != "OK":
             raise ImapError(f"IDLE ended with {response.result}")
 
@@ -202,9 +202,7 @@ class ImapConnection:
             ):
                 if self._idle_task is not None:
                     self.protocol.idle_done()
-                    await self._call(
-                        "DONE", trio_asyncio.run_aio_future, self._idle_task, limit=limit
-                    )
+                    await self._call("DONE", _aio_wait, self._idle_task, limit=limit)
                     self._idle_task = None
                 await self._call("LOGOUT", self.protocol.logout, limit=limit)
         except ImapError:
@@ -217,6 +215,10 @@ class ImapConnection:
         transport = self.protocol.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+
+
+async def _aio_wait(future: asyncio.Future[T]) -> T:
+    return await future
 
 
 async def _aio_idle_start(protocol: _Protocol) -> asyncio.Future[Any]:

@@ -50,7 +50,12 @@ def rows_from_toml(data: Mapping[str, Any], env: Mapping[str, str]) -> list[dict
             "imapUser": entry.get("imap_user"),
             "encryptedPassword": entry.get("encrypted_password"),
         }
-        if (var := entry.get("password_env")) is not None:
+        port = entry.get("imap_port", 993)
+        if isinstance(port, bool) or not isinstance(port, int):
+            row["imapPort"] = f"{port!r}"  # build_connection reports it for this row
+        if entry.get("password_env") is not None and entry.get("encrypted_password"):
+            row["passwordProblem"] = "set encrypted_password or password_env, not both"
+        elif (var := entry.get("password_env")) is not None:
             value = env.get(str(var))
             # build_connection reports a missing password for this row only
             row["password"] = value if value else None

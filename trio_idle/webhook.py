@@ -83,11 +83,11 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
@@ -106,7 +106,8 @@ def _int_field(data: object, name: str) -> int | None:
 def interpret_reply(
     status: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None
 ) -> ScanReply:
-    """Judge a backend reply. Pure: tested with plain values."""
+    """Judge a backend reply. Pure: tested with plain values. Header names are case-insensitive."""
+    headers = {k.lower(): v for k, v in headers.items()}
     if 200 <= status < 300:
         try:
             data = json.loads(body) if body else None
@@ -240,6 +241,6 @@ def retry_delay(
     ``jitter`` in [0, 1) comes from the caller's RNG, so the function stays pure.
     """
     if hint is not None:
-        return hint
+        return max(hint, initial)  # "Retry-After: 0" or a past date must not become a hot loop
     bound = min(cap, initial * math.pow(2.0, attempt - 1))
     return max(initial, bound * (0.5 + jitter / 2))

@@ -1,0 +1,48 @@
+"""Developer and CI entry points: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+LINT_PATHS = ["trio_idle", "tests", "noxfile.py"]
+
+
+def _ensure_dovecot(session: nox.Session) -> None:
+    """The real-server tests need Dovecot; install it through apt when we can."""
+    if shutil.which("dovecot"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        session.warn("dovecot is missing and cannot be installed here (needs root and apt-get)")
+        return
+    session.log("installing dovecot-imapd through apt-get")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-qq", external=True, env=env)
+    session.run("apt-get", "install", "-y", "-qq", "dovecot-imapd", external=True, env=env)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite, against real PostgreSQL (pgserver wheel) and real Dovecot."""
+    _ensure_dovecot(session)
+    session.install("-e", ".[test]")
+    args = session.posargs or ["-q", "-p", "no:cacheprovider"]
+    session.run("python", "-m", "pytest", *args)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", *LINT_PATHS)
+    session.run("ruff", "format", "--check", "trio_idle")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[test]", "mypy>=1.11")
+    session.run("mypy", "trio_idle")

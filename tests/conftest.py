@@ -1,0 +1,182 @@
+"""Shared fixtures: a real PostgreSQL, a real Dovecot and the ``node`` binary.
+
+Missing software (no PostgreSQL binaries, no Dovecot, no ``node``) makes the tests that
+need it *skip* locally; with ``TRIO_IDLE_REQUIRE_SERVERS=1`` (set by CI) they *fail*
+instead, so CI can never go green by silently skipping the real-server tests.  Anything
+else that goes wrong while starting a server is an error either way.
+
+Tests that use these fixtures are marked automatically (``postgres``, ``dovecot``,
+``node``), so e.g. ``pytest -m "not dovecot"`` deselects them.
+
+Fixtures (all synchronous; use them from trio tests freely):
+
+* ``postgres`` (session) -> :class:`PostgresServer`
+* ``pg_dsn`` (function) -> ``str``: DSN of a fresh database with the table
+* ``dovecot`` (session) -> :class:`DovecotServer`
+* ``dovecot_user`` (function) -> :class:`DovecotUser`: a fresh mailbox user
+* ``node_bin`` (session) -> ``str``: path of ``node``
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+# ``tests`` is a namespace package imported as ``tests.servers``/``tests.harness``.  Only
+# ``python -m pytest`` puts the repository root on sys.path; make plain ``pytest`` work too.
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from tests.servers import ServerUnavailable  # noqa: E402
+from tests.servers.dovecot import DovecotServer, DovecotUser  # noqa: E402
+from tests.servers.postgres import MAIL_CONNECTION_DDL, PostgresServer, execute_sql  # noqa: E402
+
+__all__ = ["REQUIRE_SERVERS_ENV", "servers_required", "unavailable"]
+
+#: Set to ``1`` (CI does) to turn "server/binary missing" skips into failures.
+REQUIRE_SERVERS_ENV = "TRIO_IDLE_REQUIRE_SERVERS"
+
+#: Database cloned by ``pg_dsn``; it holds the empty ``"MailConnection"`` table.
+PG_TEMPLATE_DB = "trio_idle_template"
+
+_FIXTURE_MARKERS = {
+    "postgres": "postgres",
+    "pg_dsn": "postgres",
+    "dovecot": "dovecot",
+    "dovecot_user": "dovecot",
+    "node_bin": "node",
+}
+_db_numbers = itertools.count(1)
+
+
+def servers_required() -> bool:
+    """True if ``TRIO_IDLE_REQUIRE_SERVERS`` is set to 1/true/yes."""
+    return os.environ.get(REQUIRE_SERVERS_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the current test because *reason* (something it needs is missing)...
+
+    ...unless ``TRIO_IDLE_REQUIRE_SERVERS=1``, in which case the test fails with the
+    same reason.  The one place that decides between skip and failure.
+    """
+    if servers_required():
+        pytest.fail(f"{reason} [{REQUIRE_SERVERS_ENV}=1: missing servers are failures]")
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by the real servers they use (``-m "not dovecot"`` etc.)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for marker in sorted({m for f, m in _FIXTURE_MARKERS.items() if f in names}):
+            item.add_marker(marker)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A running throwaway PostgreSQL for the whole session, on ``127.0.0.1:<port>``.
+
+    Guarantees: ``postgres.dsn`` (superuser, SCRAM password, TCP) accepts connections;
+    a database ``trio_idle_template`` holds an empty ``"MailConnection"`` table.  A test
+    may ``stop()``/``start()`` it (same port and data); if a test leaves it stopped, it
+    is started again before the next test that uses ``postgres`` or ``pg_dsn``.
+    Stopped and deleted at session end.
+    """
+    try:
+        server = PostgresServer()
+    except ServerUnavailable as exc:
+        unavailable(f"PostgreSQL unavailable: {exc}")
+    try:
+        server.start()
+        template_dsn = server.create_database(PG_TEMPLATE_DB)
+        execute_sql(template_dsn, MAIL_CONNECTION_DDL)
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def pg_dsn(postgres: PostgresServer) -> Iterator[str]:
+    """DSN (``postgresql://postgres:<pw>@127.0.0.1:<port>/test_<n>``) of a fresh database.
+
+    Guarantees: the database is new for this test (cloned from the template, so it has
+    the empty ``"MailConnection"`` table exactly as the backend's ORM names it) and no
+    other test sees its rows.  Dropped after the test (open connections are
+    terminated); the server is restarted first if the test left it stopped.
+    """
+    postgres.start()  # no-op unless an earlier test left it stopped
+    name = f"test_{next(_db_numbers)}"
+    dsn = postgres.create_database(name, template=PG_TEMPLATE_DB)
+    yield dsn
+    postgres.start()
+    postgres.drop_database(name)
+
+
+# --------------------------------------------------------------------------- Dovecot
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[DovecotServer]:
+    """A running throwaway Dovecot for the whole session (see :class:`DovecotServer`).
+
+    Guarantees: ``host`` is 127.0.0.1; ``plain_port`` speaks IMAP with plaintext LOGIN
+    and STARTTLS; ``tls_port`` is implicit TLS; ``ca_file`` verifies both; new mail
+    reaches IDLE sessions within ~1 s.  A test may ``stop()``/``start()`` it (same ports,
+    users and mail); a stopped server is started again before the next test using it.
+    Stopped (all Dovecot processes gone) and deleted at session end.
+    """
+    try:
+        server = DovecotServer()
+    except ServerUnavailable as exc:
+        unavailable(f"Dovecot unavailable: {exc}")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def dovecot_user(dovecot: DovecotServer) -> DovecotUser:
+    """A brand-new Dovecot user ``u<random>@example.test`` with a random password.
+
+    Guarantees: Dovecot already accepts the login (checked with ``doveadm auth test``)
+    and the mailbox is empty.  ``email`` is also the IMAP login name.
+    """
+    return dovecot.new_user()
+
+
+@pytest.fixture(autouse=True)
+def _restart_stopped_servers(request: pytest.FixtureRequest) -> None:
+    """Start a session server again if an earlier test stopped it and left it down."""
+    names = request.fixturenames
+    if "postgres" in names or "pg_dsn" in names:
+        server: PostgresServer = request.getfixturevalue("postgres")
+        server.start()
+    if "dovecot" in names or "dovecot_user" in names:
+        imap: DovecotServer = request.getfixturevalue("dovecot")
+        imap.start()
+
+
+# --------------------------------------------------------------------------- node
+
+
+@pytest.fixture(scope="session")
+def node_bin() -> str:
+    """Absolute path of the ``node`` executable (skip/fail like the servers if missing)."""
+    found = shutil.which("node")
+    if found is None:
+        unavailable("node (Node.js) not found on PATH")
+    return found

@@ -1,0 +1,144 @@
+"""Helpers for tests that run the real daemon in-process: settings, sources, log capture."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import trio
+from loguru import logger
+
+from trio_idle.config import Settings, parse_settings
+from trio_idle.crypto import derive_key, encrypt_password
+from trio_idle.daemon import Daemon, run_daemon
+from trio_idle.errors import SourceError
+
+KEY = "integration-test-key-0123456789abcdef"
+ADMIN_SECRET = "test-admin-secret-value"
+
+
+def make_settings(backend_url: str, **env: str) -> Settings:
+    """Settings with every interval shrunk for tests; ``env`` overrides by variable name."""
+    base = {
+        "ADMIN_SECRET": ADMIN_SECRET,
+        "ENCRYPTION_KEY": KEY,
+        "DATABASE_URL": "postgresql://unused@127.0.0.1:1/unused",
+        "BACKEND_URL": backend_url,
+        "TRIO_IDLE_REFRESH_INTERVAL": "1h",
+        "TRIO_IDLE_TICK_INTERVAL": "1h",
+        "TRIO_IDLE_CONNECT_TIMEOUT": "5s",
+        "TRIO_IDLE_COMMAND_TIMEOUT": "5s",
+        "TRIO_IDLE_LOGOUT_TIMEOUT": "1s",
+        "TRIO_IDLE_SHUTDOWN_TIMEOUT": "4s",
+        "TRIO_IDLE_BACKOFF_INITIAL": "200ms",
+        "TRIO_IDLE_BACKOFF_MAX": "1s",
+        "TRIO_IDLE_SCAN_RETRY_INITIAL": "100ms",
+        "TRIO_IDLE_SCAN_RETRY_MAX": "500ms",
+        "TRIO_IDLE_SCAN_TIMEOUT": "5s",
+        "TRIO_IDLE_CONNECT_RATE": "1000",
+        "TRIO_IDLE_CONNECT_CONCURRENCY": "50",
+        "TRIO_IDLE_LOG_LEVEL": "DEBUG",
+    }
+    base.update(env)
+    return parse_settings(base)
+
+
+def row(
+    conn_id: str,
+    email: str,
+    password: str,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    login: str | None = None,
+    key: str = KEY,
+    user_id: str | None = "user-1",
+) -> dict[str, Any]:
+    """A row as the backend's table holds it (password encrypted like the Node backend)."""
+    return {
+        "id": conn_id,
+        "userId": user_id,
+        "email": email,
+        "imapHost": host,
+        "imapPort": port,
+        "imapUser": login,
+        "encryptedPassword": encrypt_password(password, derive_key(key)),
+    }
+
+
+class ListSource:
+    """An in-memory connection source; set ``fail`` to simulate an outage."""
+
+    name = "db"
+
+    def __init__(self, rows: list[dict[str, Any]] | None = None) -> None:
+        self.rows = list(rows or [])
+        self.fail = False
+        self.fetches = 0
+
+    async def fetch(self) -> list[dict[str, Any]]:
+        self.fetches += 1
+        if self.fail:
+            raise SourceError("simulated outage")
+        return [dict(r) for r in self.rows]
+
+
+class LogCapture:
+    """Collects loguru messages; :meth:`wait_for` wakes on each new line."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._changed = trio.Event()
+
+    def _sink(self, message: Any) -> None:
+        self.lines.append(message.record["message"])
+        self._changed.set()
+
+    def matching(self, text: str) -> list[str]:
+        return [line for line in self.lines if text in line]
+
+    async def wait_for(self, text: str, count: int = 1) -> list[str]:
+        """Return once ``count`` lines contain ``text``; callers bound it with fail_after."""
+        while len(found := self.matching(text)) < count:
+            self._changed = trio.Event()
+            await self._changed.wait()
+        return found
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            self._changed = trio.Event()
+            await self._changed.wait()
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@contextlib.contextmanager
+def capture_logs(level: str = "DEBUG") -> Iterator[LogCapture]:
+    capture = LogCapture()
+    sink_id = logger.add(capture._sink, level=level, format="{message}")
+    try:
+        yield capture
+    finally:
+        logger.remove(sink_id)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(settings: Settings, source: Any) -> AsyncIterator[Daemon]:
+    """Run the daemon in a nursery; on exit shut it down gracefully (bounded)."""
+    async with trio.open_nursery() as nursery:
+        daemon: Daemon = await nursery.start(run_daemon, settings, source)
+        try:
+            yield daemon
+        finally:
+            daemon.shutdown("test finished")
+            with trio.move_on_after(settings.shutdown_timeout + 2):
+                await daemon.stopped.wait()
+            nursery.cancel_scope.cancel()
+
+
+async def poll_until(predicate: Callable[[], bool], interval: float = 0.05) -> None:
+    """For state only observable by asking (e.g. ``doveadm who``). Bound it with fail_after."""
+    while not predicate():  # noqa: ASYNC110 - external state offers no event to wait on
+        await trio.sleep(interval)

@@ -1,0 +1,109 @@
+"""``trio-idle serve`` with a bad configuration: exit code 2 and one clear line on stderr."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from trio_idle import __version__, cli
+
+GOOD_ENV: dict[str, str] = {
+    "ADMIN_SECRET": "cli-admin-s3cret",
+    "ENCRYPTION_KEY": "k" * 40,
+    "DATABASE_URL": "postgresql://u:cli-db-pw@127.0.0.1:9/db",
+}
+
+
+@pytest.fixture(autouse=True)
+def _never_start_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If a case unexpectedly passed validation, fail fast instead of serving."""
+
+    async def refuse(settings: Any) -> None:
+        raise AssertionError(f"configuration was accepted: {settings!r}")
+
+    monkeypatch.setattr(cli, "serve", refuse)
+    monkeypatch.setattr(cli, "setup_logging", lambda *a, **k: None)
+
+
+def run(capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str]) -> str:
+    code = cli.main(argv, env)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err.endswith("\n")
+    assert err.count("\n") == 1, err  # exactly one line
+    assert "Traceback" not in err
+    assert err.startswith("trio-idle: configuration error: ")
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "extra_env", "name"),
+    [
+        ([], {"TRIO_IDLE_TICK_INTERVAL": "often"}, "TRIO_IDLE_TICK_INTERVAL"),
+        (["--tick-interval", "often"], {}, "--tick-interval"),
+        ([], {"TRIO_IDLE_REFRESH_INTERVAL": "-5"}, "TRIO_IDLE_REFRESH_INTERVAL"),
+        (["--refresh-interval", "0"], {}, "--refresh-interval"),
+        ([], {"BACKEND_URL": "ftp://x"}, "BACKEND_URL"),
+        (["--backend-url", "http://h:notaport"], {}, "--backend-url"),
+        ([], {"TRIO_IDLE_CONNECT_CONCURRENCY": "ten"}, "TRIO_IDLE_CONNECT_CONCURRENCY"),
+        (["--key-derivation", "md5"], {}, "--key-derivation"),
+        ([], {"ENCRYPTION_KEY": "short"}, "ENCRYPTION_KEY"),
+        ([], {"TRIO_IDLE_BACKOFF_INITIAL": "1h"}, "TRIO_IDLE_BACKOFF_INITIAL"),
+        (["--source", "ldap"], {}, "--source"),
+    ],
+)
+def test_serve_with_bad_value_exits_2_naming_it(
+    capsys: pytest.CaptureFixture[str], argv: list[str], extra_env: dict[str, str], name: str
+) -> None:
+    err = run(capsys, ["serve", *argv], {**GOOD_ENV, **extra_env})
+    assert f"configuration error: {name}: " in err
+
+
+def test_flag_wins_over_bad_env_and_is_what_the_error_names(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = {**GOOD_ENV, "TRIO_IDLE_TICK_INTERVAL": "bad-env"}
+    err = run(capsys, ["serve", "--tick-interval", "bad-flag"], env)
+    assert "--tick-interval: " in err
+    assert "bad-flag" in err
+    assert "TRIO_IDLE_TICK_INTERVAL" not in err
+
+
+@pytest.mark.parametrize("missing", ["ADMIN_SECRET", "ENCRYPTION_KEY", "DATABASE_URL"])
+def test_serve_with_missing_secret_exits_2(
+    capsys: pytest.CaptureFixture[str], missing: str
+) -> None:
+    env = {k: v for k, v in GOOD_ENV.items() if k != missing}
+    err = run(capsys, ["serve"], env)
+    assert f"{missing}: " in err and "required" in err
+
+
+def test_serve_file_source_without_file(capsys: pytest.CaptureFixture[str]) -> None:
+    err = run(capsys, ["serve", "--source", "file"], GOOD_ENV)
+    assert "TRIO_IDLE_CONNECTIONS_FILE" in err
+
+
+def test_config_error_on_stderr_never_shows_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    env = {**GOOD_ENV, "DATABASE_URL": "mysql://u:cli-db-pw@host/db"}
+    err = run(capsys, ["serve"], env)
+    assert "DATABASE_URL: " in err
+    for secret in ("cli-db-pw", "cli-admin-s3cret", "k" * 40):
+        assert secret not in err
+
+
+def test_relation_error_from_flags_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    err = run(capsys, ["serve", "--backoff-initial", "10m"], GOOD_ENV)
+    assert "--backoff-initial" in err
+
+
+def test_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"], {})
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"trio-idle {__version__}"
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([], GOOD_ENV) == 2
+    assert "serve" in capsys.readouterr().out

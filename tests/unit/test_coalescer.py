@@ -1,0 +1,103 @@
+"""Scan coalescing: one active, one pending, the rest absorbed."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from trio_idle.coalescer import ScanCoalescer
+
+
+async def test_burst_of_twenty_costs_two_scans(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    c = ScanCoalescer()
+    assert c.request("exists") is True
+    assert await c.next_scan() == "exists"
+    assert c.active and c.pending == 0
+
+    assert c.request("tick") is True  # second: becomes the pending scan
+    assert c.pending == 1 and c.pending_reason == "tick"
+    results = [c.request("exists") for _ in range(18)]
+    assert results == [False] * 18
+    assert c.absorbed == 18
+    assert c.requested == 20
+    assert c.pending == 1 and c.pending_reason == "tick"  # first pending reason kept
+
+    c.done()
+    assert not c.active
+    assert await c.next_scan() == "tick"
+    c.done()
+    # nothing left: a third scan is not started
+    with trio.move_on_after(10) as scope:
+        await c.next_scan()
+    assert scope.cancelled_caught
+
+
+async def test_request_while_active_and_pending_returns_false() -> None:
+    c = ScanCoalescer()
+    c.request("a")
+    await c.next_scan()
+    assert c.request("b") is True
+    assert c.request("c") is False
+    assert c.absorbed == 1
+
+
+async def test_requests_before_the_worker_runs_fold_into_one() -> None:
+    c = ScanCoalescer()
+    assert c.request("reconnect") is True
+    assert c.request("exists") is False
+    assert await c.next_scan() == "reconnect"
+
+
+async def test_next_scan_returns_reasons_in_order() -> None:
+    c = ScanCoalescer()
+    seen: list[str] = []
+
+    async def worker() -> None:
+        while True:
+            seen.append(await c.next_scan())
+            c.done()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker)
+        for reason in ("reconnect", "exists", "tick", "exists"):
+            await trio.testing.wait_all_tasks_blocked()
+            assert c.request(reason) is True
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert seen == ["reconnect", "exists", "tick", "exists"]
+
+
+async def test_waiting_worker_is_woken_by_a_request() -> None:
+    c = ScanCoalescer()
+    got: list[str] = []
+
+    async def worker() -> None:
+        got.append(await c.next_scan())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        c.request("exists")
+    assert got == ["exists"]
+    assert c.active
+
+
+async def test_cancellation_while_waiting_leaves_state_intact(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    c = ScanCoalescer()
+    c.request("first")
+    await c.next_scan()
+    c.done()
+    with trio.move_on_after(1) as scope:
+        await c.next_scan()
+    assert scope.cancelled_caught
+    assert (c.pending, c.active, c.pending_reason) == (0, False, None)
+    assert (c.requested, c.absorbed) == (1, 0)
+    # still fully usable afterwards
+    assert c.request("second") is True
+    with trio.fail_after(1):
+        assert await c.next_scan() == "second"
