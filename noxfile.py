@@ -36,6 +36,23 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def demo(session: nox.Session) -> None:
+    """The whole loop in one process: test IMAP server, keyword-scanning backend, daemon."""
+    session.install("-e", ".")
+    session.run("trio-idle", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (ramp, memory, idle CPU, latency, reconcile, shutdown) → docs/performance.md.
+
+    ``nox -s bench -- --quick`` for a fast run; see ``python -m trio_idle.bench --help``.
+    """
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "trio_idle.bench", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
     session.run("ruff", "check", *LINT_PATHS)
