@@ -1,0 +1,24 @@
+"""The README's run command: ``trio-idle demo`` shows the whole loop and exits 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_runs_the_whole_loop_and_exits_zero() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_idle.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    for email in ("alice@demo.test", "bob@demo.test", "carol@demo.test"):
+        assert f"[idle/{email}] connected (127.0.0.1:" in out
+        assert f"[idle/{email}] exists-event received (new mail)" in out
+    assert "[idle/bob@demo.test] scan-triggered → scanned=1 blocked=1" in out
+    assert "[idle/file] refreshed — 3 active connections, 3 sessions" in out
+    assert "backend scanned 7 messages, blocked and deleted 3" in out
+    assert "FAILED" not in out
