@@ -1,8 +1,9 @@
-"""The global connect limiter: a steady ramp instead of a thundering herd.
+"""Global pacing: a steady ramp instead of a thundering herd.
 
 Gmail and others throttle many logins from one IP, and a burst of a thousand TLS
-handshakes starves the event loop. Every session takes a slot for its connect + login:
-at most ``concurrency`` handshakes at once, started no faster than ``rate`` per second.
+handshakes starves the event loop: every session takes a :class:`ConnectLimiter` slot for
+its connect + login. After a restart, thousands of catch-up scans must not flood the
+backend either: they wait for a :class:`Pacer` start time (EXISTS-driven scans do not).
 """
 
 from __future__ import annotations
@@ -13,26 +14,44 @@ from collections.abc import AsyncIterator
 import trio
 
 
-class ConnectLimiter:
-    """Semaphore for concurrency plus a reservation clock for the rate.
+class Pacer:
+    """At most ``rate`` starts per second, across all tasks, without a lock.
 
-    The rate needs no lock: each waiter reserves the next free start time
-    synchronously, then sleeps until it. A cancelled waiter just leaves a gap.
+    Each caller reserves the next free start time synchronously (:meth:`reserve`), then
+    sleeps until it. A cancelled waiter just leaves a gap; the schedule never bunches up
+    after an idle period because a reservation is never earlier than "now".
+    """
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._next_start = 0.0
+
+    def reserve(self) -> float:
+        start = max(trio.current_time(), self._next_start)
+        self._next_start = start + self._interval
+        return start
+
+    async def wait(self) -> None:
+        await trio.sleep_until(self.reserve())
+
+
+class ConnectLimiter:
+    """At most ``concurrency`` handshakes at once, started no faster than ``rate``/s.
+
+    The rate reservation is taken after the semaphore, so a waiter that holds no slot
+    does not use up start times; :attr:`in_progress` therefore counts slot holders,
+    including one sleeping until its start time.
     """
 
     def __init__(self, concurrency: int, rate: float) -> None:
         self._semaphore = trio.Semaphore(concurrency, max_value=concurrency)
         self._concurrency = concurrency
-        self._interval = 1.0 / rate
-        self._next_start = 0.0
+        self._pacer = Pacer(rate)
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         async with self._semaphore:
-            now = trio.current_time()
-            start = max(now, self._next_start)
-            self._next_start = start + self._interval
-            await trio.sleep_until(start)
+            await self._pacer.wait()
             yield
 
     @property
