@@ -1,0 +1,337 @@
+"""Per-mailbox state that survives restarts: what has been scanned, up to which UID.
+
+For each (connection id, mailbox) the store remembers the last ``UIDVALIDITY`` and the
+``UIDNEXT`` up to which a scan has *succeeded* (advanced only after the backend answered
+2xx), and when. On start a session compares the server's values with the stored ones and
+requests a ``startup`` scan only where mail arrived while the daemon was down (or the
+mailbox is new to the store).
+
+Guarantees:
+- Reads never touch the disk or network after :meth:`StateStore.load`: the whole state is
+  held in memory (a few dozen bytes per mailbox).
+- Writes never block the IDLE path: :meth:`StateStore.record` only marks the entry dirty;
+  :meth:`StateStore.run_flusher` writes dirty entries in batches (SQLite in a worker
+  thread, Postgres through trio-asyncio) and keeps them dirty if a write fails.
+- A missing, unreadable or corrupt store costs one catch-up scan per mailbox, never a
+  crash: the failure is logged and counted, and the daemon starts from an empty state.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import trio
+import trio_asyncio
+from loguru import logger
+
+from trio_idle.secret import Secret
+from trio_idle.stats import Stats
+
+Key = tuple[str, str]  # (connection id, mailbox)
+
+POSTGRES_TABLE = "trio_idle_mailbox_state"
+POSTGRES_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {POSTGRES_TABLE} ("
+    " connection_id text NOT NULL,"
+    " mailbox text NOT NULL,"
+    " uidvalidity bigint,"
+    " uidnext bigint,"
+    " scanned_at double precision NOT NULL,"
+    " removed_at double precision,"
+    " PRIMARY KEY (connection_id, mailbox))"
+)
+
+
+@attrs.frozen
+class ScannedState:
+    """The mailbox as of the last successful scan. ``scanned_at`` is UNIX time."""
+
+    uidvalidity: int | None
+    uidnext: int | None
+    scanned_at: float
+    removed_at: float | None = None
+
+
+class StateBackend(Protocol):
+    """Where the state lives. Methods may block (SQLite) or be trio-async (Postgres)."""
+
+    name: str
+
+    async def load_all(self) -> dict[Key, ScannedState]: ...
+
+    async def write(
+        self, upserts: Sequence[tuple[Key, ScannedState]], deletes: Sequence[Key]
+    ) -> None: ...
+
+
+class SqliteBackend:
+    """A local SQLite file (default ``$STATE_DIRECTORY/state.sqlite3``). Blocking calls run
+    in a worker thread; one connection per call keeps threads independent."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=10)
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS mailbox_state (connection_id TEXT NOT NULL, "
+            "mailbox TEXT NOT NULL, uidvalidity INTEGER, uidnext INTEGER, "
+            "scanned_at REAL NOT NULL, removed_at REAL, PRIMARY KEY (connection_id, mailbox))"
+        )
+        return db
+
+    def _load(self) -> dict[Key, ScannedState]:
+        db = self._connect()
+        try:
+            rows = db.execute(
+                "SELECT connection_id, mailbox, uidvalidity, uidnext, scanned_at, removed_at "
+                "FROM mailbox_state"
+            ).fetchall()
+        finally:
+            db.close()
+        return {(r[0], r[1]): ScannedState(r[2], r[3], r[4], r[5]) for r in rows}
+
+    def _write(self, upserts: Sequence[tuple[Key, ScannedState]], deletes: Sequence[Key]) -> None:
+        db = self._connect()
+        try:
+            with db:
+                db.executemany(
+                    "INSERT INTO mailbox_state VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (connection_id, mailbox) DO UPDATE SET "
+                    "uidvalidity = excluded.uidvalidity, uidnext = excluded.uidnext, "
+                    "scanned_at = excluded.scanned_at, removed_at = excluded.removed_at",
+                    [
+                        (k[0], k[1], s.uidvalidity, s.uidnext, s.scanned_at, s.removed_at)
+                        for k, s in upserts
+                    ],
+                )
+                db.executemany(
+                    "DELETE FROM mailbox_state WHERE connection_id = ? AND mailbox = ?", deletes
+                )
+        finally:
+            db.close()
+
+    async def load_all(self) -> dict[Key, ScannedState]:
+        return await trio.to_thread.run_sync(self._load)
+
+    async def write(
+        self, upserts: Sequence[tuple[Key, ScannedState]], deletes: Sequence[Key]
+    ) -> None:
+        await trio.to_thread.run_sync(self._write, upserts, deletes)
+
+
+async def _pg_call(dsn: str, fn: Any, *args: Any) -> Any:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=30)
+    try:
+        return await fn(conn, *args)
+    finally:
+        await conn.close(timeout=5)
+
+
+async def _pg_load(conn: Any) -> list[Any]:
+    return list(
+        await conn.fetch(
+            f"SELECT connection_id, mailbox, uidvalidity, uidnext, scanned_at, removed_at "
+            f"FROM {POSTGRES_TABLE}"
+        )
+    )
+
+
+async def _pg_write(
+    conn: Any, upserts: list[tuple[Any, ...]], deletes: list[tuple[str, str]]
+) -> None:
+    async with conn.transaction():
+        if upserts:
+            await conn.executemany(
+                f"INSERT INTO {POSTGRES_TABLE} VALUES ($1, $2, $3, $4, $5, $6) "
+                "ON CONFLICT (connection_id, mailbox) DO UPDATE SET "
+                "uidvalidity = excluded.uidvalidity, uidnext = excluded.uidnext, "
+                "scanned_at = excluded.scanned_at, removed_at = excluded.removed_at",
+                upserts,
+            )
+        if deletes:
+            await conn.executemany(
+                f"DELETE FROM {POSTGRES_TABLE} WHERE connection_id = $1 AND mailbox = $2", deletes
+            )
+
+
+async def _pg_migrate(conn: Any) -> None:
+    await conn.execute(POSTGRES_DDL)
+
+
+class PostgresBackend:
+    """A table (created by ``trio-idle db migrate``) shared by every host of a deployment.
+
+    Pooler-safe like the source: a short connection per batch, no statement cache. Must be
+    called inside a trio-asyncio loop (the daemon's).
+    """
+
+    name = "postgres"
+
+    def __init__(self, dsn: Secret) -> None:
+        self._dsn = dsn
+
+    async def migrate(self) -> None:
+        await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_migrate)
+
+    async def load_all(self) -> dict[Key, ScannedState]:
+        rows = await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_load)
+        return {(r[0], r[1]): ScannedState(r[2], r[3], r[4], r[5]) for r in rows}
+
+    async def write(
+        self, upserts: Sequence[tuple[Key, ScannedState]], deletes: Sequence[Key]
+    ) -> None:
+        rows = [
+            (k[0], k[1], s.uidvalidity, s.uidnext, s.scanned_at, s.removed_at) for k, s in upserts
+        ]
+        await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_write, rows, list(deletes))
+
+
+class StateStore:
+    """In-memory view of the persisted state plus a batching writer.
+
+    ``None`` from :meth:`get` means "this mailbox is new to the store".
+    """
+
+    def __init__(
+        self,
+        backend: StateBackend | None,
+        stats: Stats,
+        *,
+        flush_interval: float = 1.0,
+        grace: float = 7 * 86400.0,
+    ) -> None:
+        self.backend = backend
+        self._stats = stats
+        self._state: dict[Key, ScannedState] = {}
+        self._dirty: set[Key] = set()
+        self._deleted: set[Key] = set()
+        self._wakeup = trio.Event()
+        self.flush_interval = flush_interval
+        self.grace = grace
+        self.loaded = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend is not None
+
+    async def load(self) -> None:
+        """Read everything once. A failure is logged and counted; we start empty."""
+        if self.backend is None:
+            return
+        try:
+            self._state = await self.backend.load_all()
+            self.loaded = True
+            logger.info(
+                f"[idle/state] loaded {len(self._state)} mailbox states ({self.backend.name})"
+            )
+        except Exception as exc:
+            self._stats.inc("state_errors", "load")
+            logger.error(
+                f"[idle/state] cannot load the state ({self.backend.name}): "
+                f"{type(exc).__name__}: {exc}; starting empty, every mailbox gets "
+                "one catch-up scan"
+            )
+            self._state = {}
+
+    def get(self, conn_id: str, mailbox: str) -> ScannedState | None:
+        state = self._state.get((conn_id, mailbox))
+        return state
+
+    def record(
+        self, conn_id: str, mailbox: str, uidvalidity: int | None, uidnext: int | None
+    ) -> None:
+        """A scan covering mail below ``uidnext`` succeeded. Never blocks."""
+        if self.backend is None:
+            return
+        key = (conn_id, mailbox)
+        old = self._state.get(key)
+        if (
+            old is not None
+            and old.uidvalidity == uidvalidity
+            and old.uidnext is not None
+            and uidnext is not None
+            and uidnext < old.uidnext
+        ):
+            uidnext = old.uidnext  # never move backwards within one UIDVALIDITY
+        self._state[key] = ScannedState(uidvalidity, uidnext, time.time())
+        self._deleted.discard(key)
+        self._dirty.add(key)
+        if len(self._dirty) >= 500:
+            self._wakeup.set()
+
+    def prune(self, present_ids: Iterable[str], now: float | None = None) -> None:
+        """After a successful refresh: mark vanished connections, drop them after ``grace``."""
+        if self.backend is None:
+            return
+        now = time.time() if now is None else now
+        present = set(present_ids)
+        for key, state in list(self._state.items()):
+            if key[0] in present:
+                if state.removed_at is not None:
+                    self._state[key] = attrs.evolve(state, removed_at=None)
+                    self._dirty.add(key)
+            elif state.removed_at is None:
+                self._state[key] = attrs.evolve(state, removed_at=now)
+                self._dirty.add(key)
+            elif now - state.removed_at >= self.grace:
+                del self._state[key]
+                self._dirty.discard(key)
+                self._deleted.add(key)
+
+    async def flush(self) -> bool:
+        """Write what is dirty now. Returns False (and keeps it dirty) on failure."""
+        if self.backend is None or not (self._dirty or self._deleted):
+            return True
+        upserts = [(k, self._state[k]) for k in self._dirty if k in self._state]
+        deletes = list(self._deleted)
+        self._dirty, self._deleted = set(), set()
+        try:
+            await self.backend.write(upserts, deletes)
+        except Exception as exc:
+            # keep them for the next try, unless something newer replaced them meanwhile
+            self._dirty.update(k for k, _ in upserts)
+            self._deleted.update(deletes)
+            self._stats.inc("state_errors", "write")
+            logger.warning(
+                f"[idle/state] cannot write {len(upserts) + len(deletes)} state "
+                f"entries ({self.backend.name}): {type(exc).__name__}: {exc}; "
+                "will retry"
+            )
+            return False
+        self._stats.inc("state_writes", by=len(upserts) + len(deletes))
+        return True
+
+    async def run_flusher(self) -> None:
+        """Flush every ``flush_interval`` (sooner when many entries are dirty), and a last
+        time, shielded and bounded, when cancelled."""
+        if self.backend is None:
+            return
+        try:
+            while True:
+                with trio.move_on_after(self.flush_interval):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                await self.flush()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.flush()
+
+
+def default_state_path(env: dict[str, str] | os._Environ[str]) -> Path:
+    """``$STATE_DIRECTORY`` (systemd ``StateDirectory=``) or ``~/.local/state/trio-idle``."""
+    base = env.get("STATE_DIRECTORY") or os.path.join(
+        env.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "trio-idle"
+    )
+    return Path(base.split(":")[0]) / "state.sqlite3"
