@@ -25,6 +25,10 @@ class ScanCoalescer:
     pending_reason: str | None = None
     requested: int = 0
     absorbed: int = 0
+    #: ``trio.current_time()`` of the first request folded into the pending scan
+    pending_since: float | None = None
+    #: the same, for the scan that is active now (for the latency histogram)
+    active_since: float | None = None
 
     def request(self, reason: str) -> bool:
         """Ask for a scan. Returns False when it was absorbed into an already pending one."""
@@ -34,6 +38,7 @@ class ScanCoalescer:
             return False
         self.pending = 1
         self.pending_reason = reason
+        self.pending_since = trio.current_time()
         self._wakeup.set()
         return True
 
@@ -48,6 +53,7 @@ class ScanCoalescer:
                 self._wakeup = trio.Event()
             await self._wakeup.wait()
         reason = self.pending_reason or "exists"
+        self.active_since, self.pending_since = self.pending_since, None
         self.pending = 0
         self.pending_reason = None
         self.active = True

@@ -42,7 +42,7 @@ async def run_scan_worker(
     while True:
         reason = await coalescer.next_scan()
         try:
-            await deliver(conn, reason, webhook, policy, stats, log, rng)
+            await deliver(conn, reason, coalescer, webhook, policy, stats, log, rng)
         finally:
             coalescer.done()
 
@@ -50,6 +50,7 @@ async def run_scan_worker(
 async def deliver(
     conn: MailConnection,
     reason: str,
+    coalescer: ScanCoalescer,
     webhook: WebhookClient,
     policy: ScanPolicy,
     stats: Stats,
@@ -66,6 +67,8 @@ async def deliver(
         reply = await webhook.send(job)
         if reply.verdict is Verdict.OK:
             stats.inc("scans_ok")
+            if coalescer.active_since is not None:
+                stats.scan_latency.observe(trio.current_time() - coalescer.active_since)
             if reply.scanned is None:
                 log.warning(f"{prefix} scan-triggered → {reply.detail}")
             else:

@@ -6,7 +6,42 @@ bump from any task. The health/metrics endpoint exports them; tests read them.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
+from typing import Final
+
+#: Upper bounds (seconds) of the latency histogram buckets: 5 ms … 2 min.
+LATENCY_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+
+
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus style), O(log buckets) per observation."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # last slot: +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
 
 
 class Stats:
@@ -14,6 +49,8 @@ class Stats:
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
+        #: time from new mail noticed (EXISTS/tick/reconnect) to the backend's 2xx answer
+        self.scan_latency = Histogram()
 
     def inc(self, name: str, label: str = "", by: int = 1) -> None:
         self._counts[(name, label)] += by
