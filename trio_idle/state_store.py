@@ -30,6 +30,7 @@ import trio
 import trio_asyncio
 from loguru import logger
 
+from trio_idle.imap_responses import CatchUp, MailboxState
 from trio_idle.secret import Secret
 from trio_idle.stats import Stats
 
@@ -56,6 +57,29 @@ class ScannedState:
     uidnext: int | None
     scanned_at: float
     removed_at: float | None = None
+
+
+def startup_decision(stored: ScannedState | None, current: MailboxState) -> CatchUp:
+    """First session of a connection in this process: did mail arrive while we were down?
+
+    Pure. New to the store → scan (we cannot know); UIDVALIDITY changed → scan; the
+    server's UIDNEXT above the one the last successful scan covered → scan; otherwise no.
+    """
+    if stored is None:
+        return CatchUp(True, "mailbox new to the state store")
+    if (
+        stored.uidvalidity is not None
+        and current.uidvalidity is not None
+        and stored.uidvalidity != current.uidvalidity
+    ):
+        return CatchUp(True, "uidvalidity changed while down")
+    if stored.uidnext is None or current.uidnext is None:
+        return CatchUp(True, "no UIDNEXT to compare")
+    if current.uidnext > stored.uidnext:
+        return CatchUp(
+            True, f"mail arrived while down (uidnext {stored.uidnext}→{current.uidnext})"
+        )
+    return CatchUp(False, "nothing new since the last scan")
 
 
 class StateBackend(Protocol):

@@ -125,3 +125,16 @@ async def test_disabled_store_records_nothing() -> None:
     await store.load()
     store.record("c", "INBOX", 1, 2)
     assert store.get("c", "INBOX") is None and not store.enabled
+
+
+def test_startup_decision() -> None:
+    from trio_idle.imap_responses import MailboxState
+    from trio_idle.state_store import startup_decision
+
+    now = MailboxState(exists=3, uidnext=10, uidvalidity=7)
+    assert startup_decision(None, now).scan
+    assert not startup_decision(ScannedState(7, 10, 0.0), now).scan
+    assert startup_decision(ScannedState(7, 9, 0.0), now).scan
+    assert startup_decision(ScannedState(6, 10, 0.0), now).scan
+    # UIDNEXT lower after a UIDVALIDITY change is still "changed"
+    assert startup_decision(ScannedState(6, 50, 0.0), now).scan
