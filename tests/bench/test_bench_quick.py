@@ -1,0 +1,108 @@
+"""``python -m trio_idle.bench --quick`` works end to end (correctness only, never timings).
+
+Runs the real daemon process against a test IMAP server process and the in-harness scan
+sink with N=200 and a few seconds per phase (~25 s). Asserts that every session reached
+IDLE, no push was missed, reconcile and shutdown completed and the JSON has every field;
+the numbers themselves are machine-dependent and are not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from trio_idle.bench.phases import percentile
+from trio_idle.bench.report import format_table
+
+REPO = Path(__file__).resolve().parents[2]
+
+MACHINE_FIELDS = ("cores", "cpu_model", "kernel", "python", "packages")
+RAMP_FIELDS = ("sessions", "reached_idle", "all_idle", "seconds", "sessions_per_s", "logins")
+MEMORY_FIELDS = ("rss_base_kib", "rss_kib", "per_session_kib", "hwm_kib")
+CPU_FIELDS = ("window_s", "cpu_s", "cpu_s_per_min", "pct_of_one_core", "keepalives", "noops")
+LATENCY_FIELDS = ("appends", "missed", "p50_ms", "p90_ms", "p99_ms", "max_ms", "rate_per_s")
+RECONCILE_FIELDS = ("added", "removed", "complete", "seconds", "start_s", "stop_s")
+SHUTDOWN_FIELDS = ("sessions", "seconds", "exit_code", "logouts", "connections_left_open")
+
+
+def _has(record: dict[str, Any], fields: tuple[str, ...]) -> None:
+    missing = [f for f in fields if f not in record]
+    assert not missing, f"missing fields {missing} in {sorted(record)}"
+
+
+def test_percentile_nearest_rank() -> None:
+    assert percentile([], 99) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([float(i) for i in range(1, 101)], 99) == 99.0
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    plot = tmp_path / "plot.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_idle.bench",
+            "--quick",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "p99ms" in proc.stdout  # the human table
+
+    data = json.loads(out.read_text())
+    _has(data["machine"], MACHINE_FIELDS)
+    [run] = data["runs"]
+    assert run["n"] == 200 and run["quick"] is True and run["tls"] is False
+    _has(run["machine"], MACHINE_FIELDS)
+
+    a, b = run["default_limiter"], run["high_limiter"]
+    for daemon in (a, b):
+        _has(daemon["ramp"], RAMP_FIELDS)
+        assert daemon["ramp"]["all_idle"], daemon["ramp"]
+        assert daemon["ramp"]["reached_idle"] == 200
+        _has(daemon["memory"], MEMORY_FIELDS)
+        assert daemon["memory"]["per_session_kib"] is not None
+        _has(daemon["reconcile"], RECONCILE_FIELDS)
+        assert daemon["reconcile"]["complete"], daemon["reconcile"]
+        assert daemon["reconcile"]["added"] == daemon["reconcile"]["removed"] == 20
+        _has(daemon["shutdown"], SHUTDOWN_FIELDS)
+        assert daemon["shutdown"]["exit_code"] == 0
+        assert daemon["shutdown"]["connections_left_open"] == 0
+        assert daemon["log_lines"].get("ERROR", 0) == 0, daemon["log_lines"]
+
+    _has(a["idle_cpu_no_tick"], CPU_FIELDS)
+    assert a["idle_cpu_no_tick"]["all_idle_at_end"]
+    _has(b["idle_cpu"], CPU_FIELDS)
+    assert b["idle_cpu"]["all_idle_at_end"]
+    assert b["idle_cpu"]["reconnects"] == 0
+
+    latency = b["latency"]
+    _has(latency, LATENCY_FIELDS)
+    assert latency["appends"] > 0
+    assert latency["missed"] == 0, latency["missed_users"]
+    assert latency["p99_ms"] is not None
+
+    # the plot can be drawn from what was written (matplotlib is the `bench` extra)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    from trio_idle.bench.report import make_plot
+
+    quick_as_full = [dict(run, quick=False)]
+    make_plot(quick_as_full, plot)
+    assert plot.stat().st_size > 0
+    assert "200" in format_table(data["runs"])

@@ -1,0 +1,67 @@
+"""Diagnosis wrapper: ``python -m trio_idle.bench.gc_probe serve`` = the daemon plus GC timing.
+
+Runs :func:`trio_idle.cli.main` unchanged, after installing a :data:`gc.callbacks` hook
+that writes one line to stderr for every generation-2 collection and every collection
+slower than 20 ms::
+
+    GCPROBE <wall time> gen=<0|1|2> ms=<duration> collected=<n>
+
+With ``TRIO_IDLE_BENCH_GC_FREEZE=1``, SIGUSR1 makes the process call :func:`gc.freeze`
+(what a daemon-side fix would do once its sessions are up); the environment variable
+``BENCH_GC_THRESHOLDS=a,b,c`` calls :func:`gc.set_threshold` first. Used by ``--gc-probe`` /
+``--gc-freeze``. ``BENCH_SSL_MAX_SIZE=n`` sets asyncio's ``SSLProtocol.max_size`` (the
+per-connection TLS read buffer) to try a smaller one. The published figures use plain
+``python -m trio_idle.cli serve``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+_started: list[float] = [0.0]
+
+
+def _callback(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _started[0] = time.perf_counter()
+        return
+    elapsed = time.perf_counter() - _started[0]
+    generation = info.get("generation", -1)
+    if generation == 2 or elapsed > 0.02:
+        sys.stderr.write(
+            f"GCPROBE {time.time():.3f} gen={generation} ms={elapsed * 1000:.1f} "
+            f"collected={info.get('collected', 0)}\n"
+        )
+
+
+def _freeze(_signum: int, _frame: Any) -> None:
+    gc.collect()
+    gc.freeze()
+    sys.stderr.write(f"GCPROBE {time.time():.3f} freeze frozen={gc.get_freeze_count()}\n")
+
+
+def main() -> int:
+    """Install the hooks and run the daemon's CLI."""
+    gc.callbacks.append(_callback)
+    ssl_buffer = os.environ.get("BENCH_SSL_MAX_SIZE")
+    if ssl_buffer:  # asyncio's per-TLS-connection read buffer (256 KiB by default)
+        import asyncio.sslproto
+
+        asyncio.sslproto.SSLProtocol.max_size = int(ssl_buffer)
+    thresholds = os.environ.get("BENCH_GC_THRESHOLDS")
+    if thresholds:  # e.g. "700,10,1000000": keeps automatic full collections away
+        gc.set_threshold(*(int(x) for x in thresholds.split(",")))
+    if os.environ.get("TRIO_IDLE_BENCH_GC_FREEZE") == "1":
+        signal.signal(signal.SIGUSR1, _freeze)
+    from trio_idle.cli import main as cli_main
+
+    return cli_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""``python -m trio_idle.bench``: run the phases for each N and write the results.
+
+For each N (and plaintext or TLS) two daemon processes are run one after the other
+against the same IMAP server process(es):
+
+* daemon **A** — connect limiter at its defaults (20 at once, 50/s), ``TICK_INTERVAL`` 24 h:
+  ramp, memory, idle CPU without ticks, reconcile, shutdown;
+* daemon **B** — limiter opened up (``--high-concurrency`` / ``--high-rate``), default
+  2 min tick: ramp, memory, idle CPU with ticks, push→webhook latency, reconcile, shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from trio_idle.bench import phases
+from trio_idle.bench.procinfo import machine_info, raise_nofile_limit, rss_kib
+from trio_idle.bench.procs import ADMIN_SECRET, DaemonProc, ServerPool, ServerProc
+from trio_idle.bench.report import format_table, make_plot
+
+DEFAULT_OUT = "docs/perf/results.json"
+DEFAULT_PLOT = "docs/perf/rss_latency.png"
+
+
+@attrs.frozen
+class Options:
+    """Everything a run needs, from the command line."""
+
+    sizes: tuple[int, ...]
+    tls: bool
+    quick: bool
+    log_level: str
+    idle_window: float
+    idle_window_notick: float
+    latency_seconds: float
+    rate_at_10k: float
+    min_rate: float
+    high_concurrency: int
+    high_rate: float
+    keepalive: float
+    per_server: int
+    churn: float
+    skip_default: bool
+    profile_dir: str | None
+    seed: int
+    gc_probe: bool = False
+    gc_freeze: bool = False
+
+
+def rate_for(n: int, opts: Options) -> float:
+    """Append rate for N sessions: ``rate_at_10k`` scaled linearly, at least ``min_rate``."""
+    return max(opts.min_rate, opts.rate_at_10k * n / 10_000)
+
+
+def _tls_files(workdir: Path) -> tuple[tuple[str, str], str]:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    chain, key, ca_path = workdir / "server.pem", workdir / "server.key", workdir / "ca.pem"
+    cert.private_key_pem.write_to_path(str(key))
+    with chain.open("wb") as f:
+        for blob in cert.cert_chain_pems:
+            f.write(blob.bytes())
+    ca.cert_pem.write_to_path(str(ca_path))
+    return (str(chain), str(key)), str(ca_path)
+
+
+async def _start_profile(daemon: DaemonProc, out: Path, seconds: float) -> trio.Process | None:
+    """``py-spy record`` (raw collapsed stacks) of the daemon, if py-spy is installed."""
+    import shutil
+
+    exe = shutil.which("py-spy")
+    if exe is None:
+        return None
+    return await trio.lowlevel.open_process(
+        [
+            exe,
+            "record",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--rate",
+            "100",
+            "-d",
+            str(max(1, int(seconds))),
+            "-p",
+            str(daemon.pid),
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def run_config(n: int, opts: Options, workdir: Path, rng: random.Random) -> dict[str, Any]:
+    """All phases for N sessions; returns one result record."""
+    k = max(1, round(n * opts.churn))
+    users = [f"u{i:05d}@bench.test" for i in range(n)]
+    extra = [f"n{i:05d}@bench.test" for i in range(k)]
+    n_servers = max(1, math.ceil((n + k) / opts.per_server))
+    groups: list[list[str]] = [[] for _ in range(n_servers)]
+    for i, user in enumerate(users):
+        groups[i % n_servers].append(user)
+    for i, user in enumerate(extra):
+        groups[i % n_servers].append(user)
+    tls_files, ca_path = _tls_files(workdir) if opts.tls else (None, None)
+    servers = [ServerProc(i, g) for i, g in enumerate(groups)]
+    pool = ServerPool(servers)
+    sink = phases.Sink(ADMIN_SECRET)
+    result: dict[str, Any] = {
+        "n": n,
+        "tls": opts.tls,
+        "log_level": opts.log_level,
+        "quick": opts.quick,
+        "server_processes": n_servers,
+        "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+    }
+    print(
+        f"== N={n} {'tls' if opts.tls else 'plain'} log={opts.log_level} "
+        f"({n_servers} server process(es), workdir {workdir})",
+        flush=True,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_serve_sink, sink)
+        try:
+            for s in servers:
+                await s.start(workdir, opts.keepalive, tls_files)
+            port_of = {u: (s.tls_port if opts.tls else s.port) for s in servers for u in s.users}
+            rows = [(u, port_of[u]) for u in users]
+            new_rows = [(u, port_of[u]) for u in extra]
+            base_env = {
+                "BACKEND_URL": sink.backend.url,
+                "TRIO_IDLE_IMAP_SECURITY": "tls" if opts.tls else "plain",
+                "TRIO_IDLE_LOG_LEVEL": opts.log_level,
+            }
+            if ca_path:
+                base_env["TRIO_IDLE_CA_FILE"] = ca_path
+            result["settings"] = {
+                "keepalive_s": opts.keepalive,
+                "high_concurrency": opts.high_concurrency,
+                "high_rate": opts.high_rate,
+                "churn": k,
+                "idle_window_s": opts.idle_window,
+                "idle_window_notick_s": opts.idle_window_notick,
+                "latency_rate_per_s": rate_for(n, opts),
+                "latency_seconds": opts.latency_seconds,
+            }
+            if not opts.skip_default:
+                result["default_limiter"] = await _daemon_a(
+                    n, opts, workdir, pool, rows, new_rows, base_env
+                )
+            result["high_limiter"] = await _daemon_b(
+                n, opts, workdir, pool, sink, rows, new_rows, base_env, rng
+            )
+            result["server_rss_kib"] = (await pool.totals())["rss_kib"]
+            result["scan_reasons"] = dict(sink.reasons)
+        finally:
+            with trio.CancelScope(shield=True):
+                await pool.stop()
+            nursery.cancel_scope.cancel()
+    return result
+
+
+async def _serve_sink(sink: phases.Sink, *, task_status: trio.TaskStatus[None]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.backend.serve)
+        task_status.started()
+
+
+def _ramp_timeout(n: int, rate: float) -> float:
+    return n / rate * 3 + 60
+
+
+async def _daemon_a(
+    n: int,
+    opts: Options,
+    workdir: Path,
+    pool: ServerPool,
+    rows: list[tuple[str, int]],
+    new_rows: list[tuple[str, int]],
+    base_env: dict[str, str],
+) -> dict[str, Any]:
+    env = {**base_env, "TRIO_IDLE_TICK_INTERVAL": "24h"}
+    daemon = DaemonProc(workdir, f"daemon-a-{n}", env)
+    try:
+        return await _phases_a(n, opts, pool, rows, new_rows, daemon)
+    finally:
+        daemon.kill()
+
+
+async def _phases_a(
+    n: int,
+    opts: Options,
+    pool: ServerPool,
+    rows: list[tuple[str, int]],
+    new_rows: list[tuple[str, int]],
+    daemon: DaemonProc,
+) -> dict[str, Any]:
+    await daemon.start()
+    out: dict[str, Any] = {"concurrency": 20, "rate": 50.0, "tick": "24h"}
+    base = rss_kib(daemon.pid)
+    print("  A: ramp (limiter 20 / 50/s)", flush=True)
+    out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, 50))
+    out["memory"] = await phases.settle_and_measure_rss(daemon, n, base, 2.0 if opts.quick else 5)
+    print(f"  A: idle CPU without ticks ({opts.idle_window_notick:g}s)", flush=True)
+    out["idle_cpu_no_tick"] = await phases.idle_cpu(pool, daemon, n, opts.idle_window_notick)
+    k = len(new_rows)
+    print("  A: reconcile", flush=True)
+    out["reconcile"] = await phases.reconcile(
+        pool, daemon, rows[k:], new_rows, rows[:k], _ramp_timeout(k, 50)
+    )
+    await trio.sleep(1.0)
+    print("  A: shutdown", flush=True)
+    out["shutdown"] = await phases.shutdown(pool, daemon, n)
+    out["log_lines"] = daemon.log_counts()
+    return out
+
+
+async def _daemon_b(
+    n: int,
+    opts: Options,
+    workdir: Path,
+    pool: ServerPool,
+    sink: phases.Sink,
+    rows: list[tuple[str, int]],
+    new_rows: list[tuple[str, int]],
+    base_env: dict[str, str],
+    rng: random.Random,
+) -> dict[str, Any]:
+    env = {
+        **base_env,
+        "TRIO_IDLE_CONNECT_CONCURRENCY": str(opts.high_concurrency),
+        "TRIO_IDLE_CONNECT_RATE": str(opts.high_rate),
+    }
+    if opts.gc_freeze:
+        env["TRIO_IDLE_BENCH_GC_FREEZE"] = "1"
+    module = "trio_idle.bench.gc_probe" if opts.gc_probe or opts.gc_freeze else "trio_idle.cli"
+    daemon = DaemonProc(workdir, f"daemon-b-{n}", env, module)
+    try:
+        return await _phases_b(n, opts, pool, sink, rows, new_rows, daemon, rng)
+    finally:
+        daemon.kill()
+
+
+async def _phases_b(
+    n: int,
+    opts: Options,
+    pool: ServerPool,
+    sink: phases.Sink,
+    rows: list[tuple[str, int]],
+    new_rows: list[tuple[str, int]],
+    daemon: DaemonProc,
+    rng: random.Random,
+) -> dict[str, Any]:
+    await daemon.start()
+    out: dict[str, Any] = {
+        "concurrency": opts.high_concurrency,
+        "rate": opts.high_rate,
+        "tick": "2m",
+    }
+    tag = f"{n}-{'tls' if opts.tls else 'plain'}"
+    base = rss_kib(daemon.pid)
+    print(f"  B: ramp (limiter {opts.high_concurrency} / {opts.high_rate:g}/s)", flush=True)
+    out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, opts.high_rate))
+    out["memory"] = await phases.settle_and_measure_rss(daemon, n, base, 2.0 if opts.quick else 5)
+    windows: dict[str, tuple[float, float]] = {}
+    if opts.gc_freeze:
+        print("  B: gc.freeze() in the daemon (SIGUSR1)", flush=True)
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGUSR1)
+        await trio.sleep(3.0)
+        out["rss_after_freeze_kib"] = rss_kib(daemon.pid)
+    print(f"  B: idle CPU with 2 min ticks ({opts.idle_window:g}s)", flush=True)
+    profiler = None
+    if opts.profile_dir:
+        profiler = await _start_profile(
+            daemon, Path(opts.profile_dir) / f"profile-idle-{tag}.txt", opts.idle_window
+        )
+    started = time.time()
+    out["idle_cpu"] = await phases.idle_cpu(pool, daemon, n, opts.idle_window)
+    windows["idle"] = (started, time.time())
+    if profiler is not None:
+        await profiler.wait()
+    rate = rate_for(n, opts)
+    print(f"  B: latency ({rate:g} appends/s for {opts.latency_seconds:g}s)", flush=True)
+    if opts.profile_dir:
+        profiler = await _start_profile(
+            daemon, Path(opts.profile_dir) / f"profile-push-{tag}.txt", opts.latency_seconds + 1
+        )
+    started = time.time()
+    out["latency"] = await phases.latency(
+        pool,
+        sink,
+        daemon,
+        [u for u, _ in rows],
+        rate,
+        opts.latency_seconds,
+        10.0 if opts.quick else 20.0,
+        rng,
+    )
+    windows["latency"] = (started, time.time())
+    if profiler is not None:
+        await profiler.wait()
+    out["rss_after_latency_kib"] = rss_kib(daemon.pid)
+    k = len(new_rows)
+    print("  B: reconcile", flush=True)
+    out["reconcile"] = await phases.reconcile(
+        pool, daemon, rows[k:], new_rows, rows[:k], _ramp_timeout(k, opts.high_rate)
+    )
+    await trio.sleep(1.0)
+    print("  B: shutdown", flush=True)
+    out["shutdown"] = await phases.shutdown(pool, daemon, n)
+    out["log_lines"] = daemon.log_counts()
+    if opts.gc_probe or opts.gc_freeze:
+        out["gc"] = daemon.gc_summary(windows)
+        out["gc_freeze"] = opts.gc_freeze
+    return out
+
+
+def _key(run: dict[str, Any]) -> tuple[Any, ...]:
+    return (run["n"], run["tls"], run["log_level"], run["quick"])
+
+
+def merge_results(path: Path, runs: list[dict[str, Any]], fresh: bool) -> dict[str, Any]:
+    """Add ``runs`` to the results file (a run replaces one with the same N/TLS/log/quick)."""
+    old: list[dict[str, Any]] = []
+    if path.exists() and not fresh:
+        old = json.loads(path.read_text()).get("runs", [])
+    new_keys = {_key(r) for r in runs}
+    merged = [r for r in old if _key(r) not in new_keys] + runs
+    merged.sort(key=lambda r: (r["quick"], r["tls"], r["log_level"] != "WARNING", r["n"]))
+    return {
+        "updated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "runs": merged,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trio_idle.bench",
+        description="Benchmark the real trio-idle daemon process against test IMAP server "
+        "processes: ramp, memory, idle CPU, push→webhook latency, reconcile, shutdown.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="N=200 and a few seconds per phase (proves the harness works)",
+    )
+    p.add_argument("--n", default=None, help="comma-separated session counts (100,1000,10000)")
+    p.add_argument("--tls", action="store_true", help="implicit TLS with a trustme CA")
+    p.add_argument("--plot", action="store_true", help=f"write {DEFAULT_PLOT} from the results")
+    p.add_argument("--plot-only", action="store_true", help="only redraw the plot")
+    p.add_argument("--plot-path", default=DEFAULT_PLOT)
+    p.add_argument("--out", default=DEFAULT_OUT, help="results JSON (runs are merged in)")
+    p.add_argument("--fresh", action="store_true", help="replace the results file")
+    p.add_argument("--log-level", default="WARNING", help="daemon TRIO_IDLE_LOG_LEVEL")
+    p.add_argument(
+        "--idle-window",
+        type=float,
+        default=None,
+        help="seconds of idle CPU measurement with ticks (default 120, quick 3)",
+    )
+    p.add_argument(
+        "--idle-window-notick",
+        type=float,
+        default=None,
+        help="seconds of idle CPU measurement without ticks (default 60, quick 3)",
+    )
+    p.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=None,
+        help="seconds of appends (default 20, quick 3)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="appends/s at N=10000, scaled linearly with N (default 200)",
+    )
+    p.add_argument("--min-rate", type=float, default=10.0, help="lowest appends/s (default 10)")
+    p.add_argument("--high-concurrency", type=int, default=200)
+    p.add_argument("--high-rate", type=float, default=2000.0)
+    p.add_argument(
+        "--keepalive",
+        type=float,
+        default=120.0,
+        help="server '* OK Still here' interval (Dovecot: 120)",
+    )
+    p.add_argument(
+        "--per-server", type=int, default=8000, help="max accounts per IMAP server process"
+    )
+    p.add_argument("--churn", type=float, default=0.1, help="reconcile fraction (0.1)")
+    p.add_argument(
+        "--skip-default", action="store_true", help="skip daemon A (default limiter, no ticks)"
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help="py-spy record daemon B's idle and push phases into DIR",
+    )
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--gc-probe",
+        action="store_true",
+        help="run daemon B under trio_idle.bench.gc_probe (logs full GC passes)",
+    )
+    p.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="like --gc-probe, and gc.freeze() in daemon B after its ramp (experiment)",
+    )
+    p.add_argument("--workdir", default=None, help="keep logs and files here (default: temp)")
+    return p
+
+
+async def _run_all(opts: Options, workdir: Path, out: Path, fresh: bool) -> list[dict[str, Any]]:
+    """Every N in turn; the results file is rewritten after each one (a crash keeps them)."""
+    rng = random.Random(opts.seed)
+    runs: list[dict[str, Any]] = []
+    for n in opts.sizes:
+        sub = workdir / f"n{n}-{'tls' if opts.tls else 'plain'}"
+        sub.mkdir(parents=True, exist_ok=True)
+        runs.append(await run_config(n, opts, sub, rng))
+        write_results(out, runs, fresh)
+    return runs
+
+
+def write_results(out: Path, runs: list[dict[str, Any]], fresh: bool) -> dict[str, Any]:
+    """Merge ``runs`` into ``out`` and write it; return the merged data."""
+    data = merge_results(out, runs, fresh)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if args.plot_only:
+        data = json.loads(out.read_text())
+        make_plot(data["runs"], Path(args.plot_path))
+        print(f"plot written to {args.plot_path}")
+        return 0
+    quick = args.quick
+    sizes = (
+        (200,)
+        if quick and args.n is None
+        else tuple(int(x) for x in (args.n or "100,1000,10000").split(",") if x.strip())
+    )
+    opts = Options(
+        sizes=sizes,
+        tls=args.tls,
+        quick=quick,
+        log_level=args.log_level.upper(),
+        idle_window=args.idle_window or (3.0 if quick else 120.0),
+        idle_window_notick=args.idle_window_notick or (3.0 if quick else 60.0),
+        latency_seconds=args.latency_seconds or (3.0 if quick else 20.0),
+        rate_at_10k=args.rate,
+        min_rate=args.min_rate,
+        high_concurrency=args.high_concurrency,
+        high_rate=args.high_rate,
+        keepalive=args.keepalive,
+        per_server=args.per_server,
+        churn=args.churn,
+        skip_default=args.skip_default,
+        profile_dir=args.profile,
+        seed=args.seed,
+        gc_probe=args.gc_probe,
+        gc_freeze=args.gc_freeze,
+    )
+    limit = raise_nofile_limit()
+    print(f"RLIMIT_NOFILE soft limit: {limit}", flush=True)
+    started = time.perf_counter()
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        runs = trio.run(_run_all, opts, workdir, out, args.fresh)
+    else:
+        with tempfile.TemporaryDirectory(prefix="trio-idle-bench-") as tmp:
+            runs = trio.run(_run_all, opts, Path(tmp), out, args.fresh)
+    data = write_results(out, runs, args.fresh)
+    print()
+    print(format_table(runs))
+    print(f"\nresults: {out}  ({time.perf_counter() - started:.0f}s)")
+    if args.plot:
+        make_plot(data["runs"], Path(args.plot_path))
+        print(f"plot: {args.plot_path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

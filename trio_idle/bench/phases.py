@@ -1,0 +1,265 @@
+"""The measured phases. Each returns a JSON-ready dict; none of them asserts anything."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from trio_idle.bench.procinfo import cpu_seconds, rss_kib
+from trio_idle.bench.procs import DaemonProc, ServerPool
+from trio_idle.testing.backend import Reply, ScanBackend, ScanRequest
+
+Row = tuple[str, int]
+
+
+class Sink:
+    """The scan webhook receiver: :class:`ScanBackend` plus wall-clock receive times."""
+
+    def __init__(self, secret: str) -> None:
+        self.backend = ScanBackend(secret)
+        self.backend.default_reply = self._reply
+        #: email → wall times at which its POSTs were received, in order
+        self.posts: dict[str, list[float]] = {}
+        self.reasons: dict[str, int] = {}
+
+    def _reply(self, request: ScanRequest) -> Reply:
+        now = time.time()
+        if request.email is not None:
+            self.posts.setdefault(request.email, []).append(now)
+        reason = str(request.reason)
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        return Reply()
+
+    def first_post_after(self, email: str, t: float) -> float | None:
+        for p in self.posts.get(email, ()):
+            if p >= t:
+                return p
+        return None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100) of ``values``; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+async def ramp(
+    pool: ServerPool, daemon: DaemonProc, rows: Sequence[Row], limit: float
+) -> dict[str, Any]:
+    """Give the daemon ``rows`` (SIGHUP); time until the server saw every one enter IDLE."""
+    await pool.call_all("reset_marks")
+    before = await pool.totals()
+    rss_before = rss_kib(daemon.pid)
+    cpu_before = cpu_seconds(daemon.pid)
+    t0 = daemon.set_rows(rows)
+    count, latest = 0, None
+    with trio.move_on_after(limit):
+        while True:
+            await trio.sleep(0.1)  # polling another process: no event to wait on
+            count, latest = await pool.idle_marks(None)
+            if count >= len(rows):
+                break
+    cpu_after = cpu_seconds(daemon.pid)
+    rss_ramped = rss_kib(daemon.pid)
+    after = await pool.totals()
+    seconds = (latest - t0) if latest is not None and count >= len(rows) else None
+    return {
+        "sessions": len(rows),
+        "reached_idle": count,
+        "all_idle": count >= len(rows),
+        "seconds": seconds,
+        "sessions_per_s": len(rows) / seconds if seconds else None,
+        "daemon_cpu_s": cpu_after - cpu_before,
+        "rss_before_kib": rss_before,
+        "rss_at_end_kib": rss_ramped,
+        "logins": after["logins"] - before["logins"],
+        "login_failures": after["login_failures"] - before["login_failures"],
+    }
+
+
+async def settle_and_measure_rss(
+    daemon: DaemonProc, n: int, base: int, settle: float
+) -> dict[str, Any]:
+    """RSS after ``settle`` seconds with ``n`` sessions, and per session above ``base``."""
+    await trio.sleep(settle)
+    rss = rss_kib(daemon.pid)
+    return {
+        "rss_base_kib": base,
+        "rss_kib": rss,
+        "per_session_kib": (rss - base) / n if n else None,
+        "hwm_kib": _status_field(daemon.pid, "VmHWM"),
+    }
+
+
+def _status_field(pid: int, name: str) -> int | None:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    return None
+
+
+async def idle_cpu(pool: ServerPool, daemon: DaemonProc, n: int, window: float) -> dict[str, Any]:
+    """Daemon CPU over ``window`` seconds with ``n`` sessions idle (nothing appended)."""
+    before = await pool.totals()
+    cpu0, t0 = cpu_seconds(daemon.pid), time.perf_counter()
+    await trio.sleep(window)
+    cpu1, t1 = cpu_seconds(daemon.pid), time.perf_counter()
+    after = await pool.totals()
+    elapsed = t1 - t0
+    used = cpu1 - cpu0
+    return {
+        "window_s": elapsed,
+        "cpu_s": used,
+        "cpu_s_per_min": used / elapsed * 60,
+        "pct_of_one_core": used / elapsed * 100,
+        "keepalives": after["keepalives"] - before["keepalives"],
+        "noops": after["noops"] - before["noops"],
+        "reconnects": after["connections_total"] - before["connections_total"],
+        "idle_clients_end": after["idle_clients"],
+        "all_idle_at_end": after["idle_clients"] >= n,
+        "server_cpu_s": after["cpu_s"] - before["cpu_s"],
+    }
+
+
+async def latency(
+    pool: ServerPool,
+    sink: Sink,
+    daemon: DaemonProc,
+    users: Sequence[str],
+    rate: float,
+    seconds: float,
+    grace: float,
+    rng: random.Random,
+) -> dict[str, Any]:
+    """Appends at ``rate``/s for ``seconds`` across ``users`` (a random permutation, round
+    robin, so a user gets mail again only after every other user did); then the time from
+    each EXISTS being sent to the first POST for that user received after the append."""
+    count = max(1, round(rate * seconds))
+    order = list(users)
+    rng.shuffle(order)
+    sequence = [order[i % len(order)] for i in range(count)]
+    start_at = time.time() + 0.5
+    offsets = [i / rate for i in range(count)]
+    per_server: dict[int, tuple[list[str], list[float]]] = {s.index: ([], []) for s in pool.servers}
+    for user, offset in zip(sequence, offsets, strict=True):
+        names, offs = per_server[pool.owner[user].index]
+        names.append(user)
+        offs.append(offset)
+    cpu0 = cpu_seconds(daemon.pid)
+    for s in pool.servers:
+        names, offs = per_server[s.index]
+        await s.call("appends", users=names, offsets=offs, start_at=start_at)
+    await trio.sleep(max(0.0, start_at + offsets[-1] - time.time()))
+    records: list[list[Any]] = []
+    for s in pool.servers:
+        while True:
+            answer = await s.call("append_results")
+            if answer["done"]:
+                records.extend(answer["records"])
+                break
+            await trio.sleep(0.1)
+    cpu_at_end_of_appends = cpu_seconds(daemon.pid)
+    deadline = trio.current_time() + grace
+    while trio.current_time() < deadline:
+        if all(sink.first_post_after(r[0], r[1]) is not None for r in records):
+            break
+        await trio.sleep(0.1)
+    lat_exists: list[float] = []
+    lat_append: list[float] = []
+    missed: list[str] = []
+    no_exists = 0
+    for user, t_append, t_exists in records:
+        post = sink.first_post_after(user, t_append)
+        if post is None:
+            missed.append(user)
+            continue
+        lat_append.append(post - t_append)
+        if t_exists is None:
+            no_exists += 1
+        else:
+            lat_exists.append(post - t_exists)
+    send_lag = [r[2] - r[1] for r in records if r[2] is not None]
+    ms = 1000.0
+    return {
+        "rate_per_s": rate,
+        "appends": len(records),
+        "missed": len(missed),
+        "missed_users": missed[:20],
+        "exists_not_seen_sent": no_exists,
+        "p50_ms": _scaled(percentile(lat_exists, 50), ms),
+        "p90_ms": _scaled(percentile(lat_exists, 90), ms),
+        "p99_ms": _scaled(percentile(lat_exists, 99), ms),
+        "max_ms": _scaled(max(lat_exists, default=None), ms),
+        "append_to_post_p99_ms": _scaled(percentile(lat_append, 99), ms),
+        "server_append_to_exists_p99_ms": _scaled(percentile(send_lag, 99), ms),
+        "daemon_cpu_s": cpu_at_end_of_appends - cpu0,
+        "daemon_cpu_pct_during_appends": (cpu_at_end_of_appends - cpu0) / max(seconds, 1e-9) * 100,
+    }
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else round(value * factor, 3)
+
+
+async def reconcile(
+    pool: ServerPool,
+    daemon: DaemonProc,
+    keep: Sequence[Row],
+    added: Sequence[Row],
+    removed: Sequence[Row],
+    limit: float,
+) -> dict[str, Any]:
+    """Replace ``removed`` by ``added`` (SIGHUP); time until the server sees every added one
+    in IDLE and every removed one disconnected."""
+    await pool.call_all("reset_marks")
+    t0 = daemon.set_rows([*keep, *added])
+    new_users = [u for u, _ in added]
+    old_users = [u for u, _ in removed]
+    idle = gone = 0
+    idle_max = gone_max = None
+    with trio.move_on_after(limit):
+        while True:
+            await trio.sleep(0.1)
+            idle, idle_max = await pool.idle_marks(new_users)
+            gone, gone_max = await pool.gone_marks(old_users)
+            if idle >= len(new_users) and gone >= len(old_users):
+                break
+    complete = idle >= len(new_users) and gone >= len(old_users)
+    start_s = idle_max - t0 if idle_max is not None and idle >= len(new_users) else None
+    stop_s = gone_max - t0 if gone_max is not None and gone >= len(old_users) else None
+    return {
+        "added": len(added),
+        "removed": len(removed),
+        "complete": complete,
+        "seconds": max(start_s, stop_s) if start_s is not None and stop_s is not None else None,
+        "start_s": start_s,
+        "stop_s": stop_s,
+        "added_in_idle": idle,
+        "removed_gone": gone,
+    }
+
+
+async def shutdown(pool: ServerPool, daemon: DaemonProc, n: int) -> dict[str, Any]:
+    """SIGTERM → process exit; also how many sessions LOGOUT cleanly."""
+    before = await pool.totals()
+    seconds, code = await daemon.terminate()
+    with trio.move_on_after(10):
+        while (await pool.totals())["connections_open"] > 0:  # noqa: ASYNC110 - other process
+            await trio.sleep(0.1)
+    after = await pool.totals()
+    return {
+        "sessions": n,
+        "seconds": seconds,
+        "exit_code": code,
+        "logouts": after["logouts"] - before["logouts"],
+        "connections_left_open": after["connections_open"],
+    }

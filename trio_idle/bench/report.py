@@ -1,0 +1,122 @@
+"""The human table on stdout and the RSS / latency plot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("N", 6),
+    ("sec", 5),
+    ("log", 7),
+    ("ramp20/50", 10),
+    ("ramp hi", 8),
+    ("KiB/sess", 11),
+    ("CPU%tick", 9),
+    ("CPU%none", 9),
+    ("p50ms", 7),
+    ("p99ms", 7),
+    ("maxms", 7),
+    ("missed", 7),
+    ("recon s", 11),
+    ("stop s", 11),
+)
+
+
+def _get(run: dict[str, Any], *path: str) -> Any:
+    value: Any = run
+    for part in path:
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _pair(a: Any, b: Any, digits: int = 1) -> str:
+    return f"{_num(a, digits)}/{_num(b, digits)}"
+
+
+def row_cells(run: dict[str, Any]) -> list[str]:
+    """One table row: A = default limiter daemon, B = opened-up limiter daemon."""
+    a, b = run.get("default_limiter", {}), run.get("high_limiter", {})
+    return [
+        str(run["n"]),
+        "tls" if run["tls"] else "plain",
+        run["log_level"],
+        _num(_get(a, "ramp", "sessions_per_s"), 0),
+        _num(_get(b, "ramp", "sessions_per_s"), 0),
+        _pair(_get(a, "memory", "per_session_kib"), _get(b, "memory", "per_session_kib")),
+        _num(_get(b, "idle_cpu", "pct_of_one_core"), 2),
+        _num(_get(a, "idle_cpu_no_tick", "pct_of_one_core"), 2),
+        _num(_get(b, "latency", "p50_ms"), 1),
+        _num(_get(b, "latency", "p99_ms"), 1),
+        _num(_get(b, "latency", "max_ms"), 1),
+        _num(_get(b, "latency", "missed")),
+        _pair(_get(a, "reconcile", "seconds"), _get(b, "reconcile", "seconds"), 2),
+        _pair(_get(a, "shutdown", "seconds"), _get(b, "shutdown", "seconds"), 2),
+    ]
+
+
+def format_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Fixed-width table; pairs are ``A/B`` (default limiter / opened-up limiter)."""
+    lines = [" ".join(name.rjust(width) for name, width in COLUMNS)]
+    for run in runs:
+        cells = row_cells(run)
+        lines.append(" ".join(c.rjust(width) for c, (_, width) in zip(cells, COLUMNS, strict=True)))
+    lines.append(
+        "ramp = sessions/s until all in IDLE; KiB/sess, recon s, stop s = A/B daemon "
+        "(A: limiter 20/50/s, no tick; B: opened up, 2 min tick); CPU% = of one core"
+    )
+    return "\n".join(lines)
+
+
+def make_plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
+    """RSS per session and p99 push→webhook latency against N (full runs, WARNING log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for tls, style in ((False, "o-"), (True, "s--")):
+        chosen = sorted(
+            (r for r in runs if r["tls"] == tls and not r["quick"] and r["log_level"] == "WARNING"),
+            key=lambda r: r["n"],
+        )
+        if not chosen:
+            continue
+        label = "TLS" if tls else "plaintext"
+        ns = [r["n"] for r in chosen]
+        rss = [
+            _get(r, "default_limiter", "memory", "per_session_kib")
+            or _get(r, "high_limiter", "memory", "per_session_kib")
+            for r in chosen
+        ]
+        p99 = [_get(r, "high_limiter", "latency", "p99_ms") for r in chosen]
+        left.plot(ns, rss, style, label=label)
+        right.plot(ns, p99, style, label=label)
+    left.axhline(40, color="grey", linestyle=":", linewidth=1, label="target plain (40)")
+    left.axhline(80, color="grey", linestyle="-.", linewidth=1, label="target TLS (80)")
+    right.axhline(20, color="grey", linestyle=":", linewidth=1, label="target (20 ms)")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("sessions (N)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_ylabel("daemon RSS per session (KiB)")
+    left.set_title("Memory per IMAP IDLE session")
+    right.set_ylabel("EXISTS sent → POST received, p99 (ms)")
+    right.set_title("Push → webhook latency (p99)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
