@@ -10,8 +10,15 @@ their mail too. So a burst of any size costs at most two scans.
 
 from __future__ import annotations
 
+from typing import Final
+
 import attrs
 import trio
+
+from trio_idle.limiter import Pacer
+
+#: Catch-up scans (after a restart or reconnect) are paced globally; EXISTS/tick are not.
+PACED_REASONS: Final = frozenset({"startup", "reconnect"})
 
 
 @attrs.define
@@ -29,10 +36,17 @@ class ScanCoalescer:
     pending_since: float | None = None
     #: the same, for the scan that is active now (for the latency histogram)
     active_since: float | None = None
+    #: set while the active scan waits for its catch-up slot (see :meth:`wait_paced`)
+    _urgent: trio.Event | None = None
 
     def request(self, reason: str) -> bool:
         """Ask for a scan. Returns False when it was absorbed into an already pending one."""
         self.requested += 1
+        if self._urgent is not None and reason not in PACED_REASONS:
+            # the active scan has not been sent yet, so it covers this mail: send it now
+            self.absorbed += 1
+            self._urgent.set()
+            return False
         if self.pending:
             self.absorbed += 1
             return False
@@ -58,6 +72,18 @@ class ScanCoalescer:
         self.pending_reason = None
         self.active = True
         return reason
+
+    async def wait_paced(self, pacer: Pacer) -> bool:
+        """Hold the active (catch-up) scan until its global slot; returns True when an
+        EXISTS/tick request arrived meanwhile and cut the wait short (priority)."""
+        self._urgent = trio.Event()
+        try:
+            with trio.move_on_at(pacer.reserve()):
+                await self._urgent.wait()
+                return True
+            return False
+        finally:
+            self._urgent = None
 
     def done(self) -> None:
         self.active = False

@@ -26,8 +26,9 @@ import trio
 
 from trio_idle.coalescer import ScanCoalescer
 from trio_idle.connections import MailConnection
+from trio_idle.imap_responses import MailboxState
 from trio_idle.logs import session_logger
-from trio_idle.scan_worker import ScanPolicy, run_scan_worker
+from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scan_worker
 from trio_idle.session import ConnectionMemory, SessionEnv, run_session
 from trio_idle.webhook import WebhookClient
 
@@ -125,6 +126,7 @@ class Reconciler:
                         self._env.stats,
                         log,
                         random.Random(),
+                        self._hooks(handle),
                         name=f"scan:{conn.id}",
                     )
                     await run_session(conn, self._env, handle.coalescer, handle.memory, log)
@@ -135,6 +137,20 @@ class Reconciler:
                 del self.handles[conn.id]  # the next refresh starts it again
         finally:
             handle.finished.set()
+
+    def _hooks(self, handle: Handle) -> ScanHooks:
+        store, mailbox, conn_id = self._env.store, self._policy.mailbox, handle.conn.id
+
+        def on_success(covered: MailboxState) -> None:
+            # only a 2xx advances what "scanned" means across restarts
+            if store is not None:
+                store.record(conn_id, mailbox, covered.uidvalidity, covered.uidnext)
+
+        return ScanHooks(
+            pacer=self._env.catchup_pacer,
+            covered=lambda: handle.memory.mailbox,
+            on_success=on_success,
+        )
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Per-connection detail for ``/status`` (no secrets)."""

@@ -10,13 +10,16 @@ mailbox at most one waiting scan, never a queue.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import trio
 
-from trio_idle.coalescer import ScanCoalescer
+from trio_idle.coalescer import PACED_REASONS, ScanCoalescer
 from trio_idle.connections import MailConnection
+from trio_idle.imap_responses import MailboxState
+from trio_idle.limiter import Pacer
 from trio_idle.logs import human_duration
 from trio_idle.stats import Stats
 from trio_idle.webhook import ScanJob, Verdict, WebhookClient, retry_delay
@@ -29,6 +32,19 @@ class ScanPolicy:
     retry_max: float
 
 
+@attrs.frozen
+class ScanHooks:
+    """How a worker paces catch-up scans and reports what a successful scan covered.
+
+    ``covered()`` is read when a scan starts (the mailbox state it will cover);
+    ``on_success(state)`` is called after the backend answered 2xx for it.
+    """
+
+    pacer: Pacer | None = None
+    covered: Callable[[], MailboxState | None] = lambda: None
+    on_success: Callable[[MailboxState], None] = lambda state: None
+
+
 async def run_scan_worker(
     conn: MailConnection,
     coalescer: ScanCoalescer,
@@ -37,12 +53,24 @@ async def run_scan_worker(
     stats: Stats,
     log: Any,
     rng: random.Random,
+    hooks: ScanHooks | None = None,
 ) -> None:
-    """Loop forever: wait for a scan, deliver it. Cancellation ends it at any point."""
+    """Loop forever: wait for a scan, deliver it. Cancellation ends it at any point.
+
+    Catch-up scans (``startup``/``reconnect``) first wait for a global pacer slot, unless
+    new mail (EXISTS/tick) arrives meanwhile: then the scan goes at once, as ``exists``.
+    """
+    hooks = hooks or ScanHooks()
     while True:
         reason = await coalescer.next_scan()
         try:
-            await deliver(conn, reason, coalescer, webhook, policy, stats, log, rng)
+            pacer = hooks.pacer if reason in PACED_REASONS else None
+            if pacer is not None and await coalescer.wait_paced(pacer):
+                reason = "exists"
+            covered = hooks.covered()
+            delivered = await deliver(conn, reason, coalescer, webhook, policy, stats, log, rng)
+            if delivered and covered is not None:
+                hooks.on_success(covered)
         finally:
             coalescer.done()
 
@@ -56,8 +84,8 @@ async def deliver(
     stats: Stats,
     log: Any,
     rng: random.Random,
-) -> None:
-    """Send one scan until the backend answers 2xx or refuses it for good."""
+) -> bool:
+    """Send one scan until the backend answers 2xx (True) or refuses it for good (False)."""
     job = ScanJob(conn.id, conn.user_id, conn.email, policy.mailbox, reason)
     prefix = f"[idle/{conn.email}]"
     attempt = 0
@@ -75,12 +103,12 @@ async def deliver(
                 log.info(
                     f"{prefix} scan-triggered → scanned={reply.scanned} blocked={reply.blocked}"
                 )
-            return
+            return True
         label = str(reply.status) if reply.status is not None else "network"
         if reply.verdict is Verdict.REJECT:
             stats.inc("scans_failed", label)
             log.error(f"{prefix} scan rejected: {reply.detail}")
-            return
+            return False
         stats.inc("scans_retried", label)
         delay = retry_delay(
             attempt, policy.retry_initial, policy.retry_max, reply.retry_after, rng.random()

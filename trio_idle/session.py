@@ -31,8 +31,9 @@ from trio_idle.connections import MailConnection
 from trio_idle.errors import ImapAuthError, ImapError
 from trio_idle.imap_client import ImapConnection, ImapTimeouts, connect, resolve_security
 from trio_idle.imap_responses import MailboxState, catch_up_decision
-from trio_idle.limiter import ConnectLimiter
+from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.logs import human_duration
+from trio_idle.state_store import StateStore, startup_decision
 from trio_idle.stats import Stats
 
 #: States a session reports (``/status``, metrics).
@@ -66,6 +67,10 @@ class SessionEnv:
     ssl_context: ssl.SSLContext | None
     stats: Stats
     rng: random.Random = attrs.field(factory=random.Random)
+    #: persisted "scanned up to" state (restart catch-up); None: no persistence
+    store: StateStore | None = None
+    #: global pace of catch-up scans (startup/reconnect); None: unpaced
+    catchup_pacer: Pacer | None = None
 
     @property
     def timeouts(self) -> ImapTimeouts:
@@ -112,12 +117,17 @@ async def run_session(
             memory.last_error = None
             env.stats.inc("connects")
             log.info(f"{prefix} connected ({conn.host}:{conn.port})")
-            decision = catch_up_decision(memory.mailbox, selected)
+            if memory.mailbox is None and env.store is not None and env.store.enabled:
+                # first session in this process: compare with what the last run scanned
+                stored = env.store.get(conn.id, s.mailbox)
+                decision, reason = startup_decision(stored, selected), "startup"
+            else:
+                decision, reason = catch_up_decision(memory.mailbox, selected), "reconnect"
             memory.mailbox = selected
             if decision.scan:
                 log.info(f"{prefix} catch-up scan ({decision.why})")
-                env.stats.inc("catch_up_scans")
-                coalescer.request("reconnect")
+                env.stats.inc("catch_up_scans", reason)
+                coalescer.request(reason)
             await _watch(imap, conn, env, coalescer, memory, log)
         except ImapAuthError as exc:
             memory.state = AUTH_FAILED

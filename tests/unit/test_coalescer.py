@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -101,3 +102,40 @@ async def test_cancellation_while_waiting_leaves_state_intact(
     assert c.request("second") is True
     with trio.fail_after(1):
         assert await c.next_scan() == "second"
+
+
+async def test_catch_up_scans_wait_for_their_pace_slot(autojump_clock: object) -> None:
+    from trio_idle.limiter import Pacer
+
+    pacer = Pacer(rate=1.0)
+    pacer.reserve()  # someone else holds the next slot: ours is one second away
+    coalescer = ScanCoalescer()
+    coalescer.request("startup")
+    assert await coalescer.next_scan() == "startup"
+    start = trio.current_time()
+    assert await coalescer.wait_paced(pacer) is False
+    assert trio.current_time() - start == pytest.approx(1.0)
+
+
+async def test_new_mail_cuts_a_paced_wait_short(autojump_clock: object) -> None:
+    from trio_idle.limiter import Pacer
+
+    pacer = Pacer(rate=0.01)  # slots 100 s apart
+    pacer.reserve()
+    coalescer = ScanCoalescer()
+    coalescer.request("reconnect")
+    await coalescer.next_scan()
+    async with trio.open_nursery() as nursery:
+
+        async def exists_soon() -> None:
+            await trio.sleep(2)
+            # absorbed into the waiting scan, which now goes at once
+            assert coalescer.request("exists") is False
+
+        nursery.start_soon(exists_soon)
+        start = trio.current_time()
+        assert await coalescer.wait_paced(pacer) is True
+        assert trio.current_time() - start == pytest.approx(2.0)
+    assert coalescer.pending == 0
+    # a second catch-up request during the wait would have been queued as pending instead
+    assert coalescer.request("reconnect") is True
