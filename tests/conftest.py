@@ -180,3 +180,16 @@ def node_bin() -> str:
     if found is None:
         unavailable("node (Node.js) not found on PATH")
     return found
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Daemons started as subprocesses keep their default SQLite state in a temp dir,
+    never in the real ``~/.local/state`` of whoever runs the tests."""
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = old

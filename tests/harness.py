@@ -39,6 +39,8 @@ def make_settings(backend_url: str, **env: str) -> Settings:
         "TRIO_IDLE_CONNECT_RATE": "1000",
         "TRIO_IDLE_CONNECT_CONCURRENCY": "50",
         "TRIO_IDLE_LOG_LEVEL": "DEBUG",
+        # no persisted state unless a test asks for it (tests/restart/)
+        "TRIO_IDLE_STATE": "none",
     }
     base.update(env)
     return parse_settings(base)

@@ -30,6 +30,7 @@ from trio_idle.imap_responses import MailboxState
 from trio_idle.logs import session_logger
 from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scan_worker
 from trio_idle.session import ConnectionMemory, SessionEnv, run_session
+from trio_idle.state_store import StateStore
 from trio_idle.webhook import WebhookClient
 
 
@@ -78,6 +79,10 @@ class Reconciler:
         self.handles: dict[str, Handle] = {}
         s = env.settings
         self._policy = ScanPolicy(s.mailbox, s.scan_retry_initial, s.scan_retry_max)
+
+    @property
+    def store(self) -> StateStore | None:
+        return self._env.store
 
     @property
     def running(self) -> dict[str, MailConnection]:

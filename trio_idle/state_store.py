@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ import trio
 import trio_asyncio
 from loguru import logger
 
+from trio_idle.config import Settings
 from trio_idle.imap_responses import CatchUp, MailboxState
 from trio_idle.secret import Secret
 from trio_idle.stats import Stats
@@ -353,7 +354,18 @@ class StateStore:
                 await self.flush()
 
 
-def default_state_path(env: dict[str, str] | os._Environ[str]) -> Path:
+def make_state_backend(settings: Settings, env: Mapping[str, str]) -> StateBackend | None:
+    """The backend the settings ask for (``None`` for ``state = none``)."""
+    if settings.state == "none":
+        return None
+    if settings.state == "postgres":
+        assert settings.database_url is not None  # enforced by config parsing
+        return PostgresBackend(settings.database_url)
+    path = Path(settings.state_path) if settings.state_path else default_state_path(env)
+    return SqliteBackend(path)
+
+
+def default_state_path(env: Mapping[str, str]) -> Path:
     """``$STATE_DIRECTORY`` (systemd ``StateDirectory=``) or ``~/.local/state/trio-idle``."""
     base = env.get("STATE_DIRECTORY") or os.path.join(
         env.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "trio-idle"

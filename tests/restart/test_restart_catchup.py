@@ -1,0 +1,240 @@
+"""No mail missed across daemon restarts: persisted state, startup scans, paced catch-up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.harness import (
+    ADMIN_SECRET,
+    KEY,
+    ListSource,
+    capture_logs,
+    make_settings,
+    poll_until,
+    row,
+    running_daemon,
+)
+from trio_idle.daemon import Daemon
+from trio_idle.testing import ImapTestServer
+from trio_idle.testing.backend import ScanBackend
+
+PASSWORD = "pw-restart"
+RATE = 40.0  # catch-up scans per second
+
+
+def users(n: int) -> list[str]:
+    return [f"r{i}@restart.test" for i in range(n)]
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> ImapTestServer:
+    imap = ImapTestServer(keepalive_interval=None)
+    await nursery.start(imap.serve)
+    return imap
+
+
+@pytest.fixture
+async def backend(nursery: trio.Nursery) -> ScanBackend:
+    sink = ScanBackend(secret=ADMIN_SECRET)
+    await nursery.start(sink.serve)
+    return sink
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """Settings selecting each state backend; the Postgres one uses a fresh database."""
+    if request.param == "sqlite":
+        return {"TRIO_IDLE_STATE": "sqlite", "TRIO_IDLE_STATE_PATH": str(tmp_path / "s.db")}
+    dsn: str = request.getfixturevalue("pg_dsn")
+    return {"TRIO_IDLE_STATE": "postgres", "DATABASE_URL": dsn}
+
+
+async def run_until_quiet(
+    server: ImapTestServer, backend: ScanBackend, names: list[str], env: dict[str, str]
+) -> None:
+    """Start the daemon, wait until every session is in IDLE and every scan is answered
+    and recorded, then shut it down gracefully (which flushes the state)."""
+    settings = make_settings(
+        backend.url, TRIO_IDLE_IMAP_SECURITY="plain", TRIO_IDLE_CATCHUP_RATE=str(RATE), **env
+    )
+    source = ListSource([row(n, n, PASSWORD, server.port) for n in names])
+    async with running_daemon(settings, source) as daemon:
+        with trio.fail_after(30):
+            await server.wait_for(lambda: server.idle_count() >= len(names))
+            await quiet(daemon)
+
+
+async def quiet(daemon: Daemon) -> None:
+    def busy() -> bool:
+        return any(
+            h.coalescer.active or h.coalescer.pending for h in daemon.reconciler.handles.values()
+        )
+
+    while busy():  # noqa: ASYNC110 - a daemon-wide condition has no single event
+        await trio.sleep(0.02)
+
+
+def startup_scans(backend: ScanBackend) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for request in backend.requests:
+        if request.body.get("reason") == "startup" and request.email:
+            counts[request.email] = counts.get(request.email, 0) + 1
+    return counts
+
+
+def assert_paced(backend: ScanBackend, rate: float) -> None:
+    """The backend never saw more catch-up scans than the rate allows in any second."""
+    times = sorted(
+        r.received_at for r in backend.requests if r.body.get("reason") in ("startup", "reconnect")
+    )
+    window = int(rate) + 2  # slack: a second holds rate+1 starts, plus HTTP jitter
+    for i in range(len(times) - window):
+        assert times[i + window] - times[i] >= 1.0, "catch-up scans exceeded the pace"
+
+
+async def test_only_mailboxes_with_new_mail_are_scanned_after_restart(
+    server: ImapTestServer, backend: ScanBackend, state_env: dict[str, str]
+) -> None:
+    names = users(100)
+    for name in names:
+        server.add_user(name, PASSWORD)
+    if state_env["TRIO_IDLE_STATE"] == "postgres":
+        import trio_asyncio
+
+        from trio_idle.secret import Secret
+        from trio_idle.state_store import PostgresBackend
+
+        async with trio_asyncio.open_loop():
+            await PostgresBackend(Secret(state_env["DATABASE_URL"])).migrate()
+
+    # first run: the store is empty, so every mailbox gets one paced startup scan
+    await run_until_quiet(server, backend, names, state_env)
+    assert startup_scans(backend) == dict.fromkeys(names, 1)
+    assert_paced(backend, RATE)
+
+    # mail arrives while the daemon is down
+    with_mail = names[::10] + names[1::10] + names[2::10]  # 30 mailboxes
+    for name in with_mail:
+        server.append(name, b"Subject: while you were out\r\n\r\nhi\r\n")
+    backend.requests.clear()
+    await run_until_quiet(server, backend, names, state_env)
+    assert startup_scans(backend) == dict.fromkeys(with_mail, 1)
+    assert len(backend.requests) == 30
+
+    # a restart with nothing new scans nothing
+    backend.requests.clear()
+    await run_until_quiet(server, backend, names, state_env)
+    assert backend.requests == []
+
+
+async def test_lost_state_file_costs_one_paced_scan_per_mailbox(
+    server: ImapTestServer, backend: ScanBackend, tmp_path: Path
+) -> None:
+    names = users(100)
+    for name in names:
+        server.add_user(name, PASSWORD)
+    env = {"TRIO_IDLE_STATE": "sqlite", "TRIO_IDLE_STATE_PATH": str(tmp_path / "s.db")}
+    await run_until_quiet(server, backend, names, env)
+    (tmp_path / "s.db").unlink()
+    backend.requests.clear()
+    await run_until_quiet(server, backend, names, env)
+    assert startup_scans(backend) == dict.fromkeys(names, 1)
+    assert_paced(backend, RATE)
+
+
+async def test_uidvalidity_change_while_down_is_scanned(
+    server: ImapTestServer, backend: ScanBackend, tmp_path: Path
+) -> None:
+    names = users(3)
+    for name in names:
+        server.add_user(name, PASSWORD)
+    env = {"TRIO_IDLE_STATE": "sqlite", "TRIO_IDLE_STATE_PATH": str(tmp_path / "s.db")}
+    await run_until_quiet(server, backend, names, env)
+    server.set_uidvalidity(names[1], server.mailbox(names[1]).uidvalidity + 1)
+    backend.requests.clear()
+    with capture_logs() as logs:
+        await run_until_quiet(server, backend, names, env)
+    assert startup_scans(backend) == {names[1]: 1}
+    assert logs.matching(f"[idle/{names[1]}] catch-up scan (uidvalidity changed while down)")
+
+
+async def test_kill_9_during_an_unanswered_scan_rescans_after_restart(
+    server: ImapTestServer, backend: ScanBackend, tmp_path: Path
+) -> None:
+    names = users(2)
+    victim = names[0]
+    for name in names:
+        server.add_user(name, PASSWORD)
+    state = tmp_path / "s.db"
+    conn_file = tmp_path / "connections.toml"
+    conn_file.write_text(
+        "\n".join(
+            f'[[connection]]\nid = "{n}"\nemail = "{n}"\nimap_host = "127.0.0.1"\n'
+            f'imap_port = {server.port}\npassword_env = "PW"\n'
+            for n in names
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_IDLE_")}
+    env.update(
+        {
+            "ADMIN_SECRET": ADMIN_SECRET,
+            "ENCRYPTION_KEY": KEY,
+            "BACKEND_URL": backend.url,
+            "PW": PASSWORD,
+            "TRIO_IDLE_SOURCE": "file",
+            "TRIO_IDLE_CONNECTIONS_FILE": str(conn_file),
+            "TRIO_IDLE_IMAP_SECURITY": "plain",
+            "TRIO_IDLE_STATE": "sqlite",
+            "TRIO_IDLE_STATE_PATH": str(state),
+            "TRIO_IDLE_SCAN_TIMEOUT": "60s",
+        }
+    )
+
+    def recorded() -> set[str]:
+        if not state.exists():
+            return set()
+        try:
+            with sqlite3.connect(state) as db:
+                return {r[0] for r in db.execute("SELECT connection_id FROM mailbox_state")}
+        except sqlite3.Error:
+            return set()
+
+    async def start() -> trio.Process:
+        return await trio.lowlevel.open_process(
+            [sys.executable, "-m", "trio_idle.cli", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    proc = await start()
+    try:
+        with trio.fail_after(30):
+            await backend.wait_for_requests(2, finished=True)  # both startup scans
+            await poll_until(lambda: recorded() == set(names))  # and flushed to disk
+        gate = backend.hold(victim)
+        server.append(victim, b"Subject: in flight\r\n\r\nx\r\n")
+        with trio.fail_after(15):
+            await backend.wait_for_requests(3)  # the victim's scan is now held open
+        proc.send_signal(signal.SIGKILL)
+        with trio.fail_after(10):
+            await proc.wait()
+        gate.release()
+        backend.requests.clear()
+        proc = await start()
+        with trio.fail_after(30):
+            await backend.wait_for_requests(1, email=victim, finished=True)
+            await server.wait_for(lambda: server.idle_count() >= 2)
+        assert startup_scans(backend) == {victim: 1}
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
