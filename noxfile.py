@@ -13,23 +13,28 @@ nox.options.reuse_existing_virtualenvs = True
 LINT_PATHS = ["trio_idle", "tests", "noxfile.py"]
 
 
-def _ensure_dovecot(session: nox.Session) -> None:
-    """The real-server tests need Dovecot; install it through apt when we can."""
-    if shutil.which("dovecot"):
+#: programs the real-server tests need → the Debian package that provides each
+SYSTEM_PACKAGES = {"dovecot": "dovecot-imapd", "systemd-analyze": "systemd"}
+
+
+def _ensure_system_packages(session: nox.Session) -> None:
+    """Install what the real-server tests need through apt when it is missing."""
+    missing = [pkg for prog, pkg in SYSTEM_PACKAGES.items() if not shutil.which(prog)]
+    if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        session.warn("dovecot is missing and cannot be installed here (needs root and apt-get)")
+        session.warn(f"missing {missing} and cannot install them here (needs root and apt-get)")
         return
-    session.log("installing dovecot-imapd through apt-get")
+    session.log(f"installing {' '.join(missing)} through apt-get")
     env = {"DEBIAN_FRONTEND": "noninteractive"}
     session.run("apt-get", "update", "-qq", external=True, env=env)
-    session.run("apt-get", "install", "-y", "-qq", "dovecot-imapd", external=True, env=env)
+    session.run("apt-get", "install", "-y", "-qq", *missing, external=True, env=env)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole suite, against real PostgreSQL (pgserver wheel) and real Dovecot."""
-    _ensure_dovecot(session)
+    _ensure_system_packages(session)
     session.install("-e", ".[test]")
     args = session.posargs or ["-q", "-p", "no:cacheprovider"]
     session.run("python", "-m", "pytest", *args)

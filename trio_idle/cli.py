@@ -1,24 +1,72 @@
-"""``trio-idle`` command line. Exit codes: 0 ok, 1 runtime failure, 2 configuration error."""
+"""``trio-idle`` command line. Exit codes: 0 ok, 1 runtime failure, 2 configuration error.
+
+Commands: ``serve`` (``--once``: connect everything once, report, exit), ``check``
+(validate the configuration and every row, ``--login`` tries each IMAP login),
+``encrypt`` (secret on stdin → token), ``decrypt --check`` (tokens on stdin → do they
+decrypt; plaintext is never printed) and ``demo``. ``--log-level``/``--log-format`` work
+for every command that logs. Secrets are never taken from argv.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Mapping, Sequence
+from typing import Any
 
 import trio
+import trio_asyncio
 from loguru import logger
 
 from trio_idle import __version__
 from trio_idle.config import OPTIONS, ConfigError, Settings, parse_settings
 from trio_idle.daemon import ConnectionSource, Daemon, run_daemon
 from trio_idle.logs import setup_logging
+from trio_idle.operator_commands import (
+    DEFAULT_CHECK_CONCURRENCY,
+    decrypt_check_command,
+    encrypt_command,
+    once_report,
+    run_check,
+    wait_for_first_outcomes,
+)
 from trio_idle.source_file import FileSource
 from trio_idle.source_postgres import PostgresSource
+from trio_idle.state_store import POSTGRES_TABLE, PostgresBackend
+from trio_idle.supervision import StartupError
 
 EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+#: the settings the crypto commands take (they need nothing else)
+CRYPTO_FIELDS = frozenset({"key_derivation", "log_level", "log_format"})
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, only: Container[str] | None = None) -> None:
+    """One flag per non-secret setting (``only``: restrict to these fields)."""
+    for option in OPTIONS:
+        if option.flag is None or option.secret:
+            continue
+        if only is not None and option.field not in only:
+            continue
+        default = (
+            f" (default: {option.default})" if option.default and len(option.default) < 40 else ""
+        )
+        parser.add_argument(
+            option.flag,
+            dest=option.field,
+            metavar=option.env,
+            help=f"{option.help}{default}; env {option.env}",
+        )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,18 +83,61 @@ def build_parser() -> argparse.ArgumentParser:
         "Secrets (ADMIN_SECRET, ENCRYPTION_KEY, DATABASE_URL's password, "
         "TRIO_IDLE_SIGNING_SECRET) are read from the environment only.",
     )
-    for option in OPTIONS:
-        if option.flag is None or option.secret:
-            continue
-        default = (
-            f" (default: {option.default})" if option.default and len(option.default) < 40 else ""
-        )
-        serve.add_argument(
-            option.flag,
-            dest=option.field,
-            metavar=option.env,
-            help=f"{option.help}{default}; env {option.env}",
-        )
+    _add_setting_flags(serve)
+    serve.add_argument(
+        "--once",
+        action="store_true",
+        help="start every session of the first refresh, wait until each has connected or "
+        "failed once, print a report, shut down; exit 0 if all connected, else 1",
+    )
+    check = commands.add_parser(
+        "check",
+        help="validate the configuration and every connection (optionally log in)",
+        description="Validate the configuration, read the connection source, decrypt every "
+        "row and (with --login) try an IMAP LOGIN per connection. Prints a table; exit 1 if "
+        "anything failed. No secret is printed.",
+    )
+    _add_setting_flags(check)
+    check.add_argument("--login", action="store_true", help="also try LOGIN (then LOGOUT)")
+    check.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=DEFAULT_CHECK_CONCURRENCY,
+        metavar="N",
+        help=f"logins in progress at once (default: {DEFAULT_CHECK_CONCURRENCY})",
+    )
+    encrypt = commands.add_parser(
+        "encrypt",
+        help="encrypt an IMAP password (stdin or prompt) into an iv:tag:ciphertext token",
+        description="Read a password from stdin (one trailing newline removed) or, on a "
+        "terminal, from a no-echo prompt, and print the token the backend stores. Needs "
+        "ENCRYPTION_KEY only. The password is never taken from the command line.",
+    )
+    _add_setting_flags(encrypt, CRYPTO_FIELDS)
+    encrypt.add_argument(
+        "--iv-size",
+        type=int,
+        choices=(12, 16),
+        default=16,
+        help="IV length in bytes (default 16, like the Node backend)",
+    )
+    decrypt = commands.add_parser(
+        "decrypt",
+        help="check that tokens decrypt (--check); never prints passwords",
+        description="With --check: read tokens from stdin, one per line (optionally "
+        "'LABEL TOKEN'), and report for each whether it decrypts with ENCRYPTION_KEY. "
+        "Plaintext passwords are never printed, so --check is required.",
+    )
+    _add_setting_flags(decrypt, CRYPTO_FIELDS)
+    decrypt.add_argument("--check", action="store_true", help="report only (required)")
+    db = commands.add_parser(
+        "db",
+        help="database maintenance (the shared Postgres state store)",
+        description="`trio-idle db migrate` creates the table of the Postgres state store "
+        "(TRIO_IDLE_STATE=postgres) in the DATABASE_URL database; safe to run again.",
+    )
+    db.add_argument("action", choices=["migrate"], help="what to do")
+    _add_setting_flags(db, only=("log_level", "log_format", "db_timeout"))
     demo = commands.add_parser(
         "demo",
         help="run the whole loop locally: test IMAP server, scanning backend, daemon",
@@ -54,33 +145,40 @@ def build_parser() -> argparse.ArgumentParser:
         "backend that blocks gambling mail, and the daemon; deliver a few messages, show the "
         "daemon's log lines and a summary, and exit 0.",
     )
-    demo.add_argument("--forever", action="store_true",
-                      help="keep running so you can deliver mail yourself (Ctrl-C to stop)")
+    demo.add_argument(
+        "--forever",
+        action="store_true",
+        help="keep running so you can deliver mail yourself (Ctrl-C to stop)",
+    )
     return parser
 
 
-def settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+def settings_from_args(
+    args: argparse.Namespace, env: Mapping[str, str], **parse_options: Any
+) -> Settings:
     overrides: dict[str, str] = {}
     for option in OPTIONS:
         value = getattr(args, option.field, None)
         if value is not None:
             overrides[option.field] = value
-    return parse_settings(env, overrides)
+    return parse_settings(env, overrides, **parse_options)
 
 
-def make_source(settings: Settings) -> ConnectionSource:
+def make_source(settings: Settings, env: Mapping[str, str] | None = None) -> ConnectionSource:
     if settings.source == "file":
         assert settings.connections_file is not None
-        return FileSource(settings.connections_file)
+        return FileSource(settings.connections_file, env)
     assert settings.database_url is not None
     return PostgresSource(settings.database_url, settings.connections_query, settings.db_timeout)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT; SIGHUP refreshes the connection list now."""
-    source = make_source(settings)
+    source = make_source(settings, environ)
     async with trio.open_nursery() as nursery:
-        daemon: Daemon = await nursery.start(run_daemon, settings, source)
+        daemon: Daemon = await nursery.start(
+            functools.partial(run_daemon, settings, source, environ=environ)
+        )
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
@@ -100,6 +198,76 @@ async def _stop_listening_when_done(nursery: trio.Nursery, daemon: Daemon) -> No
     nursery.cancel_scope.cancel()
 
 
+async def serve_once(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
+    """``serve --once``: start, wait for every session's first outcome, report, shut down.
+
+    The report goes to stdout; exit code 0 only if every connection is being watched.
+    A signal (SIGTERM/SIGINT) ends the wait early and reports what is known.
+    """
+    source = make_source(settings, environ)
+    async with trio.open_nursery() as nursery:
+        daemon: Daemon = await nursery.start(
+            functools.partial(run_daemon, settings, source, environ=environ)
+        )
+        complete = False
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(_cancel_on_signal, signals, waiting.cancel_scope)
+                complete = await wait_for_first_outcomes(daemon)
+                waiting.cancel_scope.cancel()
+        code, report = once_report(daemon, timed_out=not complete)
+        print(report, flush=True)
+        daemon.shutdown("--once: report printed")
+        with trio.move_on_after(settings.shutdown_timeout + 1):
+            await daemon.stopped.wait()
+        nursery.cancel_scope.cancel()
+    return code
+
+
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
+
+
+def _startup_error(exc: BaseException) -> StartupError | None:
+    """The :class:`StartupError` inside ``exc`` (possibly nested in exception groups)."""
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _startup_error(inner)) is not None:
+                return found
+    return None
+
+
+def _run_trio(fn: Callable[[], Any]) -> Any:
+    """``trio.run`` that turns a :class:`StartupError` into exit code 1 and one line."""
+    try:
+        return trio.run(fn)
+    except BaseException as exc:
+        found = _startup_error(exc)
+        if found is None:
+            raise
+        logger.error(f"[idle/daemon] cannot start: {found}")
+        return EXIT_FAILURE
+
+
+async def migrate_state_table(settings: Settings) -> int:
+    """``trio-idle db migrate``: create the Postgres state table (idempotent)."""
+    assert settings.database_url is not None
+    try:
+        async with trio_asyncio.open_loop():
+            with trio.fail_after(settings.db_timeout):
+                await PostgresBackend(settings.database_url).migrate()
+    except Exception as exc:  # one clear line, never the DSN
+        text = str(exc).replace(settings.database_url.reveal(), "********")[:300]
+        print(f"trio-idle: db migrate failed: {type(exc).__name__}: {text}", file=sys.stderr)
+        return 1
+    print(f"trio-idle: table {POSTGRES_TABLE} is ready")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -111,8 +279,24 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         from trio_idle.demo import run_demo  # the demo pulls in the test server
 
         return run_demo(forever=args.forever)
+    if args.command == "decrypt" and not args.check:
+        print(
+            "trio-idle: decrypt: refusing to print passwords; use --check to verify tokens",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    crypto_only = args.command in ("encrypt", "decrypt")
     try:
-        settings = settings_from_args(args, env)
+        if crypto_only:
+            settings = settings_from_args(
+                args, env, require=("encryption_key",), require_source=False
+            )
+        elif args.command == "db":
+            settings = settings_from_args(args, env, require=(), require_source=False)
+            if settings.database_url is None:
+                raise ConfigError("DATABASE_URL", "is required for `trio-idle db migrate`")
+        else:
+            settings = settings_from_args(args, env)
     except ConfigError as exc:
         print(f"trio-idle: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -121,9 +305,24 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         logger.info(
             f"[idle/daemon] trio-idle {__version__} starting "
             f"(source={settings.source}, backend={settings.scan_url})"
+            + (" for one check (--once)" if args.once else "")
         )
-        trio.run(serve, settings)
-        return 0
+        if args.once:
+            code: int = _run_trio(functools.partial(serve_once, settings, env))
+            return code
+        return int(_run_trio(functools.partial(serve, settings, env)) or 0)
+    if args.command == "check":
+        source = make_source(settings, env)
+        check = functools.partial(
+            run_check, settings, source, sys.stdout, login=args.login, concurrency=args.concurrency
+        )
+        return int(_run_trio(check))
+    if args.command == "db":
+        return int(_run_trio(functools.partial(migrate_state_table, settings)))
+    if args.command == "encrypt":
+        return encrypt_command(settings, sys.stdin, sys.stdout, sys.stderr, iv_size=args.iv_size)
+    if args.command == "decrypt":
+        return decrypt_check_command(settings, sys.stdin, sys.stdout)
     parser.error(f"unknown command {args.command}")
     return EXIT_CONFIG  # pragma: no cover
 

@@ -37,7 +37,7 @@ class ScanCoalescer:
     #: the same, for the scan that is active now (for the latency histogram)
     active_since: float | None = None
     #: set while the active scan waits for its catch-up slot (see :meth:`wait_paced`)
-    _urgent: trio.Event | None = None
+    _urgent: trio.CancelScope | None = None
 
     def request(self, reason: str) -> bool:
         """Ask for a scan. Returns False when it was absorbed into an already pending one."""
@@ -45,7 +45,7 @@ class ScanCoalescer:
         if self._urgent is not None and reason not in PACED_REASONS:
             # the active scan has not been sent yet, so it covers this mail: send it now
             self.absorbed += 1
-            self._urgent.set()
+            self._urgent.cancel()
             return False
         if self.pending:
             self.absorbed += 1
@@ -76,14 +76,13 @@ class ScanCoalescer:
     async def wait_paced(self, pacer: Pacer) -> bool:
         """Hold the active (catch-up) scan until its global slot; returns True when an
         EXISTS/tick request arrived meanwhile and cut the wait short (priority)."""
-        self._urgent = trio.Event()
-        try:
-            with trio.move_on_at(pacer.reserve()):
-                await self._urgent.wait()
-                return True
-            return False
-        finally:
-            self._urgent = None
+        with trio.CancelScope() as scope:
+            self._urgent = scope
+            try:
+                await pacer.wait()
+            finally:
+                self._urgent = None
+        return scope.cancelled_caught
 
     def done(self) -> None:
         self.active = False

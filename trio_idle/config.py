@@ -25,6 +25,7 @@ DEFAULT_QUERY: Final = (
 )
 SECURITY_MODES: Final = ("auto", "tls", "starttls", "plain")
 SOURCES: Final = ("postgres", "file")
+STATE_BACKENDS: Final = ("sqlite", "postgres", "none")
 LOG_FORMATS: Final = ("text", "json")
 LOG_LEVELS: Final = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
@@ -144,6 +145,36 @@ def _nonempty(text: str) -> str:
 
 def _optional_file(text: str) -> str:
     return text.strip()
+
+
+def parse_listen_addr(text: str) -> tuple[str, int]:
+    """``"9310"`` or ``":9310"`` → ``("127.0.0.1", 9310)``; ``"0.0.0.0:9310"``, ``"[::1]:9310"``.
+
+    Port 0 asks the kernel for a free port (the bound address is logged).
+    """
+    value = text.strip()
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        host, port_text = "", value
+    host = host.strip()
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected PORT or HOST:PORT (port 0-65535), got {text!r}")
+    if ":" in host and not (bracketed and re.fullmatch(r"[0-9a-fA-F:.]+", host)):
+        raise ValueError(f"expected PORT or HOST:PORT (an IPv6 host in brackets), got {text!r}")
+    return (host or "127.0.0.1", int(port_text))
+
+
+def _secret_http_url(text: str) -> Secret:
+    # A push-monitoring URL embeds its token: validate it like a URL, never echo it.
+    try:
+        return Secret(_http_url(text))
+    except ValueError:
+        raise ValueError(
+            "expected an http:// or https:// URL with a host (value not shown)"
+        ) from None
 
 
 @attrs.frozen
@@ -455,6 +486,91 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "text",
         "text (the documented lines) or json (one object per line)",
     ),
+    Option(
+        "health_addr",
+        "TRIO_IDLE_HEALTH_ADDR",
+        "--health-addr",
+        parse_listen_addr,
+        None,
+        "serve /healthz, /readyz, /metrics and /status on PORT or HOST:PORT "
+        "(127.0.0.1 when only a port is given); off when unset",
+    ),
+    Option(
+        "ready_share",
+        "TRIO_IDLE_READY_SHARE",
+        "--ready-share",
+        _fraction,
+        "0.9",
+        "share of sessions that must be idle or polling for /readyz and the health ping",
+    ),
+    Option(
+        "max_loop_lag",
+        "TRIO_IDLE_MAX_LOOP_LAG",
+        "--max-loop-lag",
+        parse_duration,
+        "5s",
+        "event-loop lag above which /healthz answers 503 and the systemd watchdog stops",
+    ),
+    Option(
+        "ping_url",
+        "TRIO_IDLE_PING_URL",
+        None,
+        _secret_http_url,
+        None,
+        "push-monitoring URL (healthchecks.io, Uptime Kuma) pinged while healthy",
+        secret=True,
+    ),
+    Option(
+        "ping_interval",
+        "TRIO_IDLE_PING_INTERVAL",
+        "--ping-interval",
+        parse_duration,
+        "60s",
+        "how often the health ping is sent",
+    ),
+    Option(
+        "ping_fail_suffix",
+        "TRIO_IDLE_PING_FAIL_SUFFIX",
+        "--ping-fail-suffix",
+        _nonempty,
+        "/fail",
+        "appended to the ping URL when unhealthy (a ?reason=... query is added)",
+    ),
+    Option(
+        "state",
+        "TRIO_IDLE_STATE",
+        "--state",
+        _choice(STATE_BACKENDS),
+        "sqlite",
+        "where the per-mailbox scan state lives (restart catch-up): sqlite, postgres "
+        "(table from `trio-idle db migrate`, uses DATABASE_URL) or none",
+    ),
+    Option(
+        "state_path",
+        "TRIO_IDLE_STATE_PATH",
+        "--state-path",
+        _nonempty,
+        None,
+        "SQLite state file (default $STATE_DIRECTORY/state.sqlite3, else "
+        "~/.local/state/trio-idle/state.sqlite3)",
+    ),
+    Option(
+        "catchup_rate",
+        "TRIO_IDLE_CATCHUP_RATE",
+        "--catchup-rate",
+        _positive_float,
+        "20",
+        "max catch-up scans (startup/reconnect) sent per second, all mailboxes; "
+        "EXISTS-driven scans are not paced",
+    ),
+    Option(
+        "state_grace",
+        "TRIO_IDLE_STATE_GRACE",
+        "--state-grace",
+        parse_duration,
+        "168h",
+        "how long the state of a connection removed from the source is kept",
+    ),
 )
 
 _BY_FIELD: Final = {o.field: o for o in OPTIONS}
@@ -501,6 +617,16 @@ class Settings:
     db_timeout: float = 30.0
     log_level: str = "INFO"
     log_format: str = "text"
+    health_addr: tuple[str, int] | None = None
+    ready_share: float = 0.9
+    max_loop_lag: float = 5.0
+    ping_url: Secret | None = None
+    ping_interval: float = 60.0
+    ping_fail_suffix: str = "/fail"
+    state: str = "sqlite"
+    state_path: str | None = None
+    catchup_rate: float = 20.0
+    state_grace: float = 168 * 3600.0
 
     @property
     def scan_url(self) -> str:
@@ -517,12 +643,14 @@ def parse_settings(
     overrides: Mapping[str, str] | None = None,
     *,
     require: tuple[str, ...] = ("admin_secret", "encryption_key"),
+    require_source: bool = True,
 ) -> Settings:
     """Build :class:`Settings` from the environment and CLI overrides (by field name).
 
     A CLI override wins over the environment, which wins over the default. Empty
     environment values count as unset. ``require`` names fields that must end up set;
-    the source-specific requirement (``DATABASE_URL`` or a connections file) is added.
+    the source-specific requirement (``DATABASE_URL`` or a connections file) is added
+    unless ``require_source`` is false (commands that never read the list, e.g. encrypt).
     Raises :class:`ConfigError` on the first problem found.
     """
     overrides = overrides or {}
@@ -547,10 +675,8 @@ def parse_settings(
         values["backend_url"] = default_backend_url(values["node_env"])
 
     needed = list(require)
-    if values["source"] == "postgres":
-        needed.append("database_url")
-    else:
-        needed.append("connections_file")
+    if require_source:
+        needed.append("database_url" if values["source"] == "postgres" else "connections_file")
     for name in needed:
         if name not in values:
             option = _BY_FIELD[name]
@@ -580,3 +706,5 @@ def _check_relations(values: Mapping[str, Any], labels: Mapping[str, str]) -> No
     at_least("backoff_initial", "backoff_max")
     at_least("auth_backoff", "auth_backoff_max")
     at_least("scan_retry_initial", "scan_retry_max")
+    if values.get("state") == "postgres" and "database_url" not in values:
+        raise ConfigError(labels["state"], "postgres state needs DATABASE_URL")

@@ -5,6 +5,7 @@ Task tree (see docs/architecture.md)::
     trio.run → run_daemon
       trio_asyncio loop (asyncio libraries run inside trio; no other event loop exists)
       root nursery
+      ├── supervision       loop lag, health endpoint, pings, systemd (supervision.py)
       ├── refresh loop      reads the source every refresh_interval, applies the diff
       └── connection tasks  one per connection, owned by the Reconciler (reconcile.py)
 
@@ -16,8 +17,9 @@ session LOGOUTs under ``logout_timeout``) and bounds the whole exit by
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -25,14 +27,16 @@ import trio_asyncio
 from loguru import logger
 
 from trio_idle.config import Settings
-from trio_idle.connections import build_connections
+from trio_idle.connections import RowProblem, build_connections
 from trio_idle.crypto import derive_key
 from trio_idle.errors import SourceError
 from trio_idle.imap_client import make_ssl_context
-from trio_idle.limiter import ConnectLimiter
+from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.reconcile import Reconciler
 from trio_idle.session import SessionEnv
+from trio_idle.state_store import StateStore, make_state_backend
 from trio_idle.stats import Stats
+from trio_idle.supervision import Supervisor, run_supervision
 from trio_idle.webhook import WebhookClient
 
 
@@ -67,8 +71,18 @@ class Daemon:
         self.connections_in_source = 0
         #: set after every refresh attempt (tests and health checks wait on it)
         self.refreshed = trio.Event()
+        #: refresh attempts so far; incremented right before ``refreshed`` is set
+        self.refresh_attempts = 0
+        #: why the last refresh failed (log-safe), ``None`` after a successful one
+        self.last_refresh_error: str | None = None
+        #: rows of the last successful refresh that were skipped, and why (no secrets)
+        self.row_problems: list[RowProblem] = []
         self.stopping = False
+        #: set when :meth:`shutdown` is called (supervision ends and sends STOPPING=1)
+        self.shutdown_requested = trio.Event()
         self.stopped = trio.Event()
+        #: health endpoint, pings, systemd; set by :func:`run_daemon` before it reports
+        self.supervisor: Supervisor | None = None
 
     def request_refresh(self) -> None:
         """Refresh now instead of at the next interval (SIGHUP, tests)."""
@@ -80,6 +94,7 @@ class Daemon:
             rows = await self.source.fetch()
         except SourceError as exc:
             self.stats.inc("refresh_failures")
+            self.last_refresh_error = str(exc)
             logger.warning(
                 f"[idle/{self.source.name}] refresh failed: {exc}; keeping "
                 f"{len(self.reconciler.handles)} sessions on the last good list"
@@ -94,8 +109,12 @@ class Daemon:
         if self.stopping:
             return True
         self.reconciler.apply(wanted)
+        if self.reconciler.store is not None:
+            self.reconciler.store.prune(wanted.keys())
+        self.row_problems = problems
         self.connections_in_source = len(rows)
         self.last_refresh_ok = trio.current_time()
+        self.last_refresh_error = None
         self.stats.inc("refreshes")
         logger.info(
             f"[idle/{self.source.name}] refreshed — {len(rows)} active connections, "
@@ -107,6 +126,7 @@ class Daemon:
         retry = min(5.0, self.settings.refresh_interval)
         while not self.stopping:
             ok = await self.refresh_once()
+            self.refresh_attempts += 1
             self.refreshed.set()
             self.refreshed = trio.Event()
             if ok:
@@ -125,6 +145,7 @@ class Daemon:
         if self.stopping:
             return
         self.stopping = True
+        self.shutdown_requested.set()
         logger.info(
             f"[idle/daemon] shutting down ({reason}): closing "
             f"{len(self.reconciler.handles)} sessions"
@@ -138,16 +159,30 @@ async def run_daemon(
     settings: Settings,
     source: ConnectionSource,
     *,
+    environ: Mapping[str, str] | None = None,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until :meth:`Daemon.shutdown` (returns normally) or cancellation."""
+    """Run until :meth:`Daemon.shutdown` (returns normally) or cancellation.
+
+    ``environ`` (default ``os.environ``) is where supervision looks for systemd's
+    ``NOTIFY_SOCKET``/``WATCHDOG_USEC``. Raises
+    :class:`~trio_idle.supervision.StartupError` (inside an exception group) before
+    reporting started when the health endpoint cannot listen.
+    """
     stats = Stats()
+    store = StateStore(
+        make_state_backend(settings, os.environ if environ is None else environ),
+        stats,
+        grace=settings.state_grace,
+    )
     env = SessionEnv(
         settings=settings,
         limiter=ConnectLimiter(settings.connect_concurrency, settings.connect_rate),
         ssl_context=make_ssl_context(settings.ca_file),
         stats=stats,
         rng=random.Random(),
+        store=store,
+        catchup_pacer=Pacer(settings.catchup_rate),
     )
     webhook = WebhookClient(
         settings.scan_url,
@@ -160,10 +195,17 @@ async def run_daemon(
     daemon: Daemon | None = None
     async with trio_asyncio.open_loop():
         try:
-            async with trio.open_nursery() as root:
-                daemon = Daemon(settings, source, Reconciler(root, env, webhook), stats, root)
-                root.start_soon(daemon.refresh_loop, name="refresh")
-                task_status.started(daemon)
+            await store.load()
+            # The flusher outlives the root nursery so that the sessions' last scans are
+            # written (shielded, bounded) after every session has ended.
+            async with trio.open_nursery() as state_nursery:
+                state_nursery.start_soon(store.run_flusher, name="state-flusher")
+                async with trio.open_nursery() as root:
+                    daemon = Daemon(settings, source, Reconciler(root, env, webhook), stats, root)
+                    daemon.supervisor = await root.start(run_supervision, daemon, environ)
+                    root.start_soon(daemon.refresh_loop, name="refresh")
+                    task_status.started(daemon)
+                state_nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await webhook.aclose()

@@ -125,7 +125,7 @@ async def _demo(forever: bool, workdir: Path) -> int:
                 "BACKEND_URL": backend.url,
                 "TRIO_IDLE_IMAP_SECURITY": "plain",
                 "TRIO_IDLE_LOGOUT_TIMEOUT": "1s",
-            "TRIO_IDLE_STATE": "none",  # every demo run starts with fresh mailboxes
+                "TRIO_IDLE_STATE": "none",  # every demo run starts with fresh mailboxes
             }
         )
         say = logger.opt(colors=False).info

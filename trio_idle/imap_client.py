@@ -10,6 +10,13 @@ Guarantees: every method either returns within its deadline or raises an
 :class:`~trio_idle.errors.ImapError` subclass; after *any* exception (including
 cancellation) the connection is unusable and :meth:`ImapConnection.abort` or
 :meth:`ImapConnection.logout` must be called. Nothing here logs or raises a password.
+
+Whatever a server does, nothing reaches the asyncio loop's exception handler, which
+trio-asyncio would turn into a crash of the whole daemon: an exception raised while
+parsing server data marks the connection dead and closes it, a failed greeting is
+recorded instead of left in an unretrieved task, and a lost connection and
+:meth:`ImapConnection.abort` cancel the aioimaplib tasks still waiting (the greeting's
+CAPABILITY, the IDLE command) so that none is garbage-collected while pending.
 """
 
 from __future__ import annotations
@@ -74,16 +81,51 @@ class _DiscardQueue:
 
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     def __init__(self, loop: asyncio.AbstractEventLoop, monitor: PushMonitor) -> None:
-        super().__init__(loop, conn_lost_cb=monitor.connection_lost)
+        super().__init__(loop, conn_lost_cb=self._lost)
         self.idle_queue = _DiscardQueue()
-        self._monitor = monitor
+        self.monitor = monitor
+        self._protocol_error: Exception | None = None
+        #: set once the greeting has been handled (well or not) or the connection is gone
+        self.greeted = asyncio.Event()
+        #: why the greeting (or the CAPABILITY after it) failed, if it did
+        self.greeting_problem: str | None = None
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.monitor.connection_lost(exc or self._protocol_error)
+        self.greeted.set()
+        self.discard_tasks()  # e.g. a greeting task waiting for a CAPABILITY that cannot come
 
     def data_received(self, d: bytes) -> None:
-        self._monitor.activity()
-        super().data_received(d)
+        self.monitor.activity()
+        try:
+            super().data_received(d)
+        except Exception as exc:  # escaping here, it would crash the loop (see module doc)
+            self._protocol_error = exc
+            self.monitor.mark_dead(f"protocol error: {type(exc).__name__}: {exc}"[:200])
+            if self.transport is not None:
+                self.transport.close()
+
+    async def welcome(self, command: bytes) -> None:
+        """aioimaplib's greeting handler (run in a task of its own), failures recorded."""
+        try:
+            await super().welcome(command)
+        except Exception as exc:  # e.g. "* BYE Too many connections" as the greeting
+            self.greeting_problem = f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            self.greeted.set()
+
+    def discard_tasks(self, *extra: asyncio.Future[Any] | None) -> None:
+        """Cancel aioimaplib tasks still waiting; mark finished ones' errors as seen."""
+        for task in (*self.tasks, *extra):
+            if task is None:
+                continue
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()
 
     def _untagged_response(self, line: bytes) -> Any:
-        self._monitor.untagged(line)
+        self.monitor.untagged(line)
         return super()._untagged_response(line)
 
 
@@ -183,35 +225,50 @@ class ImapConnection:
 
     async def idle_done(self) -> None:
         """Send DONE and wait for the IDLE command's tagged answer."""
-        task, self._idle_task = self._idle_task, None
+        task = self._idle_task
         if task is None:
             return
         self._check()
         self.protocol.idle_done()
         response = await self._call("DONE", _aio_wait, task)
+        self._idle_task = None
         if response.result != "OK":
             raise ImapError(f"IDLE ended with {response.result}")
 
     async def logout(self, limit: float) -> None:
-        """Best-effort LOGOUT within ``limit`` seconds, then close. Never raises."""
+        """Best-effort LOGOUT within ``limit`` seconds in all, then close. Never raises.
+
+        A command cut short by the cancellation that ends the session (IDLE being entered,
+        a NOOP) is finished first: aioimaplib would otherwise hold LOGOUT back behind it.
+        """
+        deadline = trio.current_time() + limit
+
+        def left() -> float:
+            return max(0.0, deadline - trio.current_time())
+
+        protocol = self.protocol
         try:
-            if self.monitor.problem() is None and self.protocol.state in (
+            if self.monitor.problem() is None and protocol.state in (
                 aioimaplib.NONAUTH,
                 aioimaplib.AUTH,
                 aioimaplib.SELECTED,
             ):
-                if self._idle_task is not None:
-                    self.protocol.idle_done()
-                    await self._call("DONE", _aio_wait, self._idle_task, limit=limit)
-                    self._idle_task = None
-                await self._call("LOGOUT", self.protocol.logout, limit=limit)
+                if protocol.has_pending_idle_command():  # idling, or cancelled entering IDLE
+                    idle = protocol.pending_sync_command
+                    protocol.idle_done()
+                    await self._call("DONE", idle.wait, limit=left())
+                for command in [c for c in protocol.pending_async_commands.values() if c]:
+                    await self._call(command.name, command.wait, limit=left())
+                await self._call("LOGOUT", protocol.logout, limit=left())
         except ImapError:
             pass  # LOGOUT is a courtesy to the server; failing it changes nothing for us
         finally:
             self.abort()
 
     def abort(self) -> None:
-        """Close the socket now (no LOGOUT)."""
+        """Close the socket now (no LOGOUT); cancel the commands still waiting."""
+        task, self._idle_task = self._idle_task, None
+        self.protocol.discard_tasks(task)
         transport = self.protocol.transport
         if transport is not None and not transport.is_closing():
             transport.close()
@@ -233,6 +290,8 @@ async def _aio_idle_start(protocol: _Protocol) -> asyncio.Future[Any]:
         raise
     if not protocol.has_pending_idle_command():
         ack.cancel()
+        if not idle.done():
+            idle.cancel()
         if idle.done() and not idle.cancelled() and idle.exception() is None:
             raise aioimaplib.Abort(f"server refused IDLE: {idle.result().result}")
         raise aioimaplib.Abort("server refused IDLE")
@@ -262,6 +321,7 @@ async def _aio_connect(
         _set_keepalive(transport, timeouts.keepalive_idle)
         await _aio_handshake(loop, conn, security, context, protocol, transport, timeouts)
     except BaseException:
+        protocol.discard_tasks()
         transport.close()  # cancelled or failed mid-handshake: never leak the socket
         raise
     return protocol
@@ -276,7 +336,13 @@ async def _aio_handshake(
     transport: Any,
     timeouts: ImapTimeouts,
 ) -> None:
-    await protocol.wait("AUTH|NONAUTH")
+    # Not ``protocol.wait()``: its asyncio.Condition cannot be cancelled while the greeting
+    # task holds the lock waiting for a CAPABILITY answer that never comes.
+    await protocol.greeted.wait()
+    if protocol.greeting_problem is not None:
+        raise _BadGreeting(protocol.greeting_problem)
+    if protocol.state not in (aioimaplib.AUTH, aioimaplib.NONAUTH):
+        raise _BadGreeting(protocol.monitor.problem() or "connection lost")
     if security == "starttls":
         if "STARTTLS" not in protocol.capabilities:
             raise _NoStartTls()
@@ -300,6 +366,10 @@ class _NoStartTls(Exception):
     pass
 
 
+class _BadGreeting(Exception):
+    pass
+
+
 async def connect(
     conn: MailConnection,
     *,
@@ -309,8 +379,8 @@ async def connect(
 ) -> ImapConnection:
     """Open TCP (+TLS or STARTTLS), wait for the greeting and capabilities.
 
-    Raises :class:`ImapConnectError` with a diagnosis (DNS, refused, TLS trust, no
-    greeting) within ``timeouts.connect`` seconds.
+    Raises :class:`ImapConnectError` with a diagnosis (DNS, refused, TLS trust, no or a
+    refusing greeting, closed during the handshake) within ``timeouts.connect`` seconds.
     """
     monitor = PushMonitor()
     where = f"{conn.host}:{conn.port}"
@@ -325,6 +395,8 @@ async def connect(
         ) from None
     except _NoStartTls:
         raise ImapConnectError(f"{where} does not offer STARTTLS") from None
+    except _BadGreeting as exc:
+        raise ImapConnectError(f"{where} failed the IMAP greeting: {exc}") from None
     except (TimeoutError, OSError, aioimaplib.AioImapException) as exc:
         raise ImapConnectError(_describe_connect_error(exc, conn.host, conn.port)) from None
     imap = ImapConnection(protocol, monitor, timeouts)

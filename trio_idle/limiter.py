@@ -15,24 +15,23 @@ import trio
 
 
 class Pacer:
-    """At most ``rate`` starts per second, across all tasks, without a lock.
+    """At most ``rate`` starts per second, across all tasks, strictly.
 
-    Each caller reserves the next free start time synchronously (:meth:`reserve`), then
-    sleeps until it. A cancelled waiter just leaves a gap; the schedule never bunches up
-    after an idle period because a reservation is never earlier than "now".
+    Waiters queue on a fair (FIFO) ``trio.Lock``; the one holding it sleeps until the next
+    start time, then sets the following one from the moment it actually left. So even
+    after the event loop stalls, starts never bunch up: two are always at least
+    ``1/rate`` apart. Cancelling a waiter (queued or sleeping) costs nothing.
     """
 
     def __init__(self, rate: float) -> None:
         self._interval = 1.0 / rate
         self._next_start = 0.0
-
-    def reserve(self) -> float:
-        start = max(trio.current_time(), self._next_start)
-        self._next_start = start + self._interval
-        return start
+        self._lock = trio.Lock()
 
     async def wait(self) -> None:
-        await trio.sleep_until(self.reserve())
+        async with self._lock:
+            await trio.sleep_until(self._next_start)
+            self._next_start = trio.current_time() + self._interval
 
 
 class ConnectLimiter:

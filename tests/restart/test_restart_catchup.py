@@ -238,3 +238,34 @@ async def test_kill_9_during_an_unanswered_scan_rescans_after_restart(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_db_migrate_creates_the_state_table(pg_dsn: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_IDLE_")}
+    env["DATABASE_URL"] = pg_dsn
+    for _ in range(2):  # idempotent
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_idle.cli", "db", "migrate"],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        assert b"trio_idle_mailbox_state is ready" in result.stdout
+    from tests.servers.postgres import fetch_sql
+
+    rows = await trio.to_thread.run_sync(
+        fetch_sql, pg_dsn, "SELECT count(*) FROM trio_idle_mailbox_state"
+    )
+    assert rows[0][0] == 0
+    env["DATABASE_URL"] = pg_dsn.rsplit("/", 1)[0] + "/no_such_db"
+    result = await trio.run_process(
+        [sys.executable, "-m", "trio_idle.cli", "db", "migrate"],
+        env=env,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert pg_dsn.split("@")[0] not in result.stderr.decode()  # no credentials echoed

@@ -108,7 +108,7 @@ async def test_catch_up_scans_wait_for_their_pace_slot(autojump_clock: object) -
     from trio_idle.limiter import Pacer
 
     pacer = Pacer(rate=1.0)
-    pacer.reserve()  # someone else holds the next slot: ours is one second away
+    await pacer.wait()  # someone else took the slot just now: ours is one second away
     coalescer = ScanCoalescer()
     coalescer.request("startup")
     assert await coalescer.next_scan() == "startup"
@@ -121,7 +121,7 @@ async def test_new_mail_cuts_a_paced_wait_short(autojump_clock: object) -> None:
     from trio_idle.limiter import Pacer
 
     pacer = Pacer(rate=0.01)  # slots 100 s apart
-    pacer.reserve()
+    await pacer.wait()
     coalescer = ScanCoalescer()
     coalescer.request("reconnect")
     await coalescer.next_scan()

@@ -17,7 +17,7 @@ def options_table() -> str:
     for o in OPTIONS:
         default = "—" if o.default is None else f"`{o.default}`"
         if o.field == "connections_query":
-            default = "the active rows of `\"MailConnection\"` (below)"
+            default = 'the active rows of `"MailConnection"` (below)'
         flag = f"`{o.flag}`" if o.flag else "(env only)"
         meaning = o.help.replace("|", "\\|") + (" **Secret.**" if o.secret else "")
         lines.append(f"| `{o.env}` | {flag} | {default} | {meaning} |")

@@ -59,8 +59,9 @@ class FailingBackend:
     async def load_all(self) -> dict[Key, ScannedState]:
         return {}
 
-    async def write(self, upserts: Sequence[tuple[Key, ScannedState]],
-                    deletes: Sequence[Key]) -> None:
+    async def write(
+        self, upserts: Sequence[tuple[Key, ScannedState]], deletes: Sequence[Key]
+    ) -> None:
         await trio.lowlevel.checkpoint()
         if self.fail:
             raise OSError("disk full")

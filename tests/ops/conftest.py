@@ -1,0 +1,124 @@
+"""Fixtures for the supervised-deployment tests: scan backend, log capture, ping receiver."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+
+import attrs
+import h11
+import pytest
+import trio
+
+from tests.harness import ADMIN_SECRET, LogCapture, capture_logs
+from trio_idle.testing.backend import ScanBackend
+
+
+@pytest.fixture
+async def backend(nursery: trio.Nursery) -> ScanBackend:
+    """A real HTTP scan backend on 127.0.0.1 that checks the webhook contract."""
+    scan_backend = ScanBackend(secret=ADMIN_SECRET)
+    await nursery.start(scan_backend.serve)
+    return scan_backend
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    with capture_logs() as capture:
+        yield capture
+
+
+def closed_port() -> int:
+    """A TCP port on 127.0.0.1 where nobody listens (connects are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any trio-idle setting, plus ``extra``."""
+    drop = {"ADMIN_SECRET", "ENCRYPTION_KEY", "DATABASE_URL", "BACKEND_URL", "NOTIFY_SOCKET"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_IDLE_") and k not in drop}
+    env.update(extra)
+    return env
+
+
+@attrs.frozen
+class Ping:
+    method: str
+    target: str
+    at: float
+
+
+class PingReceiver:
+    """A push-monitoring endpoint (healthchecks.io style) on 127.0.0.1: answers 200 "OK" to
+    everything and records each request; :meth:`wait_for` wakes on each new one."""
+
+    def __init__(self) -> None:
+        self.pings: list[Ping] = []
+        self.url = ""
+        self._changed = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(self.url)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    self.pings.append(
+                        Ping(event.method.decode(), event.target.decode(), trio.current_time())
+                    )
+                    self._changed.set()
+                    self._changed = trio.Event()
+                elif isinstance(event, h11.EndOfMessage):
+                    body = b"OK"
+                    headers = [("content-length", str(len(body))), ("connection", "close")]
+                    out = conn.send(h11.Response(status_code=200, headers=headers)) or b""
+                    out += conn.send(h11.Data(data=body)) or b""
+                    out += conn.send(h11.EndOfMessage()) or b""
+                    await stream.send_all(out)
+                    return
+                else:
+                    return
+        except (trio.BrokenResourceError, h11.ProtocolError):
+            return
+        finally:
+            await stream.aclose()
+
+    async def wait_for(self, predicate: Callable[[Ping], bool]) -> Ping:
+        """The first recorded ping matching ``predicate`` (waits; bound it with fail_after)."""
+        while True:
+            for ping in self.pings:
+                if predicate(ping):
+                    return ping
+            changed = self._changed
+            await changed.wait()
+
+
+@pytest.fixture
+async def ping_receiver(nursery: trio.Nursery) -> PingReceiver:
+    receiver = PingReceiver()
+    await nursery.start(receiver.serve)
+    return receiver
+
+
+@pytest.fixture
+def in_process_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests calling ``cli.main`` in-process: keep loguru's sinks as they are (the real
+    ``setup_logging`` replaces them all; subprocess tests cover it)."""
+    from trio_idle import cli
+
+    monkeypatch.setattr(cli, "setup_logging", lambda *args, **kwargs: None)

@@ -1,0 +1,144 @@
+"""Metrics rendering, parsed back with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from trio_idle import __version__
+from trio_idle.health import count_states
+from trio_idle.metrics import MetricsInput, make_registry, render_metrics
+from trio_idle.stats import LATENCY_BUCKETS, Stats
+
+
+def parse(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out
+
+
+def data(stats: Stats, **overrides: Any) -> MetricsInput:
+    values: dict[str, Any] = {
+        "stats": stats,
+        "sessions": count_states(["idle", "idle", "polling", "backing-off"]),
+        "connections_in_source": 5,
+        "last_refresh_unix": 1_700_000_000.5,
+        "started_unix": 1_699_999_000.0,
+        "loop_lag": 0.012,
+        "loop_stalls": 2,
+        "scans_active": 1,
+        "scans_pending": 3,
+    }
+    values.update(overrides)
+    return MetricsInput(**values)
+
+
+def test_every_family_from_stats() -> None:
+    stats = Stats()
+    stats.inc("connects", by=4)
+    stats.inc("connect_attempts", by=6)
+    stats.inc("disconnects")
+    stats.inc("connect_failures", by=2)
+    stats.inc("auth_failures")
+    stats.inc("exists_events", "exists", by=7)
+    stats.inc("exists_events", "tick")
+    stats.inc("catch_up_scans", by=2)
+    stats.inc("scans_coalesced", by=3)
+    stats.inc("scans_sent", "exists", by=5)
+    stats.inc("scans_ok", by=4)
+    stats.inc("scans_failed", "401")
+    stats.inc("scans_retried", "503", by=2)
+    stats.inc("scans_retried", "network")
+    stats.inc("refreshes", by=9)
+    stats.inc("refresh_failures")
+    stats.inc("pings_sent", "ok", by=3)
+    stats.inc("ping_errors")
+    stats.inc("state_writes", by=12)
+    stats.inc("state_errors", "write")
+    m = parse(render_metrics(data(stats)))
+
+    assert m[("trio_idle_sessions", (("state", "idle"),))] == 2
+    assert m[("trio_idle_sessions", (("state", "polling"),))] == 1
+    assert m[("trio_idle_sessions", (("state", "backing-off"),))] == 1
+    assert m[("trio_idle_sessions", (("state", "connecting"),))] == 0
+    assert m[("trio_idle_sessions", (("state", "auth-failed"),))] == 0
+    assert m[("trio_idle_connects_total", ())] == 4
+    assert m[("trio_idle_connect_attempts_total", ())] == 6
+    assert m[("trio_idle_disconnects_total", (("cause", "connection_lost"),))] == 1
+    assert m[("trio_idle_disconnects_total", (("cause", "connect_failed"),))] == 2
+    assert m[("trio_idle_disconnects_total", (("cause", "auth_failed"),))] == 1
+    assert m[("trio_idle_disconnects_total", (("cause", "internal_error"),))] == 0
+    assert m[("trio_idle_exists_events_total", (("reason", "exists"),))] == 7
+    assert m[("trio_idle_exists_events_total", (("reason", "tick"),))] == 1
+    assert m[("trio_idle_scans_requested_total", ())] == 10  # 8 new-mail + 2 catch-up
+    assert m[("trio_idle_scans_coalesced_total", ())] == 3
+    assert m[("trio_idle_scans_sent_total", (("reason", "exists"),))] == 5
+    assert m[("trio_idle_scans_ok_total", ())] == 4
+    assert m[("trio_idle_scans_failed_total", (("status", "401"),))] == 1
+    assert m[("trio_idle_scans_retried_total", (("status", "503"),))] == 2
+    assert m[("trio_idle_scans_retried_total", (("status", "network"),))] == 1
+    assert m[("trio_idle_refreshes_total", ())] == 9
+    assert m[("trio_idle_refresh_failures_total", ())] == 1
+    assert m[("trio_idle_pings_sent_total", (("result", "ok"),))] == 3
+    assert m[("trio_idle_ping_errors_total", ())] == 1
+    assert m[("trio_idle_state_writes_total", ())] == 12
+    assert m[("trio_idle_state_errors_total", (("operation", "write"),))] == 1
+    assert m[("trio_idle_source_connections", ())] == 5
+    assert m[("trio_idle_last_refresh_success_timestamp_seconds", ())] == 1_700_000_000.5
+    assert m[("trio_idle_start_time_seconds", ())] == 1_699_999_000.0
+    assert m[("trio_idle_event_loop_lag_seconds", ())] == 0.012
+    assert m[("trio_idle_event_loop_stalls_total", ())] == 2
+    assert m[("trio_idle_scans_active", ())] == 1
+    assert m[("trio_idle_scans_pending", ())] == 3
+    assert ("trio_idle_build_info", (("version", __version__),)) in m
+
+
+def test_latency_histogram_is_cumulative() -> None:
+    stats = Stats()
+    for value in (0.003, 0.005, 0.2, 0.2, 7.0, 500.0):
+        stats.scan_latency.observe(value)
+    m = parse(render_metrics(data(stats)))
+
+    def bucket(le: str) -> float:
+        return m[("trio_idle_scan_latency_seconds_bucket", (("le", le),))]
+
+    assert bucket("0.005") == 2  # le is inclusive
+    assert bucket("0.01") == 2
+    assert bucket("0.25") == 4
+    assert bucket("10.0") == 5
+    assert bucket("120.0") == 5
+    assert bucket("+Inf") == 6
+    assert m[("trio_idle_scan_latency_seconds_count", ())] == 6
+    assert abs(m[("trio_idle_scan_latency_seconds_sum", ())] - 507.408) < 1e-9
+    buckets = [k for k in m if k[0] == "trio_idle_scan_latency_seconds_bucket"]
+    assert len(buckets) == len(LATENCY_BUCKETS) + 1
+
+
+def test_no_refresh_yet_and_empty_counters() -> None:
+    m = parse(render_metrics(data(Stats(), last_refresh_unix=None, sessions=count_states([]))))
+    assert m[("trio_idle_last_refresh_success_timestamp_seconds", ())] == 0
+    assert m[("trio_idle_connects_total", ())] == 0
+    assert m[("trio_idle_scan_latency_seconds_count", ())] == 0
+    assert all(not labels or labels[0][0] != "mailbox" for _, labels in m)
+
+
+def test_registry_reads_fresh_values_at_each_scrape_and_adds_process_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    stats = Stats()
+    registry = make_registry(lambda: data(stats))
+    first = parse(generate_latest(registry))
+    stats.inc("connects")
+    second = parse(generate_latest(registry))
+    assert first[("trio_idle_connects_total", ())] == 0
+    assert second[("trio_idle_connects_total", ())] == 1
+    assert ("process_resident_memory_bytes", ()) in second
+    # nothing was registered globally
+    from prometheus_client import REGISTRY
+
+    assert "trio_idle_connects" not in {
+        f.name for f in text_string_to_metric_families(generate_latest(REGISTRY).decode())
+    }

@@ -1,0 +1,307 @@
+"""Operator commands behind ``trio-idle check``, ``encrypt``, ``decrypt --check`` and
+``serve --once``.
+
+Guarantee for all of them: no secret is ever printed — not the IMAP passwords (decrypted
+only in memory, scrubbed from server answers by the IMAP client), not the tokens' key,
+not the database URL. Results go to ``out`` (stdout), log lines to loguru (stderr).
+
+Exit codes: 0 everything is fine, 1 something failed (the output says what); the CLI
+turns configuration errors into 2 before any of this runs.
+"""
+
+from __future__ import annotations
+
+import getpass
+import ssl
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, TextIO
+
+import attrs
+import trio
+import trio_asyncio
+from loguru import logger
+
+from trio_idle.config import Settings
+from trio_idle.connections import MailConnection, RowProblem, build_connection
+from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
+from trio_idle.errors import ImapError, SourceError
+from trio_idle.health import SESSION_STATES, UP_STATES, count_states
+from trio_idle.imap_client import (
+    ImapConnection,
+    ImapTimeouts,
+    connect,
+    make_ssl_context,
+    resolve_security,
+)
+
+if TYPE_CHECKING:
+    from trio_idle.daemon import ConnectionSource, Daemon
+
+DEFAULT_CHECK_CONCURRENCY: Final = 10
+
+# ------------------------------------------------------------------------------ check
+
+
+@attrs.define
+class CheckRow:
+    """One line of the ``check`` table."""
+
+    conn_id: str
+    email: str
+    where: str
+    ok: bool
+    result: str
+
+
+def _cell(row: Mapping[str, Any], column: str, default: str = "-") -> str:
+    value = row.get(column)
+    return default if value is None or str(value).strip() == "" else str(value).strip()
+
+
+def check_rows(
+    rows: Iterable[Mapping[str, Any]], key: bytes
+) -> tuple[list[CheckRow], dict[str, MailConnection]]:
+    """Validate and decrypt every row (pure). Returns the table rows, in source order,
+    and the usable connections by id (a duplicate id keeps the first row)."""
+    table: list[CheckRow] = []
+    good: dict[str, MailConnection] = {}
+    for row in rows:
+        where = f"{_cell(row, 'imapHost')}:{_cell(row, 'imapPort')}"
+        result = build_connection(row, key)
+        if isinstance(result, RowProblem):
+            table.append(
+                CheckRow(result.connection_id, _cell(row, "email"), where, False, result.message)
+            )
+        elif result.id in good:
+            message = "duplicate id; the daemon keeps the first row"
+            table.append(CheckRow(result.id, result.email, where, False, message))
+        else:
+            good[result.id] = result
+            where = f"{result.host}:{result.port}"
+            table.append(CheckRow(result.id, result.email, where, True, "ok (decrypted)"))
+    return table, good
+
+
+async def try_login(
+    conn: MailConnection, settings: Settings, context: ssl.SSLContext | None
+) -> str | None:
+    """Connect, LOGIN, LOGOUT. ``None`` on success, else a log-safe error (no password).
+
+    Needs a trio-asyncio loop. Bounded by connect + 2 command timeouts (+ LOGOUT's).
+    """
+    security = resolve_security(settings.imap_security, conn.port)
+    timeouts = ImapTimeouts(
+        connect=settings.connect_timeout,
+        command=settings.command_timeout,
+        keepalive_idle=settings.tcp_keepalive,
+    )
+    imap: ImapConnection | None = None
+    try:
+        with trio.fail_after(settings.connect_timeout + 2 * settings.command_timeout + 5):
+            imap = await connect(
+                conn,
+                security=security,
+                context=None if security == "plain" else context,
+                timeouts=timeouts,
+            )
+            await imap.login(conn.login, conn.password.reveal())
+        return None
+    except ImapError as exc:
+        return str(exc)
+    except trio.TooSlowError:
+        return "no answer in time"
+    except Exception as exc:  # report, never crash the whole check
+        return f"internal error: {type(exc).__name__}"
+    finally:
+        if imap is not None:
+            with trio.CancelScope(shield=True):
+                await imap.logout(settings.logout_timeout)
+
+
+def format_table(rows: Sequence[CheckRow]) -> str:
+    """Aligned columns: ID, EMAIL, HOST:PORT, RESULT."""
+    header = ("ID", "EMAIL", "HOST:PORT", "RESULT")
+    cells = [header] + [
+        (r.conn_id, r.email, r.where, r.result if r.ok else f"FAILED: {r.result}") for r in rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(3)]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3] for c in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+async def run_check(
+    settings: Settings,
+    source: ConnectionSource,
+    out: TextIO,
+    *,
+    login: bool = False,
+    concurrency: int = DEFAULT_CHECK_CONCURRENCY,
+) -> int:
+    """``trio-idle check``: read the source, decrypt every row, optionally log in."""
+    async with trio_asyncio.open_loop():
+        try:
+            rows = await source.fetch()
+        except SourceError as exc:
+            print(f"connection source ({source.name}): FAILED: {exc}", file=out)
+            return 1
+        table, good = check_rows(
+            rows, derive_key(settings.encryption_key.reveal(), settings.key_derivation)
+        )
+        logger.info(
+            f"[idle/check] {len(rows)} rows from {source.name}, {len(good)} usable"
+            + (f"; trying LOGIN on each ({concurrency} at a time)" if login and good else "")
+        )
+        if login and good:
+            context = make_ssl_context(settings.ca_file)
+            limiter = trio.CapacityLimiter(concurrency)
+            by_id = {r.conn_id: r for r in table if r.ok}
+
+            async def one(conn: MailConnection) -> None:
+                async with limiter:
+                    error = await try_login(conn, settings, context)
+                row = by_id[conn.id]
+                row.ok, row.result = error is None, error or "ok (login)"
+
+            async with trio.open_nursery() as nursery:
+                for conn in good.values():
+                    nursery.start_soon(one, conn)
+    failed = sum(1 for r in table if not r.ok)
+    if table:
+        print(format_table(table), file=out)
+    print(f"{len(table)} connections: {len(table) - failed} ok, {failed} failed", file=out)
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------ crypto
+
+
+def read_secret(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpass) -> str:
+    """The secret to encrypt: a no-echo prompt (asked twice) on a TTY, else all of stdin
+    with one trailing newline removed. Raises ``ValueError`` (log-safe) when unusable."""
+    if stdin.isatty():
+        first = prompt("IMAP password (not echoed): ")
+        if prompt("Again: ") != first:
+            raise ValueError("the two entries differ")
+        secret = first
+    else:
+        secret = stdin.read()
+        if secret.endswith("\n"):
+            secret = secret[:-1]
+            if secret.endswith("\r"):
+                secret = secret[:-1]
+    if not secret:
+        raise ValueError("empty password")
+    return secret
+
+
+def encrypt_command(
+    settings: Settings,
+    stdin: TextIO,
+    out: TextIO,
+    err: TextIO,
+    *,
+    iv_size: int = 16,
+    prompt: Callable[[str], str] = getpass.getpass,
+) -> int:
+    """``trio-idle encrypt``: print the ``iv:tag:ciphertext`` token of the secret on stdin."""
+    try:
+        secret = read_secret(stdin, prompt)
+    except (ValueError, EOFError) as exc:
+        print(f"trio-idle: encrypt: {exc or 'no input'}", file=err)
+        return 1
+    key = derive_key(settings.encryption_key.reveal(), settings.key_derivation)
+    print(encrypt_password(secret, key, iv_size=iv_size), file=out)
+    return 0
+
+
+def decrypt_check_command(settings: Settings, stdin: TextIO, out: TextIO) -> int:
+    """``trio-idle decrypt --check``: does each token on stdin decrypt with this key?
+
+    A line is ``TOKEN`` or ``LABEL<whitespace>TOKEN`` (e.g. ``psql -At -F $'\\t'`` output
+    of ``id, "encryptedPassword"``); blank lines and ``#`` comments are skipped. Prints
+    ``<label or line N>: ok`` or ``...: FAILED: <why>`` — never the plaintext.
+    """
+    key = derive_key(settings.encryption_key.reveal(), settings.key_derivation)
+    ok = failed = 0
+    for number, line in enumerate(stdin, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.split()
+        label, token = (parts[0], parts[-1]) if len(parts) > 1 else (f"line {number}", text)
+        try:
+            decrypt_password(token, key)
+        except DecryptionError as exc:
+            failed += 1
+            print(f"{label}: FAILED: {exc}", file=out)
+        else:
+            ok += 1
+            print(f"{label}: ok", file=out)
+    if ok + failed == 0:
+        print("no tokens on stdin", file=out)
+        return 1
+    print(f"{ok + failed} tokens: {ok} ok, {failed} failed", file=out)
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------ serve --once
+
+
+def once_deadline(settings: Settings, sessions: int) -> float:
+    """How long ``serve --once`` waits for every session's first outcome: the connect
+    ramp (``sessions / connect_rate``), one connect plus LOGIN and SELECT, and 5 s."""
+    ramp = sessions / settings.connect_rate
+    return ramp + settings.connect_timeout + 2 * settings.command_timeout + 5.0
+
+
+def settled(daemon: Daemon) -> bool:
+    """Every session has connected at least once or failed at least once."""
+    return all(
+        h.memory.sessions > 0 or h.memory.last_error is not None
+        for h in daemon.reconciler.handles.values()
+    )
+
+
+def once_report(daemon: Daemon, timed_out: bool) -> tuple[int, str]:
+    """The ``serve --once`` report (pure over the daemon's state) and its exit code."""
+    handles = daemon.reconciler.handles
+    lines: list[str] = []
+    if daemon.last_refresh_ok is None:
+        lines.append(f"connection list: FAILED: {daemon.last_refresh_error or 'not loaded'}")
+        return 1, "\n".join(lines)
+    counts = count_states(h.memory.state for h in handles.values())
+    up = sum(counts[s] for s in UP_STATES)
+    lines.append(
+        f"{daemon.connections_in_source} connections in the source, {len(handles)} sessions, "
+        f"{up} connected"
+    )
+    lines.append("  " + ", ".join(f"{state} {counts[state]}" for state in SESSION_STATES))
+    for conn_id, h in sorted(handles.items()):
+        if h.memory.state in UP_STATES:
+            continue
+        why = h.memory.last_error or (
+            "no outcome within the time limit" if timed_out else "still connecting"
+        )
+        lines.append(
+            f"FAILED {conn_id} {h.conn.email} {h.conn.host}:{h.conn.port} [{h.memory.state}]: {why}"
+        )
+    for problem in daemon.row_problems:
+        lines.append(f"SKIPPED {problem.connection_id}: {problem.message}")
+    failed = len(handles) - up + len(daemon.row_problems)
+    lines.append("result: all connections watched" if not failed else f"result: {failed} failed")
+    return (1 if failed else 0), "\n".join(lines)
+
+
+async def wait_for_first_outcomes(daemon: Daemon) -> bool:
+    """Wait for the first refresh, then until :func:`settled` (polled every 0.1 s, the
+    sessions expose no event) within :func:`once_deadline`. Returns False on timeout."""
+    s = daemon.settings
+    with trio.move_on_after(s.db_timeout + 10):
+        while daemon.refresh_attempts == 0:
+            await daemon.refreshed.wait()
+    if daemon.last_refresh_ok is None:
+        return True
+    with trio.move_on_after(once_deadline(s, len(daemon.reconciler.handles))) as scope:
+        while not settled(daemon):  # noqa: ASYNC110 - session state has no event to wait on
+            await trio.sleep(0.1)
+    return not scope.cancelled_caught

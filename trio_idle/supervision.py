@@ -1,0 +1,241 @@
+"""Supervision: loop-lag monitor, health endpoint, health pings, systemd notifications.
+
+Task tree (all inside the daemon's root nursery)::
+
+    root nursery (daemon)
+    └── supervision             run_supervision: ends when shutdown starts
+        ├── loop monitor        measures event-loop lag every 0.5 s
+        ├── health server       only with TRIO_IDLE_HEALTH_ADDR
+        ├── pinger              only with TRIO_IDLE_PING_URL
+        └── systemd             only with $NOTIFY_SOCKET: READY, STATUS, STOPPING
+            └── watchdog        only with $WATCHDOG_USEC: WATCHDOG=1 while the loop is healthy
+
+Guarantees: nothing here can stop the daemon once it runs — a failed ping, a vanished
+notify socket or a broken HTTP client is logged and counted. The one startup failure is
+an unusable health address, raised as :class:`StartupError` before the daemon reports
+itself started. When :meth:`Daemon.shutdown` is called the whole subtree is cancelled at
+once (``STOPPING=1`` is sent from the systemd task's ``finally``), so supervision never
+delays the shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+from loguru import logger
+
+from trio_idle.health import (
+    HealthSnapshot,
+    assess_health,
+    assess_liveness,
+    assess_readiness,
+    count_states,
+    readiness_body,
+    status_line,
+)
+from trio_idle.health_server import HealthRoutes, HealthServer, Response, json_response
+from trio_idle.loop_monitor import LoopMonitor
+from trio_idle.metrics import MetricsInput, make_registry
+from trio_idle.pinger import run_pinger
+from trio_idle.sd_notify import Notifier, watchdog_interval
+
+if TYPE_CHECKING:
+    from trio_idle.daemon import Daemon
+
+#: How often systemd's STATUS= line is refreshed when the counts change.
+STATUS_EVERY = 5.0
+
+
+class StartupError(Exception):
+    """Supervision could not start (e.g. the health address is in use); log-safe message."""
+
+
+class Supervisor:
+    """Reads the daemon for the health decisions, the endpoint and the metrics."""
+
+    def __init__(self, daemon: Daemon, monitor: LoopMonitor) -> None:
+        self.daemon = daemon
+        self.monitor = monitor
+        self.started_at = trio.current_time()
+        self.started_unix = time.time()
+        #: where the health endpoint listens (``http://host:port``), once it does
+        self.health_url: str | None = None
+
+    def snapshot(self) -> HealthSnapshot:
+        d, s = self.daemon, self.daemon.settings
+        now = trio.current_time()
+        return HealthSnapshot(
+            now=now,
+            started_at=self.started_at,
+            refresh_interval=s.refresh_interval,
+            last_refresh_ok=d.last_refresh_ok,
+            sessions=count_states(h.memory.state for h in d.reconciler.handles.values()),
+            connections_in_source=d.connections_in_source,
+            loop_lag=self.monitor.lag(now),
+            max_loop_lag=s.max_loop_lag,
+            ready_share=s.ready_share,
+        )
+
+    def metrics_input(self) -> MetricsInput:
+        snap = self.snapshot()
+        handles = self.daemon.reconciler.handles.values()
+        age = snap.refresh_age
+        return MetricsInput(
+            stats=self.daemon.stats,
+            sessions=snap.sessions,
+            connections_in_source=snap.connections_in_source,
+            last_refresh_unix=None if age is None else time.time() - age,
+            started_unix=self.started_unix,
+            loop_lag=snap.loop_lag,
+            loop_stalls=self.monitor.stalls,
+            scans_active=sum(1 for h in handles if h.coalescer.active),
+            scans_pending=sum(h.coalescer.pending for h in handles),
+        )
+
+    # -- routes ---------------------------------------------------------------------
+
+    def healthz(self) -> Response:
+        snap = self.snapshot()
+        verdict = assess_liveness(snap)
+        body = {
+            "ok": verdict.ok,
+            "reasons": list(verdict.reasons),
+            "loop_lag_seconds": round(snap.loop_lag, 4),
+            "max_loop_lag_seconds": snap.max_loop_lag,
+        }
+        return json_response(200 if verdict.ok else 503, body)
+
+    def readyz(self) -> Response:
+        snap = self.snapshot()
+        verdict = assess_readiness(snap)
+        return json_response(200 if verdict.ok else 503, readiness_body(snap, verdict))
+
+    def status(self) -> Response:
+        snap = self.snapshot()
+        body: dict[str, Any] = {
+            "health": assess_health(snap).summary(),
+            **readiness_body(snap, assess_readiness(snap)),
+            "last_refresh_error": self.daemon.last_refresh_error,
+            "loop_lag_seconds": round(snap.loop_lag, 4),
+            "connections": self.daemon.reconciler.snapshot(),
+            "skipped_rows": [
+                {"id": p.connection_id, "problem": p.message} for p in self.daemon.row_problems
+            ],
+        }
+        return json_response(200, body)
+
+    def routes(self) -> HealthRoutes:
+        return HealthRoutes(
+            healthz=self.healthz,
+            readyz=self.readyz,
+            status=self.status,
+            registry=make_registry(self.metrics_input),
+        )
+
+    # -- systemd --------------------------------------------------------------------
+
+    def status_text(self) -> str:
+        d = self.daemon
+        if d.refresh_attempts == 0:
+            return "starting: loading the connection list"
+        line = status_line(self.snapshot())
+        if d.last_refresh_error is not None:
+            line = f"connection list refresh failed ({d.last_refresh_error}); {line}"
+        return line
+
+    async def run_systemd(self, notifier: Notifier, watchdog_every: float | None) -> None:
+        """READY=1 after the first successful refresh, STATUS= after every refresh (and
+        when the counts change), STOPPING=1 when cancelled (the shutdown)."""
+        d = self.daemon
+        try:
+            async with trio.open_nursery() as nursery:
+                if watchdog_every is not None:
+                    nursery.start_soon(self.run_watchdog, notifier, watchdog_every)
+                ready = False
+                seen_attempts = 0
+                last_status = ""
+                while True:
+                    refreshed = d.refreshed  # read with refresh_attempts, no checkpoint between
+                    attempts = d.refresh_attempts
+                    text = self.status_text()
+                    if not ready and d.last_refresh_ok is not None:
+                        ready = True
+                        notifier.send(READY=1, STATUS=text)
+                        logger.info("[idle/systemd] READY=1 sent")
+                    elif attempts != seen_attempts or text != last_status:
+                        notifier.send(STATUS=text)
+                    seen_attempts, last_status = attempts, text
+                    with trio.move_on_after(STATUS_EVERY):
+                        await refreshed.wait()
+        finally:
+            notifier.send(STOPPING=1)
+            notifier.close()
+
+    async def run_watchdog(self, notifier: Notifier, every: float) -> None:
+        """WATCHDOG=1 every ``every`` seconds, withheld while the loop lags too much."""
+        threshold = self.daemon.settings.max_loop_lag
+        withheld = False
+        while True:
+            await trio.sleep(every)
+            lag = self.monitor.lag()
+            if lag > threshold:
+                if not withheld:
+                    logger.warning(
+                        f"[idle/systemd] event loop lag {lag:.1f}s exceeds {threshold:g}s; "
+                        "withholding WATCHDOG=1"
+                    )
+                withheld = True
+                continue
+            if withheld:
+                logger.info("[idle/systemd] event loop responsive again; WATCHDOG=1 resumed")
+            withheld = False
+            notifier.send(WATCHDOG=1)
+
+
+async def run_supervision(
+    daemon: Daemon,
+    environ: Mapping[str, str] | None = None,
+    *,
+    task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start what the settings and environment ask for; end when shutdown starts."""
+    settings = daemon.settings
+    env = os.environ if environ is None else environ
+    monitor = LoopMonitor(stall_threshold=settings.max_loop_lag)
+    supervisor = Supervisor(daemon, monitor)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(monitor.run, name="loop-monitor")
+        if settings.health_addr is not None:
+            host, port = settings.health_addr
+            server = HealthServer(supervisor.routes(), host, port)
+            try:
+                supervisor.health_url = await nursery.start(server.serve, name="health-server")
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {host}:{port} (TRIO_IDLE_HEALTH_ADDR): {exc.strerror or exc}"
+                ) from None
+        if settings.ping_url is not None:
+            nursery.start_soon(
+                run_pinger,
+                settings.ping_url,
+                settings.ping_fail_suffix,
+                settings.ping_interval,
+                lambda: assess_health(supervisor.snapshot()),
+                daemon.stats,
+                name="health-pinger",
+            )
+        notifier = Notifier.from_env(env)
+        if notifier is not None:
+            every = watchdog_interval(env)
+            logger.debug(
+                "[idle/systemd] notifications on"
+                + (f", watchdog every {every:g}s" if every else "")
+            )
+            nursery.start_soon(supervisor.run_systemd, notifier, every, name="systemd")
+        task_status.started(supervisor)
+        await daemon.shutdown_requested.wait()
+        nursery.cancel_scope.cancel()
