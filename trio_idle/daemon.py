@@ -17,6 +17,7 @@ session LOGOUTs under ``logout_timeout``) and bounds the whole exit by
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -126,6 +127,10 @@ class Daemon:
         retry = min(5.0, self.settings.refresh_interval)
         while not self.stopping:
             ok = await self.refresh_once()
+            if ok and self.settings.gc_mode == "tuned":
+                # automatic full collections are off (cli.serve): collect here, once per
+                # refresh, so cycles left by removed sessions are still freed
+                gc.collect()
             self.refresh_attempts += 1
             self.refreshed.set()
             self.refreshed = trio.Event()

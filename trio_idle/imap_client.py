@@ -22,6 +22,7 @@ CAPABILITY, the IDLE command) so that none is garbage-collected while pending.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,13 @@ from trio_idle.imap_responses import MailboxState, parse_mailbox_state
 from trio_idle.push_monitor import PushMonitor
 
 T = TypeVar("T")
+
+#: asyncio (3.11+) gives every TLS connection a 256 KiB read buffer (``SSLProtocol.max_size``):
+#: 315 KiB RSS per TLS session instead of 76 KiB (docs/performance.md). One TLS record is at
+#: most 16 KiB + overhead, and IDLE traffic is tiny, so 17 KiB loses nothing.
+TLS_READ_BUFFER: Final = 17 * 1024
+if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER:
+    asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 IMPLICIT_TLS_PORT: Final = 993
 STARTTLS_PORT: Final = 143
