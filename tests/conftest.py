@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+import trio
 
 # ``tests`` is a namespace package imported as ``tests.servers``/``tests.harness``.  Only
 # ``python -m pytest`` puts the repository root on sys.path; make plain ``pytest`` work too.
@@ -35,9 +36,11 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from tests.harness import ADMIN_SECRET, LogCapture, capture_logs  # noqa: E402
 from tests.servers import ServerUnavailable  # noqa: E402
 from tests.servers.dovecot import DovecotServer, DovecotUser  # noqa: E402
 from tests.servers.postgres import MAIL_CONNECTION_DDL, PostgresServer, execute_sql  # noqa: E402
+from trio_idle.testing.backend import ScanBackend  # noqa: E402
 
 __all__ = ["REQUIRE_SERVERS_ENV", "servers_required", "unavailable"]
 
@@ -193,3 +196,18 @@ def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         os.environ.pop("XDG_STATE_HOME", None)
     else:
         os.environ["XDG_STATE_HOME"] = old
+
+
+@pytest.fixture
+async def backend(nursery: trio.Nursery) -> ScanBackend:
+    """A real HTTP scan backend on 127.0.0.1 that checks the webhook contract."""
+    scan_backend = ScanBackend(secret=ADMIN_SECRET)
+    await nursery.start(scan_backend.serve)
+    return scan_backend
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    """Every loguru message of the test, with ``wait_for`` to wait on a line."""
+    with capture_logs() as capture:
+        yield capture

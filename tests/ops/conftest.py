@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import attrs
 import h11
 import pytest
 import trio
-
-from tests.harness import ADMIN_SECRET, LogCapture, capture_logs
-from trio_idle.testing.backend import ScanBackend
-
-
-@pytest.fixture
-async def backend(nursery: trio.Nursery) -> ScanBackend:
-    """A real HTTP scan backend on 127.0.0.1 that checks the webhook contract."""
-    scan_backend = ScanBackend(secret=ADMIN_SECRET)
-    await nursery.start(scan_backend.serve)
-    return scan_backend
-
-
-@pytest.fixture
-def logs() -> Iterator[LogCapture]:
-    with capture_logs() as capture:
-        yield capture
 
 
 def closed_port() -> int:

@@ -41,13 +41,6 @@ async def server(nursery: trio.Nursery) -> ImapTestServer:
     return imap
 
 
-@pytest.fixture
-async def backend(nursery: trio.Nursery) -> ScanBackend:
-    sink = ScanBackend(secret=ADMIN_SECRET)
-    await nursery.start(sink.serve)
-    return sink
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def state_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     """Settings selecting each state backend; the Postgres one uses a fresh database."""
