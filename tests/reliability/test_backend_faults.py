@@ -1,0 +1,126 @@
+"""Scan backend faults: the scan is retried until accepted, and never piles up.
+
+The invariant (:mod:`tests.reliability.invariant`) counts only POSTs answered 2xx, so
+"the mail was scanned" means the backend really accepted a scan that started after it.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from tests.harness import running_daemon
+from tests.reliability.rig import Rig
+from trio_idle.testing.backend import Reply
+
+A = "alice@rel.test"
+
+
+async def test_backend_down_then_up(rig: Rig) -> None:
+    async with running_daemon(rig.settings(), rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+        rig.backend.down()
+        rig.ledger.append(A, "while the backend is down")
+        with trio.fail_after(10):
+            await rig.log(f"[idle/{A}] scan failed: backend unreachable", count=3)
+        rig.backend.up()
+        with trio.fail_after(10):
+            await rig.ledger.settle(10)
+            await rig.quiet(daemon, A)
+        assert rig.backend.max_in_flight(A) == 1
+        assert len(rig.backend.requests_for(A)) == 1  # refused attempts never arrived
+        assert daemon.stats.get("scans_retried", "network") >= 3
+
+
+async def test_backend_500s_are_retried_with_the_same_scan_id(rig: Rig) -> None:
+    rig.backend.script(A, [Reply(500), Reply(503), Reply(500)])
+    async with running_daemon(rig.settings(), rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+            rig.ledger.append(A, "answered 500 three times first")
+            await rig.ledger.settle(10)
+            await rig.quiet(daemon, A)
+        requests = rig.backend.requests_for(A)
+        assert [r.status for r in requests] == [500, 503, 500, 200]
+        assert len({r.scan_id for r in requests}) == 1  # one scan, retried
+        assert rig.backend.max_in_flight(A) == 1
+
+
+async def test_backend_429_retry_after_is_honoured(rig: Rig) -> None:
+    # the normal retry delay is at most 500 ms here; Retry-After asks for 1 s
+    rig.backend.script(A, [Reply(429, headers={"retry-after": "1"})])
+    async with running_daemon(rig.settings(), rig.source(A)):
+        with trio.fail_after(10):
+            await rig.idle(A)
+            rig.ledger.append(A, "rate limited first")
+            await rig.ledger.settle(10)
+        limited, accepted = rig.backend.requests_for(A)
+        assert (limited.status, accepted.status) == (429, 200)
+        assert accepted.received_at - limited.received_at >= 1.0
+        assert rig.logs.matching(f"[idle/{A}] scan failed: backend answered 429 (rate limited)")
+
+
+async def test_backend_slower_than_the_scan_timeout_is_retried(rig: Rig) -> None:
+    rig.backend.script(A, [Reply(delay=4.0)])
+    settings = rig.settings(TRIO_IDLE_SCAN_TIMEOUT="1s")
+    async with running_daemon(settings, rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+            rig.ledger.append(A, "first reply too slow")
+            await rig.log(f"[idle/{A}] scan failed: backend did not answer within 1s")
+            await rig.ledger.settle(10)
+            await rig.quiet(daemon, A)
+        slow, retried = rig.backend.requests_for(A)
+        assert slow.scan_id == retried.scan_id
+        assert retried.status == 200
+        # the retry went out only after the slow attempt was given up (no stampede). The
+        # backend's max_in_flight is 2 here: it only notices the abandoned request when its
+        # 4 s delay is over; from the daemon's side one attempt was active at a time.
+        assert daemon.stats.get("scans_sent") == 2
+
+
+async def test_outage_with_200_new_mails_costs_at_most_two_scans_after_recovery(rig: Rig) -> None:
+    async with running_daemon(rig.settings(), rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+        handle = rig.handle(daemon, A)
+        rig.backend.down()
+        for n in range(1, 201):
+            rig.ledger.append(A, f"outage mail {n}")
+            with trio.fail_after(5):  # the daemon saw it (one EXISTS each)
+                await rig.logs.wait_until(
+                    lambda n=n: (
+                        handle.memory.mailbox is not None and handle.memory.mailbox.exists == n
+                    )
+                )
+            assert handle.coalescer.pending <= 1
+        assert handle.coalescer.active and handle.coalescer.pending == 1
+        assert handle.coalescer.absorbed >= 150
+        assert rig.backend.requests_for(A) == []
+        rig.backend.up()
+        with trio.fail_after(10):
+            await rig.ledger.settle(10)
+            await rig.quiet(daemon, A)
+        assert len(rig.backend.requests_for(A)) <= 2
+        assert rig.backend.max_in_flight(A) == 1
+
+
+async def test_backend_500_outage_keeps_one_scan_in_flight(rig: Rig) -> None:
+    failing = True
+    rig.backend.default_reply = lambda request: Reply(500) if failing else Reply()
+    async with running_daemon(rig.settings(), rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+        handle = rig.handle(daemon, A)
+        with trio.fail_after(10):
+            for n in range(8):  # each new mail lands while the scan is being retried
+                rig.ledger.append(A, f"during the 500 outage #{n}")
+                await rig.backend.wait_for_requests(n + 1, email=A, finished=True)
+                assert handle.coalescer.pending <= 1
+        failing = False
+        answered_500 = len(rig.backend.requests_for(A))
+        with trio.fail_after(10):
+            await rig.ledger.settle(10)
+            await rig.quiet(daemon, A)
+        assert len(rig.backend.requests_for(A)) - answered_500 <= 2
+        assert rig.backend.max_in_flight(A) == 1

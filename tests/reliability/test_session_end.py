@@ -1,0 +1,63 @@
+"""A session ended while a command is in flight still says LOGOUT, and leaves nothing behind.
+
+Sessions end when their row is removed, their credentials change or the daemon stops; the
+cancellation can land while IDLE is being entered or during the tick's NOOP. aioimaplib
+queues LOGOUT behind such an unfinished command, so without care the LOGOUT is never sent
+and the session costs the whole logout timeout. Afterwards garbage collection must not find
+a pending asyncio task (trio-asyncio would turn that into a crash of the daemon), which the
+re-added mailbox proves by getting its mail scanned.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import trio
+
+from tests.harness import poll_until, running_daemon
+from tests.reliability.rig import Rig
+
+A = "alice@rel.test"
+
+
+@pytest.mark.parametrize("command", ["IDLE", "NOOP", "NOOP-unanswered"])
+async def test_removed_during_a_command(rig: Rig, command: str) -> None:
+    server = rig.server
+    source = rig.source(A)
+    rows = list(source.rows)
+    settings = rig.settings(TRIO_IDLE_TICK_INTERVAL="1s", TRIO_IDLE_LOGOUT_TIMEOUT="1500ms")
+    async with running_daemon(settings, source) as daemon:
+        with trio.fail_after(10):
+            first = await rig.idle(A)
+        handle = rig.handle(daemon, A)
+        name = command.split("-")[0]
+        seen = server.stats.commands.copy()
+        server.faults(A).response_delay = 0.25  # every answer now takes a while
+        with trio.fail_after(10):
+            # The tick: DONE, NOOP, then IDLE again. A command is counted when it arrives,
+            # but the server only signals state changes once a command has been answered:
+            # ask (poll_until) to catch the moment its answer is still pending.
+            if command == "NOOP-unanswered":
+                await poll_until(lambda: server.stats.commands["DONE"] > seen["DONE"], 0.005)
+                server.faults(A).response_delay = 60  # the NOOP will not be answered in time
+            await poll_until(lambda: server.stats.commands[name] > seen[name], 0.005)
+            source.rows = []  # the command is at the server, its answer pending: remove
+            daemon.request_refresh()
+            await handle.finished.wait()
+        server.faults(A).response_delay = 0
+        if command == "NOOP-unanswered":
+            assert server.stats.logouts == 0  # a courtesy that could not be paid
+        else:
+            with trio.fail_after(5):
+                await server.wait_for(lambda: server.connections(A) == 0)
+            events = [e.event for e in server.log if e.user == A]
+            assert events[-3:] == ["DONE", "LOGOUT", "DISCONNECT"]
+            assert server.stats.logouts == 1
+        gc.collect()  # a pending asyncio task left behind would crash the daemon here
+        source.rows = rows
+        daemon.request_refresh()
+        with trio.fail_after(10):
+            await rig.idle(A, after=first)
+            rig.ledger.append(A, "after the session was re-added")
+            await rig.ledger.settle(10)
