@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from tests.harness import LogCapture, make_settings, poll_until, row, running_daemon
 from tests.servers.dovecot import DovecotServer
-from tests.servers.postgres import PostgresServer, run_asyncpg
+from tests.servers.postgres import PostgresServer, insert_mail_connections, run_asyncpg
 from trio_idle.config import DEFAULT_QUERY
 from trio_idle.secret import Secret
 from trio_idle.source_postgres import PostgresSource
 from trio_idle.testing.backend import ScanBackend
-
-INSERT = (
-    'INSERT INTO "MailConnection" (id, "userId", email, "imapHost", "imapPort", "imapUser", '
-    '"encryptedPassword") VALUES ($1, $2, $3, $4, $5, $6, $7)'
-)
 
 
 async def sql(dsn: str, statement: str, *args: object) -> None:
@@ -25,18 +22,8 @@ async def sql(dsn: str, statement: str, *args: object) -> None:
     await trio.to_thread.run_sync(run_asyncpg, dsn, go)
 
 
-async def insert(dsn: str, r: dict[str, object]) -> None:
-    await sql(
-        dsn,
-        INSERT,
-        r["id"],
-        r["userId"],
-        r["email"],
-        r["imapHost"],
-        r["imapPort"],
-        r["imapUser"],
-        r["encryptedPassword"],
-    )
+async def insert(dsn: str, r: dict[str, Any]) -> None:
+    await trio.to_thread.run_sync(insert_mail_connections, dsn, r)
 
 
 async def test_rows_start_restart_and_stop_sessions(

@@ -7,38 +7,20 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-import asyncpg
 import pytest
 import trio
 
 from tests.harness import ADMIN_SECRET, KEY, row
 from tests.ops.conftest import cli_env, closed_port
 from tests.servers.dovecot import DovecotServer
-from tests.servers.postgres import run_asyncpg
+from tests.servers.postgres import insert_mail_connections
 from trio_idle import cli
 
 OTHER_KEY = "some-other-encryption-key-0123456789abcdef"
-INSERT = (
-    'INSERT INTO "MailConnection" (id, "userId", email, "imapHost", "imapPort", "imapUser", '
-    '"encryptedPassword") VALUES ($1, $2, $3, $4, $5, $6, $7)'
-)
 
 
 def insert(dsn: str, *rows: dict[str, Any]) -> None:
-    async def go(conn: asyncpg.Connection) -> None:
-        for r in rows:
-            await conn.execute(
-                INSERT,
-                r["id"],
-                r["userId"],
-                r["email"],
-                r["imapHost"],
-                r["imapPort"],
-                r["imapUser"],
-                r["encryptedPassword"],
-            )
-
-    run_asyncpg(dsn, go)
+    insert_mail_connections(dsn, *rows)
 
 
 def table_lines(stdout: str) -> dict[str, str]:

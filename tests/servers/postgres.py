@@ -588,3 +588,23 @@ class PostgresServer:
             f"<PostgresServer {self.host}:{self.port} {self.install.source} "
             f"{self.install.version} as {self.run_as_user} in {self.base_dir}>"
         )
+
+
+_INSERT_MAIL_CONNECTION = (
+    'INSERT INTO "MailConnection" (id, "userId", email, "imapHost", "imapPort", "imapUser", '
+    '"encryptedPassword") VALUES ($1, $2, $3, $4, $5, $6, $7)'
+)
+_ROW_COLUMNS = ("id", "userId", "email", "imapHost", "imapPort", "imapUser", "encryptedPassword")
+
+
+def insert_mail_connections(dsn: str, *rows: dict[str, Any]) -> None:
+    """Insert rows (dicts with the table's column names, e.g. ``tests.harness.row``).
+
+    Synchronous and blocking, like :func:`execute_sql`.
+    """
+
+    async def go(conn: asyncpg.Connection) -> None:
+        for r in rows:
+            await conn.execute(_INSERT_MAIL_CONNECTION, *(r[c] for c in _ROW_COLUMNS))
+
+    run_asyncpg(dsn, go)
