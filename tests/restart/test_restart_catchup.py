@@ -22,7 +22,9 @@ from tests.harness import (
     row,
     running_daemon,
 )
+from tests.servers.postgres import execute_sql, fetch_sql
 from trio_idle.daemon import Daemon
+from trio_idle.state_store import POSTGRES_DDL, POSTGRES_TABLE
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 
@@ -47,7 +49,31 @@ def state_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     if request.param == "sqlite":
         return {"TRIO_IDLE_STATE": "sqlite", "TRIO_IDLE_STATE_PATH": str(tmp_path / "s.db")}
     dsn: str = request.getfixturevalue("pg_dsn")
+    execute_sql(dsn, POSTGRES_DDL)  # what `trio-idle db migrate` does (tested below)
     return {"TRIO_IDLE_STATE": "postgres", "DATABASE_URL": dsn}
+
+
+def forget_state(env: dict[str, str]) -> None:
+    """Lose the whole state, as an operator deleting the file (or the table's rows) would."""
+    if env["TRIO_IDLE_STATE"] == "sqlite":
+        Path(env["TRIO_IDLE_STATE_PATH"]).unlink()
+    else:
+        execute_sql(env["DATABASE_URL"], f"TRUNCATE {POSTGRES_TABLE}")
+
+
+def recorded_ids(env: dict[str, str]) -> set[str]:
+    """Connection ids with a stored state (what a restart would compare against)."""
+    if env["TRIO_IDLE_STATE"] == "postgres":
+        rows = fetch_sql(env["DATABASE_URL"], f"SELECT connection_id FROM {POSTGRES_TABLE}")
+        return {r[0] for r in rows}
+    path = Path(env["TRIO_IDLE_STATE_PATH"])
+    if not path.exists():
+        return set()
+    try:
+        with sqlite3.connect(path) as db:
+            return {r[0] for r in db.execute("SELECT connection_id FROM mailbox_state")}
+    except sqlite3.Error:  # the daemon is creating it right now
+        return set()
 
 
 async def run_until_quiet(
@@ -99,15 +125,6 @@ async def test_only_mailboxes_with_new_mail_are_scanned_after_restart(
     names = users(100)
     for name in names:
         server.add_user(name, PASSWORD)
-    if state_env["TRIO_IDLE_STATE"] == "postgres":
-        import trio_asyncio
-
-        from trio_idle.secret import Secret
-        from trio_idle.state_store import PostgresBackend
-
-        async with trio_asyncio.open_loop():
-            await PostgresBackend(Secret(state_env["DATABASE_URL"])).migrate()
-
     # first run: the store is empty, so every mailbox gets one paced startup scan
     await run_until_quiet(server, backend, names, state_env)
     assert startup_scans(backend) == dict.fromkeys(names, 1)
@@ -128,28 +145,27 @@ async def test_only_mailboxes_with_new_mail_are_scanned_after_restart(
     assert backend.requests == []
 
 
-async def test_lost_state_file_costs_one_paced_scan_per_mailbox(
-    server: ImapTestServer, backend: ScanBackend, tmp_path: Path
+async def test_lost_state_costs_one_paced_scan_per_mailbox(
+    server: ImapTestServer, backend: ScanBackend, state_env: dict[str, str]
 ) -> None:
     names = users(100)
     for name in names:
         server.add_user(name, PASSWORD)
-    env = {"TRIO_IDLE_STATE": "sqlite", "TRIO_IDLE_STATE_PATH": str(tmp_path / "s.db")}
-    await run_until_quiet(server, backend, names, env)
-    (tmp_path / "s.db").unlink()
+    await run_until_quiet(server, backend, names, state_env)
+    await trio.to_thread.run_sync(forget_state, state_env)
     backend.requests.clear()
-    await run_until_quiet(server, backend, names, env)
+    await run_until_quiet(server, backend, names, state_env)
     assert startup_scans(backend) == dict.fromkeys(names, 1)
     assert_paced(backend, RATE)
 
 
 async def test_uidvalidity_change_while_down_is_scanned(
-    server: ImapTestServer, backend: ScanBackend, tmp_path: Path
+    server: ImapTestServer, backend: ScanBackend, state_env: dict[str, str]
 ) -> None:
     names = users(3)
     for name in names:
         server.add_user(name, PASSWORD)
-    env = {"TRIO_IDLE_STATE": "sqlite", "TRIO_IDLE_STATE_PATH": str(tmp_path / "s.db")}
+    env = state_env
     await run_until_quiet(server, backend, names, env)
     server.set_uidvalidity(names[1], server.mailbox(names[1]).uidvalidity + 1)
     backend.requests.clear()
@@ -160,13 +176,12 @@ async def test_uidvalidity_change_while_down_is_scanned(
 
 
 async def test_kill_9_during_an_unanswered_scan_rescans_after_restart(
-    server: ImapTestServer, backend: ScanBackend, tmp_path: Path
+    server: ImapTestServer, backend: ScanBackend, state_env: dict[str, str], tmp_path: Path
 ) -> None:
     names = users(2)
     victim = names[0]
     for name in names:
         server.add_user(name, PASSWORD)
-    state = tmp_path / "s.db"
     conn_file = tmp_path / "connections.toml"
     conn_file.write_text(
         "\n".join(
@@ -185,20 +200,10 @@ async def test_kill_9_during_an_unanswered_scan_rescans_after_restart(
             "TRIO_IDLE_SOURCE": "file",
             "TRIO_IDLE_CONNECTIONS_FILE": str(conn_file),
             "TRIO_IDLE_IMAP_SECURITY": "plain",
-            "TRIO_IDLE_STATE": "sqlite",
-            "TRIO_IDLE_STATE_PATH": str(state),
             "TRIO_IDLE_SCAN_TIMEOUT": "60s",
+            **state_env,
         }
     )
-
-    def recorded() -> set[str]:
-        if not state.exists():
-            return set()
-        try:
-            with sqlite3.connect(state) as db:
-                return {r[0] for r in db.execute("SELECT connection_id FROM mailbox_state")}
-        except sqlite3.Error:
-            return set()
 
     async def start() -> trio.Process:
         return await trio.lowlevel.open_process(
@@ -212,7 +217,8 @@ async def test_kill_9_during_an_unanswered_scan_rescans_after_restart(
     try:
         with trio.fail_after(30):
             await backend.wait_for_requests(2, finished=True)  # both startup scans
-            await poll_until(lambda: recorded() == set(names))  # and flushed to disk
+            # and flushed to the store
+            await poll_until(lambda: recorded_ids(state_env) == set(names), interval=0.2)
         gate = backend.hold(victim)
         server.append(victim, b"Subject: in flight\r\n\r\nx\r\n")
         with trio.fail_after(15):
