@@ -20,6 +20,7 @@ import pytest
 import trio
 import trustme
 
+from tests.conftest import unavailable
 from trio_idle.testing import ImapTestServer, ParseError, parse_command
 from trio_idle.testing.imap_parser import (
     CommandFramer,
@@ -795,7 +796,7 @@ def ensure_fd_limit(wanted: int) -> None:
     if soft >= wanted:
         return
     if hard != resource.RLIM_INFINITY and hard < wanted:
-        pytest.skip(f"needs {wanted} file descriptors, hard limit is {hard}")
+        unavailable(f"needs {wanted} file descriptors, hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
