@@ -149,23 +149,21 @@ async def run_session(
                 env.stats.inc("connect_failures")
                 log.warning(f"{prefix} connect failed: {exc}")
             delay = backoff.next_delay()
-            log.info(
-                f"{prefix} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
-            )
         except Exception as exc:  # a bug must cost one mailbox a reconnect, not the process
             memory.state = BACKOFF
             memory.last_error = f"internal error: {type(exc).__name__}"
             env.stats.inc("internal_errors")
             log.opt(exception=exc).error(f"{prefix} internal error: {type(exc).__name__}: {exc}")
             delay = backoff.next_delay()
-            log.info(
-                f"{prefix} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
-            )
         finally:
             memory.connected_since = None
             if imap is not None:
                 with trio.CancelScope(shield=True):
                     await imap.logout(s.logout_timeout)
+        if memory.state == BACKOFF:
+            log.info(
+                f"{prefix} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
+            )
         await trio.sleep(delay)
 
 
