@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -144,3 +147,24 @@ async def poll_until(predicate: Callable[[], bool], interval: float = 0.05) -> N
     """For state only observable by asking (e.g. ``doveadm who``). Bound it with fail_after."""
     while not predicate():  # noqa: ASYNC110 - external state offers no event to wait on
         await trio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def serve_process(env: Mapping[str, str], log_path: Path) -> AsyncIterator[trio.Process]:
+    """``trio-idle serve`` as a real process, stdout+stderr into ``log_path``.
+
+    Whatever the test does, the process does not outlive the block (killed if running).
+    """
+    with log_path.open("wb") as log_file:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "trio_idle.cli", "serve"],
+            env=dict(env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from tests.harness import ADMIN_SECRET, KEY, poll_until
+from tests.harness import ADMIN_SECRET, KEY, poll_until, serve_process
 from tests.servers.dovecot import DovecotServer
 from trio_idle.testing.backend import ScanBackend
 
@@ -63,14 +63,8 @@ async def test_sigterm_logs_out_everywhere_and_exits_zero(
     conn_file.write_text("\n".join(entries))
     env = _serve_env(backend.url, TRIO_IDLE_CONNECTIONS_FILE=str(conn_file), **extra_env)
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trio_idle.cli", "serve"],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        try:
+    try:
+        async with serve_process(env, log_path) as proc:
             with trio.fail_after(30):
                 await poll_until(
                     lambda: all(dovecot.connections(u.email) == 1 for u in users), interval=0.3
@@ -79,11 +73,8 @@ async def test_sigterm_logs_out_everywhere_and_exits_zero(
             # the contract: exit 0 within 10 s even with unreachable and silent servers
             with trio.fail_after(10):
                 code = await proc.wait()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            silent.close()
+    finally:
+        silent.close()
     output = log_path.read_text()
     assert code == 0, output[-3000:]
     assert "[idle/daemon] shutting down (SIGTERM)" in output

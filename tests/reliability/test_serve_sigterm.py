@@ -13,13 +13,11 @@ import os
 import resource
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
 
-from tests.harness import ADMIN_SECRET, KEY
+from tests.harness import ADMIN_SECRET, KEY, serve_process
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 
@@ -79,27 +77,16 @@ async def test_sigterm_with_500_sessions_exits_zero_within_10s(
         TRIO_IDLE_STATE_PATH=str(tmp_path / "state.sqlite3"),  # the default backend, private
     )
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trio_idle.cli", "serve"],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            with trio.fail_after(60):
-                await server.wait_for(lambda: server.idle_count() == HEALTHY + HALF_OPEN)
-                await mute.wait_for(lambda: mute.stats.connections_open >= DEAD)
-            for user in half_open:
-                server.faults(user).silent = True  # half-open now: DONE/LOGOUT unanswered
-            proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10):  # the contract
-                await proc.wait()
-            code = proc.returncode
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+    async with serve_process(env, log_path) as proc:
+        with trio.fail_after(60):
+            await server.wait_for(lambda: server.idle_count() == HEALTHY + HALF_OPEN)
+            await mute.wait_for(lambda: mute.stats.connections_open >= DEAD)
+        for user in half_open:
+            server.faults(user).silent = True  # half-open now: DONE/LOGOUT unanswered
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):  # the contract
+            await proc.wait()
+        code = proc.returncode
     output = log_path.read_text()
     assert code is not None, "no exit within 10 s of SIGTERM:\n" + output[-3000:]
     assert code == 0, output[-3000:]
