@@ -26,6 +26,7 @@ class Sink:
         #: email → wall times at which its POSTs were received, in order
         self.posts: dict[str, list[float]] = {}
         self.reasons: dict[str, int] = {}
+        self._received = trio.Event()
 
     def _reply(self, request: ScanRequest) -> Reply:
         now = time.time()
@@ -33,7 +34,14 @@ class Sink:
             self.posts.setdefault(request.email, []).append(now)
         reason = str(request.reason)
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self._received.set()
+        self._received = trio.Event()
         return Reply()
+
+    async def wait_for_reason(self, reason: str, count: int) -> None:
+        """Return once ``count`` POSTs with ``reason`` have been received in all."""
+        while self.reasons.get(reason, 0) < count:
+            await self._received.wait()
 
     def first_post_after(self, email: str, t: float) -> float | None:
         for p in self.posts.get(email, ()):
@@ -82,6 +90,27 @@ async def ramp(
         "rss_at_end_kib": rss_ramped,
         "logins": after["logins"] - before["logins"],
         "login_failures": after["login_failures"] - before["login_failures"],
+    }
+
+
+async def catch_up(
+    sink: Sink, daemon: DaemonProc, before: int, n: int, limit: float
+) -> dict[str, Any]:
+    """Wait until the sink got ``n`` startup catch-up scans more than ``before``.
+
+    A daemon whose state store has never seen a mailbox scans it once at its first
+    session (paced by ``TRIO_IDLE_CATCHUP_RATE``); idle figures are only meaningful after.
+    """
+    t0 = time.perf_counter()
+    cpu0 = cpu_seconds(daemon.pid)
+    with trio.move_on_after(limit):
+        await sink.wait_for_reason("startup", before + n)
+    got = sink.reasons.get("startup", 0) - before
+    return {
+        "startup_scans": got,
+        "complete": got >= n,
+        "waited_after_ramp_s": time.perf_counter() - t0,
+        "daemon_cpu_s": cpu_seconds(daemon.pid) - cpu0,
     }
 
 

@@ -205,6 +205,9 @@ class DaemonProc:
                 "TRIO_IDLE_SOURCE": "file",
                 "TRIO_IDLE_CONNECTIONS_FILE": str(self.conn_file),
                 "TRIO_IDLE_REFRESH_INTERVAL": "24h",
+                # the product default (SQLite), but a fresh file per daemon: every mailbox
+                # is new to it, so each start pays one startup catch-up scan per mailbox
+                "TRIO_IDLE_STATE_PATH": str(self.workdir / f"{self.name}-state.sqlite3"),
                 PASSWORD_ENV: PASSWORD,
             }
         )
