@@ -341,7 +341,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "--logout-timeout",
         parse_duration,
         "2s",
-        "deadline for LOGOUT when a session is closed",
+        "how long a closed session waits for the server to answer LOGOUT and hang up",
     ),
     Option(
         "backoff_initial",

@@ -11,8 +11,8 @@ Task tree (see docs/architecture.md)::
 
 Guarantees: a source outage keeps every running session on the last good list and
 retries with backoff; :meth:`Daemon.shutdown` cancels every connection scope (each
-session LOGOUTs under ``logout_timeout``) and bounds the whole exit by
-``shutdown_timeout``.
+session writes LOGOUT and waits at most ``logout_timeout`` for the server to hang up) and
+bounds the whole exit by ``shutdown_timeout``.
 """
 
 from __future__ import annotations

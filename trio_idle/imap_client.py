@@ -97,6 +97,10 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.greeted = asyncio.Event()
         #: why the greeting (or the CAPABILITY after it) failed, if it did
         self.greeting_problem: str | None = None
+        #: DONE was written for the IDLE command in progress (its answer may be pending)
+        self.done_sent = False
+        #: LOGOUT was written: what the server still sends is not parsed
+        self.closing = False
 
     def _lost(self, exc: Exception | None) -> None:
         self.monitor.connection_lost(exc or self._protocol_error)
@@ -105,6 +109,8 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
 
     def data_received(self, d: bytes) -> None:
         self.monitor.activity()
+        if self.closing:
+            return
         try:
             super().data_received(d)
         except Exception as exc:  # escaping here, it would crash the loop (see module doc)
@@ -131,6 +137,14 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
                 task.cancel()
             elif not task.cancelled():
                 task.exception()
+
+    async def idle(self) -> Any:
+        self.done_sent = False
+        return await super().idle()
+
+    def idle_done(self) -> None:
+        self.done_sent = True
+        super().idle_done()
 
     def _untagged_response(self, line: bytes) -> Any:
         self.monitor.untagged(line)
@@ -175,9 +189,16 @@ class ImapConnection:
     # -- plumbing ----------------------------------------------------------------------
 
     async def _call(
-        self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, limit: float | None = None
+        self,
+        what: str | _Step,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        limit: float | None = None,
     ) -> T:
-        """Run one aioimaplib coroutine under a trio deadline; fail fast on a lost connection."""
+        """Run one aioimaplib coroutine under a trio deadline; fail fast on a lost connection.
+
+        ``what`` names the command in errors (a :class:`_Step` names the one in progress).
+        """
         limit = self.timeouts.command if limit is None else limit
         with self.monitor.guard() as guard:
             try:
@@ -243,32 +264,50 @@ class ImapConnection:
         if response.result != "OK":
             raise ImapError(f"IDLE ended with {response.result}")
 
-    async def logout(self, limit: float) -> None:
-        """Best-effort LOGOUT within ``limit`` seconds in all, then close. Never raises.
+    async def restart_idle(self, *, noop: bool) -> None:
+        """Leave IDLE (DONE), NOOP if ``noop``, and enter IDLE again, in one hand-over to asyncio.
 
-        A command cut short by the cancellation that ends the session (IDLE being entered,
-        a NOOP) is finished first: aioimaplib would otherwise hold LOGOUT back behind it.
+        The tick and the renewal run this on every session every few minutes; as three
+        :func:`trio_asyncio.aio_as_trio` calls it cost ≈ 0.64 ms of CPU, most of it the
+        trio ↔ asyncio hand-overs (docs/performance.md). The whole sequence must be answered
+        within the command timeout; an error names the command that was not answered.
+        Same guarantees as every command: a failure leaves the connection unusable.
         """
-        deadline = trio.current_time() + limit
+        task = self._idle_task
+        if task is None:
+            raise ConnectionLost("not idling")
+        self._check()
+        step = _Step("DONE")
+        self._idle_task = await self._call(step, _aio_restart_idle, self.protocol, task, noop, step)
+        self._check()
 
-        def left() -> float:
-            return max(0.0, deadline - trio.current_time())
+    async def logout(self, limit: float) -> None:
+        """Send LOGOUT, wait up to ``limit`` seconds for the server to close, close. Never raises.
 
+        One write and no aioimaplib command: ending 10,000 sessions at shutdown must not
+        cost 10,000 round trips through the trio-asyncio bridge (docs/performance.md). An
+        IDLE in progress is ended with ``DONE`` in the same write; a command still waiting
+        for its answer (a NOOP, an IDLE being entered) is answered by the server before
+        the LOGOUT, as IMAP pipelining allows. From here on the server's lines are not
+        parsed: nothing they say can change what happens next.
+        """
         protocol = self.protocol
+        transport = protocol.transport
         try:
-            if self.monitor.problem() is None and protocol.state in (
-                aioimaplib.NONAUTH,
-                aioimaplib.AUTH,
-                aioimaplib.SELECTED,
+            if (
+                self.monitor.problem() is None
+                and transport is not None
+                and not transport.is_closing()
+                and protocol.state in (aioimaplib.NONAUTH, aioimaplib.AUTH, aioimaplib.SELECTED)
             ):
-                if protocol.has_pending_idle_command():  # idling, or cancelled entering IDLE
-                    idle = protocol.pending_sync_command
-                    protocol.idle_done()
-                    await self._call("DONE", idle.wait, limit=left())
-                for command in [c for c in protocol.pending_async_commands.values() if c]:
-                    await self._call(command.name, command.wait, limit=left())
-                await self._call("LOGOUT", protocol.logout, limit=left())
-        except ImapError:
+                end_idle = protocol.has_pending_idle_command() and not protocol.done_sent
+                protocol.closing = True
+                transport.write(
+                    (b"DONE\r\n" if end_idle else b"") + f"{protocol.new_tag()} LOGOUT\r\n".encode()
+                )
+                with self.monitor.guard(), trio.move_on_after(limit):
+                    await trio.sleep_forever()  # until the server closes (the guard)
+        except OSError:
             pass  # LOGOUT is a courtesy to the server; failing it changes nothing for us
         finally:
             self.abort()
@@ -280,6 +319,34 @@ class ImapConnection:
         transport = self.protocol.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+
+
+class _Step:
+    """The command a multi-command call is waiting for; formats as its name."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+async def _aio_restart_idle(
+    protocol: _Protocol, idle: asyncio.Future[Any], noop: bool, step: _Step
+) -> asyncio.Future[Any]:
+    protocol.idle_done()
+    response = await idle
+    if response.result != "OK":
+        raise aioimaplib.Abort(f"IDLE ended with {response.result}")
+    if noop:
+        step.name = "NOOP"
+        response = await protocol.simple_command("NOOP")
+        if response.result != "OK":
+            raise aioimaplib.Abort(response.result)
+    step.name = "IDLE"
+    return await _aio_idle_start(protocol)
 
 
 async def _aio_wait(future: asyncio.Future[T]) -> T:

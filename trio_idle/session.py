@@ -2,9 +2,9 @@
 
 This is where new mail is noticed and a scan requested (:func:`_announce`):
 - an ``EXISTS`` pushed during IDLE (reason ``exists``);
-- the tick (every ``tick_interval``, jittered): leave IDLE, ``NOOP`` under a deadline — a
-  missing answer means a dead (half-open) connection — and scan if the count grew
-  (reason ``tick``; catches servers that never push);
+- the tick (every ``tick_interval``, jittered): leave IDLE, ``NOOP`` and re-enter IDLE, all
+  three under one deadline — a missing answer means a dead (half-open) connection — and
+  scan if the count grew meanwhile (reason ``tick``; catches servers that never push);
 - a (re)connect whose SELECT shows a moved ``UIDNEXT`` or a new ``UIDVALIDITY`` compared
   with what the previous session saw (reason ``reconnect``).
 
@@ -12,7 +12,8 @@ IDLE is re-issued every ``idle_renew_interval`` (servers drop it at 29 min). Ser
 without the IDLE capability are polled with NOOP at the tick interval.
 
 Cancellation (connection removed, credentials changed, shutdown) ends the session with a
-LOGOUT under ``logout_timeout`` in a shielded scope, then closes the socket.
+LOGOUT written at once; a shielded scope waits up to ``logout_timeout`` for the server to
+hang up, then the socket is closed (:meth:`ImapConnection.logout`).
 """
 
 from __future__ import annotations
@@ -219,23 +220,23 @@ async def _watch(
             await imap.noop()
             _announce(conn, imap, memory, coalescer, env, log, "tick")
             next_tick = trio.current_time() + s.tick_interval
+    _announce(conn, imap, memory, coalescer, env, log, "exists")
+    await imap.idle_start()
+    memory.state = IDLE
     while True:
-        _announce(conn, imap, memory, coalescer, env, log, "exists")
-        await imap.idle_start()
-        memory.state = IDLE
         with trio.move_on_at(min(next_tick, renew_at)):
             while True:
                 await imap.monitor.wait()
                 if (problem := imap.monitor.problem()) is not None:
                     raise ImapError(problem)
                 _announce(conn, imap, memory, coalescer, env, log, "exists")
-        await imap.idle_done()
         now = trio.current_time()
+        tick = now >= next_tick
         if now >= renew_at:
             log.info(f"{prefix} idle renewing ({human_duration(s.idle_renew_interval)} threshold)")
             renew_at = now + s.idle_renew_interval
-        if now >= next_tick:
-            _announce(conn, imap, memory, coalescer, env, log, "exists")
-            await imap.noop()
-            _announce(conn, imap, memory, coalescer, env, log, "tick")
+        # DONE, NOOP (on a tick), IDLE: mail counted meanwhile is announced after, as "tick"
+        await imap.restart_idle(noop=tick)
+        if tick:
             next_tick = trio.current_time() + s.tick_interval
+        _announce(conn, imap, memory, coalescer, env, log, "tick" if tick else "exists")

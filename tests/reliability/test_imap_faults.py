@@ -13,7 +13,7 @@ import functools
 import pytest
 import trio
 
-from tests.harness import ListSource, running_daemon
+from tests.harness import ListSource, poll_until, running_daemon
 from tests.reliability.rig import Rig
 from trio_idle.testing import ImapTestServer
 
@@ -172,6 +172,29 @@ async def test_greeting_slower_than_the_connect_timeout_is_reported_and_retried(
         with trio.fail_after(10):
             await rig.idle(A, after=first)
             await rig.ledger.settle(10)
+
+
+async def test_tick_whose_noop_goes_unanswered_names_the_noop_and_reconnects(rig: Rig) -> None:
+    # The tick's DONE, NOOP and IDLE run as one call; a timeout must still say which
+    # command the server left unanswered.
+    settings = rig.settings(TRIO_IDLE_TICK_INTERVAL="1s", TRIO_IDLE_COMMAND_TIMEOUT="1s")
+    server = rig.server
+    async with running_daemon(settings, rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            first = await rig.idle(A)
+            seen = server.stats.commands.copy()
+            server.faults(A).response_delay = 0.25  # DONE will be answered, slowly
+            await poll_until(lambda: server.stats.commands["DONE"] > seen["DONE"], 0.005)
+            server.faults(A).response_delay = 60  # ...but not the NOOP after it
+            line = (await rig.log(f"[idle/{A}] connection lost"))[0]
+        assert line.endswith("connection lost: no answer to NOOP within 1s")
+        server.faults(A).response_delay = 0
+        during = rig.ledger.append(A, "after the unanswered NOOP")
+        with trio.fail_after(10):
+            await rig.idle(A, after=first)
+            await rig.ledger.settle(10)
+        assert reasons(rig, A, after=during.at)[0] in ("reconnect", "exists")
+        assert daemon.stats.get("disconnects") == 1
 
 
 async def test_server_that_never_pushes_is_caught_by_the_tick(rig: Rig) -> None:

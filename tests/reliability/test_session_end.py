@@ -21,7 +21,7 @@ from tests.reliability.rig import Rig
 A = "alice@rel.test"
 
 
-@pytest.mark.parametrize("command", ["IDLE", "NOOP", "NOOP-unanswered"])
+@pytest.mark.parametrize("command", ["IDLE", "DONE", "NOOP", "NOOP-unanswered"])
 async def test_removed_during_a_command(rig: Rig, command: str) -> None:
     server = rig.server
     source = rig.source(A)
@@ -46,6 +46,13 @@ async def test_removed_during_a_command(rig: Rig, command: str) -> None:
             daemon.request_refresh()
             await handle.finished.wait()
         server.faults(A).response_delay = 0
+        if command != "NOOP-unanswered":
+            with trio.fail_after(5):
+                await server.wait_for(lambda: server.connections(A) == 0)
+        # One DONE per IDLE: the LOGOUT write ends an IDLE only if no DONE was sent for it
+        # yet. "IDLE" is the tick's IDLE, after the tick's own DONE.
+        assert server.stats.commands["DONE"] - seen["DONE"] == (2 if command == "IDLE" else 1)
+        assert server.stats.bad == 0
         if command == "NOOP-unanswered":
             assert server.stats.logouts == 0  # a courtesy that could not be paid
         else:
@@ -61,3 +68,21 @@ async def test_removed_during_a_command(rig: Rig, command: str) -> None:
             await rig.idle(A, after=first)
             rig.ledger.append(A, "after the session was re-added")
             await rig.ledger.settle(10)
+
+
+async def test_shutdown_says_logout_on_every_session(rig: Rig) -> None:
+    # Sessions in IDLE and sessions in their tick: every one gets DONE (if idling) and
+    # LOGOUT written before its socket closes, and no line the server could not use.
+    users = [f"u{i:03d}@rel.test" for i in range(150)]
+    settings = rig.settings(TRIO_IDLE_TICK_INTERVAL="300ms", TRIO_IDLE_CONNECT_RATE="10000")
+    server = rig.server
+    async with running_daemon(settings, rig.source(*users)) as daemon:
+        with trio.fail_after(20):
+            await rig.all_idle(users)
+        daemon.shutdown("test")
+        with trio.fail_after(settings.shutdown_timeout + 2):
+            await daemon.stopped.wait()
+    with trio.fail_after(5):
+        await server.wait_for(lambda: server.stats.connections_open == 0)
+    assert server.stats.logouts == len(users)
+    assert server.stats.bad == 0

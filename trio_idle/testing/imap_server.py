@@ -73,6 +73,8 @@ class ServerStats:
     keepalives: int = 0
     #: Messages stored (APPEND commands and :meth:`ImapTestServer.append`).
     appends: int = 0
+    #: Lines answered BAD (unparsable, unknown, or not valid in the state): client bugs.
+    bad: int = 0
     #: Commands by name (``UID FETCH`` etc. for UID commands; ``DONE`` counted too).
     commands: collections.Counter[str] = attrs.field(factory=collections.Counter)
 

@@ -360,6 +360,7 @@ class Session:
         try:
             command = parse_command(raw)
         except ParseError as exc:
+            self._server.stats.bad += 1
             await self._send(f"{exc.tag or '*'} BAD {exc}\r\n".encode())
             return
         name = command.name
@@ -383,6 +384,8 @@ class Session:
             await self._tagged(command, "BAD", f"Invalid arguments: {exc}")
 
     async def _tagged(self, command: Command, status: str, text: str, pre: bytes = b"") -> None:
+        if status == "BAD":
+            self._server.stats.bad += 1
         await self._send(pre + f"{command.tag} {status} {text}\r\n".encode())
 
     # ---- any state ----------------------------------------------------------------------
