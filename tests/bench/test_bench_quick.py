@@ -49,6 +49,8 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
             "-m",
             "trio_idle.bench",
             "--quick",
+            "--soak",
+            "4",
             "--out",
             str(out),
             "--workdir",
@@ -81,6 +83,8 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
         _has(daemon["shutdown"], SHUTDOWN_FIELDS)
         assert daemon["shutdown"]["exit_code"] == 0
         assert daemon["shutdown"]["connections_left_open"] == 0
+        assert daemon["shutdown"]["logouts"] == 200
+        assert daemon["catch_up"]["complete"], daemon["catch_up"]
         assert daemon["log_lines"].get("ERROR", 0) == 0, daemon["log_lines"]
 
     _has(a["idle_cpu_no_tick"], CPU_FIELDS)
@@ -95,11 +99,16 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
     assert latency["missed"] == 0, latency["missed_users"]
     assert latency["p99_ms"] is not None
 
-    # the plot can be drawn from what was written (matplotlib is the `bench` extra)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return
+    c = run["soak"]
+    assert c["ramp"]["all_idle"] and c["catch_up"]["complete"]
+    soak = c["soak"]
+    assert soak["all_idle_at_end"] and soak["reconnects"] == 0
+    assert soak["pushes"]["appends"] > 0 and soak["pushes"]["missed"] == 0
+    assert len(soak["samples_t_rss_kib_cpu_s"]) >= 2
+    assert c["shutdown"]["exit_code"] == 0 and c["shutdown"]["logouts"] == 200
+    assert c["log_lines"].get("ERROR", 0) == 0, c["log_lines"]
+
+    # the plot can be drawn from what was written (matplotlib: `bench` and `test` extras)
     from trio_idle.bench.report import make_plot
 
     quick_as_full = [dict(run, quick=False)]

@@ -61,6 +61,9 @@ class Options:
     gc_freeze: bool = False
     #: daemon B's TRIO_IDLE_TICK_INTERVAL (the product default is 2m)
     tick: str = "2m"
+    #: seconds of daemon C (product defaults but the limiter): 0 = no soak
+    soak: float = 0.0
+    soak_rate: float = 20.0
 
 
 def rate_for(n: int, opts: Options) -> float:
@@ -173,6 +176,8 @@ async def run_config(n: int, opts: Options, workdir: Path, rng: random.Random) -
             result["high_limiter"] = await _daemon_b(
                 n, opts, workdir, pool, sink, rows, new_rows, base_env, rng
             )
+            if opts.soak > 0:
+                result["soak"] = await _daemon_c(n, opts, workdir, pool, sink, rows, base_env, rng)
             result["server_rss_kib"] = (await pool.totals())["rss_kib"]
             result["scan_reasons"] = dict(sink.reasons)
         finally:
@@ -347,6 +352,48 @@ async def _phases_b(
     return out
 
 
+async def _daemon_c(
+    n: int,
+    opts: Options,
+    workdir: Path,
+    pool: ServerPool,
+    sink: phases.Sink,
+    rows: list[tuple[str, int]],
+    base_env: dict[str, str],
+    rng: random.Random,
+) -> dict[str, Any]:
+    """The soak: product defaults (2 min tick, 5 min refresh with its full GC) except the
+    opened-up limiter, ``opts.soak`` seconds with mail arriving; then SIGTERM."""
+    env = {
+        **base_env,
+        "TRIO_IDLE_CONNECT_CONCURRENCY": str(opts.high_concurrency),
+        "TRIO_IDLE_CONNECT_RATE": str(opts.high_rate),
+        "TRIO_IDLE_REFRESH_INTERVAL": "5m",
+    }
+    daemon = DaemonProc(workdir, f"daemon-c-{n}", env)
+    try:
+        await daemon.start()
+        out: dict[str, Any] = {"refresh": "5m", "tick": "2m"}
+        base = rss_kib(daemon.pid)
+        startup = sink.reasons.get("startup", 0)
+        print("  C: ramp", flush=True)
+        out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, opts.high_rate))
+        out["catch_up"] = await phases.catch_up(
+            sink, daemon, startup, n, _ramp_timeout(n, opts.high_rate)
+        )
+        out["memory"] = await phases.settle_and_measure_rss(daemon, n, base, 5.0)
+        print(f"  C: soak ({opts.soak:g}s, {opts.soak_rate:g} appends/s)", flush=True)
+        out["soak"] = await phases.soak(
+            pool, sink, daemon, [u for u, _ in rows], opts.soak_rate, opts.soak, rng
+        )
+        print("  C: shutdown", flush=True)
+        out["shutdown"] = await phases.shutdown(pool, daemon, n)
+        out["log_lines"] = daemon.log_counts()
+        return out
+    finally:
+        daemon.kill()
+
+
 def _key(run: dict[str, Any]) -> tuple[Any, ...]:
     return (run["n"], run["tls"], run["log_level"], run["quick"])
 
@@ -447,6 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="2m",
         help="daemon B's tick interval (default 2m; shorter ones measure the cost of a tick)",
     )
+    p.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        help="then hold N sessions this many seconds in a third daemon with product "
+        "defaults (2 min tick, 5 min refresh) and mail arriving; 0 = skip",
+    )
+    p.add_argument("--soak-rate", type=float, default=20.0, help="appends/s during the soak")
     p.add_argument("--workdir", default=None, help="keep logs and files here (default: temp)")
     return p
 
@@ -507,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         gc_probe=args.gc_probe,
         gc_freeze=args.gc_freeze,
         tick=args.tick,
+        soak=args.soak,
+        soak_rate=args.soak_rate,
     )
     limit = raise_nofile_limit()
     print(f"RLIMIT_NOFILE soft limit: {limit}", flush=True)

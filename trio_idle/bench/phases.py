@@ -292,3 +292,51 @@ async def shutdown(pool: ServerPool, daemon: DaemonProc, n: int) -> dict[str, An
         "logouts": after["logouts"] - before["logouts"],
         "connections_left_open": after["connections_open"],
     }
+
+
+async def soak(
+    pool: ServerPool,
+    sink: Sink,
+    daemon: DaemonProc,
+    users: Sequence[str],
+    rate: float,
+    seconds: float,
+    rng: random.Random,
+    sample_every: float = 30.0,
+) -> dict[str, Any]:
+    """Hold the sessions ``seconds`` with mail arriving at ``rate``/s (as :func:`latency`):
+    daemon RSS and CPU sampled every ``sample_every`` s, reconnects counted."""
+    before = await pool.totals()
+    t0, cpu0 = time.perf_counter(), cpu_seconds(daemon.pid)
+    samples: list[list[float]] = []
+
+    def sample() -> None:
+        elapsed = time.perf_counter() - t0
+        samples.append([round(elapsed, 1), rss_kib(daemon.pid), cpu_seconds(daemon.pid) - cpu0])
+
+    async def sampler() -> None:
+        while True:
+            sample()
+            await trio.sleep(sample_every)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sampler)
+        pushes = await latency(pool, sink, daemon, users, rate, seconds, 20.0, rng)
+        nursery.cancel_scope.cancel()
+    sample()
+    after = await pool.totals()
+    rss = [int(s[1]) for s in samples]
+    elapsed = samples[-1][0]
+    return {
+        "seconds": elapsed,
+        "rate_per_s": rate,
+        "samples_t_rss_kib_cpu_s": samples,
+        "rss_first_kib": rss[0],
+        "rss_max_kib": max(rss),
+        "rss_last_kib": rss[-1],
+        "cpu_pct_of_one_core": samples[-1][2] / elapsed * 100 if elapsed else None,
+        "reconnects": after["connections_total"] - before["connections_total"],
+        "noops": after["noops"] - before["noops"],
+        "all_idle_at_end": after["idle_clients"] >= len(users),
+        "pushes": {k: pushes[k] for k in ("appends", "missed", "p50_ms", "p99_ms", "max_ms")},
+    }
