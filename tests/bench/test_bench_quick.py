@@ -93,6 +93,10 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
     assert b["idle_cpu"]["all_idle_at_end"]
     assert b["idle_cpu"]["reconnects"] == 0
 
+    # B and C restart on the previous daemon's state file: nothing new, nothing rescanned
+    assert a["catch_up"]["startup_scans"] == 200
+    assert b["state"] == "restart" and b["catch_up"]["startup_scans"] == 0
+
     latency = b["latency"]
     _has(latency, LATENCY_FIELDS)
     assert latency["appends"] > 0
@@ -100,7 +104,7 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
     assert latency["p99_ms"] is not None
 
     c = run["soak"]
-    assert c["ramp"]["all_idle"] and c["catch_up"]["complete"]
+    assert c["ramp"]["all_idle"] and c["catch_up"]["startup_scans"] == 0
     soak = c["soak"]
     assert soak["all_idle_at_end"] and soak["reconnects"] == 0
     assert soak["pushes"]["appends"] > 0 and soak["pushes"]["missed"] == 0

@@ -231,6 +231,7 @@ async def _phases_a(
     startup = sink.reasons.get("startup", 0)
     out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, 50))
     out["catch_up"] = await phases.catch_up(sink, daemon, startup, n, _ramp_timeout(n, 50))
+    out["state"] = "new"
     out["memory"] = await phases.settle_and_measure_rss(daemon, n, base, 2.0 if opts.quick else 5)
     print(f"  A: idle CPU without ticks ({opts.idle_window_notick:g}s)", flush=True)
     out["idle_cpu_no_tick"] = await phases.idle_cpu(pool, daemon, n, opts.idle_window_notick)
@@ -266,7 +267,10 @@ async def _daemon_b(
     if opts.gc_freeze:
         env["TRIO_IDLE_BENCH_GC_FREEZE"] = "1"
     module = "trio_idle.bench.gc_probe" if opts.gc_probe or opts.gc_freeze else "trio_idle.cli"
-    daemon = DaemonProc(workdir, f"daemon-b-{n}", env, module)
+    a_state = workdir / f"daemon-a-{n}-state.sqlite3"
+    daemon = DaemonProc(
+        workdir, f"daemon-b-{n}", env, module, state_from=a_state if a_state.exists() else None
+    )
     try:
         return await _phases_b(n, opts, pool, sink, rows, new_rows, daemon, rng)
     finally:
@@ -294,8 +298,12 @@ async def _phases_b(
     print(f"  B: ramp (limiter {opts.high_concurrency} / {opts.high_rate:g}/s)", flush=True)
     startup = sink.reasons.get("startup", 0)
     out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, opts.high_rate))
+    # a restart (state copied from daemon A) has nothing to catch up; a new state file
+    # means one startup scan per mailbox, over before the idle windows
+    fresh = daemon.state_from is None
+    out["state"] = "new" if fresh else "restart"
     out["catch_up"] = await phases.catch_up(
-        sink, daemon, startup, n, _ramp_timeout(n, opts.high_rate)
+        sink, daemon, startup, n if fresh else 0, _ramp_timeout(n, opts.high_rate)
     )
     out["memory"] = await phases.settle_and_measure_rss(daemon, n, base, 2.0 if opts.quick else 5)
     windows: dict[str, tuple[float, float]] = {}
@@ -370,17 +378,16 @@ async def _daemon_c(
         "TRIO_IDLE_CONNECT_RATE": str(opts.high_rate),
         "TRIO_IDLE_REFRESH_INTERVAL": "5m",
     }
-    daemon = DaemonProc(workdir, f"daemon-c-{n}", env)
+    b_state = workdir / f"daemon-b-{n}-state.sqlite3"
+    daemon = DaemonProc(workdir, f"daemon-c-{n}", env, state_from=b_state)
     try:
         await daemon.start()
-        out: dict[str, Any] = {"refresh": "5m", "tick": "2m"}
+        out: dict[str, Any] = {"refresh": "5m", "tick": "2m", "state": "restart"}
         base = rss_kib(daemon.pid)
         startup = sink.reasons.get("startup", 0)
         print("  C: ramp", flush=True)
         out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, opts.high_rate))
-        out["catch_up"] = await phases.catch_up(
-            sink, daemon, startup, n, _ramp_timeout(n, opts.high_rate)
-        )
+        out["catch_up"] = await phases.catch_up(sink, daemon, startup, 0, 0)
         out["memory"] = await phases.settle_and_measure_rss(daemon, n, base, 5.0)
         print(f"  C: soak ({opts.soak:g}s, {opts.soak_rate:g} appends/s)", flush=True)
         out["soak"] = await phases.soak(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,9 +180,17 @@ class DaemonProc:
     """``python -m trio_idle.cli serve`` with the file source."""
 
     def __init__(
-        self, workdir: Path, name: str, env: Mapping[str, str], module: str = "trio_idle.cli"
+        self,
+        workdir: Path,
+        name: str,
+        env: Mapping[str, str],
+        module: str = "trio_idle.cli",
+        state_from: Path | None = None,
     ) -> None:
+        """``state_from``: start with a copy of that state file (a restart), else a new one."""
         self.module = module
+        self.state_from = state_from
+        self.state_path = workdir / f"{name}-state.sqlite3"
         self.workdir = workdir
         self.name = name
         self.env = dict(env)
@@ -197,6 +206,8 @@ class DaemonProc:
     async def start(self) -> None:
         """Start with an empty connection list; return once its signal handlers are set."""
         write_atomically(self.conn_file, "")
+        if self.state_from is not None:
+            shutil.copyfile(self.state_from, self.state_path)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_IDLE_")}
         env.update(
             {
@@ -205,9 +216,9 @@ class DaemonProc:
                 "TRIO_IDLE_SOURCE": "file",
                 "TRIO_IDLE_CONNECTIONS_FILE": str(self.conn_file),
                 "TRIO_IDLE_REFRESH_INTERVAL": "24h",
-                # the product default (SQLite), but a fresh file per daemon: every mailbox
-                # is new to it, so each start pays one startup catch-up scan per mailbox
-                "TRIO_IDLE_STATE_PATH": str(self.workdir / f"{self.name}-state.sqlite3"),
+                # the product default (SQLite), one file per daemon: a new one means one
+                # startup catch-up scan per mailbox, a copied one is a restart
+                "TRIO_IDLE_STATE_PATH": str(self.state_path),
                 PASSWORD_ENV: PASSWORD,
             }
         )

@@ -74,8 +74,19 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
         lines.append(" ".join(c.rjust(width) for c, (_, width) in zip(cells, COLUMNS, strict=True)))
     lines.append(
         "ramp = sessions/s until all in IDLE; KiB/sess, recon s, stop s = A/B daemon "
-        "(A: limiter 20/50/s, no tick; B: opened up, 2 min tick); CPU% = of one core"
+        "(A: limiter 20/50/s, no tick; B: opened up, ticks); CPU% = of one core"
     )
+    for run in runs:
+        c = run.get("soak")
+        if c:
+            s = c["soak"]
+            lines.append(
+                f"soak N={run['n']}: {s['seconds']:.0f}s, RSS {s['rss_first_kib'] / 1024:.0f}"
+                f"→{s['rss_last_kib'] / 1024:.0f} MiB (max {s['rss_max_kib'] / 1024:.0f}), "
+                f"CPU {s['cpu_pct_of_one_core']:.2f}%, reconnects {s['reconnects']}, "
+                f"pushes {s['pushes']['appends']} missed {s['pushes']['missed']} "
+                f"p99 {s['pushes']['p99_ms']} ms max {s['pushes']['max_ms']} ms"
+            )
     return "\n".join(lines)
 
 
