@@ -168,6 +168,23 @@ async def run_session(
         await trio.sleep(delay)
 
 
+def first_timers(
+    now: float, tick_interval: float, renew_interval: float, rng: random.Random
+) -> tuple[float, float]:
+    """When a new session first ticks and first renews IDLE: ``(next_tick, renew_at)``.
+
+    Pure. Random phases spread sessions that connected in the same second (a start, a
+    server coming back) over half the tick interval and the last fifth of the renew
+    interval, so their ticks and renewals never come in one burst. Renewal is only ever
+    early: servers drop IDLE at 29 minutes. Later deadlines count from when the previous
+    one was handled, so the spread persists.
+    """
+    return (
+        now + tick_interval * rng.uniform(0.5, 1.0),
+        now + renew_interval * rng.uniform(0.8, 1.0),
+    )
+
+
 def _announce(
     conn: MailConnection,
     imap: ImapConnection,
@@ -204,10 +221,9 @@ async def _watch(
 ) -> None:
     s = env.settings
     prefix = f"[idle/{conn.email}]"
-    now = trio.current_time()
-    # A random phase spreads thousands of sessions' ticks over the whole interval.
-    next_tick = now + s.tick_interval * env.rng.uniform(0.5, 1.0)
-    renew_at = now + s.idle_renew_interval
+    next_tick, renew_at = first_timers(
+        trio.current_time(), s.tick_interval, s.idle_renew_interval, env.rng
+    )
     if not imap.has_idle:
         memory.state = POLLING
         log.warning(
