@@ -15,6 +15,7 @@ COLUMNS = (
     ("KiB/sess", 11),
     ("CPU%tick", 9),
     ("CPU%none", 9),
+    ("ms/tick", 8),
     ("p50ms", 7),
     ("p99ms", 7),
     ("maxms", 7),
@@ -45,6 +46,16 @@ def _pair(a: Any, b: Any, digits: int = 1) -> str:
     return f"{_num(a, digits)}/{_num(b, digits)}"
 
 
+def tick_cpu_ms(run: dict[str, Any]) -> float | None:
+    """CPU per tick (ms): B's idle CPU minus A's (no ticks), over B's window, per NOOP."""
+    a = _get(run, "default_limiter", "idle_cpu_no_tick")
+    b = _get(run, "high_limiter", "idle_cpu")
+    if not a or not b or not b.get("noops"):
+        return None
+    extra = b["cpu_s"] - a["cpu_s"] / a["window_s"] * b["window_s"]
+    return float(extra / b["noops"] * 1000)
+
+
 def row_cells(run: dict[str, Any]) -> list[str]:
     """One table row: A = default limiter daemon, B = opened-up limiter daemon."""
     a, b = run.get("default_limiter", {}), run.get("high_limiter", {})
@@ -57,6 +68,7 @@ def row_cells(run: dict[str, Any]) -> list[str]:
         _pair(_get(a, "memory", "per_session_kib"), _get(b, "memory", "per_session_kib")),
         _num(_get(b, "idle_cpu", "pct_of_one_core"), 2),
         _num(_get(a, "idle_cpu_no_tick", "pct_of_one_core"), 2),
+        _num(tick_cpu_ms(run), 2),
         _num(_get(b, "latency", "p50_ms"), 1),
         _num(_get(b, "latency", "p99_ms"), 1),
         _num(_get(b, "latency", "max_ms"), 1),
