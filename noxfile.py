@@ -51,10 +51,13 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks (ramp, memory, idle CPU, latency, reconcile, shutdown) → docs/performance.md.
 
-    ``nox -s bench -- --quick`` for a fast run; see ``python -m trio_idle.bench --help``.
+    Default: plaintext at N = 100, 1,000, 10,000, a 10-minute soak at 10,000, the plot
+    (≈ 27 min). ``nox -s bench -- --quick`` for a fast run, ``-- --tls --n 100,1000,10000``
+    for TLS; see ``python -m trio_idle.bench --help``.
     """
     session.install("-e", ".[bench]")
-    session.run("python", "-m", "trio_idle.bench", *session.posargs)
+    args = session.posargs or ["--n", "100,1000,10000", "--soak", "600", "--plot"]
+    session.run("python", "-m", "trio_idle.bench", *args)
 
 
 @nox.session

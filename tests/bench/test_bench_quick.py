@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trio_idle.bench.phases import percentile
-from trio_idle.bench.report import format_table
+from trio_idle.bench.report import format_table, markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,3 +119,4 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
     make_plot(quick_as_full, plot)
     assert plot.stat().st_size > 0
     assert "200" in format_table(data["runs"])
+    assert "\n| 200 | plain | " in markdown_table(quick_as_full)

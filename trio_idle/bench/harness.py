@@ -30,7 +30,7 @@ import trio
 from trio_idle.bench import phases
 from trio_idle.bench.procinfo import machine_info, raise_nofile_limit, rss_kib
 from trio_idle.bench.procs import ADMIN_SECRET, DaemonProc, ServerPool, ServerProc
-from trio_idle.bench.report import format_table, make_plot
+from trio_idle.bench.report import format_table, make_plot, markdown_table
 
 DEFAULT_OUT = "docs/perf/results.json"
 DEFAULT_PLOT = "docs/perf/rss_latency.png"
@@ -176,7 +176,7 @@ async def run_config(n: int, opts: Options, workdir: Path, rng: random.Random) -
             result["high_limiter"] = await _daemon_b(
                 n, opts, workdir, pool, sink, rows, new_rows, base_env, rng
             )
-            if opts.soak > 0:
+            if opts.soak > 0 and n == max(opts.sizes):
                 result["soak"] = await _daemon_c(n, opts, workdir, pool, sink, rows, base_env, rng)
             result["server_rss_kib"] = (await pool.totals())["rss_kib"]
             result["scan_reasons"] = dict(sink.reasons)
@@ -435,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="implicit TLS with a trustme CA")
     p.add_argument("--plot", action="store_true", help=f"write {DEFAULT_PLOT} from the results")
     p.add_argument("--plot-only", action="store_true", help="only redraw the plot")
+    p.add_argument(
+        "--markdown", action="store_true", help="only print the results as a markdown table"
+    )
     p.add_argument("--plot-path", default=DEFAULT_PLOT)
     p.add_argument("--out", default=DEFAULT_OUT, help="results JSON (runs are merged in)")
     p.add_argument("--fresh", action="store_true", help="replace the results file")
@@ -505,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--soak",
         type=float,
         default=0.0,
-        help="then hold N sessions this many seconds in a third daemon with product "
-        "defaults (2 min tick, 5 min refresh) and mail arriving; 0 = skip",
+        help="at the largest N, then hold the sessions this many seconds in a third daemon "
+        "with product defaults (2 min tick, 5 min refresh) and mail arriving; 0 = skip",
     )
     p.add_argument("--soak-rate", type=float, default=20.0, help="appends/s during the soak")
     p.add_argument("--workdir", default=None, help="keep logs and files here (default: temp)")
@@ -537,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
     out = Path(args.out)
+    if args.markdown:
+        print(markdown_table(json.loads(out.read_text())["runs"]))
+        return 0
     if args.plot_only:
         data = json.loads(out.read_text())
         make_plot(data["runs"], Path(args.plot_path))
