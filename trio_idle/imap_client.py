@@ -40,10 +40,12 @@ from trio_idle.push_monitor import PushMonitor
 
 T = TypeVar("T")
 
-#: asyncio (3.11+) gives every TLS connection a 256 KiB read buffer (``SSLProtocol.max_size``):
-#: 315 KiB RSS per TLS session instead of 76 KiB (docs/performance.md). One TLS record is at
-#: most 16 KiB + overhead, and IDLE traffic is tiny, so 17 KiB loses nothing.
-TLS_READ_BUFFER: Final = 17 * 1024
+#: asyncio (3.11+) gives every TLS connection a 256 KiB read buffer (``SSLProtocol.max_size``),
+#: allocated and touched per connection: 315 KiB RSS per TLS session (docs/performance.md).
+#: It is only the chunk size in which socket bytes are fed to the TLS engine, which
+#: reassembles records itself, so a smaller one costs a read call per 4 KiB of a large
+#: answer and nothing else; IDLE traffic is a few lines.
+TLS_READ_BUFFER: Final = 4 * 1024
 if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER:
     asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
