@@ -52,6 +52,8 @@ def main() -> int:
     if ssl_buffer:  # asyncio's per-TLS-connection read buffer (256 KiB by default)
         import asyncio.sslproto
 
+        import trio_idle.imap_client  # noqa: F401 - sets its own size on import: override it
+
         asyncio.sslproto.SSLProtocol.max_size = int(ssl_buffer)
     thresholds = os.environ.get("BENCH_GC_THRESHOLDS")
     if thresholds:  # e.g. "700,10,1000000": keeps automatic full collections away
