@@ -316,7 +316,11 @@ class StateStore:
                 self._deleted.add(key)
 
     async def flush(self) -> bool:
-        """Write what is dirty now. Returns False (and keeps it dirty) on failure."""
+        """Write what is dirty now. Returns False (and keeps it dirty) on failure.
+
+        Cancellation also keeps it dirty: whether or not the backend committed before the
+        cancel landed, the entries are written again by the next flush (upserts are
+        idempotent)."""
         if self.backend is None or not (self._dirty or self._deleted):
             return True
         upserts = [(k, self._state[k]) for k in self._dirty if k in self._state]
@@ -324,10 +328,13 @@ class StateStore:
         self._dirty, self._deleted = set(), set()
         try:
             await self.backend.write(upserts, deletes)
-        except Exception as exc:
-            # keep them for the next try, unless something newer replaced them meanwhile
-            self._dirty.update(k for k, _ in upserts)
-            self._deleted.update(deletes)
+        except BaseException as exc:
+            # Keep them for the next try: a failed write, and also one cancelled in flight
+            # (shutdown), which the final flush must redo or the restart rescans them.
+            self._dirty.update(k for k, _ in upserts if k in self._state)
+            self._deleted.update(k for k in deletes if k not in self._state)
+            if not isinstance(exc, Exception):
+                raise
             self._stats.inc("state_errors", "write")
             logger.warning(
                 f"[idle/state] cannot write {len(upserts) + len(deletes)} state "

@@ -139,3 +139,38 @@ def test_startup_decision() -> None:
     assert startup_decision(ScannedState(6, 10, 0.0), now).scan
     # UIDNEXT lower after a UIDVALIDITY change is still "changed"
     assert startup_decision(ScannedState(6, 50, 0.0), now).scan
+
+
+class SlowBackend:
+    """A write that is still in flight when shutdown cancels it (a slow Postgres round trip)."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.stall = True
+        self.written: list[tuple[Key, ScannedState]] = []
+
+    async def load_all(self) -> dict[Key, ScannedState]:
+        return {}
+
+    async def write(
+        self, upserts: Sequence[tuple[Key, ScannedState]], deletes: Sequence[Key]
+    ) -> None:
+        if self.stall:
+            self.started.set()
+            await trio.sleep_forever()
+        self.written.extend(upserts)
+
+
+async def test_a_write_cancelled_by_shutdown_is_redone_by_the_final_flush() -> None:
+    backend = SlowBackend()
+    store = StateStore(backend, Stats(), flush_interval=0.0)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.run_flusher)
+            store.record("c", "INBOX", 3, 30)
+            await backend.started.wait()  # the periodic flush took the entry and is writing
+            backend.stall = False
+            nursery.cancel_scope.cancel()
+    assert [(k, s.uidnext) for k, s in backend.written] == [(("c", "INBOX"), 30)]
