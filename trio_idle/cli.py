@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Callable, Container, Mapping, Sequenc
 from typing import Any
 
 import trio
-import trio_asyncio
 from loguru import logger
 
 from trio_idle import __version__
+from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.config import OPTIONS, ConfigError, Settings, parse_settings
 from trio_idle.daemon import ConnectionSource, Daemon, run_daemon
 from trio_idle.logs import setup_logging
@@ -258,7 +258,7 @@ async def migrate_state_table(settings: Settings) -> int:
     """``trio-idle db migrate``: create the Postgres state table (idempotent)."""
     assert settings.database_url is not None
     try:
-        async with trio_asyncio.open_loop():
+        async with open_asyncio_loop():
             with trio.fail_after(settings.db_timeout):
                 await PostgresBackend(settings.database_url).migrate()
     except Exception as exc:  # one clear line, never the DSN

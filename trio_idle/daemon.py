@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import trio
-import trio_asyncio
 from loguru import logger
 
+from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.config import Settings
 from trio_idle.connections import RowProblem, build_connections
 from trio_idle.crypto import derive_key
@@ -198,7 +198,7 @@ async def run_daemon(
         max_connections=settings.http_max_connections,
     )
     daemon: Daemon | None = None
-    async with trio_asyncio.open_loop():
+    async with open_asyncio_loop(stats):
         try:
             await store.load()
             # The flusher outlives the root nursery so that the sessions' last scans are

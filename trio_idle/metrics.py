@@ -52,6 +52,7 @@ PLAIN_COUNTERS: Final = (
     ("scans_ok", "scans the backend answered with 2xx"),
     ("ping_errors", "health pings that could not be delivered"),
     ("state_writes", "mailbox state entries written to the state store"),
+    ("asyncio_errors", "errors asyncio had nobody to report to (logged, not fatal)"),
 )
 
 #: ``Stats`` counters with a label, exported as ``trio_idle_<name>_total{<label>}``.

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import attrs
 import trio
-import trio_asyncio
 from loguru import logger
 
+from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.config import Settings
 from trio_idle.connections import MailConnection, RowProblem, build_connection
 from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
@@ -138,7 +138,7 @@ async def run_check(
     concurrency: int = DEFAULT_CHECK_CONCURRENCY,
 ) -> int:
     """``trio-idle check``: read the source, decrypt every row, optionally log in."""
-    async with trio_asyncio.open_loop():
+    async with open_asyncio_loop():
         try:
             rows = await source.fetch()
         except SourceError as exc:
