@@ -49,11 +49,16 @@ async def test_corrupt_file_starts_empty_and_says_so(tmp_path: Path) -> None:
     assert logs.matching("[idle/state] cannot load the state")
 
 
-class FailingBackend:
-    name = "failing"
+class ScriptedBackend:
+    """A state backend whose writes fail (``fail``) or hang until cancelled (``stall``,
+    a slow Postgres round trip that shutdown cancels)."""
 
-    def __init__(self) -> None:
-        self.fail = True
+    name = "scripted"
+
+    def __init__(self, *, fail: bool = False, stall: bool = False) -> None:
+        self.fail = fail
+        self.stall = stall
+        self.started = trio.Event()
         self.written: list[tuple[Key, ScannedState]] = []
 
     async def load_all(self) -> dict[Key, ScannedState]:
@@ -63,13 +68,16 @@ class FailingBackend:
         self, upserts: Sequence[tuple[Key, ScannedState]], deletes: Sequence[Key]
     ) -> None:
         await trio.lowlevel.checkpoint()
+        if self.stall:
+            self.started.set()
+            await trio.sleep_forever()
         if self.fail:
             raise OSError("disk full")
         self.written.extend(upserts)
 
 
 async def test_failed_write_is_retried_not_lost() -> None:
-    backend = FailingBackend()
+    backend = ScriptedBackend(fail=True)
     stats = Stats()
     store = StateStore(backend, stats)
     store.record("c", "INBOX", 1, 10)
@@ -141,30 +149,8 @@ def test_startup_decision() -> None:
     assert startup_decision(ScannedState(6, 50, 0.0), now).scan
 
 
-class SlowBackend:
-    """A write that is still in flight when shutdown cancels it (a slow Postgres round trip)."""
-
-    name = "slow"
-
-    def __init__(self) -> None:
-        self.started = trio.Event()
-        self.stall = True
-        self.written: list[tuple[Key, ScannedState]] = []
-
-    async def load_all(self) -> dict[Key, ScannedState]:
-        return {}
-
-    async def write(
-        self, upserts: Sequence[tuple[Key, ScannedState]], deletes: Sequence[Key]
-    ) -> None:
-        if self.stall:
-            self.started.set()
-            await trio.sleep_forever()
-        self.written.extend(upserts)
-
-
 async def test_a_write_cancelled_by_shutdown_is_redone_by_the_final_flush() -> None:
-    backend = SlowBackend()
+    backend = ScriptedBackend(stall=True)
     store = StateStore(backend, Stats(), flush_interval=0.0)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
