@@ -51,6 +51,8 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
             "--quick",
             "--soak",
             "4",
+            "--soak-refresh",
+            "1s",
             "--out",
             str(out),
             "--workdir",
@@ -109,6 +111,10 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
     assert soak["all_idle_at_end"] and soak["reconnects"] == 0
     assert soak["pushes"]["appends"] > 0 and soak["pushes"]["missed"] == 0
     assert len(soak["samples_t_rss_kib_cpu_s"]) >= 2
+    # every refresh ends with a collection (pause reported); a forced full one at the end
+    assert len(soak["gc"]["gen2_t_ms_collected"]) >= 2, soak["gc"]
+    assert soak["gc"]["forced_full"]["ms"] > 0, soak["gc"]
+    assert "a forced full one at the end" in proc.stdout
     assert c["shutdown"]["exit_code"] == 0 and c["shutdown"]["logouts"] == 200
     assert c["log_lines"].get("ERROR", 0) == 0, c["log_lines"]
 

@@ -9,7 +9,10 @@ slower than 20 ms::
 With ``TRIO_IDLE_BENCH_GC_FREEZE=1``, SIGUSR1 makes the process call :func:`gc.freeze`
 (what a daemon-side fix would do once its sessions are up); the environment variable
 ``BENCH_GC_THRESHOLDS=a,b,c`` calls :func:`gc.set_threshold` first. Used by ``--gc-probe`` /
-``--gc-freeze``. ``BENCH_SSL_MAX_SIZE=n`` sets asyncio's ``SSLProtocol.max_size`` (the
+``--gc-freeze``. SIGUSR2 runs one full collection of everything, frozen objects included
+(the soak ends with one: what the daemon's frozen generation held as garbage).
+``BENCH_GC_INSPECT=1`` adds ``young=<n>`` to slow generation-1 lines: the objects walked.
+``BENCH_SSL_MAX_SIZE=n`` sets asyncio's ``SSLProtocol.max_size`` (the
 per-connection TLS read buffer) to try a smaller one. The published figures use plain
 ``python -m trio_idle.cli serve``.
 """
@@ -24,18 +27,23 @@ import time
 from typing import Any
 
 _started: list[float] = [0.0]
+_young: list[int] = [0]
+_INSPECT = os.environ.get("BENCH_GC_INSPECT") == "1"
 
 
 def _callback(phase: str, info: dict[str, Any]) -> None:
+    generation = info.get("generation", -1)
     if phase == "start":
+        if _INSPECT and generation == 1:  # how many objects this collection walks
+            _young[0] = len(gc.get_objects(0)) + len(gc.get_objects(1))
         _started[0] = time.perf_counter()
         return
     elapsed = time.perf_counter() - _started[0]
-    generation = info.get("generation", -1)
     if generation == 2 or elapsed > 0.02:
+        young = f" young={_young[0]}" if _INSPECT and generation == 1 else ""
         sys.stderr.write(
             f"GCPROBE {time.time():.3f} gen={generation} ms={elapsed * 1000:.1f} "
-            f"collected={info.get('collected', 0)}\n"
+            f"collected={info.get('collected', 0)}{young}\n"
         )
 
 
@@ -43,6 +51,19 @@ def _freeze(_signum: int, _frame: Any) -> None:
     gc.collect()
     gc.freeze()
     sys.stderr.write(f"GCPROBE {time.time():.3f} freeze frozen={gc.get_freeze_count()}\n")
+
+
+def _forced_full(_signum: int, _frame: Any) -> None:
+    # What the daemon's own full collection would free now: everything frozen since its
+    # last one that has become cyclic garbage (logged as a gen=2 pass by the callback).
+    started = time.perf_counter()
+    gc.unfreeze()
+    collected = gc.collect()
+    gc.freeze()
+    elapsed = time.perf_counter() - started
+    sys.stderr.write(
+        f"GCPROBE {time.time():.3f} forced-full ms={elapsed * 1000:.1f} collected={collected}\n"
+    )
 
 
 def main() -> int:
@@ -60,6 +81,7 @@ def main() -> int:
         gc.set_threshold(*(int(x) for x in thresholds.split(",")))
     if os.environ.get("TRIO_IDLE_BENCH_GC_FREEZE") == "1":
         signal.signal(signal.SIGUSR1, _freeze)
+    signal.signal(signal.SIGUSR2, _forced_full)
     from trio_idle.cli import main as cli_main
 
     return cli_main(sys.argv[1:])

@@ -64,6 +64,8 @@ class Options:
     #: seconds of daemon C (product defaults but the limiter): 0 = no soak
     soak: float = 0.0
     soak_rate: float = 20.0
+    #: daemon C's TRIO_IDLE_REFRESH_INTERVAL (each refresh ends with its collection)
+    soak_refresh: str = "5m"
 
 
 def rate_for(n: int, opts: Options) -> float:
@@ -376,13 +378,17 @@ async def _daemon_c(
         **base_env,
         "TRIO_IDLE_CONNECT_CONCURRENCY": str(opts.high_concurrency),
         "TRIO_IDLE_CONNECT_RATE": str(opts.high_rate),
-        "TRIO_IDLE_REFRESH_INTERVAL": "5m",
+        "TRIO_IDLE_REFRESH_INTERVAL": opts.soak_refresh,
     }
     b_state = workdir / f"daemon-b-{n}-state.sqlite3"
-    daemon = DaemonProc(workdir, f"daemon-c-{n}", env, state_from=b_state)
+    # under gc_probe (the CLI unchanged, plus a log line per full collection) so the soak
+    # reports the after-refresh collections' pauses and can force a last full one
+    daemon = DaemonProc(
+        workdir, f"daemon-c-{n}", env, "trio_idle.bench.gc_probe", state_from=b_state
+    )
     try:
         await daemon.start()
-        out: dict[str, Any] = {"refresh": "5m", "tick": "2m", "state": "restart"}
+        out: dict[str, Any] = {"refresh": opts.soak_refresh, "tick": "2m", "state": "restart"}
         base = rss_kib(daemon.pid)
         startup = sink.reasons.get("startup", 0)
         print("  C: ramp", flush=True)
@@ -390,9 +396,11 @@ async def _daemon_c(
         out["catch_up"] = await phases.catch_up(sink, daemon, startup, 0, 0)
         out["memory"] = await phases.settle_and_measure_rss(daemon, n, base, 5.0)
         print(f"  C: soak ({opts.soak:g}s, {opts.soak_rate:g} appends/s)", flush=True)
+        started = time.time()
         out["soak"] = await phases.soak(
             pool, sink, daemon, [u for u, _ in rows], opts.soak_rate, opts.soak, rng
         )
+        out["soak"]["gc"] = await phases.soak_gc(daemon, started, time.time())
         print("  C: shutdown", flush=True)
         out["shutdown"] = await phases.shutdown(pool, daemon, n)
         out["log_lines"] = daemon.log_counts()
@@ -512,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with product defaults (2 min tick, 5 min refresh) and mail arriving; 0 = skip",
     )
     p.add_argument("--soak-rate", type=float, default=20.0, help="appends/s during the soak")
+    p.add_argument(
+        "--soak-refresh",
+        default="5m",
+        help="daemon C's refresh interval (product default 5m; each refresh collects garbage)",
+    )
     p.add_argument("--workdir", default=None, help="keep logs and files here (default: temp)")
     return p
 
@@ -577,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         tick=args.tick,
         soak=args.soak,
         soak_rate=args.soak_rate,
+        soak_refresh=args.soak_refresh,
     )
     limit = raise_nofile_limit()
     print(f"RLIMIT_NOFILE soft limit: {limit}", flush=True)

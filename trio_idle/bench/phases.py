@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -339,4 +340,31 @@ async def soak(
         "noops": after["noops"] - before["noops"],
         "all_idle_at_end": after["idle_clients"] >= len(users),
         "pushes": {k: pushes[k] for k in ("appends", "missed", "p50_ms", "p99_ms", "max_ms")},
+    }
+
+
+async def soak_gc(daemon: DaemonProc, start: float, end: float) -> dict[str, Any]:
+    """The soak daemon's after-refresh collections (pause, objects freed), then one forced
+    full collection (SIGUSR2 to :mod:`trio_idle.bench.gc_probe`): what it frees is the
+    garbage the frozen generation had kept, i.e. what freezing cost in memory."""
+    passes = [
+        [round(t - start, 1), ms, collected]
+        for t, g, ms, collected in daemon.gc_passes()
+        if g == 2 and start <= t <= end
+    ]
+    rss_before = rss_kib(daemon.pid)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGUSR2)
+    forced: dict[str, Any] = {}
+    with trio.move_on_after(60):
+        while not forced:
+            await trio.sleep(0.2)
+            forced = daemon.forced_full() or {}
+    await trio.sleep(1.0)
+    return {
+        "gen2_t_ms_collected": passes,
+        "gen2_ms_max": max((p[1] for p in passes), default=None),
+        "forced_full": forced,
+        "rss_before_forced_kib": rss_before,
+        "rss_after_forced_kib": rss_kib(daemon.pid),
     }

@@ -259,22 +259,45 @@ class DaemonProc:
             return elapsed, None
         return elapsed, self.process.returncode
 
-    def gc_summary(self, windows: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
-        """Generation-2 collections logged by :mod:`trio_idle.bench.gc_probe`, per window."""
-        passes: list[tuple[float, int, float]] = []
+    def gc_passes(self) -> list[tuple[float, int, float, int]]:
+        """``(wall time, generation, ms, collected)`` of every collection
+        :mod:`trio_idle.bench.gc_probe` logged (generation 2 and slow young ones)."""
+        passes: list[tuple[float, int, float, int]] = []
         try:
             with self.log_path.open("rb") as f:
                 for line in f:
                     if line.startswith(b"GCPROBE ") and b" gen=" in line:
                         fields = dict(p.split(b"=", 1) for p in line.split()[2:] if b"=" in p)
                         when = float(line.split()[1])
-                        passes.append((when, int(fields[b"gen"]), float(fields[b"ms"])))
+                        passes.append(
+                            (
+                                when,
+                                int(fields[b"gen"]),
+                                float(fields[b"ms"]),
+                                int(fields.get(b"collected", b"0")),
+                            )
+                        )
         except OSError:
             pass
+        return passes
+
+    def forced_full(self) -> dict[str, float] | None:
+        """The last ``forced-full`` collection :mod:`trio_idle.bench.gc_probe` logged."""
+        found = None
+        with self.log_path.open("rb") as f:
+            for line in f:
+                if line.startswith(b"GCPROBE ") and b" forced-full " in line:
+                    fields = dict(p.split(b"=", 1) for p in line.split()[3:])
+                    found = {"ms": float(fields[b"ms"]), "collected": int(fields[b"collected"])}
+        return found
+
+    def gc_summary(self, windows: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+        """Generation-2 collections logged by :mod:`trio_idle.bench.gc_probe`, per window."""
+        passes = self.gc_passes()
         out: dict[str, Any] = {}
         for name, (start, end) in windows.items():
-            full = [ms for t, g, ms in passes if start <= t <= end and g == 2]
-            slow = [ms for t, g, ms in passes if start <= t <= end and g != 2]
+            full = [ms for t, g, ms, _ in passes if start <= t <= end and g == 2]
+            slow = [ms for t, g, ms, _ in passes if start <= t <= end and g != 2]
             out[name] = {
                 "gen2_collections": len(full),
                 "gen2_ms_total": round(sum(full), 1),

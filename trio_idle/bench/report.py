@@ -99,6 +99,17 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
                 f"pushes {s['pushes']['appends']} missed {s['pushes']['missed']} "
                 f"p99 {s['pushes']['p99_ms']} ms max {s['pushes']['max_ms']} ms"
             )
+            gc = s.get("gc")
+            if gc:
+                pauses = ", ".join(f"{ms:.0f}" for _, ms, _ in gc["gen2_t_ms_collected"])
+                forced = gc["forced_full"]
+                lines.append(
+                    f"  collections after refreshes (ms): {pauses or 'none'}; a forced full "
+                    f"one at the end: {forced.get('ms', '?')} ms, freed "
+                    f"{forced.get('collected', '?')} objects, RSS "
+                    f"{gc['rss_before_forced_kib'] / 1024:.0f}→"
+                    f"{gc['rss_after_forced_kib'] / 1024:.0f} MiB"
+                )
     return "\n".join(lines)
 
 
