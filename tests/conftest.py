@@ -19,6 +19,7 @@ Fixtures (all synchronous; use them from trio tests freely):
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import shutil
@@ -211,3 +212,11 @@ def logs() -> Iterator[LogCapture]:
     """Every loguru message of the test, with ``wait_for`` to wait on a line."""
     with capture_logs() as capture:
         yield capture
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc() -> Iterator[None]:
+    """In-process daemons freeze what survives their after-refresh collection
+    (``trio_idle.gc_policy``); give every test a test process with nothing frozen."""
+    yield
+    gc.unfreeze()

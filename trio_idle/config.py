@@ -543,8 +543,10 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "--gc",
         _choice(GC_MODES),
         "tuned",
-        "tuned: no automatic full garbage collections (they pause 1 s at 10,000 sessions), "
-        "one after each refresh instead; python: CPython's defaults",
+        "tuned: no automatic full garbage collections (they pause ≈ 2 s at 10,000 "
+        "sessions); after each refresh a collection of what is new since the last one "
+        "(≈ 40 % of that), a full one only after much session churn and every 6 h "
+        "(docs/performance.md); python: CPython's defaults",
     ),
     Option(
         "state",

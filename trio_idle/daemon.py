@@ -17,7 +17,6 @@ bounds the whole exit by ``shutdown_timeout``.
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ from trio_idle.config import Settings
 from trio_idle.connections import RowProblem, build_connections
 from trio_idle.crypto import derive_key
 from trio_idle.errors import SourceError
+from trio_idle.gc_policy import FullCollectionPolicy, collect_and_freeze
 from trio_idle.imap_client import make_ssl_context
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.reconcile import Reconciler
@@ -82,6 +82,9 @@ class Daemon:
         #: set when :meth:`shutdown` is called (supervision ends and sends STOPPING=1)
         self.shutdown_requested = trio.Event()
         self.stopped = trio.Event()
+        #: sessions removed by refreshes so far (with connection attempts: the GC churn)
+        self.sessions_removed = 0
+        self.gc_policy = FullCollectionPolicy()
         #: health endpoint, pings, systemd; set by :func:`run_daemon` before it reports
         self.supervisor: Supervisor | None = None
 
@@ -109,7 +112,7 @@ class Daemon:
         self._logged_problems = current  # a row that is fixed and breaks again logs again
         if self.stopping:
             return True
-        self.reconciler.apply(wanted)
+        self.sessions_removed += len(self.reconciler.apply(wanted).removed)
         if self.reconciler.store is not None:
             self.reconciler.store.prune(wanted.keys())
         self.row_problems = problems
@@ -128,9 +131,7 @@ class Daemon:
         while not self.stopping:
             ok = await self.refresh_once()
             if ok and self.settings.gc_mode == "tuned":
-                # automatic full collections are off (cli.serve): collect here, once per
-                # refresh, so cycles left by removed sessions are still freed
-                gc.collect()
+                self.collect_garbage()
             self.refresh_attempts += 1
             self.refreshed.set()
             self.refreshed = trio.Event()
@@ -144,6 +145,29 @@ class Daemon:
             with trio.move_on_after(delay):
                 await self._refresh_now.wait()
             self._refresh_now = trio.Event()
+
+    def collect_garbage(self) -> None:
+        """The after-refresh collection of ``TRIO_IDLE_GC=tuned`` (:mod:`trio_idle.gc_policy`).
+
+        Blocks the loop for its pause. At 10,000 sessions on the benchmark machine:
+        0.7–0.8 s when only what was created since the last refresh is walked, 1.9 s when
+        the policy asks for a full one (after many sessions started or ended, every 6 h).
+        """
+        churn = self.stats.get("connect_attempts") + self.sessions_removed
+        now = trio.current_time()
+        full = self.gc_policy.full_due(churn, len(self.reconciler.handles), now)
+        done = collect_and_freeze(full)
+        if full:
+            self.gc_policy.full_done(churn, now)
+        self.stats.inc("gc_collections", "full" if full else "new")
+        line = (
+            f"[idle/gc] {'full' if full else 'new-objects'} collection: "
+            f"{done.collected} objects freed in {done.seconds * 1000:.0f} ms"
+        )
+        if full:
+            logger.info(line)
+        else:
+            logger.debug(line)
 
     def shutdown(self, reason: str = "shutdown requested") -> None:
         """Stop refreshing, end every session (LOGOUT), exit within ``shutdown_timeout``."""

@@ -63,6 +63,7 @@ LABELLED_COUNTERS: Final = (
     ("scans_retried", "status", "scan attempts that failed and were retried"),
     ("pings_sent", "result", "health pings delivered (ok: healthy, fail: unhealthy)"),
     ("state_errors", "operation", "state store failures (load, write)"),
+    ("gc_collections", "kind", "after-refresh garbage collections (full, new: only new objects)"),
 )
 
 

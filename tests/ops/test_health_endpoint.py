@@ -89,6 +89,7 @@ async def test_readyz_metrics_and_status_follow_the_sessions(
                 "status",
                 "result",
                 "operation",
+                "kind",
                 "le",
                 "version",
             }, labels
