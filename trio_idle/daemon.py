@@ -150,7 +150,7 @@ class Daemon:
         """The after-refresh collection of ``TRIO_IDLE_GC=tuned`` (:mod:`trio_idle.gc_policy`).
 
         Blocks the loop for its pause. At 10,000 sessions on the benchmark machine:
-        0.7–0.8 s when only what was created since the last refresh is walked, 1.9 s when
+        0.6–0.8 s when only what was created since the last refresh is walked, 1.9 s when
         the policy asks for a full one (after many sessions started or ended, every 6 h).
         """
         churn = self.stats.get("connect_attempts") + self.sessions_removed

@@ -7,7 +7,7 @@ daemon collects once after each refresh instead, and freezes what survives
 (:func:`gc.freeze`): frozen objects are skipped by later collections, so the collection
 after the next refresh only walks what was created since and is still alive. Ticks renew
 every session's command objects, so at 10,000 sessions that is still ≈ 40 % of a full
-collection (0.7–0.8 s against 1.9 s on the benchmark machine), not nothing.
+collection (0.6–0.8 s against 1.9 s on the benchmark machine), not nothing.
 
 The price: a frozen object that later becomes unreachable *only through a reference cycle*
 is not freed until it is unfrozen (reference counting still frees everything acyclic at
