@@ -26,6 +26,8 @@ import sys
 import time
 from typing import Any
 
+from trio_idle.gc_policy import collect_and_freeze
+
 _started: list[float] = [0.0]
 _young: list[int] = [0]
 _INSPECT = os.environ.get("BENCH_GC_INSPECT") == "1"
@@ -48,21 +50,17 @@ def _callback(phase: str, info: dict[str, Any]) -> None:
 
 
 def _freeze(_signum: int, _frame: Any) -> None:
-    gc.collect()
-    gc.freeze()
+    collect_and_freeze(full=False)
     sys.stderr.write(f"GCPROBE {time.time():.3f} freeze frozen={gc.get_freeze_count()}\n")
 
 
 def _forced_full(_signum: int, _frame: Any) -> None:
     # What the daemon's own full collection would free now: everything frozen since its
     # last one that has become cyclic garbage (logged as a gen=2 pass by the callback).
-    started = time.perf_counter()
-    gc.unfreeze()
-    collected = gc.collect()
-    gc.freeze()
-    elapsed = time.perf_counter() - started
+    done = collect_and_freeze(full=True)
     sys.stderr.write(
-        f"GCPROBE {time.time():.3f} forced-full ms={elapsed * 1000:.1f} collected={collected}\n"
+        f"GCPROBE {time.time():.3f} forced-full ms={done.seconds * 1000:.1f} "
+        f"collected={done.collected}\n"
     )
 
 

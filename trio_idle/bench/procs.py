@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -259,36 +259,34 @@ class DaemonProc:
             return elapsed, None
         return elapsed, self.process.returncode
 
-    def gc_passes(self) -> list[tuple[float, int, float, int]]:
-        """``(wall time, generation, ms, collected)`` of every collection
-        :mod:`trio_idle.bench.gc_probe` logged (generation 2 and slow young ones)."""
-        passes: list[tuple[float, int, float, int]] = []
+    def _probe_lines(self) -> Iterator[tuple[float, bytes, dict[bytes, bytes]]]:
+        """``(wall time, kind, fields)`` of each line :mod:`trio_idle.bench.gc_probe` wrote;
+        kind is ``gen=<n>``, ``forced-full`` or ``freeze``."""
         try:
             with self.log_path.open("rb") as f:
                 for line in f:
-                    if line.startswith(b"GCPROBE ") and b" gen=" in line:
-                        fields = dict(p.split(b"=", 1) for p in line.split()[2:] if b"=" in p)
-                        when = float(line.split()[1])
-                        passes.append(
-                            (
-                                when,
-                                int(fields[b"gen"]),
-                                float(fields[b"ms"]),
-                                int(fields.get(b"collected", b"0")),
-                            )
-                        )
+                    if line.startswith(b"GCPROBE "):
+                        parts = line.split()
+                        fields = dict(p.split(b"=", 1) for p in parts[2:] if b"=" in p)
+                        yield float(parts[1]), parts[2], fields
         except OSError:
-            pass
-        return passes
+            return
+
+    def gc_passes(self) -> list[tuple[float, int, float, int]]:
+        """``(wall time, generation, ms, collected)`` of every collection
+        :mod:`trio_idle.bench.gc_probe` logged (generation 2 and slow young ones)."""
+        return [
+            (when, int(fields[b"gen"]), float(fields[b"ms"]), int(fields.get(b"collected", b"0")))
+            for when, kind, fields in self._probe_lines()
+            if kind.startswith(b"gen=")
+        ]
 
     def forced_full(self) -> dict[str, float] | None:
         """The last ``forced-full`` collection :mod:`trio_idle.bench.gc_probe` logged."""
         found = None
-        with self.log_path.open("rb") as f:
-            for line in f:
-                if line.startswith(b"GCPROBE ") and b" forced-full " in line:
-                    fields = dict(p.split(b"=", 1) for p in line.split()[3:])
-                    found = {"ms": float(fields[b"ms"]), "collected": int(fields[b"collected"])}
+        for _, kind, fields in self._probe_lines():
+            if kind == b"forced-full":
+                found = {"ms": float(fields[b"ms"]), "collected": int(fields[b"collected"])}
         return found
 
     def gc_summary(self, windows: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
