@@ -34,6 +34,7 @@ from trio_idle.operator_commands import (
     run_check,
     wait_for_first_outcomes,
 )
+from trio_idle.scrub import Scrubber, redact_url, url_secrets
 from trio_idle.source_file import FileSource
 from trio_idle.source_postgres import PostgresSource
 from trio_idle.state_store import POSTGRES_TABLE, PostgresBackend
@@ -55,11 +56,14 @@ def _add_setting_flags(parser: argparse.ArgumentParser, only: Container[str] | N
         default = (
             f" (default: {option.default})" if option.default and len(option.default) < 40 else ""
         )
+        text = f"{option.help}{default}; env {option.env}"
         parser.add_argument(
             option.flag,
             dest=option.field,
             metavar=option.env,
-            help=f"{option.help}{default}; env {option.env}",
+            # argparse %-formats help texts: a literal '%' in a help or default would crash
+            # --help, so escape whatever the table says
+            help=text.replace("%", "%%"),
         )
 
 
@@ -262,7 +266,7 @@ async def migrate_state_table(settings: Settings) -> int:
             with trio.fail_after(settings.db_timeout):
                 await PostgresBackend(settings.database_url).migrate()
     except Exception as exc:  # one clear line, never the DSN
-        text = str(exc).replace(settings.database_url.reveal(), "********")[:300]
+        text = Scrubber(url_secrets(settings.database_url.reveal()), limit=300)(exc)
         print(f"trio-idle: db migrate failed: {type(exc).__name__}: {text}", file=sys.stderr)
         return 1
     print(f"trio-idle: table {POSTGRES_TABLE} is ready")
@@ -299,7 +303,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         else:
             settings = settings_from_args(args, env)
     except ConfigError as exc:
-        print(f"trio-idle: configuration error: {exc}", file=sys.stderr)
+        for line in exc.lines():
+            print(f"trio-idle: configuration error: {line}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
@@ -310,7 +315,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             gc.set_threshold(700, 10, 1_000_000)
         logger.info(
             f"[idle/daemon] trio-idle {__version__} starting "
-            f"(source={settings.source}, backend={settings.scan_url})"
+            f"(source={settings.source}, backend={redact_url(settings.scan_url)})"
             + (" for one check (--once)" if args.once else "")
         )
         if args.once:

@@ -32,11 +32,26 @@ LOG_LEVELS: Final = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "C
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing or invalid. ``str()`` is the one-line message."""
+    """A configuration value is missing or invalid. ``str()`` is the one-line message.
+
+    :func:`parse_settings` reports every problem it finds at once: :attr:`problems` lists
+    them all (this error first), one line each; ``str()`` is the first one's line.
+    """
 
     def __init__(self, name: str, message: str) -> None:
         super().__init__(f"{name}: {message}")
         self.name = name
+        self.problems: list[ConfigError] = [self]
+
+    @classmethod
+    def of(cls, problems: list[ConfigError]) -> ConfigError:
+        first = problems[0]
+        first.problems = list(problems)
+        return first
+
+    def lines(self) -> list[str]:
+        """One line per problem, in the order they were found."""
+        return [str(problem) for problem in self.problems]
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)?\s*$", re.IGNORECASE)
@@ -97,10 +112,23 @@ def _http_url(text: str) -> str:
 
 
 def _postgres_url(text: str) -> Secret:
-    parts = urlsplit(text.strip())
+    # Never echo the value: it usually carries a password.
+    expected = "expected a postgresql://user:password@host:port/db URL"
+    try:
+        parts = urlsplit(text.strip())
+    except ValueError:
+        raise ValueError(f"{expected} (value not shown)") from None
     if parts.scheme not in ("postgres", "postgresql"):
-        # Never echo the value: it usually carries a password.
-        raise ValueError("expected a postgresql://user:password@host:port/db URL")
+        raise ValueError(expected)
+    # asyncpg takes "host1:5432,host2:5433"; every port must be a number, or the first
+    # connect dies deep inside asyncpg instead of here, as a configuration error.
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(","):
+        name, sep, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        if sep and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{expected}: a port is not a number 1-65535 (value not shown)")
+        if sep and name.startswith("[") and not name.endswith("]"):
+            raise ValueError(f"{expected}: malformed host (value not shown)")
     return Secret(text.strip())
 
 
@@ -545,7 +573,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "tuned",
         "tuned: no automatic full garbage collections (they pause ≈ 2 s at 10,000 "
         "sessions); after each refresh a collection of what is new since the last one "
-        "(≈ 40 % of that), a full one only after much session churn and every 6 h "
+        "(about 40 percent of that), a full one only after much session churn and every 6 h "
         "(docs/performance.md); python: CPython's defaults",
     ),
     Option(
@@ -586,6 +614,11 @@ OPTIONS: Final[tuple[Option, ...]] = (
 )
 
 _BY_FIELD: Final = {o.field: o for o in OPTIONS}
+#: the label a problem names (variable or flag) → its field
+_BY_ENV_OR_FLAG: Final = {
+    **{o.env: o.field for o in OPTIONS},
+    **{o.flag: o.field for o in OPTIONS if o.flag},
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -669,6 +702,7 @@ def parse_settings(
     overrides = overrides or {}
     values: dict[str, Any] = {}
     labels: dict[str, str] = {}
+    problems: list[ConfigError] = []
     for option in OPTIONS:
         raw: str | None
         if overrides.get(option.field) is not None:
@@ -683,41 +717,60 @@ def parse_settings(
         try:
             values[option.field] = option.parse(raw)
         except ValueError as exc:
-            raise ConfigError(label, str(exc)) from None
-    if "backend_url" not in values:
-        values["backend_url"] = default_backend_url(values["node_env"])
+            problems.append(ConfigError(label, str(exc)))
+    # A field whose value was bad falls back to its default below, so the checks that
+    # follow still run and report their own problems; nothing is built from it.
+    fallback = {o.field: o.parse(o.default) for o in OPTIONS if o.default is not None}
+    merged = {**fallback, **values}
+    if "backend_url" not in values and "backend_url" not in {p.name for p in problems}:
+        values["backend_url"] = merged["backend_url"] = default_backend_url(merged["node_env"])
 
     needed = list(require)
     if require_source:
-        needed.append("database_url" if values["source"] == "postgres" else "connections_file")
+        needed.append("database_url" if merged["source"] == "postgres" else "connections_file")
+    bad = {_BY_ENV_OR_FLAG.get(p.name) for p in problems}
     for name in needed:
-        if name not in values:
+        if name not in values and name not in bad:
             option = _BY_FIELD[name]
             where = option.env + (f" (or {option.flag})" if option.flag else "")
-            raise ConfigError(option.env, f"is required: set {where}")
+            problems.append(ConfigError(option.env, f"is required: set {where}"))
     if "encryption_key" in values:
-        _check_key(values["encryption_key"], values["key_derivation"])
-    _check_relations(values, labels)
+        problems += _check_key(values["encryption_key"], merged["key_derivation"])
+    problems += _check_relations(merged, labels)
+    if problems:
+        raise ConfigError.of(problems)
     return Settings(**values)
 
 
-def _check_key(key: Secret, derivation: str) -> None:
+def _check_key(key: Secret, derivation: str) -> list[ConfigError]:
     if derivation == "utf8-prefix" and (
         len(key.reveal()) < MIN_KEY_CHARS or len(key.reveal().encode()) < 32
     ):
-        raise ConfigError(
-            "ENCRYPTION_KEY",
-            f"must be at least {MIN_KEY_CHARS} characters (AES-256 key), got {len(key.reveal())}",
-        )
+        return [
+            ConfigError(
+                "ENCRYPTION_KEY",
+                f"must be at least {MIN_KEY_CHARS} characters (AES-256 key), "
+                f"got {len(key.reveal())}",
+            )
+        ]
+    return []
 
 
-def _check_relations(values: Mapping[str, Any], labels: Mapping[str, str]) -> None:
+def _check_relations(values: Mapping[str, Any], labels: Mapping[str, str]) -> list[ConfigError]:
+    problems: list[ConfigError] = []
+
+    def label(field: str) -> str:
+        return labels.get(field) or _BY_FIELD[field].env
+
     def at_least(small: str, big: str) -> None:
         if values[small] > values[big]:
-            raise ConfigError(labels[small], f"must not exceed {labels[big]} ({values[big]:g}s)")
+            problems.append(
+                ConfigError(label(small), f"must not exceed {label(big)} ({values[big]:g}s)")
+            )
 
     at_least("backoff_initial", "backoff_max")
     at_least("auth_backoff", "auth_backoff_max")
     at_least("scan_retry_initial", "scan_retry_max")
-    if values.get("state") == "postgres" and "database_url" not in values:
-        raise ConfigError(labels["state"], "postgres state needs DATABASE_URL")
+    if values.get("state") == "postgres" and values.get("database_url") is None:
+        problems.append(ConfigError(label("state"), "postgres state needs DATABASE_URL"))
+    return problems

@@ -7,18 +7,99 @@ exception: :func:`build_connections` returns the good connections and one
 
 from __future__ import annotations
 
+import decimal
+import ipaddress
+import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
 from trio_idle.crypto import DecryptionError, decrypt_password
+from trio_idle.scrub import PLAIN, Scrubber, escape_controls
 from trio_idle.secret import Secret
 
-_HOST_RE = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$|^\[?[0-9a-fA-F:.]+\]?$"
-)
+#: one DNS label: letters, digits, '-' inside, '_' tolerated (some providers' aliases)
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+MAX_HOST_CHARS: Final = 253
+MAX_EMAIL_CHARS: Final = 320
+MAX_LOGIN_CHARS: Final = 320
+MAX_ID_CHARS: Final = 200
+#: an iv:tag:ciphertext token for a password of a few KiB; more is not a password
+MAX_TOKEN_CHARS: Final = 16 * 1024
+#: how much of a bad value a problem message quotes
+SHOWN_CHARS: Final = 60
+
+
+def _shown(value: object) -> str:
+    """A bad value as a problem message quotes it: repr'd, printable, short."""
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ must not end the caller
+        text = f"<{type(value).__name__}>"
+    return PLAIN.scrub(text, limit=SHOWN_CHARS)
+
+
+def parse_host(value: object) -> str:
+    """A host name or an IP literal (IPv6 with or without brackets) → the host to connect to.
+
+    Raises ``ValueError`` (log-safe) for anything else: control characters, spaces, a
+    scheme or path, empty labels, labels over 63 or names over 253 characters.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"expected a host name or IP address, got {_shown(value)}")
+    host = value.strip()
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(literal))
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if (
+        not name
+        or len(name) > MAX_HOST_CHARS
+        or not all(_LABEL_RE.match(label) for label in name.split("."))
+        or name.replace(".", "").isdigit()  # "999.1.1.1" is a broken address, not a name
+    ):
+        raise ValueError(f"expected a host name or IP address, got {_shown(value)}")
+    return name.lower()
+
+
+def parse_port(value: object) -> int:
+    """An integer 1-65535, given as a number or as digits. No rounding, no infinities."""
+    port: int | None = None
+    if isinstance(value, bool):
+        port = None
+    elif isinstance(value, int):
+        port = value
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        port = int(value.strip()) if len(value.strip()) <= 5 else None
+    elif isinstance(value, float | decimal.Decimal):
+        try:
+            if (
+                value == value.to_integral_value()
+                if isinstance(value, decimal.Decimal)
+                else (math.isfinite(value) and value.is_integer())
+            ):
+                port = int(value)
+        except (ArithmeticError, ValueError):  # NaN, signalling NaN, infinities
+            port = None
+    if port is None or not 0 < port < 65536:
+        raise ValueError(f"expected an integer 1-65535, got {_shown(value)}")
+    return port
+
+
+def _plain_text(value: object, what: str, limit: int) -> str:
+    """A single-line text field: a string without control characters, at most ``limit``."""
+    if not isinstance(value, str | int):
+        raise ValueError(f"{what} must be text, got {type(value).__name__}")
+    text = str(value).strip()
+    if escape_controls(text) != text:
+        raise ValueError(f"{what} {_shown(text)} contains control characters")
+    if len(text) > limit:
+        raise ValueError(f"{what} is {len(text)} characters long (at most {limit})")
+    return text
 
 
 @attrs.frozen
@@ -39,6 +120,10 @@ class MailConnection:
         """The ``<email>`` of the ``[idle/<email>]`` log prefix."""
         return self.email
 
+    def scrubber(self) -> Scrubber:
+        """A scrubber for text about this connection: masks its password in any form."""
+        return Scrubber((self.password.reveal(),))
+
 
 @attrs.frozen
 class RowProblem:
@@ -48,49 +133,72 @@ class RowProblem:
     message: str
 
 
-def _text(row: Mapping[str, Any], column: str) -> str | None:
+def _text(row: Mapping[str, Any], column: str, limit: int) -> str | None:
     value = row.get(column)
     if value is None:
         return None
-    return str(value).strip()
+    return _plain_text(value, column, limit)
 
 
 def build_connection(row: Mapping[str, Any], key: bytes) -> MailConnection | RowProblem:
-    """Validate and decrypt one row with the source's column names (aliases)."""
-    conn_id = _text(row, "id") or "<no id>"
-    email = _text(row, "email")
+    """Validate and decrypt one row with the source's column names (aliases).
+
+    Never raises, whatever the row holds: every problem, including one this code did
+    not foresee, is a :class:`RowProblem` whose message is safe to log.
+    """
+    raw_id = row.get("id") if isinstance(row, Mapping) else None
+    try:
+        conn_id = _text(row, "id", MAX_ID_CHARS) or "<no id>"
+    except ValueError:
+        conn_id = f"<bad id {_shown(raw_id)}>"
+    try:
+        return _build(row, key, conn_id)
+    except ValueError as exc:
+        return RowProblem(conn_id, str(exc))
+    except Exception as exc:  # a value of a type no rule expected: skip the row, not the process
+        return RowProblem(conn_id, f"unusable row ({type(exc).__name__})")
+
+
+def _build(row: Mapping[str, Any], key: bytes, conn_id: str) -> MailConnection | RowProblem:
+    if conn_id.startswith("<bad id"):
+        return RowProblem(conn_id, "id must be text without control characters")
+    email = _text(row, "email", MAX_EMAIL_CHARS)
     if not email:
         return RowProblem(conn_id, "email is empty")
-    host = _text(row, "imapHost")
-    if not host or not _HOST_RE.match(host):
-        return RowProblem(conn_id, f"imapHost {host!r} is not a usable host name")
+    if any(ch.isspace() for ch in email):
+        return RowProblem(conn_id, f"email {_shown(email)} contains spaces")
     try:
-        port = int(row.get("imapPort") or 0)
-    except (TypeError, ValueError):
-        return RowProblem(conn_id, f"imapPort {row.get('imapPort')!r} is not a number")
-    if not 0 < port < 65536:
-        return RowProblem(conn_id, f"imapPort {port} is outside 1-65535")
+        host = parse_host(row.get("imapHost"))
+    except ValueError as exc:
+        return RowProblem(conn_id, f"imapHost: {exc}")
+    try:
+        port = parse_port(row.get("imapPort"))
+    except ValueError as exc:
+        return RowProblem(conn_id, f"imapPort: {exc}")
     if row.get("passwordProblem"):
-        return RowProblem(conn_id, str(row["passwordProblem"]))
+        return RowProblem(conn_id, PLAIN.scrub(str(row["passwordProblem"])))
     if "passwordSource" in row:  # file source: the password came from the environment
         password = row.get("password")
-        if not password:
-            return RowProblem(conn_id, f"{row['passwordSource']} is not set or empty")
+        if not password or not isinstance(password, str):
+            return RowProblem(conn_id, f"{PLAIN.scrub(row['passwordSource'])} is not set or empty")
     else:
-        token = _text(row, "encryptedPassword")
+        token = _text(row, "encryptedPassword", MAX_TOKEN_CHARS)
         if not token:
             return RowProblem(conn_id, "encryptedPassword is empty")
         try:
             password = decrypt_password(token, key)
         except DecryptionError as exc:
             return RowProblem(conn_id, f"cannot decrypt encryptedPassword: {exc}")
-    login = _text(row, "imapUser") or email
-    user_id = _text(row, "userId")
+    if any(ch in password for ch in "\r\n\0"):
+        # IMAP cannot carry these in a quoted LOGIN argument; say so once, not on every retry
+        return RowProblem(conn_id, "the password contains CR, LF or NUL, which LOGIN cannot send")
+    login = _text(row, "imapUser", MAX_LOGIN_CHARS) or email
+    user_id = _text(row, "userId", MAX_ID_CHARS)
     return MailConnection(
         id=conn_id,
         user_id=user_id or None,
         email=email,
-        host=host.strip("[]"),
+        host=host,
         port=port,
         login=login,
         password=Secret(password),
@@ -104,6 +212,9 @@ def build_connections(
     good: dict[str, MailConnection] = {}
     problems: list[RowProblem] = []
     for row in rows:
+        if not isinstance(row, Mapping):
+            problems.append(RowProblem("<no id>", f"not a row: {type(row).__name__}"))
+            continue
         result = build_connection(row, key)
         if isinstance(result, RowProblem):
             problems.append(result)

@@ -34,6 +34,7 @@ from trio_idle.gc_policy import FullCollectionPolicy, collect_and_freeze
 from trio_idle.imap_client import make_ssl_context
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.reconcile import Reconciler
+from trio_idle.scrub import PLAIN
 from trio_idle.session import SessionEnv
 from trio_idle.state_store import StateStore, make_state_backend
 from trio_idle.stats import Stats
@@ -108,7 +109,11 @@ class Daemon:
         current = {(p.connection_id, p.message) for p in problems}
         for conn_id, message in sorted(current - self._logged_problems):
             self.stats.inc("rows_skipped")
-            logger.error(f"[idle/{self.source.name}] connection {conn_id} skipped: {message}")
+            # both come from the row: escaped and cut (a row must not forge log lines)
+            logger.error(
+                f"[idle/{self.source.name}] connection {PLAIN.scrub(conn_id, 80)} "
+                f"skipped: {PLAIN.scrub(message)}"
+            )
         self._logged_problems = current  # a row that is fixed and breaks again logs again
         if self.stopping:
             return True

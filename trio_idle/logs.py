@@ -10,15 +10,45 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, TextIO
+import traceback
+from collections.abc import Iterable
+from typing import Any, Final, TextIO
 
 from loguru import logger
+
+from trio_idle.scrub import Scrubber, escape_controls
 
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 
 
+#: our own lines are not cut like server text, but no line may grow without bound
+MAX_LINE_CHARS: Final = 8192
+
+_net = Scrubber(limit=MAX_LINE_CHARS)
+_net_secrets: set[str] = set()
+
+
+def _patch(record: Any) -> None:
+    record["message"] = _net.scrub(record["message"])
+
+
+def protect_secrets(secrets: Iterable[str | None]) -> None:
+    """Mask these process-wide secrets in every log line from now on, and make every
+    line one printable line (control characters escaped).
+
+    The last line of defence: text from outside is scrubbed where it enters
+    (:mod:`trio_idle.scrub`); this net also catches the admin secret, the key and the
+    database password wherever a library might quote them. Idempotent; secrets add up.
+    """
+    global _net
+    _net_secrets.update(s for s in secrets if s)
+    _net = Scrubber(_net_secrets, limit=MAX_LINE_CHARS)
+    logger.configure(patcher=_patch)
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Replace loguru's default sink with ours. Safe to call more than once."""
+    protect_secrets(())
     logger.remove()
     sink = stream or sys.stderr
     if fmt == "json":
@@ -28,6 +58,27 @@ def setup_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None 
     # aioimaplib logs through the stdlib at DEBUG (including raw protocol lines): keep
     # it quiet unless asked, and never below WARNING for asyncio's noise.
     logging.getLogger("aioimaplib").setLevel(logging.WARNING)
+
+
+def prefix(email: str) -> str:
+    """The ``[idle/<email>]`` prefix of a session's lines (the email made printable)."""
+    return f"[idle/{escape_controls(email)}]"
+
+
+def log_internal_error(log: Any, where: str, exc: BaseException, scrub: Scrubber) -> None:
+    """One ERROR line for a bug: the scrubbed message plus the traceback's frames.
+
+    The exception's own text goes through ``scrub`` (it may quote a server's answer or a
+    command line); loguru's exception rendering would print it raw.
+    """
+    frames = " > ".join(
+        f"{frame.filename.rpartition('/')[2]}:{frame.lineno} {frame.name}"
+        for frame in traceback.extract_tb(exc.__traceback__)[-8:]
+    )
+    log.error(
+        f"{where} internal error: {type(exc).__name__}: {scrub(str(exc))}"
+        + (f" (at {frames})" if frames else "")
+    )
 
 
 def session_logger(email: str, connection_id: str) -> Any:

@@ -33,11 +33,14 @@ from trio_idle.imap_client import (
     make_ssl_context,
     resolve_security,
 )
+from trio_idle.scrub import PLAIN
 
 if TYPE_CHECKING:
     from trio_idle.daemon import ConnectionSource, Daemon
 
 DEFAULT_CHECK_CONCURRENCY: Final = 10
+#: the widest a cell of the ``check`` table gets (server text is cut shorter already)
+TABLE_CELL_CHARS: Final = 240
 
 # ------------------------------------------------------------------------------ check
 
@@ -107,7 +110,7 @@ async def try_login(
             await imap.login(conn.login, conn.password.reveal())
         return None
     except ImapError as exc:
-        return str(exc)
+        return conn.scrubber()(exc)
     except trio.TooSlowError:
         return "no answer in time"
     except Exception as exc:  # report, never crash the whole check
@@ -121,8 +124,13 @@ async def try_login(
 def format_table(rows: Sequence[CheckRow]) -> str:
     """Aligned columns: ID, EMAIL, HOST:PORT, RESULT."""
     header = ("ID", "EMAIL", "HOST:PORT", "RESULT")
+    # every cell may come from a row or a server: one printable line each, bounded
     cells = [header] + [
-        (r.conn_id, r.email, r.where, r.result if r.ok else f"FAILED: {r.result}") for r in rows
+        tuple(
+            PLAIN.scrub(cell, TABLE_CELL_CHARS)
+            for cell in (r.conn_id, r.email, r.where, r.result if r.ok else f"FAILED: {r.result}")
+        )
+        for r in rows
     ]
     widths = [max(len(c[i]) for c in cells) for i in range(3)]
     lines = ["  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3] for c in cells]

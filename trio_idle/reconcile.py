@@ -27,7 +27,7 @@ import trio
 from trio_idle.coalescer import ScanCoalescer
 from trio_idle.connections import MailConnection
 from trio_idle.imap_responses import MailboxState
-from trio_idle.logs import session_logger
+from trio_idle.logs import log_internal_error, prefix, session_logger
 from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scan_worker
 from trio_idle.session import ConnectionMemory, SessionEnv, run_session
 from trio_idle.state_store import StateStore
@@ -137,7 +137,9 @@ class Reconciler:
                     await run_session(conn, self._env, handle.coalescer, handle.memory, log)
         except Exception as exc:  # belt and braces: one connection never takes down the rest
             self._env.stats.inc("internal_errors")
-            log.opt(exception=exc).error(f"[idle/{conn.email}] connection task crashed: {exc!r}")
+            log_internal_error(
+                log, f"{prefix(conn.email)} connection task crashed:", exc, conn.scrubber()
+            )
             if self.handles.get(conn.id) is handle:
                 del self.handles[conn.id]  # the next refresh starts it again
         finally:

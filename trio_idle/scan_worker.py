@@ -21,6 +21,7 @@ from trio_idle.connections import MailConnection
 from trio_idle.imap_responses import MailboxState
 from trio_idle.limiter import Pacer
 from trio_idle.logs import human_duration
+from trio_idle.logs import prefix as log_prefix
 from trio_idle.stats import Stats
 from trio_idle.webhook import ScanJob, Verdict, WebhookClient, retry_delay
 
@@ -87,7 +88,7 @@ async def deliver(
 ) -> bool:
     """Send one scan until the backend answers 2xx (True) or refuses it for good (False)."""
     job = ScanJob(conn.id, conn.user_id, conn.email, policy.mailbox, reason)
-    prefix = f"[idle/{conn.email}]"
+    prefix = log_prefix(conn.email)
     attempt = 0
     while True:
         attempt += 1

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Final
-
 import attrs
+
+from trio_idle.scrub import MASK
 
 
 @attrs.frozen(repr=False, eq=True)
@@ -17,12 +17,9 @@ class Secret:
         return self._value
 
     def __repr__(self) -> str:
-        return "Secret('********')"
+        return f"Secret('{MASK}')"
 
     __str__ = __repr__
 
     def __bool__(self) -> bool:
         return bool(self._value)
-
-
-MASK: Final = "********"

@@ -33,7 +33,7 @@ from trio_idle.errors import ImapAuthError, ImapError
 from trio_idle.imap_client import ImapConnection, ImapTimeouts, connect, resolve_security
 from trio_idle.imap_responses import MailboxState, catch_up_decision
 from trio_idle.limiter import ConnectLimiter, Pacer
-from trio_idle.logs import human_duration
+from trio_idle.logs import human_duration, log_internal_error, prefix
 from trio_idle.state_store import StateStore, startup_decision
 from trio_idle.stats import Stats
 
@@ -90,7 +90,10 @@ async def run_session(
 ) -> None:
     """Keep one IMAP session alive until cancelled. Never returns otherwise."""
     s = env.settings
-    prefix = f"[idle/{conn.email}]"
+    where = prefix(conn.email)
+    # Error texts quote the server (and aioimaplib quotes our LOGIN line back): every one
+    # is scrubbed of this connection's password before it is stored or logged.
+    scrub = conn.scrubber()
     backoff = Backoff(
         BackoffPolicy(s.backoff_initial, s.backoff_max, s.backoff_reset_after), env.rng
     )
@@ -117,7 +120,7 @@ async def run_session(
             memory.connected_since = up_since
             memory.last_error = None
             env.stats.inc("connects")
-            log.info(f"{prefix} connected ({conn.host}:{conn.port})")
+            log.info(f"{where} connected ({conn.host}:{conn.port})")
             if memory.mailbox is None and env.store is not None and env.store.enabled:
                 # first session in this process: compare with what the last run scanned
                 stored = env.store.get(conn.id, s.mailbox)
@@ -126,35 +129,35 @@ async def run_session(
                 decision, reason = catch_up_decision(memory.mailbox, selected), "reconnect"
             memory.mailbox = selected
             if decision.scan:
-                log.info(f"{prefix} catch-up scan ({decision.why})")
+                log.info(f"{where} catch-up scan ({decision.why})")
                 env.stats.inc("catch_up_scans", reason)
                 coalescer.request(reason)
             await _watch(imap, conn, env, coalescer, memory, log)
         except ImapAuthError as exc:
             memory.state = AUTH_FAILED
-            memory.last_error = str(exc)
+            memory.last_error = text = scrub(exc)
             env.stats.inc("auth_failures")
             delay = auth_backoff.next_delay()
             log.error(
-                f"{prefix} authentication failed: {exc} — check the stored password; "
+                f"{where} authentication failed: {text} — check the stored password; "
                 f"next login attempt in {human_duration(delay)}"
             )
         except ImapError as exc:
             memory.state = BACKOFF
-            memory.last_error = str(exc)
+            memory.last_error = text = scrub(exc)
             if up_since is not None:
                 env.stats.inc("disconnects")
                 backoff.session_ended(trio.current_time() - up_since)
-                log.warning(f"{prefix} connection lost: {exc}")
+                log.warning(f"{where} connection lost: {text}")
             else:
                 env.stats.inc("connect_failures")
-                log.warning(f"{prefix} connect failed: {exc}")
+                log.warning(f"{where} connect failed: {text}")
             delay = backoff.next_delay()
         except Exception as exc:  # a bug must cost one mailbox a reconnect, not the process
             memory.state = BACKOFF
             memory.last_error = f"internal error: {type(exc).__name__}"
             env.stats.inc("internal_errors")
-            log.opt(exception=exc).error(f"{prefix} internal error: {type(exc).__name__}: {exc}")
+            log_internal_error(log, where, exc, scrub)
             delay = backoff.next_delay()
         finally:
             memory.connected_since = None
@@ -163,7 +166,7 @@ async def run_session(
                     await imap.logout(s.logout_timeout)
         if memory.state == BACKOFF:
             log.info(
-                f"{prefix} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
+                f"{where} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
             )
         await trio.sleep(delay)
 
@@ -204,9 +207,9 @@ def _announce(
             memory.mailbox, uidnext=memory.mailbox.uidnext + count, exists=imap.monitor.exists
         )
     if reason == "exists":
-        log.info(f"[idle/{conn.email}] exists-event received (new mail)")
+        log.info(f"{prefix(conn.email)} exists-event received (new mail)")
     else:
-        log.info(f"[idle/{conn.email}] {reason}: {count} new message(s) found")
+        log.info(f"{prefix(conn.email)} {reason}: {count} new message(s) found")
     if not coalescer.request(reason):
         env.stats.inc("scans_coalesced")
 
@@ -220,14 +223,14 @@ async def _watch(
     log: Any,
 ) -> None:
     s = env.settings
-    prefix = f"[idle/{conn.email}]"
+    where = prefix(conn.email)
     next_tick, renew_at = first_timers(
         trio.current_time(), s.tick_interval, s.idle_renew_interval, env.rng
     )
     if not imap.has_idle:
         memory.state = POLLING
         log.warning(
-            f"{prefix} server has no IDLE capability; polling every "
+            f"{where} server has no IDLE capability; polling every "
             f"{human_duration(s.tick_interval)}"
         )
         while True:
@@ -249,7 +252,7 @@ async def _watch(
         now = trio.current_time()
         tick = now >= next_tick
         if now >= renew_at:
-            log.info(f"{prefix} idle renewing ({human_duration(s.idle_renew_interval)} threshold)")
+            log.info(f"{where} idle renewing ({human_duration(s.idle_renew_interval)} threshold)")
             renew_at = now + s.idle_renew_interval
         # DONE, NOOP (on a tick), IDLE: mail counted meanwhile is announced after, as "tick"
         await imap.restart_idle(noop=tick)

@@ -15,6 +15,7 @@ import trio
 import trio_asyncio
 
 from trio_idle.errors import SourceError
+from trio_idle.scrub import MASK, Scrubber, url_secrets
 from trio_idle.secret import Secret
 
 
@@ -36,6 +37,8 @@ class PostgresSource:
         self._dsn = dsn
         self._query = query
         self._timeout = timeout
+        # asyncpg quotes the DSN (and with it the password) in some errors
+        self._scrub = Scrubber(url_secrets(dsn.reveal()), limit=300)
 
     async def fetch(self) -> list[dict[str, Any]]:
         try:
@@ -47,15 +50,11 @@ class PostgresSource:
         except trio.TooSlowError:
             raise SourceError(f"database did not answer within {self._timeout:g}s") from None
         except asyncpg.PostgresError as exc:
-            raise SourceError(f"query failed: {type(exc).__name__}: {exc}") from None
+            raise SourceError(f"query failed: {type(exc).__name__}: {self._scrub(exc)}") from None
         except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise SourceError(
-                f"cannot reach the database: {type(exc).__name__}: {_scrub(str(exc), self._dsn)}"
+                f"cannot reach the database: {type(exc).__name__}: {self._scrub(exc)}"
             ) from None
 
     def __repr__(self) -> str:
-        return "PostgresSource(dsn=********)"
-
-
-def _scrub(text: str, dsn: Secret) -> str:
-    return text.replace(dsn.reveal(), "********")[:300]
+        return f"PostgresSource(dsn={MASK})"

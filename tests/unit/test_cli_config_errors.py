@@ -107,3 +107,87 @@ def test_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([], GOOD_ENV) == 2
     assert "serve" in capsys.readouterr().out
+
+
+def test_every_problem_is_reported_at_once_one_line_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Used to be one problem per start: fix ADMIN_SECRET, restart, then ENCRYPTION_KEY, ...
+    env = {
+        "ENCRYPTION_KEY": "short",
+        "TRIO_IDLE_TICK_INTERVAL": "often",
+        "BACKEND_URL": "ftp://x",
+        "TRIO_IDLE_BACKOFF_INITIAL": "1h",
+    }
+    assert cli.main(["serve"], env) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert all(line.startswith("trio-idle: configuration error: ") for line in lines), err
+    named = {line.split(": ")[2] for line in lines}
+    assert named == {
+        "ADMIN_SECRET",
+        "ENCRYPTION_KEY",
+        "DATABASE_URL",
+        "TRIO_IDLE_TICK_INTERVAL",
+        "BACKEND_URL",
+        "TRIO_IDLE_BACKOFF_INITIAL",
+    }, err
+    assert len(lines) == len(named)  # one line per problem, none twice
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:cli-db-pw@127.0.0.1:notaport/db",
+        "postgresql://u:cli-db-pw@127.0.0.1:99999/db",
+        "postgresql://u:cli-db-pw@h1:5432,h2:x/db",
+        "postgresql://u:cli-db-pw@[::1/db",
+    ],
+)
+def test_unparsable_database_url_is_a_configuration_error(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    # A non-numeric port used to end in a 108-line asyncpg traceback and exit 1.
+    err = run(capsys, ["serve"], {**GOOD_ENV, "DATABASE_URL": url})
+    assert "DATABASE_URL: expected a postgresql://" in err
+    assert "cli-db-pw" not in err
+
+
+def test_multi_host_database_url_is_accepted() -> None:
+    settings = cli.parse_settings(
+        {**GOOD_ENV, "DATABASE_URL": "postgresql://u:pw@h1:5432,h2:5433/db?sslmode=require"}
+    )
+    assert settings.database_url is not None
+
+
+def _all_commands(parser: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    import argparse
+
+    found = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _all_commands(sub, (*prefix, name))
+    return found
+
+
+COMMANDS = _all_commands(cli.build_parser())
+
+
+def test_the_command_list_covers_every_subcommand() -> None:
+    assert {c[0] for c in COMMANDS if c} >= {"serve", "check", "encrypt", "decrypt", "db", "demo"}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "trio-idle")
+def test_help_works_for_every_command(
+    capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+) -> None:
+    # `serve --help` and `check --help` used to crash on a '%' in a help text.
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--help"], {})
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: trio-idle")
+    if command == ("serve",):
+        assert "--tick-interval" in out and "TRIO_IDLE_GC" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -101,14 +102,114 @@ def test_bad_host(host: str | None) -> None:
     assert "imapHost" in problem(row(imapHost=host)).message
 
 
-@pytest.mark.parametrize("port", [0, 70000, -1, 65536])
+@pytest.mark.parametrize("port", [0, 70000, -1, 65536, "65536", "0"])
 def test_port_out_of_range(port: int) -> None:
-    assert "outside 1-65535" in problem(row(imapPort=port)).message
+    assert "imapPort: expected an integer 1-65535" in problem(row(imapPort=port)).message
 
 
-@pytest.mark.parametrize("port", ["abc", "99x", [993]])
-def test_port_not_a_number(port: object) -> None:
-    assert "is not a number" in problem(row(imapPort=port)).message
+@pytest.mark.parametrize(
+    "port",
+    [
+        "abc",
+        "99x",
+        [993],
+        True,
+        993.9,
+        float("inf"),
+        float("nan"),
+        Decimal("Infinity"),
+        Decimal("NaN"),
+        Decimal("sNaN"),
+        Decimal("993.9"),
+        "9" * 5000,
+        "٩٩٣",  # Arabic-Indic digits: isdigit() but not a port anyone typed
+        None,
+    ],
+)
+def test_port_that_is_not_an_integer_is_a_row_problem(port: object) -> None:
+    # Decimal('Infinity') used to raise OverflowError out of the refresh and end the daemon;
+    # 993.9 used to become 993 without a word.
+    message = problem(row(imapPort=port)).message
+    assert message.startswith("imapPort: expected an integer 1-65535, got ")
+    assert len(message) < 120
+
+
+@pytest.mark.parametrize("port", [993, "993", " 143 ", Decimal("993"), 993.0])
+def test_integral_port_values_are_accepted(port: object) -> None:
+    conn = build_connection(row(imapPort=port), KEY)
+    expected = int(port.strip()) if isinstance(port, str) else int(port)  # type: ignore[call-overload]
+    assert isinstance(conn, MailConnection) and conn.port == expected
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("email", "alice@example.com\n[idle/db] refreshed — 0 active connections"),
+        ("email", "alice@example.com\rX"),
+        ("email", "a\u2028b@example.com"),
+        ("email", "a" * 400 + "@example.com"),
+        ("email", "alice @example.com"),
+        ("imapUser", "alice\r\nA1 DELETE INBOX"),
+        ("imapUser", "x" * 1000),
+        ("userId", "u\x1b[31m"),
+        ("imapHost", "imap.example.com\nx"),
+        ("imapHost", "a" * 64 + ".example.com"),
+        ("imapHost", "x." * 200 + "com"),
+        ("imapHost", "999.1.1.1"),
+        ("imapHost", "imap..example.com"),
+        ("imapHost", "-imap.example.com"),
+        ("imapHost", 12345),
+        ("encryptedPassword", "00" * 20000),
+        ("email", {"nested": "dict"}),
+    ],
+)
+def test_hostile_field_values_are_row_problems_naming_the_field(column: str, value: object) -> None:
+    p = problem(row(**{column: value}))
+    assert column in p.message
+    assert "\n" not in p.message and "\r" not in p.message and "\x1b" not in p.message
+    assert len(p.message) < 200
+
+
+def test_a_hostile_id_is_shown_escaped_and_short() -> None:
+    p = build_connection(row(id="c1\n[idle/db] forged" + "x" * 500), KEY)
+    assert isinstance(p, RowProblem)
+    assert "\n" not in p.connection_id and len(p.connection_id) < 100
+    assert "id" in p.message
+
+
+def test_a_password_with_crlf_is_refused_once_as_a_row_problem() -> None:
+    p = problem(row(encryptedPassword=encrypt_password("pw\r\nA1 LOGOUT", KEY)))
+    assert "CR, LF or NUL" in p.message
+    assert "LOGOUT" not in p.message
+
+
+def test_a_row_that_is_not_a_mapping_is_skipped_not_fatal() -> None:
+    good, problems = build_connections([row(), ["not", "a", "row"], 42], KEY)  # type: ignore[list-item]
+    assert list(good) == ["c1"]
+    assert len(problems) == 2
+
+
+class _Hostile:
+    def __str__(self) -> str:
+        raise RuntimeError("boom")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    "column", ["id", "email", "imapHost", "imapPort", "imapUser", "userId", "encryptedPassword"]
+)
+def test_values_whose_str_raises_never_escape(column: str) -> None:
+    result = build_connection(row(**{column: _Hostile()}), KEY)
+    assert isinstance(result, RowProblem)
+
+
+def test_host_names_are_lowercased_and_literals_normalised() -> None:
+    conn = build_connection(row(imapHost="IMAP.Example.COM."), KEY)
+    assert isinstance(conn, MailConnection) and conn.host == "imap.example.com"
+    conn = build_connection(row(imapHost="[0:0::1]"), KEY)
+    assert isinstance(conn, MailConnection) and conn.host == "::1"
 
 
 def test_missing_email() -> None:

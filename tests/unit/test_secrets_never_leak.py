@@ -7,7 +7,8 @@ import pytest
 from trio_idle.config import ConfigError, parse_settings
 from trio_idle.connections import MailConnection, build_connection
 from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
-from trio_idle.secret import MASK, Secret
+from trio_idle.scrub import MASK
+from trio_idle.secret import Secret
 from trio_idle.webhook import interpret_reply
 
 IMAP_PW = "hunter2"

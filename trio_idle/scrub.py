@@ -1,0 +1,184 @@
+"""The one scrubber for text from outside: secrets masked, control characters escaped, cut.
+
+Every piece of text that comes from a mail server, aioimaplib, asyncpg or httpx passes
+through a :class:`Scrubber` before it reaches a log line, ``/status``, ``/metrics``, a CLI
+table or an exception message that is shown. Such text is untrusted twice over: a server
+can echo our own command line back (aioimaplib's ``Abort`` quotes the ``LOGIN`` line, with
+the password), and it can contain CR/LF or terminal escapes that forge log lines.
+
+Guarantees of :meth:`Scrubber.scrub`, in this order:
+
+1. the arguments of credential-carrying commands (``LOGIN <user> <password>``,
+   ``AUTHENTICATE <mechanism> <response>``, ``Bearer <token>``, ``auth=Bearer``) are
+   masked whoever's they are, and every secret the scrubber was given is replaced by
+   :data:`MASK`, in each form it can
+   take on the way (raw, IMAP-quoted, Python ``repr`` of ``str`` and ``bytes``, JSON,
+   URL-encoded, base64); a secret shorter than :data:`MIN_SUBSTRING` characters is masked
+   only where it stands alone (between non-alphanumeric characters), since masking every
+   ``"ab"`` would destroy the text without protecting anything;
+2. control characters (C0, DEL, C1, Unicode line/paragraph separators, bidi and
+   zero-width format characters) are escaped as ``\\xNN`` / ``\\uNNNN``, so the result is
+   one printable line;
+3. the result is cut to ``limit`` characters (an ellipsis marks the cut).
+
+Pure: no I/O, no global state; tested with plain strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterable
+from typing import Final
+from urllib.parse import quote, quote_plus, unquote, urlsplit, urlunsplit
+
+MASK: Final = "********"
+#: how long text from a server may be once scrubbed (the issue's "short")
+DEFAULT_LIMIT: Final = 200
+#: secrets at least this long are masked wherever they appear
+MIN_SUBSTRING: Final = 4
+
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ufff9-\ufffb]"
+)
+
+
+_QUOTED_OR_ATOM = r'(?:"(?:[^"\\]|\\.)*"?|\{\d+\+?\}|[^\s"]+)'
+#: commands whose last argument is a credential, as aioimaplib quotes them back to us
+#: (case-sensitive: our client sends them in upper case, and "login rejected for" must
+#: stay readable)
+_COMMAND_CREDENTIALS = re.compile(
+    rf"(\bLOGIN\s+{_QUOTED_OR_ATOM}\s+){_QUOTED_OR_ATOM}"
+    rf"|(\bAUTHENTICATE\s+[A-Za-z0-9_-]+\s+){_QUOTED_OR_ATOM}"
+    r"|(\b[Bb][Ee][Aa][Rr][Ee][Rr]\s+)[^\s\"',;]+"
+)
+
+
+def _mask_command(match: re.Match[str]) -> str:
+    return (match.group(1) or match.group(2) or match.group(3)) + MASK
+
+
+def mask_credentials(text: str) -> str:
+    """Mask the credential argument of LOGIN / AUTHENTICATE / Bearer, whoever's it is."""
+    return _COMMAND_CREDENTIALS.sub(_mask_command, text)
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` as one printable line: control and format characters escaped."""
+    return _CONTROL.sub(_escape_control, text)
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every spelling of ``secret`` that text on its way to us can contain."""
+    forms = {
+        secret,
+        secret.replace("\\", "\\\\").replace('"', '\\"'),  # IMAP quoted string
+        repr(secret)[1:-1],
+        repr(secret.encode("utf-8", "surrogateescape"))[2:-1],
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        quote(secret, safe=""),
+        quote_plus(secret, safe=""),
+        base64.b64encode(secret.encode("utf-8", "surrogateescape")).decode().rstrip("="),
+        escape_controls(secret),
+    }
+    forms.discard("")
+    return forms
+
+
+class Scrubber:
+    """Masks a fixed set of secrets in text; see the module docstring for the guarantees.
+
+    Build one per connection (its password, later its tokens) or per process (the
+    admin secret, the database password). Cheap to call: one compiled pattern.
+    """
+
+    __slots__ = ("_limit", "_pattern")
+
+    def __init__(self, secrets: Iterable[str | None] = (), *, limit: int = DEFAULT_LIMIT) -> None:
+        self._limit = limit
+        long_forms: set[str] = set()
+        short_forms: set[str] = set()
+        for secret in secrets:
+            if not secret:
+                continue
+            for form in secret_forms(secret):
+                (long_forms if len(form) >= MIN_SUBSTRING else short_forms).add(form)
+        # Longest first, so a form that contains another is masked whole.
+        parts = [re.escape(f) for f in sorted(long_forms, key=len, reverse=True)]
+        parts += [
+            rf"(?<![A-Za-z0-9]){re.escape(f)}(?![A-Za-z0-9])"
+            for f in sorted(short_forms, key=len, reverse=True)
+        ]
+        self._pattern = re.compile("|".join(parts)) if parts else None
+
+    def mask(self, text: str) -> str:
+        """Only step 1: secrets masked; length and characters left as they are."""
+        text = mask_credentials(text)
+        if self._pattern is None:
+            return text
+        return self._pattern.sub(MASK, text)
+
+    def scrub(self, text: object, limit: int | None = None) -> str:
+        """``text`` (anything: it is ``str()``-ed) made safe to show."""
+        limit = self._limit if limit is None else limit
+        raw = text if isinstance(text, str) else _to_text(text)
+        # Bound the work on huge input before the regexes run; keep enough beyond the
+        # limit that a secret straddling the cut is still seen whole and masked.
+        raw = raw[: limit * 4 + 1024]
+        cleaned = escape_controls(self.mask(raw))
+        cleaned = self.mask(cleaned)  # a secret that itself held control characters
+        if len(cleaned) > limit:
+            cleaned = cleaned[: max(0, limit - 1)] + "…"
+        return cleaned
+
+    __call__ = scrub
+
+
+def _to_text(value: object) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    try:
+        return str(value)
+    except Exception as exc:  # a hostile __str__ must not end the caller
+        return f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
+
+
+#: for text that carries no secret of ours but still comes from outside
+PLAIN: Final = Scrubber()
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the password (and user) of its authority part: ``user:****@`` → ``****@``.
+
+    Query strings are kept (they rarely carry credentials for our URLs; the ping URL,
+    which embeds a token in its path, is never shown at all).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{MASK}@{host}"))
+
+
+def url_secrets(url: str) -> list[str]:
+    """What of ``url`` must never be shown: the whole URL and its password (raw and
+    percent-decoded), for a :class:`Scrubber` of e.g. ``DATABASE_URL``."""
+    found = [url]
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return found
+    if password:
+        found += [password, unquote(password)]
+    return found
