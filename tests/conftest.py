@@ -38,6 +38,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from tests.harness import ADMIN_SECRET, LogCapture, capture_logs  # noqa: E402
+from tests.leak_guard import pytest_configure, pytest_runtest_makereport  # noqa: E402, F401
 from tests.servers import ServerUnavailable  # noqa: E402
 from tests.servers.dovecot import DovecotServer, DovecotUser  # noqa: E402
 from tests.servers.postgres import MAIL_CONNECTION_DDL, PostgresServer, execute_sql  # noqa: E402

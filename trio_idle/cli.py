@@ -23,9 +23,9 @@ from loguru import logger
 
 from trio_idle import __version__
 from trio_idle.asyncio_loop import open_asyncio_loop
-from trio_idle.config import OPTIONS, ConfigError, Settings, parse_settings
+from trio_idle.config import OPTIONS, ConfigError, Settings, parse_settings, process_secrets
 from trio_idle.daemon import ConnectionSource, Daemon, run_daemon
-from trio_idle.logs import setup_logging
+from trio_idle.logs import protect_secrets, setup_logging
 from trio_idle.operator_commands import (
     DEFAULT_CHECK_CONCURRENCY,
     decrypt_check_command,
@@ -307,6 +307,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             print(f"trio-idle: configuration error: {line}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(settings.log_level, settings.log_format)
+    protect_secrets(process_secrets(settings))
     if args.command == "serve":
         if settings.gc_mode == "tuned":
             # Full collections walk every object: ~1 s at 10,000 sessions, stalling every

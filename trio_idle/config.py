@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from trio_idle.crypto import KEY_DERIVATIONS, MIN_KEY_CHARS
+from trio_idle.scrub import url_secrets
 from trio_idle.secret import Secret
 
 DEFAULT_QUERY: Final = (
@@ -677,6 +678,19 @@ class Settings:
     @property
     def scan_url(self) -> str:
         return self.backend_url + self.scan_path
+
+
+def process_secrets(settings: Settings) -> list[str]:
+    """Every secret the settings hold, in the forms a log line could show them (for
+    :func:`trio_idle.logs.protect_secrets`): each secret setting, and of URLs also the
+    password part; the backend URL's password too, if it has one."""
+    found: list[str] = []
+    for option in OPTIONS:
+        value = getattr(settings, option.field, None)
+        if isinstance(value, Secret):
+            found += url_secrets(value.reveal()) if "://" in value.reveal() else [value.reveal()]
+    found += url_secrets(settings.backend_url)[1:]
+    return [s for s in found if s]
 
 
 def default_backend_url(node_env: str) -> str:

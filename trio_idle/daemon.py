@@ -26,13 +26,14 @@ import trio
 from loguru import logger
 
 from trio_idle.asyncio_loop import open_asyncio_loop
-from trio_idle.config import Settings
+from trio_idle.config import Settings, process_secrets
 from trio_idle.connections import RowProblem, build_connections
 from trio_idle.crypto import derive_key
 from trio_idle.errors import SourceError
 from trio_idle.gc_policy import FullCollectionPolicy, collect_and_freeze
 from trio_idle.imap_client import make_ssl_context
 from trio_idle.limiter import ConnectLimiter, Pacer
+from trio_idle.logs import protect_secrets
 from trio_idle.reconcile import Reconciler
 from trio_idle.scrub import PLAIN
 from trio_idle.session import SessionEnv
@@ -203,6 +204,7 @@ async def run_daemon(
     :class:`~trio_idle.supervision.StartupError` (inside an exception group) before
     reporting started when the health endpoint cannot listen.
     """
+    protect_secrets(process_secrets(settings))
     stats = Stats()
     store = StateStore(
         make_state_backend(settings, os.environ if environ is None else environ),

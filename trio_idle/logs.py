@@ -25,7 +25,6 @@ TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 MAX_LINE_CHARS: Final = 8192
 
 _net = Scrubber(limit=MAX_LINE_CHARS)
-_net_secrets: set[str] = set()
 
 
 def _patch(record: Any) -> None:
@@ -38,17 +37,17 @@ def protect_secrets(secrets: Iterable[str | None]) -> None:
 
     The last line of defence: text from outside is scrubbed where it enters
     (:mod:`trio_idle.scrub`); this net also catches the admin secret, the key and the
-    database password wherever a library might quote them. Idempotent; secrets add up.
+    database password wherever a library might quote them. Each call replaces the
+    previous set (one process, one configuration).
     """
     global _net
-    _net_secrets.update(s for s in secrets if s)
-    _net = Scrubber(_net_secrets, limit=MAX_LINE_CHARS)
+    _net = Scrubber(secrets, limit=MAX_LINE_CHARS)
     logger.configure(patcher=_patch)
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Replace loguru's default sink with ours. Safe to call more than once."""
-    protect_secrets(())
+    logger.configure(patcher=_patch)
     logger.remove()
     sink = stream or sys.stderr
     if fmt == "json":

@@ -46,11 +46,13 @@ _CONTROL = re.compile(
 
 _QUOTED_OR_ATOM = r'(?:"(?:[^"\\]|\\.)*"?|\{\d+\+?\}|[^\s"]+)'
 #: commands whose last argument is a credential, as aioimaplib quotes them back to us
-#: (case-sensitive: our client sends them in upper case, and "login rejected for" must
-#: stay readable)
+#: — as a tagged command line (``A1 LOGIN user pw``), so that our own words ("no answer
+#: to LOGIN within 1s", "login rejected for") stay readable; case-sensitive, as our client
+#: sends them
+_TAG = r"(?<![\w.])[A-Za-z]{0,12}[0-9]+[A-Za-z0-9]*\s+"
 _COMMAND_CREDENTIALS = re.compile(
-    rf"(\bLOGIN\s+{_QUOTED_OR_ATOM}\s+){_QUOTED_OR_ATOM}"
-    rf"|(\bAUTHENTICATE\s+[A-Za-z0-9_-]+\s+){_QUOTED_OR_ATOM}"
+    rf"({_TAG}LOGIN\s+{_QUOTED_OR_ATOM}\s+){_QUOTED_OR_ATOM}"
+    rf"|({_TAG}AUTHENTICATE\s+[A-Za-z0-9_-]+\s+){_QUOTED_OR_ATOM}"
     r"|(\b[Bb][Ee][Aa][Rr][Ee][Rr]\s+)[^\s\"',;]+"
 )
 

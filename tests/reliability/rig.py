@@ -20,7 +20,7 @@ from trio_idle.reconcile import Handle
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 
-PASSWORD = "pw-reliability"
+PASSWORD = "S3ntinel-pw-reliability"
 
 
 def mailbox_name(n: int, prefix: str = "m") -> str:

@@ -24,7 +24,7 @@ from trio_idle.testing.backend import ScanBackend
 HEALTHY = 490
 HALF_OPEN = 5
 DEAD = 5  # each: never-greeting server and closed port
-PASSWORD = "pw-sigterm"
+PASSWORD = "S3ntinel-pw-sigterm"
 
 
 def raise_fd_limit(wanted: int) -> None:

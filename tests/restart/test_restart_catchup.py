@@ -28,7 +28,7 @@ from trio_idle.state_store import POSTGRES_DDL, POSTGRES_TABLE
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 
-PASSWORD = "pw-restart"
+PASSWORD = "S3ntinel-pw-restart"
 RATE = 40.0  # catch-up scans per second
 
 

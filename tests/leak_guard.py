@@ -1,0 +1,99 @@
+"""The suite-wide sentinel check: no test's output may contain one of the test secrets.
+
+Every suite that runs the daemon or the CLI uses recognisable secrets (IMAP passwords,
+``ADMIN_SECRET``, ``ENCRYPTION_KEY``, database passwords: :data:`SENTINELS`). This plugin
+collects what each test produced — every loguru record with its exception text, the
+test's captured stdout/stderr, and whatever ``capsys.readouterr()`` handed to it — and
+fails the test that let a sentinel through, naming the first offending line. ``/status``
+and ``/metrics`` bodies are checked by the tests that fetch them (they go through
+:func:`record` in ``tests/ops/helpers.py`` style helpers, or assert themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, Final
+
+import pytest
+from loguru import logger
+
+#: the secrets of the suites, recognisable on sight; keep in sync where they are defined
+SENTINELS: Final = (
+    "test-admin-secret-value",  # tests/harness.py ADMIN_SECRET
+    "integration-test-key-0123456789abcdef",  # tests/harness.py KEY
+    "S3ntinel-pw-reliability",  # tests/reliability/rig.py PASSWORD
+    "S3ntinel-pw-sigterm",  # tests/reliability/test_serve_sigterm.py
+    "S3ntinel-pw-restart",  # tests/restart/test_restart_catchup.py
+    "S3ntinel",  # tests/reliability/test_secret_leaks.py (its password begins so)
+    "cli-admin-s3cret",  # tests/unit/test_cli_config_errors.py
+    "cli-db-pw",
+)
+
+_produced: list[str] = []
+_sink_id: int | None = None
+
+
+def record(text: str) -> None:
+    """Add text a test obtained from the daemon (an HTTP body, a report) to the check."""
+    _produced.append(text)
+
+
+def _sink(message: Any) -> None:
+    _produced.append(str(message))
+
+
+def _ensure_sink() -> None:
+    # The CLI's setup_logging() removes every sink; put ours back for each test.
+    global _sink_id
+    if _sink_id is not None:
+        try:
+            logger.remove(_sink_id)
+        except ValueError:
+            pass
+    _sink_id = logger.add(_sink, level="TRACE", format="{message}\n{exception}")
+
+
+def _leak(texts: list[str]) -> str | None:
+    for text in texts:
+        for sentinel in SENTINELS:
+            if sentinel in text:
+                line = next(li for li in text.splitlines() if sentinel in li)
+                return f"test secret {sentinel!r} leaked into the output: {line[:300]!r}"
+    return None
+
+
+def _patched_readouterr(original: Any) -> Any:
+    def readouterr(self: Any) -> Any:
+        result = original(self)
+        _produced.extend((result.out, result.err))
+        return result
+
+    return readouterr
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    cls = pytest.CaptureFixture
+    if not getattr(cls.readouterr, "_leak_guard", False):
+        wrapped = _patched_readouterr(cls.readouterr)
+        wrapped._leak_guard = True  # type: ignore[attr-defined]
+        cls.readouterr = wrapped  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if call.when == "setup":
+        _produced.clear()
+        _ensure_sink()
+    if call.when in ("call", "teardown"):
+        # the call's report carries the captured output so far; teardown adds only logs
+        texts = [*_produced, report.capstdout, report.capstderr] if call.when == "call" else []
+        problem = _leak(texts or list(_produced))
+        _produced.clear()
+        if problem is not None and report.passed:
+            report.outcome = "failed"
+            report.longrepr = problem
+    return report
