@@ -11,6 +11,7 @@ and ``/metrics`` bodies are checked by the tests that fetch them (they go throug
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator
 from typing import Any, Final
 
@@ -46,10 +47,8 @@ def _ensure_sink() -> None:
     # The CLI's setup_logging() removes every sink; put ours back for each test.
     global _sink_id
     if _sink_id is not None:
-        try:
+        with contextlib.suppress(ValueError):
             logger.remove(_sink_id)
-        except ValueError:
-            pass
     _sink_id = logger.add(_sink, level="TRACE", format="{message}\n{exception}")
 
 
