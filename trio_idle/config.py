@@ -197,6 +197,21 @@ def parse_listen_addr(text: str) -> tuple[str, int]:
     return (host or "127.0.0.1", int(port_text))
 
 
+_BEARER_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+
+def _bearer_token(text: str) -> Secret:
+    # Never echo the value, not even part of it: a near-miss is usually the real token.
+    if not 16 <= len(text) <= 512:
+        raise ValueError(f"expected 16 to 512 characters, got {len(text)} (value not shown)")
+    if not _BEARER_TOKEN_RE.fullmatch(text):
+        raise ValueError(
+            "expected only the characters A-Z a-z 0-9 - . _ ~ + / and trailing = "
+            "(e.g. openssl rand -hex 32; value not shown)"
+        )
+    return Secret(text)
+
+
 def _secret_http_url(text: str) -> Secret:
     # A push-monitoring URL embeds its token: validate it like a URL, never echo it.
     try:
@@ -522,8 +537,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "--health-addr",
         parse_listen_addr,
         None,
-        "serve /healthz, /readyz, /metrics and /status on PORT or HOST:PORT "
-        "(127.0.0.1 when only a port is given); off when unset",
+        "serve /healthz, /readyz, /metrics (and /status unless TRIO_IDLE_STATUS_ADDR is "
+        "set) on PORT or HOST:PORT (127.0.0.1 when only a port is given); off when unset",
     ),
     Option(
         "ready_share",
@@ -540,6 +555,25 @@ OPTIONS: Final[tuple[Option, ...]] = (
         parse_duration,
         "5s",
         "event-loop lag above which /healthz answers 503 and the systemd watchdog stops",
+    ),
+    Option(
+        "status_token",
+        "TRIO_IDLE_STATUS_TOKEN",
+        None,
+        _bearer_token,
+        None,
+        "the token /status requires in an Authorization: Bearer header (16 to 512 of the "
+        "characters A-Z a-z 0-9 - . _ ~ + / and trailing =); /status is off without it",
+        secret=True,
+    ),
+    Option(
+        "status_addr",
+        "TRIO_IDLE_STATUS_ADDR",
+        "--status-addr",
+        parse_listen_addr,
+        None,
+        "serve /status on its own PORT or HOST:PORT instead of the health address "
+        "(127.0.0.1 when only a port is given); keep it on loopback or a private network",
     ),
     Option(
         "ping_url",
@@ -666,6 +700,8 @@ class Settings:
     health_addr: tuple[str, int] | None = None
     ready_share: float = 0.9
     max_loop_lag: float = 5.0
+    status_token: Secret | None = None
+    status_addr: tuple[str, int] | None = None
     ping_url: Secret | None = None
     ping_interval: float = 60.0
     ping_fail_suffix: str = "/fail"

@@ -5,7 +5,7 @@ Task tree (see docs/architecture.md)::
     trio.run → run_daemon
       trio_asyncio loop (asyncio libraries run inside trio; no other event loop exists)
       root nursery
-      ├── supervision       loop lag, health endpoint, pings, systemd (supervision.py)
+      ├── supervision       loop lag, health and status endpoints, pings, systemd (supervision.py)
       ├── refresh loop      reads the source every refresh_interval, applies the diff
       └── connection tasks  one per connection, owned by the Reconciler (reconcile.py)
 
@@ -202,7 +202,7 @@ async def run_daemon(
     ``environ`` (default ``os.environ``) is where supervision looks for systemd's
     ``NOTIFY_SOCKET``/``WATCHDOG_USEC``. Raises
     :class:`~trio_idle.supervision.StartupError` (inside an exception group) before
-    reporting started when the health endpoint cannot listen.
+    reporting started when the health endpoint or the status address cannot listen.
     """
     protect_secrets(process_secrets(settings))
     stats = Stats()

@@ -6,8 +6,9 @@ a private :class:`~prometheus_client.CollectorRegistry` holding a :class:`Daemon
 CPU, open files). :func:`render_metrics` renders one :class:`MetricsInput` — what the
 unit tests parse back with ``prometheus_client.parser``.
 
-No metric carries a per-mailbox label: labels are session states, disconnect causes,
-scan reasons and HTTP statuses, all low-cardinality.
+No metric carries a per-mailbox label or any text from a row or a server: label values
+are this code's own words (session states, disconnect causes, scan reasons, ...) and the
+backend's HTTP status codes, all low-cardinality.
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ LABELLED_COUNTERS: Final = (
     ("pings_sent", "result", "health pings delivered (ok: healthy, fail: unhealthy)"),
     ("state_errors", "operation", "state store failures (load, write)"),
     ("gc_collections", "kind", "after-refresh garbage collections (full, new: only new objects)"),
+    (
+        "status_auth_failures",
+        "reason",
+        "/status requests refused for a missing or wrong bearer token",
+    ),
+    (
+        "health_clients_dropped",
+        "reason",
+        "health port clients closed (evicted: pushed out by a new client before completing "
+        "a request; timeout: too slow)",
+    ),
 )
 
 

@@ -6,14 +6,15 @@ Task tree (all inside the daemon's root nursery)::
     └── supervision             run_supervision: ends when shutdown starts
         ├── loop monitor        measures event-loop lag every 0.5 s
         ├── health server       only with TRIO_IDLE_HEALTH_ADDR
+        ├── status server       only with TRIO_IDLE_STATUS_ADDR (then /status is served there only)
         ├── pinger              only with TRIO_IDLE_PING_URL
         └── systemd             only with $NOTIFY_SOCKET: READY, STATUS, STOPPING
             └── watchdog        only with $WATCHDOG_USEC: WATCHDOG=1 while the loop is healthy
 
 Guarantees: nothing here can stop the daemon once it runs — a failed ping, a vanished
 notify socket or a broken HTTP client is logged and counted. The one startup failure is
-an unusable health address, raised as :class:`StartupError` before the daemon reports
-itself started. When :meth:`Daemon.shutdown` is called the whole subtree is cancelled at
+an unusable health or status address, raised as :class:`StartupError` before the daemon
+reports itself started. When :meth:`Daemon.shutdown` is called the whole subtree is cancelled at
 once (``STOPPING=1`` is sent from the systemd task's ``finally``), so supervision never
 delays the shutdown.
 """
@@ -37,7 +38,7 @@ from trio_idle.health import (
     readiness_body,
     status_line,
 )
-from trio_idle.health_server import HealthRoutes, HealthServer, Response, json_response
+from trio_idle.health_server import ROUTES, HealthRoutes, HealthServer, Response, json_response
 from trio_idle.loop_monitor import LoopMonitor
 from trio_idle.metrics import MetricsInput, make_registry
 from trio_idle.pinger import run_pinger
@@ -64,6 +65,8 @@ class Supervisor:
         self.started_unix = time.time()
         #: where the health endpoint listens (``http://host:port``), once it does
         self.health_url: str | None = None
+        #: where ``/status`` has its own listener (``TRIO_IDLE_STATUS_ADDR``), once it does
+        self.status_url: str | None = None
 
     def snapshot(self) -> HealthSnapshot:
         d, s = self.daemon, self.daemon.settings
@@ -129,11 +132,14 @@ class Supervisor:
         return json_response(200, body)
 
     def routes(self) -> HealthRoutes:
+        """Every route; ``/status`` behind ``TRIO_IDLE_STATUS_TOKEN``."""
         return HealthRoutes(
             healthz=self.healthz,
             readyz=self.readyz,
             status=self.status,
             registry=make_registry(self.metrics_input),
+            stats=self.daemon.stats,
+            status_token=self.daemon.settings.status_token,
         )
 
     # -- systemd --------------------------------------------------------------------
@@ -209,15 +215,24 @@ async def run_supervision(
     supervisor = Supervisor(daemon, monitor)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(monitor.run, name="loop-monitor")
+        routes = supervisor.routes()
         if settings.health_addr is not None:
-            host, port = settings.health_addr
-            server = HealthServer(supervisor.routes(), host, port)
-            try:
-                supervisor.health_url = await nursery.start(server.serve, name="health-server")
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot listen on {host}:{port} (TRIO_IDLE_HEALTH_ADDR): {exc.strerror or exc}"
-                ) from None
+            if settings.status_addr is not None:
+                routes_here = routes.only(r for r in ROUTES if r != "/status")
+            else:
+                routes_here = routes
+            supervisor.health_url = await _start_server(
+                nursery, routes_here, settings.health_addr, "TRIO_IDLE_HEALTH_ADDR"
+            )
+        if settings.status_addr is not None:
+            if settings.status_token is None:
+                logger.warning(
+                    "[idle/health] TRIO_IDLE_STATUS_ADDR is set but TRIO_IDLE_STATUS_TOKEN is "
+                    "not: /status answers 404 until a token is configured"
+                )
+            supervisor.status_url = await _start_server(
+                nursery, routes.only(["/status"]), settings.status_addr, "TRIO_IDLE_STATUS_ADDR"
+            )
         if settings.ping_url is not None:
             nursery.start_soon(
                 run_pinger,
@@ -239,3 +254,19 @@ async def run_supervision(
         task_status.started(supervisor)
         await daemon.shutdown_requested.wait()
         nursery.cancel_scope.cancel()
+
+
+async def _start_server(
+    nursery: trio.Nursery, routes: HealthRoutes, addr: tuple[str, int], variable: str
+) -> str:
+    """Start a :class:`HealthServer` on ``addr``; its URL, or :class:`StartupError`."""
+    host, port = addr
+    server = HealthServer(routes, host, port)
+    name = "status-server" if variable == "TRIO_IDLE_STATUS_ADDR" else "health-server"
+    try:
+        url: str = await nursery.start(server.serve, name=name)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {host}:{port} ({variable}): {exc.strerror or exc}"
+        ) from None
+    return url
