@@ -404,7 +404,11 @@ async def _aio_open_socket(
         raise _Refused(refusal_message(conn.host, shown))
     errors: list[OSError] = []
     for family, sockaddr in allowed:
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        except OSError as exc:  # e.g. no IPv6 on this machine: try the next address
+            errors.append(exc)
+            continue
         try:
             sock.setblocking(False)
             await loop.sock_connect(sock, sockaddr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import ipaddress
 import socket
 import ssl
@@ -32,6 +33,7 @@ from trio_idle.connections import MailConnection
 from trio_idle.destinations import DEFAULT_NETWORKS, parse_networks
 from trio_idle.errors import ImapConnectError
 from trio_idle.imap_client import ImapConnection, ImapTimeouts, connect
+from trio_idle.operator_commands import run_check
 from trio_idle.secret import Secret
 from trio_idle.testing import ImapTestServer
 
@@ -393,3 +395,18 @@ async def test_tls_still_verifies_the_name_of_the_row(
     assert message[0].startswith(f"TLS certificate of imap.other.test:{port} not trusted:")
     assert "imap.other.test" in message[0].split("not trusted:", 1)[1]  # a name mismatch
     assert guard.outside == []
+
+
+async def test_check_login_refuses_the_same_destinations(rig: Rig, guard: Guard) -> None:
+    async with listener("127.0.0.2") as refused_host:
+        rows = [row(B, B, PASSWORD, refused_host.port, host="127.0.0.2"), *rig.add(A)]
+        settings = rig.settings(TRIO_IDLE_REFUSE_NETWORKS="127.0.0.2/32")
+        out = io.StringIO()
+        with trio.fail_after(20):
+            status = await run_check(settings, ListSource(rows), out, login=True)
+        assert refused_host.accepted == 0
+    lines = {line.split()[0]: line for line in out.getvalue().splitlines()[1:-1]}
+    assert status == 1
+    assert lines[A].endswith("ok (login)")
+    assert lines[B].endswith("FAILED: 127.0.0.2 is an address TRIO_IDLE_REFUSE_NETWORKS refuses")
+    assert guard.to(refused_host.port) == []
