@@ -17,6 +17,12 @@ from urllib.parse import urlsplit
 import attrs
 
 from trio_idle.crypto import KEY_DERIVATIONS, MIN_KEY_CHARS
+from trio_idle.destinations import (
+    DEFAULT_NETWORKS,
+    DEFAULT_REFUSE_NETWORKS,
+    Network,
+    parse_networks,
+)
 from trio_idle.scrub import url_secrets
 from trio_idle.secret import Secret
 
@@ -97,6 +103,16 @@ def _fraction(text: str) -> float:
         raise ValueError(f"expected a number between 0 and 1, got {text!r}") from None
     if not 0 <= value <= 1:
         raise ValueError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a number above 0 and at most 1, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"expected a number above 0 and at most 1, got {text!r}")
     return value
 
 
@@ -444,6 +460,24 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "max new IMAP connections started per second (all mailboxes)",
     ),
     Option(
+        "connect_host_share",
+        "TRIO_IDLE_CONNECT_HOST_SHARE",
+        "--connect-host-share",
+        _share,
+        "0.25",
+        "share of the connect slots one IMAP host name may hold (at least one slot), so a "
+        "host that never answers cannot make every other mailbox wait",
+    ),
+    Option(
+        "refuse_networks",
+        "TRIO_IDLE_REFUSE_NETWORKS",
+        "--refuse-networks",
+        parse_networks,
+        DEFAULT_REFUSE_NETWORKS,
+        "comma-separated networks (CIDR) no IMAP connection may go to, checked on the "
+        "resolved address; none: refuse nothing. Default: link-local incl. cloud metadata",
+    ),
+    Option(
         "imap_security",
         "TRIO_IDLE_IMAP_SECURITY",
         "--imap-security",
@@ -686,6 +720,8 @@ class Settings:
     auth_backoff_max: float = 7200.0
     connect_concurrency: int = 20
     connect_rate: float = 50.0
+    connect_host_share: float = 0.25
+    refuse_networks: tuple[Network, ...] = DEFAULT_NETWORKS
     imap_security: str = "auto"
     ca_file: str | None = None
     tcp_keepalive: float = 60.0

@@ -213,7 +213,9 @@ async def run_daemon(
     )
     env = SessionEnv(
         settings=settings,
-        limiter=ConnectLimiter(settings.connect_concurrency, settings.connect_rate),
+        limiter=ConnectLimiter(
+            settings.connect_concurrency, settings.connect_rate, settings.connect_host_share
+        ),
         ssl_context=make_ssl_context(settings.ca_file),
         stats=stats,
         rng=random.Random(),

@@ -34,6 +34,7 @@ import trio
 import trio_asyncio
 
 from trio_idle.connections import MailConnection
+from trio_idle.destinations import DEFAULT_NETWORKS, Network, refusal_message, refused
 from trio_idle.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
 from trio_idle.imap_responses import MailboxState, parse_mailbox_state
 from trio_idle.push_monitor import PushMonitor
@@ -376,24 +377,76 @@ async def _aio_idle_start(protocol: _Protocol) -> asyncio.Future[Any]:
     return result
 
 
+async def _aio_resolve(
+    loop: asyncio.AbstractEventLoop, host: str, port: int
+) -> list[tuple[int, Any]]:
+    """Every ``(family, sockaddr)`` of ``host`` for TCP, in the resolver's order."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    if not infos:
+        raise socket.gaierror(socket.EAI_NONAME, "no addresses")
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+async def _aio_open_socket(
+    loop: asyncio.AbstractEventLoop, conn: MailConnection, refuse: tuple[Network, ...]
+) -> socket.socket:
+    """A TCP socket connected to an address of ``conn.host`` that ``refuse`` allows.
+
+    The host is resolved once, here, and the socket connected to exactly the addresses
+    that were checked: nothing resolves the name again (no DNS-rebinding gap). Allowed
+    addresses are tried in the resolver's order; if none connects, the first error is
+    raised. Never leaks a socket, also when cancelled.
+    """
+    addresses = await _aio_resolve(loop, conn.host, conn.port)
+    allowed = [(f, a) for f, a in addresses if refused(a[0], refuse) is None]
+    if not allowed:
+        shown = list(dict.fromkeys(str(a[0]) for _, a in addresses))
+        raise _Refused(refusal_message(conn.host, shown))
+    errors: list[OSError] = []
+    for family, sockaddr in allowed:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        except OSError as exc:  # e.g. no IPv6 on this machine: try the next address
+            errors.append(exc)
+            continue
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, sockaddr)
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise errors[0]
+
+
 async def _aio_connect(
     conn: MailConnection,
     security: str,
     context: ssl.SSLContext | None,
     monitor: PushMonitor,
     timeouts: ImapTimeouts,
+    refuse: tuple[Network, ...],
 ) -> _Protocol:
     loop = asyncio.get_running_loop()
     protocol = _Protocol(loop, monitor)
     tls_now = context if security == "tls" else None
-    transport, _ = await loop.create_connection(
-        lambda: protocol,
-        conn.host,
-        conn.port,
-        ssl=tls_now,
-        server_hostname=conn.host if tls_now else None,
-        ssl_handshake_timeout=timeouts.connect if tls_now else None,
-    )
+    sock = await _aio_open_socket(loop, conn, refuse)
+    try:
+        # The certificate is checked against the name the user typed, not the address.
+        transport, _ = await loop.create_connection(
+            lambda: protocol,
+            sock=sock,
+            ssl=tls_now,
+            server_hostname=conn.host if tls_now else None,
+            ssl_handshake_timeout=timeouts.connect if tls_now else None,
+        )
+    except BaseException:
+        sock.close()
+        raise
     try:
         _set_keepalive(transport, timeouts.keepalive_idle)
         await _aio_handshake(loop, conn, security, context, protocol, transport, timeouts)
@@ -447,24 +500,32 @@ class _BadGreeting(Exception):
     pass
 
 
+class _Refused(Exception):
+    """Every address of the host is in a refused network; ``str()`` is the log line."""
+
+
 async def connect(
     conn: MailConnection,
     *,
     security: str,
     context: ssl.SSLContext | None,
     timeouts: ImapTimeouts,
+    refuse: tuple[Network, ...] = DEFAULT_NETWORKS,
 ) -> ImapConnection:
     """Open TCP (+TLS or STARTTLS), wait for the greeting and capabilities.
 
     Raises :class:`ImapConnectError` with a diagnosis (DNS, refused, TLS trust, no or a
     refusing greeting, closed during the handshake) within ``timeouts.connect`` seconds.
+    No connection is attempted to an address in ``refuse`` (``TRIO_IDLE_REFUSE_NETWORKS``;
+    see :mod:`trio_idle.destinations`): if the host has no other address, the error says
+    so. TLS still verifies the certificate against ``conn.host``.
     """
     monitor = PushMonitor()
     where = f"{conn.host}:{conn.port}"
     try:
         with trio.fail_after(timeouts.connect):
             protocol = await trio_asyncio.aio_as_trio(_aio_connect)(
-                conn, security, context, monitor, timeouts
+                conn, security, context, monitor, timeouts, refuse
             )
     except trio.TooSlowError:
         raise ImapConnectError(
@@ -474,6 +535,8 @@ async def connect(
         raise ImapConnectError(f"{where} does not offer STARTTLS") from None
     except _BadGreeting as exc:
         raise ImapConnectError(f"{where} failed the IMAP greeting: {exc}") from None
+    except _Refused as exc:
+        raise ImapConnectError(str(exc)) from None
     except (TimeoutError, OSError, aioimaplib.AioImapException) as exc:
         raise ImapConnectError(_describe_connect_error(exc, conn.host, conn.port)) from None
     imap = ImapConnection(protocol, monitor, timeouts)

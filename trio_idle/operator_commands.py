@@ -106,6 +106,7 @@ async def try_login(
                 security=security,
                 context=None if security == "plain" else context,
                 timeouts=timeouts,
+                refuse=settings.refuse_networks,
             )
             await imap.login(conn.login, conn.password.reveal())
         return None

@@ -104,13 +104,14 @@ async def run_session(
         imap: ImapConnection | None = None
         up_since: float | None = None
         try:
-            async with env.limiter.slot():
+            async with env.limiter.slot(conn.host):
                 env.stats.inc("connect_attempts")
                 imap = await connect(
                     conn,
                     security=security,
                     context=None if security == "plain" else env.ssl_context,
                     timeouts=env.timeouts,
+                    refuse=s.refuse_networks,
                 )
                 await imap.login(conn.login, conn.password.reveal())
             selected = await imap.select(s.mailbox)
