@@ -1,4 +1,9 @@
-"""Developer and CI entry points: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``."""
+"""Developer and CI entry points: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``.
+
+Every session installs through ``constraints.txt`` (``pip install -c``), so what is tested
+is the pinned set a user gets with ``pip install -c constraints.txt .``; ``nox -s lock``
+re-resolves it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,15 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 LINT_PATHS = ["trio_idle", "tests", "noxfile.py"]
+CONSTRAINTS = "constraints.txt"
+#: the pins cover the runtime dependencies and these extras, for this Python on Linux
+LOCK_EXTRAS = ["test", "bench", "dev"]
+LOCK_PYTHON = "3.11"
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    """``pip install`` within the pinned versions of ``constraints.txt``."""
+    session.install("-c", CONSTRAINTS, *args)
 
 
 #: programs the real-server tests need → the Debian package that provides each
@@ -35,7 +49,7 @@ def _ensure_system_packages(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The whole suite, against real PostgreSQL (pgserver wheel) and real Dovecot."""
     _ensure_system_packages(session)
-    session.install("-e", ".[test]")
+    _install(session, "-e", ".[test]")
     args = session.posargs or ["-q", "-p", "no:cacheprovider"]
     session.run("python", "-m", "pytest", *args)
 
@@ -43,7 +57,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """The whole loop in one process: test IMAP server, keyword-scanning backend, daemon."""
-    session.install("-e", ".")
+    _install(session, "-e", ".")
     session.run("trio-idle", "demo", *session.posargs)
 
 
@@ -55,19 +69,44 @@ def bench(session: nox.Session) -> None:
     (≈ 27 min). ``nox -s bench -- --quick`` for a fast run, ``-- --tls --n 100,1000,10000``
     for TLS; see ``python -m trio_idle.bench --help``.
     """
-    session.install("-e", ".[bench]")
+    _install(session, "-e", ".[bench]")
     args = session.posargs or ["--n", "100,1000,10000", "--soak", "600", "--plot"]
     session.run("python", "-m", "trio_idle.bench", *args)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    _install(session, "ruff")
     session.run("ruff", "check", *LINT_PATHS)
     session.run("ruff", "format", "--check", "trio_idle")
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[test]", "mypy>=1.11")
+    _install(session, "-e", ".[test,dev]")
     session.run("mypy", "trio_idle")
+
+
+@nox.session
+def lock(session: nox.Session) -> None:
+    """Regenerate constraints.txt with uv: the newest releases pyproject.toml allows.
+
+    ``nox -s lock -- --upgrade-package h11`` moves one package only (the others keep
+    their pins). Run ``nox -s tests`` on the result before committing it.
+    """
+    session.install("uv>=0.5")
+    extras = [arg for extra in LOCK_EXTRAS for arg in ("--extra", extra)]
+    session.run(
+        "uv",
+        "pip",
+        "compile",
+        "pyproject.toml",
+        *extras,
+        "--python-version",
+        LOCK_PYTHON,
+        "--python-platform",
+        "linux",
+        *(session.posargs or ["--upgrade"]),
+        "-o",
+        CONSTRAINTS,
+    )

@@ -449,3 +449,26 @@ def test_reply_validation() -> None:
     assert json.loads(Reply(503).encoded_body()) == {"error": "HTTP 503"}
     with pytest.raises(ValueError):
         ScanBackend(secret="")
+    with pytest.raises(ValueError):
+        Reply(body_size=3)  # shorter than the JSON body
+    with pytest.raises(ValueError):
+        Reply(chunked=True)  # chunked needs body_size
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_sized_reply_is_streamed_padded_json(
+    backend: ScanBackend, client: httpx.AsyncClient, chunked: bool
+) -> None:
+    size = 3 * 65536 + 17
+    backend.script(
+        "big@example.com",
+        [Reply(json={"scanned": 2, "blocked": 1}, body_size=size, chunked=chunked)],
+    )
+    response = await post(client, backend, "big@example.com")
+    assert len(response.content) == size
+    assert response.json() == {"scanned": 2, "blocked": 1}
+    if chunked:
+        assert response.headers["transfer-encoding"] == "chunked"
+        assert "content-length" not in response.headers
+    else:
+        assert response.headers["content-length"] == str(size)

@@ -116,6 +116,20 @@ def _share(text: str) -> float:
     return value
 
 
+_TRUE: Final = frozenset({"true", "1", "yes"})
+_FALSE: Final = frozenset({"false", "0", "no"})
+
+
+def parse_bool(text: str) -> bool:
+    """``true``/``false``, ``1``/``0``, ``yes``/``no`` (any case) → bool."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected true or false (also 1/0, yes/no), got {text!r}")
+
+
 def _http_url(text: str) -> str:
     parts = urlsplit(text.strip())
     shown = repr(text) if "@" not in text else "a URL with credentials (not shown)"
@@ -534,6 +548,15 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "connection pool size towards the backend",
     ),
     Option(
+        "http_trust_env",
+        "TRIO_IDLE_HTTP_TRUST_ENV",
+        "--http-trust-env",
+        parse_bool,
+        "false",
+        "send the scan webhook and health pings through the proxy named by HTTP_PROXY, "
+        "HTTPS_PROXY, ALL_PROXY (and NO_PROXY); off: always connect directly",
+    ),
+    Option(
         "shutdown_timeout",
         "TRIO_IDLE_SHUTDOWN_TIMEOUT",
         "--shutdown-timeout",
@@ -729,6 +752,7 @@ class Settings:
     scan_retry_initial: float = 1.0
     scan_retry_max: float = 60.0
     http_max_connections: int = 100
+    http_trust_env: bool = False
     shutdown_timeout: float = 5.0
     db_timeout: float = 30.0
     log_level: str = "INFO"

@@ -229,6 +229,7 @@ async def run_daemon(
         signing_secret=settings.signing_secret,
         total_timeout=settings.scan_timeout,
         max_connections=settings.http_max_connections,
+        trust_env=settings.http_trust_env,
     )
     daemon: Daemon | None = None
     async with open_asyncio_loop(stats):

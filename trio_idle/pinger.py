@@ -10,7 +10,10 @@ assessed (:func:`trio_idle.health.assess_health`) and:
 
 A ping that fails (network error, timeout, non-2xx) is logged and counted
 (``ping_errors``), never fatal, and not retried before the next interval. The URL is
-treated as a secret (it embeds the check's token): it is never logged.
+treated as a secret (it embeds the check's token): it is never logged. Only the status of
+the answer is looked at: its body is never read (the connection is closed instead).
+Proxies named in the environment are used only with ``trust_env`` (setting
+``TRIO_IDLE_HTTP_TRUST_ENV``).
 
 Cancellation: :func:`run_pinger` loops until cancelled; an in-flight ping is abandoned.
 """
@@ -28,7 +31,7 @@ from loguru import logger
 from trio_idle.health import Health
 from trio_idle.secret import Secret
 from trio_idle.stats import Stats
-from trio_idle.webhook import USER_AGENT
+from trio_idle.webhook import USER_AGENT, tls_verify_context
 
 MAX_REASON_CHARS: Final = 200
 MAX_PING_TIMEOUT: Final = 10.0
@@ -48,15 +51,19 @@ async def ping_once(client: httpx.AsyncClient, target: str, limit: float) -> str
     description (never the URL)."""
     with trio.move_on_after(limit + 1.0):
         try:
-            response = await client.get(target, timeout=limit)
+            # Streamed and left unread: a monitor's answer body carries nothing we need.
+            async with client.stream("GET", target, timeout=limit) as response:
+                status = response.status_code
         except httpx.TimeoutException:
             return f"no answer within {limit:g}s"
         except httpx.HTTPError as exc:
+            # TODO(issue 11): also pass this through trio_idle.scrub.redact_url (the
+            # lead's scrubber) for URLs other than the target, e.g. a redirect's.
             text = str(exc).replace(target, "<ping url>")[:120]
             return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-        if 200 <= response.status_code < 300:
+        if 200 <= status < 300:
             return None
-        return f"HTTP {response.status_code}"
+        return f"HTTP {status}"
     return f"no answer within {limit:g}s"
 
 
@@ -66,10 +73,19 @@ async def run_pinger(
     interval: float,
     assess: Callable[[], Health],
     stats: Stats,
+    trust_env: bool = False,
 ) -> None:
-    """Ping every ``interval`` seconds until cancelled. Logs health transitions."""
+    """Ping every ``interval`` seconds until cancelled. Logs health transitions.
+
+    ``trust_env``: go through the proxy the environment names (``HTTP_PROXY`` ...);
+    otherwise connect directly."""
     timeout = min(MAX_PING_TIMEOUT, interval)
-    client = httpx.AsyncClient(headers={"user-agent": USER_AGENT}, follow_redirects=True)
+    client = httpx.AsyncClient(
+        headers={"user-agent": USER_AGENT},
+        follow_redirects=True,
+        trust_env=trust_env,
+        verify=tls_verify_context(),
+    )
     previous: Health | None = None
     try:
         while True:

@@ -241,6 +241,7 @@ async def run_supervision(
                 settings.ping_interval,
                 lambda: assess_health(supervisor.snapshot()),
                 daemon.stats,
+                settings.http_trust_env,
                 name="health-pinger",
             )
         notifier = Notifier.from_env(env)

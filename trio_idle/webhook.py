@@ -14,9 +14,11 @@ import hashlib
 import hmac
 import json
 import math
+import ssl
 import time
 import uuid
 from collections.abc import Mapping
+from typing import Final
 
 import attrs
 import httpx
@@ -29,6 +31,8 @@ USER_AGENT = f"trio-idle/{__version__}"
 SCAN_ID_HEADER = "x-scan-id"
 SIGNATURE_HEADER = "x-signature"
 MAX_RETRY_AFTER = 3600.0
+#: A scan reply is a few dozen bytes of JSON; a larger one fails the attempt unread.
+MAX_REPLY_BYTES: Final = 64 * 1024
 
 
 @attrs.frozen
@@ -149,8 +153,17 @@ class WebhookClient:
     """Sends scan requests over one shared ``httpx.AsyncClient``.
 
     Timeouts are explicit: httpx's per-phase timeouts fire first; a trio deadline of
-    ``total_timeout`` bounds the whole attempt. On ``PoolTimeout`` the client is rebuilt,
-    because cancelled requests can leak pool slots (httpcore issue #1093).
+    ``total_timeout`` bounds the whole attempt, reading the reply included. On
+    ``PoolTimeout`` the client is rebuilt, because cancelled requests can leak pool slots
+    (httpcore issue #1093).
+
+    A reply body is read as it arrives and at most ``max_reply_bytes`` of it are kept: a
+    larger one (declared by ``content-length`` or found while reading) fails the attempt
+    and its connection is closed without reading the rest. Redirects are not followed.
+    With ``trust_env`` false (the default) proxies named in the environment
+    (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``) are ignored, so the secret header
+    only ever goes to ``url``'s host; ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured
+    either way.
     """
 
     def __init__(
@@ -162,13 +175,19 @@ class WebhookClient:
         signing_secret: Secret | None,
         total_timeout: float,
         max_connections: int,
+        trust_env: bool = False,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
+        if max_reply_bytes <= 0:
+            raise ValueError("max_reply_bytes must be positive")
         self.url = url
         self._secret_header = secret_header
         self._secret = secret
         self._signing_secret = signing_secret
         self._total_timeout = total_timeout
         self._max_connections = max_connections
+        self._trust_env = trust_env
+        self.max_reply_bytes: Final = max_reply_bytes
         self._client = self._new_client()
 
     def _new_client(self) -> httpx.AsyncClient:
@@ -179,8 +198,12 @@ class WebhookClient:
                 max_keepalive_connections=self._max_connections,
                 keepalive_expiry=30.0,
             ),
-            headers={"user-agent": USER_AGENT},
+            # The cap counts bytes as they arrive: a compressed reply could inflate far
+            # past it inside one decoding step, so none is asked for.
+            headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
             follow_redirects=False,
+            trust_env=self._trust_env,
+            verify=tls_verify_context(),
         )
 
     async def aclose(self) -> None:
@@ -197,15 +220,24 @@ class WebhookClient:
         return headers
 
     async def send(self, job: ScanJob) -> ScanReply:
-        """One attempt. Never raises for network trouble: that is a RETRY verdict."""
+        """One attempt. Never raises for network trouble or an oversized reply: those are
+        RETRY verdicts. Cancellation abandons the attempt (its connection is closed)."""
         body = job.body()
         # httpx's own timeouts should fire first; this bound catches everything else
         # (a server trickling bytes resets httpx's per-chunk read timeout forever).
-        with trio.move_on_after(self._total_timeout + 5.0) as scope:
+        with trio.move_on_after(self._total_timeout + 5.0):
             try:
-                response = await self._client.post(
-                    self.url, content=body, headers=self.headers_for(job, body)
-                )
+                async with self._client.stream(
+                    "POST", self.url, content=body, headers=self.headers_for(job, body)
+                ) as response:
+                    reply_body = await read_capped(response, self.max_reply_bytes)
+                    if reply_body is None:
+                        # Leaving the block closes the connection: the rest is never read.
+                        return ScanReply(
+                            Verdict.RETRY,
+                            f"backend reply larger than {_size_text(self.max_reply_bytes)}",
+                        )
+                    return interpret_reply(response.status_code, response.headers, reply_body)
             except httpx.PoolTimeout:
                 old, self._client = self._client, self._new_client()
                 with trio.CancelScope(shield=True):
@@ -219,15 +251,47 @@ class WebhookClient:
                 return ScanReply(Verdict.RETRY, f"backend unreachable ({_reason(exc)})")
             except httpx.HTTPError as exc:
                 return ScanReply(Verdict.RETRY, f"request failed ({type(exc).__name__})")
-        if scope.cancelled_caught:
-            return ScanReply(
-                Verdict.RETRY, f"backend did not answer within {self._total_timeout:g}s"
-            )
-        return interpret_reply(response.status_code, response.headers, response.content)
+        # Only reached when the deadline cancelled the attempt: every other path returns.
+        return ScanReply(Verdict.RETRY, f"backend did not answer within {self._total_timeout:g}s")
+
+
+def tls_verify_context() -> ssl.SSLContext:
+    """What httpx verifies servers with by default, ``SSL_CERT_FILE``/``SSL_CERT_DIR``
+    included, whether or not the client trusts the environment for proxies."""
+    return httpx.create_ssl_context(trust_env=True)
+
+
+async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
+    """The body of a streamed ``response`` as sent, or ``None`` as soon as it is known to
+    be larger than ``limit`` bytes (from ``content-length``, or once more has arrived).
+    At most ``limit`` plus one network read is held in memory."""
+    declared = response.headers.get("content-length", "").strip()
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _size_text(count: int) -> str:
+    if count % 1024 == 0:
+        return f"{count // 1024} KiB"
+    return f"{count} bytes"
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    # TODO(issue 11): pass the text through trio_idle.scrub.redact_url (lead's scrubber):
+    # httpx's messages carry no URL today, but a proxy or future httpx version could.
+    # httpx wraps the real error (e.g. ssl.SSLCertVerificationError) in one without text.
+    cause: BaseException | None = exc
+    while cause is not None and not str(cause):
+        cause = cause.__cause__ or cause.__context__
+    text = str(cause) if cause is not None else type(exc).__name__
     if "refused" in text.lower():
         return "connection refused"
     return text[:120]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import trio
 
 from tests.harness import ListSource, LogCapture, make_settings, poll_until, row, running_daemon
 from tests.ops.conftest import PingReceiver, closed_port
+from tests.recording_proxy import RecordingProxy, point_proxies_at
 from tests.servers.dovecot import DovecotServer, DovecotUser
 from trio_idle.testing.backend import ScanBackend
 
@@ -77,3 +79,31 @@ async def test_an_unreachable_ping_url_is_counted_not_fatal(
             await logs.wait_for("[idle/health] health ping failed: ConnectError")
         assert not daemon.stopping
     assert TOKEN not in logs.text()
+
+
+@pytest.mark.parametrize("trust_env", [False, True])
+async def test_pings_use_a_proxy_from_the_environment_only_when_asked(
+    backend: ScanBackend,
+    ping_receiver: PingReceiver,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    trust_env: bool,
+) -> None:
+    proxy = RecordingProxy()
+    point_proxies_at(monkeypatch, await nursery.start(proxy.serve))
+    url = f"{ping_receiver.url}/ping/{TOKEN}"
+    settings = make_settings(
+        backend.url,
+        TRIO_IDLE_PING_URL=url,
+        TRIO_IDLE_PING_INTERVAL="100ms",
+        TRIO_IDLE_HTTP_TRUST_ENV=str(trust_env).lower(),
+    )
+    async with running_daemon(settings, ListSource()) as daemon:
+        with trio.fail_after(15):
+            await poll_until(lambda: daemon.stats.get("pings_sent", "ok") >= 2)
+    if trust_env:
+        assert {(p.method, p.target) for p in proxy.requests} == {("GET", url)}
+        assert ping_receiver.pings == []
+    else:
+        assert proxy.requests == []
+        assert {(p.method, p.target) for p in ping_receiver.pings} == {("GET", f"/ping/{TOKEN}")}

@@ -6,9 +6,11 @@ The invariant (:mod:`tests.reliability.invariant`) counts only POSTs answered 2x
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from tests.harness import running_daemon
+from tests.recording_proxy import RecordingProxy, point_proxies_at
 from tests.reliability.rig import Rig
 from trio_idle.testing.backend import Reply
 
@@ -124,3 +126,50 @@ async def test_backend_500_outage_keeps_one_scan_in_flight(rig: Rig) -> None:
             await rig.quiet(daemon, A)
         assert len(rig.backend.requests_for(A)) - answered_500 <= 2
         assert rig.backend.max_in_flight(A) == 1
+
+
+async def test_an_oversized_reply_is_retried_with_the_same_scan_id(rig: Rig) -> None:
+    rig.backend.script(A, [Reply(body_size=300 << 20, chunked=True)])
+    async with running_daemon(rig.settings(), rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+            rig.ledger.append(A, "first answered with a 300 MB body")
+            await rig.log(f"[idle/{A}] scan failed: backend reply larger than 64 KiB")
+            await rig.backend.wait_for_requests(2, email=A, finished=True)
+            await rig.log(f"[idle/{A}] scan-triggered → scanned=1 blocked=0")
+            await rig.quiet(daemon, A)
+        oversized, retried = rig.backend.requests_for(A)
+        assert oversized.scan_id == retried.scan_id
+        assert retried.status == 200
+        assert daemon.stats.get("scans_sent") == 2
+
+
+async def test_the_scan_ignores_proxies_named_in_the_environment(
+    rig: Rig, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = RecordingProxy()
+    point_proxies_at(monkeypatch, await nursery.start(proxy.serve))
+    async with running_daemon(rig.settings(), rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+            rig.ledger.append(A, "with HTTP_PROXY set")
+            await rig.ledger.settle(10)
+            await rig.log(f"[idle/{A}] scan-triggered → scanned=1 blocked=0")
+            await rig.quiet(daemon, A)
+    assert proxy.requests == []  # ADMIN_SECRET never went there
+
+
+async def test_http_trust_env_sends_the_scan_through_the_proxy(
+    rig: Rig, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = RecordingProxy()
+    point_proxies_at(monkeypatch, await nursery.start(proxy.serve))
+    settings = rig.settings(TRIO_IDLE_HTTP_TRUST_ENV="true")
+    async with running_daemon(settings, rig.source(A)):
+        with trio.fail_after(10):
+            await rig.idle(A)
+            rig.ledger.append(A, "through the proxy")
+            await rig.log(f"[idle/{A}] scan-triggered → scanned=7 blocked=3")  # its answer
+    (seen,) = proxy.requests
+    assert (seen.method, seen.target) == ("POST", rig.backend.scan_url)
+    assert rig.backend.requests_for(A) == []

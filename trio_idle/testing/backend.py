@@ -63,6 +63,7 @@ SCAN_REASONS: Final = frozenset({"exists", "tick", "reconnect", "startup"})
 #: Request bodies larger than this are answered 413 and the connection is closed.
 MAX_BODY_BYTES: Final = 1 << 20
 _RECEIVE_CHUNK: Final = 65536
+_SEND_CHUNK: Final = 65536
 _SIGNATURE_RE: Final = re.compile(r"sha256=([0-9a-f]{64})")
 
 
@@ -85,6 +86,12 @@ class Reply:
     pass before answering. ``close`` sends ``connection: close`` and closes the connection
     after the answer; ``disconnect`` closes it without answering at all (the recorded status
     stays ``None``).
+
+    ``body_size`` makes the body that many bytes long, written chunk by chunk and never
+    held whole (for oversized replies: ``Reply(body_size=300 << 20)``): the JSON body
+    padded with spaces, still valid JSON when read whole. It is announced by
+    ``content-length`` unless ``chunked``, which sends it with
+    ``transfer-encoding: chunked`` so the client learns its size only by reading it.
     """
 
     status: int = 200
@@ -94,12 +101,18 @@ class Reply:
     body: bytes | None = None
     close: bool = False
     disconnect: bool = False
+    body_size: int | None = None
+    chunked: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not 200 <= self.status <= 599:
             raise ValueError(f"status must be 200..599, got {self.status}")
         if self.delay < 0:
             raise ValueError("delay must not be negative")
+        if self.body_size is not None and self.body_size < len(self.encoded_body()):
+            raise ValueError("body_size must be at least the length of the JSON body")
+        if self.chunked and self.body_size is None:
+            raise ValueError("chunked needs body_size")
 
     def encoded_body(self) -> bytes:
         """The exact bytes this reply sends as its body."""
@@ -512,7 +525,11 @@ class ScanBackend:
             headers.update({k.lower(): v for k, v in reply.headers.items()})
             if reply.close:
                 headers["connection"] = "close"
-        headers["content-length"] = str(len(body))
+        body_size = reply.body_size if reply is not None else None
+        if body_size is not None and reply is not None and reply.chunked:
+            headers["transfer-encoding"] = "chunked"
+        else:
+            headers["content-length"] = str(len(body) if body_size is None else body_size)
         try:
             phrase = HTTPStatus(status).phrase.encode("ascii")
         except ValueError:
@@ -520,9 +537,27 @@ class ScanBackend:
         data = conn.send(
             h11.Response(status_code=status, headers=list(headers.items()), reason=phrase)
         )
+        if body_size is not None:
+            await stream.send_all(data or b"")
+            await self._send_padded_body(conn, stream, body, body_size)
+            return
         data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
         data += conn.send(h11.EndOfMessage()) or b""
         await stream.send_all(data)
+
+    async def _send_padded_body(
+        self, conn: h11.Connection, stream: trio.SocketStream, body: bytes, size: int
+    ) -> None:
+        """``body`` then spaces up to ``size`` bytes, one chunk at a time (``Reply.body_size``),
+        and the end of the message."""
+        await stream.send_all(conn.send(h11.Data(data=body)) or b"")
+        left = size - len(body)
+        padding = b" " * _SEND_CHUNK
+        while left > 0:
+            piece = padding if left >= _SEND_CHUNK else padding[:left]
+            await stream.send_all(conn.send(h11.Data(data=piece)) or b"")
+            left -= len(piece)
+        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
 
     def _record(self, request: ScanRequest) -> None:
         self.requests.append(request)

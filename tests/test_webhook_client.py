@@ -1,0 +1,231 @@
+"""WebhookClient over real sockets on 127.0.0.1: reply bodies are capped, and proxies from
+the environment are ignored unless asked for (the secret header goes nowhere else)."""
+
+from __future__ import annotations
+
+import re
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+from tests.recording_proxy import PROXY_ANSWER, RecordingProxy, point_proxies_at
+from trio_idle.secret import Secret
+from trio_idle.testing.backend import Reply, ScanBackend
+from trio_idle.webhook import MAX_REPLY_BYTES, ScanJob, Verdict, WebhookClient
+
+SECRET = "webhook-client-ADMIN-s3cret"
+EMAIL = "alice@client.test"
+TIMEOUT = 10.0
+RSS_BOUND = 32 << 20
+
+
+def job() -> ScanJob:
+    return ScanJob(
+        connection_id="c-1", user_id="u-1", email=EMAIL, mailbox="INBOX", reason="exists"
+    )
+
+
+def client_for(url: str, **kw: object) -> WebhookClient:
+    return WebhookClient(
+        url,
+        secret_header="x-admin-secret",
+        secret=Secret(SECRET),
+        signing_secret=None,
+        total_timeout=5.0,
+        max_connections=4,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def backend(nursery: trio.Nursery) -> ScanBackend:
+    server = ScanBackend(secret=SECRET)
+    await nursery.start(server.serve)
+    return server
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery) -> RecordingProxy:
+    server = RecordingProxy()
+    await nursery.start(server.serve)
+    return server
+
+
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB$", text, re.MULTILINE)
+    assert match, f"{field} missing from /proc/self/status"
+    return int(match.group(1)) * 1024
+
+
+def reset_peak_rss() -> int:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0) and return that RSS in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
+# -- reply cap ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body_size", "chunked"),
+    [
+        (300 << 20, True),  # found while reading: no content-length
+        (300 << 20, False),  # announced up front
+        (1 << 40, False),  # a content-length of 1 TiB: never read
+        (1 << 40, True),  # endless without content-length: closed, not drained
+    ],
+    ids=["300MB-chunked", "300MB-content-length", "1TiB-content-length", "1TiB-chunked"],
+)
+async def test_an_oversized_reply_is_a_retry_and_costs_no_memory(
+    backend: ScanBackend, body_size: int, chunked: bool
+) -> None:
+    backend.script(EMAIL, [Reply(body_size=body_size, chunked=chunked)])
+    client = client_for(backend.scan_url)
+    try:
+        before = reset_peak_rss()
+        with trio.fail_after(TIMEOUT):
+            reply = await client.send(job())
+        grown = _status_kib("VmHWM") - before
+        assert grown < RSS_BOUND, f"peak RSS grew by {grown / 2**20:.1f} MiB"
+        assert reply.verdict is Verdict.RETRY
+        assert reply.detail == "backend reply larger than 64 KiB"
+        with trio.fail_after(TIMEOUT):
+            # the connection was closed, not drained: the backend sees the end of it
+            await backend.wait_for_requests(1, email=EMAIL, finished=True)
+            again = await client.send(job())
+        assert (again.verdict, again.scanned) == (Verdict.OK, 1)
+        first, second = backend.requests_for(EMAIL)
+        assert second.connection_number != first.connection_number
+    finally:
+        await client.aclose()
+
+
+async def test_a_reply_of_exactly_the_cap_is_read(backend: ScanBackend) -> None:
+    backend.script(
+        EMAIL,
+        [
+            Reply(json={"scanned": 4, "blocked": 2}, body_size=MAX_REPLY_BYTES, chunked=True),
+            Reply(body_size=MAX_REPLY_BYTES + 1, chunked=True),
+        ],
+    )
+    client = client_for(backend.scan_url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            exact = await client.send(job())
+            over = await client.send(job())
+    finally:
+        await client.aclose()
+    assert (exact.verdict, exact.scanned, exact.blocked) == (Verdict.OK, 4, 2)
+    assert (over.verdict, over.detail) == (Verdict.RETRY, "backend reply larger than 64 KiB")
+
+
+async def test_the_cap_is_a_constructor_parameter(backend: ScanBackend) -> None:
+    backend.script(EMAIL, [Reply(body_size=200), Reply(body_size=100)])
+    client = client_for(backend.scan_url, max_reply_bytes=100)
+    try:
+        with trio.fail_after(TIMEOUT):
+            over = await client.send(job())
+            fits = await client.send(job())
+    finally:
+        await client.aclose()
+    assert (over.verdict, over.detail) == (Verdict.RETRY, "backend reply larger than 100 bytes")
+    assert (fits.verdict, fits.scanned) == (Verdict.OK, 1)
+
+
+async def test_no_compressed_reply_is_asked_for(backend: ScanBackend) -> None:
+    # the cap counts bytes as sent; a gzip reply could inflate past it in one step
+    client = client_for(backend.scan_url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await client.send(job())
+    finally:
+        await client.aclose()
+    (request,) = backend.requests_for(EMAIL)
+    assert request.headers["accept-encoding"] == "identity"
+
+
+# -- proxies from the environment ------------------------------------------------------
+
+
+async def test_proxy_variables_are_ignored_by_default(
+    backend: ScanBackend, proxy: RecordingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_proxies_at(monkeypatch, proxy.url)
+    client = client_for(backend.scan_url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            reply = await client.send(job())
+    finally:
+        await client.aclose()
+    assert (reply.verdict, reply.scanned) == (Verdict.OK, 1)  # the backend's answer
+    (request,) = backend.requests_for(EMAIL)
+    assert request.headers["x-admin-secret"] == SECRET
+    assert proxy.requests == []  # the secret header never went there
+
+
+async def test_proxy_variables_are_used_with_trust_env(
+    backend: ScanBackend, proxy: RecordingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the counterpart that makes the test above meaningful: this environment does send
+    # a trusting client to the proxy, loopback backend and all
+    point_proxies_at(monkeypatch, proxy.url)
+    client = client_for(backend.scan_url, trust_env=True)
+    try:
+        with trio.fail_after(TIMEOUT):
+            reply = await client.send(job())
+    finally:
+        await client.aclose()
+    assert (reply.scanned, reply.blocked) == (PROXY_ANSWER["scanned"], PROXY_ANSWER["blocked"])
+    (seen,) = proxy.requests
+    assert (seen.method, seen.target) == ("POST", backend.scan_url)
+    assert seen.headers["x-admin-secret"] == SECRET
+    assert backend.requests == []
+
+
+# -- TLS trust from the environment stays ----------------------------------------------
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+async def tls_backend(nursery: trio.Nursery, ca: trustme.CA) -> AsyncIterator[RecordingProxy]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = RecordingProxy(ssl_context=context)
+    await nursery.start(server.serve)
+    yield server
+
+
+@pytest.mark.parametrize("trust_env", [False, True])
+async def test_ssl_cert_file_is_honoured_whatever_trust_env(
+    tls_backend: RecordingProxy,
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    trust_env: bool,
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    trusting = client_for(tls_backend.url + "/scan", trust_env=trust_env)
+    monkeypatch.delenv("SSL_CERT_FILE")
+    untrusting = client_for(tls_backend.url + "/scan", trust_env=trust_env)
+    try:
+        with trio.fail_after(TIMEOUT):
+            accepted = await trusting.send(job())
+            refused = await untrusting.send(job())
+    finally:
+        await trusting.aclose()
+        await untrusting.aclose()
+    assert (accepted.verdict, accepted.scanned) == (Verdict.OK, PROXY_ANSWER["scanned"])
+    assert refused.verdict is Verdict.RETRY and "CERTIFICATE_VERIFY_FAILED" in refused.detail
+    assert len(tls_backend.requests) == 1
