@@ -226,7 +226,10 @@ class ImapConnection:
     # -- commands ----------------------------------------------------------------------
 
     async def login(self, user: str, password: str) -> None:
-        response = await self._call("LOGIN", self.protocol.login, user, password)
+        # aioimaplib quotes the password but sends the user as it is: a user name with a
+        # space or a quote would garble the command, so quote it here (always valid IMAP).
+        quoted_user = aioimaplib.quoted(user)
+        response = await self._call("LOGIN", self.protocol.login, quoted_user, password)
         if response.result != "OK":
             text = b" ".join(bytes(x) for x in response.lines).decode("utf-8", "replace")
             text = text.replace(password, "********") if password else text

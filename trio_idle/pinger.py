@@ -29,6 +29,7 @@ import trio
 from loguru import logger
 
 from trio_idle.health import Health
+from trio_idle.scrub import PLAIN
 from trio_idle.secret import Secret
 from trio_idle.stats import Stats
 from trio_idle.webhook import USER_AGENT, tls_verify_context
@@ -57,9 +58,9 @@ async def ping_once(client: httpx.AsyncClient, target: str, limit: float) -> str
         except httpx.TimeoutException:
             return f"no answer within {limit:g}s"
         except httpx.HTTPError as exc:
-            # TODO(issue 11): also pass this through trio_idle.scrub.redact_url (the
-            # lead's scrubber) for URLs other than the target, e.g. a redirect's.
-            text = str(exc).replace(target, "<ping url>")[:120]
+            # the target embeds the check's token; other URLs (a redirect's) lose their
+            # credentials in the scrubber
+            text = PLAIN.scrub(str(exc).replace(target, "<ping url>"), 120)
             return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
         if 200 <= status < 300:
             return None

@@ -9,10 +9,10 @@ the password), and it can contain CR/LF or terminal escapes that forge log lines
 Guarantees of :meth:`Scrubber.scrub`, in this order:
 
 1. the arguments of credential-carrying commands (``LOGIN <user> <password>``,
-   ``AUTHENTICATE <mechanism> <response>``, ``Bearer <token>``, ``auth=Bearer``) are
-   masked whoever's they are, and every secret the scrubber was given is replaced by
-   :data:`MASK`, in each form it can
-   take on the way (raw, IMAP-quoted, Python ``repr`` of ``str`` and ``bytes``, JSON,
+   ``AUTHENTICATE <mechanism> <response>``, ``Bearer <token>``) and the user information
+   of URLs (``https://user:password@host``) are masked whoever's they are, and every
+   secret the scrubber was given is replaced by :data:`MASK`, in each form it can take on
+   the way (raw, IMAP-quoted, Python ``repr`` of ``str`` and ``bytes``, JSON,
    URL-encoded, base64); a secret shorter than :data:`MIN_SUBSTRING` characters is masked
    only where it stands alone (between non-alphanumeric characters), since masking every
    ``"ab"`` would destroy the text without protecting anything;
@@ -57,12 +57,18 @@ _COMMAND_CREDENTIALS = re.compile(
 )
 
 
+#: ``scheme://user:password@`` anywhere in a text (a library quoting a URL back)
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,30}://)[^/\s@\"'<>]+@")
+
+
 def _mask_command(match: re.Match[str]) -> str:
     return (match.group(1) or match.group(2) or match.group(3)) + MASK
 
 
 def mask_credentials(text: str) -> str:
-    """Mask the credential argument of LOGIN / AUTHENTICATE / Bearer, whoever's it is."""
+    """Mask the credential argument of LOGIN / AUTHENTICATE / Bearer and the user
+    information of URLs, whoever's they are."""
+    text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}{MASK}@", text)
     return _COMMAND_CREDENTIALS.sub(_mask_command, text)
 
 

@@ -25,6 +25,7 @@ import httpx
 import trio
 
 from trio_idle import __version__
+from trio_idle.scrub import PLAIN
 from trio_idle.secret import Secret
 
 USER_AGENT = f"trio-idle/{__version__}"
@@ -285,8 +286,8 @@ def _size_text(count: int) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    # TODO(issue 11): pass the text through trio_idle.scrub.redact_url (lead's scrubber):
-    # httpx's messages carry no URL today, but a proxy or future httpx version could.
+    # httpx's messages carry no URL today, but a proxy or a future httpx could: the text
+    # goes through the scrubber (URL credentials, control characters, length).
     # httpx wraps the real error (e.g. ssl.SSLCertVerificationError) in one without text.
     cause: BaseException | None = exc
     while cause is not None and not str(cause):
@@ -294,7 +295,7 @@ def _reason(exc: BaseException) -> str:
     text = str(cause) if cause is not None else type(exc).__name__
     if "refused" in text.lower():
         return "connection refused"
-    return text[:120]
+    return PLAIN.scrub(text, 120)
 
 
 def retry_delay(

@@ -208,3 +208,16 @@ def test_check_login_table_never_shows_the_password(
     assert "FAILED" in out and "victim@rel.test" in out
     assert "[idle/check]" in log_stream.getvalue()
     assert _leaks(out + err + log_stream.getvalue()) == [], out
+
+
+async def test_a_user_name_with_spaces_and_quotes_logs_in(rig: Rig) -> None:
+    # aioimaplib sends the user name unquoted: 'LOGIN we "ird user pw' would garble the
+    # command (and, before aioimaplib 2.0.2, CR/LF in it would inject another).
+    login = 'we "ird\\ user'
+    rig.server.add_user(login, PASSWORD)
+    source = rig.source(HEALTHY)
+    source.rows.append(row("odd", "odd@rel.test", PASSWORD, rig.server.port, login=login))
+    async with running_daemon(rig.settings(), source) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(login)
+        assert daemon.stats.get("auth_failures") == 0
