@@ -53,7 +53,7 @@ _TAG = r"(?<![\w.])[A-Za-z]{0,12}[0-9]+[A-Za-z0-9]*\s+"
 _COMMAND_CREDENTIALS = re.compile(
     rf"({_TAG}LOGIN\s+{_QUOTED_OR_ATOM}\s+){_QUOTED_OR_ATOM}"
     rf"|({_TAG}AUTHENTICATE\s+[A-Za-z0-9_-]+\s+){_QUOTED_OR_ATOM}"
-    r"|(\b[Bb][Ee][Aa][Rr][Ee][Rr]\s+)[^\s\"',;]+"
+    r"|(\bBearer\s+)[A-Za-z0-9._~+/=-]{8,}"
 )
 
 

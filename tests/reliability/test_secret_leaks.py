@@ -203,6 +203,7 @@ def test_check_login_table_never_shows_the_password(
     finally:
         loguru.logger.remove()  # the CLI replaced the sinks; give the next tests stderr back
         loguru.logger.add(sys.stderr)
+        logs.protect_secrets(())
     out, err = capsys.readouterr()
     assert code == 1  # the login failed, and the table says so
     assert "FAILED" in out and "victim@rel.test" in out
