@@ -4,9 +4,9 @@ Every suite that runs the daemon or the CLI uses recognisable secrets (IMAP pass
 ``ADMIN_SECRET``, ``ENCRYPTION_KEY``, database passwords: :data:`SENTINELS`). This plugin
 collects what each test produced — every loguru record with its exception text, the
 test's captured stdout/stderr, and whatever ``capsys.readouterr()`` handed to it — and
-fails the test that let a sentinel through, naming the first offending line. ``/status``
-and ``/metrics`` bodies are checked by the tests that fetch them (they go through
-:func:`record` in ``tests/ops/helpers.py`` style helpers, or assert themselves).
+fails the test that let a sentinel through, naming the first offending line. The bodies
+of ``/status``, ``/metrics``, ``/healthz`` and ``/readyz`` that a test fetches with httpx
+are collected too.
 """
 
 from __future__ import annotations
@@ -70,8 +70,29 @@ def _patched_readouterr(original: Any) -> Any:
     return readouterr
 
 
+_HEALTH_ROUTES: Final = ("/status", "/metrics", "/healthz", "/readyz")
+
+
+def _patched_send(original: Any) -> Any:
+    """httpx's send, also recording the bodies of the daemon's health routes."""
+
+    async def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        response = await original(self, request, *args, **kwargs)
+        if request.url.path in _HEALTH_ROUTES and not kwargs.get("stream"):
+            _produced.append(response.text)
+        return response
+
+    return send
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    import httpx
+
+    if not getattr(httpx.AsyncClient.send, "_leak_guard", False):
+        send = _patched_send(httpx.AsyncClient.send)
+        send._leak_guard = True
+        httpx.AsyncClient.send = send  # type: ignore[method-assign]
     cls = pytest.CaptureFixture
     if not getattr(cls.readouterr, "_leak_guard", False):
         wrapped = _patched_readouterr(cls.readouterr)
