@@ -5,7 +5,7 @@ from __future__ import annotations
 from trio_idle.push_monitor import PushMonitor
 
 
-def test_the_reason_given_to_mark_dead_survives_the_close_that_follows() -> None:
+async def test_the_reason_given_to_mark_dead_survives_the_close_that_follows() -> None:
     monitor = PushMonitor()
     monitor.mark_dead("server sent a 1.2 MiB line without CRLF (limit 1 MiB)")
     monitor.connection_lost(None)  # the transport we closed reports it
@@ -14,7 +14,7 @@ def test_the_reason_given_to_mark_dead_survives_the_close_that_follows() -> None
     )
 
 
-def test_a_close_without_an_earlier_reason_is_described() -> None:
+async def test_a_close_without_an_earlier_reason_is_described() -> None:
     monitor = PushMonitor()
     monitor.connection_lost(ConnectionResetError("peer reset"))
     monitor.mark_dead("later")
