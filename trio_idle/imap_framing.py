@@ -24,7 +24,7 @@ Guarantees:
   literals. A response that would exceed a bound raises :class:`FrameTooLarge` as soon as
   that is known (a literal's announced size is checked before its data arrives), with
   one line saying what the server did, such as
-  ``server sent a 1.2 MiB line without CRLF (limit 1 MiB)``.
+  ``server sent a line longer than 1 MiB without CRLF``.
 - The same bytes give the same responses (and the same bound errors) however they are
   split into reads.
 
@@ -166,9 +166,9 @@ class ResponseFramer:
                 if pending and buf[-1] == _CR:
                     pending -= 1
                 if self._text + pending > self.max_line:
+                    # how much more than the limit depends on how the reads fell: not said
                     raise FrameTooLarge(
-                        f"server sent a {format_size(self._text + pending)} line without CRLF "
-                        f"(limit {format_size(self.max_line)})"
+                        f"server sent a line longer than {format_size(self.max_line)} without CRLF"
                     )
                 return None
             self.scanned += end + 2 - self._scan

@@ -61,7 +61,10 @@ def test_env_and_flag_set_the_limits() -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("lots", "TRIO_IDLE_MAX_LINE: expected a size like 1048576, 512k, 64KiB or 1MiB, got 'lots'"),  # noqa: E501
+        (
+            "lots",
+            "TRIO_IDLE_MAX_LINE: expected a size like 1048576, 512k, 64KiB or 1MiB, got 'lots'",
+        ),
         ("100", "TRIO_IDLE_MAX_LINE: expected at least 1KiB, got '100'"),
         ("0", "TRIO_IDLE_MAX_LINE: expected a positive size, got '0'"),
     ],

@@ -120,7 +120,7 @@ def test_a_line_without_crlf_over_the_limit_is_refused_before_it_ends() -> None:
     f.feed(b"x" * (200 * KiB))
     with pytest.raises(FrameTooLarge) as info:
         f.next_response()
-    assert str(info.value) == "server sent a 1.2 MiB line without CRLF (limit 1 MiB)"
+    assert str(info.value) == "server sent a line longer than 1 MiB without CRLF"
     assert f.buffered == 0  # the buffer is freed at once
 
 
