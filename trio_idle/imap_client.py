@@ -11,6 +11,10 @@ Guarantees: every method either returns within its deadline or raises an
 cancellation) the connection is unusable and :meth:`ImapConnection.abort` or
 :meth:`ImapConnection.logout` must be called. Nothing here logs or raises a password.
 
+Every byte a server sends is framed and bounded before aioimaplib parses it
+(:class:`ImapLimits`, :mod:`trio_idle.imap_framing`): one hostile server costs at most
+its limits in memory and linear time, then its connection.
+
 Whatever a server does, nothing reaches the asyncio loop's exception handler, which
 trio-asyncio would turn into a crash of the whole daemon: an exception raised while
 parsing server data marks the connection dead and closes it, a failed greeting is
@@ -178,6 +182,7 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     def _handle_response(self, response: bytes) -> None:
         sync = self.pending_sync_command
         collecting = self._collecting()
+        waiting = sync.name if sync is not None else "/".join(self.pending_async_commands)
         super().data_received(response)
         if self.incomplete_line or self.current_command is not None:
             # aioimaplib would wait for more of this response: it read a literal where the
@@ -188,10 +193,9 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         if collecting:
             self._answer_bytes += len(response)
             if self._answer_bytes > self.limits.max_answer:
-                name = sync.name if sync is not None else "/".join(self.pending_async_commands)
                 raise FrameTooLarge(
                     f"server sent more than {format_size(self.limits.max_answer)} "
-                    f"in answer to {name}"
+                    f"in answer to {waiting}"
                 )
         if not self._collecting():
             self._answer_bytes = 0
