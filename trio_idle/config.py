@@ -76,6 +76,33 @@ def parse_duration(text: str) -> float:
     return value
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(i?b)?|(b))?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """``"1048576"``, ``"512k"``, ``"64KiB"``, ``"1M"``, ``"1MiB"``, ``"1G"`` → bytes (> 0).
+
+    Units are binary whatever the spelling (``1MB`` is 1,048,576 bytes, as ``1MiB``):
+    these are buffer bounds, not disk sizes. A plain number is bytes.
+    """
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"expected a size like 1048576, 512k, 64KiB or 1MiB, got {text!r}")
+    number, unit = int(match.group(1)), match.group(2)
+    value = number * _SIZE_UNITS[unit.lower()] if unit else number
+    if value <= 0:
+        raise ValueError(f"expected a positive size, got {text!r}")
+    return value
+
+
+def _buffer_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1024:  # smaller would refuse ordinary greetings and SELECT answers
+        raise ValueError(f"expected at least 1KiB, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text.strip())
@@ -516,6 +543,22 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "TCP keepalive idle time on IMAP sockets (probes every 15 s, 4 probes)",
     ),
     Option(
+        "max_line",
+        "TRIO_IDLE_MAX_LINE",
+        "--max-line",
+        _buffer_size,
+        "1MiB",
+        "longest IMAP response line accepted (text outside literals); more drops the connection",
+    ),
+    Option(
+        "max_literal",
+        "TRIO_IDLE_MAX_LITERAL",
+        "--max-literal",
+        _buffer_size,
+        "1MiB",
+        "most literal data ({n} blocks) in one IMAP response; more drops the connection",
+    ),
+    Option(
         "scan_timeout",
         "TRIO_IDLE_SCAN_TIMEOUT",
         "--scan-timeout",
@@ -715,7 +758,7 @@ _BY_ENV_OR_FLAG: Final = {
 
 @attrs.frozen(kw_only=True)
 class Settings:
-    """The whole configuration, immutable. Durations are seconds (float)."""
+    """The whole configuration, immutable. Durations are seconds (float), sizes bytes (int)."""
 
     source: str = "postgres"
     database_url: Secret | None = None
@@ -748,6 +791,8 @@ class Settings:
     imap_security: str = "auto"
     ca_file: str | None = None
     tcp_keepalive: float = 60.0
+    max_line: int = 1024 * 1024
+    max_literal: int = 1024 * 1024
     scan_timeout: float = 60.0
     scan_retry_initial: float = 1.0
     scan_retry_max: float = 60.0

@@ -11,6 +11,10 @@ Guarantees: every method either returns within its deadline or raises an
 cancellation) the connection is unusable and :meth:`ImapConnection.abort` or
 :meth:`ImapConnection.logout` must be called. Nothing here logs or raises a password.
 
+Every byte a server sends is framed and bounded before aioimaplib parses it
+(:class:`ImapLimits`, :mod:`trio_idle.imap_framing`): one hostile server costs at most
+its limits in memory and linear time, then its connection.
+
 Whatever a server does, nothing reaches the asyncio loop's exception handler, which
 trio-asyncio would turn into a crash of the whole daemon: an exception raised while
 parsing server data marks the connection dead and closes it, a failed greeting is
@@ -36,6 +40,7 @@ import trio_asyncio
 from trio_idle.connections import MailConnection
 from trio_idle.destinations import DEFAULT_NETWORKS, Network, refusal_message, refused
 from trio_idle.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
+from trio_idle.imap_framing import FrameError, FrameTooLarge, ResponseFramer, format_size
 from trio_idle.imap_responses import MailboxState, parse_mailbox_state
 from trio_idle.push_monitor import PushMonitor
 
@@ -80,6 +85,26 @@ class ImapTimeouts:
     keepalive_idle: float
 
 
+@attrs.frozen
+class ImapLimits:
+    """What one server may make us buffer (see :mod:`trio_idle.imap_framing`).
+
+    ``max_line``: text of one response outside its literals; ``max_literal``: the
+    literals of one response together. The untagged lines answering one command (all but
+    IDLE, whose lines are not kept) may total ``max_line + max_literal``.
+    """
+
+    max_line: int = 1024 * 1024
+    max_literal: int = 1024 * 1024
+
+    @property
+    def max_answer(self) -> int:
+        return self.max_line + self.max_literal
+
+
+DEFAULT_LIMITS: Final = ImapLimits()
+
+
 class _DiscardQueue:
     """Replaces aioimaplib's IDLE queue: the monitor already saw every line."""
 
@@ -91,10 +116,25 @@ class _DiscardQueue:
 
 
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
-    def __init__(self, loop: asyncio.AbstractEventLoop, monitor: PushMonitor) -> None:
+    """aioimaplib's protocol behind our own bounded framing.
+
+    Bytes go through a :class:`~trio_idle.imap_framing.ResponseFramer` first, and
+    aioimaplib gets one complete response per ``data_received`` call. Its parser then never
+    holds an unfinished line or literal between calls (it would buffer those without
+    limit, and re-copy an unfinished line on every read) and recurses only over the
+    lines and literals of that one response (thousands of lines in one read ran it out
+    of stack). A bound exceeded, or anything else the parser raises, marks the
+    connection dead with a one-line reason and closes it.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, monitor: PushMonitor, limits: ImapLimits
+    ) -> None:
         super().__init__(loop, conn_lost_cb=self._lost)
         self.idle_queue = _DiscardQueue()
         self.monitor = monitor
+        self.limits = limits
+        self.framer = ResponseFramer(limits.max_line, limits.max_literal)
         self._protocol_error: Exception | None = None
         #: set once the greeting has been handled (well or not) or the connection is gone
         self.greeted = asyncio.Event()
@@ -104,6 +144,11 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.done_sent = False
         #: LOGOUT was written: what the server still sends is not parsed
         self.closing = False
+        #: STARTTLS was accepted: nothing more is parsed until TLS is up (see _aio_handshake)
+        self.tls_pending = False
+        #: bytes of the answer to the command in progress (aioimaplib keeps them)
+        self._answer_bytes = 0
+        self._welcomed = False
 
     def _lost(self, exc: Exception | None) -> None:
         self.monitor.connection_lost(exc or self._protocol_error)
@@ -112,15 +157,69 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
 
     def data_received(self, d: bytes) -> None:
         self.monitor.activity()
-        if self.closing:
+        if self.closing or self._protocol_error is not None:
             return
+        self.framer.feed(d)
+        self._handle_buffered()
+
+    def start_parsing_tls(self) -> None:
+        """TLS is up after STARTTLS: parse again (what arrived since was decrypted)."""
+        self.tls_pending = False
+        self._handle_buffered()
+
+    def _handle_buffered(self) -> None:
         try:
-            super().data_received(d)
+            if self.tls_pending:
+                if self.framer.buffered > self.limits.max_line:  # held back: still bounded
+                    raise FrameTooLarge("server sent data after accepting STARTTLS")
+                return
+            while not self.tls_pending and (response := self.framer.next_response()) is not None:
+                self._handle_response(response)
+        except FrameError as exc:
+            self._drop(exc, str(exc))
         except Exception as exc:  # escaping here, it would crash the loop (see module doc)
-            self._protocol_error = exc
-            self.monitor.mark_dead(f"protocol error: {type(exc).__name__}: {exc}"[:200])
-            if self.transport is not None:
-                self.transport.close()
+            self._drop(exc, f"protocol error: {type(exc).__name__}: {exc}"[:200])
+
+    def _handle_response(self, response: bytes) -> None:
+        sync = self.pending_sync_command
+        collecting = self._collecting()
+        waiting = sync.name if sync is not None else "/".join(self.pending_async_commands)
+        super().data_received(response)
+        if self.incomplete_line or self.current_command is not None:
+            # aioimaplib would wait for more of this response: it read a literal where the
+            # framer read none (a bare LF before the CRLF), and would buffer without bound
+            raise FrameError("server sent a malformed response (a bare LF next to a literal)")
+        if sync is not None and sync.name == "STARTTLS" and self.pending_sync_command is None:
+            self.tls_pending = True
+        if collecting:
+            self._answer_bytes += len(response)
+            if self._answer_bytes > self.limits.max_answer:
+                raise FrameTooLarge(
+                    f"server sent more than {format_size(self.limits.max_answer)} "
+                    f"in answer to {waiting}"
+                )
+        if not self._collecting():
+            self._answer_bytes = 0
+
+    def _collecting(self) -> bool:
+        """Whether aioimaplib keeps the untagged lines now (IDLE's it hands to a queue)."""
+        sync = self.pending_sync_command
+        return (sync is not None and sync.name != "IDLE") or bool(self.pending_async_commands)
+
+    def _drop(self, exc: Exception, reason: str) -> None:
+        self._protocol_error = exc
+        self.monitor.mark_dead(reason)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
+        if line and self.state == aioimaplib.CONNECTED:
+            # aioimaplib starts a greeting handler per line until the first one has run
+            # (each sends CAPABILITY): only the first line is the greeting
+            if self._welcomed:
+                return None
+            self._welcomed = True
+        return super()._handle_line(line, current_cmd)
 
     async def welcome(self, command: bytes) -> None:
         """aioimaplib's greeting handler (run in a task of its own), failures recorded."""
@@ -433,9 +532,10 @@ async def _aio_connect(
     monitor: PushMonitor,
     timeouts: ImapTimeouts,
     refuse: tuple[Network, ...],
+    limits: ImapLimits,
 ) -> _Protocol:
     loop = asyncio.get_running_loop()
-    protocol = _Protocol(loop, monitor)
+    protocol = _Protocol(loop, monitor, limits)
     tls_now = context if security == "tls" else None
     sock = await _aio_open_socket(loop, conn, refuse)
     try:
@@ -484,6 +584,9 @@ async def _aio_handshake(
         )
         if response.result != "OK":
             raise _NoStartTls()
+        if protocol.framer.buffered:
+            # plaintext sent after the answer would pass for TLS-protected (RFC 3207 §4.2)
+            raise _BadGreeting("server sent data after accepting STARTTLS (refused)")
         assert context is not None
         protocol.transport = await loop.start_tls(
             transport,
@@ -492,6 +595,7 @@ async def _aio_handshake(
             server_hostname=conn.host,
             ssl_handshake_timeout=timeouts.connect,
         )
+        protocol.start_parsing_tls()
         await protocol.capability()  # capabilities may differ once encrypted
 
 
@@ -514,6 +618,7 @@ async def connect(
     context: ssl.SSLContext | None,
     timeouts: ImapTimeouts,
     refuse: tuple[Network, ...] = DEFAULT_NETWORKS,
+    limits: ImapLimits = DEFAULT_LIMITS,
 ) -> ImapConnection:
     """Open TCP (+TLS or STARTTLS), wait for the greeting and capabilities.
 
@@ -522,13 +627,15 @@ async def connect(
     No connection is attempted to an address in ``refuse`` (``TRIO_IDLE_REFUSE_NETWORKS``;
     see :mod:`trio_idle.destinations`): if the host has no other address, the error says
     so. TLS still verifies the certificate against ``conn.host``.
+
+    What the server sends is bounded by ``limits`` from the first byte on.
     """
     monitor = PushMonitor()
     where = f"{conn.host}:{conn.port}"
     try:
         with trio.fail_after(timeouts.connect):
             protocol = await trio_asyncio.aio_as_trio(_aio_connect)(
-                conn, security, context, monitor, timeouts, refuse
+                conn, security, context, monitor, timeouts, refuse, limits
             )
     except trio.TooSlowError:
         raise ImapConnectError(

@@ -28,6 +28,7 @@ from trio_idle.errors import ImapError, SourceError
 from trio_idle.health import SESSION_STATES, UP_STATES, count_states
 from trio_idle.imap_client import (
     ImapConnection,
+    ImapLimits,
     ImapTimeouts,
     connect,
     make_ssl_context,
@@ -107,6 +108,7 @@ async def try_login(
                 context=None if security == "plain" else context,
                 timeouts=timeouts,
                 refuse=settings.refuse_networks,
+                limits=ImapLimits(max_line=settings.max_line, max_literal=settings.max_literal),
             )
             await imap.login(conn.login, conn.password.reveal())
         return None

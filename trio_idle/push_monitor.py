@@ -56,7 +56,8 @@ class PushMonitor:
         self.last_activity = trio.current_time()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.lost = f"{type(exc).__name__}: {exc}" if exc else "closed by server"
+        if self.lost is None:  # closed because of mark_dead: that reason stands
+            self.lost = f"{type(exc).__name__}: {exc}" if exc else "closed by server"
         self._wakeup.set()
         for scope in self._cancel_on_loss:
             scope.cancel()

@@ -30,7 +30,13 @@ from trio_idle.coalescer import ScanCoalescer
 from trio_idle.config import Settings
 from trio_idle.connections import MailConnection
 from trio_idle.errors import ImapAuthError, ImapError
-from trio_idle.imap_client import ImapConnection, ImapTimeouts, connect, resolve_security
+from trio_idle.imap_client import (
+    ImapConnection,
+    ImapLimits,
+    ImapTimeouts,
+    connect,
+    resolve_security,
+)
 from trio_idle.imap_responses import MailboxState, catch_up_decision
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.logs import human_duration, log_internal_error, prefix
@@ -80,6 +86,10 @@ class SessionEnv:
             connect=s.connect_timeout, command=s.command_timeout, keepalive_idle=s.tcp_keepalive
         )
 
+    @property
+    def limits(self) -> ImapLimits:
+        return ImapLimits(max_line=self.settings.max_line, max_literal=self.settings.max_literal)
+
 
 async def run_session(
     conn: MailConnection,
@@ -112,6 +122,7 @@ async def run_session(
                     context=None if security == "plain" else env.ssl_context,
                     timeouts=env.timeouts,
                     refuse=s.refuse_networks,
+                    limits=env.limits,
                 )
                 await imap.login(conn.login, conn.password.reveal())
             selected = await imap.select(s.mailbox)
