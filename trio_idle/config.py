@@ -5,20 +5,25 @@ here is tested without a process. A bad value raises :class:`ConfigError` whose 
 is one line naming the variable (or flag) and what was expected; the CLI exits with 2.
 Secrets are only ever read from the environment (argv is visible in ``ps``) and are
 wrapped in :class:`~trio_idle.secret.Secret`.
+
+Each setting is declared once, as a field of the frozen group of its concern
+(:class:`TimerSettings`, :class:`WebhookSettings`, ...) made by :func:`setting`: variable,
+flag, parser, default text, help, secrecy. :class:`Settings` holds the groups, and
+:data:`OPTIONS` (CLI flags, docs/configuration.md, :func:`parse_settings`) is derived from
+them. To add a setting, add one field to its group; nothing else lists it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
 from urllib.parse import urlsplit
 
 import attrs
 
 from trio_idle.crypto import KEY_DERIVATIONS, MIN_KEY_CHARS
 from trio_idle.destinations import (
-    DEFAULT_NETWORKS,
     DEFAULT_REFUSE_NETWORKS,
     Network,
     parse_networks,
@@ -279,385 +284,450 @@ def _secret_http_url(text: str) -> Secret:
         ) from None
 
 
-@attrs.frozen
-class Option:
-    """One setting: where it comes from, its default, how it is parsed, what it means."""
+def _stripped(text: str) -> str:
+    return text.strip()
 
-    field: str
+
+_T = TypeVar("_T")
+#: the key under which :func:`setting` stores a field's :class:`Declaration`
+_DECLARATION: Final = "trio_idle.setting"
+
+
+@attrs.frozen
+class Declaration:
+    """Where one setting comes from and what it means, as written next to its field."""
+
     env: str
     flag: str | None
     parse: Callable[[str], Any]
     default: str | None
     help: str
-    secret: bool = False
+    secret: bool
 
 
-#: Every setting, in the order docs/configuration.md lists them. Defaults are strings and
-#: go through the same parser as user input, so a default can never be invalid silently.
-OPTIONS: Final[tuple[Option, ...]] = (
-    Option(
-        "source",
+@overload
+def setting(
+    env: str,
+    flag: str | None,
+    parse: Callable[[str], _T],
+    default: str,
+    help: str,
+    *,
+    secret: bool = False,
+) -> _T: ...
+@overload
+def setting(
+    env: str,
+    flag: str | None,
+    parse: Callable[[str], _T],
+    default: None,
+    help: str,
+    *,
+    secret: bool = False,
+) -> _T | None: ...
+@overload
+def setting(
+    env: str,
+    flag: str | None,
+    parse: Callable[[str], _T],
+    default: None,
+    help: str,
+    *,
+    unset: _T,
+    secret: bool = False,
+) -> _T: ...
+def setting(
+    env: str,
+    flag: str | None,
+    parse: Callable[[str], Any],
+    default: str | None,
+    help: str,
+    *,
+    unset: Any = None,
+    secret: bool = False,
+) -> Any:
+    """Declare one setting as an attrs field of a settings group.
+
+    ``default`` is the text a user would write; it goes through ``parse`` here, at import,
+    so an invalid default fails every import instead of one unlucky start. Without a
+    default the field holds ``unset`` (``None`` unless given) when nothing sets it;
+    :func:`parse_settings` may still require it or derive it (``BACKEND_URL``). A flag is
+    ignored for secrets: they are read from the environment only.
+    """
+    declaration = Declaration(env, flag, parse, default, help, secret)
+    value = parse(default) if default is not None else unset
+    return attrs.field(default=value, metadata={_DECLARATION: declaration})
+
+
+# -- the settings, one frozen group per concern ------------------------------------------
+#
+# Each field is declared exactly once, with its variable, flag, parser, default and help;
+# OPTIONS (CLI flags, docs/configuration.md, parse_settings) is derived from these classes.
+# Field names are unique across groups: they are the keys of CLI overrides.
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionSettings:
+    """Where the connection list comes from and how its passwords decrypt."""
+
+    source: str = setting(
         "TRIO_IDLE_SOURCE",
         "--source",
         _choice(SOURCES),
         "postgres",
         "where the connection list comes from: postgres (DATABASE_URL) or file",
-    ),
-    Option(
-        "database_url",
+    )
+    database_url: Secret | None = setting(
         "DATABASE_URL",
         None,
         _postgres_url,
         None,
         "PostgreSQL URL (direct or through a transaction pooler)",
         secret=True,
-    ),
-    Option(
-        "connections_query",
+    )
+    connections_query: str = setting(
         "TRIO_IDLE_QUERY",
         "--query",
         _nonempty,
         DEFAULT_QUERY,
         "SQL returning id, userId, email, imapHost, imapPort, imapUser, encryptedPassword",
-    ),
-    Option(
-        "connections_file",
+    )
+    connections_file: str | None = setting(
         "TRIO_IDLE_CONNECTIONS_FILE",
         "--connections-file",
         _nonempty,
         None,
         "TOML file with the connections (source=file)",
-    ),
-    Option(
-        "admin_secret",
-        "ADMIN_SECRET",
-        None,
-        _nonempty_secret,
-        None,
-        "shared secret sent in the scan request header",
-        secret=True,
-    ),
-    Option(
-        "encryption_key",
+    )
+    encryption_key: Secret = setting(
         "ENCRYPTION_KEY",
         None,
         _encryption_key,
         None,
         f"AES-256 key string (at least {MIN_KEY_CHARS} characters with utf8-prefix)",
+        unset=Secret(""),
         secret=True,
-    ),
-    Option(
-        "key_derivation",
+    )
+    key_derivation: str = setting(
         "TRIO_IDLE_KEY_DERIVATION",
         "--key-derivation",
         _choice(KEY_DERIVATIONS),
         "utf8-prefix",
         "how ENCRYPTION_KEY becomes the AES key: utf8-prefix (first 32 bytes) or sha256",
-    ),
-    Option(
-        "node_env",
-        "NODE_ENV",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class ImapSettings:
+    """How each IMAP session connects, and what it accepts from the server."""
+
+    mailbox: str = setting("TRIO_IDLE_MAILBOX", "--mailbox", _nonempty, "INBOX", "mailbox to watch")
+    imap_security: str = setting(
+        "TRIO_IDLE_IMAP_SECURITY",
+        "--imap-security",
+        _choice(SECURITY_MODES),
+        "auto",
+        "auto (993: TLS, 143: STARTTLS, other: TLS), tls, starttls or plain",
+    )
+    ca_file: str | None = setting(
+        "TRIO_IDLE_CA_FILE",
+        "--ca-file",
+        _optional_file,
         None,
-        lambda s: s.strip(),
-        "development",
-        "production switches the default BACKEND_URL port to 3015",
-    ),
-    Option(
-        "backend_url",
-        "BACKEND_URL",
-        "--backend-url",
-        _http_url,
-        None,
-        "backend base URL (default http://127.0.0.1:3016, :3015 when NODE_ENV=production)",
-    ),
-    Option(
-        "scan_path",
-        "TRIO_IDLE_SCAN_PATH",
-        "--scan-path",
-        _path_part,
-        "/api/mail/scan-internal",
-        "path of the scan webhook on the backend",
-    ),
-    Option(
-        "secret_header",
-        "TRIO_IDLE_SECRET_HEADER",
-        "--secret-header",
-        _header_name,
-        "x-admin-secret",
-        "header that carries ADMIN_SECRET",
-    ),
-    Option(
-        "signing_secret",
-        "TRIO_IDLE_SIGNING_SECRET",
-        None,
-        _nonempty_secret,
-        None,
-        "if set, the body is signed: x-signature: sha256=<hex HMAC-SHA256>",
-        secret=True,
-    ),
-    Option("mailbox", "TRIO_IDLE_MAILBOX", "--mailbox", _nonempty, "INBOX", "mailbox to watch"),
-    Option(
-        "refresh_interval",
-        "TRIO_IDLE_REFRESH_INTERVAL",
-        "--refresh-interval",
+        "PEM file of extra CAs to trust (private CAs); system CAs are used otherwise",
+    )
+    tcp_keepalive: float = setting(
+        "TRIO_IDLE_TCP_KEEPALIVE",
+        "--tcp-keepalive",
         parse_duration,
-        "5m",
-        "how often the connection list is re-read",
-    ),
-    Option(
-        "idle_renew_interval",
-        "TRIO_IDLE_IDLE_RENEW",
-        "--idle-renew",
-        parse_duration,
-        "25m",
-        "re-issue IDLE after this long (servers drop IDLE at 29 min)",
-    ),
-    Option(
-        "tick_interval",
-        "TRIO_IDLE_TICK_INTERVAL",
-        "--tick-interval",
-        parse_duration,
-        "2m",
-        "leave IDLE, NOOP under a deadline, check the mailbox, re-enter IDLE",
-    ),
-    Option(
-        "connect_timeout",
-        "TRIO_IDLE_CONNECT_TIMEOUT",
-        "--connect-timeout",
-        parse_duration,
-        "30s",
-        "deadline for TCP connect + TLS + greeting",
-    ),
-    Option(
-        "command_timeout",
-        "TRIO_IDLE_COMMAND_TIMEOUT",
-        "--command-timeout",
-        parse_duration,
-        "30s",
-        "deadline for each IMAP command (LOGIN, SELECT, NOOP, DONE); missing answer = dead",
-    ),
-    Option(
-        "logout_timeout",
-        "TRIO_IDLE_LOGOUT_TIMEOUT",
-        "--logout-timeout",
-        parse_duration,
-        "2s",
-        "how long a closed session waits for the server to answer LOGOUT and hang up",
-    ),
-    Option(
-        "backoff_initial",
-        "TRIO_IDLE_BACKOFF_INITIAL",
-        "--backoff-initial",
-        parse_duration,
-        "5s",
-        "first reconnect delay (full jitter below the exponential bound, first one exact)",
-    ),
-    Option(
-        "backoff_max",
-        "TRIO_IDLE_BACKOFF_MAX",
-        "--backoff-max",
-        parse_duration,
-        "5m",
-        "cap of the reconnect delay",
-    ),
-    Option(
-        "backoff_reset_after",
-        "TRIO_IDLE_BACKOFF_RESET_AFTER",
-        "--backoff-reset-after",
-        parse_duration,
-        "2m",
-        "a session up this long resets the backoff",
-    ),
-    Option(
-        "auth_backoff",
-        "TRIO_IDLE_AUTH_BACKOFF",
-        "--auth-backoff",
-        parse_duration,
-        "15m",
-        "first delay after an authentication failure (doubles up to auth-backoff-max)",
-    ),
-    Option(
-        "auth_backoff_max",
-        "TRIO_IDLE_AUTH_BACKOFF_MAX",
-        "--auth-backoff-max",
-        parse_duration,
-        "2h",
-        "cap of the delay after repeated authentication failures",
-    ),
-    Option(
-        "connect_concurrency",
-        "TRIO_IDLE_CONNECT_CONCURRENCY",
-        "--connect-concurrency",
-        _positive_int,
-        "20",
-        "max IMAP handshakes + logins in progress at once",
-    ),
-    Option(
-        "connect_rate",
-        "TRIO_IDLE_CONNECT_RATE",
-        "--connect-rate",
-        _positive_float,
-        "50",
-        "max new IMAP connections started per second (all mailboxes)",
-    ),
-    Option(
-        "connect_host_share",
-        "TRIO_IDLE_CONNECT_HOST_SHARE",
-        "--connect-host-share",
-        _share,
-        "0.25",
-        "share of the connect slots one IMAP host name may hold (at least one slot), so a "
-        "host that never answers cannot make every other mailbox wait",
-    ),
-    Option(
-        "refuse_networks",
+        "60s",
+        "TCP keepalive idle time on IMAP sockets (probes every 15 s, 4 probes)",
+    )
+    max_line: int = setting(
+        "TRIO_IDLE_MAX_LINE",
+        "--max-line",
+        _buffer_size,
+        "1MiB",
+        "longest IMAP response line accepted (text outside literals); more drops the connection",
+    )
+    max_literal: int = setting(
+        "TRIO_IDLE_MAX_LITERAL",
+        "--max-literal",
+        _buffer_size,
+        "1MiB",
+        "most literal data ({n} blocks) in one IMAP response; more drops the connection",
+    )
+    refuse_networks: tuple[Network, ...] = setting(
         "TRIO_IDLE_REFUSE_NETWORKS",
         "--refuse-networks",
         parse_networks,
         DEFAULT_REFUSE_NETWORKS,
         "comma-separated networks (CIDR) no IMAP connection may go to, checked on the "
         "resolved address; none: refuse nothing. Default: link-local incl. cloud metadata",
-    ),
-    Option(
-        "imap_security",
-        "TRIO_IDLE_IMAP_SECURITY",
-        "--imap-security",
-        _choice(SECURITY_MODES),
-        "auto",
-        "auto (993: TLS, 143: STARTTLS, other: TLS), tls, starttls or plain",
-    ),
-    Option(
-        "ca_file",
-        "TRIO_IDLE_CA_FILE",
-        "--ca-file",
-        _optional_file,
-        None,
-        "PEM file of extra CAs to trust (private CAs); system CAs are used otherwise",
-    ),
-    Option(
-        "tcp_keepalive",
-        "TRIO_IDLE_TCP_KEEPALIVE",
-        "--tcp-keepalive",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class TimerSettings:
+    """How often things happen, and how long one IMAP step may take. Seconds."""
+
+    refresh_interval: float = setting(
+        "TRIO_IDLE_REFRESH_INTERVAL",
+        "--refresh-interval",
         parse_duration,
-        "60s",
-        "TCP keepalive idle time on IMAP sockets (probes every 15 s, 4 probes)",
-    ),
-    Option(
-        "max_line",
-        "TRIO_IDLE_MAX_LINE",
-        "--max-line",
-        _buffer_size,
-        "1MiB",
-        "longest IMAP response line accepted (text outside literals); more drops the connection",
-    ),
-    Option(
-        "max_literal",
-        "TRIO_IDLE_MAX_LITERAL",
-        "--max-literal",
-        _buffer_size,
-        "1MiB",
-        "most literal data ({n} blocks) in one IMAP response; more drops the connection",
-    ),
-    Option(
-        "scan_timeout",
+        "5m",
+        "how often the connection list is re-read",
+    )
+    idle_renew_interval: float = setting(
+        "TRIO_IDLE_IDLE_RENEW",
+        "--idle-renew",
+        parse_duration,
+        "25m",
+        "re-issue IDLE after this long (servers drop IDLE at 29 min)",
+    )
+    tick_interval: float = setting(
+        "TRIO_IDLE_TICK_INTERVAL",
+        "--tick-interval",
+        parse_duration,
+        "2m",
+        "leave IDLE, NOOP under a deadline, check the mailbox, re-enter IDLE",
+    )
+    connect_timeout: float = setting(
+        "TRIO_IDLE_CONNECT_TIMEOUT",
+        "--connect-timeout",
+        parse_duration,
+        "30s",
+        "deadline for TCP connect + TLS + greeting",
+    )
+    command_timeout: float = setting(
+        "TRIO_IDLE_COMMAND_TIMEOUT",
+        "--command-timeout",
+        parse_duration,
+        "30s",
+        "deadline for each IMAP command (LOGIN, SELECT, NOOP, DONE); missing answer = dead",
+    )
+    logout_timeout: float = setting(
+        "TRIO_IDLE_LOGOUT_TIMEOUT",
+        "--logout-timeout",
+        parse_duration,
+        "2s",
+        "how long a closed session waits for the server to answer LOGOUT and hang up",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class BackoffSettings:
+    """Reconnect delays of one session (``backoff_initial <= backoff_max`` and
+    ``auth_backoff <= auth_backoff_max``). Seconds."""
+
+    backoff_initial: float = setting(
+        "TRIO_IDLE_BACKOFF_INITIAL",
+        "--backoff-initial",
+        parse_duration,
+        "5s",
+        "first reconnect delay (full jitter below the exponential bound, first one exact)",
+    )
+    backoff_max: float = setting(
+        "TRIO_IDLE_BACKOFF_MAX",
+        "--backoff-max",
+        parse_duration,
+        "5m",
+        "cap of the reconnect delay",
+    )
+    backoff_reset_after: float = setting(
+        "TRIO_IDLE_BACKOFF_RESET_AFTER",
+        "--backoff-reset-after",
+        parse_duration,
+        "2m",
+        "a session up this long resets the backoff",
+    )
+    auth_backoff: float = setting(
+        "TRIO_IDLE_AUTH_BACKOFF",
+        "--auth-backoff",
+        parse_duration,
+        "15m",
+        "first delay after an authentication failure (doubles up to auth-backoff-max)",
+    )
+    auth_backoff_max: float = setting(
+        "TRIO_IDLE_AUTH_BACKOFF_MAX",
+        "--auth-backoff-max",
+        parse_duration,
+        "2h",
+        "cap of the delay after repeated authentication failures",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class LimitSettings:
+    """How fast connections and catch-up scans may start, all mailboxes together."""
+
+    connect_concurrency: int = setting(
+        "TRIO_IDLE_CONNECT_CONCURRENCY",
+        "--connect-concurrency",
+        _positive_int,
+        "20",
+        "max IMAP handshakes + logins in progress at once",
+    )
+    connect_rate: float = setting(
+        "TRIO_IDLE_CONNECT_RATE",
+        "--connect-rate",
+        _positive_float,
+        "50",
+        "max new IMAP connections started per second (all mailboxes)",
+    )
+    connect_host_share: float = setting(
+        "TRIO_IDLE_CONNECT_HOST_SHARE",
+        "--connect-host-share",
+        _share,
+        "0.25",
+        "share of the connect slots one IMAP host name may hold (at least one slot), so a "
+        "host that never answers cannot make every other mailbox wait",
+    )
+    catchup_rate: float = setting(
+        "TRIO_IDLE_CATCHUP_RATE",
+        "--catchup-rate",
+        _positive_float,
+        "20",
+        "max catch-up scans (startup/reconnect) sent per second, all mailboxes; "
+        "EXISTS-driven scans are not paced",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class WebhookSettings:
+    """The scan webhook: where it goes, how it is authenticated, retried and pooled."""
+
+    backend_url: str = setting(
+        "BACKEND_URL",
+        "--backend-url",
+        _http_url,
+        None,
+        "backend base URL (default http://127.0.0.1:3016, :3015 when NODE_ENV=production)",
+        unset="http://127.0.0.1:3016",
+    )
+    scan_path: str = setting(
+        "TRIO_IDLE_SCAN_PATH",
+        "--scan-path",
+        _path_part,
+        "/api/mail/scan-internal",
+        "path of the scan webhook on the backend",
+    )
+    secret_header: str = setting(
+        "TRIO_IDLE_SECRET_HEADER",
+        "--secret-header",
+        _header_name,
+        "x-admin-secret",
+        "header that carries ADMIN_SECRET",
+    )
+    admin_secret: Secret = setting(
+        "ADMIN_SECRET",
+        None,
+        _nonempty_secret,
+        None,
+        "shared secret sent in the scan request header",
+        unset=Secret(""),
+        secret=True,
+    )
+    signing_secret: Secret | None = setting(
+        "TRIO_IDLE_SIGNING_SECRET",
+        None,
+        _nonempty_secret,
+        None,
+        "if set, the body is signed: x-signature: sha256=<hex HMAC-SHA256>",
+        secret=True,
+    )
+    scan_timeout: float = setting(
         "TRIO_IDLE_SCAN_TIMEOUT",
         "--scan-timeout",
         parse_duration,
         "60s",
         "total deadline for one scan request to the backend",
-    ),
-    Option(
-        "scan_retry_initial",
+    )
+    scan_retry_initial: float = setting(
         "TRIO_IDLE_SCAN_RETRY_INITIAL",
         "--scan-retry-initial",
         parse_duration,
         "1s",
         "first delay before retrying a failed scan",
-    ),
-    Option(
-        "scan_retry_max",
+    )
+    scan_retry_max: float = setting(
         "TRIO_IDLE_SCAN_RETRY_MAX",
         "--scan-retry-max",
         parse_duration,
         "60s",
         "cap of the scan retry delay (the scan is retried while it stays the active one)",
-    ),
-    Option(
-        "http_max_connections",
+    )
+    http_max_connections: int = setting(
         "TRIO_IDLE_HTTP_MAX_CONNECTIONS",
         "--http-max-connections",
         _positive_int,
         "100",
         "connection pool size towards the backend",
-    ),
-    Option(
-        "http_trust_env",
+    )
+    http_trust_env: bool = setting(
         "TRIO_IDLE_HTTP_TRUST_ENV",
         "--http-trust-env",
         parse_bool,
         "false",
         "send the scan webhook and health pings through the proxy named by HTTP_PROXY, "
         "HTTPS_PROXY, ALL_PROXY (and NO_PROXY); off: always connect directly",
-    ),
-    Option(
-        "shutdown_timeout",
-        "TRIO_IDLE_SHUTDOWN_TIMEOUT",
-        "--shutdown-timeout",
+    )
+
+    @property
+    def scan_url(self) -> str:
+        return self.backend_url + self.scan_path
+
+
+@attrs.frozen(kw_only=True)
+class StateSettings:
+    """Where the per-mailbox scan state lives (restart catch-up) and how long it is kept."""
+
+    state: str = setting(
+        "TRIO_IDLE_STATE",
+        "--state",
+        _choice(STATE_BACKENDS),
+        "sqlite",
+        "where the per-mailbox scan state lives (restart catch-up): sqlite, postgres "
+        "(table from `trio-idle db migrate`, uses DATABASE_URL) or none",
+    )
+    state_path: str | None = setting(
+        "TRIO_IDLE_STATE_PATH",
+        "--state-path",
+        _nonempty,
+        None,
+        "SQLite state file (default $STATE_DIRECTORY/state.sqlite3, else "
+        "~/.local/state/trio-idle/state.sqlite3)",
+    )
+    state_grace: float = setting(
+        "TRIO_IDLE_STATE_GRACE",
+        "--state-grace",
         parse_duration,
-        "5s",
-        "total time allowed for LOGOUTs on SIGTERM before the process exits",
-    ),
-    Option(
-        "db_timeout",
-        "TRIO_IDLE_DB_TIMEOUT",
-        "--db-timeout",
-        parse_duration,
-        "30s",
-        "deadline for connecting to the database and running the query",
-    ),
-    Option(
-        "log_level",
-        "TRIO_IDLE_LOG_LEVEL",
-        "--log-level",
-        _choice(LOG_LEVELS, upper=True),
-        "INFO",
-        "minimum log level",
-    ),
-    Option(
-        "log_format",
-        "TRIO_IDLE_LOG_FORMAT",
-        "--log-format",
-        _choice(LOG_FORMATS),
-        "text",
-        "text (the documented lines) or json (one object per line)",
-    ),
-    Option(
-        "health_addr",
+        "168h",
+        "how long the state of a connection removed from the source is kept",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class HealthSettings:
+    """The health port, ``/status``, the loop-lag bound and the push-monitoring ping."""
+
+    health_addr: tuple[str, int] | None = setting(
         "TRIO_IDLE_HEALTH_ADDR",
         "--health-addr",
         parse_listen_addr,
         None,
         "serve /healthz, /readyz, /metrics (and /status unless TRIO_IDLE_STATUS_ADDR is "
         "set) on PORT or HOST:PORT (127.0.0.1 when only a port is given); off when unset",
-    ),
-    Option(
-        "ready_share",
-        "TRIO_IDLE_READY_SHARE",
-        "--ready-share",
-        _fraction,
-        "0.9",
-        "share of sessions that must be idle or polling for /readyz and the health ping",
-    ),
-    Option(
-        "max_loop_lag",
-        "TRIO_IDLE_MAX_LOOP_LAG",
-        "--max-loop-lag",
-        parse_duration,
-        "5s",
-        "event-loop lag above which /healthz answers 503 and the systemd watchdog stops",
-    ),
-    Option(
-        "status_token",
+    )
+    status_addr: tuple[str, int] | None = setting(
+        "TRIO_IDLE_STATUS_ADDR",
+        "--status-addr",
+        parse_listen_addr,
+        None,
+        "serve /status on its own PORT or HOST:PORT instead of the health address "
+        "(127.0.0.1 when only a port is given); keep it on loopback or a private network",
+    )
+    status_token: Secret | None = setting(
         "TRIO_IDLE_STATUS_TOKEN",
         None,
         _bearer_token,
@@ -665,43 +735,70 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "the token /status requires in an Authorization: Bearer header (16 to 512 of the "
         "characters A-Z a-z 0-9 - . _ ~ + / and trailing =); /status is off without it",
         secret=True,
-    ),
-    Option(
-        "status_addr",
-        "TRIO_IDLE_STATUS_ADDR",
-        "--status-addr",
-        parse_listen_addr,
-        None,
-        "serve /status on its own PORT or HOST:PORT instead of the health address "
-        "(127.0.0.1 when only a port is given); keep it on loopback or a private network",
-    ),
-    Option(
-        "ping_url",
+    )
+    ready_share: float = setting(
+        "TRIO_IDLE_READY_SHARE",
+        "--ready-share",
+        _fraction,
+        "0.9",
+        "share of sessions that must be idle or polling for /readyz and the health ping",
+    )
+    max_loop_lag: float = setting(
+        "TRIO_IDLE_MAX_LOOP_LAG",
+        "--max-loop-lag",
+        parse_duration,
+        "5s",
+        "event-loop lag above which /healthz answers 503 and the systemd watchdog stops",
+    )
+    ping_url: Secret | None = setting(
         "TRIO_IDLE_PING_URL",
         None,
         _secret_http_url,
         None,
         "push-monitoring URL (healthchecks.io, Uptime Kuma) pinged while healthy",
         secret=True,
-    ),
-    Option(
-        "ping_interval",
+    )
+    ping_interval: float = setting(
         "TRIO_IDLE_PING_INTERVAL",
         "--ping-interval",
         parse_duration,
         "60s",
         "how often the health ping is sent",
-    ),
-    Option(
-        "ping_fail_suffix",
+    )
+    ping_fail_suffix: str = setting(
         "TRIO_IDLE_PING_FAIL_SUFFIX",
         "--ping-fail-suffix",
         _nonempty,
         "/fail",
         "appended to the ping URL when unhealthy (a ?reason=... query is added)",
-    ),
-    Option(
-        "gc_mode",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class LogSettings:
+    """What is logged and in which format (every command that logs takes these)."""
+
+    log_level: str = setting(
+        "TRIO_IDLE_LOG_LEVEL",
+        "--log-level",
+        _choice(LOG_LEVELS, upper=True),
+        "INFO",
+        "minimum log level",
+    )
+    log_format: str = setting(
+        "TRIO_IDLE_LOG_FORMAT",
+        "--log-format",
+        _choice(LOG_FORMATS),
+        "text",
+        "text (the documented lines) or json (one object per line)",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class ProcessSettings:
+    """The process as a whole: memory management, deadlines of start and stop, NODE_ENV."""
+
+    gc_mode: str = setting(
         "TRIO_IDLE_GC",
         "--gc",
         _choice(GC_MODES),
@@ -710,43 +807,95 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "sessions); after each refresh a collection of what is new since the last one "
         "(about 40 percent of that), a full one only after much session churn and every 6 h "
         "(docs/performance.md); python: CPython's defaults",
-    ),
-    Option(
-        "state",
-        "TRIO_IDLE_STATE",
-        "--state",
-        _choice(STATE_BACKENDS),
-        "sqlite",
-        "where the per-mailbox scan state lives (restart catch-up): sqlite, postgres "
-        "(table from `trio-idle db migrate`, uses DATABASE_URL) or none",
-    ),
-    Option(
-        "state_path",
-        "TRIO_IDLE_STATE_PATH",
-        "--state-path",
-        _nonempty,
-        None,
-        "SQLite state file (default $STATE_DIRECTORY/state.sqlite3, else "
-        "~/.local/state/trio-idle/state.sqlite3)",
-    ),
-    Option(
-        "catchup_rate",
-        "TRIO_IDLE_CATCHUP_RATE",
-        "--catchup-rate",
-        _positive_float,
-        "20",
-        "max catch-up scans (startup/reconnect) sent per second, all mailboxes; "
-        "EXISTS-driven scans are not paced",
-    ),
-    Option(
-        "state_grace",
-        "TRIO_IDLE_STATE_GRACE",
-        "--state-grace",
+    )
+    shutdown_timeout: float = setting(
+        "TRIO_IDLE_SHUTDOWN_TIMEOUT",
+        "--shutdown-timeout",
         parse_duration,
-        "168h",
-        "how long the state of a connection removed from the source is kept",
-    ),
-)
+        "5s",
+        "total time allowed for LOGOUTs on SIGTERM before the process exits",
+    )
+    db_timeout: float = setting(
+        "TRIO_IDLE_DB_TIMEOUT",
+        "--db-timeout",
+        parse_duration,
+        "30s",
+        "deadline for connecting to the database and running the query",
+    )
+    node_env: str = setting(
+        "NODE_ENV",
+        None,
+        _stripped,
+        "development",
+        "production switches the default BACKEND_URL port to 3015",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """The whole configuration, immutable, one group per concern; a component takes the
+    group(s) it uses. Durations are seconds (float), sizes bytes (int).
+
+    ``Settings()`` holds every default (secrets unset); :func:`parse_settings` is the way
+    to build one from the environment and flags.
+    """
+
+    connections: ConnectionSettings = attrs.field(factory=ConnectionSettings)
+    imap: ImapSettings = attrs.field(factory=ImapSettings)
+    timers: TimerSettings = attrs.field(factory=TimerSettings)
+    backoff: BackoffSettings = attrs.field(factory=BackoffSettings)
+    limits: LimitSettings = attrs.field(factory=LimitSettings)
+    webhook: WebhookSettings = attrs.field(factory=WebhookSettings)
+    store: StateSettings = attrs.field(factory=StateSettings)
+    health: HealthSettings = attrs.field(factory=HealthSettings)
+    log: LogSettings = attrs.field(factory=LogSettings)
+    process: ProcessSettings = attrs.field(factory=ProcessSettings)
+
+
+@attrs.frozen
+class Option:
+    """One setting as the CLI, the docs and :func:`parse_settings` see it: its
+    :class:`Declaration`, and where it lives (``settings.<group>.<field>``)."""
+
+    group: str
+    field: str
+    env: str
+    flag: str | None
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+    secret: bool
+
+    def value_in(self, settings: Settings) -> Any:
+        return getattr(getattr(settings, self.group), self.field)
+
+
+def _groups() -> dict[str, type[Any]]:
+    """Each group attribute of :class:`Settings` → its class."""
+    attrs.resolve_types(Settings)
+    return {group.name: group.type for group in attrs.fields(Settings) if group.type}
+
+
+_GROUPS: Final = _groups()
+
+
+def _derive_options() -> tuple[Option, ...]:
+    options: list[Option] = []
+    for name, group in _GROUPS.items():
+        for field in attrs.fields(group):
+            declared = field.metadata.get(_DECLARATION)
+            if not isinstance(declared, Declaration):
+                raise TypeError(f"{name}.{field.name} is not declared with setting()")
+            options.append(Option(name, field.name, **attrs.asdict(declared, recurse=False)))
+    names = [o.field for o in options]
+    if len(set(names)) != len(names):  # the override keys would be ambiguous
+        raise TypeError(f"a setting name is used twice: {sorted(names)}")
+    return tuple(options)
+
+
+#: Every setting, group by group in the order of :class:`Settings` (the order
+#: docs/configuration.md lists them), derived from the groups' declarations.
+OPTIONS: Final[tuple[Option, ...]] = _derive_options()
 
 _BY_FIELD: Final = {o.field: o for o in OPTIONS}
 #: the label a problem names (variable or flag) → its field
@@ -754,71 +903,8 @@ _BY_ENV_OR_FLAG: Final = {
     **{o.env: o.field for o in OPTIONS},
     **{o.flag: o.field for o in OPTIONS if o.flag},
 }
-
-
-@attrs.frozen(kw_only=True)
-class Settings:
-    """The whole configuration, immutable. Durations are seconds (float), sizes bytes (int)."""
-
-    source: str = "postgres"
-    database_url: Secret | None = None
-    connections_query: str = DEFAULT_QUERY
-    connections_file: str | None = None
-    admin_secret: Secret = attrs.field(factory=lambda: Secret(""))
-    encryption_key: Secret = attrs.field(factory=lambda: Secret(""))
-    key_derivation: str = "utf8-prefix"
-    node_env: str = "development"
-    backend_url: str = "http://127.0.0.1:3016"
-    scan_path: str = "/api/mail/scan-internal"
-    secret_header: str = "x-admin-secret"
-    signing_secret: Secret | None = None
-    mailbox: str = "INBOX"
-    refresh_interval: float = 300.0
-    idle_renew_interval: float = 1500.0
-    tick_interval: float = 120.0
-    connect_timeout: float = 30.0
-    command_timeout: float = 30.0
-    logout_timeout: float = 2.0
-    backoff_initial: float = 5.0
-    backoff_max: float = 300.0
-    backoff_reset_after: float = 120.0
-    auth_backoff: float = 900.0
-    auth_backoff_max: float = 7200.0
-    connect_concurrency: int = 20
-    connect_rate: float = 50.0
-    connect_host_share: float = 0.25
-    refuse_networks: tuple[Network, ...] = DEFAULT_NETWORKS
-    imap_security: str = "auto"
-    ca_file: str | None = None
-    tcp_keepalive: float = 60.0
-    max_line: int = 1024 * 1024
-    max_literal: int = 1024 * 1024
-    scan_timeout: float = 60.0
-    scan_retry_initial: float = 1.0
-    scan_retry_max: float = 60.0
-    http_max_connections: int = 100
-    http_trust_env: bool = False
-    shutdown_timeout: float = 5.0
-    db_timeout: float = 30.0
-    log_level: str = "INFO"
-    log_format: str = "text"
-    health_addr: tuple[str, int] | None = None
-    ready_share: float = 0.9
-    max_loop_lag: float = 5.0
-    status_token: Secret | None = None
-    status_addr: tuple[str, int] | None = None
-    ping_url: Secret | None = None
-    ping_interval: float = 60.0
-    ping_fail_suffix: str = "/fail"
-    gc_mode: str = "tuned"
-    state: str = "sqlite"
-    state_path: str | None = None
-    catchup_rate: float = 20.0
-    state_grace: float = 168 * 3600.0
-
-    @property
-    def scan_url(self) -> str:
-        return self.backend_url + self.scan_path
+#: what each field holds when nothing sets it (the parsed default, or unset)
+_DEFAULTS: Final[Mapping[str, Any]] = {o.field: o.value_in(Settings()) for o in OPTIONS}
 
 
 def process_secrets(settings: Settings) -> list[str]:
@@ -827,10 +913,10 @@ def process_secrets(settings: Settings) -> list[str]:
     password part; the backend URL's password too, if it has one."""
     found: list[str] = []
     for option in OPTIONS:
-        value = getattr(settings, option.field, None)
+        value = option.value_in(settings)
         if isinstance(value, Secret):
             found += url_secrets(value.reveal()) if "://" in value.reveal() else [value.reveal()]
-    found += url_secrets(settings.backend_url)[1:]
+    found += url_secrets(settings.webhook.backend_url)[1:]
     return [s for s in found if s]
 
 
@@ -846,27 +932,27 @@ def parse_settings(
     require: tuple[str, ...] = ("admin_secret", "encryption_key"),
     require_source: bool = True,
 ) -> Settings:
-    """Build :class:`Settings` from the environment and CLI overrides (by field name).
+    """Build :class:`Settings` from the environment and CLI overrides (by field name,
+    as in :data:`OPTIONS`: ``{"tick_interval": "45s"}``).
 
     A CLI override wins over the environment, which wins over the default. Empty
     environment values count as unset. ``require`` names fields that must end up set;
     the source-specific requirement (``DATABASE_URL`` or a connections file) is added
     unless ``require_source`` is false (commands that never read the list, e.g. encrypt).
-    Raises :class:`ConfigError` on the first problem found.
+    Raises :class:`ConfigError` naming every problem found (:meth:`ConfigError.lines`).
     """
     overrides = overrides or {}
     values: dict[str, Any] = {}
     labels: dict[str, str] = {}
     problems: list[ConfigError] = []
     for option in OPTIONS:
-        raw: str | None
         if overrides.get(option.field) is not None:
             raw, label = overrides[option.field], option.flag or option.env
         elif env.get(option.env):
             raw, label = env[option.env], option.env
         else:
-            raw, label = option.default, option.env
-        if raw is None:
+            if option.default is not None:  # parsed once, when its group was declared
+                values[option.field], labels[option.field] = _DEFAULTS[option.field], option.env
             continue
         labels[option.field] = label
         try:
@@ -875,8 +961,7 @@ def parse_settings(
             problems.append(ConfigError(label, str(exc)))
     # A field whose value was bad falls back to its default below, so the checks that
     # follow still run and report their own problems; nothing is built from it.
-    fallback = {o.field: o.parse(o.default) for o in OPTIONS if o.default is not None}
-    merged = {**fallback, **values}
+    merged = {**_DEFAULTS, **values}
     if "backend_url" not in values and "backend_url" not in {p.name for p in problems}:
         values["backend_url"] = merged["backend_url"] = default_backend_url(merged["node_env"])
 
@@ -894,7 +979,15 @@ def parse_settings(
     problems += _check_relations(merged, labels)
     if problems:
         raise ConfigError.of(problems)
-    return Settings(**values)
+    return _build(values)
+
+
+def _build(values: Mapping[str, Any]) -> Settings:
+    """:class:`Settings` from values by field name; a field not given keeps its default."""
+    groups: dict[str, dict[str, Any]] = {name: {} for name in _GROUPS}
+    for field, value in values.items():
+        groups[_BY_FIELD[field].group][field] = value
+    return Settings(**{name: group(**groups[name]) for name, group in _GROUPS.items()})
 
 
 def _check_key(key: Secret, derivation: str) -> list[ConfigError]:
