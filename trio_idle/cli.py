@@ -170,11 +170,15 @@ def settings_from_args(
 
 
 def make_source(settings: Settings, env: Mapping[str, str] | None = None) -> ConnectionSource:
-    if settings.source == "file":
-        assert settings.connections_file is not None
-        return FileSource(settings.connections_file, env)
-    assert settings.database_url is not None
-    return PostgresSource(settings.database_url, settings.connections_query, settings.db_timeout)
+    if settings.connections.source == "file":
+        assert settings.connections.connections_file is not None
+        return FileSource(settings.connections.connections_file, env)
+    assert settings.connections.database_url is not None
+    return PostgresSource(
+        settings.connections.database_url,
+        settings.connections.connections_query,
+        settings.process.db_timeout,
+    )
 
 
 async def serve(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
@@ -223,7 +227,7 @@ async def serve_once(settings: Settings, environ: Mapping[str, str] | None = Non
         code, report = once_report(daemon, timed_out=not complete)
         print(report, flush=True)
         daemon.shutdown("--once: report printed")
-        with trio.move_on_after(settings.shutdown_timeout + 1):
+        with trio.move_on_after(settings.process.shutdown_timeout + 1):
             await daemon.stopped.wait()
         nursery.cancel_scope.cancel()
     return code
@@ -260,13 +264,13 @@ def _run_trio(fn: Callable[[], Any]) -> Any:
 
 async def migrate_state_table(settings: Settings) -> int:
     """``trio-idle db migrate``: create the Postgres state table (idempotent)."""
-    assert settings.database_url is not None
+    assert settings.connections.database_url is not None
     try:
         async with open_asyncio_loop():
-            with trio.fail_after(settings.db_timeout):
-                await PostgresBackend(settings.database_url).migrate()
+            with trio.fail_after(settings.process.db_timeout):
+                await PostgresBackend(settings.connections.database_url).migrate()
     except Exception as exc:  # one clear line, never the DSN
-        text = Scrubber(url_secrets(settings.database_url.reveal()), limit=300)(exc)
+        text = Scrubber(url_secrets(settings.connections.database_url.reveal()), limit=300)(exc)
         print(f"trio-idle: db migrate failed: {type(exc).__name__}: {text}", file=sys.stderr)
         return 1
     print(f"trio-idle: table {POSTGRES_TABLE} is ready")
@@ -298,7 +302,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             )
         elif args.command == "db":
             settings = settings_from_args(args, env, require=(), require_source=False)
-            if settings.database_url is None:
+            if settings.connections.database_url is None:
                 raise ConfigError("DATABASE_URL", "is required for `trio-idle db migrate`")
         else:
             settings = settings_from_args(args, env)
@@ -306,17 +310,18 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         for line in exc.lines():
             print(f"trio-idle: configuration error: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log.log_level, settings.log.log_format)
     protect_secrets(process_secrets(settings))
     if args.command == "serve":
-        if settings.gc_mode == "tuned":
+        if settings.process.gc_mode == "tuned":
             # Full collections walk every object: ~1 s at 10,000 sessions, stalling every
             # session (p99 push latency 1 s). Young generations still run; the daemon does
             # one full collection after each refresh (docs/performance.md).
             gc.set_threshold(700, 10, 1_000_000)
         logger.info(
             f"[idle/daemon] trio-idle {__version__} starting "
-            f"(source={settings.source}, backend={redact_url(settings.scan_url)})"
+            f"(source={settings.connections.source}, "
+            f"backend={redact_url(settings.webhook.scan_url)})"
             + (" for one check (--once)" if args.once else "")
         )
         if args.once:

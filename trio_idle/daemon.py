@@ -67,7 +67,9 @@ class Daemon:
         self.reconciler = reconciler
         self.stats = stats
         self._root = root
-        self._key = derive_key(settings.encryption_key.reveal(), settings.key_derivation)
+        self._key = derive_key(
+            settings.connections.encryption_key.reveal(), settings.connections.key_derivation
+        )
         self._refresh_now = trio.Event()
         self._logged_problems: set[tuple[str, str]] = set()
         self.last_refresh_ok: float | None = None
@@ -133,21 +135,21 @@ class Daemon:
         return True
 
     async def refresh_loop(self) -> None:
-        retry = min(5.0, self.settings.refresh_interval)
+        retry = min(5.0, self.settings.timers.refresh_interval)
         while not self.stopping:
             ok = await self.refresh_once()
-            if ok and self.settings.gc_mode == "tuned":
+            if ok and self.settings.process.gc_mode == "tuned":
                 self.collect_garbage()
             self.refresh_attempts += 1
             self.refreshed.set()
             self.refreshed = trio.Event()
             if ok:
                 delay, retry = (
-                    self.settings.refresh_interval,
-                    min(5.0, self.settings.refresh_interval),
+                    self.settings.timers.refresh_interval,
+                    min(5.0, self.settings.timers.refresh_interval),
                 )
             else:
-                delay, retry = retry, min(retry * 2, self.settings.refresh_interval)
+                delay, retry = retry, min(retry * 2, self.settings.timers.refresh_interval)
             with trio.move_on_after(delay):
                 await self._refresh_now.wait()
             self._refresh_now = trio.Event()
@@ -186,7 +188,9 @@ class Daemon:
             f"{len(self.reconciler.handles)} sessions"
         )
         self.reconciler.stop_all()
-        self._root.cancel_scope.deadline = trio.current_time() + self.settings.shutdown_timeout
+        self._root.cancel_scope.deadline = (
+            trio.current_time() + self.settings.process.shutdown_timeout
+        )
         self._refresh_now.set()
 
 
@@ -209,27 +213,29 @@ async def run_daemon(
     store = StateStore(
         make_state_backend(settings, os.environ if environ is None else environ),
         stats,
-        grace=settings.state_grace,
+        grace=settings.store.state_grace,
     )
     env = SessionEnv(
         settings=settings,
         limiter=ConnectLimiter(
-            settings.connect_concurrency, settings.connect_rate, settings.connect_host_share
+            settings.limits.connect_concurrency,
+            settings.limits.connect_rate,
+            settings.limits.connect_host_share,
         ),
-        ssl_context=make_ssl_context(settings.ca_file),
+        ssl_context=make_ssl_context(settings.imap.ca_file),
         stats=stats,
         rng=random.Random(),
         store=store,
-        catchup_pacer=Pacer(settings.catchup_rate),
+        catchup_pacer=Pacer(settings.limits.catchup_rate),
     )
     webhook = WebhookClient(
-        settings.scan_url,
-        secret_header=settings.secret_header,
-        secret=settings.admin_secret,
-        signing_secret=settings.signing_secret,
-        total_timeout=settings.scan_timeout,
-        max_connections=settings.http_max_connections,
-        trust_env=settings.http_trust_env,
+        settings.webhook.scan_url,
+        secret_header=settings.webhook.secret_header,
+        secret=settings.webhook.admin_secret,
+        signing_secret=settings.webhook.signing_secret,
+        total_timeout=settings.webhook.scan_timeout,
+        max_connections=settings.webhook.http_max_connections,
+        trust_env=settings.webhook.http_trust_env,
     )
     daemon: Daemon | None = None
     async with open_asyncio_loop(stats):

@@ -164,7 +164,7 @@ async def _demo(forever: bool, workdir: Path) -> int:
             _print_how_to_deliver(server.port, passwords)
             await trio.sleep_forever()
         daemon.shutdown("demo finished")
-        with trio.fail_after(settings.shutdown_timeout + 2):
+        with trio.fail_after(settings.process.shutdown_timeout + 2):
             await daemon.stopped.wait()
         nursery.cancel_scope.cancel()
     return 1 if missed else 0

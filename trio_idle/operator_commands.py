@@ -93,22 +93,26 @@ async def try_login(
 
     Needs a trio-asyncio loop. Bounded by connect + 2 command timeouts (+ LOGOUT's).
     """
-    security = resolve_security(settings.imap_security, conn.port)
+    security = resolve_security(settings.imap.imap_security, conn.port)
     timeouts = ImapTimeouts(
-        connect=settings.connect_timeout,
-        command=settings.command_timeout,
-        keepalive_idle=settings.tcp_keepalive,
+        connect=settings.timers.connect_timeout,
+        command=settings.timers.command_timeout,
+        keepalive_idle=settings.imap.tcp_keepalive,
     )
     imap: ImapConnection | None = None
     try:
-        with trio.fail_after(settings.connect_timeout + 2 * settings.command_timeout + 5):
+        with trio.fail_after(
+            settings.timers.connect_timeout + 2 * settings.timers.command_timeout + 5
+        ):
             imap = await connect(
                 conn,
                 security=security,
                 context=None if security == "plain" else context,
                 timeouts=timeouts,
-                refuse=settings.refuse_networks,
-                limits=ImapLimits(max_line=settings.max_line, max_literal=settings.max_literal),
+                refuse=settings.imap.refuse_networks,
+                limits=ImapLimits(
+                    max_line=settings.imap.max_line, max_literal=settings.imap.max_literal
+                ),
             )
             await imap.login(conn.login, conn.password.reveal())
         return None
@@ -121,7 +125,7 @@ async def try_login(
     finally:
         if imap is not None:
             with trio.CancelScope(shield=True):
-                await imap.logout(settings.logout_timeout)
+                await imap.logout(settings.timers.logout_timeout)
 
 
 def format_table(rows: Sequence[CheckRow]) -> str:
@@ -156,14 +160,17 @@ async def run_check(
             print(f"connection source ({source.name}): FAILED: {exc}", file=out)
             return 1
         table, good = check_rows(
-            rows, derive_key(settings.encryption_key.reveal(), settings.key_derivation)
+            rows,
+            derive_key(
+                settings.connections.encryption_key.reveal(), settings.connections.key_derivation
+            ),
         )
         logger.info(
             f"[idle/check] {len(rows)} rows from {source.name}, {len(good)} usable"
             + (f"; trying LOGIN on each ({concurrency} at a time)" if login and good else "")
         )
         if login and good:
-            context = make_ssl_context(settings.ca_file)
+            context = make_ssl_context(settings.imap.ca_file)
             limiter = trio.CapacityLimiter(concurrency)
             by_id = {r.conn_id: r for r in table if r.ok}
 
@@ -220,7 +227,9 @@ def encrypt_command(
     except (ValueError, EOFError) as exc:
         print(f"trio-idle: encrypt: {exc or 'no input'}", file=err)
         return 1
-    key = derive_key(settings.encryption_key.reveal(), settings.key_derivation)
+    key = derive_key(
+        settings.connections.encryption_key.reveal(), settings.connections.key_derivation
+    )
     print(encrypt_password(secret, key, iv_size=iv_size), file=out)
     return 0
 
@@ -232,7 +241,9 @@ def decrypt_check_command(settings: Settings, stdin: TextIO, out: TextIO) -> int
     of ``id, "encryptedPassword"``); blank lines and ``#`` comments are skipped. Prints
     ``<label or line N>: ok`` or ``...: FAILED: <why>`` — never the plaintext.
     """
-    key = derive_key(settings.encryption_key.reveal(), settings.key_derivation)
+    key = derive_key(
+        settings.connections.encryption_key.reveal(), settings.connections.key_derivation
+    )
     ok = failed = 0
     for number, line in enumerate(stdin, 1):
         text = line.strip()
@@ -261,8 +272,8 @@ def decrypt_check_command(settings: Settings, stdin: TextIO, out: TextIO) -> int
 def once_deadline(settings: Settings, sessions: int) -> float:
     """How long ``serve --once`` waits for every session's first outcome: the connect
     ramp (``sessions / connect_rate``), one connect plus LOGIN and SELECT, and 5 s."""
-    ramp = sessions / settings.connect_rate
-    return ramp + settings.connect_timeout + 2 * settings.command_timeout + 5.0
+    ramp = sessions / settings.limits.connect_rate
+    return ramp + settings.timers.connect_timeout + 2 * settings.timers.command_timeout + 5.0
 
 
 def settled(daemon: Daemon) -> bool:
@@ -307,7 +318,7 @@ async def wait_for_first_outcomes(daemon: Daemon) -> bool:
     """Wait for the first refresh, then until :func:`settled` (polled every 0.1 s, the
     sessions expose no event) within :func:`once_deadline`. Returns False on timeout."""
     s = daemon.settings
-    with trio.move_on_after(s.db_timeout + 10):
+    with trio.move_on_after(s.process.db_timeout + 10):
         while daemon.refresh_attempts == 0:
             await daemon.refreshed.wait()
     if daemon.last_refresh_ok is None:

@@ -78,7 +78,9 @@ class Reconciler:
         self._webhook = webhook
         self.handles: dict[str, Handle] = {}
         s = env.settings
-        self._policy = ScanPolicy(s.mailbox, s.scan_retry_initial, s.scan_retry_max)
+        self._policy = ScanPolicy(
+            s.imap.mailbox, s.webhook.scan_retry_initial, s.webhook.scan_retry_max
+        )
 
     @property
     def store(self) -> StateStore | None:

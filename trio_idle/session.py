@@ -83,12 +83,16 @@ class SessionEnv:
     def timeouts(self) -> ImapTimeouts:
         s = self.settings
         return ImapTimeouts(
-            connect=s.connect_timeout, command=s.command_timeout, keepalive_idle=s.tcp_keepalive
+            connect=s.timers.connect_timeout,
+            command=s.timers.command_timeout,
+            keepalive_idle=s.imap.tcp_keepalive,
         )
 
     @property
     def limits(self) -> ImapLimits:
-        return ImapLimits(max_line=self.settings.max_line, max_literal=self.settings.max_literal)
+        return ImapLimits(
+            max_line=self.settings.imap.max_line, max_literal=self.settings.imap.max_literal
+        )
 
 
 async def run_session(
@@ -105,10 +109,15 @@ async def run_session(
     # is scrubbed of this connection's password before it is stored or logged.
     scrub = conn.scrubber()
     backoff = Backoff(
-        BackoffPolicy(s.backoff_initial, s.backoff_max, s.backoff_reset_after), env.rng
+        BackoffPolicy(
+            s.backoff.backoff_initial, s.backoff.backoff_max, s.backoff.backoff_reset_after
+        ),
+        env.rng,
     )
-    auth_backoff = Backoff(BackoffPolicy(s.auth_backoff, s.auth_backoff_max, float("inf")), env.rng)
-    security = resolve_security(s.imap_security, conn.port)
+    auth_backoff = Backoff(
+        BackoffPolicy(s.backoff.auth_backoff, s.backoff.auth_backoff_max, float("inf")), env.rng
+    )
+    security = resolve_security(s.imap.imap_security, conn.port)
     while True:
         memory.state = CONNECTING
         imap: ImapConnection | None = None
@@ -121,11 +130,11 @@ async def run_session(
                     security=security,
                     context=None if security == "plain" else env.ssl_context,
                     timeouts=env.timeouts,
-                    refuse=s.refuse_networks,
+                    refuse=s.imap.refuse_networks,
                     limits=env.limits,
                 )
                 await imap.login(conn.login, conn.password.reveal())
-            selected = await imap.select(s.mailbox)
+            selected = await imap.select(s.imap.mailbox)
             up_since = trio.current_time()
             auth_backoff.attempt = 0
             memory.sessions += 1
@@ -135,7 +144,7 @@ async def run_session(
             log.info(f"{where} connected ({conn.host}:{conn.port})")
             if memory.mailbox is None and env.store is not None and env.store.enabled:
                 # first session in this process: compare with what the last run scanned
-                stored = env.store.get(conn.id, s.mailbox)
+                stored = env.store.get(conn.id, s.imap.mailbox)
                 decision, reason = startup_decision(stored, selected), "startup"
             else:
                 decision, reason = catch_up_decision(memory.mailbox, selected), "reconnect"
@@ -175,7 +184,7 @@ async def run_session(
             memory.connected_since = None
             if imap is not None:
                 with trio.CancelScope(shield=True):
-                    await imap.logout(s.logout_timeout)
+                    await imap.logout(s.timers.logout_timeout)
         if memory.state == BACKOFF:
             log.info(
                 f"{where} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
@@ -237,20 +246,20 @@ async def _watch(
     s = env.settings
     where = prefix(conn.email)
     next_tick, renew_at = first_timers(
-        trio.current_time(), s.tick_interval, s.idle_renew_interval, env.rng
+        trio.current_time(), s.timers.tick_interval, s.timers.idle_renew_interval, env.rng
     )
     if not imap.has_idle:
         memory.state = POLLING
         log.warning(
             f"{where} server has no IDLE capability; polling every "
-            f"{human_duration(s.tick_interval)}"
+            f"{human_duration(s.timers.tick_interval)}"
         )
         while True:
             _announce(conn, imap, memory, coalescer, env, log, "exists")
             await trio.sleep_until(next_tick)
             await imap.noop()
             _announce(conn, imap, memory, coalescer, env, log, "tick")
-            next_tick = trio.current_time() + s.tick_interval
+            next_tick = trio.current_time() + s.timers.tick_interval
     _announce(conn, imap, memory, coalescer, env, log, "exists")
     await imap.idle_start()
     memory.state = IDLE
@@ -264,10 +273,12 @@ async def _watch(
         now = trio.current_time()
         tick = now >= next_tick
         if now >= renew_at:
-            log.info(f"{where} idle renewing ({human_duration(s.idle_renew_interval)} threshold)")
-            renew_at = now + s.idle_renew_interval
+            log.info(
+                f"{where} idle renewing ({human_duration(s.timers.idle_renew_interval)} threshold)"
+            )
+            renew_at = now + s.timers.idle_renew_interval
         # DONE, NOOP (on a tick), IDLE: mail counted meanwhile is announced after, as "tick"
         await imap.restart_idle(noop=tick)
         if tick:
-            next_tick = trio.current_time() + s.tick_interval
+            next_tick = trio.current_time() + s.timers.tick_interval
         _announce(conn, imap, memory, coalescer, env, log, "tick" if tick else "exists")

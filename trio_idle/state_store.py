@@ -363,12 +363,12 @@ class StateStore:
 
 def make_state_backend(settings: Settings, env: Mapping[str, str]) -> StateBackend | None:
     """The backend the settings ask for (``None`` for ``state = none``)."""
-    if settings.state == "none":
+    if settings.store.state == "none":
         return None
-    if settings.state == "postgres":
-        assert settings.database_url is not None  # enforced by config parsing
-        return PostgresBackend(settings.database_url)
-    path = Path(settings.state_path) if settings.state_path else default_state_path(env)
+    if settings.store.state == "postgres":
+        assert settings.connections.database_url is not None  # enforced by config parsing
+        return PostgresBackend(settings.connections.database_url)
+    path = Path(settings.store.state_path) if settings.store.state_path else default_state_path(env)
     return SqliteBackend(path)
 
 

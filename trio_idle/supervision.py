@@ -74,13 +74,13 @@ class Supervisor:
         return HealthSnapshot(
             now=now,
             started_at=self.started_at,
-            refresh_interval=s.refresh_interval,
+            refresh_interval=s.timers.refresh_interval,
             last_refresh_ok=d.last_refresh_ok,
             sessions=count_states(h.memory.state for h in d.reconciler.handles.values()),
             connections_in_source=d.connections_in_source,
             loop_lag=self.monitor.lag(now),
-            max_loop_lag=s.max_loop_lag,
-            ready_share=s.ready_share,
+            max_loop_lag=s.health.max_loop_lag,
+            ready_share=s.health.ready_share,
         )
 
     def metrics_input(self) -> MetricsInput:
@@ -139,7 +139,7 @@ class Supervisor:
             status=self.status,
             registry=make_registry(self.metrics_input),
             stats=self.daemon.stats,
-            status_token=self.daemon.settings.status_token,
+            status_token=self.daemon.settings.health.status_token,
         )
 
     # -- systemd --------------------------------------------------------------------
@@ -183,7 +183,7 @@ class Supervisor:
 
     async def run_watchdog(self, notifier: Notifier, every: float) -> None:
         """WATCHDOG=1 every ``every`` seconds, withheld while the loop lags too much."""
-        threshold = self.daemon.settings.max_loop_lag
+        threshold = self.daemon.settings.health.max_loop_lag
         withheld = False
         while True:
             await trio.sleep(every)
@@ -211,37 +211,40 @@ async def run_supervision(
     """Start what the settings and environment ask for; end when shutdown starts."""
     settings = daemon.settings
     env = os.environ if environ is None else environ
-    monitor = LoopMonitor(stall_threshold=settings.max_loop_lag)
+    monitor = LoopMonitor(stall_threshold=settings.health.max_loop_lag)
     supervisor = Supervisor(daemon, monitor)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(monitor.run, name="loop-monitor")
         routes = supervisor.routes()
-        if settings.health_addr is not None:
-            if settings.status_addr is not None:
+        if settings.health.health_addr is not None:
+            if settings.health.status_addr is not None:
                 routes_here = routes.only(r for r in ROUTES if r != "/status")
             else:
                 routes_here = routes
             supervisor.health_url = await _start_server(
-                nursery, routes_here, settings.health_addr, "TRIO_IDLE_HEALTH_ADDR"
+                nursery, routes_here, settings.health.health_addr, "TRIO_IDLE_HEALTH_ADDR"
             )
-        if settings.status_addr is not None:
-            if settings.status_token is None:
+        if settings.health.status_addr is not None:
+            if settings.health.status_token is None:
                 logger.warning(
                     "[idle/health] TRIO_IDLE_STATUS_ADDR is set but TRIO_IDLE_STATUS_TOKEN is "
                     "not: /status answers 404 until a token is configured"
                 )
             supervisor.status_url = await _start_server(
-                nursery, routes.only(["/status"]), settings.status_addr, "TRIO_IDLE_STATUS_ADDR"
+                nursery,
+                routes.only(["/status"]),
+                settings.health.status_addr,
+                "TRIO_IDLE_STATUS_ADDR",
             )
-        if settings.ping_url is not None:
+        if settings.health.ping_url is not None:
             nursery.start_soon(
                 run_pinger,
-                settings.ping_url,
-                settings.ping_fail_suffix,
-                settings.ping_interval,
+                settings.health.ping_url,
+                settings.health.ping_fail_suffix,
+                settings.health.ping_interval,
                 lambda: assess_health(supervisor.snapshot()),
                 daemon.stats,
-                settings.http_trust_env,
+                settings.webhook.http_trust_env,
                 name="health-pinger",
             )
         notifier = Notifier.from_env(env)
