@@ -138,7 +138,7 @@ async def running_daemon(settings: Settings, source: Any) -> AsyncIterator[Daemo
             yield daemon
         finally:
             daemon.shutdown("test finished")
-            with trio.move_on_after(settings.shutdown_timeout + 2):
+            with trio.move_on_after(settings.process.shutdown_timeout + 2):
                 await daemon.stopped.wait()
             nursery.cancel_scope.cancel()
 

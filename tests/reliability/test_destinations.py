@@ -242,7 +242,7 @@ async def test_metadata_names_are_refused_and_only_allowed_addresses_are_tried(
     ]
     rig.server.add_user(mixed, PASSWORD)
     settings = rig.settings()
-    assert settings.refuse_networks == DEFAULT_NETWORKS  # the defaults do this
+    assert settings.imap.refuse_networks == DEFAULT_NETWORKS  # the defaults do this
     async with running_daemon(settings, ListSource(rows)):
         with trio.fail_after(10):
             await rig.all_idle([A, mixed])

@@ -67,7 +67,7 @@ async def time_to_all_idle(rig: Rig, rows: list[dict[str, Any]], users: list[str
         TRIO_IDLE_CONNECT_CONCURRENCY="20",
         TRIO_IDLE_CONNECT_TIMEOUT=f"{CONNECT_TIMEOUT:g}s",
     )
-    assert settings.connect_host_share == 0.25  # the default is what is tested
+    assert settings.limits.connect_host_share == 0.25  # the default is what is tested
     start = trio.current_time()
     async with running_daemon(settings, ListSource(rows)):
         await rig.server.wait_for(

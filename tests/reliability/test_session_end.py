@@ -80,7 +80,7 @@ async def test_shutdown_says_logout_on_every_session(rig: Rig) -> None:
         with trio.fail_after(20):
             await rig.all_idle(users)
         daemon.shutdown("test")
-        with trio.fail_after(settings.shutdown_timeout + 2):
+        with trio.fail_after(settings.process.shutdown_timeout + 2):
             await daemon.stopped.wait()
     with trio.fail_after(5):
         await server.wait_for(lambda: server.stats.connections_open == 0)

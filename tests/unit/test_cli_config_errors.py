@@ -158,7 +158,7 @@ def test_multi_host_database_url_is_accepted() -> None:
     settings = cli.parse_settings(
         {**GOOD_ENV, "DATABASE_URL": "postgresql://u:pw@h1:5432,h2:5433/db?sslmode=require"}
     )
-    assert settings.database_url is not None
+    assert settings.connections.database_url is not None
 
 
 def _all_commands(parser: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -35,39 +35,39 @@ def config_error(environ: dict[str, str], overrides: dict[str, str] | None = Non
 
 def test_defaults_match_the_documented_values() -> None:
     s = parse_settings(BASE_ENV)
-    assert s.refresh_interval == 300.0
-    assert s.idle_renew_interval == 25 * 60
-    assert s.tick_interval == 120.0
-    assert s.backend_url == "http://127.0.0.1:3016"
-    assert s.scan_url == "http://127.0.0.1:3016/api/mail/scan-internal"
-    assert s.backoff_initial == 5.0
-    assert s.backoff_max == 300.0
-    assert s.mailbox == "INBOX"
-    assert s.source == "postgres"
-    assert s.admin_secret.reveal() == ADMIN
-    assert s.database_url is not None and s.database_url.reveal() == DB_URL
+    assert s.timers.refresh_interval == 300.0
+    assert s.timers.idle_renew_interval == 25 * 60
+    assert s.timers.tick_interval == 120.0
+    assert s.webhook.backend_url == "http://127.0.0.1:3016"
+    assert s.webhook.scan_url == "http://127.0.0.1:3016/api/mail/scan-internal"
+    assert s.backoff.backoff_initial == 5.0
+    assert s.backoff.backoff_max == 300.0
+    assert s.imap.mailbox == "INBOX"
+    assert s.connections.source == "postgres"
+    assert s.webhook.admin_secret.reveal() == ADMIN
+    assert s.connections.database_url is not None and s.connections.database_url.reveal() == DB_URL
 
 
 def test_production_switches_the_default_backend_port_to_3015() -> None:
     s = parse_settings(env(NODE_ENV="production"))
-    assert s.backend_url == "http://127.0.0.1:3015"
+    assert s.webhook.backend_url == "http://127.0.0.1:3015"
 
 
 def test_other_node_env_keeps_port_3016() -> None:
-    assert parse_settings(env(NODE_ENV="staging")).backend_url == "http://127.0.0.1:3016"
+    assert parse_settings(env(NODE_ENV="staging")).webhook.backend_url == "http://127.0.0.1:3016"
 
 
 def test_explicit_backend_url_wins_over_node_env() -> None:
     s = parse_settings(env(NODE_ENV="production", BACKEND_URL="https://api.example.com:8443/"))
-    assert s.backend_url == "https://api.example.com:8443"
-    assert s.scan_url == "https://api.example.com:8443/api/mail/scan-internal"
+    assert s.webhook.backend_url == "https://api.example.com:8443"
+    assert s.webhook.scan_url == "https://api.example.com:8443/api/mail/scan-internal"
 
 
 # -- precedence ---------------------------------------------------------------------
 
 
 def test_environment_beats_default() -> None:
-    assert parse_settings(env(TRIO_IDLE_TICK_INTERVAL="30s")).tick_interval == 30.0
+    assert parse_settings(env(TRIO_IDLE_TICK_INTERVAL="30s")).timers.tick_interval == 30.0
 
 
 def test_cli_override_beats_environment() -> None:
@@ -75,25 +75,25 @@ def test_cli_override_beats_environment() -> None:
         env(TRIO_IDLE_TICK_INTERVAL="30s", BACKEND_URL="http://env-host:1"),
         {"tick_interval": "45s", "backend_url": "http://flag-host:2"},
     )
-    assert s.tick_interval == 45.0
-    assert s.backend_url == "http://flag-host:2"
+    assert s.timers.tick_interval == 45.0
+    assert s.webhook.backend_url == "http://flag-host:2"
 
 
 def test_empty_environment_value_counts_as_unset() -> None:
-    assert parse_settings(env(TRIO_IDLE_TICK_INTERVAL="")).tick_interval == 120.0
+    assert parse_settings(env(TRIO_IDLE_TICK_INTERVAL="")).timers.tick_interval == 120.0
 
 
 def test_file_source_needs_no_database_url() -> None:
     environ = {"ADMIN_SECRET": ADMIN, "ENCRYPTION_KEY": KEY}
     s = parse_settings(environ, {"source": "file", "connections_file": "/etc/conns.toml"})
-    assert s.source == "file"
-    assert s.connections_file == "/etc/conns.toml"
-    assert s.database_url is None
+    assert s.connections.source == "file"
+    assert s.connections.connections_file == "/etc/conns.toml"
+    assert s.connections.database_url is None
 
 
 def test_sha256_derivation_accepts_a_short_key() -> None:
     s = parse_settings(env(ENCRYPTION_KEY="short", TRIO_IDLE_KEY_DERIVATION="sha256"))
-    assert s.key_derivation == "sha256"
+    assert s.connections.key_derivation == "sha256"
 
 
 # -- durations ----------------------------------------------------------------------
@@ -124,8 +124,8 @@ def test_parse_duration_rejects(text: str) -> None:
 
 def test_duration_env_var_goes_through_parse_duration() -> None:
     s = parse_settings(env(TRIO_IDLE_IDLE_RENEW="25min", TRIO_IDLE_CONNECT_TIMEOUT="500ms"))
-    assert s.idle_renew_interval == 1500.0
-    assert s.connect_timeout == 0.5
+    assert s.timers.idle_renew_interval == 1500.0
+    assert s.timers.connect_timeout == 0.5
 
 
 # -- errors -------------------------------------------------------------------------
@@ -226,4 +226,4 @@ def test_settings_repr_contains_no_secret() -> None:
 def test_settings_is_frozen() -> None:
     s = Settings()
     with pytest.raises(AttributeError):
-        s.tick_interval = 1.0  # type: ignore[misc]
+        s.timers.tick_interval = 1.0  # type: ignore[misc]

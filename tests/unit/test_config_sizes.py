@@ -47,7 +47,7 @@ def test_parse_size_rejects(text: str) -> None:
 
 def test_defaults_are_one_mib_each() -> None:
     s = parse_settings(BASE_ENV)
-    assert (s.max_line, s.max_literal) == (1024 * 1024, 1024 * 1024)
+    assert (s.imap.max_line, s.imap.max_literal) == (1024 * 1024, 1024 * 1024)
 
 
 def test_env_and_flag_set_the_limits() -> None:
@@ -55,7 +55,7 @@ def test_env_and_flag_set_the_limits() -> None:
         {**BASE_ENV, "TRIO_IDLE_MAX_LINE": "64KiB", "TRIO_IDLE_MAX_LITERAL": "8M"},
         {"max_line": "128k"},
     )
-    assert (s.max_line, s.max_literal) == (128 * 1024, 8 * 1024 * 1024)
+    assert (s.imap.max_line, s.imap.max_literal) == (128 * 1024, 8 * 1024 * 1024)
 
 
 @pytest.mark.parametrize(

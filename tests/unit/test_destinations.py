@@ -134,14 +134,14 @@ def test_refusal_messages_name_the_setting() -> None:
 
 
 def test_setting_default_env_and_flag() -> None:
-    assert parse_settings(BASE_ENV).refuse_networks == DEFAULT_NETWORKS
-    assert Settings().refuse_networks == DEFAULT_NETWORKS
+    assert parse_settings(BASE_ENV).imap.refuse_networks == DEFAULT_NETWORKS
+    assert Settings().imap.refuse_networks == DEFAULT_NETWORKS
     s = parse_settings({**BASE_ENV, "TRIO_IDLE_REFUSE_NETWORKS": "127.0.0.2/32"})
-    assert s.refuse_networks == (ipaddress.ip_network("127.0.0.2/32"),)
+    assert s.imap.refuse_networks == (ipaddress.ip_network("127.0.0.2/32"),)
     s = parse_settings(BASE_ENV, {"refuse_networks": "none"})
-    assert s.refuse_networks == ()
+    assert s.imap.refuse_networks == ()
     s = parse_settings(BASE_ENV, {"refuse_networks": ""})  # an explicit empty flag
-    assert s.refuse_networks == ()
+    assert s.imap.refuse_networks == ()
 
 
 def test_a_bad_network_is_a_one_line_config_error() -> None:
@@ -154,10 +154,10 @@ def test_a_bad_network_is_a_one_line_config_error() -> None:
 
 
 def test_connect_host_share_setting() -> None:
-    assert parse_settings(BASE_ENV).connect_host_share == 0.25
-    assert Settings().connect_host_share == 0.25
+    assert parse_settings(BASE_ENV).limits.connect_host_share == 0.25
+    assert Settings().limits.connect_host_share == 0.25
     s = parse_settings({**BASE_ENV, "TRIO_IDLE_CONNECT_HOST_SHARE": "1"})
-    assert s.connect_host_share == 1.0
+    assert s.limits.connect_host_share == 1.0
     for bad in ("0", "1.5", "-0.1", "quarter"):
         with pytest.raises(ConfigError) as info:
             parse_settings({**BASE_ENV, "TRIO_IDLE_CONNECT_HOST_SHARE": bad})

@@ -211,9 +211,9 @@ def test_clients_younger_than_the_grace_are_not_evicted_yet() -> None:
 
 def test_status_token_is_a_secret_from_the_environment_only() -> None:
     s = parse_settings({**ENV, "TRIO_IDLE_STATUS_TOKEN": TOKEN})
-    assert isinstance(s.status_token, Secret) and s.status_token.reveal() == TOKEN
+    assert isinstance(s.health.status_token, Secret) and s.health.status_token.reveal() == TOKEN
     assert TOKEN not in repr(s)
-    assert parse_settings(ENV).status_token is None
+    assert parse_settings(ENV).health.status_token is None
     (option,) = [o for o in OPTIONS if o.env == "TRIO_IDLE_STATUS_TOKEN"]
     assert option.secret and option.flag is None  # argv is visible in ps
 
@@ -239,16 +239,16 @@ def test_a_bad_status_token_is_a_one_line_error_that_does_not_echo_it(
 
 
 def test_status_addr_is_parsed_like_the_health_addr() -> None:
-    assert parse_settings(ENV).status_addr is None
-    assert parse_settings({**ENV, "TRIO_IDLE_STATUS_ADDR": "9311"}).status_addr == (
+    assert parse_settings(ENV).health.status_addr is None
+    assert parse_settings({**ENV, "TRIO_IDLE_STATUS_ADDR": "9311"}).health.status_addr == (
         "127.0.0.1",
         9311,
     )
-    assert parse_settings({**ENV, "TRIO_IDLE_STATUS_ADDR": "[::1]:9311"}).status_addr == (
+    assert parse_settings({**ENV, "TRIO_IDLE_STATUS_ADDR": "[::1]:9311"}).health.status_addr == (
         "::1",
         9311,
     )
     flag_wins = parse_settings({**ENV, "TRIO_IDLE_STATUS_ADDR": "1"}, {"status_addr": "2"})
-    assert flag_wins.status_addr == ("127.0.0.1", 2)
+    assert flag_wins.health.status_addr == ("127.0.0.1", 2)
     with pytest.raises(ConfigError, match="--status-addr: expected PORT or HOST:PORT"):
         parse_settings(ENV, {"status_addr": "nope"})

@@ -14,7 +14,7 @@ BASE_ENV = {
 
 
 def test_proxies_from_the_environment_are_off_by_default() -> None:
-    assert parse_settings(BASE_ENV).http_trust_env is False
+    assert parse_settings(BASE_ENV).webhook.http_trust_env is False
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,8 @@ def test_proxies_from_the_environment_are_off_by_default() -> None:
 )
 def test_parse_bool(text: str, value: bool) -> None:
     assert parse_bool(text) is value
-    assert parse_settings({**BASE_ENV, "TRIO_IDLE_HTTP_TRUST_ENV": text}).http_trust_env is value
+    s = parse_settings({**BASE_ENV, "TRIO_IDLE_HTTP_TRUST_ENV": text})
+    assert s.webhook.http_trust_env is value
 
 
 @pytest.mark.parametrize("text", ["maybe", "on", "2", "tru", "-1"])
@@ -50,6 +51,6 @@ def test_a_bad_value_names_the_variable() -> None:
 
 def test_the_flag_wins_over_the_environment() -> None:
     environ = {**BASE_ENV, "TRIO_IDLE_HTTP_TRUST_ENV": "false"}
-    assert parse_settings(environ, {"http_trust_env": "true"}).http_trust_env is True
+    assert parse_settings(environ, {"http_trust_env": "true"}).webhook.http_trust_env is True
     with pytest.raises(ConfigError, match=r"^--http-trust-env: "):
         parse_settings(environ, {"http_trust_env": "sometimes"})

@@ -15,12 +15,12 @@ ENV = {
 
 def test_defaults() -> None:
     s = parse_settings(ENV)
-    assert s.health_addr is None
-    assert s.ready_share == 0.9
-    assert s.max_loop_lag == 5.0
-    assert s.ping_url is None
-    assert s.ping_interval == 60.0
-    assert s.ping_fail_suffix == "/fail"
+    assert s.health.health_addr is None
+    assert s.health.ready_share == 0.9
+    assert s.health.max_loop_lag == 5.0
+    assert s.health.ping_url is None
+    assert s.health.ping_interval == 60.0
+    assert s.health.ping_fail_suffix == "/fail"
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_defaults() -> None:
 )
 def test_listen_addr(text: str, addr: tuple[str, int]) -> None:
     assert parse_listen_addr(text) == addr
-    assert parse_settings({**ENV, "TRIO_IDLE_HEALTH_ADDR": text}).health_addr == addr
+    assert parse_settings({**ENV, "TRIO_IDLE_HEALTH_ADDR": text}).health.health_addr == addr
 
 
 @pytest.mark.parametrize("text", ["x", "host:", "70000", "1:2:3", "::1:80", "h:-1"])
@@ -47,7 +47,7 @@ def test_bad_listen_addr(text: str) -> None:
 
 def test_flag_wins() -> None:
     s = parse_settings({**ENV, "TRIO_IDLE_HEALTH_ADDR": "1"}, {"health_addr": "2"})
-    assert s.health_addr == ("127.0.0.1", 2)
+    assert s.health.health_addr == ("127.0.0.1", 2)
 
 
 @pytest.mark.parametrize("text", ["1.5", "-0.1", "most"])
@@ -59,7 +59,7 @@ def test_ready_share_is_a_fraction(text: str) -> None:
 def test_ping_url_is_a_secret_never_echoed() -> None:
     url = "https://hc-ping.com/5f2c0d4e-secret-uuid"
     s = parse_settings({**ENV, "TRIO_IDLE_PING_URL": url + "/"})
-    assert s.ping_url is not None and s.ping_url.reveal() == url
+    assert s.health.ping_url is not None and s.health.ping_url.reveal() == url
     assert "secret-uuid" not in repr(s)
     with pytest.raises(ConfigError) as info:
         parse_settings({**ENV, "TRIO_IDLE_PING_URL": "ftp://hc-ping.com/5f2c-secret-uuid"})
@@ -71,6 +71,6 @@ def test_crypto_commands_need_only_the_key() -> None:
     s = parse_settings(
         {"ENCRYPTION_KEY": "k" * 40}, require=("encryption_key",), require_source=False
     )
-    assert s.encryption_key.reveal() == "k" * 40
+    assert s.connections.encryption_key.reveal() == "k" * 40
     with pytest.raises(ConfigError, match="ENCRYPTION_KEY: is required"):
         parse_settings({}, require=("encryption_key",), require_source=False)
