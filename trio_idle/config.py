@@ -469,7 +469,7 @@ class ImapSettings:
 
 @attrs.frozen(kw_only=True)
 class TimerSettings:
-    """How often things happen, and how long one IMAP step may take. Seconds."""
+    """How often things happen, and how long one IMAP step may take, in seconds."""
 
     refresh_interval: float = setting(
         "TRIO_IDLE_REFRESH_INTERVAL",
@@ -517,8 +517,11 @@ class TimerSettings:
 
 @attrs.frozen(kw_only=True)
 class BackoffSettings:
-    """Reconnect delays of one session (``backoff_initial <= backoff_max`` and
-    ``auth_backoff <= auth_backoff_max``). Seconds."""
+    """Reconnect delays of one session, in seconds.
+
+    :func:`parse_settings` checks ``backoff_initial <= backoff_max`` and
+    ``auth_backoff <= auth_backoff_max``.
+    """
 
     backoff_initial: float = setting(
         "TRIO_IDLE_BACKOFF_INITIAL",
@@ -709,7 +712,7 @@ class StateSettings:
 
 @attrs.frozen(kw_only=True)
 class HealthSettings:
-    """The health port, ``/status``, the loop-lag bound and the push-monitoring ping."""
+    """The health port, the /status route, the loop-lag bound and the push-monitoring ping."""
 
     health_addr: tuple[str, int] | None = setting(
         "TRIO_IDLE_HEALTH_ADDR",
@@ -876,12 +879,13 @@ def _groups() -> dict[str, type[Any]]:
     return {group.name: group.type for group in attrs.fields(Settings) if group.type}
 
 
-_GROUPS: Final = _groups()
+#: each group attribute of :class:`Settings` → its class, in declaration order
+GROUPS: Final[Mapping[str, type[Any]]] = _groups()
 
 
 def _derive_options() -> tuple[Option, ...]:
     options: list[Option] = []
-    for name, group in _GROUPS.items():
+    for name, group in GROUPS.items():
         for field in attrs.fields(group):
             declared = field.metadata.get(_DECLARATION)
             if not isinstance(declared, Declaration):
@@ -984,10 +988,10 @@ def parse_settings(
 
 def _build(values: Mapping[str, Any]) -> Settings:
     """:class:`Settings` from values by field name; a field not given keeps its default."""
-    groups: dict[str, dict[str, Any]] = {name: {} for name in _GROUPS}
+    groups: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
     for field, value in values.items():
         groups[_BY_FIELD[field].group][field] = value
-    return Settings(**{name: group(**groups[name]) for name, group in _GROUPS.items()})
+    return Settings(**{name: group(**groups[name]) for name, group in GROUPS.items()})
 
 
 def _check_key(key: Secret, derivation: str) -> list[ConfigError]:
