@@ -217,26 +217,14 @@ async def run_daemon(
     )
     env = SessionEnv(
         settings=settings,
-        limiter=ConnectLimiter(
-            settings.limits.connect_concurrency,
-            settings.limits.connect_rate,
-            settings.limits.connect_host_share,
-        ),
+        limiter=ConnectLimiter.from_settings(settings.limits),
         ssl_context=make_ssl_context(settings.imap.ca_file),
         stats=stats,
         rng=random.Random(),
         store=store,
         catchup_pacer=Pacer(settings.limits.catchup_rate),
     )
-    webhook = WebhookClient(
-        settings.webhook.scan_url,
-        secret_header=settings.webhook.secret_header,
-        secret=settings.webhook.admin_secret,
-        signing_secret=settings.webhook.signing_secret,
-        total_timeout=settings.webhook.scan_timeout,
-        max_connections=settings.webhook.http_max_connections,
-        trust_env=settings.webhook.http_trust_env,
-    )
+    webhook = WebhookClient.from_settings(settings.webhook)
     daemon: Daemon | None = None
     async with open_asyncio_loop(stats):
         try:

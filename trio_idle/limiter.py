@@ -15,8 +15,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from trio_idle.config import LimitSettings
 
 
 class Pacer:
@@ -81,6 +85,11 @@ class ConnectLimiter:
         self._per_host = per_host_cap(concurrency, host_share)
         self._hosts: dict[str, _HostSlots] = {}
         self._pacer = Pacer(rate)
+
+    @classmethod
+    def from_settings(cls, limits: LimitSettings) -> ConnectLimiter:
+        """The limiter ``limits`` describe (``TRIO_IDLE_CONNECT_*``)."""
+        return cls(limits.connect_concurrency, limits.connect_rate, limits.connect_host_share)
 
     @contextlib.asynccontextmanager
     async def slot(self, host: str = "") -> AsyncIterator[None]:

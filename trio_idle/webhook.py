@@ -18,7 +18,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import httpx
@@ -27,6 +27,9 @@ import trio
 from trio_idle import __version__
 from trio_idle.scrub import PLAIN
 from trio_idle.secret import Secret
+
+if TYPE_CHECKING:
+    from trio_idle.config import WebhookSettings
 
 USER_AGENT = f"trio-idle/{__version__}"
 SCAN_ID_HEADER = "x-scan-id"
@@ -190,6 +193,19 @@ class WebhookClient:
         self._trust_env = trust_env
         self.max_reply_bytes: Final = max_reply_bytes
         self._client = self._new_client()
+
+    @classmethod
+    def from_settings(cls, webhook: WebhookSettings) -> WebhookClient:
+        """The client ``webhook`` describes (``BACKEND_URL``, ``TRIO_IDLE_SCAN_*``, ...)."""
+        return cls(
+            webhook.scan_url,
+            secret_header=webhook.secret_header,
+            secret=webhook.admin_secret,
+            signing_secret=webhook.signing_secret,
+            total_timeout=webhook.scan_timeout,
+            max_connections=webhook.http_max_connections,
+            trust_env=webhook.http_trust_env,
+        )
 
     def _new_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
