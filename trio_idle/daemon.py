@@ -31,7 +31,7 @@ from trio_idle.connections import RowProblem, build_connections
 from trio_idle.crypto import derive_key
 from trio_idle.errors import SourceError
 from trio_idle.gc_policy import FullCollectionPolicy, collect_and_freeze
-from trio_idle.imap_client import make_ssl_context
+from trio_idle.imap_client import make_ssl_context, shrink_tls_read_buffer
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.logs import protect_secrets
 from trio_idle.reconcile import Reconciler
@@ -205,6 +205,7 @@ async def run_daemon(
     reporting started when the health endpoint or the status address cannot listen.
     """
     protect_secrets(process_secrets(settings))
+    shrink_tls_read_buffer()
     stats = Stats()
     store = StateStore(
         make_state_backend(settings, os.environ if environ is None else environ),

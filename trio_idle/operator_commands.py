@@ -25,7 +25,7 @@ from trio_idle.config import Settings
 from trio_idle.connections import MailConnection, RowProblem, build_connection
 from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
 from trio_idle.errors import ImapError, SourceError
-from trio_idle.health import SESSION_STATES, UP_STATES, count_states
+from trio_idle.health import count_states
 from trio_idle.imap_client import (
     ImapConnection,
     ImapLimits,
@@ -33,8 +33,10 @@ from trio_idle.imap_client import (
     connect,
     make_ssl_context,
     resolve_security,
+    shrink_tls_read_buffer,
 )
 from trio_idle.scrub import PLAIN
+from trio_idle.session_states import SESSION_STATES, UP_STATES
 
 if TYPE_CHECKING:
     from trio_idle.daemon import ConnectionSource, Daemon
@@ -163,6 +165,7 @@ async def run_check(
             + (f"; trying LOGIN on each ({concurrency} at a time)" if login and good else "")
         )
         if login and good:
+            shrink_tls_read_buffer()
             context = make_ssl_context(settings.ca_file)
             limiter = trio.CapacityLimiter(concurrency)
             by_id = {r.conn_id: r for r in table if r.ok}
