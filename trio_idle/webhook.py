@@ -13,7 +13,6 @@ import enum
 import hashlib
 import hmac
 import json
-import math
 import ssl
 import time
 import uuid
@@ -296,16 +295,3 @@ def _reason(exc: BaseException) -> str:
     if "refused" in text.lower():
         return "connection refused"
     return PLAIN.scrub(text, 120)
-
-
-def retry_delay(
-    attempt: int, initial: float, cap: float, hint: float | None, jitter: float
-) -> float:
-    """Delay before retry ``attempt`` (1-based). A server hint (Retry-After) wins.
-
-    ``jitter`` in [0, 1) comes from the caller's RNG, so the function stays pure.
-    """
-    if hint is not None:
-        return max(hint, initial)  # "Retry-After: 0" or a past date must not become a hot loop
-    bound = min(cap, initial * math.pow(2.0, attempt - 1))
-    return max(initial, bound * (0.5 + jitter / 2))
