@@ -2,17 +2,21 @@
 
 Task tree (see docs/architecture.md)::
 
-    trio.run → run_daemon
-      trio_asyncio loop (asyncio libraries run inside trio; no other event loop exists)
-      root nursery
-      ├── supervision       loop lag, health and status endpoints, pings, systemd (supervision.py)
-      ├── refresh loop      reads the source every refresh_interval, applies the diff
-      └── connection tasks  one per connection, owned by the Reconciler (reconcile.py)
+    run_daemon
+    └── trio_asyncio loop     asyncio libraries run inside trio; no other event loop exists
+        └── state nursery     outlives the root nursery: the last state flush follows the sessions
+            ├── state flusher
+            └── root nursery  (opened in the state nursery's body)
+                ├── supervision       loop lag, health/status endpoints, pings, systemd
+                ├── refresh loop      reads the source every refresh_interval, applies the diff
+                └── connection tasks  one per connection, owned by the Reconciler
 
 Guarantees: a source outage keeps every running session on the last good list and
-retries with backoff; :meth:`Daemon.shutdown` cancels every connection scope (each
+retries with backoff (:mod:`trio_idle.backoff`, no jitter: 5 s doubling up to
+``refresh_interval``); :meth:`Daemon.shutdown` cancels every connection scope (each
 session writes LOGOUT and waits at most ``logout_timeout`` for the server to hang up) and
-bounds the whole exit by ``shutdown_timeout``.
+bounds the whole exit by ``shutdown_timeout``. Readers use :meth:`Daemon.status` and the
+``wait_*`` methods (:mod:`trio_idle.daemon_status`).
 """
 
 from __future__ import annotations
