@@ -137,6 +137,9 @@ class Daemon:
         await self._wait_until(lambda: self._phase is Phase.STOPPED)
 
     async def _wait_until(self, done: Callable[[], bool]) -> None:
+        # ``done`` only ever turns true (counts grow, the phase moves forward), so a true
+        # one stays true across the checkpoint; _changed is read after each check with no
+        # checkpoint in between, so no change can slip past the wait.
         if done():
             await trio.lowlevel.checkpoint()
         while not done():
