@@ -139,7 +139,7 @@ async def running_daemon(settings: Settings, source: Any) -> AsyncIterator[Daemo
         finally:
             daemon.shutdown("test finished")
             with trio.move_on_after(settings.process.shutdown_timeout + 2):
-                await daemon.stopped.wait()
+                await daemon.wait_stopped()
             nursery.cancel_scope.cancel()
 
 

@@ -194,7 +194,7 @@ async def serve(settings: Settings, environ: Mapping[str, str] | None = None) ->
                     logger.info("[idle/daemon] SIGHUP: refreshing the connection list")
                     daemon.request_refresh()
                     continue
-                if daemon.stopping:  # second signal: stop waiting for LOGOUTs
+                if daemon.status().stopping:  # second signal: stop waiting for LOGOUTs
                     nursery.cancel_scope.cancel()
                     break
                 daemon.shutdown(signal.Signals(signum).name)
@@ -203,7 +203,7 @@ async def serve(settings: Settings, environ: Mapping[str, str] | None = None) ->
 
 
 async def _stop_listening_when_done(nursery: trio.Nursery, daemon: Daemon) -> None:
-    await daemon.stopped.wait()
+    await daemon.wait_stopped()
     nursery.cancel_scope.cancel()
 
 
@@ -228,7 +228,7 @@ async def serve_once(settings: Settings, environ: Mapping[str, str] | None = Non
         print(report, flush=True)
         daemon.shutdown("--once: report printed")
         with trio.move_on_after(settings.process.shutdown_timeout + 1):
-            await daemon.stopped.wait()
+            await daemon.wait_stopped()
         nursery.cancel_scope.cancel()
     return code
 

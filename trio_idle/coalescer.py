@@ -23,7 +23,8 @@ PACED_REASONS: Final = frozenset({"startup", "reconnect"})
 
 @attrs.define
 class ScanCoalescer:
-    """A ``trio.Event`` plus a pending counter (0 or 1), per the design card."""
+    """A ``trio.Event`` plus a pending counter (0 or 1): at most one scan active and one
+    pending per mailbox, however many requests arrive (a burst or an outage never queues)."""
 
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     pending: int = 0

@@ -2,36 +2,43 @@
 
 Task tree (see docs/architecture.md)::
 
-    trio.run → run_daemon
-      trio_asyncio loop (asyncio libraries run inside trio; no other event loop exists)
-      root nursery
-      ├── supervision       loop lag, health and status endpoints, pings, systemd (supervision.py)
-      ├── refresh loop      reads the source every refresh_interval, applies the diff
-      └── connection tasks  one per connection, owned by the Reconciler (reconcile.py)
+    run_daemon
+    └── trio_asyncio loop     asyncio libraries run inside trio; no other event loop exists
+        └── state nursery     outlives the root nursery: the last state flush follows the sessions
+            ├── state flusher
+            └── root nursery  (opened in the state nursery's body)
+                ├── supervision       loop lag, health/status endpoints, pings, systemd
+                ├── refresh loop      reads the source every refresh_interval, applies the diff
+                └── connection tasks  one per connection, owned by the Reconciler
 
 Guarantees: a source outage keeps every running session on the last good list and
-retries with backoff; :meth:`Daemon.shutdown` cancels every connection scope (each
+retries with backoff (:mod:`trio_idle.backoff`, no jitter: 5 s doubling up to
+``refresh_interval``); :meth:`Daemon.shutdown` cancels every connection scope (each
 session writes LOGOUT and waits at most ``logout_timeout`` for the server to hang up) and
-bounds the whole exit by ``shutdown_timeout``.
+bounds the whole exit by ``shutdown_timeout``. Readers use :meth:`Daemon.status` and the
+``wait_*`` methods (:mod:`trio_idle.daemon_status`).
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Protocol
 
 import trio
 from loguru import logger
 
 from trio_idle.asyncio_loop import open_asyncio_loop
+from trio_idle.backoff import Backoff, BackoffPolicy
 from trio_idle.config import Settings, process_secrets
 from trio_idle.connections import RowProblem, build_connections
 from trio_idle.crypto import derive_key
+from trio_idle.daemon_status import DaemonStatus, Phase
 from trio_idle.errors import SourceError
 from trio_idle.gc_policy import FullCollectionPolicy, collect_and_freeze
-from trio_idle.imap_client import make_ssl_context
+from trio_idle.health import count_states
+from trio_idle.imap_client import make_ssl_context, shrink_tls_read_buffer
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.logs import protect_secrets
 from trio_idle.reconcile import Reconciler
@@ -51,8 +58,20 @@ class ConnectionSource(Protocol):
     async def fetch(self) -> Sequence[dict[str, Any]]: ...
 
 
+#: the first retry of a failed refresh waits this long (or ``refresh_interval`` if
+#: shorter), doubling up to ``refresh_interval``: a database that was down for a moment is
+#: read again soon, one that stays down is not hammered
+REFRESH_RETRY_INITIAL: Final = 5.0
+
+
 class Daemon:
-    """Handle to a running daemon, given to the caller by ``nursery.start(run_daemon, ...)``."""
+    """Handle to a running daemon, given to the caller by ``nursery.start(run_daemon, ...)``.
+
+    Read it through :meth:`status` (a frozen :class:`DaemonStatus`) and the ``wait_*``
+    methods; act on it with :meth:`request_refresh` and :meth:`shutdown`. ``settings``,
+    ``source``, ``reconciler`` and ``stats`` are the parts it runs with (read, don't
+    replace); ``gc_policy`` may be replaced (tests use a smaller churn threshold).
+    """
 
     def __init__(
         self,
@@ -66,43 +85,109 @@ class Daemon:
         self.source = source
         self.reconciler = reconciler
         self.stats = stats
+        self.gc_policy = FullCollectionPolicy()
+        #: health endpoint, pings, systemd; set by :func:`run_daemon` before it reports
+        self.supervisor: Supervisor | None = None
         self._root = root
         self._key = derive_key(
             settings.connections.encryption_key.reveal(), settings.connections.key_derivation
         )
         self._refresh_now = trio.Event()
         self._logged_problems: set[tuple[str, str]] = set()
-        self.last_refresh_ok: float | None = None
-        self.connections_in_source = 0
-        #: set after every refresh attempt (tests and health checks wait on it)
-        self.refreshed = trio.Event()
-        #: refresh attempts so far; incremented right before ``refreshed`` is set
-        self.refresh_attempts = 0
-        #: why the last refresh failed (log-safe), ``None`` after a successful one
-        self.last_refresh_error: str | None = None
-        #: rows of the last successful refresh that were skipped, and why (no secrets)
-        self.row_problems: list[RowProblem] = []
-        self.stopping = False
-        #: set when :meth:`shutdown` is called (supervision ends and sends STOPPING=1)
-        self.shutdown_requested = trio.Event()
-        self.stopped = trio.Event()
-        #: sessions removed by refreshes so far (with connection attempts: the GC churn)
-        self.sessions_removed = 0
-        self.gc_policy = FullCollectionPolicy()
-        #: health endpoint, pings, systemd; set by :func:`run_daemon` before it reports
-        self.supervisor: Supervisor | None = None
+        # What status() reports. Every change is followed by _changed_now().
+        self._phase = Phase.RUNNING
+        self._refresh_attempts = 0
+        self._last_refresh_ok: float | None = None
+        self._last_refresh_error: str | None = None
+        self._connections_in_source = 0
+        self._row_problems: tuple[RowProblem, ...] = ()
+        self._sessions_removed = 0
+        self._changed = trio.Event()
+
+    # -- reading ----------------------------------------------------------------------
+
+    def status(self) -> DaemonStatus:
+        """The daemon now (no checkpoint: every field is of the same moment)."""
+        return DaemonStatus(
+            phase=self._phase,
+            refresh_attempts=self._refresh_attempts,
+            last_refresh_ok=self._last_refresh_ok,
+            last_refresh_error=self._last_refresh_error,
+            connections_in_source=self._connections_in_source,
+            sessions=count_states(h.memory.state for h in self.reconciler.handles.values()),
+            row_problems=self._row_problems,
+            sessions_removed=self._sessions_removed,
+        )
+
+    async def wait_refreshed(self, after: int) -> DaemonStatus:
+        """Return the status once more than ``after`` refreshes have ended (successful or
+        not; compare with :attr:`DaemonStatus.refresh_attempts`).
+
+        Always a checkpoint, also when that is already so. No refresh ends after
+        :meth:`shutdown`, so then it waits until cancelled: bound it with a cancel scope.
+        """
+        await self._wait_until(lambda: self._refresh_attempts > after)
+        return self.status()
+
+    async def wait_stopping(self) -> None:
+        """Return once shutdown has started (a checkpoint, also if it has already)."""
+        await self._wait_until(lambda: self._phase is not Phase.RUNNING)
+
+    async def wait_stopped(self) -> None:
+        """Return once every session has ended and :func:`run_daemon` is returning (a
+        checkpoint, also if that happened already)."""
+        await self._wait_until(lambda: self._phase is Phase.STOPPED)
+
+    async def _wait_until(self, done: Callable[[], bool]) -> None:
+        # ``done`` only ever turns true (counts grow, the phase moves forward), so a true
+        # one stays true across the checkpoint; _changed is read after each check with no
+        # checkpoint in between, so no change can slip past the wait.
+        if done():
+            await trio.lowlevel.checkpoint()
+        while not done():
+            await self._changed.wait()
+
+    def _changed_now(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- acting -----------------------------------------------------------------------
 
     def request_refresh(self) -> None:
         """Refresh now instead of at the next interval (SIGHUP, tests)."""
         self._refresh_now.set()
 
-    async def refresh_once(self) -> bool:
+    def shutdown(self, reason: str = "shutdown requested") -> None:
+        """Stop refreshing, end every session (LOGOUT), exit within ``shutdown_timeout``.
+
+        Idempotent: a second call does nothing (the first one's deadline stands)."""
+        if self._phase is not Phase.RUNNING:
+            return
+        self._phase = Phase.STOPPING
+        self._changed_now()
+        logger.info(
+            f"[idle/daemon] shutting down ({reason}): closing "
+            f"{len(self.reconciler.handles)} sessions"
+        )
+        self.reconciler.stop_all()
+        self._root.cancel_scope.deadline = (
+            trio.current_time() + self.settings.process.shutdown_timeout
+        )
+        self._refresh_now.set()
+
+    def _stopped(self) -> None:
+        self._phase = Phase.STOPPED
+        self._changed_now()
+
+    # -- the refresh loop -------------------------------------------------------------
+
+    async def _refresh_once(self) -> bool:
         """Read the source and apply the diff. Returns False if the source failed."""
         try:
             rows = await self.source.fetch()
         except SourceError as exc:
             self.stats.inc("refresh_failures")
-            self.last_refresh_error = str(exc)
+            self._last_refresh_error = str(exc)
             logger.warning(
                 f"[idle/{self.source.name}] refresh failed: {exc}; keeping "
                 f"{len(self.reconciler.handles)} sessions on the last good list"
@@ -118,15 +203,15 @@ class Daemon:
                 f"skipped: {PLAIN.scrub(message)}"
             )
         self._logged_problems = current  # a row that is fixed and breaks again logs again
-        if self.stopping:
+        if self._phase is not Phase.RUNNING:
             return True
-        self.sessions_removed += len(self.reconciler.apply(wanted).removed)
+        self._sessions_removed += len(self.reconciler.apply(wanted).removed)
         if self.reconciler.store is not None:
             self.reconciler.store.prune(wanted.keys())
-        self.row_problems = problems
-        self.connections_in_source = len(rows)
-        self.last_refresh_ok = trio.current_time()
-        self.last_refresh_error = None
+        self._row_problems = tuple(problems)
+        self._connections_in_source = len(rows)
+        self._last_refresh_ok = trio.current_time()
+        self._last_refresh_error = None
         self.stats.inc("refreshes")
         logger.info(
             f"[idle/{self.source.name}] refreshed — {len(rows)} active connections, "
@@ -134,34 +219,32 @@ class Daemon:
         )
         return True
 
-    async def refresh_loop(self) -> None:
-        retry = min(5.0, self.settings.timers.refresh_interval)
-        while not self.stopping:
-            ok = await self.refresh_once()
+    async def _refresh_loop(self) -> None:
+        interval = self.settings.timers.refresh_interval
+        retry = Backoff(BackoffPolicy(min(REFRESH_RETRY_INITIAL, interval), interval, jitter=0.0))
+        while self._phase is Phase.RUNNING:
+            ok = await self._refresh_once()
             if ok and self.settings.process.gc_mode == "tuned":
-                self.collect_garbage()
-            self.refresh_attempts += 1
-            self.refreshed.set()
-            self.refreshed = trio.Event()
+                self._collect_garbage()
+            self._refresh_attempts += 1
+            self._changed_now()
             if ok:
-                delay, retry = (
-                    self.settings.timers.refresh_interval,
-                    min(5.0, self.settings.timers.refresh_interval),
-                )
+                retry.succeeded()
+                delay = interval
             else:
-                delay, retry = retry, min(retry * 2, self.settings.timers.refresh_interval)
+                delay = retry.next_delay()
             with trio.move_on_after(delay):
                 await self._refresh_now.wait()
             self._refresh_now = trio.Event()
 
-    def collect_garbage(self) -> None:
+    def _collect_garbage(self) -> None:
         """The after-refresh collection of ``TRIO_IDLE_GC=tuned`` (:mod:`trio_idle.gc_policy`).
 
         Blocks the loop for its pause. At 10,000 sessions on the benchmark machine:
         0.6–0.8 s when only what was created since the last refresh is walked, 1.9 s when
         the policy asks for a full one (after many sessions started or ended, every 6 h).
         """
-        churn = self.stats.get("connect_attempts") + self.sessions_removed
+        churn = self.stats.get("connect_attempts") + self._sessions_removed
         now = trio.current_time()
         full = self.gc_policy.full_due(churn, len(self.reconciler.handles), now)
         done = collect_and_freeze(full)
@@ -176,22 +259,6 @@ class Daemon:
             logger.info(line)
         else:
             logger.debug(line)
-
-    def shutdown(self, reason: str = "shutdown requested") -> None:
-        """Stop refreshing, end every session (LOGOUT), exit within ``shutdown_timeout``."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.shutdown_requested.set()
-        logger.info(
-            f"[idle/daemon] shutting down ({reason}): closing "
-            f"{len(self.reconciler.handles)} sessions"
-        )
-        self.reconciler.stop_all()
-        self._root.cancel_scope.deadline = (
-            trio.current_time() + self.settings.process.shutdown_timeout
-        )
-        self._refresh_now.set()
 
 
 async def run_daemon(
@@ -209,6 +276,7 @@ async def run_daemon(
     reporting started when the health endpoint or the status address cannot listen.
     """
     protect_secrets(process_secrets(settings))
+    shrink_tls_read_buffer()
     stats = Stats()
     store = StateStore(
         make_state_backend(settings, os.environ if environ is None else environ),
@@ -236,12 +304,12 @@ async def run_daemon(
                 async with trio.open_nursery() as root:
                     daemon = Daemon(settings, source, Reconciler(root, env, webhook), stats, root)
                     daemon.supervisor = await root.start(run_supervision, daemon, environ)
-                    root.start_soon(daemon.refresh_loop, name="refresh")
+                    root.start_soon(daemon._refresh_loop, name="refresh")
                     task_status.started(daemon)
                 state_nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await webhook.aclose()
             if daemon is not None:
-                daemon.stopped.set()
+                daemon._stopped()
     logger.info("[idle/daemon] stopped")

@@ -165,7 +165,7 @@ async def _demo(forever: bool, workdir: Path) -> int:
             await trio.sleep_forever()
         daemon.shutdown("demo finished")
         with trio.fail_after(settings.process.shutdown_timeout + 2):
-            await daemon.stopped.wait()
+            await daemon.wait_stopped()
         nursery.cancel_scope.cancel()
     return 1 if missed else 0
 

@@ -2,8 +2,9 @@
 
 10,000 sessions keep millions of GC-tracked objects alive, and a full collection walks
 every one of them while no session runs (≈ 1.6 s at 10,000 plaintext sessions). CPython's
-automatic full collections are therefore off (``cli.serve`` raises the threshold); the
-daemon collects once after each refresh instead, and freezes what survives
+automatic full collections are therefore off (:func:`trio_idle.cli.main` raises the
+third threshold before it runs ``serve``); the daemon collects once after each refresh
+instead (``Daemon._collect_garbage``), and freezes what survives
 (:func:`gc.freeze`): frozen objects are skipped by later collections, so the collection
 after the next refresh only walks what was created since and is still alive. Ticks renew
 every session's command objects, so at 10,000 sessions that is still ≈ 40 % of a full

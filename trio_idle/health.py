@@ -18,16 +18,10 @@ Nothing here reads a clock or the daemon: :mod:`trio_idle.supervision` takes the
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Final
 
 import attrs
 
-from trio_idle.session import AUTH_FAILED, BACKOFF, CONNECTING, IDLE, POLLING
-
-#: Every state a session reports, in display order.
-SESSION_STATES: Final = (CONNECTING, IDLE, POLLING, BACKOFF, AUTH_FAILED)
-#: States in which a mailbox is being watched.
-UP_STATES: Final = frozenset({IDLE, POLLING})
+from trio_idle.session_states import SESSION_STATES, UP_STATES
 
 
 def count_states(states: Iterable[str]) -> dict[str, int]:

@@ -35,7 +35,6 @@ class LoopMonitor:
         self.stall_threshold = stall_threshold
         self.samples = 0
         self.stalls = 0
-        self.last_lag = 0.0
         self.max_lag = 0.0
         self._recent: collections.deque[tuple[float, float]] = collections.deque()
         self._expected: float | None = None
@@ -43,7 +42,6 @@ class LoopMonitor:
     def record(self, now: float, lag: float) -> None:
         """Add one measurement (what :meth:`run` does after every wake-up)."""
         self.samples += 1
-        self.last_lag = lag
         self.max_lag = max(self.max_lag, lag)
         if lag > self.stall_threshold:
             self.stalls += 1

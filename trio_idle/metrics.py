@@ -28,7 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from trio_idle import __version__
-from trio_idle.health import SESSION_STATES
+from trio_idle.session_states import SESSION_STATES
 from trio_idle.stats import Histogram, Stats
 
 PREFIX: Final = "trio_idle"

@@ -25,7 +25,6 @@ from trio_idle.config import Settings
 from trio_idle.connections import MailConnection, RowProblem, build_connection
 from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
 from trio_idle.errors import ImapError, SourceError
-from trio_idle.health import SESSION_STATES, UP_STATES, count_states
 from trio_idle.imap_client import (
     ImapConnection,
     ImapLimits,
@@ -33,8 +32,10 @@ from trio_idle.imap_client import (
     connect,
     make_ssl_context,
     resolve_security,
+    shrink_tls_read_buffer,
 )
 from trio_idle.scrub import PLAIN
+from trio_idle.session_states import SESSION_STATES, UP_STATES
 
 if TYPE_CHECKING:
     from trio_idle.daemon import ConnectionSource, Daemon
@@ -170,6 +171,7 @@ async def run_check(
             + (f"; trying LOGIN on each ({concurrency} at a time)" if login and good else "")
         )
         if login and good:
+            shrink_tls_read_buffer()
             context = make_ssl_context(settings.imap.ca_file)
             limiter = trio.CapacityLimiter(concurrency)
             by_id = {r.conn_id: r for r in table if r.ok}
@@ -286,15 +288,16 @@ def settled(daemon: Daemon) -> bool:
 
 def once_report(daemon: Daemon, timed_out: bool) -> tuple[int, str]:
     """The ``serve --once`` report (pure over the daemon's state) and its exit code."""
+    status = daemon.status()
     handles = daemon.reconciler.handles
     lines: list[str] = []
-    if daemon.last_refresh_ok is None:
-        lines.append(f"connection list: FAILED: {daemon.last_refresh_error or 'not loaded'}")
+    if status.last_refresh_ok is None:
+        lines.append(f"connection list: FAILED: {status.last_refresh_error or 'not loaded'}")
         return 1, "\n".join(lines)
-    counts = count_states(h.memory.state for h in handles.values())
+    counts = status.sessions
     up = sum(counts[s] for s in UP_STATES)
     lines.append(
-        f"{daemon.connections_in_source} connections in the source, {len(handles)} sessions, "
+        f"{status.connections_in_source} connections in the source, {len(handles)} sessions, "
         f"{up} connected"
     )
     lines.append("  " + ", ".join(f"{state} {counts[state]}" for state in SESSION_STATES))
@@ -307,9 +310,9 @@ def once_report(daemon: Daemon, timed_out: bool) -> tuple[int, str]:
         lines.append(
             f"FAILED {conn_id} {h.conn.email} {h.conn.host}:{h.conn.port} [{h.memory.state}]: {why}"
         )
-    for problem in daemon.row_problems:
+    for problem in status.row_problems:
         lines.append(f"SKIPPED {problem.connection_id}: {problem.message}")
-    failed = len(handles) - up + len(daemon.row_problems)
+    failed = len(handles) - up + len(status.row_problems)
     lines.append("result: all connections watched" if not failed else f"result: {failed} failed")
     return (1 if failed else 0), "\n".join(lines)
 
@@ -319,9 +322,8 @@ async def wait_for_first_outcomes(daemon: Daemon) -> bool:
     sessions expose no event) within :func:`once_deadline`. Returns False on timeout."""
     s = daemon.settings
     with trio.move_on_after(s.process.db_timeout + 10):
-        while daemon.refresh_attempts == 0:
-            await daemon.refreshed.wait()
-    if daemon.last_refresh_ok is None:
+        await daemon.wait_refreshed(after=0)
+    if daemon.status().last_refresh_ok is None:
         return True
     with trio.move_on_after(once_deadline(s, len(daemon.reconciler.handles))) as scope:
         while not settled(daemon):  # noqa: ASYNC110 - session state has no event to wait on

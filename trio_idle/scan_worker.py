@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import trio
 
+from trio_idle.backoff import BackoffPolicy
 from trio_idle.coalescer import PACED_REASONS, ScanCoalescer
 from trio_idle.connections import MailConnection
 from trio_idle.imap_responses import MailboxState
@@ -23,7 +24,11 @@ from trio_idle.limiter import Pacer
 from trio_idle.logs import human_duration
 from trio_idle.logs import prefix as log_prefix
 from trio_idle.stats import Stats
-from trio_idle.webhook import ScanJob, Verdict, WebhookClient, retry_delay
+from trio_idle.webhook import ScanJob, Verdict, WebhookClient
+
+#: scan retries wait in the upper half of ``[initial, bound]`` (:mod:`trio_idle.backoff`):
+#: spread enough that mailboxes retrying one backend outage do not all arrive at once
+SCAN_RETRY_JITTER = 0.5
 
 
 @attrs.frozen
@@ -89,6 +94,7 @@ async def deliver(
     """Send one scan until the backend answers 2xx (True) or refuses it for good (False)."""
     job = ScanJob(conn.id, conn.user_id, conn.email, policy.mailbox, reason)
     prefix = log_prefix(conn.email)
+    retry = BackoffPolicy(policy.retry_initial, policy.retry_max, jitter=SCAN_RETRY_JITTER)
     attempt = 0
     while True:
         attempt += 1
@@ -111,9 +117,7 @@ async def deliver(
             log.error(f"{prefix} scan rejected: {reply.detail}")
             return False
         stats.inc("scans_retried", label)
-        delay = retry_delay(
-            attempt, policy.retry_initial, policy.retry_max, reply.retry_after, rng.random()
-        )
+        delay = retry.delay(attempt, rng, hint=reply.retry_after)
         log.warning(
             f"{prefix} scan failed: {reply.detail}; retrying in "
             f"{human_duration(delay)} (attempt {attempt + 1})"

@@ -40,17 +40,9 @@ from trio_idle.imap_client import (
 from trio_idle.imap_responses import MailboxState, catch_up_decision
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.logs import human_duration, log_internal_error, prefix
+from trio_idle.session_states import AUTH_FAILED, BACKOFF, CONNECTING, IDLE, POLLING
 from trio_idle.state_store import StateStore, startup_decision
 from trio_idle.stats import Stats
-
-#: States a session reports (``/status``, metrics).
-CONNECTING, IDLE, POLLING, BACKOFF, AUTH_FAILED = (
-    "connecting",
-    "idle",
-    "polling",
-    "backing-off",
-    "auth-failed",
-)
 
 
 @attrs.define

@@ -23,7 +23,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 import trio
@@ -37,17 +37,66 @@ from trio_idle.stats import Stats
 
 Key = tuple[str, str]  # (connection id, mailbox)
 
-POSTGRES_TABLE = "trio_idle_mailbox_state"
-POSTGRES_DDL = (
-    f"CREATE TABLE IF NOT EXISTS {POSTGRES_TABLE} ("
-    " connection_id text NOT NULL,"
-    " mailbox text NOT NULL,"
-    " uidvalidity bigint,"
-    " uidnext bigint,"
-    " scanned_at double precision NOT NULL,"
-    " removed_at double precision,"
-    " PRIMARY KEY (connection_id, mailbox))"
-)
+
+@attrs.frozen
+class StateSql:
+    """The store's statements, one text per statement for both backends.
+
+    Only the table name and the parameter style differ: SQLite takes ``?1``, asyncpg
+    ``$1``. The column types are Postgres names that SQLite maps to the same storage
+    (``bigint`` → INTEGER, ``double precision`` → REAL), so one ``CREATE TABLE`` serves both.
+    """
+
+    table: str
+    #: the parameter mark before the 1-based number: ``"?"`` (SQLite) or ``"$"`` (asyncpg)
+    mark: str
+
+    def _param(self, n: int) -> str:
+        return f"{self.mark}{n}"
+
+    @property
+    def create(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.table} ("
+            " connection_id text NOT NULL,"
+            " mailbox text NOT NULL,"
+            " uidvalidity bigint,"
+            " uidnext bigint,"
+            " scanned_at double precision NOT NULL,"
+            " removed_at double precision,"
+            " PRIMARY KEY (connection_id, mailbox))"
+        )
+
+    @property
+    def select_all(self) -> str:
+        return (
+            "SELECT connection_id, mailbox, uidvalidity, uidnext, scanned_at, removed_at "
+            f"FROM {self.table}"
+        )
+
+    @property
+    def upsert(self) -> str:
+        values = ", ".join(self._param(n) for n in range(1, 7))
+        return (
+            f"INSERT INTO {self.table} VALUES ({values}) "
+            "ON CONFLICT (connection_id, mailbox) DO UPDATE SET "
+            "uidvalidity = excluded.uidvalidity, uidnext = excluded.uidnext, "
+            "scanned_at = excluded.scanned_at, removed_at = excluded.removed_at"
+        )
+
+    @property
+    def delete(self) -> str:
+        return (
+            f"DELETE FROM {self.table} "
+            f"WHERE connection_id = {self._param(1)} AND mailbox = {self._param(2)}"
+        )
+
+
+SQLITE_SQL: Final = StateSql("mailbox_state", "?")
+POSTGRES_SQL: Final = StateSql("trio_idle_mailbox_state", "$")
+POSTGRES_TABLE: Final = POSTGRES_SQL.table
+#: what ``trio-idle db migrate`` runs (idempotent)
+POSTGRES_DDL: Final = POSTGRES_SQL.create
 
 
 @attrs.frozen
@@ -107,20 +156,13 @@ class SqliteBackend:
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=10)
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS mailbox_state (connection_id TEXT NOT NULL, "
-            "mailbox TEXT NOT NULL, uidvalidity INTEGER, uidnext INTEGER, "
-            "scanned_at REAL NOT NULL, removed_at REAL, PRIMARY KEY (connection_id, mailbox))"
-        )
+        db.execute(SQLITE_SQL.create)
         return db
 
     def _load(self) -> dict[Key, ScannedState]:
         db = self._connect()
         try:
-            rows = db.execute(
-                "SELECT connection_id, mailbox, uidvalidity, uidnext, scanned_at, removed_at "
-                "FROM mailbox_state"
-            ).fetchall()
+            rows = db.execute(SQLITE_SQL.select_all).fetchall()
         finally:
             db.close()
         return {(r[0], r[1]): ScannedState(r[2], r[3], r[4], r[5]) for r in rows}
@@ -130,18 +172,13 @@ class SqliteBackend:
         try:
             with db:
                 db.executemany(
-                    "INSERT INTO mailbox_state VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (connection_id, mailbox) DO UPDATE SET "
-                    "uidvalidity = excluded.uidvalidity, uidnext = excluded.uidnext, "
-                    "scanned_at = excluded.scanned_at, removed_at = excluded.removed_at",
+                    SQLITE_SQL.upsert,
                     [
                         (k[0], k[1], s.uidvalidity, s.uidnext, s.scanned_at, s.removed_at)
                         for k, s in upserts
                     ],
                 )
-                db.executemany(
-                    "DELETE FROM mailbox_state WHERE connection_id = ? AND mailbox = ?", deletes
-                )
+                db.executemany(SQLITE_SQL.delete, deletes)
         finally:
             db.close()
 
@@ -165,12 +202,7 @@ async def _pg_call(dsn: str, fn: Any, *args: Any) -> Any:
 
 
 async def _pg_load(conn: Any) -> list[Any]:
-    return list(
-        await conn.fetch(
-            f"SELECT connection_id, mailbox, uidvalidity, uidnext, scanned_at, removed_at "
-            f"FROM {POSTGRES_TABLE}"
-        )
-    )
+    return list(await conn.fetch(POSTGRES_SQL.select_all))
 
 
 async def _pg_write(
@@ -178,21 +210,13 @@ async def _pg_write(
 ) -> None:
     async with conn.transaction():
         if upserts:
-            await conn.executemany(
-                f"INSERT INTO {POSTGRES_TABLE} VALUES ($1, $2, $3, $4, $5, $6) "
-                "ON CONFLICT (connection_id, mailbox) DO UPDATE SET "
-                "uidvalidity = excluded.uidvalidity, uidnext = excluded.uidnext, "
-                "scanned_at = excluded.scanned_at, removed_at = excluded.removed_at",
-                upserts,
-            )
+            await conn.executemany(POSTGRES_SQL.upsert, upserts)
         if deletes:
-            await conn.executemany(
-                f"DELETE FROM {POSTGRES_TABLE} WHERE connection_id = $1 AND mailbox = $2", deletes
-            )
+            await conn.executemany(POSTGRES_SQL.delete, deletes)
 
 
 async def _pg_migrate(conn: Any) -> None:
-    await conn.execute(POSTGRES_DDL)
+    await conn.execute(POSTGRES_SQL.create)
 
 
 class PostgresBackend:
@@ -245,7 +269,6 @@ class StateStore:
         self._wakeup = trio.Event()
         self.flush_interval = flush_interval
         self.grace = grace
-        self.loaded = False
 
     @property
     def enabled(self) -> bool:
@@ -257,7 +280,6 @@ class StateStore:
             return
         try:
             self._state = await self.backend.load_all()
-            self.loaded = True
             logger.info(
                 f"[idle/state] loaded {len(self._state)} mailbox states ({self.backend.name})"
             )

@@ -14,7 +14,7 @@ Task tree (all inside the daemon's root nursery)::
 Guarantees: nothing here can stop the daemon once it runs — a failed ping, a vanished
 notify socket or a broken HTTP client is logged and counted. The one startup failure is
 an unusable health or status address, raised as :class:`StartupError` before the daemon
-reports itself started. When :meth:`Daemon.shutdown` is called the whole subtree is cancelled at
+reports itself started. When the daemon's shutdown starts the whole subtree is cancelled at
 once (``STOPPING=1`` is sent from the systemd task's ``finally``), so supervision never
 delays the shutdown.
 """
@@ -24,17 +24,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from loguru import logger
 
+from trio_idle.daemon_status import DaemonStatus, DaemonView
 from trio_idle.health import (
     HealthSnapshot,
     assess_health,
     assess_liveness,
     assess_readiness,
-    count_states,
     readiness_body,
     status_line,
 )
@@ -43,9 +43,6 @@ from trio_idle.loop_monitor import LoopMonitor
 from trio_idle.metrics import MetricsInput, make_registry
 from trio_idle.pinger import run_pinger
 from trio_idle.sd_notify import Notifier, watchdog_interval
-
-if TYPE_CHECKING:
-    from trio_idle.daemon import Daemon
 
 #: How often systemd's STATUS= line is refreshed when the counts change.
 STATUS_EVERY = 5.0
@@ -58,7 +55,7 @@ class StartupError(Exception):
 class Supervisor:
     """Reads the daemon for the health decisions, the endpoint and the metrics."""
 
-    def __init__(self, daemon: Daemon, monitor: LoopMonitor) -> None:
+    def __init__(self, daemon: DaemonView, monitor: LoopMonitor) -> None:
         self.daemon = daemon
         self.monitor = monitor
         self.started_at = trio.current_time()
@@ -68,16 +65,19 @@ class Supervisor:
         #: where ``/status`` has its own listener (``TRIO_IDLE_STATUS_ADDR``), once it does
         self.status_url: str | None = None
 
-    def snapshot(self) -> HealthSnapshot:
-        d, s = self.daemon, self.daemon.settings
+    def snapshot(self, status: DaemonStatus | None = None) -> HealthSnapshot:
+        """What the health decisions look at: ``status`` (default: the daemon now) and
+        the loop lag now."""
+        status = self.daemon.status() if status is None else status
+        s = self.daemon.settings
         now = trio.current_time()
         return HealthSnapshot(
             now=now,
             started_at=self.started_at,
             refresh_interval=s.timers.refresh_interval,
-            last_refresh_ok=d.last_refresh_ok,
-            sessions=count_states(h.memory.state for h in d.reconciler.handles.values()),
-            connections_in_source=d.connections_in_source,
+            last_refresh_ok=status.last_refresh_ok,
+            sessions=status.sessions,
+            connections_in_source=status.connections_in_source,
             loop_lag=self.monitor.lag(now),
             max_loop_lag=s.health.max_loop_lag,
             ready_share=s.health.ready_share,
@@ -118,15 +118,16 @@ class Supervisor:
         return json_response(200 if verdict.ok else 503, readiness_body(snap, verdict))
 
     def status(self) -> Response:
-        snap = self.snapshot()
+        status = self.daemon.status()
+        snap = self.snapshot(status)
         body: dict[str, Any] = {
             "health": assess_health(snap).summary(),
             **readiness_body(snap, assess_readiness(snap)),
-            "last_refresh_error": self.daemon.last_refresh_error,
+            "last_refresh_error": status.last_refresh_error,
             "loop_lag_seconds": round(snap.loop_lag, 4),
             "connections": self.daemon.reconciler.snapshot(),
             "skipped_rows": [
-                {"id": p.connection_id, "problem": p.message} for p in self.daemon.row_problems
+                {"id": p.connection_id, "problem": p.message} for p in status.row_problems
             ],
         }
         return json_response(200, body)
@@ -144,19 +145,18 @@ class Supervisor:
 
     # -- systemd --------------------------------------------------------------------
 
-    def status_text(self) -> str:
-        d = self.daemon
-        if d.refresh_attempts == 0:
+    def status_text(self, status: DaemonStatus) -> str:
+        """systemd's ``STATUS=`` line for ``status``."""
+        if status.refresh_attempts == 0:
             return "starting: loading the connection list"
-        line = status_line(self.snapshot())
-        if d.last_refresh_error is not None:
-            line = f"connection list refresh failed ({d.last_refresh_error}); {line}"
+        line = status_line(self.snapshot(status))
+        if status.last_refresh_error is not None:
+            line = f"connection list refresh failed ({status.last_refresh_error}); {line}"
         return line
 
     async def run_systemd(self, notifier: Notifier, watchdog_every: float | None) -> None:
         """READY=1 after the first successful refresh, STATUS= after every refresh (and
         when the counts change), STOPPING=1 when cancelled (the shutdown)."""
-        d = self.daemon
         try:
             async with trio.open_nursery() as nursery:
                 if watchdog_every is not None:
@@ -165,18 +165,17 @@ class Supervisor:
                 seen_attempts = 0
                 last_status = ""
                 while True:
-                    refreshed = d.refreshed  # read with refresh_attempts, no checkpoint between
-                    attempts = d.refresh_attempts
-                    text = self.status_text()
-                    if not ready and d.last_refresh_ok is not None:
+                    status = self.daemon.status()
+                    text = self.status_text(status)
+                    if not ready and status.last_refresh_ok is not None:
                         ready = True
                         notifier.send(READY=1, STATUS=text)
                         logger.info("[idle/systemd] READY=1 sent")
-                    elif attempts != seen_attempts or text != last_status:
+                    elif status.refresh_attempts != seen_attempts or text != last_status:
                         notifier.send(STATUS=text)
-                    seen_attempts, last_status = attempts, text
+                    seen_attempts, last_status = status.refresh_attempts, text
                     with trio.move_on_after(STATUS_EVERY):
-                        await refreshed.wait()
+                        await self.daemon.wait_refreshed(after=status.refresh_attempts)
         finally:
             notifier.send(STOPPING=1)
             notifier.close()
@@ -203,7 +202,7 @@ class Supervisor:
 
 
 async def run_supervision(
-    daemon: Daemon,
+    daemon: DaemonView,
     environ: Mapping[str, str] | None = None,
     *,
     task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
@@ -256,7 +255,7 @@ async def run_supervision(
             )
             nursery.start_soon(supervisor.run_systemd, notifier, every, name="systemd")
         task_status.started(supervisor)
-        await daemon.shutdown_requested.wait()
+        await daemon.wait_stopping()
         nursery.cancel_scope.cancel()
 
 

@@ -1,9 +1,11 @@
 """The scan webhook: building the request and judging the reply (pure), and sending it.
 
-Contract (``../shared/README.md``): ``POST {BACKEND_URL}{scan_path}`` with the shared secret
-header, a ``user-agent``, a unique ``x-scan-id`` (kept across retries of the same scan, so the
-backend can de-duplicate), an optional HMAC-SHA256 ``x-signature`` and a JSON body; a 2xx
-reply carries integer ``scanned`` and ``blocked``.
+Contract with the backend's scan endpoint (written down nowhere else in this repository:
+this docstring, and ``tests/test_webhook_client.py`` against the test backend in
+``trio_idle.testing.backend``, are its reference): ``POST {BACKEND_URL}{scan_path}`` with
+the shared secret header, a ``user-agent``, a unique ``x-scan-id`` (kept across retries of
+the same scan, so the backend can de-duplicate), an optional HMAC-SHA256 ``x-signature``
+and a JSON body; a 2xx reply carries integer ``scanned`` and ``blocked``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import enum
 import hashlib
 import hmac
 import json
-import math
 import ssl
 import time
 import uuid
@@ -312,16 +313,3 @@ def _reason(exc: BaseException) -> str:
     if "refused" in text.lower():
         return "connection refused"
     return PLAIN.scrub(text, 120)
-
-
-def retry_delay(
-    attempt: int, initial: float, cap: float, hint: float | None, jitter: float
-) -> float:
-    """Delay before retry ``attempt`` (1-based). A server hint (Retry-After) wins.
-
-    ``jitter`` in [0, 1) comes from the caller's RNG, so the function stays pure.
-    """
-    if hint is not None:
-        return max(hint, initial)  # "Retry-After: 0" or a past date must not become a hot loop
-    bound = min(cap, initial * math.pow(2.0, attempt - 1))
-    return max(initial, bound * (0.5 + jitter / 2))

@@ -365,11 +365,10 @@ async def test_healthz_readyz_and_metrics_carry_no_row_or_server_text(
                 )
             # the list refresh fails from now on, with a recognisable message
             source.fail = True
-            attempts = daemon.refresh_attempts
+            attempts = daemon.status().refresh_attempts
             daemon.request_refresh()
             with trio.fail_after(10):
-                while daemon.refresh_attempts == attempts:
-                    await daemon.refreshed.wait()
+                await daemon.wait_refreshed(after=attempts)
             # the canaries are in the daemon's state: /status (with the token) shows them
             detail = (await http.get("/status", headers=BEARER)).text
             for canary in (*canaries, CANARY_SOURCE_TEXT):

@@ -141,7 +141,6 @@ async def test_a_vanished_notify_socket_is_not_fatal(
     async with running_daemon(make_settings(backend.url), ListSource()) as daemon:
         with trio.fail_after(10):
             await logs.wait_for("[idle/systemd] notification to NOTIFY_SOCKET failed")
-            while daemon.refresh_attempts == 0:
-                await daemon.refreshed.wait()
+            await daemon.wait_refreshed(after=0)
             await logs.wait_for("[idle/db] refreshed — 0 active connections, 0 sessions")
-        assert not daemon.stopping
+        assert not daemon.status().stopping

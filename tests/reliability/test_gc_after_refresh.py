@@ -17,10 +17,10 @@ from trio_idle.imap_client import _Protocol
 
 
 async def refresh(daemon: Daemon) -> None:
-    refreshed = daemon.refreshed
+    attempts = daemon.status().refresh_attempts
     daemon.request_refresh()
     with trio.fail_after(10):
-        await refreshed.wait()
+        await daemon.wait_refreshed(after=attempts)
 
 
 def imap_protocols() -> list[weakref.ref[_Protocol]]:

@@ -81,7 +81,7 @@ async def test_shutdown_says_logout_on_every_session(rig: Rig) -> None:
             await rig.all_idle(users)
         daemon.shutdown("test")
         with trio.fail_after(settings.process.shutdown_timeout + 2):
-            await daemon.stopped.wait()
+            await daemon.wait_stopped()
     with trio.fail_after(5):
         await server.wait_for(lambda: server.stats.connections_open == 0)
     assert server.stats.logouts == len(users)

@@ -1,13 +1,16 @@
-"""Reconnect backoff: exact first delay, bounded jitter after, reset after a stable session."""
+"""Retry delays: exact first delay, bounded jitter after, reset after a stable session;
+the scan retries' server hint and the refresh loop's plain doubling."""
 
 from __future__ import annotations
 
 import random
 
+import attrs
 import pytest
 
 from trio_idle.backoff import Backoff, BackoffPolicy
 from trio_idle.logs import human_duration
+from trio_idle.scan_worker import SCAN_RETRY_JITTER
 
 POLICY = BackoffPolicy(initial=5.0, cap=300.0, reset_after=120.0)
 
@@ -81,6 +84,61 @@ def test_auth_policy_shape() -> None:
     rng = random.Random(0)
     assert auth.delay(1, rng) == 900.0
     assert all(900.0 <= auth.delay(n, rng) <= 7200.0 for n in range(2, 30))
+
+
+# -- scan retries (jitter 0.5, a server hint) ---------------------------------------
+
+SCAN = BackoffPolicy(initial=1.0, cap=60.0, jitter=SCAN_RETRY_JITTER)
+
+
+def test_scan_retry_honours_the_servers_hint() -> None:
+    rng = random.Random(0)
+    assert SCAN.delay(1, rng, hint=7.0) == 7.0
+    assert SCAN.delay(9, rng, hint=7.0) == 7.0  # longer or shorter than the schedule
+    assert SCAN.delay(2, rng, hint=300.0) == 300.0
+
+
+def test_a_zero_or_past_hint_is_not_a_hot_loop() -> None:
+    assert SCAN.delay(3, random.Random(0), hint=0.0) == 1.0
+    assert SCAN.delay(3, random.Random(0), hint=-5.0) == 1.0
+
+
+def test_scan_retries_wait_in_the_upper_half_of_their_range() -> None:
+    for seed in range(30):
+        rng = random.Random(seed)
+        assert SCAN.delay(1, rng) == 1.0
+        for n in range(2, 12):
+            b = min(60.0, 2.0 ** (n - 1))
+            assert (b + 1.0) / 2 <= SCAN.delay(n, rng) <= b, (seed, n)
+
+
+def test_scan_retries_reach_but_never_exceed_the_cap() -> None:
+    rng = random.Random(5)
+    late = [SCAN.delay(50, rng) for _ in range(200)]
+    assert max(late) <= 60.0
+    assert max(late) > 59.0
+
+
+# -- refresh retries (jitter 0: plain doubling) ---------------------------------------
+
+
+class NoRandom(random.Random):
+    def random(self) -> float:
+        raise AssertionError("a schedule without jitter drew a random number")
+
+
+def test_without_jitter_the_delay_doubles_up_to_the_cap() -> None:
+    refresh = BackoffPolicy(initial=5.0, cap=60.0, jitter=0.0)
+    b = Backoff(refresh, NoRandom())
+    assert [b.next_delay() for _ in range(7)] == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0]
+    b.succeeded()
+    assert b.next_delay() == 5.0
+
+
+def test_jitter_outside_zero_to_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="jitter"):
+        BackoffPolicy(initial=1.0, cap=2.0, jitter=1.5)
+    assert attrs.evolve(POLICY, jitter=0.0).jitter == 0.0
 
 
 # human_duration is how these delays reach the log ("reconnecting in 5s")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from trio_idle.health import (
-    SESSION_STATES,
     Health,
     HealthSnapshot,
     assess_health,
@@ -17,6 +18,7 @@ from trio_idle.health import (
     readiness_body,
     status_line,
 )
+from trio_idle.session_states import SESSION_STATES
 
 
 def snap(**overrides: Any) -> HealthSnapshot:
@@ -127,3 +129,16 @@ def test_readiness_body_and_status_line() -> None:
     )
     empty = snap(sessions=count_states([]), connections_in_source=0)
     assert status_line(empty) == "0/0 sessions watching; 0 connections in the source"
+
+
+def test_the_health_decisions_import_no_network_library() -> None:
+    # a fresh interpreter: this test process has imported everything already
+    code = (
+        "import sys, trio_idle.health\n"
+        "print(sorted(m for m in ('aioimaplib', 'trio_asyncio', 'trio_idle.session')"
+        " if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

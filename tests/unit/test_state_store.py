@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -160,3 +161,29 @@ async def test_a_write_cancelled_by_shutdown_is_redone_by_the_final_flush() -> N
             backend.stall = False
             nursery.cancel_scope.cancel()
     assert [(k, s.uidnext) for k, s in backend.written] == [(("c", "INBOX"), 30)]
+
+
+async def test_a_file_written_before_the_shared_statements_is_still_read_and_written(
+    tmp_path: Path,
+) -> None:
+    # the table as earlier versions created it (SQLite type names of its own)
+    path = tmp_path / "state.sqlite3"
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            "CREATE TABLE mailbox_state (connection_id TEXT NOT NULL, "
+            "mailbox TEXT NOT NULL, uidvalidity INTEGER, uidnext INTEGER, "
+            "scanned_at REAL NOT NULL, removed_at REAL, PRIMARY KEY (connection_id, mailbox))"
+        )
+        db.execute("INSERT INTO mailbox_state VALUES ('old', 'INBOX', 3, 30, 1.5, NULL)")
+    db.close()
+    store = StateStore(SqliteBackend(path), Stats())
+    await store.load()
+    assert store.get("old", "INBOX") == ScannedState(3, 30, 1.5)
+    store.record("old", "INBOX", 3, 31)
+    store.record("new", "INBOX", 4, 2)
+    assert await store.flush()
+    again = StateStore(SqliteBackend(path), Stats())
+    await again.load()
+    assert again.get("old", "INBOX").uidnext == 31  # type: ignore[union-attr]
+    assert again.get("new", "INBOX").uidvalidity == 4  # type: ignore[union-attr]

@@ -17,7 +17,6 @@ from trio_idle.webhook import (
     Verdict,
     interpret_reply,
     parse_retry_after,
-    retry_delay,
     sign,
 )
 
@@ -200,39 +199,3 @@ def test_garbled_retry_after_is_ignored_not_raised() -> None:
     assert reply.verdict is Verdict.RETRY
     assert reply.retry_after is None
 
-
-# -- retry_delay ----------------------------------------------------------------------
-
-
-def test_retry_delay_honours_the_hint() -> None:
-    assert retry_delay(1, 1.0, 60.0, 7.0, 0.5) == 7.0
-    assert retry_delay(9, 1.0, 60.0, 7.0, 0.99) == 7.0
-
-
-def test_retry_delay_first_attempt_is_initial() -> None:
-    for jitter in (0.0, 0.5, 0.999):
-        assert retry_delay(1, 1.0, 60.0, None, jitter) == 1.0
-
-
-def test_retry_delay_grows() -> None:
-    delays = [retry_delay(n, 1.0, 1000.0, None, 0.5) for n in range(1, 8)]
-    assert delays == sorted(delays)
-    assert delays[-1] == pytest.approx(64 * 0.75)
-
-
-def test_retry_delay_stays_within_half_bound_and_bound() -> None:
-    for n in range(2, 10):
-        b = min(60.0, 2.0 ** (n - 1))
-        for jitter in (0.0, 0.3, 0.999):
-            d = retry_delay(n, 1.0, 60.0, None, jitter)
-            assert max(1.0, b / 2) <= d <= b
-
-
-def test_retry_delay_caps() -> None:
-    for n in (7, 10, 50):
-        assert retry_delay(n, 1.0, 60.0, None, 0.999999) <= 60.0
-    assert retry_delay(50, 1.0, 60.0, None, 0.999999) > 59.0
-
-
-def test_zero_hint_does_not_turn_retries_into_a_hot_loop() -> None:
-    assert retry_delay(3, 1.0, 60.0, 0.0, 0.5) >= 1.0

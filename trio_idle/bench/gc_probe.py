@@ -69,11 +69,9 @@ def main() -> int:
     gc.callbacks.append(_callback)
     ssl_buffer = os.environ.get("BENCH_SSL_MAX_SIZE")
     if ssl_buffer:  # asyncio's per-TLS-connection read buffer (256 KiB by default)
-        import asyncio.sslproto
+        from trio_idle import imap_client
 
-        import trio_idle.imap_client  # noqa: F401 - sets its own size on import: override it
-
-        asyncio.sslproto.SSLProtocol.max_size = int(ssl_buffer)
+        imap_client.TLS_READ_BUFFER = int(ssl_buffer)  # what run_daemon applies
     thresholds = os.environ.get("BENCH_GC_THRESHOLDS")
     if thresholds:  # e.g. "700,10,1000000": keeps automatic full collections away
         gc.set_threshold(*(int(x) for x in thresholds.split(",")))

@@ -9,7 +9,6 @@ import resource
 from typing import Any
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 #: Packages whose versions are recorded with every result.
 PACKAGES = (
@@ -63,11 +62,6 @@ def catches_signal(pid: int, signum: int) -> bool:
             if line.startswith("SigCgt:"):
                 return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
     return False
-
-
-def open_fds(pid: int) -> int:
-    """Number of open file descriptors of ``pid``."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _cpu_model() -> str:
