@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from tests.harness import ADMIN_SECRET, KEY, poll_until, serve_process
+from tests.integration.dovecot_log import all_logged_out, wait_session_ends
 from tests.servers.dovecot import DovecotServer
 from trio_idle.testing.backend import ScanBackend
 
@@ -84,6 +85,9 @@ async def test_sigterm_logs_out_everywhere_and_exits_zero(
     )
     with trio.fail_after(10):
         await poll_until(lambda: all(dovecot.connections(u.email) == 0 for u in users))
+        # each session ended with LOGOUT, not with a closed socket
+        ends = {u.email: await wait_session_ends(dovecot, u.email) for u in users}
+    assert all(all_logged_out(why) for why in ends.values()), ends
     assert ADMIN_SECRET not in output and KEY not in output
     assert all(u.password not in output for u in users)
 
