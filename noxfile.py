@@ -15,7 +15,9 @@ import nox
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
-LINT_PATHS = ["trio_idle", "tests", "noxfile.py"]
+LINT_PATHS = ["trio_idle", "bench", "tests", "noxfile.py"]
+#: what mypy checks (strict): the package and the benchmark harness beside it
+TYPED_PATHS = ["trio_idle", "bench"]
 CONSTRAINTS = "constraints.txt"
 #: the pins cover the runtime dependencies and these extras, for this Python on Linux
 LOCK_EXTRAS = ["test", "bench", "dev"]
@@ -67,24 +69,25 @@ def bench(session: nox.Session) -> None:
 
     Default: plaintext at N = 100, 1,000, 10,000, a 10-minute soak at 10,000, the plot
     (≈ 27 min). ``nox -s bench -- --quick`` for a fast run, ``-- --tls --n 100,1000,10000``
-    for TLS; see ``python -m trio_idle.bench --help``.
+    for TLS; see ``python -m bench --help``. ``bench/`` is a folder of the repository,
+    not part of the installed package: run it from the repository root.
     """
     _install(session, "-e", ".[bench]")
     args = session.posargs or ["--n", "100,1000,10000", "--soak", "600", "--plot"]
-    session.run("python", "-m", "trio_idle.bench", *args)
+    session.run("python", "-m", "bench", *args)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     _install(session, "ruff")
     session.run("ruff", "check", *LINT_PATHS)
-    session.run("ruff", "format", "--check", "trio_idle")
+    session.run("ruff", "format", "--check", "trio_idle", "bench")
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
     _install(session, "-e", ".[test,dev]")
-    session.run("mypy", "trio_idle")
+    session.run("mypy", *TYPED_PATHS)
 
 
 @nox.session
