@@ -1,4 +1,5 @@
-"""Developer and CI entry points: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``.
+"""Developer and CI entry points: ``nox -s tests``, ``nox -s unit``, ``nox -s lint``,
+``nox -s typecheck``, ``nox -s bench``.
 
 Every session installs through ``constraints.txt`` (``pip install -c``), so what is tested
 is the pinned set a user gets with ``pip install -c constraints.txt .``; ``nox -s lock``
@@ -15,7 +16,9 @@ import nox
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
-LINT_PATHS = ["trio_idle", "tests", "noxfile.py"]
+LINT_PATHS = ["trio_idle", "bench", "tests", "noxfile.py"]
+#: what mypy checks (strict): the package and the benchmark harness beside it
+TYPED_PATHS = ["trio_idle", "bench"]
 CONSTRAINTS = "constraints.txt"
 #: the pins cover the runtime dependencies and these extras, for this Python on Linux
 LOCK_EXTRAS = ["test", "bench", "dev"]
@@ -54,6 +57,26 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", *args)
 
 
+#: the fast layer: pure logic plus the test kit's own servers; no Dovecot, no PostgreSQL
+UNIT_PATHS = [
+    "tests/unit",
+    "tests/test_imap_test_server.py",
+    "tests/test_scan_backend.py",
+    "tests/test_webhook_client.py",
+]
+#: belt and braces: a real-server test that lands in those paths is deselected, not run
+UNIT_MARKERS = "not dovecot and not postgres and not node"
+
+
+@nox.session
+def unit(session: nox.Session) -> None:
+    """The fast subset (≈ 15 s, under 30 s): run it on every change; ``nox -s tests`` before
+    pushing. Needs no Dovecot, PostgreSQL or Node."""
+    _install(session, "-e", ".[test]")
+    args = session.posargs or ["-q", "-p", "no:cacheprovider"]
+    session.run("python", "-m", "pytest", "-m", UNIT_MARKERS, *UNIT_PATHS, *args)
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
     """The whole loop in one process: test IMAP server, keyword-scanning backend, daemon."""
@@ -67,24 +90,25 @@ def bench(session: nox.Session) -> None:
 
     Default: plaintext at N = 100, 1,000, 10,000, a 10-minute soak at 10,000, the plot
     (≈ 27 min). ``nox -s bench -- --quick`` for a fast run, ``-- --tls --n 100,1000,10000``
-    for TLS; see ``python -m trio_idle.bench --help``.
+    for TLS; see ``python -m bench --help``. ``bench/`` is a folder of the repository,
+    not part of the installed package: run it from the repository root.
     """
     _install(session, "-e", ".[bench]")
     args = session.posargs or ["--n", "100,1000,10000", "--soak", "600", "--plot"]
-    session.run("python", "-m", "trio_idle.bench", *args)
+    session.run("python", "-m", "bench", *args)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     _install(session, "ruff")
     session.run("ruff", "check", *LINT_PATHS)
-    session.run("ruff", "format", "--check", "trio_idle")
+    session.run("ruff", "format", "--check", "trio_idle", "bench")
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
     _install(session, "-e", ".[test,dev]")
-    session.run("mypy", "trio_idle")
+    session.run("mypy", *TYPED_PATHS)
 
 
 @nox.session

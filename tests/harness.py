@@ -129,11 +129,20 @@ def capture_logs(level: str = "DEBUG") -> Iterator[LogCapture]:
         logger.remove(sink_id)
 
 
+#: every daemon :func:`running_daemon` started, so a fixture can check each one's
+#: counters after the test (tests/reliability/conftest.py); fixtures clear it
+started_daemons: list[Daemon] = []
+
+
 @contextlib.asynccontextmanager
 async def running_daemon(settings: Settings, source: Any) -> AsyncIterator[Daemon]:
-    """Run the daemon in a nursery; on exit shut it down gracefully (bounded)."""
+    """Run the daemon in a nursery; on exit shut it down gracefully (bounded).
+
+    The daemon is appended to :data:`started_daemons`.
+    """
     async with trio.open_nursery() as nursery:
         daemon: Daemon = await nursery.start(run_daemon, settings, source)
+        started_daemons.append(daemon)
         try:
             yield daemon
         finally:

@@ -310,7 +310,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         for line in exc.lines():
             print(f"trio-idle: configuration error: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(settings.log.log_level, settings.log.log_format)
+    # the daemon splits its lines like console.log / console.error (docs/operations.md);
+    # a command whose stdout is its report keeps every log line off it
+    daemon_mode = args.command == "serve" and not args.once
+    setup_logging(settings.log.log_level, settings.log.log_format, split=daemon_mode)
     protect_secrets(process_secrets(settings))
     if args.command == "serve":
         if settings.process.gc_mode == "tuned":

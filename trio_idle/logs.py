@@ -45,15 +45,40 @@ def protect_secrets(secrets: Iterable[str | None]) -> None:
     logger.configure(patcher=_patch)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Replace loguru's default sink with ours. Safe to call more than once."""
+#: lines at this level and above are the error stream's (console.error); the rest stdout's
+ERROR_STREAM_LEVEL: Final = "WARNING"
+
+
+def setup_logging(
+    level: str = "INFO", fmt: str = "text", stream: TextIO | None = None, *, split: bool = True
+) -> None:
+    """Replace loguru's sinks with ours. Safe to call more than once.
+
+    Where lines go, as the Node daemon's ``console.log`` / ``console.error`` did (PM2's
+    ``out_file`` / ``error_file``, see docs/operations.md): with ``split`` (the daemon),
+    lines below WARNING on stdout and WARNING and above on stderr, each line on exactly
+    one of them, in either format. ``split=False``: every line on stderr (commands whose
+    stdout is their report). ``stream``: every line on that one stream (tests).
+    Both streams are flushed after each line, so neither lags behind the other.
+    """
     logger.configure(patcher=_patch)
     logger.remove()
-    sink = stream or sys.stderr
+    options: dict[str, Any] = {"backtrace": False, "diagnose": False}
     if fmt == "json":
-        logger.add(sink, level=level, serialize=True, backtrace=False, diagnose=False)
+        options["serialize"] = True
     else:
-        logger.add(sink, level=level, format=TEXT_FORMAT, backtrace=False, diagnose=False)
+        options["format"] = TEXT_FORMAT
+    if stream is not None or not split:
+        logger.add(stream or sys.stderr, level=level, **options)
+    else:
+        threshold = logger.level(ERROR_STREAM_LEVEL).no
+        logger.add(
+            sys.stdout,
+            level=level,
+            filter=lambda record: record["level"].no < threshold,
+            **options,
+        )
+        logger.add(sys.stderr, level=max(logger.level(level).no, threshold), **options)
     # aioimaplib logs through the stdlib at DEBUG (including raw protocol lines): keep
     # it quiet unless asked, and never below WARNING for asyncio's noise.
     logging.getLogger("aioimaplib").setLevel(logging.WARNING)

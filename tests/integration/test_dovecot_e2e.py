@@ -13,6 +13,7 @@ from tests.harness import (
     row,
     running_daemon,
 )
+from tests.integration.dovecot_log import all_logged_out, wait_session_ends
 from tests.servers.dovecot import DovecotServer, DovecotUser
 from trio_idle.testing.backend import ScanBackend
 
@@ -158,3 +159,5 @@ async def test_removed_session_logs_out(
         with trio.fail_after(15):
             await logs.wait_for("[idle/db] refreshed — 0 active connections, 0 sessions")
             await poll_until(lambda: dovecot.connections(user.email) == 0)
+            ends = await wait_session_ends(dovecot, user.email)
+        assert all_logged_out(ends), ends  # LOGOUT, not a closed socket

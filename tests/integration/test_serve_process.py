@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from tests.harness import ADMIN_SECRET, KEY, poll_until, serve_process
+from tests.integration.dovecot_log import all_logged_out, wait_session_ends
 from tests.servers.dovecot import DovecotServer
 from trio_idle.testing.backend import ScanBackend
 
@@ -84,6 +85,9 @@ async def test_sigterm_logs_out_everywhere_and_exits_zero(
     )
     with trio.fail_after(10):
         await poll_until(lambda: all(dovecot.connections(u.email) == 0 for u in users))
+        # each session ended with LOGOUT, not with a closed socket
+        ends = {u.email: await wait_session_ends(dovecot, u.email) for u in users}
+    assert all(all_logged_out(why) for why in ends.values()), ends
     assert ADMIN_SECRET not in output and KEY not in output
     assert all(u.password not in output for u in users)
 
@@ -114,3 +118,42 @@ def test_config_error_exits_2_with_one_line(tmp_path: Path) -> None:
     assert lines[0].startswith("trio-idle: configuration error: ENCRYPTION_KEY:")
     assert "32 characters" in lines[0]
     assert "too-short" not in result.stderr
+
+
+async def test_info_lines_on_stdout_warnings_on_stderr(
+    backend: ScanBackend, tmp_path: Path
+) -> None:
+    # what PM2's out_file / error_file (or journald's priorities) receive
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    conn_file = tmp_path / "connections.toml"
+    conn_file.write_text(
+        f'[[connection]]\nid = "c"\nemail = "split@example.test"\nimap_host = "127.0.0.1"\n'
+        f'imap_port = {port}\npassword_env = "PW"\n'
+    )
+    env = _serve_env(backend.url, TRIO_IDLE_CONNECTIONS_FILE=str(conn_file), PW="x")
+    out_path, err_path = tmp_path / "out.log", tmp_path / "err.log"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "trio_idle.cli", "serve"], env=env, stdout=out, stderr=err
+        )
+        try:
+            with trio.fail_after(20):
+                await poll_until(lambda: "connect failed" in err_path.read_text(), 0.05)
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    assert "INFO    [idle/daemon] trio-idle " in stdout
+    assert "[idle/daemon] shutting down (SIGTERM)" in stdout
+    assert f"WARNING [idle/split@example.test] connect failed: connection to 127.0.0.1:{port}" in (
+        stderr
+    )
+    assert all(" WARNING " not in line and " ERROR " not in line for line in stdout.splitlines())
+    assert all(" INFO " not in line for line in stderr.splitlines()), stderr

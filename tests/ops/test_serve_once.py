@@ -8,6 +8,7 @@ from pathlib import Path
 import trio
 
 from tests.harness import ADMIN_SECRET, KEY
+from tests.integration.dovecot_log import all_logged_out, wait_session_ends
 from tests.ops.conftest import cli_env, closed_port
 from tests.servers.dovecot import DovecotServer, DovecotUser
 from trio_idle.testing.backend import ScanBackend
@@ -68,8 +69,10 @@ async def test_all_connected_exits_0(
     assert f"[idle/{a.email}] connected (127.0.0.1:{dovecot.plain_port})" in err
     assert "[idle/daemon] shutting down (--once: report printed)" in err
     assert a.password not in out + err and b.password not in out + err
-    # the sessions were logged out on the way out
-    await dovecot.wait_for_connections(a.email, 0)
+    # the sessions were logged out on the way out (LOGOUT, not a closed socket)
+    with trio.fail_after(10):
+        ends = [await wait_session_ends(dovecot, u.email) for u in (a, b)]
+    assert all(all_logged_out(why) for why in ends), ends
 
 
 async def test_one_unreachable_row_exits_1(

@@ -8,7 +8,7 @@ run-time fault injection (modules ``imap_*``). The scan webhook backend lives in
 from .imap_faults import Faults
 from .imap_parser import Command, CommandFramer, ParseError, parse_command
 from .imap_server import ImapTestServer, LogEntry, ServerStats
-from .imap_session import Session
+from .imap_session import ImapTestSession
 from .imap_store import Mailbox, Message
 
 __all__ = [
@@ -16,11 +16,11 @@ __all__ = [
     "CommandFramer",
     "Faults",
     "ImapTestServer",
+    "ImapTestSession",
     "LogEntry",
     "Mailbox",
     "Message",
     "ParseError",
     "ServerStats",
-    "Session",
     "parse_command",
 ]

@@ -36,7 +36,7 @@ import attrs
 import trio
 
 from .imap_faults import Faults
-from .imap_session import CloseHow, Session, next_session_id
+from .imap_session import CloseHow, ImapTestSession, next_session_id
 from .imap_store import Mailbox, User
 
 __all__ = ["ImapTestServer", "LogEntry", "ServerStats"]
@@ -123,9 +123,9 @@ class ImapTestServer:
         self.global_faults.bind(self._global_faults_changed)
         self._uidvalidity = int(time.time()) if uidvalidity is None else uidvalidity
         self._users: dict[str, User] = {}
-        self._sessions: set[Session] = set()
-        self._by_user: dict[str, set[Session]] = {}
-        self._idlers: dict[Mailbox, set[Session]] = {}
+        self._sessions: set[ImapTestSession] = set()
+        self._by_user: dict[str, set[ImapTestSession]] = {}
+        self._idlers: dict[Mailbox, set[ImapTestSession]] = {}
         self._change: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._generation_scope: trio.CancelScope | None = None
@@ -211,7 +211,7 @@ class ImapTestServer:
         """The user's :class:`Faults` (combined with :attr:`global_faults` and per-session)."""
         return self._user(user).faults
 
-    def sessions(self, user: str | None = None) -> list[Session]:
+    def sessions(self, user: str | None = None) -> list[ImapTestSession]:
         """Open connections: all of them, or those logged in as ``user``."""
         if user is None:
             return sorted(self._sessions, key=lambda s: s.id)
@@ -351,7 +351,7 @@ class ImapTestServer:
             done.set()
 
     async def _handle(self, stream: trio.SocketStream, *, tls: bool) -> None:
-        session = Session(self, stream, next_session_id(), tls)
+        session = ImapTestSession(self, stream, next_session_id(), tls)
         self._sessions.add(session)
         self.stats.connections_total += 1
         self.stats.connections_open += 1
@@ -391,7 +391,7 @@ class ImapTestServer:
             self.on_event(entry)
         self._notify()
 
-    def _close_sessions(self, sessions: list[Session], how: CloseHow, event: str) -> int:
+    def _close_sessions(self, sessions: list[ImapTestSession], how: CloseHow, event: str) -> int:
         for session in sessions:
             session.close(how)
             if session.user is not None:
@@ -414,7 +414,7 @@ class ImapTestServer:
             session.wake()
         self._notify()
 
-    def _logged_in(self, session: Session) -> None:
+    def _logged_in(self, session: ImapTestSession) -> None:
         assert session.user is not None
         self._by_user.setdefault(session.user, set()).add(session)
         self.stats.logins += 1
@@ -424,12 +424,12 @@ class ImapTestServer:
         self.stats.login_failures += 1
         self._log(name, "LOGIN_FAILED")
 
-    def _logged_out(self, session: Session) -> None:
+    def _logged_out(self, session: ImapTestSession) -> None:
         if session.user is not None:
             self.stats.logouts += 1
             self._log(session.user, "LOGOUT")
 
-    def _idle_changed(self, session: Session, idling: bool, event: str | None) -> None:
+    def _idle_changed(self, session: ImapTestSession, idling: bool, event: str | None) -> None:
         mailbox = session.selected_mailbox
         if idling:
             self.stats.idle_clients += 1

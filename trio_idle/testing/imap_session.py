@@ -88,7 +88,7 @@ class _EndSession(Exception):
     """Raised inside the session to end it after a LOGOUT or fatal protocol error."""
 
 
-class Session:
+class ImapTestSession:
     """One client connection. Obtain via :meth:`ImapTestServer.sessions`.
 
     Public, read-only: ``id``, ``user`` (login name or ``None``), ``selected`` (mailbox
@@ -127,7 +127,7 @@ class Session:
         self._woken = False
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} user={self.user!r} state={self.state.value}>"
+        return f"<ImapTestSession {self.id} user={self.user!r} state={self.state.value}>"
 
     # ---- public handle ------------------------------------------------------------------
 
@@ -747,29 +747,29 @@ class Session:
         await self._tagged(command, "OK", "STORE completed", b"".join(chunks))
 
 
-SessionHandler = Callable[[Session, Command], Awaitable[None]]
+ImapTestSessionHandler = Callable[[ImapTestSession, Command], Awaitable[None]]
 
-_HANDLERS: Final[dict[str, tuple[SessionHandler, frozenset[State]]]] = {
-    "CAPABILITY": (Session._cmd_capability, _ANY),
-    "NOOP": (Session._cmd_noop, _ANY),
-    "LOGOUT": (Session._cmd_logout, _ANY),
-    "STARTTLS": (Session._cmd_starttls, _NOT_AUTH),
-    "LOGIN": (Session._cmd_login, _NOT_AUTH),
-    "AUTHENTICATE": (Session._cmd_authenticate, _NOT_AUTH),
-    "SELECT": (Session._cmd_select, _AUTH),
-    "EXAMINE": (Session._cmd_select, _AUTH),
-    "STATUS": (Session._cmd_status, _AUTH),
-    "LIST": (Session._cmd_list, _AUTH),
-    "APPEND": (Session._cmd_append, _AUTH),
-    "IDLE": (Session._cmd_idle, _AUTH),
-    "CHECK": (Session._cmd_noop, _SELECTED),
-    "CLOSE": (Session._cmd_close, _SELECTED),
-    "UNSELECT": (Session._cmd_close, _SELECTED),
-    "EXPUNGE": (Session._cmd_expunge, _SELECTED),
-    "FETCH": (Session._cmd_fetch, _SELECTED),
-    "SEARCH": (Session._cmd_search, _SELECTED),
-    "STORE": (Session._cmd_store, _SELECTED),
-    "UID": (Session._cmd_uid, _SELECTED),
+_HANDLERS: Final[dict[str, tuple[ImapTestSessionHandler, frozenset[State]]]] = {
+    "CAPABILITY": (ImapTestSession._cmd_capability, _ANY),
+    "NOOP": (ImapTestSession._cmd_noop, _ANY),
+    "LOGOUT": (ImapTestSession._cmd_logout, _ANY),
+    "STARTTLS": (ImapTestSession._cmd_starttls, _NOT_AUTH),
+    "LOGIN": (ImapTestSession._cmd_login, _NOT_AUTH),
+    "AUTHENTICATE": (ImapTestSession._cmd_authenticate, _NOT_AUTH),
+    "SELECT": (ImapTestSession._cmd_select, _AUTH),
+    "EXAMINE": (ImapTestSession._cmd_select, _AUTH),
+    "STATUS": (ImapTestSession._cmd_status, _AUTH),
+    "LIST": (ImapTestSession._cmd_list, _AUTH),
+    "APPEND": (ImapTestSession._cmd_append, _AUTH),
+    "IDLE": (ImapTestSession._cmd_idle, _AUTH),
+    "CHECK": (ImapTestSession._cmd_noop, _SELECTED),
+    "CLOSE": (ImapTestSession._cmd_close, _SELECTED),
+    "UNSELECT": (ImapTestSession._cmd_close, _SELECTED),
+    "EXPUNGE": (ImapTestSession._cmd_expunge, _SELECTED),
+    "FETCH": (ImapTestSession._cmd_fetch, _SELECTED),
+    "SEARCH": (ImapTestSession._cmd_search, _SELECTED),
+    "STORE": (ImapTestSession._cmd_store, _SELECTED),
+    "UID": (ImapTestSession._cmd_uid, _SELECTED),
 }
 
 _session_ids = itertools.count(1)

@@ -1,4 +1,4 @@
-"""``python -m trio_idle.bench``: run the phases for each N and write the results.
+"""``python -m bench``: run the phases for each N and write the results.
 
 For each N (and plaintext or TLS) two daemon processes are run one after the other
 against the same IMAP server process(es):
@@ -27,13 +27,15 @@ from typing import Any
 import attrs
 import trio
 
-from trio_idle.bench import phases
-from trio_idle.bench.procinfo import machine_info, raise_nofile_limit, rss_kib
-from trio_idle.bench.procs import ADMIN_SECRET, DaemonProc, ServerPool, ServerProc
-from trio_idle.bench.report import format_table, make_plot, markdown_table
+from bench import phases
+from bench.procinfo import machine_info, raise_nofile_limit, rss_kib
+from bench.procs import ADMIN_SECRET, DaemonProc, ServerPool, ServerProc
+from bench.report import format_table, make_plot, markdown_table
 
-DEFAULT_OUT = "docs/perf/results.json"
-DEFAULT_PLOT = "docs/perf/rss_latency.png"
+#: the repository this folder belongs to: results go to its docs/, wherever it runs from
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = str(REPO_ROOT / "docs" / "perf" / "results.json")
+DEFAULT_PLOT = str(REPO_ROOT / "docs" / "perf" / "rss_latency.png")
 
 
 @attrs.frozen
@@ -268,7 +270,7 @@ async def _daemon_b(
     }
     if opts.gc_freeze:
         env["TRIO_IDLE_BENCH_GC_FREEZE"] = "1"
-    module = "trio_idle.bench.gc_probe" if opts.gc_probe or opts.gc_freeze else "trio_idle.cli"
+    module = "bench.gc_probe" if opts.gc_probe or opts.gc_freeze else "trio_idle.cli"
     a_state = workdir / f"daemon-a-{n}-state.sqlite3"
     daemon = DaemonProc(
         workdir, f"daemon-b-{n}", env, module, state_from=a_state if a_state.exists() else None
@@ -383,9 +385,7 @@ async def _daemon_c(
     b_state = workdir / f"daemon-b-{n}-state.sqlite3"
     # under gc_probe (the CLI unchanged, plus a log line per full collection) so the soak
     # reports the after-refresh collections' pauses and can force a last full one
-    daemon = DaemonProc(
-        workdir, f"daemon-c-{n}", env, "trio_idle.bench.gc_probe", state_from=b_state
-    )
+    daemon = DaemonProc(workdir, f"daemon-c-{n}", env, "bench.gc_probe", state_from=b_state)
     try:
         await daemon.start()
         out: dict[str, Any] = {"refresh": opts.soak_refresh, "tick": "2m", "state": "restart"}
@@ -430,7 +430,7 @@ def merge_results(path: Path, runs: list[dict[str, Any]], fresh: bool) -> dict[s
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trio_idle.bench",
+        prog="python -m bench",
         description="Benchmark the real trio-idle daemon process against test IMAP server "
         "processes: ramp, memory, idle CPU, push→webhook latency, reconcile, shutdown.",
     )
@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gc-probe",
         action="store_true",
-        help="run daemon B under trio_idle.bench.gc_probe (logs full GC passes)",
+        help="run daemon B under bench.gc_probe (logs full GC passes)",
     )
     p.add_argument(
         "--gc-freeze",

@@ -1,4 +1,4 @@
-"""``python -m trio_idle.bench --quick`` works end to end (correctness only, never timings).
+"""``python -m bench --quick`` works end to end (correctness only, never timings).
 
 Runs the real daemon process against a test IMAP server process and the in-harness scan
 sink with N=200 and a few seconds per phase (~25 s). Asserts that every session reached
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trio_idle.bench.phases import percentile
-from trio_idle.bench.report import format_table, markdown_table
+from bench.phases import percentile
+from bench.report import format_table, markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,7 +47,7 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "trio_idle.bench",
+            "bench",
             "--quick",
             "--soak",
             "4",
@@ -119,7 +119,7 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
     assert c["log_lines"].get("ERROR", 0) == 0, c["log_lines"]
 
     # the plot can be drawn from what was written (matplotlib: `bench` and `test` extras)
-    from trio_idle.bench.report import make_plot
+    from bench.report import make_plot
 
     quick_as_full = [dict(run, quick=False)]
     make_plot(quick_as_full, plot)

@@ -16,7 +16,10 @@ from typing import Any
 
 import trio
 
-from trio_idle.bench.procinfo import catches_signal
+from bench.procinfo import catches_signal
+
+#: child processes run ``python -m bench.…`` from here, whatever the caller's cwd
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _LOG_LINE = re.compile(rb"^\d{4}-\d\d-\d\d [\d:.]+ ([A-Z]+) ")
 
@@ -28,7 +31,7 @@ ENCRYPTION_KEY = "bench-encryption-key-0123456789abcdef"
 
 
 class ServerProc:
-    """An :mod:`trio_idle.bench.imap_proc` process and its control connection."""
+    """An :mod:`bench.imap_proc` process and its control connection."""
 
     def __init__(self, index: int, users: Sequence[str]) -> None:
         self.index = index
@@ -56,7 +59,8 @@ class ServerProc:
         spec_path.write_text(json.dumps(spec))
         log = (workdir / f"server{self.index}.log").open("wb")
         self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trio_idle.bench.imap_proc", str(spec_path)],
+            [sys.executable, "-m", "bench.imap_proc", str(spec_path)],
+            cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=log,
         )
@@ -227,6 +231,7 @@ class DaemonProc:
             self.process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", self.module, "serve"],
                 env=env,
+                cwd=REPO_ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -260,7 +265,7 @@ class DaemonProc:
         return elapsed, self.process.returncode
 
     def _probe_lines(self) -> Iterator[tuple[float, bytes, dict[bytes, bytes]]]:
-        """``(wall time, kind, fields)`` of each line :mod:`trio_idle.bench.gc_probe` wrote;
+        """``(wall time, kind, fields)`` of each line :mod:`bench.gc_probe` wrote;
         kind is ``gen=<n>``, ``forced-full`` or ``freeze``."""
         try:
             with self.log_path.open("rb") as f:
@@ -274,7 +279,7 @@ class DaemonProc:
 
     def gc_passes(self) -> list[tuple[float, int, float, int]]:
         """``(wall time, generation, ms, collected)`` of every collection
-        :mod:`trio_idle.bench.gc_probe` logged (generation 2 and slow young ones)."""
+        :mod:`bench.gc_probe` logged (generation 2 and slow young ones)."""
         return [
             (when, int(fields[b"gen"]), float(fields[b"ms"]), int(fields.get(b"collected", b"0")))
             for when, kind, fields in self._probe_lines()
@@ -282,7 +287,7 @@ class DaemonProc:
         ]
 
     def forced_full(self) -> dict[str, float] | None:
-        """The last ``forced-full`` collection :mod:`trio_idle.bench.gc_probe` logged."""
+        """The last ``forced-full`` collection :mod:`bench.gc_probe` logged."""
         found = None
         for _, kind, fields in self._probe_lines():
             if kind == b"forced-full":
@@ -290,7 +295,7 @@ class DaemonProc:
         return found
 
     def gc_summary(self, windows: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
-        """Generation-2 collections logged by :mod:`trio_idle.bench.gc_probe`, per window."""
+        """Generation-2 collections logged by :mod:`bench.gc_probe`, per window."""
         passes = self.gc_passes()
         out: dict[str, Any] = {}
         for name, (start, end) in windows.items():

@@ -1,6 +1,6 @@
 """Summarise a ``py-spy record --format raw`` file (collapsed stacks).
 
-``python -m trio_idle.bench.profile_summary FILE [--top 25]`` prints the frames with the
+``python -m bench.profile_summary FILE [--top 25]`` prints the frames with the
 most samples on top of the stack (self) and anywhere in the stack (inclusive), and a
 rough split by module family (trio, asyncio, trio_asyncio, aioimaplib, loguru, httpx...).
 """
@@ -87,7 +87,7 @@ def summarise(stacks: list[tuple[list[str], int]], top: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m trio_idle.bench.profile_summary")
+    p = argparse.ArgumentParser(prog="python -m bench.profile_summary")
     p.add_argument("file")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)

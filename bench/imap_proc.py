@@ -1,6 +1,6 @@
 """One benchmark IMAP server process: :class:`ImapTestServer` plus a JSON-line control port.
 
-Run as ``python -m trio_idle.bench.imap_proc SPEC.json``; the spec holds the users, their
+Run as ``python -m bench.imap_proc SPEC.json``; the spec holds the users, their
 password, the keepalive interval and optional TLS certificate files. Once listening, one
 JSON line goes to stdout: ``{"port", "tls_port", "control_port", "pid"}``.
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import trio
 
-from trio_idle.bench.procinfo import cpu_seconds, raise_nofile_limit, rss_kib
-from trio_idle.testing import ImapTestServer, LogEntry, Session
+from bench.procinfo import cpu_seconds, raise_nofile_limit, rss_kib
+from trio_idle.testing import ImapTestServer, ImapTestSession, LogEntry
 
 MESSAGE = b"From: bench@example.test\r\nTo: user@example.test\r\nSubject: bench\r\n\r\nhello\r\n"
 
@@ -186,20 +186,20 @@ class BenchServer:
 
 
 def _install_exists_hook(bench: BenchServer) -> None:
-    """Wrap ``Session._updates`` to note when an EXISTS line is built for a user."""
-    original = Session._updates
+    """Wrap ``ImapTestSession._updates`` to note when an EXISTS line is built for a user."""
+    original = ImapTestSession._updates
 
-    def _updates(self: Session, *, counting: bool = False) -> bytes:
+    def _updates(self: ImapTestSession, *, counting: bool = False) -> bytes:
         out: bytes = original(self, counting=counting)
         if out and b"EXISTS" in out:
             bench.exists_sent(self.user)
         return out
 
-    Session._updates = _updates  # type: ignore[method-assign]
+    ImapTestSession._updates = _updates  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m trio_idle.bench.imap_proc SPEC.json``."""
+    """Entry point: ``python -m bench.imap_proc SPEC.json``."""
     args = sys.argv[1:] if argv is None else argv
     with open(args[0], encoding="utf-8") as f:
         spec = json.load(f)

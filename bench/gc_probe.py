@@ -1,4 +1,4 @@
-"""Diagnosis wrapper: ``python -m trio_idle.bench.gc_probe serve`` = the daemon plus GC timing.
+"""Diagnosis wrapper: ``python -m bench.gc_probe serve`` = the daemon plus GC timing.
 
 Runs :func:`trio_idle.cli.main` unchanged, after installing a :data:`gc.callbacks` hook
 that writes one line to stderr for every generation-2 collection and every collection

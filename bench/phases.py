@@ -11,8 +11,8 @@ from typing import Any
 
 import trio
 
-from trio_idle.bench.procinfo import cpu_seconds, rss_kib
-from trio_idle.bench.procs import DaemonProc, ServerPool
+from bench.procinfo import cpu_seconds, rss_kib
+from bench.procs import DaemonProc, ServerPool
 from trio_idle.testing.backend import Reply, ScanBackend, ScanRequest
 
 Row = tuple[str, int]
@@ -345,7 +345,7 @@ async def soak(
 
 async def soak_gc(daemon: DaemonProc, start: float, end: float) -> dict[str, Any]:
     """The soak daemon's after-refresh collections (pause, objects freed), then one forced
-    full collection (SIGUSR2 to :mod:`trio_idle.bench.gc_probe`): what it frees is the
+    full collection (SIGUSR2 to :mod:`bench.gc_probe`): what it frees is the
     garbage the frozen generation had kept, i.e. what freezing cost in memory."""
     passes = [
         [round(t - start, 1), ms, collected]

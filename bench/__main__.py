@@ -1,0 +1,7 @@
+"""``python -m bench``: see :mod:`bench.harness`."""
+
+import sys
+
+from bench.harness import main
+
+sys.exit(main())
