@@ -277,10 +277,16 @@ def tls_verify_context() -> ssl.SSLContext:
 async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
     """The body of a streamed ``response`` as sent, or ``None`` as soon as it is known to
     be larger than ``limit`` bytes (from ``content-length``, or once more has arrived).
-    At most ``limit`` plus one network read is held in memory."""
+    At most ``limit`` plus one network read is held in memory.
+
+    A transport may hand over a body it already holds (``httpx.MockTransport`` given
+    ``content=`` bytes): it is judged by the same limit."""
     declared = response.headers.get("content-length", "").strip()
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
         return None
+    if response.is_stream_consumed:
+        body = response.content
+        return body if len(body) <= limit else None
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.aiter_raw():
