@@ -24,7 +24,10 @@ PACED_REASONS: Final = frozenset({"startup", "reconnect"})
 @attrs.define
 class ScanCoalescer:
     """A ``trio.Event`` plus a pending counter (0 or 1): at most one scan active and one
-    pending per mailbox, however many requests arrive (a burst or an outage never queues)."""
+    pending per mailbox, however many requests arrive (a burst or an outage never queues).
+
+    Every async method is a checkpoint (see :meth:`next_scan`).
+    """
 
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     pending: int = 0
@@ -60,13 +63,26 @@ class ScanCoalescer:
     async def next_scan(self) -> str:
         """Wait until a scan is pending, make it the active one and return its reason.
 
-        Call :meth:`done` when the scan finished (success or given up). Cancellation
-        while waiting leaves the state untouched.
+        Call :meth:`done` when the scan finished (success or given up). Always a
+        checkpoint, as trio's primitives are: cancelled, it raises ``trio.Cancelled``
+        even when a scan is pending, and leaves the state untouched (the pending scan
+        stays pending); once a scan was taken it is returned, never lost to a cancel.
         """
+        if self.pending:
+            # trio's fast path: a cancel point before the state changes, a scheduling
+            # point (immune to cancellation) after it
+            await trio.lowlevel.checkpoint_if_cancelled()
+            reason = self._take()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return reason
         while not self.pending:
             if self._wakeup.is_set():
                 self._wakeup = trio.Event()
             await self._wakeup.wait()
+        return self._take()
+
+    def _take(self) -> str:
+        """Pending becomes active. Synchronous, so nothing can cancel it half-way."""
         reason = self.pending_reason or "exists"
         self.active_since, self.pending_since = self.pending_since, None
         self.pending = 0
@@ -76,7 +92,10 @@ class ScanCoalescer:
 
     async def wait_paced(self, pacer: Pacer) -> bool:
         """Hold the active (catch-up) scan until its global slot; returns True when an
-        EXISTS/tick request arrived meanwhile and cut the wait short (priority)."""
+        EXISTS/tick request arrived meanwhile and cut the wait short (priority).
+
+        A checkpoint (the pacer's wait always is); cancelled, the scan stays active and
+        the caller's ``finally: done()`` ends it."""
         with trio.CancelScope() as scope:
             self._urgent = scope
             try:

@@ -83,8 +83,14 @@ class PushMonitor:
         return None
 
     async def wait(self) -> None:
-        """Return once new mail, BYE or loss is pending (immediately if already so)."""
+        """Return once new mail, BYE or loss is pending (at once if already so).
+
+        Always a checkpoint, like trio's own waits: a cancelled caller gets
+        ``trio.Cancelled`` even when something is pending, and a session woken in a
+        loop still lets other tasks run. Changes no state, so cancellation loses nothing.
+        """
         if self.new_mail or self.bye is not None or self.lost is not None:
+            await trio.lowlevel.checkpoint()
             return
         if self._wakeup.is_set():
             self._wakeup = trio.Event()

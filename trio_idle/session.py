@@ -11,9 +11,12 @@ This is where new mail is noticed and a scan requested (:func:`_announce`):
 IDLE is re-issued every ``idle_renew_interval`` (servers drop it at 29 min). Servers
 without the IDLE capability are polled with NOOP at the tick interval.
 
+All IMAP I/O goes through ``SessionEnv.connector`` (:mod:`trio_idle.imap_connector`):
+the daemon's opens real connections, tests use a scripted fake under a virtual clock.
+
 Cancellation (connection removed, credentials changed, shutdown) ends the session with a
 LOGOUT written at once; a shielded scope waits up to ``logout_timeout`` for the server to
-hang up, then the socket is closed (:meth:`ImapConnection.logout`).
+hang up, then the socket is closed (:meth:`~trio_idle.imap_connector.ImapLink.logout`).
 """
 
 from __future__ import annotations
@@ -30,13 +33,8 @@ from trio_idle.coalescer import ScanCoalescer
 from trio_idle.config import Settings
 from trio_idle.connections import MailConnection
 from trio_idle.errors import ImapAuthError, ImapError
-from trio_idle.imap_client import (
-    ImapConnection,
-    ImapLimits,
-    ImapTimeouts,
-    connect,
-    resolve_security,
-)
+from trio_idle.imap_client import ImapLimits, ImapTimeouts, connect, resolve_security
+from trio_idle.imap_connector import ImapConnector, ImapLink
 from trio_idle.imap_responses import MailboxState, catch_up_decision
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.logs import human_duration, log_internal_error, prefix
@@ -57,9 +55,35 @@ class ConnectionMemory:
     sessions: int = 0
 
 
+def network_connector(settings: Settings, ssl_context: ssl.SSLContext | None) -> ImapConnector:
+    """The daemon's connector: :func:`trio_idle.imap_client.connect` with the configured
+    security (``auto`` resolved per port), TLS context, timeouts, read limits and refused
+    networks."""
+    timeouts = ImapTimeouts(
+        connect=settings.timers.connect_timeout,
+        command=settings.timers.command_timeout,
+        keepalive_idle=settings.imap.tcp_keepalive,
+    )
+    limits = ImapLimits(max_line=settings.imap.max_line, max_literal=settings.imap.max_literal)
+
+    async def open_link(conn: MailConnection) -> ImapLink:
+        security = resolve_security(settings.imap.imap_security, conn.port)
+        return await connect(
+            conn,
+            security=security,
+            context=None if security == "plain" else ssl_context,
+            timeouts=timeouts,
+            refuse=settings.imap.refuse_networks,
+            limits=limits,
+        )
+
+    return open_link
+
+
 @attrs.frozen
 class SessionEnv:
-    """What all sessions share: settings, the connect limiter, TLS context, counters."""
+    """What all sessions share: settings, the connect limiter, TLS context, counters,
+    and the connector that opens their IMAP connections."""
 
     settings: Settings
     limiter: ConnectLimiter
@@ -70,21 +94,12 @@ class SessionEnv:
     store: StateStore | None = None
     #: global pace of catch-up scans (startup/reconnect); None: unpaced
     catchup_pacer: Pacer | None = None
-
-    @property
-    def timeouts(self) -> ImapTimeouts:
-        s = self.settings
-        return ImapTimeouts(
-            connect=s.timers.connect_timeout,
-            command=s.timers.command_timeout,
-            keepalive_idle=s.imap.tcp_keepalive,
+    #: opens one mailbox's IMAP connection; default: :func:`network_connector`
+    connector: ImapConnector = attrs.field(
+        default=attrs.Factory(
+            lambda env: network_connector(env.settings, env.ssl_context), takes_self=True
         )
-
-    @property
-    def limits(self) -> ImapLimits:
-        return ImapLimits(
-            max_line=self.settings.imap.max_line, max_literal=self.settings.imap.max_literal
-        )
+    )
 
 
 async def run_session(
@@ -109,22 +124,14 @@ async def run_session(
     auth_backoff = Backoff(
         BackoffPolicy(s.backoff.auth_backoff, s.backoff.auth_backoff_max, float("inf")), env.rng
     )
-    security = resolve_security(s.imap.imap_security, conn.port)
     while True:
         memory.state = CONNECTING
-        imap: ImapConnection | None = None
+        imap: ImapLink | None = None
         up_since: float | None = None
         try:
             async with env.limiter.slot(conn.host):
                 env.stats.inc("connect_attempts")
-                imap = await connect(
-                    conn,
-                    security=security,
-                    context=None if security == "plain" else env.ssl_context,
-                    timeouts=env.timeouts,
-                    refuse=s.imap.refuse_networks,
-                    limits=env.limits,
-                )
+                imap = await env.connector(conn)
                 await imap.login(conn.login, conn.password.reveal())
             selected = await imap.select(s.imap.mailbox)
             up_since = trio.current_time()
@@ -203,7 +210,7 @@ def first_timers(
 
 def _announce(
     conn: MailConnection,
-    imap: ImapConnection,
+    imap: ImapLink,
     memory: ConnectionMemory,
     coalescer: ScanCoalescer,
     env: SessionEnv,
@@ -228,7 +235,7 @@ def _announce(
 
 
 async def _watch(
-    imap: ImapConnection,
+    imap: ImapLink,
     conn: MailConnection,
     env: SessionEnv,
     coalescer: ScanCoalescer,
@@ -262,6 +269,9 @@ async def _watch(
                 if (problem := imap.monitor.problem()) is not None:
                     raise ImapError(problem)
                 _announce(conn, imap, memory, coalescer, env, log, "exists")
+        # Mail pushed just as the deadline passed: wait() checkpoints, so the deadline
+        # can win over a wake-up that was already due. It was pushed, so it is "exists".
+        _announce(conn, imap, memory, coalescer, env, log, "exists")
         now = trio.current_time()
         tick = now >= next_tick
         if now >= renew_at:

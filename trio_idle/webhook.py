@@ -169,6 +169,12 @@ class WebhookClient:
     (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``) are ignored, so the secret header
     only ever goes to ``url``'s host; ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured
     either way.
+
+    ``transport`` replaces httpx's network transport (tests pass an
+    ``httpx.MockTransport``; the reply cap applies to it all the same). httpx then
+    ignores ``limits=`` and ``verify=``, so ``max_connections`` and TLS verification are
+    the transport's business, and the client is not rebuilt on ``PoolTimeout`` (only
+    httpx's own pool leaks slots). :meth:`aclose` closes the transport too.
     """
 
     def __init__(
@@ -182,6 +188,7 @@ class WebhookClient:
         max_connections: int,
         trust_env: bool = False,
         max_reply_bytes: int = MAX_REPLY_BYTES,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if max_reply_bytes <= 0:
             raise ValueError("max_reply_bytes must be positive")
@@ -192,6 +199,7 @@ class WebhookClient:
         self._total_timeout = total_timeout
         self._max_connections = max_connections
         self._trust_env = trust_env
+        self._transport = transport
         self.max_reply_bytes: Final = max_reply_bytes
         self._client = self._new_client()
 
@@ -221,7 +229,9 @@ class WebhookClient:
             headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
             follow_redirects=False,
             trust_env=self._trust_env,
-            verify=tls_verify_context(),
+            # ignored by httpx with a transport given; loading the CAs costs milliseconds
+            verify=tls_verify_context() if self._transport is None else True,
+            transport=self._transport,
         )
 
     async def aclose(self) -> None:
@@ -257,6 +267,8 @@ class WebhookClient:
                         )
                     return interpret_reply(response.status_code, response.headers, reply_body)
             except httpx.PoolTimeout:
+                if self._transport is not None:  # not our pool: rebuilding cannot help
+                    return ScanReply(Verdict.RETRY, "HTTP pool exhausted")
                 old, self._client = self._client, self._new_client()
                 with trio.CancelScope(shield=True):
                     await old.aclose()
@@ -282,10 +294,16 @@ def tls_verify_context() -> ssl.SSLContext:
 async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
     """The body of a streamed ``response`` as sent, or ``None`` as soon as it is known to
     be larger than ``limit`` bytes (from ``content-length``, or once more has arrived).
-    At most ``limit`` plus one network read is held in memory."""
+    At most ``limit`` plus one network read is held in memory.
+
+    A transport may hand over a body it already holds (``httpx.MockTransport`` given
+    ``content=`` bytes): it is judged by the same limit."""
     declared = response.headers.get("content-length", "").strip()
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
         return None
+    if response.is_stream_consumed:
+        body = response.content
+        return body if len(body) <= limit else None
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.aiter_raw():

@@ -139,3 +139,52 @@ async def test_new_mail_cuts_a_paced_wait_short(autojump_clock: object) -> None:
     assert coalescer.pending == 0
     # a second catch-up request during the wait would have been queued as pending instead
     assert coalescer.request("reconnect") is True
+
+
+# -- every async method is a checkpoint (as trio's own primitives are) --------------------
+
+
+async def test_next_scan_with_a_scan_pending_is_still_a_checkpoint() -> None:
+    c = ScanCoalescer()
+    c.request("exists")
+    with trio.testing.assert_checkpoints():
+        assert await c.next_scan() == "exists"
+
+
+async def test_cancelled_next_scan_raises_even_with_a_scan_pending_and_keeps_it() -> None:
+    c = ScanCoalescer()
+    c.request("reconnect")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await c.next_scan()
+        raise AssertionError("next_scan returned inside a cancelled scope")
+    assert scope.cancelled_caught
+    assert (c.pending, c.pending_reason, c.active) == (1, "reconnect", False)
+    assert await c.next_scan() == "reconnect"  # nothing was lost to the cancel
+
+
+async def test_a_worker_taking_scans_in_a_loop_lets_other_tasks_run() -> None:
+    c = ScanCoalescer()
+    other_ran = False
+
+    async def other() -> None:
+        nonlocal other_ran
+        other_ran = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        for _ in range(3):  # never blocks: a scan is always pending
+            c.request("exists")
+            await c.next_scan()
+            c.done()
+        assert other_ran
+
+
+async def test_wait_paced_is_a_checkpoint_even_with_a_free_slot() -> None:
+    from trio_idle.limiter import Pacer
+
+    c = ScanCoalescer()
+    c.request("startup")
+    await c.next_scan()
+    with trio.testing.assert_checkpoints():
+        assert await c.wait_paced(Pacer(rate=1000.0)) is False

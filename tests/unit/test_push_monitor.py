@@ -204,3 +204,27 @@ async def test_guard_not_cancelled_without_loss(autojump_clock: trio.testing.Moc
     # a finished guard is forgotten: a later loss does not touch it
     monitor.connection_lost(None)
     assert not scope.cancel_called
+
+
+# -- wait() is a checkpoint whatever is pending (as trio's own waits are) -----------------
+
+
+async def test_wait_with_mail_pending_is_still_a_checkpoint() -> None:
+    monitor = selected(3)
+    monitor.untagged(b"* 4 EXISTS")
+    with trio.testing.assert_checkpoints():
+        await monitor.wait()
+    monitor.untagged(b"* BYE bye")
+    with trio.testing.assert_checkpoints():
+        await monitor.wait()
+
+
+async def test_cancelled_wait_raises_even_with_mail_pending_and_loses_nothing() -> None:
+    monitor = selected(3)
+    monitor.untagged(b"* 5 EXISTS")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await monitor.wait()
+        raise AssertionError("wait returned inside a cancelled scope")
+    assert scope.cancelled_caught
+    assert monitor.take_new_mail() == 2

@@ -1,0 +1,87 @@
+"""The seam between a session and its IMAP connection.
+
+:func:`trio_idle.session.run_session` never opens a socket itself: it asks the
+:class:`ImapConnector` in its :class:`~trio_idle.session.SessionEnv` for an
+:class:`ImapLink` and uses nothing else. The daemon's connector is
+:func:`trio_idle.imap_client.connect` (real TCP, TLS, aioimaplib); tests plug in
+:class:`trio_idle.testing.fake_imap.FakeImapServer`'s, which plays a script under trio's
+virtual clock.
+
+This module imports no I/O library: reading it (or implementing it) costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from trio_idle.connections import MailConnection
+from trio_idle.imap_responses import MailboxState
+from trio_idle.push_monitor import PushMonitor
+
+
+class ImapLink(Protocol):
+    """One connected, not yet authenticated IMAP connection, as a session drives it.
+
+    The contract every implementation keeps (the session relies on each point):
+
+    - every async method returns or raises an :class:`~trio_idle.errors.ImapError`
+      within the command timeout: a server that stops answering (a half-open
+      connection) fails the command with :class:`~trio_idle.errors.ConnectionLost`
+      naming it, e.g. ``no answer to NOOP within 30s``;
+    - every untagged line the server sends goes to :attr:`monitor`, whatever command is
+      in progress, so new mail between commands is counted, and a BYE or a lost
+      connection wakes :meth:`PushMonitor.wait`;
+    - after any exception, cancellation included, the link is unusable: the caller ends
+      it with :meth:`logout` (or :meth:`abort`);
+    - no method puts the password into a log line or an exception.
+    """
+
+    @property
+    def monitor(self) -> PushMonitor:
+        """Message count, BYE and loss of this connection (see :class:`PushMonitor`)."""
+        ...
+
+    @property
+    def has_idle(self) -> bool:
+        """Whether the server announced the IDLE capability (else the session polls)."""
+        ...
+
+    async def login(self, user: str, password: str) -> None:
+        """LOGIN; :class:`~trio_idle.errors.ImapAuthError` when the server rejects it."""
+        ...
+
+    async def select(self, mailbox: str) -> MailboxState:
+        """SELECT ``mailbox``; its EXISTS/UIDNEXT/UIDVALIDITY as the server reported them."""
+        ...
+
+    async def noop(self) -> None:
+        """NOOP (servers report new mail in its answer); for servers without IDLE."""
+        ...
+
+    async def idle_start(self) -> None:
+        """Send IDLE and return once the server confirmed it (``+ idling``)."""
+        ...
+
+    async def restart_idle(self, *, noop: bool) -> None:
+        """DONE, then NOOP if ``noop``, then IDLE again, all within one command timeout."""
+        ...
+
+    async def logout(self, limit: float) -> None:
+        """End the connection politely: LOGOUT, wait up to ``limit`` seconds for the
+        server to hang up, close. Never raises; call it shielded."""
+        ...
+
+    def abort(self) -> None:
+        """Close the connection now, without LOGOUT. Never raises, never blocks."""
+        ...
+
+
+class ImapConnector(Protocol):
+    """Opens the IMAP connection of one mailbox.
+
+    Returns a connected :class:`ImapLink` (greeting and capabilities read, TLS up as
+    configured) or raises :class:`~trio_idle.errors.ImapConnectError` with a one-line
+    diagnosis, within the connect timeout. Cancellation leaves no connection open.
+    """
+
+    async def __call__(self, conn: MailConnection) -> ImapLink: ...
