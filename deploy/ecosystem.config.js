@@ -26,7 +26,12 @@ module.exports = {
       min_uptime: '30s',
       // memory guard: see docs/performance.md for the per-session figures
       max_memory_restart: '1G',
-      merge_logs: true,
+      // INFO lines go to stdout (out_file), warnings and errors to stderr (error_file),
+      // like console.log / console.error; one combined file as well:
+      //out_file: '/var/log/trio-idle/out.log',
+      //error_file: '/var/log/trio-idle/error.log',
+      //log_file: '/var/log/trio-idle/combined.log',
+      merge_logs: true, // no instance-id suffix on the file names (one instance)
       time: false, // trio-idle timestamps its own lines
       env: {
         PYTHONUNBUFFERED: '1',
