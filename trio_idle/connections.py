@@ -20,6 +20,10 @@ from trio_idle.crypto import DecryptionError, decrypt_password
 from trio_idle.scrub import PLAIN, Scrubber, escape_controls
 from trio_idle.secret import Secret
 
+AUTH_PASSWORD: Final = "password"
+AUTH_OAUTH2: Final = "oauth2"
+AUTH_TYPES: Final = (AUTH_PASSWORD, AUTH_OAUTH2)
+
 #: one DNS label: letters, digits, '-' inside, '_' tolerated (some providers' aliases)
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 MAX_HOST_CHARS: Final = 253
@@ -113,16 +117,28 @@ class MailConnection:
     host: str
     port: int
     login: str
+    #: the IMAP password (``auth == "password"``); empty for OAuth2 connections
     password: Secret
+    #: how the session signs in: :data:`AUTH_PASSWORD` (LOGIN) or :data:`AUTH_OAUTH2`
+    #: (SASL XOAUTH2 / OAUTHBEARER with an access token from a token source)
+    auth: str = "password"
+    #: a refresh token the daemon itself may use (rows with ``encryptedRefreshToken``)
+    refresh_token: Secret | None = None
+    #: the row's own security mode (``imapSecurity``), overriding the global setting
+    security: str | None = None
+    #: the provider preset this connection matched (``trio_idle.providers``), if any
+    provider: str | None = None
 
     @property
     def label(self) -> str:
         """The ``<email>`` of the ``[idle/<email>]`` log prefix."""
         return self.email
 
-    def scrubber(self) -> Scrubber:
-        """A scrubber for text about this connection: masks its password in any form."""
-        return Scrubber((self.password.reveal(),))
+    def scrubber(self, *extra: str | None) -> Scrubber:
+        """A scrubber for text about this connection: masks its password and refresh
+        token in any form, and ``extra`` secrets (e.g. the access token in use)."""
+        refresh = self.refresh_token.reveal() if self.refresh_token is not None else None
+        return Scrubber((self.password.reveal(), refresh, *extra))
 
 
 @attrs.frozen
