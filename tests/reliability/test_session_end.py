@@ -61,7 +61,7 @@ async def test_removed_during_a_command(rig: Rig, command: str) -> None:
             events = [e.event for e in server.log if e.user == A]
             assert events[-3:] == ["DONE", "LOGOUT", "DISCONNECT"]
             assert server.stats.logouts == 1
-        gc.collect()  # a pending asyncio task left behind is destroyed now: the stray-error guard counts it
+        gc.collect()  # a leftover pending asyncio task dies now: the stray-error guard counts it
         source.rows = rows
         daemon.request_refresh()
         with trio.fail_after(10):
