@@ -150,6 +150,7 @@ PRESETS: Final[tuple[Preset, ...]] = (
                 "Please log in via your web browser": WEB_LOGIN_REQUIRED,
                 "[WEBALERT": WEB_LOGIN_REQUIRED,
                 "not enabled for IMAP use": IMAP_DISABLED,
+                "IMAP access is disabled for your domain": IMAP_DISABLED,  # Workspace admin
                 "Too many simultaneous connections": TOO_MANY_CONNECTIONS,
                 "Invalid credentials": INVALID_CREDENTIALS,
             }

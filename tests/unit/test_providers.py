@@ -137,6 +137,7 @@ def test_preset_for(email: str, host: str | None, expected: str) -> None:
             WEB_LOGIN_REQUIRED,
         ),
         ("gmail", "NO [ALERT] Your account is not enabled for IMAP use.", IMAP_DISABLED),
+        ("gmail", "NO [ALERT] IMAP access is disabled for your domain.", IMAP_DISABLED),
         ("gmail", "NO [ALERT] Too many simultaneous connections. (Failure)", TOO_MANY_CONNECTIONS),
         ("gmail", "NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)", INVALID_CREDENTIALS),
         ("microsoft", "NO AUTHENTICATE failed.", INVALID_CREDENTIALS),
