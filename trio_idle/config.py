@@ -31,8 +31,14 @@ from trio_idle.destinations import (
 from trio_idle.scrub import url_secrets
 from trio_idle.secret import Secret
 
+#: The optional columns are read from the whole row as JSON (``->>`` gives NULL for a
+#: key the table lacks), so one plain statement works on tables with and without them:
+#: no schema query, no prepared statement, nothing a transaction pooler could break.
 DEFAULT_QUERY: Final = (
-    'SELECT id, "userId", email, "imapHost", "imapPort", "imapUser", "encryptedPassword" '
+    'SELECT id, "userId", email, "imapHost", "imapPort", "imapUser", "encryptedPassword", '
+    'to_jsonb("MailConnection") ->> \'authType\' AS "authType", '
+    'to_jsonb("MailConnection") ->> \'encryptedRefreshToken\' AS "encryptedRefreshToken", '
+    'to_jsonb("MailConnection") ->> \'imapSecurity\' AS "imapSecurity" '
     'FROM "MailConnection" WHERE "isActive" = true'
 )
 SECURITY_MODES: Final = ("auto", "tls", "starttls", "plain")

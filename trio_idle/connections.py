@@ -17,6 +17,7 @@ from typing import Any, Final
 import attrs
 
 from trio_idle.crypto import DecryptionError, decrypt_password
+from trio_idle.providers import GENERIC, SECURITIES, preset_for
 from trio_idle.scrub import PLAIN, Scrubber, escape_controls
 from trio_idle.secret import Secret
 
@@ -32,6 +33,8 @@ MAX_LOGIN_CHARS: Final = 320
 MAX_ID_CHARS: Final = 200
 #: an iv:tag:ciphertext token for a password of a few KiB; more is not a password
 MAX_TOKEN_CHARS: Final = 16 * 1024
+#: Google's and Microsoft's refresh tokens are well under 2 KiB
+MAX_REFRESH_TOKEN_CHARS: Final = 8 * 1024
 #: how much of a bad value a problem message quotes
 SHOWN_CHARS: Final = 60
 
@@ -175,6 +178,90 @@ def build_connection(row: Mapping[str, Any], key: bytes) -> MailConnection | Row
         return RowProblem(conn_id, f"unusable row ({type(exc).__name__})")
 
 
+def _choice(row: Mapping[str, Any], column: str, choices: tuple[str, ...]) -> str | None:
+    """An optional one-word column: absent, NULL or empty → ``None``; otherwise one of
+    ``choices`` (case-insensitive), or ``ValueError`` naming the column."""
+    text = _text(row, column, 20)
+    if not text:
+        return None
+    if text.lower() not in choices:
+        raise ValueError(f"{column}: expected one of {', '.join(choices)}, got {_shown(text)}")
+    return text.lower()
+
+
+def _refresh_token(row: Mapping[str, Any], key: bytes) -> Secret | None:
+    """The decrypted ``encryptedRefreshToken``, if the row has one."""
+    token = _text(row, "encryptedRefreshToken", MAX_TOKEN_CHARS)
+    if not token:
+        return None
+    try:
+        refresh = decrypt_password(token, key)
+    except DecryptionError as exc:
+        raise ValueError(f"cannot decrypt encryptedRefreshToken: {exc}") from None
+    if not refresh or any(ch.isspace() or not ch.isprintable() for ch in refresh):
+        # OAuth2 tokens are printable ASCII (RFC 6749 A.17); anything else is a bad key
+        # or a bad row, and would be sent to a token endpoint as is
+        raise ValueError("encryptedRefreshToken decrypts to an empty or unprintable token")
+    if len(refresh) > MAX_REFRESH_TOKEN_CHARS:
+        raise ValueError(
+            f"the refresh token is {len(refresh)} characters long "
+            f"(at most {MAX_REFRESH_TOKEN_CHARS})"
+        )
+    return Secret(refresh)
+
+
+def _server(
+    row: Mapping[str, Any], email: str, security: str | None
+) -> tuple[str, int, str | None, str | None]:
+    """``(host, port, security, provider)`` of a row; a row without a host takes them
+    from the preset of its email domain (row values that are set still win)."""
+    raw_host = row.get("imapHost")
+    if raw_host is None or (isinstance(raw_host, str) and not raw_host.strip()):
+        preset = preset_for(email, None)
+        if preset.host is None:
+            raise ValueError(
+                "imapHost: empty, and the email domain has no provider preset to take it from"
+            )
+        port = preset.port if row.get("imapPort") is None else _port(row)
+        if security is None and port == preset.port:
+            security = preset.security
+        return preset.host, port, security, preset.name
+    try:
+        host = parse_host(raw_host)
+    except ValueError as exc:
+        raise ValueError(f"imapHost: {exc}") from None
+    preset = preset_for(email, host)
+    return host, _port(row), security, None if preset.name == GENERIC else preset.name
+
+
+def _port(row: Mapping[str, Any]) -> int:
+    try:
+        return parse_port(row.get("imapPort"))
+    except ValueError as exc:
+        raise ValueError(f"imapPort: {exc}") from None
+
+
+def _password(row: Mapping[str, Any], key: bytes) -> str:
+    if row.get("passwordProblem"):
+        raise ValueError(PLAIN.scrub(str(row["passwordProblem"])))
+    if "passwordSource" in row:  # file source: the password came from the environment
+        password = row.get("password")
+        if not password or not isinstance(password, str):
+            raise ValueError(f"{PLAIN.scrub(row['passwordSource'])} is not set or empty")
+    else:
+        token = _text(row, "encryptedPassword", MAX_TOKEN_CHARS)
+        if not token:
+            raise ValueError("encryptedPassword is empty")
+        try:
+            password = decrypt_password(token, key)
+        except DecryptionError as exc:
+            raise ValueError(f"cannot decrypt encryptedPassword: {exc}") from None
+    if any(ch in password for ch in "\r\n\0"):
+        # IMAP cannot carry these in a quoted LOGIN argument; say so once, not on every retry
+        raise ValueError("the password contains CR, LF or NUL, which LOGIN cannot send")
+    return password
+
+
 def _build(row: Mapping[str, Any], key: bytes, conn_id: str) -> MailConnection | RowProblem:
     if conn_id.startswith("<bad id"):
         return RowProblem(conn_id, "id must be text without control characters")
@@ -183,31 +270,15 @@ def _build(row: Mapping[str, Any], key: bytes, conn_id: str) -> MailConnection |
         return RowProblem(conn_id, "email is empty")
     if any(ch.isspace() for ch in email):
         return RowProblem(conn_id, f"email {_shown(email)} contains spaces")
-    try:
-        host = parse_host(row.get("imapHost"))
-    except ValueError as exc:
-        return RowProblem(conn_id, f"imapHost: {exc}")
-    try:
-        port = parse_port(row.get("imapPort"))
-    except ValueError as exc:
-        return RowProblem(conn_id, f"imapPort: {exc}")
-    if row.get("passwordProblem"):
-        return RowProblem(conn_id, PLAIN.scrub(str(row["passwordProblem"])))
-    if "passwordSource" in row:  # file source: the password came from the environment
-        password = row.get("password")
-        if not password or not isinstance(password, str):
-            return RowProblem(conn_id, f"{PLAIN.scrub(row['passwordSource'])} is not set or empty")
+    auth = _choice(row, "authType", AUTH_TYPES) or AUTH_PASSWORD
+    security = _choice(row, "imapSecurity", SECURITIES)
+    host, port, security, provider = _server(row, email, security)
+    if auth == AUTH_PASSWORD:
+        # a password row's refresh token column is not used, so it cannot make it fail
+        password, refresh = _password(row, key), None
     else:
-        token = _text(row, "encryptedPassword", MAX_TOKEN_CHARS)
-        if not token:
-            return RowProblem(conn_id, "encryptedPassword is empty")
-        try:
-            password = decrypt_password(token, key)
-        except DecryptionError as exc:
-            return RowProblem(conn_id, f"cannot decrypt encryptedPassword: {exc}")
-    if any(ch in password for ch in "\r\n\0"):
-        # IMAP cannot carry these in a quoted LOGIN argument; say so once, not on every retry
-        return RowProblem(conn_id, "the password contains CR, LF or NUL, which LOGIN cannot send")
+        # OAuth2 signs in with an access token; a stored password is not used
+        password, refresh = "", _refresh_token(row, key)
     login = _text(row, "imapUser", MAX_LOGIN_CHARS) or email
     user_id = _text(row, "userId", MAX_ID_CHARS)
     return MailConnection(
@@ -218,6 +289,10 @@ def _build(row: Mapping[str, Any], key: bytes, conn_id: str) -> MailConnection |
         port=port,
         login=login,
         password=Secret(password),
+        auth=auth,
+        refresh_token=refresh,
+        security=security,
+        provider=provider,
     )
 
 

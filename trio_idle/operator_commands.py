@@ -94,7 +94,7 @@ async def try_login(
 
     Needs a trio-asyncio loop. Bounded by connect + 2 command timeouts (+ LOGOUT's).
     """
-    security = resolve_security(settings.imap.imap_security, conn.port)
+    security = resolve_security(conn.security or settings.imap.imap_security, conn.port)
     timeouts = ImapTimeouts(
         connect=settings.timers.connect_timeout,
         command=settings.timers.command_timeout,

@@ -38,6 +38,7 @@ from trio_idle.imap_connector import ImapConnector, ImapLink
 from trio_idle.imap_responses import MailboxState, catch_up_decision
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.logs import human_duration, log_internal_error, prefix
+from trio_idle.providers import session_settings
 from trio_idle.session_states import AUTH_FAILED, BACKOFF, CONNECTING, IDLE, POLLING
 from trio_idle.state_store import StateStore, startup_decision
 from trio_idle.stats import Stats
@@ -67,7 +68,7 @@ def network_connector(settings: Settings, ssl_context: ssl.SSLContext | None) ->
     limits = ImapLimits(max_line=settings.imap.max_line, max_literal=settings.imap.max_literal)
 
     async def open_link(conn: MailConnection) -> ImapLink:
-        security = resolve_security(settings.imap.imap_security, conn.port)
+        security = resolve_security(conn.security or settings.imap.imap_security, conn.port)
         return await connect(
             conn,
             security=security,
@@ -242,7 +243,7 @@ async def _watch(
     memory: ConnectionMemory,
     log: Any,
 ) -> None:
-    s = env.settings
+    s = session_settings(env.settings, conn.provider)  # a provider's shorter IDLE timers
     where = prefix(conn.email)
     next_tick, renew_at = first_timers(
         trio.current_time(), s.timers.tick_interval, s.timers.idle_renew_interval, env.rng

@@ -5,14 +5,18 @@ Format::
     [[connection]]
     id = "alice"                       # required, unique
     email = "alice@example.com"        # required
-    imap_host = "imap.example.com"     # required
-    imap_port = 993                    # default 993
+    imap_host = "imap.example.com"     # default: the provider preset of the email domain
+    imap_port = 993                    # default 993 (or the preset's port)
+    imap_security = "tls"              # optional: tls, starttls or plain; default: global
     imap_user = "alice"                # default: email
     user_id = "u-1"                    # optional, sent to the backend as userId
     active = true                      # default true
-    # exactly one of:
+    auth = "password"                  # or "oauth2" (no password then)
+    # password rows, exactly one of:
     encrypted_password = "<iv hex>:<tag hex>:<ciphertext hex>"   # as the backend stores it
     password_env = "ALICE_IMAP_PASSWORD"                        # read from the environment
+    # oauth2 rows, optionally (otherwise the access token comes from the backend):
+    encrypted_refresh_token = "<iv hex>:<tag hex>:<ciphertext hex>"
 
 The file is re-read at every refresh, so editing it adds, removes or restarts sessions.
 Passwords never appear in the file in clear text.
@@ -46,12 +50,18 @@ def rows_from_toml(data: Mapping[str, Any], env: Mapping[str, str]) -> list[dict
             "userId": entry.get("user_id"),
             "email": entry.get("email"),
             "imapHost": entry.get("imap_host"),
-            "imapPort": entry.get("imap_port", 993),
+            "imapPort": entry.get("imap_port"),
             "imapUser": entry.get("imap_user"),
             "encryptedPassword": entry.get("encrypted_password"),
+            "authType": entry.get("auth"),
+            "encryptedRefreshToken": entry.get("encrypted_refresh_token"),
+            "imapSecurity": entry.get("imap_security"),
         }
-        port = entry.get("imap_port", 993)
-        if isinstance(port, bool) or not isinstance(port, int):
+        port = entry.get("imap_port")
+        if port is None:
+            # a row without a host takes the preset's port; one with a host defaults to 993
+            row["imapPort"] = None if entry.get("imap_host") is None else 993
+        elif isinstance(port, bool) or not isinstance(port, int):
             row["imapPort"] = f"{port!r}"  # build_connection reports it for this row
         if entry.get("password_env") is not None and entry.get("encrypted_password"):
             row["passwordProblem"] = "set encrypted_password or password_env, not both"

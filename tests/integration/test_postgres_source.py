@@ -6,10 +6,13 @@ from typing import Any
 
 import trio
 
-from tests.harness import LogCapture, make_settings, poll_until, row, running_daemon
+from tests.harness import KEY, LogCapture, make_settings, poll_until, row, running_daemon
 from tests.servers.dovecot import DovecotServer
 from tests.servers.postgres import PostgresServer, insert_mail_connections, run_asyncpg
+from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.config import DEFAULT_QUERY
+from trio_idle.connections import AUTH_OAUTH2, AUTH_PASSWORD, build_connections
+from trio_idle.crypto import derive_key, encrypt_password
 from trio_idle.secret import Secret
 from trio_idle.source_postgres import PostgresSource
 from trio_idle.testing.backend import ScanBackend
@@ -150,3 +153,82 @@ async def test_database_outage_keeps_sessions_and_recovers(
                 "[idle/db] refreshed — 1 active connections, 1 sessions", count=refreshed_before + 1
             )
         assert len(logs.matching(f"[idle/{user.email}] connected")) == 1
+
+
+# -- the optional columns of issue 12 (authType, encryptedRefreshToken, imapSecurity) -----
+
+OPTIONAL_COLUMNS = ("authType", "encryptedRefreshToken", "imapSecurity")
+
+
+async def fetch_default(dsn: str) -> list[dict[str, Any]]:
+    async with open_asyncio_loop():
+        return await PostgresSource(Secret(dsn), DEFAULT_QUERY, 10).fetch()
+
+
+async def add_optional_columns(dsn: str) -> None:
+    """The columns as a Prisma backend would add them (authType as an enum)."""
+    await sql(dsn, "CREATE TYPE \"AuthType\" AS ENUM ('password', 'oauth2')")
+    await sql(
+        dsn,
+        'ALTER TABLE "MailConnection" ADD COLUMN "authType" "AuthType", '
+        'ADD COLUMN "encryptedRefreshToken" text, ADD COLUMN "imapSecurity" text',
+    )
+
+
+async def test_default_query_on_a_table_without_the_optional_columns(pg_dsn: str) -> None:
+    await insert(pg_dsn, row("old", "old@example.test", "pw-old", 993))
+    rows = await fetch_default(pg_dsn)
+    assert len(rows) == 1
+    assert all(rows[0][c] is None for c in OPTIONAL_COLUMNS)
+    good, problems = build_connections(rows, derive_key(KEY))
+    assert not problems
+    assert good["old"].auth == AUTH_PASSWORD and good["old"].security is None
+
+
+async def test_default_query_reads_the_optional_columns_when_the_table_has_them(
+    pg_dsn: str,
+) -> None:
+    await add_optional_columns(pg_dsn)
+    key = derive_key(KEY)
+    refresh = "1//pg-refresh-token-sentinel-L"
+    await insert(pg_dsn, row("pw", "pw@example.test", "pw-1", 993))
+    await insert(pg_dsn, {**row("oa", "oa@gmail.com", "unused", 993), "encryptedPassword": ""})
+    await sql(
+        pg_dsn,
+        'UPDATE "MailConnection" SET "authType" = \'oauth2\', "encryptedRefreshToken" = $1, '
+        "\"imapHost\" = '', \"imapSecurity\" = NULL WHERE id = 'oa'",
+        encrypt_password(refresh, key),
+    )
+    await sql(pg_dsn, "UPDATE \"MailConnection\" SET \"imapSecurity\" = 'starttls' WHERE id = 'pw'")
+    await insert(pg_dsn, row("bad", "bad@example.test", "pw-2", 993))
+    await sql(pg_dsn, "UPDATE \"MailConnection\" SET \"imapSecurity\" = 'ssl' WHERE id = 'bad'")
+    rows = await fetch_default(pg_dsn)
+    good, problems = build_connections(rows, key)
+    assert sorted(good) == ["oa", "pw"]
+    assert (good["pw"].auth, good["pw"].security) == (AUTH_PASSWORD, "starttls")
+    oauth = good["oa"]
+    assert (oauth.auth, oauth.host, oauth.provider) == (AUTH_OAUTH2, "imap.gmail.com", "gmail")
+    assert oauth.refresh_token is not None and oauth.refresh_token.reveal() == refresh
+    assert [(p.connection_id, p.message.split(":")[0]) for p in problems] == [
+        ("bad", "imapSecurity")
+    ]
+
+
+async def test_a_row_s_imap_security_overrides_the_global_setting(
+    pg_dsn: str, dovecot: DovecotServer, backend: ScanBackend, logs: LogCapture
+) -> None:
+    """Globally TLS; the row that says plain connects to Dovecot's plaintext port, the row
+    that says nothing tries TLS there and fails."""
+    await add_optional_columns(pg_dsn)
+    plain, default = dovecot.new_user("pgplain"), dovecot.new_user("pgdefault")
+    await insert(pg_dsn, row("plain", plain.email, plain.password, dovecot.plain_port))
+    await insert(pg_dsn, row("default", default.email, default.password, dovecot.plain_port))
+    await sql(pg_dsn, "UPDATE \"MailConnection\" SET \"imapSecurity\" = 'plain' WHERE id = 'plain'")
+    settings = make_settings(backend.url, DATABASE_URL=pg_dsn, TRIO_IDLE_IMAP_SECURITY="tls")
+    async with running_daemon(settings, PostgresSource(Secret(pg_dsn), DEFAULT_QUERY, 10)):
+        with trio.fail_after(20):
+            await logs.wait_for(f"[idle/{plain.email}] connected")
+            await logs.wait_for(f"[idle/{default.email}] connect failed")
+            await poll_until(lambda: dovecot.connections(plain.email) == 1)
+        assert not logs.matching(f"[idle/{default.email}] connected")
+        assert dovecot.connections(default.email) == 0
