@@ -74,6 +74,8 @@ class TokenRequest:
 
     path: str
     form: dict[str, str]
+    #: :func:`trio.current_time` when its body had arrived
+    received_at: float
     status: int | None = None
     issued: str | None = None
 
@@ -95,7 +97,8 @@ class OAuthTestServer:
 
     ``client_secret=None`` accepts public clients (no secret sent). ``expires_in`` and
     ``rotate`` are the defaults of :meth:`add_grant`. Any path ending in ``/token`` is the
-    token endpoint (``/{tenant}/oauth2/v2.0/token`` like Microsoft's, or ``/token``). Times are :func:`trio.current_time`.
+    token endpoint (``/{tenant}/oauth2/v2.0/token`` like Microsoft's, or ``/token``).
+    Times are :func:`trio.current_time`.
     """
 
     def __init__(
@@ -245,17 +248,19 @@ class OAuthTestServer:
     ) -> bool:
         path = request.target.decode("ascii", "replace").split("?")[0]
         form = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace")))
-        record = TokenRequest(path, form)
+        record = TokenRequest(path, form, trio.current_time())
         self.requests.append(record)
         self.in_flight += 1
         self._notify()
+        headers: dict[str, str] = {}
+        payload: Any
         try:
             if request.method != b"POST":
-                status, payload, headers = 405, {"error": "method not allowed"}, {}
+                status, payload = 405, {"error": "method not allowed"}
             elif path == "/introspect":
-                status, payload, headers = 200, self._introspect(form), {}
+                status, payload = 200, self._introspect(form)
             elif not path.endswith("/token"):
-                status, payload, headers = 404, {"error": "not found"}, {}
+                status, payload = 404, {"error": "not found"}
             else:
                 if self._gate is not None:
                     await self._gate.wait()
@@ -270,7 +275,6 @@ class OAuthTestServer:
                     headers = fault.headers
                 else:
                     status, payload = self._token(form, record)
-                    headers = {}
             record.status = status
             await self._send(conn, stream, status, payload, headers)
             return True
