@@ -858,8 +858,10 @@ def _token_url(text: str) -> str:
 
 @attrs.frozen(kw_only=True)
 class OAuthSettings:
-    """The daemon's own OAuth2 refresh flow (rows with a refresh token): which client it
-    is at each provider, where it asks for access tokens, how fast and how long."""
+    """The daemon's own OAuth2 token refresh, for rows with a refresh token.
+
+    Which client the daemon is at each provider, where it asks for access tokens, how
+    fast and how long (:mod:`trio_idle.token_refresh`)."""
 
     google_client_id: str | None = setting(
         "TRIO_IDLE_GOOGLE_CLIENT_ID",
