@@ -486,3 +486,21 @@ async def test_per_connection_choice(rig: Rig) -> None:
     assert none.value.reason == TOKEN_UNAVAILABLE
     await tokens.aclose()
     assert backend.closed
+
+
+async def test_postgres_before_migrate_uses_the_row_token_then_catches_up(
+    rig: Rig, pg_dsn: str
+) -> None:
+    async with open_asyncio_loop():
+        backend = PostgresBackend(Secret(pg_dsn))
+        rig.backend = backend
+        grant = rig.server.add_grant("alice", rotate=True)
+        c = conn(grant.refresh_token)
+        tokens = rig.source()
+        await tokens.get(c)  # no table yet: the row's token; the rotation stays in memory
+        await backend.migrate()  # the operator runs `trio-idle db migrate`
+        await tokens.get(c, force=True)  # writes what was pending, then the new rotation
+        newest = grant.refresh_token
+        await rig.source().get(c)  # a restart finds the newest token
+    assert rig.server.token_requests()[-1].refresh_token == newest
+    assert [r.status for r in rig.server.token_requests()] == [200, 200, 200]

@@ -366,7 +366,19 @@ class PostgresBackend:
         await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_write, rows, list(deletes))
 
     async def load_tokens(self) -> dict[str, StoredRefreshToken]:
-        rows = await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_load_tokens)
+        """The stored rotations; none while the table does not exist yet (a daemon
+        upgraded without ``trio-idle db migrate`` cannot have stored any)."""
+        import asyncpg
+
+        try:
+            rows = await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_load_tokens)
+        except asyncpg.UndefinedTableError:
+            logger.warning(
+                f"[idle/state] table {POSTGRES_TOKEN_TABLE} does not exist: rotated OAuth2 "
+                "refresh tokens cannot be kept across restarts until `trio-idle db migrate` "
+                "has run"
+            )
+            return {}
         return {r[0]: StoredRefreshToken(r[1], r[2], r[3]) for r in rows}
 
     async def save_token(self, conn_id: str, stored: StoredRefreshToken) -> None:

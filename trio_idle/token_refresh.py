@@ -307,6 +307,7 @@ class RotatedTokens:
         self._loaded = backend is None
         self._load_lock = trio.Lock()
         self._warned_no_store = False
+        self._load_failures = 0
 
     async def ensure_loaded(self) -> None:
         """Read the store once. Raises :class:`TokenUnavailable` (``token_error``) while
@@ -320,7 +321,10 @@ class RotatedTokens:
             try:
                 loaded = await self.backend.load_tokens()
             except Exception as exc:
-                logger.error(
+                self._load_failures += 1
+                # every connection's refresh tries again: one error line, then quieter
+                log = logger.error if self._load_failures == 1 else logger.debug
+                log(
                     f"[idle/oauth] cannot read the rotated refresh tokens "
                     f"({self.backend.name}): {type(exc).__name__}: {PLAIN.scrub(exc, 200)}"
                     + _migrate_hint(self.backend)
@@ -331,7 +335,7 @@ class RotatedTokens:
             # a rotation that happened before the load finished is newer than the store
             self._tokens = {**loaded, **self._tokens}
             self._loaded = True
-            if loaded:
+            if loaded or self._load_failures:
                 logger.info(f"[idle/oauth] loaded {len(loaded)} rotated refresh tokens")
 
     def current(self, conn_id: str, row_fingerprint: str) -> str | None:
