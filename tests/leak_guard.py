@@ -28,6 +28,9 @@ SENTINELS: Final = (
     "S3ntinel",  # tests/reliability/test_secret_leaks.py (its password begins so)
     "cli-admin-s3cret",  # tests/unit/test_cli_config_errors.py
     "cli-db-pw",
+    "oauth-cl1ent-s3cret",  # tests/*token_refresh*.py: OAuth2 client secrets
+    "S3ntinel-rt",  # refresh tokens there (OAuthTestServer(prefix="S3ntinel-"))
+    "S3ntinel-at",  # access tokens there
 )
 
 _produced: list[str] = []

@@ -37,7 +37,7 @@ from trio_idle.operator_commands import (
 from trio_idle.scrub import Scrubber, redact_url, url_secrets
 from trio_idle.source_file import FileSource
 from trio_idle.source_postgres import PostgresSource
-from trio_idle.state_store import POSTGRES_TABLE, PostgresBackend
+from trio_idle.state_store import POSTGRES_MIGRATIONS, PostgresBackend
 from trio_idle.supervision import StartupError
 
 EXIT_CONFIG = 2
@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser(
         "db",
         help="database maintenance (the shared Postgres state store)",
-        description="`trio-idle db migrate` creates the table of the Postgres state store "
-        "(TRIO_IDLE_STATE=postgres) in the DATABASE_URL database; safe to run again.",
+        description="`trio-idle db migrate` creates the tables of the Postgres state store "
+        "(TRIO_IDLE_STATE=postgres: mailbox state, rotated OAuth2 refresh tokens) in the "
+        "DATABASE_URL database; safe to run again.",
     )
     db.add_argument("action", choices=["migrate"], help="what to do")
     _add_setting_flags(db, only=("log_level", "log_format", "db_timeout"))
@@ -263,7 +264,7 @@ def _run_trio(fn: Callable[[], Any]) -> Any:
 
 
 async def migrate_state_table(settings: Settings) -> int:
-    """``trio-idle db migrate``: create the Postgres state table (idempotent)."""
+    """``trio-idle db migrate``: create the Postgres state tables (idempotent)."""
     assert settings.connections.database_url is not None
     try:
         async with open_asyncio_loop():
@@ -273,7 +274,8 @@ async def migrate_state_table(settings: Settings) -> int:
         text = Scrubber(url_secrets(settings.connections.database_url.reveal()), limit=300)(exc)
         print(f"trio-idle: db migrate failed: {type(exc).__name__}: {text}", file=sys.stderr)
         return 1
-    print(f"trio-idle: table {POSTGRES_TABLE} is ready")
+    for table, _statement in POSTGRES_MIGRATIONS:
+        print(f"trio-idle: table {table} is ready")
     return 0
 
 

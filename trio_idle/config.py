@@ -840,6 +840,107 @@ class ProcessSettings:
     )
 
 
+#: the token endpoints of the providers whose refresh flow the daemon runs itself
+GOOGLE_TOKEN_URL: Final = "https://oauth2.googleapis.com/token"
+MICROSOFT_TOKEN_URL: Final = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+
+
+def _tenant(text: str) -> str:
+    # It becomes a path segment of the token URL: a GUID, a domain or common/organizations.
+    value = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,99}", value):
+        raise ValueError(
+            "expected a tenant id, a domain, common, organizations or consumers "
+            f"(letters, digits, '.', '-'), got {value[:60]!r}"
+        )
+    return value
+
+
+def _token_url(text: str) -> str:
+    # "{tenant}" is filled in later; check the URL with a placeholder in its place.
+    checked = _http_url(text.replace("{tenant}", "common"))
+    return checked if "{tenant}" not in text else text.strip().rstrip("/")
+
+
+@attrs.frozen(kw_only=True)
+class OAuthSettings:
+    """The daemon's own OAuth2 token refresh, for rows with a refresh token.
+
+    Which client the daemon is at each provider, where it asks for access tokens, how
+    fast and how long (:mod:`trio_idle.token_refresh`)."""
+
+    google_client_id: str | None = setting(
+        "TRIO_IDLE_GOOGLE_CLIENT_ID",
+        "--google-client-id",
+        _nonempty,
+        None,
+        "OAuth2 client id at Google, for rows with a refresh token (daemon-side refresh)",
+    )
+    google_client_secret: Secret | None = setting(
+        "TRIO_IDLE_GOOGLE_CLIENT_SECRET",
+        None,
+        _nonempty_secret,
+        None,
+        "OAuth2 client secret at Google",
+        secret=True,
+    )
+    google_token_url: str = setting(
+        "TRIO_IDLE_GOOGLE_TOKEN_URL",
+        "--google-token-url",
+        _token_url,
+        GOOGLE_TOKEN_URL,
+        "Google's token endpoint (tests point it at a local server)",
+    )
+    microsoft_client_id: str | None = setting(
+        "TRIO_IDLE_MICROSOFT_CLIENT_ID",
+        "--microsoft-client-id",
+        _nonempty,
+        None,
+        "OAuth2 client (application) id at Microsoft, for rows with a refresh token",
+    )
+    microsoft_client_secret: Secret | None = setting(
+        "TRIO_IDLE_MICROSOFT_CLIENT_SECRET",
+        None,
+        _nonempty_secret,
+        None,
+        "OAuth2 client secret at Microsoft (unset for a public client)",
+        secret=True,
+    )
+    microsoft_tenant: str = setting(
+        "TRIO_IDLE_MICROSOFT_TENANT",
+        "--microsoft-tenant",
+        _tenant,
+        "common",
+        "Microsoft tenant: common, organizations, consumers, a tenant id or domain",
+    )
+    microsoft_token_url: str = setting(
+        "TRIO_IDLE_MICROSOFT_TOKEN_URL",
+        "--microsoft-token-url",
+        _token_url,
+        MICROSOFT_TOKEN_URL,
+        "Microsoft's token endpoint; {tenant} is replaced by TRIO_IDLE_MICROSOFT_TENANT",
+    )
+    oauth_timeout: float = setting(
+        "TRIO_IDLE_OAUTH_TIMEOUT",
+        "--oauth-timeout",
+        parse_duration,
+        "30s",
+        "total deadline for one token refresh at a provider",
+    )
+    oauth_rate: float = setting(
+        "TRIO_IDLE_OAUTH_RATE",
+        "--oauth-rate",
+        _positive_float,
+        "5",
+        "max token refreshes started per second at the providers, all connections",
+    )
+
+    @property
+    def microsoft_url(self) -> str:
+        """The Microsoft token endpoint with the tenant filled in."""
+        return self.microsoft_token_url.replace("{tenant}", self.microsoft_tenant)
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     """The whole configuration, immutable, one group per concern; a component takes the
@@ -859,6 +960,7 @@ class Settings:
     health: HealthSettings = attrs.field(factory=HealthSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
     process: ProcessSettings = attrs.field(factory=ProcessSettings)
+    oauth: OAuthSettings = attrs.field(factory=OAuthSettings)
 
 
 @attrs.frozen

@@ -14,6 +14,11 @@ Guarantees:
   thread, Postgres through trio-asyncio) and keeps them dirty if a write fails.
 - A missing, unreadable or corrupt store costs one catch-up scan per mailbox, never a
   crash: the failure is logged and counted, and the daemon starts from an empty state.
+
+The same backends also keep the refresh tokens an OAuth2 provider rotated
+(:class:`TokenSql`, :class:`TokenBackend`; used by :mod:`trio_idle.token_refresh`): one
+more table in the same file or database, written at once rather than batched, since a
+rotated token lost in a crash can be a grant lost.
 """
 
 from __future__ import annotations
@@ -100,6 +105,85 @@ POSTGRES_DDL: Final = POSTGRES_SQL.create
 
 
 @attrs.frozen
+class TokenSql:
+    """Statements of the rotated refresh tokens (:mod:`trio_idle.token_refresh`), in the
+    style of :class:`StateSql`: one text per statement for both backends.
+
+    One row per connection: the newest refresh token the provider handed out, encrypted
+    like the backend's passwords (``iv:tag:ct``), and the fingerprint of the row's own
+    refresh token it replaced, so that a new token in the row (the user signed in again)
+    wins over it.
+    """
+
+    table: str
+    mark: str
+
+    def _param(self, n: int) -> str:
+        return f"{self.mark}{n}"
+
+    @property
+    def create(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.table} ("
+            " connection_id text PRIMARY KEY,"
+            " encrypted_token text NOT NULL,"
+            " replaces text NOT NULL,"
+            " updated_at double precision NOT NULL)"
+        )
+
+    @property
+    def select_all(self) -> str:
+        return f"SELECT connection_id, encrypted_token, replaces, updated_at FROM {self.table}"
+
+    @property
+    def upsert(self) -> str:
+        values = ", ".join(self._param(n) for n in range(1, 5))
+        return (
+            f"INSERT INTO {self.table} VALUES ({values}) "
+            "ON CONFLICT (connection_id) DO UPDATE SET "
+            "encrypted_token = excluded.encrypted_token, replaces = excluded.replaces, "
+            "updated_at = excluded.updated_at"
+        )
+
+    @property
+    def delete(self) -> str:
+        return f"DELETE FROM {self.table} WHERE connection_id = {self._param(1)}"
+
+
+SQLITE_TOKEN_SQL: Final = TokenSql("oauth_refresh_token", "?")
+POSTGRES_TOKEN_SQL: Final = TokenSql("trio_idle_oauth_refresh_token", "$")
+POSTGRES_TOKEN_TABLE: Final = POSTGRES_TOKEN_SQL.table
+#: every table ``trio-idle db migrate`` creates, with its statement (idempotent)
+POSTGRES_MIGRATIONS: Final = (
+    (POSTGRES_TABLE, POSTGRES_DDL),
+    (POSTGRES_TOKEN_TABLE, POSTGRES_TOKEN_SQL.create),
+)
+
+
+@attrs.frozen(repr=False)
+class StoredRefreshToken:
+    """A rotated refresh token as stored: ``encrypted`` is ``iv:tag:ct`` (never the
+    plaintext), ``replaces`` the fingerprint of the row's token it supersedes."""
+
+    encrypted: str
+    replaces: str
+    updated_at: float
+
+    def __repr__(self) -> str:
+        return f"StoredRefreshToken(encrypted=********, updated_at={self.updated_at!r})"
+
+
+class TokenBackend(Protocol):
+    """Where rotated refresh tokens live (the state store's SQLite file or database)."""
+
+    name: str
+
+    async def load_tokens(self) -> dict[str, StoredRefreshToken]: ...
+
+    async def save_token(self, conn_id: str, stored: StoredRefreshToken) -> None: ...
+
+
+@attrs.frozen
 class ScannedState:
     """The mailbox as of the last successful scan. ``scanned_at`` is UNIX time."""
 
@@ -153,10 +237,10 @@ class SqliteBackend:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, create: str = SQLITE_SQL.create) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=10)
-        db.execute(SQLITE_SQL.create)
+        db.execute(create)
         return db
 
     def _load(self) -> dict[Key, ScannedState]:
@@ -190,6 +274,31 @@ class SqliteBackend:
     ) -> None:
         await trio.to_thread.run_sync(self._write, upserts, deletes)
 
+    def _load_tokens(self) -> dict[str, StoredRefreshToken]:
+        db = self._connect(SQLITE_TOKEN_SQL.create)
+        try:
+            rows = db.execute(SQLITE_TOKEN_SQL.select_all).fetchall()
+        finally:
+            db.close()
+        return {r[0]: StoredRefreshToken(r[1], r[2], r[3]) for r in rows}
+
+    def _save_token(self, conn_id: str, stored: StoredRefreshToken) -> None:
+        db = self._connect(SQLITE_TOKEN_SQL.create)
+        try:
+            with db:
+                db.execute(
+                    SQLITE_TOKEN_SQL.upsert,
+                    (conn_id, stored.encrypted, stored.replaces, stored.updated_at),
+                )
+        finally:
+            db.close()
+
+    async def load_tokens(self) -> dict[str, StoredRefreshToken]:
+        return await trio.to_thread.run_sync(self._load_tokens)
+
+    async def save_token(self, conn_id: str, stored: StoredRefreshToken) -> None:
+        await trio.to_thread.run_sync(self._save_token, conn_id, stored)
+
 
 async def _pg_call(dsn: str, fn: Any, *args: Any) -> Any:
     import asyncpg
@@ -216,11 +325,21 @@ async def _pg_write(
 
 
 async def _pg_migrate(conn: Any) -> None:
-    await conn.execute(POSTGRES_SQL.create)
+    for _table, statement in POSTGRES_MIGRATIONS:
+        await conn.execute(statement)
+
+
+async def _pg_load_tokens(conn: Any) -> list[Any]:
+    return list(await conn.fetch(POSTGRES_TOKEN_SQL.select_all))
+
+
+async def _pg_save_token(conn: Any, row: tuple[Any, ...]) -> None:
+    await conn.execute(POSTGRES_TOKEN_SQL.upsert, *row)
 
 
 class PostgresBackend:
-    """A table (created by ``trio-idle db migrate``) shared by every host of a deployment.
+    """Tables (created by ``trio-idle db migrate``) shared by every host of a deployment:
+    the mailbox state and the rotated refresh tokens.
 
     Pooler-safe like the source: a short connection per batch, no statement cache. Must be
     called inside a trio-asyncio loop (the daemon's).
@@ -245,6 +364,26 @@ class PostgresBackend:
             (k[0], k[1], s.uidvalidity, s.uidnext, s.scanned_at, s.removed_at) for k, s in upserts
         ]
         await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_write, rows, list(deletes))
+
+    async def load_tokens(self) -> dict[str, StoredRefreshToken]:
+        """The stored rotations; none while the table does not exist yet (a daemon
+        upgraded without ``trio-idle db migrate`` cannot have stored any)."""
+        import asyncpg
+
+        try:
+            rows = await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_load_tokens)
+        except asyncpg.UndefinedTableError:
+            logger.warning(
+                f"[idle/state] table {POSTGRES_TOKEN_TABLE} does not exist: rotated OAuth2 "
+                "refresh tokens cannot be kept across restarts until `trio-idle db migrate` "
+                "has run"
+            )
+            return {}
+        return {r[0]: StoredRefreshToken(r[1], r[2], r[3]) for r in rows}
+
+    async def save_token(self, conn_id: str, stored: StoredRefreshToken) -> None:
+        row = (conn_id, stored.encrypted, stored.replaces, stored.updated_at)
+        await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_save_token, row)
 
 
 class StateStore:
@@ -392,6 +531,13 @@ def make_state_backend(settings: Settings, env: Mapping[str, str]) -> StateBacke
         return PostgresBackend(settings.connections.database_url)
     path = Path(settings.store.state_path) if settings.store.state_path else default_state_path(env)
     return SqliteBackend(path)
+
+
+def make_token_backend(settings: Settings, env: Mapping[str, str]) -> TokenBackend | None:
+    """Where rotated refresh tokens are kept: the state store's file or database
+    (``None`` for ``state = none``: rotations then live only as long as the process)."""
+    backend = make_state_backend(settings, env)
+    return backend if isinstance(backend, SqliteBackend | PostgresBackend) else None
 
 
 def default_state_path(env: Mapping[str, str]) -> Path:
