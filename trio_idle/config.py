@@ -942,6 +942,35 @@ class OAuthSettings:
 
 
 @attrs.frozen(kw_only=True)
+class AccountHealthSettings:
+    """Account health reports to the backend (state and reason of each connection)."""
+
+    connection_status: bool = setting(
+        "TRIO_IDLE_CONNECTION_STATUS",
+        "--connection-status",
+        parse_bool,
+        "true",
+        "report each connection's account health (ok, auth_failed, unreachable, degraded) "
+        "to the backend when it changes",
+    )
+    status_path: str = setting(
+        "TRIO_IDLE_CONNECTION_STATUS_PATH",
+        "--connection-status-path",
+        _path_part,
+        "/api/mail/connection-status-internal",
+        "path of the account health endpoint on the backend",
+    )
+    unreachable_after: float = setting(
+        "TRIO_IDLE_UNREACHABLE_AFTER",
+        "--unreachable-after",
+        parse_duration,
+        "10min",
+        "how long a server must stay unreachable before the backend is told "
+        "(auth failures and recoveries are reported at once)",
+    )
+
+
+@attrs.frozen(kw_only=True)
 class Settings:
     """The whole configuration, immutable, one group per concern; a component takes the
     group(s) it uses. Durations are seconds (float), sizes bytes (int).
@@ -961,6 +990,7 @@ class Settings:
     log: LogSettings = attrs.field(factory=LogSettings)
     process: ProcessSettings = attrs.field(factory=ProcessSettings)
     oauth: OAuthSettings = attrs.field(factory=OAuthSettings)
+    account_health: AccountHealthSettings = attrs.field(factory=AccountHealthSettings)
 
 
 @attrs.frozen

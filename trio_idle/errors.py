@@ -1,10 +1,36 @@
-"""Exception types shared by the daemon's layers. Messages never contain secrets."""
+"""Exception types shared by the daemon's layers. Messages never contain secrets.
+
+An :class:`ImapError` may carry a machine-readable ``kind`` saying what failed, for the
+account health (:mod:`trio_idle.account_health`): for connect failures one of
+:data:`CONNECT_KINDS`. ``None`` means the raiser did not say; the classifier then falls
+back to the exception's class.
+"""
 
 from __future__ import annotations
 
+from typing import Final
+
+#: the name of the host could not be resolved
+KIND_DNS: Final = "dns"
+#: nothing accepted the TCP connection, or every address is in a refused network
+KIND_REFUSED: Final = "refused"
+#: no answer in time (no greeting, no answer to a command)
+KIND_TIMEOUT: Final = "timeout"
+#: TLS failed: handshake, certificate, or no STARTTLS where it was required
+KIND_TLS: Final = "tls"
+#: the server closed the connection (or said BYE, or broke the protocol)
+KIND_SERVER_CLOSED: Final = "server_closed"
+CONNECT_KINDS: Final = (KIND_DNS, KIND_REFUSED, KIND_TIMEOUT, KIND_TLS, KIND_SERVER_CLOSED)
+
 
 class ImapError(Exception):
-    """The IMAP connection failed or misbehaved; the client must be discarded."""
+    """The IMAP connection failed or misbehaved; the client must be discarded.
+
+    ``kind``: what failed, when the raiser knows (see the module docstring)."""
+
+    def __init__(self, *args: object, kind: str | None = None) -> None:
+        super().__init__(*args)
+        self.kind = kind
 
 
 class ImapConnectError(ImapError):
@@ -12,7 +38,23 @@ class ImapConnectError(ImapError):
 
 
 class ImapAuthError(ImapError):
-    """The server rejected the login: retried only after a long backoff."""
+    """The server rejected the login: retried only after a long backoff.
+
+    ``server_text``: the server's own words (its ``NO`` line, password masked), when the
+    raiser kept them apart from the message; ``sasl_status``: the ``status`` of a SASL
+    error continuation (Gmail's XOAUTH2 answers base64 JSON such as ``{"status":"401"}``).
+    """
+
+    def __init__(
+        self,
+        *args: object,
+        kind: str | None = None,
+        server_text: str | None = None,
+        sasl_status: str | None = None,
+    ) -> None:
+        super().__init__(*args, kind=kind)
+        self.server_text = server_text
+        self.sasl_status = sasl_status
 
 
 class ConnectionLost(ImapError):

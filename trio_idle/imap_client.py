@@ -39,7 +39,17 @@ import trio_asyncio
 
 from trio_idle.connections import MailConnection
 from trio_idle.destinations import DEFAULT_NETWORKS, Network, refusal_message, refused
-from trio_idle.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
+from trio_idle.errors import (
+    KIND_DNS,
+    KIND_REFUSED,
+    KIND_SERVER_CLOSED,
+    KIND_TIMEOUT,
+    KIND_TLS,
+    ConnectionLost,
+    ImapAuthError,
+    ImapConnectError,
+    ImapError,
+)
 from trio_idle.imap_framing import FrameError, FrameTooLarge, ResponseFramer, format_size
 from trio_idle.imap_responses import MailboxState, parse_mailbox_state
 from trio_idle.push_monitor import PushMonitor
@@ -280,6 +290,21 @@ def _describe_connect_error(exc: BaseException, host: str, port: int) -> str:
     return f"cannot connect to {where}: {type(exc).__name__}: {exc}"
 
 
+def _connect_error_kind(exc: BaseException) -> str:
+    """The :mod:`trio_idle.errors` kind of what :func:`_describe_connect_error` describes."""
+    if isinstance(exc, ssl.SSLError):
+        return KIND_TLS
+    if isinstance(exc, socket.gaierror):
+        return KIND_DNS
+    if isinstance(exc, TimeoutError):
+        return KIND_TIMEOUT
+    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        return KIND_SERVER_CLOSED
+    if isinstance(exc, OSError):
+        return KIND_REFUSED
+    return KIND_SERVER_CLOSED
+
+
 def _set_keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
     sock = transport.get_extra_info("socket")
     if sock is None:
@@ -321,7 +346,9 @@ class ImapConnection:
                     return result
             except trio.TooSlowError:
                 self.monitor.mark_dead(f"no answer to {what} within {limit:g}s")
-                raise ConnectionLost(f"no answer to {what} within {limit:g}s") from None
+                raise ConnectionLost(
+                    f"no answer to {what} within {limit:g}s", kind=KIND_TIMEOUT
+                ) from None
             except aioimaplib.AioImapException as exc:
                 raise ImapError(f"{what} failed: {exc}") from None
             except (TimeoutError, OSError) as exc:
@@ -651,18 +678,22 @@ async def connect(
             )
     except trio.TooSlowError:
         raise ImapConnectError(
-            f"no IMAP greeting from {where} within {timeouts.connect:g}s"
+            f"no IMAP greeting from {where} within {timeouts.connect:g}s", kind=KIND_TIMEOUT
         ) from None
     except _NoStartTls:
-        raise ImapConnectError(f"{where} does not offer STARTTLS") from None
+        raise ImapConnectError(f"{where} does not offer STARTTLS", kind=KIND_TLS) from None
     except _BadGreeting as exc:
-        raise ImapConnectError(f"{where} failed the IMAP greeting: {exc}") from None
+        raise ImapConnectError(
+            f"{where} failed the IMAP greeting: {exc}", kind=KIND_SERVER_CLOSED
+        ) from None
     except _Refused as exc:
-        raise ImapConnectError(str(exc)) from None
+        raise ImapConnectError(str(exc), kind=KIND_REFUSED) from None
     except (TimeoutError, OSError, aioimaplib.AioImapException) as exc:
-        raise ImapConnectError(_describe_connect_error(exc, conn.host, conn.port)) from None
+        raise ImapConnectError(
+            _describe_connect_error(exc, conn.host, conn.port), kind=_connect_error_kind(exc)
+        ) from None
     imap = ImapConnection(protocol, monitor, timeouts)
     if monitor.problem() is not None:
         imap.abort()
-        raise ImapConnectError(f"{where}: {monitor.problem()}")
+        raise ImapConnectError(f"{where}: {monitor.problem()}", kind=KIND_SERVER_CLOSED)
     return imap

@@ -28,6 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from trio_idle import __version__
+from trio_idle.account_health import HEALTH_STATES
 from trio_idle.session_states import SESSION_STATES
 from trio_idle.stats import Histogram, Stats
 
@@ -64,6 +65,12 @@ LABELLED_COUNTERS: Final = (
     ("scans_retried", "status", "scan attempts that failed and were retried"),
     ("pings_sent", "result", "health pings delivered (ok: healthy, fail: unhealthy)"),
     ("state_errors", "operation", "state store failures (load, write)"),
+    (
+        "health_reports",
+        "result",
+        "account health reports sent to the backend (ok: accepted, retried: failed and "
+        "retried, an HTTP status: refused for good)",
+    ),
     ("gc_collections", "kind", "after-refresh garbage collections (full, new: only new objects)"),
     (
         "status_auth_failures",
@@ -93,6 +100,8 @@ class MetricsInput:
     loop_stalls: int
     scans_active: int = 0
     scans_pending: int = 0
+    #: connections by account health ``(state, reason)``; ``ok`` has reason ``None``
+    health: Mapping[tuple[str, str | None], int] = attrs.field(factory=dict)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -130,6 +139,19 @@ def families(data: MetricsInput) -> Iterator[Metric]:
         if state not in SESSION_STATES:
             sessions.add_metric([state], n)
     yield sessions
+    health = GaugeMetricFamily(
+        f"{PREFIX}_account_health",
+        "connections by account health state and reason (as reported to the backend)",
+        labels=["state", "reason"],
+    )
+    for state in HEALTH_STATES:  # every state present, so a dashboard can sum it
+        if not any(s == state for s, _ in data.health):
+            health.add_metric([state, ""], 0)
+    for (state, reason), n in sorted(
+        data.health.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
+    ):
+        health.add_metric([state, reason or ""], n)
+    yield health
     yield _gauge(
         "source_connections",
         "active rows in the connection source at the last successful refresh",

@@ -20,9 +20,10 @@ import attrs
 import trio
 from loguru import logger
 
+from trio_idle.account_health import explain
 from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.config import Settings
-from trio_idle.connections import MailConnection, RowProblem, build_connection
+from trio_idle.connections import AUTH_OAUTH2, MailConnection, RowProblem, build_connection
 from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
 from trio_idle.errors import ImapError, SourceError
 from trio_idle.imap_client import (
@@ -34,6 +35,7 @@ from trio_idle.imap_client import (
     resolve_security,
     shrink_tls_read_buffer,
 )
+from trio_idle.providers import connection_preset
 from trio_idle.scrub import PLAIN
 from trio_idle.session_states import SESSION_STATES, UP_STATES
 
@@ -118,7 +120,13 @@ async def try_login(
             await imap.login(conn.login, conn.password.reveal())
         return None
     except ImapError as exc:
-        return conn.scrubber()(exc)
+        # the classified health and its one-line fix follow the server's text
+        return explain(
+            exc,
+            connection_preset(conn.provider, conn.email, conn.host),
+            conn.scrubber(),
+            oauth=conn.auth == AUTH_OAUTH2,
+        )
     except trio.TooSlowError:
         return "no answer in time"
     except Exception as exc:  # report, never crash the whole check

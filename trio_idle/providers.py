@@ -348,3 +348,9 @@ def session_settings(settings: Settings, provider: str | None) -> Settings:
     return attrs.evolve(
         settings, timers=attrs.evolve(timers, idle_renew_interval=renew, tick_interval=tick)
     )
+
+
+def connection_preset(provider: str | None, email: str, host: str | None) -> Preset:
+    """The preset of a connection: the one its row matched (``MailConnection.provider``),
+    else a lookup by host and email domain."""
+    return preset_named(provider) if provider else preset_for(email, host)

@@ -7,7 +7,8 @@
         └── CancelScope  ← cancelled to remove or restart this connection only
             └── child nursery
                 ├── IMAP session (connect / IDLE / reconnect loop)
-                └── scan worker (webhook, retries)
+                ├── scan worker (webhook, retries)
+                └── health reporter (account health to the backend; unless switched off)
 
 Cancelling a connection's scope ends its whole subtree: the session LOGOUTs under a
 short shielded deadline, an in-flight scan request is abandoned. A restarted connection
@@ -26,6 +27,7 @@ import trio
 
 from trio_idle.coalescer import ScanCoalescer
 from trio_idle.connections import MailConnection
+from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reporter
 from trio_idle.imap_responses import MailboxState
 from trio_idle.logs import log_internal_error, prefix, session_logger
 from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scan_worker
@@ -61,6 +63,7 @@ class Handle:
     scope: trio.CancelScope
     memory: ConnectionMemory
     coalescer: ScanCoalescer
+    health: AccountHealth
     finished: trio.Event = attrs.field(factory=trio.Event)
 
 
@@ -81,6 +84,13 @@ class Reconciler:
         self._policy = ScanPolicy(
             s.imap.mailbox, s.webhook.scan_retry_initial, s.webhook.scan_retry_max
         )
+        self._status_policy: StatusPolicy | None = None
+        if s.account_health.connection_status:
+            self._status_policy = StatusPolicy(
+                s.webhook.backend_url + s.account_health.status_path,
+                s.webhook.scan_retry_initial,
+                s.webhook.scan_retry_max,
+            )
 
     @property
     def store(self) -> StateStore | None:
@@ -112,7 +122,13 @@ class Reconciler:
         memory = predecessor.memory if predecessor else ConnectionMemory()
         # a credentials restart keeps the pending scan: mail announced must still be scanned
         coalescer = predecessor.coalescer if predecessor else ScanCoalescer()
-        handle = Handle(conn, trio.CancelScope(), memory, coalescer)
+        # ... and its health: what the backend was told is not told again
+        if predecessor is not None:
+            health = predecessor.health
+        else:
+            health = AccountHealth(conn, self._env.settings.account_health.unreachable_after)
+            memory.on_outcome = health.observe
+        handle = Handle(conn, trio.CancelScope(), memory, coalescer, health)
         self.handles[conn.id] = handle
         self._nursery.start_soon(self._run, handle, predecessor, name=f"conn:{conn.id}")
 
@@ -123,6 +139,8 @@ class Reconciler:
             with handle.scope:
                 if predecessor is not None:
                     await predecessor.finished.wait()
+                    # only now: the old session's outcomes are scrubbed of the old password
+                    handle.health.rebind(conn)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(
                         run_scan_worker,
@@ -136,6 +154,17 @@ class Reconciler:
                         self._hooks(handle),
                         name=f"scan:{conn.id}",
                     )
+                    if self._status_policy is not None:
+                        nursery.start_soon(
+                            run_health_reporter,
+                            handle.health,
+                            self._webhook,
+                            self._status_policy,
+                            self._env.stats,
+                            log,
+                            random.Random(),
+                            name=f"health:{conn.id}",
+                        )
                     await run_session(conn, self._env, handle.coalescer, handle.memory, log)
         except Exception as exc:  # belt and braces: one connection never takes down the rest
             self._env.stats.inc("internal_errors")
@@ -172,6 +201,7 @@ class Reconciler:
                     "host": f"{h.conn.host}:{h.conn.port}",
                     "state": h.memory.state,
                     "last_error": h.memory.last_error,
+                    "health": h.health.snapshot(),
                     "sessions": h.memory.sessions,
                     "scan_active": h.coalescer.active,
                     "scan_pending": bool(h.coalescer.pending),

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import random
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import trio
 
+from trio_idle.account_health import Connected
 from trio_idle.backoff import Backoff, BackoffPolicy
 from trio_idle.coalescer import ScanCoalescer
 from trio_idle.config import Settings
@@ -54,6 +56,12 @@ class ConnectionMemory:
     last_error: str | None = None
     connected_since: float | None = None
     sessions: int = 0
+    #: told each outcome that says something about the account's health: a
+    #: :class:`~trio_idle.account_health.Connected`, or the error that ended an attempt
+    #: (:class:`~trio_idle.health_reporter.AccountHealth.observe`). Must never block.
+    on_outcome: Callable[[object], None] = attrs.field(
+        default=lambda outcome: None, repr=False, eq=False
+    )
 
 
 def network_connector(settings: Settings, ssl_context: ssl.SSLContext | None) -> ImapConnector:
@@ -157,6 +165,7 @@ async def run_session(
         except ImapAuthError as exc:
             memory.state = AUTH_FAILED
             memory.last_error = text = scrub(exc)
+            memory.on_outcome(exc)
             env.stats.inc("auth_failures")
             delay = auth_backoff.next_delay()
             log.error(
@@ -166,6 +175,7 @@ async def run_session(
         except ImapError as exc:
             memory.state = BACKOFF
             memory.last_error = text = scrub(exc)
+            memory.on_outcome(exc)
             if up_since is not None:
                 env.stats.inc("disconnects")
                 backoff.session_ended(trio.current_time() - up_since)
@@ -250,6 +260,7 @@ async def _watch(
     )
     if not imap.has_idle:
         memory.state = POLLING
+        memory.on_outcome(Connected(idle=False))
         log.warning(
             f"{where} server has no IDLE capability; polling every "
             f"{human_duration(s.timers.tick_interval)}"
@@ -263,6 +274,7 @@ async def _watch(
     _announce(conn, imap, memory, coalescer, env, log, "exists")
     await imap.idle_start()
     memory.state = IDLE
+    memory.on_outcome(Connected(idle=True))
     while True:
         with trio.move_on_at(min(next_tick, renew_at)):
             while True:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import trio
@@ -42,6 +43,7 @@ from trio_idle.health_server import ROUTES, HealthRoutes, HealthServer, Response
 from trio_idle.loop_monitor import LoopMonitor
 from trio_idle.metrics import MetricsInput, make_registry
 from trio_idle.pinger import run_pinger
+from trio_idle.reconcile import Handle
 from trio_idle.sd_notify import Notifier, watchdog_interval
 
 #: How often systemd's STATUS= line is refreshed when the counts change.
@@ -50,6 +52,17 @@ STATUS_EVERY = 5.0
 
 class StartupError(Exception):
     """Supervision could not start (e.g. the health address is in use); log-safe message."""
+
+
+def health_counts(handles: Iterable[Handle]) -> dict[tuple[str, str | None], int]:
+    """Connections by current account health ``(state, reason)``; none before their
+    first outcome."""
+    counts: Counter[tuple[str, str | None]] = Counter()
+    for handle in handles:
+        current = handle.health.tracker.current
+        if current is not None:
+            counts[current.key] += 1
+    return dict(counts)
 
 
 class Supervisor:
@@ -97,6 +110,7 @@ class Supervisor:
             loop_stalls=self.monitor.stalls,
             scans_active=sum(1 for h in handles if h.coalescer.active),
             scans_pending=sum(h.coalescer.pending for h in handles),
+            health=health_counts(handles),
         )
 
     # -- routes ---------------------------------------------------------------------

@@ -238,10 +238,15 @@ class WebhookClient:
         await self._client.aclose()
 
     def headers_for(self, job: ScanJob, body: bytes) -> dict[str, str]:
+        return self.signed_headers(body, {SCAN_ID_HEADER: job.scan_id})
+
+    def signed_headers(self, body: bytes, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The secret header, the content type, ``extra`` and (when configured) the
+        signature of ``body``: what every request to the backend carries."""
         headers = {
             self._secret_header: self._secret.reveal(),
             "content-type": "application/json",
-            SCAN_ID_HEADER: job.scan_id,
+            **(extra or {}),
         }
         if self._signing_secret is not None:
             headers[SIGNATURE_HEADER] = sign(self._signing_secret, body)
@@ -251,12 +256,18 @@ class WebhookClient:
         """One attempt. Never raises for network trouble or an oversized reply: those are
         RETRY verdicts. Cancellation abandons the attempt (its connection is closed)."""
         body = job.body()
+        return await self.post(self.url, body, self.headers_for(job, body))
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> ScanReply:
+        """One POST of ``body`` to ``url`` (another endpoint of the same backend) over this
+        client's pool, bounded and judged like a scan (:func:`interpret_reply`; a 2xx
+        without ``scanned``/``blocked`` is simply OK). Same guarantees as :meth:`send`."""
         # httpx's own timeouts should fire first; this bound catches everything else
         # (a server trickling bytes resets httpx's per-chunk read timeout forever).
         with trio.move_on_after(self._total_timeout + 5.0):
             try:
                 async with self._client.stream(
-                    "POST", self.url, content=body, headers=self.headers_for(job, body)
+                    "POST", url, content=body, headers=dict(headers)
                 ) as response:
                     reply_body = await read_capped(response, self.max_reply_bytes)
                     if reply_body is None:

@@ -29,6 +29,7 @@ import trustme
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.invariant import Ledger
 from tests.reliability.rig import PASSWORD, Rig
+from trio_idle.account_health import hint
 from trio_idle.connections import MailConnection
 from trio_idle.destinations import DEFAULT_NETWORKS, parse_networks
 from trio_idle.errors import ImapConnectError
@@ -408,5 +409,6 @@ async def test_check_login_refuses_the_same_destinations(rig: Rig, guard: Guard)
     lines = {line.split()[0]: line for line in out.getvalue().splitlines()[1:-1]}
     assert status == 1
     assert lines[A].endswith("ok (login)")
-    assert lines[B].endswith("FAILED: 127.0.0.2 is an address TRIO_IDLE_REFUSE_NETWORKS refuses")
+    assert "FAILED: 127.0.0.2 is an address TRIO_IDLE_REFUSE_NETWORKS refuses" in lines[B]
+    assert lines[B].endswith("unreachable/refused: " + hint("refused"))
     assert guard.to(refused_host.port) == []

@@ -142,3 +142,20 @@ def test_registry_reads_fresh_values_at_each_scrape_and_adds_process_metrics() -
     assert "trio_idle_connects" not in {
         f.name for f in text_string_to_metric_families(generate_latest(REGISTRY).decode())
     }
+
+
+def test_account_health_counts_by_state_and_reason_without_emails() -> None:
+    stats = Stats()
+    stats.inc("health_reports", "ok")
+    health = {("ok", None): 3, ("auth_failed", "imap_disabled"): 2}
+    text = render_metrics(data(stats, health=health))
+    m = parse(text)
+    assert m[("trio_idle_account_health", (("reason", ""), ("state", "ok")))] == 3
+    assert (
+        m[("trio_idle_account_health", (("reason", "imap_disabled"), ("state", "auth_failed")))]
+        == 2
+    )
+    # states with no connection are there too, at 0, so sums and alerts need no absent()
+    assert m[("trio_idle_account_health", (("reason", ""), ("state", "unreachable")))] == 0
+    assert m[("trio_idle_health_reports_total", (("result", "ok"),))] == 1
+    assert b"@" not in text

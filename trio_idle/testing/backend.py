@@ -29,6 +29,13 @@ Order in which a request is handled (each step can end it):
 
 A request counts as in flight (:meth:`ScanBackend.in_flight`) from step 1 until its answer
 has been written (or it was aborted). Nothing here sleeps to poll: every wait is on an event.
+
+Account health reports (``POST {url}/api/mail/connection-status-internal``, path
+:attr:`ScanBackend.status_path`) are served beside scans but kept apart from them: they
+are recorded in :attr:`ScanBackend.status_reports` (never in ``requests``, nor counted in
+``in_flight``), checked for the same secret and for their own contract
+(:data:`HEALTH_STATES`, ``since``, ``attempts``...), and answered by
+:attr:`ScanBackend.status_reply` (default ``200 {}``; a test swaps it to fail or slow down).
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ __all__ = [
 
 #: The ``reason`` values the contract allows.
 SCAN_REASONS: Final = frozenset({"exists", "tick", "reconnect", "startup"})
+#: The ``state`` values of an account health report.
+HEALTH_STATES: Final = frozenset({"ok", "auth_failed", "unreachable", "degraded"})
 #: Request bodies larger than this are answered 413 and the connection is closed.
 MAX_BODY_BYTES: Final = 1 << 20
 _RECEIVE_CHUNK: Final = 65536
@@ -130,6 +139,10 @@ class Reply:
 
 def _default_reply(_request: ScanRequest) -> Reply:
     return Reply()
+
+
+def _default_status_reply(_request: ScanRequest) -> Reply:
+    return Reply(200, json={})
 
 
 @attrs.define(eq=False)
@@ -254,6 +267,7 @@ class ScanBackend:
         port: int = 0,
         strict: bool = True,
         signing_key: str | bytes | None = None,
+        status_path: str = "/api/mail/connection-status-internal",
     ) -> None:
         if not secret:
             raise ValueError("secret must not be empty")
@@ -261,6 +275,14 @@ class ScanBackend:
             raise ValueError("path must start with '/'")
         self.secret: Final = secret
         self.path: Final = path
+        self.status_path: Final = status_path
+        #: Answers each authorized, well-formed account health report.
+        self.status_reply: Callable[[ScanRequest], Reply] = _default_status_reply
+        #: Every account health report received (whatever its outcome), in arrival order.
+        self.status_reports: list[ScanRequest] = []
+        #: The most health reports one connection id ever had in flight at once.
+        self.max_status_in_flight = 0
+        self._status_in_flight: dict[Any, int] = {}
         self.host: Final = host
         self.strict = strict
         self.signing_key: bytes | None = (
@@ -391,6 +413,21 @@ class ScanBackend:
         self._listening_changed = trio.Event()
 
     # ----------------------------------------------------------------- test controls
+
+    def status_for(self, connection_id: str, *, accepted: bool = False) -> list[ScanRequest]:
+        """The account health reports of ``connection_id``, in arrival order; with
+        ``accepted`` only those answered 2xx."""
+        found = [r for r in self.status_reports if r.connection_id == connection_id]
+        if accepted:
+            found = [r for r in found if r.status is not None and 200 <= r.status < 300]
+        return found
+
+    async def wait_for_status(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds, re-checked whenever a health report arrives or
+        is answered. Never times out by itself: wrap it in :func:`trio.fail_after`."""
+        while not predicate():
+            changed = self._changed
+            await changed.wait()
 
     def requests_for(self, email: str) -> list[ScanRequest]:
         """The recorded requests whose body ``email`` equals ``email`` exactly, in order."""
@@ -609,11 +646,74 @@ class ScanBackend:
             connection_number=number,
             email=request_email if isinstance(request_email, str) else None,
         )
+        if request.path == self.status_path:
+            return await self._status(conn, stream, request, json_ok)
         self._record(request)
         try:
             return await self._respond(conn, stream, request, json_ok)
         finally:
             self._finish(request)
+
+    async def _status(
+        self, conn: h11.Connection, stream: trio.SocketStream, request: ScanRequest, json_ok: bool
+    ) -> bool:
+        """One account health report: recorded apart from scans, then answered."""
+        self.status_reports.append(request)
+        key = request.connection_id
+        count = self._status_in_flight[key] = self._status_in_flight.get(key, 0) + 1
+        self.max_status_in_flight = max(self.max_status_in_flight, count)
+        self._notify_changed()
+        try:
+            given = request.headers.get("x-admin-secret", "").encode("latin-1")
+            error: tuple[int, Any] | None = None
+            if request.method != "POST":
+                error = 405, {"error": "method not allowed"}
+            elif not hmac.compare_digest(given, self.secret.encode("utf-8")):
+                error = 401, {"error": "unauthorized"}
+            elif not json_ok:
+                request.problems.append("body is not a JSON object")
+                error = 400, {"error": "body is not a JSON object"}
+            else:
+                request.problems.extend(self._status_problems(request))
+                if request.problems and self.strict:
+                    error = 400, {"error": "bad request", "problems": request.problems}
+            if error is not None:
+                request.status = error[0]
+                await self._send(conn, stream, *error)
+                return True
+            reply = request.reply = self.status_reply(request)
+            if reply.delay:
+                await trio.sleep(reply.delay)
+            if reply.disconnect:
+                return False
+            request.status = reply.status
+            await self._send(conn, stream, reply.status, reply=reply)
+            return not reply.close
+        finally:
+            self._status_in_flight[key] -= 1
+            request.finished_at = trio.current_time()
+            self._notify_changed()
+
+    def _status_problems(self, request: ScanRequest) -> list[str]:
+        """Everything about an authorized health report that breaks its contract."""
+        problems = self._header_problems(request, scan_id=False)
+        body = request.body
+        for field in ("connectionId", "email", "since"):
+            value = body.get(field)
+            if not isinstance(value, str) or not value:
+                problems.append(f"{field} must be a non-empty string")
+        if "userId" not in body or not isinstance(body["userId"], (str, type(None))):
+            problems.append("userId must be present (a string or null)")
+        if body.get("state") not in HEALTH_STATES:
+            problems.append(f"state must be one of {sorted(HEALTH_STATES)}")
+        if not isinstance(body.get("reason", 0), (str, type(None))):
+            problems.append("reason must be a string or null")
+        if not isinstance(body.get("message"), str):
+            problems.append("message must be a string")
+        attempts = body.get("attempts")
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+            problems.append("attempts must be a non-negative integer")
+        return problems
 
     async def _respond(
         self,
@@ -663,20 +763,8 @@ class ScanBackend:
 
     def _contract_problems(self, request: ScanRequest) -> list[str]:
         """Everything about an authorized request that breaks the webhook contract."""
-        problems: list[str] = []
-        headers, body = request.headers, request.body
-        content_type = headers.get("content-type", "")
-        if content_type.split(";", 1)[0].strip().lower() != "application/json":
-            problems.append(f"content-type must be application/json, got {content_type!r}")
-        if not headers.get("user-agent", "").startswith("trio-idle/"):
-            problems.append("user-agent must be trio-idle/<version>")
-        if not headers.get("x-scan-id", "").strip():
-            problems.append("x-scan-id header missing")
-        signature = headers.get("x-signature")
-        if signature is not None and not _SIGNATURE_RE.fullmatch(signature):
-            problems.append("x-signature must be sha256=<64 lower-case hex digits>")
-        elif self.signing_key is not None and not request.signature_matches(self.signing_key):
-            problems.append("x-signature missing or wrong")
+        problems = self._header_problems(request, scan_id=True)
+        body = request.body
         for field in ("connectionId", "email", "mailbox"):
             value = body.get(field)
             if not isinstance(value, str) or not value:
@@ -687,6 +775,24 @@ class ScanBackend:
             problems.append("userId must be a string or null")
         if body.get("reason") not in SCAN_REASONS:
             problems.append(f"reason must be one of {sorted(SCAN_REASONS)}")
+        return problems
+
+    def _header_problems(self, request: ScanRequest, *, scan_id: bool) -> list[str]:
+        """The headers every request to the backend must carry (``x-scan-id``: scans)."""
+        problems: list[str] = []
+        headers = request.headers
+        content_type = headers.get("content-type", "")
+        if content_type.split(";", 1)[0].strip().lower() != "application/json":
+            problems.append(f"content-type must be application/json, got {content_type!r}")
+        if not headers.get("user-agent", "").startswith("trio-idle/"):
+            problems.append("user-agent must be trio-idle/<version>")
+        if scan_id and not headers.get("x-scan-id", "").strip():
+            problems.append("x-scan-id header missing")
+        signature = headers.get("x-signature")
+        if signature is not None and not _SIGNATURE_RE.fullmatch(signature):
+            problems.append("x-signature must be sha256=<64 lower-case hex digits>")
+        elif self.signing_key is not None and not request.signature_matches(self.signing_key):
+            problems.append("x-signature missing or wrong")
         return problems
 
 

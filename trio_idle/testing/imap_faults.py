@@ -30,6 +30,9 @@ class Faults:
 
     * ``refuse_login`` — LOGIN / AUTHENTICATE answer
       ``NO [AUTHENTICATIONFAILED] Authentication failed.`` even with the right password.
+    * ``login_reply`` — the text after ``NO`` of a refused LOGIN / AUTHENTICATE instead
+      of that one (a provider's own words); the first non-empty of the connection's, the
+      user's and the global object applies.
     * ``greeting_delay`` — seconds to wait before the greeting (only the global object and a
       connection's own object apply: the user is unknown before login).
     * ``response_delay`` — seconds to wait before answering each command (including ``DONE``).
@@ -43,6 +46,7 @@ class Faults:
     """
 
     refuse_login: bool = attrs.field(default=False, converter=bool)
+    login_reply: str = attrs.field(default="", converter=str)
     greeting_delay: float = attrs.field(default=0.0, converter=float)
     response_delay: float = attrs.field(default=0.0, converter=float)
     no_push: bool = attrs.field(default=False, converter=bool)
@@ -54,6 +58,7 @@ class Faults:
     def reset(self) -> None:
         """Switch every fault off."""
         self.refuse_login = False
+        self.login_reply = ""
         self.greeting_delay = 0.0
         self.response_delay = 0.0
         self.no_push = False

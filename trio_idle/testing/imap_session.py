@@ -455,7 +455,13 @@ class ImapTestSession:
         refused = self._flag("refuse_login") or (user is not None and user.faults.refuse_login)
         if user is None or refused or password != user.password:
             self._server._login_failed(name)
-            await self._send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n".encode())
+            # not logged in yet, so the user's faults are not among _fault_objects()
+            candidates = [self._faults, user.faults if user else None, self._server.global_faults]
+            reply = next(
+                (f.login_reply for f in candidates if f is not None and f.login_reply),
+                "[AUTHENTICATIONFAILED] Authentication failed.",
+            )
+            await self._send(f"{tag} NO {reply}\r\n".encode())
             return
         self._user = user
         self.state = State.AUTHENTICATED
