@@ -68,7 +68,8 @@ def test_refused_logins_are_classified_by_their_response_code(text: str, reason:
 def test_an_oauth2_refusal_is_a_refused_token() -> None:
     refused = auth("NO [AUTHENTICATIONFAILED] Invalid credentials", oauth=True)
     assert refused is not None and refused.key == ("auth_failed", "token_invalid")
-    gmail = classify(ImapAuthError("AUTHENTICATE failed", sasl_status="401"), GENERIC_PRESET, oauth=True)
+    refusal = ImapAuthError("AUTHENTICATE failed", sasl_status="401")
+    gmail = classify(refusal, GENERIC_PRESET, oauth=True)
     assert gmail is not None and gmail.reason == "token_invalid"
 
 
@@ -91,7 +92,8 @@ def test_a_lost_connection_without_a_kind_counts_as_closed_by_the_server() -> No
     for error in (ConnectionLost("BYE"), ImapError("SELECT INBOX failed: NO")):
         health = classify(error, GENERIC_PRESET)
         assert health is not None and health.key == ("unreachable", "server_closed")
-    half_open = classify(ConnectionLost("no answer to NOOP within 5s", kind="timeout"), GENERIC_PRESET)
+    silent = ConnectionLost("no answer to NOOP within 5s", kind="timeout")
+    half_open = classify(silent, GENERIC_PRESET)
     assert half_open is not None and half_open.reason == "timeout"
 
 
