@@ -64,6 +64,12 @@ LABELLED_COUNTERS: Final = (
     ("scans_retried", "status", "scan attempts that failed and were retried"),
     ("pings_sent", "result", "health pings delivered (ok: healthy, fail: unhealthy)"),
     ("state_errors", "operation", "state store failures (load, write)"),
+    (
+        "token_failures",
+        "reason",
+        "OAuth2 access tokens not had (token_error, token_unavailable, token_revoked) "
+        "or refused by the IMAP server (refused)",
+    ),
     ("gc_collections", "kind", "after-refresh garbage collections (full, new: only new objects)"),
     (
         "status_auth_failures",
