@@ -70,7 +70,8 @@ def test_gmail_error_challenge_gives_its_status() -> None:
 
 
 def test_dovecot_error_challenge_gives_its_status() -> None:
-    assert error_status(challenge({"status": "invalid_token", "schemes": "bearer"})) == "invalid_token"
+    line = challenge({"status": "invalid_token", "schemes": "bearer"})
+    assert error_status(line) == "invalid_token"
     assert error_status(challenge({"status": 400})) == "400"
 
 

@@ -163,7 +163,9 @@ async def test_token_error_backs_off_as_a_connect_failure_and_honours_retry_afte
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     tokens = ScriptedTokens()
-    tokens.failures = [TokenUnavailable(TOKEN_ERROR, "token endpoint answered 503", retry_after=120)]
+    tokens.failures = [
+        TokenUnavailable(TOKEN_ERROR, "token endpoint answered 503", retry_after=120)
+    ]
     rig = oauth_rig(tokens)
     async with running(rig):
         await connected(rig)

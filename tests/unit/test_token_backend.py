@@ -28,6 +28,7 @@ from trio_idle.token_backend import (
 
 NOW = 1_800_000_000.0
 TOKEN = "S3ntinel-oauth-access-token-1"
+EIGHT = datetime.datetime(2027, 1, 15, 8, tzinfo=datetime.UTC).timestamp()
 
 
 def conn(conn_id: str = "c1") -> MailConnection:
@@ -57,16 +58,18 @@ def reply(obj: Any, status: int = 200) -> tuple[int, dict[str, str], bytes]:
         (int(NOW), NOW),
         (NOW * 1000, NOW),  # JavaScript's Date.now()
         (str(int(NOW)), NOW),
-        ("2027-01-15T08:00:00Z", datetime.datetime(2027, 1, 15, 8, tzinfo=datetime.UTC).timestamp()),
-        ("2027-01-15T09:00:00+01:00", datetime.datetime(2027, 1, 15, 8, tzinfo=datetime.UTC).timestamp()),
-        ("2027-01-15T08:00:00.500", datetime.datetime(2027, 1, 15, 8, 0, 0, 500000, tzinfo=datetime.UTC).timestamp()),
+        ("2027-01-15T08:00:00Z", EIGHT),
+        ("2027-01-15T09:00:00+01:00", EIGHT),
+        ("2027-01-15T08:00:00.500", EIGHT + 0.5),  # no zone: UTC
     ],
-)  # fmt: skip
+)
 def test_expiry_forms(value: object, expected: float) -> None:
     assert parse_expiry(value) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("value", [None, True, float("nan"), float("inf"), -5, 0, "soon", "", [1], "9" * 100])
+@pytest.mark.parametrize(
+    "value", [None, True, float("nan"), float("inf"), -5, 0, "soon", "", [1], "9" * 100]
+)
 def test_unusable_expiry(value: object) -> None:
     assert parse_expiry(value) is None
 
@@ -119,10 +122,16 @@ def test_rejected_secret_says_so() -> None:
         (json.dumps({"expiresAt": NOW + 60}).encode(), "no accessToken"),
         (json.dumps({"accessToken": TOKEN}).encode(), "expiresAt"),
         (json.dumps({"accessToken": TOKEN, "expiresAt": NOW - 1}).encode(), "expired"),
-        (json.dumps({"accessToken": TOKEN + "\r\nx", "expiresAt": NOW + 60}).encode(), "not a usable"),
-        (json.dumps({"accessToken": TOKEN, "expiresAt": NOW + 60, "user": "a\nb"}).encode(), "user"),
+        (
+            json.dumps({"accessToken": TOKEN + "\r\nx", "expiresAt": NOW + 60}).encode(),
+            "not a usable",
+        ),
+        (
+            json.dumps({"accessToken": TOKEN, "expiresAt": NOW + 60, "user": "a\nb"}).encode(),
+            "user",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_replies_are_token_errors_without_the_token(body: bytes, why: str) -> None:
     result = interpret_token_reply(200, {}, body, now=NOW)
     assert isinstance(result, TokenUnavailable) and result.reason == TOKEN_ERROR
@@ -271,7 +280,9 @@ async def test_unreachable_endpoint_is_a_token_error() -> None:
     await tokens.aclose()
 
 
-async def test_a_hanging_endpoint_fails_within_the_timeout(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_hanging_endpoint_fails_within_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     backend = Backend([NOW])
     backend.gate = trio.Event()  # never set
     tokens = source(backend, total_timeout=5.0)
