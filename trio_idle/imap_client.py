@@ -529,7 +529,7 @@ class _SaslCommand(aioimaplib.Command):  # type: ignore[misc]
     """``AUTHENTICATE <mechanism> [<response>]`` answering the server's continuations.
 
     aioimaplib hands every continuation of the pending command to :meth:`flush` (after
-    adding it to the response lines). The first one asks for the client response when it
+    adding it to the response lines; it also calls it after every read). The first one asks for the client response when it
     was not sent on the command line (no SASL-IR); any other is the server refusing the
     token: it is kept as :attr:`challenge` and acknowledged once; a further one cancels
     the exchange (``*``). The repr never shows the response (aioimaplib quotes commands
@@ -546,6 +546,7 @@ class _SaslCommand(aioimaplib.Command):  # type: ignore[misc]
         self.line = f"{self.tag} AUTHENTICATE {mechanism}" + (f" {response}" if sasl_ir else "")
         self._unsent: str | None = None if sasl_ir else response
         self._acknowledged = False
+        self._answered_lines = 0
         #: the server's error challenge (``+ <base64 JSON>``), if it sent one
         self.challenge: bytes | None = None
 
@@ -553,7 +554,14 @@ class _SaslCommand(aioimaplib.Command):  # type: ignore[misc]
         return f"{self.tag} AUTHENTICATE {self._mechanism} {MASK}"
 
     def flush(self) -> None:
-        line = bytes(self._resp_lines[-1]) if self._resp_lines else b"+"
+        # aioimaplib also calls this at the end of every read while the command is
+        # pending: only a continuation line that has just arrived is answered
+        if len(self._resp_lines) == self._answered_lines:
+            return
+        self._answered_lines = len(self._resp_lines)
+        line = bytes(self._resp_lines[-1])
+        if not line.startswith(b"+"):
+            return
         if self._unsent is not None and not challenge_text(line):
             data, self._unsent = self._unsent.encode(), None
         elif not self._acknowledged:
