@@ -531,9 +531,10 @@ class _SaslCommand(aioimaplib.Command):  # type: ignore[misc]
     aioimaplib hands every continuation of the pending command to :meth:`flush` (after
     adding it to the response lines; it also calls it after every read). The first one
     asks for the client response when it was not sent on the command line (no SASL-IR);
-    any other is the server refusing the token: it is kept as :attr:`challenge` and acknowledged once; a further one cancels
-    the exchange (``*``). The repr never shows the response (aioimaplib quotes commands
-    in its errors and debug log), so the command line is written by
+    any other is the server refusing the token: it is kept as :attr:`challenge` and
+    acknowledged once; a further one cancels the exchange (``*``). The repr never shows
+    the response (aioimaplib quotes commands in its errors and debug log), so the
+    command line is written by
     :func:`_aio_authenticate`, not by aioimaplib's ``execute`` (which sends the repr).
     """
 
