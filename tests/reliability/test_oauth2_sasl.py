@@ -71,3 +71,34 @@ async def test_a_bad_token_gets_the_error_dance_and_its_status(
     assert BAD not in str(error)
     assert server.stats.login_failures == 1 and server.stats.bad == 0
     assert server.oauth2_attempts == [error.mechanism]
+
+
+async def test_check_login_signs_oauth2_rows_in_with_a_backend_token(
+    server: ImapTestServer,
+) -> None:
+    import httpx
+
+    from trio_idle.config import Settings
+    from trio_idle.operator_commands import try_login
+    from trio_idle.token_backend import BackendTokenSource
+
+    conn = setup(server, ("XOAUTH2", "OAUTHBEARER"), True)
+    replies = iter([GOOD, BAD])
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"accessToken": next(replies), "expiresAt": 4e9})
+
+    tokens = BackendTokenSource(
+        "http://127.0.0.1:1/t", secret_header="x", secret=Secret("s"), signing_secret=None,
+        total_timeout=5, refresh_ahead=300, transport=httpx.MockTransport(endpoint),
+    )  # fmt: skip
+    async with trio_asyncio.open_loop():
+        assert await try_login(conn, Settings(), None, tokens) is None
+        tokens.forget(conn.id)
+        error = await try_login(conn, Settings(), None, tokens)
+        assert await try_login(conn, Settings(), None, None) == (
+            "no token source for oauth2 connections"
+        )
+    await tokens.aclose()
+    assert error is not None and "token status 401" in error and BAD not in error
+    assert server.stats.logins == 1
