@@ -26,6 +26,7 @@ SENTINELS: Final = (
     "S3ntinel-pw-sigterm",  # tests/reliability/test_serve_sigterm.py
     "S3ntinel-pw-restart",  # tests/restart/test_restart_catchup.py
     "S3ntinel",  # tests/reliability/test_secret_leaks.py (its password begins so)
+    "S3ntinel-oauth-",  # OAuth2 access tokens of the oauth2 tests (covered by the above too)
     "cli-admin-s3cret",  # tests/unit/test_cli_config_errors.py
     "cli-db-pw",
     "oauth-cl1ent-s3cret",  # tests/*token_refresh*.py: OAuth2 client secrets

@@ -681,10 +681,36 @@ class WebhookSettings:
         "send the scan webhook and health pings through the proxy named by HTTP_PROXY, "
         "HTTPS_PROXY, ALL_PROXY (and NO_PROXY); off: always connect directly",
     )
+    token_path: str = setting(
+        "TRIO_IDLE_TOKEN_PATH",
+        "--token-path",
+        _path_part,
+        "/api/mail/imap-token-internal",
+        "path of the backend's OAuth2 access-token endpoint (for oauth2 connections)",
+    )
+    token_timeout: float = setting(
+        "TRIO_IDLE_TOKEN_TIMEOUT",
+        "--token-timeout",
+        parse_duration,
+        "20s",
+        "total deadline for one access-token request to the backend",
+    )
+    token_refresh_ahead: float = setting(
+        "TRIO_IDLE_TOKEN_REFRESH_AHEAD",
+        "--token-refresh-ahead",
+        parse_duration,
+        "5m",
+        "a cached access token is replaced when it expires within this time; every "
+        "(re)connect signs in with a token valid at least this long",
+    )
 
     @property
     def scan_url(self) -> str:
         return self.backend_url + self.scan_path
+
+    @property
+    def token_url(self) -> str:
+        return self.backend_url + self.token_path
 
 
 @attrs.frozen(kw_only=True)

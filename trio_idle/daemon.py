@@ -47,6 +47,7 @@ from trio_idle.session import SessionEnv
 from trio_idle.state_store import StateStore, make_state_backend
 from trio_idle.stats import Stats
 from trio_idle.supervision import Supervisor, run_supervision
+from trio_idle.token_backend import make_token_source
 from trio_idle.webhook import WebhookClient
 
 
@@ -283,6 +284,7 @@ async def run_daemon(
         stats,
         grace=settings.store.state_grace,
     )
+    tokens = make_token_source(settings)
     env = SessionEnv(
         settings=settings,
         limiter=ConnectLimiter.from_settings(settings.limits),
@@ -291,6 +293,7 @@ async def run_daemon(
         rng=random.Random(),
         store=store,
         catchup_pacer=Pacer(settings.limits.catchup_rate),
+        tokens=tokens,
     )
     webhook = WebhookClient.from_settings(settings.webhook)
     daemon: Daemon | None = None
@@ -310,6 +313,7 @@ async def run_daemon(
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await webhook.aclose()
+                await tokens.aclose()
             if daemon is not None:
                 daemon._stopped()
     logger.info("[idle/daemon] stopped")

@@ -41,8 +41,11 @@ class ImapAuthError(ImapError):
     """The server rejected the login: retried only after a long backoff.
 
     ``server_text``: the server's own words (its ``NO`` line, password masked), when the
-    raiser kept them apart from the message; ``sasl_status``: the ``status`` of a SASL
-    error continuation (Gmail's XOAUTH2 answers base64 JSON such as ``{"status":"401"}``).
+    raiser kept them apart from the message; ``sasl_status``: what an OAuth2 server said
+    about the token in its SASL error challenge (Gmail's XOAUTH2 answers base64 JSON such
+    as ``{"status":"401"}``, Dovecot's ``"invalid_token"``), ``None`` for a password login
+    or a server that said nothing; ``mechanism``: the SASL mechanism used (``None`` for
+    LOGIN). All are log-safe.
     """
 
     def __init__(
@@ -51,10 +54,12 @@ class ImapAuthError(ImapError):
         kind: str | None = None,
         server_text: str | None = None,
         sasl_status: str | None = None,
+        mechanism: str | None = None,
     ) -> None:
         super().__init__(*args, kind=kind)
         self.server_text = server_text
         self.sasl_status = sasl_status
+        self.mechanism = mechanism
 
 
 class ConnectionLost(ImapError):

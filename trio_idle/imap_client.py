@@ -53,6 +53,14 @@ from trio_idle.errors import (
 from trio_idle.imap_framing import FrameError, FrameTooLarge, ResponseFramer, format_size
 from trio_idle.imap_responses import MailboxState, parse_mailbox_state
 from trio_idle.push_monitor import PushMonitor
+from trio_idle.sasl import (
+    challenge_text,
+    choose_mechanism,
+    error_ack,
+    error_status,
+    initial_response,
+)
+from trio_idle.scrub import MASK, Scrubber
 
 T = TypeVar("T")
 
@@ -319,10 +327,21 @@ def _set_keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
 class ImapConnection:
     """A connected, not yet authenticated IMAP client. Use :func:`connect` to make one."""
 
-    def __init__(self, protocol: _Protocol, monitor: PushMonitor, timeouts: ImapTimeouts) -> None:
+    def __init__(
+        self,
+        protocol: _Protocol,
+        monitor: PushMonitor,
+        timeouts: ImapTimeouts,
+        *,
+        host: str = "",
+        port: int = 0,
+    ) -> None:
         self.protocol = protocol
         self.monitor = monitor
         self.timeouts = timeouts
+        #: the server as the user named it (OAUTHBEARER tells the server which it is)
+        self.host = host
+        self.port = port
         self._idle_task: asyncio.Future[Any] | None = None
 
     # -- plumbing ----------------------------------------------------------------------
@@ -374,6 +393,46 @@ class ImapConnection:
             if "[UNAVAILABLE]" in text.upper():  # RFC 5530: temporary, not a bad password
                 raise ImapError(f"login temporarily unavailable: {text[:200]}")
             raise ImapAuthError(f"login rejected for {user}: {response.result} {text[:200]}")
+
+    async def authenticate_oauth2(self, user: str, token: str) -> None:
+        """AUTHENTICATE with an OAuth2 access token: ``OAUTHBEARER`` where the server
+        offers it, else ``XOAUTH2`` (:func:`trio_idle.sasl.choose_mechanism`).
+
+        The client response goes on the command line where the server announced
+        ``SASL-IR``, else after its first ``+`` continuation. A server refusing the token
+        sends a continuation with a JSON status: it is acknowledged (so the server ends
+        the exchange with its tagged ``NO``) and the status is kept in the
+        :class:`ImapAuthError` (``status``). ``[UNAVAILABLE]`` (RFC 5530) is a temporary
+        :class:`ImapError`, not a refusal. The whole exchange runs under one command
+        deadline. Neither the token nor the client response reaches an exception
+        message (every message is scrubbed of both), nor aioimaplib's debug log.
+        """
+        mechanism = choose_mechanism(self.protocol.capabilities)
+        try:
+            response_b64 = initial_response(mechanism, user, token, self.host, self.port)
+        except ValueError as exc:
+            raise ImapAuthError(str(exc), mechanism=mechanism) from None
+        scrub = Scrubber((token, response_b64))
+        command = _SaslCommand(
+            self.protocol, mechanism, response_b64, sasl_ir="SASL-IR" in self.protocol.capabilities
+        )
+        try:
+            response = await self._call("AUTHENTICATE", _aio_authenticate, self.protocol, command)
+        except ImapError as exc:
+            raise type(exc)(scrub(exc)) from None
+        if response.result == "OK":
+            return
+        status = error_status(command.challenge) if command.challenge is not None else None
+        lines = [bytes(x) for x in response.lines if not bytes(x).startswith(b"+")]
+        text = scrub(b" ".join(lines).decode("utf-8", "replace"))
+        if "[UNAVAILABLE]" in text.upper():
+            raise ImapError(f"sign-in temporarily unavailable: {text}")
+        about = f" (token status {status})" if status else ""
+        raise ImapAuthError(
+            f"OAuth2 sign-in ({mechanism}) rejected for {user}: {response.result} {text}{about}",
+            sasl_status=status,
+            mechanism=mechanism,
+        )
 
     async def select(self, mailbox: str) -> MailboxState:
         response = await self._call("SELECT", self.protocol.select, mailbox)
@@ -491,6 +550,81 @@ async def _aio_restart_idle(
             raise aioimaplib.Abort(response.result)
     step.name = "IDLE"
     return await _aio_idle_start(protocol)
+
+
+class _SaslCommand(aioimaplib.Command):  # type: ignore[misc]
+    """``AUTHENTICATE <mechanism> [<response>]`` answering the server's continuations.
+
+    aioimaplib hands every continuation of the pending command to :meth:`flush` (after
+    adding it to the response lines; it also calls it after every read). The first one
+    asks for the client response when it was not sent on the command line (no SASL-IR);
+    any other is the server refusing the token: it is kept as :attr:`challenge` and
+    acknowledged once; a further one cancels the exchange (``*``). The repr never shows
+    the response (aioimaplib quotes commands in its errors and debug log), so the
+    command line is written by
+    :func:`_aio_authenticate`, not by aioimaplib's ``execute`` (which sends the repr).
+    """
+
+    def __init__(
+        self, protocol: _Protocol, mechanism: str, response: str, *, sasl_ir: bool
+    ) -> None:
+        super().__init__("AUTHENTICATE", protocol.new_tag(), mechanism, loop=protocol.loop)
+        self._protocol = protocol
+        self._mechanism = mechanism
+        self.line = f"{self.tag} AUTHENTICATE {mechanism}" + (f" {response}" if sasl_ir else "")
+        self._unsent: str | None = None if sasl_ir else response
+        self._acknowledged = False
+        self._answered_lines = 0
+        #: the server's error challenge (``+ <base64 JSON>``), if it sent one
+        self.challenge: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"{self.tag} AUTHENTICATE {self._mechanism} {MASK}"
+
+    def flush(self) -> None:
+        # aioimaplib also calls this at the end of every read while the command is
+        # pending: only a continuation line that has just arrived is answered
+        if len(self._resp_lines) == self._answered_lines:
+            return
+        self._answered_lines = len(self._resp_lines)
+        line = bytes(self._resp_lines[-1])
+        if not line.startswith(b"+"):
+            return
+        if self._unsent is not None and not challenge_text(line):
+            data, self._unsent = self._unsent.encode(), None
+        elif not self._acknowledged:
+            self._unsent = None
+            self._acknowledged = True
+            self.challenge = line
+            data = error_ack(self._mechanism)
+        else:
+            data = b"*"
+        _write(self._protocol, data + b"\r\n")
+
+
+def _write(protocol: _Protocol, data: bytes) -> None:
+    transport = protocol.transport
+    if transport is not None and not transport.is_closing():
+        transport.write(data)
+
+
+async def _aio_authenticate(protocol: _Protocol, command: _SaslCommand) -> Any:
+    """aioimaplib's ``execute`` for a sync command, writing :attr:`_SaslCommand.line`."""
+    async with protocol.state_condition:  # as aioimaplib's own login does
+        if protocol.state != aioimaplib.NONAUTH:
+            raise aioimaplib.Abort(f"AUTHENTICATE illegal in state {protocol.state}")
+        if protocol.pending_sync_command is not None:
+            await protocol.pending_sync_command.wait()
+        if protocol.pending_async_commands:
+            await protocol.wait_async_pending_commands()
+        protocol.pending_sync_command = command
+        _write(protocol, command.line.encode() + b"\r\n")
+        await command.wait()
+        response = command.response
+        if response.result == "OK":
+            protocol.state = aioimaplib.AUTH
+        protocol.state_condition.notify_all()
+    return response
 
 
 async def _aio_wait(future: asyncio.Future[T]) -> T:
@@ -692,7 +826,7 @@ async def connect(
         raise ImapConnectError(
             _describe_connect_error(exc, conn.host, conn.port), kind=_connect_error_kind(exc)
         ) from None
-    imap = ImapConnection(protocol, monitor, timeouts)
+    imap = ImapConnection(protocol, monitor, timeouts, host=conn.host, port=conn.port)
     if monitor.problem() is not None:
         imap.abort()
         raise ImapConnectError(f"{where}: {monitor.problem()}", kind=KIND_SERVER_CLOSED)

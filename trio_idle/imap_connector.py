@@ -33,7 +33,7 @@ class ImapLink(Protocol):
       connection wakes :meth:`PushMonitor.wait`;
     - after any exception, cancellation included, the link is unusable: the caller ends
       it with :meth:`logout` (or :meth:`abort`);
-    - no method puts the password into a log line or an exception.
+    - no method puts the password or the access token into a log line or an exception.
     """
 
     @property
@@ -48,6 +48,12 @@ class ImapLink(Protocol):
 
     async def login(self, user: str, password: str) -> None:
         """LOGIN; :class:`~trio_idle.errors.ImapAuthError` when the server rejects it."""
+        ...
+
+    async def authenticate_oauth2(self, user: str, token: str) -> None:
+        """SASL ``OAUTHBEARER`` (where offered) or ``XOAUTH2`` with an access token;
+        :class:`~trio_idle.errors.ImapAuthError` (its ``status`` from the server's error
+        challenge) when the server refuses the token. The token is never in an error."""
         ...
 
     async def select(self, mailbox: str) -> MailboxState:

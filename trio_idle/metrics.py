@@ -71,6 +71,12 @@ LABELLED_COUNTERS: Final = (
         "account health reports sent to the backend (ok: accepted, retried: failed and "
         "retried, an HTTP status: refused for good)",
     ),
+    (
+        "token_failures",
+        "reason",
+        "OAuth2 access tokens not had (token_error, token_unavailable, token_revoked) "
+        "or refused by the IMAP server (refused)",
+    ),
     ("gc_collections", "kind", "after-refresh garbage collections (full, new: only new objects)"),
     (
         "status_auth_failures",

@@ -24,6 +24,7 @@ from trio_idle.account_health import explain
 from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.config import Settings
 from trio_idle.connections import AUTH_OAUTH2, MailConnection, RowProblem, build_connection
+from trio_idle.credentials import AccessToken, TokenSource, TokenUnavailable
 from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
 from trio_idle.errors import ImapError, SourceError
 from trio_idle.imap_client import (
@@ -38,6 +39,7 @@ from trio_idle.imap_client import (
 from trio_idle.providers import connection_preset
 from trio_idle.scrub import PLAIN
 from trio_idle.session_states import SESSION_STATES, UP_STATES
+from trio_idle.token_backend import make_token_source
 
 if TYPE_CHECKING:
     from trio_idle.daemon import ConnectionSource, Daemon
@@ -90,12 +92,30 @@ def check_rows(
 
 
 async def try_login(
-    conn: MailConnection, settings: Settings, context: ssl.SSLContext | None
+    conn: MailConnection,
+    settings: Settings,
+    context: ssl.SSLContext | None,
+    tokens: TokenSource | None = None,
 ) -> str | None:
-    """Connect, LOGIN, LOGOUT. ``None`` on success, else a log-safe error (no password).
+    """Connect, LOGIN (``oauth2`` rows: AUTHENTICATE with a token from ``tokens``),
+    LOGOUT. ``None`` on success, else a log-safe error (no password, no token).
 
-    Needs a trio-asyncio loop. Bounded by connect + 2 command timeouts (+ LOGOUT's).
+    Needs a trio-asyncio loop. Bounded by connect + 2 command timeouts (+ LOGOUT's),
+    after the token request (bounded by ``token_timeout``).
     """
+    secret: str | None = None
+    token: AccessToken | None = None
+    if conn.auth == AUTH_OAUTH2:
+        if tokens is None:
+            return "no token source for oauth2 connections"
+        try:
+            with trio.fail_after(settings.webhook.token_timeout + 5):
+                token = await tokens.get(conn)
+        except TokenUnavailable as exc:
+            return f"no access token ({exc.reason}): {conn.scrubber()(exc)}"
+        except trio.TooSlowError:
+            return "no access token in time"
+        secret = token.token.reveal()
     security = resolve_security(conn.security or settings.imap.imap_security, conn.port)
     timeouts = ImapTimeouts(
         connect=settings.timers.connect_timeout,
@@ -117,14 +137,17 @@ async def try_login(
                     max_line=settings.imap.max_line, max_literal=settings.imap.max_literal
                 ),
             )
-            await imap.login(conn.login, conn.password.reveal())
+            if token is None or secret is None:
+                await imap.login(conn.login, conn.password.reveal())
+            else:
+                await imap.authenticate_oauth2(token.user or conn.login, secret)
         return None
     except ImapError as exc:
         # the classified health and its one-line fix follow the server's text
         return explain(
             exc,
             connection_preset(conn.provider, conn.email, conn.host),
-            conn.scrubber(),
+            conn.scrubber(secret),
             oauth=conn.auth == AUTH_OAUTH2,
         )
     except trio.TooSlowError:
@@ -183,16 +206,26 @@ async def run_check(
             context = make_ssl_context(settings.imap.ca_file)
             limiter = trio.CapacityLimiter(concurrency)
             by_id = {r.conn_id: r for r in table if r.ok}
+            oauth2 = any(c.auth == AUTH_OAUTH2 for c in good.values())
+            tokens = make_token_source(settings) if oauth2 else None
 
             async def one(conn: MailConnection) -> None:
                 async with limiter:
-                    error = await try_login(conn, settings, context)
+                    error = await try_login(conn, settings, context, tokens)
                 row = by_id[conn.id]
-                row.ok, row.result = error is None, error or "ok (login)"
+                ok = "ok (login)"
+                if conn.auth == AUTH_OAUTH2:
+                    ok = f"ok (oauth2, token from {getattr(tokens, 'name', 'the token source')})"
+                row.ok, row.result = error is None, error or ok
 
-            async with trio.open_nursery() as nursery:
-                for conn in good.values():
-                    nursery.start_soon(one, conn)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for conn in good.values():
+                        nursery.start_soon(one, conn)
+            finally:
+                if tokens is not None:
+                    with trio.CancelScope(shield=True):
+                        await tokens.aclose()
     failed = sum(1 for r in table if not r.ok)
     if table:
         print(format_table(table), file=out)

@@ -1,5 +1,13 @@
 """One mailbox's IMAP session: connect, LOGIN, SELECT, IDLE — and reconnect forever.
 
+``oauth2`` connections sign in with SASL (XOAUTH2 / OAUTHBEARER) and an access token
+from ``SessionEnv.tokens``, fetched before every (re)connect (never while a session
+runs: a token endpoint that is down costs a running IDLE session nothing). A refused
+token is replaced by a freshly minted one (``force``) and tried once more before it
+counts as an authentication failure; no token (``token_error``) is retried with the
+normal backoff (or the endpoint's ``Retry-After``), no grant (``token_unavailable``,
+``token_revoked``) with the authentication backoff.
+
 This is where new mail is noticed and a scan requested (:func:`_announce`):
 - an ``EXISTS`` pushed during IDLE (reason ``exists``);
 - the tick (every ``tick_interval``, jittered): leave IDLE, ``NOOP`` and re-enter IDLE, all
@@ -33,7 +41,8 @@ from trio_idle.account_health import Connected
 from trio_idle.backoff import Backoff, BackoffPolicy
 from trio_idle.coalescer import ScanCoalescer
 from trio_idle.config import Settings
-from trio_idle.connections import MailConnection
+from trio_idle.connections import AUTH_OAUTH2, MailConnection
+from trio_idle.credentials import TOKEN_ERROR, AccessToken, TokenSource, TokenUnavailable
 from trio_idle.errors import ImapAuthError, ImapError
 from trio_idle.imap_client import ImapLimits, ImapTimeouts, connect, resolve_security
 from trio_idle.imap_connector import ImapConnector, ImapLink
@@ -109,6 +118,9 @@ class SessionEnv:
             lambda env: network_connector(env.settings, env.ssl_context), takes_self=True
         )
     )
+    #: access tokens of ``oauth2`` connections (:func:`trio_idle.token_backend.make_token_source`);
+    #: None: such connections cannot sign in (their sessions say so and back off)
+    tokens: TokenSource | None = None
 
 
 async def run_session(
@@ -133,15 +145,30 @@ async def run_session(
     auth_backoff = Backoff(
         BackoffPolicy(s.backoff.auth_backoff, s.backoff.auth_backoff_max, float("inf")), env.rng
     )
+    # OAuth2: a refused token is replaced at once by a fresh one (force) and tried once
+    # more before it counts as an auth failure; until a sign-in succeeds, every later
+    # attempt asks for a fresh token too (the cached one was refused).
+    force_token = False
+    quick_retry_used = False
     while True:
         memory.state = CONNECTING
         imap: ImapLink | None = None
         up_since: float | None = None
+        token: AccessToken | None = None
+        scrub_now = scrub
         try:
+            if conn.auth == AUTH_OAUTH2:
+                # before the connect slot: a slow token endpoint must not hold IMAP slots
+                token = await _get_token(env, conn, force=force_token)
+                scrub_now = conn.scrubber(token.token.reveal())
             async with env.limiter.slot(conn.host):
                 env.stats.inc("connect_attempts")
                 imap = await env.connector(conn)
-                await imap.login(conn.login, conn.password.reveal())
+                if token is None:
+                    await imap.login(conn.login, conn.password.reveal())
+                else:
+                    await imap.authenticate_oauth2(token.user or conn.login, token.token.reveal())
+                    force_token = quick_retry_used = False
             selected = await imap.select(s.imap.mailbox)
             up_since = trio.current_time()
             auth_backoff.attempt = 0
@@ -162,19 +189,47 @@ async def run_session(
                 env.stats.inc("catch_up_scans", reason)
                 coalescer.request(reason)
             await _watch(imap, conn, env, coalescer, memory, log)
+        except TokenUnavailable as exc:
+            memory.last_error = text = scrub_now(exc)
+            memory.on_outcome(exc)  # revoked / unavailable: auth_failed; token_error: no change
+            env.stats.inc("token_failures", exc.reason)
+            if exc.reason == TOKEN_ERROR:
+                memory.state = BACKOFF
+                delay = max(backoff.next_delay(), exc.retry_after or 0.0)
+                log.warning(
+                    f"{where} no access token ({exc.reason}): {text}; "
+                    f"next attempt in {human_duration(delay)}"
+                )
+            else:
+                memory.state = AUTH_FAILED
+                delay = auth_backoff.next_delay()
+                log.error(
+                    f"{where} no access token ({exc.reason}): {text} — the account must be "
+                    f"reconnected in the app; next attempt in {human_duration(delay)}"
+                )
         except ImapAuthError as exc:
+            memory.last_error = text = scrub_now(exc)
+            if token is not None:
+                force_token = True
+                if not quick_retry_used:
+                    quick_retry_used = True
+                    env.stats.inc("token_failures", "refused")
+                    log.info(f"{where} access token refused: {text}; retrying with a fresh one")
+                    continue  # the finally below logs out first
             memory.state = AUTH_FAILED
-            memory.last_error = text = scrub(exc)
             memory.on_outcome(exc)
             env.stats.inc("auth_failures")
             delay = auth_backoff.next_delay()
+            what = (
+                "the access token was refused" if token is not None else "check the stored password"
+            )
             log.error(
-                f"{where} authentication failed: {text} — check the stored password; "
+                f"{where} authentication failed: {text} — {what}; "
                 f"next login attempt in {human_duration(delay)}"
             )
         except ImapError as exc:
             memory.state = BACKOFF
-            memory.last_error = text = scrub(exc)
+            memory.last_error = text = scrub_now(exc)
             memory.on_outcome(exc)
             if up_since is not None:
                 env.stats.inc("disconnects")
@@ -188,7 +243,7 @@ async def run_session(
             memory.state = BACKOFF
             memory.last_error = f"internal error: {type(exc).__name__}"
             env.stats.inc("internal_errors")
-            log_internal_error(log, where, exc, scrub)
+            log_internal_error(log, where, exc, scrub_now)
             delay = backoff.next_delay()
         finally:
             memory.connected_since = None
@@ -200,6 +255,13 @@ async def run_session(
                 f"{where} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
             )
         await trio.sleep(delay)
+
+
+async def _get_token(env: SessionEnv, conn: MailConnection, *, force: bool) -> AccessToken:
+    """The access token to sign in with; :class:`TokenUnavailable` if there is none."""
+    if env.tokens is None:
+        raise TokenUnavailable(TOKEN_ERROR, "no token source configured for oauth2 connections")
+    return await env.tokens.get(conn, force=force)
 
 
 def first_timers(

@@ -217,21 +217,8 @@ class WebhookClient:
         )
 
     def _new_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            timeout=httpx.Timeout(self._total_timeout, connect=min(10.0, self._total_timeout)),
-            limits=httpx.Limits(
-                max_connections=self._max_connections,
-                max_keepalive_connections=self._max_connections,
-                keepalive_expiry=30.0,
-            ),
-            # The cap counts bytes as they arrive: a compressed reply could inflate far
-            # past it inside one decoding step, so none is asked for.
-            headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
-            follow_redirects=False,
-            trust_env=self._trust_env,
-            # ignored by httpx with a transport given; loading the CAs costs milliseconds
-            verify=tls_verify_context() if self._transport is None else True,
-            transport=self._transport,
+        return new_http_client(
+            self._total_timeout, self._max_connections, self._trust_env, self._transport
         )
 
     async def aclose(self) -> None:
@@ -243,13 +230,8 @@ class WebhookClient:
     def signed_headers(self, body: bytes, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The secret header, the content type, ``extra`` and (when configured) the
         signature of ``body``: what every request to the backend carries."""
-        headers = {
-            self._secret_header: self._secret.reveal(),
-            "content-type": "application/json",
-            **(extra or {}),
-        }
-        if self._signing_secret is not None:
-            headers[SIGNATURE_HEADER] = sign(self._signing_secret, body)
+        headers = backend_headers(self._secret_header, self._secret, self._signing_secret, body)
+        headers.update(extra or {})
         return headers
 
     async def send(self, job: ScanJob) -> ScanReply:
@@ -289,11 +271,48 @@ class WebhookClient:
                     Verdict.RETRY, f"backend did not answer within {self._total_timeout:g}s"
                 )
             except httpx.ConnectError as exc:
-                return ScanReply(Verdict.RETRY, f"backend unreachable ({_reason(exc)})")
+                return ScanReply(Verdict.RETRY, f"backend unreachable ({http_error_reason(exc)})")
             except httpx.HTTPError as exc:
                 return ScanReply(Verdict.RETRY, f"request failed ({type(exc).__name__})")
         # Only reached when the deadline cancelled the attempt: every other path returns.
         return ScanReply(Verdict.RETRY, f"backend did not answer within {self._total_timeout:g}s")
+
+
+def backend_headers(
+    secret_header: str, secret: Secret, signing_secret: Secret | None, body: bytes
+) -> dict[str, str]:
+    """The headers every request to the backend carries: the shared secret, the JSON
+    content type and, with a signing secret, the body's ``x-signature``."""
+    headers = {secret_header: secret.reveal(), "content-type": "application/json"}
+    if signing_secret is not None:
+        headers[SIGNATURE_HEADER] = sign(signing_secret, body)
+    return headers
+
+
+def new_http_client(
+    total_timeout: float,
+    max_connections: int,
+    trust_env: bool,
+    transport: httpx.AsyncBaseTransport | None,
+) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for the backend, as :class:`WebhookClient` documents it:
+    explicit timeouts, no redirects, no compression, proxies only with ``trust_env``."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(total_timeout, connect=min(10.0, total_timeout)),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=30.0,
+        ),
+        # The cap counts bytes as they arrive: a compressed reply could inflate far
+        # past it inside one decoding step, so none is asked for.
+        headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
+        follow_redirects=False,
+        trust_env=trust_env,
+        # ignored by httpx with a transport given; loading the CAs costs milliseconds
+        verify=tls_verify_context() if transport is None else True,
+        transport=transport,
+    )
 
 
 def tls_verify_context() -> ssl.SSLContext:
@@ -331,7 +350,7 @@ def _size_text(count: int) -> str:
     return f"{count} bytes"
 
 
-def _reason(exc: BaseException) -> str:
+def http_error_reason(exc: BaseException) -> str:
     # httpx's messages carry no URL today, but a proxy or a future httpx could: the text
     # goes through the scrubber (URL credentials, control characters, length).
     # httpx wraps the real error (e.g. ssl.SSLCertVerificationError) in one without text.

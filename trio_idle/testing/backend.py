@@ -290,6 +290,10 @@ class ScanBackend:
         )
         #: Called for each authorized, well-formed request with no scripted reply left.
         self.default_reply: Callable[[ScanRequest], Reply] = _default_reply
+        #: The OAuth2 token endpoint: when set, authorized POSTs to :attr:`token_path` are
+        #: answered with what it returns (gates apply; the scan contract checks do not).
+        self.token_reply: Callable[[ScanRequest], Reply] | None = None
+        self.token_path = "/api/mail/imap-token-internal"
         #: Every request received, in arrival order.
         self.requests: list[ScanRequest] = []
         #: How many TCP connections have been accepted so far.
@@ -727,7 +731,8 @@ class ScanBackend:
             await self._send(conn, stream, status, payload)
             return True
 
-        if request.path != self.path:
+        token_route = self.token_reply is not None and request.path == self.token_path
+        if request.path != self.path and not token_route:
             return await answer(404, {"error": "not found"})
         if request.method != "POST":
             return await answer(405, {"error": "method not allowed"})
@@ -737,11 +742,14 @@ class ScanBackend:
         if not json_ok:
             request.problems.append("body is not a JSON object")
             return await answer(400, {"error": "body is not a JSON object"})
-        request.problems.extend(self._contract_problems(request))
-        if request.problems and self.strict:
-            return await answer(400, {"error": "bad request", "problems": request.problems})
-
-        reply = self._choose_reply(request)
+        if token_route:
+            assert self.token_reply is not None
+            reply = self.token_reply(request)
+        else:
+            request.problems.extend(self._contract_problems(request))
+            if request.problems and self.strict:
+                return await answer(400, {"error": "bad request", "problems": request.problems})
+            reply = self._choose_reply(request)
         request.reply = reply
         if request.email is not None:
             gate = self._gates.get(request.email)

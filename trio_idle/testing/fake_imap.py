@@ -15,7 +15,8 @@ timestamp is exact:
 - :meth:`~FakeImapServer.go_silent`: the connection stays open and answers nothing
   (half-open), so commands fail at the command timeout, as the real client's do;
 - :meth:`~FakeImapServer.fail_next` a command, refuse connects
-  (``refuse_connects``) or logins (``reject_logins``).
+  (``refuse_connects``) or logins (``reject_logins``), accept only some OAuth2 access
+  tokens (``valid_tokens``; the ones received are in ``tokens_seen``).
 
 The links keep :class:`~trio_idle.imap_connector.ImapLink`'s contract: untagged lines go
 to a real :class:`~trio_idle.push_monitor.PushMonitor`, a command either answers or
@@ -49,9 +50,10 @@ class Call:
     at: float
     #: which connection attempt (1-based) sent it
     link: int
-    #: ``connect``, ``LOGIN``, ``SELECT``, ``IDLE``, ``DONE``, ``NOOP`` or ``LOGOUT``
+    #: ``connect``, ``LOGIN``, ``AUTHENTICATE``, ``SELECT``, ``IDLE``, ``DONE``, ``NOOP``
+    #: or ``LOGOUT``
     command: str
-    #: the user for LOGIN, the mailbox for SELECT, else empty
+    #: the user for LOGIN and AUTHENTICATE, the mailbox for SELECT, else empty
     arg: str = ""
 
 
@@ -80,6 +82,10 @@ class FakeImapServer:
         self.refuse_connects = 0
         #: the next this many LOGINs are rejected (bad password)
         self.reject_logins = 0
+        #: the access tokens AUTHENTICATE accepts (None: any); others get status "401"
+        self.valid_tokens: set[str] | None = None
+        #: every access token AUTHENTICATE received, in order (fake tokens only)
+        self.tokens_seen: list[str] = []
         self.calls: list[Call] = []
         #: the connections made, by attempt number (refused attempts make none)
         self.links: dict[int, FakeImapLink] = {}
@@ -248,6 +254,21 @@ class FakeImapLink:
         if self._server.reject_logins:
             self._server.reject_logins -= 1
             raise ImapAuthError(f"login rejected for {user}: NO [AUTHENTICATIONFAILED]")
+        self.logged_in = True
+
+    async def authenticate_oauth2(self, user: str, token: str) -> None:
+        assert not self.logged_in, "AUTHENTICATE after LOGIN"
+        await self._command("AUTHENTICATE", user)
+        self._server.tokens_seen.append(token)
+        valid = self._server.valid_tokens
+        if self._server.reject_logins or (valid is not None and token not in valid):
+            self._server.reject_logins = max(0, self._server.reject_logins - 1)
+            raise ImapAuthError(
+                f"OAuth2 sign-in (XOAUTH2) rejected for {user}: NO [AUTHENTICATIONFAILED] "
+                "(token status 401)",
+                sasl_status="401",
+                mechanism="XOAUTH2",
+            )
         self.logged_in = True
 
     async def select(self, mailbox: str) -> MailboxState:

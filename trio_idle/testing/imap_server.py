@@ -90,6 +90,12 @@ class ImapTestServer:
     listener, ``tls_port``). ``idle_capability=False`` hides IDLE and rejects the command.
     ``uidvalidity``: UIDVALIDITY of new mailboxes (default: the current UNIX time).
     ``log_limit``: the :attr:`log` keeps the newest entries only.
+
+    OAuth2: set :attr:`oauth2_check` (``(user, token) -> bool``) and the server offers
+    ``AUTH=XOAUTH2 AUTH=OAUTHBEARER`` (:attr:`oauth2_mechanisms`) and, with
+    :attr:`sasl_ir`, ``SASL-IR``. A refused token gets Gmail's answer: a ``+``
+    continuation with base64 JSON ``{"status":"401",...}``, then, after the client's
+    response, ``NO [AUTHENTICATIONFAILED]``. The user must exist (:meth:`add_user`).
     """
 
     def __init__(
@@ -110,6 +116,14 @@ class ImapTestServer:
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.idle_capability = idle_capability
+        #: decides which OAuth2 access tokens are valid for a user; None: no OAuth2
+        self.oauth2_check: Callable[[str, str], bool] | None = None
+        #: the OAuth2 mechanisms offered (with :attr:`oauth2_check`)
+        self.oauth2_mechanisms: tuple[str, ...] = ("XOAUTH2", "OAUTHBEARER")
+        #: offer SASL-IR (the client response on the AUTHENTICATE line)
+        self.sasl_ir = True
+        #: the mechanism of every OAuth2 sign-in attempt, in order
+        self.oauth2_attempts: list[str] = []
         #: Plaintext listening port (0 until :meth:`serve` has bound it).
         self.port = 0
         #: Implicit-TLS listening port (0 unless ``implicit_tls``).

@@ -98,8 +98,8 @@ class ImapTestSession:
 
     __slots__ = (
         "_faults", "_framer", "_idle_tag", "_keepalive_at", "_known", "_raw", "_readonly",
-        "_sasl_tag", "_scope", "_seen_version", "_selected", "_server", "_stream", "_user",
-        "_wake_scope", "_woken", "close_how", "id", "state", "tls",
+        "_sasl_failed", "_sasl_mech", "_sasl_tag", "_scope", "_seen_version", "_selected",
+        "_server", "_stream", "_user", "_wake_scope", "_woken", "close_how", "id", "state", "tls",
     )  # fmt: skip
 
     def __init__(
@@ -122,6 +122,8 @@ class ImapTestSession:
         self._seen_version = -1
         self._idle_tag: str | None = None
         self._sasl_tag: str | None = None
+        self._sasl_mech = "PLAIN"
+        self._sasl_failed = False
         self._keepalive_at = math.inf
         self._wake_scope: trio.CancelScope | None = None
         self._woken = False
@@ -348,6 +350,10 @@ class ImapTestSession:
         ):
             caps.append("STARTTLS")
         caps.append("AUTH=PLAIN")
+        if self._server.oauth2_check is not None:
+            caps += [f"AUTH={m}" for m in self._server.oauth2_mechanisms]
+            if self._server.sasl_ir:
+                caps.append("SASL-IR")
         return " ".join(caps)
 
     async def _handle_line(self, raw: bytes) -> None:
@@ -422,11 +428,16 @@ class ImapTestSession:
         await self._authenticate(command.tag, as_text(command.args[0]), as_text(command.args[1]))
 
     async def _cmd_authenticate(self, command: Command) -> None:
-        if not command.args or as_text(command.args[0]).upper() != "PLAIN":
+        mechanism = as_text(command.args[0]).upper() if command.args else ""
+        oauth2 = self._server.oauth2_check is not None and mechanism in (
+            self._server.oauth2_mechanisms
+        )
+        if mechanism != "PLAIN" and not oauth2:
             await self._tagged(command, "NO", "Unsupported authentication mechanism")
             return
+        self._sasl_mech = mechanism
         if len(command.args) > 1:
-            await self._sasl_plain(command.tag, as_text(command.args[1]).encode())
+            await self._sasl_step(command.tag, as_text(command.args[1]).encode())
             return
         self._sasl_tag = command.tag
         await self._send(b"+ \r\n")
@@ -435,9 +446,37 @@ class ImapTestSession:
         tag, self._sasl_tag = self._sasl_tag, None
         assert tag is not None
         if raw.strip() == b"*":
+            self._sasl_failed = False
             await self._send(f"{tag} BAD Authentication aborted\r\n".encode())
             return
-        await self._sasl_plain(tag, raw.strip())
+        if self._sasl_failed:  # the client acknowledged the error challenge
+            self._sasl_failed = False
+            await self._send(f"{tag} NO [AUTHENTICATIONFAILED] Invalid credentials\r\n".encode())
+            return
+        await self._sasl_step(tag, raw.strip())
+
+    async def _sasl_step(self, tag: str, encoded: bytes) -> None:
+        if self._sasl_mech == "PLAIN":
+            await self._sasl_plain(tag, encoded)
+            return
+        try:
+            decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            decoded = ""
+        user, token = _oauth2_fields(self._sasl_mech, decoded)
+        if user is None or token is None:
+            await self._send(f"{tag} BAD Invalid SASL {self._sasl_mech} response\r\n".encode())
+            return
+        self._server.oauth2_attempts.append(self._sasl_mech)
+        account = self._server._users.get(user)
+        check = self._server.oauth2_check
+        if account is None or check is None or self._flag("refuse_login") or not check(user, token):
+            self._server._login_failed(user)
+            error = b'{"status":"401","schemes":"Bearer","scope":"https://mail.google.com/"}'
+            self._sasl_tag, self._sasl_failed = tag, True
+            await self._send(b"+ " + base64.b64encode(error) + b"\r\n")
+            return
+        await self._signed_in(tag, account)
 
     async def _sasl_plain(self, tag: str, encoded: bytes) -> None:
         try:
@@ -463,6 +502,9 @@ class ImapTestSession:
             )
             await self._send(f"{tag} NO {reply}\r\n".encode())
             return
+        await self._signed_in(tag, user)
+
+    async def _signed_in(self, tag: str, user: User) -> None:
         self._user = user
         self.state = State.AUTHENTICATED
         self._server._logged_in(self)
@@ -779,6 +821,26 @@ _HANDLERS: Final[dict[str, tuple[ImapTestSessionHandler, frozenset[State]]]] = {
 }
 
 _session_ids = itertools.count(1)
+
+
+def _oauth2_fields(mechanism: str, message: str) -> tuple[str | None, str | None]:
+    """``(user, token)`` of an XOAUTH2 or OAUTHBEARER client response (None if absent)."""
+    user: str | None = None
+    token: str | None = None
+    parts = message.split("\x01")
+    if mechanism == "OAUTHBEARER":
+        gs2, _, _ = message.partition("\x01")
+        for field in gs2.split(","):
+            if field.startswith("a="):
+                user = field[2:].replace("=2C", ",").replace("=3D", "=")
+        parts = parts[1:]
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key == "user" and mechanism == "XOAUTH2":
+            user = value
+        elif key == "auth" and value.startswith("Bearer "):
+            token = value[len("Bearer ") :]
+    return user, token
 
 
 def next_session_id() -> int:
