@@ -198,7 +198,7 @@ def explain(
     scrub: Callable[..., str],
     *,
     oauth: bool = False,
-    limit: int = 120,
+    limit: int = 200,
 ) -> str:
     """A failure for a person (``check --login``): the scrubbed text, then its classified
     health and the hint, e.g. ``login rejected …: NO … — auth_failed/imap_disabled: enable

@@ -214,8 +214,9 @@ async def run_check(
                     error = await try_login(conn, settings, context, tokens)
                 row = by_id[conn.id]
                 ok = "ok (login)"
-                if conn.auth == AUTH_OAUTH2:
-                    ok = f"ok (oauth2, token from {getattr(tokens, 'name', 'the token source')})"
+                if conn.auth == AUTH_OAUTH2 and tokens is not None:
+                    which = tokens.source_for(conn)
+                    ok = f"ok (oauth2, token from {getattr(which, 'name', 'the token source')})"
                 row.ok, row.result = error is None, error or ok
 
             try:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
@@ -51,6 +52,7 @@ from trio_idle.credentials import (
 )
 from trio_idle.scrub import escape_controls
 from trio_idle.secret import Secret
+from trio_idle.token_refresh import PerConnectionTokens, RefreshingTokens
 from trio_idle.webhook import (
     backend_headers,
     http_error_reason,
@@ -308,14 +310,21 @@ class BackendTokenSource:
 
 
 def make_token_source(
-    settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
-) -> BackendTokenSource:
-    """The daemon's token source for ``oauth2`` connections: the backend's endpoint.
-
-    The one place a source is chosen: a source that serves some connections itself
-    (rows with a refresh token) wraps the one returned here for the others.
-    """
-    return BackendTokenSource.from_settings(settings.webhook, transport=transport)
+    settings: Settings,
+    env: Mapping[str, str] | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> PerConnectionTokens:
+    """The daemon's token source for ``oauth2`` connections — the one place it is chosen:
+    rows with a refresh token get tokens the daemon refreshes at the provider itself
+    (:class:`~trio_idle.token_refresh.RefreshingTokens`, rotations kept in the state
+    store), every other row gets them from the backend's endpoint. ``env`` (default
+    ``os.environ``) locates the state store."""
+    refreshing = RefreshingTokens.from_settings(
+        settings, os.environ if env is None else env, transport=transport
+    )
+    backend = BackendTokenSource.from_settings(settings.webhook, transport=transport)
+    return PerConnectionTokens(refreshing, backend)
 
 
 def _is_token_source(source: BackendTokenSource) -> TokenSource:

@@ -422,6 +422,9 @@ class RefreshingTokens:
     HTTP client.
     """
 
+    #: how ``check --login`` names this source
+    name: Final = "the provider (daemon-side refresh)"
+
     def __init__(
         self,
         oauth: OAuthSettings,

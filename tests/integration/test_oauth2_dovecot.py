@@ -177,7 +177,7 @@ async def test_a_bad_token_is_refused_with_dovecots_status(
             with trio.CancelScope(shield=True):
                 await imap.logout(2.0)
     assert "AUTHENTICATIONFAILED" in str(info.value) and token not in str(info.value)
-    assert info.value.status is not None  # Dovecot sends its JSON error challenge
+    assert info.value.sasl_status is not None  # Dovecot sends its JSON error challenge
     assert login_methods(oauth_dovecot, user.email) == []
 
 

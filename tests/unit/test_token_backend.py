@@ -9,12 +9,13 @@ import hmac
 import json
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
 import trio.testing
 
-from trio_idle.config import Settings
+from trio_idle.config import parse_settings
 from trio_idle.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.credentials import TOKEN_ERROR, TOKEN_UNAVAILABLE, AccessToken, TokenUnavailable
 from trio_idle.secret import Secret
@@ -25,6 +26,7 @@ from trio_idle.token_backend import (
     parse_expiry,
     request_body,
 )
+from trio_idle.token_refresh import RefreshingTokens
 
 NOW = 1_800_000_000.0
 TOKEN = "S3ntinel-oauth-access-token-1"
@@ -304,9 +306,23 @@ async def test_oversized_reply_fails_unread() -> None:
     await tokens.aclose()
 
 
-async def test_factory_builds_the_backend_source_from_settings() -> None:
-    settings = Settings()
-    tokens = make_token_source(settings)
-    assert tokens.url == "http://127.0.0.1:3016/api/mail/imap-token-internal"
-    assert tokens.refresh_ahead == 300.0
+async def test_factory_serves_rows_with_a_refresh_token_itself_and_the_rest_from_the_backend() -> (
+    None
+):
+    settings = parse_settings(
+        {
+            "ADMIN_SECRET": "s",
+            "ENCRYPTION_KEY": "k" * 32,
+            "TRIO_IDLE_SOURCE": "file",
+            "TRIO_IDLE_CONNECTIONS_FILE": "unused.toml",
+            "TRIO_IDLE_STATE": "none",
+        }
+    )
+    tokens = make_token_source(settings, {})
+    backend = tokens.source_for(conn())
+    assert isinstance(backend, BackendTokenSource)
+    assert backend.url == "http://127.0.0.1:3016/api/mail/imap-token-internal"
+    assert backend.refresh_ahead == 300.0
+    with_refresh = attrs.evolve(conn(), refresh_token=Secret("S3ntinel-rt-factory"))
+    assert isinstance(tokens.source_for(with_refresh), RefreshingTokens)
     await tokens.aclose()
