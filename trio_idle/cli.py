@@ -26,6 +26,7 @@ from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.config import OPTIONS, ConfigError, Settings, parse_settings, process_secrets
 from trio_idle.daemon import ConnectionSource, Daemon, run_daemon
 from trio_idle.logs import protect_secrets, setup_logging
+from trio_idle.membership import MEMBERSHIP_TABLE, PostgresMembership
 from trio_idle.operator_commands import (
     DEFAULT_CHECK_CONCURRENCY,
     decrypt_check_command,
@@ -264,18 +265,22 @@ def _run_trio(fn: Callable[[], Any]) -> Any:
 
 
 async def migrate_state_table(settings: Settings) -> int:
-    """``trio-idle db migrate``: create the Postgres state tables (idempotent)."""
+    """``trio-idle db migrate``: create the Postgres state tables and the membership
+    table of shared mode (idempotent)."""
     assert settings.connections.database_url is not None
     try:
         async with open_asyncio_loop():
             with trio.fail_after(settings.process.db_timeout):
                 await PostgresBackend(settings.connections.database_url).migrate()
+                # shared mode's membership table; harmless (and unused) for one instance
+                await PostgresMembership(settings.connections.database_url).migrate()
     except Exception as exc:  # one clear line, never the DSN
         text = Scrubber(url_secrets(settings.connections.database_url.reveal()), limit=300)(exc)
         print(f"trio-idle: db migrate failed: {type(exc).__name__}: {text}", file=sys.stderr)
         return 1
     for table, _statement in POSTGRES_MIGRATIONS:
         print(f"trio-idle: table {table} is ready")
+    print(f"trio-idle: table {MEMBERSHIP_TABLE} is ready")
     return 0
 
 

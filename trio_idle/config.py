@@ -996,6 +996,58 @@ class AccountHealthSettings:
     )
 
 
+CLUSTER_MODES: Final = ("single", "shared")
+_INSTANCE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+
+
+def _instance_id(text: str) -> str:
+    text = text.strip()
+    if not _INSTANCE_ID.fullmatch(text):
+        raise ValueError(
+            "expected 1 to 128 letters, digits or . _ : @ - (starting with a letter or "
+            f"digit), got {text!r}"
+        )
+    return text
+
+
+@attrs.frozen(kw_only=True)
+class ClusterSettings:
+    """Several instances sharing the mailboxes through Postgres (:mod:`trio_idle.membership`)."""
+
+    cluster: str = setting(
+        "TRIO_IDLE_CLUSTER",
+        "--cluster",
+        _choice(CLUSTER_MODES),
+        "single",
+        "single: this process watches every connection; shared: the live instances split "
+        "them (membership table from `trio-idle db migrate`, needs TRIO_IDLE_STATE=postgres)",
+    )
+    instance_id: str | None = setting(
+        "TRIO_IDLE_INSTANCE_ID",
+        "--instance-id",
+        _instance_id,
+        None,
+        "this instance's name in the membership table (default hostname-pid); unique "
+        "per running process",
+    )
+    cluster_ttl: float = setting(
+        "TRIO_IDLE_CLUSTER_TTL",
+        "--cluster-ttl",
+        parse_duration,
+        "15s",
+        "an instance whose heartbeat is older than this (database clock) is dead and its "
+        "connections move; one that cannot renew for half of it stops its sessions",
+    )
+    cluster_poll: float = setting(
+        "TRIO_IDLE_CLUSTER_POLL",
+        "--cluster-poll",
+        parse_duration,
+        "5s",
+        "how often each instance renews its heartbeat and reads the member list (at most "
+        "a third of the TTL)",
+    )
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     """The whole configuration, immutable, one group per concern; a component takes the
@@ -1017,6 +1069,7 @@ class Settings:
     process: ProcessSettings = attrs.field(factory=ProcessSettings)
     oauth: OAuthSettings = attrs.field(factory=OAuthSettings)
     account_health: AccountHealthSettings = attrs.field(factory=AccountHealthSettings)
+    cluster: ClusterSettings = attrs.field(factory=ClusterSettings)
 
 
 @attrs.frozen
@@ -1189,4 +1242,41 @@ def _check_relations(values: Mapping[str, Any], labels: Mapping[str, str]) -> li
     at_least("scan_retry_initial", "scan_retry_max")
     if values.get("state") == "postgres" and values.get("database_url") is None:
         problems.append(ConfigError(label("state"), "postgres state needs DATABASE_URL"))
+    problems += _check_cluster(values, label)
+    return problems
+
+
+def _check_cluster(values: Mapping[str, Any], label: Callable[[str], str]) -> list[ConfigError]:
+    """Shared mode: the mailbox state must be shared, and the lease must leave room for
+    a missed heartbeat and for LOGOUT before the others take over."""
+    if values.get("cluster") != "shared":
+        return []
+    problems: list[ConfigError] = []
+    if values.get("database_url") is None:
+        problems.append(ConfigError(label("cluster"), "shared mode needs DATABASE_URL"))
+    if values.get("state") != "postgres":
+        problems.append(
+            ConfigError(
+                label("cluster"),
+                "shared mode needs TRIO_IDLE_STATE=postgres (a moved mailbox catches up "
+                "from the shared state)",
+            )
+        )
+    ttl, poll = values["cluster_ttl"], values["cluster_poll"]
+    if not poll > 0 or poll * 3 > ttl:
+        problems.append(
+            ConfigError(
+                label("cluster_poll"),
+                f"must be above 0 and at most a third of {label('cluster_ttl')} ({ttl:g}s)",
+            )
+        )
+    if values["logout_timeout"] * 2 >= ttl:
+        problems.append(
+            ConfigError(
+                label("cluster_ttl"),
+                f"must be more than twice {label('logout_timeout')} "
+                f"({values['logout_timeout']:g}s): a fenced instance's LOGOUTs end before "
+                "the others take over",
+            )
+        )
     return problems

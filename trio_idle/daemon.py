@@ -9,6 +9,8 @@ Task tree (see docs/architecture.md)::
             └── root nursery  (opened in the state nursery's body)
                 ├── supervision       loop lag, health/status endpoints, pings, systemd
                 ├── refresh loop      reads the source every refresh_interval, applies the diff
+                ├── membership        shared mode only: heartbeat, member list, fence
+                ├── share starter     shared mode only: starts the connections that moved here
                 └── connection tasks  one per connection, owned by the Reconciler
 
 Guarantees: a source outage keeps every running session on the last good list and
@@ -17,6 +19,12 @@ retries with backoff (:mod:`trio_idle.backoff`, no jitter: 5 s doubling up to
 session writes LOGOUT and waits at most ``logout_timeout`` for the server to hang up) and
 bounds the whole exit by ``shutdown_timeout``. Readers use :meth:`Daemon.status` and the
 ``wait_*`` methods (:mod:`trio_idle.daemon_status`).
+
+With ``TRIO_IDLE_CLUSTER=shared`` the reconciler runs only this instance's share of the
+list (:mod:`trio_idle.membership`, :func:`trio_idle.assignment.plan_share`): a membership
+change or a fence stops what is no longer ours at once (synchronously, in the heartbeat's
+callback); connections that moved here start after their state was read again from the
+shared store, and only once their previous owner's lease has certainly expired.
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ from typing import Any, Final, Protocol
 import trio
 from loguru import logger
 
+from trio_idle.assignment import SharePlan, plan_share
 from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.backoff import Backoff, BackoffPolicy
 from trio_idle.config import Settings, process_secrets
-from trio_idle.connections import RowProblem, build_connections
+from trio_idle.connections import MailConnection, RowProblem, build_connections
 from trio_idle.crypto import derive_key
 from trio_idle.daemon_status import DaemonStatus, Phase
 from trio_idle.errors import SourceError
@@ -41,6 +50,13 @@ from trio_idle.health import count_states
 from trio_idle.imap_client import make_ssl_context, shrink_tls_read_buffer
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.logs import protect_secrets
+from trio_idle.membership import (
+    Membership,
+    MembershipDb,
+    MembershipView,
+    PostgresMembership,
+    default_instance_id,
+)
 from trio_idle.reconcile import Reconciler
 from trio_idle.scrub import PLAIN
 from trio_idle.session import SessionEnv
@@ -104,6 +120,14 @@ class Daemon:
         self._row_problems: tuple[RowProblem, ...] = ()
         self._sessions_removed = 0
         self._changed = trio.Event()
+        #: shared mode (set by :func:`run_daemon` before it reports started), else None
+        self.membership: Membership | None = None
+        # shared mode: the whole list of the last good refresh, and the share decision
+        self._wanted: Mapping[str, MailConnection] = {}
+        self._plan = SharePlan(frozenset(), {})
+        self._previous: frozenset[str] = frozenset()
+        self._generation_seen = 0
+        self._share_wake = trio.Event()
 
     # -- reading ----------------------------------------------------------------------
 
@@ -118,6 +142,20 @@ class Daemon:
             sessions=count_states(h.memory.state for h in self.reconciler.handles.values()),
             row_problems=self._row_problems,
             sessions_removed=self._sessions_removed,
+            cluster=self._cluster_view(),
+        )
+
+    def _cluster_view(self) -> MembershipView | None:
+        m = self.membership
+        if m is None:
+            return None
+        return MembershipView(
+            instance_id=m.instance_id,
+            members=m.members(),
+            fenced=m.fenced,
+            fence_reason=m.fence_reason,
+            owned=self._plan.owned,
+            held=len(self._plan.holds),
         )
 
     async def wait_refreshed(self, after: int) -> DaemonStatus:
@@ -171,6 +209,9 @@ class Daemon:
             f"{len(self.reconciler.handles)} sessions"
         )
         self.reconciler.stop_all()
+        if self.membership is not None:
+            self.membership.stop()
+            self._share_wake.set()
         self._root.cancel_scope.deadline = (
             trio.current_time() + self.settings.process.shutdown_timeout
         )
@@ -206,7 +247,11 @@ class Daemon:
         self._logged_problems = current  # a row that is fixed and breaks again logs again
         if self._phase is not Phase.RUNNING:
             return True
-        self._sessions_removed += len(self.reconciler.apply(wanted).removed)
+        if self.membership is None:
+            self._sessions_removed += len(self.reconciler.apply(wanted).removed)
+        else:
+            self._wanted = wanted
+            self.reshare()
         if self.reconciler.store is not None:
             self.reconciler.store.prune(wanted.keys())
         self._row_problems = tuple(problems)
@@ -238,6 +283,74 @@ class Daemon:
                 await self._refresh_now.wait()
             self._refresh_now = trio.Event()
 
+    # -- shared mode ------------------------------------------------------------------
+
+    def reshare(self) -> None:
+        """Recompute this instance's share and stop at once what is not in it any more;
+        the share starter starts what is new. Synchronous (the membership's callback), so
+        a fence stops every session before anything else runs."""
+        m = self.membership
+        assert m is not None
+        if m.fenced or m.beat is None or self._phase is not Phase.RUNNING:
+            self._plan = SharePlan(frozenset(), {})
+        else:
+            current = m.beat.ids
+            if self._generation_seen != m.generation:
+                # a lease (re)gained: the others may have taken over meanwhile
+                self._previous, holds = current - {m.instance_id}, {}
+                self._generation_seen = m.generation
+            else:
+                holds = dict(self._plan.holds)
+            self._plan = plan_share(
+                self._wanted.keys(),
+                m.instance_id,
+                current,
+                self._previous,
+                self.reconciler.handles.keys(),
+                holds,
+                m.beat.db_now,
+                m.ttl,
+            )
+            self._previous = current
+        keep = {i: h.conn for i, h in self.reconciler.handles.items() if i in self._plan.run}
+        self._sessions_removed += len(self.reconciler.apply(keep).removed)
+        self._share_wake.set()
+        self._changed_now()
+
+    async def _share_starter(self) -> None:
+        """Start the connections of the share that do not run yet, each after its state
+        was read again from the shared store (its previous owner scanned it last)."""
+        store = self.reconciler.store
+        while self._phase is Phase.RUNNING:
+            await self._share_wake.wait()
+            self._share_wake = trio.Event()
+            reloaded: set[str] = set()
+            while self._phase is Phase.RUNNING:
+                new = sorted(
+                    i
+                    for i in self._plan.run
+                    if i not in self.reconciler.handles and i not in reloaded and i in self._wanted
+                )
+                if not new:
+                    break
+                if store is not None:
+                    with trio.move_on_after(self.settings.process.db_timeout):
+                        await store.reload(new)
+                reloaded.update(new)
+            if self._phase is not Phase.RUNNING:
+                break
+            # the plan as it is now: a fence during the reload leaves nothing to start
+            share = {i: self._wanted[i] for i in self._plan.run if i in self._wanted}
+            d = self.reconciler.apply(share)
+            self._sessions_removed += len(d.removed)
+            if d.added:
+                logger.info(
+                    f"[idle/cluster] started {len(d.added)} connections of this instance's "
+                    f"share ({len(self.reconciler.handles)} running, "
+                    f"{len(self._plan.holds)} waiting for a previous owner's lease)"
+                )
+            self._changed_now()
+
     def _collect_garbage(self) -> None:
         """The after-refresh collection of ``TRIO_IDLE_GC=tuned`` (:mod:`trio_idle.gc_policy`).
 
@@ -267,6 +380,7 @@ async def run_daemon(
     source: ConnectionSource,
     *,
     environ: Mapping[str, str] | None = None,
+    membership_db: MembershipDb | None = None,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until :meth:`Daemon.shutdown` (returns normally) or cancellation.
@@ -275,6 +389,7 @@ async def run_daemon(
     ``NOTIFY_SOCKET``/``WATCHDOG_USEC``. Raises
     :class:`~trio_idle.supervision.StartupError` (inside an exception group) before
     reporting started when the health endpoint or the status address cannot listen.
+    ``membership_db`` replaces the membership table in shared mode (tests).
     """
     protect_secrets(process_secrets(settings))
     shrink_tls_read_buffer()
@@ -306,9 +421,17 @@ async def run_daemon(
                 state_nursery.start_soon(store.run_flusher, name="state-flusher")
                 async with trio.open_nursery() as root:
                     daemon = Daemon(settings, source, Reconciler(root, env, webhook), stats, root)
+                    if settings.cluster.cluster == "shared":
+                        daemon.membership = _make_membership(settings, daemon, membership_db)
+                        await root.start(daemon.membership.run, name="membership")
+                        root.start_soon(daemon._share_starter, name="share-starter")
                     daemon.supervisor = await root.start(run_supervision, daemon, environ)
                     root.start_soon(daemon._refresh_loop, name="refresh")
                     task_status.started(daemon)
+                if daemon.membership is not None:
+                    # every session has ended: the others may take over at once
+                    with trio.CancelScope(shield=True):
+                        await daemon.membership.leave()
                 state_nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
@@ -317,3 +440,17 @@ async def run_daemon(
             if daemon is not None:
                 daemon._stopped()
     logger.info("[idle/daemon] stopped")
+
+
+def _make_membership(settings: Settings, daemon: Daemon, db: MembershipDb | None) -> Membership:
+    c = settings.cluster
+    if db is None:
+        assert settings.connections.database_url is not None  # enforced by config parsing
+        db = PostgresMembership(settings.connections.database_url)
+    return Membership(
+        db,
+        c.instance_id or default_instance_id(),
+        ttl=c.cluster_ttl,
+        poll_interval=c.cluster_poll,
+        on_change=daemon.reshare,
+    )

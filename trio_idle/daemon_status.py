@@ -21,6 +21,7 @@ import attrs
 if TYPE_CHECKING:
     from trio_idle.config import Settings
     from trio_idle.connections import RowProblem
+    from trio_idle.membership import MembershipView
     from trio_idle.reconcile import Reconciler
     from trio_idle.stats import Stats
 
@@ -56,6 +57,8 @@ class DaemonStatus:
     row_problems: tuple[RowProblem, ...]
     #: sessions removed by refreshes so far (with connection attempts: the GC churn)
     sessions_removed: int
+    #: shared mode: instance id, live members, fence, owned share; ``None`` when single
+    cluster: MembershipView | None = None
 
     @property
     def stopping(self) -> bool:

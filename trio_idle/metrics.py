@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from trio_idle import __version__
 from trio_idle.account_health import HEALTH_STATES
+from trio_idle.membership import MembershipView
 from trio_idle.session_states import SESSION_STATES
 from trio_idle.stats import Histogram, Stats
 
@@ -108,6 +109,8 @@ class MetricsInput:
     scans_pending: int = 0
     #: connections by account health ``(state, reason)``; ``ok`` has reason ``None``
     health: Mapping[tuple[str, str | None], int] = attrs.field(factory=dict)
+    #: shared mode (instance id, members, owned share); ``None`` for a single instance
+    cluster: MembershipView | None = None
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -205,6 +208,40 @@ def families(data: MetricsInput) -> Iterator[Metric]:
         "event_loop_stalls",
         "event-loop lag measurements above the configured maximum",
         data.loop_stalls,
+    )
+    if data.cluster is not None:
+        yield from _cluster_families(data.cluster)
+
+
+def _cluster_families(view: MembershipView) -> Iterator[Metric]:
+    """Shared mode. The instance ids are the operator's own names (one per process), so
+    labelling by them stays low-cardinality."""
+    info = GaugeMetricFamily(
+        f"{PREFIX}_cluster_instance_info", "this instance's id in the membership", labels=["id"]
+    )
+    info.add_metric([view.instance_id], 1)
+    yield info
+    yield _gauge("cluster_members", "live instances in the membership table", len(view.members))
+    ages = GaugeMetricFamily(
+        f"{PREFIX}_cluster_member_heartbeat_age_seconds",
+        "seconds since each live member's heartbeat (database clock), at the last renewal",
+        labels=["member"],
+    )
+    for member in view.members:
+        ages.add_metric([member.instance_id], member.age)
+    yield ages
+    yield _gauge(
+        "cluster_fenced", "1 while this instance cannot renew its lease", float(view.fenced)
+    )
+    yield _gauge(
+        "cluster_owned_connections",
+        "connections this instance owns (running or waiting for the previous owner's lease)",
+        view.owned,
+    )
+    yield _gauge(
+        "cluster_held_connections",
+        "owned connections waiting for the previous owner's lease to expire",
+        view.held,
     )
 
 

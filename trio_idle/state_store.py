@@ -100,6 +100,10 @@ class StateSql:
 SQLITE_SQL: Final = StateSql("mailbox_state", "?")
 POSTGRES_SQL: Final = StateSql("trio_idle_mailbox_state", "$")
 POSTGRES_TABLE: Final = POSTGRES_SQL.table
+#: shared mode: the stored state of some connections (``$1`` a text array of ids)
+POSTGRES_SELECT_CONNECTIONS: Final = (
+    POSTGRES_SQL.select_all + " WHERE connection_id = ANY($1::text[])"
+)
 #: what ``trio-idle db migrate`` runs (idempotent)
 POSTGRES_DDL: Final = POSTGRES_SQL.create
 
@@ -324,6 +328,10 @@ async def _pg_write(
             await conn.executemany(POSTGRES_SQL.delete, deletes)
 
 
+async def _pg_load_connections(conn: Any, conn_ids: list[str]) -> list[Any]:
+    return list(await conn.fetch(POSTGRES_SELECT_CONNECTIONS, conn_ids))
+
+
 async def _pg_migrate(conn: Any) -> None:
     for _table, statement in POSTGRES_MIGRATIONS:
         await conn.execute(statement)
@@ -384,6 +392,14 @@ class PostgresBackend:
     async def save_token(self, conn_id: str, stored: StoredRefreshToken) -> None:
         row = (conn_id, stored.encrypted, stored.replaces, stored.updated_at)
         await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_save_token, row)
+
+    async def load_connections(self, conn_ids: Sequence[str]) -> dict[Key, ScannedState]:
+        """The stored state of these connections only (shared mode: a mailbox that moved
+        here catches up from where its previous owner left it)."""
+        rows = await trio_asyncio.aio_as_trio(_pg_call)(
+            self._dsn.reveal(), _pg_load_connections, list(conn_ids)
+        )
+        return {(r[0], r[1]): ScannedState(r[2], r[3], r[4], r[5]) for r in rows}
 
 
 class StateStore:
@@ -520,6 +536,26 @@ class StateStore:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.flush()
+
+    async def reload(self, conn_ids: Sequence[str]) -> None:
+        """Shared mode: read these connections' state again from the shared store, since
+        another instance may have scanned them since :meth:`load`. An entry this process
+        has not written yet (dirty) stays as it is: it is the newer one. A failure is
+        logged and counted; the entries in memory stay (at worst one extra scan)."""
+        if not isinstance(self.backend, PostgresBackend) or not conn_ids:
+            return
+        try:
+            fresh = await self.backend.load_connections(conn_ids)
+        except Exception as exc:
+            self._stats.inc("state_errors", "load")
+            logger.warning(
+                f"[idle/state] cannot read the shared state of {len(conn_ids)} connections "
+                f"that moved here: {type(exc).__name__}: {exc}; using what was loaded before"
+            )
+            return
+        for key, state in fresh.items():
+            if key not in self._dirty:
+                self._state[key] = state
 
 
 def make_state_backend(settings: Settings, env: Mapping[str, str]) -> StateBackend | None:

@@ -41,6 +41,7 @@ from trio_idle.health import (
 )
 from trio_idle.health_server import ROUTES, HealthRoutes, HealthServer, Response, json_response
 from trio_idle.loop_monitor import LoopMonitor
+from trio_idle.membership import MembershipView
 from trio_idle.metrics import MetricsInput, make_registry
 from trio_idle.pinger import run_pinger
 from trio_idle.reconcile import Handle
@@ -63,6 +64,22 @@ def health_counts(handles: Iterable[Handle]) -> dict[tuple[str, str | None], int
         if current is not None:
             counts[current.key] += 1
     return dict(counts)
+
+
+def cluster_body(view: MembershipView | None) -> dict[str, Any] | None:
+    """The ``cluster`` part of ``/status``: ``None`` for a single instance."""
+    if view is None:
+        return None
+    return {
+        "instance_id": view.instance_id,
+        "fenced": view.fenced,
+        "fence_reason": view.fence_reason,
+        "members": [
+            {"id": m.instance_id, "heartbeat_age_seconds": round(m.age, 3)} for m in view.members
+        ],
+        "owned": view.owned,
+        "held": view.held,
+    }
 
 
 class Supervisor:
@@ -90,7 +107,10 @@ class Supervisor:
             refresh_interval=s.timers.refresh_interval,
             last_refresh_ok=status.last_refresh_ok,
             sessions=status.sessions,
-            connections_in_source=status.connections_in_source,
+            # shared mode: readiness is about this instance's share, not the whole list
+            connections_in_source=status.connections_in_source
+            if status.cluster is None
+            else status.cluster.owned,
             loop_lag=self.monitor.lag(now),
             max_loop_lag=s.health.max_loop_lag,
             ready_share=s.health.ready_share,
@@ -111,6 +131,7 @@ class Supervisor:
             scans_active=sum(1 for h in handles if h.coalescer.active),
             scans_pending=sum(h.coalescer.pending for h in handles),
             health=health_counts(handles),
+            cluster=self.daemon.status().cluster,
         )
 
     # -- routes ---------------------------------------------------------------------
@@ -139,6 +160,7 @@ class Supervisor:
             **readiness_body(snap, assess_readiness(snap)),
             "last_refresh_error": status.last_refresh_error,
             "loop_lag_seconds": round(snap.loop_lag, 4),
+            "cluster": cluster_body(status.cluster),
             "connections": self.daemon.reconciler.snapshot(),
             "skipped_rows": [
                 {"id": p.connection_id, "problem": p.message} for p in status.row_problems
