@@ -1012,7 +1012,7 @@ def _instance_id(text: str) -> str:
 
 @attrs.frozen(kw_only=True)
 class ClusterSettings:
-    """Several instances sharing the mailboxes through Postgres (:mod:`trio_idle.membership`)."""
+    """Several instances sharing the mailboxes through Postgres (shared mode)."""
 
     cluster: str = setting(
         "TRIO_IDLE_CLUSTER",

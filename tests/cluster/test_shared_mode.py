@@ -1,0 +1,314 @@
+"""Several in-process daemons share the mailboxes through the real Postgres (shared mode).
+
+Every test counts the sessions per mailbox on the IMAP test server at each of its events
+(login, IDLE, logout): a mailbox is never watched by two instances, and after every
+change each mailbox is watched again by exactly one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import trio
+
+from tests.harness import ListSource, make_settings, row
+from tests.servers.postgres import execute_sql, fetch_sql
+from trio_idle.assignment import shares
+from trio_idle.daemon import Daemon, run_daemon
+from trio_idle.membership import MEMBERSHIP_SQL, MEMBERSHIP_TABLE
+from trio_idle.state_store import POSTGRES_DDL, POSTGRES_TABLE
+from trio_idle.testing import ImapTestServer
+from trio_idle.testing.backend import ScanBackend
+from trio_idle.testing.imap_server import LogEntry
+
+PASSWORD = "S3ntinel-pw-cluster"
+TTL, POLL = 3.0, 0.5
+#: takeover bound: TTL + one poll, plus a reconnect and the test's own polling
+TAKEOVER = TTL + POLL + 2.5
+
+
+class Watch:
+    """Fails the test if a mailbox ever has two sessions (checked at every server event)."""
+
+    def __init__(self, server: ImapTestServer) -> None:
+        self.server = server
+        self.doubles: list[tuple[str, str, int]] = []
+        server.on_event = self._event
+
+    def _event(self, entry: LogEntry) -> None:
+        if not entry.user or entry.user == "*":
+            return
+        connections = self.server.connections(entry.user)
+        if connections > 1 or self.server.idle_count(entry.user) > 1:
+            self.doubles.append((entry.user, entry.event, connections))
+
+    def all_watched_once(self, users: list[str]) -> bool:
+        return all(self.server.idle_count(u) == 1 for u in users)
+
+
+class Proxy:
+    """TCP forwarder to Postgres that can be cut: open links close, new ones hang."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = 0
+        self.cut = False
+        self._scopes: set[trio.CancelScope] = set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    def set_cut(self, cut: bool) -> None:
+        self.cut = cut
+        if cut:
+            for scope in list(self._scopes):
+                scope.cancel()
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                if self.cut:
+                    await trio.sleep_forever()
+                upstream = await trio.open_tcp_stream("127.0.0.1", self.target)
+                async with upstream, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
+                    nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
+            finally:
+                self._scopes.discard(scope)
+        await client.aclose()
+
+    @staticmethod
+    async def _pump(src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope) -> None:
+        try:
+            async for chunk in src:
+                await dst.send_all(chunk)
+        except trio.BrokenResourceError:
+            pass
+        done.cancel()
+
+
+class Instance:
+    """One daemon of the cluster; :meth:`kill` cancels it like a crash (no leave)."""
+
+    def __init__(self, name: str, daemon: Daemon, scope: trio.CancelScope) -> None:
+        self.name, self.daemon, self.scope = name, daemon, scope
+
+    @property
+    def running(self) -> set[str]:
+        return set(self.daemon.reconciler.handles)
+
+    def kill(self) -> None:
+        self.scope.cancel()
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> ImapTestServer:
+    imap = ImapTestServer(keepalive_interval=None)
+    await nursery.start(imap.serve)
+    return imap
+
+
+@pytest.fixture
+def cluster_dsn(pg_dsn: str) -> str:
+    execute_sql(pg_dsn, POSTGRES_DDL, MEMBERSHIP_SQL.create)  # what `db migrate` does
+    return pg_dsn
+
+
+Starter = Callable[..., Any]
+
+
+@pytest.fixture
+async def start(
+    nursery: trio.Nursery, server: ImapTestServer, backend: ScanBackend, cluster_dsn: str
+) -> AsyncIterator[Starter]:
+    started: list[Instance] = []
+
+    async def start_instance(name: str, users: list[str], dsn: str = cluster_dsn) -> Instance:
+        settings = make_settings(
+            backend.url,
+            TRIO_IDLE_IMAP_SECURITY="plain",
+            TRIO_IDLE_STATE="postgres",
+            DATABASE_URL=dsn,
+            TRIO_IDLE_CLUSTER="shared",
+            TRIO_IDLE_INSTANCE_ID=name,
+            TRIO_IDLE_CLUSTER_TTL=f"{TTL}s",
+            TRIO_IDLE_CLUSTER_POLL=f"{POLL}s",
+            TRIO_IDLE_CATCHUP_RATE="1000",
+        )
+        source = ListSource([row(u, u, PASSWORD, server.port) for u in users])
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[Daemon]) -> None:
+            with scope:
+                await run_daemon(settings, source, task_status=task_status)
+
+        daemon: Daemon = await nursery.start(run)
+        instance = Instance(name, daemon, scope)
+        started.append(instance)
+        return instance
+
+    yield start_instance
+    for instance in started:
+        instance.daemon.shutdown("test finished")
+    with trio.move_on_after(8):
+        for instance in started:
+            await instance.daemon.wait_stopped()
+
+
+def make_users(server: ImapTestServer, n: int) -> list[str]:
+    names = [f"c{i}@cluster.test" for i in range(n)]
+    for name in names:
+        server.add_user(name, PASSWORD)
+    return names
+
+
+def converged(instances: list[Instance], users: list[str]) -> bool:
+    """Each instance runs exactly its rendezvous share of the live members, nothing held."""
+    expected = shares(users, [i.name for i in instances])
+    return all(i.running == expected[i.name] for i in instances) and all(
+        (s := i.daemon.status().cluster) is not None and s.held == 0 for i in instances
+    )
+
+
+async def settle(
+    server: ImapTestServer, watch: Watch, instances: list[Instance], users: list[str]
+) -> None:
+    with trio.fail_after(6 * TTL):
+        await server.wait_for(lambda: converged(instances, users) and watch.all_watched_once(users))
+
+
+def scans_since(backend: ScanBackend, email: str, t: float) -> list[Any]:
+    return [r for r in backend.requests_for(email) if r.received_at >= t]
+
+
+async def state_flushed(dsn: str, users: list[str]) -> None:
+    """Every mailbox's scan is in the shared store (what a takeover reads)."""
+
+    def done() -> bool:
+        rows = fetch_sql(dsn, f"SELECT count(*) FROM {POSTGRES_TABLE} WHERE uidnext IS NOT NULL")
+        return int(rows[0][0]) >= len(users)
+
+    with trio.fail_after(15):
+        while not await trio.to_thread.run_sync(done):
+            await trio.sleep(0.1)
+
+
+async def test_three_instances_split_the_mailboxes_once_each(
+    start: Starter, server: ImapTestServer, backend: ScanBackend
+) -> None:
+    users = make_users(server, 150)
+    watch = Watch(server)
+    instances = [await start(n, users) for n in ("a", "b", "c")]
+    await settle(server, watch, instances, users)
+    assert watch.doubles == []
+    counts = sorted(len(i.running) for i in instances)
+    assert sum(counts) == 150 and counts[-1] <= 75  # balanced: nobody holds half
+    status = instances[0].daemon.status().cluster
+    assert status is not None and status.instance_id == "a"
+    assert [m.instance_id for m in status.members] == ["a", "b", "c"]
+    assert status.owned == len(instances[0].running) and not status.fenced
+    # every mailbox got exactly one startup scan, whoever started it first
+    startup = [r.email for r in backend.requests if r.body.get("reason") == "startup"]
+    assert sorted(startup) == sorted(users)
+
+
+async def test_a_killed_instance_share_moves_within_ttl_and_poll_and_catches_up(
+    start: Starter, server: ImapTestServer, backend: ScanBackend, cluster_dsn: str
+) -> None:
+    users = make_users(server, 60)
+    watch = Watch(server)
+    instances = [await start(n, users) for n in ("a", "b", "c")]
+    await settle(server, watch, instances, users)
+    await state_flushed(cluster_dsn, users)
+    victim = instances[2]
+    lost = sorted(victim.running)
+    with_mail, without_mail = lost[::2], lost[1::2]
+    killed_at = trio.current_time()
+    victim.kill()
+    for user in with_mail:  # mail arrives while nobody watches these mailboxes
+        server.append(user, b"Subject: during the move\r\n\r\nhi\r\n")
+    with trio.fail_after(TAKEOVER):
+        await server.wait_for(lambda: converged(instances[:2], users))
+        await server.wait_for(lambda: watch.all_watched_once(users))
+    assert watch.doubles == []
+    with trio.fail_after(10):
+        for user in with_mail:
+            while not scans_since(backend, user, killed_at):
+                await backend.wait_for_requests(len(backend.requests) + 1)
+    # the new owners read where "c" left off: no rescan of mailboxes without new mail
+    assert all(not scans_since(backend, u, killed_at) for u in without_mail)
+    rows = await trio.to_thread.run_sync(
+        fetch_sql, cluster_dsn, f"SELECT instance_id FROM {MEMBERSHIP_TABLE}"
+    )
+    assert {r[0] for r in rows} == {"a", "b", "c"}  # a crash leaves its row, TTL ends it
+
+
+async def test_an_instance_cut_off_from_postgres_fences_and_comes_back(
+    start: Starter, server: ImapTestServer, cluster_dsn: str, nursery: trio.Nursery
+) -> None:
+    users = make_users(server, 60)
+    watch = Watch(server)
+    parts = urlsplit(cluster_dsn)
+    proxy = Proxy(parts.port or 5432)
+    await nursery.start(proxy.serve)
+    via_proxy = cluster_dsn.replace(f":{parts.port}/", f":{proxy.port}/")
+    a, b = await start("a", users), await start("b", users)
+    c = await start("c", users, dsn=via_proxy)
+    instances = [a, b, c]
+    await settle(server, watch, instances, users)
+    assert c.running
+    proxy.set_cut(True)
+    with trio.fail_after(TTL / 2 + POLL + 2):
+        await server.wait_for(lambda: not c.running)
+    status = c.daemon.status().cluster
+    assert status is not None and status.fenced and "half the TTL" in (status.fence_reason or "")
+    with trio.fail_after(TAKEOVER):
+        await server.wait_for(lambda: converged([a, b], users) and watch.all_watched_once(users))
+    proxy.set_cut(False)
+    await settle(server, watch, instances, users)
+    assert watch.doubles == []
+
+
+async def test_a_fourth_instance_takes_about_a_quarter_and_drops_none(
+    start: Starter, server: ImapTestServer
+) -> None:
+    users = make_users(server, 120)
+    watch = Watch(server)
+    instances = [await start(n, users) for n in ("a", "b", "c")]
+    await settle(server, watch, instances, users)
+    before = {u: i.name for i in instances for u in i.running}
+    instances.append(await start("d", users))
+    await settle(server, watch, instances, users)
+    after = {u: i.name for i in instances for u in i.running}
+    moved = [u for u in users if before[u] != after[u]]
+    assert all(after[u] == "d" for u in moved)
+    assert 0.12 <= len(moved) / len(users) <= 0.40
+    assert watch.doubles == []
+
+
+async def test_db_migrate_creates_the_membership_table_idempotently(pg_dsn: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_IDLE_")}
+    env["DATABASE_URL"] = pg_dsn
+    for _ in range(2):
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_idle.cli", "db", "migrate"],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        assert f"{MEMBERSHIP_TABLE} is ready".encode() in result.stdout
+    rows = await trio.to_thread.run_sync(
+        fetch_sql, pg_dsn, f"SELECT count(*) FROM {MEMBERSHIP_TABLE}"
+    )
+    assert rows[0][0] == 0
