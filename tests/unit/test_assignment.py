@@ -125,7 +125,7 @@ def test_shared_mode_checks_the_lease_against_poll_and_logout() -> None:
     assert ok.cluster.instance_id == "host-1.a"
     with pytest.raises(ConfigError, match="TRIO_IDLE_CLUSTER_POLL"):
         parse_settings({**env, "TRIO_IDLE_CLUSTER_POLL": "6s"})
-    with pytest.raises(ConfigError, match="TRIO_IDLE_CLUSTER_TTL.*TRIO_IDLE_LOGOUT_TIMEOUT"):
+    with pytest.raises(ConfigError, match=r"TRIO_IDLE_CLUSTER_TTL.*TRIO_IDLE_LOGOUT_TIMEOUT"):
         parse_settings({**env, "TRIO_IDLE_CLUSTER_TTL": "3s", "TRIO_IDLE_CLUSTER_POLL": "1s"})
     with pytest.raises(ConfigError, match="TRIO_IDLE_INSTANCE_ID"):
         parse_settings({**env, "TRIO_IDLE_INSTANCE_ID": "bad id"})
