@@ -85,8 +85,12 @@ class DemoBackend:
         envelopes = body.get("messages")
         if isinstance(envelopes, list):
             # judged by subject: the mail itself is not read
-            verdicts = [
-                (m["uid"], m.get("subject") or "", detector.pattern.search(m.get("subject") or ""))
+            verdicts: list[tuple[int, str, bool]] = [
+                (
+                    m["uid"],
+                    str(m.get("subject") or ""),
+                    detector.pattern.search(str(m.get("subject") or "")) is not None,
+                )
                 for m in envelopes
                 if isinstance(m, dict) and isinstance(m.get("uid"), int)
             ]
