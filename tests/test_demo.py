@@ -22,3 +22,8 @@ def test_demo_runs_the_whole_loop_and_exits_zero() -> None:
     assert "[idle/file] refreshed — 3 active connections, 3 sessions" in out
     assert "backend scanned 7 messages, blocked and deleted 3" in out
     assert "FAILED" not in out
+    # alice's 1,000 old messages cost the backend nothing: each new mail costs one
+    alice = [line for line in out.splitlines() if "[demo] backend: alice@demo.test" in line]
+    assert len(alice) == 2, out[-3000:]
+    assert all("→ looked at 1 message(s) (envelopes)" in line for line in alice)
+    assert "sinceUid=1001 " in alice[0] and "sinceUid=1002 " in alice[1]

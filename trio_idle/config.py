@@ -681,6 +681,14 @@ class WebhookSettings:
         "send the scan webhook and health pings through the proxy named by HTTP_PROXY, "
         "HTTPS_PROXY, ALL_PROXY (and NO_PROXY); off: always connect directly",
     )
+    scan_envelopes: bool = setting(
+        "TRIO_IDLE_SCAN_ENVELOPES",
+        "--scan-envelopes",
+        parse_bool,
+        "false",
+        "also send the envelopes (uid, from, subject, date, message id, size) of up to 50 "
+        "new messages in each scan request, fetched on the session's own connection",
+    )
     token_path: str = setting(
         "TRIO_IDLE_TOKEN_PATH",
         "--token-path",

@@ -1,11 +1,15 @@
 """``trio-idle demo``: the whole loop in one process, on embedded defaults.
 
-Starts the test IMAP server (``trio_idle.testing``) with three demo mailboxes, a small
-backend that "scans" new mail for gambling keywords and deletes what it blocks, and the
-real daemon reading a TOML connection file. Then it delivers a few messages, lets the
-daemon's own log lines show what happens, prints a summary and exits 0 (1 if a message
-was not followed by a scan). ``--forever`` keeps everything running for you to deliver
-mail yourself.
+Starts the test IMAP server (``trio_idle.testing``) with three demo mailboxes (alice's
+holds :data:`OLD_MESSAGES` old messages), a small backend that "scans" new mail for
+gambling keywords and deletes what it blocks, and the real daemon reading a TOML
+connection file. The backend keeps no state of its own: each scan request's range
+(``sinceUid``) tells it which messages are new, and with envelopes (switched on here)
+it judges them by their subject without reading them; it prints how many messages each
+request cost it — one per new mail, not the 1,000 in alice's mailbox. Then it delivers
+a few messages, lets the daemon's own log lines show what happens, prints a summary and
+exits 0 (1 if a message was not followed by a scan). ``--forever`` keeps everything
+running for you to deliver mail yourself.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ SCRIPT: tuple[tuple[str, str, str], ...] = (
     ("bob@demo.test", "Minutes of the meeting", "Attached."),
 )
 BURST_FROM = 4
+#: alice's mailbox holds this many old messages before the daemon starts
+OLD_MESSAGES = 1000
 
 
 def _message(sender: str, to: str, subject: str, body: str) -> bytes:
@@ -53,33 +59,66 @@ def _message(sender: str, to: str, subject: str, body: str) -> bytes:
 
 @attrs.define
 class DemoBackend:
-    """The backend's role: look at new mail, delete gambling mail, answer the counts."""
+    """The backend's role: look at new mail, delete gambling mail, answer the counts.
+
+    Stateless, as a backend serving many daemons is: the request's ``sinceUid`` says
+    which messages are new (no range: all of them), and its ``messages`` (envelopes,
+    when present) are judged by subject without reading the mail.
+    """
 
     server: ImapTestServer
-    last_uid: dict[str, int] = attrs.field(factory=dict)
     scanned: int = 0
     blocked: int = 0
+    #: messages looked at per request, in order
+    looked_at: list[int] = attrs.field(factory=list)
     blocked_subjects: list[str] = attrs.field(factory=list)
     changed: trio.Event = attrs.field(factory=trio.Event)
 
     def __call__(self, request: ScanRequest) -> Reply:
         email = request.email or ""
+        body = request.body
         detector = KeywordScanner(lambda _: ())
         box = self.server.mailbox(email)
-        new = [m for m in box.messages if m.uid > self.last_uid.get(email, 0)]
+        since = body.get("sinceUid")
+        if not isinstance(since, int) or body.get("uidValidity") != box.uidvalidity:
+            since = 1  # no range (or another UIDVALIDITY): everything is new
+        envelopes = body.get("messages")
+        if isinstance(envelopes, list):
+            # judged by subject: the mail itself is not read
+            verdicts: list[tuple[int, str, bool]] = [
+                (
+                    m["uid"],
+                    str(m.get("subject") or ""),
+                    detector.pattern.search(str(m.get("subject") or "")) is not None,
+                )
+                for m in envelopes
+                if isinstance(m, dict) and isinstance(m.get("uid"), int)
+            ]
+            how = "envelopes"
+        else:
+            verdicts = [
+                (m.uid, detector._text_of(m.data)[0], detector.is_gambling(m.data))
+                for m in box.messages
+                if m.uid >= since
+            ]
+            how = "messages read"
         blocked = 0
-        for message in new:
-            self.last_uid[email] = max(self.last_uid.get(email, 0), message.uid)
-            if detector.is_gambling(message.data):
+        for uid, subject, gambling in verdicts:
+            if gambling:
                 blocked += 1
-                subject = detector._text_of(message.data)[0]
                 self.blocked_subjects.append(f"{email}: {subject}")
-                self.server.expunge(email, message.uid)  # the real backend deletes it
-        self.scanned += len(new)
+                self.server.expunge(email, uid)  # the real backend deletes it
+        looked = len(verdicts)
+        logger.opt(colors=False).info(
+            f"[demo] backend: {email} sinceUid={body.get('sinceUid')} → looked at {looked} "
+            f"message(s) ({how}) of {box.exists + blocked} in the mailbox"
+        )
+        self.looked_at.append(looked)
+        self.scanned += looked
         self.blocked += blocked
         self.changed.set()
         self.changed = trio.Event()
-        return Reply(200, json={"scanned": len(new), "blocked": blocked})
+        return Reply(200, json={"scanned": looked, "blocked": blocked})
 
 
 def _connections_toml(port: int, passwords: dict[str, str], key: bytes) -> str:
@@ -104,6 +143,8 @@ async def _demo(forever: bool, workdir: Path) -> int:
     passwords = {email: secrets.token_urlsafe(10) for email in MAILBOXES}
     for email, password in passwords.items():
         server.add_user(email, password)
+    for n in range(OLD_MESSAGES):
+        server.append(MAILBOXES[0], _message("old@example.net", MAILBOXES[0], f"Old #{n}", "."))
     admin_secret = secrets.token_urlsafe(16)
     key = derive_key(DEMO_KEY)
     async with trio.open_nursery() as nursery:
@@ -126,6 +167,7 @@ async def _demo(forever: bool, workdir: Path) -> int:
                 "TRIO_IDLE_IMAP_SECURITY": "plain",
                 "TRIO_IDLE_LOGOUT_TIMEOUT": "1s",
                 "TRIO_IDLE_STATE": "none",  # every demo run starts with fresh mailboxes
+                "TRIO_IDLE_SCAN_ENVELOPES": "true",
             }
         )
         say = logger.opt(colors=False).info
@@ -152,6 +194,10 @@ async def _demo(forever: bool, workdir: Path) -> int:
         say(
             f"[demo] backend scanned {scanner.scanned} messages, blocked and deleted "
             f"{scanner.blocked}:"
+        )
+        say(
+            f"[demo] messages looked at per request: {scanner.looked_at} (alice's mailbox "
+            f"holds {OLD_MESSAGES} old ones: the range keeps them out of every scan)"
         )
         for subject in scanner.blocked_subjects:
             say(f"[demo]   blocked {subject}")

@@ -50,6 +50,7 @@ from trio_idle.errors import (
     ImapConnectError,
     ImapError,
 )
+from trio_idle.imap_envelope import Envelope, NewMail, parse_fetch_envelopes, parse_search
 from trio_idle.imap_framing import FrameError, FrameTooLarge, ResponseFramer, format_size
 from trio_idle.imap_responses import MailboxState, parse_mailbox_state
 from trio_idle.push_monitor import PushMonitor
@@ -121,11 +122,17 @@ class ImapLimits:
 
     ``max_line``: text of one response outside its literals; ``max_literal``: the
     literals of one response together. The untagged lines answering one command (all but
-    IDLE, whose lines are not kept) may total ``max_line + max_literal``.
+    IDLE, whose lines are not kept) may total ``max_line + max_literal``
+    (:attr:`max_answer`), except a ``FETCH``'s: ``max_fetch_answer``, because the envelope
+    fetch (:meth:`ImapConnection.fetch_new`) asks for up to
+    :data:`~trio_idle.imap_envelope.MAX_ENVELOPES` envelopes in one command, and one
+    envelope of a legitimate message (hundreds of recipients, a long subject) can be tens
+    of KiB. Each of its responses is still bounded by ``max_line``/``max_literal``.
     """
 
     max_line: int = 1024 * 1024
     max_literal: int = 1024 * 1024
+    max_fetch_answer: int = 8 * 1024 * 1024
 
     @property
     def max_answer(self) -> int:
@@ -178,6 +185,8 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.tls_pending = False
         #: bytes of the answer to the command in progress (aioimaplib keeps them)
         self._answer_bytes = 0
+        #: while a list: every untagged response, raw as framed (for the envelope fetch)
+        self.capture: list[bytes] | None = None
         self._welcomed = False
 
     def _lost(self, exc: Exception | None) -> None:
@@ -214,6 +223,8 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         sync = self.pending_sync_command
         collecting = self._collecting()
         waiting = sync.name if sync is not None else "/".join(self.pending_async_commands)
+        if self.capture is not None and response[:1] == b"*":
+            self.capture.append(response)
         super().data_received(response)
         if self.incomplete_line or self.current_command is not None:
             # aioimaplib would wait for more of this response: it read a literal where the
@@ -223,10 +234,10 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
             self.tls_pending = True
         if collecting:
             self._answer_bytes += len(response)
-            if self._answer_bytes > self.limits.max_answer:
+            budget = self.limits.max_fetch_answer if waiting == "FETCH" else self.limits.max_answer
+            if self._answer_bytes > budget:
                 raise FrameTooLarge(
-                    f"server sent more than {format_size(self.limits.max_answer)} "
-                    f"in answer to {waiting}"
+                    f"server sent more than {format_size(budget)} in answer to {waiting}"
                 )
         if not self._collecting():
             self._answer_bytes = 0
@@ -484,6 +495,27 @@ class ImapConnection:
         self._idle_task = await self._call(step, _aio_restart_idle, self.protocol, task, noop, step)
         self._check()
 
+    async def fetch_new(self, since_uid: int, limit: int) -> NewMail:
+        """What arrived from ``since_uid`` on: leave IDLE (DONE) if idling,
+        ``UID SEARCH UID <since_uid>:*``, and, when at most ``limit`` messages were found,
+        ``UID FETCH <their UIDs> (UID ENVELOPE RFC822.SIZE)``, then IDLE again — all in one
+        hand-over to asyncio and within one command timeout (an error names the command
+        not answered). The answers are parsed from the raw framed responses
+        (:mod:`trio_idle.imap_envelope`: decoded, bounded, never logged); EXISTS lines
+        among them reach the monitor as always. Same guarantees as every command: a
+        failure leaves the connection unusable.
+        """
+        self._check()
+        step = _Step("DONE" if self._idle_task is not None else "UID SEARCH")
+        try:
+            self._idle_task, found = await self._call(
+                step, _aio_fetch_new, self.protocol, self._idle_task, since_uid, limit, step
+            )
+        finally:
+            self.protocol.capture = None
+        self._check()
+        return found
+
     async def logout(self, limit: float) -> None:
         """Send LOGOUT, wait up to ``limit`` seconds for the server to close, close. Never raises.
 
@@ -550,6 +582,55 @@ async def _aio_restart_idle(
             raise aioimaplib.Abort(response.result)
     step.name = "IDLE"
     return await _aio_idle_start(protocol)
+
+
+async def _aio_fetch_new(
+    protocol: _Protocol, idle: asyncio.Future[Any] | None, since: int, limit: int, step: _Step
+) -> tuple[asyncio.Future[Any] | None, NewMail]:
+    if idle is not None:
+        protocol.idle_done()
+        response = await idle
+        if response.result != "OK":
+            raise aioimaplib.Abort(f"IDLE ended with {response.result}")
+    step.name = "UID SEARCH"
+    protocol.capture = []
+    response = await protocol.execute(
+        aioimaplib.Command(
+            "SEARCH", protocol.new_tag(), "UID", f"{since}:*", prefix="UID", loop=protocol.loop
+        )
+    )
+    if response.result != "OK":
+        raise aioimaplib.Abort(f"UID SEARCH failed: {response.result}")
+    # "n:*" also matches the highest UID when it is below n (RFC 3501 6.4.8)
+    uids = tuple(uid for uid in parse_search(protocol.capture) if uid >= since)
+    envelopes: tuple[Envelope, ...] | None = None
+    if len(uids) <= limit:
+        envelopes = ()
+        if uids:
+            step.name = "UID FETCH"
+            protocol.capture = []
+            # a plain Command: aioimaplib's FetchCommand counts parentheses across the
+            # lines, and a subject with an unbalanced "(" would leave it waiting forever
+            response = await protocol.execute(
+                aioimaplib.Command(
+                    "FETCH",
+                    protocol.new_tag(),
+                    ",".join(map(str, uids)),
+                    "(UID ENVELOPE RFC822.SIZE)",
+                    prefix="UID",
+                    untagged_resp_name="FETCH",
+                    loop=protocol.loop,
+                )
+            )
+            if response.result != "OK":
+                raise aioimaplib.Abort(f"UID FETCH failed: {response.result}")
+            wanted = set(uids)
+            envelopes = tuple(e for e in parse_fetch_envelopes(protocol.capture) if e.uid in wanted)
+    protocol.capture = None
+    if idle is None:
+        return None, NewMail(uids, envelopes)
+    step.name = "IDLE"
+    return await _aio_idle_start(protocol), NewMail(uids, envelopes)
 
 
 class _SaslCommand(aioimaplib.Command):  # type: ignore[misc]

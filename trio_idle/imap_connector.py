@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from trio_idle.connections import MailConnection
+from trio_idle.imap_envelope import NewMail
 from trio_idle.imap_responses import MailboxState
 from trio_idle.push_monitor import PushMonitor
 
@@ -70,6 +71,12 @@ class ImapLink(Protocol):
 
     async def restart_idle(self, *, noop: bool) -> None:
         """DONE, then NOOP if ``noop``, then IDLE again, all within one command timeout."""
+        ...
+
+    async def fetch_new(self, since_uid: int, limit: int) -> NewMail:
+        """The UIDs from ``since_uid`` on and (at most ``limit`` of them) their envelopes:
+        DONE if idling, ``UID SEARCH``, ``UID FETCH (UID ENVELOPE RFC822.SIZE)``, IDLE
+        again, all within one command timeout. Envelope text is never logged."""
         ...
 
     async def logout(self, limit: float) -> None:

@@ -78,6 +78,12 @@ LABELLED_COUNTERS: Final = (
         "OAuth2 access tokens not had (token_error, token_unavailable, token_revoked) "
         "or refused by the IMAP server (refused)",
     ),
+    (
+        "envelope_fetches",
+        "result",
+        "envelope fetches before a scan (listed: envelopes sent; range: more new mail than "
+        "fit, range only; unavailable: no session or the fetch failed)",
+    ),
     ("gc_collections", "kind", "after-refresh garbage collections (full, new: only new objects)"),
     (
         "status_auth_failures",

@@ -28,6 +28,7 @@ import trio
 from trio_idle.coalescer import ScanCoalescer
 from trio_idle.connections import MailConnection
 from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reporter
+from trio_idle.imap_envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap_responses import MailboxState
 from trio_idle.logs import log_internal_error, prefix, session_logger
 from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scan_worker
@@ -178,16 +179,28 @@ class Reconciler:
 
     def _hooks(self, handle: Handle) -> ScanHooks:
         store, mailbox, conn_id = self._env.store, self._policy.mailbox, handle.conn.id
+        memory = handle.memory
+        s = self._env.settings
 
         def on_success(covered: MailboxState) -> None:
-            # only a 2xx advances what "scanned" means across restarts
+            # only a 2xx advances the accepted mark, here and across restarts (the
+            # store's "scanned up to" is the persisted mark)
+            memory.accepted(covered)
             if store is not None:
                 store.record(conn_id, mailbox, covered.uidvalidity, covered.uidnext)
 
+        async def new_mail(since_uid: int) -> NewMail | None:
+            # the session's fetch has its own command deadline; this bounds the wait for it
+            with trio.move_on_after(2 * s.timers.command_timeout):
+                return await memory.desk.ask(since_uid, MAX_ENVELOPES)
+            return None
+
         return ScanHooks(
             pacer=self._env.catchup_pacer,
-            covered=lambda: handle.memory.mailbox,
+            covered=lambda: memory.mailbox,
             on_success=on_success,
+            range_for=memory.scan_range,
+            new_mail=new_mail if s.webhook.scan_envelopes else None,
         )
 
     def snapshot(self) -> list[dict[str, Any]]:

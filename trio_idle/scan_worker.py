@@ -5,12 +5,19 @@ One worker task per connection takes scans from the connection's
 (5xx, 429, timeout, refused) is retried with backoff — honouring ``Retry-After`` — while
 new requests pile up into the single pending slot, so a backend outage costs each
 mailbox at most one waiting scan, never a queue.
+
+Each scan carries the range of the mail it covers (:mod:`trio_idle.scan_range`), fixed
+when it starts and kept across its retries; only a 2xx moves the accepted mark
+(:attr:`ScanHooks.on_success`), so a scan that fails for good leaves its range to the next
+one. With envelopes switched on (``TRIO_IDLE_SCAN_ENVELOPES``) the worker first asks the
+session for the new mail's envelopes (:attr:`ScanHooks.new_mail`); whatever that fetch
+finds raises the range's upper end to its highest UID + 1.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -19,10 +26,12 @@ import trio
 from trio_idle.backoff import BackoffPolicy
 from trio_idle.coalescer import PACED_REASONS, ScanCoalescer
 from trio_idle.connections import MailConnection
+from trio_idle.imap_envelope import Envelope, NewMail
 from trio_idle.imap_responses import MailboxState
 from trio_idle.limiter import Pacer
 from trio_idle.logs import human_duration
 from trio_idle.logs import prefix as log_prefix
+from trio_idle.scan_range import NO_RANGE, ScanRange
 from trio_idle.stats import Stats
 from trio_idle.webhook import ScanJob, Verdict, WebhookClient
 
@@ -43,12 +52,17 @@ class ScanHooks:
     """How a worker paces catch-up scans and reports what a successful scan covered.
 
     ``covered()`` is read when a scan starts (the mailbox state it will cover);
-    ``on_success(state)`` is called after the backend answered 2xx for it.
+    ``range_for(covered)`` gives the range fields it carries; ``on_success(state)`` is
+    called after the backend answered 2xx for it. ``new_mail(since_uid)``, when set,
+    returns what arrived from that UID on (envelopes included), or None when it cannot
+    be had now; it must return within its own bound.
     """
 
     pacer: Pacer | None = None
     covered: Callable[[], MailboxState | None] = lambda: None
     on_success: Callable[[MailboxState], None] = lambda state: None
+    range_for: Callable[[MailboxState | None], ScanRange] = lambda state: NO_RANGE
+    new_mail: Callable[[int], Awaitable[NewMail | None]] | None = None
 
 
 async def run_scan_worker(
@@ -74,7 +88,22 @@ async def run_scan_worker(
             if pacer is not None and await coalescer.wait_paced(pacer):
                 reason = "exists"
             covered = hooks.covered()
-            delivered = await deliver(conn, reason, coalescer, webhook, policy, stats, log, rng)
+            span = hooks.range_for(covered)
+            messages: tuple[Envelope, ...] | None = None
+            if hooks.new_mail is not None and span.since_uid is not None:
+                found = await hooks.new_mail(span.since_uid)
+                if found is not None:
+                    messages = found.envelopes
+                    stats.inc("envelope_fetches", "listed" if messages is not None else "range")
+                    if found.uids and covered is not None and covered.uidnext is not None:
+                        # the backend's own search comes later, so it sees these too
+                        top = max(covered.uidnext, found.uids[-1] + 1)
+                        covered = attrs.evolve(covered, uidnext=top)
+                else:
+                    stats.inc("envelope_fetches", "unavailable")
+            delivered = await deliver(
+                conn, reason, coalescer, webhook, policy, stats, log, rng, span, messages
+            )
             if delivered and covered is not None:
                 hooks.on_success(covered)
         finally:
@@ -90,9 +119,13 @@ async def deliver(
     stats: Stats,
     log: Any,
     rng: random.Random,
+    span: ScanRange = NO_RANGE,
+    messages: tuple[Envelope, ...] | None = None,
 ) -> bool:
     """Send one scan until the backend answers 2xx (True) or refuses it for good (False)."""
-    job = ScanJob(conn.id, conn.user_id, conn.email, policy.mailbox, reason)
+    job = ScanJob(
+        conn.id, conn.user_id, conn.email, policy.mailbox, reason, span=span, messages=messages
+    )
     prefix = log_prefix(conn.email)
     retry = BackoffPolicy(policy.retry_initial, policy.retry_max, jitter=SCAN_RETRY_JITTER)
     attempt = 0

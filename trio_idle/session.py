@@ -16,6 +16,13 @@ This is where new mail is noticed and a scan requested (:func:`_announce`):
 - a (re)connect whose SELECT shows a moved ``UIDNEXT`` or a new ``UIDVALIDITY`` compared
   with what the previous session saw (reason ``reconnect``).
 
+It also keeps the accepted mark of the mailbox (:attr:`ConnectionMemory.mark`,
+:mod:`trio_idle.scan_range`): loaded from the state store by the first session of the
+process, set to the server's UIDNEXT when a session decides there is nothing to catch up
+on, and moved by the scan worker after each 2xx. Scan requests carry it as ``sinceUid``.
+While watching, the session serves the scan worker's envelope requests
+(:mod:`trio_idle.fetch_desk`): DONE, UID SEARCH, UID FETCH, IDLE under one deadline.
+
 IDLE is re-issued every ``idle_renew_interval`` (servers drop it at 29 min). Servers
 without the IDLE capability are polled with NOOP at the tick interval.
 
@@ -44,12 +51,14 @@ from trio_idle.config import Settings
 from trio_idle.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.credentials import TOKEN_ERROR, AccessToken, TokenSource, TokenUnavailable
 from trio_idle.errors import ImapAuthError, ImapError
+from trio_idle.fetch_desk import FetchDesk, FetchRequest
 from trio_idle.imap_client import ImapLimits, ImapTimeouts, connect, resolve_security
 from trio_idle.imap_connector import ImapConnector, ImapLink
 from trio_idle.imap_responses import MailboxState, catch_up_decision
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.logs import human_duration, log_internal_error, prefix
 from trio_idle.providers import session_settings
+from trio_idle.scan_range import ScanMark, ScanRange, advance, on_connect, scan_range
 from trio_idle.session_states import AUTH_FAILED, BACKOFF, CONNECTING, IDLE, POLLING
 from trio_idle.state_store import StateStore, startup_decision
 from trio_idle.stats import Stats
@@ -71,6 +80,19 @@ class ConnectionMemory:
     on_outcome: Callable[[object], None] = attrs.field(
         default=lambda outcome: None, repr=False, eq=False
     )
+    #: every UID below ``mark.uidnext`` (in its UIDVALIDITY) was accepted by the backend;
+    #: None: unknown (new mailbox: the next scan has no ``sinceUid``)
+    mark: ScanMark | None = None
+    #: where the scan worker asks this connection's session for envelopes
+    desk: FetchDesk = attrs.field(factory=FetchDesk, repr=False, eq=False)
+
+    def scan_range(self, covered: MailboxState | None) -> ScanRange:
+        """The range fields of a scan that starts now and covers ``covered``."""
+        return scan_range(self.mark, covered)
+
+    def accepted(self, covered: MailboxState) -> None:
+        """The backend answered 2xx for a scan that covered ``covered``."""
+        self.mark = advance(self.mark, covered)
 
 
 def network_connector(settings: Settings, ssl_context: ssl.SSLContext | None) -> ImapConnector:
@@ -181,9 +203,12 @@ async def run_session(
                 # first session in this process: compare with what the last run scanned
                 stored = env.store.get(conn.id, s.imap.mailbox)
                 decision, reason = startup_decision(stored, selected), "startup"
+                if stored is not None and memory.mark is None:
+                    memory.mark = ScanMark(stored.uidvalidity, stored.uidnext)
             else:
                 decision, reason = catch_up_decision(memory.mailbox, selected), "reconnect"
             memory.mailbox = selected
+            memory.mark = on_connect(memory.mark, selected, scanning=decision.scan)
             if decision.scan:
                 log.info(f"{where} catch-up scan ({decision.why})")
                 env.stats.inc("catch_up_scans", reason)
@@ -315,8 +340,33 @@ async def _watch(
     memory: ConnectionMemory,
     log: Any,
 ) -> None:
+    memory.desk.open()
+    try:
+        await _watch_open(imap, conn, env, coalescer, memory, log)
+    finally:
+        memory.desk.close()
+
+
+async def _serve_fetch(imap: ImapLink, request: FetchRequest) -> None:
+    """Run the scan worker's envelope request; a failure still answers it (``None``)
+    before the error ends the session."""
+    try:
+        request.result = await imap.fetch_new(request.since_uid, request.limit)
+    finally:
+        request.done.set()
+
+
+async def _watch_open(
+    imap: ImapLink,
+    conn: MailConnection,
+    env: SessionEnv,
+    coalescer: ScanCoalescer,
+    memory: ConnectionMemory,
+    log: Any,
+) -> None:
     s = session_settings(env.settings, conn.provider)  # a provider's shorter IDLE timers
     where = prefix(conn.email)
+    desk = memory.desk
     next_tick, renew_at = first_timers(
         trio.current_time(), s.timers.tick_interval, s.timers.idle_renew_interval, env.rng
     )
@@ -329,7 +379,12 @@ async def _watch(
         )
         while True:
             _announce(conn, imap, memory, coalescer, env, log, "exists")
-            await trio.sleep_until(next_tick)
+            with desk.listening():
+                await trio.sleep_until(next_tick)
+            if (request := desk.take()) is not None:
+                await _serve_fetch(imap, request)
+                if trio.current_time() < next_tick:
+                    continue
             await imap.noop()
             _announce(conn, imap, memory, coalescer, env, log, "tick")
             next_tick = trio.current_time() + s.timers.tick_interval
@@ -338,7 +393,7 @@ async def _watch(
     memory.state = IDLE
     memory.on_outcome(Connected(idle=True))
     while True:
-        with trio.move_on_at(min(next_tick, renew_at)):
+        with trio.move_on_at(min(next_tick, renew_at)), desk.listening():
             while True:
                 await imap.monitor.wait()
                 if (problem := imap.monitor.problem()) is not None:
@@ -347,6 +402,11 @@ async def _watch(
         # Mail pushed just as the deadline passed: wait() checkpoints, so the deadline
         # can win over a wake-up that was already due. It was pushed, so it is "exists".
         _announce(conn, imap, memory, coalescer, env, log, "exists")
+        if (request := desk.take()) is not None:
+            await _serve_fetch(imap, request)  # DONE, UID SEARCH, UID FETCH, IDLE
+            _announce(conn, imap, memory, coalescer, env, log, "exists")
+            if trio.current_time() < min(next_tick, renew_at):
+                continue
         now = trio.current_time()
         tick = now >= next_tick
         if now >= renew_at:

@@ -26,6 +26,8 @@ import httpx
 import trio
 
 from trio_idle import __version__
+from trio_idle.imap_envelope import Envelope
+from trio_idle.scan_range import NO_RANGE, ScanRange
 from trio_idle.scrub import PLAIN
 from trio_idle.secret import Secret
 
@@ -42,7 +44,13 @@ MAX_REPLY_BYTES: Final = 64 * 1024
 
 @attrs.frozen
 class ScanJob:
-    """One scan to request. ``scan_id`` identifies it across retries."""
+    """One scan to request. ``scan_id`` identifies it across retries.
+
+    ``span`` adds the optional range fields (``uidValidity``, ``sinceUid``,
+    ``uidValidityChanged``; :mod:`trio_idle.scan_range`), ``messages`` the optional
+    envelopes of the new mail (every message of the range when the scan started).
+    Backends that do not know them ignore them (docs/backend-contract.md).
+    """
 
     connection_id: str
     user_id: str | None
@@ -50,18 +58,22 @@ class ScanJob:
     mailbox: str
     reason: str
     scan_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    span: ScanRange = NO_RANGE
+    messages: tuple[Envelope, ...] | None = attrs.field(default=None, repr=False)
 
     def body(self) -> bytes:
-        return json.dumps(
-            {
-                "connectionId": self.connection_id,
-                "userId": self.user_id,
-                "email": self.email,
-                "mailbox": self.mailbox,
-                "reason": self.reason,
-            },
-            separators=(",", ":"),
-        ).encode()
+        data: dict[str, object] = {
+            "connectionId": self.connection_id,
+            "userId": self.user_id,
+            "email": self.email,
+            "mailbox": self.mailbox,
+            "reason": self.reason,
+        }
+        data.update(self.span.fields())
+        if self.messages is not None:
+            data["messages"] = [m.to_json() for m in self.messages]
+        # ensure_ascii: envelope text from a mail server stays 7-bit on the wire
+        return json.dumps(data, separators=(",", ":")).encode()
 
 
 def sign(secret: Secret, body: bytes) -> str:

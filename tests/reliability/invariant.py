@@ -1,7 +1,9 @@
 """The reliability invariant, as a reusable checker.
 
     Every message appended to a watched mailbox is followed by at least one scan POST for
-    that mailbox that STARTS AFTER the append (and that the backend answered 2xx).
+    that mailbox that STARTS AFTER the append (and that the backend answered 2xx), and
+    whose range includes it: no ``sinceUid``, ``uidValidityChanged``, or the append's
+    UIDVALIDITY with ``sinceUid`` at or below its UID (docs/backend-contract.md).
 
 "Starts after" compares :attr:`ScanRequest.received_at` (set by the backend when the request
 has arrived) with :func:`trio.current_time` taken right after :meth:`ImapTestServer.append`
@@ -40,6 +42,20 @@ class Append:
     uid: int
     at: float  # trio.current_time() right after the append
     note: str = ""
+    uidvalidity: int | None = None
+
+
+def in_range(request: ScanRequest, append: Append) -> bool:
+    """Whether ``request``'s range fields include ``append`` (no range: everything)."""
+    body = request.body
+    if body.get("uidValidityChanged") is True or "sinceUid" not in body:
+        return True
+    since = body["sinceUid"]
+    return (
+        isinstance(since, int)
+        and body.get("uidValidity") == append.uidvalidity
+        and since <= append.uid
+    )
 
 
 def scanned(request: ScanRequest) -> bool:
@@ -49,7 +65,12 @@ def scanned(request: ScanRequest) -> bool:
 
 def covers(request: ScanRequest, append: Append) -> bool:
     """Whether ``request`` is a scan of ``append``'s mailbox that started after it."""
-    return request.email == append.user and scanned(request) and request.received_at > append.at
+    return (
+        request.email == append.user
+        and scanned(request)
+        and request.received_at > append.at
+        and in_range(request, append)
+    )
 
 
 class Ledger:
@@ -68,18 +89,19 @@ class Ledger:
             f"Subject: reliability #{n}\r\nFrom: t@x.test\r\n\r\nbody {n}\r\n".encode(),
             mailbox,
         )
-        record = Append(user, uid, trio.current_time(), note)
+        uidvalidity = self.server.mailbox(user, mailbox).uidvalidity
+        record = Append(user, uid, trio.current_time(), note, uidvalidity)
         self.appends.append(record)
         return record
 
     def uncovered(self, appends: Iterable[Append] | None = None) -> list[Append]:
         """The appends (all recorded ones by default) no accepted POST started after."""
-        last_ok: dict[str, float] = {}
+        by_user: dict[str, list[ScanRequest]] = {}
         for request in self.backend.requests:
             if request.email is not None and scanned(request):
-                last_ok[request.email] = max(last_ok.get(request.email, -1e18), request.received_at)
+                by_user.setdefault(request.email, []).append(request)
         todo = self.appends if appends is None else list(appends)
-        return [a for a in todo if not last_ok.get(a.user, -1e18) > a.at]
+        return [a for a in todo if not any(covers(r, a) for r in by_user.get(a.user, ()))]
 
     def delays(self) -> list[float]:
         """For each covered append: seconds until the first accepted POST after it."""
@@ -127,6 +149,7 @@ class Ledger:
             for r in self.backend.requests_for(user)[-8:]:
                 lines.append(
                     f"    POST reason={r.reason} received t-{now - r.received_at:.3f}s "
-                    f"status={r.status}"
+                    f"status={r.status} uidValidity={r.body.get('uidValidity')} "
+                    f"sinceUid={r.body.get('sinceUid')}"
                 )
         return "\n".join(lines)

@@ -10,7 +10,8 @@ timestamp is exact:
 
 - :meth:`~FakeImapServer.deliver` new mail (pushed as ``EXISTS`` during IDLE, or, with
   ``push=False``, reported only in the next NOOP's answer, as some servers do);
-- :meth:`~FakeImapServer.expunge`, :meth:`~FakeImapServer.bye`,
+- :meth:`~FakeImapServer.renumber` (a new UIDVALIDITY), :meth:`~FakeImapServer.expunge`,
+  :meth:`~FakeImapServer.bye`,
   :meth:`~FakeImapServer.drop` (connection reset);
 - :meth:`~FakeImapServer.go_silent`: the connection stays open and answers nothing
   (half-open), so commands fail at the command timeout, as the real client's do;
@@ -36,6 +37,7 @@ import trio
 from trio_idle.connections import MailConnection
 from trio_idle.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
 from trio_idle.imap_connector import ImapConnector, ImapLink
+from trio_idle.imap_envelope import Envelope, NewMail
 from trio_idle.imap_responses import MailboxState
 from trio_idle.push_monitor import PushMonitor
 
@@ -50,8 +52,8 @@ class Call:
     at: float
     #: which connection attempt (1-based) sent it
     link: int
-    #: ``connect``, ``LOGIN``, ``AUTHENTICATE``, ``SELECT``, ``IDLE``, ``DONE``, ``NOOP``
-    #: or ``LOGOUT``
+    #: ``connect``, ``LOGIN``, ``AUTHENTICATE``, ``SELECT``, ``IDLE``, ``DONE``, ``NOOP``,
+    #: ``UID SEARCH``, ``UID FETCH`` or ``LOGOUT``
     command: str
     #: the user for LOGIN and AUTHENTICATE, the mailbox for SELECT, else empty
     arg: str = ""
@@ -73,6 +75,8 @@ class FakeImapServer:
         self.exists = exists
         self.uidnext = uidnext
         self.uidvalidity = uidvalidity
+        #: the UIDs of the messages present, ascending (the last ``exists`` below uidnext)
+        self.uids: list[int] = list(range(max(1, uidnext - exists), uidnext))
         #: the IDLE capability is announced
         self.idle = idle
         #: new mail is pushed during IDLE; if False it shows only in NOOP/SELECT answers
@@ -125,6 +129,7 @@ class FakeImapServer:
     def deliver(self, count: int = 1) -> None:
         """``count`` new messages arrive (UIDNEXT moves with them)."""
         self.exists += count
+        self.uids.extend(range(self.uidnext, self.uidnext + count))
         self.uidnext += count
         if (link := self._open_link()) is not None:
             link.pending.append(f"* {self.exists} EXISTS".encode())
@@ -135,10 +140,18 @@ class FakeImapServer:
         """The first message is deleted (by another client)."""
         assert self.exists > 0
         self.exists -= 1
+        del self.uids[0]
         if (link := self._open_link()) is not None:
             link.pending.append(b"* 1 EXPUNGE")
             if self.push and link.idling:
                 link.flush()
+
+    def renumber(self, uidvalidity: int) -> None:
+        """A new UIDVALIDITY: the messages are numbered 1..n again (as after a server
+        rebuild); the next SELECT reports it."""
+        self.uidvalidity = uidvalidity
+        self.uids = list(range(1, self.exists + 1))
+        self.uidnext = self.exists + 1
 
     def bye(self, text: str = "Server shutting down") -> None:
         """The server says ``* BYE`` on the current connection (sent at once)."""
@@ -302,6 +315,30 @@ class FakeImapLink:
             self.flush()
         await self._command("IDLE")
         self._enter_idle()
+
+    async def fetch_new(self, since_uid: int, limit: int) -> NewMail:
+        assert self.selected, "UID SEARCH outside the selected state"
+        was_idling = self.idling
+        if was_idling:
+            self._check()
+            await self._command("DONE")
+            self.idling = False
+        await self._command("UID SEARCH", f"{since_uid}:*")
+        self.flush()
+        uids = tuple(u for u in self._server.uids if u >= since_uid)
+        envelopes: tuple[Envelope, ...] | None = None
+        if len(uids) <= limit:
+            envelopes = ()
+            if uids:
+                await self._command("UID FETCH", ",".join(map(str, uids)))
+                envelopes = tuple(
+                    Envelope(u, subject=f"message {u}", from_address="sender@example.test")
+                    for u in uids
+                )
+        if was_idling:
+            await self._command("IDLE")
+            self._enter_idle()
+        return NewMail(uids, envelopes)
 
     def _enter_idle(self) -> None:
         self.idling = True

@@ -52,10 +52,83 @@ def list_match(pattern: str, name: str) -> bool:
 
 
 def expand_fetch_macros(items: list[str]) -> list[str]:
-    """Expand the ``FAST`` macro (``ALL``/``FULL`` need ENVELOPE, which is unsupported)."""
+    """Expand the ``FAST``, ``ALL`` and ``FULL`` macros (``FULL``'s BODY is unsupported)."""
     if items == ["FAST"]:
         return ["FLAGS", "INTERNALDATE", "RFC822.SIZE"]
+    if items == ["ALL"]:
+        return ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"]
     return items
+
+
+def _nstring(value: bytes | None) -> bytes:
+    """NIL, a quoted string, or a literal for anything a quoted string cannot carry."""
+    if value is None:
+        return b"NIL"
+    if all(32 <= b < 127 for b in value) and len(value) < 1000:
+        return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return _literal(value)
+
+
+def _header_values(header: bytes) -> dict[str, bytes]:
+    """The first value of each header field, unfolded, raw bytes (encoded words kept)."""
+    out: dict[str, bytes] = {}
+    current: str | None = None  # the field being unfolded, if it is a first occurrence
+    for line in header.splitlines():
+        if not line.strip():
+            break
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                out[current] += b" " + line.strip()
+            continue
+        field, sep, value = line.partition(b":")
+        name = field.strip().decode("ascii", "replace").upper()
+        current = name if sep and name not in out else None
+        if current is not None:
+            out[current] = value.strip()
+    return out
+
+
+def _addresses(value: bytes | None) -> bytes:
+    """An ENVELOPE address list from a header value (a simple parse: good enough for
+    test mail, ``Name <box@host>`` or ``box@host``, comma separated)."""
+    if not value:
+        return b"NIL"
+    parts = []
+    for item in value.split(b","):
+        item = item.strip()
+        if not item:
+            continue
+        name: bytes | None = None
+        if b"<" in item and item.endswith(b">"):
+            name_part, _, addr = item[:-1].rpartition(b"<")
+            name = name_part.strip().strip(b'"') or None
+        else:
+            addr = item
+        box, at, host = addr.strip().partition(b"@")
+        fields = [_nstring(name), b"NIL", _nstring(box), _nstring(host if at else None)]
+        parts.append(b"(" + b" ".join(fields) + b")")
+    return b"(" + b"".join(parts) + b")" if parts else b"NIL"
+
+
+def render_envelope(data: bytes) -> bytes:
+    """``ENVELOPE (date subject from sender reply-to to cc bcc in-reply-to message-id)``
+    from a message's header (sender and reply-to default to from, as RFC 3501 says)."""
+    header, _ = _split_message(data)
+    fields = _header_values(header)
+    sender = _addresses(fields.get("FROM"))
+    parts = [
+        _nstring(fields.get("DATE")),
+        _nstring(fields.get("SUBJECT")),
+        sender,
+        _addresses(fields.get("SENDER")) if "SENDER" in fields else sender,
+        _addresses(fields.get("REPLY-TO")) if "REPLY-TO" in fields else sender,
+        _addresses(fields.get("TO")),
+        _addresses(fields.get("CC")),
+        _addresses(fields.get("BCC")),
+        _nstring(fields.get("IN-REPLY-TO")),
+        _nstring(fields.get("MESSAGE-ID")),
+    ]
+    return b"ENVELOPE (" + b" ".join(parts) + b")"
 
 
 def _split_message(data: bytes) -> tuple[bytes, bytes]:
@@ -96,6 +169,8 @@ def fetch_item(item: str, message: Message) -> tuple[bytes, bool]:
         return f"FLAGS {format_flags(message.flags)}".encode(), False
     if item == "RFC822.SIZE":
         return b"RFC822.SIZE %d" % len(message.data), False
+    if item == "ENVELOPE":
+        return render_envelope(message.data), False
     if item == "INTERNALDATE":
         return f"INTERNALDATE {quote(format_internaldate(message.internaldate))}".encode(), False
     header, body = _split_message(message.data)
