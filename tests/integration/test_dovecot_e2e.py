@@ -45,12 +45,17 @@ async def test_append_triggers_contracted_scan_post(
     assert request.headers["content-type"] == "application/json"
     assert request.headers["user-agent"].startswith("trio-idle/")
     assert request.headers["x-scan-id"]
+    uid_validity = request.body.get("uidValidity")
+    assert isinstance(uid_validity, int) and uid_validity > 0  # Dovecot's, whatever it is
     assert request.body == {
         "connectionId": "conn-1",
         "userId": "user-42",
         "email": user.email,
         "mailbox": "INBOX",
         "reason": "exists",
+        # the range (docs/backend-contract.md): the first message of a fresh mailbox
+        "uidValidity": uid_validity,
+        "sinceUid": 1,
     }
     assert request.problems == []
     assert len(logs.matching(f"[idle/{user.email}] exists-event received (new mail)")) == 1
