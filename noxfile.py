@@ -84,16 +84,28 @@ def demo(session: nox.Session) -> None:
     session.run("trio-idle", "demo", *session.posargs)
 
 
+#: the Node + imapflow baseline that ``python -m bench --compare`` runs (package-lock.json)
+NODE_BASELINE = "bench/node_baseline"
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (ramp, memory, idle CPU, latency, reconcile, shutdown) → docs/performance.md.
 
     Default: plaintext at N = 100, 1,000, 10,000, a 10-minute soak at 10,000, the plot
     (≈ 27 min). ``nox -s bench -- --quick`` for a fast run, ``-- --tls --n 100,1000,10000``
-    for TLS; see ``python -m bench --help``. ``bench/`` is a folder of the repository,
-    not part of the installed package: run it from the repository root.
+    for TLS; ``-- --compare --n 1000,5000`` for trio-idle side by side with the Node +
+    imapflow baseline (plaintext and TLS; ``npm ci`` installs the baseline first); see
+    ``python -m bench --help``. ``bench/`` is a folder of the repository, not part of the
+    installed package: run it from the repository root.
     """
     _install(session, "-e", ".[bench]")
+    # the Node + imapflow baseline of ``--compare``, exactly as its lock file pins it
+    if shutil.which("npm"):
+        with session.chdir(NODE_BASELINE):
+            session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+    else:
+        session.warn("npm not found: `python -m bench --compare` will not run")
     args = session.posargs or ["--n", "100,1000,10000", "--soak", "600", "--plot"]
     session.run("python", "-m", "bench", *args)
 

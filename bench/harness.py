@@ -36,6 +36,7 @@ from bench.report import format_table, make_plot, markdown_table
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = str(REPO_ROOT / "docs" / "perf" / "results.json")
 DEFAULT_PLOT = str(REPO_ROOT / "docs" / "perf" / "rss_latency.png")
+DEFAULT_COMPARE_OUT = str(REPO_ROOT / "docs" / "perf" / "compare.json")
 
 
 @attrs.frozen
@@ -526,7 +527,91 @@ def build_parser() -> argparse.ArgumentParser:
         help="daemon C's refresh interval (product default 5m; each refresh collects garbage)",
     )
     p.add_argument("--workdir", default=None, help="keep logs and files here (default: temp)")
+    c = p.add_argument_group(
+        "side by side with the Node stack (--compare)",
+        "trio-idle and the Node + imapflow baseline (bench/node_baseline, installed with "
+        "npm ci) one after the other against the same IMAP server processes and sink; "
+        "prints the trio-idle / Node ratios as markdown. Uses --n (default 1000,5000), "
+        "--tls, --quick, --keepalive, --tick, --idle-window (default 130), "
+        "--latency-seconds (default 20), --high-concurrency, --high-rate, --seed.",
+    )
+    c.add_argument("--compare", action="store_true", help="run the side-by-side comparison")
+    c.add_argument(
+        "--security",
+        default=None,
+        help="comma-separated modes for --compare: plain, tls (default plain,tls; "
+        "--tls alone means tls)",
+    )
+    c.add_argument(
+        "--compare-rate", type=float, default=20.0, help="appends/s in the latency phase (20)"
+    )
+    c.add_argument(
+        "--grace", type=float, default=None, help="seconds to wait for late POSTs (20, quick 5)"
+    )
+    c.add_argument("--compare-out", default=DEFAULT_COMPARE_OUT, help="the comparison's JSON")
+    c.add_argument(
+        "--compare-markdown",
+        action="store_true",
+        help="only print the comparison tables from --compare-out",
+    )
     return p
+
+
+def _compare_main(args: argparse.Namespace) -> int:
+    """``--compare``: both stacks, then the markdown ratio tables."""
+    from bench import compare
+    from bench.node_proc import NodeUnavailable, ensure_installed
+
+    out = Path(args.compare_out)
+    if args.compare_markdown:
+        print(compare.markdown(json.loads(out.read_text())["runs"]), end="")
+        return 0
+    quick = args.quick
+    default_sizes = "50" if quick else "1000,5000"
+    sizes = tuple(int(x) for x in (args.n or default_sizes).split(",") if x.strip())
+    modes_text = args.security or ("tls" if args.tls else ("plain" if quick else "plain,tls"))
+    modes = tuple(m.strip() for m in modes_text.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("plain", "tls")]
+    if bad or not modes:
+        print(f"--security: expected plain and/or tls, got {modes_text!r}", file=sys.stderr)
+        return 2
+    try:
+        ensure_installed()
+    except NodeUnavailable as exc:
+        print(f"--compare: {exc}", file=sys.stderr)
+        return 2
+    opts = compare.CompareOptions(
+        sizes=sizes,
+        modes=modes,
+        quick=quick,
+        idle_window=args.idle_window or (3.0 if quick else 130.0),
+        latency_seconds=args.latency_seconds or (3.0 if quick else 20.0),
+        rate=args.compare_rate,
+        grace=args.grace or (5.0 if quick else 20.0),
+        keepalive=args.keepalive,
+        tick=args.tick,
+        concurrency=args.high_concurrency,
+        connect_rate=args.high_rate,
+        per_server=args.per_server,
+        seed=args.seed,
+        settle=2.0 if quick else 5.0,
+        # imapflow waits 15 s after its last command before IDLE: too long for a check
+        node_idle_delay_ms=200 if quick else None,
+    )
+    limit = raise_nofile_limit()
+    print(f"RLIMIT_NOFILE soft limit: {limit}", flush=True)
+    started = time.perf_counter()
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        runs = trio.run(compare.run_all, opts, workdir, out)
+    else:
+        with tempfile.TemporaryDirectory(prefix="trio-idle-compare-") as tmp:
+            runs = trio.run(compare.run_all, opts, Path(tmp), out)
+    print()
+    print(compare.markdown(runs), end="")
+    print(f"\nresults: {out}  ({time.perf_counter() - started:.0f}s)")
+    return 0
 
 
 async def _run_all(opts: Options, workdir: Path, out: Path, fresh: bool) -> list[dict[str, Any]]:
@@ -552,6 +637,8 @@ def write_results(out: Path, runs: list[dict[str, Any]], fresh: bool) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.compare or args.compare_markdown:
+        return _compare_main(args)
     out = Path(args.out)
     if args.markdown:
         print(markdown_table(json.loads(out.read_text())["runs"]))

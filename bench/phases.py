@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from bench.procinfo import cpu_seconds, rss_kib
-from bench.procs import DaemonProc, ServerPool
+from bench.procs import DaemonProc, MeasuredProc, ServerPool
 from trio_idle.testing.backend import Reply, ScanBackend, ScanRequest
 
 Row = tuple[str, int]
@@ -61,7 +61,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 async def ramp(
-    pool: ServerPool, daemon: DaemonProc, rows: Sequence[Row], limit: float
+    pool: ServerPool, daemon: MeasuredProc, rows: Sequence[Row], limit: float
 ) -> dict[str, Any]:
     """Give the daemon ``rows`` (SIGHUP); time until the server saw every one enter IDLE."""
     await pool.call_all("reset_marks")
@@ -95,7 +95,7 @@ async def ramp(
 
 
 async def catch_up(
-    sink: Sink, daemon: DaemonProc, before: int, n: int, limit: float
+    sink: Sink, daemon: MeasuredProc, before: int, n: int, limit: float
 ) -> dict[str, Any]:
     """Wait until the sink got ``n`` startup catch-up scans more than ``before``.
 
@@ -116,7 +116,7 @@ async def catch_up(
 
 
 async def settle_and_measure_rss(
-    daemon: DaemonProc, n: int, base: int, settle: float
+    daemon: MeasuredProc, n: int, base: int, settle: float
 ) -> dict[str, Any]:
     """RSS after ``settle`` seconds with ``n`` sessions, and per session above ``base``."""
     await trio.sleep(settle)
@@ -137,7 +137,7 @@ def _status_field(pid: int, name: str) -> int | None:
     return None
 
 
-async def idle_cpu(pool: ServerPool, daemon: DaemonProc, n: int, window: float) -> dict[str, Any]:
+async def idle_cpu(pool: ServerPool, daemon: MeasuredProc, n: int, window: float) -> dict[str, Any]:
     """Daemon CPU over ``window`` seconds with ``n`` sessions idle (nothing appended)."""
     before = await pool.totals()
     cpu0, t0 = cpu_seconds(daemon.pid), time.perf_counter()
@@ -163,7 +163,7 @@ async def idle_cpu(pool: ServerPool, daemon: DaemonProc, n: int, window: float) 
 async def latency(
     pool: ServerPool,
     sink: Sink,
-    daemon: DaemonProc,
+    daemon: MeasuredProc,
     users: Sequence[str],
     rate: float,
     seconds: float,
@@ -278,7 +278,7 @@ async def reconcile(
     }
 
 
-async def shutdown(pool: ServerPool, daemon: DaemonProc, n: int) -> dict[str, Any]:
+async def shutdown(pool: ServerPool, daemon: MeasuredProc, n: int) -> dict[str, Any]:
     """SIGTERM → process exit; also how many sessions LOGOUT cleanly."""
     before = await pool.totals()
     seconds, code = await daemon.terminate()

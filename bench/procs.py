@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -28,6 +28,18 @@ PASSWORD_ENV = "TRIO_IDLE_BENCH_PASSWORD"
 PASSWORD = "bench-password"
 ADMIN_SECRET = "bench-admin-secret"
 ENCRYPTION_KEY = "bench-encryption-key-0123456789abcdef"
+
+
+class MeasuredProc(Protocol):
+    """What the phases need of a process under test (``trio-idle serve`` or the Node
+    baseline): its pid, a way to hand it mailboxes, and SIGTERM."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def set_rows(self, rows: Sequence[tuple[str, int]]) -> float: ...
+
+    async def terminate(self, limit: float = 60.0) -> tuple[float, int | None]: ...
 
 
 class ServerProc:

@@ -1,9 +1,14 @@
-"""``python -m bench --quick`` works end to end (correctness only, never timings).
+"""``python -m bench --quick`` and ``--compare --quick`` work end to end (correctness only,
+never timings).
 
 Runs the real daemon process against a test IMAP server process and the in-harness scan
 sink with N=200 and a few seconds per phase (~25 s). Asserts that every session reached
 IDLE, no push was missed, reconcile and shutdown completed and the JSON has every field;
 the numbers themselves are machine-dependent and are not checked.
+
+The ``--compare --quick`` test (≈ 20 s) runs the Node + imapflow baseline beside it (50
+mailboxes) and needs ``node`` (the ``node_bin`` fixture: a skip locally, a failure with
+``TRIO_IDLE_REQUIRE_SERVERS=1`` as in CI); ``npm ci`` runs only once node is known present.
 """
 
 from __future__ import annotations
@@ -126,3 +131,91 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
     assert plot.stat().st_size > 0
     assert "200" in format_table(data["runs"])
     assert "\n| 200 | plain | " in markdown_table(quick_as_full)
+
+
+# ---- side by side with the Node stack (python -m bench --compare) ---------------------------
+
+
+def _pair(n: int, tls: bool, node_rss: int, ours_rss: int) -> dict[str, Any]:
+    def stack(rss: int, kib: float, cpu: float, p99: float, missed: int) -> dict[str, Any]:
+        return {
+            "memory": {"rss_kib": rss, "per_session_kib": kib},
+            "idle_cpu": {"pct_of_one_core": cpu, "noops": n, "window_s": 130.0},
+            "latency": {"p50_ms": 2.0, "p99_ms": p99, "max_ms": p99, "missed": missed},
+            "ramp": {"seconds": 2.0},
+        }
+
+    return {
+        "n": n,
+        "tls": tls,
+        "quick": False,
+        "node": {"imapflow": "2.10.2", **stack(node_rss, 20.0, 4.0, 20.0, 3)},
+        "trio_idle": stack(ours_rss, 30.0, 8.0, 10.0, 0),
+    }
+
+
+def test_compare_ratios_are_trio_idle_over_node() -> None:
+    from bench.compare import growth_per_session, markdown, ratio, rows_for
+
+    assert ratio(8.0, 4.0) == 2.0
+    assert ratio(1.0, 0) is None and ratio(None, 4.0) is None
+    runs = [_pair(1000, False, 60_000, 80_000), _pair(5000, False, 140_000, 200_000)]
+    # (140,000 − 60,000) / 4,000 and (200,000 − 80,000) / 4,000
+    assert growth_per_session(runs, "node", False) == 20.0
+    assert growth_per_session(runs, "trio_idle", False) == 30.0
+    assert growth_per_session(runs, "node", True) is None  # no TLS runs
+    table = dict((m, (a, b, r)) for m, a, b, r in rows_for(runs[0]))
+    cpu = next(v for k, v in table.items() if k.startswith("idle CPU"))
+    assert cpu == ("4.00 (1,000)", "8.00 (1,000)", "2.00×")
+    assert table["push → webhook p99, ms"] == ("20.0", "10.0", "0.50×")
+    assert table["pushes with no webhook call"][:2] == ("3 of –", "0 of –")
+    text = markdown(runs)
+    header = "| N = 1,000, plaintext | Node + imapflow 2.10.2 | trio-idle | trio-idle / Node |"
+    assert header in text
+    assert "N = 1,000 → 5,000: Node 20.0 KiB, trio-idle 30.0 KiB (1.50×)" in text
+
+
+def test_quick_compare_runs_both_stacks(node_bin: str, tmp_path: Path) -> None:
+    """``--compare --quick``: the Node baseline (``npm ci`` from its lock if needed) and
+    trio-idle both reach IDLE on every mailbox, POST every push, and get a ratio row."""
+    out = tmp_path / "compare.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--compare",
+            "--quick",
+            "--compare-out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| N = 50, plaintext (quick" in proc.stdout
+    [run] = json.loads(out.read_text())["runs"]
+    assert run["n"] == 50 and run["tls"] is False and run["compare"] is True
+    assert run["node"]["imapflow"].startswith("2.10.")
+    _has(run["machine"], MACHINE_FIELDS)
+    for stack in ("node", "trio_idle"):
+        record = run[stack]
+        assert record["ramp"]["all_idle"] and record["ramp"]["logins"] == 50, record["ramp"]
+        _has(record["memory"], MEMORY_FIELDS)
+        _has(record["idle_cpu"], CPU_FIELDS)
+        assert record["idle_cpu"]["all_idle_at_end"] and record["idle_cpu"]["reconnects"] == 0
+        latency = record["latency"]
+        _has(latency, LATENCY_FIELDS)
+        assert latency["appends"] > 0 and latency["missed"] == 0, latency
+        assert record["shutdown"]["connections_left_open"] == 0
+        assert record["scan_reasons"].get("exists", 0) > 0, record["scan_reasons"]
+    assert run["node"]["error_lines"] == 0
+    # the original logged out nobody; trio-idle does, and scanned each new mailbox once
+    assert run["node"]["shutdown"]["logouts"] == 0
+    assert run["trio_idle"]["shutdown"]["logouts"] == 50
+    assert run["trio_idle"]["catch_up"]["startup_scans"] == 50
+    assert run["trio_idle"]["log_lines"].get("ERROR", 0) == 0

@@ -1,0 +1,347 @@
+"""``python -m bench --compare``: trio-idle side by side with the Node + imapflow baseline.
+
+For each security mode (plaintext, TLS) and each N, one set of benchmark IMAP server
+processes (:mod:`bench.imap_proc`, keepalive every ``--keepalive`` s) and one scan sink
+serve both programs, one after the other:
+
+1. the Node baseline (:mod:`bench.node_proc`, the original daemon's stack);
+2. ``trio-idle serve`` on a new state file (its startup catch-up scans are waited for
+   before anything is measured), limiter opened up like daemon B.
+
+Both get the same mailboxes (SIGHUP), the same connect concurrency, the same tick, the same
+idle window and the same sequence of appends, and both are measured from outside the same
+way: RSS (``VmRSS``) before and after the ramp, CPU (``utime + stime`` from
+``/proc/PID/stat``) over the idle window with the NOOPs the server saw, push latency from
+the server building ``* n EXISTS`` to the sink receiving the POST, and missed pushes
+(appends with no POST for that mailbox after them, after the grace period).
+
+The ratios are trio-idle / Node: below 1 means trio-idle spends less (or is faster).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from bench import phases
+from bench.node_proc import NodeProc, imapflow_version, node_version, tick_ms
+from bench.procinfo import machine_info, rss_kib
+from bench.procs import ADMIN_SECRET, DaemonProc, MeasuredProc, ServerPool, ServerProc
+
+STACKS = ("node", "trio_idle")
+LABELS = {"node": "Node + imapflow", "trio_idle": "trio-idle"}
+
+
+@attrs.frozen
+class CompareOptions:
+    """One ``--compare`` run, from the command line."""
+
+    sizes: tuple[int, ...]
+    modes: tuple[str, ...]
+    quick: bool
+    idle_window: float
+    latency_seconds: float
+    rate: float
+    grace: float
+    keepalive: float
+    tick: str
+    concurrency: int
+    connect_rate: float
+    per_server: int
+    seed: int
+    settle: float
+    #: the baseline's imapflow ``autoIdleDelay`` in ms (None: imapflow's default, 15 s)
+    node_idle_delay_ms: int | None = None
+
+
+def _tls_files(workdir: Path) -> tuple[tuple[str, str], str]:
+    from bench.harness import _tls_files as make
+
+    return make(workdir)
+
+
+async def _serve_sink(sink: phases.Sink, *, task_status: trio.TaskStatus[None]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.backend.serve)
+        task_status.started()
+
+
+def _ramp_limit(n: int, opts: CompareOptions) -> float:
+    # the baseline enters IDLE only after imapflow's auto-IDLE delay (15 s by default)
+    return n / min(opts.connect_rate, opts.concurrency * 20) * 3 + 90
+
+
+async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> dict[str, Any]:
+    """Both stacks against one set of server processes for N mailboxes; one record."""
+    users = [f"c{i:05d}@bench.test" for i in range(n)]
+    n_servers = max(1, math.ceil(n / opts.per_server))
+    groups: list[list[str]] = [[] for _ in range(n_servers)]
+    for i, user in enumerate(users):
+        groups[i % n_servers].append(user)
+    tls_files, ca_path = _tls_files(workdir) if tls else (None, None)
+    servers = [ServerProc(i, g) for i, g in enumerate(groups)]
+    pool = ServerPool(servers)
+    sink = phases.Sink(ADMIN_SECRET)
+    # the baseline sends the original's headers (no trio-idle user agent, no scan id):
+    # the sink records every authorised POST instead of answering 400
+    sink.backend.strict = False
+    result: dict[str, Any] = {
+        "n": n,
+        "tls": tls,
+        "quick": opts.quick,
+        "compare": True,
+        "server_processes": n_servers,
+        "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "node": {"version": node_version(), "imapflow": imapflow_version()},
+        "settings": {
+            "keepalive_s": opts.keepalive,
+            "tick": opts.tick,
+            "connect_concurrency": opts.concurrency,
+            "trio_idle_connect_rate": opts.connect_rate,
+            "idle_window_s": opts.idle_window,
+            "latency_rate_per_s": opts.rate,
+            "latency_seconds": opts.latency_seconds,
+            "grace_s": opts.grace,
+            "node_idle_delay_ms": opts.node_idle_delay_ms,
+            "order": list(STACKS),
+        },
+    }
+    print(f"== compare N={n} {'tls' if tls else 'plain'} ({n_servers} server process(es))")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_serve_sink, sink)
+        try:
+            for s in servers:
+                await s.start(workdir, opts.keepalive, tls_files)
+            port_of = {u: (s.tls_port if tls else s.port) for s in servers for u in s.users}
+            rows = [(u, port_of[u]) for u in users]
+            node_env = {
+                "BACKEND_URL": sink.backend.url,
+                "IMAP_TLS": "1" if tls else "0",
+                "TICK_MS": str(tick_ms(opts.tick)),
+                "CONNECT_CONCURRENCY": str(opts.concurrency),
+            }
+            if ca_path:
+                node_env["IMAP_CA_FILE"] = ca_path
+            if opts.node_idle_delay_ms is not None:
+                node_env["AUTO_IDLE_DELAY_MS"] = str(opts.node_idle_delay_ms)
+            node = NodeProc(workdir, f"node-{n}", node_env)
+            result["node"].update(await _measure("node", node, n, rows, pool, sink, opts))
+            daemon_env = {
+                "BACKEND_URL": sink.backend.url,
+                "TRIO_IDLE_IMAP_SECURITY": "tls" if tls else "plain",
+                "TRIO_IDLE_LOG_LEVEL": "WARNING",
+                "TRIO_IDLE_CATCHUP_RATE": str(opts.connect_rate),
+                "TRIO_IDLE_CONNECT_CONCURRENCY": str(opts.concurrency),
+                "TRIO_IDLE_CONNECT_RATE": str(opts.connect_rate),
+                "TRIO_IDLE_TICK_INTERVAL": opts.tick,
+            }
+            if ca_path:
+                daemon_env["TRIO_IDLE_CA_FILE"] = ca_path
+            daemon = DaemonProc(workdir, f"trio-idle-{n}", daemon_env)
+            result["trio_idle"] = await _measure("trio_idle", daemon, n, rows, pool, sink, opts)
+            result["server_rss_kib"] = (await pool.totals())["rss_kib"]
+        finally:
+            with trio.CancelScope(shield=True):
+                await pool.stop()
+            nursery.cancel_scope.cancel()
+    return result
+
+
+async def _measure(
+    kind: str,
+    proc: NodeProc | DaemonProc,
+    n: int,
+    rows: list[tuple[str, int]],
+    pool: ServerPool,
+    sink: phases.Sink,
+    opts: CompareOptions,
+) -> dict[str, Any]:
+    """The phases for one stack; the process is gone when this returns."""
+    label = LABELS[kind]
+    measured: MeasuredProc = proc
+    try:
+        await proc.start()
+        out: dict[str, Any] = {}
+        base = rss_kib(proc.pid)
+        reasons_before = dict(sink.reasons)
+        print(f"  {label}: ramp", flush=True)
+        startup = sink.reasons.get("startup", 0)
+        out["ramp"] = await phases.ramp(pool, measured, rows, _ramp_limit(n, opts))
+        if kind == "trio_idle":
+            # a new state file: one startup scan per mailbox, over before the idle window
+            out["catch_up"] = await phases.catch_up(
+                sink, measured, startup, n, _ramp_limit(n, opts)
+            )
+        out["memory"] = await phases.settle_and_measure_rss(measured, n, base, opts.settle)
+        print(f"  {label}: idle CPU ({opts.idle_window:g}s, tick {opts.tick})", flush=True)
+        out["idle_cpu"] = await phases.idle_cpu(pool, measured, n, opts.idle_window)
+        print(
+            f"  {label}: latency ({opts.rate:g} appends/s for {opts.latency_seconds:g}s)",
+            flush=True,
+        )
+        # the same append sequence for both stacks
+        out["latency"] = await phases.latency(
+            pool,
+            sink,
+            measured,
+            [u for u, _ in rows],
+            opts.rate,
+            opts.latency_seconds,
+            opts.grace,
+            random.Random(opts.seed),
+        )
+        out["rss_after_latency_kib"] = rss_kib(proc.pid)
+        out["shutdown"] = await phases.shutdown(pool, measured, n)
+        out["scan_reasons"] = {
+            k: v - reasons_before.get(k, 0)
+            for k, v in sink.reasons.items()
+            if v - reasons_before.get(k, 0)
+        }
+        if isinstance(proc, NodeProc):
+            out["error_lines"] = proc.error_lines()
+        else:
+            out["log_lines"] = proc.log_counts()
+        return out
+    finally:
+        proc.kill()
+
+
+async def run_all(opts: CompareOptions, workdir: Path, out: Path) -> list[dict[str, Any]]:
+    """Every mode and N in turn; ``out`` is rewritten after each pair (a crash keeps them)."""
+    runs: list[dict[str, Any]] = []
+    for mode in opts.modes:
+        for n in opts.sizes:
+            sub = workdir / f"compare-n{n}-{mode}"
+            sub.mkdir(parents=True, exist_ok=True)
+            runs.append(await run_pair(n, mode == "tls", opts, sub))
+            write_results(out, runs)
+    return runs
+
+
+def write_results(out: Path, runs: list[dict[str, Any]]) -> None:
+    """The comparison's JSON: the machine and every pair (replaced, never merged)."""
+    data = {
+        "updated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "runs": runs,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+
+
+# ---- the ratio table ------------------------------------------------------------------------
+
+
+def _get(record: Any, *path: str) -> Any:
+    for part in path:
+        if not isinstance(record, dict) or part not in record:
+            return None
+        record = record[part]
+    return record
+
+
+def ratio(trio_value: Any, node_value: Any) -> float | None:
+    """trio-idle / Node, None if either is missing or Node's is not positive."""
+    if not isinstance(trio_value, int | float) or not isinstance(node_value, int | float):
+        return None
+    if node_value <= 0:
+        return None
+    return float(trio_value) / float(node_value)
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def _times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def growth_per_session(runs: Sequence[dict[str, Any]], stack: str, tls: bool) -> float | None:
+    """KiB per added session between the smallest and the largest N of one mode:
+    (RSS after the ramp at N₂ − at N₁) / (N₂ − N₁); None with fewer than two sizes."""
+    chosen = sorted((r for r in runs if r["tls"] == tls), key=lambda r: r["n"])
+    if len(chosen) < 2:
+        return None
+    lo, hi = chosen[0], chosen[-1]
+    a, b = _get(lo, stack, "memory", "rss_kib"), _get(hi, stack, "memory", "rss_kib")
+    if a is None or b is None or hi["n"] == lo["n"]:
+        return None
+    return float((b - a) / (hi["n"] - lo["n"]))
+
+
+def rows_for(run: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``(measure, Node, trio-idle, trio-idle / Node)`` for one pair."""
+    node, ours = run.get("node", {}), run.get("trio_idle", {})
+
+    def both(*path: str, digits: int = 1) -> tuple[str, str, float | None]:
+        a, b = _get(node, *path), _get(ours, *path)
+        return _num(a, digits), _num(b, digits), ratio(b, a)
+
+    out: list[tuple[str, str, str, str]] = []
+    a, b, r = both("memory", "per_session_kib")
+    out.append(("memory per session (RSS after the ramp − before, / N), KiB", a, b, _times(r)))
+    a, b, r = both("idle_cpu", "pct_of_one_core", digits=2)
+    window = _get(ours, "idle_cpu", "window_s") or _get(node, "idle_cpu", "window_s")
+    noops = (_num(_get(node, "idle_cpu", "noops")), _num(_get(ours, "idle_cpu", "noops")))
+    out.append(
+        (
+            f"idle CPU over {_num(window, 0)} s, % of one core (NOOPs the server saw)",
+            f"{a} ({noops[0]})",
+            f"{b} ({noops[1]})",
+            _times(r),
+        )
+    )
+    for key, name in (("p50_ms", "p50"), ("p99_ms", "p99"), ("max_ms", "max")):
+        a, b, r = both("latency", key)
+        out.append((f"push → webhook {name}, ms", a, b, _times(r)))
+    missed = []
+    for rec in (node, ours):
+        m, total = _get(rec, "latency", "missed"), _get(rec, "latency", "appends")
+        missed.append(f"{_num(m)} of {_num(total)}")
+    out.append(("pushes with no webhook call", missed[0], missed[1], "–"))
+    a, b, r = both("ramp", "seconds")
+    out.append(("ramp: SIGHUP → every session in IDLE, s", a, b, _times(r)))
+    return out
+
+
+def markdown(runs: Sequence[dict[str, Any]]) -> str:
+    """One table per pair (mode, N), then the RSS growth per mode: for docs/performance.md."""
+    parts: list[str] = []
+    for run in runs:
+        node_v = _get(run, "node", "imapflow") or "?"
+        title = f"N = {run['n']:,}, {'TLS' if run['tls'] else 'plaintext'}"
+        if run.get("quick"):
+            title += " (quick: harness check, not a measurement)"
+        parts.append(
+            f"| {title} | Node + imapflow {node_v} | trio-idle | trio-idle / Node |\n"
+            "|---|---:|---:|---:|"
+        )
+        parts[-1] += "".join(f"\n| {m} | {a} | {b} | {r} |" for m, a, b, r in rows_for(run))
+        parts.append("")
+    for tls in (False, True):
+        chosen = sorted({r["n"] for r in runs if r["tls"] == tls})
+        node_g = growth_per_session(runs, "node", tls)
+        ours_g = growth_per_session(runs, "trio_idle", tls)
+        if node_g is None or ours_g is None:
+            continue
+        parts.append(
+            f"RSS growth per added session, {'TLS' if tls else 'plaintext'}, "
+            f"N = {chosen[0]:,} → {chosen[-1]:,}: Node {node_g:.1f} KiB, trio-idle "
+            f"{ours_g:.1f} KiB ({_times(ratio(ours_g, node_g))})."
+        )
+        parts.append("")
+    return "\n".join(parts).rstrip() + "\n"

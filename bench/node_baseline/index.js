@@ -1,0 +1,145 @@
+'use strict';
+// The original daemon's stack, for `python -m bench --compare`: Node + imapflow, one
+// ImapFlow client per mailbox held in IDLE on INBOX, a NOOP every TICK_MS per mailbox,
+// and a `fetch` POST to the scan webhook on every EXISTS, with at most one scan in flight
+// and one pending per mailbox (further EXISTS while one is pending are folded into it).
+//
+// Driven like `trio-idle serve` by the harness: it starts with no mailboxes, writes one
+// line `{"ready": true, "pid": ...}` to stdout once its signal handlers are installed,
+// and on SIGHUP (re)reads MAILBOXES_FILE (JSON: [{"email", "port"}, ...]) and opens a
+// client for each mailbox it does not have yet (closing those no longer listed).
+// SIGTERM exits at once, without LOGOUT, as the original did.
+//
+// Environment: MAILBOXES_FILE, IMAP_HOST (127.0.0.1), IMAP_PASSWORD, IMAP_TLS (1/0),
+// IMAP_CA_FILE (PEM, with IMAP_TLS), BACKEND_URL, ADMIN_SECRET, TICK_MS (120000),
+// CONNECT_CONCURRENCY (200), AUTO_IDLE_DELAY_MS (unset: imapflow's default, 15 s from the
+// last command to IDLE; the harness's --quick path shortens it).
+
+const fs = require('node:fs');
+const { ImapFlow } = require('imapflow');
+
+const env = process.env;
+const HOST = env.IMAP_HOST || '127.0.0.1';
+const PASSWORD = env.IMAP_PASSWORD || '';
+const TLS = env.IMAP_TLS === '1';
+const CA = TLS && env.IMAP_CA_FILE ? fs.readFileSync(env.IMAP_CA_FILE) : undefined;
+const SCAN_URL = `${env.BACKEND_URL}/api/mail/scan-internal`;
+const ADMIN_SECRET = env.ADMIN_SECRET || '';
+const TICK_MS = Number(env.TICK_MS || 120000);
+const CONNECT_CONCURRENCY = Number(env.CONNECT_CONCURRENCY || 200);
+const AUTO_IDLE_DELAY = env.AUTO_IDLE_DELAY_MS ? Number(env.AUTO_IDLE_DELAY_MS) : undefined;
+
+/** email -> {client, tick, active, pending, closed} */
+const mailboxes = new Map();
+const counters = { connected: 0, connectErrors: 0, scans: 0, scanErrors: 0, closes: 0 };
+
+async function postScan(email, reason) {
+    try {
+        const res = await fetch(SCAN_URL, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json', 'x-admin-secret': ADMIN_SECRET },
+            body: JSON.stringify({ connectionId: email, userId: null, email, mailbox: 'INBOX', reason })
+        });
+        await res.text();
+        counters.scans++;
+    } catch (err) {
+        counters.scanErrors++;
+    }
+}
+
+/** The 1 active + 1 pending guard: an EXISTS during a scan queues exactly one more. */
+async function requestScan(box) {
+    if (box.active) {
+        box.pending = true;
+        return;
+    }
+    box.active = true;
+    try {
+        do {
+            box.pending = false;
+            await postScan(box.email, 'exists');
+        } while (box.pending && !box.closed);
+    } finally {
+        box.active = false;
+    }
+}
+
+async function openMailbox(box) {
+    const client = new ImapFlow({
+        host: HOST,
+        port: box.port,
+        secure: TLS,
+        tls: TLS ? { ca: CA } : undefined,
+        auth: { user: box.email, pass: PASSWORD },
+        logger: false,
+        autoIdleDelay: AUTO_IDLE_DELAY
+    });
+    box.client = client;
+    client.on('error', () => {});
+    client.on('close', () => {
+        counters.closes++;
+        clearInterval(box.tick);
+    });
+    client.on('exists', () => {
+        requestScan(box);
+    });
+    await client.connect();
+    await client.mailboxOpen('INBOX');
+    counters.connected++;
+    // the original's liveness check: a NOOP every 2 minutes (imapflow breaks IDLE for it
+    // and re-enters IDLE on its own afterwards)
+    box.tick = setInterval(() => {
+        client.noop().catch(() => {});
+    }, TICK_MS);
+}
+
+async function applyList() {
+    let rows;
+    try {
+        rows = JSON.parse(fs.readFileSync(env.MAILBOXES_FILE, 'utf8'));
+    } catch (err) {
+        process.stderr.write(`cannot read MAILBOXES_FILE: ${err.message}\n`);
+        return;
+    }
+    const wanted = new Map(rows.map(row => [row.email, row]));
+    for (const [email, box] of mailboxes) {
+        if (!wanted.has(email)) {
+            box.closed = true;
+            clearInterval(box.tick);
+            mailboxes.delete(email);
+            if (box.client) box.client.close();
+        }
+    }
+    const queue = [];
+    for (const row of rows) {
+        if (!mailboxes.has(row.email)) {
+            const box = { email: row.email, port: row.port, client: null, tick: null, active: false, pending: false, closed: false };
+            mailboxes.set(row.email, box);
+            queue.push(box);
+        }
+    }
+    const worker = async () => {
+        for (let box = queue.shift(); box; box = queue.shift()) {
+            try {
+                await openMailbox(box);
+            } catch (err) {
+                counters.connectErrors++;
+                process.stderr.write(`connect ${box.email}: ${err.message}\n`);
+            }
+        }
+    };
+    await Promise.all(Array.from({ length: Math.min(CONNECT_CONCURRENCY, queue.length) }, worker));
+}
+
+process.on('SIGHUP', () => {
+    applyList();
+});
+process.on('SIGTERM', () => {
+    process.exit(0);
+});
+process.on('SIGUSR2', () => {
+    process.stdout.write(JSON.stringify({ counters, mailboxes: mailboxes.size }) + '\n');
+});
+// keeps the process alive while it has no mailboxes yet
+setInterval(() => {}, 1 << 30);
+process.stdout.write(JSON.stringify({ ready: true, pid: process.pid }) + '\n');
