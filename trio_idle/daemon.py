@@ -11,6 +11,7 @@ Task tree (see docs/architecture.md)::
                 ├── refresh loop      reads the source every refresh_interval, applies the diff
                 ├── membership        shared mode only: heartbeat, member list, fence
                 ├── share starter     shared mode only: starts the connections that moved here
+                ├── listener          with TRIO_IDLE_LISTEN_URL only: LISTEN → refresh now
                 └── connection tasks  one per connection, owned by the Reconciler
 
 Guarantees: a source outage keeps every running session on the last good list and
@@ -49,6 +50,7 @@ from trio_idle.gc_policy import FullCollectionPolicy, collect_and_freeze
 from trio_idle.health import count_states
 from trio_idle.imap_client import make_ssl_context, shrink_tls_read_buffer
 from trio_idle.limiter import ConnectLimiter, Pacer
+from trio_idle.listener import NotifyListener
 from trio_idle.logs import protect_secrets
 from trio_idle.membership import (
     Membership,
@@ -122,6 +124,8 @@ class Daemon:
         self._changed = trio.Event()
         #: shared mode (set by :func:`run_daemon` before it reports started), else None
         self.membership: Membership | None = None
+        #: with TRIO_IDLE_LISTEN_URL (set by :func:`run_daemon` before it reports started)
+        self.listener: NotifyListener | None = None
         # shared mode: the whole list of the last good refresh, and the share decision
         self._wanted: Mapping[str, MailConnection] = {}
         self._plan = SharePlan(frozenset(), {})
@@ -212,6 +216,8 @@ class Daemon:
         if self.membership is not None:
             self.membership.stop()
             self._share_wake.set()
+        if self.listener is not None:
+            self.listener.stop()
         self._root.cancel_scope.deadline = (
             trio.current_time() + self.settings.process.shutdown_timeout
         )
@@ -427,6 +433,13 @@ async def run_daemon(
                         root.start_soon(daemon._share_starter, name="share-starter")
                     daemon.supervisor = await root.start(run_supervision, daemon, environ)
                     root.start_soon(daemon._refresh_loop, name="refresh")
+                    if settings.cluster.listen_url is not None:
+                        daemon.listener = NotifyListener(
+                            settings.cluster.listen_url,
+                            on_change=daemon.request_refresh,
+                            connect_timeout=settings.process.db_timeout,
+                        )
+                        root.start_soon(daemon.listener.run, name="listener")
                     task_status.started(daemon)
                 if daemon.membership is not None:
                     # every session has ended: the others may take over at once
