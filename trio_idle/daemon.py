@@ -131,6 +131,10 @@ class Daemon:
         self._plan = SharePlan(frozenset(), {})
         self._previous: frozenset[str] = frozenset()
         self._generation_seen = 0
+        #: database time before which a (re)gained lease starts nothing new (see reshare)
+        self._fresh_until = 0.0
+        #: a refresh has succeeded: ``_wanted`` is the source's list
+        self._wanted_known = False
         self._share_wake = trio.Event()
 
     # -- reading ----------------------------------------------------------------------
@@ -257,6 +261,7 @@ class Daemon:
             self._sessions_removed += len(self.reconciler.apply(wanted).removed)
         else:
             self._wanted = wanted
+            self._wanted_known = True
             self.reshare()
         if self.reconciler.store is not None:
             self.reconciler.store.prune(wanted.keys())
@@ -301,23 +306,38 @@ class Daemon:
             self._plan = SharePlan(frozenset(), {})
         else:
             current = m.beat.ids
-            if self._generation_seen != m.generation:
+            fresh = self._generation_seen != m.generation
+            if fresh:
                 # a lease (re)gained: the others may have taken over meanwhile
                 self._previous, holds = current - {m.instance_id}, {}
                 self._generation_seen = m.generation
             else:
                 holds = dict(self._plan.holds)
-            self._plan = plan_share(
+            running = self.reconciler.handles.keys()
+            plan = plan_share(
                 self._wanted.keys(),
                 m.instance_id,
                 current,
                 self._previous,
-                self.reconciler.handles.keys(),
+                running,
                 holds,
                 m.beat.db_now,
                 m.ttl,
             )
-            self._previous = current
+            if fresh:
+                # An instance registering at the same moment is missing from this first
+                # list (each heartbeat's snapshot misses the other's uncommitted row), and
+                # it would miss us too: both would start the same mailboxes. Start nothing
+                # before the next renewal, which shows every member registered by now.
+                self._fresh_until = m.beat.db_now + m.poll_interval / 2
+            if m.beat.db_now < self._fresh_until:
+                new = {i: self._fresh_until for i in plan.run if i not in running}
+                plan = SharePlan(plan.run - new.keys(), {**plan.holds, **new})
+            self._plan = plan
+            if self._wanted_known:
+                # before the first refresh nothing was planned: the connections are still
+                # to be judged against the list the lease was gained with
+                self._previous = current
         keep = {i: h.conn for i, h in self.reconciler.handles.items() if i in self._plan.run}
         self._sessions_removed += len(self.reconciler.apply(keep).removed)
         self._share_wake.set()
