@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
 import trio
 
 from tests.harness import make_settings, poll_until, row, running_daemon
 from tests.servers.postgres import execute_sql, fetch_sql, insert_mail_connections
+from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.config import DEFAULT_QUERY
 from trio_idle.daemon import Daemon
-from trio_idle.listener import APPLICATION_NAME, FUNCTION, TRIGGER, NotifySql
+from trio_idle.listener import APPLICATION_NAME, FUNCTION, TRIGGER, NotifyListener, NotifySql
 from trio_idle.secret import Secret
 from trio_idle.source_postgres import PostgresSource
 from trio_idle.testing import ImapTestServer
@@ -137,3 +139,76 @@ async def test_install_and_remove_notify_are_idempotent(pg_dsn: str) -> None:
         assert await trio.to_thread.run_sync(_trigger_objects, pg_dsn) == (0, 0)
     # the backend's table is as before: rows still insert without the trigger
     insert_mail_connections(pg_dsn, row("x", "x@listen.test", PASSWORD, 1))
+
+
+class FreezeProxy:
+    """TCP forwarder to Postgres that can freeze: bytes stop flowing both ways, but every
+    socket stays open (a half-open link: no FIN, no RST, nothing to notice)."""
+
+    def __init__(self, port: int) -> None:
+        self.target, self.port = port, 0
+        self._thawed = trio.Event()
+        self._thawed.set()
+
+    def freeze(self) -> None:
+        self._thawed = trio.Event()
+
+    def thaw(self) -> None:
+        self._thawed.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        await self._thawed.wait()
+        upstream = await trio.open_tcp_stream("127.0.0.1", self.target)
+        async with client, upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
+            nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
+
+    async def _pump(
+        self, src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        try:
+            async for chunk in src:
+                await self._thawed.wait()
+                await dst.send_all(chunk)
+        except trio.BrokenResourceError:
+            pass
+        done.cancel()
+
+
+async def test_a_half_open_listener_connection_is_noticed_by_the_heartbeat(
+    pg_dsn: str, nursery: trio.Nursery
+) -> None:
+    port = urlsplit(pg_dsn).port or 5432
+    proxy = FreezeProxy(port)
+    await nursery.start(proxy.serve)
+    dsn = pg_dsn.replace(f":{port}/", f":{proxy.port}/")
+    refreshes: list[float] = []
+    async with open_asyncio_loop():
+        listener = NotifyListener(
+            Secret(dsn),
+            on_change=lambda: refreshes.append(trio.current_time()),
+            connect_timeout=5,
+            heartbeat_interval=0.2,
+            heartbeat_timeout=0.5,
+        )
+        async with trio.open_nursery() as inner:
+            inner.start_soon(listener.run)
+            with trio.fail_after(10):
+                await listener.wait_listening(1)
+            proxy.freeze()
+            frozen_at = trio.current_time()
+            with trio.fail_after(5):
+                await poll_until(lambda: not listener.listening)
+            proxy.thaw()
+            with trio.fail_after(10):
+                await listener.wait_listening(2)
+            # the reconnect asked for a full refresh (notifications may have been missed)
+            with trio.fail_after(2):
+                await poll_until(lambda: any(t > frozen_at for t in refreshes))
+            listener.stop()
