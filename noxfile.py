@@ -1,5 +1,5 @@
 """Developer and CI entry points: ``nox -s tests``, ``nox -s unit``, ``nox -s lint``,
-``nox -s typecheck``, ``nox -s bench``.
+``nox -s typecheck``, ``nox -s bench``, ``nox -s scaling``.
 
 Every session installs through ``constraints.txt`` (``pip install -c``), so what is tested
 is the pinned set a user gets with ``pip install -c constraints.txt .``; ``nox -s lock``
@@ -108,6 +108,19 @@ def bench(session: nox.Session) -> None:
         session.warn("npm not found: `python -m bench --compare` will not run")
     args = session.posargs or ["--n", "100,1000,10000", "--soak", "600", "--plot"]
     session.run("python", "-m", "bench", *args)
+
+
+@nox.session
+def scaling(session: nox.Session) -> None:
+    """Takeover after ``kill -9`` → docs/scaling.md: three real ``trio-idle serve``
+    processes in shared mode, a throwaway Postgres, the IMAP test server, all on loopback.
+
+    Default: 300 mailboxes, 5 kills, TTL 15 s, poll 5 s (≈ 4 min). Pass your own, e.g.
+    ``nox -s scaling -- --kills 10 --mailboxes 3000``; see ``--help``.
+    """
+    _install(session, "-e", ".[test]")
+    args = session.posargs or ["--kills", "5", "--mailboxes", "300"]
+    session.run("python", "-m", "tests.cluster.takeover_bench", *args)
 
 
 @nox.session

@@ -25,6 +25,7 @@ from trio_idle import __version__
 from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.config import OPTIONS, ConfigError, Settings, parse_settings, process_secrets
 from trio_idle.daemon import ConnectionSource, Daemon, run_daemon
+from trio_idle.listener import CHANNEL, TRIGGER, NotifySql, run_notify_script
 from trio_idle.logs import protect_secrets, setup_logging
 from trio_idle.membership import MEMBERSHIP_TABLE, PostgresMembership
 from trio_idle.operator_commands import (
@@ -42,6 +43,8 @@ from trio_idle.state_store import POSTGRES_MIGRATIONS, PostgresBackend
 from trio_idle.supervision import StartupError
 
 EXIT_CONFIG = 2
+#: the ``trio-idle db`` actions
+DB_ACTIONS = ("migrate", "install-notify", "remove-notify")
 EXIT_FAILURE = 1
 #: the settings the crypto commands take (they need nothing else)
 CRYPTO_FIELDS = frozenset({"key_derivation", "log_level", "log_format"})
@@ -140,11 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         "db",
         help="database maintenance (the shared Postgres state store)",
         description="`trio-idle db migrate` creates the tables of the Postgres state store "
-        "(TRIO_IDLE_STATE=postgres: mailbox state, rotated OAuth2 refresh tokens) in the "
-        "DATABASE_URL database; safe to run again.",
+        "(TRIO_IDLE_STATE=postgres: mailbox state, rotated OAuth2 refresh tokens) and the "
+        "membership table of shared mode in the DATABASE_URL database. `db install-notify` "
+        "adds a trigger on the connection table (TRIO_IDLE_NOTIFY_TABLE) that NOTIFYs "
+        "the daemons' listeners (TRIO_IDLE_LISTEN_URL) of every change; `db remove-notify` "
+        "drops it again. Each is safe to run again.",
     )
-    db.add_argument("action", choices=["migrate"], help="what to do")
-    _add_setting_flags(db, only=("log_level", "log_format", "db_timeout"))
+    db.add_argument("action", choices=DB_ACTIONS, help="what to do")
+    _add_setting_flags(db, only=("log_level", "log_format", "db_timeout", "notify_table"))
     demo = commands.add_parser(
         "demo",
         help="run the whole loop locally: test IMAP server, scanning backend, daemon",
@@ -284,6 +290,31 @@ async def migrate_state_table(settings: Settings) -> int:
     return 0
 
 
+async def notify_trigger(settings: Settings, action: str) -> int:
+    """``trio-idle db install-notify`` / ``remove-notify``: add or drop the NOTIFY
+    trigger on the connection table (idempotent; :class:`~trio_idle.listener.NotifySql`)."""
+    assert settings.connections.database_url is not None
+    sql = NotifySql(settings.cluster.notify_table)
+    script = sql.install if action == "install-notify" else sql.remove
+    try:
+        async with open_asyncio_loop():
+            await run_notify_script(
+                settings.connections.database_url, script, settings.process.db_timeout
+            )
+    except Exception as exc:  # one clear line, never the DSN
+        text = Scrubber(url_secrets(settings.connections.database_url.reveal()), limit=300)(exc)
+        print(f"trio-idle: db {action} failed: {type(exc).__name__}: {text}", file=sys.stderr)
+        return 1
+    if action == "install-notify":
+        print(
+            f"trio-idle: trigger {TRIGGER} on {sql.table} notifies channel {CHANNEL}; "
+            "set TRIO_IDLE_LISTEN_URL (a direct connection) for the daemons to listen"
+        )
+    else:
+        print(f"trio-idle: trigger {TRIGGER} on {sql.table} removed (or was not there)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -310,7 +341,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         elif args.command == "db":
             settings = settings_from_args(args, env, require=(), require_source=False)
             if settings.connections.database_url is None:
-                raise ConfigError("DATABASE_URL", "is required for `trio-idle db migrate`")
+                raise ConfigError("DATABASE_URL", f"is required for `trio-idle db {args.action}`")
         else:
             settings = settings_from_args(args, env)
     except ConfigError as exc:
@@ -350,7 +381,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         )
         return int(_run_trio(check))
     if args.command == "db":
-        return int(_run_trio(functools.partial(migrate_state_table, settings)))
+        if args.action == "migrate":
+            return int(_run_trio(functools.partial(migrate_state_table, settings)))
+        return int(_run_trio(functools.partial(notify_trigger, settings, args.action)))
     if args.command == "encrypt":
         return encrypt_command(settings, sys.stdin, sys.stdout, sys.stderr, iv_size=args.iv_size)
     if args.command == "decrypt":

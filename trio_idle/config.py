@@ -1018,6 +1018,22 @@ def _instance_id(text: str) -> str:
     return text
 
 
+_IDENT = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")'
+_TABLE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})?$")
+
+
+def _table_name(text: str) -> str:
+    """A table name for SQL: ``name``, ``"Quoted"`` or ``schema.name`` (either part
+    quoted or not); anything else (spaces, semicolons, ...) is refused."""
+    value = text.strip()
+    if not _TABLE.match(value):
+        raise ValueError(
+            'expected a table name such as "MailConnection" or public.mail_connection, '
+            f"got {text!r}"
+        )
+    return value
+
+
 @attrs.frozen(kw_only=True)
 class ClusterSettings:
     """Several instances sharing the mailboxes through Postgres (shared mode)."""
@@ -1053,6 +1069,24 @@ class ClusterSettings:
         "5s",
         "how often each instance renews its heartbeat and reads the member list (at most "
         "a third of the TTL)",
+    )
+    listen_url: Secret | None = setting(
+        "TRIO_IDLE_LISTEN_URL",
+        None,
+        _postgres_url,
+        None,
+        "direct PostgreSQL URL (not through a transaction pooler) for LISTEN: with the "
+        "trigger of `trio-idle db install-notify` a changed row is applied within a "
+        "second; off when unset (polling only)",
+        secret=True,
+    )
+    notify_table: str = setting(
+        "TRIO_IDLE_NOTIFY_TABLE",
+        "--notify-table",
+        _table_name,
+        '"MailConnection"',
+        "the connection table `trio-idle db install-notify` and `remove-notify` put the "
+        "trigger on (quoted like in TRIO_IDLE_QUERY)",
     )
 
 

@@ -11,6 +11,7 @@ Task tree (see docs/architecture.md)::
                 ├── refresh loop      reads the source every refresh_interval, applies the diff
                 ├── membership        shared mode only: heartbeat, member list, fence
                 ├── share starter     shared mode only: starts the connections that moved here
+                ├── listener          with TRIO_IDLE_LISTEN_URL only: LISTEN → refresh now
                 └── connection tasks  one per connection, owned by the Reconciler
 
 Guarantees: a source outage keeps every running session on the last good list and
@@ -49,6 +50,7 @@ from trio_idle.gc_policy import FullCollectionPolicy, collect_and_freeze
 from trio_idle.health import count_states
 from trio_idle.imap_client import make_ssl_context, shrink_tls_read_buffer
 from trio_idle.limiter import ConnectLimiter, Pacer
+from trio_idle.listener import NotifyListener
 from trio_idle.logs import protect_secrets
 from trio_idle.membership import (
     Membership,
@@ -122,11 +124,17 @@ class Daemon:
         self._changed = trio.Event()
         #: shared mode (set by :func:`run_daemon` before it reports started), else None
         self.membership: Membership | None = None
+        #: with TRIO_IDLE_LISTEN_URL (set by :func:`run_daemon` before it reports started)
+        self.listener: NotifyListener | None = None
         # shared mode: the whole list of the last good refresh, and the share decision
         self._wanted: Mapping[str, MailConnection] = {}
         self._plan = SharePlan(frozenset(), {})
         self._previous: frozenset[str] = frozenset()
         self._generation_seen = 0
+        #: database time before which a (re)gained lease starts nothing new (see reshare)
+        self._fresh_until = 0.0
+        #: a refresh has succeeded: ``_wanted`` is the source's list
+        self._wanted_known = False
         self._share_wake = trio.Event()
 
     # -- reading ----------------------------------------------------------------------
@@ -212,6 +220,8 @@ class Daemon:
         if self.membership is not None:
             self.membership.stop()
             self._share_wake.set()
+        if self.listener is not None:
+            self.listener.stop()
         self._root.cancel_scope.deadline = (
             trio.current_time() + self.settings.process.shutdown_timeout
         )
@@ -251,6 +261,7 @@ class Daemon:
             self._sessions_removed += len(self.reconciler.apply(wanted).removed)
         else:
             self._wanted = wanted
+            self._wanted_known = True
             self.reshare()
         if self.reconciler.store is not None:
             self.reconciler.store.prune(wanted.keys())
@@ -295,23 +306,38 @@ class Daemon:
             self._plan = SharePlan(frozenset(), {})
         else:
             current = m.beat.ids
-            if self._generation_seen != m.generation:
+            fresh = self._generation_seen != m.generation
+            if fresh:
                 # a lease (re)gained: the others may have taken over meanwhile
                 self._previous, holds = current - {m.instance_id}, {}
                 self._generation_seen = m.generation
             else:
                 holds = dict(self._plan.holds)
-            self._plan = plan_share(
+            running = self.reconciler.handles.keys()
+            plan = plan_share(
                 self._wanted.keys(),
                 m.instance_id,
                 current,
                 self._previous,
-                self.reconciler.handles.keys(),
+                running,
                 holds,
                 m.beat.db_now,
                 m.ttl,
             )
-            self._previous = current
+            if fresh:
+                # An instance registering at the same moment is missing from this first
+                # list (each heartbeat's snapshot misses the other's uncommitted row), and
+                # it would miss us too: both would start the same mailboxes. Start nothing
+                # before the next renewal, which shows every member registered by now.
+                self._fresh_until = m.beat.db_now + m.poll_interval / 2
+            if m.beat.db_now < self._fresh_until:
+                new = {i: self._fresh_until for i in plan.run if i not in running}
+                plan = SharePlan(plan.run - new.keys(), {**plan.holds, **new})
+            self._plan = plan
+            if self._wanted_known:
+                # before the first refresh nothing was planned: the connections are still
+                # to be judged against the list the lease was gained with
+                self._previous = current
         keep = {i: h.conn for i, h in self.reconciler.handles.items() if i in self._plan.run}
         self._sessions_removed += len(self.reconciler.apply(keep).removed)
         self._share_wake.set()
@@ -427,6 +453,13 @@ async def run_daemon(
                         root.start_soon(daemon._share_starter, name="share-starter")
                     daemon.supervisor = await root.start(run_supervision, daemon, environ)
                     root.start_soon(daemon._refresh_loop, name="refresh")
+                    if settings.cluster.listen_url is not None:
+                        daemon.listener = NotifyListener(
+                            settings.cluster.listen_url,
+                            on_change=daemon.request_refresh,
+                            connect_timeout=settings.process.db_timeout,
+                        )
+                        root.start_soon(daemon.listener.run, name="listener")
                     task_status.started(daemon)
                 if daemon.membership is not None:
                     # every session has ended: the others may take over at once

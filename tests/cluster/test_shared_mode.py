@@ -20,7 +20,8 @@ from tests.harness import ListSource, make_settings, row
 from tests.servers.postgres import execute_sql, fetch_sql
 from trio_idle.assignment import shares
 from trio_idle.daemon import Daemon, run_daemon
-from trio_idle.membership import MEMBERSHIP_SQL, MEMBERSHIP_TABLE
+from trio_idle.membership import MEMBERSHIP_SQL, MEMBERSHIP_TABLE, Beat, PostgresMembership
+from trio_idle.secret import Secret
 from trio_idle.state_store import POSTGRES_DDL, POSTGRES_TABLE
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
@@ -132,7 +133,14 @@ async def start(
 ) -> AsyncIterator[Starter]:
     started: list[Instance] = []
 
-    async def start_instance(name: str, users: list[str], dsn: str = cluster_dsn) -> Instance:
+    async def start_instance(
+        name: str,
+        users: list[str],
+        dsn: str = cluster_dsn,
+        *,
+        membership_db: Any = None,
+        source: Any = None,
+    ) -> Instance:
         settings = make_settings(
             backend.url,
             TRIO_IDLE_IMAP_SECURITY="plain",
@@ -144,12 +152,15 @@ async def start(
             TRIO_IDLE_CLUSTER_POLL=f"{POLL}s",
             TRIO_IDLE_CATCHUP_RATE="1000",
         )
-        source = ListSource([row(u, u, PASSWORD, server.port) for u in users])
+        if source is None:
+            source = ListSource([row(u, u, PASSWORD, server.port) for u in users])
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[Daemon]) -> None:
             with scope:
-                await run_daemon(settings, source, task_status=task_status)
+                await run_daemon(
+                    settings, source, membership_db=membership_db, task_status=task_status
+                )
 
         daemon: Daemon = await nursery.start(run)
         instance = Instance(name, daemon, scope)
@@ -317,3 +328,76 @@ async def test_db_migrate_creates_the_membership_table_idempotently(pg_dsn: str)
         fetch_sql, pg_dsn, f"SELECT count(*) FROM {MEMBERSHIP_TABLE}"
     )
     assert rows[0][0] == 0
+
+
+class FirstBeatAlone:
+    """The real membership table, but each instance's first heartbeat sees only itself:
+    what happens when instances register at the same moment (each statement's snapshot
+    misses the other's uncommitted row)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.db = PostgresMembership(Secret(dsn))
+        self.seen: set[str] = set()
+
+    async def beat(self, instance_id: str, ttl: float) -> Beat:
+        beat = await self.db.beat(instance_id, ttl)
+        if instance_id in self.seen:
+            return beat
+        self.seen.add(instance_id)
+        alone = tuple(m for m in beat.members if m.instance_id == instance_id)
+        return Beat(alone, beat.db_now)
+
+    async def leave(self, instance_id: str) -> None:
+        await self.db.leave(instance_id)
+
+
+async def test_instances_registering_at_once_never_watch_a_mailbox_twice(
+    start: Starter, server: ImapTestServer, cluster_dsn: str
+) -> None:
+    users = make_users(server, 60)
+    watch = Watch(server)
+    db = FirstBeatAlone(cluster_dsn)
+    instances: list[Instance] = []
+
+    async def one(name: str) -> None:
+        instances.append(await start(name, users, membership_db=db))
+
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b", "c"):
+            nursery.start_soon(one, name)
+    instances.sort(key=lambda i: i.name)
+    await settle(server, watch, instances, users)
+    assert watch.doubles == []
+
+
+class AfterFirstBeat:
+    """A connection list whose first read waits until the instance has registered (a
+    slow database at start): the first share is planned before any row is known."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.source = ListSource(rows)
+        self.name = self.source.name
+        self.daemon: Daemon | None = None
+
+    async def fetch(self) -> list[dict[str, Any]]:
+        # neither the test nor the membership offers an event to wait on
+        while self.daemon is None or self.daemon.membership is None:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        membership = self.daemon.membership
+        while membership.beat is None:  # noqa: ASYNC110 - the membership has no event
+            await trio.sleep(0.01)
+        return await self.source.fetch()
+
+
+async def test_a_joiner_whose_first_refresh_comes_late_waits_for_the_lease(
+    start: Starter, server: ImapTestServer
+) -> None:
+    users = make_users(server, 60)
+    watch = Watch(server)
+    a = await start("a", users)
+    await settle(server, watch, [a], users)
+    source = AfterFirstBeat([row(u, u, PASSWORD, server.port) for u in users])
+    b = await start("b", users, source=source)
+    source.daemon = b.daemon
+    await settle(server, watch, [a, b], users)
+    assert watch.doubles == []

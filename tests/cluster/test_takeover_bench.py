@@ -1,0 +1,28 @@
+"""The takeover measurement of docs/scaling.md runs, small and fast (``nox -s scaling``
+runs it at full size): real ``trio-idle serve`` processes, one kill."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cluster import takeover_bench
+from tests.conftest import unavailable
+from tests.servers import ServerUnavailable
+
+
+@pytest.mark.postgres
+def test_one_kill_with_three_processes_is_taken_over_without_doubles(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    try:  # the bench starts its own Postgres
+        code = takeover_bench.main(
+            ["--kills", "1", "--mailboxes", "30", "--ttl", "3s", "--poll", "1s"]
+        )
+    except ServerUnavailable as exc:
+        unavailable(f"PostgreSQL unavailable: {exc}")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "mailboxes watched twice at any server event: 0" in out
+    assert "mails appended during a takeover and not scanned: 0" in out
+    took = float(out.split("takeover: min ")[1].split("s")[0])
+    assert 0 < took < 3 + 1 + 10  # TTL + poll, and room for a loaded machine
