@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the daemon",
         description="Run the daemon. Every flag has an environment variable; flags win. "
-        "Secrets (ADMIN_SECRET, ENCRYPTION_KEY, DATABASE_URL's password, "
-        "TRIO_IDLE_SIGNING_SECRET) are read from the environment only.",
+        f"Secrets ({', '.join(o.env for o in OPTIONS if o.secret)}) are read from the "
+        "environment only (argv is visible in ps).",
     )
     _add_setting_flags(serve)
     serve.add_argument(

@@ -191,3 +191,7 @@ def test_help_works_for_every_command(
     assert out.startswith("usage: trio-idle")
     if command == ("serve",):
         assert "--tick-interval" in out and "TRIO_IDLE_GC" in out
+        # every env-only secret is named, from the one declaration of each setting
+        secrets = [o.env for o in cli.OPTIONS if o.secret]
+        assert "TRIO_IDLE_STATUS_TOKEN" in secrets and "TRIO_IDLE_LISTEN_URL" in secrets
+        assert all(env in out for env in secrets), [e for e in secrets if e not in out]
