@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import platform
 import secrets
@@ -276,7 +277,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mailboxes", type=int, default=300)
     parser.add_argument("--ttl", type=parse_duration, default=15.0, help="TRIO_IDLE_CLUSTER_TTL")
     parser.add_argument("--poll", type=parse_duration, default=5.0, help="TRIO_IDLE_CLUSTER_POLL")
+    parser.add_argument(
+        "--processes",
+        help="instead of kills: compare these process counts (e.g. 1,2) at the same total of "
+        "--sessions; see tests/cluster/processes_bench.py",
+    )
+    parser.add_argument("--sessions", type=int, default=2000, help="with --processes")
+    parser.add_argument("--tls", action="store_true", help="with --processes: implicit TLS")
+    parser.add_argument("--idle-window", type=parse_duration, default=60.0, help="with --processes")
+    parser.add_argument("--rate", type=float, default=20.0, help="with --processes: mails/s")
+    parser.add_argument(
+        "--latency-seconds", type=parse_duration, default=20.0, help="with --processes"
+    )
+    parser.add_argument(
+        "--settle", type=parse_duration, default=10.0, help="with --processes: before RSS"
+    )
     args = parser.parse_args(argv)
+    if args.processes:
+        return _processes_main(args)
     started = time.monotonic()
     result = trio.run(run, args.kills, args.mailboxes, args.ttl, args.poll)
     t = result["takeovers"]
@@ -293,6 +311,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mails appended during a takeover and not scanned: {result['unscanned']}")
     print(f"daemon logs: {result['logs']}")
     return 0 if result["doubles"] == 0 and result["unscanned"] == 0 else 1
+
+
+def _processes_main(args: argparse.Namespace) -> int:
+    from tests.cluster import processes_bench
+
+    counts = [int(c) for c in args.processes.split(",")]
+    started = time.monotonic()
+    result = trio.run(
+        processes_bench.run,
+        counts,
+        args.sessions,
+        args.tls,
+        args.idle_window,
+        args.rate,
+        args.latency_seconds,
+        args.settle,
+    )
+    print(f"machine: {machine()}")
+    print(
+        f"{args.sessions} sessions ({'TLS' if args.tls else 'plaintext'}) on "
+        f"{' then '.join(str(c) for c in counts)} process(es) in shared mode; idle window "
+        f"{args.idle_window:g}s; {args.rate:g} mails/s for {args.latency_seconds:g}s; "
+        f"{time.monotonic() - started:.0f}s in all; {result['date']}"
+    )
+    print(processes_bench.table(result), end="")
+    out = Path(result["logs"]) / "processes.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"details: {out}")
+    missed = sum(r["latency"]["missed"] for r in result["runs"])
+    return 0 if missed == 0 else 1
 
 
 if __name__ == "__main__":
