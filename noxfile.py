@@ -117,6 +117,8 @@ def scaling(session: nox.Session) -> None:
 
     Default: 300 mailboxes, 5 kills, TTL 15 s, poll 5 s (≈ 4 min). Pass your own, e.g.
     ``nox -s scaling -- --kills 10 --mailboxes 3000``; see ``--help``.
+    One process or two at the same total of sessions (≈ 6 min):
+    ``nox -s scaling -- --processes 1,2 --sessions 2000 --tls``.
     """
     _install(session, "-e", ".[test]")
     args = session.posargs or ["--kills", "5", "--mailboxes", "300"]

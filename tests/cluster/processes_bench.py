@@ -79,6 +79,13 @@ def _pids(instances: Sequence[Instance]) -> list[int]:
     return [i.proc.pid for i in instances if i.proc is not None]
 
 
+def _alive(instances: Sequence[Instance]) -> None:
+    """Raise at once if an instance exited (rather than waiting out a deadline)."""
+    for i in instances:
+        if i.proc is not None and i.proc.returncode is not None:
+            raise RuntimeError(f"instance {i.name} exited ({i.proc.returncode}); see {i.log_path}")
+
+
 def _cpu(instances: Sequence[Instance]) -> float:
     return sum(cpu_seconds(pid) for pid in _pids(instances))
 
@@ -100,6 +107,8 @@ async def run(
     rate: float,
     latency_seconds: float,
     settle: float,
+    ttl: float = 15.0,
+    poll: float = 5.0,
 ) -> dict[str, Any]:
     """Measure each process count in ``counts``; returns the JSON-ready results."""
     raise_nofile_limit()
@@ -122,7 +131,7 @@ async def run(
                 for count in counts:
                     dsn = pg.create_database(f"processes{count}")
                     execute_sql(dsn, MAIL_CONNECTION_DDL, POSTGRES_DDL, MEMBERSHIP_SQL.create)
-                    env = _env(dsn, sink.backend.url, tls, ca_path)
+                    env = _env(dsn, sink.backend.url, tls, ca_path, ttl, poll)
                     instances = [
                         Instance(name, env, workdir / f"p{count}") for name in NAMES[:count]
                     ]
@@ -146,13 +155,17 @@ async def run(
         "idle_window_s": idle_window,
         "rate_per_s": rate,
         "latency_seconds": latency_seconds,
+        "cluster_ttl_s": ttl,
+        "cluster_poll_s": poll,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "runs": runs,
         "logs": str(workdir),
     }
 
 
-def _env(dsn: str, backend_url: str, tls: bool, ca_path: str | None) -> dict[str, str]:
+def _env(
+    dsn: str, backend_url: str, tls: bool, ca_path: str | None, ttl: float, poll: float
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_IDLE_")}
     env.update(
         ADMIN_SECRET=ADMIN_SECRET,
@@ -162,7 +175,10 @@ def _env(dsn: str, backend_url: str, tls: bool, ca_path: str | None) -> dict[str
         TRIO_IDLE_IMAP_SECURITY="tls" if tls else "plain",
         TRIO_IDLE_STATE="postgres",
         TRIO_IDLE_CLUSTER="shared",
-        # product defaults for TTL, poll, ticks and refresh: what a deployment idles at
+        # product defaults for ticks and refresh (and TTL/poll unless given): what a
+        # deployment idles at
+        TRIO_IDLE_CLUSTER_TTL=f"{ttl}s",
+        TRIO_IDLE_CLUSTER_POLL=f"{poll}s",
         TRIO_IDLE_CATCHUP_RATE="1000",
         TRIO_IDLE_CONNECT_RATE="1000",
         TRIO_IDLE_STATUS_TOKEN=os.urandom(12).hex(),
@@ -170,6 +186,8 @@ def _env(dsn: str, backend_url: str, tls: bool, ca_path: str | None) -> dict[str
     )
     if ca_path:
         env["TRIO_IDLE_CA_FILE"] = ca_path
+    if ttl < 15:  # the TTL must exceed twice the LOGOUT timeout (as in the takeover bench)
+        env["TRIO_IDLE_LOGOUT_TIMEOUT"] = f"{min(2.0, ttl / 3)}s"
     return env
 
 
@@ -195,6 +213,7 @@ async def _one(
                 await instance.start()
 
             async def members_agree() -> bool:
+                _alive(instances)
                 views = [await i.cluster(client, token) for i in instances]
                 return all(v is not None and len(v["members"]) == count for v in views)
 
@@ -211,6 +230,7 @@ async def _one(
                 instance.proc.send_signal(signal.SIGHUP)
 
             async def all_idle() -> bool:
+                _alive(instances)
                 stats = await pool.totals()
                 if stats["idle_clients"] < n or stats["connections_open"] != n:
                     return False

@@ -327,6 +327,8 @@ def _processes_main(args: argparse.Namespace) -> int:
         args.rate,
         args.latency_seconds,
         args.settle,
+        args.ttl,
+        args.poll,
     )
     print(f"machine: {machine()}")
     print(
