@@ -14,6 +14,10 @@ scanned afterwards (must be 0)::
     python -m tests.cluster.takeover_bench --kills 5 --mailboxes 300   # nox -s scaling
 
 Bounded: every wait has a deadline (a round fails after 3 TTL + 30 s).
+
+``--processes 1,2 --sessions 2000 --tls`` measures something else instead: the same total
+of sessions on one and on two processes (RSS per session, idle CPU, push→webhook); see
+:mod:`tests.cluster.processes_bench`.
 """
 
 from __future__ import annotations

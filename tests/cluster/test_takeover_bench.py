@@ -1,5 +1,6 @@
 """The takeover measurement of docs/scaling.md runs, small and fast (``nox -s scaling``
-runs it at full size): real ``trio-idle serve`` processes, one kill."""
+runs it at full size): real ``trio-idle serve`` processes, one kill; and the one-or-two
+processes comparison at 10 sessions."""
 
 from __future__ import annotations
 
