@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from bench.procs import ADMIN_SECRET, PASSWORD, write_atomically
+from bench.procs import ADMIN_SECRET, PASSWORD, terminate_process, write_atomically
 
 NODE_DIR = Path(__file__).resolve().parent / "node_baseline"
 SCRIPT = NODE_DIR / "index.js"
@@ -142,16 +142,7 @@ class NodeProc:
     async def terminate(self, limit: float = 60.0) -> tuple[float, int | None]:
         """SIGTERM; return (seconds until exit, exit code)."""
         assert self.process is not None
-        start = time.perf_counter()
-        self.process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(limit):
-            await self.process.wait()
-        elapsed = time.perf_counter() - start
-        if self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-            return elapsed, None
-        return elapsed, self.process.returncode
+        return await terminate_process(self.process, limit)
 
     def kill(self) -> None:
         """SIGKILL if still running (cleanup after a failed phase)."""

@@ -185,6 +185,21 @@ def connections_toml(rows: Sequence[tuple[str, int]]) -> str:
     return "\n".join(parts)
 
 
+async def terminate_process(process: trio.Process, limit: float) -> tuple[float, int | None]:
+    """SIGTERM ``process``, wait up to ``limit`` s; ``(seconds until exit, exit code)``,
+    or ``(seconds waited, None)`` after a SIGKILL when it did not exit in time."""
+    start = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    with trio.move_on_after(limit):
+        await process.wait()
+    elapsed = time.perf_counter() - start
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+        return elapsed, None
+    return elapsed, process.returncode
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` in one rename, so the daemon never reads half a file."""
     tmp = path.with_suffix(".tmp")
@@ -265,16 +280,7 @@ class DaemonProc:
     async def terminate(self, limit: float = 60.0) -> tuple[float, int | None]:
         """SIGTERM; return (seconds until exit, exit code)."""
         assert self.process is not None
-        start = time.perf_counter()
-        self.process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(limit):
-            await self.process.wait()
-        elapsed = time.perf_counter() - start
-        if self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-            return elapsed, None
-        return elapsed, self.process.returncode
+        return await terminate_process(self.process, limit)
 
     def _probe_lines(self) -> Iterator[tuple[float, bytes, dict[bytes, bytes]]]:
         """``(wall time, kind, fields)`` of each line :mod:`bench.gc_probe` wrote;

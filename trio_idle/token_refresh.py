@@ -75,7 +75,7 @@ from trio_idle.limiter import Pacer
 from trio_idle.scrub import PLAIN, Scrubber
 from trio_idle.secret import Secret
 from trio_idle.state_store import StoredRefreshToken, TokenBackend, make_token_backend
-from trio_idle.webhook import USER_AGENT, parse_retry_after, read_capped, tls_verify_context
+from trio_idle.webhook import new_http_client, parse_retry_after, read_capped
 
 if TYPE_CHECKING:
     from trio_idle.config import OAuthSettings, Settings
@@ -450,15 +450,9 @@ class RefreshingTokens:
         self._wall = wall
         self._rng = rng or random.Random()
         self._entries: dict[str, _Entry] = {}
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(self._timeout, connect=min(10.0, self._timeout)),
-            limits=httpx.Limits(max_connections=20, keepalive_expiry=30.0),
-            headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
-            follow_redirects=False,
-            trust_env=trust_env,
-            verify=tls_verify_context() if transport is None else True,
-            transport=transport,
-        )
+        # the provider gets the same client shape as the backend: explicit timeouts, no
+        # redirects, no compression (the reply cap counts wire bytes), no env proxies
+        self._http = new_http_client(self._timeout, 20, trust_env, transport)
 
     @classmethod
     def from_settings(
