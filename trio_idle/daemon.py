@@ -48,7 +48,7 @@ from trio_idle.daemon_status import DaemonStatus, Phase
 from trio_idle.errors import SourceError
 from trio_idle.gc_policy import FullCollectionPolicy, collect_and_freeze
 from trio_idle.health import count_states
-from trio_idle.imap_client import make_ssl_context, shrink_tls_read_buffer
+from trio_idle.imap_client import make_ssl_context
 from trio_idle.limiter import ConnectLimiter, Pacer
 from trio_idle.listener import NotifyListener
 from trio_idle.logs import protect_secrets
@@ -418,7 +418,6 @@ async def run_daemon(
     ``membership_db`` replaces the membership table in shared mode (tests).
     """
     protect_secrets(process_secrets(settings))
-    shrink_tls_read_buffer()
     stats = Stats()
     store = StateStore(
         make_state_backend(settings, os.environ if environ is None else environ),

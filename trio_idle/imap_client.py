@@ -1,41 +1,44 @@
-"""An IMAP connection for one session: aioimaplib's protocol, driven from trio.
+"""An IMAP connection for one session: aioimaplib's parser, driven from trio.
 
-aioimaplib is used for what it is good at (the command/response state machine) and
-nothing else: we open the transport ourselves (so connect and TLS errors surface as real
-errors, TCP keepalive is set, STARTTLS works), and every wait is a trio deadline rather
-than an asyncio timer. Untagged lines go to a :class:`~trio_idle.push_monitor.PushMonitor`,
-which also notices a lost connection — aioimaplib itself would keep waiting forever.
+aioimaplib is used for what it is good at — its response parser and command table
+(``IMAP4ClientProtocol``, ``Command``) — and fed by trio, h11-style: the socket (and its
+TLS) is ours (:mod:`trio_idle.imap_transport`), bytes read are framed and bounded
+(:mod:`trio_idle.imap_framing`) and handed to the parser one response at a time, and a
+command is written, then the *calling* task reads until the parser says it is answered.
+No asyncio task, future or transport exists per connection and nothing crosses the
+trio-asyncio bridge: a keepalive line costs one wake-up of the session task, a tick one
+write (``DONE``, ``NOOP`` and ``IDLE`` pipelined, RFC 3501 §5.5) and its answers.
+
+Untagged lines go to a :class:`~trio_idle.push_monitor.PushMonitor` whatever command is
+in progress, so new mail between commands is counted; while idling the session reads
+in :meth:`ImapConnection.wait`.
 
 Guarantees: every method either returns within its deadline or raises an
 :class:`~trio_idle.errors.ImapError` subclass; after *any* exception (including
 cancellation) the connection is unusable and :meth:`ImapConnection.abort` or
 :meth:`ImapConnection.logout` must be called. Nothing here logs or raises a password.
+Only the task that owns the connection (its session) may call its methods; the
+connection is never read by two tasks at once.
 
 Every byte a server sends is framed and bounded before aioimaplib parses it
-(:class:`ImapLimits`, :mod:`trio_idle.imap_framing`): one hostile server costs at most
-its limits in memory and linear time, then its connection.
-
-Whatever a server does, nothing reaches the asyncio loop's exception handler, which
-trio-asyncio would turn into a crash of the whole daemon: an exception raised while
-parsing server data marks the connection dead and closes it, a failed greeting is
-recorded instead of left in an unretrieved task, and a lost connection and
-:meth:`ImapConnection.abort` cancel the aioimaplib tasks still waiting (the greeting's
-CAPABILITY, the IDLE command) so that none is garbage-collected while pending.
+(:class:`ImapLimits`): one hostile server costs at most its limits in memory and linear
+time, then its connection. An exception raised while parsing server data marks the
+connection dead and closes it; nothing a server sends can raise out of a session.
 """
 
 from __future__ import annotations
 
-import asyncio
-import asyncio.sslproto
+import errno
+import math
+import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar
+from collections.abc import Callable
+from typing import Any, Final
 
 import aioimaplib
 import attrs
 import trio
-import trio_asyncio
 
 from trio_idle.connections import MailConnection
 from trio_idle.destinations import DEFAULT_NETWORKS, Network, refusal_message, refused
@@ -53,6 +56,7 @@ from trio_idle.errors import (
 from trio_idle.imap_envelope import Envelope, NewMail, parse_fetch_envelopes, parse_search
 from trio_idle.imap_framing import FrameError, FrameTooLarge, ResponseFramer, format_size
 from trio_idle.imap_responses import MailboxState, parse_mailbox_state
+from trio_idle.imap_transport import ImapTransport, TransportClosed
 from trio_idle.push_monitor import PushMonitor
 from trio_idle.sasl import (
     challenge_text,
@@ -62,29 +66,6 @@ from trio_idle.sasl import (
     initial_response,
 )
 from trio_idle.scrub import MASK, Scrubber
-
-T = TypeVar("T")
-
-#: asyncio (3.11+) gives every TLS connection a 256 KiB read buffer (``SSLProtocol.max_size``),
-#: allocated and touched per connection: 315 KiB RSS per TLS session (docs/performance.md).
-#: It is only the chunk size in which socket bytes are fed to the TLS engine, which
-#: reassembles records itself, so a smaller one costs a read call per 4 KiB of a large
-#: answer and nothing else; IDLE traffic is a few lines. Not ``Final``: the benchmark's
-#: ``gc_probe`` sets another size before the daemon applies it.
-TLS_READ_BUFFER = 4 * 1024
-
-
-def shrink_tls_read_buffer() -> None:
-    """Give every TLS connection opened from now on a :data:`TLS_READ_BUFFER` read buffer.
-
-    Process-wide (it sets asyncio's ``SSLProtocol.max_size``), so it is an explicit call
-    of the entry points that open many connections (:func:`trio_idle.daemon.run_daemon`,
-    ``check --login``), not a side effect of importing this module. Idempotent; does
-    nothing on a Python whose asyncio has no such buffer.
-    """
-    if hasattr(asyncio.sslproto.SSLProtocol, "max_size"):
-        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
-
 
 IMPLICIT_TLS_PORT: Final = 993
 STARTTLS_PORT: Final = 143
@@ -142,8 +123,24 @@ class ImapLimits:
 DEFAULT_LIMITS: Final = ImapLimits()
 
 
+class _NoLoop:
+    """What aioimaplib's ``Command`` needs of an event loop when it has no timeout: a
+    ``get_debug()`` for the placeholder handle it makes. Commands here never get an
+    aioimaplib timer (deadlines are trio's), so no asyncio loop is involved at all."""
+
+    __slots__ = ()
+
+    def get_debug(self) -> bool:
+        return False
+
+
+_NO_LOOP: Any = _NoLoop()
+
+
 class _DiscardQueue:
     """Replaces aioimaplib's IDLE queue: the monitor already saw every line."""
+
+    __slots__ = ()
 
     def put_nowait(self, item: object) -> None:
         pass
@@ -152,8 +149,20 @@ class _DiscardQueue:
         pass
 
 
+_DISCARD: Final = _DiscardQueue()
+
+
+def _command(name: str, tag: str, *args: str, **kwargs: Any) -> aioimaplib.Command:
+    return aioimaplib.Command(name, tag, *args, loop=_NO_LOOP, **kwargs)
+
+
+def _done(command: aioimaplib.Command) -> bool:
+    """Whether the server has answered ``command`` (its tagged response was parsed)."""
+    return bool(command._event.is_set())
+
+
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
-    """aioimaplib's protocol behind our own bounded framing.
+    """aioimaplib's parser behind our own bounded framing, fed from trio.
 
     Bytes go through a :class:`~trio_idle.imap_framing.ResponseFramer` first, and
     aioimaplib gets one complete response per ``data_received`` call. Its parser then never
@@ -162,37 +171,43 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     lines and literals of that one response (thousands of lines in one read ran it out
     of stack). A bound exceeded, or anything else the parser raises, marks the
     connection dead with a one-line reason and closes it.
+
+    Between two responses, the next of the commands written ahead (:attr:`queued`,
+    pipelining) is entered into aioimaplib's table once nothing is pending, so each
+    response is matched to the command the server is answering.
     """
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, monitor: PushMonitor, limits: ImapLimits
-    ) -> None:
-        super().__init__(loop, conn_lost_cb=self._lost)
-        self.idle_queue = _DiscardQueue()
+    def __init__(self, monitor: PushMonitor, limits: ImapLimits) -> None:
+        super().__init__(_NO_LOOP, conn_lost_cb=self._lost)
+        self.idle_queue = _DISCARD
         self.monitor = monitor
         self.limits = limits
         self.framer = ResponseFramer(limits.max_line, limits.max_literal)
         self._protocol_error: Exception | None = None
-        #: set once the greeting has been handled (well or not) or the connection is gone
-        self.greeted = asyncio.Event()
-        #: why the greeting (or the CAPABILITY after it) failed, if it did
-        self.greeting_problem: str | None = None
-        #: DONE was written for the IDLE command in progress (its answer may be pending)
-        self.done_sent = False
+        #: the server's greeting line, once it came
+        self.greeting: bytes | None = None
+        #: an IDLE was written and no DONE for it yet (LOGOUT must end it first)
+        self.idle_outstanding = False
         #: LOGOUT was written: what the server still sends is not parsed
         self.closing = False
-        #: STARTTLS was accepted: nothing more is parsed until TLS is up (see _aio_handshake)
+        #: STARTTLS was accepted: nothing more is parsed until TLS is up
         self.tls_pending = False
         #: bytes of the answer to the command in progress (aioimaplib keeps them)
         self._answer_bytes = 0
         #: while a list: every untagged response, raw as framed (for the envelope fetch)
         self.capture: list[bytes] | None = None
-        self._welcomed = False
+        #: commands already written, entered into aioimaplib's table one after the other
+        self.queued: list[aioimaplib.Command] = []
+        self._lost_seen = False
 
     def _lost(self, exc: Exception | None) -> None:
         self.monitor.connection_lost(exc or self._protocol_error)
-        self.greeted.set()
-        self.discard_tasks()  # e.g. a greeting task waiting for a CAPABILITY that cannot come
+
+    def lost(self, exc: Exception | None) -> None:
+        """The connection ended (server close, read error, or our own close): once."""
+        if not self._lost_seen:
+            self._lost_seen = True
+            self.connection_lost(exc)
 
     def data_received(self, d: bytes) -> None:
         self.monitor.activity()
@@ -214,9 +229,11 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
                 return
             while not self.tls_pending and (response := self.framer.next_response()) is not None:
                 self._handle_response(response)
+                if self._protocol_error is not None:
+                    return
         except FrameError as exc:
             self._drop(exc, str(exc))
-        except Exception as exc:  # escaping here, it would crash the loop (see module doc)
+        except Exception as exc:  # escaping here, it would end the session's task
             self._drop(exc, f"protocol error: {type(exc).__name__}: {exc}"[:200])
 
     def _handle_response(self, response: bytes) -> None:
@@ -225,11 +242,15 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         waiting = sync.name if sync is not None else "/".join(self.pending_async_commands)
         if self.capture is not None and response[:1] == b"*":
             self.capture.append(response)
-        super().data_received(response)
-        if self.incomplete_line or self.current_command is not None:
+        try:
+            # aioimaplib's data_received minus its eager debug formatting of every read
+            self._handle_responses(response, self._handle_line)
+        except aioimaplib.IncompleteRead:
             # aioimaplib would wait for more of this response: it read a literal where the
             # framer read none (a bare LF before the CRLF), and would buffer without bound
-            raise FrameError("server sent a malformed response (a bare LF next to a literal)")
+            raise FrameError(
+                "server sent a malformed response (a bare LF next to a literal)"
+            ) from None
         if sync is not None and sync.name == "STARTTLS" and self.pending_sync_command is None:
             self.tls_pending = True
         if collecting:
@@ -239,8 +260,22 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
                 raise FrameTooLarge(
                     f"server sent more than {format_size(budget)} in answer to {waiting}"
                 )
+        self.advance_queue()
         if not self._collecting():
             self._answer_bytes = 0
+
+    def advance_queue(self) -> None:
+        """Enter the next queued command into the table if nothing is pending."""
+        if self.queued and self.pending_sync_command is None and not self.pending_async_commands:
+            self.register(self.queued.pop(0))
+
+    def register(self, command: aioimaplib.Command) -> None:
+        """Enter ``command`` into aioimaplib's table of pending commands, as its
+        ``execute`` does (without writing it)."""
+        if aioimaplib.Commands[command.name].exec == aioimaplib.Exec.is_sync:
+            self.pending_sync_command = command
+        else:
+            self.pending_async_commands[command.untagged_resp_name] = command
 
     def _collecting(self) -> bool:
         """Whether aioimaplib keeps the untagged lines now (IDLE's it hands to a queue)."""
@@ -252,42 +287,24 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.monitor.mark_dead(reason)
         if self.transport is not None:
             self.transport.close()
+        self.lost(exc)
 
     def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
         if line and self.state == aioimaplib.CONNECTED:
-            # aioimaplib starts a greeting handler per line until the first one has run
-            # (each sends CAPABILITY): only the first line is the greeting
-            if self._welcomed:
-                return None
-            self._welcomed = True
+            # aioimaplib would start a greeting task per line until the first one ran:
+            # only the first line is the greeting, and the connection handles it
+            if self.greeting is None:
+                self.greeting = line
+            return None
         return super()._handle_line(line, current_cmd)
 
-    async def welcome(self, command: bytes) -> None:
-        """aioimaplib's greeting handler (run in a task of its own), failures recorded."""
-        try:
-            await super().welcome(command)
-        except Exception as exc:  # e.g. "* BYE Too many connections" as the greeting
-            self.greeting_problem = f"{type(exc).__name__}: {exc}"[:200]
-        finally:
-            self.greeted.set()
-
-    def discard_tasks(self, *extra: asyncio.Future[Any] | None) -> None:
-        """Cancel aioimaplib tasks still waiting; mark finished ones' errors as seen."""
-        for task in (*self.tasks, *extra):
-            if task is None:
-                continue
-            if not task.done():
-                task.cancel()
-            elif not task.cancelled():
-                task.exception()
-
-    async def idle(self) -> Any:
-        self.done_sent = False
-        return await super().idle()
-
     def idle_done(self) -> None:
-        self.done_sent = True
-        super().idle_done()
+        self.idle_outstanding = False
+        self.write(b"DONE\r\n")
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
 
     def _untagged_response(self, line: bytes) -> Any:
         self.monitor.untagged(line)
@@ -324,10 +341,7 @@ def _connect_error_kind(exc: BaseException) -> str:
     return KIND_SERVER_CLOSED
 
 
-def _set_keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
+def _set_keepalive(sock: socket.socket, idle: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if hasattr(socket, "TCP_KEEPIDLE"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
@@ -343,6 +357,7 @@ class ImapConnection:
         protocol: _Protocol,
         monitor: PushMonitor,
         timeouts: ImapTimeouts,
+        transport: ImapTransport,
         *,
         host: str = "",
         port: int = 0,
@@ -350,60 +365,167 @@ class ImapConnection:
         self.protocol = protocol
         self.monitor = monitor
         self.timeouts = timeouts
+        self.transport = transport
         #: the server as the user named it (OAUTHBEARER tells the server which it is)
         self.host = host
         self.port = port
-        self._idle_task: asyncio.Future[Any] | None = None
+        self._idle: aioimaplib.Command | None = None
+        #: write a tick's IDLE together with its DONE and NOOP; switched off for the rest
+        #: of this connection if the server refuses an IDLE written that way
+        self._pipeline_idle = True
 
     # -- plumbing ----------------------------------------------------------------------
 
-    async def _call(
-        self,
-        what: str | _Step,
-        fn: Callable[..., Awaitable[T]],
-        *args: Any,
-        limit: float | None = None,
-    ) -> T:
-        """Run one aioimaplib coroutine under a trio deadline; fail fast on a lost connection.
+    async def _pump(self) -> None:
+        """Read once and parse what came. A closed or broken connection is handed to the
+        monitor (never raised); only cancellation escapes."""
+        protocol = self.protocol
+        try:
+            data = await self.transport.receive()
+        except (TransportClosed, trio.ClosedResourceError):
+            protocol.lost(None)
+            return
+        except OSError as exc:  # ssl.SSLError included
+            self.transport.close()
+            protocol.lost(exc)
+            return
+        if data:
+            protocol.data_received(data)
+        else:
+            self.transport.close()
+            protocol.lost(None)
+
+    async def _until(self, what: str | _Step, done: Callable[[], bool], deadline: float) -> None:
+        """Read and parse until ``done()``, by ``deadline``; fail fast on a lost connection.
 
         ``what`` names the command in errors (a :class:`_Step` names the one in progress).
         """
-        limit = self.timeouts.command if limit is None else limit
-        with self.monitor.guard() as guard:
-            try:
-                with trio.fail_after(limit):
-                    result: T = await trio_asyncio.aio_as_trio(fn)(*args)
-                    return result
-            except trio.TooSlowError:
-                self.monitor.mark_dead(f"no answer to {what} within {limit:g}s")
-                raise ConnectionLost(
-                    f"no answer to {what} within {limit:g}s", kind=KIND_TIMEOUT
-                ) from None
-            except aioimaplib.AioImapException as exc:
-                raise ImapError(f"{what} failed: {exc}") from None
-            except (TimeoutError, OSError) as exc:
-                raise ConnectionLost(f"{what} failed: {type(exc).__name__}: {exc}") from None
-        assert guard.cancelled_caught
-        raise ConnectionLost(f"{what}: {self.monitor.problem() or 'connection lost'}")
+        monitor = self.monitor
+        try:
+            with trio.fail_at(deadline):
+                while not done():
+                    if monitor.lost is not None:
+                        raise ConnectionLost(f"{what}: {monitor.problem() or 'connection lost'}")
+                    await self._pump()
+        except trio.TooSlowError:
+            limit = self.timeouts.command
+            monitor.mark_dead(f"no answer to {what} within {limit:g}s")
+            raise ConnectionLost(
+                f"no answer to {what} within {limit:g}s", kind=KIND_TIMEOUT
+            ) from None
+
+    def _deadline(self) -> float:
+        return trio.current_time() + self.timeouts.command
+
+    def _send(self, command: aioimaplib.Command, line: bytes | None = None) -> None:
+        """Write ``command`` and enter it into aioimaplib's table (nothing else pending)."""
+        protocol = self.protocol
+        spec = aioimaplib.Commands[command.name]
+        if protocol.state not in spec.valid_states:
+            raise ImapError(
+                f"{command.name} failed: command {command.name} illegal in state {protocol.state}"
+            )
+        protocol.register(command)
+        protocol.write(line if line is not None else f"{command}\r\n".encode())
+
+    async def _run(
+        self, what: str, command: aioimaplib.Command, deadline: float | None = None
+    ) -> Any:
+        self._send(command)
+        await self._until(what, lambda: _done(command), deadline or self._deadline())
+        return command.response
 
     def _check(self) -> None:
         problem = self.monitor.problem()
         if problem is not None:
             raise ConnectionLost(problem)
 
+    def _new_idle(self) -> aioimaplib.Command:
+        protocol = self.protocol
+        protocol._idle_event.clear()
+        return aioimaplib.IdleCommand(protocol.new_tag(), _DISCARD, loop=_NO_LOOP)
+
+    async def _idle_answered(
+        self, what: str | _Step, idle: aioimaplib.Command, deadline: float
+    ) -> bool:
+        """Wait for IDLE's continuation: True once idling, False if the server refused it
+        (answered with a tagged NO/BAD)."""
+        protocol = self.protocol
+        await self._until(what, lambda: protocol._idle_event.is_set() or _done(idle), deadline)
+        if _done(idle):
+            return False
+        self._idle = idle
+        return True
+
+    # -- the connect-time handshake ----------------------------------------------------
+
+    async def _handshake(self, security: str, context: ssl.SSLContext | None) -> None:
+        """Greeting, CAPABILITY, and STARTTLS (+ CAPABILITY again) when asked: bounded
+        by the caller's connect deadline only."""
+        protocol = self.protocol
+        await self._until("greeting", lambda: protocol.greeting is not None, math.inf)
+        greeting = protocol.greeting
+        if greeting is None:
+            raise _BadGreeting(self.monitor.problem() or "connection lost")
+        if b"PREAUTH" in greeting:
+            protocol.state = aioimaplib.AUTH
+        elif b"OK" in greeting:
+            protocol.state = aioimaplib.NONAUTH
+        else:  # e.g. "* BYE Too many connections" as the greeting
+            raise _BadGreeting(f"Error: {greeting.decode('utf-8', 'replace')}"[:200])
+        await self._capability()
+        if security != "starttls":
+            return
+        if "STARTTLS" not in protocol.capabilities:
+            raise _NoStartTls()
+        response = await self._run("STARTTLS", _command("STARTTLS", protocol.new_tag()), math.inf)
+        if response.result != "OK":
+            raise _NoStartTls()
+        if protocol.framer.buffered:
+            # plaintext sent after the answer would pass for TLS-protected (RFC 3207 §4.2)
+            raise _BadGreeting("server sent data after accepting STARTTLS (refused)")
+        assert context is not None
+        await self.transport.start_tls(context, self.host)
+        protocol.start_parsing_tls()
+        await self._capability()  # capabilities may differ once encrypted
+
+    async def _capability(self) -> None:
+        protocol = self.protocol
+        response = await self._run(
+            "CAPABILITY", _command("CAPABILITY", protocol.new_tag()), math.inf
+        )
+        words = (
+            bytes(response.lines[0]).decode("utf-8", "replace").split() if response.lines else []
+        )
+        protocol.capabilities = set(words)
+        versions = [w.upper() for w in words if w.upper() in aioimaplib.AllowedVersions]
+        if not versions:
+            raise _BadGreeting("Error: server not IMAP4 compliant")
+        protocol.imap_version = versions[-1]
+
     # -- commands ----------------------------------------------------------------------
 
     async def login(self, user: str, password: str) -> None:
-        # aioimaplib quotes the password but sends the user as it is: a user name with a
-        # space or a quote would garble the command, so quote it here (always valid IMAP).
-        quoted_user = aioimaplib.quoted(user)
-        response = await self._call("LOGIN", self.protocol.login, quoted_user, password)
-        if response.result != "OK":
-            text = b" ".join(bytes(x) for x in response.lines).decode("utf-8", "replace")
-            text = text.replace(password, "********") if password else text
-            if "[UNAVAILABLE]" in text.upper():  # RFC 5530: temporary, not a bad password
-                raise ImapError(f"login temporarily unavailable: {text[:200]}")
-            raise ImapAuthError(f"login rejected for {user}: {response.result} {text[:200]}")
+        # aioimaplib's LOGIN quotes the password but sends the user as it is: a user name
+        # with a space or a quote would garble the command, so both are quoted (always
+        # valid IMAP).
+        protocol = self.protocol
+        command = _command(
+            "LOGIN", protocol.new_tag(), aioimaplib.quoted(user), aioimaplib.quoted(password)
+        )
+        response = await self._run("LOGIN", command)
+        if response.result == "OK":
+            protocol.state = aioimaplib.AUTH
+            for line in response.lines:  # servers may announce new capabilities here
+                if b"CAPABILITY" in line:
+                    words = bytes(line).decode("utf-8", "replace").replace("CAPABILITY", "")
+                    protocol.capabilities |= set(words.split())
+            return
+        text = b" ".join(bytes(x) for x in response.lines).decode("utf-8", "replace")
+        text = text.replace(password, "********") if password else text
+        if "[UNAVAILABLE]" in text.upper():  # RFC 5530: temporary, not a bad password
+            raise ImapError(f"login temporarily unavailable: {text[:200]}")
+        raise ImapAuthError(f"login rejected for {user}: {response.result} {text[:200]}")
 
     async def authenticate_oauth2(self, user: str, token: str) -> None:
         """AUTHENTICATE with an OAuth2 access token: ``OAUTHBEARER`` where the server
@@ -416,22 +538,26 @@ class ImapConnection:
         :class:`ImapAuthError` (``status``). ``[UNAVAILABLE]`` (RFC 5530) is a temporary
         :class:`ImapError`, not a refusal. The whole exchange runs under one command
         deadline. Neither the token nor the client response reaches an exception
-        message (every message is scrubbed of both), nor aioimaplib's debug log.
+        message (every message is scrubbed of both).
         """
-        mechanism = choose_mechanism(self.protocol.capabilities)
+        protocol = self.protocol
+        mechanism = choose_mechanism(protocol.capabilities)
         try:
             response_b64 = initial_response(mechanism, user, token, self.host, self.port)
         except ValueError as exc:
             raise ImapAuthError(str(exc), mechanism=mechanism) from None
         scrub = Scrubber((token, response_b64))
         command = _SaslCommand(
-            self.protocol, mechanism, response_b64, sasl_ir="SASL-IR" in self.protocol.capabilities
+            protocol, mechanism, response_b64, sasl_ir="SASL-IR" in protocol.capabilities
         )
         try:
-            response = await self._call("AUTHENTICATE", _aio_authenticate, self.protocol, command)
+            self._send(command, command.line.encode() + b"\r\n")
+            await self._until("AUTHENTICATE", lambda: _done(command), self._deadline())
         except ImapError as exc:
             raise type(exc)(scrub(exc)) from None
+        response = command.response
         if response.result == "OK":
+            protocol.state = aioimaplib.AUTH
             return
         status = error_status(command.challenge) if command.challenge is not None else None
         lines = [bytes(x) for x in response.lines if not bytes(x).startswith(b"+")]
@@ -446,114 +572,217 @@ class ImapConnection:
         )
 
     async def select(self, mailbox: str) -> MailboxState:
-        response = await self._call("SELECT", self.protocol.select, mailbox)
+        protocol = self.protocol
+        response = await self._run("SELECT", _command("SELECT", protocol.new_tag(), mailbox))
         if response.result != "OK":
             raise ImapError(f"SELECT {mailbox} failed: {response.result}")
+        protocol.state = aioimaplib.SELECTED
         return parse_mailbox_state(response.lines)
 
     @property
     def has_idle(self) -> bool:
         return "IDLE" in self.protocol.capabilities
 
+    async def wait(self) -> None:
+        """Read the connection until new mail, BYE or its loss is pending (at once if
+        already so); see :meth:`PushMonitor.wait`. Always a checkpoint; cancellation
+        loses nothing (bytes are read only after the wait for them)."""
+        monitor = self.monitor
+        if monitor.pending():
+            await trio.lowlevel.checkpoint()
+            return
+        while not monitor.pending():
+            await self._pump()
+
     async def noop(self) -> None:
-        response = await self._call("NOOP", self.protocol.simple_command, "NOOP")
+        response = await self._run("NOOP", _command("NOOP", self.protocol.new_tag()))
         if response.result != "OK":
             raise ImapError(f"NOOP failed: {response.result}")
         self._check()
 
     async def idle_start(self) -> None:
         """Send IDLE and wait for the server's continuation (``+ idling``)."""
-        self._idle_task = await self._call("IDLE", _aio_idle_start, self.protocol)
+        if not self.has_idle:
+            raise ImapError("IDLE failed: server has not IDLE capability")
+        idle = self._new_idle()
+        self._send(idle)
+        self.protocol.idle_outstanding = True
+        if not await self._idle_answered("IDLE", idle, self._deadline()):
+            raise ImapError(f"IDLE failed: server refused IDLE: {idle.response.result}")
         self._check()
 
     async def idle_done(self) -> None:
         """Send DONE and wait for the IDLE command's tagged answer."""
-        task = self._idle_task
-        if task is None:
+        idle = self._idle
+        if idle is None:
             return
         self._check()
         self.protocol.idle_done()
-        response = await self._call("DONE", _aio_wait, task)
-        self._idle_task = None
-        if response.result != "OK":
-            raise ImapError(f"IDLE ended with {response.result}")
+        await self._until("DONE", lambda: _done(idle), self._deadline())
+        self._idle = None
+        if idle.response.result != "OK":
+            raise ImapError(f"IDLE ended with {idle.response.result}")
 
     async def restart_idle(self, *, noop: bool) -> None:
-        """Leave IDLE (DONE), NOOP if ``noop``, and enter IDLE again, in one hand-over to asyncio.
+        """Leave IDLE (DONE), NOOP if ``noop``, and enter IDLE again: one write.
 
-        The tick and the renewal run this on every session every few minutes: as three
-        :func:`trio_asyncio.aio_as_trio` calls a tick cost 0.76 ms of CPU, as one 0.62 ms
-        (docs/performance.md). The whole sequence must be answered
-        within the command timeout; an error names the command that was not answered.
-        Same guarantees as every command: a failure leaves the connection unusable.
+        The tick and the renewal run this on every session every few minutes, so it is
+        the daemon's most frequent command: ``DONE``, ``NOOP`` and ``IDLE`` go out in one
+        write (IMAP pipelining, RFC 3501 §5.5: none of them is ambiguous after the one
+        before) and their answers are matched in order. A server that refuses an IDLE
+        written that way (some answer ``BAD`` to a command that arrives with ``DONE``)
+        gets it again on its own, and this connection stops pipelining it. The whole
+        sequence must be answered within the command timeout; an error names the
+        command that was not answered. Same guarantees as every command: a failure
+        leaves the connection unusable.
         """
-        task = self._idle_task
-        if task is None:
+        old = self._idle
+        if old is None:
             raise ConnectionLost("not idling")
         self._check()
+        protocol = self.protocol
+        deadline = self._deadline()
         step = _Step("DONE")
-        self._idle_task = await self._call(step, _aio_restart_idle, self.protocol, task, noop, step)
+        noop_command = _command("NOOP", protocol.new_tag()) if noop else None
+        idle = self._new_idle() if self._pipeline_idle else None
+        data = b"DONE\r\n"
+        for command in (noop_command, idle):
+            if command is not None:
+                data += f"{command}\r\n".encode()
+                protocol.queued.append(command)
+        protocol.idle_outstanding = idle is not None
+        self._idle = None
+        protocol.write(data)
+        protocol.advance_queue()  # the server may have ended the old IDLE already
+        try:
+            await self._until(step, lambda: _done(old), deadline)
+            if old.response.result != "OK":
+                raise ImapError(f"DONE failed: IDLE ended with {old.response.result}")
+            if noop_command is not None:
+                step.name = "NOOP"
+                await self._until(step, lambda: _done(noop_command), deadline)
+                if noop_command.response.result != "OK":
+                    raise ImapError(f"NOOP failed: {noop_command.response.result}")
+            step.name = "IDLE"
+            if idle is not None and await self._idle_answered(step, idle, deadline):
+                return
+            if idle is not None:
+                self._pipeline_idle = False  # refused when pipelined: try it on its own
+            idle = self._new_idle()
+            self._send(idle)
+            protocol.idle_outstanding = True
+            if not await self._idle_answered(step, idle, deadline):
+                raise ImapError(f"IDLE failed: server refused IDLE: {idle.response.result}")
+        finally:
+            protocol.queued.clear()
         self._check()
 
     async def fetch_new(self, since_uid: int, limit: int) -> NewMail:
         """What arrived from ``since_uid`` on: leave IDLE (DONE) if idling,
         ``UID SEARCH UID <since_uid>:*``, and, when at most ``limit`` messages were found,
-        ``UID FETCH <their UIDs> (UID ENVELOPE RFC822.SIZE)``, then IDLE again — all in one
-        hand-over to asyncio and within one command timeout (an error names the command
-        not answered). The answers are parsed from the raw framed responses
-        (:mod:`trio_idle.imap_envelope`: decoded, bounded, never logged); EXISTS lines
-        among them reach the monitor as always. Same guarantees as every command: a
-        failure leaves the connection unusable.
+        ``UID FETCH <their UIDs> (UID ENVELOPE RFC822.SIZE)``, then IDLE again — all
+        within one command timeout (an error names the command not answered). The
+        answers are parsed from the raw framed responses (:mod:`trio_idle.imap_envelope`:
+        decoded, bounded, never logged); EXISTS lines among them reach the monitor as
+        always. Same guarantees as every command: a failure leaves the connection
+        unusable.
         """
         self._check()
-        step = _Step("DONE" if self._idle_task is not None else "UID SEARCH")
+        protocol = self.protocol
+        deadline = self._deadline()
+        old = self._idle
+        step = _Step("DONE" if old is not None else "UID SEARCH")
         try:
-            self._idle_task, found = await self._call(
-                step, _aio_fetch_new, self.protocol, self._idle_task, since_uid, limit, step
-            )
+            if old is not None:
+                protocol.idle_done()
+                self._idle = None
+                await self._until(step, lambda: _done(old), deadline)
+                if old.response.result != "OK":
+                    raise ImapError(f"{step} failed: IDLE ended with {old.response.result}")
+            step.name = "UID SEARCH"
+            protocol.capture = []
+            search = _command("SEARCH", protocol.new_tag(), "UID", f"{since_uid}:*", prefix="UID")
+            response = await self._run_step(step, search, deadline)
+            if response.result != "OK":
+                raise ImapError(f"{step} failed: UID SEARCH failed: {response.result}")
+            # "n:*" also matches the highest UID when it is below n (RFC 3501 6.4.8)
+            uids = tuple(uid for uid in parse_search(protocol.capture) if uid >= since_uid)
+            envelopes: tuple[Envelope, ...] | None = None
+            if len(uids) <= limit:
+                envelopes = ()
+                if uids:
+                    step.name = "UID FETCH"
+                    protocol.capture = []
+                    # a plain Command: aioimaplib's FetchCommand counts parentheses across
+                    # the lines, and a subject with an unbalanced "(" would leave it waiting
+                    fetch = _command(
+                        "FETCH",
+                        protocol.new_tag(),
+                        ",".join(map(str, uids)),
+                        "(UID ENVELOPE RFC822.SIZE)",
+                        prefix="UID",
+                        untagged_resp_name="FETCH",
+                    )
+                    response = await self._run_step(step, fetch, deadline)
+                    if response.result != "OK":
+                        raise ImapError(f"{step} failed: UID FETCH failed: {response.result}")
+                    wanted = set(uids)
+                    envelopes = tuple(
+                        e for e in parse_fetch_envelopes(protocol.capture) if e.uid in wanted
+                    )
+            protocol.capture = None
+            if old is not None:
+                step.name = "IDLE"
+                idle = self._new_idle()
+                self._send(idle)
+                protocol.idle_outstanding = True
+                if not await self._idle_answered(step, idle, deadline):
+                    raise ImapError(f"{step} failed: server refused IDLE: {idle.response.result}")
         finally:
-            self.protocol.capture = None
+            protocol.capture = None
         self._check()
-        return found
+        return NewMail(uids, envelopes)
+
+    async def _run_step(self, step: _Step, command: aioimaplib.Command, deadline: float) -> Any:
+        self._send(command)
+        await self._until(step, lambda: _done(command), deadline)
+        return command.response
 
     async def logout(self, limit: float) -> None:
         """Send LOGOUT, wait up to ``limit`` seconds for the server to close, close. Never raises.
 
-        One write and no aioimaplib command: ending 10,000 sessions at shutdown must not
-        cost 10,000 round trips through the trio-asyncio bridge (docs/performance.md). An
-        IDLE in progress is ended with ``DONE`` in the same write; a command still waiting
-        for its answer (a NOOP, an IDLE being entered) is answered by the server before
-        the LOGOUT, as IMAP pipelining allows. From here on the server's lines are not
-        parsed: nothing they say can change what happens next.
+        One write, no waiting for the answer: ending 10,000 sessions at shutdown must not
+        cost 10,000 round trips. An IDLE in progress (or written) is ended with ``DONE``
+        in the same write; a command still waiting for its answer (a NOOP, an IDLE being
+        entered) is answered by the server before the LOGOUT, as IMAP pipelining allows.
+        From here on the server's lines are not parsed: nothing they say can change what
+        happens next.
         """
         protocol = self.protocol
-        transport = protocol.transport
+        transport = self.transport
         try:
             if (
                 self.monitor.problem() is None
-                and transport is not None
                 and not transport.is_closing()
                 and protocol.state in (aioimaplib.NONAUTH, aioimaplib.AUTH, aioimaplib.SELECTED)
             ):
-                end_idle = protocol.has_pending_idle_command() and not protocol.done_sent
+                end_idle = protocol.idle_outstanding
                 protocol.closing = True
                 transport.write(
                     (b"DONE\r\n" if end_idle else b"") + f"{protocol.new_tag()} LOGOUT\r\n".encode()
                 )
-                with self.monitor.guard(), trio.move_on_after(limit):
-                    await trio.sleep_forever()  # until the server closes (the guard)
-        except OSError:
-            pass  # LOGOUT is a courtesy to the server; failing it changes nothing for us
+                with trio.move_on_after(limit):
+                    while self.monitor.lost is None and not transport.is_closing():
+                        await self._pump()  # until the server closes
         finally:
             self.abort()
 
     def abort(self) -> None:
-        """Close the socket now (no LOGOUT); cancel the commands still waiting."""
-        task, self._idle_task = self._idle_task, None
-        self.protocol.discard_tasks(task)
-        transport = self.protocol.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
+        """Close the socket now (no LOGOUT)."""
+        self._idle = None
+        self.protocol.queued.clear()
+        self.transport.close()
+        self.protocol.lost(None)
 
 
 class _Step:
@@ -566,71 +795,6 @@ class _Step:
 
     def __str__(self) -> str:
         return self.name
-
-
-async def _aio_restart_idle(
-    protocol: _Protocol, idle: asyncio.Future[Any], noop: bool, step: _Step
-) -> asyncio.Future[Any]:
-    protocol.idle_done()
-    response = await idle
-    if response.result != "OK":
-        raise aioimaplib.Abort(f"IDLE ended with {response.result}")
-    if noop:
-        step.name = "NOOP"
-        response = await protocol.simple_command("NOOP")
-        if response.result != "OK":
-            raise aioimaplib.Abort(response.result)
-    step.name = "IDLE"
-    return await _aio_idle_start(protocol)
-
-
-async def _aio_fetch_new(
-    protocol: _Protocol, idle: asyncio.Future[Any] | None, since: int, limit: int, step: _Step
-) -> tuple[asyncio.Future[Any] | None, NewMail]:
-    if idle is not None:
-        protocol.idle_done()
-        response = await idle
-        if response.result != "OK":
-            raise aioimaplib.Abort(f"IDLE ended with {response.result}")
-    step.name = "UID SEARCH"
-    protocol.capture = []
-    response = await protocol.execute(
-        aioimaplib.Command(
-            "SEARCH", protocol.new_tag(), "UID", f"{since}:*", prefix="UID", loop=protocol.loop
-        )
-    )
-    if response.result != "OK":
-        raise aioimaplib.Abort(f"UID SEARCH failed: {response.result}")
-    # "n:*" also matches the highest UID when it is below n (RFC 3501 6.4.8)
-    uids = tuple(uid for uid in parse_search(protocol.capture) if uid >= since)
-    envelopes: tuple[Envelope, ...] | None = None
-    if len(uids) <= limit:
-        envelopes = ()
-        if uids:
-            step.name = "UID FETCH"
-            protocol.capture = []
-            # a plain Command: aioimaplib's FetchCommand counts parentheses across the
-            # lines, and a subject with an unbalanced "(" would leave it waiting forever
-            response = await protocol.execute(
-                aioimaplib.Command(
-                    "FETCH",
-                    protocol.new_tag(),
-                    ",".join(map(str, uids)),
-                    "(UID ENVELOPE RFC822.SIZE)",
-                    prefix="UID",
-                    untagged_resp_name="FETCH",
-                    loop=protocol.loop,
-                )
-            )
-            if response.result != "OK":
-                raise aioimaplib.Abort(f"UID FETCH failed: {response.result}")
-            wanted = set(uids)
-            envelopes = tuple(e for e in parse_fetch_envelopes(protocol.capture) if e.uid in wanted)
-    protocol.capture = None
-    if idle is None:
-        return None, NewMail(uids, envelopes)
-    step.name = "IDLE"
-    return await _aio_idle_start(protocol), NewMail(uids, envelopes)
 
 
 class _SaslCommand(aioimaplib.Command):  # type: ignore[misc]
@@ -689,63 +853,17 @@ def _write(protocol: _Protocol, data: bytes) -> None:
         transport.write(data)
 
 
-async def _aio_authenticate(protocol: _Protocol, command: _SaslCommand) -> Any:
-    """aioimaplib's ``execute`` for a sync command, writing :attr:`_SaslCommand.line`."""
-    async with protocol.state_condition:  # as aioimaplib's own login does
-        if protocol.state != aioimaplib.NONAUTH:
-            raise aioimaplib.Abort(f"AUTHENTICATE illegal in state {protocol.state}")
-        if protocol.pending_sync_command is not None:
-            await protocol.pending_sync_command.wait()
-        if protocol.pending_async_commands:
-            await protocol.wait_async_pending_commands()
-        protocol.pending_sync_command = command
-        _write(protocol, command.line.encode() + b"\r\n")
-        await command.wait()
-        response = command.response
-        if response.result == "OK":
-            protocol.state = aioimaplib.AUTH
-        protocol.state_condition.notify_all()
-    return response
-
-
-async def _aio_wait(future: asyncio.Future[T]) -> T:
-    return await future
-
-
-async def _aio_idle_start(protocol: _Protocol) -> asyncio.Future[Any]:
-    """aioimaplib's ``idle_start`` without its asyncio timer (we renew with trio)."""
-    idle = asyncio.ensure_future(protocol.idle())
-    ack = asyncio.ensure_future(protocol.wait_for_idle_response())
-    try:
-        await asyncio.wait({idle, ack}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        idle.cancel()
-        ack.cancel()
-        raise
-    if not protocol.has_pending_idle_command():
-        ack.cancel()
-        if not idle.done():
-            idle.cancel()
-        if idle.done() and not idle.cancelled() and idle.exception() is None:
-            raise aioimaplib.Abort(f"server refused IDLE: {idle.result().result}")
-        raise aioimaplib.Abort("server refused IDLE")
-    result: asyncio.Future[Any] = idle
-    return result
-
-
-async def _aio_resolve(
-    loop: asyncio.AbstractEventLoop, host: str, port: int
-) -> list[tuple[int, Any]]:
+async def _resolve(host: str, port: int) -> list[tuple[int, Any]]:
     """Every ``(family, sockaddr)`` of ``host`` for TCP, in the resolver's order."""
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
     if not infos:
         raise socket.gaierror(socket.EAI_NONAME, "no addresses")
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
-async def _aio_open_socket(
-    loop: asyncio.AbstractEventLoop, conn: MailConnection, refuse: tuple[Network, ...]
-) -> socket.socket:
+async def _open_socket(conn: MailConnection, refuse: tuple[Network, ...]) -> socket.socket:
     """A TCP socket connected to an address of ``conn.host`` that ``refuse`` allows.
 
     The host is resolved once, here, and the socket connected to exactly the addresses
@@ -753,7 +871,7 @@ async def _aio_open_socket(
     addresses are tried in the resolver's order; if none connects, the first error is
     raised. Never leaks a socket, also when cancelled.
     """
-    addresses = await _aio_resolve(loop, conn.host, conn.port)
+    addresses = await _resolve(conn.host, conn.port)
     allowed = [(f, a) for f, a in addresses if refused(a[0], refuse) is None]
     if not allowed:
         shown = list(dict.fromkeys(str(a[0]) for _, a in addresses))
@@ -767,90 +885,26 @@ async def _aio_open_socket(
             continue
         try:
             sock.setblocking(False)
-            await loop.sock_connect(sock, sockaddr)
+            error = sock.connect_ex(sockaddr)
+            if error in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))  # e.g. ConnectionRefusedError
         except OSError as exc:
-            sock.close()
+            _close(sock)
             errors.append(exc)
             continue
         except BaseException:
-            sock.close()
+            _close(sock)
             raise
         return sock
     raise errors[0]
 
 
-async def _aio_connect(
-    conn: MailConnection,
-    security: str,
-    context: ssl.SSLContext | None,
-    monitor: PushMonitor,
-    timeouts: ImapTimeouts,
-    refuse: tuple[Network, ...],
-    limits: ImapLimits,
-) -> _Protocol:
-    loop = asyncio.get_running_loop()
-    protocol = _Protocol(loop, monitor, limits)
-    tls_now = context if security == "tls" else None
-    sock = await _aio_open_socket(loop, conn, refuse)
-    try:
-        # The certificate is checked against the name the user typed, not the address.
-        transport, _ = await loop.create_connection(
-            lambda: protocol,
-            sock=sock,
-            ssl=tls_now,
-            server_hostname=conn.host if tls_now else None,
-            ssl_handshake_timeout=timeouts.connect if tls_now else None,
-        )
-    except BaseException:
-        sock.close()
-        raise
-    try:
-        _set_keepalive(transport, timeouts.keepalive_idle)
-        await _aio_handshake(loop, conn, security, context, protocol, transport, timeouts)
-    except BaseException:
-        protocol.discard_tasks()
-        transport.close()  # cancelled or failed mid-handshake: never leak the socket
-        raise
-    return protocol
-
-
-async def _aio_handshake(
-    loop: asyncio.AbstractEventLoop,
-    conn: MailConnection,
-    security: str,
-    context: ssl.SSLContext | None,
-    protocol: _Protocol,
-    transport: Any,
-    timeouts: ImapTimeouts,
-) -> None:
-    # Not ``protocol.wait()``: its asyncio.Condition cannot be cancelled while the greeting
-    # task holds the lock waiting for a CAPABILITY answer that never comes.
-    await protocol.greeted.wait()
-    if protocol.greeting_problem is not None:
-        raise _BadGreeting(protocol.greeting_problem)
-    if protocol.state not in (aioimaplib.AUTH, aioimaplib.NONAUTH):
-        raise _BadGreeting(protocol.monitor.problem() or "connection lost")
-    if security == "starttls":
-        if "STARTTLS" not in protocol.capabilities:
-            raise _NoStartTls()
-        response = await protocol.execute(
-            aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=loop)
-        )
-        if response.result != "OK":
-            raise _NoStartTls()
-        if protocol.framer.buffered:
-            # plaintext sent after the answer would pass for TLS-protected (RFC 3207 §4.2)
-            raise _BadGreeting("server sent data after accepting STARTTLS (refused)")
-        assert context is not None
-        protocol.transport = await loop.start_tls(
-            transport,
-            protocol,
-            context,
-            server_hostname=conn.host,
-            ssl_handshake_timeout=timeouts.connect,
-        )
-        protocol.start_parsing_tls()
-        await protocol.capability()  # capabilities may differ once encrypted
+def _close(sock: socket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
 
 
 class _NoStartTls(Exception):
@@ -880,35 +934,64 @@ async def connect(
     refusing greeting, closed during the handshake) within ``timeouts.connect`` seconds.
     No connection is attempted to an address in ``refuse`` (``TRIO_IDLE_REFUSE_NETWORKS``;
     see :mod:`trio_idle.destinations`): if the host has no other address, the error says
-    so. TLS still verifies the certificate against ``conn.host``.
+    so. TLS verifies the certificate against ``conn.host``, not the address.
 
-    What the server sends is bounded by ``limits`` from the first byte on.
+    What the server sends is bounded by ``limits`` from the first byte on. Cancelled or
+    failed, it leaves no socket open.
     """
     monitor = PushMonitor()
     where = f"{conn.host}:{conn.port}"
+    imap: ImapConnection | None = None
     try:
         with trio.fail_after(timeouts.connect):
-            protocol = await trio_asyncio.aio_as_trio(_aio_connect)(
-                conn, security, context, monitor, timeouts, refuse, limits
+            sock = await _open_socket(conn, refuse)
+            transport = ImapTransport(sock)
+            protocol = _Protocol(monitor, limits)
+            protocol.connection_made(transport)
+            imap = ImapConnection(
+                protocol, monitor, timeouts, transport, host=conn.host, port=conn.port
             )
-    except trio.TooSlowError:
-        raise ImapConnectError(
-            f"no IMAP greeting from {where} within {timeouts.connect:g}s", kind=KIND_TIMEOUT
-        ) from None
-    except _NoStartTls:
-        raise ImapConnectError(f"{where} does not offer STARTTLS", kind=KIND_TLS) from None
-    except _BadGreeting as exc:
-        raise ImapConnectError(
-            f"{where} failed the IMAP greeting: {exc}", kind=KIND_SERVER_CLOSED
-        ) from None
-    except _Refused as exc:
-        raise ImapConnectError(str(exc), kind=KIND_REFUSED) from None
-    except (TimeoutError, OSError, aioimaplib.AioImapException) as exc:
-        raise ImapConnectError(
-            _describe_connect_error(exc, conn.host, conn.port), kind=_connect_error_kind(exc)
-        ) from None
-    imap = ImapConnection(protocol, monitor, timeouts, host=conn.host, port=conn.port)
+            _set_keepalive(sock, timeouts.keepalive_idle)
+            if security != "plain" and context is None:
+                context = make_ssl_context(None)  # never plaintext for want of a context
+            if security == "tls":
+                assert context is not None
+                await transport.start_tls(context, conn.host)
+            await imap._handshake(security, context)
+    except BaseException as exc:
+        if imap is not None:
+            imap.abort()
+        if not isinstance(exc, Exception):
+            raise
+        raise _connect_error(exc, conn, where, timeouts, monitor) from None
     if monitor.problem() is not None:
         imap.abort()
         raise ImapConnectError(f"{where}: {monitor.problem()}", kind=KIND_SERVER_CLOSED)
     return imap
+
+
+def _connect_error(
+    exc: Exception, conn: MailConnection, where: str, timeouts: ImapTimeouts, monitor: PushMonitor
+) -> Exception:
+    """The :class:`ImapConnectError` a failed :func:`connect` raises (or ``exc`` itself
+    if it is not a connect failure, e.g. a bug)."""
+    if isinstance(exc, trio.TooSlowError):
+        return ImapConnectError(
+            f"no IMAP greeting from {where} within {timeouts.connect:g}s", kind=KIND_TIMEOUT
+        )
+    if isinstance(exc, _NoStartTls):
+        return ImapConnectError(f"{where} does not offer STARTTLS", kind=KIND_TLS)
+    if isinstance(exc, _BadGreeting):
+        return ImapConnectError(f"{where} failed the IMAP greeting: {exc}", kind=KIND_SERVER_CLOSED)
+    if isinstance(exc, _Refused):
+        return ImapConnectError(str(exc), kind=KIND_REFUSED)
+    if isinstance(exc, (ConnectionLost, TransportClosed)):
+        problem = monitor.problem() or "connection lost (closed by server)"
+        return ImapConnectError(f"{where}: {problem}", kind=KIND_SERVER_CLOSED)
+    if isinstance(exc, ImapError):
+        return ImapConnectError(f"{where}: {exc}", kind=KIND_SERVER_CLOSED)
+    if isinstance(exc, (TimeoutError, OSError)):
+        return ImapConnectError(
+            _describe_connect_error(exc, conn.host, conn.port), kind=_connect_error_kind(exc)
+        )
+    return exc

@@ -61,6 +61,12 @@ class ImapLink(Protocol):
         """SELECT ``mailbox``; its EXISTS/UIDNEXT/UIDVALIDITY as the server reported them."""
         ...
 
+    async def wait(self) -> None:
+        """Return once new mail, a BYE or the connection's loss is pending (at once if
+        already so), reading the connection meanwhile: while idling, the session waits
+        here. A checkpoint; cancellation loses nothing."""
+        ...
+
     async def noop(self) -> None:
         """NOOP (servers report new mail in its answer); for servers without IDLE."""
         ...

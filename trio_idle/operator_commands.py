@@ -34,7 +34,6 @@ from trio_idle.imap_client import (
     connect,
     make_ssl_context,
     resolve_security,
-    shrink_tls_read_buffer,
 )
 from trio_idle.providers import connection_preset
 from trio_idle.scrub import PLAIN
@@ -202,7 +201,6 @@ async def run_check(
             + (f"; trying LOGIN on each ({concurrency} at a time)" if login and good else "")
         )
         if login and good:
-            shrink_tls_read_buffer()
             context = make_ssl_context(settings.imap.ca_file)
             limiter = trio.CapacityLimiter(concurrency)
             by_id = {r.conn_id: r for r in table if r.ok}

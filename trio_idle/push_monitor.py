@@ -74,6 +74,10 @@ class PushMonitor:
         count, self.new_mail = self.new_mail, 0
         return count
 
+    def pending(self) -> bool:
+        """Whether new mail, a BYE or the connection's loss waits to be acted on."""
+        return bool(self.new_mail) or self.bye is not None or self.lost is not None
+
     def problem(self) -> str | None:
         """Why this connection is unusable, or None while it is healthy."""
         if self.lost is not None:
@@ -89,7 +93,7 @@ class PushMonitor:
         ``trio.Cancelled`` even when something is pending, and a session woken in a
         loop still lets other tasks run. Changes no state, so cancellation loses nothing.
         """
-        if self.new_mail or self.bye is not None or self.lost is not None:
+        if self.pending():
             await trio.lowlevel.checkpoint()
             return
         if self._wakeup.is_set():

@@ -395,7 +395,7 @@ async def _watch_open(
     while True:
         with trio.move_on_at(min(next_tick, renew_at)), desk.listening():
             while True:
-                await imap.monitor.wait()
+                await imap.wait()
                 if (problem := imap.monitor.problem()) is not None:
                     raise ImapError(problem)
                 _announce(conn, imap, memory, coalescer, env, log, "exists")

@@ -96,17 +96,14 @@ class FakeDns:
     lookups: list[str] = attrs.field(factory=list)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        real = trio_asyncio.TrioEventLoop.getaddrinfo
+        real = trio.socket.getaddrinfo
         fake = self
 
-        async def getaddrinfo(
-            loop: Any, host: Any, port: Any, *args: Any, **kwargs: Any
-        ) -> list[tuple[Any, ...]]:
+        async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
             name = host.decode() if isinstance(host, bytes) else str(host)
             if name not in fake.answers:
                 assert name == "localhost" or _is_literal(name), f"real lookup of {name!r}"
-                result: list[tuple[Any, ...]] = await real(loop, host, port, *args, **kwargs)
-                return result
+                return list(await real(host, port, *args, **kwargs))
             fake.lookups.append(name)
             script = fake.answers[name]
             answer = script.pop(0) if len(script) > 1 else script[0]
@@ -114,7 +111,7 @@ class FakeDns:
                 raise answer
             return [_addrinfo(address, int(port)) for address in answer]
 
-        monkeypatch.setattr(trio_asyncio.TrioEventLoop, "getaddrinfo", getaddrinfo)
+        monkeypatch.setattr(trio.socket, "getaddrinfo", getaddrinfo)
 
 
 def _is_literal(name: str) -> bool:

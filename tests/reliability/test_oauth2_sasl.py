@@ -92,11 +92,15 @@ async def test_check_login_signs_oauth2_rows_in_with_a_backend_token(
         "http://127.0.0.1:1/t", secret_header="x", secret=Secret("s"), signing_secret=None,
         total_timeout=5, refresh_ahead=300, transport=httpx.MockTransport(endpoint),
     )  # fmt: skip
+    import attrs
+
+    plain = Settings()
+    plain = attrs.evolve(plain, imap=attrs.evolve(plain.imap, imap_security="plain"))
     async with trio_asyncio.open_loop():
-        assert await try_login(conn, Settings(), None, tokens) is None
+        assert await try_login(conn, plain, None, tokens) is None
         tokens.forget(conn.id)
-        error = await try_login(conn, Settings(), None, tokens)
-        assert await try_login(conn, Settings(), None, None) == (
+        error = await try_login(conn, plain, None, tokens)
+        assert await try_login(conn, plain, None, None) == (
             "no token source for oauth2 connections"
         )
     await tokens.aclose()

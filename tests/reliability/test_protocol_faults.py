@@ -79,7 +79,7 @@ REASONS = {
     # "IDLE: " when the close lands while IDLE's continuation is being read
     "close_during_idle": r"connection lost: (IDLE: )?connection lost \(closed by server\)",
     "garbage_during_idle": (
-        r"connection lost: IDLE: connection lost \(protocol error: Abort: unexpected tagged "
+        r"connection lost: (IDLE: )?connection lost \(protocol error: Abort: unexpected tagged "
         r"response with pending sync command \(\w+ IDLE\) response: "
         r"b'OK a tagged answer to nothing'\)"
     ),

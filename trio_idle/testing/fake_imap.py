@@ -304,6 +304,9 @@ class FakeImapLink:
         await self._command("IDLE")
         self._enter_idle()
 
+    async def wait(self) -> None:
+        await self.monitor.wait()
+
     async def restart_idle(self, *, noop: bool) -> None:
         if not self.idling:
             raise ConnectionLost("not idling")
