@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import random
 import socket
 import ssl
 from collections.abc import Callable
@@ -152,8 +153,88 @@ class _DiscardQueue:
 _DISCARD: Final = _DiscardQueue()
 
 
+class _Flag:
+    """Stands in for a command's ``asyncio.Event``: set when the server answered it.
+
+    Nothing ever waits on it (the connection checks :meth:`is_set` after each read),
+    so it needs no loop and no waiter queue — an asyncio.Event is ≈ 0.5 KiB with its
+    deque, and every tick makes two commands."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self) -> None:
+        self._value = False
+
+    def set(self) -> None:
+        self._value = True
+
+    def is_set(self) -> bool:
+        return self._value
+
+
+class _NoTimer:
+    """A command's timer where there is none (deadlines are trio cancel scopes)."""
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        pass
+
+
+_NO_TIMER: Final = _NoTimer()
+
+
+class _Command(aioimaplib.Command):  # type: ignore[misc]
+    """aioimaplib's ``Command`` without its asyncio parts: the parser fills and closes
+    it as any other; the connection polls :func:`_done` instead of awaiting it."""
+
+    def __init__(
+        self,
+        name: str,
+        tag: str,
+        *args: str,
+        prefix: str | None = None,
+        untagged_resp_name: str | None = None,
+    ) -> None:
+        for arg in args:  # as aioimaplib: a CR or LF in an argument would end the line
+            if arg is not None and aioimaplib.CONTROL_CHARS.search(str(arg)):
+                raise ValueError(f"NUL, CR and LF are not allowed in {name} command arguments")
+        self.name = name
+        self.tag = tag
+        self.args = args
+        self.prefix = prefix + " " if prefix else None
+        self.untagged_resp_name = untagged_resp_name or name
+        self._exception = None
+        self._loop = _NO_LOOP
+        self._event = _Flag()
+        self._timeout = None
+        self._timer = _NO_TIMER
+        self._expected_size = 0
+        self._resp_literal_data = bytearray()
+        self._resp_result = "Init"
+        self._resp_lines: list[bytes] = []
+
+    def _set_timer(self) -> None:
+        pass
+
+    def _reset_timer(self) -> None:
+        pass
+
+
+class _IdleCommand(_Command):
+    """aioimaplib's ``IdleCommand`` (lines while idling are not kept: the monitor saw
+    them) on :class:`_Command`."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__("IDLE", tag)
+
+    def append_to_resp(self, line: bytes, result: str = "Pending") -> None:
+        if result != "Pending":
+            super().append_to_resp(line, result)
+
+
 def _command(name: str, tag: str, *args: str, **kwargs: Any) -> aioimaplib.Command:
-    return aioimaplib.Command(name, tag, *args, loop=_NO_LOOP, **kwargs)
+    return _Command(name, tag, *args, **kwargs)
 
 
 def _done(command: aioimaplib.Command) -> bool:
@@ -178,8 +259,25 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     """
 
     def __init__(self, monitor: PushMonitor, limits: ImapLimits) -> None:
-        super().__init__(_NO_LOOP, conn_lost_cb=self._lost)
+        # Not aioimaplib's __init__: it makes an asyncio Condition, Queue and Event per
+        # connection (≈ 2 KiB) for its coroutine API, which is not used here. These are
+        # the attributes its parser reads.
+        self.loop = _NO_LOOP
+        self.transport: Any = None
+        self.state = aioimaplib.STARTED
+        self.capabilities: set[str] = set()
+        self.pending_async_commands: dict[str, aioimaplib.Command] = {}
+        self.pending_sync_command: aioimaplib.Command | None = None
         self.idle_queue = _DISCARD
+        self._idle_event = _Flag()  # set by the parser at IDLE's "+" continuation
+        self.imap_version: str | None = None
+        self.literal_data = None
+        self.incomplete_line = b""
+        self.current_command = None
+        self.conn_lost_cb = self._lost
+        self.tasks: set[Any] = set()
+        self.tagnum = 0
+        self.tagpre = aioimaplib.int2ap(random.randint(4096, 65535))
         self.monitor = monitor
         self.limits = limits
         self.framer = ResponseFramer(limits.max_line, limits.max_literal)
@@ -442,8 +540,8 @@ class ImapConnection:
 
     def _new_idle(self) -> aioimaplib.Command:
         protocol = self.protocol
-        protocol._idle_event.clear()
-        return aioimaplib.IdleCommand(protocol.new_tag(), _DISCARD, loop=_NO_LOOP)
+        protocol._idle_event = _Flag()
+        return _IdleCommand(protocol.new_tag())
 
     async def _idle_answered(
         self, what: str | _Step, idle: aioimaplib.Command, deadline: float
@@ -797,7 +895,7 @@ class _Step:
         return self.name
 
 
-class _SaslCommand(aioimaplib.Command):  # type: ignore[misc]
+class _SaslCommand(_Command):
     """``AUTHENTICATE <mechanism> [<response>]`` answering the server's continuations.
 
     aioimaplib hands every continuation of the pending command to :meth:`flush` (after
@@ -813,7 +911,7 @@ class _SaslCommand(aioimaplib.Command):  # type: ignore[misc]
     def __init__(
         self, protocol: _Protocol, mechanism: str, response: str, *, sasl_ir: bool
     ) -> None:
-        super().__init__("AUTHENTICATE", protocol.new_tag(), mechanism, loop=protocol.loop)
+        super().__init__("AUTHENTICATE", protocol.new_tag(), mechanism)
         self._protocol = protocol
         self._mechanism = mechanism
         self.line = f"{self.tag} AUTHENTICATE {mechanism}" + (f" {response}" if sasl_ir else "")
