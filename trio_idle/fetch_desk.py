@@ -86,6 +86,18 @@ class FetchDesk:
             finally:
                 self._listening = None
 
+    def listen(self, scope: trio.CancelScope) -> None:
+        """Until :meth:`unlisten`, a request cancels ``scope`` (at once if one is waiting).
+
+        :meth:`listening` without its own scope and context manager, for the IDLE loop,
+        which already has a scope (its tick deadline) and runs once per wake-up."""
+        if self._request is not None and not self._request.taken:
+            scope.cancel()
+        self._listening = scope
+
+    def unlisten(self) -> None:
+        self._listening = None
+
     def take(self) -> FetchRequest | None:
         """The request to serve now, if one waits; the caller sets ``result`` (or leaves
         it ``None``) and then ``done``."""

@@ -35,7 +35,7 @@ import random
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import aioimaplib
 import attrs
@@ -337,7 +337,14 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     def _handle_response(self, response: bytes) -> None:
         sync = self.pending_sync_command
         collecting = self._collecting()
-        waiting = sync.name if sync is not None else "/".join(self.pending_async_commands)
+        # named now: the answer may end the command
+        waiting = (
+            ""
+            if not collecting
+            else sync.name
+            if sync is not None
+            else "/".join(self.pending_async_commands)
+        )
         if self.capture is not None and response[:1] == b"*":
             self.capture.append(response)
         try:
@@ -498,19 +505,23 @@ class ImapConnection:
 
         ``what`` names the command in errors (a :class:`_Step` names the one in progress).
         """
+        with trio.move_on_at(deadline):
+            await self._read_until(what, done)
+            return
+        self._timed_out(what)
+
+    async def _read_until(self, what: str | _Step, done: Callable[[], bool]) -> None:
+        """:meth:`_until` without a deadline of its own (the caller's scope has it)."""
         monitor = self.monitor
-        try:
-            with trio.fail_at(deadline):
-                while not done():
-                    if monitor.lost is not None:
-                        raise ConnectionLost(f"{what}: {monitor.problem() or 'connection lost'}")
-                    await self._pump()
-        except trio.TooSlowError:
-            limit = self.timeouts.command
-            monitor.mark_dead(f"no answer to {what} within {limit:g}s")
-            raise ConnectionLost(
-                f"no answer to {what} within {limit:g}s", kind=KIND_TIMEOUT
-            ) from None
+        while not done():
+            if monitor.lost is not None:
+                raise ConnectionLost(f"{what}: {monitor.problem() or 'connection lost'}")
+            await self._pump()
+
+    def _timed_out(self, what: str | _Step) -> NoReturn:
+        limit = self.timeouts.command
+        self.monitor.mark_dead(f"no answer to {what} within {limit:g}s")
+        raise ConnectionLost(f"no answer to {what} within {limit:g}s", kind=KIND_TIMEOUT)
 
     def _deadline(self) -> float:
         return trio.current_time() + self.timeouts.command
@@ -548,8 +559,14 @@ class ImapConnection:
     ) -> bool:
         """Wait for IDLE's continuation: True once idling, False if the server refused it
         (answered with a tagged NO/BAD)."""
+        with trio.move_on_at(deadline):
+            return await self._idle_read(what, idle)
+        self._timed_out(what)
+
+    async def _idle_read(self, what: str | _Step, idle: aioimaplib.Command) -> bool:
+        """:meth:`_idle_answered` without a deadline of its own."""
         protocol = self.protocol
-        await self._until(what, lambda: protocol._idle_event.is_set() or _done(idle), deadline)
+        await self._read_until(what, lambda: protocol._idle_event.is_set() or _done(idle))
         if _done(idle):
             return False
         self._idle = idle
@@ -753,27 +770,41 @@ class ImapConnection:
         protocol.write(data)
         protocol.advance_queue()  # the server may have ended the old IDLE already
         try:
-            await self._until(step, lambda: _done(old), deadline)
-            if old.response.result != "OK":
-                raise ImapError(f"DONE failed: IDLE ended with {old.response.result}")
-            if noop_command is not None:
-                step.name = "NOOP"
-                await self._until(step, lambda: _done(noop_command), deadline)
-                if noop_command.response.result != "OK":
-                    raise ImapError(f"NOOP failed: {noop_command.response.result}")
-            step.name = "IDLE"
-            if idle is not None and await self._idle_answered(step, idle, deadline):
+            with trio.move_on_at(deadline):
+                await self._tick_answers(step, old, noop_command, idle)
+                self._check()
                 return
-            if idle is not None:
-                self._pipeline_idle = False  # refused when pipelined: try it on its own
-            idle = self._new_idle()
-            self._send(idle)
-            protocol.idle_outstanding = True
-            if not await self._idle_answered(step, idle, deadline):
-                raise ImapError(f"IDLE failed: server refused IDLE: {idle.response.result}")
+            self._timed_out(step)
         finally:
             protocol.queued.clear()
-        self._check()
+
+    async def _tick_answers(
+        self,
+        step: _Step,
+        old: aioimaplib.Command,
+        noop: aioimaplib.Command | None,
+        idle: aioimaplib.Command | None,
+    ) -> None:
+        """The answers to :meth:`restart_idle`'s write, in order (``step`` says which is
+        awaited); IDLE again on its own if the pipelined one was refused."""
+        await self._read_until(step, lambda: _done(old))
+        if old.response.result != "OK":
+            raise ImapError(f"DONE failed: IDLE ended with {old.response.result}")
+        if noop is not None:
+            step.name = "NOOP"
+            await self._read_until(step, lambda: _done(noop))
+            if noop.response.result != "OK":
+                raise ImapError(f"NOOP failed: {noop.response.result}")
+        step.name = "IDLE"
+        if idle is not None and await self._idle_read(step, idle):
+            return
+        if idle is not None:
+            self._pipeline_idle = False  # refused when pipelined: try it on its own
+        idle = self._new_idle()
+        self._send(idle)
+        self.protocol.idle_outstanding = True
+        if not await self._idle_read(step, idle):
+            raise ImapError(f"IDLE failed: server refused IDLE: {idle.response.result}")
 
     async def fetch_new(self, since_uid: int, limit: int) -> NewMail:
         """What arrived from ``since_uid`` on: leave IDLE (DONE) if idling,

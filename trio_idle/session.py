@@ -393,12 +393,18 @@ async def _watch_open(
     memory.state = IDLE
     memory.on_outcome(Connected(idle=True))
     while True:
-        with trio.move_on_at(min(next_tick, renew_at)), desk.listening():
-            while True:
-                await imap.wait()
-                if (problem := imap.monitor.problem()) is not None:
-                    raise ImapError(problem)
-                _announce(conn, imap, memory, coalescer, env, log, "exists")
+        # one scope per wake-up: the next tick or renewal, and the scan worker's fetch
+        # request (the desk cancels it)
+        with trio.CancelScope(deadline=min(next_tick, renew_at)) as wake:
+            desk.listen(wake)
+            try:
+                while True:
+                    await imap.wait()
+                    if (problem := imap.monitor.problem()) is not None:
+                        raise ImapError(problem)
+                    _announce(conn, imap, memory, coalescer, env, log, "exists")
+            finally:
+                desk.unlisten()
         # Mail pushed just as the deadline passed: wait() checkpoints, so the deadline
         # can win over a wake-up that was already due. It was pushed, so it is "exists".
         _announce(conn, imap, memory, coalescer, env, log, "exists")
