@@ -18,7 +18,6 @@ one mailbox never holds two IMAP connections (Gmail allows 15 per account).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -151,7 +150,7 @@ class Reconciler:
                         self._policy,
                         self._env.stats,
                         log,
-                        random.Random(),
+                        self._env.rng,  # one per process: it only spreads retries
                         self._hooks(handle),
                         name=f"scan:{conn.id}",
                     )
@@ -163,7 +162,7 @@ class Reconciler:
                             self._status_policy,
                             self._env.stats,
                             log,
-                            random.Random(),
+                            self._env.rng,  # one per process: it only spreads retries
                             name=f"health:{conn.id}",
                         )
                     await run_session(conn, self._env, handle.coalescer, handle.memory, log)
