@@ -27,7 +27,7 @@ from trio_idle.limiter import Pacer
 PACED_REASONS: Final = frozenset({"startup", "reconnect"})
 
 
-@attrs.define(slots=True)
+@attrs.define
 class ScanCoalescer:
     """A ``trio.Event`` plus a pending counter (0 or 1): at most one scan active and one
     pending per mailbox, however many requests arrive (a burst or an outage never queues).

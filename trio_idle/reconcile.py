@@ -9,7 +9,8 @@
                 ├── IMAP session (connect / IDLE / reconnect loop)
                 ├── scan task (webhook, retries): only while a scan is pending
                 │   (started by the coalescer, ends when none is left)
-                └── health reporter (account health to the backend; unless switched off)
+                └── health reporter (account health to the backend; unless switched off):
+                    only while a report is due or debounced
 
 Cancelling a connection's scope ends its whole subtree: the session LOGOUTs under a
 short shielded deadline, an in-flight scan request is abandoned. A restarted connection
@@ -28,7 +29,7 @@ import trio
 
 from trio_idle.coalescer import ScanCoalescer
 from trio_idle.connections import MailConnection
-from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reporter
+from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reports
 from trio_idle.imap_envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap_responses import MailboxState
 from trio_idle.logs import log_internal_error, prefix, session_logger
@@ -148,20 +149,14 @@ class Reconciler:
                         functools.partial(self._start_scans, nursery, handle, log)
                     )
                     if self._status_policy is not None:
-                        nursery.start_soon(
-                            run_health_reporter,
-                            handle.health,
-                            self._webhook,
-                            self._status_policy,
-                            self._env.stats,
-                            log,
-                            self._env.rng,  # one per process: it only spreads retries
-                            name=f"health:{conn.id}",
+                        handle.health.attach(
+                            functools.partial(self._start_reports, nursery, handle, log)
                         )
                     try:
                         await run_session(conn, self._env, handle.coalescer, handle.memory, log)
                     finally:
                         handle.coalescer.detach()
+                        handle.health.detach()
         except Exception as exc:  # belt and braces: one connection never takes down the rest
             self._env.stats.inc("internal_errors")
             log_internal_error(
@@ -185,6 +180,20 @@ class Reconciler:
             self._env.rng,
             self._hooks(handle),
             name=f"scan:{handle.conn.id}",
+        )
+
+    def _start_reports(self, nursery: trio.Nursery, handle: Handle, log: Any) -> None:
+        """The account health's starter: a reporter only while a report is due."""
+        assert self._status_policy is not None  # attached only with reports switched on
+        nursery.start_soon(
+            run_health_reports,
+            handle.health,
+            self._webhook,
+            self._status_policy,
+            self._env.stats,
+            log,
+            self._env.rng,  # one per process: it only spreads retries
+            name=f"health:{handle.conn.id}",
         )
 
     def _hooks(self, handle: Handle) -> ScanHooks:
