@@ -35,7 +35,9 @@ class ScanCoalescer:
     Every async method is a checkpoint (see :meth:`next_scan`).
     """
 
-    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+    #: what a standing worker waits on in :meth:`next_scan`; made only then (an
+    #: on-demand task never waits, so most connections never hold one)
+    _wakeup: trio.Event | None = None
     pending: int = 0
     active: bool = False
     #: reason of the first request folded into the pending scan
@@ -67,7 +69,8 @@ class ScanCoalescer:
         self.pending = 1
         self.pending_reason = reason
         self.pending_since = trio.current_time()
-        self._wakeup.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
         self._kick()
         return True
 
@@ -120,7 +123,7 @@ class ScanCoalescer:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return reason
         while not self.pending:
-            if self._wakeup.is_set():
+            if self._wakeup is None or self._wakeup.is_set():
                 self._wakeup = trio.Event()
             await self._wakeup.wait()
         return self._take()

@@ -62,7 +62,8 @@ class LatestValue(Generic[T]):
     def __init__(self, value: T) -> None:
         self._value = value
         self.version = 0
-        self._changed = trio.Event()
+        # made by the first waiter (a reporter), so an idle connection holds no Event
+        self._changed: trio.Event | None = None
 
     def get(self) -> T:
         return self._value
@@ -70,14 +71,17 @@ class LatestValue(Generic[T]):
     def set(self, value: T) -> None:
         self._value = value
         self.version += 1
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def wait_newer(self, seen: int, deadline: float = math.inf) -> int:
         """Wait until :attr:`version` exceeds ``seen`` or ``deadline`` (trio time) passes;
         return the version then."""
         with trio.move_on_at(deadline):
             while self.version <= seen:
+                if self._changed is None:
+                    self._changed = trio.Event()
                 await self._changed.wait()
         return self.version
 
