@@ -1,15 +1,21 @@
 """Per-connection scan coalescing: at most one active and one pending scan.
 
 Whatever asks for a scan (EXISTS, the tick, a reconnect) calls :meth:`ScanCoalescer.request`,
-which never blocks. The connection's scan worker loops on :meth:`ScanCoalescer.next_scan`.
-A request while idle wakes the worker (becomes *active*); a request while a scan is
-active becomes the *pending* one; further requests while one is pending are absorbed
-(counted in :attr:`absorbed`), because the pending scan, which starts after them, covers
-their mail too. So a burst of any size costs at most two scans.
+which never blocks. A request while idle wakes the worker (becomes *active*); a request
+while a scan is active becomes the *pending* one; further requests while one is pending
+are absorbed (counted in :attr:`absorbed`), because the pending scan, which starts after
+them, covers their mail too. So a burst of any size costs at most two scans.
+
+The worker is either a standing task looping on :meth:`ScanCoalescer.next_scan`, or — what
+the daemon does, so that an idle mailbox holds no scan task — one started on demand: the
+connection attaches a starter (:meth:`ScanCoalescer.attach`), a request that finds no
+task running calls it, and the task takes scans with :meth:`ScanCoalescer.take_next`
+until none is pending, then ends.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -29,7 +35,9 @@ class ScanCoalescer:
     Every async method is a checkpoint (see :meth:`next_scan`).
     """
 
-    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+    #: what a standing worker waits on in :meth:`next_scan`; made only then (an
+    #: on-demand task never waits, so most connections never hold one)
+    _wakeup: trio.Event | None = None
     pending: int = 0
     active: bool = False
     #: reason of the first request folded into the pending scan
@@ -42,6 +50,10 @@ class ScanCoalescer:
     active_since: float | None = None
     #: set while the active scan waits for its catch-up slot (see :meth:`wait_paced`)
     _urgent: trio.CancelScope | None = None
+    #: starts the connection's scan task (:meth:`attach`); None: none can be started now
+    _start: Callable[[], None] | None = attrs.field(default=None, repr=False, eq=False)
+    #: the task the starter started has not ended yet
+    _running: bool = False
 
     def request(self, reason: str) -> bool:
         """Ask for a scan. Returns False when it was absorbed into an already pending one."""
@@ -57,8 +69,43 @@ class ScanCoalescer:
         self.pending = 1
         self.pending_reason = reason
         self.pending_since = trio.current_time()
-        self._wakeup.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
+        self._kick()
         return True
+
+    def attach(self, start: Callable[[], None]) -> None:
+        """From now on a pending scan with no task running calls ``start()``, which must
+        start (never await) a task that runs :meth:`take_next` until it returns None and
+        calls :meth:`task_ended` however it ends. Called at once if a scan is pending
+        already (one carried over a credentials restart)."""
+        self._start = start
+        self._kick()
+
+    def detach(self) -> None:
+        """No more tasks are started (the connection's nursery is closing); a pending
+        scan stays pending for whoever attaches next."""
+        self._start = None
+
+    def _kick(self) -> None:
+        if self.pending and not self._running and self._start is not None:
+            self._running = True
+            self._start()
+
+    def take_next(self) -> str | None:
+        """For the task :meth:`attach`'s starter started: the pending scan made active and
+        its reason, or None when none is pending — then the task must end without another
+        checkpoint (a later request starts a new one). Synchronous: nothing can cancel it
+        half-way. Call :meth:`done` when the taken scan finished."""
+        if not self.pending:
+            self._running = False
+            return None
+        return self._take()
+
+    def task_ended(self) -> None:
+        """The started task ended (returned or cancelled): the next request starts one.
+        A scan still pending (the task was cancelled) waits for :meth:`attach`."""
+        self._running = False
 
     async def next_scan(self) -> str:
         """Wait until a scan is pending, make it the active one and return its reason.
@@ -76,7 +123,7 @@ class ScanCoalescer:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return reason
         while not self.pending:
-            if self._wakeup.is_set():
+            if self._wakeup is None or self._wakeup.is_set():
                 self._wakeup = trio.Event()
             await self._wakeup.wait()
         return self._take()

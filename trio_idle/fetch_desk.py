@@ -34,6 +34,8 @@ class FetchDesk:
     """One request at a time between a connection's scan worker and its session.
     Trio thread only; nothing here blocks but :meth:`ask`."""
 
+    __slots__ = ("_listening", "_open", "_request")
+
     def __init__(self) -> None:
         self._open = False
         self._request: FetchRequest | None = None

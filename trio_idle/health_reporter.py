@@ -1,4 +1,5 @@
-"""Account health reports to the backend: one reporter task per connection.
+"""Account health reports to the backend: a reporter task per connection while a report
+is due (or debounced), none otherwise.
 
 Contract (docs/backend-contract.md): ``POST {BACKEND_URL}{status_path}`` with the same
 headers as a scan (secret header, ``user-agent``, optional ``x-signature``) and the JSON
@@ -18,8 +19,11 @@ Guarantees:
   flight; a restarted connection keeps its :class:`AccountHealth`, so what was already
   reported is not reported again.
 
-Task tree: the reporter runs in the connection's nursery next to its scan worker
-(:mod:`trio_idle.reconcile`).
+Task tree: the reporter runs in the connection's nursery next to the session
+(:mod:`trio_idle.reconcile`), started by :meth:`AccountHealth.observe` through the starter
+the connection attached (:meth:`AccountHealth.attach`) when an outcome makes a report due
+or debounced, and ending (:func:`run_health_reports`) when nothing is left to report; a
+standing reporter (:func:`run_health_reporter`) does the same work forever.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -52,10 +57,13 @@ class LatestValue(Generic[T]):
 
     Cancellation of :meth:`wait_newer` loses nothing: the value stays in the cell."""
 
+    __slots__ = ("_changed", "_value", "version")
+
     def __init__(self, value: T) -> None:
         self._value = value
         self.version = 0
-        self._changed = trio.Event()
+        # made by the first waiter (a reporter), so an idle connection holds no Event
+        self._changed: trio.Event | None = None
 
     def get(self) -> T:
         return self._value
@@ -63,27 +71,61 @@ class LatestValue(Generic[T]):
     def set(self, value: T) -> None:
         self._value = value
         self.version += 1
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def wait_newer(self, seen: int, deadline: float = math.inf) -> int:
         """Wait until :attr:`version` exceeds ``seen`` or ``deadline`` (trio time) passes;
         return the version then."""
         with trio.move_on_at(deadline):
             while self.version <= seen:
+                if self._changed is None:
+                    self._changed = trio.Event()
                 await self._changed.wait()
         return self.version
 
 
 class AccountHealth:
     """One connection's health: the classifier and state machine behind the session's
-    hook (:meth:`observe`), and the cell its reporter waits on."""
+    hook (:meth:`observe`), the cell its reporter waits on, and the starter of that
+    reporter (:meth:`attach`)."""
+
+    __slots__ = ("_running", "_start", "cell", "conn", "preset", "tracker")
 
     def __init__(self, conn: MailConnection, unreachable_after: float) -> None:
         self.tracker = HealthTracker(unreachable_after)
         self.cell: LatestValue[Health | None] = LatestValue(None)
         self.conn = conn
         self.preset: Preset = connection_preset(conn.provider, conn.email, conn.host)
+        self._start: Callable[[], None] | None = None
+        self._running = False
+
+    def attach(self, start: Callable[[], None]) -> None:
+        """From now on an outcome that leaves a report due or debounced, with no reporter
+        running, calls ``start()``, which must start (never await) a task running
+        :func:`run_health_reports`. Called at once if a report waits already (one a
+        cancelled reporter did not get delivered)."""
+        self._start = start
+        self._kick()
+
+    def detach(self) -> None:
+        """No more reporters are started (the connection's nursery is closing)."""
+        self._start = None
+
+    def wanted(self) -> bool:
+        """A report is due now or waits for its debounce (pure)."""
+        t = self.tracker
+        return t.due(trio.current_time()) is not None or t.next_due() is not None
+
+    def reporter_ended(self) -> None:
+        """The started reporter ended (nothing left, or cancelled)."""
+        self._running = False
+
+    def _kick(self) -> None:
+        if self._start is not None and not self._running and self.wanted():
+            self._running = True
+            self._start()
 
     def rebind(self, conn: MailConnection) -> None:
         """The connection's row changed (credentials, host): classify with the new one."""
@@ -104,6 +146,7 @@ class AccountHealth:
             return
         self.tracker.observe(health, trio.current_time(), time.time())
         self.cell.set(health)
+        self._kick()
 
     def snapshot(self) -> dict[str, Any] | None:
         """For ``/status``: the current classification, since when, and what the backend
@@ -160,7 +203,38 @@ async def run_health_reporter(
     log: Any,
     rng: random.Random,
 ) -> None:
-    """Report ``health``'s changes until cancelled (see the module docstring)."""
+    """A standing reporter: report ``health``'s changes until cancelled (see the module
+    docstring)."""
+    await _report(health, webhook, policy, stats, log, rng, forever=True)
+
+
+async def run_health_reports(
+    health: AccountHealth,
+    webhook: WebhookClient,
+    policy: StatusPolicy,
+    stats: Stats,
+    log: Any,
+    rng: random.Random,
+) -> None:
+    """The reporter :meth:`AccountHealth.attach`'s starter starts: report as
+    :func:`run_health_reporter` does while a report is due or debounced, then return.
+    Cancellation ends it at any point; an undelivered report stays due for the next one."""
+    try:
+        await _report(health, webhook, policy, stats, log, rng, forever=False)
+    finally:
+        health.reporter_ended()
+
+
+async def _report(
+    health: AccountHealth,
+    webhook: WebhookClient,
+    policy: StatusPolicy,
+    stats: Stats,
+    log: Any,
+    rng: random.Random,
+    *,
+    forever: bool,
+) -> None:
     retry = BackoffPolicy(policy.retry_initial, policy.retry_max, jitter=SCAN_RETRY_JITTER)
     tracker, cell = health.tracker, health.cell
     seen = cell.version
@@ -169,6 +243,8 @@ async def run_health_reporter(
         report = tracker.due(trio.current_time())
         if report is None:
             wake = tracker.next_due()
+            if wake is None and not forever:
+                return  # no checkpoint since the check: a new outcome starts a new one
             seen = await cell.wait_newer(seen, math.inf if wake is None else wake)
             continue
         seen = cell.version  # the report reflects every observation up to here

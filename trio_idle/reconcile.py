@@ -7,8 +7,10 @@
         └── CancelScope  ← cancelled to remove or restart this connection only
             └── child nursery
                 ├── IMAP session (connect / IDLE / reconnect loop)
-                ├── scan worker (webhook, retries)
-                └── health reporter (account health to the backend; unless switched off)
+                ├── scan task (webhook, retries): only while a scan is pending
+                │   (started by the coalescer, ends when none is left)
+                └── health reporter (account health to the backend; unless switched off):
+                    only while a report is due or debounced
 
 Cancelling a connection's scope ends its whole subtree: the session LOGOUTs under a
 short shielded deadline, an in-flight scan request is abandoned. A restarted connection
@@ -18,7 +20,7 @@ one mailbox never holds two IMAP connections (Gmail allows 15 per account).
 
 from __future__ import annotations
 
-import random
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,11 +29,11 @@ import trio
 
 from trio_idle.coalescer import ScanCoalescer
 from trio_idle.connections import MailConnection
-from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reporter
+from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reports
 from trio_idle.imap_envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap_responses import MailboxState
 from trio_idle.logs import log_internal_error, prefix, session_logger
-from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scan_worker
+from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scans
 from trio_idle.session import ConnectionMemory, SessionEnv, run_session
 from trio_idle.state_store import StateStore
 from trio_idle.webhook import WebhookClient
@@ -143,30 +145,18 @@ class Reconciler:
                     # only now: the old session's outcomes are scrubbed of the old password
                     handle.health.rebind(conn)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(
-                        run_scan_worker,
-                        conn,
-                        handle.coalescer,
-                        self._webhook,
-                        self._policy,
-                        self._env.stats,
-                        log,
-                        random.Random(),
-                        self._hooks(handle),
-                        name=f"scan:{conn.id}",
+                    handle.coalescer.attach(
+                        functools.partial(self._start_scans, nursery, handle, log)
                     )
                     if self._status_policy is not None:
-                        nursery.start_soon(
-                            run_health_reporter,
-                            handle.health,
-                            self._webhook,
-                            self._status_policy,
-                            self._env.stats,
-                            log,
-                            random.Random(),
-                            name=f"health:{conn.id}",
+                        handle.health.attach(
+                            functools.partial(self._start_reports, nursery, handle, log)
                         )
-                    await run_session(conn, self._env, handle.coalescer, handle.memory, log)
+                    try:
+                        await run_session(conn, self._env, handle.coalescer, handle.memory, log)
+                    finally:
+                        handle.coalescer.detach()
+                        handle.health.detach()
         except Exception as exc:  # belt and braces: one connection never takes down the rest
             self._env.stats.inc("internal_errors")
             log_internal_error(
@@ -176,6 +166,35 @@ class Reconciler:
                 del self.handles[conn.id]  # the next refresh starts it again
         finally:
             handle.finished.set()
+
+    def _start_scans(self, nursery: trio.Nursery, handle: Handle, log: Any) -> None:
+        """The coalescer's starter: a scan task only while scans are pending."""
+        nursery.start_soon(
+            run_scans,
+            handle.conn,
+            handle.coalescer,
+            self._webhook,
+            self._policy,
+            self._env.stats,
+            log,
+            self._env.rng,
+            self._hooks(handle),
+            name=f"scan:{handle.conn.id}",
+        )
+
+    def _start_reports(self, nursery: trio.Nursery, handle: Handle, log: Any) -> None:
+        """The account health's starter: a reporter only while a report is due."""
+        assert self._status_policy is not None  # attached only with reports switched on
+        nursery.start_soon(
+            run_health_reports,
+            handle.health,
+            self._webhook,
+            self._status_policy,
+            self._env.stats,
+            log,
+            self._env.rng,  # one per process: it only spreads retries
+            name=f"health:{handle.conn.id}",
+        )
 
     def _hooks(self, handle: Handle) -> ScanHooks:
         store, mailbox, conn_id = self._env.store, self._policy.mailbox, handle.conn.id

@@ -1,7 +1,9 @@
 """Sends a connection's scans, one at a time, retrying while the scan stays active.
 
-One worker task per connection takes scans from the connection's
-:class:`~trio_idle.coalescer.ScanCoalescer`. A failed attempt that is worth retrying
+A worker task takes a connection's scans from its
+:class:`~trio_idle.coalescer.ScanCoalescer`: in the daemon one started on demand
+(:func:`run_scans`, only while a scan is wanted), or a standing one
+(:func:`run_scan_worker`). A failed attempt that is worth retrying
 (5xx, 429, timeout, refused) is retried with backoff — honouring ``Retry-After`` — while
 new requests pile up into the single pending slot, so a backend outage costs each
 mailbox at most one waiting scan, never a queue.
@@ -75,7 +77,8 @@ async def run_scan_worker(
     rng: random.Random,
     hooks: ScanHooks | None = None,
 ) -> None:
-    """Loop forever: wait for a scan, deliver it. Cancellation ends it at any point.
+    """A standing worker: loop forever, wait for a scan, deliver it. Cancellation ends it
+    at any point (a scan not taken yet stays pending).
 
     Catch-up scans (``startup``/``reconnect``) first wait for a global pacer slot, unless
     new mail (EXISTS/tick) arrives meanwhile: then the scan goes at once, as ``exists``.
@@ -83,31 +86,73 @@ async def run_scan_worker(
     hooks = hooks or ScanHooks()
     while True:
         reason = await coalescer.next_scan()
-        try:
-            pacer = hooks.pacer if reason in PACED_REASONS else None
-            if pacer is not None and await coalescer.wait_paced(pacer):
-                reason = "exists"
-            covered = hooks.covered()
-            span = hooks.range_for(covered)
-            messages: tuple[Envelope, ...] | None = None
-            if hooks.new_mail is not None and span.since_uid is not None:
-                found = await hooks.new_mail(span.since_uid)
-                if found is not None:
-                    messages = found.envelopes
-                    stats.inc("envelope_fetches", "listed" if messages is not None else "range")
-                    if found.uids and covered is not None and covered.uidnext is not None:
-                        # the backend's own search comes later, so it sees these too
-                        top = max(covered.uidnext, found.uids[-1] + 1)
-                        covered = attrs.evolve(covered, uidnext=top)
-                else:
-                    stats.inc("envelope_fetches", "unavailable")
-            delivered = await deliver(
-                conn, reason, coalescer, webhook, policy, stats, log, rng, span, messages
-            )
-            if delivered and covered is not None:
-                hooks.on_success(covered)
-        finally:
-            coalescer.done()
+        await _scan(reason, conn, coalescer, webhook, policy, stats, log, rng, hooks)
+
+
+async def run_scans(
+    conn: MailConnection,
+    coalescer: ScanCoalescer,
+    webhook: WebhookClient,
+    policy: ScanPolicy,
+    stats: Stats,
+    log: Any,
+    rng: random.Random,
+    hooks: ScanHooks | None = None,
+) -> None:
+    """An on-demand worker, the task a :meth:`ScanCoalescer.attach` starter starts: deliver
+    scans as :func:`run_scan_worker` does while one is pending, then return. Cancellation
+    ends it at any point; a scan not taken yet stays pending for the next task.
+    """
+    hooks = hooks or ScanHooks()
+    try:
+        while True:
+            # cancelled, a pending scan is not taken (and so not lost)
+            await trio.lowlevel.checkpoint_if_cancelled()
+            reason = coalescer.take_next()
+            if reason is None:
+                return
+            await _scan(reason, conn, coalescer, webhook, policy, stats, log, rng, hooks)
+    finally:
+        coalescer.task_ended()
+
+
+async def _scan(
+    reason: str,
+    conn: MailConnection,
+    coalescer: ScanCoalescer,
+    webhook: WebhookClient,
+    policy: ScanPolicy,
+    stats: Stats,
+    log: Any,
+    rng: random.Random,
+    hooks: ScanHooks,
+) -> None:
+    """One taken (active) scan: pace it, fix its range, deliver it; always ``done()``."""
+    try:
+        pacer = hooks.pacer if reason in PACED_REASONS else None
+        if pacer is not None and await coalescer.wait_paced(pacer):
+            reason = "exists"
+        covered = hooks.covered()
+        span = hooks.range_for(covered)
+        messages: tuple[Envelope, ...] | None = None
+        if hooks.new_mail is not None and span.since_uid is not None:
+            found = await hooks.new_mail(span.since_uid)
+            if found is not None:
+                messages = found.envelopes
+                stats.inc("envelope_fetches", "listed" if messages is not None else "range")
+                if found.uids and covered is not None and covered.uidnext is not None:
+                    # the backend's own search comes later, so it sees these too
+                    top = max(covered.uidnext, found.uids[-1] + 1)
+                    covered = attrs.evolve(covered, uidnext=top)
+            else:
+                stats.inc("envelope_fetches", "unavailable")
+        delivered = await deliver(
+            conn, reason, coalescer, webhook, policy, stats, log, rng, span, messages
+        )
+        if delivered and covered is not None:
+            hooks.on_success(covered)
+    finally:
+        coalescer.done()
 
 
 async def deliver(

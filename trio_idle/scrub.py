@@ -104,18 +104,25 @@ class Scrubber:
     """Masks a fixed set of secrets in text; see the module docstring for the guarantees.
 
     Build one per connection (its password, later its tokens) or per process (the
-    admin secret, the database password). Cheap to call: one compiled pattern.
+    admin secret, the database password). Cheap to call: one compiled pattern, built on
+    the first call (so an unused scrubber costs a tuple of references).
     """
 
-    __slots__ = ("_limit", "_pattern")
+    __slots__ = ("_limit", "_pattern", "_secrets")
 
     def __init__(self, secrets: Iterable[str | None] = (), *, limit: int = DEFAULT_LIMIT) -> None:
         self._limit = limit
+        # The pattern is built on first use: a session keeps its scrubber for years and
+        # most never scrub anything, and a compiled pattern per password is ~0.7 KiB.
+        self._secrets: tuple[str, ...] | None = tuple(s for s in secrets if s)
+        self._pattern: re.Pattern[str] | None = None
+
+    def _compiled(self) -> re.Pattern[str] | None:
+        if self._secrets is None:
+            return self._pattern
         long_forms: set[str] = set()
         short_forms: set[str] = set()
-        for secret in secrets:
-            if not secret:
-                continue
+        for secret in self._secrets:
             for form in secret_forms(secret):
                 (long_forms if len(form) >= MIN_SUBSTRING else short_forms).add(form)
         # Longest first, so a form that contains another is masked whole.
@@ -125,13 +132,16 @@ class Scrubber:
             for f in sorted(short_forms, key=len, reverse=True)
         ]
         self._pattern = re.compile("|".join(parts)) if parts else None
+        self._secrets = None
+        return self._pattern
 
     def mask(self, text: str) -> str:
         """Only step 1: secrets masked; length and characters left as they are."""
         text = mask_credentials(text)
-        if self._pattern is None:
+        pattern = self._compiled()
+        if pattern is None:
             return text
-        return self._pattern.sub(MASK, text)
+        return pattern.sub(MASK, text)
 
     def scrub(self, text: object, limit: int | None = None) -> str:
         """``text`` (anything: it is ``str()``-ed) made safe to show."""

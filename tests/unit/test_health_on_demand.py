@@ -1,0 +1,136 @@
+"""The account health reporter runs only while a report is due or debounced: an outcome
+starts it, it ends when the backend has the newest state (virtual time)."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import httpx
+import trio
+import trio.testing
+
+from trio_idle.account_health import Connected
+from trio_idle.connections import MailConnection
+from trio_idle.errors import ImapConnectError
+from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reports
+from trio_idle.secret import Secret
+from trio_idle.stats import Stats
+from trio_idle.webhook import WebhookClient
+
+CONN = MailConnection(
+    id="c1",
+    user_id="u1",
+    email="alice@example.test",
+    host="127.0.0.1",
+    port=1,
+    login="alice",
+    password=Secret("pw-on-demand"),
+)
+URL = "http://backend.invalid/api/mail/connection-status"
+
+
+class _Log:
+    def __getattr__(self, level: str) -> Any:
+        return lambda *a, **k: None
+
+
+async def test_reporter_exists_only_while_a_report_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    posted: list[str] = []
+    answers = [200, 503, 200]
+
+    async def backend(request: httpx.Request) -> httpx.Response:
+        posted.append(json.loads(request.content)["state"])
+        return httpx.Response(answers.pop(0), json={})
+
+    webhook = WebhookClient(
+        URL,
+        secret_header="x-admin-secret",
+        secret=Secret("virtual-admin-secret"),
+        signing_secret=None,
+        total_timeout=3600.0,
+        max_connections=1,
+        transport=httpx.MockTransport(backend),
+    )
+    health = AccountHealth(CONN, unreachable_after=300)
+    stats = Stats()
+    async with trio.open_nursery() as nursery:
+
+        def start() -> None:
+            nursery.start_soon(
+                run_health_reports,
+                health,
+                webhook,
+                StatusPolicy(URL, 1.0, 60.0),
+                stats,
+                _Log(),
+                random.Random(1),
+            )
+
+        health.attach(start)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(nursery.child_tasks) == 0  # no outcome yet: nothing to report
+
+        health.observe(Connected(idle=True))  # the first classification is reported
+        await trio.testing.wait_all_tasks_blocked()
+        assert posted == ["ok"] and len(nursery.child_tasks) == 0
+
+        health.observe(Connected(idle=True))  # no change: no report, no task
+        await trio.testing.wait_all_tasks_blocked()
+        assert posted == ["ok"] and len(nursery.child_tasks) == 0
+
+        health.observe(ImapConnectError("refused", kind="refused"))  # debounced...
+        await trio.testing.wait_all_tasks_blocked()
+        assert posted == ["ok"] and len(nursery.child_tasks) == 1  # ...by a waiting reporter
+        await trio.sleep(300)  # due now: 503, retried, then accepted; the reporter ends
+        await trio.sleep(120)
+        assert posted == ["ok", "unreachable", "unreachable"]
+        assert len(nursery.child_tasks) == 0
+        health.detach()
+    await webhook.aclose()
+    assert stats.get("health_reports", "ok") == 2 and stats.get("health_reports", "retried") == 1
+
+
+async def test_a_report_a_cancelled_reporter_did_not_deliver_is_sent_on_attach(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    posted: list[str] = []
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        posted.append(json.loads(request.content)["state"])
+        return httpx.Response(200, json={})
+
+    webhook = WebhookClient(
+        URL,
+        secret_header="x-admin-secret",
+        secret=Secret("virtual-admin-secret"),
+        signing_secret=None,
+        total_timeout=3600.0,
+        max_connections=1,
+        transport=httpx.MockTransport(backend),
+    )
+    health = AccountHealth(CONN, unreachable_after=300)
+    for first in (True, False):  # the connection, then its restarted successor
+        async with trio.open_nursery() as nursery:
+
+            def start() -> None:
+                nursery.start_soon(
+                    run_health_reports,
+                    health,
+                    webhook,
+                    StatusPolicy(URL, 1.0, 60.0),
+                    Stats(),
+                    _Log(),
+                    random.Random(1),
+                )
+
+            health.attach(start)
+            if first:
+                nursery.cancel_scope.cancel()  # goes before its reporter sends anything
+                health.observe(Connected(idle=False))
+        health.detach()
+    await webhook.aclose()
+    assert posted == ["degraded"]
