@@ -12,9 +12,7 @@ With ``TRIO_IDLE_BENCH_GC_FREEZE=1``, SIGUSR1 makes the process call :func:`gc.f
 ``--gc-freeze``. SIGUSR2 runs one full collection of everything, frozen objects included
 (the soak ends with one: what the daemon's frozen generation held as garbage).
 ``BENCH_GC_INSPECT=1`` adds ``young=<n>`` to slow generation-1 lines: the objects walked.
-``BENCH_SSL_MAX_SIZE=n`` sets asyncio's ``SSLProtocol.max_size`` (the
-per-connection TLS read buffer) to try a smaller one. The published figures use plain
-``python -m trio_idle.cli serve``.
+The published figures use plain ``python -m trio_idle.cli serve``.
 """
 
 from __future__ import annotations
@@ -67,11 +65,6 @@ def _forced_full(_signum: int, _frame: Any) -> None:
 def main() -> int:
     """Install the hooks and run the daemon's CLI."""
     gc.callbacks.append(_callback)
-    ssl_buffer = os.environ.get("BENCH_SSL_MAX_SIZE")
-    if ssl_buffer:  # asyncio's per-TLS-connection read buffer (256 KiB by default)
-        from trio_idle import imap_client
-
-        imap_client.TLS_READ_BUFFER = int(ssl_buffer)  # what run_daemon applies
     thresholds = os.environ.get("BENCH_GC_THRESHOLDS")
     if thresholds:  # e.g. "700,10,1000000": keeps automatic full collections away
         gc.set_threshold(*(int(x) for x in thresholds.split(",")))
