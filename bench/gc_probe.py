@@ -27,6 +27,10 @@ For soaks and stall measurements (all off unless set):
   (pymalloc's allocated blocks, tracemalloc's traced total, frozen and unfrozen
   GC-tracked objects), followed by ``sys._debugmallocstats()`` (arena use, for
   fragmentation). The thread holds the GIL while it counts: not for stall figures.
+* ``BENCH_MEMORY_EVERY=<seconds>`` without ``BENCH_TRACEMALLOC``: the same line every so
+  often with ``rss_kib``, ``blocks`` and glibc's heap (``malloc_in_use_kib``,
+  ``malloc_free_kib`` from ``mallinfo2``) only — cheap enough for a soak's RSS figures —
+  followed by ``sys._debugmallocstats()``.
 * ``BENCH_STALLS=1`` adds a trio instrument that measures every stretch the loop spent
   between two waits for I/O (the time no socket was looked at) and writes
   ``GCPROBE <t> stall ms=..`` for those over 20 ms and ``GCPROBE <t> stall-max ms=..``
@@ -116,6 +120,48 @@ def _memory_sampler(every: float, directory: Path) -> None:
         sys._debugmallocstats()
 
 
+def _mallinfo_kib() -> tuple[int, int]:
+    """glibc's (bytes in use, bytes free inside the heap) in KiB; (0, 0) elsewhere."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return 0, 0
+    return (info.uordblks + info.hblkhd) // 1024, info.fordblks // 1024
+
+
+def _light_memory_sampler(every: float) -> None:
+    while True:
+        time.sleep(every)
+        used, free = _mallinfo_kib()
+        sys.stderr.write(
+            f"GCPROBE {time.time():.3f} memory rss_kib={_rss_kib()} "
+            f"blocks={sys.getallocatedblocks()} malloc_in_use_kib={used} "
+            f"malloc_free_kib={free}\n"
+        )
+        sys._debugmallocstats()
+
+
 class _StallInstrument(trio.abc.Instrument):
     """Longest stretch between two I/O waits: how long the loop looked at no socket."""
 
@@ -191,6 +237,9 @@ def main() -> int:
         directory = Path(os.environ.get("BENCH_TRACEMALLOC_DIR", "."))
         directory.mkdir(parents=True, exist_ok=True)
         threading.Thread(target=_memory_sampler, args=(every, directory), daemon=True).start()
+    elif os.environ.get("BENCH_MEMORY_EVERY"):
+        every = float(os.environ["BENCH_MEMORY_EVERY"])
+        threading.Thread(target=_light_memory_sampler, args=(every,), daemon=True).start()
     if os.environ.get("BENCH_STALLS") == "1":
         _install_stall_instrument()
     if os.environ.get("BENCH_GC_AB") == "1":

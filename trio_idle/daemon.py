@@ -382,17 +382,15 @@ class Daemon:
         """The after-refresh collection of ``TRIO_IDLE_GC=tuned`` (:mod:`trio_idle.gc_policy`).
 
         Blocks the loop for its pause: milliseconds for the steady daemon's young
-        collection; ≈ 1.9 s at 10,000 sessions for a full one (after many sessions ended,
-        after memory grew without new sessions, every 6 h).
+        collection; ≈ 1.9 s at 10,000 sessions for a full one (after many connections
+        ended, after memory grew more than new connections explain, every 6 h).
         """
         sessions = len(self.reconciler.handles)
-        # each running session has made at least one attempt; every other attempt is a
-        # connection that ended (a reconnect, or a session since removed)
-        ended = self.stats.get("connect_attempts") - sessions
+        attempts = self.stats.get("connect_attempts")
         now = trio.current_time()
-        kind = self.gc_policy.kind_due(sessions, sys.getallocatedblocks(), now)
+        kind = self.gc_policy.kind_due(attempts, sessions, sys.getallocatedblocks(), now)
         done = collect_and_freeze(kind)
-        self.gc_policy.done(kind, ended, sessions, sys.getallocatedblocks(), now)
+        self.gc_policy.done(kind, attempts, sessions, sys.getallocatedblocks(), now)
         self.stats.inc("gc_collections", kind.value)
         line = (
             f"[idle/gc] {kind.value} collection: "

@@ -20,10 +20,10 @@ refresh instead (``Daemon._collect_garbage``), of one of two kinds:
   sessions that end (removed, reconnecting) leave such cycles. :class:`CollectionPolicy`
   asks for one when enough connections ended since the last full one, when pymalloc's
   allocated blocks (:func:`sys.getallocatedblocks`, which counts cyclic garbage too)
-  grew by a share with no more sessions than before — a bound on memory whatever made
-  the garbage — and at least every ``max_interval``. The first collection of the
-  process is always full. Sessions that start are not garbage: a ramp alone does not
-  make the next collection full.
+  grew by a share more than the connections made since explain — a bound on memory
+  whatever made the garbage — and at least every ``max_interval``. The first
+  collection of the process is always full. Sessions that start are not garbage: a
+  ramp alone does not make the next collection full.
 
 Frozen objects that die through reference counting are freed at once, as always: freezing
 only changes what the collector walks.
@@ -43,11 +43,12 @@ import attrs
 MIN_ENDED: Final = 1000
 #: ... or this share of the current sessions, whichever is larger
 ENDED_SHARE: Final = 0.25
-#: growth of pymalloc's allocated blocks (a share of the baseline) that makes the next
-#: collection full. The baseline is the count after the last full collection, moved up
-#: when a collection finds more sessions than it had (new sessions are not garbage):
-#: whatever makes cyclic garbage, a daemon with a steady set of sessions holds at most
-#: about this share of its small-object memory as garbage
+#: growth of pymalloc's allocated blocks beyond the baseline, as a share of it, that makes
+#: the next collection full. The baseline is the count after the last full collection,
+#: raised by what the connections made since brought (new sessions and reconnects are
+#: not garbage; the ended connections they replace are counted above): whatever makes
+#: cyclic garbage, a daemon holds at most about this share of its small-object memory as
+#: garbage between full collections
 GROWTH_SHARE: Final = 0.10
 #: and a full collection at least this often (seconds), whatever else
 MAX_INTERVAL: Final = 6 * 3600.0
@@ -64,17 +65,24 @@ class Kind(enum.Enum):
 class CollectionPolicy:
     """Decides the kind of each after-refresh collection. Pure: no clock, no :mod:`gc`.
 
-    ``ended`` is a count of connections that ended since the process started (the daemon
-    passes connection attempts minus current sessions; it may dip while new sessions
-    wait for their first attempt); ``sessions`` the current sessions; ``blocks``
-    :func:`sys.getallocatedblocks` or any other measure of live small-object memory;
-    ``now`` any monotonic clock in seconds. Call :meth:`kind_due` before a collection and
-    :meth:`done` after it (with ``blocks`` measured after it, and ``ended`` now).
+    ``attempts`` counts the connection attempts since the process started, ``sessions``
+    the sessions running now (so ``attempts - sessions`` connections have ended: each
+    running session made at least one attempt; the count dips while new sessions wait
+    for their first). ``blocks`` is :func:`sys.getallocatedblocks` or any other measure
+    of live small-object memory, ``now`` any monotonic clock in seconds. Call
+    :meth:`kind_due` before a collection and :meth:`done` after it, with ``blocks``
+    counted after it.
 
     Ended connections count towards a full collection from the collection *after* the one
     that first saw them: a removed session is still logging out when the refresh that
     removed it collects, and whatever is still alive then gets frozen; by the next
     refresh it is garbage a full collection can free.
+
+    Growth is judged against the baseline plus, for each connection made since the
+    previous collection, the blocks per connection seen so far (blocks above the count at
+    the policy's first collection, which the daemon runs before any session starts,
+    divided by the connections made, at most one per session): a ramp or a reconnect
+    storm brings memory that is not garbage.
     """
 
     min_ended: int = MIN_ENDED
@@ -83,11 +91,12 @@ class CollectionPolicy:
     max_interval: float = MAX_INTERVAL
     _ended_at_full: int | None = None
     _ended_seen: int = 0
+    _attempts_seen: int = 0
     _time_of_full: float = 0.0
-    _blocks_base: int = 0
-    _sessions_base: int = 0
+    _blocks_at_start: int = 0
+    _blocks_base: float = 0.0
 
-    def kind_due(self, sessions: int, blocks: int, now: float) -> Kind:
+    def kind_due(self, attempts: int, sessions: int, blocks: int, now: float) -> Kind:
         """The kind the collection about to run must be."""
         if self._ended_at_full is None:
             return Kind.FULL
@@ -96,23 +105,34 @@ class CollectionPolicy:
         allowed = max(self.min_ended, int(self.ended_share * sessions))
         if self._ended_seen - self._ended_at_full >= allowed:
             return Kind.FULL
-        if sessions <= self._sessions_base and (
-            blocks - self._blocks_base >= self.growth_share * self._blocks_base
-        ):
+        base = self._allowance(attempts, sessions, blocks)
+        if blocks - base >= self.growth_share * base:
             return Kind.FULL
         return Kind.YOUNG
 
-    def done(self, kind: Kind, ended: int, sessions: int, blocks: int, now: float) -> None:
-        """Record a collection of ``kind`` (``now`` as passed to :meth:`kind_due`,
+    def _allowance(self, attempts: int, sessions: int, blocks: int) -> float:
+        """The baseline plus what the connections made since the last collection brought."""
+        made = max(0, attempts - self._attempts_seen)
+        if not made:
+            return self._blocks_base
+        per_connection = max(0, blocks - self._blocks_at_start) / max(1, min(sessions, attempts))
+        return self._blocks_base + made * per_connection
+
+    def done(self, kind: Kind, attempts: int, sessions: int, blocks: int, now: float) -> None:
+        """Record a collection of ``kind`` (arguments as for :meth:`kind_due`, but
         ``blocks`` counted after the collection)."""
+        if self._ended_at_full is None:
+            self._blocks_at_start = blocks
         if kind is Kind.FULL:
             # what ended since the previous collection may have been alive during this one
             self._ended_at_full = self._ended_seen
             self._time_of_full = now
-        self._ended_seen = ended
-        if kind is Kind.FULL or sessions > self._sessions_base:
             self._blocks_base = blocks
-            self._sessions_base = sessions
+        else:  # up to what is there, by at most what new connections explain
+            allowance = self._allowance(attempts, sessions, blocks)
+            self._blocks_base = min(allowance, max(self._blocks_base, blocks))
+        self._ended_seen = attempts - sessions
+        self._attempts_seen = attempts
 
 
 @attrs.frozen

@@ -8,6 +8,7 @@ import gc
 import weakref
 
 import trio
+import trio.testing
 
 from tests.harness import running_daemon
 from tests.reliability.rig import Rig, mailbox_name
@@ -73,6 +74,8 @@ async def test_removed_sessions_are_freed_by_the_full_collection_after_churn(rig
         with trio.fail_after(10):
             for handle in handles:
                 await handle.finished.wait()  # logged out, every task of theirs ended
+            # ... and the asyncio callbacks their transports scheduled on the way out ran
+            await trio.testing.wait_all_tasks_blocked()
         await refresh(daemon)  # the one after: full
         assert stats.get("gc_collections", "full") == full + 2
         # the ten removed sessions' IMAP protocols (frozen while they ran) are gone

@@ -13,76 +13,94 @@ from trio_idle.gc_policy import CollectionPolicy, Kind, collect_and_freeze
 YOUNG, FULL = Kind.YOUNG, Kind.FULL
 
 
-def collect(policy: CollectionPolicy, t: float, ended: int, sessions: int, blocks: int) -> Kind:
+def collect(policy: CollectionPolicy, t: float, attempts: int, sessions: int, blocks: int) -> Kind:
     """One after-refresh collection as the daemon runs it (blocks unchanged by it)."""
-    kind = policy.kind_due(sessions=sessions, blocks=blocks, now=t)
-    policy.done(kind, ended=ended, sessions=sessions, blocks=blocks, now=t)
+    kind = policy.kind_due(attempts=attempts, sessions=sessions, blocks=blocks, now=t)
+    policy.done(kind, attempts=attempts, sessions=sessions, blocks=blocks, now=t)
     return kind
 
 
 def after_ramp(policy: CollectionPolicy, sessions: int = 10_000, blocks: int = 3_000_000) -> None:
     """The first (full) collection of an empty daemon, then the one after the ramp."""
-    assert collect(policy, 0.0, ended=0, sessions=0, blocks=200_000) is FULL
-    # a ramp starts sessions, it ends none: new sessions are not garbage
-    assert collect(policy, 300.0, ended=0, sessions=sessions, blocks=blocks) is YOUNG
+    assert collect(policy, 0.0, attempts=0, sessions=0, blocks=200_000) is FULL
+    # a ramp makes connections and ends none: their memory is not garbage
+    assert collect(policy, 300.0, attempts=sessions, sessions=sessions, blocks=blocks) is YOUNG
 
 
 def test_the_first_collection_is_full() -> None:
-    assert CollectionPolicy().kind_due(sessions=0, blocks=0, now=0.0) is FULL
+    assert CollectionPolicy().kind_due(attempts=0, sessions=0, blocks=0, now=0.0) is FULL
+
+
+def test_a_slow_ramp_is_not_growth() -> None:
+    policy = CollectionPolicy()
+    assert collect(policy, 0.0, attempts=0, sessions=0, blocks=200_000) is FULL
+    # sessions wanted, none connected yet; then 6,000 connected (280 blocks each); then all
+    assert collect(policy, 60.0, attempts=0, sessions=10_000, blocks=210_000) is YOUNG
+    assert collect(policy, 120.0, attempts=6_000, sessions=10_000, blocks=1_880_000) is YOUNG
+    assert collect(policy, 180.0, attempts=10_000, sessions=10_000, blocks=3_000_000) is YOUNG
 
 
 def test_a_steady_daemon_only_ever_gets_young_collections() -> None:
     policy = CollectionPolicy()
     after_ramp(policy)
     for i in range(2, 70):  # 5-minute refreshes for almost 6 hours, a few reconnects
-        assert collect(policy, i * 300.0, ended=i * 10, sessions=10_000, blocks=3_100_000) is YOUNG
+        attempts = 10_000 + i * 10
+        assert collect(policy, i * 300.0, attempts, sessions=10_000, blocks=3_100_000) is YOUNG
 
 
 def test_ended_connections_make_the_collection_after_the_one_that_saw_them_full() -> None:
     policy = CollectionPolicy()  # 1000 or a quarter of the sessions
     after_ramp(policy)
-    assert collect(policy, 600.0, ended=2_499, sessions=10_000, blocks=3_000_000) is YOUNG
-    assert collect(policy, 900.0, ended=2_499, sessions=10_000, blocks=3_000_000) is YOUNG
+    assert collect(policy, 600.0, attempts=12_499, sessions=10_000, blocks=3_000_000) is YOUNG
+    assert collect(policy, 900.0, attempts=12_499, sessions=10_000, blocks=3_000_000) is YOUNG
     # 2,500 ended: this collection may still find them logging out; the next one is full
-    assert collect(policy, 1200.0, ended=2_500, sessions=10_000, blocks=3_000_000) is YOUNG
-    assert collect(policy, 1500.0, ended=2_600, sessions=10_000, blocks=3_000_000) is FULL
+    assert collect(policy, 1200.0, attempts=12_500, sessions=10_000, blocks=3_000_000) is YOUNG
+    assert collect(policy, 1500.0, attempts=12_600, sessions=10_000, blocks=3_000_000) is FULL
     # the 100 that ended just before that full one count towards the next one
-    assert collect(policy, 1800.0, ended=5_099, sessions=10_000, blocks=3_000_000) is YOUNG
-    assert collect(policy, 2100.0, ended=5_099, sessions=10_000, blocks=3_000_000) is FULL
+    assert collect(policy, 1800.0, attempts=15_099, sessions=10_000, blocks=3_000_000) is YOUNG
+    assert collect(policy, 2100.0, attempts=15_099, sessions=10_000, blocks=3_000_000) is FULL
+    # removed sessions end connections too
+    assert collect(policy, 2400.0, attempts=15_099, sessions=7_000, blocks=3_000_000) is YOUNG
+    assert collect(policy, 2700.0, attempts=15_099, sessions=7_000, blocks=3_000_000) is FULL
 
     small = CollectionPolicy()
     after_ramp(small, sessions=100, blocks=400_000)
-    assert collect(small, 600.0, ended=999, sessions=100, blocks=400_000) is YOUNG
-    assert collect(small, 900.0, ended=1_000, sessions=100, blocks=400_000) is YOUNG
-    assert collect(small, 1200.0, ended=1_000, sessions=100, blocks=400_000) is FULL
+    assert collect(small, 600.0, attempts=1_099, sessions=100, blocks=400_000) is YOUNG
+    assert collect(small, 900.0, attempts=1_100, sessions=100, blocks=400_000) is YOUNG
+    assert collect(small, 1200.0, attempts=1_100, sessions=100, blocks=400_000) is FULL
 
 
-def test_memory_growth_without_new_sessions_makes_the_next_full() -> None:
+def test_memory_growth_no_new_connection_explains_makes_the_next_full() -> None:
     policy = CollectionPolicy(growth_share=0.10)
     after_ramp(policy, blocks=3_000_000)
-    assert collect(policy, 600.0, ended=0, sessions=10_000, blocks=3_299_999) is YOUNG
+    assert collect(policy, 600.0, attempts=10_000, sessions=10_000, blocks=3_299_999) is YOUNG
     # the growth counts from the baseline, not from the last young collection
-    assert policy.kind_due(sessions=9_000, blocks=3_300_000, now=900.0) is FULL
-    assert policy.kind_due(sessions=10_000, blocks=3_300_000, now=900.0) is FULL
+    assert policy.kind_due(attempts=10_000, sessions=10_000, blocks=3_300_000, now=900.0) is FULL
     # the count after the full collection is the new baseline
-    policy.done(FULL, ended=0, sessions=10_000, blocks=3_100_000, now=900.0)
-    assert collect(policy, 1200.0, ended=0, sessions=10_000, blocks=3_400_000) is YOUNG
+    policy.done(FULL, attempts=10_000, sessions=10_000, blocks=3_100_000, now=900.0)
+    assert collect(policy, 1200.0, attempts=10_000, sessions=10_000, blocks=3_400_000) is YOUNG
 
 
-def test_growth_that_came_with_new_sessions_moves_the_baseline() -> None:
+def test_new_sessions_and_reconnects_bring_memory_that_is_not_growth() -> None:
     policy = CollectionPolicy(growth_share=0.10)
-    after_ramp(policy, sessions=10_000, blocks=3_000_000)
-    # 2,000 more sessions bring their memory: young, and the baseline moves up
-    assert collect(policy, 600.0, ended=0, sessions=12_000, blocks=3_600_000) is YOUNG
-    assert collect(policy, 900.0, ended=0, sessions=12_000, blocks=3_959_999) is YOUNG
-    assert collect(policy, 1200.0, ended=0, sessions=12_000, blocks=3_960_000) is FULL
+    after_ramp(policy, sessions=10_000, blocks=3_000_000)  # 280 blocks per connection
+    # 2,000 more sessions: young, and the baseline moves up with them
+    assert collect(policy, 600.0, attempts=12_000, sessions=12_000, blocks=3_560_000) is YOUNG
+    assert collect(policy, 900.0, attempts=12_000, sessions=12_000, blocks=3_915_999) is YOUNG
+    assert policy.kind_due(attempts=12_000, sessions=12_000, blocks=3_916_000, now=1200.0) is FULL
+
+    storm = CollectionPolicy(growth_share=0.10)
+    after_ramp(storm, sessions=10_000, blocks=3_000_000)
+    # 2,000 reconnects (fewer than a quarter): new connections, the old ones kept as garbage
+    assert collect(storm, 600.0, attempts=12_000, sessions=10_000, blocks=3_560_000) is YOUNG
+    assert collect(storm, 900.0, attempts=12_000, sessions=10_000, blocks=3_560_000) is YOUNG
 
 
 def test_a_full_collection_at_least_every_max_interval() -> None:
     policy = CollectionPolicy(max_interval=3600.0)
-    policy.done(FULL, ended=5, sessions=10_000, blocks=3_000_000, now=100.0)
-    assert policy.kind_due(sessions=10_000, blocks=3_000_000, now=3699.0) is YOUNG
-    assert policy.kind_due(sessions=10_000, blocks=3_000_000, now=3700.0) is FULL
+    policy.done(FULL, attempts=5, sessions=10_000, blocks=3_000_000, now=100.0)
+    assert policy.kind_due(attempts=5, sessions=10_000, blocks=3_000_000, now=3699.0) is YOUNG
+    assert policy.kind_due(attempts=5, sessions=10_000, blocks=3_000_000, now=3700.0) is FULL
 
 
 class Node:
