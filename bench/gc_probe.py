@@ -36,9 +36,12 @@ For soaks and stall measurements (all off unless set):
   ``GCPROBE <t> stall ms=..`` for those over 20 ms and ``GCPROBE <t> stall-max ms=..``
   every 10 s (the longest of those 10 s).
 * ``BENCH_GC_AB=1``: the daemon's after-refresh collections alternate between its policy
-  and the previous one (collect every unfrozen object, then freeze): both start from
-  what the previous collection froze, so the pauses compare within one run. Every
-  after-refresh collection writes ``GCPROBE <t> refresh kind=.. ms=.. collected=..``.
+  and the previous one (collect every unfrozen object, then freeze; ``kind=unfrozen``):
+  both start from what the previous collection froze, so the pauses compare within one
+  run.
+
+Every after-refresh collection of the daemon writes
+``GCPROBE <t> refresh kind=<young|full|unfrozen> ms=.. collected=..``.
 """
 
 from __future__ import annotations
@@ -196,7 +199,7 @@ def _install_stall_instrument() -> None:
     trio.run = run  # type: ignore[assignment]
 
 
-def _install_gc_ab() -> None:
+def _install_refresh_log(alternate: bool) -> None:
     from trio_idle import daemon
 
     turn = [0]
@@ -204,7 +207,7 @@ def _install_gc_ab() -> None:
     def collect(kind: Kind) -> Collection:
         turn[0] += 1
         label = kind.value
-        if kind is Kind.YOUNG and turn[0] % 2 == 0:
+        if alternate and kind is Kind.YOUNG and turn[0] % 2 == 0:
             # the policy before 2026-12: walk every unfrozen object (counted as young)
             label = "unfrozen"
             started = time.perf_counter()
@@ -242,8 +245,7 @@ def main() -> int:
         threading.Thread(target=_light_memory_sampler, args=(every,), daemon=True).start()
     if os.environ.get("BENCH_STALLS") == "1":
         _install_stall_instrument()
-    if os.environ.get("BENCH_GC_AB") == "1":
-        _install_gc_ab()
+    _install_refresh_log(alternate=os.environ.get("BENCH_GC_AB") == "1")
     ssl_buffer = os.environ.get("BENCH_SSL_MAX_SIZE")
     if ssl_buffer:  # asyncio's per-TLS-connection read buffer (256 KiB by default)
         from trio_idle import imap_client
