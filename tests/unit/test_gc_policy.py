@@ -70,15 +70,20 @@ def test_ended_connections_make_the_collection_after_the_one_that_saw_them_full(
     assert collect(small, 1200.0, attempts=1_100, sessions=100, blocks=400_000) is FULL
 
 
-def test_memory_growth_no_new_connection_explains_makes_the_next_full() -> None:
+def test_memory_growth_no_new_connection_explains_seen_twice_makes_a_full() -> None:
     policy = CollectionPolicy(growth_share=0.10)
     after_ramp(policy, blocks=3_000_000)
     assert collect(policy, 600.0, attempts=10_000, sessions=10_000, blocks=3_299_999) is YOUNG
-    # the growth counts from the baseline, not from the last young collection
-    assert policy.kind_due(attempts=10_000, sessions=10_000, blocks=3_300_000, now=900.0) is FULL
+    # work in flight for a moment: grown at one collection only
+    assert collect(policy, 900.0, attempts=10_000, sessions=10_000, blocks=3_300_000) is YOUNG
+    assert collect(policy, 1200.0, attempts=10_000, sessions=10_000, blocks=3_100_000) is YOUNG
+    assert collect(policy, 1500.0, attempts=10_000, sessions=10_000, blocks=3_300_000) is YOUNG
+    # still there at the next one (the growth counts from the baseline, not the last one)
+    assert policy.kind_due(attempts=10_000, sessions=10_000, blocks=3_300_000, now=1800.0) is FULL
     # the count after the full collection is the new baseline
-    policy.done(FULL, attempts=10_000, sessions=10_000, blocks=3_100_000, now=900.0)
-    assert collect(policy, 1200.0, attempts=10_000, sessions=10_000, blocks=3_400_000) is YOUNG
+    policy.done(FULL, attempts=10_000, sessions=10_000, blocks=3_100_000, now=1800.0)
+    assert collect(policy, 2100.0, attempts=10_000, sessions=10_000, blocks=3_400_000) is YOUNG
+    assert collect(policy, 2400.0, attempts=10_000, sessions=10_000, blocks=3_400_000) is YOUNG
 
 
 def test_new_sessions_and_reconnects_bring_memory_that_is_not_growth() -> None:
@@ -87,13 +92,15 @@ def test_new_sessions_and_reconnects_bring_memory_that_is_not_growth() -> None:
     # 2,000 more sessions: young, and the baseline moves up with them
     assert collect(policy, 600.0, attempts=12_000, sessions=12_000, blocks=3_560_000) is YOUNG
     assert collect(policy, 900.0, attempts=12_000, sessions=12_000, blocks=3_915_999) is YOUNG
-    assert policy.kind_due(attempts=12_000, sessions=12_000, blocks=3_916_000, now=1200.0) is FULL
+    assert collect(policy, 1200.0, attempts=12_000, sessions=12_000, blocks=3_916_000) is YOUNG
+    assert policy.kind_due(attempts=12_000, sessions=12_000, blocks=3_916_000, now=1500.0) is FULL
 
     storm = CollectionPolicy(growth_share=0.10)
     after_ramp(storm, sessions=10_000, blocks=3_000_000)
     # 2,000 reconnects (fewer than a quarter): new connections, the old ones kept as garbage
     assert collect(storm, 600.0, attempts=12_000, sessions=10_000, blocks=3_560_000) is YOUNG
     assert collect(storm, 900.0, attempts=12_000, sessions=10_000, blocks=3_560_000) is YOUNG
+    assert collect(storm, 1200.0, attempts=12_000, sessions=10_000, blocks=3_560_000) is YOUNG
 
 
 def test_a_full_collection_at_least_every_max_interval() -> None:
