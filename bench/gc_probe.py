@@ -13,6 +13,33 @@ With ``TRIO_IDLE_BENCH_GC_FREEZE=1``, SIGUSR1 makes the process call :func:`gc.f
 (the soak ends with one: what the daemon's frozen generation held as garbage).
 ``BENCH_GC_INSPECT=1`` adds ``young=<n>`` to slow generation-1 lines: the objects walked.
 The published figures use plain ``python -m trio_idle.cli serve``.
+
+For soaks and stall measurements (all off unless set):
+
+* ``BENCH_TICK_INTERVAL=10s`` sets ``TRIO_IDLE_TICK_INTERVAL`` (the soak daemon otherwise
+  runs the product default) to accelerate a soak.
+* ``BENCH_TRACEMALLOC=<frames>`` traces allocations from the start; every
+  ``BENCH_TRACEMALLOC_EVERY`` seconds (default 300) a thread dumps a snapshot to
+  ``BENCH_TRACEMALLOC_DIR`` (default the working directory) and writes
+  ``GCPROBE <t> memory rss_kib=.. blocks=.. traced_kib=.. frozen=.. tracked=..``
+  (pymalloc's allocated blocks, tracemalloc's traced total, frozen and unfrozen
+  GC-tracked objects), followed by ``sys._debugmallocstats()`` (arena use, for
+  fragmentation). The thread holds the GIL while it counts: not for stall figures.
+* ``BENCH_MEMORY_EVERY=<seconds>`` without ``BENCH_TRACEMALLOC``: the same line every so
+  often with ``rss_kib``, ``blocks`` and glibc's heap (``malloc_in_use_kib``,
+  ``malloc_free_kib`` from ``mallinfo2``) only — cheap enough for a soak's RSS figures —
+  followed by ``sys._debugmallocstats()``.
+* ``BENCH_STALLS=1`` adds a trio instrument that measures every stretch the loop spent
+  between two waits for I/O (the time no socket was looked at) and writes
+  ``GCPROBE <t> stall ms=..`` for those over 20 ms and ``GCPROBE <t> stall-max ms=..``
+  every 10 s (the longest of those 10 s).
+* ``BENCH_GC_AB=1``: the daemon's after-refresh collections alternate between its policy
+  and the previous one (collect every unfrozen object, then freeze; ``kind=unfrozen``):
+  both start from what the previous collection froze, so the pauses compare within one
+  run.
+
+Every after-refresh collection of the daemon writes
+``GCPROBE <t> refresh kind=<young|full|unfrozen> ms=.. collected=..``.
 """
 
 from __future__ import annotations
@@ -21,10 +48,14 @@ import gc
 import os
 import signal
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from trio_idle.gc_policy import collect_and_freeze
+import trio
+
+from trio_idle.gc_policy import Collection, Kind, collect_and_freeze
 
 _started: list[float] = [0.0]
 _young: list[int] = [0]
@@ -48,23 +79,171 @@ def _callback(phase: str, info: dict[str, Any]) -> None:
 
 
 def _freeze(_signum: int, _frame: Any) -> None:
-    collect_and_freeze(full=False)
+    gc.collect()
+    gc.freeze()
     sys.stderr.write(f"GCPROBE {time.time():.3f} freeze frozen={gc.get_freeze_count()}\n")
 
 
 def _forced_full(_signum: int, _frame: Any) -> None:
     # What the daemon's own full collection would free now: everything frozen since its
     # last one that has become cyclic garbage (logged as a gen=2 pass by the callback).
-    done = collect_and_freeze(full=True)
+    done = collect_and_freeze(Kind.FULL)
     sys.stderr.write(
         f"GCPROBE {time.time():.3f} forced-full ms={done.seconds * 1000:.1f} "
         f"collected={done.collected}\n"
     )
 
 
+def _rss_kib() -> int:
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _memory_sampler(every: float, directory: Path) -> None:
+    import tracemalloc
+
+    started = time.time()
+    while True:
+        time.sleep(every)
+        frozen = gc.get_freeze_count()
+        tracked = len(gc.get_objects())
+        traced, _peak = tracemalloc.get_traced_memory()
+        snapshot = tracemalloc.take_snapshot()
+        snapshot.dump(str(directory / f"tracemalloc-{time.time() - started:06.0f}.snap"))
+        sys.stderr.write(
+            f"GCPROBE {time.time():.3f} memory rss_kib={_rss_kib()} "
+            f"blocks={sys.getallocatedblocks()} traced_kib={traced // 1024} "
+            f"frozen={frozen} tracked={tracked}\n"
+        )
+        sys._debugmallocstats()
+
+
+def _mallinfo_kib() -> tuple[int, int]:
+    """glibc's (bytes in use, bytes free inside the heap) in KiB; (0, 0) elsewhere."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return 0, 0
+    return (info.uordblks + info.hblkhd) // 1024, info.fordblks // 1024
+
+
+def _light_memory_sampler(every: float) -> None:
+    while True:
+        time.sleep(every)
+        used, free = _mallinfo_kib()
+        sys.stderr.write(
+            f"GCPROBE {time.time():.3f} memory rss_kib={_rss_kib()} "
+            f"blocks={sys.getallocatedblocks()} malloc_in_use_kib={used} "
+            f"malloc_free_kib={free}\n"
+        )
+        sys._debugmallocstats()
+
+
+class _StallInstrument(trio.abc.Instrument):
+    """Longest stretch between two I/O waits: how long the loop looked at no socket."""
+
+    def __init__(self) -> None:
+        self._busy_since: float | None = None
+        self._max = 0.0
+        self._reported = time.perf_counter()
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._busy_since = time.perf_counter()
+
+    def before_io_wait(self, timeout: float) -> None:
+        now = time.perf_counter()
+        if self._busy_since is not None:
+            busy = now - self._busy_since
+            self._max = max(self._max, busy)
+            if busy > 0.02:
+                sys.stderr.write(f"GCPROBE {time.time():.3f} stall ms={busy * 1000:.1f}\n")
+        if now - self._reported >= 10.0:
+            sys.stderr.write(f"GCPROBE {time.time():.3f} stall-max ms={self._max * 1000:.1f}\n")
+            self._max = 0.0
+            self._reported = now
+
+
+def _install_stall_instrument() -> None:
+    original = trio.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        kwargs["instruments"] = (*kwargs.get("instruments", ()), _StallInstrument())
+        return original(*args, **kwargs)
+
+    trio.run = run  # type: ignore[assignment]
+
+
+def _install_refresh_log(alternate: bool) -> None:
+    from trio_idle import daemon
+
+    turn = [0]
+
+    def collect(kind: Kind) -> Collection:
+        turn[0] += 1
+        label = kind.value
+        if alternate and kind is Kind.YOUNG and turn[0] % 2 == 0:
+            # the policy before 2026-12: walk every unfrozen object (counted as young)
+            label = "unfrozen"
+            started = time.perf_counter()
+            collected = gc.collect()
+            gc.freeze()
+            done = Collection(kind, collected, time.perf_counter() - started)
+        else:
+            done = collect_and_freeze(kind)
+        sys.stderr.write(
+            f"GCPROBE {time.time():.3f} refresh kind={label} "
+            f"ms={done.seconds * 1000:.1f} collected={done.collected}\n"
+        )
+        return done
+
+    daemon.collect_and_freeze = collect  # type: ignore[attr-defined]
+
+
 def main() -> int:
     """Install the hooks and run the daemon's CLI."""
     gc.callbacks.append(_callback)
+    tick = os.environ.get("BENCH_TICK_INTERVAL")
+    if tick:
+        os.environ["TRIO_IDLE_TICK_INTERVAL"] = tick
+    frames = os.environ.get("BENCH_TRACEMALLOC")
+    if frames:
+        import tracemalloc
+
+        tracemalloc.start(int(frames))
+        every = float(os.environ.get("BENCH_TRACEMALLOC_EVERY", "300"))
+        directory = Path(os.environ.get("BENCH_TRACEMALLOC_DIR", "."))
+        directory.mkdir(parents=True, exist_ok=True)
+        threading.Thread(target=_memory_sampler, args=(every, directory), daemon=True).start()
+    elif os.environ.get("BENCH_MEMORY_EVERY"):
+        every = float(os.environ["BENCH_MEMORY_EVERY"])
+        threading.Thread(target=_light_memory_sampler, args=(every,), daemon=True).start()
+    if os.environ.get("BENCH_STALLS") == "1":
+        _install_stall_instrument()
+    _install_refresh_log(alternate=os.environ.get("BENCH_GC_AB") == "1")
     thresholds = os.environ.get("BENCH_GC_THRESHOLDS")
     if thresholds:  # e.g. "700,10,1000000": keeps automatic full collections away
         gc.set_threshold(*(int(x) for x in thresholds.split(",")))

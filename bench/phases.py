@@ -344,7 +344,8 @@ async def soak(
 
 
 async def soak_gc(daemon: DaemonProc, start: float, end: float) -> dict[str, Any]:
-    """The soak daemon's after-refresh collections (pause, objects freed), then one forced
+    """The soak daemon's after-refresh collections (kind, pause, objects freed) and its
+    generation-2 passes (full collections, automatic or not), then one forced
     full collection (SIGUSR2 to :mod:`bench.gc_probe`): what it frees is the
     garbage the frozen generation had kept, i.e. what freezing cost in memory."""
     passes = [
@@ -352,6 +353,8 @@ async def soak_gc(daemon: DaemonProc, start: float, end: float) -> dict[str, Any
         for t, g, ms, collected in daemon.gc_passes()
         if g == 2 and start <= t <= end
     ]
+    collections = [c for c in daemon.refresh_collections() if start <= c[0] <= end]
+    refreshes = [[round(t - start, 1), kind, ms, n] for t, kind, ms, n in collections]
     rss_before = rss_kib(daemon.pid)
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGUSR2)
@@ -364,6 +367,8 @@ async def soak_gc(daemon: DaemonProc, start: float, end: float) -> dict[str, Any
     return {
         "gen2_t_ms_collected": passes,
         "gen2_ms_max": max((p[1] for p in passes), default=None),
+        "refresh_t_kind_ms_collected": refreshes,
+        "refresh_ms_max": max((ms for _, _, ms, _ in collections), default=None),
         "forced_full": forced,
         "rss_before_forced_kib": rss_before,
         "rss_after_forced_kib": rss_kib(daemon.pid),

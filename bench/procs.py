@@ -304,6 +304,15 @@ class DaemonProc:
             if kind.startswith(b"gen=")
         ]
 
+    def refresh_collections(self) -> list[tuple[float, str, float, int]]:
+        """``(wall time, kind, ms, collected)`` of every after-refresh collection
+        :mod:`bench.gc_probe` logged (kind ``young``, ``full`` or ``unfrozen``)."""
+        return [
+            (when, fields[b"kind"].decode(), float(fields[b"ms"]), int(fields[b"collected"]))
+            for when, kind, fields in self._probe_lines()
+            if kind == b"refresh"
+        ]
+
     def forced_full(self) -> dict[str, float] | None:
         """The last ``forced-full`` collection :mod:`bench.gc_probe` logged."""
         found = None

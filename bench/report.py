@@ -101,7 +101,8 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
             )
             gc = s.get("gc")
             if gc:
-                pauses = ", ".join(f"{ms:.0f}" for _, ms, _ in gc["gen2_t_ms_collected"])
+                collections = gc.get("refresh_t_kind_ms_collected", [])
+                pauses = ", ".join(f"{kind} {ms:.1f}" for _, kind, ms, _ in collections)
                 forced = gc["forced_full"]
                 lines.append(
                     f"  collections after refreshes (ms): {pauses or 'none'}; a forced full "

@@ -84,7 +84,7 @@ LABELLED_COUNTERS: Final = (
         "envelope fetches before a scan (listed: envelopes sent; range: more new mail than "
         "fit, range only; unavailable: no session or the fetch failed)",
     ),
-    ("gc_collections", "kind", "after-refresh garbage collections (full, new: only new objects)"),
+    ("gc_collections", "kind", "after-refresh garbage collections (young, full)"),
     (
         "status_auth_failures",
         "reason",

@@ -8,28 +8,106 @@ from collections.abc import Iterator
 
 import pytest
 
-from trio_idle.gc_policy import FullCollectionPolicy, collect_and_freeze
+from trio_idle.gc_policy import CollectionPolicy, Kind, collect_and_freeze
+
+YOUNG, FULL = Kind.YOUNG, Kind.FULL
+
+
+def collect(policy: CollectionPolicy, t: float, attempts: int, sessions: int, blocks: int) -> Kind:
+    """One after-refresh collection as the daemon runs it (blocks unchanged by it)."""
+    kind = policy.kind_due(attempts=attempts, sessions=sessions, blocks=blocks, now=t)
+    policy.done(kind, attempts=attempts, sessions=sessions, blocks=blocks, now=t)
+    return kind
+
+
+def after_ramp(policy: CollectionPolicy, sessions: int = 10_000, blocks: int = 3_000_000) -> None:
+    """The first (full) collection of an empty daemon, then the one after the ramp."""
+    assert collect(policy, 0.0, attempts=0, sessions=0, blocks=200_000) is FULL
+    # a ramp makes connections and ends none: their memory is not garbage
+    assert collect(policy, 300.0, attempts=sessions, sessions=sessions, blocks=blocks) is YOUNG
 
 
 def test_the_first_collection_is_full() -> None:
-    assert FullCollectionPolicy().full_due(churn=0, sessions=0, now=0.0)
+    assert CollectionPolicy().kind_due(attempts=0, sessions=0, blocks=0, now=0.0) is FULL
 
 
-def test_churn_of_a_quarter_of_the_sessions_or_1000_makes_the_next_full() -> None:
-    policy = FullCollectionPolicy()
-    policy.full_done(churn=10_000, now=0.0)  # after the ramp of 10,000 sessions
-    assert not policy.full_due(churn=12_499, sessions=10_000, now=300.0)
-    assert policy.full_due(churn=12_500, sessions=10_000, now=300.0)
-    policy.full_done(churn=200, now=0.0)
-    assert not policy.full_due(churn=1_199, sessions=100, now=300.0)  # small: 1000 floor
-    assert policy.full_due(churn=1_200, sessions=100, now=300.0)
+def test_a_slow_ramp_is_not_growth() -> None:
+    policy = CollectionPolicy()
+    assert collect(policy, 0.0, attempts=0, sessions=0, blocks=200_000) is FULL
+    # sessions wanted, none connected yet; then 6,000 connected (280 blocks each); then all
+    assert collect(policy, 60.0, attempts=0, sessions=10_000, blocks=210_000) is YOUNG
+    assert collect(policy, 120.0, attempts=6_000, sessions=10_000, blocks=1_880_000) is YOUNG
+    assert collect(policy, 180.0, attempts=10_000, sessions=10_000, blocks=3_000_000) is YOUNG
+
+
+def test_a_steady_daemon_only_ever_gets_young_collections() -> None:
+    policy = CollectionPolicy()
+    after_ramp(policy)
+    for i in range(2, 70):  # 5-minute refreshes for almost 6 hours, a few reconnects
+        attempts = 10_000 + i * 10
+        assert collect(policy, i * 300.0, attempts, sessions=10_000, blocks=3_100_000) is YOUNG
+
+
+def test_ended_connections_make_the_collection_after_the_one_that_saw_them_full() -> None:
+    policy = CollectionPolicy()  # 1000 or a quarter of the sessions
+    after_ramp(policy)
+    assert collect(policy, 600.0, attempts=12_499, sessions=10_000, blocks=3_000_000) is YOUNG
+    assert collect(policy, 900.0, attempts=12_499, sessions=10_000, blocks=3_000_000) is YOUNG
+    # 2,500 ended: this collection may still find them logging out; the next one is full
+    assert collect(policy, 1200.0, attempts=12_500, sessions=10_000, blocks=3_000_000) is YOUNG
+    assert collect(policy, 1500.0, attempts=12_600, sessions=10_000, blocks=3_000_000) is FULL
+    # the 100 that ended just before that full one count towards the next one
+    assert collect(policy, 1800.0, attempts=15_099, sessions=10_000, blocks=3_000_000) is YOUNG
+    assert collect(policy, 2100.0, attempts=15_099, sessions=10_000, blocks=3_000_000) is FULL
+    # removed sessions end connections too
+    assert collect(policy, 2400.0, attempts=15_099, sessions=7_000, blocks=3_000_000) is YOUNG
+    assert collect(policy, 2700.0, attempts=15_099, sessions=7_000, blocks=3_000_000) is FULL
+
+    small = CollectionPolicy()
+    after_ramp(small, sessions=100, blocks=400_000)
+    assert collect(small, 600.0, attempts=1_099, sessions=100, blocks=400_000) is YOUNG
+    assert collect(small, 900.0, attempts=1_100, sessions=100, blocks=400_000) is YOUNG
+    assert collect(small, 1200.0, attempts=1_100, sessions=100, blocks=400_000) is FULL
+
+
+def test_memory_growth_no_new_connection_explains_seen_twice_makes_a_full() -> None:
+    policy = CollectionPolicy(growth_share=0.10)
+    after_ramp(policy, blocks=3_000_000)
+    assert collect(policy, 600.0, attempts=10_000, sessions=10_000, blocks=3_299_999) is YOUNG
+    # work in flight for a moment: grown at one collection only
+    assert collect(policy, 900.0, attempts=10_000, sessions=10_000, blocks=3_300_000) is YOUNG
+    assert collect(policy, 1200.0, attempts=10_000, sessions=10_000, blocks=3_100_000) is YOUNG
+    assert collect(policy, 1500.0, attempts=10_000, sessions=10_000, blocks=3_300_000) is YOUNG
+    # still there at the next one (the growth counts from the baseline, not the last one)
+    assert policy.kind_due(attempts=10_000, sessions=10_000, blocks=3_300_000, now=1800.0) is FULL
+    # the count after the full collection is the new baseline
+    policy.done(FULL, attempts=10_000, sessions=10_000, blocks=3_100_000, now=1800.0)
+    assert collect(policy, 2100.0, attempts=10_000, sessions=10_000, blocks=3_400_000) is YOUNG
+    assert collect(policy, 2400.0, attempts=10_000, sessions=10_000, blocks=3_400_000) is YOUNG
+
+
+def test_new_sessions_and_reconnects_bring_memory_that_is_not_growth() -> None:
+    policy = CollectionPolicy(growth_share=0.10)
+    after_ramp(policy, sessions=10_000, blocks=3_000_000)  # 280 blocks per connection
+    # 2,000 more sessions: young, and the baseline moves up with them
+    assert collect(policy, 600.0, attempts=12_000, sessions=12_000, blocks=3_560_000) is YOUNG
+    assert collect(policy, 900.0, attempts=12_000, sessions=12_000, blocks=3_915_999) is YOUNG
+    assert collect(policy, 1200.0, attempts=12_000, sessions=12_000, blocks=3_916_000) is YOUNG
+    assert policy.kind_due(attempts=12_000, sessions=12_000, blocks=3_916_000, now=1500.0) is FULL
+
+    storm = CollectionPolicy(growth_share=0.10)
+    after_ramp(storm, sessions=10_000, blocks=3_000_000)
+    # 2,000 reconnects (fewer than a quarter): new connections, the old ones kept as garbage
+    assert collect(storm, 600.0, attempts=12_000, sessions=10_000, blocks=3_560_000) is YOUNG
+    assert collect(storm, 900.0, attempts=12_000, sessions=10_000, blocks=3_560_000) is YOUNG
+    assert collect(storm, 1200.0, attempts=12_000, sessions=10_000, blocks=3_560_000) is YOUNG
 
 
 def test_a_full_collection_at_least_every_max_interval() -> None:
-    policy = FullCollectionPolicy(max_interval=3600.0)
-    policy.full_done(churn=5, now=100.0)
-    assert not policy.full_due(churn=5, sessions=10_000, now=3699.0)
-    assert policy.full_due(churn=5, sessions=10_000, now=3700.0)
+    policy = CollectionPolicy(max_interval=3600.0)
+    policy.done(FULL, attempts=5, sessions=10_000, blocks=3_000_000, now=100.0)
+    assert policy.kind_due(attempts=5, sessions=10_000, blocks=3_000_000, now=3699.0) is YOUNG
+    assert policy.kind_due(attempts=5, sessions=10_000, blocks=3_000_000, now=3700.0) is FULL
 
 
 class Node:
@@ -47,18 +125,32 @@ def test_frozen_cyclic_garbage_waits_for_a_full_collection(unfrozen: None) -> No
     a, b = Node(), Node()
     a.other, b.other = b, a
     frozen_pair = weakref.ref(a)
-    collect_and_freeze(full=True)  # the pair survives and is frozen
+    collect_and_freeze(FULL)  # the pair survives and is frozen
     del a, b  # ... then becomes cyclic garbage
     c, d = Node(), Node()
     c.other, d.other = d, c
     new_pair = weakref.ref(c)
     del c, d  # cyclic garbage that was never frozen
 
-    light = collect_and_freeze(full=False)
-    assert not light.full and light.collected >= 2
-    assert new_pair() is None  # found without a full collection
+    young = collect_and_freeze(YOUNG)
+    assert young.kind is YOUNG and young.collected >= 2
+    assert new_pair() is None  # young cyclic garbage: found by the young collection
     assert frozen_pair() is not None  # kept: frozen objects are not walked
 
-    full = collect_and_freeze(full=True)
-    assert full.full and full.collected >= 2
+    full = collect_and_freeze(FULL)
+    assert full.kind is FULL and full.collected >= 2
     assert frozen_pair() is None
+
+
+def test_a_young_collection_freezes_what_it_did_not_walk(unfrozen: None) -> None:
+    gc.collect()
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    old_pair = weakref.ref(a)
+    gc.collect(1)  # the pair is promoted to the oldest generation, unfrozen
+    del a, b  # ... and becomes cyclic garbage there
+    collect_and_freeze(YOUNG)
+    assert old_pair() is not None  # not walked: frozen as it was, garbage included
+    assert gc.get_freeze_count() > 0
+    collect_and_freeze(FULL)
+    assert old_pair() is None
