@@ -30,13 +30,14 @@ import trio
 from bench import phases
 from bench.procinfo import machine_info, raise_nofile_limit, rss_kib
 from bench.procs import ADMIN_SECRET, DaemonProc, ServerPool, ServerProc
-from bench.report import format_table, make_plot, markdown_table
+from bench.report import format_table, make_compare_plot, make_plot, markdown_table
 
 #: the repository this folder belongs to: results go to its docs/, wherever it runs from
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = str(REPO_ROOT / "docs" / "perf" / "results.json")
 DEFAULT_PLOT = str(REPO_ROOT / "docs" / "perf" / "rss_latency.png")
 DEFAULT_COMPARE_OUT = str(REPO_ROOT / "docs" / "perf" / "compare.json")
+DEFAULT_COMPARE_PLOT = str(REPO_ROOT / "docs" / "perf" / "compare.png")
 
 
 @attrs.frozen
@@ -90,32 +91,50 @@ def _tls_files(workdir: Path) -> tuple[tuple[str, str], str]:
     return (str(chain), str(key)), str(ca_path)
 
 
-async def _start_profile(daemon: DaemonProc, out: Path, seconds: float) -> trio.Process | None:
-    """``py-spy record`` (raw collapsed stacks) of the daemon, if py-spy is installed."""
-    import shutil
+async def _start_profile(daemon: DaemonProc, out: Path, seconds: float) -> trio.Process:
+    """``py-spy record`` (raw collapsed stacks) of the daemon; its stderr goes to
+    ``<out>.log`` (:func:`_wait_profile` raises if it fails)."""
+    exe = check_profiler(str(out.parent))
+    assert exe is not None
+    with out.with_suffix(".log").open("wb") as log:
+        return await trio.lowlevel.open_process(
+            [
+                exe,
+                "record",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--rate",
+                "100",
+                "-d",
+                str(max(1, int(seconds))),
+                "-p",
+                str(daemon.pid),
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
 
-    exe = shutil.which("py-spy")
-    if exe is None:
+
+async def _wait_profile(profiler: trio.Process, out: Path) -> None:
+    """Wait for ``py-spy record``; a failure (no ptrace permission, say) is an error,
+    not a missing file noticed later."""
+    await profiler.wait()
+    problem = profile_failure(profiler.returncode, out)
+    if problem:
+        raise RuntimeError(problem)
+
+
+def profile_failure(returncode: int | None, out: Path) -> str | None:
+    """Why ``py-spy record`` into ``out`` failed (its log's tail), None if it worked."""
+    if returncode == 0 and out.exists():
         return None
-    return await trio.lowlevel.open_process(
-        [
-            exe,
-            "record",
-            "--nonblocking",
-            "--format",
-            "raw",
-            "--rate",
-            "100",
-            "-d",
-            str(max(1, int(seconds))),
-            "-p",
-            str(daemon.pid),
-            "-o",
-            str(out),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = out.with_suffix(".log")
+    tail = log.read_text(errors="replace").strip()[-500:] if log.exists() else ""
+    written = "written" if out.exists() else "not written"
+    return f"py-spy record exited with {returncode}, {out.name} {written}: {tail}"
 
 
 async def run_config(n: int, opts: Options, workdir: Path, rng: random.Random) -> dict[str, Any]:
@@ -320,21 +339,19 @@ async def _phases_b(
         out["rss_after_freeze_kib"] = rss_kib(daemon.pid)
     print(f"  B: idle CPU with {opts.tick} ticks ({opts.idle_window:g}s)", flush=True)
     profiler = None
+    idle_profile = Path(opts.profile_dir or ".") / f"profile-idle-{tag}.txt"
     if opts.profile_dir:
-        profiler = await _start_profile(
-            daemon, Path(opts.profile_dir) / f"profile-idle-{tag}.txt", opts.idle_window
-        )
+        profiler = await _start_profile(daemon, idle_profile, opts.idle_window)
     started = time.time()
     out["idle_cpu"] = await phases.idle_cpu(pool, daemon, n, opts.idle_window)
     windows["idle"] = (started, time.time())
     if profiler is not None:
-        await profiler.wait()
+        await _wait_profile(profiler, idle_profile)
     rate = rate_for(n, opts)
     print(f"  B: latency ({rate:g} appends/s for {opts.latency_seconds:g}s)", flush=True)
+    push_profile = Path(opts.profile_dir or ".") / f"profile-push-{tag}.txt"
     if opts.profile_dir:
-        profiler = await _start_profile(
-            daemon, Path(opts.profile_dir) / f"profile-push-{tag}.txt", opts.latency_seconds + 1
-        )
+        profiler = await _start_profile(daemon, push_profile, opts.latency_seconds + 1)
     started = time.time()
     out["latency"] = await phases.latency(
         pool,
@@ -348,7 +365,7 @@ async def _phases_b(
     )
     windows["latency"] = (started, time.time())
     if profiler is not None:
-        await profiler.wait()
+        await _wait_profile(profiler, push_profile)
     out["rss_after_latency_kib"] = rss_kib(daemon.pid)
     k = len(new_rows)
     print("  B: reconcile", flush=True)
@@ -554,7 +571,45 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only print the comparison tables from --compare-out",
     )
+    c.add_argument(
+        "--compare-plot",
+        default=DEFAULT_COMPARE_PLOT,
+        help="the comparison's plot, written after --compare with --plot (or --plot-only)",
+    )
+    c.add_argument(
+        "--stall-period",
+        type=float,
+        default=20.0,
+        help="ms: the loop-stall probe's timer in both programs (20)",
+    )
+    c.add_argument(
+        "--no-refresh",
+        action="store_true",
+        help="do not SIGHUP both programs half-way through the appends",
+    )
     return p
+
+
+def check_profiler(profile_dir: str | None) -> str | None:
+    """The py-spy executable for ``--profile`` (None without it); raises SystemExit with
+    the reason when py-spy is missing or cannot run, rather than profiling nothing."""
+    if profile_dir is None:
+        return None
+    import shutil
+
+    # a venv's scripts are not on PATH unless it is activated: look beside python too
+    beside = Path(sys.executable).parent / "py-spy"
+    exe = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+    if exe is None:
+        raise SystemExit(
+            "--profile: py-spy not found on PATH or beside "
+            f"{sys.executable} (pip install py-spy, or drop --profile)"
+        )
+    done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise SystemExit(f"--profile: {exe} --version failed: {done.stderr.strip()[-300:]}")
+    Path(profile_dir).mkdir(parents=True, exist_ok=True)
+    return exe
 
 
 def _compare_main(args: argparse.Namespace) -> int:
@@ -565,6 +620,10 @@ def _compare_main(args: argparse.Namespace) -> int:
     out = Path(args.compare_out)
     if args.compare_markdown:
         print(compare.markdown(json.loads(out.read_text())["runs"]), end="")
+        return 0
+    if args.plot_only:
+        make_compare_plot(json.loads(out.read_text())["runs"], Path(args.compare_plot))
+        print(f"plot written to {args.compare_plot}")
         return 0
     quick = args.quick
     default_sizes = "50" if quick else "1000,5000"
@@ -597,9 +656,15 @@ def _compare_main(args: argparse.Namespace) -> int:
         settle=2.0 if quick else 5.0,
         # imapflow waits 15 s after its last command before IDLE: too long for a check
         node_idle_delay_ms=200 if quick else None,
+        stall_period_ms=args.stall_period,
+        refresh_midway=not args.no_refresh,
     )
     limit = raise_nofile_limit()
     print(f"RLIMIT_NOFILE soft limit: {limit}", flush=True)
+    problem = compare.check_fd_limit(sizes, args.per_server, limit)
+    if problem:
+        print(f"--compare: {problem}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     if args.workdir:
         workdir = Path(args.workdir)
@@ -611,6 +676,9 @@ def _compare_main(args: argparse.Namespace) -> int:
     print()
     print(compare.markdown(runs), end="")
     print(f"\nresults: {out}  ({time.perf_counter() - started:.0f}s)")
+    if args.plot:
+        make_compare_plot(json.loads(out.read_text())["runs"], Path(args.compare_plot))
+        print(f"plot: {args.compare_plot}")
     return 0
 
 
@@ -639,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.compare or args.compare_markdown:
         return _compare_main(args)
+    check_profiler(args.profile)
     out = Path(args.out)
     if args.markdown:
         print(markdown_table(json.loads(out.read_text())["runs"]))

@@ -176,3 +176,64 @@ def make_plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+#: the comparison plot's panels: (title, y label, path into a stack's record)
+COMPARE_PANELS = (
+    ("Memory per session", "RSS after the ramp − before, / N (KiB)", ("memory", "per_session_kib")),
+    ("Idle CPU with ticks", "% of one core", ("idle_cpu", "pct_of_one_core")),
+    ("Push → webhook p99", "EXISTS sent → POST received (ms)", ("latency", "p99_ms")),
+    ("Longest loop stall after the ramp", "timer late by (ms)", ("stalls", "steady", "max_ms")),
+)
+
+
+def compare_series(
+    runs: Sequence[dict[str, Any]], stack: str, tls: bool, path: Sequence[str]
+) -> tuple[list[int], list[float]]:
+    """``(N values, figures)`` of one program and mode from ``--compare`` records (full runs
+    only, one point per N: the last record wins; missing figures are left out)."""
+    by_n: dict[int, float] = {}
+    for run in runs:
+        if run["tls"] != tls or run.get("quick"):
+            continue
+        value = _get(run, stack, *path)
+        if isinstance(value, int | float):
+            by_n[run["n"]] = float(value)
+    ns = sorted(by_n)
+    return ns, [by_n[n] for n in ns]
+
+
+def make_compare_plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
+    """Both programs side by side against N: memory per session, idle CPU, p99, stall
+    (Node dashed, trio-idle solid; plaintext circles, TLS squares)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (title, ylabel, field) in zip(axes.flat, COMPARE_PANELS, strict=True):
+        for stack, name, line in (
+            ("node", "Node + imapflow", "--"),
+            ("trio_idle", "trio-idle", "-"),
+        ):
+            for tls, marker in ((False, "o"), (True, "s")):
+                ns, values = compare_series(runs, stack, tls, field)
+                if ns:
+                    label = f"{name}, {'TLS' if tls else 'plaintext'}"
+                    ax.plot(ns, values, line, marker=marker, label=label)
+        if field[0] == "stalls":
+            ax.axhline(50, color="grey", linestyle=":", linewidth=1, label="target (50 ms)")
+        ax.set_xscale("log")
+        ax.set_xlabel("sessions (N)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        "trio-idle and the Node + imapflow baseline, one run per pair (python -m bench --compare)"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -13,9 +13,14 @@
 // Environment: MAILBOXES_FILE, IMAP_HOST (127.0.0.1), IMAP_PASSWORD, IMAP_TLS (1/0),
 // IMAP_CA_FILE (PEM, with IMAP_TLS), BACKEND_URL, ADMIN_SECRET, TICK_MS (120000),
 // CONNECT_CONCURRENCY (200), AUTO_IDLE_DELAY_MS (unset: imapflow's default, 15 s from the
-// last command to IDLE; the harness's --quick path shortens it).
+// last command to IDLE; the harness's --quick path shortens it), STALL_PERIOD_MS (20) and
+// STALL_LOG_MS (5): the loop-stall probe, the same as bench/loop_probe.py for trio-idle (a
+// STALL_PERIOD_MS timer re-armed forever; each lateness above STALL_LOG_MS is written to
+// stderr as `STALL <unix time> ms=<lateness>`). perf_hooks.monitorEventLoopDelay runs beside
+// it at the same resolution as a cross-check; SIGUSR2 prints its max with the counters.
 
 const fs = require('node:fs');
+const { monitorEventLoopDelay, performance } = require('node:perf_hooks');
 const { ImapFlow } = require('imapflow');
 
 const env = process.env;
@@ -28,6 +33,8 @@ const ADMIN_SECRET = env.ADMIN_SECRET || '';
 const TICK_MS = Number(env.TICK_MS || 120000);
 const CONNECT_CONCURRENCY = Number(env.CONNECT_CONCURRENCY || 200);
 const AUTO_IDLE_DELAY = env.AUTO_IDLE_DELAY_MS ? Number(env.AUTO_IDLE_DELAY_MS) : undefined;
+const STALL_PERIOD_MS = Number(env.STALL_PERIOD_MS || 20);
+const STALL_LOG_MS = Number(env.STALL_LOG_MS || 5);
 
 /** email -> {client, tick, active, pending, closed} */
 const mailboxes = new Map();
@@ -138,8 +145,25 @@ process.on('SIGTERM', () => {
     process.exit(0);
 });
 process.on('SIGUSR2', () => {
-    process.stdout.write(JSON.stringify({ counters, mailboxes: mailboxes.size }) + '\n');
+    // monitorEventLoopDelay records whole intervals (resolution included), in ns
+    const eld = { maxMs: eldHistogram.max / 1e6, minMs: eldHistogram.min / 1e6, resolutionMs: STALL_PERIOD_MS };
+    process.stdout.write(JSON.stringify({ counters, mailboxes: mailboxes.size, eld }) + '\n');
 });
+
+// the loop-stall probe (see the header): how late a short timer fires
+const eldHistogram = monitorEventLoopDelay({ resolution: STALL_PERIOD_MS });
+eldHistogram.enable();
+let stallExpected = performance.now() + STALL_PERIOD_MS;
+function stallProbe() {
+    const now = performance.now();
+    const late = now - stallExpected;
+    if (late > STALL_LOG_MS) {
+        process.stderr.write(`STALL ${(Date.now() / 1000).toFixed(3)} ms=${late.toFixed(1)}\n`);
+    }
+    stallExpected = performance.now() + STALL_PERIOD_MS;
+    setTimeout(stallProbe, STALL_PERIOD_MS);
+}
+setTimeout(stallProbe, STALL_PERIOD_MS);
 // keeps the process alive while it has no mailboxes yet
 setInterval(() => {}, 1 << 30);
 process.stdout.write(JSON.stringify({ ready: true, pid: process.pid }) + '\n');
