@@ -24,6 +24,8 @@ import os
 import signal
 import sys
 import time
+import tracemalloc
+from pathlib import Path
 from typing import Any
 
 from trio_idle.gc_policy import collect_and_freeze
@@ -64,9 +66,43 @@ def _forced_full(_signum: int, _frame: Any) -> None:
     )
 
 
+def _tracemalloc_signal(directory: Path, frames: int) -> Any:
+    def handler(_signum: int, _frame: Any) -> None:
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(frames)
+            sys.stderr.write(f"GCPROBE {time.time():.3f} tracemalloc started frames={frames}\n")
+            return
+        t0 = time.perf_counter()
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            (
+                tracemalloc.Filter(False, tracemalloc.__file__),
+                tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+            )
+        )
+        path = directory / f"snapshot-{round(time.time() * 1000)}.tmsnap"
+        snapshot.dump(str(path))
+        traced = tracemalloc.get_traced_memory()[0] // 1024
+        sys.stderr.write(
+            f"GCPROBE {time.time():.3f} tracemalloc path={path} "
+            f"ms={(time.perf_counter() - t0) * 1000:.0f} traced_kib={traced}\n"
+        )
+
+    return handler
+
+
 def main() -> int:
     """Install the hooks and run the daemon's CLI."""
     gc.callbacks.append(_callback)
+    if os.environ.get("BENCH_STALL_PERIOD_MS"):
+        from bench import loop_probe
+
+        loop_probe.install()
+    snapshots = os.environ.get("BENCH_TRACEMALLOC_DIR")
+    if snapshots:
+        if os.environ.get("TRIO_IDLE_BENCH_GC_FREEZE") == "1":
+            raise SystemExit("BENCH_TRACEMALLOC_DIR and TRIO_IDLE_BENCH_GC_FREEZE share SIGUSR1")
+        frames = int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "1"))
+        signal.signal(signal.SIGUSR1, _tracemalloc_signal(Path(snapshots), frames))
     ssl_buffer = os.environ.get("BENCH_SSL_MAX_SIZE")
     if ssl_buffer:  # asyncio's per-TLS-connection read buffer (256 KiB by default)
         from trio_idle import imap_client

@@ -313,6 +313,20 @@ class DaemonProc:
                 found = {"ms": float(fields[b"ms"]), "collected": int(fields[b"collected"])}
         return found
 
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The tracemalloc snapshots :mod:`bench.gc_probe` dumped: ``at`` (wall time),
+        ``path``, ``ms`` (the loop was blocked that long), ``traced_kib``."""
+        return [
+            {
+                "at": when,
+                "path": fields[b"path"].decode(),
+                "ms": float(fields[b"ms"]),
+                "traced_kib": int(fields[b"traced_kib"]),
+            }
+            for when, kind, fields in self._probe_lines()
+            if kind == b"tracemalloc" and b"path" in fields
+        ]
+
     def gc_summary(self, windows: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
         """Generation-2 collections logged by :mod:`bench.gc_probe`, per window."""
         passes = self.gc_passes()

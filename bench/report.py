@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.soak_analysis import format_diff
+
 COLUMNS = (
     ("N", 6),
     ("sec", 5),
@@ -99,6 +101,27 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
                 f"pushes {s['pushes']['appends']} missed {s['pushes']['missed']} "
                 f"p99 {s['pushes']['p99_ms']} ms max {s['pushes']['max_ms']} ms"
             )
+            growth, stalls = s.get("growth") or {}, s.get("stalls") or {}
+            if growth:
+                pct = growth.get("pct_per_hour")
+                lines.append(
+                    f"  RSS growth after the first {growth['warmup_s']:.0f}s: "
+                    + (
+                        f"{pct:+.2f} %/h ({growth['kib_per_hour']:+.0f} KiB/h, "
+                        f"{growth['samples']} samples)"
+                        if pct is not None
+                        else f"– (only {growth['samples']} samples after the warm-up)"
+                    )
+                    + f"; longest loop stall {_stall_text(stalls)} ms"
+                )
+            traced = s.get("tracemalloc")
+            if traced:
+                lines.append(
+                    f"  tracemalloc: {len(traced['snapshots'])} snapshots in "
+                    f"{traced['directory']}; grew most between the first and the last "
+                    f"({traced.get('between_s', '?')} s apart):"
+                )
+                lines.extend(format_diff(traced["top"][:10]))
             gc = s.get("gc")
             if gc:
                 pauses = ", ".join(f"{ms:.0f}" for _, ms, _ in gc["gen2_t_ms_collected"])
@@ -111,6 +134,12 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
                     f"{gc['rss_after_forced_kib'] / 1024:.0f} MiB"
                 )
     return "\n".join(lines)
+
+
+def _stall_text(stalls: dict[str, Any]) -> str:
+    if stalls.get("max_ms") is not None:
+        return f"{stalls['max_ms']:.1f}"
+    return f"< {stalls.get('below_ms', '?')}"
 
 
 MARKDOWN_HEADER = (
@@ -229,7 +258,8 @@ def make_compare_plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(
         "trio-idle and the Node + imapflow baseline, one run per pair (python -m bench --compare)"
     )
