@@ -71,6 +71,8 @@ class CompareOptions:
     stall_log_ms: float = 5.0
     #: SIGHUP both programs half-way through the appends (a refresh inside the window)
     refresh_midway: bool = True
+    #: the command line, recorded with every pair (the figures name their command)
+    command: str = ""
 
 
 def _tls_files(workdir: Path) -> tuple[tuple[str, str], str]:
@@ -129,6 +131,7 @@ async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> di
         "tls": tls,
         "quick": opts.quick,
         "compare": True,
+        "command": opts.command,
         "server_processes": n_servers,
         "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -409,24 +412,16 @@ def rows_for(run: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     out.append(("pushes with no webhook call", missed[0], missed[1], "–"))
     a, b, r = both("ramp", "seconds")
     out.append(("ramp: SIGHUP → every session in IDLE, s", a, b, _times(r)))
-    period = _get(ours, "stalls", "period_ms") or _get(node, "stalls", "period_ms")
     for key, name in (
-        ("steady", "after the ramp (idle window and pushes, refresh included)"),
-        ("refresh", f"in the {REFRESH_WINDOW:g} s after the refresh (SIGHUP)"),
+        ("steady", "after the ramp (idle + pushes + refresh)"),
+        ("refresh", f"within {REFRESH_WINDOW:g} s of the refresh (SIGHUP)"),
         ("run", "whole run (ramp included)"),
     ):
         if _get(node, "stalls", key) is None and _get(ours, "stalls", key) is None:
             continue
         cells = [stall_cell(_get(rec, "stalls", key)) for rec in (node, ours)]
         r = ratio(stall_ms(_get(ours, "stalls", key)), stall_ms(_get(node, "stalls", key)))
-        out.append(
-            (
-                f"longest loop stall {name}, ms ({_num(period, 0)} ms timer late by)",
-                cells[0],
-                cells[1],
-                _times(r),
-            )
-        )
+        out.append((f"longest loop stall {name}, ms", cells[0], cells[1], _times(r)))
     return out
 
 
@@ -477,4 +472,30 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
             f"{ours_g:.1f} KiB ({_times(ratio(ours_g, node_g))})."
         )
         parts.append("")
+    periods = {_get(r, s, "stalls", "period_ms") for r in runs for s in STACKS} - {None}
+    if periods:
+        each = " / ".join(f"{p:g}" for p in sorted(periods))
+        parts.append(
+            f"Loop stall: how late a {each} ms timer fired, the same probe in both programs "
+            "(bench/loop_probe.py, bench/node_baseline/index.js); `< 5`: never by more "
+            "than 5 ms."
+        )
+        parts.append("")
+    for line in sorted({provenance(run) for run in runs}):
+        parts.append(line)
+        parts.append("")
     return "\n".join(parts).rstrip() + "\n"
+
+
+def provenance(run: dict[str, Any]) -> str:
+    """Where a pair was measured: the machine, the versions, the command."""
+    m = run.get("machine", {})
+    packages = m.get("packages", {})
+    command = run.get("command") or "python -m bench --compare (command not recorded)"
+    return (
+        f"Machine: {m.get('cores', '?')} cores ({m.get('cpu_model', '?')}), "
+        f"{m.get('mem_total_gib', '?')} GiB, Linux {m.get('kernel', '?')}, "
+        f"CPython {m.get('python', '?')} (trio-idle {packages.get('trio-idle', '?')}), "
+        f"Node {_get(run, 'node', 'version') or '?'}, imapflow "
+        f"{_get(run, 'node', 'imapflow') or '?'}; `{command}`"
+    )

@@ -16,11 +16,13 @@ import datetime
 import json
 import math
 import random
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -723,7 +725,7 @@ def check_profiler(profile_dir: str | None) -> str | None:
     return exe
 
 
-def _compare_main(args: argparse.Namespace) -> int:
+def _compare_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``--compare``: both stacks, then the markdown ratio tables."""
     from bench import compare
     from bench.node_proc import NodeUnavailable, ensure_installed
@@ -769,6 +771,7 @@ def _compare_main(args: argparse.Namespace) -> int:
         node_idle_delay_ms=200 if quick else None,
         stall_period_ms=args.stall_period,
         refresh_midway=not args.no_refresh,
+        command=" ".join(["python -m bench", *map(shlex.quote, argv)]),
     )
     limit = raise_nofile_limit()
     print(f"RLIMIT_NOFILE soft limit: {limit}", flush=True)
@@ -815,9 +818,10 @@ def write_results(out: Path, runs: list[dict[str, Any]], fresh: bool) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.compare or args.compare_markdown:
-        return _compare_main(args)
+        return _compare_main(args, argv)
     check_profiler(args.profile)
     out = Path(args.out)
     if args.markdown:
