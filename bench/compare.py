@@ -37,7 +37,7 @@ import attrs
 import trio
 
 from bench import phases
-from bench.loop_probe import stalls_in
+from bench.loop_probe import COARSE_MS, TOGGLE_SIGNAL, stalls_in
 from bench.node_proc import NodeProc, imapflow_version, node_version, tick_ms
 from bench.procinfo import machine_info, rss_kib
 from bench.procs import ADMIN_SECRET, DaemonProc, MeasuredProc, ServerPool, ServerProc
@@ -71,6 +71,10 @@ class CompareOptions:
     stall_log_ms: float = 5.0
     #: SIGHUP both programs half-way through the appends (a refresh inside the window)
     refresh_midway: bool = True
+    #: also SIGHUP both once right after the ramp, outside every window: the refresh in
+    #: the latency window is then a steady-state one (trio-idle: a collection of what is
+    #: new since, not the first full one after the ramp's churn)
+    settle_refresh: bool = False
     #: the command line, recorded with every pair (the figures name their command)
     command: str = ""
 
@@ -149,6 +153,7 @@ async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> di
             "stall_period_ms": opts.stall_period_ms,
             "stall_log_ms": opts.stall_log_ms,
             "refresh_midway": opts.refresh_midway,
+            "settle_refresh": opts.settle_refresh,
             "ramp_limit_s": ramp_limit(n, tls, opts),
             "order": list(STACKS),
         },
@@ -188,8 +193,9 @@ async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> di
             }
             if ca_path:
                 daemon_env["TRIO_IDLE_CA_FILE"] = ca_path
-            # the CLI unchanged, plus the stall probe beside it (bench.loop_probe)
-            daemon = DaemonProc(workdir, f"trio-idle-{n}", daemon_env, "bench.loop_probe")
+            # the CLI unchanged, plus the stall probe beside it (bench.loop_probe, which
+            # bench.gc_probe installs) and a line per full collection: what a stall was
+            daemon = DaemonProc(workdir, f"trio-idle-{n}", daemon_env, "bench.gc_probe")
             result["trio_idle"] = await _measure(
                 "trio_idle", daemon, n, tls, rows, pool, sink, opts
             )
@@ -235,11 +241,19 @@ async def _measure(
             # a new state file: one startup scan per mailbox, over before the idle window
             out["catch_up"] = await phases.catch_up(sink, measured, startup, n, limit)
         out["memory"] = await phases.settle_and_measure_rss(measured, n, base, opts.settle)
+        if opts.settle_refresh:
+            print(f"  {label}: a refresh (SIGHUP) before the idle window", flush=True)
+            measured.set_rows(rows)
+            await trio.sleep(opts.settle)
         windows["ramp"] = (t_ramp, time.time())
         print(f"  {label}: idle CPU ({opts.idle_window:g}s, tick {opts.tick})", flush=True)
+        # the probe's 20 ms wake-ups would be a good part of idle CPU: coarse meanwhile
+        assert proc.process is not None
+        proc.process.send_signal(TOGGLE_SIGNAL)
         t_idle = time.time()
         out["idle_cpu"] = await phases.idle_cpu(pool, measured, n, opts.idle_window)
         windows["idle"] = (t_idle, time.time())
+        proc.process.send_signal(TOGGLE_SIGNAL)
         refresh = " with a SIGHUP half-way" if opts.refresh_midway else ""
         print(
             f"  {label}: latency ({opts.rate:g} appends/s for {opts.latency_seconds:g}s{refresh})",
@@ -266,6 +280,14 @@ async def _measure(
             proc.stalls(), windows, out["latency"].get("midway_at"), opts.stall_log_ms
         )
         out["stalls"]["period_ms"] = opts.stall_period_ms
+        out["stalls"]["idle_period_ms"] = COARSE_MS
+        if isinstance(proc, DaemonProc):
+            out["gc"] = proc.gc_summary(windows)
+            refresh_at = out["latency"].get("midway_at")
+            if refresh_at is not None:
+                out["gc"]["refresh"] = proc.gc_summary(
+                    {"refresh": (refresh_at, refresh_at + REFRESH_WINDOW)}
+                )["refresh"]
         out["shutdown"] = await phases.shutdown(pool, measured, n)
         out["scan_reasons"] = {
             k: v - reasons_before.get(k, 0)
@@ -413,8 +435,9 @@ def rows_for(run: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     a, b, r = both("ramp", "seconds")
     out.append(("ramp: SIGHUP → every session in IDLE, s", a, b, _times(r)))
     for key, name in (
-        ("steady", "after the ramp (idle + pushes + refresh)"),
+        ("latency", "during the pushes (refresh included)"),
         ("refresh", f"within {REFRESH_WINDOW:g} s of the refresh (SIGHUP)"),
+        ("idle", f"in the idle window ({COARSE_MS:g} ms timer: a lower bound)"),
         ("run", "whole run (ramp included)"),
     ):
         if _get(node, "stalls", key) is None and _get(ours, "stalls", key) is None:
@@ -422,6 +445,17 @@ def rows_for(run: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         cells = [stall_cell(_get(rec, "stalls", key)) for rec in (node, ours)]
         r = ratio(stall_ms(_get(ours, "stalls", key)), stall_ms(_get(node, "stalls", key)))
         out.append((f"longest loop stall {name}, ms", cells[0], cells[1], _times(r)))
+    collection = _get(ours, "gc", "refresh")
+    if isinstance(collection, dict):
+        count, top = collection.get("gen2_collections"), collection.get("gen2_ms_max")
+        out.append(
+            (
+                "trio-idle's full collections after that refresh: how many, longest ms",
+                "–",
+                f"{_num(count)}, {_num(top)}" if count else "0",
+                "–",
+            )
+        )
     return out
 
 
@@ -476,9 +510,10 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
     if periods:
         each = " / ".join(f"{p:g}" for p in sorted(periods))
         parts.append(
-            f"Loop stall: how late a {each} ms timer fired, the same probe in both programs "
-            "(bench/loop_probe.py, bench/node_baseline/index.js); `< 5`: never by more "
-            "than 5 ms."
+            f"Loop stall: how late a {each} ms timer fired ({COARSE_MS:g} ms during the idle "
+            "window, whose CPU figure it would otherwise inflate), the same probe in both "
+            "programs (bench/loop_probe.py, bench/node_baseline/index.js); `< 5`: never by "
+            "more than 5 ms."
         )
         parts.append("")
     for line in sorted({provenance(run) for run in runs}):

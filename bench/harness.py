@@ -696,6 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ms: the loop-stall probe's timer in both programs (20)",
     )
     c.add_argument(
+        "--settle-refresh",
+        action="store_true",
+        help="SIGHUP both once after the ramp too, so the refresh inside the latency window "
+        "is a steady-state one (not trio-idle's first full collection after the ramp)",
+    )
+    c.add_argument(
         "--no-refresh",
         action="store_true",
         help="do not SIGHUP both programs half-way through the appends",
@@ -771,6 +777,7 @@ def _compare_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         node_idle_delay_ms=200 if quick else None,
         stall_period_ms=args.stall_period,
         refresh_midway=not args.no_refresh,
+        settle_refresh=args.settle_refresh,
         command=" ".join(["python -m bench", *map(shlex.quote, argv)]),
     )
     limit = raise_nofile_limit()

@@ -159,7 +159,7 @@ class NodeProc:
         return sum(
             1
             for line in text.splitlines()
-            if line and not line.startswith("{") and not line.startswith("STALL ")
+            if line and not line.startswith(("{", "STALL ", "STALLPROBE "))
         )
 
     def stalls(self) -> list[tuple[float, float]]:

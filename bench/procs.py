@@ -364,7 +364,7 @@ class DaemonProc:
                         key = match.group(1).decode()
                     elif line.startswith(b"Task was destroyed but it is pending"):
                         key = "task_destroyed"
-                    elif line.startswith((b"task: <Task", b"STALL ", b"GCPROBE ")):
+                    elif line.startswith((b"task: <Task", b"STALL", b"GCPROBE ")):
                         continue
                     else:
                         key = "other"

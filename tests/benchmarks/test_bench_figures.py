@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bench import compare, harness
-from bench.loop_probe import parse_stalls, stalls_in, with_probe
+from bench.loop_probe import TOGGLE_SIGNAL, parse_stalls, stalls_in, with_probe
 from bench.report import compare_series, make_compare_plot
 from bench.soak_analysis import rss_growth, short_path, tracemalloc_diff
 
@@ -47,13 +47,13 @@ def test_stall_summary_separates_the_ramp_and_the_refresh() -> None:
 
 def _stack(steady: float | None) -> dict[str, Any]:
     record = {"max_ms": steady, "below_ms": None if steady is not None else 5.0}
-    return {"stalls": {"period_ms": 20.0, "steady": record}, "latency": {"midway_at": 1.0}}
+    return {"stalls": {"period_ms": 20.0, "latency": record}, "latency": {"midway_at": 1.0}}
 
 
 def test_compare_table_reports_the_stall_of_both_programs() -> None:
     run = {"n": 2000, "tls": True, "node": _stack(40.0), "trio_idle": _stack(None)}
     rows = {m: (a, b, r) for m, a, b, r in compare.rows_for(run)}
-    [stall] = [v for k, v in rows.items() if k.startswith("longest loop stall after the ramp")]
+    [stall] = [v for k, v in rows.items() if k.startswith("longest loop stall during the pushes")]
     # nothing above the threshold: shown as "< 5" and compared as 5 (an upper bound)
     assert stall == ("40.0", "< 5", "0.12×")
     assert "push → webhook p99 (a refresh half-way), ms" in rows
@@ -161,3 +161,21 @@ def test_probe_runs_beside_the_main_function_and_ends_with_it(
     assert trio.run(with_probe(stalls_once, 10.0, 50.0)) == "done"
     stalls = parse_stalls(line.encode() for line in capsys.readouterr().err.splitlines())
     assert stalls and max(ms for _, ms in stalls) >= 90.0
+
+
+def test_the_toggle_signal_switches_the_probe_to_its_coarse_period_and_back(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import os
+
+    import trio
+
+    async def toggled_twice() -> None:
+        await trio.sleep(0.05)
+        for _ in range(2):
+            os.kill(os.getpid(), TOGGLE_SIGNAL)
+            await trio.sleep(0.1)
+
+    trio.run(with_probe(toggled_twice, 20.0, 1000.0, coarse_ms=250.0))
+    switches = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("STALLPROBE")]
+    assert [ln.split("period_ms=")[1] for ln in switches] == ["250", "20"]

@@ -243,4 +243,8 @@ def test_quick_compare_runs_both_stacks(node_bin: str, tmp_path: Path) -> None:
             assert "max_ms" in stalls[window], (window, stalls)
     eld = run["node"]["event_loop_delay"]
     assert eld is not None and eld["resolutionMs"] == 20 and eld["maxMs"] >= eld["minMs"] > 0
-    assert "| longest loop stall after the ramp" in proc.stdout
+    assert "| longest loop stall during the pushes" in proc.stdout
+    # the probe went coarse for the idle-CPU window and fine again: two switches each
+    for name in ("node-50.log", "trio-idle-50.log"):
+        log = (tmp_path / "work" / "compare-n50-plain" / name).read_text()
+        assert log.count("STALLPROBE ") == 2, name
