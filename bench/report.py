@@ -239,29 +239,29 @@ def compare_series(
 
 def make_compare_plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
     """Both programs side by side against N: memory per session, idle CPU, p99, stall
-    (Node dashed, trio-idle solid; plaintext circles, TLS squares)."""
+    (Node orange, trio-idle blue; plaintext circles and solid, TLS squares and dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    programs = (("node", "Node + imapflow", "tab:orange"), ("trio_idle", "trio-idle", "tab:blue"))
     for ax, (title, ylabel, field) in zip(axes.flat, COMPARE_PANELS, strict=True):
-        for stack, name, line in (
-            ("node", "Node + imapflow", "--"),
-            ("trio_idle", "trio-idle", "-"),
-        ):
-            for tls, marker in ((False, "o"), (True, "s")):
+        for stack, name, colour in programs:
+            for tls, style in ((False, "o-"), (True, "s--")):
                 ns, values = compare_series(runs, stack, tls, field)
                 if ns:
                     label = f"{name}, {'TLS' if tls else 'plaintext'}"
-                    ax.plot(ns, values, line, marker=marker, label=label)
+                    ax.plot(ns, values, style, color=colour, label=label)
+        if field[0] in ("latency", "stalls"):
+            ax.set_yscale("log")  # a few ms to seconds
         if field[0] == "stalls":
             ax.axhline(50, color="grey", linestyle=":", linewidth=1, label="target (50 ms)")
         ax.set_xscale("log")
         ax.set_xlabel("sessions (N)")
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
