@@ -9,12 +9,14 @@ slower than 20 ms::
 With ``TRIO_IDLE_BENCH_GC_FREEZE=1``, SIGUSR1 makes the process call :func:`gc.freeze`
 (what a daemon-side fix would do once its sessions are up); the environment variable
 ``BENCH_GC_THRESHOLDS=a,b,c`` calls :func:`gc.set_threshold` first. Used by ``--gc-probe`` /
-``--gc-freeze``. SIGUSR2 runs one full collection of everything, frozen objects included
-(the soak ends with one: what the daemon's frozen generation held as garbage).
+``--gc-freeze``, the soak (daemon C) and ``--compare`` (what a stall was). SIGUSR2 runs
+one full collection of everything, frozen objects included (the soak ends with one: what
+the daemon's frozen generation held as garbage).
 ``BENCH_GC_INSPECT=1`` adds ``young=<n>`` to slow generation-1 lines: the objects walked.
 ``BENCH_SSL_MAX_SIZE=n`` sets asyncio's ``SSLProtocol.max_size`` (the
-per-connection TLS read buffer) to try a smaller one. The published figures use plain
-``python -m trio_idle.cli serve``.
+per-connection TLS read buffer) to try a smaller one. Daemons A and B of the published
+figures run plain ``python -m trio_idle.cli serve``; the hooks cost a Python call per
+collection (the automatic ones are young and few) and change nothing the daemon does.
 """
 
 from __future__ import annotations
