@@ -450,7 +450,7 @@ def rows_for(run: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         count, top = collection.get("gen2_collections"), collection.get("gen2_ms_max")
         out.append(
             (
-                "trio-idle's full collections after that refresh: how many, longest ms",
+                "trio-idle's collections (gen. 2) after that refresh: how many, longest ms",
                 "–",
                 f"{_num(count)}, {_num(top)}" if count else "0",
                 "–",
