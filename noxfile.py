@@ -94,12 +94,20 @@ def bench(session: nox.Session) -> None:
 
     Default: plaintext at N = 100, 1,000, 10,000, a 10-minute soak at 10,000, the plot
     (≈ 27 min). ``nox -s bench -- --quick`` for a fast run, ``-- --tls --n 100,1000,10000``
-    for TLS; ``-- --compare --n 1000,5000`` for trio-idle side by side with the Node +
-    imapflow baseline (plaintext and TLS; ``npm ci`` installs the baseline first); see
-    ``python -m bench --help``. ``bench/`` is a folder of the repository, not part of the
-    installed package: run it from the repository root.
+    for TLS. Issue 14's figures, trio-idle side by side with the Node + imapflow baseline
+    (``npm ci`` installs the baseline first; ≈ 7 min per pair, plus the ramps)::
+
+        nox -s bench -- --compare --n 1000,5000,10000 --security plain,tls --plot
+        nox -s bench -- --compare-markdown            # the tables again, from the JSON
+        nox -s bench -- --tls --n 10000 --soak-only --soak 7200 [--tracemalloc]
+
+    ``--profile DIR`` installs py-spy into the session first. See ``python -m bench
+    --help``. ``bench/`` is a folder of the repository, not part of the installed package:
+    run it from the repository root.
     """
     _install(session, "-e", ".[bench]")
+    if "--profile" in session.posargs:
+        _install(session, "py-spy")  # python -m bench refuses --profile without it
     # the Node + imapflow baseline of ``--compare``, exactly as its lock file pins it
     if shutil.which("npm"):
         with session.chdir(NODE_BASELINE):

@@ -9,10 +9,14 @@ slower than 20 ms::
 With ``TRIO_IDLE_BENCH_GC_FREEZE=1``, SIGUSR1 makes the process call :func:`gc.freeze`
 (what a daemon-side fix would do once its sessions are up); the environment variable
 ``BENCH_GC_THRESHOLDS=a,b,c`` calls :func:`gc.set_threshold` first. Used by ``--gc-probe`` /
-``--gc-freeze``. SIGUSR2 runs one full collection of everything, frozen objects included
-(the soak ends with one: what the daemon's frozen generation held as garbage).
+``--gc-freeze``, the soak (daemon C) and ``--compare`` (what a stall was). SIGUSR2 runs
+one full collection of everything, frozen objects included (the soak ends with one: what
+the daemon's frozen generation held as garbage).
 ``BENCH_GC_INSPECT=1`` adds ``young=<n>`` to slow generation-1 lines: the objects walked.
-The published figures use plain ``python -m trio_idle.cli serve``.
+Daemons A and B of the published figures run plain ``python -m trio_idle.cli serve``;
+the hooks cost a Python call per collection (the automatic ones are young and few) and
+change nothing the daemon does. With ``BENCH_TRACEMALLOC_DIR`` alone (``--tracemalloc``),
+SIGUSR1 starts tracing and then dumps one snapshot per signal.
 
 For soaks and stall measurements (all off unless set):
 
@@ -50,6 +54,7 @@ import signal
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -223,19 +228,51 @@ def _install_refresh_log(alternate: bool) -> None:
     daemon.collect_and_freeze = collect  # type: ignore[attr-defined]
 
 
+def _tracemalloc_signal(directory: Path, frames: int) -> Any:
+    def handler(_signum: int, _frame: Any) -> None:
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(frames)
+            sys.stderr.write(f"GCPROBE {time.time():.3f} tracemalloc started frames={frames}\n")
+            return
+        t0 = time.perf_counter()
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            (
+                tracemalloc.Filter(False, tracemalloc.__file__),
+                tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+            )
+        )
+        path = directory / f"snapshot-{round(time.time() * 1000)}.tmsnap"
+        snapshot.dump(str(path))
+        traced = tracemalloc.get_traced_memory()[0] // 1024
+        sys.stderr.write(
+            f"GCPROBE {time.time():.3f} tracemalloc path={path} "
+            f"ms={(time.perf_counter() - t0) * 1000:.0f} traced_kib={traced}\n"
+        )
+
+    return handler
+
+
 def main() -> int:
     """Install the hooks and run the daemon's CLI."""
     gc.callbacks.append(_callback)
     tick = os.environ.get("BENCH_TICK_INTERVAL")
     if tick:
         os.environ["TRIO_IDLE_TICK_INTERVAL"] = tick
-    frames = os.environ.get("BENCH_TRACEMALLOC")
-    if frames:
-        import tracemalloc
+    if os.environ.get("BENCH_STALL_PERIOD_MS"):
+        from bench import loop_probe
 
-        tracemalloc.start(int(frames))
+        loop_probe.install()
+    traced_frames = os.environ.get("BENCH_TRACEMALLOC")
+    snapshots = os.environ.get("BENCH_TRACEMALLOC_DIR")
+    if snapshots and not traced_frames:  # --tracemalloc: SIGUSR1 starts, then snapshots
+        if os.environ.get("TRIO_IDLE_BENCH_GC_FREEZE") == "1":
+            raise SystemExit("BENCH_TRACEMALLOC_DIR and TRIO_IDLE_BENCH_GC_FREEZE share SIGUSR1")
+        frames = int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "1"))
+        signal.signal(signal.SIGUSR1, _tracemalloc_signal(Path(snapshots), frames))
+    if traced_frames:  # traced from the start, a snapshot every BENCH_TRACEMALLOC_EVERY s
+        tracemalloc.start(int(traced_frames))
         every = float(os.environ.get("BENCH_TRACEMALLOC_EVERY", "300"))
-        directory = Path(os.environ.get("BENCH_TRACEMALLOC_DIR", "."))
+        directory = Path(snapshots or ".")
         directory.mkdir(parents=True, exist_ok=True)
         threading.Thread(target=_memory_sampler, args=(every, directory), daemon=True).start()
     elif os.environ.get("BENCH_MEMORY_EVERY"):

@@ -16,11 +16,13 @@ import datetime
 import json
 import math
 import random
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +30,18 @@ import attrs
 import trio
 
 from bench import phases
+from bench.loop_probe import stalls_in
 from bench.procinfo import machine_info, raise_nofile_limit, rss_kib
 from bench.procs import ADMIN_SECRET, DaemonProc, ServerPool, ServerProc
-from bench.report import format_table, make_plot, markdown_table
+from bench.report import format_table, make_compare_plot, make_plot, markdown_table
+from bench.soak_analysis import rss_growth, tracemalloc_diff
 
 #: the repository this folder belongs to: results go to its docs/, wherever it runs from
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = str(REPO_ROOT / "docs" / "perf" / "results.json")
 DEFAULT_PLOT = str(REPO_ROOT / "docs" / "perf" / "rss_latency.png")
 DEFAULT_COMPARE_OUT = str(REPO_ROOT / "docs" / "perf" / "compare.json")
+DEFAULT_COMPARE_PLOT = str(REPO_ROOT / "docs" / "perf" / "compare.png")
 
 
 @attrs.frozen
@@ -69,6 +74,15 @@ class Options:
     soak_rate: float = 20.0
     #: daemon C's TRIO_IDLE_REFRESH_INTERVAL (each refresh ends with its collection)
     soak_refresh: str = "5m"
+    #: seconds between the soak's RSS samples, and the warm-up its growth figure skips
+    soak_sample: float = 30.0
+    soak_warmup: float = 600.0
+    #: only daemon C (no A, no B: a new state file, its catch-up scans waited for)
+    soak_only: bool = False
+    #: tracemalloc in daemon C: started at the warm-up, a snapshot every this many seconds
+    #: and at the end (0: off)
+    tracemalloc_every: float = 0.0
+    tracemalloc_frames: int = 1
 
 
 def rate_for(n: int, opts: Options) -> float:
@@ -90,32 +104,50 @@ def _tls_files(workdir: Path) -> tuple[tuple[str, str], str]:
     return (str(chain), str(key)), str(ca_path)
 
 
-async def _start_profile(daemon: DaemonProc, out: Path, seconds: float) -> trio.Process | None:
-    """``py-spy record`` (raw collapsed stacks) of the daemon, if py-spy is installed."""
-    import shutil
+async def _start_profile(daemon: DaemonProc, out: Path, seconds: float) -> trio.Process:
+    """``py-spy record`` (raw collapsed stacks) of the daemon; its stderr goes to
+    ``<out>.log`` (:func:`_wait_profile` raises if it fails)."""
+    exe = check_profiler(str(out.parent))
+    assert exe is not None
+    with out.with_suffix(".log").open("wb") as log:
+        return await trio.lowlevel.open_process(
+            [
+                exe,
+                "record",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--rate",
+                "100",
+                "-d",
+                str(max(1, int(seconds))),
+                "-p",
+                str(daemon.pid),
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
 
-    exe = shutil.which("py-spy")
-    if exe is None:
+
+async def _wait_profile(profiler: trio.Process, out: Path) -> None:
+    """Wait for ``py-spy record``; a failure (no ptrace permission, say) is an error,
+    not a missing file noticed later."""
+    await profiler.wait()
+    problem = profile_failure(profiler.returncode, out)
+    if problem:
+        raise RuntimeError(problem)
+
+
+def profile_failure(returncode: int | None, out: Path) -> str | None:
+    """Why ``py-spy record`` into ``out`` failed (its log's tail), None if it worked."""
+    if returncode == 0 and out.exists():
         return None
-    return await trio.lowlevel.open_process(
-        [
-            exe,
-            "record",
-            "--nonblocking",
-            "--format",
-            "raw",
-            "--rate",
-            "100",
-            "-d",
-            str(max(1, int(seconds))),
-            "-p",
-            str(daemon.pid),
-            "-o",
-            str(out),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = out.with_suffix(".log")
+    tail = log.read_text(errors="replace").strip()[-500:] if log.exists() else ""
+    written = "written" if out.exists() else "not written"
+    return f"py-spy record exited with {returncode}, {out.name} {written}: {tail}"
 
 
 async def run_config(n: int, opts: Options, workdir: Path, rng: random.Random) -> dict[str, Any]:
@@ -174,13 +206,14 @@ async def run_config(n: int, opts: Options, workdir: Path, rng: random.Random) -
                 "latency_rate_per_s": rate_for(n, opts),
                 "latency_seconds": opts.latency_seconds,
             }
-            if not opts.skip_default:
+            if not opts.skip_default and not opts.soak_only:
                 result["default_limiter"] = await _daemon_a(
                     n, opts, workdir, pool, sink, rows, new_rows, base_env
                 )
-            result["high_limiter"] = await _daemon_b(
-                n, opts, workdir, pool, sink, rows, new_rows, base_env, rng
-            )
+            if not opts.soak_only:
+                result["high_limiter"] = await _daemon_b(
+                    n, opts, workdir, pool, sink, rows, new_rows, base_env, rng
+                )
             if opts.soak > 0 and n == max(opts.sizes):
                 result["soak"] = await _daemon_c(n, opts, workdir, pool, sink, rows, base_env, rng)
             result["server_rss_kib"] = (await pool.totals())["rss_kib"]
@@ -198,8 +231,9 @@ async def _serve_sink(sink: phases.Sink, *, task_status: trio.TaskStatus[None]) 
         task_status.started()
 
 
-def _ramp_timeout(n: int, rate: float) -> float:
-    return n / rate * 3 + 60
+def _ramp_timeout(n: int, rate: float, tls: bool = False) -> float:
+    # TLS handshakes on both sides share the 2 cores: allow 40 sessions/s at worst
+    return max(n / rate * 3, n / (40 if tls else 100)) + 60
 
 
 async def _daemon_a(
@@ -234,8 +268,10 @@ async def _phases_a(
     base = rss_kib(daemon.pid)
     print("  A: ramp (limiter 20 / 50/s)", flush=True)
     startup = sink.reasons.get("startup", 0)
-    out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, 50))
-    out["catch_up"] = await phases.catch_up(sink, daemon, startup, n, _ramp_timeout(n, 50))
+    out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, 50, opts.tls))
+    out["catch_up"] = await phases.catch_up(
+        sink, daemon, startup, n, _ramp_timeout(n, 50, opts.tls)
+    )
     out["state"] = "new"
     out["memory"] = await phases.settle_and_measure_rss(daemon, n, base, 2.0 if opts.quick else 5)
     print(f"  A: idle CPU without ticks ({opts.idle_window_notick:g}s)", flush=True)
@@ -243,7 +279,7 @@ async def _phases_a(
     k = len(new_rows)
     print("  A: reconcile", flush=True)
     out["reconcile"] = await phases.reconcile(
-        pool, daemon, rows[k:], new_rows, rows[:k], _ramp_timeout(k, 50)
+        pool, daemon, rows[k:], new_rows, rows[:k], _ramp_timeout(k, 50, opts.tls)
     )
     await trio.sleep(1.0)
     print("  A: shutdown", flush=True)
@@ -302,13 +338,13 @@ async def _phases_b(
     base = rss_kib(daemon.pid)
     print(f"  B: ramp (limiter {opts.high_concurrency} / {opts.high_rate:g}/s)", flush=True)
     startup = sink.reasons.get("startup", 0)
-    out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, opts.high_rate))
+    out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, opts.high_rate, opts.tls))
     # a restart (state copied from daemon A) has nothing to catch up; a new state file
     # means one startup scan per mailbox, over before the idle windows
     fresh = daemon.state_from is None
     out["state"] = "new" if fresh else "restart"
     out["catch_up"] = await phases.catch_up(
-        sink, daemon, startup, n if fresh else 0, _ramp_timeout(n, opts.high_rate)
+        sink, daemon, startup, n if fresh else 0, _ramp_timeout(n, opts.high_rate, opts.tls)
     )
     out["memory"] = await phases.settle_and_measure_rss(daemon, n, base, 2.0 if opts.quick else 5)
     windows: dict[str, tuple[float, float]] = {}
@@ -320,21 +356,19 @@ async def _phases_b(
         out["rss_after_freeze_kib"] = rss_kib(daemon.pid)
     print(f"  B: idle CPU with {opts.tick} ticks ({opts.idle_window:g}s)", flush=True)
     profiler = None
+    idle_profile = Path(opts.profile_dir or ".") / f"profile-idle-{tag}.txt"
     if opts.profile_dir:
-        profiler = await _start_profile(
-            daemon, Path(opts.profile_dir) / f"profile-idle-{tag}.txt", opts.idle_window
-        )
+        profiler = await _start_profile(daemon, idle_profile, opts.idle_window)
     started = time.time()
     out["idle_cpu"] = await phases.idle_cpu(pool, daemon, n, opts.idle_window)
     windows["idle"] = (started, time.time())
     if profiler is not None:
-        await profiler.wait()
+        await _wait_profile(profiler, idle_profile)
     rate = rate_for(n, opts)
     print(f"  B: latency ({rate:g} appends/s for {opts.latency_seconds:g}s)", flush=True)
+    push_profile = Path(opts.profile_dir or ".") / f"profile-push-{tag}.txt"
     if opts.profile_dir:
-        profiler = await _start_profile(
-            daemon, Path(opts.profile_dir) / f"profile-push-{tag}.txt", opts.latency_seconds + 1
-        )
+        profiler = await _start_profile(daemon, push_profile, opts.latency_seconds + 1)
     started = time.time()
     out["latency"] = await phases.latency(
         pool,
@@ -348,12 +382,12 @@ async def _phases_b(
     )
     windows["latency"] = (started, time.time())
     if profiler is not None:
-        await profiler.wait()
+        await _wait_profile(profiler, push_profile)
     out["rss_after_latency_kib"] = rss_kib(daemon.pid)
     k = len(new_rows)
     print("  B: reconcile", flush=True)
     out["reconcile"] = await phases.reconcile(
-        pool, daemon, rows[k:], new_rows, rows[:k], _ramp_timeout(k, opts.high_rate)
+        pool, daemon, rows[k:], new_rows, rows[:k], _ramp_timeout(k, opts.high_rate, opts.tls)
     )
     await trio.sleep(1.0)
     print("  B: shutdown", flush=True)
@@ -382,32 +416,99 @@ async def _daemon_c(
         "TRIO_IDLE_CONNECT_CONCURRENCY": str(opts.high_concurrency),
         "TRIO_IDLE_CONNECT_RATE": str(opts.high_rate),
         "TRIO_IDLE_REFRESH_INTERVAL": opts.soak_refresh,
+        "BENCH_STALL_PERIOD_MS": "20",
+        "BENCH_STALL_LOG_MS": "5",
     }
+    snapshots = workdir / f"tracemalloc-c-{n}"
+    if opts.tracemalloc_every > 0:
+        snapshots.mkdir(parents=True, exist_ok=True)
+        env["BENCH_TRACEMALLOC_DIR"] = str(snapshots)
+        env["BENCH_TRACEMALLOC_FRAMES"] = str(opts.tracemalloc_frames)
     b_state = workdir / f"daemon-b-{n}-state.sqlite3"
+    restart = b_state.exists()
     # under gc_probe (the CLI unchanged, plus a log line per full collection) so the soak
     # reports the after-refresh collections' pauses and can force a last full one
-    daemon = DaemonProc(workdir, f"daemon-c-{n}", env, "bench.gc_probe", state_from=b_state)
+    daemon = DaemonProc(
+        workdir, f"daemon-c-{n}", env, "bench.gc_probe", state_from=b_state if restart else None
+    )
     try:
         await daemon.start()
-        out: dict[str, Any] = {"refresh": opts.soak_refresh, "tick": "2m", "state": "restart"}
+        out: dict[str, Any] = {
+            "refresh": opts.soak_refresh,
+            "tick": "2m",
+            "state": "restart" if restart else "new",
+            "tracemalloc_every_s": opts.tracemalloc_every or None,
+        }
         base = rss_kib(daemon.pid)
         startup = sink.reasons.get("startup", 0)
         print("  C: ramp", flush=True)
-        out["ramp"] = await phases.ramp(pool, daemon, rows, _ramp_timeout(n, opts.high_rate))
-        out["catch_up"] = await phases.catch_up(sink, daemon, startup, 0, 0)
+        limit = _ramp_timeout(n, opts.high_rate, opts.tls)
+        out["ramp"] = await phases.ramp(pool, daemon, rows, limit)
+        out["catch_up"] = await phases.catch_up(
+            sink, daemon, startup, 0 if restart else n, 0 if restart else limit
+        )
         out["memory"] = await phases.settle_and_measure_rss(daemon, n, base, 5.0)
         print(f"  C: soak ({opts.soak:g}s, {opts.soak_rate:g} appends/s)", flush=True)
         started = time.time()
-        out["soak"] = await phases.soak(
-            pool, sink, daemon, [u for u, _ in rows], opts.soak_rate, opts.soak, rng
-        )
-        out["soak"]["gc"] = await phases.soak_gc(daemon, started, time.time())
+        async with trio.open_nursery() as nursery:
+            if opts.tracemalloc_every > 0:
+                nursery.start_soon(_tracemalloc_snapshots, daemon, opts)
+            out["soak"] = await phases.soak(
+                pool,
+                sink,
+                daemon,
+                [u for u, _ in rows],
+                opts.soak_rate,
+                opts.soak,
+                rng,
+                sample_every=opts.soak_sample,
+            )
+            nursery.cancel_scope.cancel()
+        ended = time.time()
+        soak = out["soak"]
+        soak["growth"] = rss_growth(soak["samples_t_rss_kib_cpu_s"], opts.soak_warmup)
+        soak["stalls"] = stalls_in(daemon.stalls(), started, ended, 5.0)
+        if opts.tracemalloc_every > 0:
+            soak["tracemalloc"] = await _tracemalloc_report(daemon, snapshots)
+        soak["gc"] = await phases.soak_gc(daemon, started, time.time())
         print("  C: shutdown", flush=True)
         out["shutdown"] = await phases.shutdown(pool, daemon, n)
         out["log_lines"] = daemon.log_counts()
         return out
     finally:
         daemon.kill()
+
+
+def _signal(daemon: DaemonProc, signum: int) -> None:
+    assert daemon.process is not None
+    daemon.process.send_signal(signum)
+
+
+async def _tracemalloc_snapshots(daemon: DaemonProc, opts: Options) -> None:
+    """SIGUSR1 at the warm-up (tracing starts; at once if the soak is shorter), then every
+    ``tracemalloc_every`` seconds (a snapshot each), until cancelled."""
+    warmup = opts.soak_warmup if opts.soak_warmup < opts.soak else 0.0
+    await trio.sleep(warmup)
+    _signal(daemon, signal.SIGUSR1)
+    while True:
+        await trio.sleep(opts.tracemalloc_every)
+        _signal(daemon, signal.SIGUSR1)
+
+
+async def _tracemalloc_report(daemon: DaemonProc, directory: Path) -> dict[str, Any]:
+    """One last snapshot, then what grew between the first snapshot and it."""
+    before = len(daemon.snapshots())
+    _signal(daemon, signal.SIGUSR1)
+    with trio.move_on_after(300):  # a snapshot of 10,000 sessions takes a while
+        while len(daemon.snapshots()) <= before:  # noqa: ASYNC110 - another process's log
+            await trio.sleep(0.5)
+    taken = daemon.snapshots()
+    out: dict[str, Any] = {"snapshots": taken, "directory": str(directory), "top": []}
+    if len(taken) >= 2:
+        first, last = Path(taken[0]["path"]), Path(taken[-1]["path"])
+        out["top"] = await trio.to_thread.run_sync(tracemalloc_diff, first, last)
+        out["between_s"] = round(taken[-1]["at"] - taken[0]["at"], 1)
+    return out
 
 
 def _key(run: dict[str, Any]) -> tuple[Any, ...]:
@@ -526,6 +627,35 @@ def build_parser() -> argparse.ArgumentParser:
         default="5m",
         help="daemon C's refresh interval (product default 5m; each refresh collects garbage)",
     )
+    p.add_argument(
+        "--soak-sample", type=float, default=30.0, help="seconds between RSS samples (30)"
+    )
+    p.add_argument(
+        "--soak-warmup",
+        type=float,
+        default=600.0,
+        help="seconds of the soak left out of its RSS growth per hour (600)",
+    )
+    p.add_argument(
+        "--soak-only",
+        action="store_true",
+        help="run only the soak daemon (no A, no B; it starts on a new state file)",
+    )
+    p.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="trace the soak daemon's allocations from the warm-up on (slower, more memory), "
+        "snapshots in the workdir, and print what grew by file:line",
+    )
+    p.add_argument(
+        "--tracemalloc-every",
+        type=float,
+        default=600.0,
+        help="seconds between tracemalloc snapshots with --tracemalloc (600)",
+    )
+    p.add_argument(
+        "--tracemalloc-frames", type=int, default=1, help="frames kept per allocation (1)"
+    )
     p.add_argument("--workdir", default=None, help="keep logs and files here (default: temp)")
     c = p.add_argument_group(
         "side by side with the Node stack (--compare)",
@@ -554,10 +684,54 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only print the comparison tables from --compare-out",
     )
+    c.add_argument(
+        "--compare-plot",
+        default=DEFAULT_COMPARE_PLOT,
+        help="the comparison's plot, written after --compare with --plot (or --plot-only)",
+    )
+    c.add_argument(
+        "--stall-period",
+        type=float,
+        default=20.0,
+        help="ms: the loop-stall probe's timer in both programs (20)",
+    )
+    c.add_argument(
+        "--settle-refresh",
+        action="store_true",
+        help="SIGHUP both once after the ramp too, so the refresh inside the latency window "
+        "is a steady-state one (not trio-idle's first full collection after the ramp)",
+    )
+    c.add_argument(
+        "--no-refresh",
+        action="store_true",
+        help="do not SIGHUP both programs half-way through the appends",
+    )
     return p
 
 
-def _compare_main(args: argparse.Namespace) -> int:
+def check_profiler(profile_dir: str | None) -> str | None:
+    """The py-spy executable for ``--profile`` (None without it); raises SystemExit with
+    the reason when py-spy is missing or cannot run, rather than profiling nothing."""
+    if profile_dir is None:
+        return None
+    import shutil
+
+    # a venv's scripts are not on PATH unless it is activated: look beside python too
+    beside = Path(sys.executable).parent / "py-spy"
+    exe = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+    if exe is None:
+        raise SystemExit(
+            "--profile: py-spy not found on PATH or beside "
+            f"{sys.executable} (pip install py-spy, or drop --profile)"
+        )
+    done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise SystemExit(f"--profile: {exe} --version failed: {done.stderr.strip()[-300:]}")
+    Path(profile_dir).mkdir(parents=True, exist_ok=True)
+    return exe
+
+
+def _compare_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``--compare``: both stacks, then the markdown ratio tables."""
     from bench import compare
     from bench.node_proc import NodeUnavailable, ensure_installed
@@ -565,6 +739,10 @@ def _compare_main(args: argparse.Namespace) -> int:
     out = Path(args.compare_out)
     if args.compare_markdown:
         print(compare.markdown(json.loads(out.read_text())["runs"]), end="")
+        return 0
+    if args.plot_only:
+        make_compare_plot(json.loads(out.read_text())["runs"], Path(args.compare_plot))
+        print(f"plot written to {args.compare_plot}")
         return 0
     quick = args.quick
     default_sizes = "50" if quick else "1000,5000"
@@ -597,9 +775,17 @@ def _compare_main(args: argparse.Namespace) -> int:
         settle=2.0 if quick else 5.0,
         # imapflow waits 15 s after its last command before IDLE: too long for a check
         node_idle_delay_ms=200 if quick else None,
+        stall_period_ms=args.stall_period,
+        refresh_midway=not args.no_refresh,
+        settle_refresh=args.settle_refresh,
+        command=" ".join(["python -m bench", *map(shlex.quote, argv)]),
     )
     limit = raise_nofile_limit()
     print(f"RLIMIT_NOFILE soft limit: {limit}", flush=True)
+    problem = compare.check_fd_limit(sizes, args.per_server, limit)
+    if problem:
+        print(f"--compare: {problem}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     if args.workdir:
         workdir = Path(args.workdir)
@@ -611,6 +797,9 @@ def _compare_main(args: argparse.Namespace) -> int:
     print()
     print(compare.markdown(runs), end="")
     print(f"\nresults: {out}  ({time.perf_counter() - started:.0f}s)")
+    if args.plot:
+        make_compare_plot(json.loads(out.read_text())["runs"], Path(args.compare_plot))
+        print(f"plot: {args.compare_plot}")
     return 0
 
 
@@ -636,9 +825,11 @@ def write_results(out: Path, runs: list[dict[str, Any]], fresh: bool) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.compare or args.compare_markdown:
-        return _compare_main(args)
+        return _compare_main(args, argv)
+    check_profiler(args.profile)
     out = Path(args.out)
     if args.markdown:
         print(markdown_table(json.loads(out.read_text())["runs"]))
@@ -678,7 +869,18 @@ def main(argv: list[str] | None = None) -> int:
         soak=args.soak,
         soak_rate=args.soak_rate,
         soak_refresh=args.soak_refresh,
+        soak_sample=args.soak_sample,
+        soak_warmup=args.soak_warmup,
+        soak_only=args.soak_only,
+        tracemalloc_every=args.tracemalloc_every if args.tracemalloc else 0.0,
+        tracemalloc_frames=args.tracemalloc_frames,
     )
+    if opts.soak_only and opts.soak <= 0:
+        print("--soak-only needs --soak SECONDS", file=sys.stderr)
+        return 2
+    if opts.tracemalloc_every and (opts.soak <= 0 or opts.tracemalloc_every <= 0):
+        print("--tracemalloc needs --soak SECONDS and --tracemalloc-every > 0", file=sys.stderr)
+        return 2
     limit = raise_nofile_limit()
     print(f"RLIMIT_NOFILE soft limit: {limit}", flush=True)
     started = time.perf_counter()

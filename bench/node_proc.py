@@ -23,6 +23,7 @@ from pathlib import Path
 
 import trio
 
+from bench.loop_probe import read_stalls
 from bench.procs import ADMIN_SECRET, PASSWORD, terminate_process, write_atomically
 
 NODE_DIR = Path(__file__).resolve().parent / "node_baseline"
@@ -155,7 +156,32 @@ class NodeProc:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return 0
-        return sum(1 for line in text.splitlines() if line and not line.startswith("{"))
+        return sum(
+            1
+            for line in text.splitlines()
+            if line and not line.startswith(("{", "STALL ", "STALLPROBE "))
+        )
+
+    def stalls(self) -> list[tuple[float, float]]:
+        """``(wall time, ms)`` of every stall the script's probe logged."""
+        return read_stalls(self.log_path)
+
+    async def event_loop_delay(self) -> dict[str, float] | None:
+        """SIGUSR2: the script's ``monitorEventLoopDelay`` figures (``maxMs``, ``minMs``,
+        ``resolutionMs``; whole timer intervals, the resolution included), None if it
+        did not answer within 10 s."""
+        assert self.process is not None
+        before = self.log_path.read_bytes().count(b'"eld"')
+        self.process.send_signal(signal.SIGUSR2)
+        with trio.move_on_after(10):
+            while True:
+                text = self.log_path.read_bytes()
+                if text.count(b'"eld"') > before:
+                    last = [ln for ln in text.splitlines() if b'"eld"' in ln][-1]
+                    eld: dict[str, float] = json.loads(last)["eld"]
+                    return eld
+                await trio.sleep(0.05)  # another process: nothing to wait on but its output
+        return None
 
 
 def tick_ms(tick: str) -> int:

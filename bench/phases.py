@@ -6,7 +6,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -169,10 +169,14 @@ async def latency(
     seconds: float,
     grace: float,
     rng: random.Random,
+    midway: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Appends at ``rate``/s for ``seconds`` across ``users`` (a random permutation, round
     robin, so a user gets mail again only after every other user did); then the time from
-    each EXISTS being sent to the first POST for that user received after the append."""
+    each EXISTS being sent to the first POST for that user received after the append.
+
+    ``midway`` (e.g. a SIGHUP refresh) is called once, half-way through the appends; the
+    wall time it returns is ``midway_at`` in the result."""
     count = max(1, round(rate * seconds))
     order = list(users)
     rng.shuffle(order)
@@ -188,6 +192,10 @@ async def latency(
     for s in pool.servers:
         names, offs = per_server[s.index]
         await s.call("appends", users=names, offsets=offs, start_at=start_at)
+    midway_at: float | None = None
+    if midway is not None:
+        await trio.sleep(max(0.0, start_at + seconds / 2 - time.time()))
+        midway_at = midway()
     await trio.sleep(max(0.0, start_at + offsets[-1] - time.time()))
     records: list[list[Any]] = []
     for s in pool.servers:
@@ -233,6 +241,8 @@ async def latency(
         "server_append_to_exists_p99_ms": _scaled(percentile(send_lag, 99), ms),
         "daemon_cpu_s": cpu_at_end_of_appends - cpu0,
         "daemon_cpu_pct_during_appends": (cpu_at_end_of_appends - cpu0) / max(seconds, 1e-9) * 100,
+        "first_append_at": start_at,
+        "midway_at": midway_at,
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import trio
 
+from bench.loop_probe import read_stalls
 from bench.procinfo import catches_signal
 
 #: child processes run ``python -m bench.…`` from here, whatever the caller's cwd
@@ -321,6 +322,20 @@ class DaemonProc:
                 found = {"ms": float(fields[b"ms"]), "collected": int(fields[b"collected"])}
         return found
 
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The tracemalloc snapshots :mod:`bench.gc_probe` dumped: ``at`` (wall time),
+        ``path``, ``ms`` (the loop was blocked that long), ``traced_kib``."""
+        return [
+            {
+                "at": when,
+                "path": fields[b"path"].decode(),
+                "ms": float(fields[b"ms"]),
+                "traced_kib": int(fields[b"traced_kib"]),
+            }
+            for when, kind, fields in self._probe_lines()
+            if kind == b"tracemalloc" and b"path" in fields
+        ]
+
     def gc_summary(self, windows: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
         """Generation-2 collections logged by :mod:`bench.gc_probe`, per window."""
         passes = self.gc_passes()
@@ -341,6 +356,11 @@ class DaemonProc:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
 
+    def stalls(self) -> list[tuple[float, float]]:
+        """``(wall time, ms)`` of every stall :mod:`bench.loop_probe` logged (none when
+        the daemon runs without it)."""
+        return read_stalls(self.log_path)
+
     def log_counts(self) -> dict[str, int]:
         """Log lines by level, plus other stderr lines (``other``: tracebacks, asyncio's
         "Task was destroyed but it is pending!" notices, counted as ``task_destroyed``)."""
@@ -353,7 +373,7 @@ class DaemonProc:
                         key = match.group(1).decode()
                     elif line.startswith(b"Task was destroyed but it is pending"):
                         key = "task_destroyed"
-                    elif line.startswith(b"task: <Task"):
+                    elif line.startswith((b"task: <Task", b"STALL", b"GCPROBE ")):
                         continue
                     else:
                         key = "other"

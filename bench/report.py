@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.soak_analysis import format_diff
+
 COLUMNS = (
     ("N", 6),
     ("sec", 5),
@@ -99,6 +101,28 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
                 f"pushes {s['pushes']['appends']} missed {s['pushes']['missed']} "
                 f"p99 {s['pushes']['p99_ms']} ms max {s['pushes']['max_ms']} ms"
             )
+            growth, stalls = s.get("growth") or {}, s.get("stalls") or {}
+            if growth:
+                pct = growth.get("pct_per_hour")
+                lines.append(
+                    f"  RSS growth after the first {growth['warmup_s']:.0f}s: "
+                    + (
+                        f"{pct:+.2f} %/h ({growth['kib_per_hour']:+.0f} KiB/h, "
+                        f"{growth['samples']} samples)"
+                        if pct is not None
+                        else f"– (only {growth['samples']} samples after the warm-up)"
+                    )
+                    + f"; longest loop stall {_stall_text(stalls)} ms"
+                    + (" (tracemalloc snapshots included)" if s.get("tracemalloc") else "")
+                )
+            traced = s.get("tracemalloc")
+            if traced:
+                lines.append(
+                    f"  tracemalloc: {len(traced['snapshots'])} snapshots in "
+                    f"{traced['directory']}; grew most between the first and the last "
+                    f"({traced.get('between_s', '?')} s apart):"
+                )
+                lines.extend(format_diff(traced["top"][:10]))
             gc = s.get("gc")
             if gc:
                 collections = gc.get("refresh_t_kind_ms_collected", [])
@@ -112,6 +136,12 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
                     f"{gc['rss_after_forced_kib'] / 1024:.0f} MiB"
                 )
     return "\n".join(lines)
+
+
+def _stall_text(stalls: dict[str, Any]) -> str:
+    if stalls.get("max_ms") is not None:
+        return f"{stalls['max_ms']:.1f}"
+    return f"< {stalls.get('below_ms', '?')}"
 
 
 MARKDOWN_HEADER = (
@@ -173,6 +203,72 @@ def make_plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
     left.set_title("Memory per IMAP IDLE session")
     right.set_ylabel("EXISTS sent → POST received, p99 (ms)")
     right.set_title("Push → webhook latency (p99)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: the comparison plot's panels: (title, y label, path into a stack's record)
+COMPARE_PANELS = (
+    ("Memory per session", "RSS after the ramp − before, / N (KiB)", ("memory", "per_session_kib")),
+    ("Idle CPU with ticks", "% of one core", ("idle_cpu", "pct_of_one_core")),
+    ("Push → webhook p99", "EXISTS sent → POST received (ms)", ("latency", "p99_ms")),
+    (
+        "Longest loop stall during the pushes (a refresh included)",
+        "20 ms timer late by (ms)",
+        ("stalls", "latency", "max_ms"),
+    ),
+)
+
+
+def compare_series(
+    runs: Sequence[dict[str, Any]], stack: str, tls: bool, path: Sequence[str]
+) -> tuple[list[int], list[float]]:
+    """``(N values, figures)`` of one program and mode from ``--compare`` records (full runs
+    only, one point per N: the last record wins; missing figures are left out)."""
+    by_n: dict[int, float] = {}
+    for run in runs:
+        if run["tls"] != tls or run.get("quick"):
+            continue
+        value = _get(run, stack, *path)
+        if isinstance(value, int | float):
+            by_n[run["n"]] = float(value)
+    ns = sorted(by_n)
+    return ns, [by_n[n] for n in ns]
+
+
+def make_compare_plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
+    """Both programs side by side against N: memory per session, idle CPU, p99, stall
+    (Node orange, trio-idle blue; plaintext circles and solid, TLS squares and dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    programs = (("node", "Node + imapflow", "tab:orange"), ("trio_idle", "trio-idle", "tab:blue"))
+    for ax, (title, ylabel, field) in zip(axes.flat, COMPARE_PANELS, strict=True):
+        for stack, name, colour in programs:
+            for tls, style in ((False, "o-"), (True, "s--")):
+                ns, values = compare_series(runs, stack, tls, field)
+                if ns:
+                    label = f"{name}, {'TLS' if tls else 'plaintext'}"
+                    ax.plot(ns, values, style, color=colour, label=label)
+        if field[0] in ("latency", "stalls"):
+            ax.set_yscale("log")  # a few ms to seconds
+        if field[0] == "stalls":
+            ax.axhline(50, color="grey", linestyle=":", linewidth=1, label="target (50 ms)")
+        ax.set_xscale("log")
+        ax.set_xlabel("sessions (N)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(
+        "trio-idle and the Node + imapflow baseline, one run per pair (python -m bench --compare)"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

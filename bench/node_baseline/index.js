@@ -13,9 +13,15 @@
 // Environment: MAILBOXES_FILE, IMAP_HOST (127.0.0.1), IMAP_PASSWORD, IMAP_TLS (1/0),
 // IMAP_CA_FILE (PEM, with IMAP_TLS), BACKEND_URL, ADMIN_SECRET, TICK_MS (120000),
 // CONNECT_CONCURRENCY (200), AUTO_IDLE_DELAY_MS (unset: imapflow's default, 15 s from the
-// last command to IDLE; the harness's --quick path shortens it).
+// last command to IDLE; the harness's --quick path shortens it), STALL_PERIOD_MS (20) and
+// STALL_LOG_MS (5): the loop-stall probe, the same as bench/loop_probe.py for trio-idle (a
+// STALL_PERIOD_MS timer re-armed forever; each lateness above STALL_LOG_MS is written to
+// stderr as `STALL <unix time> ms=<lateness>`). perf_hooks.monitorEventLoopDelay runs beside
+// it at the same resolution as a cross-check; SIGUSR2 prints its max with the counters.
+// SIGWINCH switches the probe to STALL_COARSE_MS (250) and back (see the handler).
 
 const fs = require('node:fs');
+const { monitorEventLoopDelay, performance } = require('node:perf_hooks');
 const { ImapFlow } = require('imapflow');
 
 const env = process.env;
@@ -28,6 +34,9 @@ const ADMIN_SECRET = env.ADMIN_SECRET || '';
 const TICK_MS = Number(env.TICK_MS || 120000);
 const CONNECT_CONCURRENCY = Number(env.CONNECT_CONCURRENCY || 200);
 const AUTO_IDLE_DELAY = env.AUTO_IDLE_DELAY_MS ? Number(env.AUTO_IDLE_DELAY_MS) : undefined;
+const STALL_PERIOD_MS = Number(env.STALL_PERIOD_MS || 20);
+const STALL_LOG_MS = Number(env.STALL_LOG_MS || 5);
+const STALL_COARSE_MS = Number(env.STALL_COARSE_MS || 250);
 
 /** email -> {client, tick, active, pending, closed} */
 const mailboxes = new Map();
@@ -138,7 +147,37 @@ process.on('SIGTERM', () => {
     process.exit(0);
 });
 process.on('SIGUSR2', () => {
-    process.stdout.write(JSON.stringify({ counters, mailboxes: mailboxes.size }) + '\n');
+    // monitorEventLoopDelay records whole intervals (resolution included), in ns
+    const eld = { maxMs: eldHistogram.max / 1e6, minMs: eldHistogram.min / 1e6, resolutionMs: STALL_PERIOD_MS };
+    process.stdout.write(JSON.stringify({ counters, mailboxes: mailboxes.size, eld }) + '\n');
+});
+
+// the loop-stall probe (see the header): how late a short timer fires
+const eldHistogram = monitorEventLoopDelay({ resolution: STALL_PERIOD_MS });
+eldHistogram.enable();
+let stallPeriod = STALL_PERIOD_MS;
+let stallExpected = performance.now() + stallPeriod;
+let stallTimer = null;
+function stallProbe() {
+    const now = performance.now();
+    const late = now - stallExpected;
+    if (late > STALL_LOG_MS) {
+        process.stderr.write(`STALL ${(Date.now() / 1000).toFixed(3)} ms=${late.toFixed(1)}\n`);
+    }
+    stallExpected = performance.now() + stallPeriod;
+    stallTimer = setTimeout(stallProbe, stallPeriod);
+}
+stallTimer = setTimeout(stallProbe, stallPeriod);
+// SIGWINCH: the coarse period (STALL_COARSE_MS) and back, as bench/loop_probe.py does
+// around the idle-CPU window; the histogram's own 20 ms timer pauses with it
+process.on('SIGWINCH', () => {
+    stallPeriod = stallPeriod === STALL_PERIOD_MS ? STALL_COARSE_MS : STALL_PERIOD_MS;
+    if (stallPeriod === STALL_PERIOD_MS) eldHistogram.enable();
+    else eldHistogram.disable();
+    process.stderr.write(`STALLPROBE ${(Date.now() / 1000).toFixed(3)} period_ms=${stallPeriod}\n`);
+    clearTimeout(stallTimer);
+    stallExpected = performance.now() + stallPeriod;
+    stallTimer = setTimeout(stallProbe, stallPeriod);
 });
 // keeps the process alive while it has no mailboxes yet
 setInterval(() => {}, 1 << 30);

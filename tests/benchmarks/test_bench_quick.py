@@ -58,6 +58,13 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
             "4",
             "--soak-refresh",
             "1s",
+            "--soak-sample",
+            "1",
+            "--soak-warmup",
+            "0",
+            "--tracemalloc",
+            "--tracemalloc-every",
+            "1.5",
             "--out",
             str(out),
             "--workdir",
@@ -120,6 +127,13 @@ def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
     assert len(soak["gc"]["refresh_t_kind_ms_collected"]) >= 2, soak["gc"]
     assert soak["gc"]["forced_full"]["ms"] > 0, soak["gc"]
     assert "a forced full one at the end" in proc.stdout
+    # growth per hour from the samples after the warm-up, the stall, what grew (tracemalloc)
+    assert soak["growth"]["samples"] >= 3 and soak["growth"]["pct_per_hour"] is not None
+    assert "max_ms" in soak["stalls"] and "RSS growth after the first 0s" in proc.stdout
+    traced = soak["tracemalloc"]
+    assert len(traced["snapshots"]) >= 2 and traced["top"], traced
+    assert all(Path(s["path"]).exists() for s in traced["snapshots"])
+    assert "tracemalloc: " in proc.stdout
     assert c["shutdown"]["exit_code"] == 0 and c["shutdown"]["logouts"] == 200
     assert c["log_lines"].get("ERROR", 0) == 0, c["log_lines"]
 
@@ -219,3 +233,18 @@ def test_quick_compare_runs_both_stacks(node_bin: str, tmp_path: Path) -> None:
     assert run["trio_idle"]["shutdown"]["logouts"] == 50
     assert run["trio_idle"]["catch_up"]["startup_scans"] == 50
     assert run["trio_idle"]["log_lines"].get("ERROR", 0) == 0
+    # both got the SIGHUP half-way through the pushes, and both ran the stall probe
+    for stack in ("node", "trio_idle"):
+        record = run[stack]
+        assert record["latency"]["midway_at"] is not None
+        stalls = record["stalls"]
+        assert stalls["period_ms"] == 20.0
+        for window in ("ramp", "idle", "latency", "run", "steady", "refresh"):
+            assert "max_ms" in stalls[window], (window, stalls)
+    eld = run["node"]["event_loop_delay"]
+    assert eld is not None and eld["resolutionMs"] == 20 and eld["maxMs"] >= eld["minMs"] > 0
+    assert "| longest loop stall during the pushes" in proc.stdout
+    # the probe went coarse for the idle-CPU window and fine again: two switches each
+    for name in ("node-50.log", "trio-idle-50.log"):
+        log = (tmp_path / "work" / "compare-n50-plain" / name).read_text()
+        assert log.count("STALLPROBE ") == 2, name
