@@ -246,7 +246,10 @@ class Daemon:
                 f"{len(self.reconciler.handles)} sessions on the last good list"
             )
             return False
-        wanted, problems = build_connections(rows, self._key)
+        # Validating and decrypting thousands of rows takes a few hundred milliseconds:
+        # in a worker thread the loop keeps serving IMAP meanwhile (it gets the GIL back
+        # every few milliseconds) instead of stalling for all of it.
+        wanted, problems = await trio.to_thread.run_sync(build_connections, rows, self._key)
         current = {(p.connection_id, p.message) for p in problems}
         for conn_id, message in sorted(current - self._logged_problems):
             self.stats.inc("rows_skipped")

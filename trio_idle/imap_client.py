@@ -274,7 +274,7 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.literal_data = None
         self.incomplete_line = b""
         self.current_command = None
-        self.conn_lost_cb = self._lost
+        self.conn_lost_cb: Callable[[Exception | None], None] | None = self._lost
         self.tasks: set[Any] = set()
         self.tagnum = 0
         self.tagpre = aioimaplib.int2ap(random.randint(4096, 65535))
@@ -302,10 +302,18 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.monitor.connection_lost(exc or self._protocol_error)
 
     def lost(self, exc: Exception | None) -> None:
-        """The connection ended (server close, read error, or our own close): once."""
+        """The connection ended (server close, read error, or our own close): once.
+
+        Also drops what referred back to this object (its bound callback, the commands
+        still pending), so an ended connection is freed by reference counting, without
+        waiting for a full garbage collection."""
         if not self._lost_seen:
             self._lost_seen = True
             self.connection_lost(exc)
+            self.conn_lost_cb = None
+            self.pending_sync_command = None
+            self.pending_async_commands.clear()
+            self.queued.clear()
 
     def data_received(self, d: bytes) -> None:
         self.monitor.activity()

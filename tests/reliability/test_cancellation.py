@@ -82,3 +82,37 @@ async def test_cancelling_a_session_at_any_moment_leaves_nothing_behind(
             await trio.lowlevel.checkpoint()  # a crash report would surface here
     print(f"cancelled in: {reached}")
     assert len(reached) >= 4, f"cancellation did not spread: {reached} (CHAOS_SEED={seed})"
+
+
+async def test_an_ended_connection_is_freed_without_a_garbage_collection(
+    server: ImapTestServer,
+) -> None:
+    # Full collections are rare (trio_idle/gc_policy.py): what an ended connection held
+    # must go with its last reference, not wait for one.
+    import weakref
+
+    server.add_user(A, PASSWORD)
+    conn = MailConnection("c", None, A, "127.0.0.1", server.port, A, Secret(PASSWORD))
+    timeouts = ImapTimeouts(connect=5, command=5, keepalive_idle=60)
+    for end in ("logout", "abort", "server-close"):
+        imap = await connect(conn, security="plain", context=None, timeouts=timeouts)
+        await imap.login(A, PASSWORD)
+        await imap.select("INBOX")
+        await imap.idle_start()
+        await imap.restart_idle(noop=True)
+        protocol = weakref.ref(imap.protocol)
+        gc.disable()
+        try:
+            if end == "logout":
+                await imap.logout(2)
+            elif end == "abort":
+                imap.abort()
+            else:
+                server.drop(A, "fin")
+                with trio.fail_after(5):
+                    await imap.wait()
+                imap.abort()
+            del imap
+            assert protocol() is None, f"{end}: the protocol outlived its connection"
+        finally:
+            gc.enable()
