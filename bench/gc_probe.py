@@ -12,7 +12,8 @@ With ``TRIO_IDLE_BENCH_GC_FREEZE=1``, SIGUSR1 makes the process call :func:`gc.f
 ``--gc-freeze``, the soak (daemon C) and ``--compare`` (what a stall was). SIGUSR2 runs
 one full collection of everything, frozen objects included (the soak ends with one: what
 the daemon's frozen generation held as garbage).
-``BENCH_GC_INSPECT=1`` adds ``young=<n>`` to slow generation-1 lines: the objects walked.
+``BENCH_GC_INSPECT=1`` adds ``young=<n>`` to slow generation-1 lines: the objects walked;
+``=2`` also ``big=<type>:<len>,…``, the young containers with the most items.
 Daemons A and B of the published figures run plain ``python -m trio_idle.cli serve``;
 the hooks cost a Python call per collection (the automatic ones are young and few) and
 change nothing the daemon does. With ``BENCH_TRACEMALLOC_DIR`` alone (``--tracemalloc``),
@@ -64,23 +65,43 @@ from trio_idle.gc_policy import Collection, Kind, collect_and_freeze
 
 _started: list[float] = [0.0]
 _young: list[int] = [0]
-_INSPECT = os.environ.get("BENCH_GC_INSPECT") == "1"
+_INSPECT = os.environ.get("BENCH_GC_INSPECT") in ("1", "2")
+#: ``2``: also the biggest young containers of a slow generation-1 pass (what it walked)
+_INSPECT_BIG = os.environ.get("BENCH_GC_INSPECT") == "2"
+_big: list[str] = [""]
 
 
 def _callback(phase: str, info: dict[str, Any]) -> None:
     generation = info.get("generation", -1)
     if phase == "start":
         if _INSPECT and generation == 1:  # how many objects this collection walks
-            _young[0] = len(gc.get_objects(0)) + len(gc.get_objects(1))
+            walked = gc.get_objects(0) + gc.get_objects(1)
+            _young[0] = len(walked)
+            if _INSPECT_BIG:
+                _big[0] = _biggest(walked)
         _started[0] = time.perf_counter()
         return
     elapsed = time.perf_counter() - _started[0]
     if generation == 2 or elapsed > 0.02:
-        young = f" young={_young[0]}" if _INSPECT and generation == 1 else ""
+        young = f" young={_young[0]}{_big[0]}" if _INSPECT and generation == 1 else ""
         sys.stderr.write(
             f"GCPROBE {time.time():.3f} gen={generation} ms={elapsed * 1000:.1f} "
             f"collected={info.get('collected', 0)}{young}\n"
         )
+
+
+def _biggest(objects: list[Any]) -> str:
+    """`` big=<type>:<len>,...``: the five young containers with the most references."""
+    sized = []
+    for obj in objects:
+        try:
+            size = len(obj)
+        except TypeError:
+            continue
+        if size > 1000:
+            sized.append((size, type(obj).__qualname__))
+    sized.sort(reverse=True)
+    return " big=" + ",".join(f"{name}:{size}" for size, name in sized[:5]) if sized else ""
 
 
 def _freeze(_signum: int, _frame: Any) -> None:

@@ -47,7 +47,12 @@ from trio_idle.connections import MailConnection, RowProblem, build_connections
 from trio_idle.crypto import derive_key
 from trio_idle.daemon_status import DaemonStatus, Phase
 from trio_idle.errors import SourceError
-from trio_idle.gc_policy import CollectionPolicy, Kind, collect_and_freeze
+from trio_idle.gc_policy import (
+    CollectionPolicy,
+    Kind,
+    collect_and_freeze,
+    pace_young_collections,
+)
 from trio_idle.health import count_states
 from trio_idle.imap_client import make_ssl_context
 from trio_idle.limiter import ConnectLimiter, Pacer
@@ -456,6 +461,8 @@ async def run_daemon(
                         root.start_soon(daemon._share_starter, name="share-starter")
                     daemon.supervisor = await root.start(run_supervision, daemon, environ)
                     root.start_soon(daemon._refresh_loop, name="refresh")
+                    if settings.process.gc_mode == "tuned":
+                        root.start_soon(pace_young_collections, name="gc-pacer")
                     if settings.cluster.listen_url is not None:
                         daemon.listener = NotifyListener(
                             settings.cluster.listen_url,

@@ -28,6 +28,13 @@ refresh instead (``Daemon._collect_garbage``), of one of two kinds:
 
 Frozen objects that die through reference counting are freed at once, as always: freezing
 only changes what the collector walks.
+
+Young collections are paced (:func:`pace_young_collections`): CPython starts one when
+allocations *minus deallocations* pass 700, and a steady daemon frees about as many old
+objects as it makes new ones (every tick replaces each session's command objects), so
+that trigger rarely fires while the young generation grows with each tick's survivors —
+35,000–150,000 objects at 10,000 sessions, walked in collections of 20–95 ms that stop
+every session. A young collection every second walks only what that second left.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import time
 from typing import Final
 
 import attrs
+import trio
 
 #: connections ended (sessions removed, or reconnecting) since the last full collection
 #: that make the next one full: at least this many ...
@@ -168,3 +176,18 @@ def collect_and_freeze(kind: Kind) -> Collection:
         collected = gc.collect(1)
     gc.freeze()
     return Collection(kind, collected, time.perf_counter() - started)
+
+
+#: seconds between paced young collections
+YOUNG_INTERVAL: Final = 1.0
+
+
+async def pace_young_collections(interval: float = YOUNG_INTERVAL) -> None:
+    """Collect the young generations (``gc.collect(1)``) every ``interval`` seconds,
+    forever (see the module doc). Each walks what was created since the one before and is
+    still alive — a second's worth of objects (≈ 4,500 at 10,000 ticking sessions), where
+    CPython's own trigger let 100,000+ accumulate. Cancelled with the daemon's root
+    nursery; never raises otherwise."""
+    while True:
+        await trio.sleep(interval)
+        gc.collect(1)

@@ -154,3 +154,38 @@ def test_a_young_collection_freezes_what_it_did_not_walk(unfrozen: None) -> None
     assert gc.get_freeze_count() > 0
     collect_and_freeze(FULL)
     assert old_pair() is None
+
+
+async def _replace_steadily(seconds: float, live: list[list[int]]) -> int:
+    """What a ticking daemon does to the collector: each step frees as many old
+    containers as it makes new, long-lived ones. Returns the young generations' size."""
+    import trio
+
+    steps = int(seconds * 10)
+    for step in range(steps):
+        for i in range(200):
+            live[(step * 200 + i) % len(live)] = [step, i]  # one dies, one is born
+        await trio.sleep(0.1)
+    return len(gc.get_objects(0)) + len(gc.get_objects(1))
+
+
+async def test_paced_young_collections_keep_the_young_generations_small(
+    autojump_clock: object,
+) -> None:
+    # CPython collects generation 0 when allocations minus deallocations pass 700: a
+    # steady daemon never gets there, and its young generation grows with every tick's
+    # survivors until one slow collection walks them all (docs/performance.md).
+    import trio
+
+    from trio_idle.gc_policy import pace_young_collections
+
+    live: list[list[int]] = [[i] for i in range(100_000)]
+    gc.collect()
+    unpaced = await _replace_steadily(30, live)
+    gc.collect()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pace_young_collections)
+        paced = await _replace_steadily(30, live)
+        nursery.cancel_scope.cancel()
+    assert unpaced > 40_000  # the problem: 30 s of survivors, all young
+    assert paced < 6_000  # about a second's worth (2,000 survivors a second)
