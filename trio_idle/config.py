@@ -847,9 +847,10 @@ class ProcessSettings:
         _choice(GC_MODES),
         "tuned",
         "tuned: no automatic full garbage collections (they pause ≈ 2 s at 10,000 "
-        "sessions); after each refresh a collection of what is new since the last one "
-        "(about 40 percent of that), a full one only after much session churn and every 6 h "
-        "(docs/performance.md); python: CPython's defaults",
+        "sessions); the young generations collected every second; after each refresh a "
+        "young collection and a freeze, a full one only after many sessions ended, "
+        "unexplained memory growth, and every 6 h (docs/performance.md); "
+        "python: CPython's defaults",
     )
     shutdown_timeout: float = setting(
         "TRIO_IDLE_SHUTDOWN_TIMEOUT",

@@ -110,13 +110,7 @@ class ImapTransport:
         while True:
             if self._unsent:
                 await self.flush()
-            self._raise_if_closed()
-            await trio.lowlevel.wait_readable(self._sock)
-            self._raise_if_closed()
-            try:
-                data = self._sock.recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                continue
+            data = await self._recv()
             tls = self._tls
             if tls is None:
                 return data
@@ -162,13 +156,7 @@ class ImapTransport:
             if outgoing.pending:
                 self._send(outgoing.read())
             await self.flush()
-            self._raise_if_closed()
-            await trio.lowlevel.wait_readable(self._sock)
-            self._raise_if_closed()
-            try:
-                data = self._sock.recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                continue
+            data = await self._recv()
             if not data:
                 raise ConnectionResetError("server closed the connection during the TLS handshake")
             incoming.write(data)
@@ -177,6 +165,17 @@ class ImapTransport:
         self._tls, self._incoming, self._outgoing = tls, incoming, outgoing
 
     # -- internals ---------------------------------------------------------------------
+
+    async def _recv(self) -> bytes:
+        """Bytes as the socket has them (ciphertext under TLS), after waiting for them."""
+        while True:
+            self._raise_if_closed()
+            await trio.lowlevel.wait_readable(self._sock)
+            self._raise_if_closed()
+            try:
+                return self._sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                continue
 
     def _decrypt(self, tls: ssl.SSLObject) -> bytes | None:
         """All plaintext OpenSSL can give now; ``b""`` at the server's close_notify or
