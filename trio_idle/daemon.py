@@ -111,6 +111,8 @@ class Daemon:
         self.reconciler = reconciler
         self.stats = stats
         self.gc_policy = CollectionPolicy()
+        #: cancelled when shutdown starts: the young-collection pacer never ends by itself
+        self._gc_pacer = trio.CancelScope()
         #: health endpoint, pings, systemd; set by :func:`run_daemon` before it reports
         self.supervisor: Supervisor | None = None
         self._root = root
@@ -228,10 +230,16 @@ class Daemon:
             self._share_wake.set()
         if self.listener is not None:
             self.listener.stop()
+        self._gc_pacer.cancel()  # it never ends by itself: the root nursery would wait
         self._root.cancel_scope.deadline = (
             trio.current_time() + self.settings.process.shutdown_timeout
         )
         self._refresh_now.set()
+
+    async def _pace_gc(self) -> None:
+        """Young collections every second until shutdown starts (gc_policy.py)."""
+        with self._gc_pacer:
+            await pace_young_collections()
 
     def _stopped(self) -> None:
         self._phase = Phase.STOPPED
@@ -462,7 +470,7 @@ async def run_daemon(
                     daemon.supervisor = await root.start(run_supervision, daemon, environ)
                     root.start_soon(daemon._refresh_loop, name="refresh")
                     if settings.process.gc_mode == "tuned":
-                        root.start_soon(pace_young_collections, name="gc-pacer")
+                        root.start_soon(daemon._pace_gc, name="gc-pacer")
                     if settings.cluster.listen_url is not None:
                         daemon.listener = NotifyListener(
                             settings.cluster.listen_url,
