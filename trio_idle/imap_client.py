@@ -981,13 +981,7 @@ class _SaslCommand(_Command):
             data = error_ack(self._mechanism)
         else:
             data = b"*"
-        _write(self._protocol, data + b"\r\n")
-
-
-def _write(protocol: _Protocol, data: bytes) -> None:
-    transport = protocol.transport
-    if transport is not None and not transport.is_closing():
-        transport.write(data)
+        self._protocol.write(data + b"\r\n")
 
 
 async def _resolve(host: str, port: int) -> list[tuple[int, Any]]:
