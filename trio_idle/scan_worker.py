@@ -1,9 +1,9 @@
 """Sends a connection's scans, one at a time, retrying while the scan stays active.
 
 A worker task takes a connection's scans from its
-:class:`~trio_idle.coalescer.ScanCoalescer`: in the daemon one started on demand
-(:func:`run_scans`, only while a scan is wanted), or a standing one
-(:func:`run_scan_worker`). A failed attempt that is worth retrying
+:class:`~trio_idle.coalescer.ScanCoalescer`: :func:`run_scans`, started on demand by the
+coalescer's starter (:meth:`~trio_idle.coalescer.ScanCoalescer.attach`) and only while a
+scan is wanted. A failed attempt that is worth retrying
 (5xx, 429, timeout, refused) is retried with backoff — honouring ``Retry-After`` — while
 new requests pile up into the single pending slot, so a backend outage costs each
 mailbox at most one waiting scan, never a queue.
@@ -67,28 +67,6 @@ class ScanHooks:
     new_mail: Callable[[int], Awaitable[NewMail | None]] | None = None
 
 
-async def run_scan_worker(
-    conn: MailConnection,
-    coalescer: ScanCoalescer,
-    webhook: WebhookClient,
-    policy: ScanPolicy,
-    stats: Stats,
-    log: Any,
-    rng: random.Random,
-    hooks: ScanHooks | None = None,
-) -> None:
-    """A standing worker: loop forever, wait for a scan, deliver it. Cancellation ends it
-    at any point (a scan not taken yet stays pending).
-
-    Catch-up scans (``startup``/``reconnect``) first wait for a global pacer slot, unless
-    new mail (EXISTS/tick) arrives meanwhile: then the scan goes at once, as ``exists``.
-    """
-    hooks = hooks or ScanHooks()
-    while True:
-        reason = await coalescer.next_scan()
-        await _scan(reason, conn, coalescer, webhook, policy, stats, log, rng, hooks)
-
-
 async def run_scans(
     conn: MailConnection,
     coalescer: ScanCoalescer,
@@ -99,9 +77,13 @@ async def run_scans(
     rng: random.Random,
     hooks: ScanHooks | None = None,
 ) -> None:
-    """An on-demand worker, the task a :meth:`ScanCoalescer.attach` starter starts: deliver
-    scans as :func:`run_scan_worker` does while one is pending, then return. Cancellation
-    ends it at any point; a scan not taken yet stays pending for the next task.
+    """The task a :meth:`ScanCoalescer.attach` starter starts: take the pending scan and
+    deliver it, one at a time, while one is pending, then return (and call
+    :meth:`ScanCoalescer.task_ended` however it ends). Cancellation ends it at any point; a
+    scan not taken yet stays pending for the next task.
+
+    Catch-up scans (``startup``/``reconnect``) first wait for a global pacer slot, unless
+    new mail (EXISTS/tick) arrives meanwhile: then the scan goes at once, as ``exists``.
     """
     hooks = hooks or ScanHooks()
     try:

@@ -8,7 +8,7 @@ after coalesced bursts and refusals, and the IMAP commands the envelope fetch co
 from __future__ import annotations
 
 import json
-import random
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
@@ -16,17 +16,17 @@ import trio
 import trio.testing
 
 from tests.unit.test_session_virtual_time import (
-    CONN,
     Rig,
     closed,
     connected,
     make_rig,
     running,
+    scanning,
     settled,
 )
 from trio_idle.imap_envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap_responses import MailboxState
-from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scan_worker
+from trio_idle.scan_worker import ScanHooks, ScanPolicy
 from trio_idle.secret import Secret
 from trio_idle.testing.fake_imap import FakeImapServer
 from trio_idle.webhook import WebhookClient
@@ -85,18 +85,9 @@ def webhook(backend: Backend) -> WebhookClient:
     )
 
 
-async def start_worker(nursery: trio.Nursery, rig: Rig, backend: Backend, envelopes: bool) -> None:
-    nursery.start_soon(
-        run_scan_worker,
-        CONN,
-        rig.coalescer,
-        webhook(backend),
-        ScanPolicy("INBOX", 1.0, 60.0),
-        rig.stats,
-        rig.log,
-        random.Random(1),
-        hooks(rig, envelopes),
-    )
+def scans(rig: Rig, backend: Backend, envelopes: bool) -> AbstractAsyncContextManager[None]:
+    """The session's scans sent to ``backend`` for the block (see :func:`scanning`)."""
+    return scanning(rig, webhook(backend), ScanPolicy("INBOX", 1.0, 60.0), hooks(rig, envelopes))
 
 
 async def quiet(rig: Rig) -> None:
@@ -112,8 +103,7 @@ async def test_a_coalesced_scan_carries_the_lowest_uid_not_yet_accepted(
     rig = make_rig(FakeImapServer(exists=3, uidnext=10, uidvalidity=5))
     server = rig.server
     backend = Backend([400], hold=True)  # the first scan is refused for good
-    async with running(rig), trio.open_nursery() as workers:
-        await start_worker(workers, rig, backend, envelopes=False)
+    async with running(rig), scans(rig, backend, envelopes=False):
         await connected(rig)
         server.deliver()  # uid 10: scan 1 goes out and is held
         await trio.testing.wait_all_tasks_blocked()
@@ -127,7 +117,6 @@ async def test_a_coalesced_scan_carries_the_lowest_uid_not_yet_accepted(
         await quiet(rig)
         server.deliver()  # uid 17, after an accepted scan covering up to 16
         await quiet(rig)
-        workers.cancel_scope.cancel()
     # refused: the pending scan starts where the refused one did; accepted: the next
     # starts right after what it covered
     assert backend.ranges() == [(10, None), (10, None), (17, None)]
@@ -140,8 +129,7 @@ async def test_a_uidvalidity_change_is_announced_until_a_scan_is_accepted(
     rig = make_rig(FakeImapServer(exists=3, uidnext=10, uidvalidity=5))
     server = rig.server
     backend = Backend([400])
-    async with running(rig), trio.open_nursery() as workers:
-        await start_worker(workers, rig, backend, envelopes=False)
+    async with running(rig), scans(rig, backend, envelopes=False):
         await connected(rig)
         server.renumber(6)
         server.drop()
@@ -152,7 +140,6 @@ async def test_a_uidvalidity_change_is_announced_until_a_scan_is_accepted(
         await quiet(rig)
         server.deliver()
         await quiet(rig)
-        workers.cancel_scope.cancel()
     assert backend.ranges() == [(None, True), (None, True), (5, None)]
     assert [p["uidValidity"] for p in backend.posts] == [6, 6, 6]
 
@@ -163,8 +150,7 @@ async def test_envelopes_cost_done_search_fetch_idle_and_arrive_with_the_scan(
     rig = make_rig(FakeImapServer(exists=3, uidnext=10, uidvalidity=5))
     server = rig.server
     backend = Backend()
-    async with running(rig), trio.open_nursery() as workers:
-        await start_worker(workers, rig, backend, envelopes=True)
+    async with running(rig), scans(rig, backend, envelopes=True):
         await connected(rig)
         server.deliver(2)
         await quiet(rig)
@@ -172,7 +158,6 @@ async def test_envelopes_cost_done_search_fetch_idle_and_arrive_with_the_scan(
         assert server.link.idling and len(server.links) == 1
         server.deliver(MAX_ENVELOPES + 1)  # too many: the range only
         await quiet(rig)
-        workers.cancel_scope.cancel()
     first, second = backend.posts
     assert first["sinceUid"] == 10 and [m["uid"] for m in first["messages"]] == [10, 11]
     assert first["messages"][0]["subject"] == "message 10"
@@ -187,14 +172,12 @@ async def test_a_silent_server_fails_the_fetch_but_the_scan_still_goes_out(
     rig = make_rig(FakeImapServer(exists=3, uidnext=10, uidvalidity=5))
     server = rig.server
     backend = Backend()
-    async with running(rig), trio.open_nursery() as workers:
-        await start_worker(workers, rig, backend, envelopes=True)
+    async with running(rig), scans(rig, backend, envelopes=True):
         await connected(rig)
         server.go_silent()
         server.link.monitor.untagged(b"* 4 EXISTS")  # pushed just before the silence
         await settled(rig, lambda: len(backend.posts) == 1)
         await connected(rig, link=2)  # the dead connection was replaced
         await quiet(rig)
-        workers.cancel_scope.cancel()
     assert backend.posts[0]["sinceUid"] == 10 and "messages" not in backend.posts[0]
     assert rig.stats.get("envelope_fetches", "unavailable") == 1

@@ -27,7 +27,7 @@ from trio_idle.config import GROUPS, OPTIONS, Settings
 from trio_idle.connections import MailConnection
 from trio_idle.imap_responses import MailboxState
 from trio_idle.limiter import ConnectLimiter
-from trio_idle.scan_worker import ScanPolicy, run_scan_worker
+from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scans
 from trio_idle.secret import Secret
 from trio_idle.session import (
     ConnectionMemory,
@@ -125,6 +125,29 @@ async def running(rig: Rig) -> AsyncIterator[trio.CancelScope]:
             yield scope
         nursery.cancel_scope.cancel()
     assert rig.stats.get("internal_errors") == 0, rig.log.texts("error")
+
+
+@contextlib.asynccontextmanager
+async def scanning(
+    rig: Rig, webhook: WebhookClient, policy: ScanPolicy, hooks: ScanHooks | None = None
+) -> AsyncIterator[None]:
+    """For the block, the session's scans are sent as the reconciler wires it: the
+    coalescer starts :func:`run_scans` while a scan is pending; afterwards no task is
+    started and the one running is cancelled (a pending scan stays pending)."""
+    rng = random.Random(1)  # one for every task, as the daemon's is one per process
+    async with trio.open_nursery() as nursery:
+
+        def start() -> None:
+            nursery.start_soon(
+                run_scans, CONN, rig.coalescer, webhook, policy, rig.stats, rig.log, rng, hooks
+            )
+
+        rig.coalescer.attach(start)
+        try:
+            yield
+        finally:
+            rig.coalescer.detach()
+            nursery.cancel_scope.cancel()
 
 
 async def settled(rig: Rig, condition: Any) -> None:
@@ -478,7 +501,7 @@ async def test_logout_to_a_silent_server_waits_the_logout_timeout_then_closes(
     assert server.commands()[-1] == "LOGOUT" and server.link.closed
 
 
-# -- coalescing through the real scan worker ----------------------------------------------
+# -- coalescing through the real scan task ------------------------------------------------
 
 
 async def test_any_mix_of_triggers_costs_at_most_one_active_and_one_pending_scan(
@@ -504,17 +527,7 @@ async def test_any_mix_of_triggers_costs_at_most_one_active_and_one_pending_scan
         transport=httpx.MockTransport(backend),
     )
     policy = ScanPolicy("INBOX", 1.0, 60.0)
-    async with running(rig), trio.open_nursery() as workers:
-        workers.start_soon(
-            run_scan_worker,
-            CONN,
-            rig.coalescer,
-            webhook,
-            policy,
-            rig.stats,
-            rig.log,
-            random.Random(1),
-        )
+    async with running(rig), scanning(rig, webhook, policy):
         await connected(rig)
         server.deliver()  # scan 1 goes out and hangs
         await trio.testing.wait_all_tasks_blocked()
@@ -534,7 +547,6 @@ async def test_any_mix_of_triggers_costs_at_most_one_active_and_one_pending_scan
         release.set()
         await trio.testing.wait_all_tasks_blocked()
         await trio.sleep(10 * TICK)  # ticks find nothing more: no third scan
-        workers.cancel_scope.cancel()
     await webhook.aclose()
     assert [p["reason"] for p in posts] == ["exists", "exists"]
     assert rig.coalescer.absorbed == 21
