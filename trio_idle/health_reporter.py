@@ -22,8 +22,7 @@ Guarantees:
 Task tree: the reporter runs in the connection's nursery next to the session
 (:mod:`trio_idle.reconcile`), started by :meth:`AccountHealth.observe` through the starter
 the connection attached (:meth:`AccountHealth.attach`) when an outcome makes a report due
-or debounced, and ending (:func:`run_health_reports`) when nothing is left to report; a
-standing reporter (:func:`run_health_reporter`) does the same work forever.
+or debounced, and ending (:func:`run_health_reports`) when nothing is left to report.
 """
 
 from __future__ import annotations
@@ -195,19 +194,6 @@ class StatusPolicy:
     retry_max: float
 
 
-async def run_health_reporter(
-    health: AccountHealth,
-    webhook: WebhookClient,
-    policy: StatusPolicy,
-    stats: Stats,
-    log: Any,
-    rng: random.Random,
-) -> None:
-    """A standing reporter: report ``health``'s changes until cancelled (see the module
-    docstring)."""
-    await _report(health, webhook, policy, stats, log, rng, forever=True)
-
-
 async def run_health_reports(
     health: AccountHealth,
     webhook: WebhookClient,
@@ -216,69 +202,57 @@ async def run_health_reports(
     log: Any,
     rng: random.Random,
 ) -> None:
-    """The reporter :meth:`AccountHealth.attach`'s starter starts: report as
-    :func:`run_health_reporter` does while a report is due or debounced, then return.
-    Cancellation ends it at any point; an undelivered report stays due for the next one."""
+    """The reporter :meth:`AccountHealth.attach`'s starter starts: report ``health``'s
+    changes (see the module docstring) while a report is due or debounced, then return
+    (and call :meth:`AccountHealth.reporter_ended` however it ends). Cancellation ends it
+    at any point; an undelivered report stays due for the next one."""
     try:
-        await _report(health, webhook, policy, stats, log, rng, forever=False)
+        retry = BackoffPolicy(policy.retry_initial, policy.retry_max, jitter=SCAN_RETRY_JITTER)
+        tracker, cell = health.tracker, health.cell
+        seen = cell.version
+        failures = 0
+        while True:
+            report = tracker.due(trio.current_time())
+            if report is None:
+                wake = tracker.next_due()
+                if wake is None:
+                    return  # no checkpoint since the check: a new outcome starts a new one
+                seen = await cell.wait_newer(seen, wake)
+                continue
+            seen = cell.version  # the report reflects every observation up to here
+            conn = health.conn
+            where = prefix(conn.email)
+            what = f"{report.health.state}/{report.health.reason or '-'}"
+            body = report_body(conn, report)
+            reply = await webhook.post(policy.url, body, webhook.signed_headers(body))
+            if reply.verdict is Verdict.OK:
+                failures = 0
+                tracker.delivered(report)
+                stats.inc("health_reports", "ok")
+                log.info(f"{where} account health reported: {what}")
+                continue
+            label = str(reply.status) if reply.status is not None else "network"
+            if reply.verdict is Verdict.REJECT:
+                failures = 0
+                tracker.delivered(report)  # not sent again: retrying would not help
+                stats.inc("health_reports", label)
+                log.error(f"{where} account health report ({what}) rejected: {reply.detail}")
+                continue
+            failures += 1
+            stats.inc("health_reports", "retried")
+            delay = retry.delay(failures, rng, hint=reply.retry_after)
+            log.warning(
+                f"{where} account health report ({what}) failed: {reply.detail}; retrying in "
+                f"{human_duration(delay)} unless the state changes first"
+            )
+            # A change of state meanwhile ends the wait: the next attempt carries the newest
+            # state. More outcomes of the same state (reconnects failing) do not: they would
+            # hammer a backend that is failing already.
+            deadline = trio.current_time() + delay
+            while trio.current_time() < deadline:
+                seen = await cell.wait_newer(seen, deadline)
+                newer = tracker.due(trio.current_time())
+                if newer is None or newer.health.key != report.health.key:
+                    break
     finally:
         health.reporter_ended()
-
-
-async def _report(
-    health: AccountHealth,
-    webhook: WebhookClient,
-    policy: StatusPolicy,
-    stats: Stats,
-    log: Any,
-    rng: random.Random,
-    *,
-    forever: bool,
-) -> None:
-    retry = BackoffPolicy(policy.retry_initial, policy.retry_max, jitter=SCAN_RETRY_JITTER)
-    tracker, cell = health.tracker, health.cell
-    seen = cell.version
-    failures = 0
-    while True:
-        report = tracker.due(trio.current_time())
-        if report is None:
-            wake = tracker.next_due()
-            if wake is None and not forever:
-                return  # no checkpoint since the check: a new outcome starts a new one
-            seen = await cell.wait_newer(seen, math.inf if wake is None else wake)
-            continue
-        seen = cell.version  # the report reflects every observation up to here
-        conn = health.conn
-        where = prefix(conn.email)
-        what = f"{report.health.state}/{report.health.reason or '-'}"
-        body = report_body(conn, report)
-        reply = await webhook.post(policy.url, body, webhook.signed_headers(body))
-        if reply.verdict is Verdict.OK:
-            failures = 0
-            tracker.delivered(report)
-            stats.inc("health_reports", "ok")
-            log.info(f"{where} account health reported: {what}")
-            continue
-        label = str(reply.status) if reply.status is not None else "network"
-        if reply.verdict is Verdict.REJECT:
-            failures = 0
-            tracker.delivered(report)  # not sent again: retrying would not help
-            stats.inc("health_reports", label)
-            log.error(f"{where} account health report ({what}) rejected: {reply.detail}")
-            continue
-        failures += 1
-        stats.inc("health_reports", "retried")
-        delay = retry.delay(failures, rng, hint=reply.retry_after)
-        log.warning(
-            f"{where} account health report ({what}) failed: {reply.detail}; retrying in "
-            f"{human_duration(delay)} unless the state changes first"
-        )
-        # A change of state meanwhile ends the wait: the next attempt carries the newest
-        # state. More outcomes of the same state (reconnects failing) do not: they would
-        # hammer a backend that is failing already.
-        deadline = trio.current_time() + delay
-        while trio.current_time() < deadline:
-            seen = await cell.wait_newer(seen, deadline)
-            newer = tracker.due(trio.current_time())
-            if newer is None or newer.health.key != report.health.key:
-                break

@@ -19,7 +19,7 @@ from trio_idle.account_health import Connected
 from trio_idle.connections import MailConnection, build_connection
 from trio_idle.crypto import derive_key
 from trio_idle.errors import ImapAuthError
-from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reporter
+from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reports
 from trio_idle.stats import Stats
 from trio_idle.testing.backend import Reply, ScanRequest
 from trio_idle.webhook import WebhookClient
@@ -130,8 +130,12 @@ async def test_a_failing_endpoint_gets_the_newest_state_one_report_at_a_time(rig
     policy = StatusPolicy(backend.url + backend.status_path, 0.2, 0.4)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                run_health_reporter, health, webhook, policy, Stats(), logger, random.Random()
+            stats, rng = Stats(), random.Random()
+            # wired as the reconciler does: a reporter runs only while a report is due
+            health.attach(
+                lambda: nursery.start_soon(
+                    run_health_reports, health, webhook, policy, stats, logger, rng
+                )
             )
             with trio.fail_after(15):
                 health.observe(ImapAuthError("login rejected: NO [AUTHENTICATIONFAILED] x"))
@@ -146,6 +150,7 @@ async def test_a_failing_endpoint_gets_the_newest_state_one_report_at_a_time(rig
                 )
                 failing = False
                 await backend.wait_for_status(lambda: bool(backend.status_for(A, accepted=True)))
+            health.detach()
             nursery.cancel_scope.cancel()
     finally:
         await webhook.aclose()
