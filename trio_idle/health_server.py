@@ -43,7 +43,6 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Iterable
-from http import HTTPStatus
 from typing import Any, Final, Literal
 
 import attrs
@@ -53,6 +52,7 @@ from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from trio_idle import __version__
+from trio_idle.http_serve import Refused, encode_response, read_request
 from trio_idle.secret import Secret
 from trio_idle.stats import Stats
 
@@ -419,35 +419,18 @@ class HealthServer:
                     return
             deadline = trio.current_time() + HEAD_TIMEOUT
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            conn.receive_data(await stream.receive_some(_RECEIVE_CHUNK))
-
     async def _receive_request(
         self, conn: h11.Connection, stream: trio.SocketStream, peer: str
     ) -> Request | Response | None:
-        """The next complete request (body drained), an error response to send before
-        closing, or ``None`` when the client closed."""
-        try:
-            event = await self._next_event(conn, stream)
-            if not isinstance(event, h11.Request):
-                return None
-            body = 0
-            part = await self._next_event(conn, stream)
-            while isinstance(part, h11.Data):
-                body += len(part.data)
-                if body > MAX_BODY_BYTES:
-                    return json_response(413, {"error": "request body too large"})
-                part = await self._next_event(conn, stream)
-        except h11.RemoteProtocolError as exc:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                return json_response(exc.error_status_hint, {"error": "bad request"})
+        """The next complete request (body read and dropped: no route reads one), an
+        error response to send before closing, or ``None`` when the client closed."""
+        received = await read_request(conn, stream, max_body=MAX_BODY_BYTES, chunk=_RECEIVE_CHUNK)
+        if isinstance(received, Refused):
+            error = "request body too large" if received.body_too_large else "bad request"
+            return json_response(received.status, {"error": error})
+        if received is None:
             return None
-        if not isinstance(part, h11.EndOfMessage):
-            return None  # the client went away mid-request
+        event = received.request
         auth = [value for name, value in event.headers if name == b"authorization"]
         return Request(
             method=event.method.decode("ascii", "replace"),
@@ -474,16 +457,11 @@ class HealthServer:
         ]
         if close:
             headers.append(("connection", "close"))
-        try:
-            reason = HTTPStatus(response.status).phrase.encode("ascii")
-        except ValueError:
-            reason = b""
-        response_head = h11.Response(status_code=response.status, headers=headers, reason=reason)
-        data = conn.send(response_head) or b""
-        if method != "HEAD":
-            data += conn.send(h11.Data(data=response.body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
+        await stream.send_all(
+            encode_response(
+                conn, response.status, headers, response.body, send_body=method != "HEAD"
+            )
+        )
 
 
 async def _linger(stream: trio.SocketStream) -> None:

@@ -48,12 +48,13 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from email import message_from_bytes
 from email import policy as email_policy
-from http import HTTPStatus
 from typing import Any, Final
 
 import attrs
 import h11
 import trio
+
+from trio_idle.http_serve import Refused, encode_response, read_request, reason_phrase
 
 __all__ = [
     "DEFAULT_GAMBLING_KEYWORDS",
@@ -508,40 +509,22 @@ class ScanBackend:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            conn.receive_data(await stream.receive_some(_RECEIVE_CHUNK))
-
     async def _serve_connection(
         self, conn: h11.Connection, stream: trio.SocketStream, number: int
     ) -> None:
         while True:
-            try:
-                event = await self._next_event(conn, stream)
-                if not isinstance(event, h11.Request):
-                    return  # ConnectionClosed (or PAUSED, which cannot happen here)
-                chunks: list[bytes] = []
-                size = 0
-                while True:
-                    part = await self._next_event(conn, stream)
-                    if isinstance(part, h11.Data):
-                        size += len(part.data)
-                        if size > MAX_BODY_BYTES:
-                            await self._send(conn, stream, 413, {"error": "body too large"})
-                            return
-                        chunks.append(bytes(part.data))
-                    elif isinstance(part, h11.EndOfMessage):
-                        break
-                    else:
-                        return  # closed mid-body
-            except h11.RemoteProtocolError as exc:
-                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await self._send(conn, stream, exc.error_status_hint, {"error": "bad http"})
+            received = await read_request(
+                conn, stream, max_body=MAX_BODY_BYTES, chunk=_RECEIVE_CHUNK
+            )
+            if isinstance(received, Refused):
+                error = "body too large" if received.body_too_large else "bad http"
+                await self._send(conn, stream, received.status, {"error": error})
                 return
-            keep_open = await self._handle_request(conn, stream, event, b"".join(chunks), number)
+            if received is None:
+                return  # closed (before a request or mid-body)
+            keep_open = await self._handle_request(
+                conn, stream, received.request, received.body, number
+            )
             if not keep_open or conn.our_state is not h11.DONE:
                 return
             if conn.their_state is not h11.DONE:
@@ -571,20 +554,14 @@ class ScanBackend:
             headers["transfer-encoding"] = "chunked"
         else:
             headers["content-length"] = str(len(body) if body_size is None else body_size)
-        try:
-            phrase = HTTPStatus(status).phrase.encode("ascii")
-        except ValueError:
-            phrase = b""
-        data = conn.send(
-            h11.Response(status_code=status, headers=list(headers.items()), reason=phrase)
-        )
-        if body_size is not None:
-            await stream.send_all(data or b"")
-            await self._send_padded_body(conn, stream, body, body_size)
+        if body_size is None:
+            await stream.send_all(encode_response(conn, status, list(headers.items()), body))
             return
-        data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
-        data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
+        head = h11.Response(
+            status_code=status, headers=list(headers.items()), reason=reason_phrase(status)
+        )
+        await stream.send_all(conn.send(head) or b"")
+        await self._send_padded_body(conn, stream, body, body_size)
 
     async def _send_padded_body(
         self, conn: h11.Connection, stream: trio.SocketStream, body: bytes, size: int

@@ -28,14 +28,16 @@ import secrets
 import socket
 import urllib.parse
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any, Final
 
 import attrs
 import h11
 import trio
 
+from trio_idle.http_serve import Received, encode_response, read_request
+
 MAX_BODY_BYTES: Final = 64 * 1024
+_RECEIVE_CHUNK: Final = 65536
 
 
 @attrs.define(eq=False)
@@ -212,21 +214,12 @@ class OAuthTestServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY_BYTES)
         try:
             while True:
-                event = await self._next(conn, stream)
-                if not isinstance(event, h11.Request):
-                    return
-                body = b""
-                while True:
-                    part = await self._next(conn, stream)
-                    if isinstance(part, h11.Data):
-                        body += bytes(part.data)
-                        if len(body) > MAX_BODY_BYTES:
-                            return
-                    elif isinstance(part, h11.EndOfMessage):
-                        break
-                    else:
-                        return
-                keep = await self._handle(conn, stream, event, body)
+                received = await read_request(
+                    conn, stream, max_body=MAX_BODY_BYTES, chunk=_RECEIVE_CHUNK
+                )
+                if not isinstance(received, Received):
+                    return  # closed, malformed or too large: closed without an answer
+                keep = await self._handle(conn, stream, received.request, received.body)
                 if not keep or conn.our_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
@@ -235,13 +228,6 @@ class OAuthTestServer:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-
-    async def _next(self, conn: h11.Connection, stream: trio.SocketStream) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            conn.receive_data(await stream.receive_some(65536))
 
     async def _handle(
         self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, body: bytes
@@ -329,13 +315,4 @@ class OAuthTestServer:
             "content-length": str(len(body)),
             **{k.lower(): v for k, v in headers.items()},
         }
-        try:
-            reason = HTTPStatus(status).phrase.encode("ascii")
-        except ValueError:
-            reason = b""
-        data = conn.send(
-            h11.Response(status_code=status, headers=list(all_headers.items()), reason=reason)
-        )
-        data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
-        data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
+        await stream.send_all(encode_response(conn, status, list(all_headers.items()), body))
