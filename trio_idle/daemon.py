@@ -159,6 +159,7 @@ class Daemon:
             row_problems=self._row_problems,
             sessions_removed=self._sessions_removed,
             cluster=self._cluster_view(),
+            listener=None if self.listener is None else self.listener.view(),
         )
 
     def _cluster_view(self) -> MembershipView | None:

@@ -21,6 +21,7 @@ import attrs
 if TYPE_CHECKING:
     from trio_idle.config import Settings
     from trio_idle.connections import RowProblem
+    from trio_idle.listener import ListenerView
     from trio_idle.membership import MembershipView
     from trio_idle.reconcile import Reconciler
     from trio_idle.stats import Stats
@@ -59,6 +60,8 @@ class DaemonStatus:
     sessions_removed: int
     #: shared mode: instance id, live members, fence, owned share; ``None`` when single
     cluster: MembershipView | None = None
+    #: the LISTEN/NOTIFY listener (``TRIO_IDLE_LISTEN_URL``); ``None`` when it is off
+    listener: ListenerView | None = None
 
     @property
     def stopping(self) -> bool:

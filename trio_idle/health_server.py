@@ -8,7 +8,8 @@ Routes (``GET`` and ``HEAD`` only):
   mailbox, else 503 (:func:`~trio_idle.health.assess_readiness`); JSON counts either way;
 - ``/metrics``: Prometheus text format (:mod:`trio_idle.metrics`);
 - ``/status``: JSON detail per connection (:meth:`Reconciler.snapshot`: ids, emails,
-  hosts, last errors; no secrets). Only with ``Authorization: Bearer <token>`` matching
+  hosts, last errors; no secrets), the cluster and the LISTEN/NOTIFY listener
+  (:mod:`trio_idle.supervision` builds it). Only with ``Authorization: Bearer <token>`` matching
   ``TRIO_IDLE_STATUS_TOKEN`` (401 otherwise), off (404) without a token configured, and
   served on its own address instead when ``TRIO_IDLE_STATUS_ADDR`` is set
   (:meth:`HealthRoutes.only`).

@@ -19,6 +19,10 @@ Guarantees:
   ``heartbeat_timeout`` or the connection is dropped and made again.
 - Reconnects back off (1 s doubling up to 30 s, reset after a connection that worked).
 - Errors are logged scrubbed of the URL's secrets; nothing here raises into the daemon.
+- What operators see of it (:meth:`NotifyListener.view`, shown in ``/status`` and the
+  metrics): whether it listens and since when, connections and failures counted by kind,
+  notifications and the time of the last one, and why the last connection ended (our
+  words plus the error's text scrubbed of the URL's secrets, cut: never the URL itself).
 
 Cancellation: :meth:`NotifyListener.run` may be cancelled at any point; the connection is
 then closed without waiting (``terminate``).
@@ -26,8 +30,8 @@ then closed without waiting (``terminate``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Literal
 
 import attrs
 import trio
@@ -50,6 +54,39 @@ DEFAULT_TABLE: Final = '"MailConnection"'
 #: at most one refresh request per this many seconds (a batch of row changes is one refresh)
 DEBOUNCE: Final = 0.5
 RECONNECT: Final = BackoffPolicy(1.0, 30.0, reset_after=60.0, jitter=0.5)
+
+#: why a listener connection ended: ``connect`` (no connection or no LISTEN: refused,
+#: timed out, authentication failed), ``lost`` (closed by the server or failed while
+#: listening), ``heartbeat`` (the ``SELECT 1`` went unanswered: a half-open link)
+FailureKind = Literal["connect", "lost", "heartbeat"]
+FAILURE_KINDS: Final[tuple[FailureKind, ...]] = ("connect", "lost", "heartbeat")
+
+
+@attrs.frozen(kw_only=True)
+class ListenerView:
+    """The listener at one moment, for ``/status`` and the metrics. Times are
+    ``trio.current_time()`` values; ``last_error`` is log-safe (scrubbed, cut)."""
+
+    channel: str
+    #: LISTENing right now
+    connected: bool
+    #: when ``connected`` took its current value (the listener's start before the first
+    #: connection); ``None`` before :meth:`NotifyListener.run` started
+    since: float | None
+    #: successful LISTENs so far: the first connection and every reconnect
+    connections: int
+    #: connections that ended or could not be made, by :data:`FailureKind`
+    failures: Mapping[str, int]
+    #: notifications received so far, and when the last one came (``None``: none yet)
+    notifications: int
+    last_notification: float | None
+    #: why the last connection ended (``None`` while none has)
+    last_error: str | None
+
+    @property
+    def reconnects(self) -> int:
+        """Connections after the first one."""
+        return max(0, self.connections - 1)
 
 
 @attrs.frozen
@@ -141,6 +178,45 @@ class NotifyListener:
         self.connections = 0
         self._connected_event = trio.Event()
         self._stop = trio.CancelScope()
+        # what view() reports; every change is followed by _changed_now()
+        self._since: float | None = None
+        self._failures: dict[str, int] = dict.fromkeys(FAILURE_KINDS, 0)
+        self._notifications = 0
+        self._last_notification: float | None = None
+        self._last_error: str | None = None
+        self._changed = trio.Event()
+
+    def view(self) -> ListenerView:
+        """The listener now (no checkpoint: every field is of the same moment)."""
+        return ListenerView(
+            channel=self._channel,
+            connected=self.listening,
+            since=self._since,
+            connections=self.connections,
+            failures=dict(self._failures),
+            notifications=self._notifications,
+            last_notification=self._last_notification,
+            last_error=self._last_error,
+        )
+
+    async def wait_view(self, done: Callable[[ListenerView], bool]) -> ListenerView:
+        """Return the view once ``done`` holds for it (a checkpoint, also if it already
+        does). Waits until cancelled if it never does: bound it with a cancel scope."""
+        await trio.lowlevel.checkpoint()
+        while not done(view := self.view()):
+            await self._changed.wait()
+        return view
+
+    def _changed_now(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _notified(self) -> None:
+        """asyncpg's notification callback (in the loop's thread, no checkpoint)."""
+        self._notifications += 1
+        self._last_notification = trio.current_time()
+        self._changed_now()
+        self._debouncer.poke()
 
     def stop(self) -> None:
         """End :meth:`run` (graceful shutdown): the connection is closed at once."""
@@ -156,15 +232,30 @@ class NotifyListener:
         """LISTEN until :meth:`stop` or cancelled, reconnecting with backoff. Never
         raises (but Cancelled)."""
         with self._stop:
-            await self._run()
+            try:
+                await self._run()
+            finally:
+                # stopped (shutdown): not listening any more, whatever it was doing
+                if self.listening:
+                    self.listening = False
+                    self._since = trio.current_time()
+                self._changed_now()
 
     async def _run(self) -> None:
+        self._since = trio.current_time()
+        self._changed_now()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._debouncer.run, name="listen-debounce")
             while True:
                 started = trio.current_time()
-                reason = await self._one_connection()
+                kind, reason = await self._one_connection()
+                if self.listening:
+                    self._since = trio.current_time()
                 self.listening = False
+                # counted here and logged below: every fault is both
+                self._failures[kind] += 1
+                self._last_error = reason
+                self._changed_now()
                 self._backoff.session_ended(trio.current_time() - started)
                 delay = self._backoff.next_delay()
                 logger.warning(
@@ -172,8 +263,8 @@ class NotifyListener:
                 )
                 await trio.sleep(delay)
 
-    async def _one_connection(self) -> str:
-        """Connect, LISTEN, heartbeat; returns why the connection ended."""
+    async def _one_connection(self) -> tuple[FailureKind, str]:
+        """Connect, LISTEN, heartbeat; returns how and why the connection ended."""
         import asyncpg  # only with TRIO_IDLE_LISTEN_URL
 
         lost = trio.Event()
@@ -189,12 +280,14 @@ class NotifyListener:
                 )
                 conn.add_termination_listener(lambda _conn: lost.set())
                 await trio_asyncio.aio_as_trio(conn.add_listener)(
-                    self._channel, lambda *_args: self._debouncer.poke()
+                    self._channel, lambda *_args: self._notified()
                 )
             self.listening = True
+            self._since = trio.current_time()
             self.connections += 1
             self._connected_event.set()
             self._connected_event = trio.Event()
+            self._changed_now()
             logger.info(
                 f"[idle/listen] listening on {self._channel}"
                 + (" again; full refresh (missed notifications)" if self.connections > 1 else "")
@@ -205,16 +298,23 @@ class NotifyListener:
                 with trio.move_on_after(self._heartbeat_interval):
                     await lost.wait()
                 if lost.is_set():
-                    return "listener connection closed by the server"
+                    return "lost", "listener connection closed by the server"
                 try:
                     with trio.fail_after(self._heartbeat_timeout):
                         await trio_asyncio.aio_as_trio(conn.fetchval)("SELECT 1")
                 except trio.TooSlowError:
-                    return f"listener heartbeat unanswered for {self._heartbeat_timeout:g}s"
+                    return (
+                        "heartbeat",
+                        f"listener heartbeat unanswered for {self._heartbeat_timeout:g}s",
+                    )
         except trio.TooSlowError:
-            return f"cannot connect the listener within {self._connect_timeout:g}s"
+            return "connect", f"cannot connect the listener within {self._connect_timeout:g}s"
         except Exception as exc:  # asyncpg, OS and protocol errors alike: retry
-            return f"listener connection failed: {type(exc).__name__}: {self._scrub(exc)}"
+            kind: FailureKind = "lost" if self.listening else "connect"
+            return (
+                kind,
+                f"listener connection failed: {type(exc).__name__}: {self._scrub(exc)}",
+            )
         finally:
             if conn is not None:
                 # no waiting for a polite close: the connection may be half-open

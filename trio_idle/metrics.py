@@ -100,6 +100,21 @@ LABELLED_COUNTERS: Final = (
 
 
 @attrs.frozen(kw_only=True)
+class ListenerMetrics:
+    """The LISTEN/NOTIFY listener for one scrape (:class:`trio_idle.listener.ListenerView`
+    with unix times)."""
+
+    connected: bool
+    #: unix time the current connection started listening; ``None`` while not connected
+    connected_since_unix: float | None
+    connections: int
+    #: failures by kind (``connect``, ``lost``, ``heartbeat``)
+    failures: Mapping[str, int]
+    notifications: int
+    last_notification_unix: float | None
+
+
+@attrs.frozen(kw_only=True)
 class MetricsInput:
     """What one scrape exports; built by :mod:`trio_idle.supervision` from the daemon."""
 
@@ -117,6 +132,8 @@ class MetricsInput:
     health: Mapping[tuple[str, str | None], int] = attrs.field(factory=dict)
     #: shared mode (instance id, members, owned share); ``None`` for a single instance
     cluster: MembershipView | None = None
+    #: the LISTEN/NOTIFY listener; ``None`` when ``TRIO_IDLE_LISTEN_URL`` is not set
+    listener: ListenerMetrics | None = None
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -217,6 +234,46 @@ def families(data: MetricsInput) -> Iterator[Metric]:
     )
     if data.cluster is not None:
         yield from _cluster_families(data.cluster)
+    if data.listener is not None:
+        yield from _listener_families(data.listener)
+
+
+def _listener_families(listener: ListenerMetrics) -> Iterator[Metric]:
+    """With ``TRIO_IDLE_LISTEN_URL`` only. Counts and times: no text from Postgres."""
+    yield _gauge(
+        "listener_connected",
+        "1 while the LISTEN/NOTIFY listener is connected and listening",
+        float(listener.connected),
+    )
+    yield _gauge(
+        "listener_connected_since_timestamp_seconds",
+        "unix time the listener's current connection started listening (0: not connected)",
+        listener.connected_since_unix or 0.0,
+    )
+    yield _counter(
+        "listener_connections",
+        "listener connections that reached LISTEN (the first one and every reconnect)",
+        listener.connections,
+    )
+    failures = CounterMetricFamily(
+        f"{PREFIX}_listener_failures",
+        "listener connections that ended or could not be made (connect: refused, timed "
+        "out or rejected; lost: closed or failed while listening; heartbeat: unanswered)",
+        labels=["reason"],
+    )
+    for reason, count in sorted(listener.failures.items()):
+        failures.add_metric([reason], count)
+    yield failures
+    yield _counter(
+        "listener_notifications",
+        "notifications of a changed connection table received",
+        listener.notifications,
+    )
+    yield _gauge(
+        "listener_last_notification_timestamp_seconds",
+        "unix time of the last notification received (0: none yet)",
+        listener.last_notification_unix or 0.0,
+    )
 
 
 def _cluster_families(view: MembershipView) -> Iterator[Metric]:

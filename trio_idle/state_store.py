@@ -12,6 +12,9 @@ Guarantees:
 - Writes never block the IDLE path: :meth:`StateStore.record` only marks the entry dirty;
   :meth:`StateStore.run_flusher` writes dirty entries in batches (SQLite in a worker
   thread, Postgres through trio-asyncio) and keeps them dirty if a write fails.
+- The stored ``uidnext`` never moves backwards within one ``uidvalidity``, in memory
+  (:meth:`StateStore.record`) and in the table (:attr:`StateSql.upsert`), whichever
+  instance's write lands last.
 - A missing, unreadable or corrupt store costs one catch-up scan per mailbox, never a
   crash: the failure is logged and counted, and the daemon starts from an empty state.
 
@@ -81,12 +84,28 @@ class StateSql:
 
     @property
     def upsert(self) -> str:
+        """Insert or update one mailbox's row, never moving ``uidnext`` backwards.
+
+        The stored row may be newer than the one written: in shared mode an instance that
+        lost a mailbox (handover, or fenced while Postgres was unreachable, its write kept
+        dirty and retried) can write its older scan after the new owner wrote a later one.
+        So within the same UIDVALIDITY the greater ``uidnext`` is kept, with the
+        ``scanned_at`` of the scan that reached it; a different (or unknown) UIDVALIDITY, or
+        an unknown ``uidnext``, replaces the row as before. ``removed_at`` always follows
+        the write (it describes the connection list, not the scan). The same text runs on
+        SQLite (>= 3.24) and Postgres: both read the stored row by the table's name and
+        the written one as ``excluded``, and a comparison with NULL is never true.
+        """
         values = ", ".join(self._param(n) for n in range(1, 7))
+        t = self.table
+        stale = f"{t}.uidvalidity = excluded.uidvalidity AND {t}.uidnext > excluded.uidnext"
         return (
-            f"INSERT INTO {self.table} VALUES ({values}) "
+            f"INSERT INTO {t} VALUES ({values}) "
             "ON CONFLICT (connection_id, mailbox) DO UPDATE SET "
-            "uidvalidity = excluded.uidvalidity, uidnext = excluded.uidnext, "
-            "scanned_at = excluded.scanned_at, removed_at = excluded.removed_at"
+            "uidvalidity = excluded.uidvalidity, "
+            f"uidnext = CASE WHEN {stale} THEN {t}.uidnext ELSE excluded.uidnext END, "
+            f"scanned_at = CASE WHEN {stale} THEN {t}.scanned_at ELSE excluded.scanned_at END, "
+            "removed_at = excluded.removed_at"
         )
 
     @property

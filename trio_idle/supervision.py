@@ -40,9 +40,10 @@ from trio_idle.health import (
     status_line,
 )
 from trio_idle.health_server import ROUTES, HealthRoutes, HealthServer, Response, json_response
+from trio_idle.listener import ListenerView
 from trio_idle.loop_monitor import LoopMonitor
 from trio_idle.membership import MembershipView
-from trio_idle.metrics import MetricsInput, make_registry
+from trio_idle.metrics import ListenerMetrics, MetricsInput, make_registry
 from trio_idle.pinger import run_pinger
 from trio_idle.reconcile import Handle
 from trio_idle.sd_notify import Notifier, watchdog_interval
@@ -82,6 +83,50 @@ def cluster_body(view: MembershipView | None) -> dict[str, Any] | None:
     }
 
 
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else round(max(0.0, now - then), 3)
+
+
+def listener_body(view: ListenerView | None, now: float) -> dict[str, Any] | None:
+    """The ``listener`` part of ``/status`` (``now``: ``trio.current_time()``); ``None``
+    without ``TRIO_IDLE_LISTEN_URL``. Its only text, ``last_error``, is our words plus
+    the error scrubbed by the listener: never the listen URL or its password."""
+    if view is None:
+        return None
+    return {
+        "channel": view.channel,
+        "connected": view.connected,
+        "state_age_seconds": _age(now, view.since),
+        "connections": view.connections,
+        "reconnects": view.reconnects,
+        "failures": dict(view.failures),
+        "notifications": view.notifications,
+        "last_notification_age_seconds": _age(now, view.last_notification),
+        "last_error": view.last_error,
+    }
+
+
+def listener_metrics(
+    view: ListenerView | None, now: float, now_unix: float
+) -> ListenerMetrics | None:
+    """The listener for the metrics, its times as unix times (``now`` is
+    ``trio.current_time()`` at ``now_unix``)."""
+    if view is None:
+        return None
+
+    def unix(t: float | None) -> float | None:
+        return None if t is None else now_unix - (now - t)
+
+    return ListenerMetrics(
+        connected=view.connected,
+        connected_since_unix=unix(view.since) if view.connected else None,
+        connections=view.connections,
+        failures=view.failures,
+        notifications=view.notifications,
+        last_notification_unix=unix(view.last_notification),
+    )
+
+
 class Supervisor:
     """Reads the daemon for the health decisions, the endpoint and the metrics."""
 
@@ -117,7 +162,8 @@ class Supervisor:
         )
 
     def metrics_input(self) -> MetricsInput:
-        snap = self.snapshot()
+        status = self.daemon.status()
+        snap = self.snapshot(status)
         handles = self.daemon.reconciler.handles.values()
         age = snap.refresh_age
         return MetricsInput(
@@ -131,7 +177,8 @@ class Supervisor:
             scans_active=sum(1 for h in handles if h.coalescer.active),
             scans_pending=sum(h.coalescer.pending for h in handles),
             health=health_counts(handles),
-            cluster=self.daemon.status().cluster,
+            cluster=status.cluster,
+            listener=listener_metrics(status.listener, snap.now, time.time()),
         )
 
     # -- routes ---------------------------------------------------------------------
@@ -161,6 +208,7 @@ class Supervisor:
             "last_refresh_error": status.last_refresh_error,
             "loop_lag_seconds": round(snap.loop_lag, 4),
             "cluster": cluster_body(status.cluster),
+            "listener": listener_body(status.listener, snap.now),
             "connections": self.daemon.reconciler.snapshot(),
             "skipped_rows": [
                 {"id": p.connection_id, "problem": p.message} for p in status.row_problems

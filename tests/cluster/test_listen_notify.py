@@ -205,6 +205,10 @@ async def test_a_half_open_listener_connection_is_noticed_by_the_heartbeat(
             frozen_at = trio.current_time()
             with trio.fail_after(5):
                 await poll_until(lambda: not listener.listening)
+            # what /status and the metrics show: a heartbeat failure, nothing else
+            down = listener.view()
+            assert down.failures == {"connect": 0, "lost": 0, "heartbeat": 1}
+            assert down.last_error == "listener heartbeat unanswered for 0.5s"
             proxy.thaw()
             with trio.fail_after(10):
                 await listener.wait_listening(2)
