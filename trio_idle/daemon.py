@@ -9,6 +9,7 @@ Task tree (see docs/architecture.md)::
             └── root nursery  (opened in the state nursery's body)
                 ├── supervision       loop lag, health/status endpoints, pings, systemd
                 ├── refresh loop      reads the source every refresh_interval, applies the diff
+                ├── ticker            writes every session's tick and IDLE renewal (ticker.py)
                 ├── membership        shared mode only: heartbeat, member list, fence
                 ├── share starter     shared mode only: starts the connections that moved here
                 ├── listener          with TRIO_IDLE_LISTEN_URL only: LISTEN → refresh now
@@ -71,6 +72,7 @@ from trio_idle.session import SessionEnv
 from trio_idle.state_store import StateStore, make_state_backend
 from trio_idle.stats import Stats
 from trio_idle.supervision import Supervisor, run_supervision
+from trio_idle.ticker import Ticker
 from trio_idle.token_backend import make_token_source
 from trio_idle.webhook import WebhookClient
 
@@ -111,8 +113,9 @@ class Daemon:
         self.reconciler = reconciler
         self.stats = stats
         self.gc_policy = CollectionPolicy()
-        #: cancelled when shutdown starts: the young-collection pacer never ends by itself
-        self._gc_pacer = trio.CancelScope()
+        #: cancelled when shutdown starts: the ticker and the young-collection pacer
+        #: never end by themselves
+        self._background = trio.CancelScope()
         #: health endpoint, pings, systemd; set by :func:`run_daemon` before it reports
         self.supervisor: Supervisor | None = None
         self._root = root
@@ -231,16 +234,20 @@ class Daemon:
             self._share_wake.set()
         if self.listener is not None:
             self.listener.stop()
-        self._gc_pacer.cancel()  # it never ends by itself: the root nursery would wait
+        self._background.cancel()  # they never end by themselves: the root nursery would wait
         self._root.cancel_scope.deadline = (
             trio.current_time() + self.settings.process.shutdown_timeout
         )
         self._refresh_now.set()
 
-    async def _pace_gc(self) -> None:
-        """Young collections every second until shutdown starts (gc_policy.py)."""
-        with self._gc_pacer:
-            await pace_young_collections()
+    async def _run_background(self, ticker: Ticker) -> None:
+        """Until shutdown starts: every session's tick and renewal (ticker.py) and, with
+        ``TRIO_IDLE_GC=tuned``, young collections every second (gc_policy.py)."""
+        with self._background:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticker.run, name="ticker")
+                if self.settings.process.gc_mode == "tuned":
+                    nursery.start_soon(pace_young_collections, name="gc-pacer")
 
     def _stopped(self) -> None:
         self._phase = Phase.STOPPED
@@ -443,6 +450,7 @@ async def run_daemon(
         grace=settings.store.state_grace,
     )
     tokens = make_token_source(settings)
+    ticker = Ticker(stats, logger)
     env = SessionEnv(
         settings=settings,
         limiter=ConnectLimiter.from_settings(settings.limits),
@@ -452,6 +460,7 @@ async def run_daemon(
         store=store,
         catchup_pacer=Pacer(settings.limits.catchup_rate),
         tokens=tokens,
+        ticker=ticker,
     )
     webhook = WebhookClient.from_settings(settings.webhook)
     daemon: Daemon | None = None
@@ -470,8 +479,7 @@ async def run_daemon(
                         root.start_soon(daemon._share_starter, name="share-starter")
                     daemon.supervisor = await root.start(run_supervision, daemon, environ)
                     root.start_soon(daemon._refresh_loop, name="refresh")
-                    if settings.process.gc_mode == "tuned":
-                        root.start_soon(daemon._pace_gc, name="gc-pacer")
+                    root.start_soon(daemon._run_background, ticker, name="ticker")
                     if settings.cluster.listen_url is not None:
                         daemon.listener = NotifyListener(
                             settings.cluster.listen_url,

@@ -296,6 +296,9 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.capture: list[bytes] | None = None
         #: commands already written, entered into aioimaplib's table one after the other
         self.queued: list[aioimaplib.Command] = []
+        #: told after the responses of each read were parsed, while a restart written by
+        #: :meth:`ImapConnection.begin_restart` waits for its answers
+        self.after_parse: Callable[[], None] | None = None
         self._lost_seen = False
 
     def _lost(self, exc: Exception | None) -> None:
@@ -311,6 +314,7 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
             self._lost_seen = True
             self.connection_lost(exc)
             self.conn_lost_cb = None
+            self.after_parse = None
             self.pending_sync_command = None
             self.pending_async_commands.clear()
             self.queued.clear()
@@ -321,6 +325,8 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
             return
         self.framer.feed(d)
         self._handle_buffered()
+        if self.after_parse is not None:
+            self.after_parse()
 
     def start_parsing_tls(self) -> None:
         """TLS is up after STARTTLS: parse again (what arrived since was decrypted)."""
@@ -486,6 +492,9 @@ class ImapConnection:
         #: write a tick's IDLE together with its DONE and NOOP; switched off for the rest
         #: of this connection if the server refuses an IDLE written that way
         self._pipeline_idle = True
+        #: a restart written by :meth:`begin_restart`, answered as the session reads
+        self._restart: _Restart | None = None
+        self._restarts = 0
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -523,6 +532,8 @@ class ImapConnection:
         monitor = self.monitor
         while not done():
             if monitor.lost is not None:
+                if monitor.failure is not None:
+                    raise monitor.failure
                 raise ConnectionLost(f"{what}: {monitor.problem() or 'connection lost'}")
             await self._pump()
 
@@ -736,6 +747,7 @@ class ImapConnection:
 
     async def idle_done(self) -> None:
         """Send DONE and wait for the IDLE command's tagged answer."""
+        await self._settle(self._deadline())
         idle = self._idle
         if idle is None:
             return
@@ -759,12 +771,13 @@ class ImapConnection:
         command that was not answered. Same guarantees as every command: a failure
         leaves the connection unusable.
         """
+        deadline = self._deadline()
+        await self._settle(deadline)
         old = self._idle
         if old is None:
             raise ConnectionLost("not idling")
         self._check()
         protocol = self.protocol
-        deadline = self._deadline()
         step = _Step("DONE")
         noop_command = _command("NOOP", protocol.new_tag()) if noop else None
         idle = self._new_idle() if self._pipeline_idle else None
@@ -814,6 +827,118 @@ class ImapConnection:
         if not await self._idle_read(step, idle):
             raise ImapError(f"IDLE failed: server refused IDLE: {idle.response.result}")
 
+    # -- the restart the process ticker writes (passive) ------------------------------
+
+    def begin_restart(self, *, noop: bool) -> int | None:
+        """Write ``DONE``, ``NOOP`` if ``noop``, and ``IDLE`` now, and return without
+        waiting: the answers are parsed as the session task reads (:meth:`wait`), so a
+        tick wakes that task once, for the answers, and never through a cancellation.
+
+        For the process's ticker (:mod:`trio_idle.ticker`), which runs in another task:
+        synchronous, never blocks, never raises. Returns a number for
+        :meth:`check_restart`, which must follow within the command timeout (the
+        deadline of the answers), or ``None`` when this cannot be done now — not idling,
+        a command or restart in progress, the server once refused a pipelined IDLE, the
+        connection unusable: the session then runs :meth:`restart_idle` itself.
+
+        An answer that is not ``OK`` ends the connection with the same error
+        :meth:`restart_idle` would raise (:attr:`PushMonitor.failure`); a refused
+        pipelined IDLE is sent again on its own, as there. Mail counted until IDLE is
+        confirmed is the tick's (:attr:`PushMonitor.ticking`).
+        """
+        old = self._idle
+        protocol = self.protocol
+        if (
+            old is None
+            or self._restart is not None
+            or not self._pipeline_idle
+            or protocol.queued
+            or self.monitor.problem() is not None
+            or self.transport.is_closing()
+        ):
+            return None
+        idle = self._new_idle()
+        noop_command: aioimaplib.Command | None = None
+        if noop:
+            noop_tag = protocol.new_tag()
+            noop_command = _Command("NOOP", noop_tag)
+            data = f"DONE\r\n{noop_tag} NOOP\r\n{idle.tag} IDLE\r\n".encode()
+            protocol.queued.append(noop_command)
+        else:
+            data = f"DONE\r\n{idle.tag} IDLE\r\n".encode()
+        protocol.queued.append(idle)
+        protocol.idle_outstanding = True
+        self._idle = None
+        self._restarts += 1
+        self._restart = _Restart(self._restarts, old, noop_command, idle)
+        self.monitor.ticking = noop
+        protocol.after_parse = self._restart_progress
+        protocol.write(data)
+        protocol.advance_queue()  # the server may have ended the old IDLE already
+        return self._restarts
+
+    def check_restart(self, number: int) -> None:
+        """The answers to restart ``number`` are due: if they are not all in, the
+        connection is dead (``no answer to NOOP within 30s``) and closed, which wakes the
+        session. Synchronous, never raises; a restart already answered (or a connection
+        already lost) is left alone."""
+        restart = self._restart
+        if restart is None or restart.number != number or self.monitor.lost is not None:
+            return
+        limit = self.timeouts.command
+        self.monitor.fail(
+            ConnectionLost(f"no answer to {restart.stage} within {limit:g}s", kind=KIND_TIMEOUT)
+        )
+        self.transport.close()
+
+    def _restart_progress(self) -> None:
+        """After each read while a restart is in flight: follow its answers in order."""
+        restart = self._restart
+        if restart is None or self.monitor.lost is not None:
+            return
+        try:
+            if restart.stage == "DONE":
+                if not _done(restart.old):
+                    return
+                if restart.old.response.result != "OK":
+                    raise ImapError(f"DONE failed: IDLE ended with {restart.old.response.result}")
+                restart.stage = "IDLE" if restart.noop is None else "NOOP"
+            if restart.stage == "NOOP":
+                assert restart.noop is not None
+                if not _done(restart.noop):
+                    return
+                if restart.noop.response.result != "OK":
+                    raise ImapError(f"NOOP failed: {restart.noop.response.result}")
+                restart.stage = "IDLE"
+            idle = restart.idle
+            if _done(idle):  # refused: once more on its own, then it is an error
+                if restart.alone:
+                    raise ImapError(f"IDLE failed: server refused IDLE: {idle.response.result}")
+                self._pipeline_idle = False
+                restart.alone = True
+                restart.idle = idle = self._new_idle()
+                self._send(idle)
+                self.protocol.idle_outstanding = True
+                return
+            if not self.protocol._idle_event.is_set():
+                return
+        except ImapError as exc:
+            self.monitor.fail(exc)
+            self._restart = None
+            self.protocol.after_parse = None
+            return
+        self._idle = idle
+        self._restart = None
+        self.protocol.after_parse = None
+        self.monitor.ticking = False
+
+    async def _settle(self, deadline: float) -> None:
+        """Read until a restart written by :meth:`begin_restart` is answered."""
+        restart = self._restart
+        if restart is not None:
+            step = _Step(restart.stage)
+            await self._until(step, lambda: self._restart is None, deadline)
+
     async def fetch_new(self, since_uid: int, limit: int) -> NewMail:
         """What arrived from ``since_uid`` on: leave IDLE (DONE) if idling,
         ``UID SEARCH UID <since_uid>:*``, and, when at most ``limit`` messages were found,
@@ -827,6 +952,7 @@ class ImapConnection:
         self._check()
         protocol = self.protocol
         deadline = self._deadline()
+        await self._settle(deadline)
         old = self._idle
         step = _Step("DONE" if old is not None else "UID SEARCH")
         try:
@@ -917,9 +1043,32 @@ class ImapConnection:
     def abort(self) -> None:
         """Close the socket now (no LOGOUT)."""
         self._idle = None
+        self._restart = None
         self.protocol.queued.clear()
         self.transport.close()
         self.protocol.lost(None)
+
+
+class _Restart:
+    """A restart written by :meth:`ImapConnection.begin_restart`, waiting for answers."""
+
+    __slots__ = ("alone", "idle", "noop", "number", "old", "stage")
+
+    def __init__(
+        self,
+        number: int,
+        old: aioimaplib.Command,
+        noop: aioimaplib.Command | None,
+        idle: aioimaplib.Command,
+    ) -> None:
+        self.number = number
+        self.old = old
+        self.noop = noop
+        self.idle = idle
+        #: the command whose answer is awaited: DONE (the old IDLE's), NOOP, IDLE
+        self.stage = "DONE"
+        #: the pipelined IDLE was refused and sent again on its own
+        self.alone = False
 
 
 class _Step:

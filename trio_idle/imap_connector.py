@@ -79,6 +79,19 @@ class ImapLink(Protocol):
         """DONE, then NOOP if ``noop``, then IDLE again, all within one command timeout."""
         ...
 
+    def begin_restart(self, *, noop: bool) -> int | None:
+        """DONE, NOOP if ``noop``, IDLE written now, answered as :meth:`wait` reads: for
+        the process ticker (another task). Synchronous, never raises; returns a number for
+        :meth:`check_restart` (due within the command timeout), or ``None`` when the
+        session must run :meth:`restart_idle` itself. An answer that is not OK ends the
+        connection: :meth:`wait` returns and :attr:`PushMonitor.failure` says why."""
+        ...
+
+    def check_restart(self, number: int) -> None:
+        """Restart ``number``'s answers are due: unanswered, the connection is dead
+        (``no answer to NOOP within 30s``), closed, and :meth:`wait` returns."""
+        ...
+
     async def fetch_new(self, since_uid: int, limit: int) -> NewMail:
         """The UIDs from ``since_uid`` on and (at most ``limit`` of them) their envelopes:
         DONE if idling, ``UID SEARCH``, ``UID FETCH (UID ENVELOPE RFC822.SIZE)``, IDLE

@@ -62,6 +62,12 @@ PLAIN_COUNTERS: Final = (
 LABELLED_COUNTERS: Final = (
     ("exists_events", "reason", "new mail noticed (exists: pushed during IDLE; tick: NOOP)"),
     ("scans_sent", "reason", "scan requests sent to the backend, retries included"),
+    (
+        "idle_restarts",
+        "by",
+        "IDLE left and entered again for a tick or a renewal (ticker: written ahead by "
+        "the process ticker; session: by the session itself)",
+    ),
     ("scans_failed", "status", "scans the backend refused for good (not retried)"),
     ("scans_retried", "status", "scan attempts that failed and were retried"),
     ("pings_sent", "result", "health pings delivered (ok: healthy, fail: unhealthy)"),

@@ -14,13 +14,25 @@ from collections.abc import Iterator
 
 import trio
 
+from trio_idle.errors import ImapError
 from trio_idle.imap_responses import PushKind, classify_push
 
 
 class PushMonitor:
     """Per-connection message-count tracker and wake-up flag. Not thread-safe (trio thread)."""
 
-    __slots__ = ("_cancel_on_loss", "_wakeup", "bye", "exists", "last_activity", "lost", "new_mail")
+    __slots__ = (
+        "_cancel_on_loss",
+        "_wakeup",
+        "bye",
+        "exists",
+        "failure",
+        "last_activity",
+        "lost",
+        "new_mail",
+        "tick_mail",
+        "ticking",
+    )
 
     def __init__(self) -> None:
         #: message count as the server last reported it (None until SELECT says)
@@ -29,6 +41,13 @@ class PushMonitor:
         self.new_mail = 0
         self.bye: bytes | None = None
         self.lost: str | None = None
+        #: the error that ended the connection, when it is more precise than ``lost``
+        #: (a tick's command unanswered or refused): the session raises this one
+        self.failure: ImapError | None = None
+        #: a tick's NOOP is on its way: new mail counted meanwhile was found by the tick
+        self.ticking = False
+        #: of :attr:`new_mail`, what arrived while :attr:`ticking`
+        self.tick_mail = 0
         self.last_activity = trio.current_time()
         self._wakeup = trio.Event()
         self._cancel_on_loss: set[trio.CancelScope] = set()
@@ -43,6 +62,8 @@ class PushMonitor:
             assert number is not None
             if self.exists is not None and number > self.exists:
                 self.new_mail += number - self.exists
+                if self.ticking:
+                    self.tick_mail += number - self.exists
                 self._wakeup.set()
             self.exists = number
         elif kind is PushKind.EXPUNGE:
@@ -70,8 +91,21 @@ class PushMonitor:
             self.lost = reason
             self._wakeup.set()
 
+    def fail(self, error: ImapError) -> None:
+        """The connection is unusable because of ``error`` (raised by the session as is);
+        wakes :meth:`wait`. A connection already lost keeps its first reason."""
+        if self.lost is None:
+            self.lost = str(error)
+            self.failure = error
+            self._wakeup.set()
+
     def take_new_mail(self) -> int:
         count, self.new_mail = self.new_mail, 0
+        return count
+
+    def take_tick_mail(self) -> int:
+        """How much of the mail last taken arrived during a tick (then reset)."""
+        count, self.tick_mail = self.tick_mail, 0
         return count
 
     def pending(self) -> bool:

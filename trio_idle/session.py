@@ -36,6 +36,7 @@ hang up, then the socket is closed (:meth:`~trio_idle.imap_connector.ImapLink.lo
 
 from __future__ import annotations
 
+import math
 import random
 import ssl
 from collections.abc import Callable
@@ -62,6 +63,7 @@ from trio_idle.scan_range import ScanMark, ScanRange, advance, on_connect, scan_
 from trio_idle.session_states import AUTH_FAILED, BACKOFF, CONNECTING, IDLE, POLLING
 from trio_idle.state_store import StateStore, startup_decision
 from trio_idle.stats import Stats
+from trio_idle.ticker import IdleTimers, Ticker
 
 
 @attrs.define
@@ -143,6 +145,9 @@ class SessionEnv:
     #: access tokens of ``oauth2`` connections (:func:`trio_idle.token_backend.make_token_source`);
     #: None: such connections cannot sign in (their sessions say so and back off)
     tokens: TokenSource | None = None
+    #: writes every session's tick and renewal from one task (:mod:`trio_idle.ticker`);
+    #: None: each session waits for its own (tests under a virtual clock)
+    ticker: Ticker | None = None
 
 
 async def run_session(
@@ -319,6 +324,8 @@ def _announce(
     count = imap.monitor.take_new_mail()
     if not count:
         return
+    if imap.monitor.take_tick_mail() and reason == "exists":
+        reason = "tick"  # counted while a tick written by the ticker was answered
     env.stats.inc("exists_events", reason)
     if memory.mailbox is not None and memory.mailbox.uidnext is not None:
         memory.mailbox = attrs.evolve(
@@ -392,36 +399,69 @@ async def _watch_open(
     await imap.idle_start()
     memory.state = IDLE
     memory.on_outcome(Connected(idle=True))
+    timers = IdleTimers(
+        imap,
+        env.ticker,
+        next_tick=next_tick,
+        renew_at=renew_at,
+        tick_interval=s.timers.tick_interval,
+        renew_interval=s.timers.idle_renew_interval,
+        timeout=s.timers.command_timeout,
+        log=log,
+        renew_line=(
+            f"{where} idle renewing ({human_duration(s.timers.idle_renew_interval)} threshold)"
+        ),
+        stats=env.stats,
+    )
+    timers.start()
+    try:
+        await _idle_loop(imap, conn, env, coalescer, memory, log, timers)
+    finally:
+        timers.ended()
+
+
+async def _idle_loop(
+    imap: ImapLink,
+    conn: MailConnection,
+    env: SessionEnv,
+    coalescer: ScanCoalescer,
+    memory: ConnectionMemory,
+    log: Any,
+    timers: IdleTimers,
+) -> None:
+    """Idle until the connection fails. With the process ticker (``env.ticker``) the
+    restarts are written by it and answered here while reading; the session wakes for
+    mail, the scan worker's fetch request, or a restart the ticker hands back. Without
+    it, the wait's deadline is the next restart, which the session runs itself."""
+    desk = memory.desk
     while True:
-        # one scope per wake-up: the next tick or renewal, and the scan worker's fetch
-        # request (the desk cancels it)
-        with trio.CancelScope(deadline=min(next_tick, renew_at)) as wake:
+        # one scope per wake-up: the next tick or renewal (unless the ticker writes them),
+        # and the scan worker's fetch request (the desk cancels it)
+        with trio.CancelScope(deadline=math.inf if timers.passive else timers.due_at) as wake:
             desk.listen(wake)
+            timers.wake = wake
             try:
                 while True:
                     await imap.wait()
                     if (problem := imap.monitor.problem()) is not None:
-                        raise ImapError(problem)
+                        raise imap.monitor.failure or ImapError(problem)
                     _announce(conn, imap, memory, coalescer, env, log, "exists")
             finally:
                 desk.unlisten()
+                timers.wake = None
         # Mail pushed just as the deadline passed: wait() checkpoints, so the deadline
         # can win over a wake-up that was already due. It was pushed, so it is "exists".
         _announce(conn, imap, memory, coalescer, env, log, "exists")
         if (request := desk.take()) is not None:
             await _serve_fetch(imap, request)  # DONE, UID SEARCH, UID FETCH, IDLE
             _announce(conn, imap, memory, coalescer, env, log, "exists")
-            if trio.current_time() < min(next_tick, renew_at):
-                continue
         now = trio.current_time()
-        tick = now >= next_tick
-        if now >= renew_at:
-            log.info(
-                f"{where} idle renewing ({human_duration(s.timers.idle_renew_interval)} threshold)"
-            )
-            renew_at = now + s.timers.idle_renew_interval
+        if now < timers.due_at:
+            continue
+        tick, _ = timers.take_due(now)
         # DONE, NOOP (on a tick), IDLE: mail counted meanwhile is announced after, as "tick"
         await imap.restart_idle(noop=tick)
         if tick:
-            next_tick = trio.current_time() + s.timers.tick_interval
+            timers.next_tick = trio.current_time() + timers.tick_interval
+        timers.restarted()
         _announce(conn, imap, memory, coalescer, env, log, "tick" if tick else "exists")

@@ -319,6 +319,15 @@ class FakeImapLink:
         await self._command("IDLE")
         self._enter_idle()
 
+    def begin_restart(self, *, noop: bool) -> int | None:
+        """Never written ahead here: the session runs :meth:`restart_idle` itself, whose
+        commands and their timing the script records (the real link's passive restart is
+        covered against real sockets)."""
+        return None
+
+    def check_restart(self, number: int) -> None:
+        """Nothing is ever written ahead (:meth:`begin_restart`)."""
+
     async def fetch_new(self, since_uid: int, limit: int) -> NewMail:
         assert self.selected, "UID SEARCH outside the selected state"
         was_idling = self.idling
