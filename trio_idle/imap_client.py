@@ -7,7 +7,8 @@ TLS) is ours (:mod:`trio_idle.imap_transport`), bytes read are framed and bounde
 command is written, then the *calling* task reads until the parser says it is answered.
 No asyncio task, future or transport exists per connection and nothing crosses the
 trio-asyncio bridge: a keepalive line costs one wake-up of the session task, a tick one
-write (``DONE``, ``NOOP`` and ``IDLE`` pipelined, RFC 3501 §5.5) and its answers.
+write (``DONE``, ``NOOP`` and ``IDLE`` pipelined, RFC 3501 §5.5: by the process ticker,
+:meth:`ImapConnection.begin_restart`) and one wake-up for its answers.
 
 Untagged lines go to a :class:`~trio_idle.push_monitor.PushMonitor` whatever command is
 in progress, so new mail between commands is counted; while idling the session reads
@@ -17,8 +18,10 @@ Guarantees: every method either returns within its deadline or raises an
 :class:`~trio_idle.errors.ImapError` subclass; after *any* exception (including
 cancellation) the connection is unusable and :meth:`ImapConnection.abort` or
 :meth:`ImapConnection.logout` must be called. Nothing here logs or raises a password.
-Only the task that owns the connection (its session) may call its methods; the
-connection is never read by two tasks at once.
+Only the task that owns the connection (its session) may call its methods — but
+:meth:`ImapConnection.begin_restart` and :meth:`ImapConnection.check_restart`, which are
+synchronous, only write or close, and are the ticker's; the connection is never read by
+two tasks at once.
 
 Every byte a server sends is framed and bounded before aioimaplib parses it
 (:class:`ImapLimits`): one hostile server costs at most its limits in memory and linear

@@ -11,8 +11,11 @@ normal backoff (or the endpoint's ``Retry-After``), no grant (``token_unavailabl
 This is where new mail is noticed and a scan requested (:func:`_announce`):
 - an ``EXISTS`` pushed during IDLE (reason ``exists``);
 - the tick (every ``tick_interval``, jittered): leave IDLE, ``NOOP`` and re-enter IDLE, all
-  three under one deadline — a missing answer means a dead (half-open) connection — and
-  scan if the count grew meanwhile (reason ``tick``; catches servers that never push);
+  three answered within one command timeout — a missing answer means a dead (half-open)
+  connection — and scan if the count grew meanwhile (reason ``tick``; catches servers that
+  never push). The daemon's :class:`~trio_idle.ticker.Ticker` writes the three for every
+  session and checks the answers are in by the deadline; the session's reads take them
+  (it runs a tick itself only when the ticker hands it back, or has no ticker);
 - a (re)connect whose SELECT shows a moved ``UIDNEXT`` or a new ``UIDVALIDITY`` compared
   with what the previous session saw (reason ``reconnect``).
 
@@ -23,7 +26,7 @@ on, and moved by the scan worker after each 2xx. Scan requests carry it as ``sin
 While watching, the session serves the scan worker's envelope requests
 (:mod:`trio_idle.fetch_desk`): DONE, UID SEARCH, UID FETCH, IDLE under one deadline.
 
-IDLE is re-issued every ``idle_renew_interval`` (servers drop it at 29 min). Servers
+IDLE is re-issued every ``idle_renew_interval`` (servers drop it at 29 min), the same way. Servers
 without the IDLE capability are polled with NOOP at the tick interval.
 
 All IMAP I/O goes through ``SessionEnv.connector`` (:mod:`trio_idle.imap_connector`):

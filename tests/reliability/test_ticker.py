@@ -15,9 +15,10 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from tests.harness import row, running_daemon
+from tests.harness import ListSource, row, running_daemon
 from tests.reliability.rig import Rig
 from tests.reliability.scripted_server import Peer, ScriptedServer
+from trio_idle.config import Settings
 
 A = "alice@rel.test"
 T = "ticked@rel.test"
@@ -104,20 +105,22 @@ class TickServer:
                     await peer.send(tag + b" BAD unexpected\r\n")
 
 
-async def _start(rig: Rig, nursery: trio.Nursery, server: TickServer) -> ScriptedServer:
+async def _start(
+    rig: Rig, nursery: trio.Nursery, server: TickServer, **env: str
+) -> tuple[ScriptedServer, ListSource, Settings]:
+    """The scripted server for mailbox T beside the healthy A; ticks every second."""
     scripted = ScriptedServer(server.script)
     await nursery.start(scripted.serve)
-    return scripted
+    source = rig.source(A)
+    source.rows.append(row(T, T, "x", scripted.port))
+    return scripted, source, rig.settings(TRIO_IDLE_TICK_INTERVAL="1s", **env)
 
 
 async def test_pipelined_idle_refused_is_sent_alone_and_the_session_keeps_idling(
     rig: Rig, nursery: trio.Nursery
 ) -> None:
     tick = TickServer(refuse_pipelined_idle=True)
-    scripted = await _start(rig, nursery, tick)
-    source = rig.source(A)
-    source.rows.append(row(T, T, "x", scripted.port))
-    settings = rig.settings(TRIO_IDLE_TICK_INTERVAL="1s", TRIO_IDLE_COMMAND_TIMEOUT="2s")
+    scripted, source, settings = await _start(rig, nursery, tick, TRIO_IDLE_COMMAND_TIMEOUT="2s")
     async with running_daemon(settings, source) as daemon:
         with trio.fail_after(15):
             await rig.idle(A)
@@ -139,10 +142,7 @@ async def test_noop_refused_during_a_tick_names_it_and_reconnects(
     rig: Rig, nursery: trio.Nursery
 ) -> None:
     tick = TickServer(noop_answer=b"NO")
-    scripted = await _start(rig, nursery, tick)
-    source = rig.source(A)
-    source.rows.append(row(T, T, "x", scripted.port))
-    settings = rig.settings(TRIO_IDLE_TICK_INTERVAL="1s", TRIO_IDLE_COMMAND_TIMEOUT="2s")
+    scripted, source, settings = await _start(rig, nursery, tick, TRIO_IDLE_COMMAND_TIMEOUT="2s")
     async with running_daemon(settings, source) as daemon:
         with trio.fail_after(15):
             line = (await rig.log(f"[idle/{T}] connection lost"))[0]
@@ -156,10 +156,7 @@ async def test_done_unanswered_during_a_tick_is_a_dead_connection(
     rig: Rig, nursery: trio.Nursery
 ) -> None:
     tick = TickServer(silent_at_done=1)
-    scripted = await _start(rig, nursery, tick)
-    source = rig.source(A)
-    source.rows.append(row(T, T, "x", scripted.port))
-    settings = rig.settings(TRIO_IDLE_TICK_INTERVAL="1s", TRIO_IDLE_COMMAND_TIMEOUT="1s")
+    scripted, source, settings = await _start(rig, nursery, tick, TRIO_IDLE_COMMAND_TIMEOUT="1s")
     async with running_daemon(settings, source) as daemon:
         with trio.fail_after(15):
             line = (await rig.log(f"[idle/{T}] connection lost"))[0]
@@ -173,10 +170,7 @@ async def test_done_unanswered_during_a_tick_is_a_dead_connection(
 
 async def test_mail_in_the_noop_answer_is_the_ticks(rig: Rig, nursery: trio.Nursery) -> None:
     tick = TickServer(noop_untagged=[b"* 1 EXISTS"])
-    scripted = await _start(rig, nursery, tick)
-    source = rig.source(A)
-    source.rows.append(row(T, T, "x", scripted.port))
-    settings = rig.settings(TRIO_IDLE_TICK_INTERVAL="1s")
+    scripted, source, settings = await _start(rig, nursery, tick)
     async with running_daemon(settings, source) as daemon:
         with trio.fail_after(15):
             await rig.log(f"[idle/{T}] tick: 1 new message(s) found")
