@@ -77,6 +77,8 @@ class CompareOptions:
     settle_refresh: bool = False
     #: the command line, recorded with every pair (the figures name their command)
     command: str = ""
+    #: which programs to run (both for a comparison; one for a before/after of either)
+    stacks: tuple[str, ...] = STACKS
 
 
 def _tls_files(workdir: Path) -> tuple[tuple[str, str], str]:
@@ -155,7 +157,7 @@ async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> di
             "refresh_midway": opts.refresh_midway,
             "settle_refresh": opts.settle_refresh,
             "ramp_limit_s": ramp_limit(n, tls, opts),
-            "order": list(STACKS),
+            "order": list(opts.stacks),
         },
     }
     print(f"== compare N={n} {'tls' if tls else 'plain'} ({n_servers} server process(es))")
@@ -179,7 +181,8 @@ async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> di
             if opts.node_idle_delay_ms is not None:
                 node_env["AUTO_IDLE_DELAY_MS"] = str(opts.node_idle_delay_ms)
             node = NodeProc(workdir, f"node-{n}", node_env)
-            result["node"].update(await _measure("node", node, n, tls, rows, pool, sink, opts))
+            if "node" in opts.stacks:
+                result["node"].update(await _measure("node", node, n, tls, rows, pool, sink, opts))
             daemon_env = {
                 "BACKEND_URL": sink.backend.url,
                 "TRIO_IDLE_IMAP_SECURITY": "tls" if tls else "plain",
@@ -196,9 +199,10 @@ async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> di
             # the CLI unchanged, plus the stall probe beside it (bench.loop_probe, which
             # bench.gc_probe installs) and a line per full collection: what a stall was
             daemon = DaemonProc(workdir, f"trio-idle-{n}", daemon_env, "bench.gc_probe")
-            result["trio_idle"] = await _measure(
-                "trio_idle", daemon, n, tls, rows, pool, sink, opts
-            )
+            if "trio_idle" in opts.stacks:
+                result["trio_idle"] = await _measure(
+                    "trio_idle", daemon, n, tls, rows, pool, sink, opts
+                )
             result["server_rss_kib"] = (await pool.totals())["rss_kib"]
         finally:
             with trio.CancelScope(shield=True):

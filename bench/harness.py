@@ -702,6 +702,12 @@ def build_parser() -> argparse.ArgumentParser:
         "is a steady-state one (not trio-idle's first full collection after the ramp)",
     )
     c.add_argument(
+        "--stacks",
+        default="node,trio_idle",
+        help="comma-separated programs to run: node, trio_idle (one alone: a before/after "
+        "of that program with the same phases; ratios need both)",
+    )
+    c.add_argument(
         "--no-refresh",
         action="store_true",
         help="do not SIGHUP both programs half-way through the appends",
@@ -753,8 +759,13 @@ def _compare_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if bad or not modes:
         print(f"--security: expected plain and/or tls, got {modes_text!r}", file=sys.stderr)
         return 2
+    stacks = tuple(x.strip() for x in args.stacks.split(",") if x.strip())
+    if not stacks or any(x not in compare.STACKS for x in stacks):
+        print(f"--stacks: expected node and/or trio_idle, got {args.stacks!r}", file=sys.stderr)
+        return 2
     try:
-        ensure_installed()
+        if "node" in stacks:
+            ensure_installed()
     except NodeUnavailable as exc:
         print(f"--compare: {exc}", file=sys.stderr)
         return 2
@@ -778,6 +789,7 @@ def _compare_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         stall_period_ms=args.stall_period,
         refresh_midway=not args.no_refresh,
         settle_refresh=args.settle_refresh,
+        stacks=stacks,
         command=" ".join(["python -m bench", *map(shlex.quote, argv)]),
     )
     limit = raise_nofile_limit()

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Container, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import trio
 from loguru import logger
@@ -315,6 +315,11 @@ async def notify_trigger(settings: Settings, action: str) -> int:
     return 0
 
 
+#: seconds a thread may hold the GIL while another waits (CPython's default: 0.005); see
+#: where ``serve`` sets it
+GIL_SWITCH_INTERVAL: Final = 0.0005
+
+
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -359,6 +364,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             # session (p99 push latency 1 s). Young generations still run; the daemon does
             # one full collection after each refresh (docs/performance.md).
             gc.set_threshold(700, 10, 1_000_000)
+        # A refresh parses and validates the rows in a worker thread. While it runs, each
+        # time the loop releases the GIL (every socket call, every TLS read and write) it
+        # waits for the worker to give the GIL back, which CPython makes it do only every
+        # switch interval (5 ms by default): at 10,000 TLS sessions the loop fell behind by
+        # hundreds of milliseconds for the length of a refresh (docs/performance.md).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         logger.info(
             f"[idle/daemon] trio-idle {__version__} starting "
             f"(source={settings.connections.source}, "
