@@ -283,7 +283,8 @@ class Daemon:
         if self._phase is not Phase.RUNNING:
             return True
         if self.membership is None:
-            self._sessions_removed += len(self.reconciler.apply(wanted).removed)
+            applied = await self.reconciler.apply_gradually(wanted)
+            self._sessions_removed += len(applied.removed)
         else:
             self._wanted = wanted
             self._wanted_known = True

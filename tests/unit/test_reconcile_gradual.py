@@ -1,0 +1,82 @@
+"""A refresh that brings thousands of new connections starts them a step at a time:
+between steps the loop serves everything else (the pushes of running sessions), and a
+shutdown in the middle starts nothing more. Virtual clock, scripted IMAP."""
+
+from __future__ import annotations
+
+import attrs
+import httpx
+import trio
+import trio.testing
+
+from tests.unit.test_session_virtual_time import CONN, make_rig
+from trio_idle.connections import MailConnection
+from trio_idle.reconcile import START_STEP, Reconciler
+from trio_idle.secret import Secret
+from trio_idle.webhook import WebhookClient
+
+N = 5 * START_STEP
+
+
+def wanted(n: int) -> dict[str, MailConnection]:
+    conns = (attrs.evolve(CONN, id=f"c{i}", email=f"c{i}@example.test") for i in range(n))
+    return {c.id: c for c in conns}
+
+
+def webhook() -> WebhookClient:
+    return WebhookClient(
+        "http://backend.invalid/scan",
+        secret_header="x-admin-secret",
+        secret=Secret("virtual-admin-secret"),
+        signing_secret=None,
+        total_timeout=60.0,
+        max_connections=1,
+        transport=httpx.MockTransport(lambda request: httpx.Response(200, json={})),
+    )
+
+
+async def test_new_connections_start_a_step_at_a_time_and_others_run_between(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rig = make_rig()
+    seen: list[int] = []
+    applied = trio.Event()
+    async with trio.open_nursery() as nursery:
+        reconciler = Reconciler(nursery, rig.env, webhook())
+
+        async def other_task() -> None:  # e.g. a session with a push to deliver
+            while not applied.is_set():
+                seen.append(len(reconciler.handles))
+                await trio.sleep(0)
+
+        nursery.start_soon(other_task)
+        d = await reconciler.apply_gradually(wanted(N))
+        applied.set()
+        assert len(d.added) == N and len(reconciler.handles) == N
+        with trio.fail_after(5):
+            await rig.server.wait_for(lambda: len(rig.server.links) >= 1)  # sessions run
+        nursery.cancel_scope.cancel()
+    # the other task ran while the connections were being started, not only after
+    # (trio's scheduler may run it before or after a step's starts: some steps, not all)
+    between = sorted({count for count in seen if 0 < count < N})
+    assert len(between) >= 2, seen
+    assert all(count % START_STEP == 0 for count in between), between
+
+
+async def test_shutdown_during_a_gradual_start_starts_nothing_more(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rig = make_rig()
+    async with trio.open_nursery() as nursery:
+        reconciler = Reconciler(nursery, rig.env, webhook())
+
+        async def shutdown_after_first_step() -> None:
+            while len(reconciler.handles) < START_STEP:  # noqa: ASYNC110 - no event to wait on
+                await trio.sleep(0)
+            reconciler.stop_all()
+
+        nursery.start_soon(shutdown_after_first_step)
+        await reconciler.apply_gradually(wanted(N))
+        assert reconciler.handles == {}
+        nursery.cancel_scope.cancel()
+    assert len(rig.server.links) <= START_STEP
