@@ -132,7 +132,8 @@ class Reconciler:
         d = self._stop_and_restart(wanted)
         for i, conn_id in enumerate(d.added):
             if i and i % step == 0:
-                await trio.sleep(0)  # the new sessions take their first step; I/O is served
+                # the new sessions take their first step, and I/O is served
+                await trio.lowlevel.checkpoint()
                 if self._stopped:
                     break
             if conn_id not in self.handles:

@@ -47,7 +47,7 @@ async def test_new_connections_start_a_step_at_a_time_and_others_run_between(
         async def other_task() -> None:  # e.g. a session with a push to deliver
             while not applied.is_set():
                 seen.append(len(reconciler.handles))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
 
         nursery.start_soon(other_task)
         d = await reconciler.apply_gradually(wanted(N))
@@ -71,8 +71,8 @@ async def test_shutdown_during_a_gradual_start_starts_nothing_more(
         reconciler = Reconciler(nursery, rig.env, webhook())
 
         async def shutdown_after_first_step() -> None:
-            while len(reconciler.handles) < START_STEP:  # noqa: ASYNC110 - no event to wait on
-                await trio.sleep(0)
+            while len(reconciler.handles) < START_STEP:
+                await trio.lowlevel.checkpoint()
             reconciler.stop_all()
 
         nursery.start_soon(shutdown_after_first_step)
