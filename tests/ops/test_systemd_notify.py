@@ -105,9 +105,10 @@ async def test_ready_watchdog_stopping_in_order_and_no_watchdog_while_blocked(
         systemd.close()
 
     kinds = [next(iter(d.fields)) for d in systemd.received]
-    assert kinds[0] in ("READY", "STATUS") and "READY" in kinds
-    first_watchdog = kinds.index("WATCHDOG")
-    assert kinds.index("READY") < first_watchdog
+    assert kinds[0] in ("READY", "STATUS") and kinds.count("READY") == 1
+    # WATCHDOG=1 may come before READY=1: systemd runs the watchdog from the start, and a
+    # first refresh (and its full collection) longer than the interval must not be fatal
+    assert "WATCHDOG" in kinds[kinds.index("READY") :]
     assert kinds[-1] == "STOPPING" and kinds.count("STOPPING") == 1
     blocked = [d for d in systemd.received if "WATCHDOG" in d.fields and before < d.arrived < after]
     assert blocked == [], "WATCHDOG=1 arrived while the event loop was blocked"
