@@ -8,9 +8,11 @@ exception: :func:`build_connections` returns the good connections and one
 from __future__ import annotations
 
 import decimal
+import hashlib
 import ipaddress
 import math
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
@@ -296,17 +298,18 @@ def _build(row: Mapping[str, Any], key: bytes, conn_id: str) -> MailConnection |
     )
 
 
-def build_connections(
-    rows: Iterable[Mapping[str, Any]], key: bytes
+def _one(row: object, key: bytes) -> MailConnection | RowProblem:
+    if not isinstance(row, Mapping):
+        return RowProblem("<no id>", f"not a row: {type(row).__name__}")
+    return build_connection(row, key)
+
+
+def _gather(
+    results: Iterable[MailConnection | RowProblem],
 ) -> tuple[dict[str, MailConnection], list[RowProblem]]:
-    """All rows → ``({id: connection}, problems)``. A duplicate id keeps the first row."""
     good: dict[str, MailConnection] = {}
     problems: list[RowProblem] = []
-    for row in rows:
-        if not isinstance(row, Mapping):
-            problems.append(RowProblem("<no id>", f"not a row: {type(row).__name__}"))
-            continue
-        result = build_connection(row, key)
+    for result in results:
         if isinstance(result, RowProblem):
             problems.append(result)
         elif result.id in good:
@@ -314,3 +317,76 @@ def build_connections(
         else:
             good[result.id] = result
     return good, problems
+
+
+def build_connections(
+    rows: Iterable[Mapping[str, Any]], key: bytes
+) -> tuple[dict[str, MailConnection], list[RowProblem]]:
+    """All rows → ``({id: connection}, problems)``. A duplicate id keeps the first row."""
+    return _gather(_one(row, key) for row in rows)
+
+
+#: bytes of a row's keyed digest (128 bits: no two different rows share one by chance,
+#: and without the process's random key nobody can make them share one on purpose)
+ROW_DIGEST_BYTES: Final = 16
+
+
+class ConnectionListBuilder:
+    """:func:`build_connections` that remembers its last build.
+
+    A row whose contents are the same as in the last build gives the very same
+    :class:`MailConnection` object: it is not validated or decrypted again and no new
+    objects are made for it, so a refresh that changes nothing costs one keyed hash per
+    row, and the reconciler's diff sees identical objects. A changed row (any column) is
+    built anew. Only a keyed digest of each row is kept (no copy of the rows: memory per
+    session stays small; the key is random per process, so the digests of rows holding
+    secrets are of no use outside it).
+
+    Not thread-safe: one build at a time (the refresh loop runs one refresh at a time, in
+    a worker thread). A build is all or nothing for the memory: the last build is the one
+    that returned.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self._salt = secrets.token_bytes(16)
+        self._known: dict[bytes, MailConnection | RowProblem] = {}
+        self._results: list[MailConnection | RowProblem] = []
+
+    @property
+    def rows(self) -> int:
+        """How many rows the last build had."""
+        return len(self._results)
+
+    def build(
+        self, rows: Iterable[Mapping[str, Any]] | None
+    ) -> tuple[dict[str, MailConnection], list[RowProblem]]:
+        """Like :func:`build_connections`; ``rows=None``: the same rows as the last build
+        (a source that knows its rows did not change)."""
+        if rows is None:
+            return _gather(self._results)
+        known: dict[bytes, MailConnection | RowProblem] = {}
+        results: list[MailConnection | RowProblem] = []
+        for row in rows:
+            digest = self._digest(row)
+            if digest is None:
+                results.append(_one(row, self._key))
+                continue
+            result = known.get(digest) or self._known.get(digest) or _one(row, self._key)
+            known[digest] = result
+            results.append(result)
+        self._known, self._results = known, results
+        return _gather(results)
+
+    def _digest(self, row: object) -> bytes | None:
+        if not isinstance(row, Mapping):
+            return None
+        try:
+            # the source gives the same columns in the same order each time; another
+            # order only costs a rebuild of the row
+            text = repr(tuple(row.items()))
+        except Exception:  # a value with a hostile __repr__: built every time, as before
+            return None
+        return hashlib.blake2b(
+            text.encode("utf-8", "surrogatepass"), digest_size=ROW_DIGEST_BYTES, key=self._salt
+        ).digest()

@@ -35,7 +35,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import trio
 from loguru import logger
@@ -44,7 +44,7 @@ from trio_idle.assignment import SharePlan, plan_share
 from trio_idle.asyncio_loop import open_asyncio_loop
 from trio_idle.backoff import Backoff, BackoffPolicy
 from trio_idle.config import Settings, process_secrets
-from trio_idle.connections import MailConnection, RowProblem, build_connections
+from trio_idle.connections import ConnectionListBuilder, MailConnection, RowProblem
 from trio_idle.crypto import derive_key
 from trio_idle.daemon_status import DaemonStatus, Phase
 from trio_idle.errors import SourceError
@@ -85,6 +85,18 @@ class ConnectionSource(Protocol):
     async def fetch(self) -> Sequence[dict[str, Any]]: ...
 
 
+@runtime_checkable
+class ChangeAwareSource(ConnectionSource, Protocol):
+    """A source that can tell its rows did not change (the file source)."""
+
+    async def fetch_changed(
+        self, version: bytes | None
+    ) -> tuple[bytes, Sequence[dict[str, Any]]] | None:
+        """``(version, rows)``, or None when ``version`` (from an earlier answer) is
+        still current. Raises :class:`SourceError` like ``fetch``."""
+        ...
+
+
 #: the first retry of a failed refresh waits this long (or ``refresh_interval`` if
 #: shorter), doubling up to ``refresh_interval``: a database that was down for a moment is
 #: read again soon, one that stays down is not hammered
@@ -119,9 +131,13 @@ class Daemon:
         #: health endpoint, pings, systemd; set by :func:`run_daemon` before it reports
         self.supervisor: Supervisor | None = None
         self._root = root
-        self._key = derive_key(
+        key = derive_key(
             settings.connections.encryption_key.reveal(), settings.connections.key_derivation
         )
+        #: unchanged rows give the connections of the last refresh (no decryption, no new
+        #: objects); the version of the rows it last built, for a change-aware source
+        self._builder = ConnectionListBuilder(key)
+        self._source_version: bytes | None = None
         self._refresh_now = trio.Event()
         self._logged_problems: set[tuple[str, str]] = set()
         # What status() reports. Every change is followed by _changed_now().
@@ -255,10 +271,20 @@ class Daemon:
 
     # -- the refresh loop -------------------------------------------------------------
 
+    async def _fetch(self) -> tuple[Sequence[dict[str, Any]] | None, bytes | None]:
+        """``(rows, version)``; rows None: unchanged since the last build's version."""
+        if isinstance(self.source, ChangeAwareSource):
+            answer = await self.source.fetch_changed(self._source_version)
+            if answer is None:
+                return None, self._source_version
+            version, rows = answer
+            return rows, version
+        return await self.source.fetch(), None
+
     async def _refresh_once(self) -> bool:
         """Read the source and apply the diff. Returns False if the source failed."""
         try:
-            rows = await self.source.fetch()
+            rows, version = await self._fetch()
         except SourceError as exc:
             self.stats.inc("refresh_failures")
             self._last_refresh_error = str(exc)
@@ -270,7 +296,9 @@ class Daemon:
         # Validating and decrypting thousands of rows takes a few hundred milliseconds:
         # in a worker thread the loop keeps serving IMAP meanwhile (it gets the GIL back
         # every few milliseconds) instead of stalling for all of it.
-        wanted, problems = await trio.to_thread.run_sync(build_connections, rows, self._key)
+        # (rows=None: the source's rows did not change; the builder answers from memory)
+        wanted, problems = await trio.to_thread.run_sync(self._builder.build, rows)
+        self._source_version = version
         current = {(p.connection_id, p.message) for p in problems}
         for conn_id, message in sorted(current - self._logged_problems):
             self.stats.inc("rows_skipped")
@@ -292,12 +320,12 @@ class Daemon:
         if self.reconciler.store is not None:
             self.reconciler.store.prune(wanted.keys())
         self._row_problems = tuple(problems)
-        self._connections_in_source = len(rows)
+        self._connections_in_source = self._builder.rows
         self._last_refresh_ok = trio.current_time()
         self._last_refresh_error = None
         self.stats.inc("refreshes")
         logger.info(
-            f"[idle/{self.source.name}] refreshed — {len(rows)} active connections, "
+            f"[idle/{self.source.name}] refreshed — {self._builder.rows} active connections, "
             f"{len(self.reconciler.handles)} sessions"
         )
         return True

@@ -54,7 +54,13 @@ def diff(running: Mapping[str, MailConnection], wanted: Mapping[str, MailConnect
     """Which ids to start, stop and restart. Pure; ids sorted for stable logs."""
     added = sorted(wanted.keys() - running.keys())
     removed = sorted(running.keys() - wanted.keys())
-    changed = sorted(i for i in wanted.keys() & running.keys() if wanted[i] != running[i])
+    # identity first: an unchanged row gives the very object that runs (ConnectionListBuilder),
+    # and comparing 10,000 connections field by field is milliseconds of loop time
+    changed = sorted(
+        i
+        for i in wanted.keys() & running.keys()
+        if wanted[i] is not running[i] and wanted[i] != running[i]
+    )
     return Diff(tuple(added), tuple(removed), tuple(changed))
 
 

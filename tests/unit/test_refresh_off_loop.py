@@ -15,8 +15,7 @@ import pytest
 import trio
 
 from tests.harness import ListSource, make_settings, row, running_daemon
-from trio_idle import daemon as daemon_module
-from trio_idle import source_file
+from trio_idle import connections, source_file
 from trio_idle.source_file import FileSource
 
 
@@ -24,13 +23,13 @@ async def test_rows_are_built_outside_the_event_loop_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     threads: list[bool] = []
-    real = daemon_module.build_connections
+    real = connections.build_connection
 
     def spy(*args: Any) -> Any:
         threads.append(threading.current_thread() is threading.main_thread())
         return real(*args)
 
-    monkeypatch.setattr(daemon_module, "build_connections", spy)
+    monkeypatch.setattr(connections, "build_connection", spy)
     # the backend is never called: the one row's server does not exist (port 9)
     source = ListSource([row("c1", "a@example.test", "pw", 9)])
     async with running_daemon(make_settings("http://127.0.0.1:9"), source) as daemon:
