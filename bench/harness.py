@@ -31,6 +31,7 @@ import trio
 
 from bench import phases
 from bench.loop_probe import stalls_in
+from bench.node_proc import tick_ms
 from bench.procinfo import machine_info, raise_nofile_limit, rss_kib
 from bench.procs import ADMIN_SECRET, DaemonProc, ServerPool, ServerProc
 from bench.report import format_table, make_compare_plot, make_plot, markdown_table
@@ -556,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-window",
         type=float,
         default=None,
-        help="seconds of idle CPU measurement with ticks (default 120, quick 3)",
+        help="seconds of idle CPU measurement with ticks (default 130; with --compare "
+        "one tick interval; quick 3)",
     )
     p.add_argument(
         "--idle-window-notick",
@@ -773,7 +775,10 @@ def _compare_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         sizes=sizes,
         modes=modes,
         quick=quick,
-        idle_window=args.idle_window or (3.0 if quick else 130.0),
+        # exactly one tick interval: each program sends one NOOP per session in the
+        # window whatever the phases of its ticks (130 s windows counted 10,000 NOOPs for
+        # the baseline and 10,250-10,740 for trio-idle, whose ramp spreads its phases)
+        idle_window=args.idle_window or (3.0 if quick else tick_ms(args.tick) / 1000),
         latency_seconds=args.latency_seconds or (3.0 if quick else 20.0),
         rate=args.compare_rate,
         grace=args.grace or (5.0 if quick else 20.0),
