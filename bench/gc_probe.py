@@ -12,7 +12,8 @@ With ``TRIO_IDLE_BENCH_GC_FREEZE=1``, SIGUSR1 makes the process call :func:`gc.f
 ``--gc-freeze``, the soak (daemon C) and ``--compare`` (what a stall was). SIGUSR2 runs
 one full collection of everything, frozen objects included (the soak ends with one: what
 the daemon's frozen generation held as garbage).
-``BENCH_GC_INSPECT=1`` adds ``young=<n>`` to slow generation-1 lines: the objects walked;
+``BENCH_GC_SLOW_MS=<ms>`` (default 20) is what counts as slow; ``BENCH_GC_INSPECT=1``
+adds ``young=<n>`` to slow generation-1 lines: the objects walked;
 ``=2`` also ``big=<type>:<len>,…``, the young containers with the most items.
 Daemons A and B of the published figures run plain ``python -m trio_idle.cli serve``;
 the hooks cost a Python call per collection (the automatic ones are young and few) and
@@ -69,6 +70,8 @@ _INSPECT = os.environ.get("BENCH_GC_INSPECT") in ("1", "2")
 #: ``2``: also the biggest young containers of a slow generation-1 pass (what it walked)
 _INSPECT_BIG = os.environ.get("BENCH_GC_INSPECT") == "2"
 _big: list[str] = [""]
+#: collections slower than this are logged (``BENCH_GC_SLOW_MS``, default 20)
+_SLOW = float(os.environ.get("BENCH_GC_SLOW_MS", "20")) / 1000
 
 
 def _callback(phase: str, info: dict[str, Any]) -> None:
@@ -82,7 +85,7 @@ def _callback(phase: str, info: dict[str, Any]) -> None:
         _started[0] = time.perf_counter()
         return
     elapsed = time.perf_counter() - _started[0]
-    if generation == 2 or elapsed > 0.02:
+    if generation == 2 or elapsed > _SLOW:
         young = f" young={_young[0]}{_big[0]}" if _INSPECT and generation == 1 else ""
         sys.stderr.write(
             f"GCPROBE {time.time():.3f} gen={generation} ms={elapsed * 1000:.1f} "

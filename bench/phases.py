@@ -215,6 +215,8 @@ async def latency(
     lat_append: list[float] = []
     missed: list[str] = []
     no_exists = 0
+    #: (latency, when the EXISTS was built, s after the first append): where the tail is
+    timed: list[tuple[float, float]] = []
     for user, t_append, t_exists in records:
         post = sink.first_post_after(user, t_append)
         if post is None:
@@ -225,6 +227,7 @@ async def latency(
             no_exists += 1
         else:
             lat_exists.append(post - t_exists)
+            timed.append((post - t_exists, t_exists - start_at))
     send_lag = [r[2] - r[1] for r in records if r[2] is not None]
     ms = 1000.0
     return {
@@ -243,6 +246,7 @@ async def latency(
         "daemon_cpu_pct_during_appends": (cpu_at_end_of_appends - cpu0) / max(seconds, 1e-9) * 100,
         "first_append_at": start_at,
         "midway_at": midway_at,
+        "slowest": [[round(at, 3), round(lat * ms, 2)] for lat, at in sorted(timed)[-10:]],
     }
 
 

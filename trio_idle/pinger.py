@@ -32,7 +32,7 @@ from trio_idle.health import Health
 from trio_idle.scrub import PLAIN
 from trio_idle.secret import Secret
 from trio_idle.stats import Stats
-from trio_idle.webhook import USER_AGENT, tls_verify_context
+from trio_idle.webhook import USER_AGENT, streamed, tls_verify_context
 
 MAX_REASON_CHARS: Final = 200
 MAX_PING_TIMEOUT: Final = 10.0
@@ -53,7 +53,7 @@ async def ping_once(client: httpx.AsyncClient, target: str, limit: float) -> str
     with trio.move_on_after(limit + 1.0):
         try:
             # Streamed and left unread: a monitor's answer body carries nothing we need.
-            async with client.stream("GET", target, timeout=limit) as response:
+            async with streamed(client, "GET", target, timeout=limit) as response:
                 status = response.status_code
         except httpx.TimeoutException:
             return f"no answer within {limit:g}s"

@@ -59,6 +59,7 @@ from trio_idle.webhook import (
     new_http_client,
     parse_retry_after,
     read_capped,
+    streamed,
 )
 
 if TYPE_CHECKING:
@@ -283,8 +284,8 @@ class BackendTokenSource:
         # httpx's per-phase timeouts fire first; this bounds a server trickling bytes
         with trio.move_on_after(self._total_timeout):
             try:
-                async with self._client.stream(
-                    "POST", self.url, content=body, headers=headers
+                async with streamed(
+                    self._client, "POST", self.url, content=body, headers=headers
                 ) as response:
                     reply = await read_capped(response, MAX_TOKEN_REPLY_BYTES)
                     if reply is None:

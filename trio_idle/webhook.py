@@ -10,6 +10,7 @@ and a JSON body; a 2xx reply carries integer ``scanned`` and ``blocked``.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import enum
 import hashlib
@@ -18,8 +19,8 @@ import json
 import ssl
 import time
 import uuid
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import httpx
@@ -260,8 +261,8 @@ class WebhookClient:
         # (a server trickling bytes resets httpx's per-chunk read timeout forever).
         with trio.move_on_after(self._total_timeout + 5.0):
             try:
-                async with self._client.stream(
-                    "POST", url, content=body, headers=dict(headers)
+                async with streamed(
+                    self._client, "POST", url, content=body, headers=dict(headers)
                 ) as response:
                     reply_body = await read_capped(response, self.max_reply_bytes)
                     if reply_body is None:
@@ -331,6 +332,33 @@ def tls_verify_context() -> ssl.SSLContext:
     """What httpx verifies servers with by default, ``SSL_CERT_FILE``/``SSL_CERT_DIR``
     included, whether or not the client trusts the environment for proxies."""
     return httpx.create_ssl_context(trust_env=True)
+
+
+#: what a closed response's stream is replaced with (see :func:`streamed`)
+_SPENT: Final = httpx.ByteStream(b"")
+
+
+@contextlib.asynccontextmanager
+async def streamed(
+    client: httpx.AsyncClient, method: str, url: str, **options: Any
+) -> AsyncIterator[httpx.Response]:
+    """``client.stream(method, url, **options)`` that leaves no reference cycle behind.
+
+    httpx binds a response and its stream to each other (``Response.stream._response``):
+    without this every request left about 40 objects (the request, its headers, the
+    pool's bookkeeping) for the cyclic collector, which at 20 scans a second ran young
+    collections twice a second, each stopping every session for 2-5 ms. Once the stream
+    is closed (leaving the block, however it is left) the response gets an empty one, and
+    reference counting frees it all at once. Same exceptions and cancellation as
+    ``client.stream``.
+    """
+    response: httpx.Response | None = None
+    try:
+        async with client.stream(method, url, **options) as response:
+            yield response
+    finally:
+        if response is not None:
+            response.stream = _SPENT
 
 
 async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
