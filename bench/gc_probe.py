@@ -13,8 +13,9 @@ With ``TRIO_IDLE_BENCH_GC_FREEZE=1``, SIGUSR1 makes the process call :func:`gc.f
 one full collection of everything, frozen objects included (the soak ends with one: what
 the daemon's frozen generation held as garbage).
 ``BENCH_GC_SLOW_MS=<ms>`` (default 20) is what counts as slow; ``BENCH_GC_INSPECT=1``
-adds ``young=<n>`` to slow generation-1 lines: the objects walked;
-``=2`` also ``big=<type>:<len>,…``, the young containers with the most items.
+adds ``young=<n>`` to slow generation-0 and -1 lines: the objects walked;
+``=2`` also ``big=<type>:<len>,…``, the young containers with the most items, and
+``kinds=<type>:<n>,…``, the commonest types walked.
 Daemons A and B of the published figures run plain ``python -m trio_idle.cli serve``;
 the hooks cost a Python call per collection (the automatic ones are young and few) and
 change nothing the daemon does. With ``BENCH_TRACEMALLOC_DIR`` alone (``--tracemalloc``),
@@ -50,6 +51,7 @@ Every after-refresh collection of the daemon writes
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import signal
@@ -77,16 +79,16 @@ _SLOW = float(os.environ.get("BENCH_GC_SLOW_MS", "20")) / 1000
 def _callback(phase: str, info: dict[str, Any]) -> None:
     generation = info.get("generation", -1)
     if phase == "start":
-        if _INSPECT and generation == 1:  # how many objects this collection walks
-            walked = gc.get_objects(0) + gc.get_objects(1)
+        if _INSPECT and generation in (0, 1):  # how many objects this collection walks
+            walked = gc.get_objects(0) + (gc.get_objects(1) if generation == 1 else [])
             _young[0] = len(walked)
             if _INSPECT_BIG:
-                _big[0] = _biggest(walked)
+                _big[0] = _biggest(walked) + _kinds(walked)
         _started[0] = time.perf_counter()
         return
     elapsed = time.perf_counter() - _started[0]
     if generation == 2 or elapsed > _SLOW:
-        young = f" young={_young[0]}{_big[0]}" if _INSPECT and generation == 1 else ""
+        young = f" young={_young[0]}{_big[0]}" if _INSPECT and generation in (0, 1) else ""
         sys.stderr.write(
             f"GCPROBE {time.time():.3f} gen={generation} ms={elapsed * 1000:.1f} "
             f"collected={info.get('collected', 0)}{young}\n"
@@ -105,6 +107,12 @@ def _biggest(objects: list[Any]) -> str:
             sized.append((size, type(obj).__qualname__))
     sized.sort(reverse=True)
     return " big=" + ",".join(f"{name}:{size}" for size, name in sized[:5]) if sized else ""
+
+
+def _kinds(objects: list[Any]) -> str:
+    """`` kinds=<type>:<n>,...``: the eight most common types among the walked objects."""
+    counts = collections.Counter(type(o).__qualname__ for o in objects)
+    return " kinds=" + ",".join(f"{name}:{n}" for name, n in counts.most_common(8))
 
 
 def _freeze(_signum: int, _frame: Any) -> None:
