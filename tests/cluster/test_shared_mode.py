@@ -113,13 +113,6 @@ class Instance:
 
 
 @pytest.fixture
-async def server(nursery: trio.Nursery) -> ImapTestServer:
-    imap = ImapTestServer(keepalive_interval=None)
-    await nursery.start(imap.serve)
-    return imap
-
-
-@pytest.fixture
 def cluster_dsn(pg_dsn: str) -> str:
     execute_sql(pg_dsn, POSTGRES_DDL, MEMBERSHIP_SQL.create)  # what `db migrate` does
     return pg_dsn
