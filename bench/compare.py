@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -43,6 +43,8 @@ from bench.procinfo import machine_info, rss_kib
 from bench.procs import ADMIN_SECRET, DaemonProc, MeasuredProc, ServerPool, ServerProc
 
 STACKS = ("node", "trio_idle")
+#: what a pair records of the Node stack whether it ran or not (``--stacks trio_idle``)
+NODE_VERSIONS: Final = frozenset({"version", "imapflow"})
 LABELS = {"node": "Node + imapflow", "trio_idle": "trio-idle"}
 
 
@@ -526,15 +528,27 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def node_ran(run: dict[str, Any]) -> bool:
+    """Whether the pair measured the Node baseline, not only looked up its versions."""
+    node = run.get("node")
+    return isinstance(node, dict) and bool(node.keys() - NODE_VERSIONS)
+
+
 def provenance(run: dict[str, Any]) -> str:
-    """Where a pair was measured: the machine, the versions, the command."""
+    """Where a pair was measured: the machine, the versions (Node's and imapflow's only
+    when the baseline ran), the command."""
     m = run.get("machine", {})
     packages = m.get("packages", {})
     command = run.get("command") or "python -m bench --compare (command not recorded)"
+    node = ""
+    if node_ran(run):
+        node = (
+            f", Node {_get(run, 'node', 'version') or '?'}, imapflow "
+            f"{_get(run, 'node', 'imapflow') or '?'}"
+        )
     return (
         f"Machine: {m.get('cores', '?')} cores ({m.get('cpu_model', '?')}), "
         f"{m.get('mem_total_gib', '?')} GiB, Linux {m.get('kernel', '?')}, "
-        f"CPython {m.get('python', '?')} (trio-idle {packages.get('trio-idle', '?')}), "
-        f"Node {_get(run, 'node', 'version') or '?'}, imapflow "
-        f"{_get(run, 'node', 'imapflow') or '?'}; `{command}`"
+        f"CPython {m.get('python', '?')} (trio-idle {packages.get('trio-idle', '?')})"
+        f"{node}; `{command}`"
     )

@@ -335,6 +335,18 @@ async def test_keep_alive_connection_is_reused(
     assert backend.open_connections == 1  # kept open, idle
 
 
+async def test_head_gets_a_head_without_a_body_and_the_connection_serves_on(
+    backend: ScanBackend, client: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        head = await client.head(backend.url + PATH, headers=scan_headers())
+    assert head.status_code == 405 and head.content == b""
+    assert int(head.headers["content-length"]) == len(b'{"error": "method not allowed"}')
+    assert (await post(client, backend, "h@example.com")).status_code == 200
+    assert backend.connections_accepted == 1  # the same connection
+    assert [(r.method, r.status) for r in backend.requests] == [("HEAD", 405), ("POST", 200)]
+
+
 async def test_down_refuses_then_up_accepts_on_same_port(
     backend: ScanBackend, client: httpx.AsyncClient
 ) -> None:

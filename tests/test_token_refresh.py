@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -125,6 +126,18 @@ def conn(refresh_token: str, email: str = "alice@gmail.com", **kw: object) -> Ma
         refresh_token=Secret(refresh_token),
         **kw,  # type: ignore[arg-type]
     )
+
+
+async def test_the_test_server_answers_head_with_a_head_and_serves_on(
+    server: OAuthTestServer,
+) -> None:
+    async with httpx.AsyncClient(timeout=10) as http:
+        with trio.fail_after(10):
+            head = await http.head(server.token_url)
+            assert head.status_code == 405 and head.content == b""
+            assert int(head.headers["content-length"]) > 0  # what a GET would get
+            after = await http.post(server.introspection_url, data={"token": "unknown"})
+    assert after.status_code == 200 and after.json() == {"active": False}
 
 
 async def test_refreshes_once_and_caches(rig: Rig) -> None:

@@ -6,8 +6,7 @@ while a scan is active becomes the *pending* one; further requests while one is 
 are absorbed (counted in :attr:`absorbed`), because the pending scan, which starts after
 them, covers their mail too. So a burst of any size costs at most two scans.
 
-The worker is either a standing task looping on :meth:`ScanCoalescer.next_scan`, or — what
-the daemon does, so that an idle mailbox holds no scan task — one started on demand: the
+The worker is started on demand, so that an idle mailbox holds no scan task: the
 connection attaches a starter (:meth:`ScanCoalescer.attach`), a request that finds no
 task running calls it, and the task takes scans with :meth:`ScanCoalescer.take_next`
 until none is pending, then ends.
@@ -29,15 +28,13 @@ PACED_REASONS: Final = frozenset({"startup", "reconnect"})
 
 @attrs.define
 class ScanCoalescer:
-    """A ``trio.Event`` plus a pending counter (0 or 1): at most one scan active and one
-    pending per mailbox, however many requests arrive (a burst or an outage never queues).
+    """A pending counter (0 or 1) and the scan task's starter: at most one scan active and
+    one pending per mailbox, however many requests arrive (a burst or an outage never
+    queues).
 
-    Every async method is a checkpoint (see :meth:`next_scan`).
+    Every async method is a checkpoint, as trio's own primitives are.
     """
 
-    #: what a standing worker waits on in :meth:`next_scan`; made only then (an
-    #: on-demand task never waits, so most connections never hold one)
-    _wakeup: trio.Event | None = None
     pending: int = 0
     active: bool = False
     #: reason of the first request folded into the pending scan
@@ -69,8 +66,6 @@ class ScanCoalescer:
         self.pending = 1
         self.pending_reason = reason
         self.pending_since = trio.current_time()
-        if self._wakeup is not None:
-            self._wakeup.set()
         self._kick()
         return True
 
@@ -106,27 +101,6 @@ class ScanCoalescer:
         """The started task ended (returned or cancelled): the next request starts one.
         A scan still pending (the task was cancelled) waits for :meth:`attach`."""
         self._running = False
-
-    async def next_scan(self) -> str:
-        """Wait until a scan is pending, make it the active one and return its reason.
-
-        Call :meth:`done` when the scan finished (success or given up). Always a
-        checkpoint, as trio's primitives are: cancelled, it raises ``trio.Cancelled``
-        even when a scan is pending, and leaves the state untouched (the pending scan
-        stays pending); once a scan was taken it is returned, never lost to a cancel.
-        """
-        if self.pending:
-            # trio's fast path: a cancel point before the state changes, a scheduling
-            # point (immune to cancellation) after it
-            await trio.lowlevel.checkpoint_if_cancelled()
-            reason = self._take()
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return reason
-        while not self.pending:
-            if self._wakeup is None or self._wakeup.is_set():
-                self._wakeup = trio.Event()
-            await self._wakeup.wait()
-        return self._take()
 
     def _take(self) -> str:
         """Pending becomes active. Synchronous, so nothing can cancel it half-way."""

@@ -419,17 +419,34 @@ class Daemon:
                 reloaded.update(new)
             if self._phase is not Phase.RUNNING:
                 break
-            # the plan as it is now: a fence during the reload leaves nothing to start
+            # the plan as it is now: a fence during the reload leaves nothing to start;
+            # what runs and changed restarts at once (like apply), only new ones wait
             share = {i: self._wanted[i] for i in self._plan.run if i in self._wanted}
-            d = self.reconciler.apply(share)
+            handles = self.reconciler.handles
+            d = self.reconciler.apply({i: c for i, c in share.items() if i in handles})
             self._sessions_removed += len(d.removed)
-            if d.added:
+            # A step at a time, as the refresh loop does: thousands moving here at once
+            # (a failover) would stop the loop. Every one was reloaded above; between two
+            # steps the share may shrink (a membership change, a fence, a refresh, a
+            # shutdown), so each is judged by the plan as it is when its turn comes.
+            started = await self.reconciler.start_gradually(
+                sorted(share.keys() - handles.keys()), self._startable
+            )
+            if started:
                 logger.info(
-                    f"[idle/cluster] started {len(d.added)} connections of this instance's "
+                    f"[idle/cluster] started {len(started)} connections of this instance's "
                     f"share ({len(self.reconciler.handles)} running, "
                     f"{len(self._plan.holds)} waiting for a previous owner's lease)"
                 )
             self._changed_now()
+
+    def _startable(self, conn_id: str) -> MailConnection | None:
+        """The connection the share starter may start now, or None: still in this
+        instance's share (not moved away, not held for a previous owner's lease, not
+        fenced) and still in the list, while the daemon runs."""
+        if self._phase is not Phase.RUNNING or conn_id not in self._plan.run:
+            return None
+        return self._wanted.get(conn_id)
 
     def _collect_garbage(self) -> None:
         """The after-refresh collection of ``TRIO_IDLE_GC=tuned`` (:mod:`trio_idle.gc_policy`).

@@ -390,7 +390,7 @@ class HealthServer:
                 return
             if isinstance(received, Response):  # malformed or too large: answer and close
                 with trio.move_on_after(SEND_TIMEOUT):
-                    await self._send(conn, stream, "GET", received, close=True)
+                    await self._send(conn, stream, received, close=True)
                     await _linger(stream)
                 return
             self.clients.busy(client)
@@ -402,7 +402,7 @@ class HealthServer:
                 logger.opt(exception=exc).error(f"[idle/health] request failed: {exc!r}")
                 response = json_response(500, {"error": "internal error"})
             with trio.move_on_after(SEND_TIMEOUT) as send_timer:
-                await self._send(conn, stream, received.method, response)
+                await self._send(conn, stream, response)
             if send_timer.cancelled_caught:
                 self.stats.inc("health_clients_dropped", "timeout")
                 return
@@ -444,7 +444,6 @@ class HealthServer:
         self,
         conn: h11.Connection,
         stream: trio.SocketStream,
-        method: str,
         response: Response,
         *,
         close: bool = False,
@@ -458,11 +457,8 @@ class HealthServer:
         ]
         if close:
             headers.append(("connection", "close"))
-        await stream.send_all(
-            encode_response(
-                conn, response.status, headers, response.body, send_body=method != "HEAD"
-            )
-        )
+        # to HEAD: these headers, no body (encode_response knows the request's method)
+        await stream.send_all(encode_response(conn, response.status, headers, response.body))
 
 
 async def _linger(stream: trio.SocketStream) -> None:

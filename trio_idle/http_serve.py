@@ -6,6 +6,9 @@ The health endpoint (:mod:`trio_idle.health_server`) and the test kit's HTTP ser
 each keeps its own accept loop, keep-alive handling, timeouts and limits, and passes the
 limits in (the head bound is the ``max_incomplete_event_size`` of its ``h11.Connection``).
 
+A response to HEAD carries the head a GET would get and no body (h11 refuses one):
+:func:`encode_response` knows the method from :func:`read_request`, so no caller has to.
+
 Nothing here sets a deadline: a caller bounds each call with its own cancel scope.
 Cancelled mid-request, the ``h11.Connection`` is left mid-request, so the caller closes
 the stream.
@@ -13,12 +16,17 @@ the stream.
 
 from __future__ import annotations
 
+import weakref
 from http import HTTPStatus
 from typing import Any
 
 import attrs
 import h11
 import trio
+
+#: the method of the request each connection is answering, as :func:`read_request` read
+#: it (absent when no request head could be read): a response to HEAD has no body
+_methods: weakref.WeakKeyDictionary[h11.Connection, bytes] = weakref.WeakKeyDictionary()
 
 
 @attrs.frozen
@@ -60,10 +68,12 @@ async def read_request(
     the middle of one) or sent something no response can follow.
 
     Raises what ``stream.receive_some`` raises (a broken or closed stream)."""
+    _methods.pop(conn, None)  # the previous cycle's
     try:
         event = await _next_event(conn, stream, chunk)
         if not isinstance(event, h11.Request):
             return None  # ConnectionClosed (not PAUSED: callers start each cycle first)
+        _methods[conn] = event.method
         chunks: list[bytes] = []
         size = 0
         part = await _next_event(conn, stream, chunk)
@@ -91,20 +101,16 @@ def reason_phrase(status: int) -> bytes:
 
 
 def encode_response(
-    conn: h11.Connection,
-    status: int,
-    headers: list[tuple[str, str]],
-    body: bytes,
-    *,
-    send_body: bool = True,
+    conn: h11.Connection, status: int, headers: list[tuple[str, str]], body: bytes
 ) -> bytes:
-    """A whole response as bytes to send: head, ``body`` (unless ``send_body`` is False,
-    for HEAD) and its end. The headers must frame ``body`` (``content-length``)."""
+    """A whole response to the request :func:`read_request` read last on ``conn`` (or
+    could not read), as bytes to send: head, ``body`` and its end. The headers must frame
+    ``body`` (``content-length``); to HEAD they are sent as they are, without the body."""
     data = conn.send(
         h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))
     )
     data = data or b""
-    if send_body:
+    if _methods.get(conn) != b"HEAD":
         data += conn.send(h11.Data(data=body)) or b""
     data += conn.send(h11.EndOfMessage()) or b""
     return data

@@ -21,7 +21,7 @@ one mailbox never holds two IMAP connections (Gmail allows 15 per account).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -136,15 +136,44 @@ class Reconciler:
         started by the next call. Returns the whole diff.
         """
         d = self._stop_and_restart(wanted)
-        for i, conn_id in enumerate(d.added):
-            if i and i % step == 0:
+        await self.start_gradually(d.added, wanted.get, step)
+        return d
+
+    async def start_gradually(
+        self,
+        ids: Iterable[str],
+        current: Callable[[str], MailConnection | None],
+        step: int = START_STEP,
+    ) -> list[str]:
+        """Start the connections ``ids`` names that do not run yet, ``step`` at a time
+        with a checkpoint between (see :meth:`apply_gradually`).
+
+        Each one is looked up with ``current`` right before it would start, so what
+        changed during an earlier step counts: ``None`` (not wanted any more) skips it,
+        one running by then is not started again, and the connection ``current`` returns
+        then is the one started. Nothing starts after :meth:`stop_all`. Cancelled, it
+        starts nothing more. Returns the ids it started, in order.
+
+        One starter at a time: the refresh loop (through :meth:`apply_gradually`), or in
+        shared mode the share starter; a synchronous :meth:`apply` that only stops (the
+        membership's reshare) may run between two steps.
+        """
+        started: list[str] = []
+        since_checkpoint = 0
+        for conn_id in ids:
+            if since_checkpoint == step:
                 # the new sessions take their first step, and I/O is served
                 await trio.lowlevel.checkpoint()
-                if self._stopped:
-                    break
-            if conn_id not in self.handles:
-                self._start(wanted[conn_id], predecessor=None)
-        return d
+                since_checkpoint = 0
+            if self._stopped:
+                break
+            conn = current(conn_id)
+            if conn is None or conn_id in self.handles:
+                continue
+            self._start(conn, predecessor=None)
+            started.append(conn_id)
+            since_checkpoint += 1
+        return started
 
     def _stop_and_restart(self, wanted: Mapping[str, MailConnection]) -> Diff:
         d = diff(self.running, wanted)

@@ -60,6 +60,18 @@ def test_compare_table_reports_the_stall_of_both_programs() -> None:
     assert "longest loop stall" in compare.markdown([run])
 
 
+def test_the_machine_line_names_node_and_imapflow_only_when_the_baseline_ran() -> None:
+    machine = {"cores": 2, "cpu_model": "X", "mem_total_gib": 4, "kernel": "6.1", "python": "3.11"}
+    versions = {"version": "v22.1.0", "imapflow": None}  # looked up, imapflow not installed
+    alone = {"n": 50, "tls": False, "machine": machine, "node": versions, "trio_idle": _stack(5.0)}
+    both = {**alone, "node": {**versions, "imapflow": "2.10.2", **_stack(40.0)}}
+    line = compare.provenance(alone)
+    assert "Node" not in line and "imapflow" not in line, line
+    assert line.startswith("Machine: 2 cores (X), 4 GiB, Linux 6.1, CPython 3.11")
+    assert ", Node v22.1.0, imapflow 2.10.2; `" in compare.provenance(both)
+    assert "Node v22.1.0" not in compare.markdown([alone]).splitlines()[-1]
+
+
 def test_ramp_limit_allows_slow_tls_ramps_and_the_fd_limit_is_checked() -> None:
     opts = compare.CompareOptions(
         sizes=(10_000,),

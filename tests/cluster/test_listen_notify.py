@@ -15,14 +15,13 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 
-from tests.harness import make_settings, poll_until, row, running_daemon
+from tests.cluster.helpers import kill_listener_connection, listening_daemon
+from tests.harness import poll_until, row
 from tests.servers.postgres import execute_sql, fetch_sql, insert_mail_connections
 from trio_idle.asyncio_loop import open_asyncio_loop
-from trio_idle.config import DEFAULT_QUERY
 from trio_idle.daemon import Daemon
-from trio_idle.listener import APPLICATION_NAME, FUNCTION, TRIGGER, NotifyListener, NotifySql
+from trio_idle.listener import FUNCTION, TRIGGER, NotifyListener, NotifySql
 from trio_idle.secret import Secret
-from trio_idle.source_postgres import PostgresSource
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 
@@ -32,26 +31,11 @@ INSTANT = 2.0
 
 
 @pytest.fixture
-async def server(nursery: trio.Nursery) -> ImapTestServer:
-    imap = ImapTestServer(keepalive_interval=None)
-    await nursery.start(imap.serve)
-    return imap
-
-
-@pytest.fixture
 async def daemon(
     pg_dsn: str, server: ImapTestServer, backend: ScanBackend
 ) -> AsyncIterator[Daemon]:
     execute_sql(pg_dsn, NotifySql().install)
-    settings = make_settings(
-        backend.url,
-        DATABASE_URL=pg_dsn,
-        TRIO_IDLE_LISTEN_URL=pg_dsn,
-        TRIO_IDLE_IMAP_SECURITY="plain",
-        TRIO_IDLE_REFRESH_INTERVAL="1h",
-    )
-    source = PostgresSource(Secret(pg_dsn), DEFAULT_QUERY, 10)
-    async with running_daemon(settings, source) as d:
+    async with listening_daemon(pg_dsn, backend, pg_dsn) as d:
         assert d.listener is not None
         with trio.fail_after(10):
             await d.listener.wait_listening(1)
@@ -84,13 +68,7 @@ async def test_a_killed_listener_reconnects_refreshes_fully_and_listens_again(
 ) -> None:
     listener = daemon.listener
     assert listener is not None
-    killed = await trio.to_thread.run_sync(
-        fetch_sql,
-        pg_dsn,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE application_name = '{APPLICATION_NAME}'",
-    )
-    assert [r[0] for r in killed] == [True]
+    await kill_listener_connection(pg_dsn)
     with trio.fail_after(5):
         await poll_until(lambda: not listener.listening)
     # nobody listens now: this insert's notification is lost; only the full refresh

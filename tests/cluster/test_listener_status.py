@@ -7,9 +7,9 @@ The listener connects as a role of its own, so a test can refuse its logins
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,15 +17,13 @@ import httpx
 import pytest
 import trio
 
+from tests.cluster.helpers import kill_listener_connection, listening_daemon
 from tests.harness import ListSource, make_settings, row, running_daemon
 from tests.ops.helpers import sample
-from tests.servers.postgres import execute_sql, fetch_sql, insert_mail_connections
-from trio_idle.config import DEFAULT_QUERY
+from tests.servers.postgres import execute_sql, insert_mail_connections
 from trio_idle.daemon import Daemon
-from trio_idle.listener import APPLICATION_NAME, NotifyListener, NotifySql
+from trio_idle.listener import NotifyListener, NotifySql
 from trio_idle.scrub import MASK
-from trio_idle.secret import Secret
-from trio_idle.source_postgres import PostgresSource
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 
@@ -55,27 +53,17 @@ def listen_url(pg_dsn: str, role: str, database: str | None = None) -> str:
     return f"postgresql://{role}:{LISTEN_PASSWORD}@{parts.hostname}:{parts.port}/{db}"
 
 
-@pytest.fixture
-async def server(nursery: trio.Nursery) -> ImapTestServer:
-    imap = ImapTestServer(keepalive_interval=None)
-    await nursery.start(imap.serve)
-    return imap
-
-
-@contextlib.asynccontextmanager
-async def start_daemon(pg_dsn: str, backend: ScanBackend, url: str) -> AsyncIterator[Daemon]:
-    settings = make_settings(
-        backend.url,
-        DATABASE_URL=pg_dsn,
-        TRIO_IDLE_LISTEN_URL=url,
-        TRIO_IDLE_IMAP_SECURITY="plain",
-        TRIO_IDLE_REFRESH_INTERVAL="1h",
+def start_daemon(
+    pg_dsn: str, backend: ScanBackend, url: str
+) -> AbstractAsyncContextManager[Daemon]:
+    """The listening daemon with ``/status`` (behind :data:`STATUS_TOKEN`) and ``/metrics``."""
+    return listening_daemon(
+        pg_dsn,
+        backend,
+        url,
         TRIO_IDLE_HEALTH_ADDR="127.0.0.1:0",
         TRIO_IDLE_STATUS_TOKEN=STATUS_TOKEN,
     )
-    source = PostgresSource(Secret(pg_dsn), DEFAULT_QUERY, 10)
-    async with running_daemon(settings, source) as daemon:
-        yield daemon
 
 
 class Operator:
@@ -150,13 +138,7 @@ async def up_notified_down_and_back(
     # the listener's role may no longer log in, and its connection is killed: it stays
     # down (each reconnect is refused) until the role may log in again
     await trio.to_thread.run_sync(execute_sql, pg_dsn, f"ALTER ROLE {role} NOLOGIN")
-    killed = await trio.to_thread.run_sync(
-        fetch_sql,
-        pg_dsn,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE application_name = '{APPLICATION_NAME}'",
-    )
-    assert [r[0] for r in killed] == [True]
+    await kill_listener_connection(pg_dsn)
     with trio.fail_after(10):
         await listener.wait_view(lambda v: v.failures["connect"] >= 1)
     status = await op.listener()

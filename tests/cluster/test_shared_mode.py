@@ -16,11 +16,12 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 
-from tests.harness import ListSource, make_settings, row
+from tests.harness import ListSource, capture_logs, make_settings, row
 from tests.servers.postgres import execute_sql, fetch_sql
 from trio_idle.assignment import shares
 from trio_idle.daemon import Daemon, run_daemon
 from trio_idle.membership import MEMBERSHIP_SQL, MEMBERSHIP_TABLE, Beat, PostgresMembership
+from trio_idle.reconcile import START_STEP
 from trio_idle.secret import Secret
 from trio_idle.state_store import POSTGRES_DDL, POSTGRES_TABLE
 from trio_idle.testing import ImapTestServer
@@ -109,13 +110,6 @@ class Instance:
 
     def kill(self) -> None:
         self.scope.cancel()
-
-
-@pytest.fixture
-async def server(nursery: trio.Nursery) -> ImapTestServer:
-    imap = ImapTestServer(keepalive_interval=None)
-    await nursery.start(imap.serve)
-    return imap
 
 
 @pytest.fixture
@@ -406,3 +400,42 @@ async def test_a_joiner_whose_first_refresh_comes_late_waits_for_the_lease(
     source.daemon = b.daemon
     await settle(server, watch, [a, b], users)
     assert watch.doubles == []
+
+
+async def test_a_large_share_starts_a_step_at_a_time(
+    start: Starter, server: ImapTestServer
+) -> None:
+    """A failover moves thousands of mailboxes at once: started in one go, their starts
+    stopped the event loop (every running session's pushes waited). Here another task
+    runs between the steps."""
+    users = make_users(server, 2 * START_STEP + 50)
+    seen: list[int] = []
+    with capture_logs() as logs:
+        a = await start("a", users)
+        with trio.fail_after(15):
+            # a task of the same loop, e.g. a session with a push to deliver
+            while len(a.running) < len(users):
+                seen.append(len(a.running))
+                await trio.lowlevel.checkpoint()
+            await logs.wait_for(f"started {len(users)} connections of this instance's share")
+    between = sorted({count for count in seen if 0 < count < len(users)})
+    assert between and all(count % START_STEP == 0 for count in between), between
+
+
+async def test_a_shutdown_during_the_share_start_starts_nothing_more(
+    start: Starter, server: ImapTestServer
+) -> None:
+    users = make_users(server, 3 * START_STEP)
+    a = await start("a", users)
+    with trio.fail_after(15):
+        while len(a.running) < START_STEP:
+            await trio.lowlevel.checkpoint()
+    started = len(a.running)
+    a.daemon.shutdown("test: shutdown while starting the share")
+    assert started < len(users)
+    with trio.fail_after(8):
+        await a.daemon.wait_stopped()
+    assert a.running == set()  # nothing was started after the shutdown
+    # the rest of the share never connected
+    logged_in = {e.user for e in server.log if e.event == "LOGIN"}
+    assert len(logged_in) <= started

@@ -1,4 +1,7 @@
-"""Scan coalescing: one active, one pending, the rest absorbed."""
+"""Scan coalescing: one active, one pending, the rest absorbed.
+
+The scan task takes scans with :meth:`ScanCoalescer.take_next` (how it is started and
+ends: tests/unit/test_scan_on_demand.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +10,13 @@ import trio
 import trio.testing
 
 from trio_idle.coalescer import ScanCoalescer
+from trio_idle.limiter import Pacer
 
 
-async def test_burst_of_twenty_costs_two_scans(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
+async def test_burst_of_twenty_costs_two_scans() -> None:
     c = ScanCoalescer()
     assert c.request("exists") is True
-    assert await c.next_scan() == "exists"
+    assert c.take_next() == "exists"
     assert c.active and c.pending == 0
 
     assert c.request("tick") is True  # second: becomes the pending scan
@@ -27,18 +29,18 @@ async def test_burst_of_twenty_costs_two_scans(
 
     c.done()
     assert not c.active
-    assert await c.next_scan() == "tick"
+    assert c.take_next() == "tick"
     c.done()
-    # nothing left: a third scan is not started
-    with trio.move_on_after(10) as scope:
-        await c.next_scan()
-    assert scope.cancelled_caught
+    # nothing left: a third scan is not started, and nothing changed by asking
+    assert c.take_next() is None
+    assert (c.pending, c.active, c.pending_reason) == (0, False, None)
+    assert (c.requested, c.absorbed) == (20, 18)
 
 
 async def test_request_while_active_and_pending_returns_false() -> None:
     c = ScanCoalescer()
     c.request("a")
-    await c.next_scan()
+    c.take_next()
     assert c.request("b") is True
     assert c.request("c") is False
     assert c.absorbed == 1
@@ -48,83 +50,38 @@ async def test_requests_before_the_worker_runs_fold_into_one() -> None:
     c = ScanCoalescer()
     assert c.request("reconnect") is True
     assert c.request("exists") is False
-    assert await c.next_scan() == "reconnect"
+    assert c.take_next() == "reconnect"
 
 
-async def test_next_scan_returns_reasons_in_order() -> None:
+async def test_scans_are_taken_with_their_reasons_in_order() -> None:
     c = ScanCoalescer()
-    seen: list[str] = []
-
-    async def worker() -> None:
-        while True:
-            seen.append(await c.next_scan())
-            c.done()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(worker)
-        for reason in ("reconnect", "exists", "tick", "exists"):
-            await trio.testing.wait_all_tasks_blocked()
-            assert c.request(reason) is True
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.cancel_scope.cancel()
+    seen: list[str | None] = []
+    for reason in ("reconnect", "exists", "tick", "exists"):
+        assert c.request(reason) is True
+        seen.append(c.take_next())
+        c.done()
     assert seen == ["reconnect", "exists", "tick", "exists"]
 
 
-async def test_waiting_worker_is_woken_by_a_request() -> None:
-    c = ScanCoalescer()
-    got: list[str] = []
-
-    async def worker() -> None:
-        got.append(await c.next_scan())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(worker)
-        await trio.testing.wait_all_tasks_blocked()
-        assert got == []
-        c.request("exists")
-    assert got == ["exists"]
-    assert c.active
-
-
-async def test_cancellation_while_waiting_leaves_state_intact(
+async def test_catch_up_scans_wait_for_their_pace_slot(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    c = ScanCoalescer()
-    c.request("first")
-    await c.next_scan()
-    c.done()
-    with trio.move_on_after(1) as scope:
-        await c.next_scan()
-    assert scope.cancelled_caught
-    assert (c.pending, c.active, c.pending_reason) == (0, False, None)
-    assert (c.requested, c.absorbed) == (1, 0)
-    # still fully usable afterwards
-    assert c.request("second") is True
-    with trio.fail_after(1):
-        assert await c.next_scan() == "second"
-
-
-async def test_catch_up_scans_wait_for_their_pace_slot(autojump_clock: object) -> None:
-    from trio_idle.limiter import Pacer
-
     pacer = Pacer(rate=1.0)
     await pacer.wait()  # someone else took the slot just now: ours is one second away
     coalescer = ScanCoalescer()
     coalescer.request("startup")
-    assert await coalescer.next_scan() == "startup"
+    assert coalescer.take_next() == "startup"
     start = trio.current_time()
     assert await coalescer.wait_paced(pacer) is False
     assert trio.current_time() - start == pytest.approx(1.0)
 
 
-async def test_new_mail_cuts_a_paced_wait_short(autojump_clock: object) -> None:
-    from trio_idle.limiter import Pacer
-
+async def test_new_mail_cuts_a_paced_wait_short(autojump_clock: trio.testing.MockClock) -> None:
     pacer = Pacer(rate=0.01)  # slots 100 s apart
     await pacer.wait()
     coalescer = ScanCoalescer()
     coalescer.request("reconnect")
-    await coalescer.next_scan()
+    coalescer.take_next()
     async with trio.open_nursery() as nursery:
 
         async def exists_soon() -> None:
@@ -141,50 +98,9 @@ async def test_new_mail_cuts_a_paced_wait_short(autojump_clock: object) -> None:
     assert coalescer.request("reconnect") is True
 
 
-# -- every async method is a checkpoint (as trio's own primitives are) --------------------
-
-
-async def test_next_scan_with_a_scan_pending_is_still_a_checkpoint() -> None:
-    c = ScanCoalescer()
-    c.request("exists")
-    with trio.testing.assert_checkpoints():
-        assert await c.next_scan() == "exists"
-
-
-async def test_cancelled_next_scan_raises_even_with_a_scan_pending_and_keeps_it() -> None:
-    c = ScanCoalescer()
-    c.request("reconnect")
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        await c.next_scan()
-        raise AssertionError("next_scan returned inside a cancelled scope")
-    assert scope.cancelled_caught
-    assert (c.pending, c.pending_reason, c.active) == (1, "reconnect", False)
-    assert await c.next_scan() == "reconnect"  # nothing was lost to the cancel
-
-
-async def test_a_worker_taking_scans_in_a_loop_lets_other_tasks_run() -> None:
-    c = ScanCoalescer()
-    other_ran = False
-
-    async def other() -> None:
-        nonlocal other_ran
-        other_ran = True
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(other)
-        for _ in range(3):  # never blocks: a scan is always pending
-            c.request("exists")
-            await c.next_scan()
-            c.done()
-        assert other_ran
-
-
 async def test_wait_paced_is_a_checkpoint_even_with_a_free_slot() -> None:
-    from trio_idle.limiter import Pacer
-
     c = ScanCoalescer()
     c.request("startup")
-    await c.next_scan()
+    c.take_next()
     with trio.testing.assert_checkpoints():
         assert await c.wait_paced(Pacer(rate=1000.0)) is False

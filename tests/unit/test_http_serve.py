@@ -48,15 +48,20 @@ async def test_a_client_gone_before_a_request_ends_it_and_one_gone_mid_body_is_r
     assert await read(cut) == Refused(400, body_too_large=False)
 
 
-def test_a_response_is_encoded_whole_and_without_a_body_for_head() -> None:
-    for method, send_body in ((b"GET", True), (b"HEAD", False)):
+async def test_a_response_is_encoded_whole_and_without_a_body_for_head() -> None:
+    for method in (b"GET", b"HEAD"):
         conn = h11.Connection(h11.SERVER)
-        conn.receive_data(b"%s / HTTP/1.1\r\nhost: x\r\n\r\n" % method)
-        assert isinstance(conn.next_event(), h11.Request)
-        assert isinstance(conn.next_event(), h11.EndOfMessage)
-        data = encode_response(conn, 404, [("content-length", "2")], b"no", send_body=send_body)
+        ours, theirs = trio.socket.socketpair()
+        with ours, theirs:
+            await theirs.send(b"%s / HTTP/1.1\r\nhost: x\r\n\r\n" % method)
+            with trio.fail_after(5):
+                got = await read_request(conn, trio.SocketStream(ours), max_body=16, chunk=7)
+        assert isinstance(got, Received) and got.request.method == method
+        # the caller does not say which method it answers: the exchange knows
+        data = encode_response(conn, 404, [("content-length", "2")], b"no")
         assert data.startswith(b"HTTP/1.1 404 Not Found\r\n")
-        assert data.endswith(b"\r\n\r\nno" if send_body else b"\r\n\r\n")
+        assert b"content-length: 2\r\n" in data
+        assert data.endswith(b"\r\n\r\nno" if method == b"GET" else b"\r\n\r\n")
         assert conn.our_state is h11.DONE
     conn = h11.Connection(h11.SERVER)
     conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -64,3 +69,19 @@ def test_a_response_is_encoded_whole_and_without_a_body_for_head() -> None:
     assert encode_response(conn, 599, [("content-length", "0")], b"").startswith(
         b"HTTP/1.1 599 \r\n"
     )
+
+
+async def test_an_error_after_a_head_request_on_the_connection_keeps_its_body() -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=256)
+    ours, theirs = trio.socket.socketpair()
+    with ours, theirs:
+        stream = trio.SocketStream(ours)
+        await theirs.send(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\nNOT HTTP AT ALL\r\n\r\n")
+        with trio.fail_after(5):
+            assert isinstance(await read_request(conn, stream, max_body=16, chunk=7), Received)
+            encode_response(conn, 200, [("content-length", "2")], b"ok")
+            conn.start_next_cycle()
+            refused = await read_request(conn, stream, max_body=16, chunk=7)
+    assert refused == Refused(400, body_too_large=False)
+    data = encode_response(conn, 400, [("content-length", "3")], b"bad")
+    assert data.endswith(b"\r\n\r\nbad")

@@ -80,3 +80,50 @@ async def test_shutdown_during_a_gradual_start_starts_nothing_more(
         assert reconciler.handles == {}
         nursery.cancel_scope.cancel()
     assert len(rig.server.links) <= START_STEP
+
+
+async def test_a_change_between_steps_counts_for_the_connections_not_started_yet(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The share starter's case: while a failover's share starts, the share shrinks (a
+    membership change, a fence) or a row changes; what has not started yet follows."""
+    rig = make_rig()
+    conns = wanted(N)
+    share = dict(conns)
+    ids = sorted(conns)
+    later = ids[N // 2 :]  # not reached before the change: that takes at most two steps
+    dropped, changed = later[::2], later[1]
+    async with trio.open_nursery() as nursery:
+        reconciler = Reconciler(nursery, rig.env, webhook())
+
+        async def change_after_first_step() -> None:
+            while len(reconciler.handles) < START_STEP:
+                await trio.lowlevel.checkpoint()
+            for conn_id in dropped:
+                del share[conn_id]
+            share[changed] = attrs.evolve(conns[changed], port=1143)
+
+        nursery.start_soon(change_after_first_step)
+        started = await reconciler.start_gradually(ids, share.get)
+        assert sorted(started) == sorted(share)
+        # none of the dropped ones runs, the changed one runs as it is now
+        assert reconciler.running == share
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_running_already_is_not_started_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rig = make_rig()
+    conns = wanted(2 * START_STEP)
+    ids = sorted(conns)
+    async with trio.open_nursery() as nursery:
+        reconciler = Reconciler(nursery, rig.env, webhook())
+        reconciler.apply({i: conns[i] for i in ids[::3]})
+        before = dict(reconciler.handles)
+        started = await reconciler.start_gradually(ids, conns.get)
+        assert sorted(started) == sorted(set(ids) - set(before))
+        # the same subtrees: a second one would be a second IMAP connection to the mailbox
+        # (and the first one, no longer in the reconciler's hands, would never be stopped)
+        assert all(reconciler.handles[i] is handle for i, handle in before.items())
+        nursery.cancel_scope.cancel()
