@@ -461,7 +461,7 @@ async def _idle_loop(
         now = trio.current_time()
         if now < timers.due_at:
             continue
-        tick, _ = timers.take_due(now)
+        tick = timers.take_due(now)
         # DONE, NOOP (on a tick), IDLE: mail counted meanwhile is announced after, as "tick"
         await imap.restart_idle(noop=tick)
         if tick:
