@@ -60,6 +60,7 @@ from trio_idle.errors import (
 from trio_idle.imap_envelope import Envelope, NewMail, parse_fetch_envelopes, parse_search
 from trio_idle.imap_framing import FrameError, FrameTooLarge, ResponseFramer, format_size
 from trio_idle.imap_responses import MailboxState, parse_mailbox_state
+from trio_idle.imap_restart import DONE, IDLE, NOOP, Next, RestartAnswers
 from trio_idle.imap_transport import ImapTransport, TransportClosed
 from trio_idle.push_monitor import PushMonitor
 from trio_idle.sasl import (
@@ -520,17 +521,20 @@ class ImapConnection:
             self.transport.close()
             protocol.lost(None)
 
-    async def _until(self, what: str | _Step, done: Callable[[], bool], deadline: float) -> None:
+    async def _until(
+        self, what: str | _Step | _Restart, done: Callable[[], bool], deadline: float
+    ) -> None:
         """Read and parse until ``done()``, by ``deadline``; fail fast on a lost connection.
 
-        ``what`` names the command in errors (a :class:`_Step` names the one in progress).
+        ``what`` names the command in errors (a :class:`_Step` or :class:`_Restart` names
+        the one in progress when the error happens).
         """
         with trio.move_on_at(deadline):
             await self._read_until(what, done)
             return
         self._timed_out(what)
 
-    async def _read_until(self, what: str | _Step, done: Callable[[], bool]) -> None:
+    async def _read_until(self, what: str | _Step | _Restart, done: Callable[[], bool]) -> None:
         """:meth:`_until` without a deadline of its own (the caller's scope has it)."""
         monitor = self.monitor
         while not done():
@@ -540,10 +544,16 @@ class ImapConnection:
                 raise ConnectionLost(f"{what}: {monitor.problem() or 'connection lost'}")
             await self._pump()
 
-    def _timed_out(self, what: str | _Step) -> NoReturn:
-        limit = self.timeouts.command
-        self.monitor.mark_dead(f"no answer to {what} within {limit:g}s")
-        raise ConnectionLost(f"no answer to {what} within {limit:g}s", kind=KIND_TIMEOUT)
+    def _timed_out(self, what: str | _Step | _Restart) -> NoReturn:
+        error = self._no_answer(what)
+        self.monitor.mark_dead(str(error))
+        raise error
+
+    def _no_answer(self, what: str | _Step | _Restart) -> ConnectionLost:
+        """The error of a command not answered within the command timeout."""
+        return ConnectionLost(
+            f"no answer to {what} within {self.timeouts.command:g}s", kind=KIND_TIMEOUT
+        )
 
     def _deadline(self) -> float:
         return trio.current_time() + self.timeouts.command
@@ -762,17 +772,22 @@ class ImapConnection:
             raise ImapError(f"IDLE ended with {idle.response.result}")
 
     async def restart_idle(self, *, noop: bool) -> None:
-        """Leave IDLE (DONE), NOOP if ``noop``, and enter IDLE again: one write.
+        """Leave IDLE (DONE), NOOP if ``noop``, and enter IDLE again, run by the session.
 
-        The tick and the renewal run this on every session every few minutes, so it is
-        the daemon's most frequent command: ``DONE``, ``NOOP`` and ``IDLE`` go out in one
-        write (IMAP pipelining, RFC 3501 §5.5: none of them is ambiguous after the one
-        before) and their answers are matched in order. A server that refuses an IDLE
-        written that way (some answer ``BAD`` to a command that arrives with ``DONE``)
-        gets it again on its own, and this connection stops pipelining it. The whole
-        sequence must be answered within the command timeout; an error names the
-        command that was not answered. Same guarantees as every command: a failure
-        leaves the connection unusable.
+        The session runs this when the ticker hands it a restart (:meth:`begin_restart`
+        returned ``None``) or when there is no ticker. ``DONE``, ``NOOP`` and ``IDLE`` go
+        out in one write (IMAP pipelining, RFC 3501 §5.5: none of them is ambiguous
+        after the one before) — or, on a connection whose server once refused an IDLE
+        written that way, ``IDLE`` alone once ``NOOP`` is answered — and their answers
+        are followed by the same machine as the ticker's restarts
+        (:class:`~trio_idle.imap_restart.RestartAnswers`): same errors, and a refused
+        pipelined IDLE is sent again on its own and this connection stops pipelining it.
+
+        A restart the ticker wrote and that is still unanswered is followed to its end
+        first, and its failure raised. Everything must be answered within one command
+        timeout; an error names the command not answered (``no answer to NOOP within
+        30s``) or refused (``NOOP failed: NO``). Same guarantees as every command: any
+        exception, cancellation included, leaves the connection unusable.
         """
         deadline = self._deadline()
         await self._settle(deadline)
@@ -780,55 +795,73 @@ class ImapConnection:
         if old is None:
             raise ConnectionLost("not idling")
         self._check()
-        protocol = self.protocol
-        step = _Step("DONE")
-        noop_command = _command("NOOP", protocol.new_tag()) if noop else None
-        idle = self._new_idle() if self._pipeline_idle else None
-        data = b"DONE\r\n"
-        for command in (noop_command, idle):
-            if command is not None:
-                data += f"{command}\r\n".encode()
-                protocol.queued.append(command)
-        protocol.idle_outstanding = idle is not None
-        self._idle = None
-        protocol.write(data)
-        protocol.advance_queue()  # the server may have ended the old IDLE already
+        restart = self._write_restart(old, noop=noop, pipelined=self._pipeline_idle)
         try:
             with trio.move_on_at(deadline):
-                await self._tick_answers(step, old, noop_command, idle)
+                # the answers are followed here, between reads, so a refusal is raised
+                # as is instead of failing the monitor (which the ticker's path must do)
+                await self._read_until(restart, lambda: self._advance(restart))
                 self._check()
                 return
-            self._timed_out(step)
+            self._timed_out(restart)
         finally:
-            protocol.queued.clear()
+            self.protocol.queued.clear()
 
-    async def _tick_answers(
-        self,
-        step: _Step,
-        old: aioimaplib.Command,
-        noop: aioimaplib.Command | None,
-        idle: aioimaplib.Command | None,
-    ) -> None:
-        """The answers to :meth:`restart_idle`'s write, in order (``step`` says which is
-        awaited); IDLE again on its own if the pipelined one was refused."""
-        await self._read_until(step, lambda: _done(old))
-        if old.response.result != "OK":
-            raise ImapError(f"DONE failed: IDLE ended with {old.response.result}")
-        if noop is not None:
-            step.name = "NOOP"
-            await self._read_until(step, lambda: _done(noop))
-            if noop.response.result != "OK":
-                raise ImapError(f"NOOP failed: {noop.response.result}")
-        step.name = "IDLE"
-        if idle is not None and await self._idle_read(step, idle):
-            return
-        if idle is not None:
-            self._pipeline_idle = False  # refused when pipelined: try it on its own
-        idle = self._new_idle()
-        self._send(idle)
-        self.protocol.idle_outstanding = True
-        if not await self._idle_read(step, idle):
-            raise ImapError(f"IDLE failed: server refused IDLE: {idle.response.result}")
+    def _write_restart(self, old: aioimaplib.Command, *, noop: bool, pipelined: bool) -> _Restart:
+        """Write ``DONE``, ``NOOP`` if ``noop`` and ``IDLE`` if ``pipelined``, in one write,
+        and queue the commands to be matched with their answers in order. Synchronous,
+        never blocks; the caller follows the answers with :meth:`_advance`."""
+        protocol = self.protocol
+        data = "DONE\r\n"
+        noop_command: aioimaplib.Command | None = None
+        if noop:
+            noop_command = _Command("NOOP", protocol.new_tag())
+            data += f"{noop_command.tag} NOOP\r\n"
+            protocol.queued.append(noop_command)
+        idle: aioimaplib.Command | None = None
+        if pipelined:
+            idle = self._new_idle()
+            data += f"{idle.tag} IDLE\r\n"
+            protocol.queued.append(idle)
+        protocol.idle_outstanding = pipelined
+        self._idle = None
+        self._restarts += 1
+        restart = _Restart(self._restarts, old, noop_command, idle, RestartAnswers(noop, pipelined))
+        protocol.write(data.encode())
+        protocol.advance_queue()  # the server may have ended the old IDLE already
+        return restart
+
+    def _advance(self, restart: _Restart) -> bool:
+        """Feed ``restart``'s machine every answer parsed since the last call, in order,
+        and do what it says: True once idling again. An answer that ends the restart
+        raises the machine's :class:`ImapError`. Synchronous, never blocks: called after
+        each read by the task that reads (the session), whoever wrote the restart."""
+        answers = restart.answers
+        protocol = self.protocol
+        while True:
+            awaiting = answers.awaiting
+            if awaiting == DONE:
+                command: aioimaplib.Command | None = restart.old
+            elif awaiting == NOOP:
+                command = restart.noop
+            else:
+                command = restart.idle
+            assert command is not None  # each is awaited only once it was written
+            if _done(command):
+                todo = answers.answered(command.response.result)
+            elif awaiting == IDLE and protocol._idle_event.is_set():
+                todo = answers.continued()
+            else:
+                return False
+            if todo is Next.IDLING:
+                self._idle = command
+                return True
+            if todo is not Next.WAIT:  # IDLE on its own: not pipelined, or refused so
+                if todo is Next.RESEND_IDLE:
+                    self._pipeline_idle = False
+                restart.idle = idle = self._new_idle()
+                self._send(idle)
+                protocol.idle_outstanding = True
 
     # -- the restart the process ticker writes (passive) ------------------------------
 
@@ -844,10 +877,11 @@ class ImapConnection:
         a command or restart in progress, the server once refused a pipelined IDLE, the
         connection unusable: the session then runs :meth:`restart_idle` itself.
 
-        An answer that is not ``OK`` ends the connection with the same error
-        :meth:`restart_idle` would raise (:attr:`PushMonitor.failure`); a refused
-        pipelined IDLE is sent again on its own, as there. Mail counted until IDLE is
-        confirmed is the tick's (:attr:`PushMonitor.ticking`).
+        The answers are followed by the machine :meth:`restart_idle` uses
+        (:class:`~trio_idle.imap_restart.RestartAnswers`): an answer that is not ``OK``
+        ends the connection with the error :meth:`restart_idle` would raise
+        (:attr:`PushMonitor.failure`), and a refused pipelined IDLE is sent again on its
+        own. Mail counted until IDLE is confirmed is the tick's (:attr:`PushMonitor.ticking`).
         """
         old = self._idle
         protocol = self.protocol
@@ -860,25 +894,11 @@ class ImapConnection:
             or self.transport.is_closing()
         ):
             return None
-        idle = self._new_idle()
-        noop_command: aioimaplib.Command | None = None
-        if noop:
-            noop_tag = protocol.new_tag()
-            noop_command = _Command("NOOP", noop_tag)
-            data = f"DONE\r\n{noop_tag} NOOP\r\n{idle.tag} IDLE\r\n".encode()
-            protocol.queued.append(noop_command)
-        else:
-            data = f"DONE\r\n{idle.tag} IDLE\r\n".encode()
-        protocol.queued.append(idle)
-        protocol.idle_outstanding = True
-        self._idle = None
-        self._restarts += 1
-        self._restart = _Restart(self._restarts, old, noop_command, idle)
+        restart = self._write_restart(old, noop=noop, pipelined=True)
+        self._restart = restart
         self.monitor.ticking = noop
         protocol.after_parse = self._restart_progress
-        protocol.write(data)
-        protocol.advance_queue()  # the server may have ended the old IDLE already
-        return self._restarts
+        return restart.number
 
     def check_restart(self, number: int) -> None:
         """The answers to restart ``number`` are due: if they are not all in, the
@@ -888,59 +908,36 @@ class ImapConnection:
         restart = self._restart
         if restart is None or restart.number != number or self.monitor.lost is not None:
             return
-        limit = self.timeouts.command
-        self.monitor.fail(
-            ConnectionLost(f"no answer to {restart.stage} within {limit:g}s", kind=KIND_TIMEOUT)
-        )
+        self.monitor.fail(self._no_answer(restart))
         self.transport.close()
 
     def _restart_progress(self) -> None:
-        """After each read while a restart is in flight: follow its answers in order."""
+        """After each read while a restart the ticker wrote is in flight: follow its
+        answers (:meth:`_advance`). The session is waiting in :meth:`wait`, so an answer
+        that ends the restart fails the monitor, which wakes it with that error."""
         restart = self._restart
         if restart is None or self.monitor.lost is not None:
             return
         try:
-            if restart.stage == "DONE":
-                if not _done(restart.old):
-                    return
-                if restart.old.response.result != "OK":
-                    raise ImapError(f"DONE failed: IDLE ended with {restart.old.response.result}")
-                restart.stage = "IDLE" if restart.noop is None else "NOOP"
-            if restart.stage == "NOOP":
-                assert restart.noop is not None
-                if not _done(restart.noop):
-                    return
-                if restart.noop.response.result != "OK":
-                    raise ImapError(f"NOOP failed: {restart.noop.response.result}")
-                restart.stage = "IDLE"
-            idle = restart.idle
-            if _done(idle):  # refused: once more on its own, then it is an error
-                if restart.alone:
-                    raise ImapError(f"IDLE failed: server refused IDLE: {idle.response.result}")
-                self._pipeline_idle = False
-                restart.alone = True
-                restart.idle = idle = self._new_idle()
-                self._send(idle)
-                self.protocol.idle_outstanding = True
-                return
-            if not self.protocol._idle_event.is_set():
+            if not self._advance(restart):
                 return
         except ImapError as exc:
             self.monitor.fail(exc)
-            self._restart = None
-            self.protocol.after_parse = None
-            return
-        self._idle = idle
+        else:
+            self.monitor.ticking = False
         self._restart = None
         self.protocol.after_parse = None
-        self.monitor.ticking = False
 
     async def _settle(self, deadline: float) -> None:
-        """Read until a restart written by :meth:`begin_restart` is answered."""
+        """Read until a restart the ticker wrote (:meth:`begin_restart`) is over, by
+        ``deadline``; raise its failure if it failed (:attr:`PushMonitor.failure`), so
+        the command that waited reports why the connection ended, not that it did."""
         restart = self._restart
-        if restart is not None:
-            step = _Step(restart.stage)
-            await self._until(step, lambda: self._restart is None, deadline)
+        if restart is None:
+            return
+        await self._until(restart, lambda: self._restart is None, deadline)
+        if (failure := self.monitor.failure) is not None:
+            raise failure
 
     async def fetch_new(self, since_uid: int, limit: int) -> NewMail:
         """What arrived from ``since_uid`` on: leave IDLE (DONE) if idling,
@@ -1053,25 +1050,29 @@ class ImapConnection:
 
 
 class _Restart:
-    """A restart written by :meth:`ImapConnection.begin_restart`, waiting for answers."""
+    """A restart on the wire: its commands, matched with their answers in order by
+    :attr:`answers`. Formats as the command whose answer is awaited (errors name it)."""
 
-    __slots__ = ("alone", "idle", "noop", "number", "old", "stage")
+    __slots__ = ("answers", "idle", "noop", "number", "old")
 
     def __init__(
         self,
         number: int,
         old: aioimaplib.Command,
         noop: aioimaplib.Command | None,
-        idle: aioimaplib.Command,
+        idle: aioimaplib.Command | None,
+        answers: RestartAnswers,
     ) -> None:
         self.number = number
+        #: the IDLE being left: its tagged answer is DONE's
         self.old = old
         self.noop = noop
+        #: the IDLE entered again; None until written when it was not pipelined
         self.idle = idle
-        #: the command whose answer is awaited: DONE (the old IDLE's), NOOP, IDLE
-        self.stage = "DONE"
-        #: the pipelined IDLE was refused and sent again on its own
-        self.alone = False
+        self.answers = answers
+
+    def __str__(self) -> str:
+        return self.answers.awaiting
 
 
 class _Step:

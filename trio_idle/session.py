@@ -221,7 +221,7 @@ async def run_session(
                 log.info(f"{where} catch-up scan ({decision.why})")
                 env.stats.inc("catch_up_scans", reason)
                 coalescer.request(reason)
-            await _watch(imap, conn, env, coalescer, memory, log)
+            await _watch(_Watch(imap, conn, env, coalescer, memory, log))
         except TokenUnavailable as exc:
             memory.last_error = text = scrub_now(exc)
             memory.on_outcome(exc)  # revoked / unavailable: auth_failed; token_error: no change
@@ -314,47 +314,48 @@ def first_timers(
     )
 
 
-def _announce(
-    conn: MailConnection,
-    imap: ImapLink,
-    memory: ConnectionMemory,
-    coalescer: ScanCoalescer,
-    env: SessionEnv,
-    log: Any,
-    reason: str,
-) -> None:
-    """Request a scan for mail the monitor counted since the last call, if any."""
-    count = imap.monitor.take_new_mail()
-    if not count:
-        return
-    if imap.monitor.take_tick_mail() and reason == "exists":
-        reason = "tick"  # counted while a tick written by the ticker was answered
-    env.stats.inc("exists_events", reason)
-    if memory.mailbox is not None and memory.mailbox.uidnext is not None:
-        memory.mailbox = attrs.evolve(
-            memory.mailbox, uidnext=memory.mailbox.uidnext + count, exists=imap.monitor.exists
-        )
-    if reason == "exists":
-        log.info(f"{prefix(conn.email)} exists-event received (new mail)")
-    else:
-        log.info(f"{prefix(conn.email)} {reason}: {count} new message(s) found")
-    if not coalescer.request(reason):
-        env.stats.inc("scans_coalesced")
+@attrs.frozen
+class _Watch:
+    """One connected session as its watch loops use it: the link, and what announcing
+    new mail needs. Made once per connection, after SELECT."""
+
+    imap: ImapLink
+    conn: MailConnection
+    env: SessionEnv
+    coalescer: ScanCoalescer
+    memory: ConnectionMemory
+    log: Any
+
+    def announce(self, reason: str) -> None:
+        """Request a scan for mail the monitor counted since the last call, if any."""
+        monitor = self.imap.monitor
+        count = monitor.take_new_mail()
+        if not count:
+            return
+        if monitor.take_tick_mail() and reason == "exists":
+            reason = "tick"  # counted while a tick written by the ticker was answered
+        stats = self.env.stats
+        stats.inc("exists_events", reason)
+        memory = self.memory
+        if memory.mailbox is not None and memory.mailbox.uidnext is not None:
+            memory.mailbox = attrs.evolve(
+                memory.mailbox, uidnext=memory.mailbox.uidnext + count, exists=monitor.exists
+            )
+        if reason == "exists":
+            self.log.info(f"{prefix(self.conn.email)} exists-event received (new mail)")
+        else:
+            self.log.info(f"{prefix(self.conn.email)} {reason}: {count} new message(s) found")
+        if not self.coalescer.request(reason):
+            stats.inc("scans_coalesced")
 
 
-async def _watch(
-    imap: ImapLink,
-    conn: MailConnection,
-    env: SessionEnv,
-    coalescer: ScanCoalescer,
-    memory: ConnectionMemory,
-    log: Any,
-) -> None:
-    memory.desk.open()
+async def _watch(watch: _Watch) -> None:
+    desk = watch.memory.desk
+    desk.open()
     try:
-        await _watch_open(imap, conn, env, coalescer, memory, log)
+        await _watch_open(watch)
     finally:
-        memory.desk.close()
+        desk.close()
 
 
 async def _serve_fetch(imap: ImapLink, request: FetchRequest) -> None:
@@ -366,16 +367,10 @@ async def _serve_fetch(imap: ImapLink, request: FetchRequest) -> None:
         request.done.set()
 
 
-async def _watch_open(
-    imap: ImapLink,
-    conn: MailConnection,
-    env: SessionEnv,
-    coalescer: ScanCoalescer,
-    memory: ConnectionMemory,
-    log: Any,
-) -> None:
-    s = session_settings(env.settings, conn.provider)  # a provider's shorter IDLE timers
-    where = prefix(conn.email)
+async def _watch_open(watch: _Watch) -> None:
+    imap, env, memory, log = watch.imap, watch.env, watch.memory, watch.log
+    s = session_settings(env.settings, watch.conn.provider)  # a provider's shorter IDLE timers
+    where = prefix(watch.conn.email)
     desk = memory.desk
     next_tick, renew_at = first_timers(
         trio.current_time(), s.timers.tick_interval, s.timers.idle_renew_interval, env.rng
@@ -388,7 +383,7 @@ async def _watch_open(
             f"{human_duration(s.timers.tick_interval)}"
         )
         while True:
-            _announce(conn, imap, memory, coalescer, env, log, "exists")
+            watch.announce("exists")
             with desk.listening():
                 await trio.sleep_until(next_tick)
             if (request := desk.take()) is not None:
@@ -396,9 +391,9 @@ async def _watch_open(
                 if trio.current_time() < next_tick:
                     continue
             await imap.noop()
-            _announce(conn, imap, memory, coalescer, env, log, "tick")
+            watch.announce("tick")
             next_tick = trio.current_time() + s.timers.tick_interval
-    _announce(conn, imap, memory, coalescer, env, log, "exists")
+    watch.announce("exists")
     await imap.idle_start()
     memory.state = IDLE
     memory.on_outcome(Connected(idle=True))
@@ -418,25 +413,18 @@ async def _watch_open(
     )
     timers.start()
     try:
-        await _idle_loop(imap, conn, env, coalescer, memory, log, timers)
+        await _idle_loop(watch, timers)
     finally:
         timers.ended()
 
 
-async def _idle_loop(
-    imap: ImapLink,
-    conn: MailConnection,
-    env: SessionEnv,
-    coalescer: ScanCoalescer,
-    memory: ConnectionMemory,
-    log: Any,
-    timers: IdleTimers,
-) -> None:
+async def _idle_loop(watch: _Watch, timers: IdleTimers) -> None:
     """Idle until the connection fails. With the process ticker (``env.ticker``) the
     restarts are written by it and answered here while reading; the session wakes for
     mail, the scan worker's fetch request, or a restart the ticker hands back. Without
     it, the wait's deadline is the next restart, which the session runs itself."""
-    desk = memory.desk
+    imap = watch.imap
+    desk = watch.memory.desk
     while True:
         # one scope per wake-up: the next tick or renewal (unless the ticker writes them),
         # and the scan worker's fetch request (the desk cancels it)
@@ -448,23 +436,23 @@ async def _idle_loop(
                     await imap.wait()
                     if (problem := imap.monitor.problem()) is not None:
                         raise imap.monitor.failure or ImapError(problem)
-                    _announce(conn, imap, memory, coalescer, env, log, "exists")
+                    watch.announce("exists")
             finally:
                 desk.unlisten()
                 timers.wake = None
         # Mail pushed just as the deadline passed: wait() checkpoints, so the deadline
         # can win over a wake-up that was already due. It was pushed, so it is "exists".
-        _announce(conn, imap, memory, coalescer, env, log, "exists")
+        watch.announce("exists")
         if (request := desk.take()) is not None:
             await _serve_fetch(imap, request)  # DONE, UID SEARCH, UID FETCH, IDLE
-            _announce(conn, imap, memory, coalescer, env, log, "exists")
+            watch.announce("exists")
         now = trio.current_time()
         if now < timers.due_at:
             continue
-        tick, _ = timers.take_due(now)
+        tick = timers.take_due(now)
         # DONE, NOOP (on a tick), IDLE: mail counted meanwhile is announced after, as "tick"
         await imap.restart_idle(noop=tick)
         if tick:
             timers.next_tick = trio.current_time() + timers.tick_interval
         timers.restarted()
-        _announce(conn, imap, memory, coalescer, env, log, "tick" if tick else "exists")
+        watch.announce("tick" if tick else "exists")

@@ -160,17 +160,17 @@ class IdleTimers:
         """Schedule the first restart (with a ticker; no-op without)."""
         self._schedule()
 
-    def take_due(self, now: float) -> tuple[bool, bool]:
-        """``(tick, renew)`` due at ``now``; moves the timers past them and logs a
-        renewal. For whoever performs the restart (ticker or session)."""
+    def take_due(self, now: float) -> bool:
+        """Whether the restart due at ``now`` is a tick (it writes ``NOOP``); moves the
+        timers of what is due past ``now`` and logs a renewal. For whoever performs the
+        restart (ticker or session): a renewal asks nothing more of it than a restart."""
         tick = now >= self.next_tick
-        renew = now >= self.renew_at
-        if renew:
+        if now >= self.renew_at:
             self._log.info(self.renew_line)
             self.renew_at = now + self.renew_interval
         if tick:
             self.next_tick = now + self.tick_interval
-        return tick, renew
+        return tick
 
     def restarted(self) -> None:
         """The session ran a restart itself: schedule the next one."""

@@ -4,8 +4,11 @@ the session ran the tick itself — a refusal or silence names the command and c
 reconnect, a server that will not take a pipelined IDLE keeps its session, mail found by
 the NOOP is the tick's.
 
-Each test plays one server on a scripted socket (loopback) next to a healthy mailbox on
-the IMAP test server; the ticker's own counter (``idle_restarts{by}``) shows which path ran.
+Each daemon test plays one server on a scripted socket (loopback) next to a healthy
+mailbox on the IMAP test server; the ticker's own counter (``idle_restarts{by}``) shows
+which path ran. The connection-level tests at the end drive one connection both ways (the
+ticker's :meth:`begin_restart`, the session's :meth:`restart_idle`) against the same
+script: the same answers end the same way.
 """
 
 from __future__ import annotations
@@ -13,12 +16,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import attrs
+import pytest
 import trio
 
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.rig import Rig
 from tests.reliability.scripted_server import Peer, ScriptedServer
 from trio_idle.config import Settings
+from trio_idle.connections import MailConnection
+from trio_idle.errors import ConnectionLost, ImapError
+from trio_idle.imap_client import ImapConnection, ImapTimeouts, connect
+from trio_idle.secret import Secret
 
 A = "alice@rel.test"
 T = "ticked@rel.test"
@@ -34,9 +42,12 @@ class TickServer:
     noop_answer: bytes = b"OK"
     #: answer the n-th DONE (1-based) never: a half-open server during a tick
     silent_at_done: int | None = None
+    #: answer the n-th NOOP (1-based) never
+    silent_at_noop: int | None = None
     #: untagged lines to send with the next NOOP's answer
     noop_untagged: list[bytes] = attrs.Factory(list)
     dones: int = 0
+    noops: int = 0
     pipelined_idles: int = 0
     refused_idles: int = 0
     idles_alone: int = 0
@@ -84,6 +95,9 @@ class TickServer:
                 tag, _, rest = line.partition(b" ")
                 name = rest.split(b" ", 1)[0].upper()
                 if name == b"NOOP":
+                    self.noops += 1
+                    if self.silent_at_noop == self.noops:
+                        await trio.sleep_forever()
                     untagged = b"".join(u + b"\r\n" for u in self.noop_untagged)
                     self.noop_untagged.clear()
                     await peer.send(untagged + tag + b" " + self.noop_answer + b" NOOP done\r\n")
@@ -178,3 +192,99 @@ async def test_mail_in_the_noop_answer_is_the_ticks(rig: Rig, nursery: trio.Nurs
         assert daemon.stats.get("exists_events", "exists") == 0
         assert daemon.stats.get("idle_restarts", "ticker") >= 1
         assert scripted.connections == 1
+
+
+# -- one connection, both ways: the ticker's restart and the session's -------------------
+
+
+async def _idling(
+    nursery: trio.Nursery, server: TickServer, command_timeout: float = 5
+) -> ImapConnection:
+    """A real connection to ``server``'s script, logged in, selected and idling."""
+    scripted = ScriptedServer(server.script)
+    await nursery.start(scripted.serve)
+    conn = MailConnection("t", None, T, "127.0.0.1", scripted.port, T, Secret("x"))
+    timeouts = ImapTimeouts(connect=5, command=command_timeout, keepalive_idle=60)
+    imap = await connect(conn, security="plain", context=None, timeouts=timeouts)
+    await imap.login(T, "x")
+    await imap.select("INBOX")
+    await imap.idle_start()
+    return imap
+
+
+async def test_a_restart_the_session_runs_resends_a_refused_pipelined_idle_alone(
+    nursery: trio.Nursery,
+) -> None:
+    tick = TickServer(refuse_pipelined_idle=True)
+    imap = await _idling(nursery, tick)
+    try:
+        with trio.fail_after(10):
+            await imap.restart_idle(noop=True)  # refused with DONE and NOOP: sent alone
+            assert (tick.pipelined_idles, tick.refused_idles, tick.idles_alone) == (1, 1, 1)
+            # pipelining is off for this connection: the ticker hands its restarts back,
+            # and the session writes IDLE once NOOP is answered
+            assert imap.begin_restart(noop=True) is None
+            await imap.restart_idle(noop=True)
+            assert (tick.pipelined_idles, tick.refused_idles, tick.idles_alone) == (1, 1, 2)
+            await imap.restart_idle(noop=False)  # a renewal: DONE, then IDLE alone
+            assert (tick.dones, tick.noops, tick.idles_alone) == (3, 2, 3)
+    finally:
+        imap.abort()
+
+
+@pytest.mark.parametrize("by", ["ticker", "session"])
+async def test_a_refused_noop_is_the_same_error_whoever_wrote_the_tick(
+    nursery: trio.Nursery, by: str
+) -> None:
+    imap = await _idling(nursery, TickServer(noop_answer=b"NO"))
+    try:
+        with trio.fail_after(10):
+            if by == "session":
+                with pytest.raises(ImapError) as caught:
+                    await imap.restart_idle(noop=True)
+                error: ImapError | None = caught.value
+            else:
+                assert imap.begin_restart(noop=True) is not None
+                await imap.wait()  # the session's read takes the answers; woken by the NO
+                error = imap.monitor.failure
+        assert type(error) is ImapError and str(error) == "NOOP failed: NO"
+    finally:
+        imap.abort()
+
+
+async def test_the_session_follows_the_tickers_restart_first_and_raises_its_failure(
+    nursery: trio.Nursery,
+) -> None:
+    # the ticker wrote a tick, then handed the next restart back before the answers came
+    imap = await _idling(nursery, TickServer(noop_answer=b"NO"))
+    try:
+        assert imap.begin_restart(noop=True) is not None
+        with trio.fail_after(10), pytest.raises(ImapError, match=r"^NOOP failed: NO$"):
+            await imap.restart_idle(noop=False)
+    finally:
+        imap.abort()
+
+
+@pytest.mark.parametrize(
+    ("by", "unanswered"), [("ticker", "DONE"), ("session", "DONE"), ("session", "NOOP")]
+)
+async def test_an_unanswered_tick_names_the_command_whoever_wrote_it(
+    nursery: trio.Nursery, by: str, unanswered: str
+) -> None:
+    silent = TickServer(silent_at_done=1) if unanswered == "DONE" else TickServer(silent_at_noop=1)
+    imap = await _idling(nursery, silent, command_timeout=0.5)
+    try:
+        with trio.fail_after(10):
+            if by == "session":
+                with pytest.raises(ConnectionLost) as caught:
+                    await imap.restart_idle(noop=True)
+                error: ImapError | None = caught.value
+            else:
+                number = imap.begin_restart(noop=True)
+                assert number is not None
+                imap.check_restart(number)  # the ticker's check, when the answers are due
+                await imap.wait()
+                error = imap.monitor.failure
+        assert str(error) == f"no answer to {unanswered} within 0.5s"
+    finally:
+        imap.abort()

@@ -82,7 +82,7 @@ class Link:
         self.checked.append((trio.current_time(), number))
 
 
-def timers(link: Any, ticker: Ticker, stats: Stats, log: Log, now: float) -> IdleTimers:
+def timers(link: Any, ticker: Ticker | None, stats: Stats, log: Log, now: float) -> IdleTimers:
     return IdleTimers(
         link,
         ticker,
@@ -95,6 +95,21 @@ def timers(link: Any, ticker: Ticker, stats: Stats, log: Log, now: float) -> Idl
         renew_line="[idle/x] idle renewing (25min threshold)",
         stats=stats,
     )
+
+
+def test_take_due_says_whether_the_restart_is_a_tick_and_moves_what_was_due() -> None:
+    log = Log()
+    t = timers(Link(), None, Stats(), log, 0.0)  # tick at 120, renewal at 1500
+    assert t.take_due(100) is False  # nothing due yet: nothing moves
+    assert (t.next_tick, t.renew_at, log.lines) == (120, 1500, [])
+    assert t.take_due(130) is True
+    assert (t.next_tick, t.renew_at, log.lines) == (250, 1500, [])
+    t.next_tick = 2000
+    assert t.take_due(1500) is False  # a renewal only: no NOOP, logged
+    assert (t.next_tick, t.renew_at) == (2000, 3000)
+    assert log.lines == ["[idle/x] idle renewing (25min threshold)"]
+    assert t.take_due(3000) is True  # both at once: one restart with NOOP
+    assert (t.next_tick, t.renew_at) == (3120, 4500) and len(log.lines) == 2
 
 
 async def test_ticks_renewals_and_checks_on_time(autojump_clock: trio.testing.MockClock) -> None:
