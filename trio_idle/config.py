@@ -847,7 +847,7 @@ class ProcessSettings:
         _choice(GC_MODES),
         "tuned",
         "tuned: no automatic full garbage collections (they pause ≈ 2 s at 10,000 "
-        "sessions); the young generations collected every second; after each refresh a "
+        "sessions); the young generations collected every 0.25 s; after each refresh a "
         "young collection and a freeze, a full one only after many sessions ended, "
         "unexplained memory growth, and every 6 h (docs/performance.md); "
         "python: CPython's defaults",

@@ -258,7 +258,7 @@ class Daemon:
 
     async def _run_background(self, ticker: Ticker) -> None:
         """Until shutdown starts: every session's tick and renewal (ticker.py) and, with
-        ``TRIO_IDLE_GC=tuned``, young collections every second (gc_policy.py)."""
+        ``TRIO_IDLE_GC=tuned``, young collections every 0.25 s (gc_policy.py)."""
         with self._background:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ticker.run, name="ticker")
