@@ -13,10 +13,17 @@ import pytest
 import trio
 import trustme
 
+from tests.harness import poll_until
 from tests.recording_proxy import PROXY_ANSWER, RecordingProxy, point_proxies_at
 from trio_idle.secret import Secret
 from trio_idle.testing.backend import Reply, ScanBackend
-from trio_idle.webhook import MAX_REPLY_BYTES, ScanJob, Verdict, WebhookClient
+from trio_idle.webhook import (
+    MAX_IDLE_CONNECTIONS,
+    MAX_REPLY_BYTES,
+    ScanJob,
+    Verdict,
+    WebhookClient,
+)
 
 SECRET = "webhook-client-ADMIN-s3cret"
 EMAIL = "alice@client.test"
@@ -253,5 +260,42 @@ async def test_requests_leave_no_cyclic_garbage(backend: ScanBackend) -> None:
             gc.set_debug(0)
             gc.garbage.clear()
         assert left == []
+    finally:
+        await client.aclose()
+
+
+async def test_a_burst_past_the_pool_waits_its_turn_and_leaves_few_idle_connections(
+    backend: ScanBackend,
+) -> None:
+    """A burst (a ramp's startup scans and health reports) larger than the pool: every
+    request is answered, never more at once than the pool size, and afterwards at most
+    MAX_IDLE_CONNECTIONS stay open (httpcore walks every pooled connection per idle one
+    on each request, so a pool left full of idle connections makes each request costly)."""
+    pool = 3 * MAX_IDLE_CONNECTIONS
+    client = WebhookClient(
+        backend.url + "/api/mail/scan-internal",
+        secret_header="x-admin-secret",
+        secret=Secret(SECRET),
+        signing_secret=None,
+        total_timeout=5.0,
+        max_connections=pool,
+    )
+    verdicts: list[Verdict] = []
+
+    async def one() -> None:
+        verdicts.append((await client.send(job())).verdict)
+
+    try:
+        gate = backend.hold(EMAIL)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(2 * pool):
+                    nursery.start_soon(one)
+                await poll_until(lambda: backend.in_flight(EMAIL) == pool)
+                assert backend.open_connections == pool
+                gate.release()
+            assert verdicts == [Verdict.OK] * (2 * pool)
+            assert backend.max_in_flight(EMAIL) == pool
+            await poll_until(lambda: backend.open_connections <= MAX_IDLE_CONNECTIONS)
     finally:
         await client.aclose()

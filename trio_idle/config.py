@@ -671,7 +671,8 @@ class WebhookSettings:
         "--http-max-connections",
         _positive_int,
         "100",
-        "connection pool size towards the backend",
+        "connection pool size towards the backend (requests beyond it wait their turn; "
+        "at most 10 idle connections are kept)",
     )
     http_trust_env: bool = setting(
         "TRIO_IDLE_HTTP_TRUST_ENV",
