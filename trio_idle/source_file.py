@@ -28,14 +28,12 @@ import hashlib
 import os
 import secrets
 import tomllib
-from collections.abc import Callable, Mapping
-from typing import Any, Final, TypeVar
+from collections.abc import Mapping
+from typing import Any, Final
 
 import trio
 
 from trio_idle.errors import SourceError
-
-_T = TypeVar("_T")
 
 
 def rows_from_toml(data: Mapping[str, Any], env: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -97,8 +95,9 @@ class FileSource:
     async def fetch(self) -> list[dict[str, Any]]:
         """The file's active rows. Read and parsed in a worker thread: parsing 10,000
         entries takes most of a second, which the event loop must not wait for."""
-        _, rows = await self._in_thread(self._read)
-        return rows
+        answer = await self.fetch_changed(None)
+        assert answer is not None  # without a version the rows always come
+        return answer[1]
 
     async def fetch_changed(
         self, version: bytes | None
@@ -110,29 +109,22 @@ class FileSource:
         not parsed, which is what keeps a refresh of 10,000 rows from competing with the
         event loop for the GIL for most of a second.
         """
-
-        def read() -> tuple[bytes, list[dict[str, Any]]] | None:
-            with open(self.path, "rb") as f:
-                data = f.read()
-            if version is not None and self._parsed is not None:
-                file_digest, names = self._parsed
-                if self._digests(data, names) == (file_digest, version):
-                    return None
-            return self._parse(data)
-
-        return await self._in_thread(read)
-
-    async def _in_thread(self, read: Callable[[], _T]) -> _T:
         try:
-            return await trio.to_thread.run_sync(read)
+            return await trio.to_thread.run_sync(self._read, version)
         except OSError as exc:
             raise SourceError(f"cannot read {self.path}: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise SourceError(f"{self.path} is not valid TOML: {exc}") from None
 
-    def _read(self) -> tuple[bytes, list[dict[str, Any]]]:
+    def _read(self, version: bytes | None = None) -> tuple[bytes, list[dict[str, Any]]] | None:
+        """:meth:`fetch_changed` in the calling thread."""
         with open(self.path, "rb") as f:
-            return self._parse(f.read())
+            data = f.read()
+        if version is not None and self._parsed is not None:
+            file_digest, names = self._parsed
+            if self._digests(data, names) == (file_digest, version):
+                return None
+        return self._parse(data)
 
     def _parse(self, data: bytes) -> tuple[bytes, list[dict[str, Any]]]:
         parsed = tomllib.loads(data.decode("utf-8"))
