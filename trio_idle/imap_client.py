@@ -31,9 +31,7 @@ connection dead and closes it; nothing a server sends can raise out of a session
 
 from __future__ import annotations
 
-import errno
 import math
-import os
 import random
 import socket
 import ssl
@@ -45,7 +43,7 @@ import attrs
 import trio
 
 from trio_idle.connections import MailConnection
-from trio_idle.destinations import DEFAULT_NETWORKS, Network, refusal_message, refused
+from trio_idle.destinations import DEFAULT_NETWORKS, Network
 from trio_idle.errors import (
     KIND_DNS,
     KIND_REFUSED,
@@ -71,6 +69,7 @@ from trio_idle.sasl import (
     initial_response,
 )
 from trio_idle.scrub import MASK, Scrubber
+from trio_idle.tcp_connect import RefusedDestination, open_socket
 
 IMPLICIT_TLS_PORT: Final = 993
 STARTTLS_PORT: Final = 143
@@ -1137,70 +1136,12 @@ class _SaslCommand(_Command):
         self._protocol.write(data + b"\r\n")
 
 
-async def _resolve(host: str, port: int) -> list[tuple[int, Any]]:
-    """Every ``(family, sockaddr)`` of ``host`` for TCP, in the resolver's order."""
-    infos = await trio.socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
-    if not infos:
-        raise socket.gaierror(socket.EAI_NONAME, "no addresses")
-    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
-
-
-async def _open_socket(conn: MailConnection, refuse: tuple[Network, ...]) -> socket.socket:
-    """A TCP socket connected to an address of ``conn.host`` that ``refuse`` allows.
-
-    The host is resolved once, here, and the socket connected to exactly the addresses
-    that were checked: nothing resolves the name again (no DNS-rebinding gap). Allowed
-    addresses are tried in the resolver's order; if none connects, the first error is
-    raised. Never leaks a socket, also when cancelled.
-    """
-    addresses = await _resolve(conn.host, conn.port)
-    allowed = [(f, a) for f, a in addresses if refused(a[0], refuse) is None]
-    if not allowed:
-        shown = list(dict.fromkeys(str(a[0]) for _, a in addresses))
-        raise _Refused(refusal_message(conn.host, shown))
-    errors: list[OSError] = []
-    for family, sockaddr in allowed:
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        except OSError as exc:  # e.g. no IPv6 on this machine: try the next address
-            errors.append(exc)
-            continue
-        try:
-            sock.setblocking(False)
-            error = sock.connect_ex(sockaddr)
-            if error in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
-                await trio.lowlevel.wait_writable(sock)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, os.strerror(error))  # e.g. ConnectionRefusedError
-        except OSError as exc:
-            _close(sock)
-            errors.append(exc)
-            continue
-        except BaseException:
-            _close(sock)
-            raise
-        return sock
-    raise errors[0]
-
-
-def _close(sock: socket.socket) -> None:
-    trio.lowlevel.notify_closing(sock)
-    sock.close()
-
-
 class _NoStartTls(Exception):
     pass
 
 
 class _BadGreeting(Exception):
     pass
-
-
-class _Refused(Exception):
-    """Every address of the host is in a refused network; ``str()`` is the log line."""
 
 
 async def connect(
@@ -1228,7 +1169,7 @@ async def connect(
     imap: ImapConnection | None = None
     try:
         with trio.fail_after(timeouts.connect):
-            sock = await _open_socket(conn, refuse)
+            sock = await open_socket(conn.host, conn.port, refuse)
             transport = ImapTransport(sock)
             protocol = _Protocol(monitor, limits)
             protocol.connection_made(transport)
@@ -1267,7 +1208,7 @@ def _connect_error(
         return ImapConnectError(f"{where} does not offer STARTTLS", kind=KIND_TLS)
     if isinstance(exc, _BadGreeting):
         return ImapConnectError(f"{where} failed the IMAP greeting: {exc}", kind=KIND_SERVER_CLOSED)
-    if isinstance(exc, _Refused):
+    if isinstance(exc, RefusedDestination):
         return ImapConnectError(str(exc), kind=KIND_REFUSED)
     if isinstance(exc, (ConnectionLost, TransportClosed)):
         problem = monitor.problem() or "connection lost (closed by server)"

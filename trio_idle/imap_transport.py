@@ -164,6 +164,11 @@ class ImapTransport:
             self._send(outgoing.read())
         self._tls, self._incoming, self._outgoing = tls, incoming, outgoing
 
+    def raise_if_failed(self) -> None:
+        """Raise what broke the connection (a failed write, say), or
+        :class:`TransportClosed` if it was closed; nothing while it is usable."""
+        self._raise_if_closed()
+
     # -- internals ---------------------------------------------------------------------
 
     async def _recv(self) -> bytes:

@@ -27,6 +27,7 @@ import httpx
 import trio
 
 from trio_idle import __version__
+from trio_idle.http_transport import TrioHTTPTransport
 from trio_idle.imap_envelope import Envelope
 from trio_idle.scan_range import NO_RANGE, ScanRange
 from trio_idle.scrub import PLAIN
@@ -47,6 +48,9 @@ MAX_REPLY_BYTES: Final = 64 * 1024
 #: milliseconds of CPU, a third of the ramp's. Ten cover steady traffic; a burst opens more
 #: (up to the pool size) and they close as they go idle.
 MAX_IDLE_CONNECTIONS: Final = 10
+#: seconds an idle keep-alive connection is kept (a server closing it sooner is noticed
+#: before the connection is reused)
+KEEPALIVE_EXPIRY: Final = 30.0
 
 
 @attrs.frozen
@@ -326,21 +330,33 @@ def new_http_client(
     transport: httpx.AsyncBaseTransport | None,
 ) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for the backend, as :class:`WebhookClient` documents it:
-    explicit timeouts, no redirects, no compression, proxies only with ``trust_env``."""
+    explicit timeouts, no redirects, no compression, proxies only with ``trust_env``.
+
+    Requests go through :class:`~trio_idle.http_transport.TrioHTTPTransport` (unless
+    ``transport`` replaces it), with the same limits; with ``trust_env`` through httpx's
+    own transport instead, which knows the environment's proxies and ``NO_PROXY``."""
+    verify = tls_verify_context()
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=min(max_connections, MAX_IDLE_CONNECTIONS),
+        keepalive_expiry=KEEPALIVE_EXPIRY,
+    )
+    if transport is None and not trust_env:
+        transport = TrioHTTPTransport(
+            ssl_context=verify,
+            max_connections=max_connections,
+            max_idle=min(max_connections, MAX_IDLE_CONNECTIONS),
+            idle_expiry=KEEPALIVE_EXPIRY,
+        )
     return httpx.AsyncClient(
         timeout=httpx.Timeout(total_timeout, connect=min(10.0, total_timeout)),
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=min(max_connections, MAX_IDLE_CONNECTIONS),
-            keepalive_expiry=30.0,
-        ),
+        limits=limits,
         # The cap counts bytes as they arrive: a compressed reply could inflate far
         # past it inside one decoding step, so none is asked for.
         headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
         follow_redirects=False,
         trust_env=trust_env,
-        # ignored by httpx with a transport given; loading the CAs costs milliseconds
-        verify=tls_verify_context() if transport is None else True,
+        verify=verify,
         transport=transport,
     )
 
