@@ -1,5 +1,8 @@
 """One IMAP connection's socket, with or without TLS, read and written from trio.
 
+(The backend clients' HTTP transport, :mod:`trio_idle.http_transport`, uses it too: the
+same socket handling for both kinds of outgoing connection.)
+
 This replaces the asyncio transport (and trio-asyncio's reader task per socket) under
 aioimaplib's parser: the session task that waits for the server reads the socket itself
 (:meth:`ImapTransport.receive`), so a keepalive line costs one task wake-up and no

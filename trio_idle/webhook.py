@@ -216,6 +216,7 @@ class WebhookClient:
         if max_reply_bytes <= 0:
             raise ValueError("max_reply_bytes must be positive")
         self.url = url
+        self._scan_url = httpx.URL(url)  # parsed once, not per scan
         self._secret_header = secret_header
         self._secret = secret
         self._signing_secret = signing_secret
@@ -265,19 +266,30 @@ class WebhookClient:
         """One attempt. Never raises for network trouble or an oversized reply: those are
         RETRY verdicts. Cancellation abandons the attempt (its connection is closed)."""
         body = job.body()
-        return await self.post(self.url, body, self.headers_for(job, body))
+        return await self.post(self._scan_url, body, self.headers_for(job, body))
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> ScanReply:
+    async def post(
+        self, url: str | httpx.URL, body: bytes, headers: Mapping[str, str]
+    ) -> ScanReply:
         """One POST of ``body`` to ``url`` (another endpoint of the same backend) over this
         client's pool, bounded and judged like a scan (:func:`interpret_reply`; a 2xx
         without ``scanned``/``blocked`` is simply OK). Same guarantees as :meth:`send`.
         With every connection of the pool busy it first waits for one, first come first
         served; that wait is not part of the attempt's time limit (the requests ahead
         each have theirs)."""
-        async with self._slots:
+        try:
+            # a free slot is taken without a scheduler round trip
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             return await self._post(url, body, headers)
+        finally:
+            self._slots.release()
 
-    async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> ScanReply:
+    async def _post(
+        self, url: str | httpx.URL, body: bytes, headers: Mapping[str, str]
+    ) -> ScanReply:
         # httpx's own timeouts should fire first; this bound catches everything else
         # (a server trickling bytes resets httpx's per-chunk read timeout forever).
         with trio.move_on_after(self._total_timeout + 5.0):
@@ -373,7 +385,7 @@ _SPENT: Final = httpx.ByteStream(b"")
 
 @contextlib.asynccontextmanager
 async def streamed(
-    client: httpx.AsyncClient, method: str, url: str, **options: Any
+    client: httpx.AsyncClient, method: str, url: str | httpx.URL, **options: Any
 ) -> AsyncIterator[httpx.Response]:
     """``client.stream(method, url, **options)`` that leaves no reference cycle behind.
 
