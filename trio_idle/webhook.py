@@ -178,12 +178,16 @@ def interpret_reply(
 
 
 class WebhookClient:
-    """Sends scan requests over one shared ``httpx.AsyncClient``.
+    """Sends scan requests (and the backend's other POSTs) as ``httpx.Request`` objects
+    straight to a transport: :class:`~trio_idle.http_transport.TrioHTTPTransport`, or
+    with ``trust_env`` an ``httpx.AsyncClient`` (the only one that knows the environment's
+    proxies). httpx's client layer (request building, cookies, hooks) cost a third of a
+    scan's CPU and has nothing a backend POST needs.
 
-    Timeouts are explicit: httpx's per-phase timeouts fire first; a trio deadline of
-    ``total_timeout`` bounds the whole attempt, reading the reply included. On
-    ``PoolTimeout`` the client is rebuilt, because cancelled requests can leak pool slots
-    (httpcore issue #1093).
+    Timeouts are explicit: the transport's per-phase timeouts fire first; a trio deadline
+    of ``total_timeout`` bounds the whole attempt, reading the reply included. On
+    ``PoolTimeout`` from the ``trust_env`` client, it is rebuilt, because cancelled
+    requests can leak httpcore's pool slots (httpcore issue #1093).
 
     A reply body is read as it arrives and at most ``max_reply_bytes`` of it are kept: a
     larger one (declared by ``content-length`` or found while reading) fails the attempt
@@ -193,11 +197,9 @@ class WebhookClient:
     only ever goes to ``url``'s host; ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured
     either way.
 
-    ``transport`` replaces httpx's network transport (tests pass an
-    ``httpx.MockTransport``; the reply cap applies to it all the same). httpx then
-    ignores ``limits=`` and ``verify=``, so ``max_connections`` and TLS verification are
-    the transport's business, and the client is not rebuilt on ``PoolTimeout`` (only
-    httpx's own pool leaks slots). :meth:`aclose` closes the transport too.
+    ``transport`` replaces the network transport (tests pass an ``httpx.MockTransport``;
+    the reply cap applies to it all the same); ``max_connections`` and TLS verification
+    are then its business. :meth:`aclose` closes the transport too.
     """
 
     def __init__(
@@ -223,13 +225,20 @@ class WebhookClient:
         self._total_timeout = total_timeout
         self._max_connections = max_connections
         self._trust_env = trust_env
-        self._transport = transport
         self.max_reply_bytes: Final = max_reply_bytes
         #: requests past the pool size wait here, in order, not in httpcore's pool, whose
         #: queue is walked in full for every request it assigns or ends (quadratic in a
         #: burst of thousands)
         self._slots = trio.CapacityLimiter(max_connections)
-        self._client = self._new_client()
+        self._timeout = {"timeout": request_timeout(total_timeout).as_dict()}
+        #: where requests go: the given transport, ours, or (trust_env) the client
+        self._direct: httpx.AsyncBaseTransport | None = transport
+        self._client: httpx.AsyncClient | None = None
+        if transport is None:
+            if trust_env:
+                self._client = self._new_client()
+            else:
+                self._direct = backend_transport(max_connections)
 
     @classmethod
     def from_settings(cls, webhook: WebhookSettings) -> WebhookClient:
@@ -245,12 +254,13 @@ class WebhookClient:
         )
 
     def _new_client(self) -> httpx.AsyncClient:
-        return new_http_client(
-            self._total_timeout, self._max_connections, self._trust_env, self._transport
-        )
+        return new_http_client(self._total_timeout, self._max_connections, self._trust_env, None)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+        if self._direct is not None:
+            await self._direct.aclose()
 
     def headers_for(self, job: ScanJob, body: bytes) -> dict[str, str]:
         return self.signed_headers(body, {SCAN_ID_HEADER: job.scan_id})
@@ -292,25 +302,39 @@ class WebhookClient:
     ) -> ScanReply:
         # httpx's own timeouts should fire first; this bound catches everything else
         # (a server trickling bytes resets httpx's per-chunk read timeout forever).
+        request = httpx.Request(
+            "POST",
+            url,
+            content=body,
+            headers=[*_DEFAULT_HEADERS, *headers.items()],
+            extensions=self._timeout,
+        )
         with trio.move_on_after(self._total_timeout + 5.0):
+            client = self._client
             try:
-                async with streamed(
-                    self._client, "POST", url, content=body, headers=dict(headers)
-                ) as response:
+                if self._direct is not None:
+                    response = await self._direct.handle_async_request(request)
+                else:
+                    assert client is not None
+                    response = await client.send(request, stream=True)
+                try:
                     reply_body = await read_capped(response, self.max_reply_bytes)
-                    if reply_body is None:
-                        # Leaving the block closes the connection: the rest is never read.
-                        return ScanReply(
-                            Verdict.RETRY,
-                            f"backend reply larger than {_size_text(self.max_reply_bytes)}",
-                        )
-                    return interpret_reply(response.status_code, response.headers, reply_body)
+                finally:
+                    # before the whole reply was read, this closes the connection
+                    await response.aclose()
+                    response.stream = _SPENT  # see streamed()
+                if reply_body is None:
+                    return ScanReply(
+                        Verdict.RETRY,
+                        f"backend reply larger than {_size_text(self.max_reply_bytes)}",
+                    )
+                return interpret_reply(response.status_code, response.headers, reply_body)
             except httpx.PoolTimeout:
-                if self._transport is not None:  # not our pool: rebuilding cannot help
+                if client is None or client is not self._client:
                     return ScanReply(Verdict.RETRY, "HTTP pool exhausted")
-                old, self._client = self._client, self._new_client()
+                self._client = self._new_client()
                 with trio.CancelScope(shield=True):
-                    await old.aclose()
+                    await client.aclose()
                 return ScanReply(Verdict.RETRY, "HTTP pool exhausted; client rebuilt")
             except httpx.TimeoutException:
                 return ScanReply(
@@ -335,6 +359,30 @@ def backend_headers(
     return headers
 
 
+#: headers of every backend request besides the caller's. The cap on the reply counts
+#: bytes as they arrive: a compressed reply could inflate far past it inside one decoding
+#: step, so none is asked for.
+_DEFAULT_HEADERS: Final = (("user-agent", USER_AGENT), ("accept-encoding", "identity"))
+
+
+def request_timeout(total_timeout: float) -> httpx.Timeout:
+    """The per-phase timeouts of a backend request: each phase ``total_timeout``, the
+    connect at most 10 s."""
+    return httpx.Timeout(total_timeout, connect=min(10.0, total_timeout))
+
+
+def backend_transport(max_connections: int) -> TrioHTTPTransport:
+    """Our HTTP transport as the backend clients use it: ``max_connections`` in flight,
+    at most :data:`MAX_IDLE_CONNECTIONS` kept idle for :data:`KEEPALIVE_EXPIRY` seconds,
+    ``https`` verified as :func:`tls_verify_context` says."""
+    return TrioHTTPTransport(
+        ssl_context=tls_verify_context(),
+        max_connections=max_connections,
+        max_idle=min(max_connections, MAX_IDLE_CONNECTIONS),
+        idle_expiry=KEEPALIVE_EXPIRY,
+    )
+
+
 def new_http_client(
     total_timeout: float,
     max_connections: int,
@@ -347,28 +395,19 @@ def new_http_client(
     Requests go through :class:`~trio_idle.http_transport.TrioHTTPTransport` (unless
     ``transport`` replaces it), with the same limits; with ``trust_env`` through httpx's
     own transport instead, which knows the environment's proxies and ``NO_PROXY``."""
-    verify = tls_verify_context()
-    limits = httpx.Limits(
-        max_connections=max_connections,
-        max_keepalive_connections=min(max_connections, MAX_IDLE_CONNECTIONS),
-        keepalive_expiry=KEEPALIVE_EXPIRY,
-    )
     if transport is None and not trust_env:
-        transport = TrioHTTPTransport(
-            ssl_context=verify,
-            max_connections=max_connections,
-            max_idle=min(max_connections, MAX_IDLE_CONNECTIONS),
-            idle_expiry=KEEPALIVE_EXPIRY,
-        )
+        transport = backend_transport(max_connections)
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(total_timeout, connect=min(10.0, total_timeout)),
-        limits=limits,
-        # The cap counts bytes as they arrive: a compressed reply could inflate far
-        # past it inside one decoding step, so none is asked for.
-        headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
+        timeout=request_timeout(total_timeout),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=min(max_connections, MAX_IDLE_CONNECTIONS),
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        ),
+        headers=dict(_DEFAULT_HEADERS),
         follow_redirects=False,
         trust_env=trust_env,
-        verify=verify,
+        verify=tls_verify_context(),
         transport=transport,
     )
 
