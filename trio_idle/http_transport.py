@@ -25,8 +25,11 @@ Guarantees:
   (≤ :data:`READ_SIZE`) at a time, so the caller bounds the total (``read_capped``).
 * A connection goes back to the pool only after a complete, reusable exchange (both
   sides done, no ``Connection: close``). Anything else — an error, a cancellation, a
-  response closed before its end — closes it. A pooled connection that the server has
-  closed (or written to, unasked) is found readable and dropped before reuse.
+  response closed before its end, bytes past the end of the reply — closes it. A pooled
+  connection that the server has closed (or written to, unasked) is found readable and
+  dropped before reuse, so no byte is ever taken for the reply to a later request.
+* Writes: a request is handed to the kernel in pieces of at most :data:`COALESCE_BYTES`
+  (a small one, head and body, in one piece), each waited for under the write timeout.
 * Cancellation: a cancelled request closes its connection and frees its slot; nothing
   is left half-sent on a pooled connection.
 
@@ -65,13 +68,15 @@ _Origin = tuple[bytes, str, int]
 class _Connection:
     """One socket (plain or TLS) and its h11 state; used by one request at a time."""
 
-    __slots__ = ("h11", "idle_since", "origin", "transport")
+    __slots__ = ("h11", "idle_since", "origin", "received", "transport")
 
     def __init__(self, origin: _Origin, transport: ImapTransport, max_head_bytes: int) -> None:
         self.origin = origin
         self.transport = transport
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
         self.idle_since = 0.0
+        #: bytes given to h11 since the request was sent (the head check counts them)
+        self.received = 0
 
     def is_readable(self) -> bool:
         """Whether the idle socket has something to read: EOF (the server closed it) or
@@ -109,7 +114,7 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self._ssl_context = ssl_context
-        self._slots = trio.Semaphore(max_connections)
+        self._slots = trio.Semaphore(max_connections, max_value=max_connections)
         self._max_idle = max(0, max_idle)
         self._idle_expiry = idle_expiry
         self._max_head_bytes = max_head_bytes
@@ -194,6 +199,7 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
             or self._max_idle == 0
             or h.our_state is not h11.DONE
             or h.their_state is not h11.DONE
+            or h.trailing_data[0]  # bytes past the reply: nothing asked for them
         ):
             conn.close()
             return
@@ -254,8 +260,11 @@ async def _exchange(
     await _write(conn, b"".join(out), write_timeout)
 
     read_timeout = _seconds(timeouts.get("read"))
+    conn.received = 0
     while True:
         event = await _next_event(conn, read_timeout)
+        if conn.received - len(h.trailing_data[0]) > pool._max_head_bytes:
+            raise httpx.RemoteProtocolError("the response head is too large")
         if isinstance(event, h11.Response):
             break
         if not isinstance(event, h11.InformationalResponse):
@@ -305,10 +314,11 @@ async def _write(conn: _Connection, data: bytes, limit: float) -> None:
     does not take at once."""
     transport = conn.transport
     try:
-        transport.write(data)
-        with trio.fail_after(limit):
-            await transport.flush()
-        transport.raise_if_failed()
+        for start in range(0, len(data), COALESCE_BYTES):
+            transport.write(data[start : start + COALESCE_BYTES])
+            with trio.fail_after(limit):
+                await transport.flush()
+            transport.raise_if_failed()
     except trio.TooSlowError as exc:
         raise httpx.WriteTimeout("writing the request timed out") from exc
     except (OSError, TransportClosed, trio.ClosedResourceError) as exc:
@@ -337,6 +347,7 @@ async def _next_event(conn: _Connection, limit: float) -> object:
             raise httpx.ReadError(_describe(exc)) from exc
         if not data and h.their_state is h11.SEND_RESPONSE:
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        conn.received += len(data)
         h.receive_data(data)
 
 

@@ -1,0 +1,853 @@
+"""TrioHTTPTransport over real sockets on 127.0.0.1, against a scripted raw HTTP server.
+
+Every guarantee of :mod:`trio_idle.http_transport`'s module docstring is checked the way
+a user would notice it: how many connections the server accepted, whether the server saw
+a connection closed, which exception (by type) a request raised and whether a later
+request still gets through with a single connection slot.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import h11
+import httpx
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from trio_idle.http_transport import COALESCE_BYTES, TrioHTTPTransport
+
+HOST = "127.0.0.1"
+#: the deadline of every test: nothing here should take more than a fraction of it
+TIMEOUT = 10.0
+#: a short timeout of the transport, asserted only by the exception it raises
+SHORT = 0.2
+
+
+# --------------------------------------------------------------------------- the server
+
+
+@dataclass
+class Received:
+    """One request as the scripted server read it."""
+
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class Peer:
+    """One accepted connection, as a scripted handler drives it."""
+
+    def __init__(self, server: ScriptedServer, number: int, stream: trio.abc.Stream) -> None:
+        self.server = server
+        #: 1 for the first accepted connection, 2 for the second, ...
+        self.number = number
+        self.stream = stream
+        self.requests: list[Received] = []
+        #: the client closed (or reset) the connection
+        self.closed_by_client = trio.Event()
+        #: the handler closed the connection
+        self.closed_by_server = trio.Event()
+        self._buffer = b""
+
+    async def _receive(self) -> bytes:
+        try:
+            data = await self.stream.receive_some(64 * 1024)
+        except trio.BrokenResourceError:  # a reset (or a TLS stream torn down)
+            data = b""
+        if not data:
+            self.closed_by_client.set()
+            self.server.notify()
+        return data
+
+    async def read_request(self) -> Received | None:
+        """The next request, or None once the client has closed the connection."""
+        h = h11.Connection(h11.SERVER)
+        if self._buffer:  # (b"" would tell h11 the connection was closed)
+            h.receive_data(self._buffer)
+            self._buffer = b""
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError:  # closed mid-request
+                return None
+            if event is h11.NEED_DATA:
+                h.receive_data(await self._receive())
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+            elif isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                self._buffer = h.trailing_data[0]
+                received = Received(head.method, head.target, list(head.headers), bytes(body))
+                self.requests.append(received)
+                self.server.notify()
+                return received
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_closed(self) -> None:
+        """Read (and drop) whatever comes until the client closes the connection."""
+        while await self._receive():
+            pass
+
+    async def close(self) -> None:
+        await self.stream.aclose()
+        self.closed_by_server.set()
+        self.server.notify()
+
+
+Handler = Callable[[Peer], Awaitable[None]]
+
+
+@dataclass
+class ScriptedServer:
+    """A raw HTTP/1.1 server on 127.0.0.1 whose handler writes scripted bytes."""
+
+    handler: Handler
+    ssl_context: ssl.SSLContext | None = None
+    port: int = 0
+    peers: list[Peer] = field(default_factory=list)
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{HOST}:{self.port}/path"
+
+    @property
+    def accepted(self) -> int:
+        return len(self.peers)
+
+    @property
+    def request_count(self) -> int:
+        return sum(len(peer.requests) for peer in self.peers)
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._changed.wait()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        tcp = await trio.open_tcp_listeners(0, host=HOST)
+        self.port = tcp[0].socket.getsockname()[1]
+        listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(tcp)
+        if self.ssl_context is not None:
+            listeners = [
+                trio.SSLListener(listener, self.ssl_context, https_compatible=True)
+                for listener in tcp
+            ]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        peer = Peer(self, len(self.peers) + 1, stream)
+        self.peers.append(peer)
+        self.notify()
+        try:
+            await self.handler(peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            peer.closed_by_client.set()
+            self.notify()
+        finally:
+            await stream.aclose()
+
+
+async def start(
+    nursery: trio.Nursery, handler: Handler, ssl_context: ssl.SSLContext | None = None
+) -> ScriptedServer:
+    server = ScriptedServer(handler, ssl_context)
+    await nursery.start(server.serve)
+    return server
+
+
+def reply(body: bytes = b"ok", status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A complete HTTP/1.1 response with a Content-Length."""
+    lines = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def serve_forever(peer: Peer, body: Callable[[Peer], bytes] | None = None) -> None:
+    """Answer every request of the connection with ``body`` (default: ``"<conn>:<n>"``,
+    the connection's number and the request's number on it)."""
+    while await peer.read_request() is not None:
+        text = body(peer) if body else f"{peer.number}:{len(peer.requests)}".encode()
+        await peer.send(reply(text))
+
+
+def new_transport(
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    max_connections: int = 4,
+    max_idle: int = 4,
+    idle_expiry: float = 60.0,
+    max_head_bytes: int | None = None,
+) -> TrioHTTPTransport:
+    if max_head_bytes is None:
+        return TrioHTTPTransport(
+            ssl_context=ssl_context,
+            max_connections=max_connections,
+            max_idle=max_idle,
+            idle_expiry=idle_expiry,
+        )
+    return TrioHTTPTransport(
+        ssl_context=ssl_context,
+        max_connections=max_connections,
+        max_idle=max_idle,
+        idle_expiry=idle_expiry,
+        max_head_bytes=max_head_bytes,
+    )
+
+
+def client_for(transport: TrioHTTPTransport) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(TIMEOUT))
+
+
+async def wait_pooled_socket_readable(transport: TrioHTTPTransport) -> None:
+    """Wait until the kernel has handed the client's pooled socket what the server did
+    (a FIN or bytes): the state the transport promises to notice before reuse. Looks
+    inside the pool, since nothing public shows the socket."""
+    (conn,) = transport._idle
+    await trio.lowlevel.wait_readable(conn.transport.get_extra_info("socket"))
+
+
+#: with a single connection slot, a request that must not wait for one
+SLOT_MUST_BE_FREE = httpx.Timeout(TIMEOUT, pool=SHORT)
+
+
+# --------------------------------------------------------------------------- keep-alive
+
+
+async def test_sequential_requests_share_one_connection(nursery: trio.Nursery) -> None:
+    server = await start(nursery, serve_forever)
+    transport = new_transport()
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            first = await client.get(server.url)
+            second = await client.get(server.url)
+        assert (first.status_code, first.content) == (200, b"1:1")
+        assert (second.status_code, second.content) == (200, b"1:2")
+        assert server.accepted == 1
+        assert transport.idle_connections == 1
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced(nursery: trio.Nursery) -> None:
+    async def one_request_then_close(peer: Peer) -> None:
+        if await peer.read_request() is not None:
+            await peer.send(reply(f"{peer.number}".encode()))  # no Connection: close
+        await peer.close()
+
+    server = await start(nursery, one_request_then_close)
+    transport = new_transport()
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.get(server.url)).content == b"1"
+            await server.peers[0].closed_by_server.wait()
+            await wait_pooled_socket_readable(transport)
+            second = await client.get(server.url)
+        assert (second.status_code, second.content) == (200, b"2")
+        assert server.accepted == 2
+
+
+async def test_an_idle_connection_the_server_wrote_to_is_dropped(nursery: trio.Nursery) -> None:
+    first_read = trio.Event()
+    stray_sent = trio.Event()
+
+    async def reply_then_write_unasked(peer: Peer) -> None:
+        if peer.number == 1 and await peer.read_request() is not None:
+            await peer.send(reply(b"1"))
+            await first_read.wait()  # the stray bytes come in a later read of the client
+            await peer.send(reply(b"stray", status=408))  # as servers do before closing
+            stray_sent.set()
+        await serve_forever(peer)
+
+    server = await start(nursery, reply_then_write_unasked)
+    transport = new_transport()
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.get(server.url)).content == b"1"
+            first_read.set()
+            await stray_sent.wait()
+            await wait_pooled_socket_readable(transport)
+            second = await client.get(server.url)
+            await server.peers[0].closed_by_client.wait()
+        assert (second.status_code, second.content) == (200, b"2:1")
+        assert server.peers[0].requests[1:] == []
+
+
+async def test_bytes_past_the_end_of_a_reply_are_never_taken_for_the_next_reply(
+    nursery: trio.Nursery,
+) -> None:
+    """A server that writes more than its reply (in the same segment) has left the
+    connection unusable: the next request must not be answered by those bytes."""
+
+    async def reply_with_extra_bytes(peer: Peer) -> None:
+        if peer.number == 1 and await peer.read_request() is not None:
+            await peer.send(reply(b"first") + reply(b"stale"))
+        await serve_forever(peer, lambda _: b"fresh")
+
+    server = await start(nursery, reply_with_extra_bytes)
+    async with client_for(new_transport()) as client:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.get(server.url)).content == b"first"
+            second = await client.get(server.url)
+        assert second.content == b"fresh"
+
+
+async def test_a_connection_close_reply_is_not_reused(nursery: trio.Nursery) -> None:
+    async def close_announced(peer: Peer) -> None:
+        # the server announces the close but keeps reading: only the client ends it
+        while await peer.read_request() is not None:
+            await peer.send(reply(f"{peer.number}".encode(), headers=[("Connection", "close")]))
+
+    server = await start(nursery, close_announced)
+    transport = new_transport()
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.get(server.url)).content == b"1"
+            await server.peers[0].closed_by_client.wait()
+            assert transport.idle_connections == 0
+            assert (await client.get(server.url)).content == b"2"
+        assert server.accepted == 2
+        assert len(server.peers[0].requests) == 1
+
+
+async def test_with_max_idle_zero_nothing_is_kept(nursery: trio.Nursery) -> None:
+    server = await start(nursery, serve_forever)
+    transport = new_transport(max_idle=0)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.get(server.url)).content == b"1:1"
+            await server.peers[0].closed_by_client.wait()
+            assert (await client.get(server.url)).content == b"2:1"
+        assert transport.idle_connections == 0
+
+
+async def test_an_expired_idle_connection_is_closed_not_reused(nursery: trio.Nursery) -> None:
+    server = await start(nursery, serve_forever)
+    transport = new_transport(idle_expiry=0)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.get(server.url)).content == b"1:1"
+            assert (await client.get(server.url)).content == b"2:1"
+            await server.peers[0].closed_by_client.wait()
+        assert server.accepted == 2
+
+
+async def test_at_most_max_idle_connections_are_kept_after_a_burst(
+    nursery: trio.Nursery,
+) -> None:
+    burst = 5
+
+    async def reply_once_all_arrived(peer: Peer) -> None:
+        while await peer.read_request() is not None:
+            await peer.server.wait_until(lambda: peer.server.request_count >= burst)
+            await peer.send(reply(f"{peer.number}".encode()))
+
+    server = await start(nursery, reply_once_all_arrived)
+    transport = new_transport(max_connections=burst, max_idle=2)
+    answers: list[bytes] = []
+
+    async def get() -> None:
+        answers.append((await client.get(server.url)).content)
+
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as requests:
+                for _ in range(burst):
+                    requests.start_soon(get)
+            assert sorted(answers) == [str(n).encode() for n in range(1, burst + 1)]
+            assert transport.idle_connections == 2
+            await server.wait_until(
+                lambda: sum(p.closed_by_client.is_set() for p in server.peers) == burst - 2
+            )
+            # the two kept are the ones used next
+            await client.get(server.url)
+            await client.get(server.url)
+        assert server.accepted == burst
+        assert transport.idle_connections == 2
+
+
+async def test_aclose_closes_pooled_connections_and_pools_nothing_after(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start(nursery, serve_forever)
+    transport = new_transport()
+    client = client_for(transport)
+    with trio.fail_after(TIMEOUT):
+        async with client.stream("GET", server.url) as in_flight:
+            assert (await client.get(server.url)).content == b"2:1"
+            assert transport.idle_connections == 1
+            await transport.aclose()
+            assert transport.idle_connections == 0
+            await server.peers[1].closed_by_client.wait()
+            assert await in_flight.aread() == b"1:1"
+        # the reply in flight when the transport closed ends its connection too
+        await server.peers[0].closed_by_client.wait()
+        assert transport.idle_connections == 0
+        with pytest.raises(RuntimeError):
+            await transport.handle_async_request(httpx.Request("GET", server.url))
+        await client.aclose()
+    assert server.accepted == 2
+
+
+# --------------------------------------------------------------------------- slots
+
+
+@pytest.mark.parametrize("read", [False, True], ids=["unread", "partly-read"])
+async def test_a_reply_closed_before_its_end_closes_the_connection_and_frees_the_slot(
+    nursery: trio.Nursery, read: bool
+) -> None:
+    async def big_reply_first(peer: Peer) -> None:
+        if peer.number == 1:
+            await peer.read_request()
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1024)
+            await peer.wait_closed()
+        else:
+            await serve_forever(peer)
+
+    server = await start(nursery, big_reply_first)
+    transport = new_transport(max_connections=1)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            async with client.stream("GET", server.url) as response:
+                assert response.status_code == 200
+                if read:
+                    async for chunk in response.aiter_raw():
+                        assert chunk
+                        break
+            await server.peers[0].closed_by_client.wait()
+            assert transport.idle_connections == 0
+            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+        assert after.content == b"2:1"
+
+
+async def test_a_cancelled_request_closes_its_connection_and_frees_the_slot(
+    nursery: trio.Nursery,
+) -> None:
+    async def never_answer_the_first(peer: Peer) -> None:
+        if peer.number == 1:
+            await peer.read_request()
+            await peer.wait_closed()
+        else:
+            await serve_forever(peer)
+
+    server = await start(nursery, never_answer_the_first)
+    transport = new_transport(max_connections=1)
+    finished: list[httpx.Response] = []
+    cancelled: list[trio.Cancelled] = []
+
+    async def get() -> None:
+        try:
+            finished.append(await client.get(server.url))
+        except trio.Cancelled as exc:
+            cancelled.append(exc)  # kept: the close must not wait for the garbage collector
+            raise
+
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(get)
+                await server.wait_until(lambda: server.request_count == 1)
+                waiting.cancel_scope.cancel()
+            assert finished == []
+            assert len(cancelled) == 1
+            await server.peers[0].closed_by_client.wait()
+            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+        assert after.content == b"2:1"
+        assert transport.idle_connections == 1
+
+
+async def test_a_request_waits_for_a_slot_at_most_the_pool_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start(nursery, serve_forever)
+    transport = new_transport(max_connections=1)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            async with client.stream("GET", server.url) as held:
+                assert held.status_code == 200
+                with pytest.raises(httpx.PoolTimeout):
+                    await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+                assert server.request_count == 1
+                assert await held.aread() == b"1:1"
+            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+        assert after.content == b"1:2"
+
+
+async def test_a_waiting_request_gets_the_slot_when_it_is_freed(nursery: trio.Nursery) -> None:
+    server = await start(nursery, serve_forever)
+    transport = new_transport(max_connections=1)
+    answers: list[bytes] = []
+
+    async def get() -> None:
+        answers.append((await client.get(server.url)).content)
+
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            async with (
+                trio.open_nursery() as waiting,
+                client.stream("GET", server.url) as held,
+            ):
+                waiting.start_soon(get)
+                await trio.testing.wait_all_tasks_blocked()
+                assert answers == []
+                assert server.request_count == 1
+                await held.aread()
+            assert answers == [b"1:2"]
+        assert server.accepted == 1
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+@pytest.mark.parametrize("stall", ["head", "body"])
+async def test_a_server_that_stops_answering_is_a_read_timeout(
+    nursery: trio.Nursery, stall: str
+) -> None:
+    async def stall_the_first(peer: Peer) -> None:
+        if peer.number == 1:
+            await peer.read_request()
+            if stall == "body":
+                await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+            await peer.wait_closed()
+        else:
+            await serve_forever(peer)
+
+    server = await start(nursery, stall_the_first)
+    transport = new_transport(max_connections=1)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(httpx.ReadTimeout) as caught:
+                await client.get(server.url, timeout=httpx.Timeout(TIMEOUT, read=SHORT))
+            # closed while the error is still referenced, not by the garbage collector
+            await server.peers[0].closed_by_client.wait()
+            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+        assert after.content == b"2:1"
+        assert caught.value.__traceback__ is not None
+
+
+async def test_a_server_that_stops_reading_is_a_write_timeout(nursery: trio.Nursery) -> None:
+    timed_out = trio.Event()
+
+    async def read_the_first_only_after_the_timeout(peer: Peer) -> None:
+        if peer.number == 1:
+            await timed_out.wait()
+            await peer.wait_closed()
+        else:
+            await serve_forever(peer)
+
+    async def more_than_the_socket_buffers_hold() -> AsyncIterator[bytes]:
+        # 64 MiB, far past what loopback buffers take from a peer that does not read
+        # (tcp_wmem's 4 MiB at most), yet bounded: a transport that never writes
+        # must fail this test, not eat the machine's memory
+        piece = b"x" * (64 * 1024)
+        for _ in range(1024):
+            yield piece
+
+    server = await start(nursery, read_the_first_only_after_the_timeout)
+    transport = new_transport(max_connections=1)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(httpx.WriteTimeout) as caught:
+                await client.post(
+                    server.url,
+                    content=more_than_the_socket_buffers_hold(),
+                    timeout=httpx.Timeout(TIMEOUT, write=SHORT),
+                )
+            timed_out.set()
+            # closed while the error is still referenced, not by the garbage collector
+            await server.peers[0].closed_by_client.wait()
+            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+        assert after.content == b"2:1"
+        assert caught.value.__traceback__ is not None
+
+
+async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout(
+    nursery: trio.Nursery, ca: trustme.CA
+) -> None:
+    async def silent(peer: Peer) -> None:
+        await peer.wait_closed()
+
+    server = await start(nursery, silent)  # plain TCP: never answers the ClientHello
+    transport = new_transport(ssl_context=trusting(ca), max_connections=1)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(httpx.ConnectTimeout) as caught:
+                await client.get(
+                    f"https://{HOST}:{server.port}/", timeout=httpx.Timeout(TIMEOUT, connect=SHORT)
+                )
+            # closed while the error is still referenced, not by the garbage collector
+            await server.peers[0].closed_by_client.wait()
+            # the slot came back
+            with pytest.raises(httpx.ConnectTimeout):
+                await client.get(
+                    f"https://{HOST}:{server.port}/",
+                    timeout=httpx.Timeout(TIMEOUT, connect=SHORT, pool=SHORT),
+                )
+        assert caught.value.__traceback__ is not None
+
+
+# --------------------------------------------------------------------------- protocol faults
+
+
+@pytest.mark.parametrize("ending", ["complete", "never-ending"])
+async def test_a_reply_head_over_max_head_bytes_is_a_protocol_error(
+    nursery: trio.Nursery, ending: str
+) -> None:
+    async def huge_head_first(peer: Peer) -> None:
+        if peer.number == 1:
+            await peer.read_request()
+            head = b"HTTP/1.1 200 OK\r\nX-Filler: " + b"a" * 4096 + b"\r\nContent-Length: 2\r\n"
+            await peer.send(head + b"\r\nok" if ending == "complete" else head)
+            await peer.wait_closed()
+        else:
+            await serve_forever(peer)
+
+    server = await start(nursery, huge_head_first)
+    transport = new_transport(max_connections=1, max_head_bytes=1024)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(httpx.RemoteProtocolError) as caught:
+                await client.get(server.url)
+            # closed while the error is still referenced, not by the garbage collector
+            await server.peers[0].closed_by_client.wait()
+            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+        assert after.content == b"2:1"
+        assert caught.value.__traceback__ is not None
+
+
+async def test_a_reply_head_within_max_head_bytes_is_read(nursery: trio.Nursery) -> None:
+    async def big_head(peer: Peer) -> None:
+        while await peer.read_request() is not None:
+            await peer.send(reply(b"ok", headers=[("X-Filler", "a" * 700)]))
+
+    server = await start(nursery, big_head)
+    async with client_for(new_transport(max_head_bytes=1024)) as client:
+        with trio.fail_after(TIMEOUT):
+            response = await client.get(server.url)
+        assert response.headers["x-filler"] == "a" * 700
+
+
+async def test_a_server_closing_without_a_reply_is_a_protocol_error(
+    nursery: trio.Nursery,
+) -> None:
+    async def close_the_first(peer: Peer) -> None:
+        if peer.number == 1:
+            await peer.read_request()
+            await peer.close()
+        else:
+            await serve_forever(peer)
+
+    server = await start(nursery, close_the_first)
+    transport = new_transport(max_connections=1)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(server.url)
+            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+        assert after.content == b"2:1"
+
+
+async def test_a_body_cut_short_is_a_protocol_error(nursery: trio.Nursery) -> None:
+    async def cut_the_first(peer: Peer) -> None:
+        if peer.number == 1:
+            await peer.read_request()
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+            await peer.close()
+        else:
+            await serve_forever(peer)
+
+    server = await start(nursery, cut_the_first)
+    transport = new_transport(max_connections=1)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(server.url)
+            assert transport.idle_connections == 0
+            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+        assert after.content == b"2:1"
+
+
+async def test_a_header_h11_will_not_write_is_a_local_protocol_error(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start(nursery, serve_forever)
+    transport = new_transport(max_connections=1)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(httpx.LocalProtocolError):
+                await client.get(server.url, headers={"x-bad": "a\r\nInjected: yes"})
+            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+        assert after.status_code == 200
+        assert all(b"injected" not in dict(r.headers) for p in server.peers for r in p.requests)
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def pattern(size: int) -> bytes:
+    return bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+
+
+async def in_pieces(data: bytes, piece: int) -> AsyncIterator[bytes]:
+    for start_at in range(0, len(data), piece):
+        yield data[start_at : start_at + piece]
+
+
+@pytest.mark.parametrize(
+    ("size", "streamed"),
+    [(300 * 1024, False), (300 * 1024, True), (16 << 20, False), (4 << 20, True)],
+    # 16 MiB in one piece: more than the kernel takes in one send (tcp_wmem's 4 MiB)
+    ids=["300KiB", "300KiB-streamed", "16MiB", "4MiB-streamed"],
+)
+async def test_a_large_request_body_arrives_intact(
+    nursery: trio.Nursery, size: int, streamed: bool
+) -> None:
+    assert size > COALESCE_BYTES
+    server = await start(nursery, lambda peer: serve_forever(peer, lambda _: b"got it"))
+    body = pattern(size)
+    async with client_for(new_transport()) as client:
+        with trio.fail_after(TIMEOUT):
+            content = in_pieces(body, 16 * 1024) if streamed else body
+            response = await client.post(server.url, content=content)
+            again = await client.get(server.url)
+        assert response.content == b"got it"
+        assert server.peers[0].requests[0].body == body
+        assert again.content == b"got it"
+        assert server.accepted == 1
+
+
+async def test_a_chunked_reply_is_reassembled(nursery: trio.Nursery) -> None:
+    async def chunked(peer: Peer) -> None:
+        while await peer.read_request() is not None:
+            await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for piece in (b"5\r\nhello\r\n", b"6\r\n wor", b"ld\r\n", b"0\r\n\r\n"):
+                await peer.send(piece)
+
+    server = await start(nursery, chunked)
+    async with client_for(new_transport()) as client:
+        with trio.fail_after(TIMEOUT):
+            first = await client.get(server.url)
+            second = await client.get(server.url)
+        assert first.content == second.content == b"hello world"
+        assert server.accepted == 1
+
+
+async def test_informational_replies_before_the_final_one_are_skipped(
+    nursery: trio.Nursery,
+) -> None:
+    async def early_hints(peer: Peer) -> None:
+        while await peer.read_request() is not None:
+            await peer.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await peer.send(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n")
+            await peer.send(reply(b"final", status=201))
+
+    server = await start(nursery, early_hints)
+    async with client_for(new_transport()) as client:
+        with trio.fail_after(TIMEOUT):
+            first = await client.post(server.url, content=b"{}")
+            second = await client.get(server.url)
+        assert (first.status_code, first.content) == (201, b"final")
+        assert (second.status_code, second.content) == (201, b"final")
+        assert server.accepted == 1
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(context)
+    return context
+
+
+def serving(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(HOST).configure_cert(context)
+    return context
+
+
+async def test_https_to_a_trusted_server_works_and_keeps_alive(
+    nursery: trio.Nursery, ca: trustme.CA
+) -> None:
+    server = await start(nursery, serve_forever, serving(ca))
+    transport = new_transport(ssl_context=trusting(ca))
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            first = await client.get(server.url)
+            second = await client.post(server.url, content=pattern(200 * 1024))
+        assert (first.content, second.content) == (b"1:1", b"1:2")
+        assert server.peers[0].requests[1].body == pattern(200 * 1024)
+        assert server.accepted == 1
+
+
+async def test_https_to_an_untrusted_server_is_a_connect_error(
+    nursery: trio.Nursery, ca: trustme.CA
+) -> None:
+    server = await start(nursery, serve_forever, serving(ca))
+    transport = new_transport(ssl_context=trusting(trustme.CA()), max_connections=1)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(httpx.ConnectError) as caught:
+                await client.get(server.url)
+            # closed while the error is still referenced, not by the garbage collector
+            await server.wait_until(
+                lambda: server.accepted == 1 and server.peers[0].closed_by_client.is_set()
+            )
+            with pytest.raises(httpx.ConnectError):  # the slot came back
+                await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
+        assert isinstance(caught.value.__cause__, ssl.SSLError)
+        assert server.request_count == 0
+
+
+async def test_https_without_an_ssl_context_is_a_connect_error(nursery: trio.Nursery) -> None:
+    async def silent(peer: Peer) -> None:
+        await peer.wait_closed()
+
+    server = await start(nursery, silent)
+    async with client_for(new_transport()) as client:
+        with trio.fail_after(TIMEOUT), pytest.raises(httpx.ConnectError):
+            await client.get(f"https://{HOST}:{server.port}/")
+        assert server.accepted == 0
+
+
+# --------------------------------------------------------------------------- connecting
+
+
+async def test_a_refused_connection_is_a_connect_error_saying_so() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as unused:
+        unused.bind((HOST, 0))
+        port = unused.getsockname()[1]
+    transport = new_transport(max_connections=1)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(httpx.ConnectError) as caught:
+                await client.get(f"http://{HOST}:{port}/")
+            with pytest.raises(httpx.ConnectError):  # the slot came back
+                await client.get(f"http://{HOST}:{port}/", timeout=SLOT_MUST_BE_FREE)
+    assert "refused" in str(caught.value).lower()
+    assert isinstance(caught.value.__cause__, ConnectionRefusedError)
