@@ -63,6 +63,7 @@ UNIT_PATHS = [
     "tests/test_imap_test_server.py",
     "tests/test_scan_backend.py",
     "tests/test_webhook_client.py",
+    "tests/test_http_transport.py",
 ]
 #: belt and braces: a real-server test that lands in those paths is deselected, not run
 UNIT_MARKERS = "not dovecot and not postgres and not node"
