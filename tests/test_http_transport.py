@@ -8,9 +8,11 @@ request still gets through with a single connection slot.
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import h11
@@ -246,6 +248,36 @@ async def test_sequential_requests_share_one_connection(nursery: trio.Nursery) -
         assert (second.status_code, second.content) == (200, b"1:2")
         assert server.accepted == 1
         assert transport.idle_connections == 1
+
+
+@pytest.fixture
+def high_descriptors() -> Iterator[None]:
+    """Enough descriptors open that the next socket's number is above 1023, as in a
+    daemon holding thousands of IMAP connections (select() cannot take those)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_connections_are_reused_with_descriptors_above_1023(
+    nursery: trio.Nursery, high_descriptors: None
+) -> None:
+    server = await start(nursery, serve_forever)
+    transport = new_transport()
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            for _ in range(3):
+                assert (await client.get(server.url)).status_code == 200
+        assert server.accepted == 1
 
 
 async def test_an_idle_connection_the_server_closed_is_replaced(nursery: trio.Nursery) -> None:

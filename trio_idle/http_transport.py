@@ -41,7 +41,6 @@ Errors are httpx's: :class:`httpx.ConnectError` (with the underlying ``OSError``
 
 from __future__ import annotations
 
-import select
 import socket
 import ssl
 import time
@@ -84,11 +83,15 @@ class _Connection:
         if self.transport.is_closing():
             return True
         sock: socket.socket = self.transport.get_extra_info("socket")
+        # a peek, not select(): select() cannot take a descriptor above 1023, and a
+        # daemon with thousands of IMAP sockets has nothing below that for HTTP
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-        except (OSError, ValueError):
+            sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
             return True
-        return bool(readable)
+        return True  # b"" (closed) or a byte nobody asked for
 
     def close(self) -> None:
         """Close at once (TLS without close_notify: nothing waits on a goodbye)."""
