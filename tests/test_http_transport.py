@@ -883,3 +883,18 @@ async def test_a_refused_connection_is_a_connect_error_saying_so() -> None:
                 await client.get(f"http://{HOST}:{port}/", timeout=SLOT_MUST_BE_FREE)
     assert "refused" in str(caught.value).lower()
     assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+
+
+async def test_a_header_value_never_appears_in_the_error(nursery: trio.Nursery) -> None:
+    """A secret read from a file with its trailing newline is refused by h11, whose own
+    text quotes the value: the error must not carry it to a log or traceback."""
+    server = await start(nursery, serve_forever)
+    transport = new_transport()
+    request = httpx.Request(
+        "POST", server.url, content=b"{}", headers={"x-admin-secret": "s3cret-value\n"}
+    )
+    with trio.fail_after(TIMEOUT), pytest.raises(httpx.LocalProtocolError) as raised:
+        await transport.handle_async_request(request)
+    await transport.aclose()
+    assert "s3cret-value" not in str(raised.value)
+    assert raised.value.__cause__ is None and raised.value.__context__ is None

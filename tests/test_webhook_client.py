@@ -299,3 +299,45 @@ async def test_a_burst_past_the_pool_waits_its_turn_and_leaves_few_idle_connecti
             await poll_until(lambda: backend.open_connections <= MAX_IDLE_CONNECTIONS)
     finally:
         await client.aclose()
+
+
+# -- what the request carries, and when it is not sent ---------------------------------
+
+
+@pytest.mark.parametrize("trust_env", [False, True])
+async def test_credentials_in_the_backend_url_are_sent_as_basic_auth(
+    backend: ScanBackend, monkeypatch: pytest.MonkeyPatch, trust_env: bool
+) -> None:
+    """``BACKEND_URL=http://user:password@host`` authenticates the way httpx's client
+    does, whichever path the request takes; the credentials are not in the request line."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    url = backend.scan_url.replace("http://", "http://svc:p%40ss@")
+    client = client_for(url, trust_env=trust_env)
+    try:
+        with trio.fail_after(TIMEOUT):
+            reply = await client.send(job())
+    finally:
+        await client.aclose()
+    assert reply.verdict is Verdict.OK
+    (request,) = backend.requests_for(EMAIL)
+    assert request.headers["authorization"] == "Basic c3ZjOnBAc3M="  # svc:p@ss
+
+
+async def test_a_scan_posted_from_a_cancelled_scope_sends_nothing(backend: ScanBackend) -> None:
+    """A free slot and a pooled connection must not let a request leave before the first
+    wait notices the cancellation (shutdown, a passed deadline): the backend would run a
+    scan whose answer nobody reads."""
+    client = client_for(backend.scan_url)
+    try:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.send(job())).verdict is Verdict.OK  # pools a connection
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await client.send(job())
+            assert scope.cancelled_caught
+            # a request that did leave would be read by now: the same connection is free
+            assert (await client.send(job())).verdict is Verdict.OK
+    finally:
+        await client.aclose()
+    assert len(backend.requests_for(EMAIL)) == 2

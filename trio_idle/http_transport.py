@@ -52,7 +52,6 @@ import httpx
 import trio
 
 from trio_idle.imap_transport import ImapTransport, TransportClosed
-from trio_idle.tcp_connect import open_socket
 
 #: bytes asked of the socket per read; a scan reply is a few dozen bytes
 READ_SIZE: Final = 64 * 1024
@@ -138,6 +137,9 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         await trio.lowlevel.checkpoint()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        # a request made from a cancelled scope sends nothing (a free slot and a pooled
+        # connection would otherwise let it leave before the first real wait)
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise RuntimeError("the transport is closed")
         scheme = request.url.raw_scheme
@@ -146,7 +148,8 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout", {})
         origin: _Origin = (
             scheme,
-            request.url.host,
+            # the ASCII (IDNA-encoded) name: what is resolved and what TLS checks agree
+            request.url.raw_host.decode("ascii"),
             request.url.port or (443 if scheme == b"https" else 80),
         )
         await self._take_slot(_seconds(timeouts.get("pool")))
@@ -158,10 +161,12 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
             if conn is not None:
                 conn.close()
             self._slots.release()
-            if isinstance(exc, h11.LocalProtocolError):
-                # a request h11 will not write (a header value with a newline, say)
-                raise httpx.LocalProtocolError(str(exc)) from exc
-            raise
+            if not isinstance(exc, h11.LocalProtocolError):
+                raise
+        # Only a request h11 will not write gets here (a header value with a newline,
+        # say). h11's text quotes the value, which may be a secret: raised out here, the
+        # error has no context to carry it into a traceback.
+        raise httpx.LocalProtocolError("a request header cannot be sent as HTTP/1.1")
 
     # ------------------------------------------------------------------ the pool
 
@@ -219,9 +224,7 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         transport: ImapTransport | None = None
         try:
             with trio.fail_after(_seconds(timeouts.get("connect"))):
-                sock = await open_socket(host, port)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                transport = ImapTransport(sock)
+                transport = ImapTransport(await _open_tcp(host, port))
                 if self._ssl_context is not None and scheme == b"https":
                     await transport.start_tls(self._ssl_context, host)
         except BaseException as exc:
@@ -230,7 +233,8 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
             if isinstance(exc, trio.TooSlowError):
                 raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
             if isinstance(exc, (OSError, TransportClosed)):  # ssl.SSLError is an OSError
-                raise httpx.ConnectError(_describe(exc)) from exc
+                first = _first_attempt(exc)
+                raise httpx.ConnectError(_describe(first)) from first
             raise
         return _Connection(origin, transport, self._max_head_bytes)
 
@@ -352,6 +356,25 @@ async def _next_event(conn: _Connection, limit: float) -> object:
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
         conn.received += len(data)
         h.receive_data(data)
+
+
+async def _open_tcp(host: str, port: int) -> socket.socket:
+    """A connected socket to ``host``: trio's happy eyeballs (RFC 8305: the next address
+    is tried 250 ms into an attempt, so a black-holed IPv6 route costs 250 ms, not the
+    connect timeout), TCP_NODELAY set. The backend is the operator's URL, so no address
+    is refused here (IMAP hosts go through :func:`trio_idle.tcp_connect.open_socket`)."""
+    stream = await trio.open_tcp_stream(host, port)
+    # no checkpoint between connecting and taking the descriptor: nothing can leak it
+    return socket.socket(fileno=stream.socket.detach())
+
+
+def _first_attempt(exc: BaseException) -> BaseException:
+    """The first address's own error when trio reports that every attempt failed (its
+    text says why: refused, unreachable, ...)."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        return cause.exceptions[0]
+    return exc
 
 
 def _describe(exc: BaseException) -> str:

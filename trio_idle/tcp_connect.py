@@ -1,8 +1,8 @@
 """Opening a TCP socket to a host: resolved once, checked against refused networks.
 
-Used for every outgoing connection: IMAP servers (whose host an end user typed, so their
-addresses are checked against ``TRIO_IDLE_REFUSE_NETWORKS``) and the backend (an
-operator's URL: nothing refused).
+Used for IMAP servers, whose host an end user typed: their addresses are checked against
+``TRIO_IDLE_REFUSE_NETWORKS``. (The backend, an operator's URL, is reached with trio's
+happy eyeballs instead: :mod:`trio_idle.http_transport`.)
 """
 
 from __future__ import annotations

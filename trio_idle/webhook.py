@@ -10,6 +10,7 @@ and a JSON body; a 2xx reply carries integer ``scanned`` and ``blocked``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.utils
 import enum
@@ -218,7 +219,9 @@ class WebhookClient:
         if max_reply_bytes <= 0:
             raise ValueError("max_reply_bytes must be positive")
         self.url = url
-        self._scan_url = httpx.URL(url)  # parsed once, not per scan
+        self._scan_url = httpx.URL(url)
+        #: each URL posted to, parsed once: without credentials, and their header
+        self._targets: dict[str, tuple[httpx.URL, tuple[tuple[str, str], ...]]] = {}
         self._secret_header = secret_header
         self._secret = secret
         self._signing_secret = signing_secret
@@ -287,6 +290,9 @@ class WebhookClient:
         With every connection of the pool busy it first waits for one, first come first
         served; that wait is not part of the attempt's time limit (the requests ahead
         each have theirs)."""
+        # from a cancelled scope nothing is sent (below, a free slot and a pooled
+        # connection would let the request leave before the first real wait)
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             # a free slot is taken without a scheduler round trip
             self._slots.acquire_nowait()
@@ -297,16 +303,32 @@ class WebhookClient:
         finally:
             self._slots.release()
 
+    def _target(self, url: str | httpx.URL) -> tuple[httpx.URL, tuple[tuple[str, str], ...]]:
+        """``url`` without its credentials, and the ``authorization`` header they make
+        (``http://user:password@host`` is Basic authentication, as httpx's client does
+        it). Worked out once per URL."""
+        known = self._targets.get(str(url))
+        if known is None:
+            parsed = httpx.URL(url)
+            auth: tuple[tuple[str, str], ...] = ()
+            if parsed.userinfo:
+                pair = f"{parsed.username}:{parsed.password}".encode()
+                auth = (("authorization", "Basic " + base64.b64encode(pair).decode("ascii")),)
+                parsed = parsed.copy_with(username=None, password=None)
+            known = self._targets[str(url)] = (parsed, auth)
+        return known
+
     async def _post(
         self, url: str | httpx.URL, body: bytes, headers: Mapping[str, str]
     ) -> ScanReply:
         # httpx's own timeouts should fire first; this bound catches everything else
         # (a server trickling bytes resets httpx's per-chunk read timeout forever).
+        target, auth = self._target(url)
         request = httpx.Request(
             "POST",
-            url,
+            target,
             content=body,
-            headers=[*_DEFAULT_HEADERS, *headers.items()],
+            headers=[*_DEFAULT_HEADERS, *auth, *headers.items()],
             extensions=self._timeout,
         )
         with trio.move_on_after(self._total_timeout + 5.0):
@@ -407,7 +429,9 @@ def new_http_client(
         headers=dict(_DEFAULT_HEADERS),
         follow_redirects=False,
         trust_env=trust_env,
-        verify=tls_verify_context(),
+        # httpx ignores it with a transport given (ours has its own); loading the CAs
+        # costs milliseconds
+        verify=tls_verify_context() if transport is None else True,
         transport=transport,
     )
 
