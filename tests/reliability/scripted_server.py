@@ -56,6 +56,17 @@ class Peer:
             else:
                 await self.send(tag + b" BAD unexpected\r\n")
 
+    async def expect_idle(self) -> bytes:
+        """The tag of the next command, which must be IDLE. A LOGOUT instead (the daemon
+        shut down before this session reached IDLE: a test ending while the mailbox
+        reconnects) is answered and ends the script, as a hang-up would."""
+        tag, name = await self.command()
+        if name == b"LOGOUT":
+            await self.send(b"* BYE bye\r\n" + tag + b" OK LOGOUT completed\r\n")
+            raise EOFError
+        assert name == b"IDLE", name
+        return tag
+
 
 class ScriptedServer:
     """Listens on 127.0.0.1; every connection runs ``script(peer)``, then is closed."""

@@ -26,8 +26,7 @@ BAD = "bad@rel.test"
 async def enter_idle(peer: Peer) -> bytes:
     """Greet, LOGIN, SELECT (0 messages), wait for IDLE and confirm it; return its tag."""
     await peer.login_and_select()
-    tag, name = await peer.command()
-    assert name == b"IDLE"
+    tag = await peer.expect_idle()
     await peer.send(b"+ idling\r\n")
     return tag
 

@@ -35,15 +35,13 @@ async def close_during_handshake(peer: Peer) -> None:
 
 async def close_during_idle(peer: Peer) -> None:
     await peer.login_and_select()
-    _tag, name = await peer.command()
-    assert name == b"IDLE"
+    await peer.expect_idle()
     await peer.send(b"+ idling\r\n")
 
 
 async def garbage_during_idle(peer: Peer) -> None:
     await peer.login_and_select()
-    _tag, name = await peer.command()
-    assert name == b"IDLE"
+    await peer.expect_idle()
     await peer.send(b"+ idling\r\n* 1 EXISTS\r\nZZ99 OK a tagged answer to nothing\r\n")
     while True:
         await peer.line()  # keep the socket open: only the client may end it

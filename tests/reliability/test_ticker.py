@@ -65,9 +65,7 @@ class TickServer:
 
     async def script(self, peer: Peer) -> None:
         await peer.login_and_select()
-        tag, name = await peer.command()
-        assert name == b"IDLE"
-        idle_tag = tag
+        idle_tag = await peer.expect_idle()
         await peer.send(b"+ idling\r\n")
         pipelined = False
         send, receive = trio.open_memory_channel[bytes](10)
