@@ -138,7 +138,7 @@ def scaling(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     _install(session, "ruff")
     session.run("ruff", "check", *LINT_PATHS)
-    session.run("ruff", "format", "--check", "trio_idle", "bench")
+    session.run("ruff", "format", "--check", "trio_idle", "bench", "tests")
 
 
 @nox.session

@@ -222,6 +222,7 @@ async def test_three_instances_split_the_mailboxes_once_each(
     assert status is not None and status.instance_id == "a"
     assert [m.instance_id for m in status.members] == ["a", "b", "c"]
     assert status.owned == len(instances[0].running) and not status.fenced
+
     # every mailbox got its startup scan, whoever started it first; a second one only
     # where a handover (one TTL after "b" and "c" joined) beat the previous owner's
     # batched state write on a loaded machine: at least once, never missed

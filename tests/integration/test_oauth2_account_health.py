@@ -51,8 +51,7 @@ async def introspected_dovecot(
 
 def health(backend: ScanBackend) -> list[tuple[str, str | None]]:
     return [
-        (r.body["state"], r.body.get("reason"))
-        for r in backend.status_for(CONN, accepted=True)
+        (r.body["state"], r.body.get("reason")) for r in backend.status_for(CONN, accepted=True)
     ]
 
 

@@ -198,4 +198,3 @@ def test_garbled_retry_after_is_ignored_not_raised() -> None:
     reply = interpret_reply(503, headers, b"", now=NOW)
     assert reply.verdict is Verdict.RETRY
     assert reply.retry_after is None
-
