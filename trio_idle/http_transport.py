@@ -236,7 +236,7 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
                 raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
             if isinstance(exc, (OSError, TransportClosed)):  # ssl.SSLError is an OSError
                 first = _first_attempt(exc)
-                raise httpx.ConnectError(_describe(first)) from first
+                raise httpx.ConnectError(error_text(first)) from first
             raise
         return _Connection(origin, transport, self._max_head_bytes)
 
@@ -331,7 +331,7 @@ async def _write(conn: _Connection, data: bytes, limit: float) -> None:
     except trio.TooSlowError as exc:
         raise httpx.WriteTimeout("writing the request timed out") from exc
     except (OSError, TransportClosed, trio.ClosedResourceError) as exc:
-        raise httpx.WriteError(_describe(exc)) from exc
+        raise httpx.WriteError(error_text(exc)) from exc
 
 
 async def _next_event(conn: _Connection, limit: float) -> object:
@@ -353,7 +353,7 @@ async def _next_event(conn: _Connection, limit: float) -> object:
         except trio.TooSlowError as exc:
             raise httpx.ReadTimeout("reading the response timed out") from exc
         except (OSError, TransportClosed, trio.ClosedResourceError) as exc:
-            raise httpx.ReadError(_describe(exc)) from exc
+            raise httpx.ReadError(error_text(exc)) from exc
         if not data and h.their_state is h11.SEND_RESPONSE:
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
         conn.received += len(data)
@@ -379,9 +379,10 @@ def _first_attempt(exc: BaseException) -> BaseException:
     return exc
 
 
-def _describe(exc: BaseException) -> str:
-    """The first non-empty text down ``exc``'s chain (an ``ssl.SSLError`` wrapped in an
-    exception without text of its own says what went wrong)."""
+def error_text(exc: BaseException) -> str:
+    """The first non-empty text down ``exc``'s chain, or its type's name: an
+    ``ssl.SSLError`` wrapped in an exception without text of its own (trio's, httpx's)
+    says what went wrong. Unscrubbed: callers that log it scrub it."""
     cause: BaseException | None = exc
     while cause is not None and not str(cause):
         cause = cause.__cause__ or cause.__context__

@@ -28,7 +28,7 @@ import httpx
 import trio
 
 from trio_idle import __version__
-from trio_idle.http_transport import TrioHTTPTransport
+from trio_idle.http_transport import TrioHTTPTransport, error_text
 from trio_idle.imap_envelope import Envelope
 from trio_idle.scan_range import NO_RANGE, ScanRange
 from trio_idle.scrub import PLAIN
@@ -219,7 +219,6 @@ class WebhookClient:
         if max_reply_bytes <= 0:
             raise ValueError("max_reply_bytes must be positive")
         self.url = url
-        self._scan_url = httpx.URL(url)
         #: each URL posted to, parsed once: without credentials, and their header
         self._targets: dict[str, tuple[httpx.URL, tuple[tuple[str, str], ...]]] = {}
         self._secret_header = secret_header
@@ -279,11 +278,9 @@ class WebhookClient:
         """One attempt. Never raises for network trouble or an oversized reply: those are
         RETRY verdicts. Cancellation abandons the attempt (its connection is closed)."""
         body = job.body()
-        return await self.post(self._scan_url, body, self.headers_for(job, body))
+        return await self.post(self.url, body, self.headers_for(job, body))
 
-    async def post(
-        self, url: str | httpx.URL, body: bytes, headers: Mapping[str, str]
-    ) -> ScanReply:
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> ScanReply:
         """One POST of ``body`` to ``url`` (another endpoint of the same backend) over this
         client's pool, bounded and judged like a scan (:func:`interpret_reply`; a 2xx
         without ``scanned``/``blocked`` is simply OK). Same guarantees as :meth:`send`.
@@ -303,11 +300,11 @@ class WebhookClient:
         finally:
             self._slots.release()
 
-    def _target(self, url: str | httpx.URL) -> tuple[httpx.URL, tuple[tuple[str, str], ...]]:
+    def _target(self, url: str) -> tuple[httpx.URL, tuple[tuple[str, str], ...]]:
         """``url`` without its credentials, and the ``authorization`` header they make
         (``http://user:password@host`` is Basic authentication, as httpx's client does
         it). Worked out once per URL."""
-        known = self._targets.get(str(url))
+        known = self._targets.get(url)
         if known is None:
             parsed = httpx.URL(url)
             auth: tuple[tuple[str, str], ...] = ()
@@ -315,12 +312,10 @@ class WebhookClient:
                 pair = f"{parsed.username}:{parsed.password}".encode()
                 auth = (("authorization", "Basic " + base64.b64encode(pair).decode("ascii")),)
                 parsed = parsed.copy_with(username=None, password=None)
-            known = self._targets[str(url)] = (parsed, auth)
+            known = self._targets[url] = (parsed, auth)
         return known
 
-    async def _post(
-        self, url: str | httpx.URL, body: bytes, headers: Mapping[str, str]
-    ) -> ScanReply:
+    async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> ScanReply:
         # httpx's own timeouts should fire first; this bound catches everything else
         # (a server trickling bytes resets httpx's per-chunk read timeout forever).
         target, auth = self._target(url)
@@ -448,7 +443,7 @@ _SPENT: Final = httpx.ByteStream(b"")
 
 @contextlib.asynccontextmanager
 async def streamed(
-    client: httpx.AsyncClient, method: str, url: str | httpx.URL, **options: Any
+    client: httpx.AsyncClient, method: str, url: str, **options: Any
 ) -> AsyncIterator[httpx.Response]:
     """``client.stream(method, url, **options)`` that leaves no reference cycle behind.
 
@@ -501,11 +496,7 @@ def _size_text(count: int) -> str:
 def http_error_reason(exc: BaseException) -> str:
     # httpx's messages carry no URL today, but a proxy or a future httpx could: the text
     # goes through the scrubber (URL credentials, control characters, length).
-    # httpx wraps the real error (e.g. ssl.SSLCertVerificationError) in one without text.
-    cause: BaseException | None = exc
-    while cause is not None and not str(cause):
-        cause = cause.__cause__ or cause.__context__
-    text = str(cause) if cause is not None else type(exc).__name__
+    text = error_text(exc)
     if "refused" in text.lower():
         return "connection refused"
     return PLAIN.scrub(text, 120)
