@@ -194,6 +194,21 @@ async def serve_forever(peer: Peer, body: Callable[[Peer], bytes] | None = None)
         await peer.send(reply(text))
 
 
+def first_then_serve(
+    first: Callable[[Peer], Awaitable[None]],
+) -> Callable[[Peer], Awaitable[None]]:
+    """A handler: ``first`` plays the first connection (the fault under test), every
+    later connection is served normally (:func:`serve_forever`)."""
+
+    async def handler(peer: Peer) -> None:
+        if peer.number == 1:
+            await first(peer)
+        else:
+            await serve_forever(peer)
+
+    return handler
+
+
 def new_transport(
     *,
     ssl_context: ssl.SSLContext | None = None,
@@ -448,14 +463,11 @@ async def test_a_reply_closed_before_its_end_closes_the_connection_and_frees_the
     nursery: trio.Nursery, read: bool
 ) -> None:
     async def big_reply_first(peer: Peer) -> None:
-        if peer.number == 1:
-            await peer.read_request()
-            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1024)
-            await peer.wait_closed()
-        else:
-            await serve_forever(peer)
+        await peer.read_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1024)
+        await peer.wait_closed()
 
-    server = await start(nursery, big_reply_first)
+    server = await start(nursery, first_then_serve(big_reply_first))
     transport = new_transport(max_connections=1)
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
@@ -475,13 +487,10 @@ async def test_a_cancelled_request_closes_its_connection_and_frees_the_slot(
     nursery: trio.Nursery,
 ) -> None:
     async def never_answer_the_first(peer: Peer) -> None:
-        if peer.number == 1:
-            await peer.read_request()
-            await peer.wait_closed()
-        else:
-            await serve_forever(peer)
+        await peer.read_request()
+        await peer.wait_closed()
 
-    server = await start(nursery, never_answer_the_first)
+    server = await start(nursery, first_then_serve(never_answer_the_first))
     transport = new_transport(max_connections=1)
     finished: list[httpx.Response] = []
     cancelled: list[trio.Cancelled] = []
@@ -555,15 +564,12 @@ async def test_a_server_that_stops_answering_is_a_read_timeout(
     nursery: trio.Nursery, stall: str
 ) -> None:
     async def stall_the_first(peer: Peer) -> None:
-        if peer.number == 1:
-            await peer.read_request()
-            if stall == "body":
-                await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
-            await peer.wait_closed()
-        else:
-            await serve_forever(peer)
+        await peer.read_request()
+        if stall == "body":
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        await peer.wait_closed()
 
-    server = await start(nursery, stall_the_first)
+    server = await start(nursery, first_then_serve(stall_the_first))
     transport = new_transport(max_connections=1)
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
@@ -580,11 +586,8 @@ async def test_a_server_that_stops_reading_is_a_write_timeout(nursery: trio.Nurs
     timed_out = trio.Event()
 
     async def read_the_first_only_after_the_timeout(peer: Peer) -> None:
-        if peer.number == 1:
-            await timed_out.wait()
-            await peer.wait_closed()
-        else:
-            await serve_forever(peer)
+        await timed_out.wait()
+        await peer.wait_closed()
 
     async def more_than_the_socket_buffers_hold() -> AsyncIterator[bytes]:
         # 64 MiB, far past what loopback buffers take from a peer that does not read
@@ -594,7 +597,7 @@ async def test_a_server_that_stops_reading_is_a_write_timeout(nursery: trio.Nurs
         for _ in range(1024):
             yield piece
 
-    server = await start(nursery, read_the_first_only_after_the_timeout)
+    server = await start(nursery, first_then_serve(read_the_first_only_after_the_timeout))
     transport = new_transport(max_connections=1)
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
@@ -645,15 +648,12 @@ async def test_a_reply_head_over_max_head_bytes_is_a_protocol_error(
     nursery: trio.Nursery, ending: str
 ) -> None:
     async def huge_head_first(peer: Peer) -> None:
-        if peer.number == 1:
-            await peer.read_request()
-            head = b"HTTP/1.1 200 OK\r\nX-Filler: " + b"a" * 4096 + b"\r\nContent-Length: 2\r\n"
-            await peer.send(head + b"\r\nok" if ending == "complete" else head)
-            await peer.wait_closed()
-        else:
-            await serve_forever(peer)
+        await peer.read_request()
+        head = b"HTTP/1.1 200 OK\r\nX-Filler: " + b"a" * 4096 + b"\r\nContent-Length: 2\r\n"
+        await peer.send(head + b"\r\nok" if ending == "complete" else head)
+        await peer.wait_closed()
 
-    server = await start(nursery, huge_head_first)
+    server = await start(nursery, first_then_serve(huge_head_first))
     transport = new_transport(max_connections=1, max_head_bytes=1024)
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
@@ -682,13 +682,10 @@ async def test_a_server_closing_without_a_reply_is_a_protocol_error(
     nursery: trio.Nursery,
 ) -> None:
     async def close_the_first(peer: Peer) -> None:
-        if peer.number == 1:
-            await peer.read_request()
-            await peer.close()
-        else:
-            await serve_forever(peer)
+        await peer.read_request()
+        await peer.close()
 
-    server = await start(nursery, close_the_first)
+    server = await start(nursery, first_then_serve(close_the_first))
     transport = new_transport(max_connections=1)
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
@@ -700,14 +697,11 @@ async def test_a_server_closing_without_a_reply_is_a_protocol_error(
 
 async def test_a_body_cut_short_is_a_protocol_error(nursery: trio.Nursery) -> None:
     async def cut_the_first(peer: Peer) -> None:
-        if peer.number == 1:
-            await peer.read_request()
-            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
-            await peer.close()
-        else:
-            await serve_forever(peer)
+        await peer.read_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await peer.close()
 
-    server = await start(nursery, cut_the_first)
+    server = await start(nursery, first_then_serve(cut_the_first))
     transport = new_transport(max_connections=1)
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
