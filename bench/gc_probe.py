@@ -64,7 +64,7 @@ from typing import Any
 
 import trio
 
-from trio_idle.gc_policy import Collection, Kind, collect_and_freeze
+from trio_idle.runtime.gc_policy import Collection, Kind, collect_and_freeze
 
 _started: list[float] = [0.0]
 _young: list[int] = [0]
@@ -235,7 +235,7 @@ def _install_stall_instrument() -> None:
 
 
 def _install_refresh_log(alternate: bool) -> None:
-    from trio_idle import daemon
+    from trio_idle.runtime import daemon
 
     turn = [0]
 

@@ -5,10 +5,10 @@
 127.0.0.1 and sends it scans one after the other from this process, alternating:
 
 * ``httpx + httpcore``: ``httpx.AsyncClient``'s own transport, through the client (what
-  the daemon did before :mod:`trio_idle.http_transport`);
+  the daemon did before :mod:`trio_idle.backend.http_transport`);
 * ``httpx client + ours``: the same client over :class:`TrioHTTPTransport`;
 * ``WebhookClient``: what the daemon does now (``httpx.Request`` straight to our
-  transport), :meth:`~trio_idle.webhook.WebhookClient.send` with a fresh scan each time.
+  transport), :meth:`~trio_idle.backend.webhook.WebhookClient.send` with a fresh scan each time.
 
 Each row: CPU of this process per request (``time.process_time``, the figure that does
 not depend on how busy the machine is) and the round trip p50/p99 (wall clock: the sink's
@@ -28,8 +28,7 @@ import httpx
 import trio
 
 from bench.procs import REPO_ROOT
-from trio_idle.secret import Secret
-from trio_idle.webhook import (
+from trio_idle.backend.webhook import (
     USER_AGENT,
     ScanJob,
     WebhookClient,
@@ -38,6 +37,7 @@ from trio_idle.webhook import (
     request_timeout,
     streamed,
 )
+from trio_idle.core.secret import Secret
 
 SECRET = "bench-secret"
 PATH = "/api/mail/scan-internal"

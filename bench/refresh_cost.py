@@ -2,9 +2,9 @@
 
 ``python -m bench.refresh_cost [--n 10000]`` writes a connection file like the benchmark's
 (one password variable, two ports), then times reading and parsing it, building the
-connections from scratch and with :class:`~trio_idle.connections.ConnectionListBuilder`
+connections from scratch and with :class:`~trio_idle.accounts.connections.ConnectionListBuilder`
 (first build, unchanged rows, ``rows=None``), the reconciler's diff of equal and of
-identical connections, and :meth:`~trio_idle.source_file.FileSource.fetch_changed` on the
+identical connections, and :meth:`~trio_idle.accounts.source_file.FileSource.fetch_changed` on the
 unchanged file. One run of each step: an order of magnitude, not a benchmark figure.
 """
 
@@ -21,9 +21,9 @@ from typing import TypeVar
 import trio
 
 from bench.procs import PASSWORD_ENV, connections_toml
-from trio_idle.connections import ConnectionListBuilder, build_connections
-from trio_idle.reconcile import diff
-from trio_idle.source_file import FileSource
+from trio_idle.accounts.connections import ConnectionListBuilder, build_connections
+from trio_idle.accounts.source_file import FileSource
+from trio_idle.mailbox.reconcile import diff
 
 _T = TypeVar("_T")
 

@@ -218,6 +218,6 @@ def logs() -> Iterator[LogCapture]:
 @pytest.fixture(autouse=True)
 def _unfreeze_gc() -> Iterator[None]:
     """In-process daemons freeze what survives their after-refresh collection
-    (``trio_idle.gc_policy``); give every test a test process with nothing frozen."""
+    (``trio_idle.runtime.gc_policy``); give every test a test process with nothing frozen."""
     yield
     gc.unfreeze()

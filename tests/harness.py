@@ -12,10 +12,10 @@ from typing import Any
 import trio
 from loguru import logger
 
-from trio_idle.config import Settings, parse_settings
-from trio_idle.crypto import derive_key, encrypt_password
-from trio_idle.daemon import Daemon, run_daemon
-from trio_idle.errors import SourceError
+from trio_idle.core.config import Settings, parse_settings
+from trio_idle.core.crypto import derive_key, encrypt_password
+from trio_idle.core.errors import SourceError
+from trio_idle.runtime.daemon import Daemon, run_daemon
 
 KEY = "integration-test-key-0123456789abcdef"
 ADMIN_SECRET = "test-admin-secret-value"

@@ -1,4 +1,5 @@
-"""trio_idle.crypto against the Node backend's own AES-256-GCM code (tests/node/crypto_compat.js).
+"""trio_idle.core.crypto against the Node backend's own AES-256-GCM code
+(tests/node/crypto_compat.js).
 
 Node encrypts → Python decrypts and the reverse, for both IV sizes and both key derivations;
 wrong keys and malformed tokens raise DecryptionError with a message that names the problem
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
+from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
 
 pytestmark = pytest.mark.node
 

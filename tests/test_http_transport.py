@@ -1,6 +1,6 @@
 """TrioHTTPTransport over real sockets on 127.0.0.1, against a scripted raw HTTP server.
 
-Every guarantee of :mod:`trio_idle.http_transport`'s module docstring is checked the way
+Every guarantee of :mod:`trio_idle.backend.http_transport`'s module docstring is checked the way
 a user would notice it: how many connections the server accepted, whether the server saw
 a connection closed, which exception (by type) a request raised and whether a later
 request still gets through with a single connection slot.
@@ -22,7 +22,7 @@ import trio
 import trio.testing
 import trustme
 
-from trio_idle.http_transport import COALESCE_BYTES, TrioHTTPTransport
+from trio_idle.backend.http_transport import COALESCE_BYTES, TrioHTTPTransport
 
 HOST = "127.0.0.1"
 #: the deadline of every test: nothing here should take more than a fraction of it

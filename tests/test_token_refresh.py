@@ -16,32 +16,32 @@ import pytest
 import trio
 import trio.testing
 
-from trio_idle.asyncio_loop import open_asyncio_loop
-from trio_idle.backoff import BackoffPolicy
-from trio_idle.config import OAuthSettings
-from trio_idle.connections import AUTH_OAUTH2, MailConnection
-from trio_idle.credentials import (
+from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
+from trio_idle.accounts.credentials import (
     TOKEN_ERROR,
     TOKEN_REVOKED,
     TOKEN_UNAVAILABLE,
     AccessToken,
     TokenUnavailable,
 )
-from trio_idle.crypto import derive_key
-from trio_idle.secret import Secret
-from trio_idle.state_store import (
+from trio_idle.auth.token_refresh import (
+    MICROSOFT_SCOPE,
+    REFRESH_AHEAD,
+    PerConnectionTokens,
+    RefreshingTokens,
+)
+from trio_idle.core.backoff import BackoffPolicy
+from trio_idle.core.config import OAuthSettings
+from trio_idle.core.crypto import derive_key
+from trio_idle.core.secret import Secret
+from trio_idle.imap.asyncio_loop import open_asyncio_loop
+from trio_idle.state.store import (
     POSTGRES_TOKEN_TABLE,
     PostgresBackend,
     SqliteBackend,
     TokenBackend,
 )
 from trio_idle.testing.oauth_server import Fault, OAuthTestServer
-from trio_idle.token_refresh import (
-    MICROSOFT_SCOPE,
-    REFRESH_AHEAD,
-    PerConnectionTokens,
-    RefreshingTokens,
-)
 
 CLIENT_ID = "trio-idle-test-client"
 CLIENT_SECRET = "oauth-cl1ent-s3cret-http"

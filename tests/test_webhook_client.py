@@ -15,15 +15,15 @@ import trustme
 
 from tests.harness import poll_until
 from tests.recording_proxy import PROXY_ANSWER, RecordingProxy, point_proxies_at
-from trio_idle.secret import Secret
-from trio_idle.testing.backend import Reply, ScanBackend
-from trio_idle.webhook import (
+from trio_idle.backend.webhook import (
     MAX_IDLE_CONNECTIONS,
     MAX_REPLY_BYTES,
     ScanJob,
     Verdict,
     WebhookClient,
 )
+from trio_idle.core.secret import Secret
+from trio_idle.testing.backend import Reply, ScanBackend
 
 SECRET = "webhook-client-ADMIN-s3cret"
 EMAIL = "alice@client.test"

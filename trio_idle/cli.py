@@ -22,12 +22,14 @@ import trio
 from loguru import logger
 
 from trio_idle import __version__
-from trio_idle.asyncio_loop import open_asyncio_loop
-from trio_idle.config import OPTIONS, ConfigError, Settings, parse_settings, process_secrets
-from trio_idle.daemon import ConnectionSource, Daemon, run_daemon
-from trio_idle.listener import CHANNEL, TRIGGER, NotifySql, run_notify_script
-from trio_idle.logs import protect_secrets, setup_logging
-from trio_idle.membership import MEMBERSHIP_TABLE, PostgresMembership
+from trio_idle.accounts.source_file import FileSource
+from trio_idle.accounts.source_postgres import PostgresSource
+from trio_idle.cluster.listener import CHANNEL, TRIGGER, NotifySql, run_notify_script
+from trio_idle.cluster.membership import MEMBERSHIP_TABLE, PostgresMembership
+from trio_idle.core.config import OPTIONS, ConfigError, Settings, parse_settings, process_secrets
+from trio_idle.core.logs import protect_secrets, setup_logging
+from trio_idle.core.scrub import Scrubber, redact_url, url_secrets
+from trio_idle.imap.asyncio_loop import open_asyncio_loop
 from trio_idle.operator_commands import (
     DEFAULT_CHECK_CONCURRENCY,
     decrypt_check_command,
@@ -36,11 +38,9 @@ from trio_idle.operator_commands import (
     run_check,
     wait_for_first_outcomes,
 )
-from trio_idle.scrub import Scrubber, redact_url, url_secrets
-from trio_idle.source_file import FileSource
-from trio_idle.source_postgres import PostgresSource
-from trio_idle.state_store import POSTGRES_MIGRATIONS, PostgresBackend
-from trio_idle.supervision import StartupError
+from trio_idle.runtime.daemon import ConnectionSource, Daemon, run_daemon
+from trio_idle.runtime.supervision import StartupError
+from trio_idle.state.store import POSTGRES_MIGRATIONS, PostgresBackend
 
 EXIT_CONFIG = 2
 #: the ``trio-idle db`` actions
@@ -292,7 +292,7 @@ async def migrate_state_table(settings: Settings) -> int:
 
 async def notify_trigger(settings: Settings, action: str) -> int:
     """``trio-idle db install-notify`` / ``remove-notify``: add or drop the NOTIFY
-    trigger on the connection table (idempotent; :class:`~trio_idle.listener.NotifySql`)."""
+    trigger on the connection table (idempotent; :class:`~trio_idle.cluster.listener.NotifySql`)."""
     assert settings.connections.database_url is not None
     sql = NotifySql(settings.cluster.notify_table)
     script = sql.install if action == "install-notify" else sql.remove

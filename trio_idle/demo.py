@@ -24,11 +24,11 @@ import attrs
 import trio
 from loguru import logger
 
-from trio_idle.config import parse_settings
-from trio_idle.crypto import derive_key, encrypt_password
-from trio_idle.daemon import Daemon, run_daemon
-from trio_idle.logs import setup_logging
-from trio_idle.source_file import FileSource
+from trio_idle.accounts.source_file import FileSource
+from trio_idle.core.config import parse_settings
+from trio_idle.core.crypto import derive_key, encrypt_password
+from trio_idle.core.logs import setup_logging
+from trio_idle.runtime.daemon import Daemon, run_daemon
 from trio_idle.testing.backend import KeywordScanner, Reply, ScanBackend, ScanRequest
 from trio_idle.testing.imap_server import ImapTestServer
 

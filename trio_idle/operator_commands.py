@@ -20,14 +20,16 @@ import attrs
 import trio
 from loguru import logger
 
-from trio_idle.account_health import explain
-from trio_idle.asyncio_loop import open_asyncio_loop
-from trio_idle.config import Settings
-from trio_idle.connections import AUTH_OAUTH2, MailConnection, RowProblem, build_connection
-from trio_idle.credentials import AccessToken, TokenSource, TokenUnavailable
-from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
-from trio_idle.errors import ImapError, SourceError
-from trio_idle.imap_client import (
+from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection, RowProblem, build_connection
+from trio_idle.accounts.credentials import AccessToken, TokenSource, TokenUnavailable
+from trio_idle.accounts.providers import connection_preset
+from trio_idle.auth.token_backend import make_token_source
+from trio_idle.core.config import Settings
+from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
+from trio_idle.core.errors import ImapError, SourceError
+from trio_idle.core.scrub import PLAIN
+from trio_idle.imap.asyncio_loop import open_asyncio_loop
+from trio_idle.imap.client import (
     ImapConnection,
     ImapLimits,
     ImapTimeouts,
@@ -35,13 +37,11 @@ from trio_idle.imap_client import (
     make_ssl_context,
     resolve_security,
 )
-from trio_idle.providers import connection_preset
-from trio_idle.scrub import PLAIN
-from trio_idle.session_states import SESSION_STATES, UP_STATES
-from trio_idle.token_backend import make_token_source
+from trio_idle.mailbox.account_health import explain
+from trio_idle.mailbox.session_states import SESSION_STATES, UP_STATES
 
 if TYPE_CHECKING:
-    from trio_idle.daemon import ConnectionSource, Daemon
+    from trio_idle.runtime.daemon import ConnectionSource, Daemon
 
 DEFAULT_CHECK_CONCURRENCY: Final = 10
 #: the widest a cell of the ``check`` table gets (server text is cut shorter already)

@@ -122,7 +122,7 @@ def test_tracemalloc_diff_names_the_line_that_grew(tmp_path: Path) -> None:
     assert "test_bench_figures.py:" in top[0]["where"]
     assert top[0]["size_diff_kib"] >= 480 and top[0]["count_diff"] >= 500
     assert short_path("/x/lib/python3.11/site-packages/aioimaplib/a.py") == "aioimaplib/a.py"
-    assert short_path("/work/repo/trio_idle/session.py") == "trio_idle/session.py"
+    assert short_path("/work/repo/trio_idle/mailbox/session.py") == "trio_idle/mailbox/session.py"
 
 
 def test_compare_plot_has_a_line_per_program(tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ import trio
 
 from tests.harness import make_settings, running_daemon
 from tests.servers.postgres import fetch_sql
-from trio_idle.config import DEFAULT_QUERY
-from trio_idle.daemon import Daemon
-from trio_idle.listener import APPLICATION_NAME
-from trio_idle.secret import Secret
-from trio_idle.source_postgres import PostgresSource
+from trio_idle.accounts.source_postgres import PostgresSource
+from trio_idle.cluster.listener import APPLICATION_NAME
+from trio_idle.core.config import DEFAULT_QUERY
+from trio_idle.core.secret import Secret
+from trio_idle.runtime.daemon import Daemon
 from trio_idle.testing.backend import ScanBackend
 
 

@@ -47,10 +47,10 @@ from tests.servers.postgres import (
     execute_sql,
     insert_mail_connections,
 )
-from trio_idle.assignment import shares
-from trio_idle.config import parse_duration
-from trio_idle.membership import MEMBERSHIP_SQL
-from trio_idle.state_store import POSTGRES_DDL
+from trio_idle.cluster.assignment import shares
+from trio_idle.cluster.membership import MEMBERSHIP_SQL
+from trio_idle.core.config import parse_duration
+from trio_idle.state.store import POSTGRES_DDL
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 from trio_idle.testing.imap_server import LogEntry

@@ -18,10 +18,10 @@ import trio
 from tests.cluster.helpers import kill_listener_connection, listening_daemon
 from tests.harness import poll_until, row
 from tests.servers.postgres import execute_sql, fetch_sql, insert_mail_connections
-from trio_idle.asyncio_loop import open_asyncio_loop
-from trio_idle.daemon import Daemon
-from trio_idle.listener import FUNCTION, TRIGGER, NotifyListener, NotifySql
-from trio_idle.secret import Secret
+from trio_idle.cluster.listener import FUNCTION, TRIGGER, NotifyListener, NotifySql
+from trio_idle.core.secret import Secret
+from trio_idle.imap.asyncio_loop import open_asyncio_loop
+from trio_idle.runtime.daemon import Daemon
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 

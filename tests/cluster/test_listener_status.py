@@ -21,9 +21,9 @@ from tests.cluster.helpers import kill_listener_connection, listening_daemon
 from tests.harness import ListSource, make_settings, row, running_daemon
 from tests.ops.helpers import sample
 from tests.servers.postgres import execute_sql, insert_mail_connections
-from trio_idle.daemon import Daemon
-from trio_idle.listener import NotifyListener, NotifySql
-from trio_idle.scrub import MASK
+from trio_idle.cluster.listener import NotifyListener, NotifySql
+from trio_idle.core.scrub import MASK
+from trio_idle.runtime.daemon import Daemon
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 

@@ -18,12 +18,12 @@ import trio
 
 from tests.harness import ListSource, capture_logs, make_settings, row
 from tests.servers.postgres import execute_sql, fetch_sql
-from trio_idle.assignment import shares
-from trio_idle.daemon import Daemon, run_daemon
-from trio_idle.membership import MEMBERSHIP_SQL, MEMBERSHIP_TABLE, Beat, PostgresMembership
-from trio_idle.reconcile import START_STEP
-from trio_idle.secret import Secret
-from trio_idle.state_store import POSTGRES_DDL, POSTGRES_TABLE
+from trio_idle.cluster.assignment import shares
+from trio_idle.cluster.membership import MEMBERSHIP_SQL, MEMBERSHIP_TABLE, Beat, PostgresMembership
+from trio_idle.core.secret import Secret
+from trio_idle.mailbox.reconcile import START_STEP
+from trio_idle.runtime.daemon import Daemon, run_daemon
+from trio_idle.state.store import POSTGRES_DDL, POSTGRES_TABLE
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 from trio_idle.testing.imap_server import LogEntry

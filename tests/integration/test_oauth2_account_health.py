@@ -19,7 +19,7 @@ from tests.conftest import unavailable
 from tests.harness import KEY, ListSource, make_settings, row, running_daemon
 from tests.servers import ServerUnavailable
 from tests.servers.dovecot import DovecotServer
-from trio_idle.crypto import derive_key, encrypt_password
+from trio_idle.core.crypto import derive_key, encrypt_password
 from trio_idle.testing.backend import ScanBackend
 from trio_idle.testing.oauth_server import OAuthTestServer
 

@@ -1,7 +1,7 @@
 """OAuth2 sign-in against a real Dovecot that checks tokens itself (oauth2 passdb,
 introspection by POST to a local HTTP server here), with tokens from the backend's token
 endpoint (:class:`~trio_idle.testing.backend.ScanBackend`'s token route) through the real
-:class:`~trio_idle.token_backend.BackendTokenSource`. Loopback only."""
+:class:`~trio_idle.auth.token_backend.BackendTokenSource`. Loopback only."""
 
 from __future__ import annotations
 
@@ -22,19 +22,19 @@ import trio.testing
 from tests.conftest import unavailable
 from tests.servers import ServerUnavailable
 from tests.servers.dovecot import DovecotServer, DovecotUser
-from trio_idle.coalescer import ScanCoalescer
-from trio_idle.config import GROUPS, OPTIONS, Settings
-from trio_idle.connections import AUTH_OAUTH2, MailConnection
-from trio_idle.credentials import TOKEN_ERROR
-from trio_idle.errors import ImapAuthError
-from trio_idle.imap_client import ImapTimeouts, connect
-from trio_idle.limiter import ConnectLimiter
-from trio_idle.secret import Secret
-from trio_idle.session import ConnectionMemory, SessionEnv, run_session
-from trio_idle.session_states import AUTH_FAILED, BACKOFF, IDLE
-from trio_idle.stats import Stats
+from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
+from trio_idle.accounts.credentials import TOKEN_ERROR
+from trio_idle.auth.token_backend import BackendTokenSource
+from trio_idle.core.config import GROUPS, OPTIONS, Settings
+from trio_idle.core.errors import ImapAuthError
+from trio_idle.core.limiter import ConnectLimiter
+from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
+from trio_idle.imap.client import ImapTimeouts, connect
+from trio_idle.mailbox.coalescer import ScanCoalescer
+from trio_idle.mailbox.session import ConnectionMemory, SessionEnv, run_session
+from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE
 from trio_idle.testing.backend import Reply, ScanBackend, ScanRequest
-from trio_idle.token_backend import BackendTokenSource
 
 ADMIN = "test-admin-secret-value"
 TOKEN_PREFIX = "S3ntinel-oauth-"  # every token here: leak_guard fails a test that prints one

@@ -9,12 +9,12 @@ import trio
 from tests.harness import KEY, LogCapture, make_settings, poll_until, row, running_daemon
 from tests.servers.dovecot import DovecotServer
 from tests.servers.postgres import PostgresServer, insert_mail_connections, run_asyncpg
-from trio_idle.asyncio_loop import open_asyncio_loop
-from trio_idle.config import DEFAULT_QUERY
-from trio_idle.connections import AUTH_OAUTH2, AUTH_PASSWORD, build_connections
-from trio_idle.crypto import derive_key, encrypt_password
-from trio_idle.secret import Secret
-from trio_idle.source_postgres import PostgresSource
+from trio_idle.accounts.connections import AUTH_OAUTH2, AUTH_PASSWORD, build_connections
+from trio_idle.accounts.source_postgres import PostgresSource
+from trio_idle.core.config import DEFAULT_QUERY
+from trio_idle.core.crypto import derive_key, encrypt_password
+from trio_idle.core.secret import Secret
+from trio_idle.imap.asyncio_loop import open_asyncio_loop
 from trio_idle.testing.backend import ScanBackend
 
 

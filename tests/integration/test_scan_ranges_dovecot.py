@@ -7,7 +7,7 @@ import trio
 
 from tests.harness import ListSource, LogCapture, make_settings, row, running_daemon
 from tests.servers.dovecot import DovecotServer
-from trio_idle.imap_envelope import LIMITS, MAX_ENVELOPES
+from trio_idle.imap.envelope import LIMITS, MAX_ENVELOPES
 from trio_idle.testing.backend import Reply, ScanBackend
 
 

@@ -19,10 +19,11 @@ import pytest
 import trio
 
 from tests.servers.postgres import execute_sql
-from trio_idle.asyncio_loop import open_asyncio_loop
-from trio_idle.imap_responses import MailboxState
-from trio_idle.secret import Secret
-from trio_idle.state_store import (
+from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
+from trio_idle.imap.asyncio_loop import open_asyncio_loop
+from trio_idle.imap.responses import MailboxState
+from trio_idle.state.store import (
     POSTGRES_DDL,
     PostgresBackend,
     SqliteBackend,
@@ -30,7 +31,6 @@ from trio_idle.state_store import (
     StateStore,
     startup_decision,
 )
-from trio_idle.stats import Stats
 
 NewBackend = Callable[[], StateBackend]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Encrypts/decrypts IMAP passwords exactly like the Node backend does, so the Python
-// side (trio_idle/crypto.py) can be tested against the real thing. No npm dependencies.
+// side (trio_idle/core/crypto.py) can be tested against the real thing. No npm dependencies.
 //
 //   ENCRYPTION_KEY=... [KEY_DERIVATION=utf8-prefix|sha256] [IV_SIZE=12|16] \
 //     node crypto_compat.js encrypt   < password   > token

@@ -19,7 +19,7 @@ import trio
 from tests.conftest import unavailable
 from tests.ops.conftest import cli_env, closed_port
 from tests.servers import free_tcp_port
-from trio_idle.config import OPTIONS, parse_settings
+from trio_idle.core.config import OPTIONS, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"

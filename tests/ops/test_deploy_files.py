@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import unavailable
-from trio_idle.config import OPTIONS
+from trio_idle.core.config import OPTIONS
 
 DEPLOY = Path(__file__).resolve().parent.parent.parent / "deploy"
 UNIT = DEPLOY / "trio-idle.service"

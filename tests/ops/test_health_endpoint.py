@@ -25,8 +25,8 @@ from tests.ops.conftest import closed_port
 from tests.ops.helpers import sample, until
 from tests.reliability.scripted_server import Peer, ScriptedServer
 from tests.servers.dovecot import DovecotServer
-from trio_idle.errors import SourceError
-from trio_idle.supervision import StartupError
+from trio_idle.core.errors import SourceError
+from trio_idle.runtime.supervision import StartupError
 from trio_idle.testing.backend import ScanBackend
 
 STATUS_TOKEN = "st-9f8e7d6c5b4a39281706f5e4d3c2b1a0"

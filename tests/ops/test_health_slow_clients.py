@@ -18,8 +18,8 @@ import trio
 
 from tests.harness import ListSource, make_settings, running_daemon
 from tests.ops.helpers import sample
-from trio_idle import health_server
-from trio_idle.daemon import Daemon
+from trio_idle.ops import health_server
+from trio_idle.runtime.daemon import Daemon
 from trio_idle.testing.backend import ScanBackend
 
 SLOW_CLIENTS = 200

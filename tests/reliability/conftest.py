@@ -18,7 +18,7 @@ from tests import harness
 from tests.harness import LogCapture
 from tests.reliability.invariant import Ledger
 from tests.reliability.rig import Rig
-from trio_idle.daemon import Daemon
+from trio_idle.runtime.daemon import Daemon
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 

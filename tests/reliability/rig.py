@@ -14,9 +14,9 @@ import attrs
 
 from tests.harness import ListSource, LogCapture, make_settings, row
 from tests.reliability.invariant import Ledger
-from trio_idle.config import Settings
-from trio_idle.daemon import Daemon
-from trio_idle.reconcile import Handle
+from trio_idle.core.config import Settings
+from trio_idle.mailbox.reconcile import Handle
+from trio_idle.runtime.daemon import Daemon
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 

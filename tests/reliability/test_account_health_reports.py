@@ -15,14 +15,14 @@ from loguru import logger
 
 from tests.harness import KEY, ListSource, poll_until, row, running_daemon
 from tests.reliability.rig import PASSWORD, Rig
-from trio_idle.account_health import Connected
-from trio_idle.connections import MailConnection, build_connection
-from trio_idle.crypto import derive_key
-from trio_idle.errors import ImapAuthError
-from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reports
-from trio_idle.stats import Stats
+from trio_idle.accounts.connections import MailConnection, build_connection
+from trio_idle.backend.webhook import WebhookClient
+from trio_idle.core.crypto import derive_key
+from trio_idle.core.errors import ImapAuthError
+from trio_idle.core.stats import Stats
+from trio_idle.mailbox.account_health import Connected
+from trio_idle.mailbox.health_reporter import AccountHealth, StatusPolicy, run_health_reports
 from trio_idle.testing.backend import Reply, ScanRequest
-from trio_idle.webhook import WebhookClient
 
 A = "a@health.test"
 

@@ -17,9 +17,9 @@ import random
 import trio
 import trio_asyncio
 
-from trio_idle.connections import MailConnection
-from trio_idle.imap_client import ImapConnection, ImapTimeouts, connect
-from trio_idle.secret import Secret
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.core.secret import Secret
+from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
 from trio_idle.testing import ImapTestServer
 
 A = "alice@rel.test"
@@ -87,7 +87,7 @@ async def test_cancelling_a_session_at_any_moment_leaves_nothing_behind(
 async def test_an_ended_connection_is_freed_without_a_garbage_collection(
     server: ImapTestServer,
 ) -> None:
-    # Full collections are rare (trio_idle/gc_policy.py): what an ended connection held
+    # Full collections are rare (trio_idle/runtime/gc_policy.py): what an ended connection held
     # must go with its last reference, not wait for one.
     import weakref
 

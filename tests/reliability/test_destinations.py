@@ -29,13 +29,13 @@ import trustme
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.invariant import Ledger
 from tests.reliability.rig import PASSWORD, Rig
-from trio_idle.account_health import hint
-from trio_idle.connections import MailConnection
-from trio_idle.destinations import DEFAULT_NETWORKS, parse_networks
-from trio_idle.errors import ImapConnectError
-from trio_idle.imap_client import ImapConnection, ImapTimeouts, connect
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.core.destinations import DEFAULT_NETWORKS, parse_networks
+from trio_idle.core.errors import ImapConnectError
+from trio_idle.core.secret import Secret
+from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
+from trio_idle.mailbox.account_health import hint
 from trio_idle.operator_commands import run_check
-from trio_idle.secret import Secret
 from trio_idle.testing import ImapTestServer
 
 A = "alice@rel.test"

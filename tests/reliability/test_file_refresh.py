@@ -12,9 +12,9 @@ import trio
 
 from tests.harness import running_daemon
 from tests.reliability.rig import PASSWORD, Rig, mailbox_name
-from trio_idle import source_file
-from trio_idle.daemon import Daemon
-from trio_idle.source_file import FileSource
+from trio_idle.accounts import source_file
+from trio_idle.accounts.source_file import FileSource
+from trio_idle.runtime.daemon import Daemon
 
 
 def entries(rig: Rig, names: list[str], user_ids: dict[str, str]) -> str:

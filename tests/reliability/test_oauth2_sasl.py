@@ -7,10 +7,10 @@ import pytest
 import trio
 import trio_asyncio
 
-from trio_idle.connections import AUTH_OAUTH2, MailConnection
-from trio_idle.errors import ImapAuthError
-from trio_idle.imap_client import ImapTimeouts, connect
-from trio_idle.secret import Secret
+from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
+from trio_idle.core.errors import ImapAuthError
+from trio_idle.core.secret import Secret
+from trio_idle.imap.client import ImapTimeouts, connect
 from trio_idle.testing import ImapTestServer
 
 A = "alice@oauth.test"
@@ -78,9 +78,9 @@ async def test_check_login_signs_oauth2_rows_in_with_a_backend_token(
 ) -> None:
     import httpx
 
-    from trio_idle.config import Settings
+    from trio_idle.auth.token_backend import BackendTokenSource
+    from trio_idle.core.config import Settings
     from trio_idle.operator_commands import try_login
-    from trio_idle.token_backend import BackendTokenSource
 
     conn = setup(server, ("XOAUTH2", "OAUTHBEARER"), True)
     replies = iter([GOOD, BAD])

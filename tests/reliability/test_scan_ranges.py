@@ -16,7 +16,7 @@ import trio
 
 from tests.harness import ListSource, running_daemon
 from tests.reliability.rig import Rig, mailbox_name
-from trio_idle.imap_envelope import LIMITS, MAX_ENVELOPES
+from trio_idle.imap.envelope import LIMITS, MAX_ENVELOPES
 from trio_idle.testing.backend import Reply, ScanRequest
 
 A = mailbox_name(1, "range")

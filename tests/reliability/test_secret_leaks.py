@@ -25,7 +25,8 @@ import trio
 from tests.harness import ADMIN_SECRET, KEY, row, running_daemon
 from tests.reliability.rig import Rig
 from tests.reliability.scripted_server import Peer, ScriptedServer
-from trio_idle import cli, logs
+from trio_idle import cli
+from trio_idle.core import logs
 
 #: recognisable, and awkward to quote: a double quote and a backslash
 PASSWORD = 'S3ntinel"pw\\leak-9c1'

@@ -18,9 +18,9 @@ from tests.harness import running_daemon
 from tests.integration.test_postgres_source import insert
 from tests.reliability.rig import Rig
 from tests.servers.postgres import PostgresServer
-from trio_idle.config import DEFAULT_QUERY
-from trio_idle.secret import Secret
-from trio_idle.source_postgres import PostgresSource
+from trio_idle.accounts.source_postgres import PostgresSource
+from trio_idle.core.config import DEFAULT_QUERY
+from trio_idle.core.secret import Secret
 
 A = "alice@rel.test"
 B = "bob@rel.test"

@@ -19,7 +19,7 @@ from tests import harness
 from tests.harness import running_daemon
 from tests.reliability.conftest import stray_errors
 from tests.reliability.rig import Rig
-from trio_idle.imap_client import ImapConnection
+from trio_idle.imap.client import ImapConnection
 
 A = "alice@rel.test"
 

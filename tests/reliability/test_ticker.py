@@ -22,11 +22,11 @@ import trio
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.rig import Rig
 from tests.reliability.scripted_server import Peer, ScriptedServer
-from trio_idle.config import Settings
-from trio_idle.connections import MailConnection
-from trio_idle.errors import ConnectionLost, ImapError
-from trio_idle.imap_client import ImapConnection, ImapTimeouts, connect
-from trio_idle.secret import Secret
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.core.config import Settings
+from trio_idle.core.errors import ConnectionLost, ImapError
+from trio_idle.core.secret import Secret
+from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
 
 A = "alice@rel.test"
 T = "ticked@rel.test"

@@ -23,8 +23,8 @@ from tests.harness import (
     running_daemon,
 )
 from tests.servers.postgres import execute_sql, fetch_sql
-from trio_idle.daemon import Daemon
-from trio_idle.state_store import POSTGRES_DDL, POSTGRES_TABLE
+from trio_idle.runtime.daemon import Daemon
+from trio_idle.state.store import POSTGRES_DDL, POSTGRES_TABLE
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 

@@ -10,7 +10,19 @@ import pytest
 import trio
 import trio.testing
 
-from trio_idle.account_health import (
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.accounts.credentials import (
+    TOKEN_ERROR,
+    TOKEN_REVOKED,
+    TOKEN_UNAVAILABLE,
+    TokenUnavailable,
+)
+from trio_idle.accounts.providers import GENERIC_PRESET, preset_named
+from trio_idle.core.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
+from trio_idle.core.scrub import Scrubber
+from trio_idle.core.secret import Secret
+from trio_idle.imap.client import _connect_error_kind
+from trio_idle.mailbox.account_health import (
     AUTH_REASONS,
     HINTS,
     UNREACHABLE_REASONS,
@@ -21,14 +33,7 @@ from trio_idle.account_health import (
     explain,
     hint,
 )
-from trio_idle.connections import MailConnection
-from trio_idle.credentials import TOKEN_ERROR, TOKEN_REVOKED, TOKEN_UNAVAILABLE, TokenUnavailable
-from trio_idle.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
-from trio_idle.health_reporter import LatestValue, report_body
-from trio_idle.imap_client import _connect_error_kind
-from trio_idle.providers import GENERIC_PRESET, preset_named
-from trio_idle.scrub import Scrubber
-from trio_idle.secret import Secret
+from trio_idle.mailbox.health_reporter import LatestValue, report_body
 
 PASSWORD = "S3ntinel-pw-health-unit"
 GMX = preset_named("gmx")

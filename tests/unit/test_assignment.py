@@ -1,11 +1,11 @@
-"""Rendezvous assignment and the handover rule (pure; trio_idle.assignment)."""
+"""Rendezvous assignment and the handover rule (pure; trio_idle.cluster.assignment)."""
 
 from __future__ import annotations
 
 import pytest
 
-from trio_idle.assignment import owner, plan_share, shares, weight
-from trio_idle.config import ConfigError, parse_settings
+from trio_idle.cluster.assignment import owner, plan_share, shares, weight
+from trio_idle.core.config import ConfigError, parse_settings
 
 IDS = [f"conn-{i}" for i in range(10_000)]
 TTL = 15.0

@@ -9,8 +9,8 @@ import gc
 import trio
 
 from tests.harness import capture_logs
-from trio_idle.asyncio_loop import describe_asyncio_error, open_asyncio_loop
-from trio_idle.stats import Stats
+from trio_idle.core.stats import Stats
+from trio_idle.imap.asyncio_loop import describe_asyncio_error, open_asyncio_loop
 
 
 async def test_an_unretrieved_future_exception_is_logged_and_counted_not_raised() -> None:

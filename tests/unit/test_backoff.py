@@ -8,9 +8,9 @@ import random
 import attrs
 import pytest
 
-from trio_idle.backoff import Backoff, BackoffPolicy
-from trio_idle.logs import human_duration
-from trio_idle.scan_worker import SCAN_RETRY_JITTER
+from trio_idle.core.backoff import Backoff, BackoffPolicy
+from trio_idle.core.logs import human_duration
+from trio_idle.mailbox.scan_worker import SCAN_RETRY_JITTER
 
 POLICY = BackoffPolicy(initial=5.0, cap=300.0, reset_after=120.0)
 

@@ -10,7 +10,8 @@ from typing import Any
 import loguru
 import pytest
 
-from trio_idle import cli, logs
+from trio_idle import cli
+from trio_idle.core import logs
 
 
 def test_start_line_hides_credentials_in_backend_url(monkeypatch: pytest.MonkeyPatch) -> None:

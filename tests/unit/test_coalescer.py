@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_idle.coalescer import ScanCoalescer
-from trio_idle.limiter import Pacer
+from trio_idle.core.limiter import Pacer
+from trio_idle.mailbox.coalescer import ScanCoalescer
 
 
 async def test_burst_of_twenty_costs_two_scans() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trio_idle.config import ConfigError, Settings, parse_duration, parse_settings
+from trio_idle.core.config import ConfigError, Settings, parse_duration, parse_settings
 
 ADMIN = "adm1n-s3cret-VALUE"
 KEY = "0123456789abcdef0123456789abcdef-key"  # 36 chars

@@ -6,7 +6,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from trio_idle.config import (
+from trio_idle.core.config import (
     GROUPS,
     OPTIONS,
     ConfigError,
@@ -17,7 +17,7 @@ from trio_idle.config import (
     process_secrets,
     setting,
 )
-from trio_idle.secret import Secret
+from trio_idle.core.secret import Secret
 
 ADMIN = "gr0up-admin-S3CRET"
 KEY = "0123456789abcdef0123456789abcdef-grp"

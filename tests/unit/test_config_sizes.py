@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trio_idle.config import ConfigError, parse_settings, parse_size
+from trio_idle.core.config import ConfigError, parse_settings, parse_size
 
 BASE_ENV = {
     "ADMIN_SECRET": "adm1n-s3cret-VALUE",

@@ -1,5 +1,5 @@
 """docs/configuration.md lists every setting with its default, group by group as
-:class:`trio_idle.config.Settings` holds them (regenerate with
+:class:`trio_idle.core.config.Settings` holds them (regenerate with
 ``UPDATE_DOCS=1 python -m pytest tests/unit/test_configuration_doc.py``)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import inspect
 import os
 from pathlib import Path
 
-from trio_idle.config import GROUPS, OPTIONS
+from trio_idle.core.config import GROUPS, OPTIONS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 BEGIN, END = "<!-- options:begin -->", "<!-- options:end -->"

@@ -7,16 +7,16 @@ from typing import Any
 
 import pytest
 
-from trio_idle.connections import (
+from trio_idle.accounts.connections import (
     AUTH_OAUTH2,
     AUTH_PASSWORD,
     MailConnection,
     RowProblem,
     build_connection,
 )
-from trio_idle.crypto import derive_key, encrypt_password
-from trio_idle.providers import preset_named
-from trio_idle.source_file import rows_from_toml
+from trio_idle.accounts.providers import preset_named
+from trio_idle.accounts.source_file import rows_from_toml
+from trio_idle.core.crypto import derive_key, encrypt_password
 
 KEY = derive_key("K" * 32)
 OTHER_KEY = derive_key("Z" * 32)

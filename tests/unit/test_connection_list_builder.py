@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from tests.harness import KEY, row
-from trio_idle import connections
-from trio_idle.connections import ConnectionListBuilder, MailConnection, RowProblem
-from trio_idle.crypto import derive_key
-from trio_idle.reconcile import diff
+from trio_idle.accounts import connections
+from trio_idle.accounts.connections import ConnectionListBuilder, MailConnection, RowProblem
+from trio_idle.core.crypto import derive_key
+from trio_idle.mailbox.reconcile import diff
 
 AES_KEY = derive_key(KEY)
 

@@ -7,10 +7,15 @@ from typing import Any
 
 import pytest
 
-from trio_idle.connections import MailConnection, RowProblem, build_connection, build_connections
-from trio_idle.crypto import decrypt_password, derive_key, encrypt_password
-from trio_idle.errors import SourceError
-from trio_idle.source_file import rows_from_toml
+from trio_idle.accounts.connections import (
+    MailConnection,
+    RowProblem,
+    build_connection,
+    build_connections,
+)
+from trio_idle.accounts.source_file import rows_from_toml
+from trio_idle.core.crypto import decrypt_password, derive_key, encrypt_password
+from trio_idle.core.errors import SourceError
 
 KEY = derive_key("K" * 32)
 OTHER_KEY = derive_key("Z" * 32)

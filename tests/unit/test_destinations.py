@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-from trio_idle.config import ConfigError, Settings, parse_settings
-from trio_idle.destinations import (
+from trio_idle.core.config import ConfigError, Settings, parse_settings
+from trio_idle.core.destinations import (
     DEFAULT_NETWORKS,
     parse_address,
     parse_networks,

@@ -11,13 +11,13 @@ import httpx
 import trio
 import trio.testing
 
-from trio_idle.account_health import Connected
-from trio_idle.connections import MailConnection
-from trio_idle.errors import ImapConnectError
-from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reports
-from trio_idle.secret import Secret
-from trio_idle.stats import Stats
-from trio_idle.webhook import WebhookClient
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.backend.webhook import WebhookClient
+from trio_idle.core.errors import ImapConnectError
+from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
+from trio_idle.mailbox.account_health import Connected
+from trio_idle.mailbox.health_reporter import AccountHealth, StatusPolicy, run_health_reports
 
 CONN = MailConnection(
     id="c1",

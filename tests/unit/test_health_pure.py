@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from trio_idle.health import (
+from trio_idle.mailbox.session_states import SESSION_STATES
+from trio_idle.ops.health import (
     Health,
     HealthSnapshot,
     assess_health,
@@ -18,7 +19,6 @@ from trio_idle.health import (
     readiness_body,
     status_line,
 )
-from trio_idle.session_states import SESSION_STATES
 
 
 def snap(**overrides: Any) -> HealthSnapshot:
@@ -134,8 +134,8 @@ def test_readiness_body_and_status_line() -> None:
 def test_the_health_decisions_import_no_network_library() -> None:
     # a fresh interpreter: this test process has imported everything already
     code = (
-        "import sys, trio_idle.health\n"
-        "print(sorted(m for m in ('aioimaplib', 'trio_asyncio', 'trio_idle.session')"
+        "import sys, trio_idle.ops.health\n"
+        "print(sorted(m for m in ('aioimaplib', 'trio_asyncio', 'trio_idle.mailbox.session')"
         " if m in sys.modules))"
     )
     done = subprocess.run(

@@ -9,8 +9,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.harness import LogCapture
-from trio_idle.config import OPTIONS, ConfigError, parse_settings
-from trio_idle.health_server import (
+from trio_idle.core.config import OPTIONS, ConfigError, parse_settings
+from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
+from trio_idle.ops.health_server import (
     ROUTES,
     Auth,
     ClientTable,
@@ -21,8 +23,6 @@ from trio_idle.health_server import (
     check_bearer,
     json_response,
 )
-from trio_idle.secret import Secret
-from trio_idle.stats import Stats
 
 TOKEN = "Zq7-status-token-0123456789abcdef"
 ENV = {"ADMIN_SECRET": "s", "ENCRYPTION_KEY": "k" * 32, "DATABASE_URL": "postgresql://x@h/db"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import h11
 import trio
 
-from trio_idle.http_serve import Received, Refused, encode_response, read_request
+from trio_idle.ops.http_serve import Received, Refused, encode_response, read_request
 
 
 async def read(raw: bytes, *, max_body: int = 16) -> Received | Refused | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trio_idle.imap_envelope import (
+from trio_idle.imap.envelope import (
     LIMITS,
     Envelope,
     decode_words,

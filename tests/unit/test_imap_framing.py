@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from trio_idle.imap_framing import (
+from trio_idle.imap.framing import (
     MAX_LITERALS,
     FrameError,
     FrameTooLarge,

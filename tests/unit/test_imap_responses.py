@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trio_idle.imap_responses import (
+from trio_idle.imap.responses import (
     MailboxState,
     PushKind,
     catch_up_decision,

@@ -11,8 +11,8 @@ import contextlib
 
 import pytest
 
-from trio_idle.errors import ImapError
-from trio_idle.imap_restart import DONE, IDLE, NOOP, Next, RestartAnswers
+from trio_idle.core.errors import ImapError
+from trio_idle.imap.restart import DONE, IDLE, NOOP, Next, RestartAnswers
 
 
 def feed(answers: RestartAnswers, line: bytes) -> Next:

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 import trustme
 
-from trio_idle.imap_transport import MAX_UNSENT, ImapTransport, TransportClosed
+from trio_idle.net.transport import MAX_UNSENT, ImapTransport, TransportClosed
 
 Peer = Callable[[trio.abc.Stream], Awaitable[None]]
 

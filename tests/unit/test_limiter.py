@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_idle.limiter import ConnectLimiter, per_host_cap
+from trio_idle.core.limiter import ConnectLimiter, per_host_cap
 
 
 async def run_tasks(limiter: ConnectLimiter, count: int, hold: float) -> tuple[list[float], int]:

@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_idle.config import ConfigError, parse_settings
-from trio_idle.listener import CHANNEL, Debouncer, NotifySql
+from trio_idle.cluster.listener import CHANNEL, Debouncer, NotifySql
+from trio_idle.core.config import ConfigError, parse_settings
 
 BASE = {"ADMIN_SECRET": "a" * 20, "ENCRYPTION_KEY": "k" * 32, "DATABASE_URL": "postgresql://h/db"}
 

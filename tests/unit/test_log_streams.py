@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import loguru
 import pytest
 
-from trio_idle import logs
+from trio_idle.core import logs
 
 logger = loguru.logger
 

@@ -7,9 +7,9 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from trio_idle.membership import Beat, Member, Membership, MembershipView
-from trio_idle.metrics import MetricsInput, render_metrics
-from trio_idle.stats import Stats
+from trio_idle.cluster.membership import Beat, Member, Membership, MembershipView
+from trio_idle.core.stats import Stats
+from trio_idle.ops.metrics import MetricsInput, render_metrics
 
 TTL, POLL = 15.0, 5.0
 

@@ -7,9 +7,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_idle import __version__
-from trio_idle.health import count_states
-from trio_idle.metrics import MetricsInput, make_registry, render_metrics
-from trio_idle.stats import LATENCY_BUCKETS, Stats
+from trio_idle.core.stats import LATENCY_BUCKETS, Stats
+from trio_idle.ops.health import count_states
+from trio_idle.ops.metrics import MetricsInput, make_registry, render_metrics
 
 
 def parse(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

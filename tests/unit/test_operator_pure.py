@@ -8,10 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from tests.harness import KEY, row
-from trio_idle.config import parse_settings
-from trio_idle.crypto import derive_key
-from trio_idle.health import Health
-from trio_idle.loop_monitor import LoopMonitor
+from trio_idle.core.config import parse_settings
+from trio_idle.core.crypto import derive_key
 from trio_idle.operator_commands import (
     check_rows,
     decrypt_check_command,
@@ -19,7 +17,9 @@ from trio_idle.operator_commands import (
     format_table,
     read_secret,
 )
-from trio_idle.pinger import MAX_REASON_CHARS, ping_target
+from trio_idle.ops.health import Health
+from trio_idle.ops.loop_monitor import LoopMonitor
+from trio_idle.ops.pinger import MAX_REASON_CHARS, ping_target
 
 OTHER_KEY = "another-key-0123456789abcdef0123456789"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trio_idle.config import ConfigError, parse_listen_addr, parse_settings
+from trio_idle.core.config import ConfigError, parse_listen_addr, parse_settings
 
 ENV = {
     "ADMIN_SECRET": "adm",

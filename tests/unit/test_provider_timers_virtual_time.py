@@ -19,9 +19,9 @@ from tests.unit.test_session_virtual_time import (
     make_rig,
     settled,
 )
-from trio_idle.connections import MailConnection
-from trio_idle.providers import preset_named
-from trio_idle.session import first_timers, run_session
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.accounts.providers import preset_named
+from trio_idle.mailbox.session import first_timers, run_session
 
 GMX_CONN = attrs.evolve(CONN, email="alice@gmx.test", provider="gmx")
 TICK = 7200.0  # no tick inside the window: only renewals

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trio_idle.config import Settings, TimerSettings
-from trio_idle.connections import parse_host
-from trio_idle.providers import (
+from trio_idle.accounts.connections import parse_host
+from trio_idle.accounts.providers import (
     ACCOUNT_LOCKED,
     APP_PASSWORD,
     APP_PASSWORD_REQUIRED,
@@ -31,6 +30,7 @@ from trio_idle.providers import (
     preset_named,
     session_settings,
 )
+from trio_idle.core.config import Settings, TimerSettings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "providers.md"
 REQUIRED = {"gmail", "microsoft", "icloud", "yahoo", "gmx", "webde", "tonline"}
@@ -43,7 +43,7 @@ def test_the_issue_s_providers_are_all_there() -> None:
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_preset_is_complete_and_well_formed(preset: object) -> None:
-    from trio_idle.providers import Preset
+    from trio_idle.accounts.providers import Preset
 
     assert isinstance(preset, Preset)
     assert preset.title and preset.host

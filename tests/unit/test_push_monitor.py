@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from trio_idle.push_monitor import PushMonitor
+from trio_idle.imap.push_monitor import PushMonitor
 
 
 async def asleep(monitor: PushMonitor, seconds: float = 30.0) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trio_idle.push_monitor import PushMonitor
+from trio_idle.imap.push_monitor import PushMonitor
 
 
 async def test_the_reason_given_to_mark_dead_survives_the_close_that_follows() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from trio_idle.connections import MailConnection
-from trio_idle.reconcile import diff
-from trio_idle.secret import Secret
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.core.secret import Secret
+from trio_idle.mailbox.reconcile import diff
 
 
 def conn(conn_id: str, **changes: object) -> MailConnection:

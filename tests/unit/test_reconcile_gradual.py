@@ -10,10 +10,10 @@ import trio
 import trio.testing
 
 from tests.unit.test_session_virtual_time import CONN, make_rig
-from trio_idle.connections import MailConnection
-from trio_idle.reconcile import START_STEP, Reconciler
-from trio_idle.secret import Secret
-from trio_idle.webhook import WebhookClient
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.backend.webhook import WebhookClient
+from trio_idle.core.secret import Secret
+from trio_idle.mailbox.reconcile import START_STEP, Reconciler
 
 N = 5 * START_STEP
 

@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from tests.harness import ListSource, make_settings, row, running_daemon
-from trio_idle import connections, source_file
-from trio_idle.source_file import FileSource
+from trio_idle.accounts import connections, source_file
+from trio_idle.accounts.source_file import FileSource
 
 
 async def test_rows_are_built_outside_the_event_loop_thread(

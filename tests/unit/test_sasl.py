@@ -1,4 +1,4 @@
-"""SASL messages for OAuth2 sign-in (pure functions of trio_idle.sasl)."""
+"""SASL messages for OAuth2 sign-in (pure functions of trio_idle.imap.sasl)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from trio_idle.sasl import (
+from trio_idle.imap.sasl import (
     OAUTHBEARER,
     XOAUTH2,
     choose_mechanism,

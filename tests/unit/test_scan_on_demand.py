@@ -11,12 +11,12 @@ import httpx
 import trio
 import trio.testing
 
-from trio_idle.coalescer import ScanCoalescer
-from trio_idle.connections import MailConnection
-from trio_idle.scan_worker import ScanPolicy, run_scans
-from trio_idle.secret import Secret
-from trio_idle.stats import Stats
-from trio_idle.webhook import WebhookClient
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.backend.webhook import WebhookClient
+from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
+from trio_idle.mailbox.coalescer import ScanCoalescer
+from trio_idle.mailbox.scan_worker import ScanPolicy, run_scans
 
 CONN = MailConnection(
     id="c1",

@@ -1,9 +1,9 @@
-"""The accepted mark and the range a scan carries (pure; :mod:`trio_idle.scan_range`)."""
+"""The accepted mark and the range a scan carries (pure; :mod:`trio_idle.state.scan_range`)."""
 
 from __future__ import annotations
 
-from trio_idle.imap_responses import MailboxState
-from trio_idle.scan_range import ScanMark, ScanRange, advance, on_connect, scan_range
+from trio_idle.imap.responses import MailboxState
+from trio_idle.state.scan_range import ScanMark, ScanRange, advance, on_connect, scan_range
 
 NOW = MailboxState(exists=5, uidnext=20, uidvalidity=7)
 

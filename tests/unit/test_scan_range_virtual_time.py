@@ -24,12 +24,12 @@ from tests.unit.test_session_virtual_time import (
     scanning,
     settled,
 )
-from trio_idle.imap_envelope import MAX_ENVELOPES, NewMail
-from trio_idle.imap_responses import MailboxState
-from trio_idle.scan_worker import ScanHooks, ScanPolicy
-from trio_idle.secret import Secret
+from trio_idle.backend.webhook import WebhookClient
+from trio_idle.core.secret import Secret
+from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
+from trio_idle.imap.responses import MailboxState
+from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy
 from trio_idle.testing.fake_imap import FakeImapServer
-from trio_idle.webhook import WebhookClient
 
 
 class Backend:
@@ -54,7 +54,7 @@ class Backend:
 
 
 def hooks(rig: Rig, envelopes: bool) -> ScanHooks:
-    """What :meth:`trio_idle.reconcile.Reconciler._hooks` gives a worker (no store)."""
+    """What :meth:`trio_idle.mailbox.reconcile.Reconciler._hooks` gives a worker (no store)."""
     memory = rig.memory
 
     async def new_mail(since: int) -> NewMail | None:

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import pytest
 
-from trio_idle.scrub import MASK, PLAIN, Scrubber, escape_controls, redact_url, url_secrets
+from trio_idle.core.scrub import MASK, PLAIN, Scrubber, escape_controls, redact_url, url_secrets
 
 PASSWORD = 'p@ss"w\\rd-Ünï'
 

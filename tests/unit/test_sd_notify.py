@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_idle.sd_notify import (
+from trio_idle.ops.sd_notify import (
     MAX_STATUS_CHARS,
     Notifier,
     build_message,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from trio_idle.config import ConfigError, parse_settings
-from trio_idle.connections import MailConnection, build_connection
-from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
-from trio_idle.scrub import MASK
-from trio_idle.secret import Secret
-from trio_idle.webhook import interpret_reply
+from trio_idle.accounts.connections import MailConnection, build_connection
+from trio_idle.backend.webhook import interpret_reply
+from trio_idle.core.config import ConfigError, parse_settings
+from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
+from trio_idle.core.scrub import MASK
+from trio_idle.core.secret import Secret
 
 IMAP_PW = "hunter2"
 ADMIN = "adm-Sup3rSecret"

@@ -1,6 +1,6 @@
 """An oauth2 connection's session against a scripted IMAP server in virtual time: where
 its tokens come from, what a refused token, a missing grant and a failing token source
-cost it (see :mod:`trio_idle.session`)."""
+cost it (see :mod:`trio_idle.mailbox.session`)."""
 
 from __future__ import annotations
 
@@ -20,23 +20,23 @@ from tests.unit.test_session_virtual_time import (
     make_rig,
     settled,
 )
-from trio_idle.connections import AUTH_OAUTH2, MailConnection
-from trio_idle.credentials import (
+from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
+from trio_idle.accounts.credentials import (
     TOKEN_ERROR,
     TOKEN_REVOKED,
     TOKEN_UNAVAILABLE,
     AccessToken,
     TokenUnavailable,
 )
-from trio_idle.secret import Secret
-from trio_idle.session import run_session
-from trio_idle.session_states import AUTH_FAILED, BACKOFF, IDLE
+from trio_idle.core.secret import Secret
+from trio_idle.mailbox.session import run_session
+from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE
 
 OAUTH_CONN = attrs.evolve(CONN, auth=AUTH_OAUTH2, password=Secret(""))
 
 
 class ScriptedTokens:
-    """A :class:`~trio_idle.credentials.TokenSource` that mints ``tok-<n>`` (or raises
+    """A :class:`~trio_idle.accounts.credentials.TokenSource` that mints ``tok-<n>`` (or raises
     what ``failures`` holds next) and records every call."""
 
     def __init__(self, user: str | None = None) -> None:
@@ -225,7 +225,7 @@ async def test_no_token_source_is_a_clear_error(autojump_clock: trio.testing.Moc
 
 
 async def test_the_token_is_scrubbed_from_errors(autojump_clock: trio.testing.MockClock) -> None:
-    from trio_idle.errors import ImapError
+    from trio_idle.core.errors import ImapError
 
     tokens = ScriptedTokens()
     rig = oauth_rig(tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import random
 
-from trio_idle.session import first_timers
+from trio_idle.mailbox.session import first_timers
 
 TICK, RENEW = 120.0, 25 * 60.0
 

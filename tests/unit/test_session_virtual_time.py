@@ -1,6 +1,6 @@
 """A session's timers and decisions, against a scripted IMAP server in virtual time.
 
-Each test runs :func:`~trio_idle.session.run_session` on a
+Each test runs :func:`~trio_idle.mailbox.session.run_session` on a
 :class:`~trio_idle.testing.fake_imap.FakeImapServer` under pytest-trio's
 ``autojump_clock`` (``MockClock(autojump_threshold=0)``): hours of session life take
 milliseconds, and every timestamp asserted is exact. Assertions are on what the server
@@ -22,24 +22,24 @@ import pytest
 import trio
 import trio.testing
 
-from trio_idle.coalescer import ScanCoalescer
-from trio_idle.config import GROUPS, OPTIONS, Settings
-from trio_idle.connections import MailConnection
-from trio_idle.imap_responses import MailboxState
-from trio_idle.limiter import ConnectLimiter
-from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scans
-from trio_idle.secret import Secret
-from trio_idle.session import (
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.backend.webhook import WebhookClient
+from trio_idle.core.config import GROUPS, OPTIONS, Settings
+from trio_idle.core.limiter import ConnectLimiter
+from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
+from trio_idle.imap.responses import MailboxState
+from trio_idle.mailbox.coalescer import ScanCoalescer
+from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy, run_scans
+from trio_idle.mailbox.session import (
     ConnectionMemory,
     SessionEnv,
     first_timers,
     run_session,
 )
-from trio_idle.session_states import AUTH_FAILED, BACKOFF, IDLE, POLLING
-from trio_idle.state_store import Key, ScannedState, StateStore
-from trio_idle.stats import Stats
+from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE, POLLING
+from trio_idle.state.store import Key, ScannedState, StateStore
 from trio_idle.testing.fake_imap import FakeImapServer
-from trio_idle.webhook import WebhookClient
 
 SEED = 13
 TICK, RENEW, COMMAND_TIMEOUT = 120.0, 1500.0, 30.0

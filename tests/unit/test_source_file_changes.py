@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from trio_idle import source_file
-from trio_idle.source_file import FileSource
+from trio_idle.accounts import source_file
+from trio_idle.accounts.source_file import FileSource
 
 TOML = (
     '[[connection]]\nid = "c1"\nemail = "a@example.test"\npassword_env = "A_PW"\n'

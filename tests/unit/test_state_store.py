@@ -9,8 +9,8 @@ from pathlib import Path
 import trio
 
 from tests.harness import capture_logs
-from trio_idle.state_store import Key, ScannedState, SqliteBackend, StateStore
-from trio_idle.stats import Stats
+from trio_idle.core.stats import Stats
+from trio_idle.state.store import Key, ScannedState, SqliteBackend, StateStore
 
 
 async def test_record_flush_and_reload(tmp_path: Path) -> None:
@@ -138,8 +138,8 @@ async def test_disabled_store_records_nothing() -> None:
 
 
 def test_startup_decision() -> None:
-    from trio_idle.imap_responses import MailboxState
-    from trio_idle.state_store import startup_decision
+    from trio_idle.imap.responses import MailboxState
+    from trio_idle.state.store import startup_decision
 
     now = MailboxState(exists=3, uidnext=10, uidvalidity=7)
     assert startup_decision(None, now).scan

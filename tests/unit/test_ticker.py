@@ -8,8 +8,8 @@ from typing import Any
 import trio
 import trio.testing
 
-from trio_idle.stats import Stats
-from trio_idle.ticker import GRANULARITY, IdleTimers, Ticker
+from trio_idle.core.stats import Stats
+from trio_idle.mailbox.ticker import GRANULARITY, IdleTimers, Ticker
 
 
 class Log:

@@ -15,18 +15,23 @@ import pytest
 import trio
 import trio.testing
 
-from trio_idle.config import parse_settings
-from trio_idle.connections import AUTH_OAUTH2, MailConnection
-from trio_idle.credentials import TOKEN_ERROR, TOKEN_UNAVAILABLE, AccessToken, TokenUnavailable
-from trio_idle.secret import Secret
-from trio_idle.token_backend import (
+from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
+from trio_idle.accounts.credentials import (
+    TOKEN_ERROR,
+    TOKEN_UNAVAILABLE,
+    AccessToken,
+    TokenUnavailable,
+)
+from trio_idle.auth.token_backend import (
     BackendTokenSource,
     interpret_token_reply,
     make_token_source,
     parse_expiry,
     request_body,
 )
-from trio_idle.token_refresh import RefreshingTokens
+from trio_idle.auth.token_refresh import RefreshingTokens
+from trio_idle.core.config import parse_settings
+from trio_idle.core.secret import Secret
 
 NOW = 1_800_000_000.0
 TOKEN = "S3ntinel-oauth-access-token-1"

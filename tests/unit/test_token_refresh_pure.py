@@ -8,12 +8,8 @@ import urllib.parse
 
 import pytest
 
-from trio_idle.config import ConfigError, OAuthSettings, Settings, parse_settings
-from trio_idle.credentials import TOKEN_ERROR, TOKEN_REVOKED, TokenUnavailable
-from trio_idle.scrub import Scrubber
-from trio_idle.secret import Secret
-from trio_idle.state_store import POSTGRES_MIGRATIONS, POSTGRES_TOKEN_SQL, SQLITE_TOKEN_SQL
-from trio_idle.token_refresh import (
+from trio_idle.accounts.credentials import TOKEN_ERROR, TOKEN_REVOKED, TokenUnavailable
+from trio_idle.auth.token_refresh import (
     DEFAULT_EXPIRES_IN,
     MAX_EXPIRES_IN,
     MICROSOFT_SCOPE,
@@ -25,6 +21,10 @@ from trio_idle.token_refresh import (
     provider_for,
     refresh_body,
 )
+from trio_idle.core.config import ConfigError, OAuthSettings, Settings, parse_settings
+from trio_idle.core.scrub import Scrubber
+from trio_idle.core.secret import Secret
+from trio_idle.state.store import POSTGRES_MIGRATIONS, POSTGRES_TOKEN_SQL, SQLITE_TOKEN_SQL
 
 CLIENT_SECRET = "oauth-cl1ent-s3cret-pure"
 REFRESH = "S3ntinel-rt-pure-0123456789"
@@ -240,7 +240,7 @@ def test_bad_oauth_settings_name_the_variable(env: dict[str, str], name: str) ->
 
 
 def test_client_secrets_have_no_flags() -> None:
-    from trio_idle.config import OPTIONS
+    from trio_idle.core.config import OPTIONS
 
     secret = {o.env: o.flag for o in OPTIONS if o.group == "oauth" and o.secret}
     assert secret == {

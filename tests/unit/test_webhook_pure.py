@@ -10,8 +10,7 @@ import json
 import httpx
 import pytest
 
-from trio_idle.secret import Secret
-from trio_idle.webhook import (
+from trio_idle.backend.webhook import (
     MAX_RETRY_AFTER,
     ScanJob,
     Verdict,
@@ -19,6 +18,7 @@ from trio_idle.webhook import (
     parse_retry_after,
     sign,
 )
+from trio_idle.core.secret import Secret
 
 NOW = 1_700_000_000.0
 ADMIN = "webhook-admin-S3CRET"

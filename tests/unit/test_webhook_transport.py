@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import trio
 
-from trio_idle.secret import Secret
-from trio_idle.webhook import MAX_REPLY_BYTES, ScanJob, Verdict, WebhookClient
+from trio_idle.backend.webhook import MAX_REPLY_BYTES, ScanJob, Verdict, WebhookClient
+from trio_idle.core.secret import Secret
 
 JOB = ScanJob("conn-1", "user-1", "alice@example.test", "INBOX", "exists", scan_id="scan-42")
 

@@ -54,7 +54,7 @@ import attrs
 import h11
 import trio
 
-from trio_idle.http_serve import Refused, encode_response, read_request, reason_phrase
+from trio_idle.ops.http_serve import Refused, encode_response, read_request, reason_phrase
 
 __all__ = [
     "DEFAULT_GAMBLING_KEYWORDS",

@@ -1,7 +1,7 @@
 """A scripted IMAP server behind the session's connector seam: no sockets, no asyncio.
 
 :class:`FakeImapServer` hands out :class:`FakeImapLink` objects through
-:attr:`FakeImapServer.connector` (an :class:`~trio_idle.imap_connector.ImapConnector`),
+:attr:`FakeImapServer.connector` (an :class:`~trio_idle.imap.connector.ImapConnector`),
 keeps one mailbox's EXISTS/UIDNEXT/UIDVALIDITY, and records every command a session sends
 as a :class:`Call` with the trio time it was sent at. A test scripts the server while a
 session runs against it, typically under ``trio.testing.MockClock(autojump_threshold=0)``
@@ -19,9 +19,9 @@ timestamp is exact:
   (``refuse_connects``) or logins (``reject_logins``), accept only some OAuth2 access
   tokens (``valid_tokens``; the ones received are in ``tokens_seen``).
 
-The links keep :class:`~trio_idle.imap_connector.ImapLink`'s contract: untagged lines go
-to a real :class:`~trio_idle.push_monitor.PushMonitor`, a command either answers or
-raises an :class:`~trio_idle.errors.ImapError` within ``command_timeout``, LOGOUT is only
+The links keep :class:`~trio_idle.imap.connector.ImapLink`'s contract: untagged lines go
+to a real :class:`~trio_idle.imap.push_monitor.PushMonitor`, a command either answers or
+raises an :class:`~trio_idle.core.errors.ImapError` within ``command_timeout``, LOGOUT is only
 written on a healthy connection. A command sent out of order (IDLE while idling, SELECT
 before LOGIN) raises :class:`AssertionError`: the session counts it as an internal
 error, which a test sees in ``stats``.
@@ -34,12 +34,12 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from trio_idle.connections import MailConnection
-from trio_idle.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
-from trio_idle.imap_connector import ImapConnector, ImapLink
-from trio_idle.imap_envelope import Envelope, NewMail
-from trio_idle.imap_responses import MailboxState
-from trio_idle.push_monitor import PushMonitor
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.core.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
+from trio_idle.imap.connector import ImapConnector, ImapLink
+from trio_idle.imap.envelope import Envelope, NewMail
+from trio_idle.imap.push_monitor import PushMonitor
+from trio_idle.imap.responses import MailboxState
 
 __all__ = ["Call", "FakeImapLink", "FakeImapServer"]
 
@@ -213,7 +213,7 @@ class FakeImapServer:
 
 class FakeImapLink:
     """One connection to a :class:`FakeImapServer`; implements
-    :class:`~trio_idle.imap_connector.ImapLink`."""
+    :class:`~trio_idle.imap.connector.ImapLink`."""
 
     def __init__(self, server: FakeImapServer, number: int) -> None:
         self._server = server

@@ -34,7 +34,7 @@ import attrs
 import h11
 import trio
 
-from trio_idle.http_serve import Received, encode_response, read_request
+from trio_idle.ops.http_serve import Received, encode_response, read_request
 
 MAX_BODY_BYTES: Final = 64 * 1024
 _RECEIVE_CHUNK: Final = 65536

@@ -1,0 +1,1326 @@
+"""Configuration: environment variables and CLI flags, parsed once into a frozen object.
+
+Parsing is a pure function of two mappings (environment, CLI overrides), so every rule
+here is tested without a process. A bad value raises :class:`ConfigError` whose message
+is one line naming the variable (or flag) and what was expected; the CLI exits with 2.
+Secrets are only ever read from the environment (argv is visible in ``ps``) and are
+wrapped in :class:`~trio_idle.core.secret.Secret`.
+
+Each setting is declared once, as a field of the frozen group of its concern
+(:class:`TimerSettings`, :class:`WebhookSettings`, ...) made by :func:`setting`: variable,
+flag, parser, default text, help, secrecy. :class:`Settings` holds the groups, and
+:data:`OPTIONS` (CLI flags, docs/configuration.md, :func:`parse_settings`) is derived from
+them. To add a setting, add one field to its group; nothing else lists it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar, overload
+from urllib.parse import urlsplit
+
+import attrs
+
+from trio_idle.core.crypto import KEY_DERIVATIONS, MIN_KEY_CHARS
+from trio_idle.core.destinations import (
+    DEFAULT_REFUSE_NETWORKS,
+    Network,
+    parse_networks,
+)
+from trio_idle.core.scrub import url_secrets
+from trio_idle.core.secret import Secret
+
+#: The optional columns are read from the whole row as JSON (``->>`` gives NULL for a
+#: key the table lacks), so one plain statement works on tables with and without them:
+#: no schema query, no prepared statement, nothing a transaction pooler could break.
+DEFAULT_QUERY: Final = (
+    'SELECT id, "userId", email, "imapHost", "imapPort", "imapUser", "encryptedPassword", '
+    'to_jsonb("MailConnection") ->> \'authType\' AS "authType", '
+    'to_jsonb("MailConnection") ->> \'encryptedRefreshToken\' AS "encryptedRefreshToken", '
+    'to_jsonb("MailConnection") ->> \'imapSecurity\' AS "imapSecurity" '
+    'FROM "MailConnection" WHERE "isActive" = true'
+)
+SECURITY_MODES: Final = ("auto", "tls", "starttls", "plain")
+SOURCES: Final = ("postgres", "file")
+STATE_BACKENDS: Final = ("sqlite", "postgres", "none")
+GC_MODES: Final = ("tuned", "python")
+LOG_FORMATS: Final = ("text", "json")
+LOG_LEVELS: Final = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid. ``str()`` is the one-line message.
+
+    :func:`parse_settings` reports every problem it finds at once: :attr:`problems` lists
+    them all (this error first), one line each; ``str()`` is the first one's line.
+    """
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.problems: list[ConfigError] = [self]
+
+    @classmethod
+    def of(cls, problems: list[ConfigError]) -> ConfigError:
+        first = problems[0]
+        first.problems = list(problems)
+        return first
+
+    def lines(self) -> list[str]:
+        """One line per problem, in the order they were found."""
+        return [str(problem) for problem in self.problems]
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"120"``, ``"120s"``, ``"2m"``, ``"25min"``, ``"1.5h"``, ``"500ms"`` → seconds (> 0)."""
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise ValueError(f"expected a positive duration like 120, 30s, 2m or 1h, got {text!r}")
+    value = float(match.group(1)) * _UNIT_SECONDS[(match.group(2) or "s").lower()]
+    if value <= 0:
+        raise ValueError(f"expected a positive duration, got {text!r}")
+    return value
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(i?b)?|(b))?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """``"1048576"``, ``"512k"``, ``"64KiB"``, ``"1M"``, ``"1MiB"``, ``"1G"`` → bytes (> 0).
+
+    Units are binary whatever the spelling (``1MB`` is 1,048,576 bytes, as ``1MiB``):
+    these are buffer bounds, not disk sizes. A plain number is bytes.
+    """
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"expected a size like 1048576, 512k, 64KiB or 1MiB, got {text!r}")
+    number, unit = int(match.group(1)), match.group(2)
+    value = number * _SIZE_UNITS[unit.lower()] if unit else number
+    if value <= 0:
+        raise ValueError(f"expected a positive size, got {text!r}")
+    return value
+
+
+def _buffer_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1024:  # smaller would refuse ordinary greetings and SELECT answers
+        raise ValueError(f"expected at least 1KiB, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise ValueError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a number above 0 and at most 1, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"expected a number above 0 and at most 1, got {text!r}")
+    return value
+
+
+_TRUE: Final = frozenset({"true", "1", "yes"})
+_FALSE: Final = frozenset({"false", "0", "no"})
+
+
+def parse_bool(text: str) -> bool:
+    """``true``/``false``, ``1``/``0``, ``yes``/``no`` (any case) → bool."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected true or false (also 1/0, yes/no), got {text!r}")
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    shown = repr(text) if "@" not in text else "a URL with credentials (not shown)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {shown}")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ValueError(f"expected a URL with a numeric port, got {shown}") from None
+    return text.strip().rstrip("/")
+
+
+def _postgres_url(text: str) -> Secret:
+    # Never echo the value: it usually carries a password.
+    expected = "expected a postgresql://user:password@host:port/db URL"
+    try:
+        parts = urlsplit(text.strip())
+    except ValueError:
+        raise ValueError(f"{expected} (value not shown)") from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError(expected)
+    # asyncpg takes "host1:5432,host2:5433"; every port must be a number, or the first
+    # connect dies deep inside asyncpg instead of here, as a configuration error.
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(","):
+        name, sep, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        if sep and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{expected}: a port is not a number 1-65535 (value not shown)")
+        if sep and name.startswith("[") and not name.endswith("]"):
+            raise ValueError(f"{expected}: malformed host (value not shown)")
+    return Secret(text.strip())
+
+
+def _path_part(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError(f"expected a path starting with '/', got {text!r}")
+    return text
+
+
+def _header_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9-]+", text):
+        raise ValueError(f"expected an HTTP header name (letters, digits, '-'), got {text!r}")
+    return text.lower()
+
+
+def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().upper() if upper else text.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _encryption_key(text: str) -> Secret:
+    if not text:
+        raise ValueError("must not be empty")
+    return Secret(text)
+
+
+def _nonempty_secret(text: str) -> Secret:
+    if not text:
+        raise ValueError("must not be empty")
+    return Secret(text)
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _optional_file(text: str) -> str:
+    return text.strip()
+
+
+def parse_listen_addr(text: str) -> tuple[str, int]:
+    """``"9310"`` or ``":9310"`` → ``("127.0.0.1", 9310)``; ``"0.0.0.0:9310"``, ``"[::1]:9310"``.
+
+    Port 0 asks the kernel for a free port (the bound address is logged).
+    """
+    value = text.strip()
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        host, port_text = "", value
+    host = host.strip()
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected PORT or HOST:PORT (port 0-65535), got {text!r}")
+    if ":" in host and not (bracketed and re.fullmatch(r"[0-9a-fA-F:.]+", host)):
+        raise ValueError(f"expected PORT or HOST:PORT (an IPv6 host in brackets), got {text!r}")
+    return (host or "127.0.0.1", int(port_text))
+
+
+_BEARER_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+
+def _bearer_token(text: str) -> Secret:
+    # Never echo the value, not even part of it: a near-miss is usually the real token.
+    if not 16 <= len(text) <= 512:
+        raise ValueError(f"expected 16 to 512 characters, got {len(text)} (value not shown)")
+    if not _BEARER_TOKEN_RE.fullmatch(text):
+        raise ValueError(
+            "expected only the characters A-Z a-z 0-9 - . _ ~ + / and trailing = "
+            "(e.g. openssl rand -hex 32; value not shown)"
+        )
+    return Secret(text)
+
+
+def _secret_http_url(text: str) -> Secret:
+    # A push-monitoring URL embeds its token: validate it like a URL, never echo it.
+    try:
+        return Secret(_http_url(text))
+    except ValueError:
+        raise ValueError(
+            "expected an http:// or https:// URL with a host (value not shown)"
+        ) from None
+
+
+def _stripped(text: str) -> str:
+    return text.strip()
+
+
+_T = TypeVar("_T")
+#: the key under which :func:`setting` stores a field's :class:`Declaration`
+_DECLARATION: Final = "trio_idle.setting"
+
+
+@attrs.frozen
+class Declaration:
+    """Where one setting comes from and what it means, as written next to its field."""
+
+    env: str
+    flag: str | None
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+    secret: bool
+
+
+@overload
+def setting(
+    env: str,
+    flag: str | None,
+    parse: Callable[[str], _T],
+    default: str,
+    help: str,
+    *,
+    secret: bool = False,
+) -> _T: ...
+@overload
+def setting(
+    env: str,
+    flag: str | None,
+    parse: Callable[[str], _T],
+    default: None,
+    help: str,
+    *,
+    secret: bool = False,
+) -> _T | None: ...
+@overload
+def setting(
+    env: str,
+    flag: str | None,
+    parse: Callable[[str], _T],
+    default: None,
+    help: str,
+    *,
+    unset: _T,
+    secret: bool = False,
+) -> _T: ...
+def setting(
+    env: str,
+    flag: str | None,
+    parse: Callable[[str], Any],
+    default: str | None,
+    help: str,
+    *,
+    unset: Any = None,
+    secret: bool = False,
+) -> Any:
+    """Declare one setting as an attrs field of a settings group.
+
+    ``default`` is the text a user would write; it goes through ``parse`` here, at import,
+    so an invalid default fails every import instead of one unlucky start. Without a
+    default the field holds ``unset`` (``None`` unless given) when nothing sets it;
+    :func:`parse_settings` may still require it or derive it (``BACKEND_URL``). A flag is
+    ignored for secrets: they are read from the environment only.
+    """
+    declaration = Declaration(env, flag, parse, default, help, secret)
+    value = parse(default) if default is not None else unset
+    return attrs.field(default=value, metadata={_DECLARATION: declaration})
+
+
+# -- the settings, one frozen group per concern ------------------------------------------
+#
+# Each field is declared exactly once, with its variable, flag, parser, default and help;
+# OPTIONS (CLI flags, docs/configuration.md, parse_settings) is derived from these classes.
+# Field names are unique across groups: they are the keys of CLI overrides.
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionSettings:
+    """Where the connection list comes from and how its passwords decrypt."""
+
+    source: str = setting(
+        "TRIO_IDLE_SOURCE",
+        "--source",
+        _choice(SOURCES),
+        "postgres",
+        "where the connection list comes from: postgres (DATABASE_URL) or file",
+    )
+    database_url: Secret | None = setting(
+        "DATABASE_URL",
+        None,
+        _postgres_url,
+        None,
+        "PostgreSQL URL (direct or through a transaction pooler)",
+        secret=True,
+    )
+    connections_query: str = setting(
+        "TRIO_IDLE_QUERY",
+        "--query",
+        _nonempty,
+        DEFAULT_QUERY,
+        "SQL returning id, userId, email, imapHost, imapPort, imapUser, encryptedPassword",
+    )
+    connections_file: str | None = setting(
+        "TRIO_IDLE_CONNECTIONS_FILE",
+        "--connections-file",
+        _nonempty,
+        None,
+        "TOML file with the connections (source=file)",
+    )
+    encryption_key: Secret = setting(
+        "ENCRYPTION_KEY",
+        None,
+        _encryption_key,
+        None,
+        f"AES-256 key string (at least {MIN_KEY_CHARS} characters with utf8-prefix)",
+        unset=Secret(""),
+        secret=True,
+    )
+    key_derivation: str = setting(
+        "TRIO_IDLE_KEY_DERIVATION",
+        "--key-derivation",
+        _choice(KEY_DERIVATIONS),
+        "utf8-prefix",
+        "how ENCRYPTION_KEY becomes the AES key: utf8-prefix (first 32 bytes) or sha256",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class ImapSettings:
+    """How each IMAP session connects, and what it accepts from the server."""
+
+    mailbox: str = setting("TRIO_IDLE_MAILBOX", "--mailbox", _nonempty, "INBOX", "mailbox to watch")
+    imap_security: str = setting(
+        "TRIO_IDLE_IMAP_SECURITY",
+        "--imap-security",
+        _choice(SECURITY_MODES),
+        "auto",
+        "auto (993: TLS, 143: STARTTLS, other: TLS), tls, starttls or plain",
+    )
+    ca_file: str | None = setting(
+        "TRIO_IDLE_CA_FILE",
+        "--ca-file",
+        _optional_file,
+        None,
+        "PEM file of extra CAs to trust (private CAs); system CAs are used otherwise",
+    )
+    tcp_keepalive: float = setting(
+        "TRIO_IDLE_TCP_KEEPALIVE",
+        "--tcp-keepalive",
+        parse_duration,
+        "60s",
+        "TCP keepalive idle time on IMAP sockets (probes every 15 s, 4 probes)",
+    )
+    max_line: int = setting(
+        "TRIO_IDLE_MAX_LINE",
+        "--max-line",
+        _buffer_size,
+        "1MiB",
+        "longest IMAP response line accepted (text outside literals); more drops the connection",
+    )
+    max_literal: int = setting(
+        "TRIO_IDLE_MAX_LITERAL",
+        "--max-literal",
+        _buffer_size,
+        "1MiB",
+        "most literal data ({n} blocks) in one IMAP response; more drops the connection",
+    )
+    refuse_networks: tuple[Network, ...] = setting(
+        "TRIO_IDLE_REFUSE_NETWORKS",
+        "--refuse-networks",
+        parse_networks,
+        DEFAULT_REFUSE_NETWORKS,
+        "comma-separated networks (CIDR) no IMAP connection may go to, checked on the "
+        "resolved address; none: refuse nothing. Default: link-local incl. cloud metadata",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class TimerSettings:
+    """How often things happen, and how long one IMAP step may take, in seconds."""
+
+    refresh_interval: float = setting(
+        "TRIO_IDLE_REFRESH_INTERVAL",
+        "--refresh-interval",
+        parse_duration,
+        "5m",
+        "how often the connection list is re-read",
+    )
+    idle_renew_interval: float = setting(
+        "TRIO_IDLE_IDLE_RENEW",
+        "--idle-renew",
+        parse_duration,
+        "25m",
+        "re-issue IDLE after this long (servers drop IDLE at 29 min)",
+    )
+    tick_interval: float = setting(
+        "TRIO_IDLE_TICK_INTERVAL",
+        "--tick-interval",
+        parse_duration,
+        "2m",
+        "leave IDLE, NOOP under a deadline, check the mailbox, re-enter IDLE",
+    )
+    connect_timeout: float = setting(
+        "TRIO_IDLE_CONNECT_TIMEOUT",
+        "--connect-timeout",
+        parse_duration,
+        "30s",
+        "deadline for TCP connect + TLS + greeting",
+    )
+    command_timeout: float = setting(
+        "TRIO_IDLE_COMMAND_TIMEOUT",
+        "--command-timeout",
+        parse_duration,
+        "30s",
+        "deadline for each IMAP command (LOGIN, SELECT, NOOP, DONE); missing answer = dead",
+    )
+    logout_timeout: float = setting(
+        "TRIO_IDLE_LOGOUT_TIMEOUT",
+        "--logout-timeout",
+        parse_duration,
+        "2s",
+        "how long a closed session waits for the server to answer LOGOUT and hang up",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class BackoffSettings:
+    """Reconnect delays of one session, in seconds.
+
+    :func:`parse_settings` checks ``backoff_initial <= backoff_max`` and
+    ``auth_backoff <= auth_backoff_max``.
+    """
+
+    backoff_initial: float = setting(
+        "TRIO_IDLE_BACKOFF_INITIAL",
+        "--backoff-initial",
+        parse_duration,
+        "5s",
+        "first reconnect delay (full jitter below the exponential bound, first one exact)",
+    )
+    backoff_max: float = setting(
+        "TRIO_IDLE_BACKOFF_MAX",
+        "--backoff-max",
+        parse_duration,
+        "5m",
+        "cap of the reconnect delay",
+    )
+    backoff_reset_after: float = setting(
+        "TRIO_IDLE_BACKOFF_RESET_AFTER",
+        "--backoff-reset-after",
+        parse_duration,
+        "2m",
+        "a session up this long resets the backoff",
+    )
+    auth_backoff: float = setting(
+        "TRIO_IDLE_AUTH_BACKOFF",
+        "--auth-backoff",
+        parse_duration,
+        "15m",
+        "first delay after an authentication failure (doubles up to auth-backoff-max)",
+    )
+    auth_backoff_max: float = setting(
+        "TRIO_IDLE_AUTH_BACKOFF_MAX",
+        "--auth-backoff-max",
+        parse_duration,
+        "2h",
+        "cap of the delay after repeated authentication failures",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class LimitSettings:
+    """How fast connections and catch-up scans may start, all mailboxes together."""
+
+    connect_concurrency: int = setting(
+        "TRIO_IDLE_CONNECT_CONCURRENCY",
+        "--connect-concurrency",
+        _positive_int,
+        "20",
+        "max IMAP handshakes + logins in progress at once",
+    )
+    connect_rate: float = setting(
+        "TRIO_IDLE_CONNECT_RATE",
+        "--connect-rate",
+        _positive_float,
+        "50",
+        "max new IMAP connections started per second (all mailboxes)",
+    )
+    connect_host_share: float = setting(
+        "TRIO_IDLE_CONNECT_HOST_SHARE",
+        "--connect-host-share",
+        _share,
+        "0.25",
+        "share of the connect slots one IMAP host name may hold (at least one slot), so a "
+        "host that never answers cannot make every other mailbox wait",
+    )
+    catchup_rate: float = setting(
+        "TRIO_IDLE_CATCHUP_RATE",
+        "--catchup-rate",
+        _positive_float,
+        "20",
+        "max catch-up scans (startup/reconnect) sent per second, all mailboxes; "
+        "EXISTS-driven scans are not paced",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class WebhookSettings:
+    """The scan webhook: where it goes, how it is authenticated, retried and pooled."""
+
+    backend_url: str = setting(
+        "BACKEND_URL",
+        "--backend-url",
+        _http_url,
+        None,
+        "backend base URL (default http://127.0.0.1:3016, :3015 when NODE_ENV=production)",
+        unset="http://127.0.0.1:3016",
+    )
+    scan_path: str = setting(
+        "TRIO_IDLE_SCAN_PATH",
+        "--scan-path",
+        _path_part,
+        "/api/mail/scan-internal",
+        "path of the scan webhook on the backend",
+    )
+    secret_header: str = setting(
+        "TRIO_IDLE_SECRET_HEADER",
+        "--secret-header",
+        _header_name,
+        "x-admin-secret",
+        "header that carries ADMIN_SECRET",
+    )
+    admin_secret: Secret = setting(
+        "ADMIN_SECRET",
+        None,
+        _nonempty_secret,
+        None,
+        "shared secret sent in the scan request header",
+        unset=Secret(""),
+        secret=True,
+    )
+    signing_secret: Secret | None = setting(
+        "TRIO_IDLE_SIGNING_SECRET",
+        None,
+        _nonempty_secret,
+        None,
+        "if set, the body is signed: x-signature: sha256=<hex HMAC-SHA256>",
+        secret=True,
+    )
+    scan_timeout: float = setting(
+        "TRIO_IDLE_SCAN_TIMEOUT",
+        "--scan-timeout",
+        parse_duration,
+        "60s",
+        "total deadline for one scan request to the backend",
+    )
+    scan_retry_initial: float = setting(
+        "TRIO_IDLE_SCAN_RETRY_INITIAL",
+        "--scan-retry-initial",
+        parse_duration,
+        "1s",
+        "first delay before retrying a failed scan",
+    )
+    scan_retry_max: float = setting(
+        "TRIO_IDLE_SCAN_RETRY_MAX",
+        "--scan-retry-max",
+        parse_duration,
+        "60s",
+        "cap of the scan retry delay (the scan is retried while it stays the active one)",
+    )
+    http_max_connections: int = setting(
+        "TRIO_IDLE_HTTP_MAX_CONNECTIONS",
+        "--http-max-connections",
+        _positive_int,
+        "100",
+        "connection pool size towards the backend (requests beyond it wait their turn; "
+        "at most 10 idle connections are kept)",
+    )
+    http_trust_env: bool = setting(
+        "TRIO_IDLE_HTTP_TRUST_ENV",
+        "--http-trust-env",
+        parse_bool,
+        "false",
+        "send the scan webhook and health pings through the proxy named by HTTP_PROXY, "
+        "HTTPS_PROXY, ALL_PROXY (and NO_PROXY); off: always connect directly",
+    )
+    scan_envelopes: bool = setting(
+        "TRIO_IDLE_SCAN_ENVELOPES",
+        "--scan-envelopes",
+        parse_bool,
+        "false",
+        "also send the envelopes (uid, from, subject, date, message id, size) of up to 50 "
+        "new messages in each scan request, fetched on the session's own connection",
+    )
+    token_path: str = setting(
+        "TRIO_IDLE_TOKEN_PATH",
+        "--token-path",
+        _path_part,
+        "/api/mail/imap-token-internal",
+        "path of the backend's OAuth2 access-token endpoint (for oauth2 connections)",
+    )
+    token_timeout: float = setting(
+        "TRIO_IDLE_TOKEN_TIMEOUT",
+        "--token-timeout",
+        parse_duration,
+        "20s",
+        "total deadline for one access-token request to the backend",
+    )
+    token_refresh_ahead: float = setting(
+        "TRIO_IDLE_TOKEN_REFRESH_AHEAD",
+        "--token-refresh-ahead",
+        parse_duration,
+        "5m",
+        "a cached access token is replaced when it expires within this time; every "
+        "(re)connect signs in with a token valid at least this long",
+    )
+
+    @property
+    def scan_url(self) -> str:
+        return self.backend_url + self.scan_path
+
+    @property
+    def token_url(self) -> str:
+        return self.backend_url + self.token_path
+
+
+@attrs.frozen(kw_only=True)
+class StateSettings:
+    """Where the per-mailbox scan state lives (restart catch-up) and how long it is kept."""
+
+    state: str = setting(
+        "TRIO_IDLE_STATE",
+        "--state",
+        _choice(STATE_BACKENDS),
+        "sqlite",
+        "where the per-mailbox scan state lives (restart catch-up): sqlite, postgres "
+        "(table from `trio-idle db migrate`, uses DATABASE_URL) or none",
+    )
+    state_path: str | None = setting(
+        "TRIO_IDLE_STATE_PATH",
+        "--state-path",
+        _nonempty,
+        None,
+        "SQLite state file (default $STATE_DIRECTORY/state.sqlite3, else "
+        "~/.local/state/trio-idle/state.sqlite3)",
+    )
+    state_grace: float = setting(
+        "TRIO_IDLE_STATE_GRACE",
+        "--state-grace",
+        parse_duration,
+        "168h",
+        "how long the state of a connection removed from the source is kept",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class HealthSettings:
+    """The health port, the /status route, the loop-lag bound and the push-monitoring ping."""
+
+    health_addr: tuple[str, int] | None = setting(
+        "TRIO_IDLE_HEALTH_ADDR",
+        "--health-addr",
+        parse_listen_addr,
+        None,
+        "serve /healthz, /readyz, /metrics (and /status unless TRIO_IDLE_STATUS_ADDR is "
+        "set) on PORT or HOST:PORT (127.0.0.1 when only a port is given); off when unset",
+    )
+    status_addr: tuple[str, int] | None = setting(
+        "TRIO_IDLE_STATUS_ADDR",
+        "--status-addr",
+        parse_listen_addr,
+        None,
+        "serve /status on its own PORT or HOST:PORT instead of the health address "
+        "(127.0.0.1 when only a port is given); keep it on loopback or a private network",
+    )
+    status_token: Secret | None = setting(
+        "TRIO_IDLE_STATUS_TOKEN",
+        None,
+        _bearer_token,
+        None,
+        "the token /status requires in an Authorization: Bearer header (16 to 512 of the "
+        "characters A-Z a-z 0-9 - . _ ~ + / and trailing =); /status is off without it",
+        secret=True,
+    )
+    ready_share: float = setting(
+        "TRIO_IDLE_READY_SHARE",
+        "--ready-share",
+        _fraction,
+        "0.9",
+        "share of sessions that must be idle or polling for /readyz and the health ping",
+    )
+    max_loop_lag: float = setting(
+        "TRIO_IDLE_MAX_LOOP_LAG",
+        "--max-loop-lag",
+        parse_duration,
+        "5s",
+        "event-loop lag above which /healthz answers 503 and the systemd watchdog stops",
+    )
+    ping_url: Secret | None = setting(
+        "TRIO_IDLE_PING_URL",
+        None,
+        _secret_http_url,
+        None,
+        "push-monitoring URL (healthchecks.io, Uptime Kuma) pinged while healthy",
+        secret=True,
+    )
+    ping_interval: float = setting(
+        "TRIO_IDLE_PING_INTERVAL",
+        "--ping-interval",
+        parse_duration,
+        "60s",
+        "how often the health ping is sent",
+    )
+    ping_fail_suffix: str = setting(
+        "TRIO_IDLE_PING_FAIL_SUFFIX",
+        "--ping-fail-suffix",
+        _nonempty,
+        "/fail",
+        "appended to the ping URL when unhealthy (a ?reason=... query is added)",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class LogSettings:
+    """What is logged and in which format (every command that logs takes these)."""
+
+    log_level: str = setting(
+        "TRIO_IDLE_LOG_LEVEL",
+        "--log-level",
+        _choice(LOG_LEVELS, upper=True),
+        "INFO",
+        "minimum log level",
+    )
+    log_format: str = setting(
+        "TRIO_IDLE_LOG_FORMAT",
+        "--log-format",
+        _choice(LOG_FORMATS),
+        "text",
+        "text (the documented lines) or json (one object per line)",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class ProcessSettings:
+    """The process as a whole: memory management, deadlines of start and stop, NODE_ENV."""
+
+    gc_mode: str = setting(
+        "TRIO_IDLE_GC",
+        "--gc",
+        _choice(GC_MODES),
+        "tuned",
+        "tuned: no automatic full garbage collections (they pause ≈ 2 s at 10,000 "
+        "sessions); the young generations collected every 0.25 s; after each refresh a "
+        "young collection and a freeze, a full one only after many sessions ended, "
+        "unexplained memory growth, and every 6 h (docs/performance.md); "
+        "python: CPython's defaults",
+    )
+    shutdown_timeout: float = setting(
+        "TRIO_IDLE_SHUTDOWN_TIMEOUT",
+        "--shutdown-timeout",
+        parse_duration,
+        "5s",
+        "total time allowed for LOGOUTs on SIGTERM before the process exits",
+    )
+    db_timeout: float = setting(
+        "TRIO_IDLE_DB_TIMEOUT",
+        "--db-timeout",
+        parse_duration,
+        "30s",
+        "deadline for connecting to the database and running the query",
+    )
+    node_env: str = setting(
+        "NODE_ENV",
+        None,
+        _stripped,
+        "development",
+        "production switches the default BACKEND_URL port to 3015",
+    )
+
+
+#: the token endpoints of the providers whose refresh flow the daemon runs itself
+GOOGLE_TOKEN_URL: Final = "https://oauth2.googleapis.com/token"
+MICROSOFT_TOKEN_URL: Final = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+
+
+def _tenant(text: str) -> str:
+    # It becomes a path segment of the token URL: a GUID, a domain or common/organizations.
+    value = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,99}", value):
+        raise ValueError(
+            "expected a tenant id, a domain, common, organizations or consumers "
+            f"(letters, digits, '.', '-'), got {value[:60]!r}"
+        )
+    return value
+
+
+def _token_url(text: str) -> str:
+    # "{tenant}" is filled in later; check the URL with a placeholder in its place.
+    checked = _http_url(text.replace("{tenant}", "common"))
+    return checked if "{tenant}" not in text else text.strip().rstrip("/")
+
+
+@attrs.frozen(kw_only=True)
+class OAuthSettings:
+    """The daemon's own OAuth2 token refresh, for rows with a refresh token.
+
+    Which client the daemon is at each provider, where it asks for access tokens, how
+    fast and how long (:mod:`trio_idle.auth.token_refresh`)."""
+
+    google_client_id: str | None = setting(
+        "TRIO_IDLE_GOOGLE_CLIENT_ID",
+        "--google-client-id",
+        _nonempty,
+        None,
+        "OAuth2 client id at Google, for rows with a refresh token (daemon-side refresh)",
+    )
+    google_client_secret: Secret | None = setting(
+        "TRIO_IDLE_GOOGLE_CLIENT_SECRET",
+        None,
+        _nonempty_secret,
+        None,
+        "OAuth2 client secret at Google",
+        secret=True,
+    )
+    google_token_url: str = setting(
+        "TRIO_IDLE_GOOGLE_TOKEN_URL",
+        "--google-token-url",
+        _token_url,
+        GOOGLE_TOKEN_URL,
+        "Google's token endpoint (tests point it at a local server)",
+    )
+    microsoft_client_id: str | None = setting(
+        "TRIO_IDLE_MICROSOFT_CLIENT_ID",
+        "--microsoft-client-id",
+        _nonempty,
+        None,
+        "OAuth2 client (application) id at Microsoft, for rows with a refresh token",
+    )
+    microsoft_client_secret: Secret | None = setting(
+        "TRIO_IDLE_MICROSOFT_CLIENT_SECRET",
+        None,
+        _nonempty_secret,
+        None,
+        "OAuth2 client secret at Microsoft (unset for a public client)",
+        secret=True,
+    )
+    microsoft_tenant: str = setting(
+        "TRIO_IDLE_MICROSOFT_TENANT",
+        "--microsoft-tenant",
+        _tenant,
+        "common",
+        "Microsoft tenant: common, organizations, consumers, a tenant id or domain",
+    )
+    microsoft_token_url: str = setting(
+        "TRIO_IDLE_MICROSOFT_TOKEN_URL",
+        "--microsoft-token-url",
+        _token_url,
+        MICROSOFT_TOKEN_URL,
+        "Microsoft's token endpoint; {tenant} is replaced by TRIO_IDLE_MICROSOFT_TENANT",
+    )
+    oauth_timeout: float = setting(
+        "TRIO_IDLE_OAUTH_TIMEOUT",
+        "--oauth-timeout",
+        parse_duration,
+        "30s",
+        "total deadline for one token refresh at a provider",
+    )
+    oauth_rate: float = setting(
+        "TRIO_IDLE_OAUTH_RATE",
+        "--oauth-rate",
+        _positive_float,
+        "5",
+        "max token refreshes started per second at the providers, all connections",
+    )
+
+    @property
+    def microsoft_url(self) -> str:
+        """The Microsoft token endpoint with the tenant filled in."""
+        return self.microsoft_token_url.replace("{tenant}", self.microsoft_tenant)
+
+
+@attrs.frozen(kw_only=True)
+class AccountHealthSettings:
+    """Account health reports to the backend (state and reason of each connection)."""
+
+    connection_status: bool = setting(
+        "TRIO_IDLE_CONNECTION_STATUS",
+        "--connection-status",
+        parse_bool,
+        "true",
+        "report each connection's account health (ok, auth_failed, unreachable, degraded) "
+        "to the backend when it changes",
+    )
+    status_path: str = setting(
+        "TRIO_IDLE_CONNECTION_STATUS_PATH",
+        "--connection-status-path",
+        _path_part,
+        "/api/mail/connection-status-internal",
+        "path of the account health endpoint on the backend",
+    )
+    unreachable_after: float = setting(
+        "TRIO_IDLE_UNREACHABLE_AFTER",
+        "--unreachable-after",
+        parse_duration,
+        "10min",
+        "how long a server must stay unreachable before the backend is told "
+        "(auth failures and recoveries are reported at once)",
+    )
+
+
+CLUSTER_MODES: Final = ("single", "shared")
+_INSTANCE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+
+
+def _instance_id(text: str) -> str:
+    text = text.strip()
+    if not _INSTANCE_ID.fullmatch(text):
+        raise ValueError(
+            "expected 1 to 128 letters, digits or . _ : @ - (starting with a letter or "
+            f"digit), got {text!r}"
+        )
+    return text
+
+
+_IDENT = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")'
+_TABLE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})?$")
+
+
+def _table_name(text: str) -> str:
+    """A table name for SQL: ``name``, ``"Quoted"`` or ``schema.name`` (either part
+    quoted or not); anything else (spaces, semicolons, ...) is refused."""
+    value = text.strip()
+    if not _TABLE.match(value):
+        raise ValueError(
+            'expected a table name such as "MailConnection" or public.mail_connection, '
+            f"got {text!r}"
+        )
+    return value
+
+
+@attrs.frozen(kw_only=True)
+class ClusterSettings:
+    """Several instances sharing the mailboxes through Postgres (shared mode)."""
+
+    cluster: str = setting(
+        "TRIO_IDLE_CLUSTER",
+        "--cluster",
+        _choice(CLUSTER_MODES),
+        "single",
+        "single: this process watches every connection; shared: the live instances split "
+        "them (membership table from `trio-idle db migrate`, needs TRIO_IDLE_STATE=postgres)",
+    )
+    instance_id: str | None = setting(
+        "TRIO_IDLE_INSTANCE_ID",
+        "--instance-id",
+        _instance_id,
+        None,
+        "this instance's name in the membership table (default hostname-pid); unique "
+        "per running process",
+    )
+    cluster_ttl: float = setting(
+        "TRIO_IDLE_CLUSTER_TTL",
+        "--cluster-ttl",
+        parse_duration,
+        "15s",
+        "an instance whose heartbeat is older than this (database clock) is dead and its "
+        "connections move; one that cannot renew for half of it stops its sessions",
+    )
+    cluster_poll: float = setting(
+        "TRIO_IDLE_CLUSTER_POLL",
+        "--cluster-poll",
+        parse_duration,
+        "5s",
+        "how often each instance renews its heartbeat and reads the member list (at most "
+        "a third of the TTL)",
+    )
+    listen_url: Secret | None = setting(
+        "TRIO_IDLE_LISTEN_URL",
+        None,
+        _postgres_url,
+        None,
+        "direct PostgreSQL URL (not through a transaction pooler) for LISTEN: with the "
+        "trigger of `trio-idle db install-notify` a changed row is applied within a "
+        "second; off when unset (polling only)",
+        secret=True,
+    )
+    notify_table: str = setting(
+        "TRIO_IDLE_NOTIFY_TABLE",
+        "--notify-table",
+        _table_name,
+        '"MailConnection"',
+        "the connection table `trio-idle db install-notify` and `remove-notify` put the "
+        "trigger on (quoted like in TRIO_IDLE_QUERY)",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """The whole configuration, immutable, one group per concern; a component takes the
+    group(s) it uses. Durations are seconds (float), sizes bytes (int).
+
+    ``Settings()`` holds every default (secrets unset); :func:`parse_settings` is the way
+    to build one from the environment and flags.
+    """
+
+    connections: ConnectionSettings = attrs.field(factory=ConnectionSettings)
+    imap: ImapSettings = attrs.field(factory=ImapSettings)
+    timers: TimerSettings = attrs.field(factory=TimerSettings)
+    backoff: BackoffSettings = attrs.field(factory=BackoffSettings)
+    limits: LimitSettings = attrs.field(factory=LimitSettings)
+    webhook: WebhookSettings = attrs.field(factory=WebhookSettings)
+    store: StateSettings = attrs.field(factory=StateSettings)
+    health: HealthSettings = attrs.field(factory=HealthSettings)
+    log: LogSettings = attrs.field(factory=LogSettings)
+    process: ProcessSettings = attrs.field(factory=ProcessSettings)
+    oauth: OAuthSettings = attrs.field(factory=OAuthSettings)
+    account_health: AccountHealthSettings = attrs.field(factory=AccountHealthSettings)
+    cluster: ClusterSettings = attrs.field(factory=ClusterSettings)
+
+
+@attrs.frozen
+class Option:
+    """One setting as the CLI, the docs and :func:`parse_settings` see it: its
+    :class:`Declaration`, and where it lives (``settings.<group>.<field>``)."""
+
+    group: str
+    field: str
+    env: str
+    flag: str | None
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+    secret: bool
+
+    def value_in(self, settings: Settings) -> Any:
+        return getattr(getattr(settings, self.group), self.field)
+
+
+def _groups() -> dict[str, type[Any]]:
+    """Each group attribute of :class:`Settings` → its class."""
+    attrs.resolve_types(Settings)
+    return {group.name: group.type for group in attrs.fields(Settings) if group.type}
+
+
+#: each group attribute of :class:`Settings` → its class, in declaration order
+GROUPS: Final[Mapping[str, type[Any]]] = _groups()
+
+
+def _derive_options() -> tuple[Option, ...]:
+    options: list[Option] = []
+    for name, group in GROUPS.items():
+        for field in attrs.fields(group):
+            declared = field.metadata.get(_DECLARATION)
+            if not isinstance(declared, Declaration):
+                raise TypeError(f"{name}.{field.name} is not declared with setting()")
+            options.append(Option(name, field.name, **attrs.asdict(declared, recurse=False)))
+    names = [o.field for o in options]
+    if len(set(names)) != len(names):  # the override keys would be ambiguous
+        raise TypeError(f"a setting name is used twice: {sorted(names)}")
+    return tuple(options)
+
+
+#: Every setting, group by group in the order of :class:`Settings` (the order
+#: docs/configuration.md lists them), derived from the groups' declarations.
+OPTIONS: Final[tuple[Option, ...]] = _derive_options()
+
+_BY_FIELD: Final = {o.field: o for o in OPTIONS}
+#: the label a problem names (variable or flag) → its field
+_BY_ENV_OR_FLAG: Final = {
+    **{o.env: o.field for o in OPTIONS},
+    **{o.flag: o.field for o in OPTIONS if o.flag},
+}
+#: what each field holds when nothing sets it (the parsed default, or unset)
+_DEFAULTS: Final[Mapping[str, Any]] = {o.field: o.value_in(Settings()) for o in OPTIONS}
+
+
+def process_secrets(settings: Settings) -> list[str]:
+    """Every secret the settings hold, in the forms a log line could show them (for
+    :func:`trio_idle.core.logs.protect_secrets`): each secret setting, and of URLs also the
+    password part; the backend URL's password too, if it has one."""
+    found: list[str] = []
+    for option in OPTIONS:
+        value = option.value_in(settings)
+        if isinstance(value, Secret):
+            found += url_secrets(value.reveal()) if "://" in value.reveal() else [value.reveal()]
+    found += url_secrets(settings.webhook.backend_url)[1:]
+    return [s for s in found if s]
+
+
+def default_backend_url(node_env: str) -> str:
+    """The original daemon's rule: port 3015 in production, 3016 otherwise."""
+    return "http://127.0.0.1:3015" if node_env == "production" else "http://127.0.0.1:3016"
+
+
+def parse_settings(
+    env: Mapping[str, str],
+    overrides: Mapping[str, str] | None = None,
+    *,
+    require: tuple[str, ...] = ("admin_secret", "encryption_key"),
+    require_source: bool = True,
+) -> Settings:
+    """Build :class:`Settings` from the environment and CLI overrides (by field name,
+    as in :data:`OPTIONS`: ``{"tick_interval": "45s"}``).
+
+    A CLI override wins over the environment, which wins over the default. Empty
+    environment values count as unset. ``require`` names fields that must end up set;
+    the source-specific requirement (``DATABASE_URL`` or a connections file) is added
+    unless ``require_source`` is false (commands that never read the list, e.g. encrypt).
+    Raises :class:`ConfigError` naming every problem found (:meth:`ConfigError.lines`).
+    """
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    problems: list[ConfigError] = []
+    for option in OPTIONS:
+        if overrides.get(option.field) is not None:
+            raw, label = overrides[option.field], option.flag or option.env
+        elif env.get(option.env):
+            raw, label = env[option.env], option.env
+        else:
+            if option.default is not None:  # parsed once, when its group was declared
+                values[option.field], labels[option.field] = _DEFAULTS[option.field], option.env
+            continue
+        labels[option.field] = label
+        try:
+            values[option.field] = option.parse(raw)
+        except ValueError as exc:
+            problems.append(ConfigError(label, str(exc)))
+    # A field whose value was bad falls back to its default below, so the checks that
+    # follow still run and report their own problems; nothing is built from it.
+    merged = {**_DEFAULTS, **values}
+    if "backend_url" not in values and "backend_url" not in {p.name for p in problems}:
+        values["backend_url"] = merged["backend_url"] = default_backend_url(merged["node_env"])
+
+    needed = list(require)
+    if require_source:
+        needed.append("database_url" if merged["source"] == "postgres" else "connections_file")
+    bad = {_BY_ENV_OR_FLAG.get(p.name) for p in problems}
+    for name in needed:
+        if name not in values and name not in bad:
+            option = _BY_FIELD[name]
+            where = option.env + (f" (or {option.flag})" if option.flag else "")
+            problems.append(ConfigError(option.env, f"is required: set {where}"))
+    if "encryption_key" in values:
+        problems += _check_key(values["encryption_key"], merged["key_derivation"])
+    problems += _check_relations(merged, labels)
+    if problems:
+        raise ConfigError.of(problems)
+    return _build(values)
+
+
+def _build(values: Mapping[str, Any]) -> Settings:
+    """:class:`Settings` from values by field name; a field not given keeps its default."""
+    groups: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+    for field, value in values.items():
+        groups[_BY_FIELD[field].group][field] = value
+    return Settings(**{name: group(**groups[name]) for name, group in GROUPS.items()})
+
+
+def _check_key(key: Secret, derivation: str) -> list[ConfigError]:
+    if derivation == "utf8-prefix" and (
+        len(key.reveal()) < MIN_KEY_CHARS or len(key.reveal().encode()) < 32
+    ):
+        return [
+            ConfigError(
+                "ENCRYPTION_KEY",
+                f"must be at least {MIN_KEY_CHARS} characters (AES-256 key), "
+                f"got {len(key.reveal())}",
+            )
+        ]
+    return []
+
+
+def _check_relations(values: Mapping[str, Any], labels: Mapping[str, str]) -> list[ConfigError]:
+    problems: list[ConfigError] = []
+
+    def label(field: str) -> str:
+        return labels.get(field) or _BY_FIELD[field].env
+
+    def at_least(small: str, big: str) -> None:
+        if values[small] > values[big]:
+            problems.append(
+                ConfigError(label(small), f"must not exceed {label(big)} ({values[big]:g}s)")
+            )
+
+    at_least("backoff_initial", "backoff_max")
+    at_least("auth_backoff", "auth_backoff_max")
+    at_least("scan_retry_initial", "scan_retry_max")
+    if values.get("state") == "postgres" and values.get("database_url") is None:
+        problems.append(ConfigError(label("state"), "postgres state needs DATABASE_URL"))
+    problems += _check_cluster(values, label)
+    return problems
+
+
+def _check_cluster(values: Mapping[str, Any], label: Callable[[str], str]) -> list[ConfigError]:
+    """Shared mode: the mailbox state must be shared, and the lease must leave room for
+    a missed heartbeat and for LOGOUT before the others take over."""
+    if values.get("cluster") != "shared":
+        return []
+    problems: list[ConfigError] = []
+    if values.get("database_url") is None:
+        problems.append(ConfigError(label("cluster"), "shared mode needs DATABASE_URL"))
+    if values.get("state") != "postgres":
+        problems.append(
+            ConfigError(
+                label("cluster"),
+                "shared mode needs TRIO_IDLE_STATE=postgres (a moved mailbox catches up "
+                "from the shared state)",
+            )
+        )
+    ttl, poll = values["cluster_ttl"], values["cluster_poll"]
+    if not poll > 0 or poll * 3 > ttl:
+        problems.append(
+            ConfigError(
+                label("cluster_poll"),
+                f"must be above 0 and at most a third of {label('cluster_ttl')} ({ttl:g}s)",
+            )
+        )
+    if values["logout_timeout"] * 2 >= ttl:
+        problems.append(
+            ConfigError(
+                label("cluster_ttl"),
+                f"must be more than twice {label('logout_timeout')} "
+                f"({values['logout_timeout']:g}s): a fenced instance's LOGOUTs end before "
+                "the others take over",
+            )
+        )
+    return problems

@@ -1,0 +1,70 @@
+"""Exception types shared by the daemon's layers. Messages never contain secrets.
+
+An :class:`ImapError` may carry a machine-readable ``kind`` saying what failed, for the
+account health (:mod:`trio_idle.mailbox.account_health`): for connect failures one of
+:data:`CONNECT_KINDS`. ``None`` means the raiser did not say; the classifier then falls
+back to the exception's class.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: the name of the host could not be resolved
+KIND_DNS: Final = "dns"
+#: nothing accepted the TCP connection, or every address is in a refused network
+KIND_REFUSED: Final = "refused"
+#: no answer in time (no greeting, no answer to a command)
+KIND_TIMEOUT: Final = "timeout"
+#: TLS failed: handshake, certificate, or no STARTTLS where it was required
+KIND_TLS: Final = "tls"
+#: the server closed the connection (or said BYE, or broke the protocol)
+KIND_SERVER_CLOSED: Final = "server_closed"
+CONNECT_KINDS: Final = (KIND_DNS, KIND_REFUSED, KIND_TIMEOUT, KIND_TLS, KIND_SERVER_CLOSED)
+
+
+class ImapError(Exception):
+    """The IMAP connection failed or misbehaved; the client must be discarded.
+
+    ``kind``: what failed, when the raiser knows (see the module docstring)."""
+
+    def __init__(self, *args: object, kind: str | None = None) -> None:
+        super().__init__(*args)
+        self.kind = kind
+
+
+class ImapConnectError(ImapError):
+    """Could not establish the connection (DNS, TCP, TLS, greeting)."""
+
+
+class ImapAuthError(ImapError):
+    """The server rejected the login: retried only after a long backoff.
+
+    ``server_text``: the server's own words (its ``NO`` line, password masked), when the
+    raiser kept them apart from the message; ``sasl_status``: what an OAuth2 server said
+    about the token in its SASL error challenge (Gmail's XOAUTH2 answers base64 JSON such
+    as ``{"status":"401"}``, Dovecot's ``"invalid_token"``), ``None`` for a password login
+    or a server that said nothing; ``mechanism``: the SASL mechanism used (``None`` for
+    LOGIN). All are log-safe.
+    """
+
+    def __init__(
+        self,
+        *args: object,
+        kind: str | None = None,
+        server_text: str | None = None,
+        sasl_status: str | None = None,
+        mechanism: str | None = None,
+    ) -> None:
+        super().__init__(*args, kind=kind)
+        self.server_text = server_text
+        self.sasl_status = sasl_status
+        self.mechanism = mechanism
+
+
+class ConnectionLost(ImapError):
+    """The server closed the connection, said BYE, or stopped answering."""
+
+
+class SourceError(Exception):
+    """The connection list could not be read; the message is safe to log."""

@@ -1,0 +1,119 @@
+"""The seam between a session and its IMAP connection.
+
+:func:`trio_idle.mailbox.session.run_session` never opens a socket itself: it asks the
+:class:`ImapConnector` in its :class:`~trio_idle.mailbox.session.SessionEnv` for an
+:class:`ImapLink` and uses nothing else. The daemon's connector is
+:func:`trio_idle.imap.client.connect` (real TCP, TLS, aioimaplib); tests plug in
+:class:`trio_idle.testing.fake_imap.FakeImapServer`'s, which plays a script under trio's
+virtual clock.
+
+This module imports no I/O library: reading it (or implementing it) costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.imap.envelope import NewMail
+from trio_idle.imap.push_monitor import PushMonitor
+from trio_idle.imap.responses import MailboxState
+
+
+class ImapLink(Protocol):
+    """One connected, not yet authenticated IMAP connection, as a session drives it.
+
+    The contract every implementation keeps (the session relies on each point):
+
+    - every async method returns or raises an :class:`~trio_idle.core.errors.ImapError`
+      within the command timeout: a server that stops answering (a half-open
+      connection) fails the command with :class:`~trio_idle.core.errors.ConnectionLost`
+      naming it, e.g. ``no answer to NOOP within 30s``;
+    - every untagged line the server sends goes to :attr:`monitor`, whatever command is
+      in progress, so new mail between commands is counted, and a BYE or a lost
+      connection wakes :meth:`PushMonitor.wait`;
+    - after any exception, cancellation included, the link is unusable: the caller ends
+      it with :meth:`logout` (or :meth:`abort`);
+    - no method puts the password or the access token into a log line or an exception.
+    """
+
+    @property
+    def monitor(self) -> PushMonitor:
+        """Message count, BYE and loss of this connection (see :class:`PushMonitor`)."""
+        ...
+
+    @property
+    def has_idle(self) -> bool:
+        """Whether the server announced the IDLE capability (else the session polls)."""
+        ...
+
+    async def login(self, user: str, password: str) -> None:
+        """LOGIN; :class:`~trio_idle.core.errors.ImapAuthError` when the server rejects it."""
+        ...
+
+    async def authenticate_oauth2(self, user: str, token: str) -> None:
+        """SASL ``OAUTHBEARER`` (where offered) or ``XOAUTH2`` with an access token;
+        :class:`~trio_idle.core.errors.ImapAuthError` (its ``status`` from the server's error
+        challenge) when the server refuses the token. The token is never in an error."""
+        ...
+
+    async def select(self, mailbox: str) -> MailboxState:
+        """SELECT ``mailbox``; its EXISTS/UIDNEXT/UIDVALIDITY as the server reported them."""
+        ...
+
+    async def wait(self) -> None:
+        """Return once new mail, a BYE or the connection's loss is pending (at once if
+        already so), reading the connection meanwhile: while idling, the session waits
+        here. A checkpoint; cancellation loses nothing."""
+        ...
+
+    async def noop(self) -> None:
+        """NOOP (servers report new mail in its answer); for servers without IDLE."""
+        ...
+
+    async def idle_start(self) -> None:
+        """Send IDLE and return once the server confirmed it (``+ idling``)."""
+        ...
+
+    async def restart_idle(self, *, noop: bool) -> None:
+        """DONE, then NOOP if ``noop``, then IDLE again, all within one command timeout."""
+        ...
+
+    def begin_restart(self, *, noop: bool) -> int | None:
+        """DONE, NOOP if ``noop``, IDLE written now, answered as :meth:`wait` reads: for
+        the process ticker (another task). Synchronous, never raises; returns a number for
+        :meth:`check_restart` (due within the command timeout), or ``None`` when the
+        session must run :meth:`restart_idle` itself. An answer that is not OK ends the
+        connection: :meth:`wait` returns and :attr:`PushMonitor.failure` says why."""
+        ...
+
+    def check_restart(self, number: int) -> None:
+        """Restart ``number``'s answers are due: unanswered, the connection is dead
+        (``no answer to NOOP within 30s``), closed, and :meth:`wait` returns."""
+        ...
+
+    async def fetch_new(self, since_uid: int, limit: int) -> NewMail:
+        """The UIDs from ``since_uid`` on and (at most ``limit`` of them) their envelopes:
+        DONE if idling, ``UID SEARCH``, ``UID FETCH (UID ENVELOPE RFC822.SIZE)``, IDLE
+        again, all within one command timeout. Envelope text is never logged."""
+        ...
+
+    async def logout(self, limit: float) -> None:
+        """End the connection politely: LOGOUT, wait up to ``limit`` seconds for the
+        server to hang up, close. Never raises; call it shielded."""
+        ...
+
+    def abort(self) -> None:
+        """Close the connection now, without LOGOUT. Never raises, never blocks."""
+        ...
+
+
+class ImapConnector(Protocol):
+    """Opens the IMAP connection of one mailbox.
+
+    Returns a connected :class:`ImapLink` (greeting and capabilities read, TLS up as
+    configured) or raises :class:`~trio_idle.core.errors.ImapConnectError` with a one-line
+    diagnosis, within the connect timeout. Cancellation leaves no connection open.
+    """
+
+    async def __call__(self, conn: MailConnection) -> ImapLink: ...

@@ -1,0 +1,151 @@
+"""Turns every untagged line a server sends into the few facts a session acts on.
+
+It sits inside the asyncio protocol's parser callback, so it must be cheap and never
+block: a keepalive (``* OK Still here``) only updates :attr:`PushMonitor.last_activity`
+and wakes nobody; only new mail, BYE and a lost connection wake the session task.
+Because it sees *every* untagged line (during IDLE, in NOOP/SELECT responses and
+between commands), an EXISTS that arrives between DONE and the next IDLE is not lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import trio
+
+from trio_idle.core.errors import ImapError
+from trio_idle.imap.responses import PushKind, classify_push
+
+
+class PushMonitor:
+    """Per-connection message-count tracker and wake-up flag. Not thread-safe (trio thread)."""
+
+    __slots__ = (
+        "_cancel_on_loss",
+        "_wakeup",
+        "bye",
+        "exists",
+        "failure",
+        "last_activity",
+        "lost",
+        "new_mail",
+        "tick_mail",
+        "ticking",
+    )
+
+    def __init__(self) -> None:
+        #: message count as the server last reported it (None until SELECT says)
+        self.exists: int | None = None
+        #: messages announced since the session last called :meth:`take_new_mail`
+        self.new_mail = 0
+        self.bye: bytes | None = None
+        self.lost: str | None = None
+        #: the error that ended the connection, when it is more precise than ``lost``
+        #: (a tick's command unanswered or refused): the session raises this one
+        self.failure: ImapError | None = None
+        #: a tick's NOOP is on its way: new mail counted meanwhile was found by the tick
+        self.ticking = False
+        #: of :attr:`new_mail`, what arrived while :attr:`ticking`
+        self.tick_mail = 0
+        self.last_activity = trio.current_time()
+        self._wakeup = trio.Event()
+        self._cancel_on_loss: set[trio.CancelScope] = set()
+
+    # -- called from the protocol (asyncio side, same thread) -------------------------
+
+    def untagged(self, line: bytes) -> None:
+        kind, number = classify_push(line)
+        if kind is PushKind.OTHER:
+            return
+        if kind is PushKind.EXISTS:
+            assert number is not None
+            if self.exists is not None and number > self.exists:
+                self.new_mail += number - self.exists
+                if self.ticking:
+                    self.tick_mail += number - self.exists
+                self._wakeup.set()
+            self.exists = number
+        elif kind is PushKind.EXPUNGE:
+            if self.exists:
+                self.exists -= 1
+        else:
+            self.bye = line[:200]
+            self._wakeup.set()
+
+    def activity(self) -> None:
+        self.last_activity = trio.current_time()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.lost is None:  # closed because of mark_dead: that reason stands
+            self.lost = f"{type(exc).__name__}: {exc}" if exc else "closed by server"
+        self._wakeup.set()
+        for scope in self._cancel_on_loss:
+            scope.cancel()
+
+    # -- called from the session task (trio side) -------------------------------------
+
+    def mark_dead(self, reason: str) -> None:
+        """The session gave up on this connection (e.g. a command timed out)."""
+        if self.lost is None:
+            self.lost = reason
+            self._wakeup.set()
+
+    def fail(self, error: ImapError) -> None:
+        """The connection is unusable because of ``error`` (raised by the session as is);
+        wakes :meth:`wait`. A connection already lost keeps its first reason."""
+        if self.lost is None:
+            self.lost = str(error)
+            self.failure = error
+            self._wakeup.set()
+
+    def take_new_mail(self) -> int:
+        count, self.new_mail = self.new_mail, 0
+        return count
+
+    def take_tick_mail(self) -> int:
+        """How much of the mail last taken arrived during a tick (then reset)."""
+        count, self.tick_mail = self.tick_mail, 0
+        return count
+
+    def pending(self) -> bool:
+        """Whether new mail, a BYE or the connection's loss waits to be acted on."""
+        return bool(self.new_mail) or self.bye is not None or self.lost is not None
+
+    def problem(self) -> str | None:
+        """Why this connection is unusable, or None while it is healthy."""
+        if self.lost is not None:
+            return f"connection lost ({self.lost})"
+        if self.bye is not None:
+            return f"server said {self.bye.decode('ascii', 'replace').lstrip('* ')!r}"
+        return None
+
+    async def wait(self) -> None:
+        """Return once new mail, BYE or loss is pending (at once if already so).
+
+        Always a checkpoint, like trio's own waits: a cancelled caller gets
+        ``trio.Cancelled`` even when something is pending, and a session woken in a
+        loop still lets other tasks run. Changes no state, so cancellation loses nothing.
+        """
+        if self.pending():
+            await trio.lowlevel.checkpoint()
+            return
+        if self._wakeup.is_set():
+            self._wakeup = trio.Event()
+        await self._wakeup.wait()
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope that is cancelled if the connection is lost while it is active.
+
+        Use around a command wait, so a dead connection fails the command at once
+        instead of at its deadline; check ``scope.cancelled_caught`` afterwards.
+        """
+        with trio.CancelScope() as scope:
+            if self.lost is not None:
+                scope.cancel()
+            self._cancel_on_loss.add(scope)
+            try:
+                yield scope
+            finally:
+                self._cancel_on_loss.discard(scope)

@@ -1,0 +1,258 @@
+"""Account health reports to the backend: a reporter task per connection while a report
+is due (or debounced), none otherwise.
+
+Contract (docs/backend-contract.md): ``POST {BACKEND_URL}{status_path}`` with the same
+headers as a scan (secret header, ``user-agent``, optional ``x-signature``) and the JSON
+body of :func:`report_body`. A 2xx ends a report; 5xx, 429 (``Retry-After`` honoured),
+timeouts and refused connections are retried with the scans' backoff; any other answer
+is logged as an error and the report is not sent again (a backend without the endpoint
+answers 404: the daemon keeps working, the log says why).
+
+Guarantees:
+- never more than one report in flight per connection (one task sends them in turn);
+- the newest state wins: a change that arrives while a report waits for its retry
+  replaces it, and the next attempt carries the newest state; an older state is never
+  sent after a newer one;
+- the session is never slowed: it hands outcomes to :meth:`AccountHealth.observe`, which
+  is synchronous and never blocks; only this task waits for the backend;
+- cancellation (the connection is removed or restarted, shutdown) abandons the report in
+  flight; a restarted connection keeps its :class:`AccountHealth`, so what was already
+  reported is not reported again.
+
+Task tree: the reporter runs in the connection's nursery next to the session
+(:mod:`trio_idle.mailbox.reconcile`), started by :meth:`AccountHealth.observe` through the starter
+the connection attached (:meth:`AccountHealth.attach`) when an outcome makes a report due
+or debounced, and ending (:func:`run_health_reports`) when nothing is left to report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import attrs
+import trio
+
+from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
+from trio_idle.accounts.providers import Preset, connection_preset
+from trio_idle.backend.webhook import Verdict, WebhookClient
+from trio_idle.core.backoff import BackoffPolicy
+from trio_idle.core.logs import human_duration, prefix
+from trio_idle.core.stats import Stats
+from trio_idle.mailbox.account_health import Health, HealthTracker, Report, classify
+from trio_idle.mailbox.scan_worker import SCAN_RETRY_JITTER
+
+T = TypeVar("T")
+
+
+class LatestValue(Generic[T]):
+    """A trio-friendly cell holding only the newest value: :meth:`set` never blocks and
+    overwrites; a reader waits for a value newer than the version it has seen.
+
+    Cancellation of :meth:`wait_newer` loses nothing: the value stays in the cell."""
+
+    __slots__ = ("_changed", "_value", "version")
+
+    def __init__(self, value: T) -> None:
+        self._value = value
+        self.version = 0
+        # made by the first waiter (a reporter), so an idle connection holds no Event
+        self._changed: trio.Event | None = None
+
+    def get(self) -> T:
+        return self._value
+
+    def set(self, value: T) -> None:
+        self._value = value
+        self.version += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_newer(self, seen: int, deadline: float = math.inf) -> int:
+        """Wait until :attr:`version` exceeds ``seen`` or ``deadline`` (trio time) passes;
+        return the version then."""
+        with trio.move_on_at(deadline):
+            while self.version <= seen:
+                if self._changed is None:
+                    self._changed = trio.Event()
+                await self._changed.wait()
+        return self.version
+
+
+class AccountHealth:
+    """One connection's health: the classifier and state machine behind the session's
+    hook (:meth:`observe`), the cell its reporter waits on, and the starter of that
+    reporter (:meth:`attach`)."""
+
+    __slots__ = ("_running", "_start", "cell", "conn", "preset", "tracker")
+
+    def __init__(self, conn: MailConnection, unreachable_after: float) -> None:
+        self.tracker = HealthTracker(unreachable_after)
+        self.cell: LatestValue[Health | None] = LatestValue(None)
+        self.conn = conn
+        self.preset: Preset = connection_preset(conn.provider, conn.email, conn.host)
+        self._start: Callable[[], None] | None = None
+        self._running = False
+
+    def attach(self, start: Callable[[], None]) -> None:
+        """From now on an outcome that leaves a report due or debounced, with no reporter
+        running, calls ``start()``, which must start (never await) a task running
+        :func:`run_health_reports`. Called at once if a report waits already (one a
+        cancelled reporter did not get delivered)."""
+        self._start = start
+        self._kick()
+
+    def detach(self) -> None:
+        """No more reporters are started (the connection's nursery is closing)."""
+        self._start = None
+
+    def wanted(self) -> bool:
+        """A report is due now or waits for its debounce (pure)."""
+        t = self.tracker
+        return t.due(trio.current_time()) is not None or t.next_due() is not None
+
+    def reporter_ended(self) -> None:
+        """The started reporter ended (nothing left, or cancelled)."""
+        self._running = False
+
+    def _kick(self) -> None:
+        if self._start is not None and not self._running and self.wanted():
+            self._running = True
+            self._start()
+
+    def rebind(self, conn: MailConnection) -> None:
+        """The connection's row changed (credentials, host): classify with the new one."""
+        self.conn = conn
+        self.preset = connection_preset(conn.provider, conn.email, conn.host)
+
+    def observe(self, outcome: object) -> None:
+        """A session outcome (see :func:`trio_idle.mailbox.account_health.classify`). Never blocks,
+        never raises for an outcome it cannot judge."""
+        conn = self.conn
+        health = classify(
+            outcome,
+            self.preset,
+            oauth=conn.auth == AUTH_OAUTH2,
+            scrub=conn.scrubber().scrub,
+        )
+        if health is None:
+            return
+        self.tracker.observe(health, trio.current_time(), time.time())
+        self.cell.set(health)
+        self._kick()
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """For ``/status``: the current classification, since when, and what the backend
+        was last told (``None`` before the first outcome)."""
+        t = self.tracker
+        if t.current is None:
+            return None
+        return {
+            "state": t.current.state,
+            "reason": t.current.reason,
+            "message": t.current.message,
+            "since": iso_time(t.since_wall),
+            "attempts": t.attempts,
+            "reported": None if t.reported is None else t.reported.state,
+        }
+
+
+def iso_time(unix: float) -> str:
+    """``2026-12-01T22:06:25.123Z``."""
+    when = datetime.datetime.fromtimestamp(unix, datetime.UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def report_body(conn: MailConnection, report: Report) -> bytes:
+    """The JSON body of one report (pure)."""
+    h = report.health
+    return json.dumps(
+        {
+            "connectionId": conn.id,
+            "userId": conn.user_id,
+            "email": conn.email,
+            "state": h.state,
+            "reason": h.reason,
+            "message": h.message,
+            "since": iso_time(report.since),
+            "attempts": report.attempts,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+@attrs.frozen
+class StatusPolicy:
+    url: str
+    retry_initial: float
+    retry_max: float
+
+
+async def run_health_reports(
+    health: AccountHealth,
+    webhook: WebhookClient,
+    policy: StatusPolicy,
+    stats: Stats,
+    log: Any,
+    rng: random.Random,
+) -> None:
+    """The reporter :meth:`AccountHealth.attach`'s starter starts: report ``health``'s
+    changes (see the module docstring) while a report is due or debounced, then return
+    (and call :meth:`AccountHealth.reporter_ended` however it ends). Cancellation ends it
+    at any point; an undelivered report stays due for the next one."""
+    try:
+        retry = BackoffPolicy(policy.retry_initial, policy.retry_max, jitter=SCAN_RETRY_JITTER)
+        tracker, cell = health.tracker, health.cell
+        seen = cell.version
+        failures = 0
+        while True:
+            report = tracker.due(trio.current_time())
+            if report is None:
+                wake = tracker.next_due()
+                if wake is None:
+                    return  # no checkpoint since the check: a new outcome starts a new one
+                seen = await cell.wait_newer(seen, wake)
+                continue
+            seen = cell.version  # the report reflects every observation up to here
+            conn = health.conn
+            where = prefix(conn.email)
+            what = f"{report.health.state}/{report.health.reason or '-'}"
+            body = report_body(conn, report)
+            reply = await webhook.post(policy.url, body, webhook.signed_headers(body))
+            if reply.verdict is Verdict.OK:
+                failures = 0
+                tracker.delivered(report)
+                stats.inc("health_reports", "ok")
+                log.info(f"{where} account health reported: {what}")
+                continue
+            label = str(reply.status) if reply.status is not None else "network"
+            if reply.verdict is Verdict.REJECT:
+                failures = 0
+                tracker.delivered(report)  # not sent again: retrying would not help
+                stats.inc("health_reports", label)
+                log.error(f"{where} account health report ({what}) rejected: {reply.detail}")
+                continue
+            failures += 1
+            stats.inc("health_reports", "retried")
+            delay = retry.delay(failures, rng, hint=reply.retry_after)
+            log.warning(
+                f"{where} account health report ({what}) failed: {reply.detail}; retrying in "
+                f"{human_duration(delay)} unless the state changes first"
+            )
+            # A change of state meanwhile ends the wait: the next attempt carries the newest
+            # state. More outcomes of the same state (reconnects failing) do not: they would
+            # hammer a backend that is failing already.
+            deadline = trio.current_time() + delay
+            while trio.current_time() < deadline:
+                seen = await cell.wait_newer(seen, deadline)
+                newer = tracker.due(trio.current_time())
+                if newer is None or newer.health.key != report.health.key:
+                    break
+    finally:
+        health.reporter_ended()

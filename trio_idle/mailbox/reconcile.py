@@ -1,0 +1,312 @@
+"""Keeping the running sessions equal to the connection list.
+
+:func:`diff` is the pure decision; :class:`Reconciler` applies it. Task tree::
+
+    root nursery (daemon)
+    └── connection task  (one per connection id, started by the reconciler)
+        └── CancelScope  ← cancelled to remove or restart this connection only
+            └── child nursery
+                ├── IMAP session (connect / IDLE / reconnect loop)
+                ├── scan task (webhook, retries): only while a scan is pending
+                │   (started by the coalescer, ends when none is left)
+                └── health reporter (account health to the backend; unless switched off):
+                    only while a report is due or debounced
+
+Cancelling a connection's scope ends its whole subtree: the session LOGOUTs under a
+short shielded deadline, an in-flight scan request is abandoned. A restarted connection
+(changed host, port, login or password) waits for its predecessor to finish first, so
+one mailbox never holds two IMAP connections (Gmail allows 15 per account).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+import attrs
+import trio
+
+from trio_idle.accounts.connections import MailConnection
+from trio_idle.backend.webhook import WebhookClient
+from trio_idle.core.logs import log_internal_error, prefix, session_logger
+from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
+from trio_idle.imap.responses import MailboxState
+from trio_idle.mailbox.coalescer import ScanCoalescer
+from trio_idle.mailbox.health_reporter import AccountHealth, StatusPolicy, run_health_reports
+from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy, run_scans
+from trio_idle.mailbox.session import ConnectionMemory, SessionEnv, run_session
+from trio_idle.state.store import StateStore
+
+
+@attrs.frozen
+class Diff:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+
+def diff(running: Mapping[str, MailConnection], wanted: Mapping[str, MailConnection]) -> Diff:
+    """Which ids to start, stop and restart. Pure; ids sorted for stable logs."""
+    added = sorted(wanted.keys() - running.keys())
+    removed = sorted(running.keys() - wanted.keys())
+    # identity first: an unchanged row gives the very object that runs (ConnectionListBuilder),
+    # and comparing 10,000 connections field by field is milliseconds of loop time
+    changed = sorted(
+        i
+        for i in wanted.keys() & running.keys()
+        if wanted[i] is not running[i] and wanted[i] != running[i]
+    )
+    return Diff(tuple(added), tuple(removed), tuple(changed))
+
+
+@attrs.define
+class Handle:
+    """A running connection: its spec, the scope that owns its subtree, its state."""
+
+    conn: MailConnection
+    scope: trio.CancelScope
+    memory: ConnectionMemory
+    coalescer: ScanCoalescer
+    health: AccountHealth
+    finished: trio.Event = attrs.field(factory=trio.Event)
+
+
+#: new connections :meth:`Reconciler.apply_gradually` starts between two checkpoints
+#: (≈ 10–20 ms of loop time for the starts and their first steps)
+START_STEP: Final = 200
+
+
+class Reconciler:
+    """Starts, stops and restarts connection subtrees in a nursery it does not own."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        env: SessionEnv,
+        webhook: WebhookClient,
+    ) -> None:
+        self._nursery = nursery
+        self._env = env
+        self._webhook = webhook
+        self.handles: dict[str, Handle] = {}
+        #: stop_all was called: nothing starts any more
+        self._stopped = False
+        s = env.settings
+        self._policy = ScanPolicy(
+            s.imap.mailbox, s.webhook.scan_retry_initial, s.webhook.scan_retry_max
+        )
+        self._status_policy: StatusPolicy | None = None
+        if s.account_health.connection_status:
+            self._status_policy = StatusPolicy(
+                s.webhook.backend_url + s.account_health.status_path,
+                s.webhook.scan_retry_initial,
+                s.webhook.scan_retry_max,
+            )
+
+    @property
+    def store(self) -> StateStore | None:
+        return self._env.store
+
+    @property
+    def running(self) -> dict[str, MailConnection]:
+        return {i: h.conn for i, h in self.handles.items()}
+
+    def apply(self, wanted: Mapping[str, MailConnection]) -> Diff:
+        """Bring the running set in line with ``wanted``. Synchronous: never blocks."""
+        d = self._stop_and_restart(wanted)
+        for conn_id in d.added:
+            self._start(wanted[conn_id], predecessor=None)
+        return d
+
+    async def apply_gradually(
+        self, wanted: Mapping[str, MailConnection], step: int = START_STEP
+    ) -> Diff:
+        """:meth:`apply`, but new connections are started ``step`` at a time with a
+        checkpoint between: starting 10,000 sessions in one synchronous call (and running
+        their first steps in one scheduler batch) stopped the loop for 0.3–0.4 s. Removed
+        and changed connections are handled at once, as by :meth:`apply`.
+
+        Only one caller may apply at a time (the refresh loop); :meth:`stop_all` meanwhile
+        ends it (nothing more is started). Cancelled, the connections not started yet are
+        started by the next call. Returns the whole diff.
+        """
+        d = self._stop_and_restart(wanted)
+        await self.start_gradually(d.added, wanted.get, step)
+        return d
+
+    async def start_gradually(
+        self,
+        ids: Iterable[str],
+        current: Callable[[str], MailConnection | None],
+        step: int = START_STEP,
+    ) -> list[str]:
+        """Start the connections ``ids`` names that do not run yet, ``step`` at a time
+        with a checkpoint between (see :meth:`apply_gradually`).
+
+        Each one is looked up with ``current`` right before it would start, so what
+        changed during an earlier step counts: ``None`` (not wanted any more) skips it,
+        one running by then is not started again, and the connection ``current`` returns
+        then is the one started. Nothing starts after :meth:`stop_all`. Cancelled, it
+        starts nothing more. Returns the ids it started, in order.
+
+        One starter at a time: the refresh loop (through :meth:`apply_gradually`), or in
+        shared mode the share starter; a synchronous :meth:`apply` that only stops (the
+        membership's reshare) may run between two steps.
+        """
+        started: list[str] = []
+        since_checkpoint = 0
+        for conn_id in ids:
+            if since_checkpoint == step:
+                # the new sessions take their first step, and I/O is served
+                await trio.lowlevel.checkpoint()
+                since_checkpoint = 0
+            if self._stopped:
+                break
+            conn = current(conn_id)
+            if conn is None or conn_id in self.handles:
+                continue
+            self._start(conn, predecessor=None)
+            started.append(conn_id)
+            since_checkpoint += 1
+        return started
+
+    def _stop_and_restart(self, wanted: Mapping[str, MailConnection]) -> Diff:
+        d = diff(self.running, wanted)
+        for conn_id in d.removed:
+            self.handles.pop(conn_id).scope.cancel()
+        for conn_id in d.changed:
+            old = self.handles.pop(conn_id)
+            old.scope.cancel()
+            self._start(wanted[conn_id], predecessor=old)
+        return d
+
+    def stop_all(self) -> None:
+        self._stopped = True
+        for handle in self.handles.values():
+            handle.scope.cancel()
+        self.handles.clear()
+
+    def _start(self, conn: MailConnection, predecessor: Handle | None) -> None:
+        memory = predecessor.memory if predecessor else ConnectionMemory()
+        # a credentials restart keeps the pending scan: mail announced must still be scanned
+        coalescer = predecessor.coalescer if predecessor else ScanCoalescer()
+        # ... and its health: what the backend was told is not told again
+        if predecessor is not None:
+            health = predecessor.health
+        else:
+            health = AccountHealth(conn, self._env.settings.account_health.unreachable_after)
+            memory.on_outcome = health.observe
+        handle = Handle(conn, trio.CancelScope(), memory, coalescer, health)
+        self.handles[conn.id] = handle
+        self._nursery.start_soon(self._run, handle, predecessor, name=f"conn:{conn.id}")
+
+    async def _run(self, handle: Handle, predecessor: Handle | None) -> None:
+        conn = handle.conn
+        log = session_logger(conn.email, conn.id)
+        try:
+            with handle.scope:
+                if predecessor is not None:
+                    await predecessor.finished.wait()
+                    # only now: the old session's outcomes are scrubbed of the old password
+                    handle.health.rebind(conn)
+                async with trio.open_nursery() as nursery:
+                    handle.coalescer.attach(
+                        functools.partial(self._start_scans, nursery, handle, log)
+                    )
+                    if self._status_policy is not None:
+                        handle.health.attach(
+                            functools.partial(self._start_reports, nursery, handle, log)
+                        )
+                    try:
+                        await run_session(conn, self._env, handle.coalescer, handle.memory, log)
+                    finally:
+                        handle.coalescer.detach()
+                        handle.health.detach()
+        except Exception as exc:  # belt and braces: one connection never takes down the rest
+            self._env.stats.inc("internal_errors")
+            log_internal_error(
+                log, f"{prefix(conn.email)} connection task crashed:", exc, conn.scrubber()
+            )
+            if self.handles.get(conn.id) is handle:
+                del self.handles[conn.id]  # the next refresh starts it again
+        finally:
+            handle.finished.set()
+
+    def _start_scans(self, nursery: trio.Nursery, handle: Handle, log: Any) -> None:
+        """The coalescer's starter: a scan task only while scans are pending."""
+        nursery.start_soon(
+            run_scans,
+            handle.conn,
+            handle.coalescer,
+            self._webhook,
+            self._policy,
+            self._env.stats,
+            log,
+            self._env.rng,
+            self._hooks(handle),
+            name=f"scan:{handle.conn.id}",
+        )
+
+    def _start_reports(self, nursery: trio.Nursery, handle: Handle, log: Any) -> None:
+        """The account health's starter: a reporter only while a report is due."""
+        assert self._status_policy is not None  # attached only with reports switched on
+        nursery.start_soon(
+            run_health_reports,
+            handle.health,
+            self._webhook,
+            self._status_policy,
+            self._env.stats,
+            log,
+            self._env.rng,  # one per process: it only spreads retries
+            name=f"health:{handle.conn.id}",
+        )
+
+    def _hooks(self, handle: Handle) -> ScanHooks:
+        store, mailbox, conn_id = self._env.store, self._policy.mailbox, handle.conn.id
+        memory = handle.memory
+        s = self._env.settings
+
+        def on_success(covered: MailboxState) -> None:
+            # only a 2xx advances the accepted mark, here and across restarts (the
+            # store's "scanned up to" is the persisted mark)
+            memory.accepted(covered)
+            if store is not None:
+                store.record(conn_id, mailbox, covered.uidvalidity, covered.uidnext)
+
+        async def new_mail(since_uid: int) -> NewMail | None:
+            # the session's fetch has its own command deadline; this bounds the wait for it
+            with trio.move_on_after(2 * s.timers.command_timeout):
+                return await memory.desk.ask(since_uid, MAX_ENVELOPES)
+            return None
+
+        return ScanHooks(
+            pacer=self._env.catchup_pacer,
+            covered=lambda: memory.mailbox,
+            on_success=on_success,
+            range_for=memory.scan_range,
+            new_mail=new_mail if s.webhook.scan_envelopes else None,
+        )
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per-connection detail for ``/status`` (no secrets)."""
+        out = []
+        for conn_id, h in sorted(self.handles.items()):
+            out.append(
+                {
+                    "id": conn_id,
+                    "email": h.conn.email,
+                    "host": f"{h.conn.host}:{h.conn.port}",
+                    "state": h.memory.state,
+                    "last_error": h.memory.last_error,
+                    "health": h.health.snapshot(),
+                    "sessions": h.memory.sessions,
+                    "scan_active": h.coalescer.active,
+                    "scan_pending": bool(h.coalescer.pending),
+                }
+            )
+        return out

@@ -1,0 +1,217 @@
+"""One task keeps every session's tick and IDLE renewal on time.
+
+A session that waited for its own tick would wake twice for it: once when its deadline
+cancels its read (a ``Cancelled`` raised through the read, the scopes closed and opened
+again), once for the server's answers. At 10,000 sessions with the 2-minute tick that is
+most of the daemon's idle CPU. Instead the :class:`Ticker` — one task for the process —
+holds when each session is due, and when one is, writes its ``DONE``/``NOOP``/``IDLE`` on
+the connection at once (:meth:`~trio_idle.imap.connector.ImapLink.begin_restart`,
+synchronous): the session task, still reading, wakes once, for the answers. The ticker
+then checks, by the command timeout, that the answers came
+(:meth:`~trio_idle.imap.connector.ImapLink.check_restart`): a half-open connection is
+found exactly as before, with the same error (``no answer to NOOP within 30s``).
+
+Guarantees: callbacks run in the ticker's task, in due order, never before their time
+and late by at most :data:`GRANULARITY` plus the loop's own delay; a callback must be
+synchronous and cheap (it only writes). One that raises is logged and counted
+(``internal_errors``), never ends the ticker, and the others still run. The ticker runs
+until cancelled (its owner's scope: the daemon's root nursery, cancelled at shutdown);
+entries of ended sessions are dropped when they come due (each session's
+:class:`IdleTimers` is told it ended).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from typing import Any, Final
+
+import trio
+
+from trio_idle.core.logs import log_internal_error
+from trio_idle.core.scrub import PLAIN
+from trio_idle.core.stats import Stats
+from trio_idle.imap.connector import ImapLink
+
+#: due times are rounded up to this (seconds), so due sessions are handled in batches:
+#: ticks are jittered over minutes, a few milliseconds late costs nothing
+GRANULARITY: Final = 0.02
+#: callbacks run per batch before the ticker lets other tasks run
+BATCH: Final = 500
+
+
+class Ticker:
+    """Calls synchronous callbacks at their due time, from one task (see module doc)."""
+
+    __slots__ = ("_heap", "_log", "_scope", "_seq", "_stats")
+
+    def __init__(self, stats: Stats | None = None, log: Any = None) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = 0
+        self._scope: trio.CancelScope | None = None
+        self._stats = stats
+        self._log = log
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` in the ticker's task at ``when`` (trio's clock) or soon after.
+        Synchronous; never blocks."""
+        when = math.ceil(when / GRANULARITY) * GRANULARITY
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, callback))
+        scope = self._scope
+        if scope is not None and when < scope.deadline:
+            scope.deadline = when
+
+    async def run(self) -> None:
+        """Run callbacks as they come due, until cancelled."""
+        heap = self._heap
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+                self._scope = scope
+                await trio.sleep_forever()
+            self._scope = None
+            now = trio.current_time()
+            ran = 0
+            while heap and heap[0][0] <= now:
+                _, _, callback = heapq.heappop(heap)
+                try:
+                    callback()
+                except Exception as exc:  # one session's bug must not stop every tick
+                    if self._stats is not None:
+                        self._stats.inc("internal_errors")
+                    if self._log is not None:
+                        log_internal_error(self._log, "[idle/ticker]", exc, PLAIN)
+                ran += 1
+                if ran >= BATCH:
+                    ran = 0
+                    await trio.lowlevel.checkpoint()
+                    now = trio.current_time()
+
+
+class IdleTimers:
+    """When one IDLE session next ticks (NOOP) and renews its IDLE, and — with a
+    :class:`Ticker` — the ticker's side of it: at the due time :meth:`due` writes the
+    restart on the link (:meth:`ImapLink.begin_restart`) and schedules its check, or,
+    when the link cannot take it now, cancels the session's wait (:attr:`wake`) so the
+    session runs it itself and then calls :meth:`restarted`.
+
+    The session owns it: it sets :attr:`wake` around its wait and calls :meth:`ended`
+    when its connection ends (entries still in the ticker then do nothing).
+    """
+
+    __slots__ = (
+        "_generation",
+        "_link",
+        "_log",
+        "_stats",
+        "_ticker",
+        "next_tick",
+        "renew_at",
+        "renew_interval",
+        "renew_line",
+        "tick_interval",
+        "timeout",
+        "wake",
+    )
+
+    def __init__(
+        self,
+        link: ImapLink,
+        ticker: Ticker | None,
+        *,
+        next_tick: float,
+        renew_at: float,
+        tick_interval: float,
+        renew_interval: float,
+        timeout: float,
+        log: Any,
+        renew_line: str,
+        stats: Stats,
+    ) -> None:
+        self._link: ImapLink | None = link
+        self._stats = stats
+        self._ticker = ticker
+        self._generation = 0
+        self._log = log
+        self.next_tick = next_tick
+        self.renew_at = renew_at
+        self.tick_interval = tick_interval
+        self.renew_interval = renew_interval
+        self.timeout = timeout
+        #: the log line of a renewal (``[idle/<email>] idle renewing (25min threshold)``)
+        self.renew_line = renew_line
+        #: the scope of the session's wait while it waits; cancelled to hand it a restart
+        self.wake: trio.CancelScope | None = None
+
+    @property
+    def passive(self) -> bool:
+        """Whether a ticker writes the restarts (else the session's wait has a deadline)."""
+        return self._ticker is not None
+
+    @property
+    def due_at(self) -> float:
+        return min(self.next_tick, self.renew_at)
+
+    def start(self) -> None:
+        """Schedule the first restart (with a ticker; no-op without)."""
+        self._schedule()
+
+    def take_due(self, now: float) -> bool:
+        """Whether the restart due at ``now`` is a tick (it writes ``NOOP``); moves the
+        timers of what is due past ``now`` and logs a renewal. For whoever performs the
+        restart (ticker or session): a renewal asks nothing more of it than a restart."""
+        tick = now >= self.next_tick
+        if now >= self.renew_at:
+            self._log.info(self.renew_line)
+            self.renew_at = now + self.renew_interval
+        if tick:
+            self.next_tick = now + self.tick_interval
+        return tick
+
+    def restarted(self) -> None:
+        """The session ran a restart itself: schedule the next one."""
+        self._stats.inc("idle_restarts", "session")
+        self._schedule()
+
+    def ended(self) -> None:
+        """The connection ended: nothing scheduled for it runs any more."""
+        self._link = None
+        self._generation += 1
+        self.wake = None
+
+    def _schedule(self) -> None:
+        ticker = self._ticker
+        if ticker is None or self._link is None:
+            return
+        self._generation += 1
+        generation = self._generation
+        ticker.call_at(self.due_at, lambda: self._due(generation))
+
+    def _due(self, generation: int) -> None:
+        link = self._link
+        if link is None or generation != self._generation:
+            return  # ended, or rescheduled since
+        now = trio.current_time()
+        if now < self.due_at:
+            self._schedule()
+            return
+        number = link.begin_restart(noop=now >= self.next_tick)
+        if number is None:
+            # the session does it (it may be busy, e.g. fetching for a scan: then it
+            # finds the restart due when it is done)
+            if self.wake is not None:
+                self.wake.cancel()
+            return
+        assert self._ticker is not None
+        self._stats.inc("idle_restarts", "ticker")
+        self.take_due(now)
+        self._ticker.call_at(now + self.timeout, lambda: self._check(link, number))
+        self._schedule()
+
+    def _check(self, link: ImapLink, number: int) -> None:
+        if self._link is link:
+            link.check_restart(number)

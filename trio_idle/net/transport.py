@@ -1,0 +1,235 @@
+"""One IMAP connection's socket, with or without TLS, read and written from trio.
+
+(The backend clients' HTTP transport, :mod:`trio_idle.backend.http_transport`, uses it too: the
+same socket handling for both kinds of outgoing connection.)
+
+This replaces the asyncio transport (and trio-asyncio's reader task per socket) under
+aioimaplib's parser: the session task that waits for the server reads the socket itself
+(:meth:`ImapTransport.receive`), so a keepalive line costs one task wake-up and no
+trip through the asyncio bridge, and :meth:`ImapTransport.write` is synchronous, as the
+parser's callbacks need it (aioimaplib writes from inside ``data_received``).
+
+TLS is an :class:`ssl.SSLObject` over two memory BIOs, the way asyncio and trio both do
+it, with the socket read in chunks of :data:`RECV_SIZE` (asyncio gave every TLS
+connection a 256 KiB read buffer; here nothing is kept between reads but what OpenSSL
+keeps). The certificate is verified against the name the user typed.
+
+Guarantees: :meth:`write` never blocks and never raises; bytes the kernel does not take
+at once wait (at most :data:`MAX_UNSENT`) until the next :meth:`receive` or
+:meth:`flush`, which sends them first. A failed write or an overfull queue closes the
+connection, and the next :meth:`receive` reports it. :meth:`close` is synchronous,
+idempotent and wakes a task blocked in :meth:`receive` (with
+:class:`trio.ClosedResourceError`). Not safe for two tasks receiving at once: one
+session task owns a connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from typing import Any, Final
+
+import trio
+
+#: bytes asked of the kernel per read: keepalives and IDLE lines are tens of bytes, and a
+#: larger answer only takes more reads (OpenSSL reassembles TLS records across them)
+RECV_SIZE: Final = 16 * 1024
+#: plaintext handed out per TLS read (one record at most)
+_TLS_CHUNK: Final = 16 * 1024
+#: written but not yet accepted by the kernel: IMAP commands are lines; a server that
+#: stops reading while we have this much to send is not a server we can use
+MAX_UNSENT: Final = 256 * 1024
+
+
+class TransportClosed(Exception):
+    """The connection is closed, by us or the server (``str()`` says which)."""
+
+
+class ImapTransport:
+    """The asyncio-transport subset aioimaplib uses, plus trio reads (see module doc)."""
+
+    __slots__ = ("_closed", "_error", "_incoming", "_outgoing", "_sock", "_tls", "_unsent")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._tls: ssl.SSLObject | None = None
+        self._incoming: ssl.MemoryBIO | None = None
+        self._outgoing: ssl.MemoryBIO | None = None
+        self._unsent = b""
+        self._closed = False
+        #: why the connection failed on our side (a write), reported by the next receive
+        self._error: BaseException | None = None
+
+    # -- what aioimaplib calls ---------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._closed or not data:
+            return
+        tls = self._tls
+        if tls is not None:
+            try:
+                tls.write(data)
+            except ssl.SSLError as exc:  # e.g. a renegotiation asked for mid-write
+                self._fail(exc)
+                return
+            assert self._outgoing is not None
+            data = self._outgoing.read()
+        self._send(data)
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(RuntimeError):  # not inside trio (the interpreter exiting)
+            trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        if name == "ssl_object":
+            return self._tls
+        return default
+
+    # -- what the connection calls -----------------------------------------------------
+
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
+
+    async def receive(self) -> bytes:
+        """The next bytes from the server (decrypted); ``b""`` once it has closed.
+
+        Sends what is still queued first. Raises :class:`OSError` / :class:`ssl.SSLError`
+        on a broken connection, :class:`TransportClosed` once closed, and
+        :class:`trio.ClosedResourceError` if :meth:`close` is called meanwhile.
+        Cancellation loses no byte: a read happens only after the wait.
+        """
+        while True:
+            if self._unsent:
+                await self.flush()
+            data = await self._recv()
+            tls = self._tls
+            if tls is None:
+                return data
+            assert self._incoming is not None
+            if data:
+                self._incoming.write(data)
+            else:
+                self._incoming.write_eof()
+            plain = self._decrypt(tls)
+            if self._outgoing is not None and self._outgoing.pending:
+                self._send(self._outgoing.read())  # e.g. an answer to a key update
+            if plain is not None:
+                return plain
+            # a record split across reads, or a TLS 1.3 session ticket: read on
+
+    async def flush(self) -> None:
+        """Wait until the kernel has taken every queued byte."""
+        while self._unsent:
+            self._raise_if_closed()
+            await trio.lowlevel.wait_writable(self._sock)
+            self._send(b"")
+
+    async def start_tls(
+        self, context: ssl.SSLContext, server_hostname: str, *, buffered: bytes = b""
+    ) -> None:
+        """Handshake on this socket (implicit TLS, or after STARTTLS); verify the server.
+
+        Raises :class:`ssl.SSLError` (:class:`ssl.SSLCertVerificationError` for an
+        untrusted certificate) or :class:`OSError`; the caller's deadline bounds it.
+        """
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(
+            incoming, outgoing, server_side=False, server_hostname=server_hostname
+        )
+        if buffered:
+            incoming.write(buffered)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            if outgoing.pending:
+                self._send(outgoing.read())
+            await self.flush()
+            data = await self._recv()
+            if not data:
+                raise ConnectionResetError("server closed the connection during the TLS handshake")
+            incoming.write(data)
+        if outgoing.pending:
+            self._send(outgoing.read())
+        self._tls, self._incoming, self._outgoing = tls, incoming, outgoing
+
+    def raise_if_failed(self) -> None:
+        """Raise what broke the connection (a failed write, say), or
+        :class:`TransportClosed` if it was closed; nothing while it is usable."""
+        self._raise_if_closed()
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _recv(self) -> bytes:
+        """Bytes as the socket has them (ciphertext under TLS), after waiting for them."""
+        while True:
+            self._raise_if_closed()
+            await trio.lowlevel.wait_readable(self._sock)
+            self._raise_if_closed()
+            try:
+                return self._sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                continue
+
+    def _decrypt(self, tls: ssl.SSLObject) -> bytes | None:
+        """All plaintext OpenSSL can give now; ``b""`` at the server's close_notify or
+        EOF; None if it needs more bytes."""
+        chunks = []
+        try:
+            while True:
+                chunk = tls.read(_TLS_CHUNK)
+                if not chunk:  # close_notify (or EOF where OpenSSL allows it)
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            if not chunks:
+                return None
+        except ssl.SSLZeroReturnError:
+            pass
+        except ssl.SSLEOFError:
+            if not chunks:
+                return b""
+        return b"".join(chunks)
+
+    def _send(self, data: bytes) -> None:
+        if self._closed:
+            return
+        data = self._unsent + data if self._unsent else data
+        sent = 0
+        try:
+            while sent < len(data):
+                sent += self._sock.send(data[sent:] if sent else data)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self._unsent = data[sent:] if sent < len(data) else b""
+        if len(self._unsent) > MAX_UNSENT:
+            self._fail(TransportClosed("server stopped reading (send queue full)"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._unsent = b""
+        self.close()
+
+    def _raise_if_closed(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise TransportClosed("connection closed")
