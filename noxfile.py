@@ -136,9 +136,12 @@ def scaling(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    _install(session, "ruff")
+    """ruff (rules and format) and the layer contracts of ``[tool.importlinter]``."""
+    _install(session, "ruff", "import-linter")
     session.run("ruff", "check", *LINT_PATHS)
     session.run("ruff", "format", "--check", "trio_idle", "bench", "tests")
+    # lint-imports reads the package from its source tree, so it needs no install of it
+    session.run("lint-imports", env={"PYTHONPATH": os.getcwd()})
 
 
 @nox.session
