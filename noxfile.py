@@ -1,5 +1,5 @@
 """Developer and CI entry points: ``nox -s tests``, ``nox -s unit``, ``nox -s lint``,
-``nox -s typecheck``, ``nox -s bench``, ``nox -s scaling``.
+``nox -s typecheck``, ``nox -s docs``, ``nox -s bench``, ``nox -s scaling``.
 
 Every session installs through ``constraints.txt`` (``pip install -c``), so what is tested
 is the pinned set a user gets with ``pip install -c constraints.txt .``; ``nox -s lock``
@@ -132,6 +132,14 @@ def scaling(session: nox.Session) -> None:
     _install(session, "-e", ".[test]")
     args = session.posargs or ["--kills", "5", "--mailboxes", "300"]
     session.run("python", "-m", "tests.cluster.takeover_bench", *args)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Regenerate what the docs derive from the code: the settings tables of
+    docs/configuration.md (the suite only compares them)."""
+    _install(session, "-e", ".")
+    session.run("python", "-m", "trio_idle.core.config_doc", "docs/configuration.md")
 
 
 @nox.session
