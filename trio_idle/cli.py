@@ -38,7 +38,8 @@ from trio_idle.operator_commands import (
     run_check,
     wait_for_first_outcomes,
 )
-from trio_idle.runtime.daemon import ConnectionSource, Daemon, run_daemon
+from trio_idle.runtime.daemon import Daemon, run_daemon
+from trio_idle.runtime.refresher import ConnectionSource
 from trio_idle.runtime.supervision import StartupError
 from trio_idle.state.store import POSTGRES_MIGRATIONS, PostgresBackend
 

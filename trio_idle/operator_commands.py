@@ -41,7 +41,8 @@ from trio_idle.mailbox.account_health import explain
 from trio_idle.mailbox.session_states import SESSION_STATES, UP_STATES
 
 if TYPE_CHECKING:
-    from trio_idle.runtime.daemon import ConnectionSource, Daemon
+    from trio_idle.runtime.daemon import Daemon
+    from trio_idle.runtime.refresher import ConnectionSource
 
 DEFAULT_CHECK_CONCURRENCY: Final = 10
 #: the widest a cell of the ``check`` table gets (server text is cut shorter already)

@@ -188,6 +188,8 @@ async def test_unknown_route_and_method(backend: ScanBackend) -> None:
     settings = make_settings(backend.url, TRIO_IDLE_HEALTH_ADDR="127.0.0.1:0")
     async with running_daemon(settings, ListSource()) as daemon:
         assert daemon.supervisor is not None and daemon.supervisor.health_url is not None
+        # ready only once the list was read (a loaded machine is slower than the HEAD)
+        await daemon.wait_refreshed(after=0)
         async with httpx.AsyncClient(base_url=daemon.supervisor.health_url) as http:
             assert (await http.get("/nope")).status_code == 404
             assert (await http.post("/healthz", content=b"x")).status_code == 405

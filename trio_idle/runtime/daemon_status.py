@@ -13,8 +13,8 @@ metrics, systemd, pings) depends on, so :mod:`trio_idle.runtime.supervision` doe
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from trio_idle.cluster.membership import MembershipView
     from trio_idle.core.config import Settings
     from trio_idle.core.stats import Stats
-    from trio_idle.mailbox.reconcile import Reconciler
+    from trio_idle.mailbox.reconcile import Handle
 
 
 class Phase(enum.Enum):
@@ -78,8 +78,9 @@ class DaemonView(Protocol):
     @property
     def stats(self) -> Stats: ...
 
-    @property
-    def reconciler(self) -> Reconciler: ...
+    def sessions(self) -> Collection[Handle]: ...
+
+    def connections_snapshot(self) -> list[dict[str, Any]]: ...
 
     def status(self) -> DaemonStatus: ...
 

@@ -164,7 +164,7 @@ class Supervisor:
     def metrics_input(self) -> MetricsInput:
         status = self.daemon.status()
         snap = self.snapshot(status)
-        handles = self.daemon.reconciler.handles.values()
+        handles = self.daemon.sessions()
         age = snap.refresh_age
         return MetricsInput(
             stats=self.daemon.stats,
@@ -209,7 +209,7 @@ class Supervisor:
             "loop_lag_seconds": round(snap.loop_lag, 4),
             "cluster": cluster_body(status.cluster),
             "listener": listener_body(status.listener, snap.now),
-            "connections": self.daemon.reconciler.snapshot(),
+            "connections": self.daemon.connections_snapshot(),
             "skipped_rows": [
                 {"id": p.connection_id, "problem": p.message} for p in status.row_problems
             ],

@@ -1,0 +1,179 @@
+"""The refresh loop: the connection list read every ``refresh_interval``, or at once when
+asked (SIGHUP, the LISTEN/NOTIFY listener), and handed on as validated connections.
+
+Guarantees: a source outage keeps the last good list (nothing is handed on) and is retried
+with backoff (:mod:`trio_idle.core.backoff`, no jitter: 5 s doubling up to
+``refresh_interval``); every row problem is logged and counted once, again only after the
+row was fixed and broke again; validation and decryption run in a worker thread, so the
+loop keeps serving IMAP meanwhile. :meth:`Refresher.run` returns once :meth:`Refresher.stop`
+was called (at its next wake-up: the stop wakes it); cancelled, it stops at once and the
+last good list stays where it was delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, Protocol, runtime_checkable
+
+import trio
+from loguru import logger
+
+from trio_idle.accounts.connections import ConnectionListBuilder, MailConnection, RowProblem
+from trio_idle.core.backoff import Backoff, BackoffPolicy
+from trio_idle.core.errors import SourceError
+from trio_idle.core.scrub import PLAIN
+from trio_idle.core.stats import Stats
+
+#: the first retry of a failed refresh waits this long (or ``refresh_interval`` if
+#: shorter), doubling up to ``refresh_interval``: a database that was down for a moment is
+#: read again soon, one that stays down is not hammered
+REFRESH_RETRY_INITIAL: Final = 5.0
+
+
+class ConnectionSource(Protocol):
+    """Anything that returns rows with the ``"MailConnection"`` column names."""
+
+    name: str
+
+    async def fetch(self) -> Sequence[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class ChangeAwareSource(ConnectionSource, Protocol):
+    """A source that can tell its rows did not change (the file source)."""
+
+    async def fetch_changed(
+        self, version: bytes | None
+    ) -> tuple[bytes, Sequence[dict[str, Any]]] | None:
+        """``(version, rows)``, or None when ``version`` (from an earlier answer) is
+        still current. Raises :class:`SourceError` like ``fetch``."""
+        ...
+
+
+#: receives each good list (every connection of the source, keyed by id)
+Deliver = Callable[[Mapping[str, MailConnection]], Awaitable[None]]
+
+
+class Refresher:
+    """Reads ``source`` and hands each good list to ``deliver``.
+
+    ``sessions()`` counts the running sessions for the refresh log line;
+    ``after_refresh()`` runs after each successful refresh (the tuned garbage collection),
+    ``after_attempt()`` after every attempt, good or failed (the daemon's status readers
+    wake up). The fields below are what the daemon's status reports.
+    """
+
+    def __init__(
+        self,
+        source: ConnectionSource,
+        builder: ConnectionListBuilder,
+        stats: Stats,
+        *,
+        interval: float,
+        deliver: Deliver,
+        sessions: Callable[[], int],
+        after_refresh: Callable[[], None],
+        after_attempt: Callable[[], None],
+    ) -> None:
+        self.source = source
+        self._builder = builder
+        self._stats = stats
+        self._interval = interval
+        self._deliver = deliver
+        self._sessions = sessions
+        self._after_refresh = after_refresh
+        self._after_attempt = after_attempt
+        self._version: bytes | None = None
+        self._now = trio.Event()
+        self._stopped = False
+        self._logged_problems: set[tuple[str, str]] = set()
+        #: refreshes that have ended so far, successful or not
+        self.attempts = 0
+        #: ``trio.current_time()`` of the last successful refresh
+        self.last_ok: float | None = None
+        #: why the last refresh failed (scrubbed); None after a successful one
+        self.last_error: str | None = None
+        #: rows the last successful refresh read, skipped ones included
+        self.connections_in_source = 0
+        #: rows of the last successful refresh that were skipped, and why
+        self.row_problems: tuple[RowProblem, ...] = ()
+
+    def request(self) -> None:
+        """Refresh now instead of at the next interval. Never blocks."""
+        self._now.set()
+
+    def stop(self) -> None:
+        """No more refreshes: :meth:`run` returns at its next wake-up (woken now), and a
+        list read after this is not delivered."""
+        self._stopped = True
+        self._now.set()
+
+    async def run(self) -> None:
+        """Refresh until :meth:`stop`; see the module's guarantees."""
+        interval = self._interval
+        retry = Backoff(BackoffPolicy(min(REFRESH_RETRY_INITIAL, interval), interval, jitter=0.0))
+        while not self._stopped:
+            ok = await self.refresh_once()
+            if ok:
+                self._after_refresh()
+            self.attempts += 1
+            self._after_attempt()
+            if ok:
+                retry.succeeded()
+                delay = interval
+            else:
+                delay = retry.next_delay()
+            with trio.move_on_after(delay):
+                await self._now.wait()
+            self._now = trio.Event()
+
+    async def _fetch(self) -> tuple[Sequence[dict[str, Any]] | None, bytes | None]:
+        """``(rows, version)``; rows None: unchanged since the last build's version."""
+        if isinstance(self.source, ChangeAwareSource):
+            answer = await self.source.fetch_changed(self._version)
+            if answer is None:
+                return None, self._version
+            version, rows = answer
+            return rows, version
+        return await self.source.fetch(), None
+
+    async def refresh_once(self) -> bool:
+        """Read the source and deliver the list. Returns False if the source failed."""
+        try:
+            rows, version = await self._fetch()
+        except SourceError as exc:
+            self._stats.inc("refresh_failures")
+            self.last_error = str(exc)
+            logger.warning(
+                f"[idle/{self.source.name}] refresh failed: {exc}; keeping "
+                f"{self._sessions()} sessions on the last good list"
+            )
+            return False
+        # Validating and decrypting thousands of rows takes a few hundred milliseconds:
+        # in a worker thread the loop keeps serving IMAP meanwhile (it gets the GIL back
+        # every few milliseconds) instead of stalling for all of it.
+        # (rows=None: the source's rows did not change; the builder answers from memory)
+        wanted, problems = await trio.to_thread.run_sync(self._builder.build, rows)
+        self._version = version
+        current = {(p.connection_id, p.message) for p in problems}
+        for conn_id, message in sorted(current - self._logged_problems):
+            self._stats.inc("rows_skipped")
+            # both come from the row: escaped and cut (a row must not forge log lines)
+            logger.error(
+                f"[idle/{self.source.name}] connection {PLAIN.scrub(conn_id, 80)} "
+                f"skipped: {PLAIN.scrub(message)}"
+            )
+        self._logged_problems = current  # a row that is fixed and breaks again logs again
+        if self._stopped:
+            return True
+        await self._deliver(wanted)
+        self.row_problems = tuple(problems)
+        self.connections_in_source = self._builder.rows
+        self.last_ok = trio.current_time()
+        self.last_error = None
+        self._stats.inc("refreshes")
+        logger.info(
+            f"[idle/{self.source.name}] refreshed — {self._builder.rows} active connections, "
+            f"{self._sessions()} sessions"
+        )
+        return True
