@@ -381,9 +381,9 @@ class AfterFirstBeat:
 
     async def fetch(self) -> list[dict[str, Any]]:
         # neither the test nor the membership offers an event to wait on
-        while self.daemon is None or self.daemon.membership is None:  # noqa: ASYNC110
+        while self.daemon is None or self.daemon.share is None:  # noqa: ASYNC110
             await trio.sleep(0.01)
-        membership = self.daemon.membership
+        membership = self.daemon.share.membership
         while membership.beat is None:  # noqa: ASYNC110 - the membership has no event
             await trio.sleep(0.01)
         return await self.source.fetch()
