@@ -69,7 +69,7 @@ async def test_backend_slower_than_the_scan_timeout_is_retried(rig: Rig) -> None
         with trio.fail_after(10):
             await rig.idle(A)
             rig.ledger.append(A, "first reply too slow")
-            await rig.log(f"[idle/{A}] scan failed: backend did not answer within 1s")
+            await rig.log(f"[idle/{A}] scan failed: backend sent nothing for 1s (read timeout)")
             await rig.ledger.settle(10)
             await rig.quiet(daemon, A)
         slow, retried = rig.backend.requests_for(A)
