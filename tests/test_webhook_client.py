@@ -19,6 +19,7 @@ import trustme
 from tests.harness import poll_until
 from tests.recording_proxy import PROXY_ANSWER, RecordingProxy, point_proxies_at
 from trio_idle.secret import Secret
+from trio_idle.stats import Stats
 from trio_idle.testing.backend import Reply, ScanBackend
 from trio_idle.webhook import (
     MAX_IDLE_CONNECTIONS,
@@ -344,6 +345,30 @@ async def test_a_scan_posted_from_a_cancelled_scope_sends_nothing(backend: ScanB
     finally:
         await client.aclose()
     assert len(backend.requests_for(EMAIL)) == 2
+
+
+async def test_a_kept_alive_connection_the_backend_closed_costs_no_retry(
+    backend: ScanBackend,
+) -> None:
+    """The backend drops a kept-alive connection as the next scan goes out on it (its
+    keep-alive timeout): the scan goes again at once on a fresh connection, with the
+    same scan id, and is answered within the one attempt: no RETRY verdict, so no
+    backoff wait and no "scan failed" line. Counted, for the operator."""
+    backend.script(EMAIL, [Reply(), Reply(disconnect=True)])
+    stats = Stats()
+    client = client_for(backend.scan_url, stats=stats)
+    try:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.send(job())).verdict is Verdict.OK
+            reply = await client.send(job())
+    finally:
+        await client.aclose()
+    assert (reply.verdict, reply.scanned) == (Verdict.OK, 1)
+    first, dropped, answered = backend.requests_for(EMAIL)
+    assert dropped.scan_id == answered.scan_id != first.scan_id
+    assert (first.connection_number, dropped.connection_number) == (1, 1)
+    assert answered.connection_number == 2
+    assert stats.get("backend_stale_connection_retries") == 1
 
 
 # -- which deadline ended an attempt ---------------------------------------------------

@@ -33,6 +33,7 @@ from trio_idle.imap_envelope import Envelope
 from trio_idle.scan_range import NO_RANGE, ScanRange
 from trio_idle.scrub import PLAIN
 from trio_idle.secret import Secret
+from trio_idle.stats import Stats
 
 if TYPE_CHECKING:
     from trio_idle.config import WebhookSettings
@@ -203,7 +204,9 @@ class WebhookClient:
 
     ``transport`` replaces the network transport (tests pass an ``httpx.MockTransport``;
     the reply cap applies to it all the same); ``max_connections`` and TLS verification
-    are then its business. :meth:`aclose` closes the transport too.
+    are then its business. :meth:`aclose` closes the transport too. ``stats`` counts
+    what our transport retried at once (a pooled connection the backend had closed:
+    ``backend_stale_connection_retries``).
     """
 
     def __init__(
@@ -218,6 +221,7 @@ class WebhookClient:
         trust_env: bool = False,
         max_reply_bytes: int = MAX_REPLY_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
+        stats: Stats | None = None,
     ) -> None:
         if max_reply_bytes <= 0:
             raise ValueError("max_reply_bytes must be positive")
@@ -246,11 +250,12 @@ class WebhookClient:
             if trust_env:
                 self._client = self._new_client()
             else:
-                self._direct = backend_transport(max_connections)
+                self._direct = backend_transport(max_connections, stats)
 
     @classmethod
-    def from_settings(cls, webhook: WebhookSettings) -> WebhookClient:
-        """The client ``webhook`` describes (``BACKEND_URL``, ``TRIO_IDLE_SCAN_*``, ...)."""
+    def from_settings(cls, webhook: WebhookSettings, stats: Stats | None = None) -> WebhookClient:
+        """The client ``webhook`` describes (``BACKEND_URL``, ``TRIO_IDLE_SCAN_*``, ...),
+        counting its transport's faults in ``stats``."""
         return cls(
             webhook.scan_url,
             secret_header=webhook.secret_header,
@@ -259,6 +264,7 @@ class WebhookClient:
             total_timeout=webhook.scan_timeout,
             max_connections=webhook.http_max_connections,
             trust_env=webhook.http_trust_env,
+            stats=stats,
         )
 
     def _new_client(self) -> httpx.AsyncClient:
@@ -424,15 +430,17 @@ def _limit(seconds: float | None) -> str:
     return "no limit" if seconds is None else f"{seconds:g}s"
 
 
-def backend_transport(max_connections: int) -> TrioHTTPTransport:
+def backend_transport(max_connections: int, stats: Stats | None = None) -> TrioHTTPTransport:
     """Our HTTP transport as the backend clients use it: ``max_connections`` in flight,
     at most :data:`MAX_IDLE_CONNECTIONS` kept idle for :data:`KEEPALIVE_EXPIRY` seconds,
-    ``https`` verified as :func:`tls_verify_context` says."""
+    ``https`` verified as :func:`tls_verify_context` says, its stale-connection retries
+    counted in ``stats``."""
     return TrioHTTPTransport(
         ssl_context=tls_verify_context(),
         max_connections=max_connections,
         max_idle=min(max_connections, MAX_IDLE_CONNECTIONS),
         idle_expiry=KEEPALIVE_EXPIRY,
+        stats=stats,
     )
 
 
