@@ -23,6 +23,7 @@ import trio.testing
 import trustme
 
 from trio_idle.backend.http_transport import COALESCE_BYTES, TrioHTTPTransport
+from trio_idle.core.stats import Stats
 
 HOST = "127.0.0.1"
 #: the deadline of every test: nothing here should take more than a fraction of it
@@ -216,6 +217,7 @@ def new_transport(
     max_idle: int = 4,
     idle_expiry: float = 60.0,
     max_head_bytes: int | None = None,
+    stats: Stats | None = None,
 ) -> TrioHTTPTransport:
     if max_head_bytes is None:
         return TrioHTTPTransport(
@@ -223,6 +225,7 @@ def new_transport(
             max_connections=max_connections,
             max_idle=max_idle,
             idle_expiry=idle_expiry,
+            stats=stats,
         )
     return TrioHTTPTransport(
         ssl_context=ssl_context,
@@ -230,6 +233,7 @@ def new_transport(
         max_idle=max_idle,
         idle_expiry=idle_expiry,
         max_head_bytes=max_head_bytes,
+        stats=stats,
     )
 
 
@@ -374,6 +378,155 @@ async def test_a_connection_close_reply_is_not_reused(nursery: trio.Nursery) -> 
             assert (await client.get(server.url)).content == b"2"
         assert server.accepted == 2
         assert len(server.peers[0].requests) == 1
+
+
+# A server closing a kept-alive connection as the next request goes out on it (its
+# keep-alive timeout crossing the request) is found only once the request is on its way:
+# the close reaches the client after the pool's check. The handlers below play that
+# moment deterministically: the server takes the second request's bytes, then closes.
+
+STALE = "backend_stale_connection_retries"
+
+
+async def close_on_request(peer: Peer, how: str) -> None:
+    """Close ``peer`` once its next request has arrived: ``fin`` after reading it (the
+    client reads an end of stream), ``reset`` without reading it (unread bytes make the
+    kernel answer with RST: the client's read fails with ECONNRESET, ``ReadError``)."""
+    if how == "fin":
+        await peer.read_request()
+    else:
+        await trio.lowlevel.wait_readable(peer.stream.socket)  # type: ignore[attr-defined]
+    await peer.close()
+
+
+def answer_once_then_close(how: str) -> Handler:
+    """Connection 1 answers its first request (kept alive), then closes on the second;
+    later connections are served normally."""
+
+    async def handler(peer: Peer) -> None:
+        if peer.number == 1:
+            if await peer.read_request() is not None:
+                await peer.send(reply(b"1:1"))
+            await close_on_request(peer, how)
+        else:
+            await serve_forever(peer)
+
+    return handler
+
+
+@pytest.mark.parametrize("how", ["fin", "reset"])
+async def test_a_reused_connection_closed_before_any_reply_byte_is_retried_at_once(
+    nursery: trio.Nursery, how: str
+) -> None:
+    """The POST goes again on a fresh connection inside the same request: the caller
+    gets the reply, not an error and a backoff wait."""
+    server = await start(nursery, answer_once_then_close(how))
+    stats = Stats()
+    transport = new_transport(stats=stats)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.post(server.url, content=b"one")).content == b"1:1"
+            second = await client.post(server.url, content=b"two")
+        assert (second.status_code, second.content) == (200, b"2:1")
+        assert [r.body for r in server.peers[1].requests] == [b"two"]
+        assert server.accepted == 2
+        assert stats.get(STALE) == 1
+
+
+@pytest.mark.parametrize("how", ["fin", "reset"])
+async def test_a_fresh_connection_closed_before_any_reply_byte_is_not_retried(
+    nursery: trio.Nursery, how: str
+) -> None:
+    """On a connection that never carried a reply, the close is the server's answer to
+    this request: the caller hears of it (and backs off), nothing goes again."""
+
+    async def close_the_first(peer: Peer) -> None:
+        await close_on_request(peer, how)
+
+    server = await start(nursery, first_then_serve(close_the_first))
+    stats = Stats()
+    transport = new_transport(stats=stats)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+                await client.post(server.url, content=b"one")
+            assert server.accepted == 1
+            # the next request is the caller's own: it gets through
+            assert (await client.post(server.url, content=b"two")).content == b"2:1"
+        assert stats.get(STALE) == 0
+
+
+async def test_a_reused_connection_closed_after_a_reply_byte_is_not_retried(
+    nursery: trio.Nursery,
+) -> None:
+    """The server had begun to answer: it may have acted on the POST, so the request
+    must not run twice."""
+
+    async def answer_then_cut_the_second(peer: Peer) -> None:
+        if peer.number == 1:
+            if await peer.read_request() is not None:
+                await peer.send(reply(b"1:1"))
+            await peer.read_request()
+            await peer.send(b"HTTP/1.1 200 OK\r\n")
+            await peer.close()
+        else:
+            await serve_forever(peer)
+
+    server = await start(nursery, answer_then_cut_the_second)
+    stats = Stats()
+    transport = new_transport(stats=stats)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.post(server.url, content=b"one")).content == b"1:1"
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post(server.url, content=b"two")
+        assert server.accepted == 1
+        assert [r.body for r in server.peers[0].requests] == [b"one", b"two"]
+        assert stats.get(STALE) == 0
+
+
+async def test_a_stale_connection_is_retried_only_once(nursery: trio.Nursery) -> None:
+    """The fresh connection's own failure is the answer: no third attempt."""
+
+    async def handler(peer: Peer) -> None:
+        if peer.number == 1:
+            await answer_once_then_close("fin")(peer)
+        elif peer.number == 2:
+            await close_on_request(peer, "fin")
+        else:
+            await serve_forever(peer)
+
+    server = await start(nursery, handler)
+    stats = Stats()
+    transport = new_transport(stats=stats)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.post(server.url, content=b"one")).content == b"1:1"
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post(server.url, content=b"two")
+        assert server.accepted == 2
+        assert server.request_count == 3
+        assert stats.get(STALE) == 1
+
+
+async def test_a_streamed_body_is_not_sent_again_after_a_stale_connection(
+    nursery: trio.Nursery,
+) -> None:
+    """A body from an iterator cannot be replayed: the failure is the caller's to see."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"streamed"
+
+    server = await start(nursery, answer_once_then_close("fin"))
+    stats = Stats()
+    transport = new_transport(stats=stats)
+    async with client_for(transport) as client:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.post(server.url, content=b"one")).content == b"1:1"
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post(server.url, content=body())
+        assert server.accepted == 1
+        assert stats.get(STALE) == 0
 
 
 async def test_with_max_idle_zero_nothing_is_kept(nursery: trio.Nursery) -> None:

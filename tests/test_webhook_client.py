@@ -3,14 +3,17 @@ the environment are ignored unless asked for (the secret header goes nowhere els
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from tests.harness import poll_until
@@ -23,6 +26,7 @@ from trio_idle.backend.webhook import (
     WebhookClient,
 )
 from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
 from trio_idle.testing.backend import Reply, ScanBackend
 
 SECRET = "webhook-client-ADMIN-s3cret"
@@ -341,3 +345,130 @@ async def test_a_scan_posted_from_a_cancelled_scope_sends_nothing(backend: ScanB
     finally:
         await client.aclose()
     assert len(backend.requests_for(EMAIL)) == 2
+
+
+async def test_a_kept_alive_connection_the_backend_closed_costs_no_retry(
+    backend: ScanBackend,
+) -> None:
+    """The backend drops a kept-alive connection as the next scan goes out on it (its
+    keep-alive timeout): the scan goes again at once on a fresh connection, with the
+    same scan id, and is answered within the one attempt: no RETRY verdict, so no
+    backoff wait and no "scan failed" line. Counted, for the operator."""
+    backend.script(EMAIL, [Reply(), Reply(disconnect=True)])
+    stats = Stats()
+    client = client_for(backend.scan_url, stats=stats)
+    try:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.send(job())).verdict is Verdict.OK
+            reply = await client.send(job())
+    finally:
+        await client.aclose()
+    assert (reply.verdict, reply.scanned) == (Verdict.OK, 1)
+    first, dropped, answered = backend.requests_for(EMAIL)
+    assert dropped.scan_id == answered.scan_id != first.scan_id
+    assert (first.connection_number, dropped.connection_number) == (1, 1)
+    assert answered.connection_number == 2
+    assert stats.get("backend_stale_connection_retries") == 1
+
+
+# -- which deadline ended an attempt ---------------------------------------------------
+
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def raw_server(nursery: trio.Nursery, handler: Handler) -> int:
+    """A bare TCP server on 127.0.0.1 playing ``handler`` on each connection; its port.
+    The client giving up mid-script is the normal end here, not a failure."""
+
+    async def guarded(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await handler(stream)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), guarded, 0)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def read_head(stream: trio.SocketStream) -> None:
+    """Read until the end of the request head (the small JSON body comes with it or
+    right after; nobody answers it anyway)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return
+        data += chunk
+
+
+async def trickle_forever(stream: trio.SocketStream) -> None:
+    # every byte comes well within the read timeout: only the attempt's deadline ends it
+    await read_head(stream)
+    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n")
+    while True:
+        await trio.sleep(2.0)
+        await stream.send_all(b" ")
+
+
+async def head_then_silence(stream: trio.SocketStream) -> None:
+    await read_head(stream)
+    await trio.sleep(2.0)
+    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345")
+    await trio.sleep_forever()
+
+
+async def never_greet(stream: trio.SocketStream) -> None:
+    await trio.sleep_forever()  # a TLS ClientHello never answered
+
+
+@pytest.mark.parametrize(
+    ("handler", "scheme", "total", "detail", "ended_after"),
+    [
+        (
+            trickle_forever,
+            "http",
+            3.0,
+            "backend did not finish its reply within 8s (the attempt's deadline)",
+            8.0,
+        ),
+        (head_then_silence, "http", 3.0, "backend sent nothing for 3s (read timeout)", 5.0),
+        (
+            never_greet,
+            "https",
+            30.0,
+            "backend did not accept a connection within 10s (connect timeout)",
+            10.0,
+        ),
+    ],
+    ids=["trickle-past-the-attempt-deadline", "read-timeout-after-the-head", "connect-timeout"],
+)
+async def test_a_timed_out_attempt_names_the_deadline_that_ended_it(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    handler: Handler,
+    scheme: str,
+    total: float,
+    detail: str,
+    ended_after: float,
+) -> None:
+    """The log line of a timed-out scan states the limit that fired and its value: an
+    operator reading "within 3s" for an attempt that took 8 s looks for the wrong cause.
+    (Virtual time: the server's pauses and the client's limits are jumped over.)"""
+    port = await raw_server(nursery, handler)
+    client = WebhookClient(
+        f"{scheme}://127.0.0.1:{port}/api/mail/scan-internal",
+        secret_header="x-admin-secret",
+        secret=Secret(SECRET),
+        signing_secret=None,
+        total_timeout=total,
+        max_connections=1,
+    )
+    try:
+        started = trio.current_time()
+        with trio.fail_after(60):
+            reply = await client.send(job())
+        took = trio.current_time() - started
+    finally:
+        await client.aclose()
+    assert (reply.verdict, reply.detail) == (Verdict.RETRY, detail)
+    assert took == pytest.approx(ended_after, abs=0.1)

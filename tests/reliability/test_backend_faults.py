@@ -48,6 +48,29 @@ async def test_backend_500s_are_retried_with_the_same_scan_id(rig: Rig) -> None:
         assert rig.backend.max_in_flight(A) == 1
 
 
+async def test_a_kept_alive_connection_the_backend_dropped_costs_no_retry(rig: Rig) -> None:
+    """The backend closes the kept-alive connection the second scan goes out on, before
+    answering (its keep-alive timeout crossing the request): that scan is sent again at
+    once on a fresh connection, same scan id: no "scan failed", no backoff, counted."""
+    rig.backend.script(A, [Reply(), Reply(disconnect=True)])
+    async with running_daemon(rig.settings(), rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+            rig.ledger.append(A, "answered on a new connection, kept alive")
+            await rig.ledger.settle(10)
+            await rig.quiet(daemon, A)
+            rig.ledger.append(A, "sent on the kept-alive connection, which is dropped")
+            await rig.ledger.settle(10)
+            await rig.quiet(daemon, A)
+        first, dropped, answered = rig.backend.requests_for(A)
+        assert (dropped.connection_number, dropped.status) == (first.connection_number, None)
+        assert answered.connection_number != first.connection_number
+        assert answered.scan_id == dropped.scan_id
+        assert daemon.stats.get("backend_stale_connection_retries") == 1
+        assert daemon.stats.get("scans_retried") == 0
+        assert rig.logs.matching(f"[idle/{A}] scan failed") == []
+
+
 async def test_backend_429_retry_after_is_honoured(rig: Rig) -> None:
     # the normal retry delay is at most 500 ms here; Retry-After asks for 1 s
     rig.backend.script(A, [Reply(429, headers={"retry-after": "1"})])
@@ -69,7 +92,7 @@ async def test_backend_slower_than_the_scan_timeout_is_retried(rig: Rig) -> None
         with trio.fail_after(10):
             await rig.idle(A)
             rig.ledger.append(A, "first reply too slow")
-            await rig.log(f"[idle/{A}] scan failed: backend did not answer within 1s")
+            await rig.log(f"[idle/{A}] scan failed: backend sent nothing for 1s (read timeout)")
             await rig.ledger.settle(10)
             await rig.quiet(daemon, A)
         slow, retried = rig.backend.requests_for(A)

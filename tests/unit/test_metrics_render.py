@@ -49,6 +49,7 @@ def test_every_family_from_stats() -> None:
     stats.inc("scans_coalesced", by=3)
     stats.inc("scans_sent", "exists", by=5)
     stats.inc("scans_ok", by=4)
+    stats.inc("backend_stale_connection_retries", by=2)
     stats.inc("scans_failed", "401")
     stats.inc("scans_retried", "503", by=2)
     stats.inc("scans_retried", "network")
@@ -77,6 +78,7 @@ def test_every_family_from_stats() -> None:
     assert m[("trio_idle_scans_coalesced_total", ())] == 3
     assert m[("trio_idle_scans_sent_total", (("reason", "exists"),))] == 5
     assert m[("trio_idle_scans_ok_total", ())] == 4
+    assert m[("trio_idle_backend_stale_connection_retries_total", ())] == 2
     assert m[("trio_idle_scans_failed_total", (("status", "401"),))] == 1
     assert m[("trio_idle_scans_retried_total", (("status", "503"),))] == 2
     assert m[("trio_idle_scans_retried_total", (("status", "network"),))] == 1

@@ -34,6 +34,15 @@ Guarantees:
   (a small one, head and body, in one piece), each waited for under the write timeout.
 * Cancellation: a cancelled request closes its connection and frees its slot; nothing
   is left half-sent on a pooled connection.
+* Stale connections: a server may close an idle keep-alive connection just as a request
+  goes out on it (its keep-alive timeout), too late for the check above. When a *reused*
+  connection fails (``ReadError``, ``WriteError``, or closed without a reply) before a
+  single byte of the reply arrived, the request is sent once more, at once, on a fresh
+  connection, as browsers and httpcore do; it is counted as
+  ``backend_stale_connection_retries`` in ``stats``. Never for a fresh connection (its
+  failure is the server's answer), never once a reply byte arrived (the server had
+  answered: a POST must not run twice), never twice, never with a body that cannot be
+  sent again (a streamed one), never after a timeout.
 
 Errors are httpx's: :class:`httpx.ConnectError` (with the underlying ``OSError`` or
 ``ssl.SSLError`` as its ``__cause__``), :class:`httpx.ConnectTimeout`,
@@ -53,6 +62,7 @@ import h11
 import httpx
 import trio
 
+from trio_idle.core.stats import Stats
 from trio_idle.net.transport import ImapTransport, TransportClosed
 
 #: bytes asked of the socket per read; a scan reply is a few dozen bytes
@@ -68,15 +78,18 @@ _Origin = tuple[bytes, str, int]
 class _Connection:
     """One socket (plain or TLS) and its h11 state; used by one request at a time."""
 
-    __slots__ = ("h11", "idle_since", "origin", "received", "transport")
+    __slots__ = ("h11", "idle_since", "origin", "received", "reused", "transport")
 
     def __init__(self, origin: _Origin, transport: ImapTransport, max_head_bytes: int) -> None:
         self.origin = origin
         self.transport = transport
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
         self.idle_since = 0.0
-        #: bytes given to h11 since the request was sent (the head check counts them)
+        #: bytes given to h11 since the request started (the head check counts them; none
+        #: means the server had not begun to answer)
         self.received = 0
+        #: whether this connection carried an earlier exchange (it came from the pool)
+        self.reused = False
 
     def is_readable(self) -> bool:
         """Whether the idle socket has something to read: EOF (the server closed it) or
@@ -102,8 +115,9 @@ class _Connection:
 class TrioHTTPTransport(httpx.AsyncBaseTransport):
     """An ``httpx.AsyncBaseTransport`` speaking HTTP/1.1 over trio (see the module doc).
 
-    ``ssl_context`` verifies ``https`` servers (required for ``https`` URLs). Must be used
-    from one trio run; :meth:`aclose` closes every pooled connection.
+    ``ssl_context`` verifies ``https`` servers (required for ``https`` URLs). ``stats``,
+    when given, counts the requests sent again after a stale pooled connection. Must be
+    used from one trio run; :meth:`aclose` closes every pooled connection.
     """
 
     def __init__(
@@ -114,6 +128,7 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         max_idle: int,
         idle_expiry: float,
         max_head_bytes: int = MAX_HEAD_BYTES,
+        stats: Stats | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -125,6 +140,7 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         #: keep-alive connections, most recently used first
         self._idle: list[_Connection] = []
         self._closed = False
+        self._stats = stats
 
     @property
     def idle_connections(self) -> int:
@@ -157,7 +173,18 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         await self._take_slot(_seconds(timeouts.get("pool")))
         conn: _Connection | None = None
         try:
-            conn = self._take_idle(origin) or await self._connect(origin, timeouts)
+            conn = self._take_idle(origin)
+            if conn is not None:
+                try:
+                    return await _exchange(self, conn, request, timeouts)
+                except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                    if not _stale(conn, request):
+                        raise
+                conn.close()
+                conn = None
+                if self._stats is not None:
+                    self._stats.inc("backend_stale_connection_retries")
+            conn = await self._connect(origin, timeouts)
             return await _exchange(self, conn, request, timeouts)
         except BaseException as exc:
             if conn is not None:
@@ -214,6 +241,7 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
             conn.close()
             return
         h.start_next_cycle()
+        conn.reused = True
         conn.idle_since = time.monotonic()
         self._idle.insert(0, conn)
         while len(self._idle) > self._max_idle:
@@ -250,6 +278,7 @@ async def _exchange(
     """Send ``request`` on ``conn`` and read the response head; the body is left to
     :class:`_ResponseBody`. Raises httpx's exceptions; the caller closes ``conn`` then."""
     h = conn.h11
+    conn.received = 0
     head = h11.Request(
         method=request.method, target=request.url.raw_path, headers=request.headers.raw
     )
@@ -269,7 +298,6 @@ async def _exchange(
     await _write(conn, b"".join(out), write_timeout)
 
     read_timeout = _seconds(timeouts.get("read"))
-    conn.received = 0
     while True:
         event = await _next_event(conn, read_timeout)
         if conn.received - len(h.trailing_data[0]) > pool._max_head_bytes:
@@ -316,6 +344,14 @@ class _ResponseBody(httpx.AsyncByteStream):
             self._pool._give_back(conn)
         finally:
             self._pool._slots.release()
+
+
+def _stale(conn: _Connection, request: httpx.Request) -> bool:
+    """Whether ``request``, which just failed on ``conn`` with a connection error, may go
+    again on a fresh connection: ``conn`` came from the pool, the server sent not one
+    byte of a reply (with none received, a protocol error can only be its close), and
+    the body can be sent again (bytes, not a stream already consumed)."""
+    return conn.reused and conn.received == 0 and isinstance(request.stream, httpx.ByteStream)
 
 
 async def _write(conn: _Connection, data: bytes, limit: float) -> None:

@@ -31,6 +31,7 @@ from trio_idle import __version__
 from trio_idle.backend.http_transport import TrioHTTPTransport, error_text
 from trio_idle.core.scrub import PLAIN
 from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
 from trio_idle.imap.envelope import Envelope
 from trio_idle.state.scan_range import NO_RANGE, ScanRange
 
@@ -185,8 +186,11 @@ class WebhookClient:
     proxies). httpx's client layer (request building, cookies, hooks) cost a third of a
     scan's CPU and has nothing a backend POST needs.
 
-    Timeouts are explicit: the transport's per-phase timeouts fire first; a trio deadline
-    of ``total_timeout`` bounds the whole attempt, reading the reply included. On
+    Timeouts are explicit (:func:`request_timeout`, :func:`attempt_deadline`): connecting
+    is bounded by ``min(10 s, total_timeout)``, each write and each read of the reply by
+    ``total_timeout``; a trio deadline of ``total_timeout`` + 5 s bounds the whole
+    attempt (a server trickling its reply resets the read timeout at every byte). A
+    timed-out attempt's detail names the limit that fired and its value. On
     ``PoolTimeout`` from the ``trust_env`` client, it is rebuilt, because cancelled
     requests can leak httpcore's pool slots (httpcore issue #1093).
 
@@ -200,7 +204,9 @@ class WebhookClient:
 
     ``transport`` replaces the network transport (tests pass an ``httpx.MockTransport``;
     the reply cap applies to it all the same); ``max_connections`` and TLS verification
-    are then its business. :meth:`aclose` closes the transport too.
+    are then its business. :meth:`aclose` closes the transport too. ``stats`` counts
+    what our transport retried at once (a pooled connection the backend had closed:
+    ``backend_stale_connection_retries``).
     """
 
     def __init__(
@@ -215,6 +221,7 @@ class WebhookClient:
         trust_env: bool = False,
         max_reply_bytes: int = MAX_REPLY_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
+        stats: Stats | None = None,
     ) -> None:
         if max_reply_bytes <= 0:
             raise ValueError("max_reply_bytes must be positive")
@@ -232,7 +239,10 @@ class WebhookClient:
         #: queue is walked in full for every request it assigns or ends (quadratic in a
         #: burst of thousands)
         self._slots = trio.CapacityLimiter(max_connections)
-        self._timeout = {"timeout": request_timeout(total_timeout).as_dict()}
+        self._phase_timeouts = request_timeout(total_timeout)
+        self._timeout = {"timeout": self._phase_timeouts.as_dict()}
+        #: the whole attempt's bound, past the phases' own (see :func:`attempt_deadline`)
+        self._deadline = attempt_deadline(total_timeout)
         #: where requests go: the given transport, ours, or (trust_env) the client
         self._direct: httpx.AsyncBaseTransport | None = transport
         self._client: httpx.AsyncClient | None = None
@@ -240,11 +250,12 @@ class WebhookClient:
             if trust_env:
                 self._client = self._new_client()
             else:
-                self._direct = backend_transport(max_connections)
+                self._direct = backend_transport(max_connections, stats)
 
     @classmethod
-    def from_settings(cls, webhook: WebhookSettings) -> WebhookClient:
-        """The client ``webhook`` describes (``BACKEND_URL``, ``TRIO_IDLE_SCAN_*``, ...)."""
+    def from_settings(cls, webhook: WebhookSettings, stats: Stats | None = None) -> WebhookClient:
+        """The client ``webhook`` describes (``BACKEND_URL``, ``TRIO_IDLE_SCAN_*``, ...),
+        counting its transport's faults in ``stats``."""
         return cls(
             webhook.scan_url,
             secret_header=webhook.secret_header,
@@ -253,6 +264,7 @@ class WebhookClient:
             total_timeout=webhook.scan_timeout,
             max_connections=webhook.http_max_connections,
             trust_env=webhook.http_trust_env,
+            stats=stats,
         )
 
     def _new_client(self) -> httpx.AsyncClient:
@@ -326,7 +338,7 @@ class WebhookClient:
             headers=[*_DEFAULT_HEADERS, *auth, *headers.items()],
             extensions=self._timeout,
         )
-        with trio.move_on_after(self._total_timeout + 5.0):
+        with trio.move_on_after(self._deadline):
             client = self._client
             try:
                 if self._direct is not None:
@@ -353,16 +365,17 @@ class WebhookClient:
                 with trio.CancelScope(shield=True):
                     await client.aclose()
                 return ScanReply(Verdict.RETRY, "HTTP pool exhausted; client rebuilt")
-            except httpx.TimeoutException:
-                return ScanReply(
-                    Verdict.RETRY, f"backend did not answer within {self._total_timeout:g}s"
-                )
+            except httpx.TimeoutException as exc:
+                return ScanReply(Verdict.RETRY, timeout_detail(exc, self._phase_timeouts))
             except httpx.ConnectError as exc:
                 return ScanReply(Verdict.RETRY, f"backend unreachable ({http_error_reason(exc)})")
             except httpx.HTTPError as exc:
                 return ScanReply(Verdict.RETRY, f"request failed ({type(exc).__name__})")
         # Only reached when the deadline cancelled the attempt: every other path returns.
-        return ScanReply(Verdict.RETRY, f"backend did not answer within {self._total_timeout:g}s")
+        return ScanReply(
+            Verdict.RETRY,
+            f"backend did not finish its reply within {self._deadline:g}s (the attempt's deadline)",
+        )
 
 
 def backend_headers(
@@ -388,15 +401,46 @@ def request_timeout(total_timeout: float) -> httpx.Timeout:
     return httpx.Timeout(total_timeout, connect=min(10.0, total_timeout))
 
 
-def backend_transport(max_connections: int) -> TrioHTTPTransport:
+#: how far the whole attempt's deadline lies past ``total_timeout``: far enough that a
+#: phase's own timeout (an httpx exception, which leaves httpcore's pool consistent)
+#: fires first whenever one phase alone is slow
+ATTEMPT_GRACE: Final = 5.0
+
+
+def attempt_deadline(total_timeout: float) -> float:
+    """Seconds one attempt may take in all, however its phases went."""
+    return total_timeout + ATTEMPT_GRACE
+
+
+def timeout_detail(exc: httpx.TimeoutException, timeouts: httpx.Timeout) -> str:
+    """The log-safe detail of an attempt ended by a phase's timeout: which limit fired
+    and its value (the attempt as a whole may have taken longer: each phase has its own,
+    and each read of the reply starts the read timeout again)."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        limit = _limit(timeouts.connect)
+        return f"backend did not accept a connection within {limit} (connect timeout)"
+    if isinstance(exc, httpx.WriteTimeout):
+        return f"backend took none of the request for {_limit(timeouts.write)} (write timeout)"
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"backend sent nothing for {_limit(timeouts.read)} (read timeout)"
+    return f"backend request timed out ({type(exc).__name__})"
+
+
+def _limit(seconds: float | None) -> str:
+    return "no limit" if seconds is None else f"{seconds:g}s"
+
+
+def backend_transport(max_connections: int, stats: Stats | None = None) -> TrioHTTPTransport:
     """Our HTTP transport as the backend clients use it: ``max_connections`` in flight,
     at most :data:`MAX_IDLE_CONNECTIONS` kept idle for :data:`KEEPALIVE_EXPIRY` seconds,
-    ``https`` verified as :func:`tls_verify_context` says."""
+    ``https`` verified as :func:`tls_verify_context` says, its stale-connection retries
+    counted in ``stats``."""
     return TrioHTTPTransport(
         ssl_context=tls_verify_context(),
         max_connections=max_connections,
         max_idle=min(max_connections, MAX_IDLE_CONNECTIONS),
         idle_expiry=KEEPALIVE_EXPIRY,
+        stats=stats,
     )
 
 

@@ -650,7 +650,7 @@ class WebhookSettings:
         "--scan-timeout",
         parse_duration,
         "60s",
-        "total deadline for one scan request to the backend",
+        "per-phase timeout of a scan request (connect at most 10s); whole attempt: this + 5s",
     )
     scan_retry_initial: float = setting(
         "TRIO_IDLE_SCAN_RETRY_INITIAL",

@@ -53,6 +53,11 @@ PLAIN_COUNTERS: Final = (
     ("catch_up_scans", "scans requested after a reconnect found mail that arrived meanwhile"),
     ("scans_coalesced", "scan requests absorbed into an already pending scan"),
     ("scans_ok", "scans the backend answered with 2xx"),
+    (
+        "backend_stale_connection_retries",
+        "backend requests sent again at once on a fresh connection: the pooled one they "
+        "went out on had been closed by the backend before it answered",
+    ),
     ("ping_errors", "health pings that could not be delivered"),
     ("state_writes", "mailbox state entries written to the state store"),
     ("asyncio_errors", "errors asyncio had nobody to report to (logged, not fatal)"),

@@ -357,7 +357,7 @@ async def run_daemon(
         tokens=tokens,
         ticker=ticker,
     )
-    webhook = WebhookClient.from_settings(settings.webhook)
+    webhook = WebhookClient.from_settings(settings.webhook, stats)
     daemon: Daemon | None = None
     async with open_asyncio_loop(stats):
         try:
