@@ -29,6 +29,7 @@ import trio
 
 from trio_idle.coalescer import ScanCoalescer
 from trio_idle.connections import MailConnection
+from trio_idle.health import BackendWatch
 from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reports
 from trio_idle.imap_envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap_responses import MailboxState
@@ -107,6 +108,11 @@ class Reconciler:
                 s.webhook.scan_retry_initial,
                 s.webhook.scan_retry_max,
             )
+
+    @property
+    def backend(self) -> BackendWatch:
+        """Whether the backend answers the scans and reports (fed by the webhook client)."""
+        return self._webhook.backend
 
     @property
     def store(self) -> StateStore | None:

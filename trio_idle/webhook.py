@@ -28,6 +28,7 @@ import httpx
 import trio
 
 from trio_idle import __version__
+from trio_idle.health import BackendWatch
 from trio_idle.http_transport import TrioHTTPTransport, error_text
 from trio_idle.imap_envelope import Envelope
 from trio_idle.scan_range import NO_RANGE, ScanRange
@@ -136,6 +137,10 @@ def _int_field(data: object, name: str) -> int | None:
     return value
 
 
+#: refusals that say the backend rejects this daemon itself (its ``ADMIN_SECRET``)
+SECRET_REFUSED: Final = frozenset({401, 403})
+
+
 def interpret_reply(
     status: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None
 ) -> ScanReply:
@@ -168,7 +173,7 @@ def interpret_reply(
         return ScanReply(
             Verdict.RETRY, f"backend answered {status}", status=status, retry_after=wait
         )
-    if status in (401, 403):
+    if status in SECRET_REFUSED:
         return ScanReply(
             Verdict.REJECT,
             f"backend answered {status}: it rejected ADMIN_SECRET "
@@ -176,6 +181,17 @@ def interpret_reply(
             status=status,
         )
     return ScanReply(Verdict.REJECT, f"backend answered {status} (not retried)", status=status)
+
+
+def backend_failed(reply: ScanReply) -> bool:
+    """Whether ``reply`` counts against the backend being up (pure): no answer, a
+    timeout, a 5xx, or a refusal of ``ADMIN_SECRET`` (401/403) do; a 2xx, a 429 (busy
+    but there) and other 4xx (about this one request) do not."""
+    if reply.verdict is Verdict.OK or reply.status == 429:
+        return False
+    if reply.verdict is Verdict.REJECT:
+        return reply.status in SECRET_REFUSED
+    return True
 
 
 class WebhookClient:
@@ -232,6 +248,8 @@ class WebhookClient:
         #: queue is walked in full for every request it assigns or ends (quadratic in a
         #: burst of thousands)
         self._slots = trio.CapacityLimiter(max_connections)
+        #: whether the backend answers (readiness, pings); fed by every :meth:`post`
+        self.backend = BackendWatch()
         self._timeout = {"timeout": request_timeout(total_timeout).as_dict()}
         #: where requests go: the given transport, ours, or (trust_env) the client
         self._direct: httpx.AsyncBaseTransport | None = transport
@@ -296,9 +314,14 @@ class WebhookClient:
         except trio.WouldBlock:
             await self._slots.acquire()
         try:
-            return await self._post(url, body, headers)
+            reply = await self._post(url, body, headers)
         finally:
             self._slots.release()
+        if backend_failed(reply):
+            self.backend.failed(trio.current_time())
+        else:
+            self.backend.answered()
+        return reply
 
     def _target(self, url: str) -> tuple[httpx.URL, tuple[tuple[str, str], ...]]:
         """``url`` without its credentials, and the ``authorization`` header they make
