@@ -20,6 +20,7 @@ from tests.harness import ListSource, capture_logs, make_settings, row
 from tests.servers.postgres import execute_sql, fetch_sql
 from trio_idle.assignment import shares
 from trio_idle.daemon import Daemon, run_daemon
+from trio_idle.health import assess_readiness
 from trio_idle.membership import MEMBERSHIP_SQL, MEMBERSHIP_TABLE, Beat, PostgresMembership
 from trio_idle.reconcile import START_STEP
 from trio_idle.secret import Secret
@@ -287,6 +288,10 @@ async def test_an_instance_cut_off_from_postgres_fences_and_comes_back(
         await server.wait_for(lambda: not c.running)
     status = c.daemon.status().cluster
     assert status is not None and status.fenced and "half the TTL" in (status.fence_reason or "")
+    # its sessions are stopped (none left to count), yet it is not ready
+    assert c.daemon.supervisor is not None
+    readiness = assess_readiness(c.daemon.supervisor.snapshot())
+    assert "this instance is fenced (cannot renew its lease)" in readiness.reasons
     with trio.fail_after(TAKEOVER):
         await server.wait_for(lambda: converged([a, b], users) and watch.all_watched_once(users))
     proxy.set_cut(False)
