@@ -31,12 +31,18 @@ def _install(session: nox.Session, *args: str) -> None:
 
 
 #: programs the real-server tests need → the Debian package that provides each
-SYSTEM_PACKAGES = {"dovecot": "dovecot-imapd", "systemd-analyze": "systemd"}
+SYSTEM_PACKAGES = {
+    "dovecot": "dovecot-imapd",
+    "systemd-analyze": "systemd",
+    # promtool checks and unit-tests deploy/prometheus/; prometheus runs the rules end to end
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+}
 
 
 def _ensure_system_packages(session: nox.Session) -> None:
     """Install what the real-server tests need through apt when it is missing."""
-    missing = [pkg for prog, pkg in SYSTEM_PACKAGES.items() if not shutil.which(prog)]
+    missing = sorted({pkg for prog, pkg in SYSTEM_PACKAGES.items() if not shutil.which(prog)})
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):

@@ -64,7 +64,7 @@ from typing import Any
 
 import trio
 
-from trio_idle.runtime.gc_policy import Collection, Kind, collect_and_freeze
+from trio_idle.core.gc_policy import Collection, Kind, collect_and_freeze
 
 _started: list[float] = [0.0]
 _young: list[int] = [0]

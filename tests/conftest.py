@@ -15,6 +15,9 @@ Fixtures (all synchronous; use them from trio tests freely):
 * ``dovecot`` (session) -> :class:`DovecotServer`
 * ``dovecot_user`` (function) -> :class:`DovecotUser`: a fresh mailbox user
 * ``node_bin`` (session) -> ``str``: path of ``node``
+* ``promtool`` (session) -> ``Path``: path of Prometheus' ``promtool``
+* ``prometheus_bin`` (session) -> ``Path``: path of ``prometheus`` (see
+  :class:`tests.servers.prometheus.PrometheusServer`)
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from tests.leak_guard import pytest_configure, pytest_runtest_makereport  # noqa
 from tests.servers import ServerUnavailable  # noqa: E402
 from tests.servers.dovecot import DovecotServer, DovecotUser  # noqa: E402
 from tests.servers.postgres import MAIL_CONNECTION_DDL, PostgresServer, execute_sql  # noqa: E402
+from tests.servers.prometheus import find_prometheus, find_promtool  # noqa: E402
 from trio_idle.testing.backend import ScanBackend  # noqa: E402
 
 __all__ = ["REQUIRE_SERVERS_ENV", "servers_required", "unavailable"]
@@ -58,6 +62,8 @@ _FIXTURE_MARKERS = {
     "dovecot": "dovecot",
     "dovecot_user": "dovecot",
     "node_bin": "node",
+    "promtool": "prometheus",
+    "prometheus_bin": "prometheus",
 }
 _db_numbers = itertools.count(1)
 
@@ -187,6 +193,27 @@ def node_bin() -> str:
     return found
 
 
+# --------------------------------------------------------------------------- Prometheus
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """Prometheus' ``promtool`` (skip/fail like the servers if missing)."""
+    try:
+        return find_promtool()
+    except ServerUnavailable as exc:
+        unavailable(f"promtool unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> Path:
+    """The ``prometheus`` server binary (skip/fail like the servers if missing)."""
+    try:
+        return find_prometheus()
+    except ServerUnavailable as exc:
+        unavailable(f"prometheus unavailable: {exc}")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Daemons started as subprocesses keep their default SQLite state in a temp dir,
@@ -218,6 +245,6 @@ def logs() -> Iterator[LogCapture]:
 @pytest.fixture(autouse=True)
 def _unfreeze_gc() -> Iterator[None]:
     """In-process daemons freeze what survives their after-refresh collection
-    (``trio_idle.runtime.gc_policy``); give every test a test process with nothing frozen."""
+    (``trio_idle.core.gc_policy``); give every test a test process with nothing frozen."""
     yield
     gc.unfreeze()

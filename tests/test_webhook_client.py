@@ -472,3 +472,36 @@ async def test_a_timed_out_attempt_names_the_deadline_that_ended_it(
         await client.aclose()
     assert (reply.verdict, reply.detail) == (Verdict.RETRY, detail)
     assert took == pytest.approx(ended_after, abs=0.1)
+
+
+# -- whether the backend answers (readiness) -------------------------------------------
+
+
+async def test_the_backend_watch_follows_what_the_backend_answers(backend: ScanBackend) -> None:
+    """Down, 5xx and a refused ADMIN_SECRET start a run of failures; a 429, another 4xx or
+    a 2xx is an answer and ends it."""
+    backend.script(
+        EMAIL,
+        [Reply(status=503), Reply(status=401), Reply(status=429), Reply(status=404), Reply()],
+    )
+    client = client_for(backend.scan_url)
+    watch = client.backend
+    try:
+        with trio.fail_after(TIMEOUT):
+            assert (await client.send(job())).status == 503
+            first = watch.failing_since
+            assert first is not None
+            assert (await client.send(job())).status == 401
+            assert watch.failing_since == first  # the run goes on
+            assert (await client.send(job())).status == 429
+            assert watch.failing_since is None
+            assert (await client.send(job())).status == 404
+            assert watch.failing_since is None
+            backend.down()
+            assert (await client.send(job())).verdict is Verdict.RETRY
+            assert watch.failing_since is not None
+            backend.up()
+            assert (await client.send(job())).verdict is Verdict.OK
+            assert watch.failing_since is None
+    finally:
+        await client.aclose()

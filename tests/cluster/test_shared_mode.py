@@ -22,6 +22,7 @@ from trio_idle.cluster.assignment import shares
 from trio_idle.cluster.membership import MEMBERSHIP_SQL, MEMBERSHIP_TABLE, Beat, PostgresMembership
 from trio_idle.core.secret import Secret
 from trio_idle.mailbox.reconcile import START_STEP
+from trio_idle.ops.health import assess_readiness
 from trio_idle.runtime.daemon import Daemon, run_daemon
 from trio_idle.state.store import POSTGRES_DDL, POSTGRES_TABLE
 from trio_idle.testing import ImapTestServer
@@ -287,6 +288,10 @@ async def test_an_instance_cut_off_from_postgres_fences_and_comes_back(
         await server.wait_for(lambda: not c.running)
     status = c.daemon.status().cluster
     assert status is not None and status.fenced and "half the TTL" in (status.fence_reason or "")
+    # its sessions are stopped (none left to count), yet it is not ready
+    assert c.daemon.supervisor is not None
+    readiness = assess_readiness(c.daemon.supervisor.snapshot())
+    assert "this instance is fenced (cannot renew its lease)" in readiness.reasons
     with trio.fail_after(TAKEOVER):
         await server.wait_for(lambda: converged([a, b], users) and watch.all_watched_once(users))
     proxy.set_cut(False)

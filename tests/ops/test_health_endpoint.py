@@ -93,6 +93,7 @@ async def test_readyz_metrics_and_status_follow_the_sessions(
                 for name in s.labels
             }
             assert labels <= {
+                "by",  # idle_restarts_total{by="ticker"|"session"}, exported from the start
                 "state",
                 "cause",
                 "reason",

@@ -87,7 +87,7 @@ async def test_cancelling_a_session_at_any_moment_leaves_nothing_behind(
 async def test_an_ended_connection_is_freed_without_a_garbage_collection(
     server: ImapTestServer,
 ) -> None:
-    # Full collections are rare (trio_idle/runtime/gc_policy.py): what an ended connection held
+    # Full collections are rare (trio_idle/core/gc_policy.py): what an ended connection held
     # must go with its last reference, not wait for one.
     import weakref
 

@@ -12,9 +12,9 @@ import trio.testing
 
 from tests.harness import running_daemon
 from tests.reliability.rig import Rig, mailbox_name
+from trio_idle.core.gc_policy import CollectionPolicy
 from trio_idle.imap.client import _Protocol
 from trio_idle.runtime.daemon import Daemon
-from trio_idle.runtime.gc_policy import CollectionPolicy
 
 
 async def refresh(daemon: Daemon) -> None:

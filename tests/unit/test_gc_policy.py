@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from trio_idle.runtime.gc_policy import CollectionPolicy, Kind, collect_and_freeze
+from trio_idle.core.gc_policy import CollectionPolicy, Kind, collect_and_freeze
 
 YOUNG, FULL = Kind.YOUNG, Kind.FULL
 
@@ -177,7 +177,7 @@ async def test_paced_young_collections_keep_the_young_generations_small(
     # survivors until one slow collection walks them all (docs/performance.md).
     import trio
 
-    from trio_idle.runtime.gc_policy import pace_young_collections
+    from trio_idle.core.gc_policy import pace_young_collections
 
     live: list[list[int]] = [[i] for i in range(100_000)]
     gc.collect()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from trio_idle.backend.watch import BackendWatch
 from trio_idle.mailbox.session_states import SESSION_STATES
 from trio_idle.ops.health import (
     Health,
@@ -57,12 +58,74 @@ def test_share_exactly_at_the_threshold_is_ready() -> None:
 
 
 def test_share_below_the_threshold() -> None:
-    s = snap(sessions=count_states(["idle"] * 8 + ["backing-off", "auth-failed"]))
+    s = snap(sessions=count_states(["idle"] * 8 + ["backing-off", "connecting"]))
     verdict = assess_readiness(s)
     assert not verdict.ok
     assert verdict.reasons == ("only 8 of 10 sessions are idle or polling (need 90%)",)
     assert not assess_health(s).ok
     assert assess_liveness(s).ok  # sessions down do not make the process unhealthy
+
+
+def test_one_users_wrong_password_out_of_two_is_ready_and_healthy() -> None:
+    s = snap(sessions=count_states(["idle", "auth-failed"]), connections_in_source=2)
+    assert s.sessions_user_blocked == 1 and s.sessions_operator == 1 and s.up_share == 1.0
+    assert assess_readiness(s).ok and assess_health(s).ok
+
+
+def test_every_session_auth_failed_is_the_users_business() -> None:
+    s = snap(sessions=count_states(["auth-failed"] * 3), connections_in_source=3)
+    assert s.up_share == 1.0  # nothing the operator answers for is unwatched
+    assert assess_readiness(s).ok and assess_health(s).ok
+
+
+def test_user_blocked_sessions_are_left_out_of_the_share_not_counted_as_up() -> None:
+    s = snap(sessions=count_states(["idle"] * 8 + ["backing-off"] * 2 + ["auth-failed"] * 5))
+    verdict = assess_readiness(s)
+    assert verdict.reasons == (
+        "only 8 of 10 sessions are idle or polling (need 90%; 5 auth-failed not counted)",
+    )
+    assert not assess_health(s).ok
+
+
+def test_every_session_failing_for_other_reasons_is_not_ready() -> None:
+    s = snap(sessions=count_states(["backing-off", "backing-off"]), connections_in_source=2)
+    assert assess_readiness(s).reasons == ("only 0 of 2 sessions are idle or polling (need 90%)",)
+    assert assess_health(s).reasons == assess_readiness(s).reasons
+
+
+@pytest.mark.parametrize(
+    ("failing_since", "ok"), [(None, True), (1000.0, True), (941.0, True), (940.0, False)]
+)
+def test_backend_down_after_its_bound(failing_since: float | None, ok: bool) -> None:
+    s = snap(backend_failing_since=failing_since, backend_down_after=60.0)
+    assert assess_readiness(s).ok is ok and assess_health(s).ok is ok
+    assert assess_liveness(s).ok
+    if not ok:
+        assert assess_readiness(s).reasons == ("every request to the backend has failed for 60s",)
+
+
+def test_backend_down_with_no_sessions_is_still_not_ready() -> None:
+    s = snap(sessions=count_states([]), backend_failing_since=0.0, connections_in_source=0)
+    assert not assess_readiness(s).ok
+
+
+def test_a_fenced_instance_is_not_ready() -> None:
+    # fenced: its sessions are stopped, so the share alone would say "ready"
+    s = snap(sessions=count_states([]), fenced=True)
+    assert assess_readiness(s).reasons == ("this instance is fenced (cannot renew its lease)",)
+    assert not assess_health(s).ok
+
+
+def test_backend_watch_keeps_the_start_of_a_run_of_failures() -> None:
+    watch = BackendWatch()
+    assert watch.failing_since is None
+    watch.failed(10.0)
+    watch.failed(20.0)
+    assert watch.failing_since == 10.0
+    watch.answered()
+    assert watch.failing_since is None
+    watch.failed(30.0)
+    assert watch.failing_since == 30.0
 
 
 def test_connecting_sessions_are_not_up() -> None:
@@ -122,6 +185,8 @@ def test_readiness_body_and_status_line() -> None:
     assert body["ready"] is False
     assert body["sessions"] == s.sessions
     assert body["sessions_total"] == 3 and body["sessions_up"] == 2
+    assert body["sessions_user_blocked"] == 0
+    assert body["backend_failing_seconds"] is None and body["fenced"] is False
     assert body["up_share"] == 0.6667 and body["ready_share"] == 0.9
     assert body["connections_in_source"] == 4 and body["last_refresh_age_seconds"] == 100.0
     assert status_line(s) == (

@@ -161,3 +161,65 @@ def test_account_health_counts_by_state_and_reason_without_emails() -> None:
     assert m[("trio_idle_account_health", (("reason", ""), ("state", "unreachable")))] == 0
     assert m[("trio_idle_health_reports_total", (("result", "ok"),))] == 1
     assert b"@" not in text
+
+
+# every labelled counter, with each of its known label values; written out here (not
+# read from metrics.py) so that dropping a value there fails this test
+EXPECTED_ZEROS = {
+    "trio_idle_exists_events_total": ("reason", {"exists", "tick"}),
+    "trio_idle_scans_sent_total": ("reason", {"exists", "tick", "startup", "reconnect"}),
+    "trio_idle_idle_restarts_total": ("by", {"ticker", "session"}),
+    "trio_idle_scans_failed_total": ("status", {"400", "401", "403", "404"}),
+    "trio_idle_scans_retried_total": ("status", {"network", "429", "500", "502", "503", "504"}),
+    "trio_idle_pings_sent_total": ("result", {"ok", "fail"}),
+    "trio_idle_state_errors_total": ("operation", {"load", "write"}),
+    "trio_idle_health_reports_total": ("result", {"ok", "retried"}),
+    "trio_idle_token_failures_total": (
+        "reason",
+        {"token_error", "token_unavailable", "token_revoked", "refused"},
+    ),
+    "trio_idle_envelope_fetches_total": ("result", {"listed", "range", "unavailable"}),
+    "trio_idle_gc_collections_total": ("kind", {"young", "full"}),
+    "trio_idle_status_auth_failures_total": ("reason", {"missing", "wrong"}),
+    "trio_idle_health_clients_dropped_total": ("reason", {"evicted", "timeout"}),
+    "trio_idle_disconnects_total": (
+        "cause",
+        {"connection_lost", "connect_failed", "auth_failed", "internal_error"},
+    ),
+}
+
+
+def labelled_counter_series(text: bytes) -> dict[str, dict[str, float]]:
+    """Every ``*_total`` sample with exactly one label: family → label value → value."""
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        if family.type != "counter":
+            continue
+        for s in family.samples:
+            if s.name.endswith("_total") and len(s.labels) == 1:
+                (value,) = s.labels.values()
+                out.setdefault(s.name, {})[value] = float(s.value)
+    return out
+
+
+def test_a_fresh_daemon_exports_every_labelled_counter_at_zero_for_each_known_value() -> None:
+    """Before the first failure a rate over ``scans_failed_total`` must exist (0), or an
+    alert adding it to another rate has no series and can never fire."""
+    series = labelled_counter_series(render_metrics(data(Stats())))
+    assert set(series) == set(EXPECTED_ZEROS)
+    for name, (_label, values) in EXPECTED_ZEROS.items():
+        assert series[name] == dict.fromkeys(values, 0.0), name
+
+
+def test_counted_label_values_join_the_known_ones() -> None:
+    stats = Stats()
+    stats.inc("scans_failed", "422")
+    stats.inc("scans_failed", "401", by=2)
+    series = labelled_counter_series(render_metrics(data(stats)))
+    assert series["trio_idle_scans_failed_total"] == {
+        "400": 0.0,
+        "401": 2.0,
+        "403": 0.0,
+        "404": 0.0,
+        "422": 1.0,
+    }

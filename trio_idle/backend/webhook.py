@@ -29,6 +29,7 @@ import trio
 
 from trio_idle import __version__
 from trio_idle.backend.http_transport import TrioHTTPTransport, error_text
+from trio_idle.backend.watch import BackendWatch
 from trio_idle.core.scrub import PLAIN
 from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
@@ -137,6 +138,10 @@ def _int_field(data: object, name: str) -> int | None:
     return value
 
 
+#: refusals that say the backend rejects this daemon itself (its ``ADMIN_SECRET``)
+SECRET_REFUSED: Final = frozenset({401, 403})
+
+
 def interpret_reply(
     status: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None
 ) -> ScanReply:
@@ -169,7 +174,7 @@ def interpret_reply(
         return ScanReply(
             Verdict.RETRY, f"backend answered {status}", status=status, retry_after=wait
         )
-    if status in (401, 403):
+    if status in SECRET_REFUSED:
         return ScanReply(
             Verdict.REJECT,
             f"backend answered {status}: it rejected ADMIN_SECRET "
@@ -177,6 +182,17 @@ def interpret_reply(
             status=status,
         )
     return ScanReply(Verdict.REJECT, f"backend answered {status} (not retried)", status=status)
+
+
+def backend_failed(reply: ScanReply) -> bool:
+    """Whether ``reply`` counts against the backend being up (pure): no answer, a
+    timeout, a 5xx, or a refusal of ``ADMIN_SECRET`` (401/403) do; a 2xx, a 429 (busy
+    but there) and other 4xx (about this one request) do not."""
+    if reply.verdict is Verdict.OK or reply.status == 429:
+        return False
+    if reply.verdict is Verdict.REJECT:
+        return reply.status in SECRET_REFUSED
+    return True
 
 
 class WebhookClient:
@@ -243,6 +259,8 @@ class WebhookClient:
         self._timeout = {"timeout": self._phase_timeouts.as_dict()}
         #: the whole attempt's bound, past the phases' own (see :func:`attempt_deadline`)
         self._deadline = attempt_deadline(total_timeout)
+        #: whether the backend answers (readiness, pings); fed by every :meth:`post`
+        self.backend = BackendWatch()
         #: where requests go: the given transport, ours, or (trust_env) the client
         self._direct: httpx.AsyncBaseTransport | None = transport
         self._client: httpx.AsyncClient | None = None
@@ -308,9 +326,14 @@ class WebhookClient:
         except trio.WouldBlock:
             await self._slots.acquire()
         try:
-            return await self._post(url, body, headers)
+            reply = await self._post(url, body, headers)
         finally:
             self._slots.release()
+        if backend_failed(reply):
+            self.backend.failed(trio.current_time())
+        else:
+            self.backend.answered()
+        return reply
 
     def _target(self, url: str) -> tuple[httpx.URL, tuple[tuple[str, str], ...]]:
         """``url`` without its credentials, and the ``authorization`` header they make

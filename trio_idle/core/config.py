@@ -785,7 +785,16 @@ class HealthSettings:
         "--ready-share",
         _fraction,
         "0.9",
-        "share of sessions that must be idle or polling for /readyz and the health ping",
+        "share of the sessions (auth-failed ones left out: their users must act) that must be "
+        "idle or polling for /readyz and the health ping",
+    )
+    backend_down_after: float = setting(
+        "TRIO_IDLE_BACKEND_DOWN_AFTER",
+        "--backend-down-after",
+        parse_duration,
+        "60s",
+        "how long every request to the backend (scans, account health reports) may fail "
+        "(no answer, timeout, 5xx, 401/403) before /readyz and the health ping say so",
     )
     max_loop_lag: float = setting(
         "TRIO_IDLE_MAX_LOOP_LAG",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from collections.abc import Iterable
 from typing import Final
 
 #: Upper bounds (seconds) of the latency histogram buckets: 5 ms … 2 min.
@@ -59,6 +60,15 @@ class Stats:
         if label is not None:
             return self._counts[(name, label)]
         return sum(v for (n, _), v in self._counts.items() if n == name)
+
+    def by_label(self, name: str, known: Iterable[str] = ()) -> dict[str, int]:
+        """``name``'s counts by label, sorted: every ``known`` label (0 until counted, so a
+        rate over it exists before the first event) and every label counted so far."""
+        counts = dict.fromkeys(known, 0)
+        for (n, label), value in self._counts.items():
+            if n == name:
+                counts[label] = value
+        return dict(sorted(counts.items()))
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

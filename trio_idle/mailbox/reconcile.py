@@ -28,6 +28,7 @@ import attrs
 import trio
 
 from trio_idle.accounts.connections import MailConnection
+from trio_idle.backend.watch import BackendWatch
 from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.logs import log_internal_error, prefix, session_logger
 from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
@@ -107,6 +108,11 @@ class Reconciler:
                 s.webhook.scan_retry_initial,
                 s.webhook.scan_retry_max,
             )
+
+    @property
+    def backend(self) -> BackendWatch:
+        """Whether the backend answers the scans and reports (fed by the webhook client)."""
+        return self._webhook.backend
 
     @property
     def store(self) -> StateStore | None:

@@ -4,8 +4,9 @@ Routes (``GET`` and ``HEAD`` only):
 
 - ``/healthz``: 200 while the event loop is responsive, 503 when its lag exceeds
   ``max_loop_lag`` (:func:`~trio_idle.ops.health.assess_liveness`);
-- ``/readyz``: 200 when the connection list is fresh and enough sessions watch their
-  mailbox, else 503 (:func:`~trio_idle.ops.health.assess_readiness`); JSON counts either way;
+- ``/readyz``: 200 unless something the operator must fix is wrong (stale list, too few
+  of the operator's sessions watching, backend failing, fenced; never what end users
+  cause), else 503 (:func:`~trio_idle.ops.health.assess_readiness`); JSON counts either way;
 - ``/metrics``: Prometheus text format (:mod:`trio_idle.ops.metrics`);
 - ``/status``: JSON detail per connection (:meth:`Reconciler.snapshot`: ids, emails,
   hosts, last errors; no secrets), the cluster and the LISTEN/NOTIFY listener

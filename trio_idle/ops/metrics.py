@@ -28,9 +28,12 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from trio_idle import __version__
+from trio_idle.accounts.credentials import TOKEN_ERROR, TOKEN_REVOKED, TOKEN_UNAVAILABLE
 from trio_idle.cluster.membership import MembershipView
+from trio_idle.core.gc_policy import Kind as GcKind
 from trio_idle.core.stats import Histogram, Stats
 from trio_idle.mailbox.account_health import HEALTH_STATES
+from trio_idle.mailbox.coalescer import PACED_REASONS
 from trio_idle.mailbox.session_states import SESSION_STATES
 
 PREFIX: Final = "trio_idle"
@@ -63,47 +66,87 @@ PLAIN_COUNTERS: Final = (
     ("asyncio_errors", "errors asyncio had nobody to report to (logged, not fatal)"),
 )
 
-#: ``Stats`` counters with a label, exported as ``trio_idle_<name>_total{<label>}``.
-LABELLED_COUNTERS: Final = (
-    ("exists_events", "reason", "new mail noticed (exists: pushed during IDLE; tick: NOOP)"),
-    ("scans_sent", "reason", "scan requests sent to the backend, retries included"),
+#: ``Stats`` counters with a label, exported as ``trio_idle_<name>_total{<label>}``: name,
+#: label, the label values exported at 0 before their first event (every value a counter
+#: can take, or for HTTP statuses the usual ones), help text. Without those zeros a rate
+#: over a counter has no series until its first increment, and an alert that adds it to
+#: another (``A + rate(B)``) has none either: it could never fire.
+LABELLED_COUNTERS: Final[tuple[tuple[str, str, tuple[str, ...], str], ...]] = (
+    (
+        "exists_events",
+        "reason",
+        ("exists", "tick"),
+        "new mail noticed (exists: pushed during IDLE; tick: NOOP)",
+    ),
+    (
+        "scans_sent",
+        "reason",
+        ("exists", "tick", *sorted(PACED_REASONS)),
+        "scan requests sent to the backend, retries included",
+    ),
     (
         "idle_restarts",
         "by",
+        ("ticker", "session"),
         "IDLE left and entered again for a tick or a renewal (ticker: written ahead by "
         "the process ticker; session: by the session itself)",
     ),
-    ("scans_failed", "status", "scans the backend refused for good (not retried)"),
-    ("scans_retried", "status", "scan attempts that failed and were retried"),
-    ("pings_sent", "result", "health pings delivered (ok: healthy, fail: unhealthy)"),
-    ("state_errors", "operation", "state store failures (load, write)"),
+    (
+        "scans_failed",
+        "status",
+        ("400", "401", "403", "404"),
+        "scans the backend refused for good (not retried)",
+    ),
+    (
+        "scans_retried",
+        "status",
+        ("network", "429", "500", "502", "503", "504"),
+        "scan attempts that failed and were retried",
+    ),
+    (
+        "pings_sent",
+        "result",
+        ("ok", "fail"),
+        "health pings delivered (ok: healthy, fail: unhealthy)",
+    ),
+    ("state_errors", "operation", ("load", "write"), "state store failures (load, write)"),
     (
         "health_reports",
         "result",
+        ("ok", "retried"),
         "account health reports sent to the backend (ok: accepted, retried: failed and "
         "retried, an HTTP status: refused for good)",
     ),
     (
         "token_failures",
         "reason",
+        (TOKEN_ERROR, TOKEN_UNAVAILABLE, TOKEN_REVOKED, "refused"),
         "OAuth2 access tokens not had (token_error, token_unavailable, token_revoked) "
         "or refused by the IMAP server (refused)",
     ),
     (
         "envelope_fetches",
         "result",
+        ("listed", "range", "unavailable"),
         "envelope fetches before a scan (listed: envelopes sent; range: more new mail than "
         "fit, range only; unavailable: no session or the fetch failed)",
     ),
-    ("gc_collections", "kind", "after-refresh garbage collections (young, full)"),
+    (
+        "gc_collections",
+        "kind",
+        tuple(kind.value for kind in GcKind),
+        "after-refresh garbage collections (young, full)",
+    ),
     (
         "status_auth_failures",
         "reason",
+        ("missing", "wrong"),
         "/status requests refused for a missing or wrong bearer token",
     ),
     (
         "health_clients_dropped",
         "reason",
+        ("evicted", "timeout"),
         "health port clients closed (evicted: pushed out by a new client before completing "
         "a request; timeout: too slow)",
     ),
@@ -168,7 +211,6 @@ def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
 def families(data: MetricsInput) -> Iterator[Metric]:
     """Every metric family for one scrape (pure)."""
     stats = data.stats
-    snapshot = stats.snapshot()
 
     info = GaugeMetricFamily(f"{PREFIX}_build_info", "version of trio-idle", labels=["version"])
     info.add_metric([__version__], 1)
@@ -220,9 +262,9 @@ def families(data: MetricsInput) -> Iterator[Metric]:
         disconnects.add_metric([cause], stats.get(stat))
     yield disconnects
 
-    for name, label, doc in LABELLED_COUNTERS:
+    for name, label, known, doc in LABELLED_COUNTERS:
         family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=[label])
-        for value, count in sorted(snapshot.get(name, {}).items()):
+        for value, count in stats.by_label(name, known).items():
             family.add_metric([value], count)
         yield family
 

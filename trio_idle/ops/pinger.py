@@ -1,7 +1,8 @@
 """Outbound health pings in the healthchecks.io / Uptime Kuma "push" style.
 
 Every ``ping_interval`` (the first one interval after start) the daemon's health is
-assessed (:func:`trio_idle.ops.health.assess_health`) and:
+assessed (:func:`trio_idle.ops.health.assess_health`: only what the operator must fix; one
+user's wrong password never sends ``/fail``) and:
 
 - healthy: ``GET <TRIO_IDLE_PING_URL>``;
 - unhealthy: ``GET <TRIO_IDLE_PING_URL><TRIO_IDLE_PING_FAIL_SUFFIX>?reason=<text>`` — the

@@ -1,3 +1,3 @@
-"""The composition root: the daemon's root nursery, the refresh loop, supervision, the read
-API for status, garbage-collection policy.
+"""The composition root: the daemon's root nursery, the refresh loop, shared mode, supervision,
+the read API for status.
 """

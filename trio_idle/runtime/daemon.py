@@ -43,11 +43,18 @@ from loguru import logger
 
 from trio_idle.accounts.connections import ConnectionListBuilder, MailConnection
 from trio_idle.auth.token_backend import make_token_source
+from trio_idle.backend.watch import BackendWatch
 from trio_idle.backend.webhook import WebhookClient
 from trio_idle.cluster.listener import NotifyListener
 from trio_idle.cluster.membership import MembershipDb, PostgresMembership, default_instance_id
 from trio_idle.core.config import Settings, process_secrets
 from trio_idle.core.crypto import derive_key
+from trio_idle.core.gc_policy import (
+    CollectionPolicy,
+    Kind,
+    collect_and_freeze,
+    pace_young_collections,
+)
 from trio_idle.core.limiter import ConnectLimiter, Pacer
 from trio_idle.core.logs import protect_secrets
 from trio_idle.core.stats import Stats
@@ -58,12 +65,6 @@ from trio_idle.mailbox.session import SessionEnv
 from trio_idle.mailbox.ticker import Ticker
 from trio_idle.ops.health import count_states
 from trio_idle.runtime.daemon_status import DaemonStatus, Phase
-from trio_idle.runtime.gc_policy import (
-    CollectionPolicy,
-    Kind,
-    collect_and_freeze,
-    pace_young_collections,
-)
 from trio_idle.runtime.refresher import ConnectionSource, Refresher
 from trio_idle.runtime.share import ShareCoordinator
 from trio_idle.runtime.supervision import Supervisor, run_supervision
@@ -178,6 +179,10 @@ class Daemon:
     def sessions(self) -> Collection[Handle]:
         """The running connections (supervision reads their scans and health)."""
         return self.reconciler.handles.values()
+
+    def backend(self) -> BackendWatch:
+        """Whether the backend answers (readiness and pings read it)."""
+        return self.reconciler.backend
 
     def connections_snapshot(self) -> list[dict[str, Any]]:
         """Per connection, what ``/status`` shows (log-safe)."""
@@ -296,7 +301,7 @@ class Daemon:
 
     def _collect_garbage(self) -> None:
         """The after-refresh collection of ``TRIO_IDLE_GC=tuned``
-        (:mod:`trio_idle.runtime.gc_policy`).
+        (:mod:`trio_idle.core.gc_policy`).
 
         Blocks the loop for its pause: milliseconds for the steady daemon's young
         collection; ≈ 1.9 s at 10,000 sessions for a full one (after many connections

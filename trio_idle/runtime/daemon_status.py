@@ -20,6 +20,7 @@ import attrs
 
 if TYPE_CHECKING:
     from trio_idle.accounts.connections import RowProblem
+    from trio_idle.backend.watch import BackendWatch
     from trio_idle.cluster.listener import ListenerView
     from trio_idle.cluster.membership import MembershipView
     from trio_idle.core.config import Settings
@@ -81,6 +82,8 @@ class DaemonView(Protocol):
     def sessions(self) -> Collection[Handle]: ...
 
     def connections_snapshot(self) -> list[dict[str, Any]]: ...
+
+    def backend(self) -> BackendWatch: ...
 
     def status(self) -> DaemonStatus: ...
 

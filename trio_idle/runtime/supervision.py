@@ -159,6 +159,9 @@ class Supervisor:
             loop_lag=self.monitor.lag(now),
             max_loop_lag=s.health.max_loop_lag,
             ready_share=s.health.ready_share,
+            backend_failing_since=self.daemon.backend().failing_since,
+            backend_down_after=s.health.backend_down_after,
+            fenced=status.cluster is not None and status.cluster.fenced,
         )
 
     def metrics_input(self) -> MetricsInput:
