@@ -13,16 +13,14 @@ from __future__ import annotations
 import functools
 import io
 import re
-import sys
 import textwrap
 from pathlib import Path
 
 import httpx
-import loguru
 import pytest
 import trio
 
-from tests.harness import ADMIN_SECRET, KEY, row, running_daemon
+from tests.harness import ADMIN_SECRET, KEY, restore_stderr_sink, row, running_daemon
 from tests.reliability.rig import Rig
 from tests.reliability.scripted_server import Peer, ScriptedServer
 from trio_idle import cli, logs
@@ -201,8 +199,7 @@ def test_check_login_table_never_shows_the_password(
     try:
         code = trio.run(main)
     finally:
-        loguru.logger.remove()  # the CLI replaced the sinks; give the next tests stderr back
-        loguru.logger.add(sys.stderr)
+        restore_stderr_sink()  # the CLI replaced the sinks
         logs.protect_secrets(())
     out, err = capsys.readouterr()
     assert code == 1  # the login failed, and the table says so
@@ -222,3 +219,4 @@ async def test_a_user_name_with_spaces_and_quotes_logs_in(rig: Rig) -> None:
         with trio.fail_after(10):
             await rig.idle(login)
         assert daemon.stats.get("auth_failures") == 0
+
