@@ -35,6 +35,7 @@ from trio_idle.imap_client import (
     make_ssl_context,
     resolve_security,
 )
+from trio_idle.outcome_text import ConnectionSecrets
 from trio_idle.providers import connection_preset
 from trio_idle.scrub import PLAIN
 from trio_idle.session_states import SESSION_STATES, UP_STATES
@@ -111,7 +112,7 @@ async def try_login(
             with trio.fail_after(settings.webhook.token_timeout + 5):
                 token = await tokens.get(conn)
         except TokenUnavailable as exc:
-            return f"no access token ({exc.reason}): {conn.scrubber()(exc)}"
+            return f"no access token ({exc.reason}): {ConnectionSecrets.of(conn).scrub(exc)}"
         except trio.TooSlowError:
             return "no access token in time"
         secret = token.token.reveal()
@@ -144,9 +145,8 @@ async def try_login(
     except ImapError as exc:
         # the classified health and its one-line fix follow the server's text
         return explain(
-            exc,
+            ConnectionSecrets.of(conn, secret).failure(exc),
             connection_preset(conn.provider, conn.email, conn.host),
-            conn.scrubber(secret),
             oauth=conn.auth == AUTH_OAUTH2,
         )
     except trio.TooSlowError:

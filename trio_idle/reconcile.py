@@ -33,6 +33,7 @@ from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_re
 from trio_idle.imap_envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap_responses import MailboxState
 from trio_idle.logs import log_internal_error, prefix, session_logger
+from trio_idle.outcome_text import ConnectionSecrets
 from trio_idle.scan_worker import ScanHooks, ScanPolicy, run_scans
 from trio_idle.session import ConnectionMemory, SessionEnv, run_session
 from trio_idle.state_store import StateStore
@@ -212,7 +213,7 @@ class Reconciler:
             with handle.scope:
                 if predecessor is not None:
                     await predecessor.finished.wait()
-                    # only now: the old session's outcomes are scrubbed of the old password
+                    # only now: the old session's outcomes were classified with the old row
                     handle.health.rebind(conn)
                 async with trio.open_nursery() as nursery:
                     handle.coalescer.attach(
@@ -230,7 +231,10 @@ class Reconciler:
         except Exception as exc:  # belt and braces: one connection never takes down the rest
             self._env.stats.inc("internal_errors")
             log_internal_error(
-                log, f"{prefix(conn.email)} connection task crashed:", exc, conn.scrubber()
+                log,
+                f"{prefix(conn.email)} connection task crashed:",
+                exc,
+                ConnectionSecrets.of(conn),
             )
             if self.handles.get(conn.id) is handle:
                 del self.handles[conn.id]  # the next refresh starts it again

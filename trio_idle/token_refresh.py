@@ -72,7 +72,8 @@ from trio_idle.credentials import (
 )
 from trio_idle.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
 from trio_idle.limiter import Pacer
-from trio_idle.scrub import PLAIN, Scrubber
+from trio_idle.outcome_text import ConnectionSecrets
+from trio_idle.scrub import PLAIN, Scrubs
 from trio_idle.secret import Secret
 from trio_idle.state_store import StoredRefreshToken, TokenBackend, make_token_backend
 from trio_idle.webhook import new_http_client, parse_retry_after, read_capped
@@ -221,7 +222,7 @@ def parse_token_reply(
     headers: Mapping[str, str],
     body: bytes,
     *,
-    scrubber: Scrubber = PLAIN,
+    scrubber: Scrubs = PLAIN,
     now: float | None = None,
 ) -> TokenGrant | TokenUnavailable:
     """Judge a token endpoint's reply. Pure: the outcome is returned, not raised.
@@ -570,7 +571,7 @@ class RefreshingTokens:
         row_token = conn.refresh_token.reveal()
         refresh_token = self.rotated.current(conn.id, entry.row_fingerprint) or row_token
         secret = client.client_secret.reveal() if client.client_secret is not None else None
-        scrubber = conn.scrubber(refresh_token, secret)
+        scrubber = ConnectionSecrets.of(conn, refresh_token, secret)
         await self._pacer.wait()
         outcome = await self._post(client, refresh_body(client, refresh_token), scrubber)
         if isinstance(outcome, TokenUnavailable):
@@ -614,7 +615,7 @@ class RefreshingTokens:
         )
 
     async def _post(
-        self, client: ProviderClient, body: bytes, scrubber: Scrubber
+        self, client: ProviderClient, body: bytes, scrubber: Scrubs
     ) -> TokenGrant | TokenUnavailable:
         """One request. Never raises for network trouble or a bad reply: those are
         ``token_error`` outcomes. The whole attempt is bounded by the timeout."""

@@ -20,6 +20,7 @@ from trio_idle.connections import MailConnection, build_connection
 from trio_idle.crypto import derive_key
 from trio_idle.errors import ImapAuthError
 from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reports
+from trio_idle.outcome_text import ConnectionSecrets
 from trio_idle.stats import Stats
 from trio_idle.testing.backend import Reply, ScanRequest
 from trio_idle.webhook import WebhookClient
@@ -128,6 +129,9 @@ async def test_a_failing_endpoint_gets_the_newest_state_one_report_at_a_time(rig
         max_connections=4,
     )
     policy = StatusPolicy(backend.url + backend.status_path, 0.2, 0.4)
+    failure = ConnectionSecrets.of(conn).failure(
+        ImapAuthError("login rejected: NO [AUTHENTICATIONFAILED] x")
+    )
     try:
         async with trio.open_nursery() as nursery:
             stats, rng = Stats(), random.Random()
@@ -138,7 +142,7 @@ async def test_a_failing_endpoint_gets_the_newest_state_one_report_at_a_time(rig
                 )
             )
             with trio.fail_after(15):
-                health.observe(ImapAuthError("login rejected: NO [AUTHENTICATIONFAILED] x"))
+                health.observe(failure)
                 await backend.wait_for_status(lambda: len(backend.status_reports) >= 1)
                 health.observe(Connected(idle=False))
                 await backend.wait_for_status(

@@ -15,6 +15,7 @@ from trio_idle.account_health import Connected
 from trio_idle.connections import MailConnection
 from trio_idle.errors import ImapConnectError
 from trio_idle.health_reporter import AccountHealth, StatusPolicy, run_health_reports
+from trio_idle.outcome_text import ConnectionSecrets
 from trio_idle.secret import Secret
 from trio_idle.stats import Stats
 from trio_idle.webhook import WebhookClient
@@ -82,7 +83,8 @@ async def test_reporter_exists_only_while_a_report_waits(
         await trio.testing.wait_all_tasks_blocked()
         assert posted == ["ok"] and len(nursery.child_tasks) == 0
 
-        health.observe(ImapConnectError("refused", kind="refused"))  # debounced...
+        refused = ImapConnectError("refused", kind="refused")
+        health.observe(ConnectionSecrets().failure(refused))  # debounced...
         await trio.testing.wait_all_tasks_blocked()
         assert posted == ["ok"] and len(nursery.child_tasks) == 1  # ...by a waiting reporter
         await trio.sleep(300)  # due now: 503, retried, then accepted; the reporter ends
