@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import random
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
 import trio
@@ -66,8 +66,9 @@ from trio_idle.membership import (
     PostgresMembership,
     default_instance_id,
 )
+from trio_idle.outcome_text import weak_password_ids
 from trio_idle.reconcile import Reconciler
-from trio_idle.scrub import PLAIN
+from trio_idle.scrub import PLAIN, WEAK_BELOW
 from trio_idle.session import SessionEnv
 from trio_idle.state_store import StateStore, make_state_backend
 from trio_idle.stats import Stats
@@ -140,6 +141,8 @@ class Daemon:
         self._source_version: bytes | None = None
         self._refresh_now = trio.Event()
         self._logged_problems: set[tuple[str, str]] = set()
+        #: connections already warned about a password too short to mask safely
+        self._weak_warned: set[str] = set()
         # What status() reports. Every change is followed by _changed_now().
         self._phase = Phase.RUNNING
         self._refresh_attempts = 0
@@ -281,6 +284,21 @@ class Daemon:
             return rows, version
         return await self.source.fetch(), None
 
+    def _warn_weak_passwords(self, conns: Iterable[MailConnection]) -> None:
+        """One line per process for the connections whose password is too short to be
+        masked safely in server text (:func:`trio_idle.scrub.weakly_masked`)."""
+        weak = [i for i in weak_password_ids(conns) if i not in self._weak_warned]
+        if not weak:
+            return
+        self._weak_warned.update(weak)
+        shown = ", ".join(PLAIN.scrub(i, 80) for i in weak[:5])
+        more = f" and {len(weak) - 5} more" if len(weak) > 5 else ""
+        logger.warning(
+            f"[idle/{self.source.name}] {len(weak)} connection(s) have a password shorter "
+            f"than {WEAK_BELOW} characters ({shown}{more}): server text can only mask it "
+            "where it stands alone as a word (docs/security.md)"
+        )
+
     async def _refresh_once(self) -> bool:
         """Read the source and apply the diff. Returns False if the source failed."""
         try:
@@ -308,6 +326,7 @@ class Daemon:
                 f"skipped: {PLAIN.scrub(message)}"
             )
         self._logged_problems = current  # a row that is fixed and breaks again logs again
+        self._warn_weak_passwords(wanted.values())
         if self._phase is not Phase.RUNNING:
             return True
         if self.membership is None:

@@ -35,9 +35,9 @@ from trio_idle.imap_client import (
     make_ssl_context,
     resolve_security,
 )
-from trio_idle.outcome_text import ConnectionSecrets
+from trio_idle.outcome_text import ConnectionSecrets, weak_password_ids
 from trio_idle.providers import connection_preset
-from trio_idle.scrub import PLAIN
+from trio_idle.scrub import PLAIN, WEAK_BELOW
 from trio_idle.session_states import SESSION_STATES, UP_STATES
 from trio_idle.token_backend import make_token_source
 
@@ -196,6 +196,12 @@ async def run_check(
                 settings.connections.encryption_key.reveal(), settings.connections.key_derivation
             ),
         )
+        if weak := weak_password_ids(good.values()):
+            logger.warning(
+                f"[idle/check] {len(weak)} connection(s) have a password shorter than "
+                f"{WEAK_BELOW} characters ({', '.join(PLAIN.scrub(i, 80) for i in weak)}): "
+                "server text can only mask it where it stands alone as a word"
+            )
         logger.info(
             f"[idle/check] {len(rows)} rows from {source.name}, {len(good)} usable"
             + (f"; trying LOGIN on each ({concurrency} at a time)" if login and good else "")
