@@ -31,14 +31,12 @@ from typing import Final
 
 import attrs
 
-from trio_idle.credentials import TOKEN_REVOKED, TOKEN_UNAVAILABLE, TokenUnavailable
+from trio_idle.credentials import TOKEN_REVOKED, TOKEN_UNAVAILABLE
 from trio_idle.errors import (
     CONNECT_KINDS,
     KIND_SERVER_CLOSED,
-    ImapAuthError,
-    ImapError,
 )
-from trio_idle.outcome_text import Failure
+from trio_idle.outcome_text import CONNECTION, NO_TOKEN, REFUSED, Failure
 from trio_idle.providers import GENERIC, Preset, classify_server_text
 
 OK: Final = "ok"
@@ -162,26 +160,24 @@ def auth_reason(text: str, preset: Preset, *, oauth: bool, sasl_status: str | No
 def classify(outcome: Connected | Failure, preset: Preset, *, oauth: bool = False) -> Health | None:
     """The health ``outcome`` means (pure), or ``None`` if it says nothing about it.
 
-    ``outcome``: :class:`Connected`, or a :class:`~trio_idle.outcome_text.Failure` whose
-    error is an :class:`~trio_idle.errors.ImapError` (its ``kind`` says what failed) or a
-    :class:`~trio_idle.credentials.TokenUnavailable`. The message is the failure's
-    (scrubbed) text; the error is looked at for its type and fields only.
+    ``outcome``: :class:`Connected`, or a :class:`~trio_idle.outcome_text.Failure`: a
+    refused login, no access token, or a failed connection (its ``kind`` says what
+    failed). The message is the failure's (scrubbed) text.
     """
     if isinstance(outcome, Connected):
         if outcome.idle:
             return HEALTHY
         return Health(DEGRADED, NO_IDLE, "server has no IDLE capability; polling")
-    error = outcome.error
-    if isinstance(error, TokenUnavailable):
-        if error.reason not in (TOKEN_REVOKED, TOKEN_UNAVAILABLE):
+    if outcome.what == NO_TOKEN:
+        if outcome.token_reason not in (TOKEN_REVOKED, TOKEN_UNAVAILABLE):
             return None  # the source fails for now and is retried: it says nothing yet
-        return Health(AUTH_FAILED, error.reason, _short(outcome.text))
-    if isinstance(error, ImapAuthError):
+        return Health(AUTH_FAILED, outcome.token_reason, _short(outcome.text))
+    if outcome.what == REFUSED:
         message = _short(outcome.words)
-        reason = auth_reason(message, preset, oauth=oauth, sasl_status=error.sasl_status)
+        reason = auth_reason(message, preset, oauth=oauth, sasl_status=outcome.sasl_status)
         return Health(AUTH_FAILED, reason, message)
-    if isinstance(error, ImapError):
-        kind = error.kind
+    if outcome.what == CONNECTION:
+        kind = outcome.kind
         if kind not in UNREACHABLE_REASONS:
             # a lost connection (BYE, EOF) or a protocol failure: the session ended there
             kind = KIND_SERVER_CLOSED

@@ -15,9 +15,9 @@ them gets it from here:
   them (:mod:`trio_idle.scrub`: every spelling, control characters escaped, cut).
 - :meth:`ConnectionSecrets.failure` turns an exception into a :class:`Failure`: its
   shown ``text`` and, for a refused login, the server's own words, both scrubbed with the
-  whole set. The session logs ``text``, stores it as ``last_error`` and hands the
-  :class:`Failure` (never the exception) to the account health, which classifies it from
-  those texts and the exception's machine-readable fields only.
+  whole set, plus the exception's machine-readable fields (not the exception). The
+  session logs ``text``, stores it as ``last_error`` and hands the :class:`Failure` to
+  the account health, which classifies it from those alone.
 
 Pure: no I/O. One :class:`ConnectionSecrets` per session run (a credentials change
 starts a new session with the new row's secrets); not shared between tasks.
@@ -26,28 +26,43 @@ starts a new session with the new row's secrets); not shared between tasks.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
 import attrs
 
 from trio_idle.connections import AUTH_PASSWORD, MailConnection
-from trio_idle.errors import ImapAuthError
+from trio_idle.credentials import TokenUnavailable
+from trio_idle.errors import ImapAuthError, ImapError
 from trio_idle.scrub import DEFAULT_LIMIT, Scrubber, weakly_masked
+
+#: what a :class:`Failure` was: a refused login, no access token, a failed connection,
+#: anything else (a bug)
+REFUSED: Final = "refused"
+NO_TOKEN: Final = "no_token"
+CONNECTION: Final = "connection"
+OTHER: Final = "other"
 
 
 @attrs.frozen
 class Failure:
-    """One failed attempt as it may be shown.
+    """One failed attempt as it may be shown, and what the account health needs of it.
 
     ``text``: the exception's message, scrubbed of every secret of the connection;
     ``server_text``: for a refused login the server's own words (scrubbed the same way),
-    else ``None``. ``error`` is kept for its type and machine-readable fields (``kind``,
-    ``reason``, ``sasl_status``) only: its own text is never shown (it may hold a secret
-    ``text`` masks).
+    else ``None``. The rest are the exception's machine-readable fields: ``what`` (one of
+    :data:`REFUSED`, :data:`NO_TOKEN`, :data:`CONNECTION`, :data:`OTHER`), the
+    :class:`~trio_idle.errors.ImapError`'s ``kind``, the
+    :class:`~trio_idle.credentials.TokenUnavailable`'s ``reason``, a refused token's
+    ``sasl_status``. The exception itself is not kept: its text may hold a secret, and its
+    traceback the frames (and the connection) of a session that has ended.
     """
 
-    error: BaseException = attrs.field(repr=False)
     text: str
+    what: str = OTHER
     server_text: str | None = None
+    kind: str | None = None
+    token_reason: str | None = None
+    sasl_status: str | None = None
 
     @property
     def words(self) -> str:
@@ -97,14 +112,21 @@ class ConnectionSecrets:
 
     def failure(self, error: BaseException, limit: int | None = None) -> Failure:
         """``error`` as it may be shown (see :class:`Failure`)."""
-        server_text = (
-            getattr(error, "server_text", None) if isinstance(error, ImapAuthError) else None
-        )
-        return Failure(
-            error,
-            self.scrub(error, limit),
-            None if server_text is None else self.scrub(server_text, limit),
-        )
+        text = self.scrub(error, limit)
+        if isinstance(error, TokenUnavailable):
+            return Failure(text, NO_TOKEN, token_reason=error.reason)
+        if isinstance(error, ImapAuthError):
+            said = error.server_text
+            return Failure(
+                text,
+                REFUSED,
+                server_text=None if said is None else self.scrub(said, limit),
+                kind=error.kind,
+                sasl_status=error.sasl_status,
+            )
+        if isinstance(error, ImapError):
+            return Failure(text, CONNECTION, kind=error.kind)
+        return Failure(text)
 
 
 def weak_password_ids(conns: Iterable[MailConnection]) -> list[str]:
