@@ -119,6 +119,17 @@ class LogCapture:
         return "\n".join(self.lines)
 
 
+def restore_stderr_sink() -> None:
+    """Give loguru back a sink on stderr after a test replaced the sinks (the CLI does).
+
+    The sink writes to whatever ``sys.stderr`` is at the time: pytest swaps it for each
+    test, and a sink bound to one test's capture writes to a closed file later — loguru
+    then reports the failed write with the exception being handled, raw server text and
+    all, on the real stderr."""
+    logger.remove()
+    logger.add(lambda message: sys.stderr.write(message))
+
+
 @contextlib.contextmanager
 def capture_logs(level: str = "DEBUG") -> Iterator[LogCapture]:
     capture = LogCapture()

@@ -7,6 +7,17 @@ test's captured stdout/stderr, and whatever ``capsys.readouterr()`` handed to it
 fails the test that let a sentinel through, naming the first offending line. The bodies
 of ``/status``, ``/metrics``, ``/healthz`` and ``/readyz`` that a test fetches with httpx
 are collected too.
+
+Two more checks, through the test kit's :mod:`trio_idle.testing.witness`:
+
+- access and refresh tokens: every token a test server hands the daemon during a test
+  (:class:`~trio_idle.testing.oauth_server.OAuthTestServer`, the token route of
+  :class:`~trio_idle.testing.backend.ScanBackend`) is a secret of that test, whatever
+  it looks like, and must not appear in its output either;
+- what the backend received: the body of every request a
+  :class:`~trio_idle.testing.backend.ScanBackend` got during the test (scans, account
+  health reports, token requests) must hold no sentinel and no issued token. (Headers are
+  not checked: ``x-admin-secret`` carries the admin secret by contract.)
 """
 
 from __future__ import annotations
@@ -34,8 +45,24 @@ SENTINELS: Final = (
     "S3ntinel-at",  # access tokens there
 )
 
+#: tokens shorter than this are not taken as secrets (a test's deliberately broken one)
+MIN_ISSUED_CHARS: Final = 8
+
 _produced: list[str] = []
+#: request bodies the test backends received during the test
+_received: list[str] = []
+#: tokens the test servers issued during the test
+_issued: set[str] = set()
 _sink_id: int | None = None
+
+
+def _on_issued(secret: str) -> None:
+    if len(secret) >= MIN_ISSUED_CHARS:
+        _issued.add(secret)
+
+
+def _on_received(body: bytes) -> None:
+    _received.append(body.decode("utf-8", "replace"))
 
 
 def record(text: str) -> None:
@@ -56,12 +83,13 @@ def _ensure_sink() -> None:
     _sink_id = logger.add(_sink, level="TRACE", format="{message}\n{exception}")
 
 
-def _leak(texts: list[str]) -> str | None:
+def _leak(texts: list[str], where: str = "the output") -> str | None:
+    secrets = (*SENTINELS, *sorted(_issued))
     for text in texts:
-        for sentinel in SENTINELS:
+        for sentinel in secrets:
             if sentinel in text:
                 line = next(li for li in text.splitlines() if sentinel in li)
-                return f"test secret {sentinel!r} leaked into the output: {line[:300]!r}"
+                return f"test secret {sentinel!r} leaked into {where}: {line[:300]!r}"
     return None
 
 
@@ -93,6 +121,11 @@ def _patched_send(original: Any) -> Any:
 def pytest_configure(config: pytest.Config) -> None:
     import httpx
 
+    from trio_idle.testing import witness
+
+    if not getattr(witness.issued, "_leak_guard", False):
+        witness.watch(_on_issued, _on_received)
+        witness.issued._leak_guard = True  # type: ignore[attr-defined]
     if not getattr(httpx.AsyncClient.send, "_leak_guard", False):
         send = _patched_send(httpx.AsyncClient.send)
         send._leak_guard = True
@@ -111,12 +144,16 @@ def pytest_runtest_makereport(
     report = yield
     if call.when == "setup":
         _produced.clear()
+        _received.clear()
         _ensure_sink()
     if call.when in ("call", "teardown"):
         # the call's report carries the captured output so far; teardown adds only logs
         texts = [*_produced, report.capstdout, report.capstderr] if call.when == "call" else []
-        problem = _leak(texts or list(_produced))
+        problem = _leak(texts or list(_produced)) or _leak(_received, "a body the backend received")
         _produced.clear()
+        _received.clear()
+        if call.when == "teardown":
+            _issued.clear()  # kept from setup on: fixtures issue tokens too
         if problem is not None and report.passed:
             report.outcome = "failed"
             report.longrepr = problem

@@ -22,12 +22,13 @@ from loguru import logger
 
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection, RowProblem, build_connection
 from trio_idle.accounts.credentials import AccessToken, TokenSource, TokenUnavailable
+from trio_idle.accounts.outcome_text import ConnectionSecrets, weak_password_ids
 from trio_idle.accounts.providers import connection_preset
 from trio_idle.auth.token_backend import make_token_source
 from trio_idle.core.config import Settings
 from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
 from trio_idle.core.errors import ImapError, SourceError
-from trio_idle.core.scrub import PLAIN
+from trio_idle.core.scrub import PLAIN, WEAK_BELOW
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
 from trio_idle.imap.client import (
     ImapConnection,
@@ -112,7 +113,7 @@ async def try_login(
             with trio.fail_after(settings.webhook.token_timeout + 5):
                 token = await tokens.get(conn)
         except TokenUnavailable as exc:
-            return f"no access token ({exc.reason}): {conn.scrubber()(exc)}"
+            return f"no access token ({exc.reason}): {ConnectionSecrets.of(conn).scrub(exc)}"
         except trio.TooSlowError:
             return "no access token in time"
         secret = token.token.reveal()
@@ -145,9 +146,8 @@ async def try_login(
     except ImapError as exc:
         # the classified health and its one-line fix follow the server's text
         return explain(
-            exc,
+            ConnectionSecrets.of(conn, secret).failure(exc),
             connection_preset(conn.provider, conn.email, conn.host),
-            conn.scrubber(secret),
             oauth=conn.auth == AUTH_OAUTH2,
         )
     except trio.TooSlowError:
@@ -197,6 +197,12 @@ async def run_check(
                 settings.connections.encryption_key.reveal(), settings.connections.key_derivation
             ),
         )
+        if weak := weak_password_ids(good.values()):
+            logger.warning(
+                f"[idle/check] {len(weak)} connection(s) have a password shorter than "
+                f"{WEAK_BELOW} characters ({', '.join(PLAIN.scrub(i, 80) for i in weak)}): "
+                "server text can only mask it where it stands alone as a word"
+            )
         logger.info(
             f"[idle/check] {len(rows)} rows from {source.name}, {len(good)} usable"
             + (f"; trying LOGIN on each ({concurrency} at a time)" if login and good else "")

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 
-from tests.harness import ADMIN_SECRET, KEY, row
+from tests.harness import ADMIN_SECRET, KEY, LogCapture, row
 from tests.ops.conftest import cli_env, closed_port
 from tests.servers.dovecot import DovecotServer
 from tests.servers.postgres import insert_mail_connections
@@ -86,7 +86,9 @@ async def test_check_login_as_a_process(pg_dsn: str, dovecot: DovecotServer) -> 
 
 
 @pytest.mark.usefixtures("in_process_cli")
-def test_check_without_login_decrypts_only(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_without_login_decrypts_only(
+    pg_dsn: str, capsys: pytest.CaptureFixture[str], logs: LogCapture
+) -> None:
     insert(
         pg_dsn,
         row("a", "a@example.test", "pw-a", closed_port()),
@@ -100,6 +102,8 @@ def test_check_without_login_decrypts_only(pg_dsn: str, capsys: pytest.CaptureFi
     assert lines["a"].endswith("ok (decrypted)") and lines["b"].endswith("ok (decrypted)")
     assert "imap.example.test:993" in lines["b"]
     assert "pw-a" not in out + err and "pw-b" not in out + err
+    # both passwords are too short to mask safely in server text: the operator is told
+    assert logs.matching("2 connection(s) have a password shorter than 8 characters (a, b)")
 
 
 @pytest.mark.usefixtures("in_process_cli")

@@ -16,6 +16,7 @@ from loguru import logger
 from tests.harness import KEY, ListSource, poll_until, row, running_daemon
 from tests.reliability.rig import PASSWORD, Rig
 from trio_idle.accounts.connections import MailConnection, build_connection
+from trio_idle.accounts.outcome_text import ConnectionSecrets
 from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.crypto import derive_key
 from trio_idle.core.errors import ImapAuthError
@@ -128,6 +129,9 @@ async def test_a_failing_endpoint_gets_the_newest_state_one_report_at_a_time(rig
         max_connections=4,
     )
     policy = StatusPolicy(backend.url + backend.status_path, 0.2, 0.4)
+    failure = ConnectionSecrets.of(conn).failure(
+        ImapAuthError("login rejected: NO [AUTHENTICATIONFAILED] x")
+    )
     try:
         async with trio.open_nursery() as nursery:
             stats, rng = Stats(), random.Random()
@@ -138,7 +142,7 @@ async def test_a_failing_endpoint_gets_the_newest_state_one_report_at_a_time(rig
                 )
             )
             with trio.fail_after(15):
-                health.observe(ImapAuthError("login rejected: NO [AUTHENTICATIONFAILED] x"))
+                health.observe(failure)
                 await backend.wait_for_status(lambda: len(backend.status_reports) >= 1)
                 health.observe(Connected(idle=False))
                 await backend.wait_for_status(

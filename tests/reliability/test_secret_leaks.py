@@ -13,16 +13,14 @@ from __future__ import annotations
 import functools
 import io
 import re
-import sys
 import textwrap
 from pathlib import Path
 
 import httpx
-import loguru
 import pytest
 import trio
 
-from tests.harness import ADMIN_SECRET, KEY, row, running_daemon
+from tests.harness import ADMIN_SECRET, KEY, restore_stderr_sink, row, running_daemon
 from tests.reliability.rig import Rig
 from tests.reliability.scripted_server import Peer, ScriptedServer
 from trio_idle import cli
@@ -202,8 +200,7 @@ def test_check_login_table_never_shows_the_password(
     try:
         code = trio.run(main)
     finally:
-        loguru.logger.remove()  # the CLI replaced the sinks; give the next tests stderr back
-        loguru.logger.add(sys.stderr)
+        restore_stderr_sink()  # the CLI replaced the sinks
         logs.protect_secrets(())
     out, err = capsys.readouterr()
     assert code == 1  # the login failed, and the table says so
@@ -223,3 +220,26 @@ async def test_a_user_name_with_spaces_and_quotes_logs_in(rig: Rig) -> None:
         with trio.fail_after(10):
             await rig.idle(login)
         assert daemon.stats.get("auth_failures") == 0
+
+
+async def test_a_short_password_does_not_mask_the_tls_error_it_happens_to_spell(
+    rig: Rig,
+) -> None:
+    """The boundary rule end to end: the password ``WRONG`` against a server that does not
+    speak TLS. OpenSSL's ``WRONG_VERSION_NUMBER`` stays readable (``********_VERSION_NUMBER``
+    would tell the reader the password), and the operator is told once that this password
+    is too short to mask safely."""
+    short = "short@rel.test"
+    rig.server.add_user(short, "WRONG")
+    source = rig.source(HEALTHY)
+    source.rows.append(row(short, short, "WRONG", rig.server.port))
+    source.rows[-1]["imapSecurity"] = "tls"  # the test server speaks plain IMAP
+    async with running_daemon(rig.settings(), source) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(HEALTHY)
+            (line,) = await rig.log(f"[idle/{short}] connect failed")
+        last_error = rig.handle(daemon, short).memory.last_error
+    assert "WRONG_VERSION_NUMBER" in line and last_error is not None
+    assert "WRONG_VERSION_NUMBER" in last_error and "********" not in last_error
+    (warning,) = rig.logs.matching("have a password shorter than 8 characters")
+    assert short in warning

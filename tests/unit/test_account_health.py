@@ -17,9 +17,9 @@ from trio_idle.accounts.credentials import (
     TOKEN_UNAVAILABLE,
     TokenUnavailable,
 )
+from trio_idle.accounts.outcome_text import ConnectionSecrets, Failure
 from trio_idle.accounts.providers import GENERIC_PRESET, preset_named
 from trio_idle.core.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
-from trio_idle.core.scrub import Scrubber
 from trio_idle.core.secret import Secret
 from trio_idle.imap.client import _connect_error_kind
 from trio_idle.mailbox.account_health import (
@@ -39,8 +39,16 @@ PASSWORD = "S3ntinel-pw-health-unit"
 GMX = preset_named("gmx")
 
 
+SECRETS = ConnectionSecrets([PASSWORD])
+
+
+def failed(error: BaseException) -> Failure:
+    """``error`` as a session hands it to the health: text made by the secret set."""
+    return SECRETS.failure(error)
+
+
 def auth(text: str, **kw: object) -> Health | None:
-    return classify(ImapAuthError(text), GENERIC_PRESET, scrub=Scrubber([PASSWORD]).scrub, **kw)  # type: ignore[arg-type]
+    return classify(failed(ImapAuthError(text)), GENERIC_PRESET, **kw)  # type: ignore[arg-type]
 
 
 # -- classifier --------------------------------------------------------------------------
@@ -74,13 +82,13 @@ def test_an_oauth2_refusal_is_a_refused_token() -> None:
     refused = auth("NO [AUTHENTICATIONFAILED] Invalid credentials", oauth=True)
     assert refused is not None and refused.key == ("auth_failed", "token_invalid")
     refusal = ImapAuthError("AUTHENTICATE failed", sasl_status="401")
-    gmail = classify(refusal, GENERIC_PRESET, oauth=True)
+    gmail = classify(failed(refusal), GENERIC_PRESET, oauth=True)
     assert gmail is not None and gmail.reason == "token_invalid"
 
 
 def test_the_message_is_the_server_text_scrubbed_and_short() -> None:
     error = ImapAuthError("ours", server_text=f"NO [ALERT] your password {PASSWORD} is wrong " * 20)
-    health = classify(error, GENERIC_PRESET, scrub=Scrubber([PASSWORD]).scrub)
+    health = classify(failed(error), GENERIC_PRESET)
     assert health is not None
     assert PASSWORD not in health.message
     assert health.message.startswith("NO [ALERT] your password ******** is wrong")
@@ -89,26 +97,26 @@ def test_the_message_is_the_server_text_scrubbed_and_short() -> None:
 
 @pytest.mark.parametrize("kind", UNREACHABLE_REASONS)
 def test_connect_failures_are_unreachable_with_their_kind(kind: str) -> None:
-    health = classify(ImapConnectError("cannot connect", kind=kind), GENERIC_PRESET)
+    health = classify(failed(ImapConnectError("cannot connect", kind=kind)), GENERIC_PRESET)
     assert health is not None and health.key == ("unreachable", kind)
 
 
 def test_a_lost_connection_without_a_kind_counts_as_closed_by_the_server() -> None:
     for error in (ConnectionLost("BYE"), ImapError("SELECT INBOX failed: NO")):
-        health = classify(error, GENERIC_PRESET)
+        health = classify(failed(error), GENERIC_PRESET)
         assert health is not None and health.key == ("unreachable", "server_closed")
     silent = ConnectionLost("no answer to NOOP within 5s", kind="timeout")
-    half_open = classify(silent, GENERIC_PRESET)
+    half_open = classify(failed(silent), GENERIC_PRESET)
     assert half_open is not None and half_open.reason == "timeout"
 
 
 def test_token_outcomes() -> None:
     for reason in (TOKEN_REVOKED, TOKEN_UNAVAILABLE):
-        health = classify(TokenUnavailable(reason, "no grant"), GENERIC_PRESET)
+        health = classify(failed(TokenUnavailable(reason, "no grant")), GENERIC_PRESET)
         assert health is not None and health.key == ("auth_failed", reason)
     # a token source failing for now says nothing about the account
-    assert classify(TokenUnavailable(TOKEN_ERROR, "backend answered 503"), GENERIC_PRESET) is None
-    assert classify(RuntimeError("a bug"), GENERIC_PRESET) is None
+    assert classify(failed(TokenUnavailable(TOKEN_ERROR, "backend 503")), GENERIC_PRESET) is None
+    assert classify(failed(RuntimeError("a bug")), GENERIC_PRESET) is None
 
 
 def test_connect_error_kinds_from_the_os_errors() -> None:
@@ -129,11 +137,8 @@ def test_every_reason_has_a_hint_naming_the_provider_where_it_matters() -> None:
 
 
 def test_explain_puts_the_health_and_its_hint_after_the_text() -> None:
-    text = explain(
-        ImapAuthError(f"login rejected: NO [AUTHENTICATIONFAILED] {PASSWORD}"),
-        GMX,
-        Scrubber([PASSWORD]),
-    )
+    refused = ImapAuthError(f"login rejected: NO [AUTHENTICATIONFAILED] {PASSWORD}")
+    text = explain(failed(refused), GMX)
     assert PASSWORD not in text
     assert text.endswith("— auth_failed/invalid_credentials: " + hint("invalid_credentials"))
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import io
-import sys
 from typing import Any
 
-import loguru
 import pytest
 
+from tests.harness import restore_stderr_sink
 from trio_idle import cli
 from trio_idle.core import logs
 
@@ -31,8 +30,7 @@ def test_start_line_hides_credentials_in_backend_url(monkeypatch: pytest.MonkeyP
     try:
         assert cli.main(["serve"], env) == 0
     finally:
-        loguru.logger.remove()
-        loguru.logger.add(sys.stderr)
+        restore_stderr_sink()  # the CLI replaced the sinks
         logs.protect_secrets(())
     text = stream.getvalue()
     assert "starting (source=postgres, backend=http://********@127.0.0.1:3016/api/mail/" in text

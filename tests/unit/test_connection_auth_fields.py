@@ -14,6 +14,7 @@ from trio_idle.accounts.connections import (
     RowProblem,
     build_connection,
 )
+from trio_idle.accounts.outcome_text import ConnectionSecrets
 from trio_idle.accounts.providers import preset_named
 from trio_idle.accounts.source_file import rows_from_toml
 from trio_idle.core.crypto import derive_key, encrypt_password
@@ -104,7 +105,7 @@ def test_an_oauth2_row_s_refresh_token_is_decrypted_and_kept_secret() -> None:
     assert conn.refresh_token is not None and conn.refresh_token.reveal() == REFRESH
     assert REFRESH not in repr(conn) and REFRESH not in str(conn)
     # the connection's scrubber masks the refresh token in server or library text
-    assert REFRESH not in conn.scrubber().scrub(f"token {REFRESH} refused")
+    assert REFRESH not in ConnectionSecrets.of(conn).scrub(f"token {REFRESH} refused")
 
 
 def test_a_refresh_token_that_does_not_decrypt_is_a_row_problem() -> None:

@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from trio_idle.accounts.connections import MailConnection
+from trio_idle.accounts.outcome_text import ConnectionSecrets
 from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.errors import ImapConnectError
 from trio_idle.core.secret import Secret
@@ -82,7 +83,8 @@ async def test_reporter_exists_only_while_a_report_waits(
         await trio.testing.wait_all_tasks_blocked()
         assert posted == ["ok"] and len(nursery.child_tasks) == 0
 
-        health.observe(ImapConnectError("refused", kind="refused"))  # debounced...
+        refused = ImapConnectError("refused", kind="refused")
+        health.observe(ConnectionSecrets().failure(refused))  # debounced...
         await trio.testing.wait_all_tasks_blocked()
         assert posted == ["ok"] and len(nursery.child_tasks) == 1  # ...by a waiting reporter
         await trio.sleep(300)  # due now: 503, retried, then accepted; the reporter ends

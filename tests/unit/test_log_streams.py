@@ -4,12 +4,12 @@ console.error (PM2's out and error logs), each line on exactly one stream."""
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 
 import loguru
 import pytest
 
+from tests.harness import restore_stderr_sink
 from trio_idle.core import logs
 
 logger = loguru.logger
@@ -18,8 +18,7 @@ logger = loguru.logger
 @pytest.fixture(autouse=True)
 def _restore_sinks() -> Iterator[None]:
     yield
-    logger.remove()
-    logger.add(sys.stderr)
+    restore_stderr_sink()  # the CLI replaced the sinks
     logs.protect_secrets(())
 
 

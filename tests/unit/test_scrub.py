@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import base64
 import json
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import pytest
 
-from trio_idle.core.scrub import MASK, PLAIN, Scrubber, escape_controls, redact_url, url_secrets
+from trio_idle.core.scrub import (
+    MASK,
+    MIN_SUBSTRING,
+    PLAIN,
+    WEAK_BELOW,
+    Scrubber,
+    escape_controls,
+    redact_url,
+    url_secrets,
+    weakly_masked,
+)
 
 PASSWORD = 'p@ss"w\\rd-Ünï'
 
@@ -89,6 +99,116 @@ def test_a_secret_straddling_the_cut_is_still_masked() -> None:
 def test_short_secrets_are_masked_only_where_they_stand_alone() -> None:
     out = Scrubber(["ab"])("ab cab ab. tab")
     assert out == f"{MASK} cab {MASK}. tab"
+
+
+# -- passwords that URL-encode: every spelling the scrubber claims ------------------------
+
+#: spaces (``%20`` / ``+``), URL delimiters, a quote, a backslash and a non-ASCII letter
+SPACED = 'S3 cret pw/+&=?%ü "q\\'
+#: the same kinds of characters, but shorter than MIN_SUBSTRING: the whole-token rule
+SPACED_SHORT = "pa ss/&ü"
+
+
+def spellings(secret: str) -> dict[str, str]:
+    """Each form the scrubber's docstring promises, by name."""
+    raw = secret.encode()
+    return {
+        "raw": secret,
+        "imap-quoted": secret.replace("\\", "\\\\").replace('"', '\\"'),
+        "repr": repr(secret)[1:-1],
+        "repr-bytes": repr(raw)[2:-1],
+        "json": json.dumps(secret)[1:-1],
+        "json-utf8": json.dumps(secret, ensure_ascii=False)[1:-1],
+        "url-%20": quote(secret, safe=""),
+        "url-plus": quote_plus(secret, safe=""),
+        "base64": base64.b64encode(raw).decode(),
+    }
+
+
+def test_the_spaced_passwords_really_have_the_url_encoded_spellings() -> None:
+    for secret in (SPACED, SPACED_SHORT):
+        forms = spellings(secret)
+        assert "%20" in forms["url-%20"] and "+" not in forms["url-%20"].replace("%2B", "")
+        assert "+" in forms["url-plus"] and "%20" not in forms["url-plus"]
+        assert len(set(forms.values())) >= 6  # the spellings differ from each other
+    assert len(SPACED) >= MIN_SUBSTRING > len(SPACED_SHORT)
+
+
+@pytest.mark.parametrize("secret", [SPACED, SPACED_SHORT], ids=["long", "short"])
+@pytest.mark.parametrize("form", list(spellings(SPACED)))
+@pytest.mark.parametrize(
+    "context",
+    [
+        "server said: {} (end)",
+        'A1 NO [AUTHENTICATIONFAILED] you sent "{}"',
+        "GET /login?user=a&pw={}&x=1",
+        "{}",
+    ],
+    ids=["spaced", "quoted", "query", "alone"],
+)
+def test_a_password_with_spaces_is_masked_in_every_spelling(
+    secret: str, form: str, context: str
+) -> None:
+    spelling = spellings(secret)[form]
+    text = context.format(spelling)
+    out = Scrubber([secret], limit=1000)(text)
+    assert spelling not in out, out
+    assert MASK in out
+    assert out.startswith(context.partition("{}")[0]), out
+
+
+# -- the boundary rule: a short secret is never revealed by masking inside a word --------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "TLS handshake failed: [SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1000)",
+        "NO [AUTHENTICATIONFAILED] WRONGPASSWORD",
+        "ALERT: xWRONG",
+        "Überschrift WRONGÜ",  # a word of any script is a word
+    ],
+)
+def test_a_short_password_inside_a_longer_word_is_left_readable(text: str) -> None:
+    assert Scrubber(["WRONG"])(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ('A1 LOGIN alice "WRONG"', f"A1 LOGIN alice {MASK}"),
+        ('you sent: LOGIN alice "WRONG" (bad)', f'you sent: LOGIN alice "{MASK}" (bad)'),
+        (
+            "NO [AUTHENTICATIONFAILED] bad password WRONG.",
+            f"NO [AUTHENTICATIONFAILED] bad password {MASK}.",
+        ),
+        ("ERR password=WRONG&user=alice", f"ERR password={MASK}&user=alice"),
+        ("b'WRONG'", f"b'{MASK}'"),
+        ("V1JPTkc= (base64)", f"{MASK}= (base64)"),
+        (
+            "[SSL: WRONG_VERSION_NUMBER] but the server echoed WRONG",
+            f"[SSL: WRONG_VERSION_NUMBER] but the server echoed {MASK}",
+        ),
+    ],
+)
+def test_a_short_password_the_server_echoes_as_a_token_is_masked(text: str, shown: str) -> None:
+    assert Scrubber(["WRONG"])(text) == shown
+
+
+def test_a_long_secret_is_masked_even_glued_inside_a_word() -> None:
+    secret = "S3ntinelLongPw"  # >= MIN_SUBSTRING: a coincidence is too unlikely to matter
+    assert len(secret) >= MIN_SUBSTRING
+    assert Scrubber([secret])(f"xx{secret}yy_{secret}") == f"xx{MASK}yy_{MASK}"
+
+
+def test_a_short_secret_beginning_with_punctuation_is_masked_after_a_word() -> None:
+    # the boundary rule looks at the word characters of the secret's own edges
+    assert Scrubber(["#pin1"])("code#pin1 ok") == f"code{MASK} ok"
+
+
+def test_passwords_too_short_to_mask_safely_are_flagged() -> None:
+    assert weakly_masked("WRONG") and weakly_masked("a" * (WEAK_BELOW - 1))
+    assert not weakly_masked("a" * WEAK_BELOW) and not weakly_masked("")
 
 
 def test_bytes_and_hostile_objects_are_made_text() -> None:

@@ -20,7 +20,7 @@ import attrs
 
 from trio_idle.accounts.providers import GENERIC, SECURITIES, preset_for
 from trio_idle.core.crypto import DecryptionError, decrypt_password
-from trio_idle.core.scrub import PLAIN, Scrubber, escape_controls
+from trio_idle.core.scrub import PLAIN, escape_controls
 from trio_idle.core.secret import Secret
 
 AUTH_PASSWORD: Final = "password"
@@ -138,12 +138,6 @@ class MailConnection:
     def label(self) -> str:
         """The ``<email>`` of the ``[idle/<email>]`` log prefix."""
         return self.email
-
-    def scrubber(self, *extra: str | None) -> Scrubber:
-        """A scrubber for text about this connection: masks its password and refresh
-        token in any form, and ``extra`` secrets (e.g. the access token in use)."""
-        refresh = self.refresh_token.reveal() if self.refresh_token is not None else None
-        return Scrubber((self.password.reveal(), refresh, *extra))
 
 
 @attrs.frozen

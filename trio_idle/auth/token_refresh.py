@@ -70,11 +70,12 @@ from trio_idle.accounts.credentials import (
     TokenSource,
     TokenUnavailable,
 )
+from trio_idle.accounts.outcome_text import ConnectionSecrets
 from trio_idle.backend.webhook import new_http_client, parse_retry_after, read_capped
 from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
 from trio_idle.core.limiter import Pacer
-from trio_idle.core.scrub import PLAIN, Scrubber
+from trio_idle.core.scrub import PLAIN, Scrubs
 from trio_idle.core.secret import Secret
 from trio_idle.state.store import StoredRefreshToken, TokenBackend, make_token_backend
 
@@ -222,7 +223,7 @@ def parse_token_reply(
     headers: Mapping[str, str],
     body: bytes,
     *,
-    scrubber: Scrubber = PLAIN,
+    scrubber: Scrubs = PLAIN,
     now: float | None = None,
 ) -> TokenGrant | TokenUnavailable:
     """Judge a token endpoint's reply. Pure: the outcome is returned, not raised.
@@ -571,7 +572,7 @@ class RefreshingTokens:
         row_token = conn.refresh_token.reveal()
         refresh_token = self.rotated.current(conn.id, entry.row_fingerprint) or row_token
         secret = client.client_secret.reveal() if client.client_secret is not None else None
-        scrubber = conn.scrubber(refresh_token, secret)
+        scrubber = ConnectionSecrets.of(conn, refresh_token, secret)
         await self._pacer.wait()
         outcome = await self._post(client, refresh_body(client, refresh_token), scrubber)
         if isinstance(outcome, TokenUnavailable):
@@ -615,7 +616,7 @@ class RefreshingTokens:
         )
 
     async def _post(
-        self, client: ProviderClient, body: bytes, scrubber: Scrubber
+        self, client: ProviderClient, body: bytes, scrubber: Scrubs
     ) -> TokenGrant | TokenUnavailable:
         """One request. Never raises for network trouble or a bad reply: those are
         ``token_error`` outcomes. The whole attempt is bounded by the timeout."""

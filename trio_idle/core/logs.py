@@ -16,7 +16,7 @@ from typing import Any, Final, TextIO
 
 from loguru import logger
 
-from trio_idle.core.scrub import Scrubber, escape_controls
+from trio_idle.core.scrub import Scrubber, Scrubs, escape_controls
 
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 
@@ -89,7 +89,7 @@ def prefix(email: str) -> str:
     return f"[idle/{escape_controls(email)}]"
 
 
-def log_internal_error(log: Any, where: str, exc: BaseException, scrub: Scrubber) -> None:
+def log_internal_error(log: Any, where: str, exc: BaseException, scrub: Scrubs) -> None:
     """One ERROR line for a bug: the scrubbed message plus the traceback's frames.
 
     The exception's own text goes through ``scrub`` (it may quote a server's answer or a
@@ -100,7 +100,7 @@ def log_internal_error(log: Any, where: str, exc: BaseException, scrub: Scrubber
         for frame in traceback.extract_tb(exc.__traceback__)[-8:]
     )
     log.error(
-        f"{where} internal error: {type(exc).__name__}: {scrub(str(exc))}"
+        f"{where} internal error: {type(exc).__name__}: {scrub.scrub(str(exc))}"
         + (f" (at {frames})" if frames else "")
     )
 

@@ -13,13 +13,24 @@ Guarantees of :meth:`Scrubber.scrub`, in this order:
    of URLs (``https://user:password@host``) are masked whoever's they are, and every
    secret the scrubber was given is replaced by :data:`MASK`, in each form it can take on
    the way (raw, IMAP-quoted, Python ``repr`` of ``str`` and ``bytes``, JSON,
-   URL-encoded, base64); a secret shorter than :data:`MIN_SUBSTRING` characters is masked
-   only where it stands alone (between non-alphanumeric characters), since masking every
-   ``"ab"`` would destroy the text without protecting anything;
+   URL-encoded with ``%20`` and with ``+``, base64) — by the boundary rule below;
 2. control characters (C0, DEL, C1, Unicode line/paragraph separators, bidi and
    zero-width format characters) are escaped as ``\\xNN`` / ``\\uNNNN``, so the result is
    one printable line;
 3. the result is cut to ``limit`` characters (an ellipsis marks the cut).
+
+The boundary rule (what a masked text may tell its reader): a spelling of a secret at
+least :data:`MIN_SUBSTRING` characters long is masked wherever it appears, even inside a
+longer word (such a coincidence is too unlikely to matter). A shorter one is masked only
+as a whole token: where it is not glued to a word character (letter, digit, underscore,
+any script) on a side where it itself begins or ends with one. Masking a short secret
+inside a longer word would *reveal* it: with the password ``WRONG``, OpenSSL's
+``WRONG_VERSION_NUMBER`` would read ``********_VERSION_NUMBER``. A server that echoes the
+secret quotes it as a token (``LOGIN user "WRONG"``, ``bad password WRONG.``,
+``p=WRONG&``), and those are masked. What a whole-token rule cannot do is hide a short
+password that is also an ordinary word of the text, nor one glued to other text:
+passwords shorter than :data:`WEAK_BELOW` characters are flagged (:func:`weakly_masked`;
+the daemon logs them once at start, ``check`` lists them).
 
 Pure: no I/O, no global state; tested with plain strings.
 """
@@ -30,14 +41,17 @@ import base64
 import json
 import re
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, Protocol
 from urllib.parse import quote, quote_plus, unquote, urlsplit, urlunsplit
 
 MASK: Final = "********"
 #: how long text from a server may be once scrubbed (the issue's "short")
 DEFAULT_LIMIT: Final = 200
-#: secrets at least this long are masked wherever they appear
-MIN_SUBSTRING: Final = 4
+#: spellings of a secret at least this long are masked wherever they appear, even
+#: inside a longer word; shorter ones only as a whole token (the boundary rule)
+MIN_SUBSTRING: Final = 12
+#: a password shorter than this is flagged as too short to mask safely
+WEAK_BELOW: Final = 8
 
 _CONTROL = re.compile(
     "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ufff9-\ufffb]"
@@ -100,11 +114,36 @@ def secret_forms(secret: str) -> set[str]:
     return forms
 
 
+_WORD = re.compile(r"\w")
+
+
+def _whole_token(form: str) -> str:
+    """A pattern for ``form`` only where it is not glued to a word character on a side
+    where it itself begins or ends with one (the boundary rule)."""
+    before = r"(?<!\w)" if _WORD.match(form[0]) else ""
+    after = r"(?!\w)" if _WORD.match(form[-1]) else ""
+    return f"{before}{re.escape(form)}{after}"
+
+
+def weakly_masked(secret: str) -> bool:
+    """Whether ``secret`` is too short to mask safely: shorter than :data:`WEAK_BELOW`
+    characters (likely an ordinary word of some server text, or glued to one)."""
+    return 0 < len(secret) < WEAK_BELOW
+
+
+class Scrubs(Protocol):
+    """Anything that makes outside text safe to show: a :class:`Scrubber`, or a
+    connection's :class:`~trio_idle.accounts.outcome_text.ConnectionSecrets`."""
+
+    def scrub(self, text: object, limit: int | None = None) -> str: ...
+
+
 class Scrubber:
     """Masks a fixed set of secrets in text; see the module docstring for the guarantees.
 
-    Build one per connection (its password, later its tokens) or per process (the
-    admin secret, the database password). Cheap to call: one compiled pattern, built on
+    Build one per process (the admin secret, the database password) or per request;
+    a connection's secrets live in :class:`~trio_idle.accounts.outcome_text.ConnectionSecrets`,
+    which builds one of these. Cheap to call: one compiled pattern, built on
     the first call (so an unused scrubber costs a tuple of references).
     """
 
@@ -127,10 +166,7 @@ class Scrubber:
                 (long_forms if len(form) >= MIN_SUBSTRING else short_forms).add(form)
         # Longest first, so a form that contains another is masked whole.
         parts = [re.escape(f) for f in sorted(long_forms, key=len, reverse=True)]
-        parts += [
-            rf"(?<![A-Za-z0-9]){re.escape(f)}(?![A-Za-z0-9])"
-            for f in sorted(short_forms, key=len, reverse=True)
-        ]
+        parts += [_whole_token(f) for f in sorted(short_forms, key=len, reverse=True)]
         self._pattern = re.compile("|".join(parts)) if parts else None
         self._secrets = None
         return self._pattern

@@ -17,26 +17,26 @@ to the backend (:mod:`trio_idle.mailbox.health_reporter` sends them):
 Outcomes the classifier cannot judge (an internal error, a token source that fails for
 now) change nothing: the previous health stands.
 
-Every ``message`` has been through the connection's scrubber and is cut to
-:data:`MESSAGE_CHARS`: it is the server's own words (or our diagnosis of a network
-failure), never a secret.
+Every ``message`` is text of a :class:`~trio_idle.accounts.outcome_text.Failure`: made by the
+connection's :class:`~trio_idle.accounts.outcome_text.ConnectionSecrets` (password, refresh token,
+current and previous access token masked) before it gets here, and cut to
+:data:`MESSAGE_CHARS`: the server's own words (or our diagnosis of a network failure),
+never a secret. Nothing here turns an exception into text.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Final
 
 import attrs
 
-from trio_idle.accounts.credentials import TOKEN_REVOKED, TOKEN_UNAVAILABLE, TokenUnavailable
+from trio_idle.accounts.credentials import TOKEN_REVOKED, TOKEN_UNAVAILABLE
+from trio_idle.accounts.outcome_text import CONNECTION, NO_TOKEN, REFUSED, Failure
 from trio_idle.accounts.providers import GENERIC, Preset, classify_server_text
 from trio_idle.core.errors import (
     CONNECT_KINDS,
     KIND_SERVER_CLOSED,
-    ImapAuthError,
-    ImapError,
 )
 
 OK: Final = "ok"
@@ -157,54 +157,40 @@ def auth_reason(text: str, preset: Preset, *, oauth: bool, sasl_status: str | No
     return reason or UNKNOWN
 
 
-def classify(
-    outcome: object,
-    preset: Preset,
-    *,
-    oauth: bool = False,
-    scrub: Callable[[object], str] = str,
-) -> Health | None:
+def classify(outcome: Connected | Failure, preset: Preset, *, oauth: bool = False) -> Health | None:
     """The health ``outcome`` means (pure), or ``None`` if it says nothing about it.
 
-    ``outcome``: :class:`Connected`, an :class:`~trio_idle.core.errors.ImapError` (its
-    ``kind`` says what failed), or a :class:`~trio_idle.accounts.credentials.TokenUnavailable`.
-    ``scrub`` masks the connection's secrets in the message (it gets the raw text).
+    ``outcome``: :class:`Connected`, or a :class:`~trio_idle.accounts.outcome_text.Failure`: a
+    refused login, no access token, or a failed connection (its ``kind`` says what
+    failed). The message is the failure's (scrubbed) text.
     """
     if isinstance(outcome, Connected):
         if outcome.idle:
             return HEALTHY
         return Health(DEGRADED, NO_IDLE, "server has no IDLE capability; polling")
-    if isinstance(outcome, TokenUnavailable):
-        if outcome.reason not in (TOKEN_REVOKED, TOKEN_UNAVAILABLE):
+    if outcome.what == NO_TOKEN:
+        if outcome.token_reason not in (TOKEN_REVOKED, TOKEN_UNAVAILABLE):
             return None  # the source fails for now and is retried: it says nothing yet
-        return Health(AUTH_FAILED, outcome.reason, _short(scrub(str(outcome))))
-    if isinstance(outcome, ImapAuthError):
-        text = outcome.server_text if outcome.server_text is not None else str(outcome)
-        message = _short(scrub(text))
+        return Health(AUTH_FAILED, outcome.token_reason, _short(outcome.text))
+    if outcome.what == REFUSED:
+        message = _short(outcome.words)
         reason = auth_reason(message, preset, oauth=oauth, sasl_status=outcome.sasl_status)
         return Health(AUTH_FAILED, reason, message)
-    if isinstance(outcome, ImapError):
+    if outcome.what == CONNECTION:
         kind = outcome.kind
         if kind not in UNREACHABLE_REASONS:
             # a lost connection (BYE, EOF) or a protocol failure: the session ended there
             kind = KIND_SERVER_CLOSED
-        return Health(UNREACHABLE, kind, _short(scrub(outcome)))
+        return Health(UNREACHABLE, kind, _short(outcome.text))
     return None
 
 
-def explain(
-    outcome: BaseException,
-    preset: Preset,
-    scrub: Callable[..., str],
-    *,
-    oauth: bool = False,
-    limit: int = 200,
-) -> str:
-    """A failure for a person (``check --login``): the scrubbed text, then its classified
-    health and the hint, e.g. ``login rejected …: NO … — auth_failed/imap_disabled: enable
-    IMAP in the GMX settings``. The text is cut to ``limit`` so the hint always fits."""
-    text = scrub(outcome, limit)
-    health = classify(outcome, preset, oauth=oauth, scrub=scrub)
+def explain(failure: Failure, preset: Preset, *, oauth: bool = False) -> str:
+    """A failure for a person (``check --login``): its (scrubbed) text, then its
+    classified health and the hint, e.g. ``login rejected …: NO … —
+    auth_failed/imap_disabled: enable IMAP in the GMX settings``."""
+    text = failure.text
+    health = classify(failure, preset, oauth=oauth)
     if health is None or health.state == OK:
         return text
     provider = "provider's" if preset.name == GENERIC else preset.title

@@ -39,12 +39,13 @@ import attrs
 import trio
 
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
+from trio_idle.accounts.outcome_text import Failure
 from trio_idle.accounts.providers import Preset, connection_preset
 from trio_idle.backend.webhook import Verdict, WebhookClient
 from trio_idle.core.backoff import BackoffPolicy
 from trio_idle.core.logs import human_duration, prefix
 from trio_idle.core.stats import Stats
-from trio_idle.mailbox.account_health import Health, HealthTracker, Report, classify
+from trio_idle.mailbox.account_health import Connected, Health, HealthTracker, Report, classify
 from trio_idle.mailbox.scan_worker import SCAN_RETRY_JITTER
 
 T = TypeVar("T")
@@ -131,16 +132,12 @@ class AccountHealth:
         self.conn = conn
         self.preset = connection_preset(conn.provider, conn.email, conn.host)
 
-    def observe(self, outcome: object) -> None:
-        """A session outcome (see :func:`trio_idle.mailbox.account_health.classify`). Never blocks,
-        never raises for an outcome it cannot judge."""
-        conn = self.conn
-        health = classify(
-            outcome,
-            self.preset,
-            oauth=conn.auth == AUTH_OAUTH2,
-            scrub=conn.scrubber().scrub,
-        )
+    def observe(self, outcome: Connected | Failure) -> None:
+        """A session outcome (see :func:`trio_idle.mailbox.account_health.classify`): a failure
+        arrives as text the session's :class:`~trio_idle.accounts.outcome_text.ConnectionSecrets`
+        made, so the message holds no secret of the connection. Never blocks, never
+        raises for an outcome it cannot judge."""
+        health = classify(outcome, self.preset, oauth=self.conn.auth == AUTH_OAUTH2)
         if health is None:
             return
         self.tracker.observe(health, trio.current_time(), time.time())

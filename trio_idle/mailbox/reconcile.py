@@ -28,6 +28,7 @@ import attrs
 import trio
 
 from trio_idle.accounts.connections import MailConnection
+from trio_idle.accounts.outcome_text import ConnectionSecrets
 from trio_idle.backend.watch import BackendWatch
 from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.logs import log_internal_error, prefix, session_logger
@@ -218,7 +219,7 @@ class Reconciler:
             with handle.scope:
                 if predecessor is not None:
                     await predecessor.finished.wait()
-                    # only now: the old session's outcomes are scrubbed of the old password
+                    # only now: the old session's outcomes were classified with the old row
                     handle.health.rebind(conn)
                 async with trio.open_nursery() as nursery:
                     handle.coalescer.attach(
@@ -236,7 +237,10 @@ class Reconciler:
         except Exception as exc:  # belt and braces: one connection never takes down the rest
             self._env.stats.inc("internal_errors")
             log_internal_error(
-                log, f"{prefix(conn.email)} connection task crashed:", exc, conn.scrubber()
+                log,
+                f"{prefix(conn.email)} connection task crashed:",
+                exc,
+                ConnectionSecrets.of(conn),
             )
             if self.handles.get(conn.id) is handle:
                 del self.handles[conn.id]  # the next refresh starts it again

@@ -50,6 +50,7 @@ import trio
 
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.accounts.credentials import TOKEN_ERROR, AccessToken, TokenSource, TokenUnavailable
+from trio_idle.accounts.outcome_text import ConnectionSecrets, Failure
 from trio_idle.accounts.providers import session_settings
 from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.config import Settings
@@ -80,9 +81,11 @@ class ConnectionMemory:
     connected_since: float | None = None
     sessions: int = 0
     #: told each outcome that says something about the account's health: a
-    #: :class:`~trio_idle.mailbox.account_health.Connected`, or the error that ended an attempt
+    #: :class:`~trio_idle.mailbox.account_health.Connected`, or the
+    #: :class:`~trio_idle.accounts.outcome_text.Failure` that ended an attempt — already text,
+    #: scrubbed with the session's secrets, never the raw exception
     #: (:class:`~trio_idle.mailbox.health_reporter.AccountHealth.observe`). Must never block.
-    on_outcome: Callable[[object], None] = attrs.field(
+    on_outcome: Callable[[Connected | Failure], None] = attrs.field(
         default=lambda outcome: None, repr=False, eq=False
     )
     #: every UID below ``mark.uidnext`` (in its UIDVALIDITY) was accepted by the backend;
@@ -164,9 +167,10 @@ async def run_session(
     """Keep one IMAP session alive until cancelled. Never returns otherwise."""
     s = env.settings
     where = prefix(conn.email)
-    # Error texts quote the server (and aioimaplib quotes our LOGIN line back): every one
-    # is scrubbed of this connection's password before it is stored or logged.
-    scrub = conn.scrubber()
+    # Error texts quote the server (and aioimaplib quotes our LOGIN line back, a server
+    # may quote the token it refused): every outcome becomes text in one place, with
+    # every secret of this connection, before it is logged, stored or told to the health.
+    secrets = ConnectionSecrets.of(conn)
     backoff = Backoff(
         BackoffPolicy(
             s.backoff.backoff_initial, s.backoff.backoff_max, s.backoff.backoff_reset_after
@@ -186,12 +190,11 @@ async def run_session(
         imap: ImapLink | None = None
         up_since: float | None = None
         token: AccessToken | None = None
-        scrub_now = scrub
         try:
             if conn.auth == AUTH_OAUTH2:
                 # before the connect slot: a slow token endpoint must not hold IMAP slots
                 token = await _get_token(env, conn, force=force_token)
-                scrub_now = conn.scrubber(token.token.reveal())
+                secrets.use_token(token.token.reveal())
             async with env.limiter.slot(conn.host):
                 env.stats.inc("connect_attempts")
                 imap = await env.connector(conn)
@@ -224,8 +227,9 @@ async def run_session(
                 coalescer.request(reason)
             await _watch(_Watch(imap, conn, env, coalescer, memory, log))
         except TokenUnavailable as exc:
-            memory.last_error = text = scrub_now(exc)
-            memory.on_outcome(exc)  # revoked / unavailable: auth_failed; token_error: no change
+            failure = secrets.failure(exc)
+            memory.last_error = text = failure.text
+            memory.on_outcome(failure)  # revoked / unavailable: auth_failed; token_error: no change
             env.stats.inc("token_failures", exc.reason)
             if exc.reason == TOKEN_ERROR:
                 memory.state = BACKOFF
@@ -242,7 +246,8 @@ async def run_session(
                     f"reconnected in the app; next attempt in {human_duration(delay)}"
                 )
         except ImapAuthError as exc:
-            memory.last_error = text = scrub_now(exc)
+            failure = secrets.failure(exc)
+            memory.last_error = text = failure.text
             if token is not None:
                 force_token = True
                 if not quick_retry_used:
@@ -251,7 +256,7 @@ async def run_session(
                     log.info(f"{where} access token refused: {text}; retrying with a fresh one")
                     continue  # the finally below logs out first
             memory.state = AUTH_FAILED
-            memory.on_outcome(exc)
+            memory.on_outcome(failure)
             env.stats.inc("auth_failures")
             delay = auth_backoff.next_delay()
             what = (
@@ -263,8 +268,9 @@ async def run_session(
             )
         except ImapError as exc:
             memory.state = BACKOFF
-            memory.last_error = text = scrub_now(exc)
-            memory.on_outcome(exc)
+            failure = secrets.failure(exc)
+            memory.last_error = text = failure.text
+            memory.on_outcome(failure)
             if up_since is not None:
                 env.stats.inc("disconnects")
                 backoff.session_ended(trio.current_time() - up_since)
@@ -277,7 +283,7 @@ async def run_session(
             memory.state = BACKOFF
             memory.last_error = f"internal error: {type(exc).__name__}"
             env.stats.inc("internal_errors")
-            log_internal_error(log, where, exc, scrub_now)
+            log_internal_error(log, where, exc, secrets)
             delay = backoff.next_delay()
         finally:
             memory.connected_since = None

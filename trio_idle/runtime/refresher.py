@@ -12,16 +12,17 @@ last good list stays where it was delivered.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
 import trio
 from loguru import logger
 
 from trio_idle.accounts.connections import ConnectionListBuilder, MailConnection, RowProblem
+from trio_idle.accounts.outcome_text import weak_password_ids
 from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.errors import SourceError
-from trio_idle.core.scrub import PLAIN
+from trio_idle.core.scrub import PLAIN, WEAK_BELOW
 from trio_idle.core.stats import Stats
 
 #: the first retry of a failed refresh waits this long (or ``refresh_interval`` if
@@ -87,6 +88,8 @@ class Refresher:
         self._now = trio.Event()
         self._stopped = False
         self._logged_problems: set[tuple[str, str]] = set()
+        #: connections already warned about a password too short to mask safely
+        self._weak_warned: set[str] = set()
         #: refreshes that have ended so far, successful or not
         self.attempts = 0
         #: ``trio.current_time()`` of the last successful refresh
@@ -137,6 +140,21 @@ class Refresher:
             return rows, version
         return await self.source.fetch(), None
 
+    def _warn_weak_passwords(self, conns: Iterable[MailConnection]) -> None:
+        """One line per process for the connections whose password is too short to be
+        masked safely in server text (:func:`trio_idle.core.scrub.weakly_masked`)."""
+        weak = [i for i in weak_password_ids(conns) if i not in self._weak_warned]
+        if not weak:
+            return
+        self._weak_warned.update(weak)
+        shown = ", ".join(PLAIN.scrub(i, 80) for i in weak[:5])
+        more = f" and {len(weak) - 5} more" if len(weak) > 5 else ""
+        logger.warning(
+            f"[idle/{self.source.name}] {len(weak)} connection(s) have a password shorter "
+            f"than {WEAK_BELOW} characters ({shown}{more}): server text can only mask it "
+            "where it stands alone as a word (docs/security.md)"
+        )
+
     async def refresh_once(self) -> bool:
         """Read the source and deliver the list. Returns False if the source failed."""
         try:
@@ -164,6 +182,7 @@ class Refresher:
                 f"skipped: {PLAIN.scrub(message)}"
             )
         self._logged_problems = current  # a row that is fixed and breaks again logs again
+        self._warn_weak_passwords(wanted.values())
         if self._stopped:
             return True
         await self._deliver(wanted)

@@ -55,6 +55,7 @@ import h11
 import trio
 
 from trio_idle.ops.http_serve import Refused, encode_response, read_request, reason_phrase
+from trio_idle.testing import witness
 
 __all__ = [
     "DEFAULT_GAMBLING_KEYWORDS",
@@ -627,6 +628,7 @@ class ScanBackend:
             connection_number=number,
             email=request_email if isinstance(request_email, str) else None,
         )
+        witness.received(raw_body)
         if request.path == self.status_path:
             return await self._status(conn, stream, request, json_ok)
         self._record(request)
@@ -722,6 +724,8 @@ class ScanBackend:
         if token_route:
             assert self.token_reply is not None
             reply = self.token_reply(request)
+            if isinstance(reply.json, dict) and isinstance(reply.json.get("accessToken"), str):
+                witness.issued(reply.json["accessToken"])
         else:
             request.problems.extend(self._contract_problems(request))
             if request.problems and self.strict:

@@ -255,10 +255,14 @@ class ImapTestServer:
         """Like :meth:`drop` for every open connection (logged in or not)."""
         return self._close_sessions(self.sessions(), _check_how(how), "DROP")
 
-    def bye(self, user: str) -> int:
-        """Send ``* BYE server shutting down`` to the user's connections and close them."""
+    def bye(self, user: str, text: str = "") -> int:
+        """Send ``* BYE server shutting down`` (or ``* BYE <text>``, one line: a provider's
+        own words) to the user's connections and close them."""
         self._user(user)
-        return self._close_sessions(self.sessions(user), "bye", "BYE")
+        sessions = self.sessions(user)
+        for session in sessions:
+            session.bye(text)
+        return self._close_sessions(sessions, "bye", "BYE")
 
     def bye_all(self) -> int:
         """Like :meth:`bye` for every open connection."""

@@ -67,6 +67,8 @@ CloseHow = Literal["fin", "rst", "bye"]
 
 RECEIVE_SIZE: Final = 4 * 1024
 BYE_SEND_TIMEOUT: Final = 2.0
+#: the text of a server-initiated BYE unless a test gives its own
+BYE_TEXT: Final = "server shutting down"
 
 
 class State(Enum):
@@ -99,7 +101,8 @@ class ImapTestSession:
     __slots__ = (
         "_faults", "_framer", "_idle_tag", "_keepalive_at", "_known", "_raw", "_readonly",
         "_sasl_failed", "_sasl_mech", "_sasl_tag", "_scope", "_seen_version", "_selected",
-        "_server", "_stream", "_user", "_wake_scope", "_woken", "close_how", "id", "state", "tls",
+        "_server", "_stream", "_user", "_wake_scope", "_woken", "bye_text", "close_how", "id",
+        "state", "tls",
     )  # fmt: skip
 
     def __init__(
@@ -112,6 +115,8 @@ class ImapTestSession:
         self.tls = tls
         self.state = State.NOT_AUTHENTICATED
         self.close_how: CloseHow = "fin"
+        #: what follows ``* BYE`` when the session is closed with ``bye``
+        self.bye_text = BYE_TEXT
         self._scope = trio.CancelScope()
         self._framer = CommandFramer()
         self._user: User | None = None
@@ -165,8 +170,11 @@ class ImapTestSession:
         """Close this connection abruptly (``rst``: SO_LINGER 0 → RST; ``fin``: plain close)."""
         self.close(how)
 
-    def bye(self) -> None:
-        """Send ``* BYE server shutting down`` and close."""
+    def bye(self, text: str = "") -> None:
+        """Send ``* BYE server shutting down`` (or ``* BYE <text>``) and close."""
+        if "\r" in text or "\n" in text:
+            raise ValueError("a BYE text is one line")
+        self.bye_text = text or BYE_TEXT
         self.close("bye")
 
     def close(self, how: CloseHow) -> None:
@@ -219,7 +227,7 @@ class ImapTestSession:
                     trio.move_on_after(BYE_SEND_TIMEOUT),
                     contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
                 ):
-                    await self._stream.send_all(b"* BYE server shutting down\r\n")
+                    await self._stream.send_all(f"* BYE {self.bye_text}\r\n".encode())
             self._close_socket()
             self.state = State.LOGOUT
 

@@ -35,6 +35,7 @@ import h11
 import trio
 
 from trio_idle.ops.http_serve import Received, encode_response, read_request
+from trio_idle.testing import witness
 
 MAX_BODY_BYTES: Final = 64 * 1024
 _RECEIVE_CHUNK: Final = 65536
@@ -161,6 +162,7 @@ class OAuthTestServer:
             self.expires_in if expires_in is None else expires_in,
         )
         self.grants[token] = grant
+        witness.issued(token)
         return grant
 
     def grant_of(self, user: str) -> Grant:
@@ -281,6 +283,7 @@ class OAuthTestServer:
         access = f"{self.prefix}at-{grant.user}-{next(self._serial)}-{secrets.token_hex(6)}"
         self.issued[access] = Issued(grant.user, trio.current_time() + grant.expires_in)
         record.issued = access
+        witness.issued(access)
         payload: dict[str, Any] = {
             "access_token": access,
             "token_type": "Bearer",
@@ -292,6 +295,7 @@ class OAuthTestServer:
             grant.retired.append(grant.refresh_token)
             grant.refresh_token = new
             self.grants[new] = grant
+            witness.issued(new)
             payload["refresh_token"] = new
         return 200, payload
 
