@@ -181,3 +181,23 @@ async def test_a_silent_server_fails_the_fetch_but_the_scan_still_goes_out(
         await quiet(rig)
     assert backend.posts[0]["sinceUid"] == 10 and "messages" not in backend.posts[0]
     assert rig.stats.get("envelope_fetches", "unavailable") == 1
+
+
+async def test_mail_the_envelope_fetch_finds_moves_the_accepted_mark_past_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rig = make_rig(FakeImapServer(exists=3, uidnext=10, uidvalidity=5))
+    server = rig.server
+    backend = Backend()
+    async with running(rig), scans(rig, backend, envelopes=True):
+        await connected(rig)
+        server.deliver()  # uid 10, pushed: the scan covers the mailbox up to UIDNEXT 11
+        server.push = False
+        server.deliver(2)  # uids 11 and 12: their EXISTS comes with the fetch's answers
+        await quiet(rig)
+    first, second = backend.posts
+    assert first["sinceUid"] == 10 and [m["uid"] for m in first["messages"]] == [10, 11, 12]
+    # the backend saw 11 and 12 in the first scan: the scan their EXISTS asked for
+    # starts after them, at the highest UID fetched + 1
+    assert rig.memory.mark is not None and rig.memory.mark.uidnext == 13
+    assert second["sinceUid"] == 13 and second["messages"] == []

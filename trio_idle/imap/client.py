@@ -56,7 +56,7 @@ from trio_idle.core.errors import (
     ImapError,
 )
 from trio_idle.core.scrub import MASK, Scrubber
-from trio_idle.imap.envelope import Envelope, NewMail, parse_fetch_envelopes, parse_search
+from trio_idle.imap.envelope import Envelope, NewMail, ParseMeter, parse_search, parse_steps
 from trio_idle.imap.framing import FrameError, FrameTooLarge, ResponseFramer, format_size
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import MailboxState, parse_mailbox_state
@@ -498,6 +498,8 @@ class ImapConnection:
         #: a restart written by :meth:`begin_restart`, answered as the session reads
         self._restart: _Restart | None = None
         self._restarts = 0
+        #: what the last envelope parse cost (:meth:`fetch_new`; for tests)
+        self.envelope_meter: ParseMeter | None = None
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -944,9 +946,11 @@ class ImapConnection:
         ``UID FETCH <their UIDs> (UID ENVELOPE RFC822.SIZE)``, then IDLE again — all
         within one command timeout (an error names the command not answered). The
         answers are parsed from the raw framed responses (:mod:`trio_idle.imap.envelope`:
-        decoded, bounded, never logged); EXISTS lines among them reach the monitor as
-        always. Same guarantees as every command: a failure leaves the connection
-        unusable.
+        decoded, bounded, never logged), in slices with a checkpoint between them; an
+        answer that would cost more than
+        :data:`~trio_idle.imap.envelope.MAX_ANSWER_WORK` to parse gives the range only
+        (``envelopes`` None). EXISTS lines among them reach the monitor as always.
+        Same guarantees as every command: a failure leaves the connection unusable.
         """
         self._check()
         protocol = self.protocol
@@ -988,10 +992,8 @@ class ImapConnection:
                     response = await self._run_step(step, fetch, deadline)
                     if response.result != "OK":
                         raise ImapError(f"{step} failed: UID FETCH failed: {response.result}")
-                    wanted = set(uids)
-                    envelopes = tuple(
-                        e for e in parse_fetch_envelopes(protocol.capture) if e.uid in wanted
-                    )
+                    found = await self._parse_envelopes(protocol.capture, set(uids))
+                    envelopes = None if found is None else tuple(found)
             protocol.capture = None
             if old is not None:
                 step.name = "IDLE"
@@ -1004,6 +1006,26 @@ class ImapConnection:
             protocol.capture = None
         self._check()
         return NewMail(uids, envelopes)
+
+    async def _parse_envelopes(
+        self, responses: list[bytes], wanted: set[int]
+    ) -> list[Envelope] | None:
+        """:func:`~trio_idle.imap.envelope.parse_steps`, with a checkpoint after each of
+        its slices: an answer of the largest size (``max_fetch_answer``) holds the event
+        loop for one slice at a time, never for the whole parse. Cancelled at a
+        checkpoint, the parse is abandoned."""
+        meter = self.envelope_meter = ParseMeter()
+        steps = parse_steps(responses, wanted, meter)
+        try:
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    result: list[Envelope] | None = done.value
+                    return result
+                await trio.lowlevel.checkpoint()
+        finally:
+            steps.close()
 
     async def _run_step(self, step: _Step, command: aioimaplib.Command, deadline: float) -> Any:
         self._send(command)
