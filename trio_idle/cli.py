@@ -47,7 +47,7 @@ EXIT_CONFIG = 2
 DB_ACTIONS = ("migrate", "install-notify", "remove-notify")
 EXIT_FAILURE = 1
 #: the settings the crypto commands take (they need nothing else)
-CRYPTO_FIELDS = frozenset({"key_derivation", "log_level", "log_format"})
+CRYPTO_FIELDS = frozenset({"key_derivation", "log_level", "log_format", "log_email"})
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, only: Container[str] | None = None) -> None:
@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "drops it again. Each is safe to run again.",
     )
     db.add_argument("action", choices=DB_ACTIONS, help="what to do")
-    _add_setting_flags(db, only=("log_level", "log_format", "db_timeout", "notify_table"))
+    _add_setting_flags(
+        db, only=("log_level", "log_format", "log_email", "db_timeout", "notify_table")
+    )
     demo = commands.add_parser(
         "demo",
         help="run the whole loop locally: test IMAP server, scanning backend, daemon",
@@ -356,7 +358,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     # the daemon splits its lines like console.log / console.error (docs/operations.md);
     # a command whose stdout is its report keeps every log line off it
     daemon_mode = args.command == "serve" and not args.once
-    setup_logging(settings.log.log_level, settings.log.log_format, split=daemon_mode)
+    setup_logging(
+        settings.log.log_level,
+        settings.log.log_format,
+        split=daemon_mode,
+        show_email=settings.log.log_email,
+    )
     protect_secrets(process_secrets(settings))
     if args.command == "serve":
         if settings.process.gc_mode == "tuned":

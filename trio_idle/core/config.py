@@ -834,7 +834,16 @@ class LogSettings:
         "--log-format",
         _choice(LOG_FORMATS),
         "text",
-        "text (the documented lines) or json (one object per line)",
+        "text (the documented lines) or json (one flat object per line, the schema in "
+        "docs/operations.md)",
+    )
+    log_email: bool = setting(
+        "TRIO_IDLE_LOG_EMAIL",
+        "--log-email",
+        parse_bool,
+        "true",
+        "name each mailbox by its email address in log lines (and the JSON email field); "
+        "false: by #<connection id> instead, the address is never logged",
     )
 
 
