@@ -110,7 +110,8 @@ def writes_to_journal(stream: TextIO, environ: Mapping[str, str] | None = None) 
     return is_journal_stream(journal_stream, st.st_dev, st.st_ino)
 
 
-def _frames(exc: BaseException) -> str:
+def traceback_frames(exc: BaseException) -> str:
+    """``file:line function > ...``: the last 8 frames of ``exc``'s traceback, one line."""
     return " > ".join(
         f"{frame.filename.rpartition('/')[2]}:{frame.lineno} {frame.name}"
         for frame in traceback.extract_tb(exc.__traceback__)[-8:]
@@ -124,7 +125,7 @@ def _exception_text(record: Mapping[str, Any]) -> str | None:
     if attached is None or attached.value is None:
         return None
     exc = attached.value
-    frames = _frames(exc)
+    frames = traceback_frames(exc)
     return _net.scrub(
         f"{type(exc).__name__}: {exc}" + (f" (at {frames})" if frames else ""), MAX_LINE_CHARS
     )
@@ -288,7 +289,7 @@ def log_internal_error(log: Any, where: str, exc: BaseException, scrub: Scrubber
     The exception's own text goes through ``scrub`` (it may quote a server's answer or a
     command line); loguru's exception rendering would print it raw.
     """
-    frames = _frames(exc)
+    frames = traceback_frames(exc)
     log.bind(error_kind="internal").error(
         f"{where} internal error: {type(exc).__name__}: {scrub(str(exc))}"
         + (f" (at {frames})" if frames else "")
