@@ -4,7 +4,9 @@ Commands: ``serve`` (``--once``: connect everything once, report, exit), ``check
 (validate the configuration and every row, ``--login`` tries each IMAP login),
 ``encrypt`` (secret on stdin → token), ``decrypt --check`` (tokens on stdin → do they
 decrypt; plaintext is never printed) and ``demo``. ``--log-level``/``--log-format`` work
-for every command that logs. Secrets are never taken from argv.
+for every command that logs, and ``--env-file PATH`` (systemd's EnvironmentFile= syntax,
+:mod:`trio_idle.core.env_file`) for every command but ``demo``. Secrets are never taken
+from argv. A failure inside trio is reported by the exceptions inside its exception group.
 """
 
 from __future__ import annotations
