@@ -3,9 +3,15 @@
 # instances, deploy/compose.yaml to try three of them against a local Postgres.
 #
 #   docker build -t trio-idle .
-#   docker run --env-file /etc/trio-idle/env trio-idle          # = trio-idle serve
-#   docker run --env-file /etc/trio-idle/env trio-idle --once   # flags go after the image
-#   docker run --env-file /etc/trio-idle/env --entrypoint trio-idle trio-idle db migrate
+#   docker run -d --name trio-idle -p 127.0.0.1:9310:9310 \
+#     -v /etc/trio-idle/env:/etc/trio-idle/env:ro -v trio-idle-state:/var/lib/trio-idle/state \
+#     trio-idle --env-file /etc/trio-idle/env                     # = trio-idle serve ...
+#   docker run ... trio-idle --env-file /etc/trio-idle/env --once   # flags go after the image
+#   docker run ... --entrypoint trio-idle trio-idle db migrate --env-file /etc/trio-idle/env
+#
+# --env-file after the image is trio-idle's: it reads /etc/trio-idle/env with systemd's
+# rules, as the unit and the PM2 file do. `docker run --env-file` reads a different format
+# (quotes kept as part of the value): use it only for files without quotes or escapes.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -16,6 +22,8 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY trio_idle ./trio_idle
+# the units' Documentation= (file:///usr/share/doc/trio-idle/...), as on a host install
+COPY docs/*.md /usr/share/doc/trio-idle/
 # the same three steps as a host install; no compiler: every dependency ships wheels
 RUN python3 -m venv /opt/trio-idle \
     && /opt/trio-idle/bin/pip install -c constraints.txt . \
@@ -24,9 +32,17 @@ RUN python3 -m venv /opt/trio-idle \
     && rm -rf /src
 
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/trio-idle --create-home \
-    --shell /usr/sbin/nologin trio-idle
+    --shell /usr/sbin/nologin trio-idle \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/trio-idle/state
 USER 10001:10001
 WORKDIR /var/lib/trio-idle
+
+# The SQLite state (what was scanned, for the catch-up after a restart) lives in a volume:
+# a recreated container keeps it instead of treating every mailbox as new. The default
+# state file is $STATE_DIRECTORY/state.sqlite3, as under systemd's StateDirectory=.
+# Shared mode (TRIO_IDLE_STATE=postgres) keeps it in Postgres and needs no volume.
+ENV STATE_DIRECTORY=/var/lib/trio-idle/state
+VOLUME ["/var/lib/trio-idle/state"]
 
 # The health port listens on every interface of the container (publish it only where a
 # scraper must reach it); /status stays off without TRIO_IDLE_STATUS_TOKEN.

@@ -112,8 +112,8 @@ def install() -> None:
     period, log_above = probe_settings()
     original = cli._run_trio
 
-    def run_with_probe(fn: Callable[[], Any]) -> Any:
-        return original(with_probe(fn, period, log_above))
+    def run_with_probe(fn: Callable[[], Any], command: str = "serve") -> Any:
+        return original(with_probe(fn, period, log_above), command)
 
     cli._run_trio = run_with_probe
 

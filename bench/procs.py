@@ -22,7 +22,7 @@ from bench.procinfo import catches_signal
 #: child processes run ``python -m bench.…`` from here, whatever the caller's cwd
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-_LOG_LINE = re.compile(rb"^\d{4}-\d\d-\d\d [\d:.]+ ([A-Z]+) ")
+_LOG_LINE = re.compile(rb"^\d{4}-\d\d-\d\d [\d:.+-]+ ([A-Z]+) ")
 
 #: The password of every benchmark account (read by the daemon from this variable).
 PASSWORD_ENV = "TRIO_IDLE_BENCH_PASSWORD"

@@ -4,7 +4,9 @@ Commands: ``serve`` (``--once``: connect everything once, report, exit), ``check
 (validate the configuration and every row, ``--login`` tries each IMAP login),
 ``encrypt`` (secret on stdin → token), ``decrypt --check`` (tokens on stdin → do they
 decrypt; plaintext is never printed) and ``demo``. ``--log-level``/``--log-format`` work
-for every command that logs. Secrets are never taken from argv.
+for every command that logs, and ``--env-file PATH`` (systemd's EnvironmentFile= syntax,
+:mod:`trio_idle.core.env_file`) for every command but ``demo``. Secrets are never taken
+from argv. A failure inside trio is reported by the exceptions inside its exception group.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import inspect
 import os
 import signal
 import sys
@@ -26,8 +29,17 @@ from trio_idle.accounts.source_file import FileSource
 from trio_idle.accounts.source_postgres import PostgresSource
 from trio_idle.cluster.listener import CHANNEL, TRIGGER, NotifySql, run_notify_script
 from trio_idle.cluster.membership import MEMBERSHIP_TABLE, PostgresMembership
-from trio_idle.core.config import OPTIONS, ConfigError, Settings, parse_settings, process_secrets
-from trio_idle.core.logs import protect_secrets, setup_logging
+from trio_idle.core.config import (
+    GROUPS,
+    OPTIONS,
+    ConfigError,
+    Settings,
+    parse_settings,
+    process_secrets,
+)
+from trio_idle.core.env_file import EnvFileError, read_env_file
+from trio_idle.core.errors import describe, leaf_exceptions
+from trio_idle.core.logs import protect_secrets, setup_logging, traceback_frames
 from trio_idle.core.scrub import Scrubber, redact_url, url_secrets
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
 from trio_idle.operator_commands import (
@@ -47,22 +59,47 @@ EXIT_CONFIG = 2
 #: the ``trio-idle db`` actions
 DB_ACTIONS = ("migrate", "install-notify", "remove-notify")
 EXIT_FAILURE = 1
+#: the settings every command that logs takes
+LOG_FIELDS = frozenset({"log_level", "log_format", "log_email"})
 #: the settings the crypto commands take (they need nothing else)
-CRYPTO_FIELDS = frozenset({"key_derivation", "log_level", "log_format"})
+CRYPTO_FIELDS = frozenset({"key_derivation"}) | LOG_FIELDS
+#: the settings ``trio-idle db`` takes
+DB_FIELDS = frozenset({"db_timeout", "notify_table"}) | LOG_FIELDS
+#: the settings ``check`` reads: the connection list, what a LOGIN needs (IMAP, its
+#: timers, OAuth2 tokens from the backend or the provider, rotated ones in the state
+#: store); not the daemon's health port, scans, cluster or garbage collection
+CHECK_FIELDS = (
+    frozenset(o.field for o in OPTIONS if o.group in {"connections", "imap", "oauth"})
+    | frozenset({"connect_timeout", "command_timeout", "logout_timeout", "connect_rate"})
+    | frozenset({"backend_url", "secret_header", "token_path", "token_timeout"})
+    | frozenset({"token_refresh_ahead", "http_trust_env", "state", "state_path"})
+    | frozenset({"db_timeout", "node_env"})
+    | LOG_FIELDS
+)
+
+
+def _group_title(name: str) -> str:
+    """A settings group's heading: the first sentence of its docstring."""
+    doc = inspect.cleandoc(GROUPS[name].__doc__ or name)
+    return " ".join(doc.split("\n\n")[0].split()).removesuffix(".")
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, only: Container[str] | None = None) -> None:
-    """One flag per non-secret setting (``only``: restrict to these fields)."""
+    """One flag per non-secret setting (``only``: restrict to these fields), under one
+    heading per settings group, so ``--help`` lists what the command reads, grouped."""
+    sections: dict[str, argparse._ArgumentGroup] = {}
     for option in OPTIONS:
         if option.flag is None or option.secret:
             continue
         if only is not None and option.field not in only:
             continue
+        if option.group not in sections:
+            sections[option.group] = parser.add_argument_group(_group_title(option.group))
         default = (
             f" (default: {option.default})" if option.default and len(option.default) < 40 else ""
         )
         text = f"{option.help}{default}; env {option.env}"
-        parser.add_argument(
+        sections[option.group].add_argument(
             option.flag,
             dest=option.field,
             metavar=option.env,
@@ -70,6 +107,16 @@ def _add_setting_flags(parser: argparse.ArgumentParser, only: Container[str] | N
             # --help, so escape whatever the table says
             help=text.replace("%", "%%"),
         )
+
+
+def _add_env_file_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="read variables from this file first, with systemd's EnvironmentFile= rules "
+        "(no $ expansion, quotes and backslashes as systemd reads them; docs/operations.md); "
+        "its values win over the environment, flags win over both",
+    )
 
 
 def _positive(text: str) -> int:
@@ -107,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "row and (with --login) try an IMAP LOGIN per connection. Prints a table; exit 1 if "
         "anything failed. No secret is printed.",
     )
-    _add_setting_flags(check)
+    _add_setting_flags(check, CHECK_FIELDS)
     check.add_argument("--login", action="store_true", help="also try LOGIN (then LOGOUT)")
     check.add_argument(
         "--concurrency",
@@ -151,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "drops it again. Each is safe to run again.",
     )
     db.add_argument("action", choices=DB_ACTIONS, help="what to do")
-    _add_setting_flags(db, only=("log_level", "log_format", "db_timeout", "notify_table"))
+    _add_setting_flags(db, DB_FIELDS)
     demo = commands.add_parser(
         "demo",
         help="run the whole loop locally: test IMAP server, scanning backend, daemon",
@@ -164,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep running so you can deliver mail yourself (Ctrl-C to stop)",
     )
+    for command in (serve, check, encrypt, decrypt, db):
+        _add_env_file_flag(command)
     return parser
 
 
@@ -259,15 +308,30 @@ def _startup_error(exc: BaseException) -> StartupError | None:
     return None
 
 
-def _run_trio(fn: Callable[[], Any]) -> Any:
-    """``trio.run`` that turns a :class:`StartupError` into exit code 1 and one line."""
+def _debug_frames(command: str, exc: BaseException) -> None:
+    """At DEBUG, where each exception inside ``exc`` was raised (one line each)."""
+    for leaf in leaf_exceptions(exc):
+        logger.debug(f"[idle/{command}] {type(leaf).__name__} at {traceback_frames(leaf)}")
+
+
+def _run_trio(fn: Callable[[], Any], command: str = "serve") -> Any:
+    """``trio.run`` that turns a failure into exit code 1 and one line naming its cause:
+    a :class:`StartupError` as ``cannot start``, any other error by the exceptions inside
+    the nursery's exception group (never just ``ExceptionGroup: ...``), the traceback's
+    frames at DEBUG. Ctrl-C and ``SystemExit`` go on as they are."""
     try:
         return trio.run(fn)
     except BaseException as exc:
         found = _startup_error(exc)
-        if found is None:
+        if found is not None:
+            logger.error(f"[idle/daemon] cannot start: {found}")
+            return EXIT_FAILURE
+        leaves = leaf_exceptions(exc)
+        if not all(isinstance(leaf, Exception) for leaf in leaves):
             raise
-        logger.error(f"[idle/daemon] cannot start: {found}")
+        scrub = Scrubber(limit=300)
+        logger.error(f"[idle/{command}] failed: {describe(exc, scrub)}")
+        _debug_frames(command, exc)
         return EXIT_FAILURE
 
 
@@ -281,9 +345,12 @@ async def migrate_state_table(settings: Settings) -> int:
                 await PostgresBackend(settings.connections.database_url).migrate()
                 # shared mode's membership table; harmless (and unused) for one instance
                 await PostgresMembership(settings.connections.database_url).migrate()
-    except Exception as exc:  # one clear line, never the DSN
-        text = Scrubber(url_secrets(settings.connections.database_url.reveal()), limit=300)(exc)
-        print(f"trio-idle: db migrate failed: {type(exc).__name__}: {text}", file=sys.stderr)
+    except Exception as exc:  # one clear line naming the cause, never the DSN
+        text = describe(
+            exc, Scrubber(url_secrets(settings.connections.database_url.reveal()), limit=300)
+        )
+        print(f"trio-idle: db migrate failed: {text}", file=sys.stderr)
+        _debug_frames("db", exc)
         return 1
     for table, _statement in POSTGRES_MIGRATIONS:
         print(f"trio-idle: table {table} is ready")
@@ -302,9 +369,12 @@ async def notify_trigger(settings: Settings, action: str) -> int:
             await run_notify_script(
                 settings.connections.database_url, script, settings.process.db_timeout
             )
-    except Exception as exc:  # one clear line, never the DSN
-        text = Scrubber(url_secrets(settings.connections.database_url.reveal()), limit=300)(exc)
-        print(f"trio-idle: db {action} failed: {type(exc).__name__}: {text}", file=sys.stderr)
+    except Exception as exc:  # one clear line naming the cause, never the DSN
+        text = describe(
+            exc, Scrubber(url_secrets(settings.connections.database_url.reveal()), limit=300)
+        )
+        print(f"trio-idle: db {action} failed: {text}", file=sys.stderr)
+        _debug_frames("db", exc)
         return 1
     if action == "install-notify":
         print(
@@ -338,6 +408,28 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    if args.env_file is not None:
+        try:
+            loaded = read_env_file(args.env_file)
+        except EnvFileError as exc:
+            print(f"trio-idle: configuration error: --env-file {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        for name in loaded.ignored:  # systemd ignores these too
+            print(
+                f"trio-idle: {args.env_file}: ignoring {name!r}: not a variable name "
+                "(no 'export', no spaces)",
+                file=sys.stderr,
+            )
+        for number in loaded.ambiguous_comments:
+            print(
+                f"trio-idle: {args.env_file}: line {number}: a comment ends with a backslash; "
+                "systemd before 254 reads the next line as part of the comment: remove it",
+                file=sys.stderr,
+            )
+        if env is os.environ:  # libraries (proxies, TLS, libpq-style) read it as well
+            os.environ.update(loaded.values)
+        else:
+            env = {**env, **loaded.values}
     crypto_only = args.command in ("encrypt", "decrypt")
     try:
         if crypto_only:
@@ -357,7 +449,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     # the daemon splits its lines like console.log / console.error (docs/operations.md);
     # a command whose stdout is its report keeps every log line off it
     daemon_mode = args.command == "serve" and not args.once
-    setup_logging(settings.log.log_level, settings.log.log_format, split=daemon_mode)
+    setup_logging(
+        settings.log.log_level,
+        settings.log.log_format,
+        split=daemon_mode,
+        show_email=settings.log.log_email,
+    )
     protect_secrets(process_secrets(settings))
     if args.command == "serve":
         if settings.process.gc_mode == "tuned":
@@ -391,11 +488,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         check = functools.partial(
             run_check, settings, source, sys.stdout, login=args.login, concurrency=args.concurrency
         )
-        return int(_run_trio(check))
+        return int(_run_trio(check, "check"))
     if args.command == "db":
         if args.action == "migrate":
-            return int(_run_trio(functools.partial(migrate_state_table, settings)))
-        return int(_run_trio(functools.partial(notify_trigger, settings, args.action)))
+            return int(_run_trio(functools.partial(migrate_state_table, settings), "db"))
+        return int(_run_trio(functools.partial(notify_trigger, settings, args.action), "db"))
     if args.command == "encrypt":
         return encrypt_command(settings, sys.stdin, sys.stdout, sys.stderr, iv_size=args.iv_size)
     if args.command == "decrypt":

@@ -194,3 +194,28 @@ async def test_a_half_open_listener_connection_is_noticed_by_the_heartbeat(
             with trio.fail_after(2):
                 await poll_until(lambda: any(t > frozen_at for t in refreshes))
             listener.stop()
+
+
+async def test_install_notify_before_the_table_exists_names_the_real_cause(pg_dsn: str) -> None:
+    """Not ``ExceptionGroup: Exceptions from Trio nursery (1 sub-exception)``: the
+    operator reads what Postgres said, and at DEBUG where it was raised."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_IDLE_")}
+    env.update(DATABASE_URL=pg_dsn, TRIO_IDLE_NOTIFY_TABLE='"NotCreatedYet"')
+    result = await trio.run_process(
+        [sys.executable, "-m", "trio_idle.cli", "db", "install-notify", "--log-level", "DEBUG"],
+        env=env,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 1
+    first = err.splitlines()[0]
+    assert first == (
+        'trio-idle: db install-notify failed: UndefinedTableError: relation "NotCreatedYet" '
+        "does not exist"
+    ), err
+    assert "ExceptionGroup" not in err
+    assert "DEBUG   [idle/db] UndefinedTableError at " in err
+    password = urlsplit(pg_dsn).password
+    assert password and password not in err

@@ -77,7 +77,7 @@ async def test_check_login_as_a_process(pg_dsn: str, dovecot: DovecotServer) -> 
     assert f"FAILED: connection to 127.0.0.1:{dead_port} refused" in lines["badhost"]
     assert out.strip().splitlines()[-1] == "3 connections: 1 ok, 2 failed"
     # --log-format json: every log line is one JSON object with the plain message
-    messages = [json.loads(line)["record"]["message"] for line in err.splitlines()]
+    messages = [json.loads(line)["message"] for line in err.splitlines()]
     assert any(m.startswith("[idle/check] 3 rows from db, 2 usable") for m in messages)
     db_password = urlsplit(pg_dsn).password
     assert db_password

@@ -20,6 +20,7 @@ from tests.conftest import unavailable
 from tests.ops.conftest import cli_env, closed_port
 from tests.servers import free_tcp_port
 from trio_idle.core.config import OPTIONS, parse_settings
+from trio_idle.state.store import default_state_path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -47,6 +48,9 @@ def test_template_unit_is_the_single_unit_with_an_instance_name() -> None:
     assert template["EnvironmentFile"] == ["/etc/trio-idle/env", "-/etc/trio-idle/%i.env"]
     assert template["StateDirectory"] == ["trio-idle/%i"]
     differ = {"ExecStart", "EnvironmentFile", "StateDirectory", "WorkingDirectory", "Description"}
+    # the single unit's health port: each instance has its own, in its <name>.env
+    differ.add("Environment")
+    assert template["Environment"] == ["PYTHONUNBUFFERED=1"]
     # the same supervision and hardening as the single unit, setting by setting
     for key, values in single.items():
         if key not in differ:
@@ -119,6 +123,46 @@ def test_dockerfile_installs_like_the_docs_and_runs_unprivileged() -> None:
     # the build context holds what `pip install .` needs, and only that
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert "*" in ignore and {"!pyproject.toml", "!constraints.txt", "!trio_idle/"} <= set(ignore)
+
+
+def image_env() -> dict[str, str]:
+    """The variables the image's ENV instructions set (``KEY=VALUE`` pairs)."""
+    env: dict[str, str] = {}
+    for args in instruction("ENV"):
+        for pair in shlex.split(args):
+            key, _, value = pair.partition("=")
+            env[key] = value
+    return env
+
+
+def test_the_sqlite_state_lives_in_a_volume() -> None:
+    """A recreated container keeps what was scanned: the default state file (the
+    image's own environment, its user's home) is inside a declared VOLUME, which the
+    image's user owns."""
+    volumes = [v for args in instruction("VOLUME") for v in json.loads(args)]
+    env = {**image_env(), "HOME": "/var/lib/trio-idle"}
+    state = default_state_path(env)
+    assert any(state.is_relative_to(volume) for volume in volumes), (state, volumes)
+    (volume,) = [v for v in volumes if state.is_relative_to(v)]
+    runs = " ".join(instruction("RUN"))
+    assert f"install -d -o 10001 -g 10001 -m 0700 {volume}" in runs
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    assert f"{volume}" in docs and "VOLUME" in docs
+
+
+def test_the_units_documentation_is_installed_where_they_point() -> None:
+    """Documentation= names files the documented install and the image provide."""
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    for unit in (DEPLOY / "trio-idle.service", TEMPLATE):
+        (links,) = unit_settings(unit)["Documentation"]
+        for link in links.split():
+            assert link.startswith("file:///usr/share/doc/trio-idle/"), link
+            name = link.rpartition("/")[2]
+            assert (ROOT / "docs" / name).is_file(), name
+    install = "install -m 0644 docs/*.md /usr/share/doc/trio-idle/"
+    assert install in docs and install in (DEPLOY / "trio-idle.service").read_text()
+    assert "docs/*.md /usr/share/doc/trio-idle/" in " ".join(instruction("COPY"))
+    assert "!docs/*.md" in (ROOT / ".dockerignore").read_text().split()
 
 
 # -- compose ------------------------------------------------------------------------------

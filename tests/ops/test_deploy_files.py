@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 from tests.conftest import unavailable
-from trio_idle.core.config import OPTIONS
+from trio_idle.core.config import OPTIONS, Settings
+
+ENV_FILE = "/etc/trio-idle/env"
 
 DEPLOY = Path(__file__).resolve().parent.parent.parent / "deploy"
 UNIT = DEPLOY / "trio-idle.service"
@@ -86,9 +88,19 @@ def test_pm2_ecosystem_file_loads(node_bin: str) -> None:
     )
     app = json.loads(result.stdout)
     assert app["interpreter"] == "none"
-    assert app["kill_timeout"] == 15000
     assert app["autorestart"] is True
-    assert app["script"].endswith("trio-idle") and app["args"] == "serve"
+    assert app["script"].endswith("trio-idle")
+    # the settings file systemd reads, read with its rules (no shell sourcing it)
+    assert app["args"] == f"serve --env-file {ENV_FILE}"
+    assert _unit_settings()["EnvironmentFile"] == [ENV_FILE]
+    # PM2 7 reads no per-app kill_signal (it sends SIGINT): the file must not promise one
+    assert "kill_signal" not in app
+    # SIGKILL only after a graceful stop: LOGOUTs, closing, the last state flush
+    graceful = Settings().process.shutdown_timeout + 10
+    assert app["kill_timeout"] >= graceful * 1000
+    assert app["kill_timeout"] == int(_unit_settings()["TimeoutStopSec"][0]) * 1000
+    ops = (DEPLOY.parent / "docs" / "operations.md").read_text()
+    assert "send **SIGINT**" in ops and "pm2 startup" in ops and "pm2-logrotate" in ops
 
 
 def test_env_example_names_only_known_variables() -> None:

@@ -71,6 +71,24 @@ async def test_a_kept_alive_connection_the_backend_dropped_costs_no_retry(rig: R
         assert rig.logs.matching(f"[idle/{A}] scan failed") == []
 
 
+async def test_every_scan_line_names_the_scan_id_the_backend_received(rig: Rig) -> None:
+    """A scan can be followed from the daemon's log into the backend's: its failed
+    attempts and its accepted one name the id the backend got as ``x-scan-id``."""
+    rig.backend.script(A, [Reply(503)])
+    async with running_daemon(rig.settings(), rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+            rig.ledger.append(A, "answered 503 first")
+            await rig.ledger.settle(10)
+            await rig.quiet(daemon, A)
+        failed, accepted = rig.backend.requests_for(A)
+        assert failed.scan_id and failed.scan_id == accepted.scan_id
+        # each scan names its own id: these lines are this scan's, and only they
+        failed_line, done_line = rig.logs.matching(f"(scan {accepted.scan_id})")
+        assert f"[idle/{A}] scan failed: backend answered 503" in failed_line
+        assert f"[idle/{A}] scan-triggered → scanned=" in done_line
+
+
 async def test_backend_429_retry_after_is_honoured(rig: Rig) -> None:
     # the normal retry delay is at most 500 ms here; Retry-After asks for 1 s
     rig.backend.script(A, [Reply(429, headers={"retry-after": "1"})])

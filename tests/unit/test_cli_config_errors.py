@@ -195,3 +195,21 @@ def test_help_works_for_every_command(
         secrets = [o.env for o in cli.OPTIONS if o.secret]
         assert "TRIO_IDLE_STATUS_TOKEN" in secrets and "TRIO_IDLE_LISTEN_URL" in secrets
         assert all(env in out for env in secrets), [e for e in secrets if e not in out]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ADMIN_SECRET", "change-me-same-as-the-backend"),
+        ("ENCRYPTION_KEY", "change-me-to-the-backends-32-plus-character-key"),
+        ("DATABASE_URL", "postgresql://trio_idle:change-me@127.0.0.1:5432/app"),
+        ("BACKEND_URL", "http://change-me-to-the-backend:3015"),
+    ],
+)
+def test_env_example_placeholders_are_refused(
+    capsys: pytest.CaptureFixture[str], name: str, value: str
+) -> None:
+    """A known example secret must never go into production."""
+    err = run(capsys, ["serve"], {**GOOD_ENV, name: value})
+    assert f"configuration error: {name}: is still the 'change-me' placeholder" in err
+    assert value not in err

@@ -63,7 +63,7 @@ def test_json_lines_split_the_same_way(capsys: pytest.CaptureFixture[str]) -> No
     _emit_one_of_each()
     out, err = capsys.readouterr()
     levels = {
-        name: [json.loads(line)["record"]["level"]["name"] for line in text.splitlines()]
+        name: [json.loads(line)["level"] for line in text.splitlines()]
         for name, text in (("out", out), ("err", err))
     }
     assert levels == {"out": ["INFO", "SUCCESS"], "err": ["WARNING", "ERROR", "CRITICAL"]}

@@ -30,6 +30,11 @@ CONN = MailConnection(
 
 
 class _Log:
+    """A silent logger: ``bind`` (structured fields) returns it, every level drops."""
+
+    def bind(self, **fields: Any) -> _Log:
+        return self
+
     def __getattr__(self, level: str) -> Any:
         return lambda *a, **k: None
 

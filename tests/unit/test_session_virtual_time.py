@@ -62,6 +62,10 @@ class RecordingLog:
     def __init__(self) -> None:
         self.lines: list[tuple[str, str]] = []
 
+    def bind(self, **fields: Any) -> RecordingLog:
+        """Structured fields (JSON lines) are not recorded: the text is."""
+        return self
+
     def __getattr__(self, level: str) -> Any:
         return lambda text, *a, **k: self.lines.append((level, text))
 

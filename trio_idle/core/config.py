@@ -46,6 +46,10 @@ SOURCES: Final = ("postgres", "file")
 STATE_BACKENDS: Final = ("sqlite", "postgres", "none")
 GC_MODES: Final = ("tuned", "python")
 LOG_FORMATS: Final = ("text", "json")
+#: deploy/env.example marks every value an operator must fill in with this; a value that
+#: still holds it is refused, whichever setting it is (a secret of the example would be
+#: a known secret)
+PLACEHOLDER: Final = "change-me"
 LOG_LEVELS: Final = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -843,7 +847,16 @@ class LogSettings:
         "--log-format",
         _choice(LOG_FORMATS),
         "text",
-        "text (the documented lines) or json (one object per line)",
+        "text (the documented lines) or json (one flat object per line, the schema in "
+        "docs/operations.md)",
+    )
+    log_email: bool = setting(
+        "TRIO_IDLE_LOG_EMAIL",
+        "--log-email",
+        parse_bool,
+        "true",
+        "name each mailbox by its email address in log lines (and the JSON email field); "
+        "false: by #<connection id> instead, the address is never logged",
     )
 
 
@@ -1229,6 +1242,15 @@ def parse_settings(
                 values[option.field], labels[option.field] = _DEFAULTS[option.field], option.env
             continue
         labels[option.field] = label
+        if PLACEHOLDER in raw.lower():
+            problems.append(
+                ConfigError(
+                    label,
+                    f"is still the {PLACEHOLDER!r} placeholder of deploy/env.example: "
+                    "set the real value (the value is not shown)",
+                )
+            )
+            continue
         try:
             values[option.field] = option.parse(raw)
         except ValueError as exc:

@@ -8,6 +8,7 @@ back to the exception's class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 #: the name of the host could not be resolved
@@ -68,3 +69,22 @@ class ConnectionLost(ImapError):
 
 class SourceError(Exception):
     """The connection list could not be read; the message is safe to log."""
+
+
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``: itself, or the leaves of an exception group (a
+    nursery's, nested at any depth), in order. What an operator must be shown instead
+    of ``ExceptionGroup: Exceptions from Trio nursery (1 sub-exception)``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaf_exceptions(inner)]
+    return [exc]
+
+
+def describe(exc: BaseException, scrub: Callable[[object], str]) -> str:
+    """``Type: text`` of each leaf of ``exc`` (:func:`leaf_exceptions`), joined with
+    ``; ``; each text through ``scrub`` (it may quote a server or a DSN)."""
+    parts = []
+    for leaf in leaf_exceptions(exc):
+        text = scrub(leaf)
+        parts.append(f"{type(leaf).__name__}: {text}" if text else type(leaf).__name__)
+    return "; ".join(parts)

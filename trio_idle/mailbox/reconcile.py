@@ -214,7 +214,7 @@ class Reconciler:
 
     async def _run(self, handle: Handle, predecessor: Handle | None) -> None:
         conn = handle.conn
-        log = session_logger(conn.email, conn.id)
+        log = session_logger(conn.email, conn.id, conn.host)
         try:
             with handle.scope:
                 if predecessor is not None:

@@ -154,6 +154,9 @@ async def deliver(
         conn.id, conn.user_id, conn.email, policy.mailbox, reason, span=span, messages=messages
     )
     prefix = log_prefix(conn.email)
+    # the id the backend sees as x-scan-id: every line of this scan names it, so the
+    # scan can be followed into the backend's logs
+    scan = f"(scan {job.scan_id})"
     retry = BackoffPolicy(policy.retry_initial, policy.retry_max, jitter=SCAN_RETRY_JITTER)
     attempt = 0
     while True:
@@ -162,24 +165,31 @@ async def deliver(
         reply = await webhook.send(job)
         if reply.verdict is Verdict.OK:
             stats.inc("scans_ok")
+            took = None
             if coalescer.active_since is not None:
-                stats.scan_latency.observe(trio.current_time() - coalescer.active_since)
+                took = trio.current_time() - coalescer.active_since
+                stats.scan_latency.observe(took)
+            done = log.bind(scan_id=job.scan_id, duration=took)
             if reply.scanned is None:
-                log.warning(f"{prefix} scan-triggered → {reply.detail}")
+                done.warning(f"{prefix} scan-triggered → {reply.detail} {scan}")
             else:
-                log.info(
-                    f"{prefix} scan-triggered → scanned={reply.scanned} blocked={reply.blocked}"
+                done.info(
+                    f"{prefix} scan-triggered → scanned={reply.scanned} "
+                    f"blocked={reply.blocked} {scan}"
                 )
             return True
         label = str(reply.status) if reply.status is not None else "network"
+        failed = log.bind(
+            scan_id=job.scan_id, error_kind=f"http_{label}" if reply.status else label
+        )
         if reply.verdict is Verdict.REJECT:
             stats.inc("scans_failed", label)
-            log.error(f"{prefix} scan rejected: {reply.detail}")
+            failed.error(f"{prefix} scan rejected: {reply.detail} {scan}")
             return False
         stats.inc("scans_retried", label)
         delay = retry.delay(attempt, rng, hint=reply.retry_after)
-        log.warning(
+        failed.bind(duration=delay).warning(
             f"{prefix} scan failed: {reply.detail}; retrying in "
-            f"{human_duration(delay)} (attempt {attempt + 1})"
+            f"{human_duration(delay)} (attempt {attempt + 1}) {scan}"
         )
         await trio.sleep(delay)

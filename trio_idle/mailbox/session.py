@@ -54,7 +54,7 @@ from trio_idle.accounts.outcome_text import ConnectionSecrets, Failure
 from trio_idle.accounts.providers import session_settings
 from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.config import Settings
-from trio_idle.core.errors import ImapAuthError, ImapError
+from trio_idle.core.errors import KIND_SERVER_CLOSED, ImapAuthError, ImapError
 from trio_idle.core.limiter import ConnectLimiter, Pacer
 from trio_idle.core.logs import human_duration, log_internal_error, prefix
 from trio_idle.core.stats import Stats
@@ -234,14 +234,14 @@ async def run_session(
             if exc.reason == TOKEN_ERROR:
                 memory.state = BACKOFF
                 delay = max(backoff.next_delay(), exc.retry_after or 0.0)
-                log.warning(
+                log.bind(error_kind=f"token_{exc.reason}").warning(
                     f"{where} no access token ({exc.reason}): {text}; "
                     f"next attempt in {human_duration(delay)}"
                 )
             else:
                 memory.state = AUTH_FAILED
                 delay = auth_backoff.next_delay()
-                log.error(
+                log.bind(error_kind=f"token_{exc.reason}").error(
                     f"{where} no access token ({exc.reason}): {text} — the account must be "
                     f"reconnected in the app; next attempt in {human_duration(delay)}"
                 )
@@ -262,7 +262,7 @@ async def run_session(
             what = (
                 "the access token was refused" if token is not None else "check the stored password"
             )
-            log.error(
+            log.bind(error_kind=exc.kind or "auth").error(
                 f"{where} authentication failed: {text} — {what}; "
                 f"next login attempt in {human_duration(delay)}"
             )
@@ -274,10 +274,12 @@ async def run_session(
             if up_since is not None:
                 env.stats.inc("disconnects")
                 backoff.session_ended(trio.current_time() - up_since)
-                log.warning(f"{where} connection lost: {text}")
+                failed = log.bind(error_kind=exc.kind or KIND_SERVER_CLOSED)
+                failed.warning(f"{where} connection lost: {text}")
             else:
                 env.stats.inc("connect_failures")
-                log.warning(f"{where} connect failed: {text}")
+                failed = log.bind(error_kind=exc.kind or KIND_SERVER_CLOSED)
+                failed.warning(f"{where} connect failed: {text}")
             delay = backoff.next_delay()
         except Exception as exc:  # a bug must cost one mailbox a reconnect, not the process
             memory.state = BACKOFF
@@ -291,7 +293,7 @@ async def run_session(
                 with trio.CancelScope(shield=True):
                     await imap.logout(s.timers.logout_timeout)
         if memory.state == BACKOFF:
-            log.info(
+            log.bind(duration=delay).info(
                 f"{where} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
             )
         await trio.sleep(delay)
