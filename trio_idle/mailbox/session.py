@@ -211,9 +211,19 @@ async def run_session(
             if memory.mailbox is None and env.store is not None and env.store.enabled:
                 # first session in this process: compare with what the last run scanned
                 stored = env.store.get(conn.id, s.imap.mailbox)
-                decision, reason = startup_decision(stored, selected), "startup"
+                decision = startup_decision(stored, selected, s.store.start_from)
+                reason = "startup"
                 if stored is not None and memory.mark is None:
                     memory.mark = ScanMark(stored.uidvalidity, stored.uidnext)
+                elif stored is None and not decision.scan:
+                    # TRIO_IDLE_START_FROM=now: what the mailbox holds counts as scanned
+                    # (the previous daemon's backend did it); stored, so that the next
+                    # start compares with it instead of scanning everything after all
+                    env.store.record(
+                        conn.id, s.imap.mailbox, selected.uidvalidity, selected.uidnext
+                    )
+                    env.stats.inc("started_from_now")
+                    log.info(f"{where} {decision.why}: UIDNEXT {selected.uidnext} recorded")
             else:
                 decision, reason = catch_up_decision(memory.mailbox, selected), "reconnect"
             memory.mailbox = selected

@@ -55,6 +55,11 @@ PLAIN_COUNTERS: Final = (
     ("scans_ok", "scans the backend answered with 2xx"),
     ("ping_errors", "health pings that could not be delivered"),
     ("state_writes", "mailbox state entries written to the state store"),
+    (
+        "started_from_now",
+        "mailboxes new to the state store whose UIDNEXT was recorded without a scan "
+        "(TRIO_IDLE_START_FROM=now)",
+    ),
     ("asyncio_errors", "errors asyncio had nobody to report to (logged, not fatal)"),
 )
 

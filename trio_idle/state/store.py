@@ -216,13 +216,24 @@ class ScannedState:
     removed_at: float | None = None
 
 
-def startup_decision(stored: ScannedState | None, current: MailboxState) -> CatchUp:
+#: ``TRIO_IDLE_START_FROM=now``: the reason a mailbox new to the store is not scanned
+STARTED_FROM_NOW: Final = "mailbox new to the state store; starting from now"
+
+
+def startup_decision(
+    stored: ScannedState | None, current: MailboxState, start_from: str = "full"
+) -> CatchUp:
     """First session of a connection in this process: did mail arrive while we were down?
 
-    Pure. New to the store → scan (we cannot know); UIDVALIDITY changed → scan; the
-    server's UIDNEXT above the one the last successful scan covered → scan; otherwise no.
+    Pure. New to the store → scan (we cannot know), unless ``start_from`` is ``"now"``
+    (the mail there counts as handled: the caller stores the server's UIDNEXT instead);
+    UIDVALIDITY changed → scan; the server's UIDNEXT above the one the last successful
+    scan covered → scan; otherwise no. ``start_from`` only ever concerns a mailbox with no
+    stored state.
     """
     if stored is None:
+        if start_from == "now":
+            return CatchUp(False, STARTED_FROM_NOW)
         return CatchUp(True, "mailbox new to the state store")
     if (
         stored.uidvalidity is not None
