@@ -34,7 +34,12 @@ from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap.responses import MailboxState
 from trio_idle.mailbox.account_health import Health
 from trio_idle.mailbox.coalescer import ScanCoalescer
-from trio_idle.mailbox.health_reporter import AccountHealth, StatusPolicy, run_health_reports
+from trio_idle.mailbox.health_reporter import (
+    AccountHealth,
+    StatusPolicy,
+    iso_time,
+    run_health_reports,
+)
 from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy, run_scans
 from trio_idle.mailbox.session import ConnectionMemory, SessionEnv, run_session
 from trio_idle.state.store import StateStore
@@ -321,9 +326,15 @@ class Reconciler:
                     "state": h.memory.state,
                     "last_error": h.memory.last_error,
                     "health": h.health.snapshot(),
+                    "last_push": _iso(h.memory.last_push),
+                    "last_scan": _iso(h.memory.last_scan),
                     "sessions": h.memory.sessions,
                     "scan_active": h.coalescer.active,
                     "scan_pending": bool(h.coalescer.pending),
                 }
             )
         return out
+
+
+def _iso(unix: float | None) -> str | None:
+    return None if unix is None else iso_time(unix)

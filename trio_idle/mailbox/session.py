@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import random
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,10 @@ class ConnectionMemory:
     last_error: str | None = None
     connected_since: float | None = None
     sessions: int = 0
+    #: UNIX time new mail was last noticed (pushed, tick, catch-up) and of the last scan
+    #: the backend accepted, in this process (``/status``)
+    last_push: float | None = None
+    last_scan: float | None = None
     #: told each outcome that says something about the account's health: a
     #: :class:`~trio_idle.mailbox.account_health.Connected`, or the error that ended an attempt
     #: (:class:`~trio_idle.mailbox.health_reporter.AccountHealth.observe`). Must never block.
@@ -98,6 +103,7 @@ class ConnectionMemory:
     def accepted(self, covered: MailboxState) -> None:
         """The backend answered 2xx for a scan that covered ``covered``."""
         self.mark = advance(self.mark, covered)
+        self.last_scan = time.time()
 
 
 def network_connector(settings: Settings, ssl_context: ssl.SSLContext | None) -> ImapConnector:
@@ -348,6 +354,7 @@ class _Watch:
         stats = self.env.stats
         stats.inc("exists_events", reason)
         memory = self.memory
+        memory.last_push = time.time()
         if memory.mailbox is not None and memory.mailbox.uidnext is not None:
             memory.mailbox = attrs.evolve(
                 memory.mailbox, uidnext=memory.mailbox.uidnext + count, exists=monitor.exists
