@@ -3,7 +3,8 @@
 Commands: ``serve`` (``--once``: connect everything once, report, exit), ``check``
 (validate the configuration and every row, ``--login`` tries each IMAP login),
 ``encrypt`` (secret on stdin → token), ``decrypt --check`` (tokens on stdin → do they
-decrypt; plaintext is never printed) and ``demo``. ``--log-level``/``--log-format`` work
+decrypt; plaintext is never printed), ``status`` (the running daemon's ``/status`` as a
+table; exit 3 when it is unreachable) and ``demo``. ``--log-level``/``--log-format`` work
 for every command that logs, and ``--env-file PATH`` (systemd's EnvironmentFile= syntax,
 :mod:`trio_idle.core.env_file`) for every command but ``demo``. Secrets are never taken
 from argv. A failure inside trio is reported by the exceptions inside its exception group.
@@ -50,6 +51,14 @@ from trio_idle.operator_commands import (
     run_check,
     wait_for_first_outcomes,
 )
+from trio_idle.ops.status_client import (
+    StatusUnavailable,
+    fetch_status,
+    format_unavailable,
+    render,
+    status_url,
+    verdict,
+)
 from trio_idle.runtime.daemon import Daemon, run_daemon
 from trio_idle.runtime.refresher import ConnectionSource
 from trio_idle.runtime.supervision import StartupError
@@ -65,6 +74,7 @@ LOG_FIELDS = frozenset({"log_level", "log_format", "log_email"})
 CRYPTO_FIELDS = frozenset({"key_derivation"}) | LOG_FIELDS
 #: the settings ``trio-idle db`` takes
 DB_FIELDS = frozenset({"db_timeout", "notify_table"}) | LOG_FIELDS
+STATUS_FIELDS = frozenset({"health_addr", "status_addr"}) | LOG_FIELDS
 #: the settings ``check`` reads: the connection list, what a LOGIN needs (IMAP, its
 #: timers, OAuth2 tokens from the backend or the provider, rotated ones in the state
 #: store); not the daemon's health port, scans, cluster or garbage collection
@@ -199,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db.add_argument("action", choices=DB_ACTIONS, help="what to do")
     _add_setting_flags(db, DB_FIELDS)
+    status = commands.add_parser(
+        "status",
+        help="the running daemon's /status as a table (exit 0 ok, 1 not ok, 2 config, 3 "
+        "unreachable)",
+        description="Ask the running daemon (TRIO_IDLE_STATUS_ADDR, else "
+        "TRIO_IDLE_HEALTH_ADDR; token TRIO_IDLE_STATUS_TOKEN from the environment) for its "
+        "/status and print one line per connection: state, account health, last push, last "
+        "scan, last error. Exit 0: every connection watched and healthy, daemon ready; 1: "
+        "some not (or not ready); 2: configuration error or token refused; 3: daemon "
+        "unreachable.",
+    )
+    _add_setting_flags(status, STATUS_FIELDS)
+    status.add_argument("--connection", metavar="ID", help="show and judge this connection only")
     demo = commands.add_parser(
         "demo",
         help="run the whole loop locally: test IMAP server, scanning backend, daemon",
@@ -211,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep running so you can deliver mail yourself (Ctrl-C to stop)",
     )
-    for command in (serve, check, encrypt, decrypt, db):
+    for command in (serve, check, encrypt, decrypt, db, status):
         _add_env_file_flag(command)
     return parser
 
@@ -386,6 +409,20 @@ async def notify_trigger(settings: Settings, action: str) -> int:
     return 0
 
 
+async def status_command(settings: Settings, url: str, connection: str | None) -> int:
+    """``trio-idle status``: print the daemon's ``/status`` as a table
+    (:mod:`trio_idle.ops.status_client`); its exit code."""
+    assert settings.health.status_token is not None  # status_url checked it
+    try:
+        body = await fetch_status(url, settings.health.status_token)
+    except StatusUnavailable as problem:
+        for line in format_unavailable(problem):
+            print(line, file=sys.stderr)
+        return problem.code
+    print(render(body, connection), flush=True)
+    return verdict(body, connection).code
+
+
 #: seconds a thread may hold the GIL while another waits (CPython's default: 0.005); see
 #: where ``serve`` sets it
 GIL_SWITCH_INTERVAL: Final = 0.0005
@@ -436,6 +473,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             settings = settings_from_args(
                 args, env, require=("encryption_key",), require_source=False
             )
+        elif args.command == "status":
+            settings = settings_from_args(args, env, require=(), require_source=False)
+            url = status_url(settings)
         elif args.command == "db":
             settings = settings_from_args(args, env, require=(), require_source=False)
             if settings.connections.database_url is None:
@@ -489,6 +529,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             run_check, settings, source, sys.stdout, login=args.login, concurrency=args.concurrency
         )
         return int(_run_trio(check, "check"))
+    if args.command == "status":
+        return int(
+            _run_trio(functools.partial(status_command, settings, url, args.connection), "status")
+        )
     if args.command == "db":
         if args.action == "migrate":
             return int(_run_trio(functools.partial(migrate_state_table, settings), "db"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.harness import capture_logs
 from tests.servers.postgres import execute_sql
 from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
@@ -25,6 +26,7 @@ from trio_idle.imap.asyncio_loop import open_asyncio_loop
 from trio_idle.imap.responses import MailboxState
 from trio_idle.state.store import (
     POSTGRES_DDL,
+    POSTGRES_MIGRATIONS,
     PostgresBackend,
     SqliteBackend,
     StateBackend,
@@ -38,13 +40,14 @@ NewBackend = Callable[[], StateBackend]
 @pytest.fixture(params=["sqlite", "postgres"])
 async def new_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[NewBackend]:
     """Makes backends on one shared store: a SQLite file, or a fresh Postgres database
-    with the table ``trio-idle db migrate`` creates (inside a trio-asyncio loop)."""
+    with the tables ``trio-idle db migrate`` creates (inside a trio-asyncio loop)."""
     if request.param == "sqlite":
         path = tmp_path / "state.sqlite3"
         yield lambda: SqliteBackend(path)
         return
     dsn: str = request.getfixturevalue("pg_dsn")
-    await trio.to_thread.run_sync(execute_sql, dsn, POSTGRES_DDL)
+    for _table, statement in POSTGRES_MIGRATIONS:
+        await trio.to_thread.run_sync(execute_sql, dsn, statement)
     async with open_asyncio_loop():
         yield lambda: PostgresBackend(Secret(dsn))
 
@@ -99,3 +102,64 @@ async def test_a_new_uidvalidity_or_unknown_uidnext_replaces_the_row(
     assert await second.flush()
     stored = (await loaded(new_backend)).get("c", "INBOX")
     assert stored is not None and (stored.uidvalidity, stored.uidnext) == (8, None)
+
+
+async def test_the_health_reported_is_kept_across_restarts_and_dropped_with_its_connection(
+    new_backend: NewBackend,
+) -> None:
+    first = await loaded(new_backend)
+    first.record_health("c", "auth_failed", "invalid_credentials")
+    first.record_health("d", "ok", None)
+    assert await first.flush()
+    restart = await loaded(new_backend)
+    c, d = restart.reported_health("c"), restart.reported_health("d")
+    assert c is not None and (c.state, c.reason) == ("auth_failed", "invalid_credentials")
+    assert d is not None and (d.state, d.reason) == ("ok", None)
+    restart.record_health("c", "ok", None)  # the recovery, reported
+    restart.prune(["c"])  # d left the connection list
+    assert await restart.flush()
+    again = await loaded(new_backend)
+    c = again.reported_health("c")
+    assert c is not None and c.state == "ok"
+    assert again.reported_health("d") is None
+
+
+async def test_a_connection_that_moved_here_gets_the_health_its_previous_owner_reported(
+    new_backend: NewBackend,
+) -> None:
+    """Shared mode: the new owner must not take its own old view for what the backend
+    was told last (it would stay silent about a failure the backend thinks is over)."""
+    mine, previous_owner = await loaded(new_backend), await loaded(new_backend)
+    mine.record_health("c", "auth_failed", "invalid_credentials")
+    assert await mine.flush()
+    previous_owner.record_health("c", "ok", None)  # later, on the instance that had it
+    assert await previous_owner.flush()
+    await mine.reload(["c"])
+    c = mine.reported_health("c")
+    if isinstance(mine.backend, PostgresBackend):
+        assert c is not None and c.state == "ok"
+    else:  # one SQLite file per process: there is no other owner to read
+        assert c is not None and c.state == "auth_failed"
+
+
+@pytest.mark.postgres
+async def test_without_the_postgres_health_table_reports_are_not_kept_and_nothing_fails(
+    pg_dsn: str,
+) -> None:
+    """A daemon upgraded without `trio-idle db migrate`: one warning, the scan state
+    still works, health is reported as before (every connection once per start)."""
+    await trio.to_thread.run_sync(execute_sql, pg_dsn, POSTGRES_DDL)
+    stats = Stats()
+    async with open_asyncio_loop():
+        store = StateStore(PostgresBackend(Secret(pg_dsn)), stats)
+        with capture_logs() as logs:
+            await store.load()
+        assert logs.matching("trio_idle_account_health does not exist")
+        store.record_health("c", "ok", None)
+        store.record("c", "INBOX", 7, 60)
+        assert await store.flush()
+        assert store.reported_health("c") is None
+        restart = StateStore(PostgresBackend(Secret(pg_dsn)), stats)
+        await restart.load()
+        assert restart.get("c", "INBOX") is not None
+    assert stats.get("state_errors") == 0

@@ -253,6 +253,7 @@ async def test_db_migrate_creates_the_state_table(pg_dsn: str) -> None:
         assert result.returncode == 0, result.stderr.decode()
         assert b"trio_idle_mailbox_state is ready" in result.stdout
         assert b"trio_idle_oauth_refresh_token is ready" in result.stdout
+        assert b"trio_idle_account_health is ready" in result.stdout
     from tests.servers.postgres import fetch_sql
 
     rows = await trio.to_thread.run_sync(
@@ -261,6 +262,10 @@ async def test_db_migrate_creates_the_state_table(pg_dsn: str) -> None:
     assert rows[0][0] == 0
     rows = await trio.to_thread.run_sync(
         fetch_sql, pg_dsn, "SELECT count(*) FROM trio_idle_oauth_refresh_token"
+    )
+    assert rows[0][0] == 0
+    rows = await trio.to_thread.run_sync(
+        fetch_sql, pg_dsn, "SELECT count(*) FROM trio_idle_account_health"
     )
     assert rows[0][0] == 0
     env["DATABASE_URL"] = pg_dsn.rsplit("/", 1)[0] + "/no_such_db"

@@ -148,6 +148,10 @@ def test_startup_decision() -> None:
     assert startup_decision(ScannedState(6, 10, 0.0), now).scan
     # UIDNEXT lower after a UIDVALIDITY change is still "changed"
     assert startup_decision(ScannedState(6, 50, 0.0), now).scan
+    # TRIO_IDLE_START_FROM=now concerns a mailbox with no stored state only
+    assert not startup_decision(None, now, "now").scan
+    assert startup_decision(ScannedState(7, 9, 0.0), now, "now").scan
+    assert startup_decision(ScannedState(6, 10, 0.0), now, "now").scan
 
 
 async def test_a_write_cancelled_by_shutdown_is_redone_by_the_final_flush() -> None:

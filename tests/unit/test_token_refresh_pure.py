@@ -257,4 +257,8 @@ def test_token_statements_per_backend() -> None:
     assert "$4" in POSTGRES_TOKEN_SQL.upsert and "?" not in POSTGRES_TOKEN_SQL.upsert
     assert POSTGRES_TOKEN_SQL.table in POSTGRES_TOKEN_SQL.create
     tables = [table for table, _ in POSTGRES_MIGRATIONS]
-    assert tables == ["trio_idle_mailbox_state", "trio_idle_oauth_refresh_token"]
+    assert tables == [
+        "trio_idle_mailbox_state",
+        "trio_idle_oauth_refresh_token",
+        "trio_idle_account_health",
+    ]

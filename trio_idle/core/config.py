@@ -44,6 +44,8 @@ DEFAULT_QUERY: Final = (
 SECURITY_MODES: Final = ("auto", "tls", "starttls", "plain")
 SOURCES: Final = ("postgres", "file")
 STATE_BACKENDS: Final = ("sqlite", "postgres", "none")
+#: where a mailbox with no stored state starts (TRIO_IDLE_START_FROM)
+START_FROM: Final = ("full", "now")
 GC_MODES: Final = ("tuned", "python")
 LOG_FORMATS: Final = ("text", "json")
 #: deploy/env.example marks every value an operator must fill in with this; a value that
@@ -752,6 +754,16 @@ class StateSettings:
         parse_duration,
         "168h",
         "how long the state of a connection removed from the source is kept",
+    )
+    start_from: str = setting(
+        "TRIO_IDLE_START_FROM",
+        "--start-from",
+        _choice(START_FROM),
+        "full",
+        "a mailbox with no stored state (first start, new connection): full = one scan of "
+        "everything; now = no scan, its UIDNEXT is stored and only mail from then on is "
+        "scanned (migrating from a daemon whose backend already scanned it; "
+        "docs/migrating-from-node.md)",
     )
 
 

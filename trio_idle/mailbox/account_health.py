@@ -11,8 +11,10 @@ to the backend (:mod:`trio_idle.mailbox.health_reporter` sends them):
   reason) for ``unreachable_after`` seconds without a success in between: a server
   restart or a short outage pages nobody;
 - a classification equal to the last one reported is not reported again (only
-  ``attempts`` grows); the first classification of a connection is always reported, so a
-  backend that still shows an old failure learns of the recovery after a daemon restart.
+  ``attempts`` grows); the first classification of a connection is reported unless it
+  equals what the backend was told before the restart (the state store keeps it: a
+  backend that still shows an old failure learns of the recovery; one that shows ``ok``
+  is not told ``ok`` again). Without a state store the first one is always reported.
 
 Outcomes the classifier cannot judge (an internal error, a token source that fails for
 now) change nothing: the previous health stands.

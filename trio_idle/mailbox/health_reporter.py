@@ -17,7 +17,11 @@ Guarantees:
   is synchronous and never blocks; only this task waits for the backend;
 - cancellation (the connection is removed or restarted, shutdown) abandons the report in
   flight; a restarted connection keeps its :class:`AccountHealth`, so what was already
-  reported is not reported again.
+  reported is not reported again;
+- across a daemon restart, with a state store: what the backend last accepted is kept
+  there (``on_delivered``) and seeds the new process's tracker (``reported``), so a
+  restart of 10,000 healthy connections sends no report, and a connection whose health
+  changed while the daemon was down sends one.
 
 Task tree: the reporter runs in the connection's nursery next to the session
 (:mod:`trio_idle.mailbox.reconcile`), started by :meth:`AccountHealth.observe` through the starter
@@ -91,15 +95,34 @@ class AccountHealth:
     hook (:meth:`observe`), the cell its reporter waits on, and the starter of that
     reporter (:meth:`attach`)."""
 
-    __slots__ = ("_running", "_start", "cell", "conn", "preset", "tracker")
+    __slots__ = ("_on_delivered", "_running", "_start", "cell", "conn", "preset", "tracker")
 
-    def __init__(self, conn: MailConnection, unreachable_after: float) -> None:
-        self.tracker = HealthTracker(unreachable_after)
+    def __init__(
+        self,
+        conn: MailConnection,
+        unreachable_after: float,
+        *,
+        reported: Health | None = None,
+        on_delivered: Callable[[Health], None] | None = None,
+    ) -> None:
+        """``reported``: what the backend was told before this process started (the
+        state store's, :meth:`~trio_idle.state.store.StateStore.reported_health`): a
+        first classification equal to it is not reported again. ``on_delivered`` is told
+        each health the backend accepted (or refused for good); it must never block."""
+        self.tracker = HealthTracker(unreachable_after, reported=reported)
         self.cell: LatestValue[Health | None] = LatestValue(None)
         self.conn = conn
         self.preset: Preset = connection_preset(conn.provider, conn.email, conn.host)
         self._start: Callable[[], None] | None = None
         self._running = False
+        self._on_delivered = on_delivered
+
+    def delivered(self, report: Report) -> None:
+        """The backend has ``report`` (or refused it for good): not sent again, in this
+        process and (through ``on_delivered``) after a restart."""
+        self.tracker.delivered(report)
+        if self._on_delivered is not None:
+            self._on_delivered(report.health)
 
     def attach(self, start: Callable[[], None]) -> None:
         """From now on an outcome that leaves a report due or debounced, with no reporter
@@ -224,14 +247,14 @@ async def run_health_reports(
             reply = await webhook.post(policy.url, body, webhook.signed_headers(body))
             if reply.verdict is Verdict.OK:
                 failures = 0
-                tracker.delivered(report)
+                health.delivered(report)
                 stats.inc("health_reports", "ok")
                 log.info(f"{where} account health reported: {what}")
                 continue
             label = str(reply.status) if reply.status is not None else "network"
             if reply.verdict is Verdict.REJECT:
                 failures = 0
-                tracker.delivered(report)  # not sent again: retrying would not help
+                health.delivered(report)  # not sent again: retrying would not help
                 stats.inc("health_reports", label)
                 log.error(f"{where} account health report ({what}) rejected: {reply.detail}")
                 continue

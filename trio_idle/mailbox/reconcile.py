@@ -34,8 +34,14 @@ from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.logs import log_internal_error, prefix, session_logger
 from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap.responses import MailboxState
+from trio_idle.mailbox.account_health import Health
 from trio_idle.mailbox.coalescer import ScanCoalescer
-from trio_idle.mailbox.health_reporter import AccountHealth, StatusPolicy, run_health_reports
+from trio_idle.mailbox.health_reporter import (
+    AccountHealth,
+    StatusPolicy,
+    iso_time,
+    run_health_reports,
+)
 from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy, run_scans
 from trio_idle.mailbox.session import ConnectionMemory, SessionEnv, run_session
 from trio_idle.state.store import StateStore
@@ -206,11 +212,27 @@ class Reconciler:
         if predecessor is not None:
             health = predecessor.health
         else:
-            health = AccountHealth(conn, self._env.settings.account_health.unreachable_after)
+            health = self._new_health(conn)
             memory.on_outcome = health.observe
         handle = Handle(conn, trio.CancelScope(), memory, coalescer, health)
         self.handles[conn.id] = handle
         self._nursery.start_soon(self._run, handle, predecessor, name=f"conn:{conn.id}")
+
+    def _new_health(self, conn: MailConnection) -> AccountHealth:
+        """A connection's account health, seeded with what the backend was told before
+        the restart and keeping what it is told from now on (the state store's)."""
+        unreachable_after = self._env.settings.account_health.unreachable_after
+        store = self._env.store
+        if store is None or not store.enabled:
+            return AccountHealth(conn, unreachable_after)
+        stored = store.reported_health(conn.id)
+        conn_id = conn.id
+        return AccountHealth(
+            conn,
+            unreachable_after,
+            reported=None if stored is None else Health(stored.state, stored.reason),
+            on_delivered=lambda h: store.record_health(conn_id, h.state, h.reason),
+        )
 
     async def _run(self, handle: Handle, predecessor: Handle | None) -> None:
         conn = handle.conn
@@ -314,9 +336,15 @@ class Reconciler:
                     "state": h.memory.state,
                     "last_error": h.memory.last_error,
                     "health": h.health.snapshot(),
+                    "last_push": _iso(h.memory.last_push),
+                    "last_scan": _iso(h.memory.last_scan),
                     "sessions": h.memory.sessions,
                     "scan_active": h.coalescer.active,
                     "scan_pending": bool(h.coalescer.pending),
                 }
             )
         return out
+
+
+def _iso(unix: float | None) -> str | None:
+    return None if unix is None else iso_time(unix)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import random
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +81,10 @@ class ConnectionMemory:
     last_error: str | None = None
     connected_since: float | None = None
     sessions: int = 0
+    #: UNIX time new mail was last noticed (pushed, tick, catch-up) and of the last scan
+    #: the backend accepted, in this process (``/status``)
+    last_push: float | None = None
+    last_scan: float | None = None
     #: told each outcome that says something about the account's health: a
     #: :class:`~trio_idle.mailbox.account_health.Connected`, or the
     #: :class:`~trio_idle.accounts.outcome_text.Failure` that ended an attempt — already text,
@@ -101,6 +106,7 @@ class ConnectionMemory:
     def accepted(self, covered: MailboxState) -> None:
         """The backend answered 2xx for a scan that covered ``covered``."""
         self.mark = advance(self.mark, covered)
+        self.last_scan = time.time()
 
 
 def network_connector(settings: Settings, ssl_context: ssl.SSLContext | None) -> ImapConnector:
@@ -214,9 +220,19 @@ async def run_session(
             if memory.mailbox is None and env.store is not None and env.store.enabled:
                 # first session in this process: compare with what the last run scanned
                 stored = env.store.get(conn.id, s.imap.mailbox)
-                decision, reason = startup_decision(stored, selected), "startup"
+                decision = startup_decision(stored, selected, s.store.start_from)
+                reason = "startup"
                 if stored is not None and memory.mark is None:
                     memory.mark = ScanMark(stored.uidvalidity, stored.uidnext)
+                elif stored is None and not decision.scan:
+                    # TRIO_IDLE_START_FROM=now: what the mailbox holds counts as scanned
+                    # (the previous daemon's backend did it); stored, so that the next
+                    # start compares with it instead of scanning everything after all
+                    env.store.record(
+                        conn.id, s.imap.mailbox, selected.uidvalidity, selected.uidnext
+                    )
+                    env.stats.inc("started_from_now")
+                    log.info(f"{where} {decision.why}: UIDNEXT {selected.uidnext} recorded")
             else:
                 decision, reason = catch_up_decision(memory.mailbox, selected), "reconnect"
             memory.mailbox = selected
@@ -346,6 +362,7 @@ class _Watch:
         stats = self.env.stats
         stats.inc("exists_events", reason)
         memory = self.memory
+        memory.last_push = time.time()
         if memory.mailbox is not None and memory.mailbox.uidnext is not None:
             memory.mailbox = attrs.evolve(
                 memory.mailbox, uidnext=memory.mailbox.uidnext + count, exists=monitor.exists

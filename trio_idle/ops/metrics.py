@@ -63,6 +63,11 @@ PLAIN_COUNTERS: Final = (
     ),
     ("ping_errors", "health pings that could not be delivered"),
     ("state_writes", "mailbox state entries written to the state store"),
+    (
+        "started_from_now",
+        "mailboxes new to the state store whose UIDNEXT was recorded without a scan "
+        "(TRIO_IDLE_START_FROM=now)",
+    ),
     ("asyncio_errors", "errors asyncio had nobody to report to (logged, not fatal)"),
 )
 

@@ -22,6 +22,14 @@ The same backends also keep the refresh tokens an OAuth2 provider rotated
 (:class:`TokenSql`, :class:`TokenBackend`; used by :mod:`trio_idle.auth.token_refresh`): one
 more table in the same file or database, written at once rather than batched, since a
 rotated token lost in a crash can be a grant lost.
+
+And the account health last reported per connection (:class:`HealthSql`,
+:meth:`StateStore.reported_health`; used by :mod:`trio_idle.mailbox.health_reporter`):
+a restart reports only the connections whose health changed, not one report per
+connection. Batched like the scan state; a write lost in a crash costs one repeated
+report. Created like the other tables: by the SQLite backend on first use, by
+``trio-idle db migrate`` in Postgres (before it, the health part is off and each start
+reports every connection once, as before).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -176,11 +184,90 @@ class TokenSql:
 SQLITE_TOKEN_SQL: Final = TokenSql("oauth_refresh_token", "?")
 POSTGRES_TOKEN_SQL: Final = TokenSql("trio_idle_oauth_refresh_token", "$")
 POSTGRES_TOKEN_TABLE: Final = POSTGRES_TOKEN_SQL.table
+
+
+@attrs.frozen
+class HealthSql:
+    """Statements of the account health last reported to the backend
+    (:mod:`trio_idle.mailbox.health_reporter`), in the style of :class:`StateSql`.
+
+    One row per connection: the ``state`` and ``reason`` the backend last accepted (or
+    refused for good), so that a restart reports only what changed meanwhile instead of
+    one report per connection.
+    """
+
+    table: str
+    mark: str
+
+    def _param(self, n: int) -> str:
+        return f"{self.mark}{n}"
+
+    @property
+    def create(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.table} ("
+            " connection_id text PRIMARY KEY,"
+            " state text NOT NULL,"
+            " reason text,"
+            " reported_at double precision NOT NULL)"
+        )
+
+    @property
+    def select_all(self) -> str:
+        return f"SELECT connection_id, state, reason, reported_at FROM {self.table}"
+
+    @property
+    def select_connections(self) -> str:
+        """Shared mode: the rows of some connections (``$1`` a text array of ids)."""
+        return self.select_all + " WHERE connection_id = ANY($1::text[])"
+
+    @property
+    def upsert(self) -> str:
+        values = ", ".join(self._param(n) for n in range(1, 5))
+        return (
+            f"INSERT INTO {self.table} VALUES ({values}) "
+            "ON CONFLICT (connection_id) DO UPDATE SET "
+            "state = excluded.state, reason = excluded.reason, "
+            "reported_at = excluded.reported_at"
+        )
+
+    @property
+    def delete(self) -> str:
+        return f"DELETE FROM {self.table} WHERE connection_id = {self._param(1)}"
+
+
+SQLITE_HEALTH_SQL: Final = HealthSql("account_health", "?")
+POSTGRES_HEALTH_SQL: Final = HealthSql("trio_idle_account_health", "$")
+POSTGRES_HEALTH_TABLE: Final = POSTGRES_HEALTH_SQL.table
 #: every table ``trio-idle db migrate`` creates, with its statement (idempotent)
 POSTGRES_MIGRATIONS: Final = (
     (POSTGRES_TABLE, POSTGRES_DDL),
     (POSTGRES_TOKEN_TABLE, POSTGRES_TOKEN_SQL.create),
+    (POSTGRES_HEALTH_TABLE, POSTGRES_HEALTH_SQL.create),
 )
+
+
+@attrs.frozen
+class ReportedHealth:
+    """The account health the backend last accepted for a connection (or refused for
+    good): ``state`` and ``reason`` as in the report, ``reported_at`` UNIX time."""
+
+    state: str
+    reason: str | None
+    reported_at: float
+
+
+@runtime_checkable
+class HealthBackend(Protocol):
+    """A state backend that also keeps the account health last reported."""
+
+    name: str
+
+    async def load_health(self) -> dict[str, ReportedHealth]: ...
+
+    async def write_health(
+        self, upserts: Sequence[tuple[str, ReportedHealth]], deletes: Sequence[str]
+    ) -> None: ...
 
 
 @attrs.frozen(repr=False)
@@ -216,13 +303,24 @@ class ScannedState:
     removed_at: float | None = None
 
 
-def startup_decision(stored: ScannedState | None, current: MailboxState) -> CatchUp:
+#: ``TRIO_IDLE_START_FROM=now``: the reason a mailbox new to the store is not scanned
+STARTED_FROM_NOW: Final = "mailbox new to the state store; starting from now"
+
+
+def startup_decision(
+    stored: ScannedState | None, current: MailboxState, start_from: str = "full"
+) -> CatchUp:
     """First session of a connection in this process: did mail arrive while we were down?
 
-    Pure. New to the store → scan (we cannot know); UIDVALIDITY changed → scan; the
-    server's UIDNEXT above the one the last successful scan covered → scan; otherwise no.
+    Pure. New to the store → scan (we cannot know), unless ``start_from`` is ``"now"``
+    (the mail there counts as handled: the caller stores the server's UIDNEXT instead);
+    UIDVALIDITY changed → scan; the server's UIDNEXT above the one the last successful
+    scan covered → scan; otherwise no. ``start_from`` only ever concerns a mailbox with no
+    stored state.
     """
     if stored is None:
+        if start_from == "now":
+            return CatchUp(False, STARTED_FROM_NOW)
         return CatchUp(True, "mailbox new to the state store")
     if (
         stored.uidvalidity is not None
@@ -322,6 +420,36 @@ class SqliteBackend:
     async def save_token(self, conn_id: str, stored: StoredRefreshToken) -> None:
         await trio.to_thread.run_sync(self._save_token, conn_id, stored)
 
+    def _load_health(self) -> dict[str, ReportedHealth]:
+        db = self._connect(SQLITE_HEALTH_SQL.create)
+        try:
+            rows = db.execute(SQLITE_HEALTH_SQL.select_all).fetchall()
+        finally:
+            db.close()
+        return {r[0]: ReportedHealth(r[1], r[2], r[3]) for r in rows}
+
+    def _write_health(
+        self, upserts: Sequence[tuple[str, ReportedHealth]], deletes: Sequence[str]
+    ) -> None:
+        db = self._connect(SQLITE_HEALTH_SQL.create)
+        try:
+            with db:
+                db.executemany(
+                    SQLITE_HEALTH_SQL.upsert,
+                    [(i, h.state, h.reason, h.reported_at) for i, h in upserts],
+                )
+                db.executemany(SQLITE_HEALTH_SQL.delete, [(i,) for i in deletes])
+        finally:
+            db.close()
+
+    async def load_health(self) -> dict[str, ReportedHealth]:
+        return await trio.to_thread.run_sync(self._load_health)
+
+    async def write_health(
+        self, upserts: Sequence[tuple[str, ReportedHealth]], deletes: Sequence[str]
+    ) -> None:
+        await trio.to_thread.run_sync(self._write_health, upserts, deletes)
+
 
 async def _pg_call(dsn: str, fn: Any, *args: Any) -> Any:
     import asyncpg
@@ -362,6 +490,22 @@ async def _pg_load_tokens(conn: Any) -> list[Any]:
 
 async def _pg_save_token(conn: Any, row: tuple[Any, ...]) -> None:
     await conn.execute(POSTGRES_TOKEN_SQL.upsert, *row)
+
+
+async def _pg_load_health(conn: Any, conn_ids: list[str] | None) -> list[Any]:
+    if conn_ids is None:
+        return list(await conn.fetch(POSTGRES_HEALTH_SQL.select_all))
+    return list(await conn.fetch(POSTGRES_HEALTH_SQL.select_connections, conn_ids))
+
+
+async def _pg_write_health(
+    conn: Any, upserts: list[tuple[Any, ...]], deletes: list[tuple[str]]
+) -> None:
+    async with conn.transaction():
+        if upserts:
+            await conn.executemany(POSTGRES_HEALTH_SQL.upsert, upserts)
+        if deletes:
+            await conn.executemany(POSTGRES_HEALTH_SQL.delete, deletes)
 
 
 class PostgresBackend:
@@ -412,6 +556,22 @@ class PostgresBackend:
         row = (conn_id, stored.encrypted, stored.replaces, stored.updated_at)
         await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_save_token, row)
 
+    async def load_health(self, conn_ids: Sequence[str] | None = None) -> dict[str, ReportedHealth]:
+        """The health last reported per connection (``conn_ids``: of these only).
+        Raises ``asyncpg.UndefinedTableError`` before ``trio-idle db migrate`` has run."""
+        rows = await trio_asyncio.aio_as_trio(_pg_call)(
+            self._dsn.reveal(), _pg_load_health, None if conn_ids is None else list(conn_ids)
+        )
+        return {r[0]: ReportedHealth(r[1], r[2], r[3]) for r in rows}
+
+    async def write_health(
+        self, upserts: Sequence[tuple[str, ReportedHealth]], deletes: Sequence[str]
+    ) -> None:
+        rows = [(i, h.state, h.reason, h.reported_at) for i, h in upserts]
+        await trio_asyncio.aio_as_trio(_pg_call)(
+            self._dsn.reveal(), _pg_write_health, rows, [(i,) for i in deletes]
+        )
+
     async def load_connections(self, conn_ids: Sequence[str]) -> dict[Key, ScannedState]:
         """The stored state of these connections only (shared mode: a mailbox that moved
         here catches up from where its previous owner left it)."""
@@ -443,6 +603,11 @@ class StateStore:
         self._wakeup = trio.Event()
         self.flush_interval = flush_interval
         self.grace = grace
+        #: the account health last reported, per connection id (health reports)
+        self._health_backend = backend if isinstance(backend, HealthBackend) else None
+        self._health: dict[str, ReportedHealth] = {}
+        self._health_dirty: set[str] = set()
+        self._health_deleted: set[str] = set()
 
     @property
     def enabled(self) -> bool:
@@ -465,6 +630,34 @@ class StateStore:
                 "one catch-up scan"
             )
             self._state = {}
+            return  # the health reported lives in the same file or database: no second line
+        await self._load_health()
+
+    async def _load_health(self) -> None:
+        """Read the health last reported. A failure is logged and counted; we start
+        empty (every connection reports its first health once, as without a store). A
+        Postgres table that does not exist yet switches the health part off until
+        ``trio-idle db migrate`` has run (and the daemon restarted)."""
+        backend = self._health_backend
+        if backend is None:
+            return
+        try:
+            self._health = await backend.load_health()
+        except Exception as exc:
+            self._health = {}
+            if type(exc).__name__ == "UndefinedTableError":  # asyncpg's, not imported here
+                self._health_backend = None
+                logger.warning(
+                    f"[idle/state] table {POSTGRES_HEALTH_TABLE} does not exist: the "
+                    "account health reported is not kept across restarts (every connection "
+                    "reports once after each start) until `trio-idle db migrate` has run"
+                )
+                return
+            self._stats.inc("state_errors", "load")
+            logger.error(
+                f"[idle/state] cannot load the account health reported ({backend.name}): "
+                f"{type(exc).__name__}: {exc}; every connection reports its health once"
+            )
 
     def get(self, conn_id: str, mailbox: str) -> ScannedState | None:
         state = self._state.get((conn_id, mailbox))
@@ -492,12 +685,32 @@ class StateStore:
         if len(self._dirty) >= 500:
             self._wakeup.set()
 
+    def reported_health(self, conn_id: str) -> ReportedHealth | None:
+        """The account health the backend last accepted for ``conn_id`` (``None``:
+        nothing known, the first classification is reported)."""
+        return self._health.get(conn_id)
+
+    def record_health(self, conn_id: str, state: str, reason: str | None) -> None:
+        """The backend accepted (or refused for good) a report of ``state``/``reason``.
+        Never blocks; written by the flusher."""
+        if self._health_backend is None:
+            return
+        self._health[conn_id] = ReportedHealth(state, reason, time.time())
+        self._health_deleted.discard(conn_id)
+        self._health_dirty.add(conn_id)
+
     def prune(self, present_ids: Iterable[str], now: float | None = None) -> None:
-        """After a successful refresh: mark vanished connections, drop them after ``grace``."""
+        """After a successful refresh: mark vanished connections, drop them after ``grace``.
+        The health reported of a vanished connection is dropped at once (should it come
+        back, it reports its health once more: one report, no rescan)."""
         if self.backend is None:
             return
         now = time.time() if now is None else now
         present = set(present_ids)
+        for conn_id in [i for i in self._health if i not in present]:
+            del self._health[conn_id]
+            self._health_dirty.discard(conn_id)
+            self._health_deleted.add(conn_id)
         for key, state in list(self._state.items()):
             if key[0] in present:
                 if state.removed_at is not None:
@@ -517,8 +730,11 @@ class StateStore:
         Cancellation also keeps it dirty: whether or not the backend committed before the
         cancel landed, the entries are written again by the next flush (upserts are
         idempotent)."""
-        if self.backend is None or not (self._dirty or self._deleted):
+        if self.backend is None:
             return True
+        health_ok = await self._flush_health()
+        if not (self._dirty or self._deleted):
+            return health_ok
         upserts = [(k, self._state[k]) for k in self._dirty if k in self._state]
         deletes = list(self._deleted)
         self._dirty, self._deleted = set(), set()
@@ -536,6 +752,30 @@ class StateStore:
                 f"[idle/state] cannot write {len(upserts) + len(deletes)} state "
                 f"entries ({self.backend.name}): {type(exc).__name__}: {exc}; "
                 "will retry"
+            )
+            return False
+        self._stats.inc("state_writes", by=len(upserts) + len(deletes))
+        return health_ok
+
+    async def _flush_health(self) -> bool:
+        """:meth:`flush` for the health reported (same guarantees)."""
+        backend = self._health_backend
+        if backend is None or not (self._health_dirty or self._health_deleted):
+            return True
+        upserts = [(i, self._health[i]) for i in self._health_dirty if i in self._health]
+        deletes = list(self._health_deleted)
+        self._health_dirty, self._health_deleted = set(), set()
+        try:
+            await backend.write_health(upserts, deletes)
+        except BaseException as exc:
+            self._health_dirty.update(i for i, _ in upserts if i in self._health)
+            self._health_deleted.update(i for i in deletes if i not in self._health)
+            if not isinstance(exc, Exception):
+                raise
+            self._stats.inc("state_errors", "write")
+            logger.warning(
+                f"[idle/state] cannot write {len(upserts) + len(deletes)} account health "
+                f"entries ({backend.name}): {type(exc).__name__}: {exc}; will retry"
             )
             return False
         self._stats.inc("state_writes", by=len(upserts) + len(deletes))
@@ -575,6 +815,25 @@ class StateStore:
         for key, state in fresh.items():
             if key not in self._dirty:
                 self._state[key] = state
+        if self._health_backend is None:
+            return
+        try:
+            health = await self.backend.load_health(conn_ids)
+        except Exception as exc:
+            self._stats.inc("state_errors", "load")
+            logger.warning(
+                f"[idle/state] cannot read the account health reported of {len(conn_ids)} "
+                f"connections that moved here: {type(exc).__name__}: {exc}; using what was "
+                "loaded before"
+            )
+            return
+        for conn_id in conn_ids:
+            if conn_id in self._health_dirty:
+                continue  # written here, not yet flushed: the newer one
+            if conn_id in health:
+                self._health[conn_id] = health[conn_id]
+            else:
+                self._health.pop(conn_id, None)
 
 
 def make_state_backend(settings: Settings, env: Mapping[str, str]) -> StateBackend | None:
