@@ -13,8 +13,9 @@ import pytest
 import trio
 import trio_asyncio
 
-from tests.harness import running_daemon
+from tests.harness import ListSource, row, running_daemon
 from tests.reliability.rig import PASSWORD, Rig, mailbox_name
+from tests.reliability.scripted_server import Peer, ScriptedServer
 from trio_idle.connections import MailConnection
 from trio_idle.imap_client import ImapTimeouts, connect
 from trio_idle.imap_responses import MailboxState
@@ -131,3 +132,65 @@ async def test_first_session_without_select_uidnext_gives_pushes_their_since_uid
                 assert _range(rig.backend.requests_for(A)[count - 1]) == (1000, uid)
                 await rig.quiet(daemon, A)
     rig.ledger.check()
+
+
+C = "courier@rel.test"
+
+
+async def _courier_with_mail_during_status(peer: Peer) -> None:
+    """A Courier-like server (no UIDNEXT in SELECT) where message UID 10 arrives between
+    the first SELECT and the STATUS (reported in STATUS's answer), and UID 11 before the
+    first tick (reported in its NOOP's answer). Nothing else ever arrives."""
+    await peer.send(b"* OK [CAPABILITY IMAP4rev1 IDLE] courier-ish ready\r\n")
+    exists = 3
+    while True:
+        tag, name = await peer.command()
+        if name == b"CAPABILITY":
+            await peer.send(b"* CAPABILITY IMAP4rev1 IDLE\r\n" + tag + b" OK done\r\n")
+        elif name == b"LOGIN":
+            await peer.send(tag + b" OK LOGIN completed\r\n")
+        elif name == b"SELECT":
+            await peer.send(
+                b"* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n" % exists
+                + tag
+                + b" OK [READ-WRITE] SELECT completed\r\n"
+            )
+        elif name == b"STATUS":
+            exists = 4
+            await peer.send(
+                b"* 4 EXISTS\r\n* STATUS INBOX (UIDNEXT 11 UIDVALIDITY 7 MESSAGES 4)\r\n"
+                + tag
+                + b" OK STATUS completed\r\n"
+            )
+        elif name == b"NOOP":
+            untagged = b""
+            if exists == 4:
+                exists, untagged = 5, b"* 5 EXISTS\r\n"
+            await peer.send(untagged + tag + b" OK NOOP completed\r\n")
+        elif name == b"IDLE":
+            await peer.send(b"+ idling\r\n")
+            if await peer.line() != b"DONE":
+                return
+            await peer.send(tag + b" OK IDLE terminated\r\n")
+        elif name == b"LOGOUT":
+            await peer.send(b"* BYE bye\r\n" + tag + b" OK LOGOUT completed\r\n")
+            return
+        else:
+            await peer.send(tag + b" BAD unexpected\r\n")
+
+
+async def test_mail_counted_during_status_is_not_announced_twice(
+    rig: Rig, nursery: trio.Nursery
+) -> None:
+    # UID 10 is in the second SELECT's count and below STATUS's UIDNEXT 11: announcing it
+    # too would raise the mark to 12 and the scan of UID 11 would skip it.
+    scripted = ScriptedServer(_courier_with_mail_during_status)
+    await nursery.start(scripted.serve)
+    source = ListSource([row(C, C, "x", scripted.port)])
+    settings = rig.settings(TRIO_IDLE_TICK_INTERVAL="1s")
+    async with running_daemon(settings, source) as daemon:
+        with trio.fail_after(10):
+            requests = rig.backend.requests
+            await rig.logs.wait_until(lambda: any(r.reason == "tick" for r in requests))
+            await rig.quiet(daemon, C)
+    assert [(r.reason, _range(r)) for r in rig.backend.requests_for(C)] == [("tick", (7, 11))]
