@@ -352,6 +352,26 @@ async def test_raw_select_reply_lines(server: ImapTestServer) -> None:
     assert tagged == b"t2 OK [READ-WRITE] SELECT completed"
 
 
+async def test_uidnext_faults_leave_it_out_of_select_or_status(server: ImapTestServer) -> None:
+    server.append(USER, MSG)
+    server.faults(USER).no_select_uidnext = True  # Courier-IMAP 5
+    with trio.fail_after(5):
+        client = await RawClient.connect(server.port)
+        await client.login_select()
+        untagged, tagged = await client.command("SELECT INBOX")
+        assert tagged == b"t3 OK [READ-WRITE] SELECT completed"
+        assert b"* 1 EXISTS" in untagged and b"* OK [UIDVALIDITY 1000] UIDs valid" in untagged
+        assert not any(b"UIDNEXT" in line for line in untagged)
+        untagged, _ = await client.command("STATUS INBOX (UIDNEXT UIDVALIDITY MESSAGES)")
+        assert untagged == [b'* STATUS "INBOX" (UIDNEXT 2 UIDVALIDITY 1000 MESSAGES 1)']
+        server.faults(USER).no_status_uidnext = True
+        untagged, _ = await client.command("STATUS INBOX (UIDNEXT UIDVALIDITY MESSAGES)")
+        assert untagged == [b'* STATUS "INBOX" (UIDVALIDITY 1000 MESSAGES 1)']
+        server.faults(USER).reset()
+        untagged, _ = await client.command("SELECT INBOX")
+        assert b"* OK [UIDNEXT 2] Predicted next UID" in untagged
+
+
 async def test_append_via_imaplib_and_nonsync_literal(server: ImapTestServer) -> None:
     def client() -> tuple[object, ...]:
         with imaplib.IMAP4("127.0.0.1", server.port, timeout=5) as imap:

@@ -16,6 +16,7 @@ Usage::
 
     ledger = Ledger(server, backend)
     ledger.append("a@x.test", note="during restart")
+    ledger.expunge_handled("a@x.test", note="during an outage")  # old mail goes away
     ...
     await ledger.settle(10, context=f"seed={seed}")   # waits, then asserts with a report
 """
@@ -30,6 +31,7 @@ import trio
 
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend, ScanRequest
+from trio_idle.testing.imap_store import Message
 
 _numbers = itertools.count(1)
 
@@ -73,6 +75,16 @@ def covers(request: ScanRequest, append: Append) -> bool:
     )
 
 
+@attrs.frozen
+class Expunge:
+    """One message removed from a mailbox by the test (for the failure report)."""
+
+    user: str
+    uid: int
+    at: float
+    note: str = ""
+
+
 class Ledger:
     """Records appends (user, time) and checks them against the backend's requests."""
 
@@ -80,6 +92,10 @@ class Ledger:
         self.server = server
         self.backend = backend
         self.appends: list[Append] = []
+        self.expunges: list[Expunge] = []
+        #: the stored message of each append (it keeps its identity when a UIDVALIDITY
+        #: change renumbers the mailbox)
+        self._messages: dict[Append, Message] = {}
 
     def append(self, user: str, note: str = "", mailbox: str = "INBOX") -> Append:
         """Append a small message to ``user``'s mailbox now and remember when."""
@@ -92,7 +108,26 @@ class Ledger:
         uidvalidity = self.server.mailbox(user, mailbox).uidvalidity
         record = Append(user, uid, trio.current_time(), note, uidvalidity)
         self.appends.append(record)
+        message = self.server.mailbox(user, mailbox).by_uid(uid)
+        assert message is not None
+        self._messages[record] = message
         return record
+
+    def expunge_handled(self, user: str, note: str = "", mailbox: str = "INBOX") -> int | None:
+        """Expunge the oldest message of ``user``'s mailbox that needs no scan any more
+        (mail the ledger did not append, or an append already covered) and remember it;
+        its UID, or None if every message still waits for a scan. Mail that is deleted
+        while the daemon is away changes the count: only UIDs tell new mail then."""
+        pending = {
+            id(self._messages[a]) for a in self.uncovered(a for a in self.appends if a.user == user)
+        }
+        for message in self.server.mailbox(user, mailbox).messages:
+            if id(message) not in pending:
+                uid = message.uid
+                self.server.expunge(user, uid, mailbox)
+                self.expunges.append(Expunge(user, uid, trio.current_time(), note))
+                return uid
+        return None
 
     def uncovered(self, appends: Iterable[Append] | None = None) -> list[Append]:
         """The appends (all recorded ones by default) no accepted POST started after."""
@@ -146,6 +181,8 @@ class Ledger:
             lines.append(f"  {user}: missed uids {[m.uid for m in mine]}")
             for m in mine[:5]:
                 lines.append(f"    uid {m.uid} appended at t-{now - m.at:.3f}s {m.note}")
+            for e in [e for e in self.expunges if e.user == user][-5:]:
+                lines.append(f"    uid {e.uid} expunged at t-{now - e.at:.3f}s {e.note}")
             for r in self.backend.requests_for(user)[-8:]:
                 lines.append(
                     f"    POST reason={r.reason} received t-{now - r.received_at:.3f}s "

@@ -2,10 +2,13 @@
 
 Faults: connection reset / FIN, BYE, half-open for a while, no EXISTS push for a while,
 answers slower than the command timeout for a while, login refused for a while, whole-server
-restart (sometimes with a new UIDVALIDITY, sometimes with downtime), backend
+restart (sometimes with a new UIDVALIDITY, sometimes with downtime), an outage in which one
+old message is expunged and one new one arrives (the count stays as it was), backend
 answering 500 / 429 (Retry-After) / slower than the scan timeout for a while, backend down
-for a while. Then every fault is cleared, and every message appended during the run must be
-followed by an accepted scan POST of its mailbox that started after it.
+for a while. A quarter of the mailboxes answer SELECT without UIDNEXT, like Courier-IMAP
+(STATUS still has it), and another quarter give it neither in SELECT nor in STATUS. Then
+every fault is cleared, and every message appended during the run must be followed by an
+accepted scan POST of its mailbox that started after it and whose range includes it.
 
 Replay: ``CHAOS_SEED=<seed> python -m pytest tests/reliability/test_chaos.py`` (the seed is
 printed and is part of every assertion message). ``CHAOS_SECONDS`` changes the duration.
@@ -28,9 +31,12 @@ from trio_idle.testing.backend import Reply, ScanRequest
 
 KINDS = (
     *("rst", "fin", "bye", "silent", "no_push", "slow_server", "login_refused", "restart"),
+    *("expunge_outage",) * 3,  # more likely: only half the mailboxes lack UIDNEXT
     *("backend_500", "backend_429", "backend_slow", "backend_down"),
 )
 MAILBOXES = 50
+#: old mail in each mailbox before the daemon starts, for the outages to expunge
+OLD_MAIL = 10
 SECONDS = float(os.environ.get("CHAOS_SECONDS", "15"))
 SETTINGS = {
     "TRIO_IDLE_TICK_INTERVAL": "1s",
@@ -52,7 +58,22 @@ class Chaos:
         self.rng = rng
         self.backend_mode: dict[str, Reply] = {}  # email -> reply while faulty
         self.done: list[str] = []  # what happened, for the failure report
+        #: mailboxes that get no more mail after their expunge outage: no later mail may
+        #: hide that the outage's own mail was never scanned (a count that stayed the same)
+        self.retired: set[str] = set()
         rig.backend.default_reply = self._reply
+        for user in users:
+            for n in range(OLD_MAIL):
+                rig.server.append(user, f"Subject: old {n}\r\n\r\nold\r\n".encode())
+        self.uidnext_modes()
+
+    def uidnext_modes(self) -> None:
+        """Mailbox n % 4 == 1: no UIDNEXT in SELECT (Courier); n % 4 == 2: in neither
+        SELECT nor STATUS. Standing modes, not faults: :meth:`calm` keeps them."""
+        for n, user in enumerate(self.users):
+            faults = self.rig.server.faults(user)
+            faults.no_select_uidnext = n % 4 in (1, 2)
+            faults.no_status_uidnext = n % 4 == 2
 
     def _reply(self, request: ScanRequest) -> Reply:
         return self.backend_mode.get(request.email or "", Reply())
@@ -89,6 +110,8 @@ class Chaos:
                     server.drop(user, "fin")
                 undo = functools.partial(setattr, faults, field, type(value)())
                 nursery.start_soon(self.later, rng.uniform(0.5, 3.0), undo)
+            elif kind == "expunge_outage":
+                nursery.start_soon(self.expunge_outage, user)
             elif kind == "restart":
                 new_uidvalidity = rng.random() < 0.3
                 downtime = rng.choice([0.0, rng.uniform(0.1, 1.0)])
@@ -110,16 +133,35 @@ class Chaos:
                 undo = functools.partial(self.backend_mode.pop, user, None)
                 nursery.start_soon(self.later, rng.uniform(0.5, 3.0), undo)
 
+    async def expunge_outage(self, user: str) -> None:
+        """Cut ``user``'s connection, wait (a while) for the next session to idle — it
+        has just counted the mailbox — then cut it again, and while nobody is connected
+        expunge one old message and append one: the count stays as that session saw it.
+        The mailbox gets no other mail from now on (:attr:`retired`)."""
+        self.retired.add(user)
+        server = self.rig.server
+        after = max((s.id for s in server.sessions(user)), default=0)
+        server.drop(user, "rst")
+        with trio.move_on_after(3):  # other faults may keep it away; cut it anyway
+            await self.rig.idle(user, after=after)
+        # no checkpoint from here on: nobody is connected during the change
+        server.drop(user, "rst")
+        self.rig.ledger.expunge_handled(user, note="during an outage")
+        self.rig.ledger.append(user, "during an outage, after an expunge")
+
     async def append(self) -> None:
         while True:
             await trio.sleep(self.rng.uniform(0.0, 0.08))
-            self.rig.ledger.append(self.rng.choice(self.users), "chaos")
+            user = self.rng.choice(self.users)
+            if user not in self.retired:
+                self.rig.ledger.append(user, "chaos")
 
     def calm(self) -> None:
         self.backend_mode.clear()
         self.rig.backend.up()
         for user in self.users:
             self.rig.server.faults(user).reset()
+        self.uidnext_modes()
 
 
 async def test_chaos(rig: Rig) -> None:
@@ -141,12 +183,14 @@ async def test_chaos(rig: Rig) -> None:
             # one last mail per mailbox under whatever faults are active now: no later
             # mail can hide a lost notification of these
             for user in users:
-                rig.ledger.append(user, "last, under the final faults")
+                if user not in chaos.retired:  # their last mail came in an outage
+                    rig.ledger.append(user, "last, under the final faults")
         chaos.calm()
         calm_at = trio.current_time()
         await rig.ledger.settle(30, context=f"{context}\nfaults:\n" + "\n".join(chaos.done))
         print(
             f"{len(rig.ledger.appends)} appends, {len(chaos.done)} faults, "
+            f"{len(rig.ledger.expunges)} expunged in outages, "
             f"{len(rig.backend.requests)} POSTs, {daemon.stats.get('disconnects')} disconnects, "
             f"all scanned {trio.current_time() - calm_at:.1f}s after the faults stopped, "
             f"slowest mail scanned after {max(rig.ledger.delays()):.1f}s"

@@ -59,7 +59,14 @@ from trio_idle.core.scrub import MASK, Scrubber
 from trio_idle.imap.envelope import Envelope, NewMail, ParseMeter, parse_search, parse_steps
 from trio_idle.imap.framing import FrameError, FrameTooLarge, ResponseFramer, format_size
 from trio_idle.imap.push_monitor import PushMonitor
-from trio_idle.imap.responses import MailboxState, parse_mailbox_state
+from trio_idle.imap.responses import (
+    MailboxState,
+    needs_uidnext,
+    parse_fetch_uid,
+    parse_mailbox_state,
+    parse_status,
+    with_learnt_uidnext,
+)
 from trio_idle.imap.restart import DONE, IDLE, NOOP, Next, RestartAnswers
 from trio_idle.imap.sasl import (
     challenge_text,
@@ -720,12 +727,77 @@ class ImapConnection:
         )
 
     async def select(self, mailbox: str) -> MailboxState:
+        """SELECT ``mailbox``; its EXISTS, UIDNEXT and UIDVALIDITY.
+
+        A server that leaves UIDNEXT out of its SELECT answer (Courier-IMAP; RFC 3501
+        requires it) has it learnt another way, so catch-up and ``sinceUid`` never rely
+        on message counts (one message expunged and one arrived leave the count as it
+        was): ``STATUS <mailbox> (UIDNEXT UIDVALIDITY MESSAGES)``, then SELECT again;
+        if the STATUS gave no UIDNEXT, ``FETCH <exists> (UID)`` of the last message.
+        Servers that send UIDNEXT pay nothing: one SELECT, as always. Each command has
+        its own command timeout; a STATUS or FETCH the server refuses only means
+        nothing was learnt (:func:`~trio_idle.imap.responses.with_learnt_uidnext`).
+        """
+        selected = await self._select(mailbox)
+        if not needs_uidnext(selected):
+            return selected
+        # Why STATUS *before* a second SELECT, not after the first one: STATUS's UIDNEXT
+        # must be a lower bound for the SELECT whose EXISTS is the session's baseline.
+        # Taken after the SELECT, it would include mail that arrived in between, whose
+        # EXISTS the session then announces and adds again: a UIDNEXT above the UID of
+        # mail not scanned yet, a ``sinceUid`` that skips it. STATUS on the selected
+        # mailbox is allowed (RFC 3501 6.3.10 only discourages it because it need not
+        # agree with the session's view, which is why its answer is not used as the
+        # view: the second SELECT is). The cost, one STATUS and one SELECT per connect,
+        # falls only on servers that omit UIDNEXT.
+        status = await self._status(mailbox)
+        self.monitor.rebase()
+        selected = await self._select(mailbox)
+        last_uid = None
+        if needs_uidnext(selected) and status.uidnext is None and selected.exists:
+            last_uid = await self._last_uid(selected.exists)
+        return with_learnt_uidnext(selected, status, last_uid)
+
+    async def _select(self, mailbox: str) -> MailboxState:
         protocol = self.protocol
         response = await self._run("SELECT", _command("SELECT", protocol.new_tag(), mailbox))
         if response.result != "OK":
             raise ImapError(f"SELECT {mailbox} failed: {response.result}")
         protocol.state = aioimaplib.SELECTED
         return parse_mailbox_state(response.lines)
+
+    async def _status(self, mailbox: str) -> MailboxState:
+        """STATUS's UIDNEXT, UIDVALIDITY and MESSAGES; nothing if the server refused it."""
+        command = _command(
+            "STATUS", self.protocol.new_tag(), mailbox, "(UIDNEXT UIDVALIDITY MESSAGES)"
+        )
+        ok, answer = await self._run_captured("STATUS", command)
+        return parse_status(answer) if ok else MailboxState()
+
+    async def _last_uid(self, number: int) -> int | None:
+        """The UID of message ``number`` (``FETCH <number> (UID)``); None if refused.
+        A plain FETCH: no EXPUNGE may come during it (RFC 3501 7.4.1), so ``number`` is
+        still the SELECT's last message."""
+        command = _command(
+            "FETCH", self.protocol.new_tag(), str(number), "(UID)", untagged_resp_name="FETCH"
+        )
+        ok, answer = await self._run_captured("FETCH", command)
+        return parse_fetch_uid(answer, number) if ok else None
+
+    async def _run_captured(
+        self, what: str, command: aioimaplib.Command
+    ) -> tuple[bool, list[bytes]]:
+        """Run ``command``; whether it was answered OK, and its untagged responses raw as
+        framed (aioimaplib hands an async command's lines over cut up)."""
+        protocol = self.protocol
+        captured: list[bytes] = []
+        protocol.capture = captured
+        try:
+            response = await self._run(what, command)
+        finally:
+            protocol.capture = None
+        self._check()
+        return response.result == "OK", captured
 
     @property
     def has_idle(self) -> bool:

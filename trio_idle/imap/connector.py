@@ -58,7 +58,10 @@ class ImapLink(Protocol):
         ...
 
     async def select(self, mailbox: str) -> MailboxState:
-        """SELECT ``mailbox``; its EXISTS/UIDNEXT/UIDVALIDITY as the server reported them."""
+        """SELECT ``mailbox``; its EXISTS/UIDNEXT/UIDVALIDITY as the server reported them.
+        A UIDNEXT the SELECT answer left out is learnt otherwise (STATUS, FETCH) as a
+        lower bound every later-announced message's UID is at or above; ``None`` only if
+        the server gave no way to learn it."""
         ...
 
     async def wait(self) -> None:

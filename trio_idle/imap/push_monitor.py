@@ -99,6 +99,13 @@ class PushMonitor:
             self.failure = error
             self._wakeup.set()
 
+    def rebase(self) -> None:
+        """A SELECT is about to be issued again: its EXISTS is the new baseline. Mail
+        counted since the previous SELECT arrived before this one, so it is in that
+        count: announcing it as new would count it twice."""
+        self.exists = None
+        self.new_mail = self.tick_mail = 0
+
     def take_new_mail(self) -> int:
         count, self.new_mail = self.new_mail, 0
         return count

@@ -16,7 +16,9 @@ _EXISTS_RE = re.compile(rb"^\*?\s*(\d+)\s+EXISTS\b", re.IGNORECASE)
 _EXPUNGE_RE = re.compile(rb"^\*?\s*(\d+)\s+EXPUNGE\b", re.IGNORECASE)
 _UIDNEXT_RE = re.compile(rb"\[UIDNEXT\s+(\d+)\]", re.IGNORECASE)
 _UIDVALIDITY_RE = re.compile(rb"\[UIDVALIDITY\s+(\d+)\]", re.IGNORECASE)
+_STATUS_RE = re.compile(rb"^(?:\*\s+)?STATUS\s", re.IGNORECASE)
 _STATUS_ITEM_RE = re.compile(rb"\b(MESSAGES|UIDNEXT|UIDVALIDITY)\s+(\d+)", re.IGNORECASE)
+_FETCH_UID_RE = re.compile(rb"^(?:\*\s+)?(\d+)\s+FETCH\s+\(.*?\bUID\s+(\d+)", re.IGNORECASE)
 _BYE_RE = re.compile(rb"^\*?\s*BYE\b", re.IGNORECASE)
 
 
@@ -30,7 +32,7 @@ class MailboxState:
 
 
 def parse_mailbox_state(lines: Iterable[bytes | bytearray]) -> MailboxState:
-    """Extract EXISTS, UIDNEXT and UIDVALIDITY from SELECT (or STATUS) response lines."""
+    """Extract EXISTS, UIDNEXT and UIDVALIDITY from SELECT response lines."""
     exists = uidnext = uidvalidity = None
     for raw in lines:
         line = bytes(raw)
@@ -40,16 +42,83 @@ def parse_mailbox_state(lines: Iterable[bytes | bytearray]) -> MailboxState:
             uidnext = int(m.group(1))
         if m := _UIDVALIDITY_RE.search(line):
             uidvalidity = int(m.group(1))
-        if b"STATUS" in line.upper() and b"(" in line:
-            for key, value in _STATUS_ITEM_RE.findall(line.split(b"(", 1)[1]):
-                k = key.upper()
-                if k == b"MESSAGES":
-                    exists = int(value)
-                elif k == b"UIDNEXT":
-                    uidnext = int(value)
-                else:
-                    uidvalidity = int(value)
     return MailboxState(exists=exists, uidnext=uidnext, uidvalidity=uidvalidity)
+
+
+def parse_status(lines: Iterable[bytes | bytearray]) -> MailboxState:
+    """MESSAGES (as ``exists``), UIDNEXT and UIDVALIDITY from a STATUS answer.
+
+    Reads the ``STATUS <mailbox> (<item> <number> ...)`` line (with or without ``"* "``);
+    the item list is the last parenthesised group, so a mailbox name holding ``(`` or a
+    literal does not confuse it. Other lines (EXISTS pushed meanwhile, the tagged OK) are
+    ignored; an item the server left out is ``None``.
+    """
+    exists = uidnext = uidvalidity = None
+    for raw in lines:
+        line = bytes(raw).rstrip()
+        if not _STATUS_RE.match(line) or not line.endswith(b")") or b"(" not in line:
+            continue
+        for key, value in _STATUS_ITEM_RE.findall(line[line.rindex(b"(") + 1 : -1]):
+            k = key.upper()
+            if k == b"MESSAGES":
+                exists = int(value)
+            elif k == b"UIDNEXT":
+                uidnext = int(value)
+            else:
+                uidvalidity = int(value)
+    return MailboxState(exists=exists, uidnext=uidnext, uidvalidity=uidvalidity)
+
+
+def parse_fetch_uid(lines: Iterable[bytes | bytearray], number: int) -> int | None:
+    """The UID of message ``number`` from the answer to ``FETCH <number> (UID)``, or
+    ``None`` if the answer does not hold it (FETCH lines of other messages — flag updates
+    the server slips in — are ignored)."""
+    for raw in lines:
+        if (m := _FETCH_UID_RE.match(bytes(raw))) and int(m.group(1)) == number:
+            return int(m.group(2))
+    return None
+
+
+def needs_uidnext(selected: MailboxState) -> bool:
+    """Whether a SELECT answer lacks the UIDNEXT that catch-up and ``sinceUid`` rely on
+    (RFC 3501 requires it; Courier-IMAP leaves it out), so it must be learnt otherwise."""
+    return selected.uidnext is None
+
+
+def with_learnt_uidnext(
+    selected: MailboxState, status: MailboxState, last_uid: int | None = None
+) -> MailboxState:
+    """``selected`` (the answer of a SELECT) completed with a UIDNEXT learnt otherwise.
+
+    ``status`` is the answer of a STATUS issued *before* that SELECT; ``last_uid`` the
+    UID of the SELECT's last message (``FETCH <exists> (UID)``), used when the STATUS
+    gave no UIDNEXT. Either way the result is a lower bound of the server's UIDNEXT at
+    SELECT time, and every message that arrives after that SELECT (and is announced by
+    an EXISTS) has a UID at or above it — exactly what the session's arithmetic needs
+    (:meth:`~trio_idle.mailbox.session._Watch.announce` adds the announced count; a mark set
+    from it never skips new mail).
+
+    Messages that arrived between the STATUS and the SELECT are in the SELECT's count,
+    never announced; each has its own UID at or above the STATUS's UIDNEXT, so that
+    UIDNEXT plus the growth of the count (SELECT's EXISTS minus STATUS's MESSAGES) is
+    still a lower bound, and above the previous session's UIDNEXT when only they are
+    new: the catch-up scan covers them. A UIDVALIDITY that changed between the two
+    makes the STATUS's UIDNEXT meaningless: it is not used. Nothing learnt: ``selected``
+    as it was (the session falls back to comparing counts).
+    """
+    if selected.uidnext is not None:
+        return selected
+    uidvalidity = selected.uidvalidity if selected.uidvalidity is not None else status.uidvalidity
+    if status.uidnext is not None and status.uidvalidity in (None, uidvalidity):
+        grown = 0
+        if selected.exists is not None and status.exists is not None:
+            grown = max(0, selected.exists - status.exists)
+        return MailboxState(selected.exists, status.uidnext + grown, uidvalidity)
+    if last_uid is not None:
+        return MailboxState(selected.exists, last_uid + 1, uidvalidity)
+    if selected.exists == 0:  # an empty mailbox: every UID to come is at least 1
+        return MailboxState(0, 1, uidvalidity)
+    return selected
 
 
 class PushKind(enum.Enum):
@@ -85,8 +154,10 @@ def catch_up_decision(previous: MailboxState | None, current: MailboxState) -> C
 
     ``previous`` is what the last session of this connection saw (``None``: never
     connected in this process). A changed UIDVALIDITY means every UID we knew is
-    void, so we scan; a moved UIDNEXT means mail arrived while nobody listened. Servers
-    that omit UIDNEXT fall back to comparing EXISTS.
+    void, so we scan; a moved UIDNEXT means mail arrived while nobody listened. A server
+    that omits UIDNEXT from SELECT has it learnt otherwise (:func:`with_learnt_uidnext`);
+    only when that failed too are counts compared — and they miss one message
+    expunged plus one arrived.
     """
     if previous is None:
         return CatchUp(False, "first session")

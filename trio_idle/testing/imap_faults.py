@@ -43,6 +43,10 @@ class Faults:
       never greet. Per user, a new connection is greeted but goes silent right after its
       LOGIN is processed (the tagged reply is never sent). Clearing it resumes the
       connections where they stopped (bytes the client sent meanwhile are then processed).
+    * ``no_select_uidnext`` — SELECT / EXAMINE answer without ``* OK [UIDNEXT n]``, as
+      Courier-IMAP 5 does (RFC 3501 requires it); STATUS still answers UIDNEXT.
+    * ``no_status_uidnext`` — STATUS leaves the UIDNEXT item out of its answer even when
+      asked for it (the other items are answered).
     """
 
     refuse_login: bool = attrs.field(default=False, converter=bool)
@@ -51,6 +55,8 @@ class Faults:
     response_delay: float = attrs.field(default=0.0, converter=float)
     no_push: bool = attrs.field(default=False, converter=bool)
     silent: bool = attrs.field(default=False, converter=bool)
+    no_select_uidnext: bool = attrs.field(default=False, converter=bool)
+    no_status_uidnext: bool = attrs.field(default=False, converter=bool)
     _on_change: Callable[[], None] | None = attrs.field(
         default=None, init=False, repr=False, alias="_on_change"
     )
@@ -63,6 +69,8 @@ class Faults:
         self.response_delay = 0.0
         self.no_push = False
         self.silent = False
+        self.no_select_uidnext = False
+        self.no_status_uidnext = False
 
     def bind(self, callback: Callable[[], None] | None) -> None:
         """Set the function called after any public field is assigned (server internal)."""

@@ -556,8 +556,9 @@ class ImapTestSession:
         lines += [
             "* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] Flags",
             f"* OK [UIDVALIDITY {mailbox.uidvalidity}] UIDs valid",
-            f"* OK [UIDNEXT {mailbox.uidnext}] Predicted next UID",
         ]
+        if not self._flag("no_select_uidnext"):
+            lines.append(f"* OK [UIDNEXT {mailbox.uidnext}] Predicted next UID")
         pre = ("\r\n".join(lines) + "\r\n").encode()
         mode = "[READ-ONLY]" if self._readonly else "[READ-WRITE]"
         await self._tagged(command, "OK", f"{mode} {command.name} completed", pre)
@@ -582,7 +583,8 @@ class ImapTestSession:
             key = as_text(item).upper()
             if key not in values:
                 raise ValueError(f"unknown STATUS item {key}")
-            items.append(f"{key} {values[key]}")
+            if key != "UIDNEXT" or not self._flag("no_status_uidnext"):
+                items.append(f"{key} {values[key]}")
         pre = f"* STATUS {quote(mailbox.name)} ({' '.join(items)})\r\n".encode()
         await self._tagged(command, "OK", "STATUS completed", pre)
 
