@@ -519,6 +519,58 @@ async def test_aioimaplib_idle_receives_push(server: ImapTestServer) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# double watches: every interval with two connections logged in as one user
+
+
+async def test_overlaps_record_each_interval_of_two_logins_as_one_user(
+    server: ImapTestServer,
+) -> None:
+    with trio.fail_after(5):
+        first = await RawClient.connect(server.port)
+        await first.login_select()
+        other_user = await RawClient.connect(server.port)
+        await other_user.login_select("b@x.test", "pw2")
+        not_logged_in = await RawClient.connect(server.port)
+        await not_logged_in.readline()
+        assert server.overlaps() == []  # one login per user, and a greeting is no login
+        second = await RawClient.connect(server.port)
+        await second.login_select()
+        [ongoing] = server.overlaps(USER)
+        assert ongoing.end is None and server.overlaps("b@x.test") == []
+        first_id, second_id = (s.id for s in server.sessions(USER))
+        assert ongoing.sessions == (first_id, second_id)
+        third = await RawClient.connect(server.port)
+        await third.login_select()  # joins the interval that is going on
+        await second.command("LOGOUT")
+        await server.wait_for(lambda: server.connections(USER) == 2)
+        [still] = server.overlaps(USER)  # two are left: the interval goes on
+        assert still.end is None and len(still.sessions) == 3
+        await first.aclose()
+        await server.wait_for(lambda: server.connections(USER) == 1)
+        [ended] = server.overlaps(USER)
+        assert ended.start == ongoing.start and ended.end is not None
+        assert ended.end > ended.start and len(ended.sessions) == len(set(ended.sessions)) == 3
+        assert all(peer.startswith("127.0.0.1:") for peer in ended.peers)
+        again = await RawClient.connect(server.port)
+        await again.login_select()  # a new interval, however short
+        server.drop(USER)
+        await server.wait_for(lambda: server.connections(USER) == 0)
+    assert [o.end is not None for o in server.overlaps()] == [True, True]
+    assert server.overlaps()[1].start >= ended.end
+
+
+async def test_a_refused_login_is_no_overlap(server: ImapTestServer) -> None:
+    with trio.fail_after(5):
+        first = await RawClient.connect(server.port)
+        await first.login_select()
+        second = await RawClient.connect(server.port)
+        await second.readline()
+        _, tagged = await second.command(f'LOGIN {USER} "wrong"')
+        assert b" NO " in tagged
+    assert server.overlaps() == []
+
+
+# ---------------------------------------------------------------------------------------
 # fault injection
 
 

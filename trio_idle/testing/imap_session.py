@@ -91,15 +91,17 @@ class _EndSession(Exception):
 class ImapTestSession:
     """One client connection. Obtain via :meth:`ImapTestServer.sessions`.
 
-    Public, read-only: ``id``, ``user`` (login name or ``None``), ``selected`` (mailbox
-    name or ``None``), ``idling``, ``tls``, ``state``. Public, writable: ``faults``
-    (this connection's own :class:`Faults`, combined with the user's and the global one).
+    Public, read-only: ``id``, ``peer`` (the client's ``host:port``), ``user`` (login name
+    or ``None``), ``selected`` (mailbox name or ``None``), ``idling``, ``tls``, ``state``.
+    Public, writable: ``faults`` (this connection's own :class:`Faults`, combined with the
+    user's and the global one).
     """
 
     __slots__ = (
         "_faults", "_framer", "_idle_tag", "_keepalive_at", "_known", "_raw", "_readonly",
         "_sasl_failed", "_sasl_mech", "_sasl_tag", "_scope", "_seen_version", "_selected",
-        "_server", "_stream", "_user", "_wake_scope", "_woken", "close_how", "id", "state", "tls",
+        "_server", "_stream", "_user", "_wake_scope", "_woken", "close_how", "id", "peer", "state",
+        "tls",
     )  # fmt: skip
 
     def __init__(
@@ -109,6 +111,7 @@ class ImapTestSession:
         self._raw = stream
         self._stream: trio.abc.Stream = stream
         self.id = session_id
+        self.peer = _peer_name(stream)
         self.tls = tls
         self.state = State.NOT_AUTHENTICATED
         self.close_how: CloseHow = "fin"
@@ -846,3 +849,12 @@ def _oauth2_fields(mechanism: str, message: str) -> tuple[str | None, str | None
 def next_session_id() -> int:
     """Process-wide unique session ids (starting at 1)."""
     return next(_session_ids)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    """``host:port`` of the client (``?`` if the socket is gone already)."""
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{address[0]}:{address[1]}"
