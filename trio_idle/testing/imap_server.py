@@ -115,7 +115,11 @@ class ImapTestServer:
     ``AUTH=XOAUTH2 AUTH=OAUTHBEARER`` (:attr:`oauth2_mechanisms`) and, with
     :attr:`sasl_ir`, ``SASL-IR``. A refused token gets Gmail's answer: a ``+``
     continuation with base64 JSON ``{"status":"401",...}``, then, after the client's
-    response, ``NO [AUTHENTICATIONFAILED]``. The user must exist (:meth:`add_user`).
+    acknowledgement, ``NO [AUTHENTICATIONFAILED]``. The user must exist (:meth:`add_user`).
+    Strict as Gmail and Dovecot are, so a client bug fails here (``BAD``, counted in
+    :attr:`ServerStats.bad`): a response on the AUTHENTICATE line without ``SASL-IR``
+    announced, a client response without its ``^A^A`` trailer or a field, an
+    acknowledgement other than an empty line (XOAUTH2) or ``AQ==`` (OAUTHBEARER).
     """
 
     def __init__(
