@@ -267,6 +267,7 @@ async def cut_off_dsn(dsn: str, nursery: trio.Nursery) -> tuple[Proxy, str]:
     return proxy, dsn.replace(f":{parts.port}/", f":{proxy.port}/")
 
 
+@pytest.mark.timeout(120)  # ≈ 20 s; its own waits add up past 60 s
 async def test_an_instance_cut_off_from_postgres_fences_and_comes_back(
     start: Starter, server: ImapTestServer, cluster_dsn: str, nursery: trio.Nursery
 ) -> None:
@@ -305,6 +306,7 @@ async def test_an_instance_cut_off_from_postgres_fences_and_comes_back(
     assert server.overlaps() == []
 
 
+@pytest.mark.timeout(120)  # ≈ 15 s; its own waits add up past 60 s
 async def test_a_joiner_waits_for_an_owner_cut_off_from_postgres(
     start: Starter, server: ImapTestServer, cluster_dsn: str, nursery: trio.Nursery
 ) -> None:

@@ -20,6 +20,7 @@ import os
 import random
 from collections.abc import Callable
 
+import pytest
 import trio
 
 from tests.harness import running_daemon
@@ -122,6 +123,7 @@ class Chaos:
             self.rig.server.faults(user).reset()
 
 
+@pytest.mark.timeout(120)  # ≈ 17 s; its own waits add up past 60 s
 async def test_chaos(rig: Rig) -> None:
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(2**32))
     print(f"CHAOS_SEED={seed}")
