@@ -70,8 +70,13 @@ UNIT_PATHS = [
     "tests/test_scan_backend.py",
     "tests/test_webhook_client.py",
     "tests/test_http_transport.py",
+    # OAuth2 refresh against the test token endpoint, rotations kept in SQLite; its
+    # Postgres cases (``pg_dsn``, so marked ``postgres``) are deselected by UNIT_MARKERS
+    "tests/test_token_refresh.py",
 ]
-#: belt and braces: a real-server test that lands in those paths is deselected, not run
+#: a real-server test in those paths is deselected, not run: tests using the ``postgres``,
+#: ``pg_dsn``, ``dovecot``, ``dovecot_user`` or ``node_bin`` fixtures are marked by
+#: tests/conftest.py
 UNIT_MARKERS = "not dovecot and not postgres and not node"
 
 

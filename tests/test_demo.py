@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.timeout(180)  # the demo's own limit is 120 s
 def test_demo_runs_the_whole_loop_and_exits_zero() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "trio_idle.cli", "demo"],

@@ -304,6 +304,105 @@ async def test_authenticate_plain(server: ImapTestServer) -> None:
         await server.wait_for(lambda: server.connections(USER) == 1)
 
 
+TOKEN = "S3ntinel-test-server-token"
+
+
+def xoauth2(user: str = USER, token: str = TOKEN, trailer: str = "\x01\x01") -> str:
+    return base64.b64encode(f"user={user}\x01auth=Bearer {token}{trailer}".encode()).decode()
+
+
+def oauthbearer(user: str = USER, token: str = TOKEN, trailer: str = "\x01\x01") -> str:
+    text = f"n,a={user},\x01host=127.0.0.1\x01port=143\x01auth=Bearer {token}{trailer}"
+    return base64.b64encode(text.encode()).decode()
+
+
+def with_oauth2(server: ImapTestServer, *, sasl_ir: bool) -> None:
+    server.oauth2_check = lambda user, token: token == TOKEN
+    server.sasl_ir = sasl_ir
+
+
+async def greeted(server: ImapTestServer) -> tuple[RawClient, bytes]:
+    client = await RawClient.connect(server.port)
+    return client, await client.readline()
+
+
+async def test_an_initial_response_needs_sasl_ir_advertised(server: ImapTestServer) -> None:
+    """RFC 4959: the response may ride on the AUTHENTICATE line only where the server
+    announced SASL-IR; without it Gmail and Dovecot answer BAD, and so does this one."""
+    with trio.fail_after(5):
+        with_oauth2(server, sasl_ir=False)
+        client, greeting = await greeted(server)
+        assert b"AUTH=XOAUTH2" in greeting and b"SASL-IR" not in greeting
+        _, tagged = await client.command(f"AUTHENTICATE XOAUTH2 {xoauth2()}")
+        assert tagged == b"t1 BAD Initial response without SASL-IR"
+        _, tagged = await client.command(f"AUTHENTICATE PLAIN {base64.b64encode(b'x').decode()}")
+        assert tagged.startswith(b"t2 BAD")
+        with_oauth2(server, sasl_ir=True)
+        client, greeting = await greeted(server)
+        assert b"SASL-IR" in greeting
+        _, tagged = await client.command(f"AUTHENTICATE XOAUTH2 {xoauth2()}")
+        assert tagged == b"t1 OK LOGIN completed"
+    assert server.stats.logins == 1 and server.oauth2_attempts == ["XOAUTH2"]
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "message"),
+    [
+        ("XOAUTH2", xoauth2(trailer="")),
+        ("XOAUTH2", xoauth2(trailer="\x01")),
+        ("XOAUTH2", base64.b64encode(f"user={USER}\x01\x01".encode()).decode()),
+        ("XOAUTH2", base64.b64encode(f"auth=Bearer {TOKEN}\x01\x01".encode()).decode()),
+        ("OAUTHBEARER", oauthbearer(trailer="")),
+        ("OAUTHBEARER", oauthbearer(trailer="\x01")),
+        ("OAUTHBEARER", xoauth2()),  # no GS2 header
+    ],
+)
+async def test_a_malformed_oauth2_response_is_refused(
+    server: ImapTestServer, mechanism: str, message: str
+) -> None:
+    """The ``^A^A`` trailer and the fields are checked, on the command line and after a
+    continuation: a client that gets them wrong fails here as it would at Gmail."""
+    with_oauth2(server, sasl_ir=True)
+    with trio.fail_after(5):
+        client, _ = await greeted(server)
+        _, tagged = await client.command(f"AUTHENTICATE {mechanism} {message}")
+        assert tagged == f"t1 BAD Invalid SASL {mechanism} response".encode()
+        await client.send(f"t2 AUTHENTICATE {mechanism}\r\n".encode())
+        assert await client.readline() == b"+ "
+        await client.send(message.encode() + b"\r\n")
+        assert await client.readline() == f"t2 BAD Invalid SASL {mechanism} response".encode()
+    assert server.oauth2_attempts == [] and server.stats.logins == 0
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "message", "ack"),
+    [("XOAUTH2", xoauth2(token="expired"), b""), ("OAUTHBEARER", oauthbearer(token="x"), b"AQ==")],
+)
+async def test_a_refused_token_needs_the_right_acknowledgement(
+    server: ImapTestServer, mechanism: str, message: str, ack: bytes
+) -> None:
+    """A refused token gets a ``+ <base64 JSON>`` challenge; the tagged NO follows only
+    the acknowledgement the mechanism prescribes (XOAUTH2: an empty line; OAUTHBEARER:
+    ``AQ==``, a lone ^A). Any other answer is a client bug: BAD."""
+    with_oauth2(server, sasl_ir=True)
+    wrong = b"AQ==" if ack == b"" else b""
+    with trio.fail_after(5):
+        for answer, reply in [
+            (ack, b"t1 NO [AUTHENTICATIONFAILED] Invalid credentials"),
+            (wrong, b"t1 BAD Invalid SASL error acknowledgement"),
+            (b"dGhpcyBpcyBub3QgYW4gYWNr", b"t1 BAD Invalid SASL error acknowledgement"),
+        ]:
+            client, _ = await greeted(server)
+            await client.send(f"t1 AUTHENTICATE {mechanism} {message}\r\n".encode())
+            challenge = await client.readline()
+            assert challenge.startswith(b"+ ")
+            assert b'"status":"401"' in base64.b64decode(challenge[2:])
+            await client.send(answer + b"\r\n")
+            assert await client.readline() == reply
+            await client.aclose()
+    assert server.stats.bad == 2 and server.stats.login_failures == 3
+
+
 async def test_select_examine_status(server: ImapTestServer) -> None:
     server.append(USER, MSG)
     server.append(USER, MSG, flags=["\\Seen"])
@@ -536,6 +635,58 @@ async def test_aioimaplib_idle_receives_push(server: ImapTestServer) -> None:
     assert b"1 EXISTS" in pushed
     events = [e.event for e in server.log if e.user == USER]
     assert events == ["LOGIN", "IDLE", "DONE", "LOGOUT", "DISCONNECT"]
+
+
+# ---------------------------------------------------------------------------------------
+# double watches: every interval with two connections logged in as one user
+
+
+async def test_overlaps_record_each_interval_of_two_logins_as_one_user(
+    server: ImapTestServer,
+) -> None:
+    with trio.fail_after(5):
+        first = await RawClient.connect(server.port)
+        await first.login_select()
+        other_user = await RawClient.connect(server.port)
+        await other_user.login_select("b@x.test", "pw2")
+        not_logged_in = await RawClient.connect(server.port)
+        await not_logged_in.readline()
+        assert server.overlaps() == []  # one login per user, and a greeting is no login
+        second = await RawClient.connect(server.port)
+        await second.login_select()
+        [ongoing] = server.overlaps(USER)
+        assert ongoing.end is None and server.overlaps("b@x.test") == []
+        first_id, second_id = (s.id for s in server.sessions(USER))
+        assert ongoing.sessions == (first_id, second_id)
+        third = await RawClient.connect(server.port)
+        await third.login_select()  # joins the interval that is going on
+        await second.command("LOGOUT")
+        await server.wait_for(lambda: server.connections(USER) == 2)
+        [still] = server.overlaps(USER)  # two are left: the interval goes on
+        assert still.end is None and len(still.sessions) == 3
+        await first.aclose()
+        await server.wait_for(lambda: server.connections(USER) == 1)
+        [ended] = server.overlaps(USER)
+        assert ended.start == ongoing.start and ended.end is not None
+        assert ended.end > ended.start and len(ended.sessions) == len(set(ended.sessions)) == 3
+        assert all(peer.startswith("127.0.0.1:") for peer in ended.peers)
+        again = await RawClient.connect(server.port)
+        await again.login_select()  # a new interval, however short
+        server.drop(USER)
+        await server.wait_for(lambda: server.connections(USER) == 0)
+    assert [o.end is not None for o in server.overlaps()] == [True, True]
+    assert server.overlaps()[1].start >= ended.end
+
+
+async def test_a_refused_login_is_no_overlap(server: ImapTestServer) -> None:
+    with trio.fail_after(5):
+        first = await RawClient.connect(server.port)
+        await first.login_select()
+        second = await RawClient.connect(server.port)
+        await second.readline()
+        _, tagged = await second.command(f'LOGIN {USER} "wrong"')
+        assert b" NO " in tagged
+    assert server.overlaps() == []
 
 
 # ---------------------------------------------------------------------------------------

@@ -449,6 +449,7 @@ async def test_rotation_with_a_store_that_fails_is_used_from_memory(
     assert [r.status for r in rig.server.token_requests()] == [200, 200]
 
 
+@pytest.mark.postgres  # deselected by `nox -s unit`
 async def test_rotation_is_kept_across_a_restart_postgres(rig: Rig, pg_dsn: str) -> None:
     async with open_asyncio_loop():
         backend = PostgresBackend(Secret(pg_dsn))
@@ -503,6 +504,7 @@ async def test_per_connection_choice(rig: Rig) -> None:
     assert backend.closed
 
 
+@pytest.mark.postgres  # deselected by `nox -s unit`
 async def test_postgres_before_migrate_uses_the_row_token_then_catches_up(
     rig: Rig, pg_dsn: str
 ) -> None:

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench.phases import percentile
 from bench.report import format_table, markdown_table
 
@@ -45,6 +47,7 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([5.0], 99) == 5.0
 
 
+@pytest.mark.timeout(360)  # ≈ 40 s; the bench's own limit is 300 s
 def test_quick_bench_runs_and_reports_everything(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     plot = tmp_path / "plot.png"
@@ -189,6 +192,7 @@ def test_compare_ratios_are_trio_idle_over_node() -> None:
     assert "N = 1,000 → 5,000: Node 20.0 KiB, trio-idle 30.0 KiB (1.50×)" in text
 
 
+@pytest.mark.timeout(240)  # ≈ 25 s; the bench's own limit is 180 s
 def test_quick_compare_runs_both_stacks(node_bin: str, tmp_path: Path) -> None:
     """``--compare --quick``: the Node baseline (``npm ci`` from its lock if needed) and
     trio-idle both reach IDLE on every mailbox, POST every push, and get a ratio row."""

@@ -1,8 +1,9 @@
 """Several in-process daemons share the mailboxes through the real Postgres (shared mode).
 
-Every test counts the sessions per mailbox on the IMAP test server at each of its events
-(login, IDLE, logout): a mailbox is never watched by two instances, and after every
-change each mailbox is watched again by exactly one.
+The IMAP test server records every interval, however short, during which two
+connections were logged in to one mailbox (:meth:`ImapTestServer.overlaps`): every test
+asserts there was none, across joins, leaves, kills and an instance cut off from
+Postgres, and that after every change each mailbox is watched again by exactly one.
 """
 
 from __future__ import annotations
@@ -27,31 +28,20 @@ from trio_idle.runtime.daemon import Daemon, run_daemon
 from trio_idle.state.store import POSTGRES_DDL, POSTGRES_TABLE
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
-from trio_idle.testing.imap_server import LogEntry
 
 PASSWORD = "S3ntinel-pw-cluster"
 TTL, POLL = 3.0, 0.5
 #: takeover bound: TTL + one poll, plus a reconnect and the test's own polling
 TAKEOVER = TTL + POLL + 2.5
+#: the tests with an instance cut off from Postgres: a longer lease, so that half of it
+#: leaves room for slow LOGOUTs (``SLOW_ANSWER`` per command, DONE then LOGOUT) and the
+#: other half a clear margin before the takeover, on a loaded machine too
+SLOW_TTL, SLOW_LOGOUT, SLOW_ANSWER = 6.0, "2500ms", 1.0
 
 
-class Watch:
-    """Fails the test if a mailbox ever has two sessions (checked at every server event)."""
-
-    def __init__(self, server: ImapTestServer) -> None:
-        self.server = server
-        self.doubles: list[tuple[str, str, int]] = []
-        server.on_event = self._event
-
-    def _event(self, entry: LogEntry) -> None:
-        if not entry.user or entry.user == "*":
-            return
-        connections = self.server.connections(entry.user)
-        if connections > 1 or self.server.idle_count(entry.user) > 1:
-            self.doubles.append((entry.user, entry.event, connections))
-
-    def all_watched_once(self, users: list[str]) -> bool:
-        return all(self.server.idle_count(u) == 1 for u in users)
+def watched_once(server: ImapTestServer, users: list[str]) -> bool:
+    """Every mailbox has exactly one session in IDLE."""
+    return all(server.idle_count(u) == 1 for u in users)
 
 
 class Proxy:
@@ -135,6 +125,8 @@ async def start(
         *,
         membership_db: Any = None,
         source: Any = None,
+        ttl: float = TTL,
+        **env: str,
     ) -> Instance:
         settings = make_settings(
             backend.url,
@@ -143,9 +135,10 @@ async def start(
             DATABASE_URL=dsn,
             TRIO_IDLE_CLUSTER="shared",
             TRIO_IDLE_INSTANCE_ID=name,
-            TRIO_IDLE_CLUSTER_TTL=f"{TTL}s",
+            TRIO_IDLE_CLUSTER_TTL=f"{ttl}s",
             TRIO_IDLE_CLUSTER_POLL=f"{POLL}s",
             TRIO_IDLE_CATCHUP_RATE="1000",
+            **env,
         )
         if source is None:
             source = ListSource([row(u, u, PASSWORD, server.port) for u in users])
@@ -186,10 +179,10 @@ def converged(instances: list[Instance], users: list[str]) -> bool:
 
 
 async def settle(
-    server: ImapTestServer, watch: Watch, instances: list[Instance], users: list[str]
+    server: ImapTestServer, instances: list[Instance], users: list[str], ttl: float = TTL
 ) -> None:
-    with trio.fail_after(6 * TTL):
-        await server.wait_for(lambda: converged(instances, users) and watch.all_watched_once(users))
+    with trio.fail_after(6 * ttl):
+        await server.wait_for(lambda: converged(instances, users) and watched_once(server, users))
 
 
 def scans_since(backend: ScanBackend, email: str, t: float) -> list[Any]:
@@ -213,10 +206,9 @@ async def test_three_instances_split_the_mailboxes_once_each(
     start: Starter, server: ImapTestServer, backend: ScanBackend
 ) -> None:
     users = make_users(server, 150)
-    watch = Watch(server)
     instances = [await start(n, users) for n in ("a", "b", "c")]
-    await settle(server, watch, instances, users)
-    assert watch.doubles == []
+    await settle(server, instances, users)
+    assert server.overlaps() == []
     counts = sorted(len(i.running) for i in instances)
     assert sum(counts) == 150 and counts[-1] <= 75  # balanced: nobody holds half
     status = instances[0].daemon.status().cluster
@@ -242,9 +234,8 @@ async def test_a_killed_instance_share_moves_within_ttl_and_poll_and_catches_up(
     start: Starter, server: ImapTestServer, backend: ScanBackend, cluster_dsn: str
 ) -> None:
     users = make_users(server, 60)
-    watch = Watch(server)
     instances = [await start(n, users) for n in ("a", "b", "c")]
-    await settle(server, watch, instances, users)
+    await settle(server, instances, users)
     await state_flushed(cluster_dsn, users)
     victim = instances[2]
     lost = sorted(victim.running)
@@ -255,8 +246,8 @@ async def test_a_killed_instance_share_moves_within_ttl_and_poll_and_catches_up(
         server.append(user, b"Subject: during the move\r\n\r\nhi\r\n")
     with trio.fail_after(TAKEOVER):
         await server.wait_for(lambda: converged(instances[:2], users))
-        await server.wait_for(lambda: watch.all_watched_once(users))
-    assert watch.doubles == []
+        await server.wait_for(lambda: watched_once(server, users))
+    assert server.overlaps() == []
     with trio.fail_after(10):
         for user in with_mail:
             while not scans_since(backend, user, killed_at):
@@ -269,51 +260,110 @@ async def test_a_killed_instance_share_moves_within_ttl_and_poll_and_catches_up(
     assert {r[0] for r in rows} == {"a", "b", "c"}  # a crash leaves its row, TTL ends it
 
 
+async def cut_off_dsn(dsn: str, nursery: trio.Nursery) -> tuple[Proxy, str]:
+    """A proxy to the Postgres of ``dsn`` and the DSN through it."""
+    parts = urlsplit(dsn)
+    proxy = Proxy(parts.port or 5432)
+    await nursery.start(proxy.serve)
+    return proxy, dsn.replace(f":{parts.port}/", f":{proxy.port}/")
+
+
+@pytest.mark.timeout(120)  # ≈ 20 s; its own waits add up past 60 s
 async def test_an_instance_cut_off_from_postgres_fences_and_comes_back(
     start: Starter, server: ImapTestServer, cluster_dsn: str, nursery: trio.Nursery
 ) -> None:
+    """The cut-off instance's mailboxes answer slowly (DONE and LOGOUT take
+    ``2 * SLOW_ANSWER``, within its LOGOUT timeout): fenced at half the TTL, its sessions
+    are still gone before the others take over at the full TTL. Fenced only at the full
+    TTL, they would overlap the new owners' for about that long."""
     users = make_users(server, 60)
-    watch = Watch(server)
-    parts = urlsplit(cluster_dsn)
-    proxy = Proxy(parts.port or 5432)
-    await nursery.start(proxy.serve)
-    via_proxy = cluster_dsn.replace(f":{parts.port}/", f":{proxy.port}/")
-    a, b = await start("a", users), await start("b", users)
-    c = await start("c", users, dsn=via_proxy)
+    proxy, via_proxy = await cut_off_dsn(cluster_dsn, nursery)
+    slow = {"ttl": SLOW_TTL, "TRIO_IDLE_LOGOUT_TIMEOUT": SLOW_LOGOUT}
+    a, b = await start("a", users, **slow), await start("b", users, **slow)
+    c = await start("c", users, dsn=via_proxy, **slow)
     instances = [a, b, c]
-    await settle(server, watch, instances, users)
+    await settle(server, instances, users, SLOW_TTL)
     assert c.running
+    for user in c.running:
+        for session in server.sessions(user):
+            session.faults.response_delay = SLOW_ANSWER
     proxy.set_cut(True)
-    with trio.fail_after(TTL / 2 + POLL + 2):
+    cut_at = trio.current_time()
+    # generous: a fence as late as the full TTL must get as far as the overlap check
+    with trio.fail_after(SLOW_TTL + POLL + 2):
         await server.wait_for(lambda: not c.running)
+    fenced_after = trio.current_time() - cut_at
     status = c.daemon.status().cluster
-    assert status is not None and status.fenced and "half the TTL" in (status.fence_reason or "")
+    assert status is not None and status.fenced
+    with trio.fail_after(SLOW_TTL + TAKEOVER):
+        await server.wait_for(lambda: converged([a, b], users) and watched_once(server, users))
+        # the cut-off instance's slow LOGOUTs are over: each mailbox has one connection
+        await server.wait_for(lambda: all(server.connections(u) == 1 for u in users))
+    assert server.overlaps() == []
+    assert fenced_after <= SLOW_TTL / 2 + 1, fenced_after
+    assert "half the TTL" in (status.fence_reason or "")
     # its sessions are stopped (none left to count), yet it is not ready
     assert c.daemon.supervisor is not None
     readiness = assess_readiness(c.daemon.supervisor.snapshot())
     assert "this instance is fenced (cannot renew its lease)" in readiness.reasons
-    with trio.fail_after(TAKEOVER):
-        await server.wait_for(lambda: converged([a, b], users) and watch.all_watched_once(users))
     proxy.set_cut(False)
-    await settle(server, watch, instances, users)
-    assert watch.doubles == []
+    await settle(server, instances, users, SLOW_TTL)
+    assert server.overlaps() == []
+
+
+@pytest.mark.timeout(120)  # ≈ 15 s; its own waits add up past 60 s
+async def test_a_joiner_waits_for_an_owner_cut_off_from_postgres(
+    start: Starter, server: ImapTestServer, cluster_dsn: str, nursery: trio.Nursery
+) -> None:
+    """ "a" cannot renew its heartbeat but still watches its mailboxes until it fences (half
+    the TTL); "b" joins meanwhile and sees "a" alive: it must hold what moves to it until
+    "a"'s lease has certainly ended, then take everything over."""
+    users = make_users(server, 40)
+    proxy, via_proxy = await cut_off_dsn(cluster_dsn, nursery)
+    a = await start("a", users, dsn=via_proxy, ttl=SLOW_TTL)
+    await settle(server, [a], users, SLOW_TTL)
+    proxy.set_cut(True)
+    b = await start("b", users, ttl=SLOW_TTL)
+    with trio.fail_after(2 * SLOW_TTL + TAKEOVER):
+        await server.wait_for(lambda: converged([b], users) and watched_once(server, users))
+    assert server.overlaps() == []
+    proxy.set_cut(False)
+    await settle(server, [a, b], users, SLOW_TTL)
+    assert server.overlaps() == []
+
+
+async def test_an_instance_leaving_hands_its_share_over_without_waiting_for_its_lease(
+    start: Starter, server: ImapTestServer
+) -> None:
+    users = make_users(server, 60)
+    instances = [await start(n, users) for n in ("a", "b", "c")]
+    await settle(server, instances, users)
+    leaving = instances[2]
+    assert leaving.running
+    leaving.daemon.shutdown("test: c leaves the cluster")
+    # its row is deleted once its sessions ended: the others take over at their next poll,
+    # not a TTL after its last heartbeat
+    with trio.fail_after(TTL):
+        await server.wait_for(
+            lambda: converged(instances[:2], users) and watched_once(server, users)
+        )
+    assert server.overlaps() == []
 
 
 async def test_a_fourth_instance_takes_about_a_quarter_and_drops_none(
     start: Starter, server: ImapTestServer
 ) -> None:
     users = make_users(server, 120)
-    watch = Watch(server)
     instances = [await start(n, users) for n in ("a", "b", "c")]
-    await settle(server, watch, instances, users)
+    await settle(server, instances, users)
     before = {u: i.name for i in instances for u in i.running}
     instances.append(await start("d", users))
-    await settle(server, watch, instances, users)
+    await settle(server, instances, users)
     after = {u: i.name for i in instances for u in i.running}
     moved = [u for u in users if before[u] != after[u]]
     assert all(after[u] == "d" for u in moved)
     assert 0.12 <= len(moved) / len(users) <= 0.40
-    assert watch.doubles == []
+    assert server.overlaps() == []
 
 
 async def test_db_migrate_creates_the_membership_table_idempotently(pg_dsn: str) -> None:
@@ -360,7 +410,6 @@ async def test_instances_registering_at_once_never_watch_a_mailbox_twice(
     start: Starter, server: ImapTestServer, cluster_dsn: str
 ) -> None:
     users = make_users(server, 60)
-    watch = Watch(server)
     db = FirstBeatAlone(cluster_dsn)
     instances: list[Instance] = []
 
@@ -371,8 +420,8 @@ async def test_instances_registering_at_once_never_watch_a_mailbox_twice(
         for name in ("a", "b", "c"):
             nursery.start_soon(one, name)
     instances.sort(key=lambda i: i.name)
-    await settle(server, watch, instances, users)
-    assert watch.doubles == []
+    await settle(server, instances, users)
+    assert server.overlaps() == []
 
 
 class AfterFirstBeat:
@@ -398,14 +447,13 @@ async def test_a_joiner_whose_first_refresh_comes_late_waits_for_the_lease(
     start: Starter, server: ImapTestServer
 ) -> None:
     users = make_users(server, 60)
-    watch = Watch(server)
     a = await start("a", users)
-    await settle(server, watch, [a], users)
+    await settle(server, [a], users)
     source = AfterFirstBeat([row(u, u, PASSWORD, server.port) for u in users])
     b = await start("b", users, source=source)
     source.daemon = b.daemon
-    await settle(server, watch, [a, b], users)
-    assert watch.doubles == []
+    await settle(server, [a, b], users)
+    assert server.overlaps() == []
 
 
 async def test_a_large_share_starts_a_step_at_a_time(

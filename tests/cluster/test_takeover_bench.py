@@ -11,6 +11,7 @@ from tests.conftest import unavailable
 from tests.servers import ServerUnavailable
 
 
+@pytest.mark.timeout(180)  # ≈ 15 s: processes and their own Postgres
 @pytest.mark.postgres
 def test_one_kill_with_three_processes_is_taken_over_without_doubles(
     capsys: pytest.CaptureFixture[str],
@@ -29,6 +30,7 @@ def test_one_kill_with_three_processes_is_taken_over_without_doubles(
     assert 0 < took < 3 + 1 + 10  # TTL + poll, and room for a loaded machine
 
 
+@pytest.mark.timeout(180)  # ≈ 10 s: processes and their own Postgres
 @pytest.mark.postgres
 def test_one_and_two_processes_report_rss_idle_cpu_and_push_latency(
     capsys: pytest.CaptureFixture[str],

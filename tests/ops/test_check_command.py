@@ -30,6 +30,7 @@ def table_lines(stdout: str) -> dict[str, str]:
     return {line.split()[0]: line for line in lines[1:-1]}
 
 
+@pytest.mark.timeout(120)  # its own 60 s limit must fire first, with its message
 async def test_check_login_as_a_process(pg_dsn: str, dovecot: DovecotServer) -> None:
     good = dovecot.new_user("chk")
     dead_port = closed_port()

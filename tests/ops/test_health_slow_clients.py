@@ -123,6 +123,7 @@ async def scrape(port: int) -> tuple[int, bytes]:
                 return status, body
 
 
+@pytest.mark.timeout(120)  # its own 60 s limit must fire first, with its message
 async def test_300_concurrent_scrapes_are_all_answered(backend: ScanBackend) -> None:
     async with health_daemon(backend) as (_, port):
         answers: list[tuple[int, bytes]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.harness import ADMIN_SECRET, KEY
@@ -12,6 +13,9 @@ from tests.integration.dovecot_log import all_logged_out, wait_session_ends
 from tests.ops.conftest import cli_env, closed_port
 from tests.servers.dovecot import DovecotServer, DovecotUser
 from trio_idle.testing.backend import ScanBackend
+
+#: every test runs ``serve --once`` under its own 60 s limit, which must fire first
+pytestmark = pytest.mark.timeout(120)
 
 
 def entry(conn_id: str, email: str, port: int, password_env: str) -> str:

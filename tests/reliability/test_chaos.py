@@ -23,6 +23,7 @@ import os
 import random
 from collections.abc import Callable
 
+import pytest
 import trio
 
 from tests.harness import running_daemon
@@ -164,6 +165,7 @@ class Chaos:
         self.uidnext_modes()
 
 
+@pytest.mark.timeout(120)  # ≈ 17 s; its own waits add up past 60 s
 async def test_chaos(rig: Rig) -> None:
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(2**32))
     print(f"CHAOS_SEED={seed}")

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
+import pytest
 import trio
 
 from tests.harness import ListSource, row, running_daemon
@@ -78,6 +79,7 @@ async def time_to_all_idle(rig: Rig, rows: list[dict[str, Any]], users: list[str
     return elapsed
 
 
+@pytest.mark.timeout(120)  # its own 60 s limit must fire first, with its message
 async def test_tarpit_rows_do_not_delay_healthy_mailboxes(rig: Rig) -> None:
     healthy = [mailbox_name(n) for n in range(100)]
     healthy_rows = rig.add(*healthy)

@@ -15,6 +15,7 @@ import signal
 import socket
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.harness import ADMIN_SECRET, KEY, serve_process
@@ -41,6 +42,7 @@ def entry(conn_id: str, email: str, port: int) -> str:
     )
 
 
+@pytest.mark.timeout(120)  # its own 60 s limit must fire first, with its message
 async def test_sigterm_with_500_sessions_exits_zero_within_10s(
     server: ImapTestServer, backend: ScanBackend, nursery: trio.Nursery, tmp_path: Path
 ) -> None:

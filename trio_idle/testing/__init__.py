@@ -7,7 +7,7 @@ run-time fault injection (modules ``imap_*``). The scan webhook backend lives in
 
 from .imap_faults import Faults
 from .imap_parser import Command, CommandFramer, ParseError, parse_command
-from .imap_server import ImapTestServer, LogEntry, ServerStats
+from .imap_server import ImapTestServer, LogEntry, Overlap, ServerStats
 from .imap_session import ImapTestSession
 from .imap_store import Mailbox, Message
 
@@ -20,6 +20,7 @@ __all__ = [
     "LogEntry",
     "Mailbox",
     "Message",
+    "Overlap",
     "ParseError",
     "ServerStats",
     "parse_command",

@@ -21,6 +21,10 @@ Guarantees:
   fault switch), so tests never need to sleep.
 * :meth:`ImapTestServer.restart` rebinds the same port(s); mailboxes, users, faults,
   stats and log survive.
+* :meth:`ImapTestServer.overlaps` records, per user, every interval during which two or
+  more connections were logged in as that user at once (from the second one's login to
+  the moment at most one is left), however short: a double watch cannot slip between two
+  checks of a test.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .imap_faults import Faults
 from .imap_session import CloseHow, ImapTestSession, next_session_id
 from .imap_store import Mailbox, User
 
-__all__ = ["ImapTestServer", "LogEntry", "ServerStats"]
+__all__ = ["ImapTestServer", "LogEntry", "Overlap", "ServerStats"]
 
 
 class LogEntry(NamedTuple):
@@ -54,6 +58,22 @@ class LogEntry(NamedTuple):
     time: float
     user: str
     event: str
+
+
+class Overlap(NamedTuple):
+    """An interval during which several connections were logged in as ``user`` at once.
+
+    ``start`` is when the second one logged in, ``end`` when at most one was left (``None``
+    while it lasts); both :func:`trio.current_time`. ``sessions`` are the ids of every
+    connection logged in during the interval (:attr:`ImapTestSession.id`) and ``peers``
+    their client addresses (``host:port``), in login order.
+    """
+
+    user: str
+    start: float
+    end: float | None
+    sessions: tuple[int, ...]
+    peers: tuple[str, ...]
 
 
 @attrs.define
@@ -95,7 +115,11 @@ class ImapTestServer:
     ``AUTH=XOAUTH2 AUTH=OAUTHBEARER`` (:attr:`oauth2_mechanisms`) and, with
     :attr:`sasl_ir`, ``SASL-IR``. A refused token gets Gmail's answer: a ``+``
     continuation with base64 JSON ``{"status":"401",...}``, then, after the client's
-    response, ``NO [AUTHENTICATIONFAILED]``. The user must exist (:meth:`add_user`).
+    acknowledgement, ``NO [AUTHENTICATIONFAILED]``. The user must exist (:meth:`add_user`).
+    Strict as Gmail and Dovecot are, so a client bug fails here (``BAD``, counted in
+    :attr:`ServerStats.bad`): a response on the AUTHENTICATE line without ``SASL-IR``
+    announced, a client response without its ``^A^A`` trailer or a field, an
+    acknowledgement other than an empty line (XOAUTH2) or ``AQ==`` (OAUTHBEARER).
     """
 
     def __init__(
@@ -140,6 +164,8 @@ class ImapTestServer:
         self._sessions: set[ImapTestSession] = set()
         self._by_user: dict[str, set[ImapTestSession]] = {}
         self._idlers: dict[Mailbox, set[ImapTestSession]] = {}
+        self._overlaps: list[Overlap] = []
+        self._open_overlaps: dict[str, Overlap] = {}
         self._change: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._generation_scope: trio.CancelScope | None = None
@@ -240,6 +266,18 @@ class ImapTestServer:
         if user is None:
             return self.stats.idle_clients
         return sum(1 for s in self._by_user.get(user, ()) if s.idling)
+
+    def overlaps(self, user: str | None = None) -> list[Overlap]:
+        """Every interval during which two or more connections were logged in as one user
+        (of ``user``, or of all), ended ones first in the order they ended, then the ones
+        still going on (``end`` is ``None``). A connection counts from its successful
+        LOGIN / AUTHENTICATE until it is closed (a LOGOUT closes it at once).
+
+        One client reconnecting before the server noticed its previous connection was gone
+        counts too: tests that cut connections look at ``sessions`` / ``peers``.
+        """
+        found = [*self._overlaps, *self._open_overlaps.values()]
+        return [o for o in found if user is None or o.user == user]
 
     def drop(self, user: str, how: Literal["rst", "fin"] = "rst") -> int:
         """Abruptly close the user's connections; return how many.
@@ -386,6 +424,7 @@ class ImapTestServer:
                     peers.discard(session)
                     if not peers:
                         del self._by_user[name]
+                    self._close_overlap(name, len(peers))
                 self._log(name, "DISCONNECT")
             self._notify()
 
@@ -434,9 +473,36 @@ class ImapTestServer:
 
     def _logged_in(self, session: ImapTestSession) -> None:
         assert session.user is not None
-        self._by_user.setdefault(session.user, set()).add(session)
+        peers = self._by_user.setdefault(session.user, set())
+        peers.add(session)
+        if len(peers) > 1:
+            self._open_overlap(session.user, session, peers)
         self.stats.logins += 1
         self._log(session.user, "LOGIN")
+
+    def _open_overlap(
+        self, user: str, session: ImapTestSession, peers: set[ImapTestSession]
+    ) -> None:
+        current = self._open_overlaps.get(user)
+        if current is None:
+            others = sorted((p for p in peers if p is not session), key=lambda p: p.id)
+            joined = [*others, session]
+            self._open_overlaps[user] = Overlap(
+                user,
+                trio.current_time(),
+                None,
+                tuple(p.id for p in joined),
+                tuple(p.peer for p in joined),
+            )
+        else:
+            self._open_overlaps[user] = current._replace(
+                sessions=(*current.sessions, session.id), peers=(*current.peers, session.peer)
+            )
+
+    def _close_overlap(self, user: str, left: int) -> None:
+        if left <= 1 and user in self._open_overlaps:
+            ended = self._open_overlaps.pop(user)._replace(end=trio.current_time())
+            self._overlaps.append(ended)
 
     def _login_failed(self, name: str) -> None:
         self.stats.login_failures += 1

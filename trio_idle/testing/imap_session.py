@@ -93,16 +93,17 @@ class _EndSession(Exception):
 class ImapTestSession:
     """One client connection. Obtain via :meth:`ImapTestServer.sessions`.
 
-    Public, read-only: ``id``, ``user`` (login name or ``None``), ``selected`` (mailbox
-    name or ``None``), ``idling``, ``tls``, ``state``. Public, writable: ``faults``
-    (this connection's own :class:`Faults`, combined with the user's and the global one).
+    Public, read-only: ``id``, ``peer`` (the client's ``host:port``), ``user`` (login name
+    or ``None``), ``selected`` (mailbox name or ``None``), ``idling``, ``tls``, ``state``.
+    Public, writable: ``faults`` (this connection's own :class:`Faults`, combined with the
+    user's and the global one).
     """
 
     __slots__ = (
         "_faults", "_framer", "_idle_tag", "_keepalive_at", "_known", "_raw", "_readonly",
         "_sasl_failed", "_sasl_mech", "_sasl_tag", "_scope", "_seen_version", "_selected",
         "_server", "_stream", "_user", "_wake_scope", "_woken", "bye_text", "close_how", "id",
-        "state", "tls",
+        "peer", "state", "tls",
     )  # fmt: skip
 
     def __init__(
@@ -112,6 +113,7 @@ class ImapTestSession:
         self._raw = stream
         self._stream: trio.abc.Stream = stream
         self.id = session_id
+        self.peer = _peer_name(stream)
         self.tls = tls
         self.state = State.NOT_AUTHENTICATED
         self.close_how: CloseHow = "fin"
@@ -445,6 +447,11 @@ class ImapTestSession:
             return
         self._sasl_mech = mechanism
         if len(command.args) > 1:
+            # RFC 4959: a client may send its response on the command line only where the
+            # server announced SASL-IR (Gmail and Dovecot do; a server without it answers BAD)
+            if "SASL-IR" not in self._capabilities().split():
+                await self._tagged(command, "BAD", "Initial response without SASL-IR")
+                return
             await self._sasl_step(command.tag, as_text(command.args[1]).encode())
             return
         self._sasl_tag = command.tag
@@ -453,15 +460,22 @@ class ImapTestSession:
     async def _sasl_response(self, raw: bytes) -> None:
         tag, self._sasl_tag = self._sasl_tag, None
         assert tag is not None
-        if raw.strip() == b"*":
+        line = raw.rstrip(b"\r\n")
+        if line == b"*":
             self._sasl_failed = False
             await self._send(f"{tag} BAD Authentication aborted\r\n".encode())
             return
-        if self._sasl_failed:  # the client acknowledged the error challenge
+        if self._sasl_failed:  # the client's answer to the error challenge
             self._sasl_failed = False
+            # XOAUTH2 (Google's document): an empty response; OAUTHBEARER (RFC 7628
+            # section 3.2.3): a lone %x01, base64 "AQ=="
+            if line != _ERROR_ACK.get(self._sasl_mech, b""):
+                self._server.stats.bad += 1
+                await self._send(f"{tag} BAD Invalid SASL error acknowledgement\r\n".encode())
+                return
             await self._send(f"{tag} NO [AUTHENTICATIONFAILED] Invalid credentials\r\n".encode())
             return
-        await self._sasl_step(tag, raw.strip())
+        await self._sasl_step(tag, line)
 
     async def _sasl_step(self, tag: str, encoded: bytes) -> None:
         if self._sasl_mech == "PLAIN":
@@ -473,6 +487,7 @@ class ImapTestSession:
             decoded = ""
         user, token = _oauth2_fields(self._sasl_mech, decoded)
         if user is None or token is None:
+            self._server.stats.bad += 1
             await self._send(f"{tag} BAD Invalid SASL {self._sasl_mech} response\r\n".encode())
             return
         self._server.oauth2_attempts.append(self._sasl_mech)
@@ -833,26 +848,55 @@ _HANDLERS: Final[dict[str, tuple[ImapTestSessionHandler, frozenset[State]]]] = {
 _session_ids = itertools.count(1)
 
 
+#: the answer a client must give to the error challenge of a refused token
+_ERROR_ACK: Final = {"XOAUTH2": b"", "OAUTHBEARER": b"AQ=="}
+
+
 def _oauth2_fields(mechanism: str, message: str) -> tuple[str | None, str | None]:
-    """``(user, token)`` of an XOAUTH2 or OAUTHBEARER client response (None if absent)."""
+    """``(user, token)`` of an XOAUTH2 or OAUTHBEARER client response; ``(None, None)``
+    unless it is well formed, as Gmail and Dovecot require:
+
+    - XOAUTH2: ``user=<user>^Aauth=Bearer <token>^A^A``;
+    - OAUTHBEARER (RFC 7628): ``n,a=<saslname>,^A`` then ``key=value^A`` pairs, one of
+      them ``auth=Bearer <token>``, then ``^A``.
+
+    Both end with the ``^A^A`` trailer; a pair without ``=`` or an empty one is refused.
+    """
+    if not message.endswith("\x01\x01"):
+        return None, None
+    parts = message[:-2].split("\x01")
     user: str | None = None
-    token: str | None = None
-    parts = message.split("\x01")
     if mechanism == "OAUTHBEARER":
-        gs2, _, _ = message.partition("\x01")
-        for field in gs2.split(","):
-            if field.startswith("a="):
-                user = field[2:].replace("=2C", ",").replace("=3D", "=")
-        parts = parts[1:]
+        gs2 = parts.pop(0).split(",")
+        if len(gs2) != 3 or gs2[0] not in ("n", "y") or gs2[2] != "":
+            return None, None
+        if gs2[1].startswith("a="):
+            user = gs2[1][2:].replace("=2C", ",").replace("=3D", "=")
+    pairs: dict[str, str] = {}
     for part in parts:
-        key, _, value = part.partition("=")
-        if key == "user" and mechanism == "XOAUTH2":
-            user = value
-        elif key == "auth" and value.startswith("Bearer "):
-            token = value[len("Bearer ") :]
-    return user, token
+        key, eq, value = part.partition("=")
+        if not eq or not key or key in pairs:
+            return None, None
+        pairs[key] = value
+    if mechanism == "XOAUTH2":
+        if set(pairs) != {"user", "auth"}:
+            return None, None
+        user = pairs["user"]
+    auth = pairs.get("auth", "")
+    if not auth.startswith("Bearer ") or not user:
+        return None, None
+    return user, auth[len("Bearer ") :]
 
 
 def next_session_id() -> int:
     """Process-wide unique session ids (starting at 1)."""
     return next(_session_ids)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    """``host:port`` of the client (``?`` if the socket is gone already)."""
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{address[0]}:{address[1]}"
