@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
+import attrs
 import trio
 from loguru import logger
 
@@ -55,51 +56,40 @@ class ChangeAwareSource(ConnectionSource, Protocol):
 Deliver = Callable[[Mapping[str, MailConnection]], Awaitable[None]]
 
 
+@attrs.define(eq=False, repr=False)
 class Refresher:
     """Reads ``source`` and hands each good list to ``deliver``.
 
     ``sessions()`` counts the running sessions for the refresh log line;
     ``after_refresh()`` runs after each successful refresh (the tuned garbage collection),
     ``after_attempt()`` after every attempt, good or failed (the daemon's status readers
-    wake up). The fields below are what the daemon's status reports.
+    wake up). The public fields after those are what the daemon's status reports.
     """
 
-    def __init__(
-        self,
-        source: ConnectionSource,
-        builder: ConnectionListBuilder,
-        stats: Stats,
-        *,
-        interval: float,
-        deliver: Deliver,
-        sessions: Callable[[], int],
-        after_refresh: Callable[[], None],
-        after_attempt: Callable[[], None],
-    ) -> None:
-        self.source = source
-        self._builder = builder
-        self._stats = stats
-        self._interval = interval
-        self._deliver = deliver
-        self._sessions = sessions
-        self._after_refresh = after_refresh
-        self._after_attempt = after_attempt
-        self._version: bytes | None = None
-        self._now = trio.Event()
-        self._stopped = False
-        self._logged_problems: set[tuple[str, str]] = set()
-        #: connections already warned about a password too short to mask safely
-        self._weak_warned: set[str] = set()
-        #: refreshes that have ended so far, successful or not
-        self.attempts = 0
-        #: ``trio.current_time()`` of the last successful refresh
-        self.last_ok: float | None = None
-        #: why the last refresh failed (scrubbed); None after a successful one
-        self.last_error: str | None = None
-        #: rows the last successful refresh read, skipped ones included
-        self.connections_in_source = 0
-        #: rows of the last successful refresh that were skipped, and why
-        self.row_problems: tuple[RowProblem, ...] = ()
+    source: ConnectionSource
+    _builder: ConnectionListBuilder
+    _stats: Stats
+    _interval: float = attrs.field(kw_only=True)
+    _deliver: Deliver = attrs.field(kw_only=True)
+    _sessions: Callable[[], int] = attrs.field(kw_only=True)
+    _after_refresh: Callable[[], None] = attrs.field(kw_only=True)
+    _after_attempt: Callable[[], None] = attrs.field(kw_only=True)
+    _version: bytes | None = attrs.field(default=None, init=False)
+    _now: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _stopped: bool = attrs.field(default=False, init=False)
+    _logged_problems: set[tuple[str, str]] = attrs.field(factory=set, init=False)
+    #: connections already warned about a password too short to mask safely
+    _weak_warned: set[str] = attrs.field(factory=set, init=False)
+    #: refreshes that have ended so far, successful or not
+    attempts: int = attrs.field(default=0, init=False)
+    #: ``trio.current_time()`` of the last successful refresh
+    last_ok: float | None = attrs.field(default=None, init=False)
+    #: why the last refresh failed (scrubbed); None after a successful one
+    last_error: str | None = attrs.field(default=None, init=False)
+    #: rows the last successful refresh read, skipped ones included
+    connections_in_source: int = attrs.field(default=0, init=False)
+    #: rows of the last successful refresh that were skipped, and why
+    row_problems: tuple[RowProblem, ...] = attrs.field(default=(), init=False)
 
     def request(self) -> None:
         """Refresh now instead of at the next interval. Never blocks."""
