@@ -20,6 +20,8 @@ LINT_PATHS = ["trio_idle", "bench", "tests", "noxfile.py"]
 #: what mypy checks (strict): the package and the benchmark harness beside it
 TYPED_PATHS = ["trio_idle", "bench"]
 CONSTRAINTS = "constraints.txt"
+#: the test kit, a distribution of its own (the daemon's wheel does not carry it)
+TESTKIT = "./testkit"
 #: the pins cover the runtime dependencies and these extras, for this Python on Linux
 LOCK_EXTRAS = ["test", "bench", "dev"]
 LOCK_PYTHON = "3.11"
@@ -58,7 +60,7 @@ def _ensure_system_packages(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The whole suite, against real PostgreSQL (pgserver wheel) and real Dovecot."""
     _ensure_system_packages(session)
-    _install(session, "-e", ".[test]")
+    _install(session, "-e", ".[test]", "-e", TESTKIT)
     args = session.posargs or ["-q", "-p", "no:cacheprovider"]
     session.run("python", "-m", "pytest", *args)
 
@@ -84,7 +86,7 @@ UNIT_MARKERS = "not dovecot and not postgres and not node"
 def unit(session: nox.Session) -> None:
     """The fast subset (≈ 15 s, under 30 s): run it on every change; ``nox -s tests`` before
     pushing. Needs no Dovecot, PostgreSQL or Node."""
-    _install(session, "-e", ".[test]")
+    _install(session, "-e", ".[test]", "-e", TESTKIT)
     args = session.posargs or ["-q", "-p", "no:cacheprovider"]
     session.run("python", "-m", "pytest", "-m", UNIT_MARKERS, *UNIT_PATHS, *args)
 
@@ -92,7 +94,7 @@ def unit(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """The whole loop in one process: test IMAP server, keyword-scanning backend, daemon."""
-    _install(session, "-e", ".")
+    _install(session, "-e", ".", "-e", TESTKIT)
     session.run("trio-idle", "demo", *session.posargs)
 
 
@@ -117,7 +119,7 @@ def bench(session: nox.Session) -> None:
     --help``. ``bench/`` is a folder of the repository, not part of the installed package:
     run it from the repository root.
     """
-    _install(session, "-e", ".[bench]")
+    _install(session, "-e", ".[bench]", "-e", TESTKIT)
     if "--profile" in session.posargs:
         _install(session, "py-spy")  # python -m bench refuses --profile without it
     # the Node + imapflow baseline of ``--compare``, exactly as its lock file pins it
@@ -140,7 +142,7 @@ def scaling(session: nox.Session) -> None:
     One process or two at the same total of sessions (≈ 6 min):
     ``nox -s scaling -- --processes 1,2 --sessions 2000 --tls``.
     """
-    _install(session, "-e", ".[test]")
+    _install(session, "-e", ".[test]", "-e", TESTKIT)
     args = session.posargs or ["--kills", "5", "--mailboxes", "300"]
     session.run("python", "-m", "tests.cluster.takeover_bench", *args)
 
@@ -165,7 +167,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    _install(session, "-e", ".[test,dev]")
+    _install(session, "-e", ".[test,dev]", "-e", TESTKIT)
     session.run("mypy", *TYPED_PATHS)
 
 

@@ -21,12 +21,12 @@ from typing import Any
 
 import trio
 from loguru import logger
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend
 
 from trio_idle.core.config import parse_settings
 from trio_idle.core.crypto import derive_key, encrypt_password
 from trio_idle.runtime.daemon import Daemon, run_daemon
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend
 
 KEY = "bench-first-start-key-0123456789abcdef"
 SECRET = "bench-first-start-admin-secret"

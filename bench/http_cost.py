@@ -1,7 +1,7 @@
 """What one scan POST costs the daemon: client CPU and round trip, three ways, side by side.
 
 ``python -m bench.http_cost [--requests 3000] [--rounds 3]`` starts the scan sink
-(:class:`~trio_idle.testing.backend.ScanBackend`, the benchmark's) in a child process on
+(:class:`~trio_idle_testing.backend.ScanBackend`, the benchmark's) in a child process on
 127.0.0.1 and sends it scans one after the other from this process, alternating:
 
 * ``httpx + httpcore``: ``httpx.AsyncClient``'s own transport, through the client (what
@@ -43,7 +43,7 @@ SECRET = "bench-secret"
 PATH = "/api/mail/scan-internal"
 _SINK = f"""
 import sys, trio
-from trio_idle.testing.backend import ScanBackend
+from trio_idle_testing.backend import ScanBackend
 async def main():
     backend = ScanBackend({SECRET!r})
     async with trio.open_nursery() as nursery:

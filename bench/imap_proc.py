@@ -29,9 +29,9 @@ import time
 from typing import Any
 
 import trio
+from trio_idle_testing import ImapTestServer, ImapTestSession, LogEntry
 
 from bench.procinfo import cpu_seconds, raise_nofile_limit, rss_kib
-from trio_idle.testing import ImapTestServer, ImapTestSession, LogEntry
 
 MESSAGE = b"From: bench@example.test\r\nTo: user@example.test\r\nSubject: bench\r\n\r\nhello\r\n"
 

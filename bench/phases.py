@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
+from trio_idle_testing.backend import Reply, ScanBackend, ScanRequest
 
 from bench.procinfo import cpu_seconds, rss_kib
 from bench.procs import DaemonProc, MeasuredProc, ServerPool
-from trio_idle.testing.backend import Reply, ScanBackend, ScanRequest
 
 Row = tuple[str, int]
 

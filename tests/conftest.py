@@ -40,13 +40,14 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from trio_idle_testing.backend import ScanBackend  # noqa: E402
+
 from tests.harness import ADMIN_SECRET, LogCapture, capture_logs  # noqa: E402
 from tests.leak_guard import pytest_configure, pytest_runtest_makereport  # noqa: E402, F401
 from tests.servers import ServerUnavailable  # noqa: E402
 from tests.servers.dovecot import DovecotServer, DovecotUser  # noqa: E402
 from tests.servers.postgres import MAIL_CONNECTION_DDL, PostgresServer, execute_sql  # noqa: E402
 from tests.servers.prometheus import find_prometheus, find_promtool  # noqa: E402
-from trio_idle.testing.backend import ScanBackend  # noqa: E402
 
 __all__ = ["REQUIRE_SERVERS_ENV", "servers_required", "unavailable"]
 

@@ -8,14 +8,14 @@ fails the test that let a sentinel through, naming the first offending line. The
 of ``/status``, ``/metrics``, ``/healthz`` and ``/readyz`` that a test fetches with httpx
 are collected too.
 
-Two more checks, through the test kit's :mod:`trio_idle.testing.witness`:
+Two more checks, through the test kit's :mod:`trio_idle_testing.witness`:
 
 - access and refresh tokens: every token a test server hands the daemon during a test
-  (:class:`~trio_idle.testing.oauth_server.OAuthTestServer`, the token route of
-  :class:`~trio_idle.testing.backend.ScanBackend`) is a secret of that test, whatever
+  (:class:`~trio_idle_testing.oauth_server.OAuthTestServer`, the token route of
+  :class:`~trio_idle_testing.backend.ScanBackend`) is a secret of that test, whatever
   it looks like, and must not appear in its output either;
 - what the backend received: the body of every request a
-  :class:`~trio_idle.testing.backend.ScanBackend` got during the test (scans, account
+  :class:`~trio_idle_testing.backend.ScanBackend` got during the test (scans, account
   health reports, token requests) must hold no sentinel and no issued token. (Headers are
   not checked: ``x-admin-secret`` carries the admin secret by contract.)
 """
@@ -120,8 +120,7 @@ def _patched_send(original: Any) -> Any:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     import httpx
-
-    from trio_idle.testing import witness
+    from trio_idle_testing import witness
 
     if not getattr(witness.issued, "_leak_guard", False):
         witness.watch(_on_issued, _on_received)

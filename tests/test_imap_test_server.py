@@ -1,4 +1,4 @@
-"""Tests of the in-process IMAP test server (trio_idle.testing), over real sockets.
+"""Tests of the in-process IMAP test server (trio_idle_testing), over real sockets.
 
 Clients are python's ``imaplib`` (in a worker thread), ``aioimaplib`` (asyncio in a worker
 thread) and raw trio streams. Every wait is bounded by ``trio.fail_after``; the few places
@@ -19,15 +19,15 @@ import aioimaplib
 import pytest
 import trio
 import trustme
-
-from tests.conftest import unavailable
-from trio_idle.testing import ImapTestServer, ParseError, parse_command
-from trio_idle.testing.imap_parser import (
+from trio_idle_testing import ImapTestServer, ParseError, parse_command
+from trio_idle_testing.imap_parser import (
     CommandFramer,
     CommandLine,
     NeedContinuation,
     parse_sequence_set,
 )
+
+from tests.conftest import unavailable
 
 USER = "a@x.test"
 PASSWORD = "pw"

@@ -17,8 +17,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-
-from trio_idle.testing.backend import KeywordScanner, Reply, ScanBackend, ScanRequest
+from trio_idle_testing.backend import KeywordScanner, Reply, ScanBackend, ScanRequest
 
 SECRET = "s3cret"
 PATH = "/api/mail/scan-internal"

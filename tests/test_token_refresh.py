@@ -1,5 +1,5 @@
 """The daemon's own OAuth2 refresh against a real token endpoint on 127.0.0.1
-(:class:`~trio_idle.testing.oauth_server.OAuthTestServer`): caching, refresh ahead of
+(:class:`~trio_idle_testing.oauth_server.OAuthTestServer`): caching, refresh ahead of
 expiry, one refresh in flight, backoff, revocation, timeouts, and rotation kept across a
 restart in SQLite and Postgres."""
 
@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from trio_idle_testing.oauth_server import Fault, OAuthTestServer
 
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.accounts.credentials import (
@@ -41,7 +42,6 @@ from trio_idle.state.store import (
     SqliteBackend,
     TokenBackend,
 )
-from trio_idle.testing.oauth_server import Fault, OAuthTestServer
 
 CLIENT_ID = "trio-idle-test-client"
 CLIENT_SECRET = "oauth-cl1ent-s3cret-http"

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from trio_idle_testing.backend import Reply, ScanBackend
 
 from tests.harness import poll_until
 from tests.recording_proxy import PROXY_ANSWER, RecordingProxy, point_proxies_at
@@ -27,7 +28,6 @@ from trio_idle.backend.webhook import (
 )
 from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
-from trio_idle.testing.backend import Reply, ScanBackend
 
 SECRET = "webhook-client-ADMIN-s3cret"
 EMAIL = "alice@client.test"

@@ -436,8 +436,17 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         parser.print_help()
         return EXIT_CONFIG
     if args.command == "demo":
-        from trio_idle.demo import run_demo  # the demo pulls in the test server
-
+        try:
+            from trio_idle.demo import run_demo  # the demo runs on the test kit
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] != "trio_idle_testing":
+                raise
+            print(
+                "trio-idle: demo: needs the test kit, which the daemon's install does not "
+                "carry: pip install ./testkit from the repository (nox -s demo does it)",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
         return run_demo(forever=args.forever)
     if args.command == "decrypt" and not args.check:
         print(

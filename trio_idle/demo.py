@@ -1,6 +1,6 @@
 """``trio-idle demo``: the whole loop in one process, on embedded defaults.
 
-Starts the test IMAP server (``trio_idle.testing``) with three demo mailboxes (alice's
+Starts the test IMAP server (``trio_idle_testing``) with three demo mailboxes (alice's
 holds :data:`OLD_MESSAGES` old messages), a small backend that "scans" new mail for
 gambling keywords and deletes what it blocks, and the real daemon reading a TOML
 connection file. The backend keeps no state of its own: each scan request's range
@@ -23,14 +23,14 @@ from pathlib import Path
 import attrs
 import trio
 from loguru import logger
+from trio_idle_testing.backend import KeywordScanner, Reply, ScanBackend, ScanRequest
+from trio_idle_testing.imap_server import ImapTestServer
 
 from trio_idle.accounts.source_file import FileSource
 from trio_idle.core.config import parse_settings
 from trio_idle.core.crypto import derive_key, encrypt_password
 from trio_idle.core.logs import setup_logging
 from trio_idle.runtime.daemon import Daemon, run_daemon
-from trio_idle.testing.backend import KeywordScanner, Reply, ScanBackend, ScanRequest
-from trio_idle.testing.imap_server import ImapTestServer
 
 DEMO_KEY = "trio-idle-demo-key-not-for-production!"  # 32+ chars, like ENCRYPTION_KEY
 MAILBOXES = ("alice@demo.test", "bob@demo.test", "carol@demo.test")

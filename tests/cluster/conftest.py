@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-
-from trio_idle.testing import ImapTestServer
+from trio_idle_testing import ImapTestServer
 
 
 @pytest.fixture

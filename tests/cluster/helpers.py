@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import make_settings, running_daemon
 from tests.servers.postgres import fetch_sql
@@ -14,7 +15,6 @@ from trio_idle.cluster.listener import APPLICATION_NAME
 from trio_idle.core.config import DEFAULT_QUERY
 from trio_idle.core.secret import Secret
 from trio_idle.runtime.daemon import Daemon
-from trio_idle.testing.backend import ScanBackend
 
 
 @contextlib.asynccontextmanager

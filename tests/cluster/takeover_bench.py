@@ -38,6 +38,9 @@ from typing import Any
 
 import httpx
 import trio
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend
+from trio_idle_testing.imap_server import LogEntry
 
 from tests.harness import ADMIN_SECRET, KEY, row
 from tests.servers import free_tcp_port
@@ -51,9 +54,6 @@ from trio_idle.cluster.assignment import shares
 from trio_idle.cluster.membership import MEMBERSHIP_SQL
 from trio_idle.core.config import parse_duration
 from trio_idle.state.store import POSTGRES_DDL
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend
-from trio_idle.testing.imap_server import LogEntry
 
 PASSWORD = "S3ntinel-pw-scaling"
 NAMES = ("a", "b", "c")

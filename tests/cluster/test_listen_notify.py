@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import trio
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend
 
 from tests.cluster.helpers import kill_listener_connection, listening_daemon
 from tests.harness import poll_until, row
@@ -22,8 +24,6 @@ from trio_idle.cluster.listener import FUNCTION, TRIGGER, NotifyListener, Notify
 from trio_idle.core.secret import Secret
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
 from trio_idle.runtime.daemon import Daemon
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend
 
 PASSWORD = "S3ntinel-pw-listen"
 #: "within a second" plus room for a loaded 2-core machine (the issue allows 2 s)

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import trio
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend
 
 from tests.cluster.helpers import kill_listener_connection, listening_daemon
 from tests.harness import ListSource, make_settings, row, running_daemon
@@ -24,8 +26,6 @@ from tests.servers.postgres import execute_sql, insert_mail_connections
 from trio_idle.cluster.listener import NotifyListener, NotifySql
 from trio_idle.core.scrub import MASK
 from trio_idle.runtime.daemon import Daemon
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend
 
 STATUS_TOKEN = "st-listener-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 BEARER = {"authorization": f"Bearer {STATUS_TOKEN}"}

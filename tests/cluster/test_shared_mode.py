@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import trio
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, capture_logs, make_settings, row
 from tests.servers.postgres import execute_sql, fetch_sql
@@ -26,8 +28,6 @@ from trio_idle.mailbox.reconcile import START_STEP
 from trio_idle.ops.health import assess_readiness
 from trio_idle.runtime.daemon import Daemon, run_daemon
 from trio_idle.state.store import POSTGRES_DDL, POSTGRES_TABLE
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend
 
 PASSWORD = "S3ntinel-pw-cluster"
 TTL, POLL = 3.0, 0.5

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, LogCapture, make_settings, row, running_daemon
 from tests.servers.dovecot import DovecotServer
-from trio_idle.testing.backend import ScanBackend
 
 MESSAGE = b"Subject: burst\r\n\r\nbody\r\n"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import (
     ADMIN_SECRET,
@@ -15,7 +16,6 @@ from tests.harness import (
 )
 from tests.integration.dovecot_log import all_logged_out, wait_session_ends
 from tests.servers.dovecot import DovecotServer, DovecotUser
-from trio_idle.testing.backend import ScanBackend
 
 MESSAGE = b"From: casino@spam.test\r\nSubject: Free spins\r\n\r\nJackpot!\r\n"
 

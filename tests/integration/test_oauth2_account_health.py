@@ -2,7 +2,7 @@
 ``auth_failed/token_revoked`` exactly once and ``ok`` exactly once again.
 
 All real parts on loopback: Dovecot checks the access tokens itself (oauth2 passdb,
-introspection at :class:`~trio_idle.testing.oauth_server.OAuthTestServer`), the daemon
+introspection at :class:`~trio_idle_testing.oauth_server.OAuthTestServer`), the daemon
 refreshes the tokens at that server with the row's refresh token (daemon-side refresh, the
 Google flavour by the e-mail domain), and the account health reports arrive at the test
 backend's status route.
@@ -14,14 +14,14 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from trio_idle_testing.backend import ScanBackend
+from trio_idle_testing.oauth_server import OAuthTestServer
 
 from tests.conftest import unavailable
 from tests.harness import KEY, ListSource, make_settings, row, running_daemon
 from tests.servers import ServerUnavailable
 from tests.servers.dovecot import DovecotServer
 from trio_idle.core.crypto import derive_key, encrypt_password
-from trio_idle.testing.backend import ScanBackend
-from trio_idle.testing.oauth_server import OAuthTestServer
 
 CLIENT_ID = "trio-idle-test-client"
 CLIENT_SECRET = "oauth-cl1ent-s3cret-health"

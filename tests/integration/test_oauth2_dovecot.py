@@ -1,6 +1,6 @@
 """OAuth2 sign-in against a real Dovecot that checks tokens itself (oauth2 passdb,
 introspection by POST to a local HTTP server here), with tokens from the backend's token
-endpoint (:class:`~trio_idle.testing.backend.ScanBackend`'s token route) through the real
+endpoint (:class:`~trio_idle_testing.backend.ScanBackend`'s token route) through the real
 :class:`~trio_idle.auth.token_backend.BackendTokenSource`. Loopback only."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from trio_idle_testing.backend import Reply, ScanBackend, ScanRequest
 
 from tests.conftest import unavailable
 from tests.servers import ServerUnavailable
@@ -34,7 +35,6 @@ from trio_idle.imap.client import ImapTimeouts, connect
 from trio_idle.mailbox.coalescer import ScanCoalescer
 from trio_idle.mailbox.session import ConnectionMemory, SessionEnv, run_session
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE
-from trio_idle.testing.backend import Reply, ScanBackend, ScanRequest
 
 ADMIN = "test-admin-secret-value"
 TOKEN_PREFIX = "S3ntinel-oauth-"  # every token here: leak_guard fails a test that prints one

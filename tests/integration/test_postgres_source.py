@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import KEY, LogCapture, make_settings, poll_until, row, running_daemon
 from tests.servers.dovecot import DovecotServer
@@ -15,7 +16,6 @@ from trio_idle.core.config import DEFAULT_QUERY
 from trio_idle.core.crypto import derive_key, encrypt_password
 from trio_idle.core.secret import Secret
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
-from trio_idle.testing.backend import ScanBackend
 
 
 async def sql(dsn: str, statement: str, *args: object) -> None:

@@ -4,11 +4,11 @@ envelopes on, its decoded, bounded envelopes (Dovecot's own ENVELOPE rendering).
 from __future__ import annotations
 
 import trio
+from trio_idle_testing.backend import Reply, ScanBackend
 
 from tests.harness import ListSource, LogCapture, make_settings, row, running_daemon
 from tests.servers.dovecot import DovecotServer
 from trio_idle.imap.envelope import LIMITS, MAX_ENVELOPES
-from trio_idle.testing.backend import Reply, ScanBackend
 
 
 def _mail(n: int, subject: str) -> bytes:

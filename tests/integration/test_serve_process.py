@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ADMIN_SECRET, KEY, poll_until, serve_process
 from tests.integration.dovecot_log import all_logged_out, wait_session_ends
 from tests.servers.dovecot import DovecotServer
-from trio_idle.testing.backend import ScanBackend
 
 
 def _serve_env(backend_url: str, **extra: str) -> dict[str, str]:

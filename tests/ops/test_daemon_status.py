@@ -6,11 +6,11 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, make_settings, row, running_daemon
 from tests.ops.conftest import closed_port
 from trio_idle.runtime.daemon_status import Phase
-from trio_idle.testing.backend import ScanBackend
 
 OTHER_KEY = "another-key-than-the-daemons-0123456789"
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import (
     ADMIN_SECRET,
@@ -27,7 +28,6 @@ from tests.reliability.scripted_server import Peer, ScriptedServer
 from tests.servers.dovecot import DovecotServer
 from trio_idle.core.errors import SourceError
 from trio_idle.runtime.supervision import StartupError
-from trio_idle.testing.backend import ScanBackend
 
 STATUS_TOKEN = "st-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 BEARER = {"authorization": f"Bearer {STATUS_TOKEN}"}

@@ -15,12 +15,12 @@ import h11
 import httpx
 import pytest
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, make_settings, running_daemon
 from tests.ops.helpers import sample
 from trio_idle.ops import health_server
 from trio_idle.runtime.daemon import Daemon
-from trio_idle.testing.backend import ScanBackend
 
 SLOW_CLIENTS = 200
 CONCURRENT_SCRAPES = 300

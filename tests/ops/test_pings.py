@@ -6,12 +6,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, LogCapture, make_settings, poll_until, row, running_daemon
 from tests.ops.conftest import PingReceiver, closed_port
 from tests.recording_proxy import RecordingProxy, point_proxies_at
 from tests.servers.dovecot import DovecotServer, DovecotUser
-from trio_idle.testing.backend import ScanBackend
 
 TOKEN = "0f1e2d3c-ping-token"
 

@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ADMIN_SECRET, KEY, serve_process
 from tests.ops.helpers import until
 from tests.servers import free_tcp_port
 from tests.servers.dovecot import DovecotServer
 from tests.servers.prometheus import PrometheusServer
-from trio_idle.testing.backend import ScanBackend
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "trio-idle.rules.yml"
 MESSAGE = b"From: a@example.test\r\nTo: b@example.test\r\nSubject: e2e\r\n\r\nbody\r\n"

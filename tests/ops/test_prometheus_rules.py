@@ -12,10 +12,10 @@ from pathlib import Path
 
 import httpx
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, make_settings, running_daemon
 from tests.unit.test_metrics_render import EXPECTED_ZEROS, labelled_counter_series
-from trio_idle.testing.backend import ScanBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "trio-idle.rules.yml"

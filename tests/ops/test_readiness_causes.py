@@ -7,12 +7,12 @@ from typing import Any
 
 import httpx
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, LogCapture, make_settings, row, running_daemon
 from tests.ops.conftest import PingReceiver, closed_port
 from tests.ops.helpers import until
 from tests.servers.dovecot import DovecotServer
-from trio_idle.testing.backend import ScanBackend
 
 TOKEN = "5e4d-readiness-ping"
 MESSAGE = b"From: a@example.test\r\nTo: b@example.test\r\nSubject: hi\r\n\r\nbody\r\n"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ADMIN_SECRET, KEY
 from tests.integration.dovecot_log import all_logged_out, wait_session_ends
 from tests.ops.conftest import cli_env, closed_port
 from tests.servers.dovecot import DovecotServer, DovecotUser
-from trio_idle.testing.backend import ScanBackend
 
 #: every test runs ``serve --once`` under its own 60 s limit, which must fire first
 pytestmark = pytest.mark.timeout(120)

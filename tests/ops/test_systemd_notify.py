@@ -15,9 +15,9 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, LogCapture, make_settings, running_daemon
-from trio_idle.testing.backend import ScanBackend
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux socket timestamps")
 

@@ -13,14 +13,14 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend
 
 from tests import harness
 from tests.harness import LogCapture
 from tests.reliability.invariant import Ledger
 from tests.reliability.rig import Rig
 from trio_idle.runtime.daemon import Daemon
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend
 
 #: counters that must stay 0 in every test: each is a fault the daemon only logged
 STRAY_ERROR_COUNTERS = ("asyncio_errors", "internal_errors")

@@ -28,10 +28,9 @@ from collections.abc import Iterable
 
 import attrs
 import trio
-
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend, ScanRequest
-from trio_idle.testing.imap_store import Message
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend, ScanRequest
+from trio_idle_testing.imap_store import Message
 
 _numbers = itertools.count(1)
 

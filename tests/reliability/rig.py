@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, LogCapture, make_settings, row
 from tests.reliability.invariant import Ledger
 from trio_idle.core.config import Settings
 from trio_idle.mailbox.reconcile import Handle
 from trio_idle.runtime.daemon import Daemon
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend
 
 PASSWORD = "S3ntinel-pw-reliability"
 

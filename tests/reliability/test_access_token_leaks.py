@@ -17,10 +17,10 @@ import time
 
 import httpx
 import trio
+from trio_idle_testing.backend import Reply, ScanRequest
 
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.rig import Rig
-from trio_idle.testing.backend import Reply, ScanRequest
 
 A = "oauth-echo@rel.test"
 STATUS_TOKEN = "status-token-for-the-token-leak-test"

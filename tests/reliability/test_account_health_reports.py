@@ -12,6 +12,7 @@ import random
 
 import trio
 from loguru import logger
+from trio_idle_testing.backend import Reply, ScanRequest
 
 from tests.harness import KEY, ListSource, poll_until, row, running_daemon
 from tests.reliability.rig import PASSWORD, Rig
@@ -23,7 +24,6 @@ from trio_idle.core.errors import ImapAuthError
 from trio_idle.core.stats import Stats
 from trio_idle.mailbox.account_health import Connected
 from trio_idle.mailbox.health_reporter import AccountHealth, StatusPolicy, run_health_reports
-from trio_idle.testing.backend import Reply, ScanRequest
 
 A = "a@health.test"
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import trio
+from trio_idle_testing.backend import Reply
 
 from tests.harness import running_daemon
 from tests.recording_proxy import RecordingProxy, point_proxies_at
 from tests.reliability.rig import Rig
-from trio_idle.testing.backend import Reply
 
 A = "alice@rel.test"
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from trio_idle_testing import ImapTestServer
 
 from tests.harness import make_settings, row, running_daemon
 from tests.reliability.rig import Rig
 from tests.reliability.scripted_server import Peer, ScriptedServer
-from trio_idle.testing import ImapTestServer
 
 A = "alice@rel.test"
 BAD = "bad@rel.test"

@@ -16,11 +16,11 @@ import random
 
 import trio
 import trio_asyncio
+from trio_idle_testing import ImapTestServer
 
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.secret import Secret
 from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
-from trio_idle.testing import ImapTestServer
 
 A = "alice@rel.test"
 PASSWORD = "pw"

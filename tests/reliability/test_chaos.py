@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 import pytest
 import trio
+from trio_idle_testing.backend import Reply, ScanRequest
 
 from tests.harness import running_daemon
 from tests.reliability.rig import Rig, mailbox_name
-from trio_idle.testing.backend import Reply, ScanRequest
 
 KINDS = (
     *("rst", "fin", "bye", "silent", "no_push", "slow_server", "login_refused", "restart"),

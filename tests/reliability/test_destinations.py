@@ -25,6 +25,7 @@ import pytest
 import trio
 import trio_asyncio
 import trustme
+from trio_idle_testing import ImapTestServer
 
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.invariant import Ledger
@@ -36,7 +37,6 @@ from trio_idle.core.secret import Secret
 from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
 from trio_idle.mailbox.account_health import hint
 from trio_idle.operator_commands import run_check
-from trio_idle.testing import ImapTestServer
 
 A = "alice@rel.test"
 B = "bob@rel.test"

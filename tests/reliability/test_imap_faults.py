@@ -12,10 +12,10 @@ import functools
 
 import pytest
 import trio
+from trio_idle_testing import ImapTestServer
 
 from tests.harness import ListSource, poll_until, running_daemon
 from tests.reliability.rig import Rig
-from trio_idle.testing import ImapTestServer
 
 A = "alice@rel.test"
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 import trio
+from trio_idle_testing.backend import Reply, ScanRequest
 
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.rig import PASSWORD, Rig
 from tests.reliability.scripted_server import Peer, ScriptedServer
-from trio_idle.testing.backend import Reply, ScanRequest
 
 A = "healthy@rel.test"
 BAD = "bad@rel.test"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import trio
 import trio_asyncio
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanRequest
 
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.rig import PASSWORD, Rig, mailbox_name
@@ -20,8 +22,6 @@ from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.secret import Secret
 from trio_idle.imap.client import ImapTimeouts, connect
 from trio_idle.imap.responses import MailboxState
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanRequest
 
 A = mailbox_name(1, "courier")
 TIMEOUTS = ImapTimeouts(connect=5, command=5, keepalive_idle=60)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import trio
 import trio_asyncio
+from trio_idle_testing import ImapTestServer
 
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.core.errors import ImapAuthError
 from trio_idle.core.secret import Secret
 from trio_idle.imap.client import ImapTimeouts, connect
-from trio_idle.testing import ImapTestServer
 
 A = "alice@oauth.test"
 GOOD = "S3ntinel-oauth-good-token"

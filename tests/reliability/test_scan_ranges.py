@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from trio_idle_testing.backend import Reply, ScanRequest
 
 from tests.harness import ListSource, running_daemon
 from tests.reliability.rig import Rig, mailbox_name
 from trio_idle.imap.envelope import LIMITS, MAX_ENVELOPES
-from trio_idle.testing.backend import Reply, ScanRequest
 
 A = mailbox_name(1, "range")
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ADMIN_SECRET, KEY, serve_process
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend
 
 HEALTHY = 490
 HALF_OPEN = 5

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import trio
+from trio_idle_testing.backend import ScanRequest
 
 from tests.harness import ListSource, running_daemon
 from tests.reliability.rig import Rig, mailbox_name
 from trio_idle.core.config import Settings
-from trio_idle.testing.backend import ScanRequest
 
 A, B = mailbox_name(1, "from"), mailbox_name(2, "from")
 OLD_MAIL = 3  # already scanned by the previous daemon's backend: UIDs 1..3, UIDNEXT 4

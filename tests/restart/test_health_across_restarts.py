@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, make_settings, poll_until, row, running_daemon
 from tests.servers.postgres import execute_sql
 from trio_idle.runtime.daemon import Daemon
 from trio_idle.state.store import POSTGRES_MIGRATIONS
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend
 
 PASSWORD = "S3ntinel-pw-health-restart"
 HEALTHY = [f"h{i}@health-restart.test" for i in range(5)]

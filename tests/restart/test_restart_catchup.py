@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio_idle_testing import ImapTestServer
+from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import (
     ADMIN_SECRET,
@@ -25,8 +27,6 @@ from tests.harness import (
 from tests.servers.postgres import execute_sql, fetch_sql
 from trio_idle.runtime.daemon import Daemon
 from trio_idle.state.store import POSTGRES_DDL, POSTGRES_TABLE
-from trio_idle.testing import ImapTestServer
-from trio_idle.testing.backend import ScanBackend
 
 PASSWORD = "S3ntinel-pw-restart"
 RATE = 40.0  # catch-up scans per second

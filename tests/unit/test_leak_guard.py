@@ -7,6 +7,7 @@ a plugin, and the outcome pytest reports is checked.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -21,8 +22,8 @@ CASES = """
 import httpx
 import trio
 
-from trio_idle.testing.backend import Reply, ScanBackend
-from trio_idle.testing.oauth_server import OAuthTestServer
+from trio_idle_testing.backend import Reply, ScanBackend
+from trio_idle_testing.oauth_server import OAuthTestServer
 
 PLAIN_TOKEN = "plain-access-token-without-any-sentinel-0042"
 
@@ -101,6 +102,8 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             str(folder / "test_cases.py"),
         ],
         cwd=REPO,
+        # -c /dev/null drops the project's pythonpath: the repository and the test kit
+        env={**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "testkit")))},
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,6 +1,6 @@
 """The range a session's scans carry and the envelope fetch, in virtual time.
 
-A :class:`~trio_idle.testing.fake_imap.FakeImapServer` session and its scan worker (with
+A :class:`~trio_idle_testing.fake_imap.FakeImapServer` session and its scan worker (with
 the hooks the reconciler gives it) against a scripted backend: what the backend is told
 after coalesced bursts and refusals, and the IMAP commands the envelope fetch costs.
 """
@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import trio
 import trio.testing
+from trio_idle_testing.fake_imap import FakeImapServer
 
 from tests.unit.test_session_virtual_time import (
     Rig,
@@ -29,7 +30,6 @@ from trio_idle.core.secret import Secret
 from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap.responses import MailboxState
 from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy
-from trio_idle.testing.fake_imap import FakeImapServer
 
 
 class Backend:

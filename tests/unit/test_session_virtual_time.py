@@ -1,7 +1,7 @@
 """A session's timers and decisions, against a scripted IMAP server in virtual time.
 
 Each test runs :func:`~trio_idle.mailbox.session.run_session` on a
-:class:`~trio_idle.testing.fake_imap.FakeImapServer` under pytest-trio's
+:class:`~trio_idle_testing.fake_imap.FakeImapServer` under pytest-trio's
 ``autojump_clock`` (``MockClock(autojump_threshold=0)``): hours of session life take
 milliseconds, and every timestamp asserted is exact. Assertions are on what the server
 received (:attr:`FakeImapServer.calls`), the session's state and the scans it asked for;
@@ -21,6 +21,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from trio_idle_testing.fake_imap import FakeImapServer
 
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.backend.webhook import WebhookClient
@@ -39,7 +40,6 @@ from trio_idle.mailbox.session import (
 )
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE, POLLING
 from trio_idle.state.store import Key, ScannedState, StateStore
-from trio_idle.testing.fake_imap import FakeImapServer
 
 SEED = 13
 TICK, RENEW, COMMAND_TIMEOUT = 120.0, 1500.0, 30.0

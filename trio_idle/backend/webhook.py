@@ -2,7 +2,7 @@
 
 Contract with the backend's scan endpoint (written down nowhere else in this repository:
 this docstring, and ``tests/test_webhook_client.py`` against the test backend in
-``trio_idle.testing.backend``, are its reference): ``POST {BACKEND_URL}{scan_path}`` with
+``trio_idle_testing.backend``, are its reference): ``POST {BACKEND_URL}{scan_path}`` with
 the shared secret header, a ``user-agent``, a unique ``x-scan-id`` (kept across retries of
 the same scan, so the backend can de-duplicate), an optional HMAC-SHA256 ``x-signature``
 and a JSON body; a 2xx reply carries integer ``scanned`` and ``blocked``.

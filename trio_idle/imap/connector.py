@@ -4,7 +4,7 @@
 :class:`ImapConnector` in its :class:`~trio_idle.mailbox.session.SessionEnv` for an
 :class:`ImapLink` and uses nothing else. The daemon's connector is
 :func:`trio_idle.imap.client.connect` (real TCP, TLS, aioimaplib); tests plug in
-:class:`trio_idle.testing.fake_imap.FakeImapServer`'s, which plays a script under trio's
+:class:`trio_idle_testing.fake_imap.FakeImapServer`'s, which plays a script under trio's
 virtual clock.
 
 This module imports no I/O library: reading it (or implementing it) costs nothing.

@@ -2,7 +2,7 @@
 encode a response.
 
 The health endpoint (:mod:`trio_idle.ops.health_server`) and the test kit's HTTP servers
-(:mod:`trio_idle.testing.backend`, :mod:`trio_idle.testing.oauth_server`) share this;
+(:mod:`trio_idle_testing.backend`, :mod:`trio_idle_testing.oauth_server`) share this;
 each keeps its own accept loop, keep-alive handling, timeouts and limits, and passes the
 limits in (the head bound is the ``max_incomplete_event_size`` of its ``h11.Connection``).
 

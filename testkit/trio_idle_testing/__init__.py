@@ -2,7 +2,7 @@
 
 Exported here: :class:`ImapTestServer`, an in-process IMAP4rev1 + IDLE server on trio with
 run-time fault injection (modules ``imap_*``). The scan webhook backend lives in
-:mod:`trio_idle.testing.backend`.
+:mod:`trio_idle_testing.backend`.
 """
 
 from .imap_faults import Faults

@@ -55,7 +55,7 @@ import h11
 import trio
 
 from trio_idle.ops.http_serve import Refused, encode_response, read_request, reason_phrase
-from trio_idle.testing import witness
+from trio_idle_testing import witness
 
 __all__ = [
     "DEFAULT_GAMBLING_KEYWORDS",

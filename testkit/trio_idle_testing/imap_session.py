@@ -11,7 +11,7 @@ Guarantees:
 * Untagged ``EXISTS``/``EXPUNGE`` are sent only in IDLE (pushed as soon as the session runs
   after the change), and before the tagged reply of NOOP, CHECK, APPEND, EXPUNGE, DONE and
   the UID commands. ``EXPUNGE`` numbers refer to the client's view and are sent highest first.
-* While any applicable :class:`~trio_idle.testing.Faults` says ``silent``, the session neither
+* While any applicable :class:`~trio_idle_testing.Faults` says ``silent``, the session neither
   reads nor writes; the socket stays open.
 * ``drop``/``bye``/server restart end the session at any point (even while silent).
 """

@@ -1,4 +1,4 @@
-"""Run-time switchable fault injection for :class:`~trio_idle.testing.ImapTestServer`.
+"""Run-time switchable fault injection for :class:`~trio_idle_testing.ImapTestServer`.
 
 A :class:`Faults` object exists globally (``server.global_faults``), per user
 (``server.faults(user)``) and per connection (``session.faults``). For one connection the

@@ -35,7 +35,7 @@ import h11
 import trio
 
 from trio_idle.ops.http_serve import Received, encode_response, read_request
-from trio_idle.testing import witness
+from trio_idle_testing import witness
 
 MAX_BODY_BYTES: Final = 64 * 1024
 _RECEIVE_CHUNK: Final = 65536

@@ -2,10 +2,10 @@
 suite's leak check).
 
 - :func:`issued`: a secret a test server minted and gave the daemon — an access token
-  from :class:`~trio_idle.testing.oauth_server.OAuthTestServer` or the token route of
-  :class:`~trio_idle.testing.backend.ScanBackend`, a refresh token of a grant. None of
+  from :class:`~trio_idle_testing.oauth_server.OAuthTestServer` or the token route of
+  :class:`~trio_idle_testing.backend.ScanBackend`, a refresh token of a grant. None of
   them may show up in what the daemon prints, serves or sends.
-- :func:`received`: the body of a request :class:`~trio_idle.testing.backend.ScanBackend`
+- :func:`received`: the body of a request :class:`~trio_idle_testing.backend.ScanBackend`
   received (scans, account health reports, token requests): what the daemon told the
   backend, which must hold no secret either.
 
