@@ -16,9 +16,9 @@ import nox
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
-LINT_PATHS = ["trio_idle", "bench", "tests", "noxfile.py"]
+LINT_PATHS = ["trio_idle", "testkit", "bench", "tests", "noxfile.py"]
 #: what mypy checks (strict): the package and the benchmark harness beside it
-TYPED_PATHS = ["trio_idle", "bench"]
+TYPED_PATHS = ["trio_idle", "testkit/trio_idle_testing", "bench"]
 CONSTRAINTS = "constraints.txt"
 #: the test kit, a distribution of its own (the daemon's wheel does not carry it)
 TESTKIT = "./testkit"
@@ -160,9 +160,9 @@ def lint(session: nox.Session) -> None:
     """ruff (rules and format) and the layer contracts of ``[tool.importlinter]``."""
     _install(session, "ruff", "import-linter")
     session.run("ruff", "check", *LINT_PATHS)
-    session.run("ruff", "format", "--check", "trio_idle", "bench", "tests")
+    session.run("ruff", "format", "--check", "trio_idle", "testkit", "bench", "tests")
     # lint-imports reads the package from its source tree, so it needs no install of it
-    session.run("lint-imports", env={"PYTHONPATH": os.getcwd()})
+    session.run("lint-imports", env={"PYTHONPATH": os.pathsep.join((os.getcwd(), "testkit"))})
 
 
 @nox.session
