@@ -292,6 +292,22 @@ async def test_login_ok_and_refused(server: ImapTestServer) -> None:
     assert events.count((USER, "LOGOUT")) == 2
 
 
+async def test_command_lines_are_recorded_from_login_on_without_credentials(
+    server: ImapTestServer,
+) -> None:
+    with trio.fail_after(10):
+        client = await RawClient.connect(server.port)
+        try:
+            await client.login_select()
+            await client.command("UID FETCH 1:* (UID ENVELOPE)")
+        finally:
+            await client.aclose()
+    assert list(server.command_lines) == [
+        (USER, b"t2 SELECT INBOX"),
+        (USER, b"t3 UID FETCH 1:* (UID ENVELOPE)"),
+    ]
+
+
 async def test_authenticate_plain(server: ImapTestServer) -> None:
     token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
     with trio.fail_after(5):

@@ -19,6 +19,9 @@ from trio_idle_testing.backend import Reply, ScanBackend
 
 from tests.harness import poll_until
 from tests.recording_proxy import PROXY_ANSWER, RecordingProxy, point_proxies_at
+from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
+from trio_idle.accounts.credentials import TokenUnavailable
+from trio_idle.auth.token_backend import BackendTokenSource
 from trio_idle.backend.webhook import (
     MAX_IDLE_CONNECTIONS,
     MAX_REPLY_BYTES,
@@ -326,6 +329,94 @@ async def test_credentials_in_the_backend_url_are_sent_as_basic_auth(
     assert reply.verdict is Verdict.OK
     (request,) = backend.requests_for(EMAIL)
     assert request.headers["authorization"] == "Basic c3ZjOnBAc3M="  # svc:p@ss
+
+
+COOKIE = "sid=b4ckend-session-cookie; Path=/; HttpOnly"
+
+
+@pytest.mark.parametrize("trust_env", [False, True])
+async def test_cookies_the_backend_sets_are_never_sent_back(
+    backend: ScanBackend, monkeypatch: pytest.MonkeyPatch, trust_env: bool
+) -> None:
+    """A backend (or whatever answers at its address) that sets a cookie gets none back:
+    every scan stands on the secret header alone, whichever path the request takes."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    backend.script(EMAIL, [Reply(headers={"set-cookie": COOKIE}), Reply(close=True), Reply()])
+    client = client_for(backend.scan_url, trust_env=trust_env)
+    try:
+        with trio.fail_after(TIMEOUT):
+            for _ in range(3):  # the same connection, then a new one
+                assert (await client.send(job())).verdict is Verdict.OK
+    finally:
+        await client.aclose()
+    later = backend.requests_for(EMAIL)[1:]
+    assert len(later) == 2 and {r.connection_number for r in later} == {1, 2}
+    assert [r.headers.get("cookie") for r in later] == [None, None]
+
+
+@pytest.mark.parametrize("trust_env", [False, True])
+async def test_cookies_the_token_endpoint_sets_are_never_sent_back(
+    backend: ScanBackend, monkeypatch: pytest.MonkeyPatch, trust_env: bool
+) -> None:
+    """The token client is an httpx client, whose cookie jar would keep what the backend
+    sets and send it with every later token request, for every connection."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    backend.token_reply = lambda request: Reply(
+        json={"accessToken": "cookie-test-access-token-1", "expiresAt": 4e9},
+        headers={"set-cookie": COOKIE},
+    )
+    source = BackendTokenSource(
+        backend.url + backend.token_path,
+        secret_header="x-admin-secret",
+        secret=Secret(SECRET),
+        signing_secret=None,
+        total_timeout=5.0,
+        refresh_ahead=60.0,
+        trust_env=trust_env,
+    )
+    conn = MailConnection(
+        "c-1", "u-1", EMAIL, "imap.example.test", 993, EMAIL, Secret(""), auth=AUTH_OAUTH2
+    )
+    try:
+        with trio.fail_after(TIMEOUT):
+            for _ in range(2):
+                await source.get(conn, force=True)
+    finally:
+        await source.aclose()
+    requests = [r for r in backend.requests if r.path == backend.token_path]
+    assert len(requests) == 2 and requests[1].headers.get("cookie") is None
+
+
+@pytest.mark.parametrize("trust_env", [False, True])
+async def test_a_token_endpoint_redirect_is_not_followed(
+    backend: ScanBackend, proxy: RecordingProxy, monkeypatch: pytest.MonkeyPatch, trust_env: bool
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    backend.token_reply = lambda request: Reply(
+        307, headers={"location": proxy.url + backend.token_path}
+    )
+    source = BackendTokenSource(
+        backend.url + backend.token_path,
+        secret_header="x-admin-secret",
+        secret=Secret(SECRET),
+        signing_secret=None,
+        total_timeout=5.0,
+        refresh_ahead=60.0,
+        trust_env=trust_env,
+    )
+    conn = MailConnection(
+        "c-1", "u-1", EMAIL, "imap.example.test", 993, EMAIL, Secret(""), auth=AUTH_OAUTH2
+    )
+    try:
+        with trio.fail_after(TIMEOUT), pytest.raises(TokenUnavailable) as info:
+            await source.get(conn)
+    finally:
+        await source.aclose()
+    assert "307" in str(info.value) and proxy.url not in str(info.value)
+    assert proxy.requests == []  # ADMIN_SECRET never went there
 
 
 async def test_a_scan_posted_from_a_cancelled_scope_sends_nothing(backend: ScanBackend) -> None:

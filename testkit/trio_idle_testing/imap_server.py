@@ -109,7 +109,7 @@ class ImapTestServer:
     STARTTLS on the plaintext listener and is required for ``implicit_tls`` (a second
     listener, ``tls_port``). ``idle_capability=False`` hides IDLE and rejects the command.
     ``uidvalidity``: UIDVALIDITY of new mailboxes (default: the current UNIX time).
-    ``log_limit``: the :attr:`log` keeps the newest entries only.
+    ``log_limit``: the :attr:`log` and :attr:`command_lines` keep the newest entries only.
 
     OAuth2: set :attr:`oauth2_check` (``(user, token) -> bool``) and the server offers
     ``AUTH=XOAUTH2 AUTH=OAUTHBEARER`` (:attr:`oauth2_mechanisms`) and, with
@@ -155,6 +155,11 @@ class ImapTestServer:
         self.host = "127.0.0.1"
         self.stats = ServerStats()
         self.log: collections.deque[LogEntry] = collections.deque(maxlen=log_limit)
+        #: Every command line of a logged-in connection, as received (literals inline,
+        #: no CRLF), with the user's name; none before login, so no credentials.
+        self.command_lines: collections.deque[tuple[str, bytes]] = collections.deque(
+            maxlen=log_limit
+        )
         #: Called synchronously with every new :class:`LogEntry`.
         self.on_event: Callable[[LogEntry], None] | None = None
         self.global_faults = Faults()

@@ -383,6 +383,8 @@ class ImapTestSession:
         if name == "UID" and command.args and isinstance(command.args[0], str):
             name = "UID " + command.args[0].upper()
         self._server.stats.commands[name] += 1
+        if self._user is not None:
+            self._server.command_lines.append((self._user.name, raw))
         delay = self._delay("response_delay")
         if delay > 0:
             await trio.sleep(delay)

@@ -12,10 +12,12 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
+import httpx
 import pytest
 import trio
+import trio_asyncio
 from trio_idle_testing import ImapTestServer
 from trio_idle_testing.backend import ScanBackend
 
@@ -383,6 +385,93 @@ async def test_db_migrate_creates_the_membership_table_idempotently(pg_dsn: str)
         fetch_sql, pg_dsn, f"SELECT count(*) FROM {MEMBERSHIP_TABLE}"
     )
     assert rows[0][0] == 0
+
+
+async def test_membership_statements_take_id_and_ttl_as_parameters_on_the_database_clock(
+    cluster_dsn: str,
+) -> None:
+    """An id the settings would refuse (quotes, a statement of its own) still goes to the
+    table verbatim and harms nothing: the statements take the id and the TTL as
+    parameters, never as SQL text. Liveness is the database's ``now()`` minus the
+    heartbeat it stored: rows dated by the database itself, not by this process."""
+    hostile = "a'); DROP TABLE trio_idle_instance; --\"$1"
+    execute_sql(
+        cluster_dsn,
+        f"INSERT INTO {MEMBERSHIP_TABLE} (instance_id, heartbeat_at) VALUES "
+        "('dead', now() - interval '4 seconds'), ('alive', now() - interval '2 seconds')",
+    )
+    db = PostgresMembership(Secret(cluster_dsn))
+    async with trio_asyncio.open_loop():
+        beat = await db.beat(hostile, 3.0)
+        assert beat.ids == {hostile, "alive"}
+        ages = {m.instance_id: m.age for m in beat.members}
+        assert ages[hostile] == 0.0 and 2.0 <= ages["alive"] < 3.0
+        # the TTL is a parameter too: 1.5 s makes "alive" dead
+        assert (await db.beat(hostile, 1.5)).ids == {hostile}
+        await db.leave(hostile)
+    rows = await trio.to_thread.run_sync(
+        fetch_sql, cluster_dsn, f"SELECT instance_id FROM {MEMBERSHIP_TABLE} ORDER BY 1"
+    )
+    assert [r[0] for r in rows] == ["alive", "dead"]  # only its own row was deleted
+
+
+class GoneAfterRegistration:
+    """The real membership table until :attr:`gone` is set; from then on every heartbeat
+    goes to a database that does not exist, whose name holds the DSN's password, a
+    terminal escape and a forged log line: Postgres's own error quotes that name."""
+
+    def __init__(self, dsn: str) -> None:
+        self.db = PostgresMembership(Secret(dsn))
+        name = f"gone-{urlsplit(dsn).password}\x1b[2J\n[idle/cluster] forged"
+        self.missing = PostgresMembership(Secret(f"{dsn.rsplit('/', 1)[0]}/{quote(name, safe='')}"))
+        self.gone = False
+
+    async def beat(self, instance_id: str, ttl: float) -> Beat:
+        return await (self.missing if self.gone else self.db).beat(instance_id, ttl)
+
+    async def leave(self, instance_id: str) -> None:
+        await self.db.leave(instance_id)
+
+
+async def test_a_database_error_reaches_status_scrubbed(
+    start: Starter, server: ImapTestServer, cluster_dsn: str
+) -> None:
+    """The fence reason /status shows quotes the driver's error through the scrubber:
+    never the DATABASE_URL password, no control character, bounded."""
+    password = urlsplit(cluster_dsn).password
+    assert password
+    token = "st-cluster-5b4a39281706f5e4d3c2"
+    users = make_users(server, 4)
+    db = GoneAfterRegistration(cluster_dsn)
+    with capture_logs() as logs:
+        a = await start(
+            "a",
+            users,
+            membership_db=db,
+            TRIO_IDLE_HEALTH_ADDR="127.0.0.1:0",
+            TRIO_IDLE_STATUS_TOKEN=token,
+        )
+        await settle(server, [a], users)
+        db.gone = True
+        with trio.fail_after(TTL + POLL + 2):
+            await server.wait_for(lambda: not a.running)
+        assert a.daemon.supervisor is not None and a.daemon.supervisor.health_url is not None
+        async with httpx.AsyncClient(base_url=a.daemon.supervisor.health_url) as http:
+            reply = await http.get("/status", headers={"authorization": f"Bearer {token}"})
+    cluster = reply.json()["cluster"]
+    assert cluster["fenced"] is True
+    reason = cluster["fence_reason"]
+    assert "half the TTL" in reason and 'InvalidCatalogNameError: database "gone-' in reason
+    assert password not in reason and "********" in reason
+    # one printable line: the escape and the line break are spelt out, not sent
+    assert (
+        "\x1b" not in reason
+        and "\n" not in reason
+        and "\\x1b[2J\\x0a[idle/cluster] forged" in reason
+    )
+    assert len(reason) <= 300
+    failures = logs.matching("heartbeat") + logs.matching("fenced")
+    assert failures and not [line for line in failures if password in line or "\x1b" in line]
 
 
 class FirstBeatAlone:

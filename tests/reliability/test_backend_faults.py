@@ -215,3 +215,26 @@ async def test_http_trust_env_sends_the_scan_through_the_proxy(
     (seen,) = [r for r in proxy.requests if r.target != rig.backend.url + rig.backend.status_path]
     assert (seen.method, seen.target) == ("POST", rig.backend.scan_url)
     assert rig.backend.requests_for(A) == []
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_not_followed_and_the_scan_is_rejected(
+    rig: Rig, nursery: trio.Nursery, status: int
+) -> None:
+    """The backend answers a redirect to another server: nothing goes there (the secret
+    header stays with BACKEND_URL), the scan is not retried, and one error line says so,
+    as the contract has it for any 3xx."""
+    elsewhere = RecordingProxy()
+    await nursery.start(elsewhere.serve)
+    location = f"{elsewhere.url}{rig.backend.path}"
+    rig.backend.script(A, [Reply(status, headers={"location": location})])
+    async with running_daemon(rig.settings(), rig.source(A)) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+            rig.server.append(A, b"Subject: redirected\r\n\r\nx\r\n")
+            (line,) = await rig.log(f"[idle/{A}] scan rejected: backend answered {status}")
+            await rig.quiet(daemon, A)
+    assert "(not retried)" in line and location not in line
+    assert [r.status for r in rig.backend.requests_for(A)] == [status]
+    assert elsewhere.requests == []
+    assert daemon.stats.get("scans_retried", "network") == 0

@@ -9,6 +9,7 @@ sender and subject, bounded and decoded, however hostile the headers.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,58 @@ async def test_the_range_is_right_after_a_restart(rig: Rig, tmp_path: Path) -> N
             assert catch_up.reason == "startup" and _range(catch_up) == (1000, 2, None)
             await rig.quiet(daemon, A)
     rig.ledger.check()
+
+
+#: the only FETCH the envelope fetch may send: no body section, nothing that sets \\Seen
+ENVELOPE_FETCH = re.compile(
+    rb"[A-Za-z0-9.]+ UID FETCH ([0-9]+(?:,[0-9]+)*) \(UID ENVELOPE RFC822\.SIZE\)"
+)
+
+
+async def test_the_envelope_fetch_reads_no_body_and_leaves_mail_unread(rig: Rig) -> None:
+    """What a user notices: new mail stays unread in their client. The server received
+    exactly ``UID FETCH <new uids> (UID ENVELOPE RFC822.SIZE)``: no ``BODY[...]``,
+    ``RFC822``/``RFC822.TEXT`` or ``STORE``, so nothing sets ``\\Seen``, and no body text
+    reaches the backend."""
+    source = rig.source(A)
+    async with running_daemon(rig.settings(TRIO_IDLE_SCAN_ENVELOPES="true"), source) as daemon:
+        with trio.fail_after(10):
+            await rig.idle(A)
+            gate = rig.backend.hold(A)
+            rig.server.append(A, _mail(1))
+            await rig.backend.wait_for_requests(1, email=A)
+            for n in (2, 3):  # two at once: one fetch of both
+                rig.server.append(A, _mail(n))
+            handle = rig.handle(daemon, A)
+            await rig.logs.wait_until(lambda: bool(handle.coalescer.pending))
+            gate.release()
+            await rig.quiet(daemon, A)
+    sent = [line for user, line in rig.server.command_lines if user == A]
+    fetches = [line for line in sent if b"FETCH" in line.upper()]
+    assert [ENVELOPE_FETCH.fullmatch(line) is not None for line in fetches] == [True, True], fetches
+    assert [m.group(1) for line in fetches if (m := ENVELOPE_FETCH.fullmatch(line))] == [
+        b"1",
+        b"2,3",
+    ]
+    assert not [line for line in sent if re.search(rb"BODY|RFC822(?!\.SIZE)|STORE", line, re.I)]
+    mailbox = rig.server.mailbox(A)
+    assert len(mailbox.messages) == 3 and mailbox.unseen == 3
+    assert all("\\Seen" not in m.flags for m in mailbox.messages)
+    first, second = rig.backend.requests_for(A)
+    assert [m["subject"] for m in first.body["messages"] + second.body["messages"]] == [
+        "range #1",
+        "range #2",
+        "range #3",
+    ]
+    assert sorted(first.body["messages"][0]) == [
+        "date",
+        "from",
+        "messageId",
+        "size",
+        "subject",
+        "uid",
+    ]
+    assert not [r for r in (first, second) if b"body " in r.raw_body]
 
 
 HOSTILE_SUBJECTS = (

@@ -131,5 +131,28 @@ def test_shared_mode_checks_the_lease_against_poll_and_logout() -> None:
         parse_settings({**env, "TRIO_IDLE_INSTANCE_ID": "bad id"})
 
 
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "a'; DROP TABLE trio_idle_instance; --",
+        'a"b',
+        "a\nb",
+        "a\x1b[2Jb",
+        "-leading-dash",
+        "x" * 129,
+        "caf\u00e9",
+    ],
+)
+def test_a_hostile_instance_id_is_refused_without_echoing_control_characters(hostile: str) -> None:
+    env = {**BASE, "TRIO_IDLE_CLUSTER": "shared", "TRIO_IDLE_STATE": "postgres"}
+    with pytest.raises(ConfigError, match="TRIO_IDLE_INSTANCE_ID") as info:
+        parse_settings({**env, "TRIO_IDLE_INSTANCE_ID": hostile})
+    assert "\n" not in str(info.value).split("TRIO_IDLE_INSTANCE_ID", 1)[1]
+    assert "\x1b" not in str(info.value)
+    # the longest and the widest accepted
+    assert parse_settings({**env, "TRIO_IDLE_INSTANCE_ID": "a" * 128}).cluster.instance_id
+    assert parse_settings({**env, "TRIO_IDLE_INSTANCE_ID": "pod-7.ns:web@eu-1_a"}).cluster
+
+
 def test_single_mode_is_the_default() -> None:
     assert parse_settings(BASE).cluster.cluster == "single"

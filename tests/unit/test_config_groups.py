@@ -93,9 +93,24 @@ def test_process_secrets_finds_the_secrets_of_every_group() -> None:
             "TRIO_IDLE_STATUS_TOKEN": token,
             "TRIO_IDLE_PING_URL": "https://hc-ping.test/p1ng-uuid-GRP",
             "BACKEND_URL": "http://svc:b4ckend-pw@127.0.0.1:3016",
+            "TRIO_IDLE_GOOGLE_CLIENT_ID": "app.apps.googleusercontent.test",
+            "TRIO_IDLE_GOOGLE_CLIENT_SECRET": "g00gle-client-S3CRET",
+            "TRIO_IDLE_MICROSOFT_CLIENT_ID": "00000000-app",
+            "TRIO_IDLE_MICROSOFT_CLIENT_SECRET": "m1crosoft-client-S3CRET",
+            "TRIO_IDLE_LISTEN_URL": "postgresql://listen:l1sten-pw-GRP@127.0.0.1:5432/db",
         }
     )
     found = process_secrets(s)
-    for secret in (ADMIN, KEY, DB_PASSWORD, "s1gning-GRP", token, "b4ckend-pw"):
+    for secret in (
+        ADMIN,
+        KEY,
+        DB_PASSWORD,
+        "s1gning-GRP",
+        token,
+        "b4ckend-pw",
+        "g00gle-client-S3CRET",
+        "m1crosoft-client-S3CRET",
+        "l1sten-pw-GRP",
+    ):
         assert secret in found
     assert any("p1ng-uuid-GRP" in text for text in found)

@@ -7,7 +7,8 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from trio_idle.cluster.membership import Beat, Member, Membership, MembershipView
+from trio_idle.cluster.membership import ERROR_LIMIT, Beat, Member, Membership, MembershipView
+from trio_idle.core.scrub import Scrubber, url_secrets
 from trio_idle.core.stats import Stats
 from trio_idle.ops.metrics import MetricsInput, render_metrics
 
@@ -69,6 +70,56 @@ async def test_fences_at_half_the_ttl_and_resumes_on_renewal(
             await wait_fenced(False)
         assert membership.generation == 2  # a regained lease: the daemon replans from scratch
         membership.stop()
+
+
+DSN = "postgresql://idle:db-pw-4f1e2d3c4b5a@db.internal:5432/app"
+
+
+class FailingDb:
+    """Registers, then every renewal fails at once with a driver error quoting the DSN,
+    a terminal escape and a line break, and a lot of text."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    async def beat(self, instance_id: str, ttl: float) -> Beat:
+        await trio.lowlevel.checkpoint()
+        if self.failing:
+            raise OSError(f"cannot reach {DSN}\x1b[2J\nforged line " + "x" * 5000)
+        return Beat((Member(instance_id, 0.0),), 1000.0 + trio.current_time())
+
+    async def leave(self, instance_id: str) -> None:
+        pass
+
+
+async def test_the_fence_reason_is_the_last_error_scrubbed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    db = FailingDb()
+    membership = Membership(
+        db,
+        "me",
+        ttl=TTL,
+        poll_interval=POLL,
+        on_change=lambda: None,
+        scrub=Scrubber(url_secrets(DSN)),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)
+        await trio.sleep(1)
+        assert not membership.fenced
+        db.failing = True
+        with trio.fail_after(TTL):
+            while not membership.fenced:  # noqa: ASYNC110 - virtual time
+                await trio.sleep(0.5)
+        membership.stop()
+    reason = membership.fence_reason or ""
+    # the error that fenced it, not the attempt that had no time left ("within -0.0s")
+    assert "OSError: cannot reach postgresql://********@db.internal" in reason
+    assert "no answer" not in reason
+    assert "db-pw" not in reason and "\x1b" not in reason and "\n" not in reason
+    assert "\\x1b[2J\\x0aforged line" in reason
+    assert len(reason) <= len("heartbeat not renewed for 7.5s (half the TTL): ") + ERROR_LIMIT
 
 
 def test_metrics_show_instance_members_and_share() -> None:

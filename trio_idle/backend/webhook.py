@@ -19,8 +19,10 @@ import hmac
 import json
 import ssl
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from http.cookiejar import Cookie, CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -474,7 +476,8 @@ def new_http_client(
     transport: httpx.AsyncBaseTransport | None,
 ) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for the backend, as :class:`WebhookClient` documents it:
-    explicit timeouts, no redirects, no compression, proxies only with ``trust_env``.
+    explicit timeouts, no redirects, no compression, no cookies (none kept, none sent:
+    each request stands on its own headers), proxies only with ``trust_env``.
 
     Requests go through :class:`~trio_idle.backend.http_transport.TrioHTTPTransport` (unless
     ``transport`` replaces it), with the same limits; with ``trust_env`` through httpx's
@@ -490,12 +493,27 @@ def new_http_client(
         ),
         headers=dict(_DEFAULT_HEADERS),
         follow_redirects=False,
+        cookies=CookieJar(policy=_REFUSE_COOKIES),
         trust_env=trust_env,
         # httpx ignores it with a transport given (ours has its own); loading the CAs
         # costs milliseconds
         verify=tls_verify_context() if transport is None else True,
         transport=transport,
     )
+
+
+class _RefuseCookies(DefaultCookiePolicy):
+    """A cookie policy that keeps none and returns none: a token client shared by every
+    connection must not carry one reply's state into the next request."""
+
+    def set_ok(self, cookie: Cookie, request: urllib.request.Request) -> bool:
+        return False
+
+    def return_ok(self, cookie: Cookie, request: urllib.request.Request) -> bool:
+        return False
+
+
+_REFUSE_COOKIES: Final = _RefuseCookies()
 
 
 def tls_verify_context() -> ssl.SSLContext:

@@ -21,6 +21,11 @@ Guarantees (with :func:`trio_idle.cluster.assignment.plan_share`):
 - A graceful shutdown deletes the instance's row after its sessions ended, so the others
   take over at their next poll instead of after the TTL.
 
+- A failed renewal's text (the fence reason ``/status`` shows, the log lines) is the
+  database driver's error passed through a :class:`~trio_idle.core.scrub.Scrubs` (the
+  daemon's masks ``DATABASE_URL`` and its password): secrets masked, control characters
+  escaped, at most :data:`ERROR_LIMIT` characters.
+
 Cancellation: :meth:`Membership.run` may be cancelled at any point; it leaves the row in
 place (its heartbeat then expires like a crashed instance's).
 """
@@ -38,10 +43,13 @@ import trio
 import trio_asyncio
 from loguru import logger
 
+from trio_idle.core.scrub import PLAIN, Scrubs
 from trio_idle.core.secret import Secret
 
 #: the membership table's name (Postgres)
 MEMBERSHIP_TABLE: Final = "trio_idle_instance"
+#: how much of a database error a fence reason or a heartbeat log line quotes
+ERROR_LIMIT: Final = 200
 
 
 @attrs.frozen
@@ -195,6 +203,7 @@ class Membership:
     ``on_change`` is called (synchronously, no checkpoint in between) after every renewal
     that succeeded and whenever the instance fences itself; the daemon recomputes its
     share then. Read :attr:`fenced`, :attr:`beat` and :attr:`generation` from it.
+    ``scrub`` makes the database's error text safe to show (:attr:`fence_reason`, logs).
     """
 
     def __init__(
@@ -205,8 +214,10 @@ class Membership:
         ttl: float,
         poll_interval: float,
         on_change: Callable[[], None],
+        scrub: Scrubs = PLAIN,
     ) -> None:
         self.db = db
+        self._scrub = scrub
         self.instance_id = instance_id
         self.ttl = ttl
         self.poll_interval = poll_interval
@@ -220,6 +231,8 @@ class Membership:
         #: list is unknown (the others may have taken over meanwhile)
         self.generation = 0
         self._valid_until = -math.inf
+        #: the text of the last failed renewal since the last good one
+        self._last_error: str | None = None
         self._stop = trio.CancelScope()
         self._wake = trio.Event()
 
@@ -244,12 +257,21 @@ class Membership:
                     try:
                         beat = await self.db.beat(self.instance_id, self.ttl)
                     except Exception as exc:
-                        error = f"{type(exc).__name__}: {exc}"
+                        # the driver's words may quote the DSN or the server's text
+                        error = self._scrub.scrub(f"{type(exc).__name__}: {exc}", ERROR_LIMIT)
                 if beat is not None and self.instance_id in beat.ids:
                     self._renewed(sent, beat)
                     next_at = sent + self.poll_interval
                 else:
-                    error = error or f"no answer within {deadline - sent:.1f}s"
+                    if error is None:
+                        waited = deadline - sent
+                        # an attempt that had no time left (the lease ended as it was
+                        # due) tells nothing new: the fence names the last real failure
+                        if waited > 0 or self._last_error is None:
+                            error = f"no answer within {max(waited, 0.0):.1f}s"
+                        else:
+                            error = self._last_error
+                    self._last_error = error
                     self._failed(error)
                     next_at = trio.current_time() + min(self.poll_interval, self.ttl / 8)
                     if not self.fenced:
@@ -260,6 +282,7 @@ class Membership:
 
     def _renewed(self, sent: float, beat: Beat) -> None:
         self._valid_until = sent + self.ttl / 2
+        self._last_error = None
         self.beat = beat
         if self.fenced:
             self.generation += 1
@@ -298,7 +321,8 @@ class Membership:
                 await self.db.leave(self.instance_id)
                 logger.info(f"[idle/cluster] instance {self.instance_id} left the membership")
             except Exception as exc:
-                logger.warning(f"[idle/cluster] cannot delete the membership row: {exc}")
+                text = self._scrub.scrub(f"{type(exc).__name__}: {exc}", ERROR_LIMIT)
+                logger.warning(f"[idle/cluster] cannot delete the membership row: {text}")
 
     def members(self) -> tuple[Member, ...]:
         return () if self.beat is None else self.beat.members

@@ -57,6 +57,7 @@ from trio_idle.core.gc_policy import (
 )
 from trio_idle.core.limiter import ConnectLimiter, Pacer
 from trio_idle.core.logs import protect_secrets
+from trio_idle.core.scrub import Scrubber, url_secrets
 from trio_idle.core.stats import Stats
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
 from trio_idle.imap.client import make_ssl_context
@@ -266,9 +267,12 @@ class Daemon:
     def _make_share(self, reconciler: Reconciler, db: MembershipDb | None) -> ShareCoordinator:
         s = self.settings
         c = s.cluster
+        dsn = s.connections.database_url
         if db is None:
-            assert s.connections.database_url is not None  # enforced by config parsing
-            db = PostgresMembership(s.connections.database_url)
+            assert dsn is not None  # enforced by config parsing
+            db = PostgresMembership(dsn)
+        # a heartbeat's error reaches /status as the fence reason
+        scrub = Scrubber(url_secrets(dsn.reveal()) if dsn is not None else ())
         return ShareCoordinator(
             db,
             c.instance_id or default_instance_id(),
@@ -278,6 +282,7 @@ class Daemon:
             reload_timeout=s.process.db_timeout,
             on_change=self._changed_now,
             removed=self._count_removed,
+            scrub=scrub,
         )
 
     # -- what a good refresh does ----------------------------------------------------

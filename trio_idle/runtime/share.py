@@ -20,6 +20,7 @@ from loguru import logger
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.cluster.assignment import SharePlan, plan_share
 from trio_idle.cluster.membership import Membership, MembershipDb, MembershipView
+from trio_idle.core.scrub import PLAIN, Scrubs
 from trio_idle.mailbox.reconcile import Reconciler
 
 
@@ -27,7 +28,8 @@ class ShareCoordinator:
     """This instance's share of the connection list.
 
     ``on_change()`` is told after every decision (the daemon's status readers wake up);
-    ``removed(n)`` counts sessions stopped because they left the share. Only
+    ``removed(n)`` counts sessions stopped because they left the share; ``scrub`` makes
+    the membership's database errors safe to show. Only
     :meth:`reshare` (synchronous) and the task running :meth:`run` act on the reconciler.
     """
 
@@ -42,9 +44,15 @@ class ShareCoordinator:
         reload_timeout: float,
         on_change: Callable[[], None],
         removed: Callable[[int], None],
+        scrub: Scrubs = PLAIN,
     ) -> None:
         self.membership = Membership(
-            db, instance_id, ttl=ttl, poll_interval=poll_interval, on_change=self.reshare
+            db,
+            instance_id,
+            ttl=ttl,
+            poll_interval=poll_interval,
+            on_change=self.reshare,
+            scrub=scrub,
         )
         self._reconciler = reconciler
         self._reload_timeout = reload_timeout
