@@ -7,6 +7,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.core.errors import ImapAuthError
 from trio_idle.core.secret import Secret
@@ -25,7 +26,7 @@ def setup(server: ImapTestServer, mechanisms: tuple[str, ...], sasl_ir: bool) ->
     server.oauth2_check = lambda user, token: seen.append((user, token)) or token == GOOD
     server.oauth2_mechanisms = mechanisms
     server.sasl_ir = sasl_ir
-    return MailConnection("c", None, A, "127.0.0.1", server.port, A, Secret(""), auth=AUTH_OAUTH2)
+    return mail_connection("c", user_id=None, email=A, port=server.port, auth=AUTH_OAUTH2)
 
 
 @pytest.mark.parametrize("mechanisms", [("XOAUTH2",), ("XOAUTH2", "OAUTHBEARER")])
