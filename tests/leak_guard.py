@@ -40,7 +40,7 @@ SENTINELS: Final = (
     "S3ntinel-oauth-",  # OAuth2 access tokens of the oauth2 tests (covered by the above too)
     "cli-admin-s3cret",  # tests/unit/test_cli_config_errors.py
     "cli-db-pw",
-    "oauth-cl1ent-s3cret",  # tests/*token_refresh*.py: OAuth2 client secrets
+    "oauth-cl1ent-s3cret",  # tests/unit/*token_refresh*.py: OAuth2 client secrets
     "S3ntinel-rt",  # refresh tokens there (OAuthTestServer(prefix="S3ntinel-"))
     "S3ntinel-at",  # access tokens there
 )

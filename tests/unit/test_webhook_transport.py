@@ -1,6 +1,6 @@
 """WebhookClient over an injected httpx transport (httpx.MockTransport): no sockets.
 
-The real-HTTP behaviour (timeouts, pools, TLS) is tested in tests/test_webhook_client.py;
+The real-HTTP behaviour (timeouts, pools, TLS) is tested in tests/unit/test_webhook_client.py;
 here: what goes out, how a reply is judged, and that the reply cap holds whatever the
 transport hands over.
 """
