@@ -17,8 +17,9 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 LINT_PATHS = ["trio_idle", "bench", "tests", "noxfile.py"]
-#: what mypy checks (strict): the package and the benchmark harness beside it
-TYPED_PATHS = ["trio_idle", "bench"]
+#: what mypy checks (strict, as ``packages`` in pyproject.toml): the package, the benchmark
+#: harness beside it and the tests
+TYPED_PATHS = ["trio_idle", "bench", "tests"]
 CONSTRAINTS = "constraints.txt"
 #: the pins cover the runtime dependencies and these extras, for this Python on Linux
 LOCK_EXTRAS = ["test", "bench", "dev"]

@@ -133,7 +133,7 @@ def pytest_configure(config: pytest.Config) -> None:
     cls = pytest.CaptureFixture
     if not getattr(cls.readouterr, "_leak_guard", False):
         wrapped = _patched_readouterr(cls.readouterr)
-        wrapped._leak_guard = True  # type: ignore[attr-defined]
+        wrapped._leak_guard = True
         cls.readouterr = wrapped  # type: ignore[method-assign]
 
 

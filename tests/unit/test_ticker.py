@@ -3,6 +3,7 @@ logged and counted without stopping the others, and an ended session's entries i
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import trio
@@ -23,7 +24,7 @@ async def test_callbacks_run_in_due_order_never_early(
         nursery.start_soon(ticker.run)
         await trio.testing.wait_all_tasks_blocked()
         for name, delay in (("c", 30.0), ("a", 1.0), ("b", 10.0)):
-            ticker.call_at(start + delay, lambda n=name, d=delay: ran.append((n, d)))
+            ticker.call_at(start + delay, functools.partial(ran.append, (name, delay)))
         await trio.sleep(5)
         # one added while the ticker sleeps towards a later entry: it must wake earlier
         ticker.call_at(start + 6.0, lambda: ran.append(("early", 6.0)))
