@@ -1,7 +1,8 @@
 """Cancelling an IMAP connection at any moment leaves nothing behind.
 
 Sessions are cancelled all the time (row removed, credentials changed, shutdown), at
-whatever await they happen to be in. aioimaplib runs on trio-asyncio's loop, where an
+whatever await they happen to be in. The daemon runs a trio-asyncio loop (asyncpg runs on
+it; aioimaplib's parser is fed from trio, no asyncio per connection), where an
 asyncio task garbage-collected while still pending is reported to the loop's exception
 handler — and trio-asyncio turns that into a crash of the whole daemon. This fuzzes the
 moment of cancellation over a session's whole life (connect, greeting, LOGIN, SELECT,

@@ -1,4 +1,5 @@
-"""The wheel ships the daemon only: the benchmark harness and the tests stay in the repository."""
+"""The wheel ships the ``trio_idle`` package only (its test kit ``trio_idle.testing`` with it,
+the demo uses it): the benchmark harness and the tests stay in the repository."""
 
 from __future__ import annotations
 
