@@ -17,8 +17,9 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 LINT_PATHS = ["trio_idle", "testkit", "bench", "tests", "noxfile.py"]
-#: what mypy checks (strict): the package and the benchmark harness beside it
-TYPED_PATHS = ["trio_idle", "testkit/trio_idle_testing", "bench"]
+#: what mypy checks (strict, as ``packages`` in pyproject.toml): the package, its test kit,
+#: the benchmark harness beside it and the tests
+TYPED_PATHS = ["trio_idle", "testkit/trio_idle_testing", "bench", "tests"]
 CONSTRAINTS = "constraints.txt"
 #: the test kit, a distribution of its own (the daemon's wheel does not carry it)
 TESTKIT = "./testkit"
@@ -66,17 +67,10 @@ def tests(session: nox.Session) -> None:
 
 
 #: the fast layer: pure logic plus the test kit's own servers; no Dovecot, no PostgreSQL
-UNIT_PATHS = [
-    "tests/unit",
-    "tests/test_imap_test_server.py",
-    "tests/test_scan_backend.py",
-    "tests/test_webhook_client.py",
-    "tests/test_http_transport.py",
-    # OAuth2 refresh against the test token endpoint, rotations kept in SQLite; its
-    # Postgres cases (``pg_dsn``, so marked ``postgres``) are deselected by UNIT_MARKERS
-    "tests/test_token_refresh.py",
-]
-#: a real-server test in those paths is deselected, not run: tests using the ``postgres``,
+#: (the test kit's IMAP, scan backend and token endpoint on loopback count as pure here)
+UNIT_PATHS = ["tests/unit"]
+#: a real-server test in those paths is deselected, not run (e.g. the Postgres cases of
+#: tests/unit/test_token_refresh.py, whose SQLite cases run): tests using the ``postgres``,
 #: ``pg_dsn``, ``dovecot``, ``dovecot_user`` or ``node_bin`` fixtures are marked by
 #: tests/conftest.py
 UNIT_MARKERS = "not dovecot and not postgres and not node"

@@ -127,7 +127,11 @@ def restore_stderr_sink() -> None:
     then reports the failed write with the exception being handled, raw server text and
     all, on the real stderr."""
     logger.remove()
-    logger.add(lambda message: sys.stderr.write(message))
+
+    def write(message: str) -> None:
+        sys.stderr.write(message)
+
+    logger.add(write)
 
 
 @contextlib.contextmanager

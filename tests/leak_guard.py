@@ -40,7 +40,7 @@ SENTINELS: Final = (
     "S3ntinel-oauth-",  # OAuth2 access tokens of the oauth2 tests (covered by the above too)
     "cli-admin-s3cret",  # tests/unit/test_cli_config_errors.py
     "cli-db-pw",
-    "oauth-cl1ent-s3cret",  # tests/*token_refresh*.py: OAuth2 client secrets
+    "oauth-cl1ent-s3cret",  # tests/unit/*token_refresh*.py: OAuth2 client secrets
     "S3ntinel-rt",  # refresh tokens there (OAuthTestServer(prefix="S3ntinel-"))
     "S3ntinel-at",  # access tokens there
 )
@@ -132,7 +132,7 @@ def pytest_configure(config: pytest.Config) -> None:
     cls = pytest.CaptureFixture
     if not getattr(cls.readouterr, "_leak_guard", False):
         wrapped = _patched_readouterr(cls.readouterr)
-        wrapped._leak_guard = True  # type: ignore[attr-defined]
+        wrapped._leak_guard = True
         cls.readouterr = wrapped  # type: ignore[method-assign]
 
 

@@ -46,7 +46,9 @@ class RecordingProxy:
             listeners, scheme = tcp, "http"
         else:
             tls = await trio.open_ssl_over_tcp_listeners(0, self._ssl_context, host="127.0.0.1")
-            port = tls[0].transport_listener.socket.getsockname()[1]
+            transport = tls[0].transport_listener
+            assert isinstance(transport, trio.SocketListener)
+            port = transport.socket.getsockname()[1]
             listeners, scheme = tls, "https"
         self.url = f"{scheme}://127.0.0.1:{port}"
         async with trio.open_nursery() as nursery:
@@ -59,7 +61,7 @@ class RecordingProxy:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
                 elif isinstance(event, h11.Request):
                     headers = {k.decode().lower(): v.decode() for k, v in event.headers}
                     self.requests.append(

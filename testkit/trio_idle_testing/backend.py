@@ -1,8 +1,8 @@
 """A real HTTP/1.1 scan backend, for tests and the demo.
 
 :class:`ScanBackend` speaks the daemon's webhook contract over a real TCP socket bound to
-``127.0.0.1`` (h11 on trio, keep-alive connections, so httpx's connection pool is exercised
-exactly as in production)::
+``127.0.0.1`` (h11 on trio, keep-alive connections, so the backend clients' keep-alive pool,
+:mod:`trio_idle.backend.http_transport`, is exercised exactly as in production)::
 
     POST {url}/api/mail/scan-internal
     x-admin-secret: <secret>            content-type: application/json

@@ -221,7 +221,7 @@ async def test_three_instances_split_the_mailboxes_once_each(
     # every mailbox got its startup scan, whoever started it first; a second one only
     # where a handover (one TTL after "b" and "c" joined) beat the previous owner's
     # batched state write on a loaded machine: at least once, never missed
-    def startup_scans() -> list[str]:
+    def startup_scans() -> list[str | None]:
         return [r.email for r in backend.requests if r.body.get("reason") == "startup"]
 
     with trio.fail_after(10):  # a session may be idling before its scan reached the backend

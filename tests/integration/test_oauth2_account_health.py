@@ -10,7 +10,7 @@ backend's status route.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -36,7 +36,7 @@ def oauth() -> OAuthTestServer:
 @pytest.fixture
 async def introspected_dovecot(
     oauth: OAuthTestServer, nursery: trio.Nursery
-) -> Iterator[DovecotServer]:
+) -> AsyncIterator[DovecotServer]:
     await nursery.start(oauth.serve)
     try:
         server = DovecotServer(oauth2_introspection_url=oauth.introspection_url)

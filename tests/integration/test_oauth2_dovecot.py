@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from loguru import logger
 from trio_idle_testing.backend import Reply, ScanBackend, ScanRequest
 
 from tests.conftest import unavailable
+from tests.fixtures import mail_connection
 from tests.servers import ServerUnavailable
 from tests.servers.dovecot import DovecotServer, DovecotUser
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
@@ -110,14 +112,11 @@ def mint(idp: Introspection, user: str | None) -> str:
 
 
 def oauth_conn(user: DovecotUser, dovecot: DovecotServer) -> MailConnection:
-    return MailConnection(
-        id=f"id-{user.email}",
-        user_id="u1",
+    return mail_connection(
+        f"id-{user.email}",
         email=user.email,
         host=dovecot.host,
         port=dovecot.plain_port,
-        login=user.email,
-        password=Secret(""),
         auth=AUTH_OAUTH2,
     )
 
@@ -238,18 +237,11 @@ async def sessions(
     memories = {c.email: ConnectionMemory() for c in conns}
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         for c in conns:
-            nursery.start_soon(run_session, c, env, ScanCoalescer(), memories[c.email], _Log())
+            nursery.start_soon(run_session, c, env, ScanCoalescer(), memories[c.email], logger)
         with trio.fail_after(30):
             yield memories, env.stats
         nursery.cancel_scope.cancel()
     await tokens.aclose()
-
-
-class _Log:
-    def __getattr__(self, level: str) -> Any:
-        from loguru import logger
-
-        return getattr(logger, level)
 
 
 async def until(condition: Any) -> None:
@@ -311,7 +303,7 @@ async def test_token_endpoint_down_keeps_running_sessions_and_backs_off_new_ones
             env = SessionEnv(settings, ConnectLimiter(20, 50.0), None, Stats(), tokens=source)
             nursery.start_soon(
                 run_session, oauth_conn(late, oauth_dovecot), env, ScanCoalescer(),
-                late_memory, _Log(),
+                late_memory, logger,
             )  # fmt: skip
             await until(lambda: late_memory.state == BACKOFF)
             nursery.cancel_scope.cancel()

@@ -54,12 +54,15 @@ async def test_ranges_and_envelopes_from_dovecot(
                 await dovecot.aappend(user.email, user.password, _mail(n, f"burst {n}"))
             handle = daemon.reconciler.handles["ranges"]
             await logs.wait_until(lambda: bool(handle.coalescer.pending))
+
             # Dovecot announces appends to an IDLE session when it notices them (slower
             # under load); the pending scan's UID SEARCH sees only what the session's view
             # holds, so release it once all 60 were announced (UIDs 7..66)
-            await logs.wait_until(
-                lambda: handle.memory.mailbox is not None and handle.memory.mailbox.uidnext >= 67
-            )
+            def all_announced() -> bool:
+                mailbox = handle.memory.mailbox
+                return mailbox is not None and (mailbox.uidnext or 0) >= 67
+
+            await logs.wait_until(all_announced)
             gate.release()
             await logs.wait_until(
                 lambda: not handle.coalescer.active and not handle.coalescer.pending

@@ -130,12 +130,13 @@ async def test_outage_with_200_new_mails_costs_at_most_two_scans_after_recovery(
         rig.backend.down()
         for n in range(1, 201):
             rig.ledger.append(A, f"outage mail {n}")
+
+            def seen(count: int = n) -> bool:
+                mailbox = handle.memory.mailbox
+                return mailbox is not None and mailbox.exists == count
+
             with trio.fail_after(5):  # the daemon saw it (one EXISTS each)
-                await rig.logs.wait_until(
-                    lambda n=n: (
-                        handle.memory.mailbox is not None and handle.memory.mailbox.exists == n
-                    )
-                )
+                await rig.logs.wait_until(seen)
             assert handle.coalescer.pending <= 1
         assert handle.coalescer.active and handle.coalescer.pending == 1
         assert handle.coalescer.absorbed >= 150

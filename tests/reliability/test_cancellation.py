@@ -1,7 +1,8 @@
 """Cancelling an IMAP connection at any moment leaves nothing behind.
 
 Sessions are cancelled all the time (row removed, credentials changed, shutdown), at
-whatever await they happen to be in. aioimaplib runs on trio-asyncio's loop, where an
+whatever await they happen to be in. The daemon runs a trio-asyncio loop (asyncpg runs on
+it; aioimaplib's parser is fed from trio, no asyncio per connection), where an
 asyncio task garbage-collected while still pending is reported to the loop's exception
 handler — and trio-asyncio turns that into a crash of the whole daemon. This fuzzes the
 moment of cancellation over a session's whole life (connect, greeting, LOGIN, SELECT,
@@ -18,8 +19,8 @@ import trio
 import trio_asyncio
 from trio_idle_testing import ImapTestServer
 
+from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import MailConnection
-from trio_idle.core.secret import Secret
 from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
 
 A = "alice@rel.test"
@@ -55,7 +56,7 @@ async def test_cancelling_a_session_at_any_moment_leaves_nothing_behind(
     print(f"CHAOS_SEED={seed}")  # replay: the same cancellation moments (timing permitting)
     server.add_user(A, PASSWORD)
     server.append(A, b"Subject: x\r\n\r\ny\r\n")
-    conn = MailConnection("c", None, A, "127.0.0.1", server.port, A, Secret(PASSWORD))
+    conn = mail_connection("c", user_id=None, email=A, port=server.port, password=PASSWORD)
     timeouts = ImapTimeouts(connect=5, command=5, keepalive_idle=60)
     reached: dict[str, int] = {}
     async with trio_asyncio.open_loop():
@@ -92,7 +93,7 @@ async def test_an_ended_connection_is_freed_without_a_garbage_collection(
     import weakref
 
     server.add_user(A, PASSWORD)
-    conn = MailConnection("c", None, A, "127.0.0.1", server.port, A, Secret(PASSWORD))
+    conn = mail_connection("c", user_id=None, email=A, port=server.port, password=PASSWORD)
     timeouts = ImapTimeouts(connect=5, command=5, keepalive_idle=60)
     for end in ("logout", "abort", "server-close"):
         imap = await connect(conn, security="plain", context=None, timeouts=timeouts)

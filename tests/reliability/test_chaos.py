@@ -86,6 +86,14 @@ class Chaos:
         await trio.sleep(seconds)
         undo()
 
+    def backend_back(self, user: str) -> Callable[[], None]:
+        """The undo of a backend fault: ``user``'s scans are answered normally again."""
+
+        def undo() -> None:
+            self.backend_mode.pop(user, None)
+
+        return undo
+
     async def run(self, nursery: trio.Nursery, lasting: trio.Nursery) -> None:
         """Inject faults until cancelled; undo tasks go to ``nursery`` (cancelled with this
         task: :meth:`calm` undoes everything), restarts to ``lasting`` (a restart cut short
@@ -131,8 +139,7 @@ class Chaos:
                     "backend_slow": Reply(delay=1.5),  # scan timeout is 1 s
                 }[kind]
                 self.backend_mode[user] = reply
-                undo = functools.partial(self.backend_mode.pop, user, None)
-                nursery.start_soon(self.later, rng.uniform(0.5, 3.0), undo)
+                nursery.start_soon(self.later, rng.uniform(0.5, 3.0), self.backend_back(user))
 
     async def expunge_outage(self, user: str) -> None:
         """Cut ``user``'s connection, wait (a while) for the next session to idle — it

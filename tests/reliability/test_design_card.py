@@ -31,7 +31,9 @@ def task_names_under(name: str) -> list[str]:
             for child in nursery.child_tasks:
                 walk(child, inside)
 
-    walk(trio.lowlevel.current_root_task(), False)
+    root = trio.lowlevel.current_root_task()
+    assert root is not None  # inside trio.run
+    walk(root, False)
     return found
 
 

@@ -27,13 +27,13 @@ import trio_asyncio
 import trustme
 from trio_idle_testing import ImapTestServer
 
+from tests.fixtures import mail_connection
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.invariant import Ledger
 from tests.reliability.rig import PASSWORD, Rig
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.destinations import DEFAULT_NETWORKS, parse_networks
 from trio_idle.core.errors import ImapConnectError
-from trio_idle.core.secret import Secret
 from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
 from trio_idle.mailbox.account_health import hint
 from trio_idle.operator_commands import run_check
@@ -158,8 +158,8 @@ async def listener(host: str) -> AsyncIterator[Listener]:
         nursery.cancel_scope.cancel()
 
 
-def mail_connection(host: str, port: int, user: str = A) -> MailConnection:
-    return MailConnection("c", None, user, host, port, user, Secret(PASSWORD))
+def connection_to(host: str, port: int) -> MailConnection:
+    return mail_connection("c", user_id=None, email=A, host=host, port=port, password=PASSWORD)
 
 
 @contextlib.contextmanager
@@ -271,7 +271,7 @@ async def test_the_name_is_resolved_once_and_the_checked_address_is_the_one_conn
     # DNS rebinding: allowed on the first lookup, the metadata address on every later one
     dns.answers["imap.rebind.test"] = [["127.0.0.1"], ["169.254.169.254"]]
     server.add_user(A, PASSWORD)
-    conn = mail_connection("imap.rebind.test", server.port)
+    conn = connection_to("imap.rebind.test", server.port)
     async with trio_asyncio.open_loop():
         imap = await connect(conn, security="plain", context=None, timeouts=TIMEOUTS)
         try:
@@ -295,7 +295,7 @@ async def test_refuse_nothing_still_never_reaches_outside_the_test(
     # With refuse=none the metadata address *would* be tried: the guard (not the daemon)
     # stops it here, which shows that the tests above would notice an attempt.
     dns.answers["imap.metadata.test"] = [["169.254.169.254"]]
-    conn = mail_connection("imap.metadata.test", 993)
+    conn = connection_to("imap.metadata.test", 993)
     async with trio_asyncio.open_loop():
         with refused_connect() as message:
             await connect(
@@ -318,14 +318,14 @@ async def test_resolver_failures_are_reported_as_such(guard: Guard, dns: FakeDns
     async with trio_asyncio.open_loop():
         with refused_connect() as nowhere:
             await connect(
-                mail_connection("imap.nowhere.test", 993),
+                connection_to("imap.nowhere.test", 993),
                 security="plain",
                 context=None,
                 timeouts=TIMEOUTS,
             )
         with refused_connect() as empty:
             await connect(
-                mail_connection("imap.empty.test", 993),
+                connection_to("imap.empty.test", 993),
                 security="plain",
                 context=None,
                 timeouts=TIMEOUTS,
@@ -346,7 +346,7 @@ async def test_a_refused_connect_to_every_allowed_address_reports_the_first_erro
         async with trio_asyncio.open_loop():
             with refused_connect() as message:
                 await connect(
-                    mail_connection("imap.down.test", port),
+                    connection_to("imap.down.test", port),
                     security="plain",
                     context=None,
                     timeouts=TIMEOUTS,
@@ -374,7 +374,7 @@ async def test_tls_still_verifies_the_name_of_the_row(
     dns.answers["imap.other.test"] = [["127.0.0.1"]]  # same server, a name the cert lacks
     async with trio_asyncio.open_loop():
         imap: ImapConnection = await connect(
-            mail_connection("imap.tls.test", port),
+            connection_to("imap.tls.test", port),
             security=security,
             context=client_context,
             timeouts=TIMEOUTS,
@@ -385,7 +385,7 @@ async def test_tls_still_verifies_the_name_of_the_row(
             await imap.logout(1.0)
         with refused_connect() as message:
             await connect(
-                mail_connection("imap.other.test", port),
+                connection_to("imap.other.test", port),
                 security=security,
                 context=client_context,
                 timeouts=TIMEOUTS,

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import trio
 
+from tests.fixtures import mail_connection
 from tests.reliability.scripted_server import Peer, ScriptedServer
-from trio_idle.accounts.connections import MailConnection
-from trio_idle.core.secret import Secret
 from trio_idle.imap.client import DEFAULT_LIMITS, ImapConnection, ImapTimeouts, connect
 from trio_idle.imap.envelope import (
     DECODE_WORK,
@@ -78,7 +77,7 @@ async def test_an_answer_of_the_largest_size_is_parsed_between_checkpoints(
 ) -> None:
     server = ScriptedServer(hostile_fetch)
     await nursery.start(server.serve)
-    conn = MailConnection("c", None, A, "127.0.0.1", server.port, A, Secret("x"))
+    conn = mail_connection("c", user_id=None, email=A, port=server.port, password="x")
     timeouts = ImapTimeouts(connect=5, command=20, keepalive_idle=60)
     imap = await connect(conn, security="plain", context=None, timeouts=timeouts)
     steps = StepWork(imap)

@@ -15,11 +15,10 @@ import trio_asyncio
 from trio_idle_testing import ImapTestServer
 from trio_idle_testing.backend import ScanRequest
 
+from tests.fixtures import mail_connection
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.rig import PASSWORD, Rig, mailbox_name
 from tests.reliability.scripted_server import Peer, ScriptedServer
-from trio_idle.accounts.connections import MailConnection
-from trio_idle.core.secret import Secret
 from trio_idle.imap.client import ImapTimeouts, connect
 from trio_idle.imap.responses import MailboxState
 
@@ -35,7 +34,7 @@ def _old_mail(server: ImapTestServer, user: str, count: int) -> list[int]:
 
 
 async def _select(server: ImapTestServer, user: str) -> MailboxState:
-    conn = MailConnection("c", None, user, "127.0.0.1", server.port, user, Secret(PASSWORD))
+    conn = mail_connection("c", user_id=None, email=user, port=server.port, password=PASSWORD)
     async with trio_asyncio.open_loop():
         imap = await connect(conn, security="plain", context=None, timeouts=TIMEOUTS)
         try:

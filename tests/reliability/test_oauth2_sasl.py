@@ -8,6 +8,7 @@ import trio
 import trio_asyncio
 from trio_idle_testing import ImapTestServer
 
+from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.core.errors import ImapAuthError
 from trio_idle.core.secret import Secret
@@ -21,11 +22,10 @@ TIMEOUTS = ImapTimeouts(connect=5, command=5, keepalive_idle=60)
 
 def setup(server: ImapTestServer, mechanisms: tuple[str, ...], sasl_ir: bool) -> MailConnection:
     server.add_user(A, "unused-password")
-    seen: list[tuple[str, str]] = []
-    server.oauth2_check = lambda user, token: seen.append((user, token)) or token == GOOD
+    server.oauth2_check = lambda user, token: token == GOOD
     server.oauth2_mechanisms = mechanisms
     server.sasl_ir = sasl_ir
-    return MailConnection("c", None, A, "127.0.0.1", server.port, A, Secret(""), auth=AUTH_OAUTH2)
+    return mail_connection("c", user_id=None, email=A, port=server.port, auth=AUTH_OAUTH2)
 
 
 @pytest.mark.parametrize("mechanisms", [("XOAUTH2",), ("XOAUTH2", "OAUTHBEARER")])

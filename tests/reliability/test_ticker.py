@@ -19,13 +19,12 @@ import attrs
 import pytest
 import trio
 
+from tests.fixtures import mail_connection
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.rig import Rig
 from tests.reliability.scripted_server import Peer, ScriptedServer
-from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.config import Settings
 from trio_idle.core.errors import ConnectionLost, ImapError
-from trio_idle.core.secret import Secret
 from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
 
 A = "alice@rel.test"
@@ -201,7 +200,7 @@ async def _idling(
     """A real connection to ``server``'s script, logged in, selected and idling."""
     scripted = ScriptedServer(server.script)
     await nursery.start(scripted.serve)
-    conn = MailConnection("t", None, T, "127.0.0.1", scripted.port, T, Secret("x"))
+    conn = mail_connection("t", user_id=None, email=T, port=scripted.port, password="x")
     timeouts = ImapTimeouts(connect=5, command=command_timeout, keepalive_idle=60)
     imap = await connect(conn, security="plain", context=None, timeouts=timeouts)
     await imap.login(T, "x")

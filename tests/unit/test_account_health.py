@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_idle.accounts.connections import MailConnection
+from tests.fixtures import mail_connection
 from trio_idle.accounts.credentials import (
     TOKEN_ERROR,
     TOKEN_REVOKED,
@@ -20,7 +20,6 @@ from trio_idle.accounts.credentials import (
 from trio_idle.accounts.outcome_text import ConnectionSecrets, Failure
 from trio_idle.accounts.providers import GENERIC_PRESET, preset_named
 from trio_idle.core.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
-from trio_idle.core.secret import Secret
 from trio_idle.imap.client import _connect_error_kind
 from trio_idle.mailbox.account_health import (
     AUTH_REASONS,
@@ -224,7 +223,7 @@ def test_nothing_observed_changes_nothing() -> None:
 
 
 def test_report_body_carries_the_contract_fields() -> None:
-    conn = MailConnection("c1", "u1", "a@x.test", "imap.x.test", 993, "a", Secret(PASSWORD))
+    conn = mail_connection(email="a@x.test", host="imap.x.test", login="a", password=PASSWORD)
     t = HealthTracker(unreachable_after=600)
     t.observe(AUTH, 0, 1_764_626_785.25)
     report = t.due(0)

@@ -16,7 +16,7 @@ POLICY = BackoffPolicy(initial=5.0, cap=300.0, reset_after=120.0)
 
 
 def bound(attempt: int) -> float:
-    return min(POLICY.cap, POLICY.initial * 2 ** (attempt - 1))
+    return min(POLICY.cap, POLICY.initial * 2.0 ** (attempt - 1))
 
 
 def test_first_delay_is_exactly_initial() -> None:

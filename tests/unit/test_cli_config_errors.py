@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from trio_idle import __version__, cli
+from trio_idle.core.config import OPTIONS, parse_settings
 
 GOOD_ENV: dict[str, str] = {
     "ADMIN_SECRET": "cli-admin-s3cret",
@@ -155,7 +156,7 @@ def test_unparsable_database_url_is_a_configuration_error(
 
 
 def test_multi_host_database_url_is_accepted() -> None:
-    settings = cli.parse_settings(
+    settings = parse_settings(
         {**GOOD_ENV, "DATABASE_URL": "postgresql://u:pw@h1:5432,h2:5433/db?sslmode=require"}
     )
     assert settings.connections.database_url is not None
@@ -192,7 +193,7 @@ def test_help_works_for_every_command(
     if command == ("serve",):
         assert "--tick-interval" in out and "TRIO_IDLE_GC" in out
         # every env-only secret is named, from the one declaration of each setting
-        secrets = [o.env for o in cli.OPTIONS if o.secret]
+        secrets = [o.env for o in OPTIONS if o.secret]
         assert "TRIO_IDLE_STATUS_TOKEN" in secrets and "TRIO_IDLE_LISTEN_URL" in secrets
         assert all(env in out for env in secrets), [e for e in secrets if e not in out]
 

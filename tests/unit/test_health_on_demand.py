@@ -5,36 +5,20 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
 
 import httpx
 import trio
 import trio.testing
 
-from trio_idle.accounts.connections import MailConnection
+from tests.fixtures import RecordingLog, mail_connection, mock_webhook
 from trio_idle.accounts.outcome_text import ConnectionSecrets
-from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.errors import ImapConnectError
-from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
 from trio_idle.mailbox.account_health import Connected
 from trio_idle.mailbox.health_reporter import AccountHealth, StatusPolicy, run_health_reports
 
-CONN = MailConnection(
-    id="c1",
-    user_id="u1",
-    email="alice@example.test",
-    host="127.0.0.1",
-    port=1,
-    login="alice",
-    password=Secret("pw-on-demand"),
-)
+CONN = mail_connection(port=1, login="alice", password="pw-on-demand")
 URL = "http://backend.invalid/api/mail/connection-status"
-
-
-class _Log:
-    def __getattr__(self, level: str) -> Any:
-        return lambda *a, **k: None
 
 
 async def test_reporter_exists_only_while_a_report_waits(
@@ -47,15 +31,7 @@ async def test_reporter_exists_only_while_a_report_waits(
         posted.append(json.loads(request.content)["state"])
         return httpx.Response(answers.pop(0), json={})
 
-    webhook = WebhookClient(
-        URL,
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(backend),
-    )
+    webhook = mock_webhook(backend, url=URL)
     health = AccountHealth(CONN, unreachable_after=300)
     stats = Stats()
     async with trio.open_nursery() as nursery:
@@ -67,7 +43,7 @@ async def test_reporter_exists_only_while_a_report_waits(
                 webhook,
                 StatusPolicy(URL, 1.0, 60.0),
                 stats,
-                _Log(),
+                RecordingLog(),
                 random.Random(1),
             )
 
@@ -105,15 +81,7 @@ async def test_a_report_a_cancelled_reporter_did_not_deliver_is_sent_on_attach(
         posted.append(json.loads(request.content)["state"])
         return httpx.Response(200, json={})
 
-    webhook = WebhookClient(
-        URL,
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(backend),
-    )
+    webhook = mock_webhook(backend, url=URL)
     health = AccountHealth(CONN, unreachable_after=300)
     for first in (True, False):  # the connection, then its restarted successor
         async with trio.open_nursery() as nursery:
@@ -125,7 +93,7 @@ async def test_a_report_a_cancelled_reporter_did_not_deliver_is_sent_on_attach(
                     webhook,
                     StatusPolicy(URL, 1.0, 60.0),
                     Stats(),
-                    _Log(),
+                    RecordingLog(),
                     random.Random(1),
                 )
 

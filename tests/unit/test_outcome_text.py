@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
+from tests.fixtures import mail_connection
+from trio_idle.accounts.connections import AUTH_OAUTH2, AUTH_PASSWORD, MailConnection
 from trio_idle.accounts.credentials import TOKEN_REVOKED, TokenUnavailable
 from trio_idle.accounts.outcome_text import ConnectionSecrets, weak_password_ids
 from trio_idle.accounts.providers import GENERIC_PRESET
 from trio_idle.core.errors import ConnectionLost, ImapAuthError
 from trio_idle.core.scrub import MASK
-from trio_idle.core.secret import Secret
 from trio_idle.mailbox.account_health import classify, explain
 
 PASSWORD = "S3ntinel-pw-outcome"
@@ -18,14 +18,21 @@ SECOND = "S3ntinel-at-outcome-second"
 THIRD = "S3ntinel-at-outcome-third"
 
 
-def conn(password: str = PASSWORD, **kw: object) -> MailConnection:
-    return MailConnection(
-        "c1", None, "a@x.test", "127.0.0.1", 143, "a@x.test", Secret(password), **kw
-    )  # type: ignore[arg-type]
+def conn(
+    password: str = PASSWORD, *, auth: str = AUTH_PASSWORD, refresh_token: str | None = None
+) -> MailConnection:
+    return mail_connection(
+        user_id=None,
+        email="a@x.test",
+        port=143,
+        password=password,
+        auth=auth,
+        refresh_token=refresh_token,
+    )
 
 
 def test_password_refresh_token_and_the_current_and_previous_access_token_are_masked() -> None:
-    secrets = ConnectionSecrets.of(conn(refresh_token=Secret(REFRESH), auth=AUTH_OAUTH2))
+    secrets = ConnectionSecrets.of(conn(refresh_token=REFRESH, auth=AUTH_OAUTH2))
     text = f"{PASSWORD} {REFRESH} {FIRST} {SECOND}"
     assert secrets.scrub(text) == f"{MASK} {MASK} {FIRST} {SECOND}"
     secrets.use_token(FIRST)
@@ -58,7 +65,7 @@ def test_the_health_message_is_the_failure_text_never_the_exception_text() -> No
     health = classify(secrets.failure(error), GENERIC_PRESET, oauth=True)
     assert health is not None and health.message == f"BYE {MASK}"
     revoked = TokenUnavailable(TOKEN_REVOKED, f"grant of {REFRESH} revoked")
-    masked = ConnectionSecrets.of(conn(refresh_token=Secret(REFRESH))).failure(revoked)
+    masked = ConnectionSecrets.of(conn(refresh_token=REFRESH)).failure(revoked)
     health = classify(masked, GENERIC_PRESET, oauth=True)
     assert health is not None and health.message == f"grant of {MASK} revoked"
     told = explain(secrets.failure(ImapAuthError(f"NO {FIRST}")), GENERIC_PRESET, oauth=True)

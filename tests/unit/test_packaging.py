@@ -8,7 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from setuptools import find_packages
+# setuptools ships no type information and its stubs (types-setuptools) are no dependency
+from setuptools import find_packages  # type: ignore[import-untyped]
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,19 +9,19 @@ import attrs
 import trio
 import trio.testing
 
-from tests.unit.test_session_virtual_time import (
+from tests.unit.session_rig import (
     CONN,
-    DEADLINE,
     RENEW,
     SEED,
     Rig,
     connected,
     make_rig,
+    running,
     settled,
 )
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.accounts.providers import preset_named
-from trio_idle.mailbox.session import first_timers, run_session
+from trio_idle.mailbox.session import first_timers
 
 GMX_CONN = attrs.evolve(CONN, email="alice@gmx.test", provider="gmx")
 TICK = 7200.0  # no tick inside the window: only renewals
@@ -30,12 +30,9 @@ TICK = 7200.0  # no tick inside the window: only renewals
 async def renewals(rig: Rig, conn: MailConnection, count: int) -> tuple[float, list[float]]:
     """Run ``conn``'s session until it renewed IDLE ``count`` times: (connected at, DONEs)."""
     server = rig.server
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_session, conn, rig.env, rig.coalescer, rig.memory, rig.log)
-        with trio.fail_after(DEADLINE):
-            t0 = await connected(rig)
-            await settled(rig, lambda: len(server.times("DONE")) == count and server.link.idling)
-        nursery.cancel_scope.cancel()
+    async with running(rig, conn):
+        t0 = await connected(rig)
+        await settled(rig, lambda: len(server.times("DONE")) == count and server.link.idling)
     return t0, server.times("DONE")
 
 

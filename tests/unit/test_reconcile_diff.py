@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import attrs
+from typing import Any
+
 import pytest
 
+from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import MailConnection
-from trio_idle.core.secret import Secret
 from trio_idle.mailbox.reconcile import diff
 
 
-def conn(conn_id: str, **changes: object) -> MailConnection:
-    base = MailConnection(
-        id=conn_id,
-        user_id=f"u-{conn_id}",
-        email=f"{conn_id}@example.com",
-        host="imap.example.com",
-        port=993,
-        login=f"{conn_id}@example.com",
-        password=Secret(f"pw-{conn_id}"),
-    )
-    return attrs.evolve(base, **changes)
+def conn(conn_id: str, **changes: Any) -> MailConnection:
+    """``changes``: :func:`tests.fixtures.mail_connection`'s keywords."""
+    fields: dict[str, Any] = {
+        "user_id": f"u-{conn_id}",
+        "email": f"{conn_id}@example.com",
+        "host": "imap.example.com",
+        "password": f"pw-{conn_id}",
+    }
+    return mail_connection(conn_id, **(fields | changes))
 
 
 def by_id(*conns: MailConnection) -> dict[str, MailConnection]:
@@ -45,14 +44,14 @@ def test_added_and_removed() -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        {"password": Secret("new-password")},
+        {"password": "new-password"},
         {"host": "imap.other.example.com"},
         {"port": 143},
         {"login": "alias@example.com"},
     ],
     ids=["password", "host", "port", "login"],
 )
-def test_changed_credentials_or_server_restart_the_session(change: dict[str, object]) -> None:
+def test_changed_credentials_or_server_restart_the_session(change: dict[str, Any]) -> None:
     d = diff(by_id(conn("a"), conn("b")), by_id(conn("a", **change), conn("b")))
     assert d.changed == ("a",)
     assert d.added == () and d.removed == ()
@@ -60,7 +59,7 @@ def test_changed_credentials_or_server_restart_the_session(change: dict[str, obj
 
 def test_equal_secret_values_are_not_a_change() -> None:
     # a fresh Secret object with the same value (every refresh decrypts again)
-    d = diff(by_id(conn("a")), by_id(conn("a", password=Secret("pw-a"))))
+    d = diff(by_id(conn("a")), by_id(conn("a", password="pw-a")))
     assert d.empty
 
 

@@ -5,14 +5,12 @@ shutdown in the middle starts nothing more. Virtual clock, scripted IMAP."""
 from __future__ import annotations
 
 import attrs
-import httpx
 import trio
 import trio.testing
 
-from tests.unit.test_session_virtual_time import CONN, make_rig
+from tests.fixtures import mock_webhook
+from tests.unit.session_rig import CONN, make_rig
 from trio_idle.accounts.connections import MailConnection
-from trio_idle.backend.webhook import WebhookClient
-from trio_idle.core.secret import Secret
 from trio_idle.mailbox.reconcile import START_STEP, Reconciler
 
 N = 5 * START_STEP
@@ -23,18 +21,6 @@ def wanted(n: int) -> dict[str, MailConnection]:
     return {c.id: c for c in conns}
 
 
-def webhook() -> WebhookClient:
-    return WebhookClient(
-        "http://backend.invalid/scan",
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=60.0,
-        max_connections=1,
-        transport=httpx.MockTransport(lambda request: httpx.Response(200, json={})),
-    )
-
-
 async def test_new_connections_start_a_step_at_a_time_and_others_run_between(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -42,7 +28,7 @@ async def test_new_connections_start_a_step_at_a_time_and_others_run_between(
     seen: list[int] = []
     applied = trio.Event()
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, webhook())
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0))
 
         async def other_task() -> None:  # e.g. a session with a push to deliver
             while not applied.is_set():
@@ -68,7 +54,7 @@ async def test_shutdown_during_a_gradual_start_starts_nothing_more(
 ) -> None:
     rig = make_rig()
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, webhook())
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0))
 
         async def shutdown_after_first_step() -> None:
             while len(reconciler.handles) < START_STEP:
@@ -94,7 +80,7 @@ async def test_a_change_between_steps_counts_for_the_connections_not_started_yet
     later = ids[N // 2 :]  # not reached before the change: that takes at most two steps
     dropped, changed = later[::2], later[1]
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, webhook())
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0))
 
         async def change_after_first_step() -> None:
             while len(reconciler.handles) < START_STEP:
@@ -118,7 +104,7 @@ async def test_a_connection_running_already_is_not_started_again(
     conns = wanted(2 * START_STEP)
     ids = sorted(conns)
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, webhook())
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0))
         reconciler.apply({i: conns[i] for i in ids[::3]})
         before = dict(reconciler.handles)
         started = await reconciler.start_gradually(ids, conns.get)

@@ -5,38 +5,17 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
 
 import httpx
 import trio
 import trio.testing
 
-from trio_idle.accounts.connections import MailConnection
-from trio_idle.backend.webhook import WebhookClient
-from trio_idle.core.secret import Secret
+from tests.fixtures import RecordingLog, mail_connection, mock_webhook
 from trio_idle.core.stats import Stats
 from trio_idle.mailbox.coalescer import ScanCoalescer
 from trio_idle.mailbox.scan_worker import ScanPolicy, run_scans
 
-CONN = MailConnection(
-    id="c1",
-    user_id="u1",
-    email="alice@example.test",
-    host="127.0.0.1",
-    port=1,
-    login="alice",
-    password=Secret("pw-on-demand"),
-)
-
-
-class _Log:
-    """A silent logger: ``bind`` (structured fields) returns it, every level drops."""
-
-    def bind(self, **fields: Any) -> _Log:
-        return self
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda *a, **k: None
+CONN = mail_connection(port=1, login="alice", password="pw-on-demand")
 
 
 async def test_starter_is_called_once_per_run_of_pending_scans() -> None:
@@ -86,15 +65,7 @@ async def test_task_exists_only_while_scans_are_wanted(
             await release.wait()  # the retry of the first scan stays in flight
         return httpx.Response(answers.pop(0), json={"scanned": 1, "blocked": 0})
 
-    webhook = WebhookClient(
-        "http://backend.invalid/scan",
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(backend),
-    )
+    webhook = mock_webhook(backend)
     stats = Stats()
     c = ScanCoalescer()
     async with trio.open_nursery() as nursery:
@@ -107,7 +78,7 @@ async def test_task_exists_only_while_scans_are_wanted(
                 webhook,
                 ScanPolicy("INBOX", 1.0, 60.0),
                 stats,
-                _Log(),
+                RecordingLog(),
                 random.Random(1),
                 name="scan",
             )
@@ -144,15 +115,7 @@ async def test_a_cancelled_task_keeps_the_pending_scan(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     c = ScanCoalescer()
-    webhook = WebhookClient(
-        "http://backend.invalid/scan",
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(lambda request: httpx.Response(200, json={})),
-    )
+    webhook = mock_webhook()
     started = 0
     async with trio.open_nursery() as nursery:
 
@@ -166,7 +129,7 @@ async def test_a_cancelled_task_keeps_the_pending_scan(
                 webhook,
                 ScanPolicy("INBOX", 1.0, 60.0),
                 Stats(),
-                _Log(),
+                RecordingLog(),
                 random.Random(1),
             )
 

@@ -16,7 +16,8 @@ import trio
 import trio.testing
 from trio_idle_testing.fake_imap import FakeImapServer
 
-from tests.unit.test_session_virtual_time import (
+from tests.fixtures import mock_webhook
+from tests.unit.session_rig import (
     Rig,
     closed,
     connected,
@@ -25,8 +26,6 @@ from tests.unit.test_session_virtual_time import (
     scanning,
     settled,
 )
-from trio_idle.backend.webhook import WebhookClient
-from trio_idle.core.secret import Secret
 from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap.responses import MailboxState
 from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy
@@ -73,21 +72,11 @@ def hooks(rig: Rig, envelopes: bool) -> ScanHooks:
     )
 
 
-def webhook(backend: Backend) -> WebhookClient:
-    return WebhookClient(
-        "http://backend.invalid/scan",
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(backend),
-    )
-
-
 def scans(rig: Rig, backend: Backend, envelopes: bool) -> AbstractAsyncContextManager[None]:
     """The session's scans sent to ``backend`` for the block (see :func:`scanning`)."""
-    return scanning(rig, webhook(backend), ScanPolicy("INBOX", 1.0, 60.0), hooks(rig, envelopes))
+    return scanning(
+        rig, mock_webhook(backend), ScanPolicy("INBOX", 1.0, 60.0), hooks(rig, envelopes)
+    )
 
 
 async def quiet(rig: Rig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import MailConnection, build_connection
 from trio_idle.backend.webhook import interpret_reply
 from trio_idle.core.config import ConfigError, parse_settings
@@ -52,14 +53,8 @@ def test_settings_repr() -> None:
 
 
 def test_mail_connection_repr() -> None:
-    conn = MailConnection(
-        id="c1",
-        user_id=None,
-        email="a@example.com",
-        host="imap.example.com",
-        port=993,
-        login="a",
-        password=Secret(IMAP_PW),
+    conn = mail_connection(
+        user_id=None, email="a@example.com", host="imap.example.com", login="a", password=IMAP_PW
     )
     assert_clean(repr(conn))
     assert_clean(str(conn))

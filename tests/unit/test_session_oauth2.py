@@ -4,17 +4,16 @@ cost it (see :mod:`trio_idle.mailbox.session`)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import attrs
 import trio
 import trio.testing
 
-from tests.unit.test_session_virtual_time import (
+from tests.unit import session_rig
+from tests.unit.session_rig import (
     CONN,
-    DEADLINE,
     Rig,
     connected,
     make_rig,
@@ -29,7 +28,6 @@ from trio_idle.accounts.credentials import (
     TokenUnavailable,
 )
 from trio_idle.core.secret import Secret
-from trio_idle.mailbox.session import run_session
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE
 
 OAUTH_CONN = attrs.evolve(CONN, auth=AUTH_OAUTH2, password=Secret(""))
@@ -78,14 +76,11 @@ def oauth_rig(tokens: ScriptedTokens, **settings: Any) -> Rig:
     return rig
 
 
-@contextlib.asynccontextmanager
-async def running(rig: Rig, conn: MailConnection = OAUTH_CONN) -> AsyncIterator[None]:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_session, conn, rig.env, rig.coalescer, rig.memory, rig.log)
-        with trio.fail_after(DEADLINE):
-            yield
-        nursery.cancel_scope.cancel()
-    assert rig.stats.get("internal_errors") == 0, rig.log.texts("error")
+def running(
+    rig: Rig, conn: MailConnection = OAUTH_CONN
+) -> AbstractAsyncContextManager[trio.CancelScope]:
+    """:func:`tests.unit.session_rig.running`, for the oauth2 connection by default."""
+    return session_rig.running(rig, conn)
 
 
 async def test_signs_in_with_a_token_instead_of_login(

@@ -10,183 +10,59 @@ log text only for the lines operators grep for.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import random
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
-import attrs
 import httpx
 import pytest
 import trio
 import trio.testing
 from trio_idle_testing.fake_imap import FakeImapServer
 
-from trio_idle.accounts.connections import MailConnection
-from trio_idle.backend.webhook import WebhookClient
-from trio_idle.core.config import GROUPS, OPTIONS, Settings
-from trio_idle.core.limiter import ConnectLimiter
-from trio_idle.core.secret import Secret
+from tests.fixtures import mock_webhook
+from tests.unit.session_rig import (
+    COMMAND_TIMEOUT,
+    CONN,
+    RENEW,
+    TICK,
+    Rig,
+    closed,
+    connected,
+    connected_session,
+    expected_first_timers,
+    make_rig,
+    running,
+    scanning,
+    settled,
+)
 from trio_idle.core.stats import Stats
 from trio_idle.imap.responses import MailboxState
-from trio_idle.mailbox.coalescer import ScanCoalescer
-from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy, run_scans
-from trio_idle.mailbox.session import (
-    ConnectionMemory,
-    SessionEnv,
-    first_timers,
-    run_session,
-)
+from trio_idle.mailbox.scan_worker import ScanPolicy
+from trio_idle.mailbox.session import run_session
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE, POLLING
 from trio_idle.state.store import Key, ScannedState, StateStore
 
-SEED = 13
-TICK, RENEW, COMMAND_TIMEOUT = 120.0, 1500.0, 30.0
-CONN = MailConnection(
-    id="conn-1",
-    user_id="user-1",
-    email="alice@example.test",
-    host="imap.example.test",
-    port=993,
-    login="alice",
-    password=Secret("virtual-time-pw"),
-)
-#: generous: virtual time jumps, so this only bounds a hang in the code under test
-DEADLINE = 24 * 3600.0
+
+@pytest.fixture
+def rig() -> Rig:
+    """A session's rig on the :func:`default_server`; a test scripts the server (e.g.
+    ``server.idle = False``) before it runs the session."""
+    return make_rig()
 
 
-class RecordingLog:
-    """Stands in for the session's loguru logger."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def bind(self, **fields: Any) -> RecordingLog:
-        """Structured fields (JSON lines) are not recorded: the text is."""
-        return self
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda text, *a, **k: self.lines.append((level, text))
-
-    def texts(self, level: str | None = None) -> list[str]:
-        return [t for lv, t in self.lines if level is None or lv == level]
-
-
-@attrs.define
-class Rig:
-    server: FakeImapServer
-    env: SessionEnv
-    coalescer: ScanCoalescer = attrs.field(factory=ScanCoalescer)
-    memory: ConnectionMemory = attrs.field(factory=ConnectionMemory)
-    log: RecordingLog = attrs.field(factory=RecordingLog)
-
-    @property
-    def stats(self) -> Stats:
-        return self.env.stats
-
-
-def make_rig(
-    server: FakeImapServer | None = None, store: StateStore | None = None, **settings: Any
-) -> Rig:
-    server = server or FakeImapServer(exists=3, uidnext=10, uidvalidity=5)
-    server.command_timeout = COMMAND_TIMEOUT
-    values: dict[str, Any] = {
-        "tick_interval": TICK,
-        "idle_renew_interval": RENEW,
-        "command_timeout": COMMAND_TIMEOUT,
-        **settings,
-    }
-    groups: dict[str, dict[str, Any]] = {}
-    for option in OPTIONS:  # flat names → their groups
-        if option.field in values:
-            groups.setdefault(option.group, {})[option.field] = values.pop(option.field)
-    assert not values, f"unknown settings {sorted(values)}"
-    env = SessionEnv(
-        settings=Settings(**{g: GROUPS[g](**fields) for g, fields in groups.items()}),
-        limiter=ConnectLimiter(20, 50.0),
-        ssl_context=None,
-        stats=Stats(),
-        rng=random.Random(SEED),
-        store=store,
-        connector=server.connector,
-    )
-    return Rig(server, env)
-
-
-def expected_first_timers(connected_at: float, tick: float = TICK) -> tuple[float, float]:
-    """What the session draws first from its RNG (seeded like the rig's)."""
-    return first_timers(connected_at, tick, RENEW, random.Random(SEED))
-
-
-@contextlib.asynccontextmanager
-async def running(rig: Rig) -> AsyncIterator[trio.CancelScope]:
-    """Run the session for the block, then cancel it (it logs out); the block gets a
-    deadline so a hang fails instead of running forever."""
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_session, CONN, rig.env, rig.coalescer, rig.memory, rig.log)
-        with trio.fail_after(DEADLINE) as scope:
-            yield scope
-        nursery.cancel_scope.cancel()
-    assert rig.stats.get("internal_errors") == 0, rig.log.texts("error")
-
-
-@contextlib.asynccontextmanager
-async def scanning(
-    rig: Rig, webhook: WebhookClient, policy: ScanPolicy, hooks: ScanHooks | None = None
-) -> AsyncIterator[None]:
-    """For the block, the session's scans are sent as the reconciler wires it: the
-    coalescer starts :func:`run_scans` while a scan is pending; afterwards no task is
-    started and the one running is cancelled (a pending scan stays pending)."""
-    rng = random.Random(1)  # one for every task, as the daemon's is one per process
-    async with trio.open_nursery() as nursery:
-
-        def start() -> None:
-            nursery.start_soon(
-                run_scans, CONN, rig.coalescer, webhook, policy, rig.stats, rig.log, rng, hooks
-            )
-
-        rig.coalescer.attach(start)
-        try:
-            yield
-        finally:
-            rig.coalescer.detach()
-            nursery.cancel_scope.cancel()
-
-
-async def settled(rig: Rig, condition: Any) -> None:
-    """Wait until ``condition()`` holds, then until the session is blocked again (the
-    clock does not move meanwhile: waiting for blocked tasks beats the autojump)."""
-    await rig.server.wait_for(condition)
-    await trio.testing.wait_all_tasks_blocked()
-
-
-async def connected(rig: Rig, link: int = 1) -> float:
-    """Wait until connection attempt ``link`` entered IDLE (or polls); when it connected."""
-    server = rig.server
-
-    def up() -> bool:
-        found = server.links.get(link)
-        return found is not None and found.selected and (found.idling or not server.idle)
-
-    await settled(rig, up)
-    return server.times("connect", link)[0]
-
-
-def closed(rig: Rig) -> Any:
-    return lambda: bool(rig.server.links) and rig.server.link.closed
+@pytest.fixture
+def server(rig: Rig) -> FakeImapServer:
+    return rig.server
 
 
 # -- the tick -----------------------------------------------------------------------------
 
 
 async def test_tick_leaves_idle_noops_and_reenters_on_a_jittered_schedule(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig()
-    server = rig.server
-    async with running(rig):
-        t0 = await connected(rig)
+    async with connected_session(rig) as t0:
         assert server.commands() == ["connect", "LOGIN", "SELECT", "IDLE"]
         assert rig.memory.state == IDLE
         await settled(rig, lambda: len(server.times("NOOP")) == 3)
@@ -198,12 +74,10 @@ async def test_tick_leaves_idle_noops_and_reenters_on_a_jittered_schedule(
 
 
 async def test_mail_only_reported_in_the_noop_answer_is_scanned_at_the_tick(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig(FakeImapServer(exists=3, uidnext=10, uidvalidity=5, push=False))
-    server = rig.server
-    async with running(rig):
-        t0 = await connected(rig)
+    server.push = False
+    async with connected_session(rig) as t0:
         server.deliver(2)
         await trio.testing.wait_all_tasks_blocked()
         assert rig.coalescer.requested == 0  # this server does not push
@@ -216,12 +90,9 @@ async def test_mail_only_reported_in_the_noop_answer_is_scanned_at_the_tick(
 
 
 async def test_pushed_exists_requests_a_scan_at_once(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig()
-    server = rig.server
-    async with running(rig):
-        await connected(rig)
+    async with connected_session(rig):
         await trio.sleep(7)
         server.deliver()
         await trio.testing.wait_all_tasks_blocked()
@@ -234,12 +105,10 @@ async def test_pushed_exists_requests_a_scan_at_once(
 
 
 async def test_server_without_idle_is_polled_with_noop_every_tick(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig(FakeImapServer(exists=3, uidnext=10, uidvalidity=5, idle=False))
-    server = rig.server
-    async with running(rig):
-        t0 = await connected(rig)
+    server.idle = False
+    async with connected_session(rig) as t0:
         assert rig.memory.state == POLLING
         await settled(rig, lambda: len(server.times("NOOP")) == 1)
         server.deliver()
@@ -258,8 +127,7 @@ async def test_idle_is_renewed_before_the_25_minute_threshold_and_every_interval
 ) -> None:
     rig = make_rig(tick_interval=7200.0)  # first tick after 3600 s: only renewals here
     server = rig.server
-    async with running(rig):
-        t0 = await connected(rig)
+    async with connected_session(rig) as t0:
         await settled(rig, lambda: len(server.times("DONE")) == 2 and server.link.idling)
     _, renew_at = expected_first_timers(t0, tick=7200.0)
     assert t0 + 0.8 * RENEW <= renew_at <= t0 + RENEW  # never late: servers cut at 29 min
@@ -273,12 +141,9 @@ async def test_idle_is_renewed_before_the_25_minute_threshold_and_every_interval
 
 
 async def test_half_open_connection_is_found_by_the_tick_and_replaced(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig()
-    server = rig.server
-    async with running(rig):
-        t0 = await connected(rig)
+    async with connected_session(rig) as t0:
         server.go_silent()
         server.refuse_connects = 1  # and the first reconnect fails: the backoff grows
         await connected(rig, link=3)
@@ -299,12 +164,9 @@ async def test_half_open_connection_is_found_by_the_tick_and_replaced(
 
 
 async def test_state_and_error_while_backing_off_after_a_half_open_connection(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig()
-    server = rig.server
-    async with running(rig):
-        await connected(rig)
+    async with connected_session(rig):
         server.go_silent()
         await settled(rig, closed(rig))
         assert rig.memory.state == BACKOFF
@@ -316,12 +178,9 @@ async def test_state_and_error_while_backing_off_after_a_half_open_connection(
 
 
 async def test_bye_during_idle_reconnects_after_five_seconds_without_a_scan(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig()
-    server = rig.server
-    async with running(rig):
-        await connected(rig)
+    async with connected_session(rig):
         await trio.sleep(50)
         bye_at = trio.current_time()
         server.bye("Server shutting down")
@@ -335,13 +194,11 @@ async def test_bye_during_idle_reconnects_after_five_seconds_without_a_scan(
 
 
 async def test_a_failing_noop_costs_one_reconnect(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig(FakeImapServer(exists=3, uidnext=10, uidvalidity=5, idle=False))
-    server = rig.server
+    server.idle = False
     server.fail_next("NOOP")
-    async with running(rig):
-        t0 = await connected(rig)
+    async with connected_session(rig) as t0:
         await connected(rig, link=2)
     first_tick, _ = expected_first_timers(t0)
     assert server.times("connect", link=2) == [first_tick + 5.0]
@@ -353,7 +210,7 @@ async def test_a_failing_noop_costs_one_reconnect(
 # -- catch-up decisions -------------------------------------------------------------------
 
 
-async def _reconnect_after(rig: Rig, change: Any) -> None:
+async def _reconnect_after(rig: Rig, change: Callable[[FakeImapServer], object]) -> None:
     server = rig.server
     await connected(rig)
     server.drop()
@@ -373,9 +230,12 @@ async def _reconnect_after(rig: Rig, change: Any) -> None:
     ids=["uidnext-moved", "uidvalidity-changed", "unchanged", "only-deleted"],
 )
 async def test_reconnect_scans_only_when_mail_may_have_arrived_unseen(
-    autojump_clock: trio.testing.MockClock, change: Any, scan: bool, why: str | None
+    autojump_clock: trio.testing.MockClock,
+    rig: Rig,
+    change: Callable[[FakeImapServer], object],
+    scan: bool,
+    why: str | None,
 ) -> None:
-    rig = make_rig()
     async with running(rig):
         await _reconnect_after(rig, change)
     if scan:
@@ -388,12 +248,9 @@ async def test_reconnect_scans_only_when_mail_may_have_arrived_unseen(
 
 
 async def test_mail_announced_before_a_reconnect_is_not_scanned_again(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig()
-    server = rig.server
-    async with running(rig):
-        await connected(rig)
+    async with connected_session(rig):
         server.deliver(3)
         await trio.testing.wait_all_tasks_blocked()
         assert rig.coalescer.pending_reason == "exists"
@@ -450,10 +307,8 @@ async def test_first_session_compares_with_what_the_last_run_scanned(
 
 
 async def test_rejected_login_waits_the_long_auth_backoff(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig()
-    server = rig.server
     server.reject_logins = 2
     async with running(rig):
         await settled(rig, closed(rig))
@@ -478,12 +333,9 @@ async def test_rejected_login_waits_the_long_auth_backoff(
 
 
 async def test_cancelled_session_logs_out_at_once(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig()
-    server = rig.server
-    async with running(rig):
-        await connected(rig)
+    async with connected_session(rig):
         await trio.sleep(10)
     assert server.commands() == ["connect", "LOGIN", "SELECT", "IDLE", "LOGOUT"]
     assert server.times("LOGOUT") == [10.0 + server.times("IDLE")[0]]
@@ -509,10 +361,8 @@ async def test_logout_to_a_silent_server_waits_the_logout_timeout_then_closes(
 
 
 async def test_any_mix_of_triggers_costs_at_most_one_active_and_one_pending_scan(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
 ) -> None:
-    rig = make_rig(FakeImapServer(exists=3, uidnext=10, uidvalidity=5))
-    server = rig.server
     posts: list[dict[str, Any]] = []
     release = trio.Event()
 
@@ -521,15 +371,7 @@ async def test_any_mix_of_triggers_costs_at_most_one_active_and_one_pending_scan
         await release.wait()  # the first scan stays in flight
         return httpx.Response(200, json={"scanned": 1, "blocked": 0})
 
-    webhook = WebhookClient(
-        "http://backend.invalid/scan",
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(backend),
-    )
+    webhook = mock_webhook(backend)
     policy = ScanPolicy("INBOX", 1.0, 60.0)
     async with running(rig), scanning(rig, webhook, policy):
         await connected(rig)

@@ -14,6 +14,7 @@ import pytest
 
 from trio_idle.accounts import source_file
 from trio_idle.accounts.source_file import FileSource
+from trio_idle.core.errors import SourceError
 
 TOML = (
     '[[connection]]\nid = "c1"\nemail = "a@example.test"\npassword_env = "A_PW"\n'
@@ -98,7 +99,7 @@ async def test_errors_are_the_same_as_fetch(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[[connection]\n")
     source = FileSource(str(path), {})
-    with pytest.raises(source_file.SourceError, match="is not valid TOML"):
+    with pytest.raises(SourceError, match="is not valid TOML"):
         await source.fetch_changed(None)
-    with pytest.raises(source_file.SourceError, match="cannot read"):
+    with pytest.raises(SourceError, match="cannot read"):
         await FileSource(str(tmp_path / "missing.toml"), {}).fetch_changed(None)

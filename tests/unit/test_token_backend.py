@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.accounts.credentials import (
     TOKEN_ERROR,
@@ -39,15 +40,8 @@ EIGHT = datetime.datetime(2027, 1, 15, 8, tzinfo=datetime.UTC).timestamp()
 
 
 def conn(conn_id: str = "c1") -> MailConnection:
-    return MailConnection(
-        id=conn_id,
-        user_id="u1",
-        email=f"{conn_id}@example.test",
-        host="imap.example.test",
-        port=993,
-        login=f"{conn_id}@example.test",
-        password=Secret(""),
-        auth=AUTH_OAUTH2,
+    return mail_connection(
+        conn_id, email=f"{conn_id}@example.test", host="imap.example.test", auth=AUTH_OAUTH2
     )
 
 

@@ -22,7 +22,7 @@ from trio_idle.auth.token_refresh import (
     refresh_body,
 )
 from trio_idle.core.config import ConfigError, OAuthSettings, Settings, parse_settings
-from trio_idle.core.scrub import Scrubber
+from trio_idle.core.scrub import PLAIN, Scrubber, Scrubs
 from trio_idle.core.secret import Secret
 from trio_idle.state.store import POSTGRES_MIGRATIONS, POSTGRES_TOKEN_SQL, SQLITE_TOKEN_SQL
 
@@ -31,9 +31,14 @@ REFRESH = "S3ntinel-rt-pure-0123456789"
 ACCESS = "S3ntinel-at-pure-ya29.abcdef"
 
 
-def reply(status: int, payload: object, headers: dict[str, str] | None = None, **kw: object):
+def reply(
+    status: int,
+    payload: object,
+    headers: dict[str, str] | None = None,
+    scrubber: Scrubs = PLAIN,
+) -> TokenGrant | TokenUnavailable:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    return parse_token_reply("google", status, headers or {}, body, now=1000.0, **kw)  # type: ignore[arg-type]
+    return parse_token_reply("google", status, headers or {}, body, scrubber=scrubber, now=1000.0)
 
 
 @pytest.mark.parametrize(

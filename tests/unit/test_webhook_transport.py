@@ -1,6 +1,6 @@
 """WebhookClient over an injected httpx transport (httpx.MockTransport): no sockets.
 
-The real-HTTP behaviour (timeouts, pools, TLS) is tested in tests/test_webhook_client.py;
+The real-HTTP behaviour (timeouts, pools, TLS) is tested in tests/unit/test_webhook_client.py;
 here: what goes out, how a reply is judged, and that the reply cap holds whatever the
 transport hands over.
 """
@@ -8,27 +8,23 @@ transport hands over.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import httpx
 import trio
 
+from tests.fixtures import Handler, mock_webhook
 from trio_idle.backend.webhook import MAX_REPLY_BYTES, ScanJob, Verdict, WebhookClient
-from trio_idle.core.secret import Secret
 
 JOB = ScanJob("conn-1", "user-1", "alice@example.test", "INBOX", "exists", scan_id="scan-42")
 
 
-def client(handler: Callable[[httpx.Request], Any]) -> WebhookClient:
-    return WebhookClient(
-        "http://backend.invalid/api/mail/scan-internal",
-        secret_header="x-admin-secret",
-        secret=Secret("transport-admin-secret"),
-        signing_secret=None,
+def client(handler: Handler) -> WebhookClient:
+    return mock_webhook(
+        handler,
+        url="http://backend.invalid/api/mail/scan-internal",
+        secret="transport-admin-secret",
         total_timeout=5.0,
-        max_connections=1,
-        transport=httpx.MockTransport(handler),
     )
 
 

@@ -4,9 +4,9 @@
 backend's POSTs (scans, health reports) directly, and what
 :func:`trio_idle.backend.webhook.new_http_client` gives ``httpx.AsyncClient`` (the token
 clients); with ``trust_env``, for proxies, both use httpx's own transport instead.
-httpx's default transport (httpcore) spent about
-0.45 ms of CPU per scan request on this machine on its pool bookkeeping, trace hooks,
-locks, trio's stream layers and one ``send`` per part of the request. This one writes the
+httpx's default transport (httpcore) spent most of a scan request's CPU on its pool
+bookkeeping, trace hooks, locks, trio's stream layers and one ``send`` per part of the
+request (the figures: docs/performance.md, "Figures behind the code"). This one writes the
 head and a small body in one ``send``, reads and writes the socket through the same
 :class:`~trio_idle.net.transport.ImapTransport` the IMAP sessions use (no scheduler
 round trip when the kernel takes the bytes at once) and keeps its pool in a list, so a

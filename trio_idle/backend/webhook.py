@@ -50,8 +50,8 @@ MAX_REPLY_BYTES: Final = 64 * 1024
 #: Idle keep-alive connections a client keeps. httpcore's pool walks every pooled
 #: connection once per idle one on each request it assigns or ends: after a burst (10,000
 #: startup scans and health reports in a ramp) 100 idle connections made every request cost
-#: milliseconds of CPU, a third of the ramp's. Ten cover steady traffic; a burst opens more
-#: (up to the pool size) and they close as they go idle.
+#: milliseconds of CPU (docs/performance.md, "Figures behind the code"). Ten cover steady
+#: traffic; a burst opens more (up to the pool size) and they close as they go idle.
 MAX_IDLE_CONNECTIONS: Final = 10
 #: seconds an idle keep-alive connection is kept (a server closing it sooner is noticed
 #: before the connection is reused)
@@ -201,8 +201,9 @@ class WebhookClient:
     """Sends scan requests (and the backend's other POSTs) as ``httpx.Request`` objects
     straight to a transport: :class:`~trio_idle.backend.http_transport.TrioHTTPTransport`, or
     with ``trust_env`` an ``httpx.AsyncClient`` (the only one that knows the environment's
-    proxies). httpx's client layer (request building, cookies, hooks) cost a third of a
-    scan's CPU and has nothing a backend POST needs.
+    proxies). httpx's client layer (request building, cookies, hooks) cost a large share
+    of a scan's CPU (docs/performance.md, "Figures behind the code") and has nothing a
+    backend POST needs.
 
     Timeouts are explicit (:func:`request_timeout`, :func:`attempt_deadline`): connecting
     is bounded by ``min(10 s, total_timeout)``, each write and each read of the reply by
@@ -534,8 +535,8 @@ async def streamed(
 
     httpx binds a response and its stream to each other (``Response.stream._response``):
     without this every request left about 40 objects (the request, its headers, the
-    pool's bookkeeping) for the cyclic collector, which at 20 scans a second ran young
-    collections twice a second, each stopping every session for 2-5 ms. Once the stream
+    pool's bookkeeping) for the cyclic collector, whose young collections then stopped
+    every session more often (docs/performance.md, "Figures behind the code"). Once the stream
     is closed (leaving the block, however it is left) the response gets an empty one, and
     reference counting frees it all at once. Same exceptions and cancellation as
     ``client.stream``.

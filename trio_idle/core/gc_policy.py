@@ -1,7 +1,8 @@
 """Garbage collection under ``TRIO_IDLE_GC=tuned``: no loop stall for a steady daemon.
 
 10,000 sessions keep millions of GC-tracked objects alive, and a full collection walks
-every one of them while no session runs (≈ 1.6–1.9 s at 10,000 plaintext sessions).
+every one of them while no session runs (seconds at 10,000 sessions; the figures of this
+module: docs/performance.md, "Figures behind the code").
 CPython's automatic full collections are therefore off (:func:`trio_idle.cli.main` raises
 the third threshold before it runs ``serve``); the daemon runs one collection after each
 refresh instead (``Daemon._collect_garbage``), of one of two kinds:
@@ -11,10 +12,9 @@ refresh instead (``Daemon._collect_garbage``), of one of two kinds:
   :func:`gc.freeze`, which moves every tracked object into the permanent generation
   without walking it. This is the steady daemon's collection. It skips what the previous
   policy walked after every refresh — every object created since the last refresh and
-  still alive (≈ 40 % of a full collection once ticks renew each session's command
-  objects: 0.6–0.8 s at 10,000 sessions) — because those walks freed 0–96 objects per
-  refresh at 10,000 sessions (docs/performance.md, Garbage collection): ticks and pushes
-  leave no cyclic garbage; reference counting frees it.
+  still alive (a large share of a full collection once ticks renew each session's command
+  objects) — because those walks freed next to nothing (docs/performance.md, Garbage
+  collection): ticks and pushes leave no cyclic garbage; reference counting frees it.
 * :attr:`Kind.FULL` — unfreeze everything, ``gc.collect()``, freeze the survivors. The
   only collection that frees a cycle among objects that lived through an earlier one;
   sessions that end (removed, reconnecting) leave such cycles. :class:`CollectionPolicy`
@@ -33,10 +33,10 @@ Young collections are paced (:func:`pace_young_collections`): CPython starts one
 allocations *minus deallocations* pass 700, and a steady daemon frees about as many old
 objects as it makes new ones (every tick replaces each session's command objects), so
 that trigger rarely fires while the young generation grows with each tick's survivors —
-35,000–150,000 objects at 10,000 sessions, walked in collections of 20–95 ms that stop
-every session. A young collection every quarter second walks only what that quarter
-second left (≈ 1,500 objects at 10,000 ticking sessions): a pause of well under a
-millisecond, where one a second paused 1–3 ms and was the tail of the push latency.
+tens of thousands of objects at 10,000 sessions, walked in collections of tens of
+milliseconds that stop every session. A young collection every quarter second walks only
+what that quarter second left: a pause of well under a millisecond, where one a second
+paused milliseconds and was the tail of the push latency.
 """
 
 from __future__ import annotations
@@ -187,9 +187,9 @@ YOUNG_INTERVAL: Final = 0.25
 async def pace_young_collections(interval: float = YOUNG_INTERVAL) -> None:
     """Collect the young generations (``gc.collect(1)``) every ``interval`` seconds,
     forever (see the module doc). Each walks what was created since the one before and is
-    still alive — a quarter second's worth of objects (≈ 1,500 at 10,000 ticking
-    sessions; mostly the coroutines, closures and trap objects of each session's next
-    read), where CPython's own trigger let 100,000+ accumulate. The total walked is the
+    still alive — a quarter second's worth of objects (mostly the coroutines, closures
+    and trap objects of each session's next read), where CPython's own trigger let far
+    more accumulate (docs/performance.md, "Figures behind the code"). The total walked is the
     same at any interval (a survivor is walked once, then promoted); a shorter one makes
     each pause, and so the delay of a push that meets it, shorter. Cancelled with the
     daemon's root nursery; never raises otherwise."""

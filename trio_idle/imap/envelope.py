@@ -61,10 +61,10 @@ TOKEN_WORK: Final = 64
 DECODE_WORK: Final = 16
 #: work between two pauses of :func:`parse_steps`
 SLICE_WORK: Final = 256 * 1024
-#: work one answer may cost (32 slices, ≈ 50-200 ms of CPU on the benchmark machine); a
-#: legitimate answer of 50 envelopes with 100 recipients each costs about a quarter of
-#: it. Beyond it the parse gives up: the scan goes out with the range only, as for more
-#: than :data:`MAX_ENVELOPES` messages
+#: work one answer may cost (32 slices; its CPU time: docs/performance.md, "Figures behind
+#: the code"); a legitimate answer of 50 envelopes with 100 recipients each costs about a
+#: quarter of it. Beyond it the parse gives up: the scan goes out with the range only, as
+#: for more than :data:`MAX_ENVELOPES` messages
 MAX_ANSWER_WORK: Final = 8 * 1024 * 1024
 
 _FETCH_RE = re.compile(rb"\*\s{1,16}\d{1,10}\s{1,16}FETCH\s", re.IGNORECASE)

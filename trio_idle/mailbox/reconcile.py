@@ -85,7 +85,7 @@ class Handle:
 
 
 #: new connections :meth:`Reconciler.apply_gradually` starts between two checkpoints
-#: (≈ 10–20 ms of loop time for the starts and their first steps)
+#: (the loop time a step costs: docs/performance.md, "Figures behind the code")
 START_STEP: Final = 200
 
 

@@ -309,8 +309,9 @@ class Daemon:
         (:mod:`trio_idle.core.gc_policy`).
 
         Blocks the loop for its pause: milliseconds for the steady daemon's young
-        collection; ≈ 1.9 s at 10,000 sessions for a full one (after many connections
-        ended, after memory grew more than new connections explain, every 6 h).
+        collection; seconds at 10,000 sessions for a full one (after many connections
+        ended, after memory grew more than new connections explain, every 6 h; the
+        figures: docs/performance.md, "Figures behind the code").
         """
         sessions = len(self.reconciler.handles)
         attempts = self.stats.get("connect_attempts")

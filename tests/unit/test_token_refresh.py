@@ -17,6 +17,7 @@ import trio
 import trio.testing
 from trio_idle_testing.oauth_server import Fault, OAuthTestServer
 
+from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.accounts.credentials import (
     TOKEN_ERROR,
@@ -113,18 +114,16 @@ async def rig(server: OAuthTestServer, tmp_path: Path) -> AsyncIterator[Rig]:
         await tokens.aclose()
 
 
-def conn(refresh_token: str, email: str = "alice@gmail.com", **kw: object) -> MailConnection:
-    return MailConnection(
-        id=kw.pop("id", "c-" + email),  # type: ignore[arg-type]
-        user_id="u1",
+def conn(
+    refresh_token: str, email: str = "alice@gmail.com", provider: str | None = None
+) -> MailConnection:
+    return mail_connection(
+        "c-" + email,
         email=email,
         host="imap.gmail.com",
-        port=993,
-        login=email,
-        password=Secret(""),
         auth=AUTH_OAUTH2,
-        refresh_token=Secret(refresh_token),
-        **kw,  # type: ignore[arg-type]
+        refresh_token=refresh_token,
+        provider=provider,
     )
 
 

@@ -19,7 +19,7 @@ from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key,
 
 pytestmark = pytest.mark.node
 
-SCRIPT = Path(__file__).parent / "node" / "crypto_compat.js"
+SCRIPT = Path(__file__).parent.parent / "node" / "crypto_compat.js"
 KEY = "k3y-0123456789abcdef0123456789abcdef-tail"  # 41 chars: utf8-prefix uses the first 32
 OTHER_KEY = "other-0123456789abcdef0123456789abcdef"
 DERIVATIONS = ["utf8-prefix", "sha256"]

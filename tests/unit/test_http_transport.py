@@ -68,7 +68,7 @@ class Peer:
         if not data:
             self.closed_by_client.set()
             self.server.notify()
-        return data
+        return bytes(data)
 
     async def read_request(self) -> Received | None:
         """The next request, or None once the client has closed the connection."""
