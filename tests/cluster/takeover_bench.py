@@ -50,7 +50,7 @@ from tests.servers.postgres import (
 from trio_idle.cluster.assignment import shares
 from trio_idle.cluster.membership import MEMBERSHIP_SQL
 from trio_idle.core.values import parse_duration
-from trio_idle.state.store import POSTGRES_DDL
+from trio_idle.state.tables import POSTGRES_DDL
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 from trio_idle.testing.imap_server import LogEntry

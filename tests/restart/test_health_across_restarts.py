@@ -18,7 +18,7 @@ import trio
 from tests.harness import ListSource, make_settings, poll_until, row, running_daemon
 from tests.servers.postgres import execute_sql
 from trio_idle.runtime.daemon import Daemon
-from trio_idle.state.store import POSTGRES_MIGRATIONS
+from trio_idle.state.tables import POSTGRES_MIGRATIONS
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanBackend
 

@@ -38,7 +38,8 @@ from trio_idle.mailbox.session import (
     run_session,
 )
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE, POLLING
-from trio_idle.state.store import Key, ScannedState, StateStore
+from trio_idle.state.records import Key, ScannedState
+from trio_idle.state.store import StateStore
 from trio_idle.testing.fake_imap import FakeImapServer
 
 SEED = 13

@@ -67,8 +67,9 @@ from trio_idle.mailbox.coalescer import ScanCoalescer
 from trio_idle.mailbox.fetch_desk import FetchDesk, FetchRequest
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, CONNECTING, IDLE, POLLING
 from trio_idle.mailbox.ticker import IdleTimers, Ticker
+from trio_idle.state.catch_up import startup_decision
 from trio_idle.state.scan_range import ScanMark, ScanRange, advance, on_connect, scan_range
-from trio_idle.state.store import StateStore, startup_decision
+from trio_idle.state.store import StateStore
 
 
 @attrs.define

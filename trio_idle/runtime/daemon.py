@@ -68,7 +68,8 @@ from trio_idle.runtime.daemon_status import DaemonStatus, Phase
 from trio_idle.runtime.refresher import ConnectionSource, Refresher
 from trio_idle.runtime.share import ShareCoordinator
 from trio_idle.runtime.supervision import Supervisor, run_supervision
-from trio_idle.state.store import StateStore, make_state_backend
+from trio_idle.state.backends import make_state_backend
+from trio_idle.state.store import StateStore
 
 
 class Daemon:
