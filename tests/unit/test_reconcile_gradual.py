@@ -4,6 +4,8 @@ shutdown in the middle starts nothing more. Virtual clock, scripted IMAP."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import httpx
 import trio
@@ -12,6 +14,7 @@ import trio.testing
 from tests.unit.test_session_virtual_time import CONN, make_rig
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.backend.webhook import WebhookClient
+from trio_idle.core.config import AccountHealthSettings, WebhookSettings
 from trio_idle.core.secret import Secret
 from trio_idle.mailbox.reconcile import START_STEP, Reconciler
 
@@ -21,6 +24,11 @@ N = 5 * START_STEP
 def wanted(n: int) -> dict[str, MailConnection]:
     conns = (attrs.evolve(CONN, id=f"c{i}", email=f"c{i}@example.test") for i in range(n))
     return {c.id: c for c in conns}
+
+
+def groups() -> dict[str, Any]:
+    """The settings groups a reconciler reads beside its sessions', at their defaults."""
+    return {"webhook_settings": WebhookSettings(), "account_health": AccountHealthSettings()}
 
 
 def webhook() -> WebhookClient:
@@ -42,7 +50,7 @@ async def test_new_connections_start_a_step_at_a_time_and_others_run_between(
     seen: list[int] = []
     applied = trio.Event()
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, webhook())
+        reconciler = Reconciler(nursery, rig.env, webhook(), **groups())
 
         async def other_task() -> None:  # e.g. a session with a push to deliver
             while not applied.is_set():
@@ -68,7 +76,7 @@ async def test_shutdown_during_a_gradual_start_starts_nothing_more(
 ) -> None:
     rig = make_rig()
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, webhook())
+        reconciler = Reconciler(nursery, rig.env, webhook(), **groups())
 
         async def shutdown_after_first_step() -> None:
             while len(reconciler.handles) < START_STEP:
@@ -94,7 +102,7 @@ async def test_a_change_between_steps_counts_for_the_connections_not_started_yet
     later = ids[N // 2 :]  # not reached before the change: that takes at most two steps
     dropped, changed = later[::2], later[1]
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, webhook())
+        reconciler = Reconciler(nursery, rig.env, webhook(), **groups())
 
         async def change_after_first_step() -> None:
             while len(reconciler.handles) < START_STEP:
@@ -118,7 +126,7 @@ async def test_a_connection_running_already_is_not_started_again(
     conns = wanted(2 * START_STEP)
     ids = sorted(conns)
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, webhook())
+        reconciler = Reconciler(nursery, rig.env, webhook(), **groups())
         reconciler.apply({i: conns[i] for i in ids[::3]})
         before = dict(reconciler.handles)
         started = await reconciler.start_gradually(ids, conns.get)

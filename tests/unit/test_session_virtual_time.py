@@ -103,8 +103,12 @@ def make_rig(
         if option.field in values:
             groups.setdefault(option.group, {})[option.field] = values.pop(option.field)
     assert not values, f"unknown settings {sorted(values)}"
+    config = Settings(**{g: GROUPS[g](**fields) for g, fields in groups.items()})
     env = SessionEnv(
-        settings=Settings(**{g: GROUPS[g](**fields) for g, fields in groups.items()}),
+        imap=config.imap,
+        timers=config.timers,
+        backoff=config.backoff,
+        start_from=config.store.start_from,
         limiter=ConnectLimiter(20, 50.0),
         ssl_context=None,
         stats=Stats(),

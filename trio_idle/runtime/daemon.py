@@ -353,7 +353,10 @@ async def run_daemon(
     tokens = make_token_source(settings)
     ticker = Ticker(stats, logger)
     env = SessionEnv(
-        settings=settings,
+        imap=settings.imap,
+        timers=settings.timers,
+        backoff=settings.backoff,
+        start_from=settings.store.start_from,
         limiter=ConnectLimiter.from_settings(settings.limits),
         ssl_context=make_ssl_context(settings.imap.ca_file),
         stats=stats,
@@ -373,7 +376,13 @@ async def run_daemon(
             async with trio.open_nursery() as state_nursery:
                 state_nursery.start_soon(store.run_flusher, name="state-flusher")
                 async with trio.open_nursery() as root:
-                    reconciler = Reconciler(root, env, webhook)
+                    reconciler = Reconciler(
+                        root,
+                        env,
+                        webhook,
+                        webhook_settings=settings.webhook,
+                        account_health=settings.account_health,
+                    )
                     daemon = Daemon(
                         settings, source, reconciler, stats, root, membership_db=membership_db
                     )
