@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from loguru import logger
 
 from tests.conftest import unavailable
 from tests.servers import ServerUnavailable
@@ -241,18 +242,11 @@ async def sessions(
     memories = {c.email: ConnectionMemory() for c in conns}
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         for c in conns:
-            nursery.start_soon(run_session, c, env, ScanCoalescer(), memories[c.email], _Log())
+            nursery.start_soon(run_session, c, env, ScanCoalescer(), memories[c.email], logger)
         with trio.fail_after(30):
             yield memories, env.stats
         nursery.cancel_scope.cancel()
     await tokens.aclose()
-
-
-class _Log:
-    def __getattr__(self, level: str) -> Any:
-        from loguru import logger
-
-        return getattr(logger, level)
 
 
 async def until(condition: Any) -> None:
@@ -323,7 +317,7 @@ async def test_token_endpoint_down_keeps_running_sessions_and_backs_off_new_ones
             )
             nursery.start_soon(
                 run_session, oauth_conn(late, oauth_dovecot), env, ScanCoalescer(),
-                late_memory, _Log(),
+                late_memory, logger,
             )  # fmt: skip
             await until(lambda: late_memory.state == BACKOFF)
             nursery.cancel_scope.cancel()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
 
 import httpx
 import trio
@@ -19,6 +18,7 @@ from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
 from trio_idle.mailbox.account_health import Connected
 from trio_idle.mailbox.health_reporter import AccountHealth, StatusPolicy, run_health_reports
+from trio_idle.testing.recording_log import RecordingLog
 
 CONN = MailConnection(
     id="c1",
@@ -30,11 +30,6 @@ CONN = MailConnection(
     password=Secret("pw-on-demand"),
 )
 URL = "http://backend.invalid/api/mail/connection-status"
-
-
-class _Log:
-    def __getattr__(self, level: str) -> Any:
-        return lambda *a, **k: None
 
 
 async def test_reporter_exists_only_while_a_report_waits(
@@ -67,7 +62,7 @@ async def test_reporter_exists_only_while_a_report_waits(
                 webhook,
                 StatusPolicy(URL, 1.0, 60.0),
                 stats,
-                _Log(),
+                RecordingLog(),
                 random.Random(1),
             )
 
@@ -125,7 +120,7 @@ async def test_a_report_a_cancelled_reporter_did_not_deliver_is_sent_on_attach(
                     webhook,
                     StatusPolicy(URL, 1.0, 60.0),
                     Stats(),
-                    _Log(),
+                    RecordingLog(),
                     random.Random(1),
                 )
 

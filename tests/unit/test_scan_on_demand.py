@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
 
 import httpx
 import trio
@@ -17,6 +16,7 @@ from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
 from trio_idle.mailbox.coalescer import ScanCoalescer
 from trio_idle.mailbox.scan_worker import ScanPolicy, run_scans
+from trio_idle.testing.recording_log import RecordingLog
 
 CONN = MailConnection(
     id="c1",
@@ -27,16 +27,6 @@ CONN = MailConnection(
     login="alice",
     password=Secret("pw-on-demand"),
 )
-
-
-class _Log:
-    """A silent logger: ``bind`` (structured fields) returns it, every level drops."""
-
-    def bind(self, **fields: Any) -> _Log:
-        return self
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda *a, **k: None
 
 
 async def test_starter_is_called_once_per_run_of_pending_scans() -> None:
@@ -107,7 +97,7 @@ async def test_task_exists_only_while_scans_are_wanted(
                 webhook,
                 ScanPolicy("INBOX", 1.0, 60.0),
                 stats,
-                _Log(),
+                RecordingLog(),
                 random.Random(1),
                 name="scan",
             )
@@ -166,7 +156,7 @@ async def test_a_cancelled_task_keeps_the_pending_scan(
                 webhook,
                 ScanPolicy("INBOX", 1.0, 60.0),
                 Stats(),
-                _Log(),
+                RecordingLog(),
                 random.Random(1),
             )
 

@@ -41,6 +41,7 @@ from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE, POLLING
 from trio_idle.state.records import Key, ScannedState
 from trio_idle.state.store import StateStore
 from trio_idle.testing.fake_imap import FakeImapServer
+from trio_idle.testing.recording_log import RecordingLog
 
 SEED = 13
 TICK, RENEW, COMMAND_TIMEOUT = 120.0, 1500.0, 30.0
@@ -55,23 +56,6 @@ CONN = MailConnection(
 )
 #: generous: virtual time jumps, so this only bounds a hang in the code under test
 DEADLINE = 24 * 3600.0
-
-
-class RecordingLog:
-    """Stands in for the session's loguru logger."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def bind(self, **fields: Any) -> RecordingLog:
-        """Structured fields (JSON lines) are not recorded: the text is."""
-        return self
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda text, *a, **k: self.lines.append((level, text))
-
-    def texts(self, level: str | None = None) -> list[str]:
-        return [t for lv, t in self.lines if level is None or lv == level]
 
 
 @attrs.define

@@ -10,20 +10,7 @@ import trio.testing
 
 from trio_idle.core.stats import Stats
 from trio_idle.mailbox.ticker import GRANULARITY, IdleTimers, Ticker
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def bind(self, **fields: object) -> Log:
-        return self
-
-    def info(self, line: str) -> None:
-        self.lines.append(line)
-
-    def error(self, line: str) -> None:
-        self.lines.append(line)
+from trio_idle.testing.recording_log import RecordingLog
 
 
 async def test_callbacks_run_in_due_order_never_early(
@@ -49,7 +36,7 @@ async def test_callbacks_run_in_due_order_never_early(
 async def test_a_raising_callback_is_logged_counted_and_the_rest_still_run(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    stats, log = Stats(), Log()
+    stats, log = Stats(), RecordingLog()
     ticker = Ticker(stats, log)
     ran: list[str] = []
 
@@ -64,7 +51,7 @@ async def test_a_raising_callback_is_logged_counted_and_the_rest_still_run(
         await ticker.run()
     assert ran == ["before", "after"]
     assert stats.get("internal_errors") == 1
-    assert any("[idle/ticker] internal error: RuntimeError: boom" in line for line in log.lines)
+    assert any("[idle/ticker] internal error: RuntimeError: boom" in line for line in log.texts())
 
 
 class Link:
@@ -85,7 +72,9 @@ class Link:
         self.checked.append((trio.current_time(), number))
 
 
-def timers(link: Any, ticker: Ticker | None, stats: Stats, log: Log, now: float) -> IdleTimers:
+def timers(
+    link: Any, ticker: Ticker | None, stats: Stats, log: RecordingLog, now: float
+) -> IdleTimers:
     return IdleTimers(
         link,
         ticker,
@@ -101,22 +90,22 @@ def timers(link: Any, ticker: Ticker | None, stats: Stats, log: Log, now: float)
 
 
 def test_take_due_says_whether_the_restart_is_a_tick_and_moves_what_was_due() -> None:
-    log = Log()
+    log = RecordingLog()
     t = timers(Link(), None, Stats(), log, 0.0)  # tick at 120, renewal at 1500
     assert t.take_due(100) is False  # nothing due yet: nothing moves
-    assert (t.next_tick, t.renew_at, log.lines) == (120, 1500, [])
+    assert (t.next_tick, t.renew_at, log.texts()) == (120, 1500, [])
     assert t.take_due(130) is True
-    assert (t.next_tick, t.renew_at, log.lines) == (250, 1500, [])
+    assert (t.next_tick, t.renew_at, log.texts()) == (250, 1500, [])
     t.next_tick = 2000
     assert t.take_due(1500) is False  # a renewal only: no NOOP, logged
     assert (t.next_tick, t.renew_at) == (2000, 3000)
-    assert log.lines == ["[idle/x] idle renewing (25min threshold)"]
+    assert log.texts() == ["[idle/x] idle renewing (25min threshold)"]
     assert t.take_due(3000) is True  # both at once: one restart with NOOP
-    assert (t.next_tick, t.renew_at) == (3120, 4500) and len(log.lines) == 2
+    assert (t.next_tick, t.renew_at) == (3120, 4500) and len(log.texts()) == 2
 
 
 async def test_ticks_renewals_and_checks_on_time(autojump_clock: trio.testing.MockClock) -> None:
-    stats, log, link = Stats(), Log(), Link()
+    stats, log, link = Stats(), RecordingLog(), Link()
     ticker = Ticker(stats, log)
     start = trio.current_time()
     t = timers(link, ticker, stats, log, start)
@@ -128,7 +117,7 @@ async def test_ticks_renewals_and_checks_on_time(autojump_clock: trio.testing.Mo
     assert ticks[:3] == [120, 240, 360] and len(ticks) == 12
     renewals = [round(at - start) for at, noop in link.begun if not noop]
     assert renewals == [1500]
-    assert log.lines == ["[idle/x] idle renewing (25min threshold)"]
+    assert log.texts() == ["[idle/x] idle renewing (25min threshold)"]
     # each restart is checked by the command timeout (30 s) after it was written
     for (begun_at, _), (checked_at, _number) in zip(link.begun, link.checked, strict=False):
         assert 30 <= checked_at - begun_at <= 30 + 2 * GRANULARITY
@@ -139,7 +128,7 @@ async def test_ticks_renewals_and_checks_on_time(autojump_clock: trio.testing.Mo
 async def test_a_busy_link_hands_the_restart_to_the_session(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    stats, log, link = Stats(), Log(), Link(writable=False)
+    stats, log, link = Stats(), RecordingLog(), Link(writable=False)
     ticker = Ticker(stats, log)
     t = timers(link, ticker, stats, log, trio.current_time())
     t.start()
@@ -154,7 +143,7 @@ async def test_a_busy_link_hands_the_restart_to_the_session(
 
 
 async def test_an_ended_session_is_never_ticked(autojump_clock: trio.testing.MockClock) -> None:
-    stats, log, link = Stats(), Log(), Link()
+    stats, log, link = Stats(), RecordingLog(), Link()
     ticker = Ticker(stats, log)
     t = timers(link, ticker, stats, log, trio.current_time())
     t.start()

@@ -32,7 +32,7 @@ from trio_idle.accounts.outcome_text import ConnectionSecrets
 from trio_idle.backend.watch import BackendWatch
 from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.config import AccountHealthSettings, WebhookSettings
-from trio_idle.core.logs import log_internal_error, prefix, session_logger
+from trio_idle.core.logs import Logger, log_internal_error, prefix, session_logger
 from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap.responses import MailboxState
 from trio_idle.mailbox.account_health import Health
@@ -273,7 +273,7 @@ class Reconciler:
         finally:
             handle.finished.set()
 
-    def _start_scans(self, nursery: trio.Nursery, handle: Handle, log: Any) -> None:
+    def _start_scans(self, nursery: trio.Nursery, handle: Handle, log: Logger) -> None:
         """The coalescer's starter: a scan task only while scans are pending."""
         nursery.start_soon(
             run_scans,
@@ -288,7 +288,7 @@ class Reconciler:
             name=f"scan:{handle.conn.id}",
         )
 
-    def _start_reports(self, nursery: trio.Nursery, handle: Handle, log: Any) -> None:
+    def _start_reports(self, nursery: trio.Nursery, handle: Handle, log: Logger) -> None:
         """The account health's starter: a reporter only while a report is due."""
         assert self._status_policy is not None  # attached only with reports switched on
         nursery.start_soon(

@@ -44,7 +44,6 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import trio
@@ -57,7 +56,7 @@ from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.config import BackoffSettings, ImapSettings, TimerSettings
 from trio_idle.core.errors import KIND_SERVER_CLOSED, ImapAuthError, ImapError
 from trio_idle.core.limiter import ConnectLimiter, Pacer
-from trio_idle.core.logs import human_duration, log_internal_error, prefix
+from trio_idle.core.logs import Logger, human_duration, log_internal_error, prefix
 from trio_idle.core.stats import Stats
 from trio_idle.imap.client import ImapLimits, ImapTimeouts, connect, resolve_security
 from trio_idle.imap.connector import ImapConnector, ImapLink
@@ -180,7 +179,7 @@ async def run_session(
     env: SessionEnv,
     coalescer: ScanCoalescer,
     memory: ConnectionMemory,
-    log: Any,
+    log: Logger,
 ) -> None:
     """Keep one IMAP session alive until cancelled. Never returns otherwise."""
     where = prefix(conn.email)
@@ -360,7 +359,7 @@ class _Watch:
     env: SessionEnv
     coalescer: ScanCoalescer
     memory: ConnectionMemory
-    log: Any
+    log: Logger
 
     def announce(self, reason: str) -> None:
         """Request a scan for mail the monitor counted since the last call, if any."""
