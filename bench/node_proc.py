@@ -186,7 +186,7 @@ class NodeProc:
 
 def tick_ms(tick: str) -> int:
     """A trio-idle duration (``2m``, ``90s``, ``24h``) as the baseline's ``TICK_MS``."""
-    from trio_idle.core.config import parse_duration
+    from trio_idle.core.values import parse_duration
 
     # setTimeout cannot wait longer than 2**31 - 1 ms (it would fire at once)
     return min(2**31 - 1, max(1, round(parse_duration(tick) * 1000)))

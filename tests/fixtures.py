@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
+from trio_idle_testing.recording_log import RecordingLog
 
 from trio_idle.accounts.connections import AUTH_PASSWORD, MailConnection
 from trio_idle.backend.webhook import WebhookClient
@@ -86,38 +87,3 @@ def mock_webhook(
         max_connections=1,
         transport=httpx.MockTransport(handler),
     )
-
-
-class RecordingLog:
-    """Stands in for the loguru logger code takes as a ``log`` parameter (sessions, scan
-    workers, the ticker, the health reporter): records each line's level and text.
-    ``bind`` (the structured fields of the JSON format) returns the same log and keeps
-    no fields: tests assert the text operators read."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def bind(self, **fields: object) -> RecordingLog:
-        return self
-
-    def _record(self, level: str, text: str) -> None:
-        self.lines.append((level, text))
-
-    def debug(self, text: str, *args: object, **kwargs: object) -> None:
-        self._record("debug", text)
-
-    def info(self, text: str, *args: object, **kwargs: object) -> None:
-        self._record("info", text)
-
-    def warning(self, text: str, *args: object, **kwargs: object) -> None:
-        self._record("warning", text)
-
-    def error(self, text: str, *args: object, **kwargs: object) -> None:
-        self._record("error", text)
-
-    def exception(self, text: str, *args: object, **kwargs: object) -> None:
-        self._record("exception", text)
-
-    def texts(self, level: str | None = None) -> list[str]:
-        """The texts logged at ``level`` (every level if None), in order."""
-        return [text for at, text in self.lines if level is None or at == level]

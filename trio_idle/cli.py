@@ -62,7 +62,8 @@ from trio_idle.ops.status_client import (
 from trio_idle.runtime.daemon import Daemon, run_daemon
 from trio_idle.runtime.refresher import ConnectionSource
 from trio_idle.runtime.supervision import StartupError
-from trio_idle.state.store import POSTGRES_MIGRATIONS, PostgresBackend
+from trio_idle.state.postgres import PostgresBackend
+from trio_idle.state.tables import POSTGRES_MIGRATIONS
 
 EXIT_CONFIG = 2
 #: the ``trio-idle db`` actions

@@ -47,7 +47,7 @@ from tests.servers.postgres import (
     insert_mail_connections,
 )
 from trio_idle.cluster.membership import MEMBERSHIP_SQL
-from trio_idle.state.store import POSTGRES_DDL
+from trio_idle.state.tables import POSTGRES_DDL
 
 #: instance ids, in start order
 NAMES = ("p1", "p2", "p3", "p4")

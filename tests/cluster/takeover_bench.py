@@ -52,8 +52,8 @@ from tests.servers.postgres import (
 )
 from trio_idle.cluster.assignment import shares
 from trio_idle.cluster.membership import MEMBERSHIP_SQL
-from trio_idle.core.config import parse_duration
-from trio_idle.state.store import POSTGRES_DDL
+from trio_idle.core.values import parse_duration
+from trio_idle.state.tables import POSTGRES_DDL
 
 PASSWORD = "S3ntinel-pw-scaling"
 NAMES = ("a", "b", "c")

@@ -29,7 +29,7 @@ from trio_idle.core.secret import Secret
 from trio_idle.mailbox.reconcile import START_STEP
 from trio_idle.ops.health import assess_readiness
 from trio_idle.runtime.daemon import Daemon, run_daemon
-from trio_idle.state.store import POSTGRES_DDL, POSTGRES_TABLE
+from trio_idle.state.tables import POSTGRES_DDL, POSTGRES_TABLE
 
 PASSWORD = "S3ntinel-pw-cluster"
 TTL, POLL = 3.0, 0.5

@@ -228,7 +228,10 @@ async def sessions(
     tokens = BackendTokenSource.from_settings(settings.webhook)
     tokens._now = lambda: clock[0]  # the wall clock tokens expire by, moved by the tests
     env = SessionEnv(
-        settings=settings,
+        imap=settings.imap,
+        timers=settings.timers,
+        backoff=settings.backoff,
+        start_from=settings.store.start_from,
         limiter=ConnectLimiter(20, 50.0),
         ssl_context=None,
         stats=Stats(),
@@ -300,7 +303,16 @@ async def test_token_endpoint_down_keeps_running_sessions_and_backs_off_new_ones
                 imap_security="plain", backend_url=backend.url, admin_secret=Secret(ADMIN)
             )
             source = BackendTokenSource.from_settings(settings.webhook)
-            env = SessionEnv(settings, ConnectLimiter(20, 50.0), None, Stats(), tokens=source)
+            env = SessionEnv(
+                ConnectLimiter(20, 50.0),
+                None,
+                Stats(),
+                imap=settings.imap,
+                timers=settings.timers,
+                backoff=settings.backoff,
+                start_from=settings.store.start_from,
+                tokens=source,
+            )
             nursery.start_soon(
                 run_session, oauth_conn(late, oauth_dovecot), env, ScanCoalescer(),
                 late_memory, logger,

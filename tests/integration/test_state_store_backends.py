@@ -24,15 +24,12 @@ from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
 from trio_idle.imap.responses import MailboxState
-from trio_idle.state.store import (
-    POSTGRES_DDL,
-    POSTGRES_MIGRATIONS,
-    PostgresBackend,
-    SqliteBackend,
-    StateBackend,
-    StateStore,
-    startup_decision,
-)
+from trio_idle.state.catch_up import startup_decision
+from trio_idle.state.postgres import PostgresBackend
+from trio_idle.state.records import StateBackend
+from trio_idle.state.sqlite import SqliteBackend
+from trio_idle.state.store import StateStore
+from trio_idle.state.tables import POSTGRES_DDL, POSTGRES_MIGRATIONS
 
 NewBackend = Callable[[], StateBackend]
 

@@ -20,7 +20,7 @@ from tests.conftest import unavailable
 from tests.ops.conftest import cli_env, closed_port
 from tests.servers import free_tcp_port
 from trio_idle.core.config import OPTIONS, parse_settings
-from trio_idle.state.store import default_state_path
+from trio_idle.state.sqlite import default_state_path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"

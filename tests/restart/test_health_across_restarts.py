@@ -20,7 +20,7 @@ from trio_idle_testing.backend import ScanBackend
 from tests.harness import ListSource, make_settings, poll_until, row, running_daemon
 from tests.servers.postgres import execute_sql
 from trio_idle.runtime.daemon import Daemon
-from trio_idle.state.store import POSTGRES_MIGRATIONS
+from trio_idle.state.tables import POSTGRES_MIGRATIONS
 
 PASSWORD = "S3ntinel-pw-health-restart"
 HEALTHY = [f"h{i}@health-restart.test" for i in range(5)]

@@ -26,7 +26,7 @@ from tests.harness import (
 )
 from tests.servers.postgres import execute_sql, fetch_sql
 from trio_idle.runtime.daemon import Daemon
-from trio_idle.state.store import POSTGRES_DDL, POSTGRES_TABLE
+from trio_idle.state.tables import POSTGRES_DDL, POSTGRES_TABLE
 
 PASSWORD = "S3ntinel-pw-restart"
 RATE = 40.0  # catch-up scans per second

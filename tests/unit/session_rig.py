@@ -19,8 +19,9 @@ import attrs
 import trio
 import trio.testing
 from trio_idle_testing.fake_imap import FakeImapServer
+from trio_idle_testing.recording_log import RecordingLog
 
-from tests.fixtures import RecordingLog, mail_connection
+from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.config import GROUPS, OPTIONS, Settings
@@ -81,8 +82,12 @@ def make_rig(
         if option.field in values:
             groups.setdefault(option.group, {})[option.field] = values.pop(option.field)
     assert not values, f"unknown settings {sorted(values)}"
+    config = Settings(**{g: GROUPS[g](**fields) for g, fields in groups.items()})
     env = SessionEnv(
-        settings=Settings(**{g: GROUPS[g](**fields) for g, fields in groups.items()}),
+        imap=config.imap,
+        timers=config.timers,
+        backoff=config.backoff,
+        start_from=config.store.start_from,
         limiter=ConnectLimiter(20, 50.0),
         ssl_context=None,
         stats=Stats(),

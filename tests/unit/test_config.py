@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trio_idle.core.config import ConfigError, Settings, parse_duration, parse_settings
+from trio_idle.core.config import ConfigError, Settings, parse_settings
+from trio_idle.core.values import parse_duration
 
 ADMIN = "adm1n-s3cret-VALUE"
 KEY = "0123456789abcdef0123456789abcdef-key"  # 36 chars

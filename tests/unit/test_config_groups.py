@@ -12,12 +12,12 @@ from trio_idle.core.config import (
     ConfigError,
     Settings,
     TimerSettings,
-    parse_duration,
     parse_settings,
     process_secrets,
     setting,
 )
 from trio_idle.core.secret import Secret
+from trio_idle.core.values import parse_duration
 
 ADMIN = "gr0up-admin-S3CRET"
 KEY = "0123456789abcdef0123456789abcdef-grp"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trio_idle.core.config import ConfigError, parse_settings, parse_size
+from trio_idle.core.config import ConfigError, parse_settings
+from trio_idle.core.values import parse_size
 
 BASE_ENV = {
     "ADMIN_SECRET": "adm1n-s3cret-VALUE",

@@ -9,8 +9,9 @@ import random
 import httpx
 import trio
 import trio.testing
+from trio_idle_testing.recording_log import RecordingLog
 
-from tests.fixtures import RecordingLog, mail_connection, mock_webhook
+from tests.fixtures import mail_connection, mock_webhook
 from trio_idle.accounts.outcome_text import ConnectionSecrets
 from trio_idle.core.errors import ImapConnectError
 from trio_idle.core.stats import Stats

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trio_idle.core.config import ConfigError, parse_listen_addr, parse_settings
+from trio_idle.core.config import ConfigError, parse_settings
+from trio_idle.core.values import parse_listen_addr
 
 ENV = {
     "ADMIN_SECRET": "adm",

@@ -28,9 +28,9 @@ from trio_idle.accounts.providers import (
     classify_server_text,
     preset_for,
     preset_named,
-    session_settings,
+    provider_timers,
 )
-from trio_idle.core.config import Settings, TimerSettings
+from trio_idle.core.config import TimerSettings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "providers.md"
 REQUIRED = {"gmail", "microsoft", "icloud", "yahoo", "gmx", "webde", "tonline"}
@@ -182,27 +182,27 @@ def test_every_reason_code_is_known_to_the_table_vocabulary() -> None:
 # -- per-provider timers -----------------------------------------------------------------
 
 
-def settings(renew: float = 1500.0, tick: float = 120.0) -> Settings:
-    return Settings(timers=TimerSettings(idle_renew_interval=renew, tick_interval=tick))
+def timers(renew: float = 1500.0, tick: float = 120.0) -> TimerSettings:
+    return TimerSettings(idle_renew_interval=renew, tick_interval=tick)
 
 
 def test_a_preset_s_sooner_renewal_wins_over_the_global_default() -> None:
     gmx = preset_named("gmx")
     assert gmx.idle_renew is not None
-    applied = session_settings(settings(), "gmx")
-    assert applied.timers.idle_renew_interval == gmx.idle_renew
-    assert applied.timers.tick_interval == 120.0  # no tick override for GMX
-    assert applied.imap == settings().imap  # nothing else changes
+    applied = provider_timers(timers(), "gmx")
+    assert applied.idle_renew_interval == gmx.idle_renew
+    assert applied.tick_interval == 120.0  # no tick override for GMX
+    assert applied.command_timeout == timers().command_timeout  # nothing else changes
 
 
 def test_an_operator_s_even_shorter_setting_still_holds() -> None:
-    assert session_settings(settings(renew=60.0), "gmx").timers.idle_renew_interval == 60.0
+    assert provider_timers(timers(renew=60.0), "gmx").idle_renew_interval == 60.0
 
 
 @pytest.mark.parametrize("provider", [None, GENERIC, "gmail", "unknown"])
-def test_providers_without_overrides_keep_the_settings_object(provider: str | None) -> None:
-    base = settings()
-    assert session_settings(base, provider) is base
+def test_providers_without_overrides_keep_the_timers_object(provider: str | None) -> None:
+    base = timers()
+    assert provider_timers(base, provider) is base
 
 
 # -- the doc ------------------------------------------------------------------------------

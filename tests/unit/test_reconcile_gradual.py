@@ -4,6 +4,8 @@ shutdown in the middle starts nothing more. Virtual clock, scripted IMAP."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import trio
 import trio.testing
@@ -11,6 +13,7 @@ import trio.testing
 from tests.fixtures import mock_webhook
 from tests.unit.session_rig import CONN, make_rig
 from trio_idle.accounts.connections import MailConnection
+from trio_idle.core.config import AccountHealthSettings, WebhookSettings
 from trio_idle.mailbox.reconcile import START_STEP, Reconciler
 
 N = 5 * START_STEP
@@ -21,6 +24,11 @@ def wanted(n: int) -> dict[str, MailConnection]:
     return {c.id: c for c in conns}
 
 
+def groups() -> dict[str, Any]:
+    """The settings groups a reconciler reads beside its sessions', at their defaults."""
+    return {"webhook_settings": WebhookSettings(), "account_health": AccountHealthSettings()}
+
+
 async def test_new_connections_start_a_step_at_a_time_and_others_run_between(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -28,7 +36,7 @@ async def test_new_connections_start_a_step_at_a_time_and_others_run_between(
     seen: list[int] = []
     applied = trio.Event()
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0))
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0), **groups())
 
         async def other_task() -> None:  # e.g. a session with a push to deliver
             while not applied.is_set():
@@ -54,7 +62,7 @@ async def test_shutdown_during_a_gradual_start_starts_nothing_more(
 ) -> None:
     rig = make_rig()
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0))
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0), **groups())
 
         async def shutdown_after_first_step() -> None:
             while len(reconciler.handles) < START_STEP:
@@ -80,7 +88,7 @@ async def test_a_change_between_steps_counts_for_the_connections_not_started_yet
     later = ids[N // 2 :]  # not reached before the change: that takes at most two steps
     dropped, changed = later[::2], later[1]
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0))
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0), **groups())
 
         async def change_after_first_step() -> None:
             while len(reconciler.handles) < START_STEP:
@@ -104,7 +112,7 @@ async def test_a_connection_running_already_is_not_started_again(
     conns = wanted(2 * START_STEP)
     ids = sorted(conns)
     async with trio.open_nursery() as nursery:
-        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0))
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0), **groups())
         reconciler.apply({i: conns[i] for i in ids[::3]})
         before = dict(reconciler.handles)
         started = await reconciler.start_gradually(ids, conns.get)

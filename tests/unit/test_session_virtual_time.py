@@ -41,7 +41,8 @@ from trio_idle.imap.responses import MailboxState
 from trio_idle.mailbox.scan_worker import ScanPolicy
 from trio_idle.mailbox.session import run_session
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE, POLLING
-from trio_idle.state.store import Key, ScannedState, StateStore
+from trio_idle.state.records import Key, ScannedState
+from trio_idle.state.store import StateStore
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ import trio
 
 from tests.harness import capture_logs
 from trio_idle.core.stats import Stats
-from trio_idle.state.store import Key, ScannedState, SqliteBackend, StateStore
+from trio_idle.state.records import Key, ScannedState
+from trio_idle.state.sqlite import SqliteBackend
+from trio_idle.state.store import StateStore
 
 
 async def test_record_flush_and_reload(tmp_path: Path) -> None:
@@ -139,7 +141,7 @@ async def test_disabled_store_records_nothing() -> None:
 
 def test_startup_decision() -> None:
     from trio_idle.imap.responses import MailboxState
-    from trio_idle.state.store import startup_decision
+    from trio_idle.state.catch_up import startup_decision
 
     now = MailboxState(exists=3, uidnext=10, uidvalidity=7)
     assert startup_decision(None, now).scan

@@ -8,8 +8,8 @@ from typing import Any
 
 import trio
 import trio.testing
+from trio_idle_testing.recording_log import RecordingLog
 
-from tests.fixtures import RecordingLog
 from trio_idle.core.stats import Stats
 from trio_idle.mailbox.ticker import GRANULARITY, IdleTimers, Ticker
 

@@ -37,12 +37,10 @@ from trio_idle.core.config import OAuthSettings
 from trio_idle.core.crypto import derive_key
 from trio_idle.core.secret import Secret
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
-from trio_idle.state.store import (
-    POSTGRES_TOKEN_TABLE,
-    PostgresBackend,
-    SqliteBackend,
-    TokenBackend,
-)
+from trio_idle.state.postgres import PostgresBackend
+from trio_idle.state.records import TokenBackend
+from trio_idle.state.sqlite import SqliteBackend
+from trio_idle.state.tables import POSTGRES_TOKEN_TABLE
 
 CLIENT_ID = "trio-idle-test-client"
 CLIENT_SECRET = "oauth-cl1ent-s3cret-http"

@@ -24,7 +24,7 @@ from trio_idle.auth.token_refresh import (
 from trio_idle.core.config import ConfigError, OAuthSettings, Settings, parse_settings
 from trio_idle.core.scrub import PLAIN, Scrubber, Scrubs
 from trio_idle.core.secret import Secret
-from trio_idle.state.store import POSTGRES_MIGRATIONS, POSTGRES_TOKEN_SQL, SQLITE_TOKEN_SQL
+from trio_idle.state.tables import POSTGRES_MIGRATIONS, POSTGRES_TOKEN_SQL, SQLITE_TOKEN_SQL
 
 CLIENT_SECRET = "oauth-cl1ent-s3cret-pure"
 REFRESH = "S3ntinel-rt-pure-0123456789"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 
 if TYPE_CHECKING:
-    from trio_idle.core.config import Settings
+    from trio_idle.core.config import TimerSettings
 
 # sign-in methods a provider accepts
 PASSWORD: Final = "password"
@@ -328,15 +328,14 @@ def classify_server_text(preset: Preset, text: str) -> str | None:
     return None
 
 
-def session_settings(settings: Settings, provider: str | None) -> Settings:
-    """``settings`` with the provider's IDLE renewal and tick applied.
+def provider_timers(timers: TimerSettings, provider: str | None) -> TimerSettings:
+    """``timers`` with the provider's IDLE renewal and tick applied.
 
     A preset can only make these timers shorter: it says "the provider drops you after
-    this long", so an operator's shorter setting still holds. Pure; returns ``settings``
+    this long", so an operator's shorter setting still holds. Pure; returns ``timers``
     itself when nothing changes.
     """
     preset = preset_named(provider)
-    timers = settings.timers
     renew = timers.idle_renew_interval
     tick = timers.tick_interval
     if preset.idle_renew is not None:
@@ -344,10 +343,8 @@ def session_settings(settings: Settings, provider: str | None) -> Settings:
     if preset.tick is not None:
         tick = min(tick, preset.tick)
     if renew == timers.idle_renew_interval and tick == timers.tick_interval:
-        return settings
-    return attrs.evolve(
-        settings, timers=attrs.evolve(timers, idle_renew_interval=renew, tick_interval=tick)
-    )
+        return timers
+    return attrs.evolve(timers, idle_renew_interval=renew, tick_interval=tick)
 
 
 def connection_preset(provider: str | None, email: str, host: str | None) -> Preset:

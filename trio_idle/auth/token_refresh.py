@@ -77,7 +77,8 @@ from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key,
 from trio_idle.core.limiter import Pacer
 from trio_idle.core.scrub import PLAIN, Scrubs
 from trio_idle.core.secret import Secret
-from trio_idle.state.store import StoredRefreshToken, TokenBackend, make_token_backend
+from trio_idle.state.backends import make_token_backend
+from trio_idle.state.records import StoredRefreshToken, TokenBackend
 
 if TYPE_CHECKING:
     from trio_idle.accounts.connections import MailConnection

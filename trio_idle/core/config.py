@@ -11,18 +11,22 @@ Each setting is declared once, as a field of the frozen group of its concern
 flag, parser, default text, help, secrecy. :class:`Settings` holds the groups, and
 :data:`OPTIONS` (CLI flags, docs/configuration.md, :func:`parse_settings`) is derived from
 them. To add a setting, add one field to its group; nothing else lists it.
+
+The parsers live with what they parse (:mod:`~trio_idle.core.values`,
+:mod:`~trio_idle.core.urls`, :mod:`~trio_idle.core.destinations`,
+:mod:`~trio_idle.core.crypto`); the rules between settings in
+:mod:`~trio_idle.core.config_checks`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar, overload
-from urllib.parse import urlsplit
 
 import attrs
 
-from trio_idle.core.crypto import KEY_DERIVATIONS, MIN_KEY_CHARS
+from trio_idle.core.config_checks import cross_check
+from trio_idle.core.crypto import KEY_DERIVATIONS, MIN_KEY_CHARS, key_problem
 from trio_idle.core.destinations import (
     DEFAULT_REFUSE_NETWORKS,
     Network,
@@ -30,6 +34,32 @@ from trio_idle.core.destinations import (
 )
 from trio_idle.core.scrub import url_secrets
 from trio_idle.core.secret import Secret
+from trio_idle.core.urls import (
+    parse_http_url,
+    parse_postgres_url,
+    parse_secret_http_url,
+    parse_tenant,
+    parse_token_url,
+    parse_url_path,
+)
+from trio_idle.core.values import (
+    one_of,
+    parse_bearer_token,
+    parse_bool,
+    parse_buffer_size,
+    parse_duration,
+    parse_fraction,
+    parse_header_name,
+    parse_instance_id,
+    parse_listen_addr,
+    parse_nonempty,
+    parse_nonempty_secret,
+    parse_positive_float,
+    parse_positive_int,
+    parse_share,
+    parse_stripped,
+    parse_table_name,
+)
 
 #: The optional columns are read from the whole row as JSON (``->>`` gives NULL for a
 #: key the table lacks), so one plain statement works on tables with and without them:
@@ -47,6 +77,7 @@ STATE_BACKENDS: Final = ("sqlite", "postgres", "none")
 #: where a mailbox with no stored state starts (TRIO_IDLE_START_FROM)
 START_FROM: Final = ("full", "now")
 GC_MODES: Final = ("tuned", "python")
+CLUSTER_MODES: Final = ("single", "shared")
 LOG_FORMATS: Final = ("text", "json")
 #: deploy/env.example marks every value an operator must fill in with this; a value that
 #: still holds it is refused, whichever setting it is (a secret of the example would be
@@ -76,228 +107,6 @@ class ConfigError(ValueError):
     def lines(self) -> list[str]:
         """One line per problem, in the order they were found."""
         return [str(problem) for problem in self.problems]
-
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)?\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """``"120"``, ``"120s"``, ``"2m"``, ``"25min"``, ``"1.5h"``, ``"500ms"`` → seconds (> 0)."""
-    match = _DURATION_RE.match(text)
-    if not match:
-        raise ValueError(f"expected a positive duration like 120, 30s, 2m or 1h, got {text!r}")
-    value = float(match.group(1)) * _UNIT_SECONDS[(match.group(2) or "s").lower()]
-    if value <= 0:
-        raise ValueError(f"expected a positive duration, got {text!r}")
-    return value
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(i?b)?|(b))?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def parse_size(text: str) -> int:
-    """``"1048576"``, ``"512k"``, ``"64KiB"``, ``"1M"``, ``"1MiB"``, ``"1G"`` → bytes (> 0).
-
-    Units are binary whatever the spelling (``1MB`` is 1,048,576 bytes, as ``1MiB``):
-    these are buffer bounds, not disk sizes. A plain number is bytes.
-    """
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ValueError(f"expected a size like 1048576, 512k, 64KiB or 1MiB, got {text!r}")
-    number, unit = int(match.group(1)), match.group(2)
-    value = number * _SIZE_UNITS[unit.lower()] if unit else number
-    if value <= 0:
-        raise ValueError(f"expected a positive size, got {text!r}")
-    return value
-
-
-def _buffer_size(text: str) -> int:
-    value = parse_size(text)
-    if value < 1024:  # smaller would refuse ordinary greetings and SELECT answers
-        raise ValueError(f"expected at least 1KiB, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise ValueError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise ValueError(f"expected a number between 0 and 1, got {text!r}")
-    return value
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a number above 0 and at most 1, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise ValueError(f"expected a number above 0 and at most 1, got {text!r}")
-    return value
-
-
-_TRUE: Final = frozenset({"true", "1", "yes"})
-_FALSE: Final = frozenset({"false", "0", "no"})
-
-
-def parse_bool(text: str) -> bool:
-    """``true``/``false``, ``1``/``0``, ``yes``/``no`` (any case) → bool."""
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"expected true or false (also 1/0, yes/no), got {text!r}")
-
-
-def _http_url(text: str) -> str:
-    parts = urlsplit(text.strip())
-    shown = repr(text) if "@" not in text else "a URL with credentials (not shown)"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL with a host, got {shown}")
-    try:
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise ValueError(f"expected a URL with a numeric port, got {shown}") from None
-    return text.strip().rstrip("/")
-
-
-def _postgres_url(text: str) -> Secret:
-    # Never echo the value: it usually carries a password.
-    expected = "expected a postgresql://user:password@host:port/db URL"
-    try:
-        parts = urlsplit(text.strip())
-    except ValueError:
-        raise ValueError(f"{expected} (value not shown)") from None
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise ValueError(expected)
-    # asyncpg takes "host1:5432,host2:5433"; every port must be a number, or the first
-    # connect dies deep inside asyncpg instead of here, as a configuration error.
-    hosts = parts.netloc.rpartition("@")[2]
-    for host in hosts.split(","):
-        name, sep, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
-        if sep and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            raise ValueError(f"{expected}: a port is not a number 1-65535 (value not shown)")
-        if sep and name.startswith("[") and not name.endswith("]"):
-            raise ValueError(f"{expected}: malformed host (value not shown)")
-    return Secret(text.strip())
-
-
-def _path_part(text: str) -> str:
-    if not text.startswith("/"):
-        raise ValueError(f"expected a path starting with '/', got {text!r}")
-    return text
-
-
-def _header_name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9-]+", text):
-        raise ValueError(f"expected an HTTP header name (letters, digits, '-'), got {text!r}")
-    return text.lower()
-
-
-def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().upper() if upper else text.strip().lower()
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _encryption_key(text: str) -> Secret:
-    if not text:
-        raise ValueError("must not be empty")
-    return Secret(text)
-
-
-def _nonempty_secret(text: str) -> Secret:
-    if not text:
-        raise ValueError("must not be empty")
-    return Secret(text)
-
-
-def _nonempty(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text.strip()
-
-
-def _optional_file(text: str) -> str:
-    return text.strip()
-
-
-def parse_listen_addr(text: str) -> tuple[str, int]:
-    """``"9310"`` or ``":9310"`` → ``("127.0.0.1", 9310)``; ``"0.0.0.0:9310"``, ``"[::1]:9310"``.
-
-    Port 0 asks the kernel for a free port (the bound address is logged).
-    """
-    value = text.strip()
-    host, sep, port_text = value.rpartition(":")
-    if not sep:
-        host, port_text = "", value
-    host = host.strip()
-    bracketed = host.startswith("[") and host.endswith("]")
-    if bracketed:
-        host = host[1:-1]
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"expected PORT or HOST:PORT (port 0-65535), got {text!r}")
-    if ":" in host and not (bracketed and re.fullmatch(r"[0-9a-fA-F:.]+", host)):
-        raise ValueError(f"expected PORT or HOST:PORT (an IPv6 host in brackets), got {text!r}")
-    return (host or "127.0.0.1", int(port_text))
-
-
-_BEARER_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~+/-]+=*")
-
-
-def _bearer_token(text: str) -> Secret:
-    # Never echo the value, not even part of it: a near-miss is usually the real token.
-    if not 16 <= len(text) <= 512:
-        raise ValueError(f"expected 16 to 512 characters, got {len(text)} (value not shown)")
-    if not _BEARER_TOKEN_RE.fullmatch(text):
-        raise ValueError(
-            "expected only the characters A-Z a-z 0-9 - . _ ~ + / and trailing = "
-            "(e.g. openssl rand -hex 32; value not shown)"
-        )
-    return Secret(text)
-
-
-def _secret_http_url(text: str) -> Secret:
-    # A push-monitoring URL embeds its token: validate it like a URL, never echo it.
-    try:
-        return Secret(_http_url(text))
-    except ValueError:
-        raise ValueError(
-            "expected an http:// or https:// URL with a host (value not shown)"
-        ) from None
-
-
-def _stripped(text: str) -> str:
-    return text.strip()
 
 
 _T = TypeVar("_T")
@@ -385,14 +194,14 @@ class ConnectionSettings:
     source: str = setting(
         "TRIO_IDLE_SOURCE",
         "--source",
-        _choice(SOURCES),
+        one_of(SOURCES),
         "postgres",
         "where the connection list comes from: postgres (DATABASE_URL) or file",
     )
     database_url: Secret | None = setting(
         "DATABASE_URL",
         None,
-        _postgres_url,
+        parse_postgres_url,
         None,
         "PostgreSQL URL (direct or through a transaction pooler)",
         secret=True,
@@ -400,21 +209,21 @@ class ConnectionSettings:
     connections_query: str = setting(
         "TRIO_IDLE_QUERY",
         "--query",
-        _nonempty,
+        parse_nonempty,
         DEFAULT_QUERY,
         "SQL returning id, userId, email, imapHost, imapPort, imapUser, encryptedPassword",
     )
     connections_file: str | None = setting(
         "TRIO_IDLE_CONNECTIONS_FILE",
         "--connections-file",
-        _nonempty,
+        parse_nonempty,
         None,
         "TOML file with the connections (source=file)",
     )
     encryption_key: Secret = setting(
         "ENCRYPTION_KEY",
         None,
-        _encryption_key,
+        parse_nonempty_secret,
         None,
         f"AES-256 key string (at least {MIN_KEY_CHARS} characters with utf8-prefix)",
         unset=Secret(""),
@@ -423,7 +232,7 @@ class ConnectionSettings:
     key_derivation: str = setting(
         "TRIO_IDLE_KEY_DERIVATION",
         "--key-derivation",
-        _choice(KEY_DERIVATIONS),
+        one_of(KEY_DERIVATIONS),
         "utf8-prefix",
         "how ENCRYPTION_KEY becomes the AES key: utf8-prefix (first 32 bytes) or sha256",
     )
@@ -433,18 +242,20 @@ class ConnectionSettings:
 class ImapSettings:
     """How each IMAP session connects, and what it accepts from the server."""
 
-    mailbox: str = setting("TRIO_IDLE_MAILBOX", "--mailbox", _nonempty, "INBOX", "mailbox to watch")
+    mailbox: str = setting(
+        "TRIO_IDLE_MAILBOX", "--mailbox", parse_nonempty, "INBOX", "mailbox to watch"
+    )
     imap_security: str = setting(
         "TRIO_IDLE_IMAP_SECURITY",
         "--imap-security",
-        _choice(SECURITY_MODES),
+        one_of(SECURITY_MODES),
         "auto",
         "auto (993: TLS, 143: STARTTLS, other: TLS), tls, starttls or plain",
     )
     ca_file: str | None = setting(
         "TRIO_IDLE_CA_FILE",
         "--ca-file",
-        _optional_file,
+        parse_stripped,
         None,
         "PEM file of extra CAs to trust (private CAs); system CAs are used otherwise",
     )
@@ -458,14 +269,14 @@ class ImapSettings:
     max_line: int = setting(
         "TRIO_IDLE_MAX_LINE",
         "--max-line",
-        _buffer_size,
+        parse_buffer_size,
         "1MiB",
         "longest IMAP response line accepted (text outside literals); more drops the connection",
     )
     max_literal: int = setting(
         "TRIO_IDLE_MAX_LITERAL",
         "--max-literal",
-        _buffer_size,
+        parse_buffer_size,
         "1MiB",
         "most literal data ({n} blocks) in one IMAP response; more drops the connection",
     )
@@ -579,21 +390,21 @@ class LimitSettings:
     connect_concurrency: int = setting(
         "TRIO_IDLE_CONNECT_CONCURRENCY",
         "--connect-concurrency",
-        _positive_int,
+        parse_positive_int,
         "20",
         "max IMAP handshakes + logins in progress at once",
     )
     connect_rate: float = setting(
         "TRIO_IDLE_CONNECT_RATE",
         "--connect-rate",
-        _positive_float,
+        parse_positive_float,
         "50",
         "max new IMAP connections started per second (all mailboxes)",
     )
     connect_host_share: float = setting(
         "TRIO_IDLE_CONNECT_HOST_SHARE",
         "--connect-host-share",
-        _share,
+        parse_share,
         "0.25",
         "share of the connect slots one IMAP host name may hold (at least one slot), so a "
         "host that never answers cannot make every other mailbox wait",
@@ -601,7 +412,7 @@ class LimitSettings:
     catchup_rate: float = setting(
         "TRIO_IDLE_CATCHUP_RATE",
         "--catchup-rate",
-        _positive_float,
+        parse_positive_float,
         "20",
         "max catch-up scans (startup/reconnect) sent per second, all mailboxes; "
         "EXISTS-driven scans are not paced",
@@ -615,7 +426,7 @@ class WebhookSettings:
     backend_url: str = setting(
         "BACKEND_URL",
         "--backend-url",
-        _http_url,
+        parse_http_url,
         None,
         "backend base URL (default http://127.0.0.1:3016, :3015 when NODE_ENV=production)",
         unset="http://127.0.0.1:3016",
@@ -623,21 +434,21 @@ class WebhookSettings:
     scan_path: str = setting(
         "TRIO_IDLE_SCAN_PATH",
         "--scan-path",
-        _path_part,
+        parse_url_path,
         "/api/mail/scan-internal",
         "path of the scan webhook on the backend",
     )
     secret_header: str = setting(
         "TRIO_IDLE_SECRET_HEADER",
         "--secret-header",
-        _header_name,
+        parse_header_name,
         "x-admin-secret",
         "header that carries ADMIN_SECRET",
     )
     admin_secret: Secret = setting(
         "ADMIN_SECRET",
         None,
-        _nonempty_secret,
+        parse_nonempty_secret,
         None,
         "shared secret sent in the scan request header",
         unset=Secret(""),
@@ -646,7 +457,7 @@ class WebhookSettings:
     signing_secret: Secret | None = setting(
         "TRIO_IDLE_SIGNING_SECRET",
         None,
-        _nonempty_secret,
+        parse_nonempty_secret,
         None,
         "if set, the body is signed: x-signature: sha256=<hex HMAC-SHA256>",
         secret=True,
@@ -675,7 +486,7 @@ class WebhookSettings:
     http_max_connections: int = setting(
         "TRIO_IDLE_HTTP_MAX_CONNECTIONS",
         "--http-max-connections",
-        _positive_int,
+        parse_positive_int,
         "100",
         "connection pool size towards the backend (requests beyond it wait their turn; "
         "at most 10 idle connections are kept)",
@@ -699,7 +510,7 @@ class WebhookSettings:
     token_path: str = setting(
         "TRIO_IDLE_TOKEN_PATH",
         "--token-path",
-        _path_part,
+        parse_url_path,
         "/api/mail/imap-token-internal",
         "path of the backend's OAuth2 access-token endpoint (for oauth2 connections)",
     )
@@ -735,7 +546,7 @@ class StateSettings:
     state: str = setting(
         "TRIO_IDLE_STATE",
         "--state",
-        _choice(STATE_BACKENDS),
+        one_of(STATE_BACKENDS),
         "sqlite",
         "where the per-mailbox scan state lives (restart catch-up): sqlite, postgres "
         "(table from `trio-idle db migrate`, uses DATABASE_URL) or none",
@@ -743,7 +554,7 @@ class StateSettings:
     state_path: str | None = setting(
         "TRIO_IDLE_STATE_PATH",
         "--state-path",
-        _nonempty,
+        parse_nonempty,
         None,
         "SQLite state file (default $STATE_DIRECTORY/state.sqlite3, else "
         "~/.local/state/trio-idle/state.sqlite3)",
@@ -758,7 +569,7 @@ class StateSettings:
     start_from: str = setting(
         "TRIO_IDLE_START_FROM",
         "--start-from",
-        _choice(START_FROM),
+        one_of(START_FROM),
         "full",
         "a mailbox with no stored state (first start, new connection): full = one scan of "
         "everything; now = no scan, its UIDNEXT is stored and only mail from then on is "
@@ -790,7 +601,7 @@ class HealthSettings:
     status_token: Secret | None = setting(
         "TRIO_IDLE_STATUS_TOKEN",
         None,
-        _bearer_token,
+        parse_bearer_token,
         None,
         "the token /status requires in an Authorization: Bearer header (16 to 512 of the "
         "characters A-Z a-z 0-9 - . _ ~ + / and trailing =); /status is off without it",
@@ -799,7 +610,7 @@ class HealthSettings:
     ready_share: float = setting(
         "TRIO_IDLE_READY_SHARE",
         "--ready-share",
-        _fraction,
+        parse_fraction,
         "0.9",
         "share of the sessions (auth-failed ones left out: their users must act) that must be "
         "idle or polling for /readyz and the health ping",
@@ -822,7 +633,7 @@ class HealthSettings:
     ping_url: Secret | None = setting(
         "TRIO_IDLE_PING_URL",
         None,
-        _secret_http_url,
+        parse_secret_http_url,
         None,
         "push-monitoring URL (healthchecks.io, Uptime Kuma) pinged while healthy",
         secret=True,
@@ -837,7 +648,7 @@ class HealthSettings:
     ping_fail_suffix: str = setting(
         "TRIO_IDLE_PING_FAIL_SUFFIX",
         "--ping-fail-suffix",
-        _nonempty,
+        parse_nonempty,
         "/fail",
         "appended to the ping URL when unhealthy (a ?reason=... query is added)",
     )
@@ -850,14 +661,14 @@ class LogSettings:
     log_level: str = setting(
         "TRIO_IDLE_LOG_LEVEL",
         "--log-level",
-        _choice(LOG_LEVELS, upper=True),
+        one_of(LOG_LEVELS, upper=True),
         "INFO",
         "minimum log level",
     )
     log_format: str = setting(
         "TRIO_IDLE_LOG_FORMAT",
         "--log-format",
-        _choice(LOG_FORMATS),
+        one_of(LOG_FORMATS),
         "text",
         "text (the documented lines) or json (one flat object per line, the schema in "
         "docs/operations.md)",
@@ -879,7 +690,7 @@ class ProcessSettings:
     gc_mode: str = setting(
         "TRIO_IDLE_GC",
         "--gc",
-        _choice(GC_MODES),
+        one_of(GC_MODES),
         "tuned",
         "tuned: no automatic full garbage collections (they pause ≈ 2 s at 10,000 "
         "sessions); the young generations collected every 0.25 s; after each refresh a "
@@ -904,7 +715,7 @@ class ProcessSettings:
     node_env: str = setting(
         "NODE_ENV",
         None,
-        _stripped,
+        parse_stripped,
         "development",
         "production switches the default BACKEND_URL port to 3015",
     )
@@ -913,23 +724,6 @@ class ProcessSettings:
 #: the token endpoints of the providers whose refresh flow the daemon runs itself
 GOOGLE_TOKEN_URL: Final = "https://oauth2.googleapis.com/token"
 MICROSOFT_TOKEN_URL: Final = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
-
-
-def _tenant(text: str) -> str:
-    # It becomes a path segment of the token URL: a GUID, a domain or common/organizations.
-    value = text.strip()
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,99}", value):
-        raise ValueError(
-            "expected a tenant id, a domain, common, organizations or consumers "
-            f"(letters, digits, '.', '-'), got {value[:60]!r}"
-        )
-    return value
-
-
-def _token_url(text: str) -> str:
-    # "{tenant}" is filled in later; check the URL with a placeholder in its place.
-    checked = _http_url(text.replace("{tenant}", "common"))
-    return checked if "{tenant}" not in text else text.strip().rstrip("/")
 
 
 @attrs.frozen(kw_only=True)
@@ -942,14 +736,14 @@ class OAuthSettings:
     google_client_id: str | None = setting(
         "TRIO_IDLE_GOOGLE_CLIENT_ID",
         "--google-client-id",
-        _nonempty,
+        parse_nonempty,
         None,
         "OAuth2 client id at Google, for rows with a refresh token (daemon-side refresh)",
     )
     google_client_secret: Secret | None = setting(
         "TRIO_IDLE_GOOGLE_CLIENT_SECRET",
         None,
-        _nonempty_secret,
+        parse_nonempty_secret,
         None,
         "OAuth2 client secret at Google",
         secret=True,
@@ -957,21 +751,21 @@ class OAuthSettings:
     google_token_url: str = setting(
         "TRIO_IDLE_GOOGLE_TOKEN_URL",
         "--google-token-url",
-        _token_url,
+        parse_token_url,
         GOOGLE_TOKEN_URL,
         "Google's token endpoint (tests point it at a local server)",
     )
     microsoft_client_id: str | None = setting(
         "TRIO_IDLE_MICROSOFT_CLIENT_ID",
         "--microsoft-client-id",
-        _nonempty,
+        parse_nonempty,
         None,
         "OAuth2 client (application) id at Microsoft, for rows with a refresh token",
     )
     microsoft_client_secret: Secret | None = setting(
         "TRIO_IDLE_MICROSOFT_CLIENT_SECRET",
         None,
-        _nonempty_secret,
+        parse_nonempty_secret,
         None,
         "OAuth2 client secret at Microsoft (unset for a public client)",
         secret=True,
@@ -979,14 +773,14 @@ class OAuthSettings:
     microsoft_tenant: str = setting(
         "TRIO_IDLE_MICROSOFT_TENANT",
         "--microsoft-tenant",
-        _tenant,
+        parse_tenant,
         "common",
         "Microsoft tenant: common, organizations, consumers, a tenant id or domain",
     )
     microsoft_token_url: str = setting(
         "TRIO_IDLE_MICROSOFT_TOKEN_URL",
         "--microsoft-token-url",
-        _token_url,
+        parse_token_url,
         MICROSOFT_TOKEN_URL,
         "Microsoft's token endpoint; {tenant} is replaced by TRIO_IDLE_MICROSOFT_TENANT",
     )
@@ -1000,7 +794,7 @@ class OAuthSettings:
     oauth_rate: float = setting(
         "TRIO_IDLE_OAUTH_RATE",
         "--oauth-rate",
-        _positive_float,
+        parse_positive_float,
         "5",
         "max token refreshes started per second at the providers, all connections",
     )
@@ -1026,7 +820,7 @@ class AccountHealthSettings:
     status_path: str = setting(
         "TRIO_IDLE_CONNECTION_STATUS_PATH",
         "--connection-status-path",
-        _path_part,
+        parse_url_path,
         "/api/mail/connection-status-internal",
         "path of the account health endpoint on the backend",
     )
@@ -1040,36 +834,6 @@ class AccountHealthSettings:
     )
 
 
-CLUSTER_MODES: Final = ("single", "shared")
-_INSTANCE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
-
-
-def _instance_id(text: str) -> str:
-    text = text.strip()
-    if not _INSTANCE_ID.fullmatch(text):
-        raise ValueError(
-            "expected 1 to 128 letters, digits or . _ : @ - (starting with a letter or "
-            f"digit), got {text!r}"
-        )
-    return text
-
-
-_IDENT = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")'
-_TABLE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})?$")
-
-
-def _table_name(text: str) -> str:
-    """A table name for SQL: ``name``, ``"Quoted"`` or ``schema.name`` (either part
-    quoted or not); anything else (spaces, semicolons, ...) is refused."""
-    value = text.strip()
-    if not _TABLE.match(value):
-        raise ValueError(
-            'expected a table name such as "MailConnection" or public.mail_connection, '
-            f"got {text!r}"
-        )
-    return value
-
-
 @attrs.frozen(kw_only=True)
 class ClusterSettings:
     """Several instances sharing the mailboxes through Postgres (shared mode)."""
@@ -1077,7 +841,7 @@ class ClusterSettings:
     cluster: str = setting(
         "TRIO_IDLE_CLUSTER",
         "--cluster",
-        _choice(CLUSTER_MODES),
+        one_of(CLUSTER_MODES),
         "single",
         "single: this process watches every connection; shared: the live instances split "
         "them (membership table from `trio-idle db migrate`, needs TRIO_IDLE_STATE=postgres)",
@@ -1085,7 +849,7 @@ class ClusterSettings:
     instance_id: str | None = setting(
         "TRIO_IDLE_INSTANCE_ID",
         "--instance-id",
-        _instance_id,
+        parse_instance_id,
         None,
         "this instance's name in the membership table (default hostname-pid); unique "
         "per running process",
@@ -1109,7 +873,7 @@ class ClusterSettings:
     listen_url: Secret | None = setting(
         "TRIO_IDLE_LISTEN_URL",
         None,
-        _postgres_url,
+        parse_postgres_url,
         None,
         "direct PostgreSQL URL (not through a transaction pooler) for LISTEN: with the "
         "trigger of `trio-idle db install-notify` a changed row is applied within a "
@@ -1119,7 +883,7 @@ class ClusterSettings:
     notify_table: str = setting(
         "TRIO_IDLE_NOTIFY_TABLE",
         "--notify-table",
-        _table_name,
+        parse_table_name,
         '"MailConnection"',
         "the connection table `trio-idle db install-notify` and `remove-notify` put the "
         "trigger on (quoted like in TRIO_IDLE_QUERY)",
@@ -1283,8 +1047,13 @@ def parse_settings(
             where = option.env + (f" (or {option.flag})" if option.flag else "")
             problems.append(ConfigError(option.env, f"is required: set {where}"))
     if "encryption_key" in values:
-        problems += _check_key(values["encryption_key"], merged["key_derivation"])
-    problems += _check_relations(merged, labels)
+        problem = key_problem(values["encryption_key"].reveal(), merged["key_derivation"])
+        problems += [ConfigError("ENCRYPTION_KEY", problem)] if problem else []
+
+    def named(field: str) -> str:
+        return labels.get(field) or _BY_FIELD[field].env
+
+    problems += [ConfigError(name, message) for name, message in cross_check(merged, named)]
     if problems:
         raise ConfigError.of(problems)
     return _build(values)
@@ -1296,74 +1065,3 @@ def _build(values: Mapping[str, Any]) -> Settings:
     for field, value in values.items():
         groups[_BY_FIELD[field].group][field] = value
     return Settings(**{name: group(**groups[name]) for name, group in GROUPS.items()})
-
-
-def _check_key(key: Secret, derivation: str) -> list[ConfigError]:
-    if derivation == "utf8-prefix" and (
-        len(key.reveal()) < MIN_KEY_CHARS or len(key.reveal().encode()) < 32
-    ):
-        return [
-            ConfigError(
-                "ENCRYPTION_KEY",
-                f"must be at least {MIN_KEY_CHARS} characters (AES-256 key), "
-                f"got {len(key.reveal())}",
-            )
-        ]
-    return []
-
-
-def _check_relations(values: Mapping[str, Any], labels: Mapping[str, str]) -> list[ConfigError]:
-    problems: list[ConfigError] = []
-
-    def label(field: str) -> str:
-        return labels.get(field) or _BY_FIELD[field].env
-
-    def at_least(small: str, big: str) -> None:
-        if values[small] > values[big]:
-            problems.append(
-                ConfigError(label(small), f"must not exceed {label(big)} ({values[big]:g}s)")
-            )
-
-    at_least("backoff_initial", "backoff_max")
-    at_least("auth_backoff", "auth_backoff_max")
-    at_least("scan_retry_initial", "scan_retry_max")
-    if values.get("state") == "postgres" and values.get("database_url") is None:
-        problems.append(ConfigError(label("state"), "postgres state needs DATABASE_URL"))
-    problems += _check_cluster(values, label)
-    return problems
-
-
-def _check_cluster(values: Mapping[str, Any], label: Callable[[str], str]) -> list[ConfigError]:
-    """Shared mode: the mailbox state must be shared, and the lease must leave room for
-    a missed heartbeat and for LOGOUT before the others take over."""
-    if values.get("cluster") != "shared":
-        return []
-    problems: list[ConfigError] = []
-    if values.get("database_url") is None:
-        problems.append(ConfigError(label("cluster"), "shared mode needs DATABASE_URL"))
-    if values.get("state") != "postgres":
-        problems.append(
-            ConfigError(
-                label("cluster"),
-                "shared mode needs TRIO_IDLE_STATE=postgres (a moved mailbox catches up "
-                "from the shared state)",
-            )
-        )
-    ttl, poll = values["cluster_ttl"], values["cluster_poll"]
-    if not poll > 0 or poll * 3 > ttl:
-        problems.append(
-            ConfigError(
-                label("cluster_poll"),
-                f"must be above 0 and at most a third of {label('cluster_ttl')} ({ttl:g}s)",
-            )
-        )
-    if values["logout_timeout"] * 2 >= ttl:
-        problems.append(
-            ConfigError(
-                label("cluster_ttl"),
-                f"must be more than twice {label('logout_timeout')} "
-                f"({values['logout_timeout']:g}s): a fenced instance's LOGOUTs end before "
-                "the others take over",
-            )
-        )
-    return problems

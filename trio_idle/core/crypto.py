@@ -29,6 +29,18 @@ class DecryptionError(ValueError):
     """A stored password could not be decrypted (wrong key, or a malformed token)."""
 
 
+def key_problem(encryption_key: str, derivation: str) -> str | None:
+    """What is wrong with ``ENCRYPTION_KEY`` for ``derivation`` (one line, the key not
+    shown), or ``None``: the configuration's check, before any password is decrypted."""
+    if derivation == "utf8-prefix" and (
+        len(encryption_key) < MIN_KEY_CHARS or len(encryption_key.encode()) < 32
+    ):
+        return (
+            f"must be at least {MIN_KEY_CHARS} characters (AES-256 key), got {len(encryption_key)}"
+        )
+    return None
+
+
 def derive_key(encryption_key: str, derivation: str = "utf8-prefix") -> bytes:
     """Turn the ``ENCRYPTION_KEY`` string into the 32-byte AES-256 key."""
     if derivation == "utf8-prefix":

@@ -23,7 +23,7 @@ import re
 import sys
 import traceback
 from collections.abc import Iterable, Mapping
-from typing import Any, Final, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 from loguru import logger
 
@@ -278,12 +278,30 @@ def setup_logging(
     logging.getLogger("aioimaplib").setLevel(logging.WARNING)
 
 
+class Logger(Protocol):
+    """What the daemon's code asks of a logger it is handed: loguru's ``logger`` and what
+    its ``bind`` returns satisfy it, and so do the tests' recording fakes.
+
+    A line is one message string (already scrubbed and prefixed by the caller); the
+    structured fields of the JSON format are attached with :meth:`bind`."""
+
+    def bind(self, **fields: Any) -> Logger:
+        """The same logger with ``fields`` added to every record it writes."""
+        ...
+
+    def info(self, message: str, /) -> None: ...
+
+    def warning(self, message: str, /) -> None: ...
+
+    def error(self, message: str, /) -> None: ...
+
+
 def prefix(email: str) -> str:
     """The ``[idle/<email>]`` prefix of a session's lines (the email made printable)."""
     return f"[idle/{escape_controls(email)}]"
 
 
-def log_internal_error(log: Any, where: str, exc: BaseException, scrub: Scrubs) -> None:
+def log_internal_error(log: Logger, where: str, exc: BaseException, scrub: Scrubs) -> None:
     """One ERROR line for a bug: the scrubbed message plus the traceback's frames.
 
     The exception's own text goes through ``scrub`` (it may quote a server's answer or a
@@ -296,7 +314,7 @@ def log_internal_error(log: Any, where: str, exc: BaseException, scrub: Scrubs) 
     )
 
 
-def session_logger(email: str, connection_id: str, host: str | None = None) -> Any:
+def session_logger(email: str, connection_id: str, host: str | None = None) -> Logger:
     """A logger whose JSON records carry the connection (id, IMAP host, email); text
     lines carry the ``[idle/<email>]`` prefix the caller writes."""
     return logger.bind(mailbox=email, connection_id=connection_id, host=host)

@@ -47,7 +47,7 @@ from trio_idle.accounts.outcome_text import Failure
 from trio_idle.accounts.providers import Preset, connection_preset
 from trio_idle.backend.webhook import Verdict, WebhookClient
 from trio_idle.core.backoff import BackoffPolicy
-from trio_idle.core.logs import human_duration, prefix
+from trio_idle.core.logs import Logger, human_duration, prefix
 from trio_idle.core.stats import Stats
 from trio_idle.mailbox.account_health import Connected, Health, HealthTracker, Report, classify
 from trio_idle.mailbox.scan_worker import SCAN_RETRY_JITTER
@@ -219,7 +219,7 @@ async def run_health_reports(
     webhook: WebhookClient,
     policy: StatusPolicy,
     stats: Stats,
-    log: Any,
+    log: Logger,
     rng: random.Random,
 ) -> None:
     """The reporter :meth:`AccountHealth.attach`'s starter starts: report ``health``'s

@@ -31,7 +31,8 @@ from trio_idle.accounts.connections import MailConnection
 from trio_idle.accounts.outcome_text import ConnectionSecrets
 from trio_idle.backend.watch import BackendWatch
 from trio_idle.backend.webhook import WebhookClient
-from trio_idle.core.logs import log_internal_error, prefix, session_logger
+from trio_idle.core.config import AccountHealthSettings, WebhookSettings
+from trio_idle.core.logs import Logger, log_internal_error, prefix, session_logger
 from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap.responses import MailboxState
 from trio_idle.mailbox.account_health import Health
@@ -97,6 +98,9 @@ class Reconciler:
         nursery: trio.Nursery,
         env: SessionEnv,
         webhook: WebhookClient,
+        *,
+        webhook_settings: WebhookSettings,
+        account_health: AccountHealthSettings,
     ) -> None:
         self._nursery = nursery
         self._env = env
@@ -104,16 +108,16 @@ class Reconciler:
         self.handles: dict[str, Handle] = {}
         #: stop_all was called: nothing starts any more
         self._stopped = False
-        s = env.settings
-        self._policy = ScanPolicy(
-            s.imap.mailbox, s.webhook.scan_retry_initial, s.webhook.scan_retry_max
-        )
+        w = webhook_settings
+        self._policy = ScanPolicy(env.imap.mailbox, w.scan_retry_initial, w.scan_retry_max)
+        self._scan_envelopes = w.scan_envelopes
+        self._unreachable_after = account_health.unreachable_after
         self._status_policy: StatusPolicy | None = None
-        if s.account_health.connection_status:
+        if account_health.connection_status:
             self._status_policy = StatusPolicy(
-                s.webhook.backend_url + s.account_health.status_path,
-                s.webhook.scan_retry_initial,
-                s.webhook.scan_retry_max,
+                w.backend_url + account_health.status_path,
+                w.scan_retry_initial,
+                w.scan_retry_max,
             )
 
     @property
@@ -221,7 +225,7 @@ class Reconciler:
     def _new_health(self, conn: MailConnection) -> AccountHealth:
         """A connection's account health, seeded with what the backend was told before
         the restart and keeping what it is told from now on (the state store's)."""
-        unreachable_after = self._env.settings.account_health.unreachable_after
+        unreachable_after = self._unreachable_after
         store = self._env.store
         if store is None or not store.enabled:
             return AccountHealth(conn, unreachable_after)
@@ -269,7 +273,7 @@ class Reconciler:
         finally:
             handle.finished.set()
 
-    def _start_scans(self, nursery: trio.Nursery, handle: Handle, log: Any) -> None:
+    def _start_scans(self, nursery: trio.Nursery, handle: Handle, log: Logger) -> None:
         """The coalescer's starter: a scan task only while scans are pending."""
         nursery.start_soon(
             run_scans,
@@ -284,7 +288,7 @@ class Reconciler:
             name=f"scan:{handle.conn.id}",
         )
 
-    def _start_reports(self, nursery: trio.Nursery, handle: Handle, log: Any) -> None:
+    def _start_reports(self, nursery: trio.Nursery, handle: Handle, log: Logger) -> None:
         """The account health's starter: a reporter only while a report is due."""
         assert self._status_policy is not None  # attached only with reports switched on
         nursery.start_soon(
@@ -301,7 +305,7 @@ class Reconciler:
     def _hooks(self, handle: Handle) -> ScanHooks:
         store, mailbox, conn_id = self._env.store, self._policy.mailbox, handle.conn.id
         memory = handle.memory
-        s = self._env.settings
+        command_timeout = self._env.timers.command_timeout
 
         def on_success(covered: MailboxState) -> None:
             # only a 2xx advances the accepted mark, here and across restarts (the
@@ -312,7 +316,7 @@ class Reconciler:
 
         async def new_mail(since_uid: int) -> NewMail | None:
             # the session's fetch has its own command deadline; this bounds the wait for it
-            with trio.move_on_after(2 * s.timers.command_timeout):
+            with trio.move_on_after(2 * command_timeout):
                 return await memory.desk.ask(since_uid, MAX_ENVELOPES)
             return None
 
@@ -321,7 +325,7 @@ class Reconciler:
             covered=lambda: memory.mailbox,
             on_success=on_success,
             range_for=memory.scan_range,
-            new_mail=new_mail if s.webhook.scan_envelopes else None,
+            new_mail=new_mail if self._scan_envelopes else None,
         )
 
     def snapshot(self) -> list[dict[str, Any]]:

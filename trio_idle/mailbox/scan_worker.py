@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import attrs
 import trio
@@ -29,7 +28,7 @@ from trio_idle.accounts.connections import MailConnection
 from trio_idle.backend.webhook import ScanJob, Verdict, WebhookClient
 from trio_idle.core.backoff import BackoffPolicy
 from trio_idle.core.limiter import Pacer
-from trio_idle.core.logs import human_duration
+from trio_idle.core.logs import Logger, human_duration
 from trio_idle.core.logs import prefix as log_prefix
 from trio_idle.core.stats import Stats
 from trio_idle.imap.envelope import Envelope, NewMail
@@ -73,7 +72,7 @@ async def run_scans(
     webhook: WebhookClient,
     policy: ScanPolicy,
     stats: Stats,
-    log: Any,
+    log: Logger,
     rng: random.Random,
     hooks: ScanHooks | None = None,
 ) -> None:
@@ -105,7 +104,7 @@ async def _scan(
     webhook: WebhookClient,
     policy: ScanPolicy,
     stats: Stats,
-    log: Any,
+    log: Logger,
     rng: random.Random,
     hooks: ScanHooks,
 ) -> None:
@@ -144,7 +143,7 @@ async def deliver(
     webhook: WebhookClient,
     policy: ScanPolicy,
     stats: Stats,
-    log: Any,
+    log: Logger,
     rng: random.Random,
     span: ScanRange = NO_RANGE,
     messages: tuple[Envelope, ...] | None = None,

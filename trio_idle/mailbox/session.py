@@ -44,7 +44,6 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import trio
@@ -52,12 +51,12 @@ import trio
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.accounts.credentials import TOKEN_ERROR, AccessToken, TokenSource, TokenUnavailable
 from trio_idle.accounts.outcome_text import ConnectionSecrets, Failure
-from trio_idle.accounts.providers import session_settings
+from trio_idle.accounts.providers import provider_timers
 from trio_idle.core.backoff import Backoff, BackoffPolicy
-from trio_idle.core.config import Settings
+from trio_idle.core.config import BackoffSettings, ImapSettings, TimerSettings
 from trio_idle.core.errors import KIND_SERVER_CLOSED, ImapAuthError, ImapError
 from trio_idle.core.limiter import ConnectLimiter, Pacer
-from trio_idle.core.logs import human_duration, log_internal_error, prefix
+from trio_idle.core.logs import Logger, human_duration, log_internal_error, prefix
 from trio_idle.core.stats import Stats
 from trio_idle.imap.client import ImapLimits, ImapTimeouts, connect, resolve_security
 from trio_idle.imap.connector import ImapConnector, ImapLink
@@ -67,8 +66,9 @@ from trio_idle.mailbox.coalescer import ScanCoalescer
 from trio_idle.mailbox.fetch_desk import FetchDesk, FetchRequest
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, CONNECTING, IDLE, POLLING
 from trio_idle.mailbox.ticker import IdleTimers, Ticker
+from trio_idle.state.catch_up import startup_decision
 from trio_idle.state.scan_range import ScanMark, ScanRange, advance, on_connect, scan_range
-from trio_idle.state.store import StateStore, startup_decision
+from trio_idle.state.store import StateStore
 
 
 @attrs.define
@@ -109,25 +109,27 @@ class ConnectionMemory:
         self.last_scan = time.time()
 
 
-def network_connector(settings: Settings, ssl_context: ssl.SSLContext | None) -> ImapConnector:
+def network_connector(
+    imap: ImapSettings, timers: TimerSettings, ssl_context: ssl.SSLContext | None
+) -> ImapConnector:
     """The daemon's connector: :func:`trio_idle.imap.client.connect` with the configured
     security (``auto`` resolved per port), TLS context, timeouts, read limits and refused
     networks."""
     timeouts = ImapTimeouts(
-        connect=settings.timers.connect_timeout,
-        command=settings.timers.command_timeout,
-        keepalive_idle=settings.imap.tcp_keepalive,
+        connect=timers.connect_timeout,
+        command=timers.command_timeout,
+        keepalive_idle=imap.tcp_keepalive,
     )
-    limits = ImapLimits(max_line=settings.imap.max_line, max_literal=settings.imap.max_literal)
+    limits = ImapLimits(max_line=imap.max_line, max_literal=imap.max_literal)
 
     async def open_link(conn: MailConnection) -> ImapLink:
-        security = resolve_security(conn.security or settings.imap.imap_security, conn.port)
+        security = resolve_security(conn.security or imap.imap_security, conn.port)
         return await connect(
             conn,
             security=security,
             context=None if security == "plain" else ssl_context,
             timeouts=timeouts,
-            refuse=settings.imap.refuse_networks,
+            refuse=imap.refuse_networks,
             limits=limits,
         )
 
@@ -136,13 +138,21 @@ def network_connector(settings: Settings, ssl_context: ssl.SSLContext | None) ->
 
 @attrs.frozen
 class SessionEnv:
-    """What all sessions share: settings, the connect limiter, TLS context, counters,
-    and the connector that opens their IMAP connections."""
+    """What all sessions share: the settings groups they read, the connect limiter, TLS
+    context, counters, and the connector that opens their IMAP connections.
 
-    settings: Settings
+    A session sees only its settings (``imap``, ``timers``, ``backoff``, ``start_from``),
+    never the whole :class:`~trio_idle.core.config.Settings`: what else it could read
+    (the webhook's secret, the database URL) is none of its business."""
+
     limiter: ConnectLimiter
     ssl_context: ssl.SSLContext | None
     stats: Stats
+    imap: ImapSettings = attrs.field(kw_only=True)
+    timers: TimerSettings = attrs.field(kw_only=True)
+    backoff: BackoffSettings = attrs.field(kw_only=True)
+    #: where a mailbox new to the state store starts (``TRIO_IDLE_START_FROM``)
+    start_from: str = attrs.field(kw_only=True)
     rng: random.Random = attrs.field(factory=random.Random)
     #: persisted "scanned up to" state (restart catch-up); None: no persistence
     store: StateStore | None = None
@@ -151,7 +161,8 @@ class SessionEnv:
     #: opens one mailbox's IMAP connection; default: :func:`network_connector`
     connector: ImapConnector = attrs.field(
         default=attrs.Factory(
-            lambda env: network_connector(env.settings, env.ssl_context), takes_self=True
+            lambda env: network_connector(env.imap, env.timers, env.ssl_context),
+            takes_self=True,
         )
     )
     #: access tokens of ``oauth2`` connections
@@ -168,10 +179,9 @@ async def run_session(
     env: SessionEnv,
     coalescer: ScanCoalescer,
     memory: ConnectionMemory,
-    log: Any,
+    log: Logger,
 ) -> None:
     """Keep one IMAP session alive until cancelled. Never returns otherwise."""
-    s = env.settings
     where = prefix(conn.email)
     # Error texts quote the server (and aioimaplib quotes our LOGIN line back, a server
     # may quote the token it refused): every outcome becomes text in one place, with
@@ -179,12 +189,12 @@ async def run_session(
     secrets = ConnectionSecrets.of(conn)
     backoff = Backoff(
         BackoffPolicy(
-            s.backoff.backoff_initial, s.backoff.backoff_max, s.backoff.backoff_reset_after
+            env.backoff.backoff_initial, env.backoff.backoff_max, env.backoff.backoff_reset_after
         ),
         env.rng,
     )
     auth_backoff = Backoff(
-        BackoffPolicy(s.backoff.auth_backoff, s.backoff.auth_backoff_max, float("inf")), env.rng
+        BackoffPolicy(env.backoff.auth_backoff, env.backoff.auth_backoff_max, float("inf")), env.rng
     )
     # OAuth2: a refused token is replaced at once by a fresh one (force) and tried once
     # more before it counts as an auth failure; until a sign-in succeeds, every later
@@ -209,7 +219,7 @@ async def run_session(
                 else:
                     await imap.authenticate_oauth2(token.user or conn.login, token.token.reveal())
                     force_token = quick_retry_used = False
-            selected = await imap.select(s.imap.mailbox)
+            selected = await imap.select(env.imap.mailbox)
             up_since = trio.current_time()
             auth_backoff.attempt = 0
             memory.sessions += 1
@@ -219,8 +229,8 @@ async def run_session(
             log.info(f"{where} connected ({conn.host}:{conn.port})")
             if memory.mailbox is None and env.store is not None and env.store.enabled:
                 # first session in this process: compare with what the last run scanned
-                stored = env.store.get(conn.id, s.imap.mailbox)
-                decision = startup_decision(stored, selected, s.store.start_from)
+                stored = env.store.get(conn.id, env.imap.mailbox)
+                decision = startup_decision(stored, selected, env.start_from)
                 reason = "startup"
                 if stored is not None and memory.mark is None:
                     memory.mark = ScanMark(stored.uidvalidity, stored.uidnext)
@@ -229,7 +239,7 @@ async def run_session(
                     # (the previous daemon's backend did it); stored, so that the next
                     # start compares with it instead of scanning everything after all
                     env.store.record(
-                        conn.id, s.imap.mailbox, selected.uidvalidity, selected.uidnext
+                        conn.id, env.imap.mailbox, selected.uidvalidity, selected.uidnext
                     )
                     env.stats.inc("started_from_now")
                     log.info(f"{where} {decision.why}: UIDNEXT {selected.uidnext} recorded")
@@ -307,7 +317,7 @@ async def run_session(
             memory.connected_since = None
             if imap is not None:
                 with trio.CancelScope(shield=True):
-                    await imap.logout(s.timers.logout_timeout)
+                    await imap.logout(env.timers.logout_timeout)
         if memory.state == BACKOFF:
             log.bind(duration=delay).info(
                 f"{where} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
@@ -349,7 +359,7 @@ class _Watch:
     env: SessionEnv
     coalescer: ScanCoalescer
     memory: ConnectionMemory
-    log: Any
+    log: Logger
 
     def announce(self, reason: str) -> None:
         """Request a scan for mail the monitor counted since the last call, if any."""
@@ -395,18 +405,18 @@ async def _serve_fetch(imap: ImapLink, request: FetchRequest) -> None:
 
 async def _watch_open(watch: _Watch) -> None:
     imap, env, memory, log = watch.imap, watch.env, watch.memory, watch.log
-    s = session_settings(env.settings, watch.conn.provider)  # a provider's shorter IDLE timers
+    t = provider_timers(env.timers, watch.conn.provider)  # a provider's shorter IDLE timers
     where = prefix(watch.conn.email)
     desk = memory.desk
     next_tick, renew_at = first_timers(
-        trio.current_time(), s.timers.tick_interval, s.timers.idle_renew_interval, env.rng
+        trio.current_time(), t.tick_interval, t.idle_renew_interval, env.rng
     )
     if not imap.has_idle:
         memory.state = POLLING
         memory.on_outcome(Connected(idle=False))
         log.warning(
             f"{where} server has no IDLE capability; polling every "
-            f"{human_duration(s.timers.tick_interval)}"
+            f"{human_duration(t.tick_interval)}"
         )
         while True:
             watch.announce("exists")
@@ -418,7 +428,7 @@ async def _watch_open(watch: _Watch) -> None:
                     continue
             await imap.noop()
             watch.announce("tick")
-            next_tick = trio.current_time() + s.timers.tick_interval
+            next_tick = trio.current_time() + t.tick_interval
     watch.announce("exists")
     await imap.idle_start()
     memory.state = IDLE
@@ -428,13 +438,11 @@ async def _watch_open(watch: _Watch) -> None:
         env.ticker,
         next_tick=next_tick,
         renew_at=renew_at,
-        tick_interval=s.timers.tick_interval,
-        renew_interval=s.timers.idle_renew_interval,
-        timeout=s.timers.command_timeout,
+        tick_interval=t.tick_interval,
+        renew_interval=t.idle_renew_interval,
+        timeout=t.command_timeout,
         log=log,
-        renew_line=(
-            f"{where} idle renewing ({human_duration(s.timers.idle_renew_interval)} threshold)"
-        ),
+        renew_line=(f"{where} idle renewing ({human_duration(t.idle_renew_interval)} threshold)"),
         stats=env.stats,
     )
     timers.start()

@@ -25,11 +25,11 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import trio
 
-from trio_idle.core.logs import log_internal_error
+from trio_idle.core.logs import Logger, log_internal_error
 from trio_idle.core.scrub import PLAIN
 from trio_idle.core.stats import Stats
 from trio_idle.imap.connector import ImapLink
@@ -46,7 +46,7 @@ class Ticker:
 
     __slots__ = ("_heap", "_log", "_scope", "_seq", "_stats")
 
-    def __init__(self, stats: Stats | None = None, log: Any = None) -> None:
+    def __init__(self, stats: Stats | None = None, log: Logger | None = None) -> None:
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
         self._scope: trio.CancelScope | None = None
@@ -128,7 +128,7 @@ class IdleTimers:
         tick_interval: float,
         renew_interval: float,
         timeout: float,
-        log: Any,
+        log: Logger,
         renew_line: str,
         stats: Stats,
     ) -> None:

@@ -69,7 +69,8 @@ from trio_idle.runtime.daemon_status import DaemonStatus, Phase
 from trio_idle.runtime.refresher import ConnectionSource, Refresher
 from trio_idle.runtime.share import ShareCoordinator
 from trio_idle.runtime.supervision import Supervisor, run_supervision
-from trio_idle.state.store import StateStore, make_state_backend
+from trio_idle.state.backends import make_state_backend
+from trio_idle.state.store import StateStore
 
 
 class Daemon:
@@ -358,7 +359,10 @@ async def run_daemon(
     tokens = make_token_source(settings)
     ticker = Ticker(stats, logger)
     env = SessionEnv(
-        settings=settings,
+        imap=settings.imap,
+        timers=settings.timers,
+        backoff=settings.backoff,
+        start_from=settings.store.start_from,
         limiter=ConnectLimiter.from_settings(settings.limits),
         ssl_context=make_ssl_context(settings.imap.ca_file),
         stats=stats,
@@ -378,7 +382,13 @@ async def run_daemon(
             async with trio.open_nursery() as state_nursery:
                 state_nursery.start_soon(store.run_flusher, name="state-flusher")
                 async with trio.open_nursery() as root:
-                    reconciler = Reconciler(root, env, webhook)
+                    reconciler = Reconciler(
+                        root,
+                        env,
+                        webhook,
+                        webhook_settings=settings.webhook,
+                        account_health=settings.account_health,
+                    )
                     daemon = Daemon(
                         settings, source, reconciler, stats, root, membership_db=membership_db
                     )

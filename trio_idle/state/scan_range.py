@@ -12,7 +12,7 @@ skipped. A mark from another UIDVALIDITY (or none) gives no ``sinceUid``: the ba
 scans everything, as it did before ranges existed.
 
 The mark is persisted as the state store's "scanned up to"
-(:class:`~trio_idle.state.store.ScannedState`), so the range is right across restarts.
+(:class:`~trio_idle.state.records.ScannedState`), so the range is right across restarts.
 """
 
 from __future__ import annotations

@@ -1,0 +1,206 @@
+"""The state store's tables, as SQL: one text per statement for SQLite and PostgreSQL.
+
+Three tables, each kept by both backends: the scan state per mailbox (:class:`StateSql`),
+the refresh tokens an OAuth2 provider rotated (:class:`TokenSql`) and the account health
+last reported per connection (:class:`HealthSql`). SQLite creates them on first use;
+PostgreSQL by ``trio-idle db migrate`` (:data:`POSTGRES_MIGRATIONS`). Pure text.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+
+@attrs.frozen
+class StateSql:
+    """The store's statements, one text per statement for both backends.
+
+    Only the table name and the parameter style differ: SQLite takes ``?1``, asyncpg
+    ``$1``. The column types are Postgres names that SQLite maps to the same storage
+    (``bigint`` → INTEGER, ``double precision`` → REAL), so one ``CREATE TABLE`` serves both.
+    """
+
+    table: str
+    #: the parameter mark before the 1-based number: ``"?"`` (SQLite) or ``"$"`` (asyncpg)
+    mark: str
+
+    def _param(self, n: int) -> str:
+        return f"{self.mark}{n}"
+
+    @property
+    def create(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.table} ("
+            " connection_id text NOT NULL,"
+            " mailbox text NOT NULL,"
+            " uidvalidity bigint,"
+            " uidnext bigint,"
+            " scanned_at double precision NOT NULL,"
+            " removed_at double precision,"
+            " PRIMARY KEY (connection_id, mailbox))"
+        )
+
+    @property
+    def select_all(self) -> str:
+        return (
+            "SELECT connection_id, mailbox, uidvalidity, uidnext, scanned_at, removed_at "
+            f"FROM {self.table}"
+        )
+
+    @property
+    def upsert(self) -> str:
+        """Insert or update one mailbox's row, never moving ``uidnext`` backwards.
+
+        The stored row may be newer than the one written: in shared mode an instance that
+        lost a mailbox (handover, or fenced while Postgres was unreachable, its write kept
+        dirty and retried) can write its older scan after the new owner wrote a later one.
+        So within the same UIDVALIDITY the greater ``uidnext`` is kept, with the
+        ``scanned_at`` of the scan that reached it; a different (or unknown) UIDVALIDITY, or
+        an unknown ``uidnext``, replaces the row as before. ``removed_at`` always follows
+        the write (it describes the connection list, not the scan). The same text runs on
+        SQLite (>= 3.24) and Postgres: both read the stored row by the table's name and
+        the written one as ``excluded``, and a comparison with NULL is never true.
+        """
+        values = ", ".join(self._param(n) for n in range(1, 7))
+        t = self.table
+        stale = f"{t}.uidvalidity = excluded.uidvalidity AND {t}.uidnext > excluded.uidnext"
+        return (
+            f"INSERT INTO {t} VALUES ({values}) "
+            "ON CONFLICT (connection_id, mailbox) DO UPDATE SET "
+            "uidvalidity = excluded.uidvalidity, "
+            f"uidnext = CASE WHEN {stale} THEN {t}.uidnext ELSE excluded.uidnext END, "
+            f"scanned_at = CASE WHEN {stale} THEN {t}.scanned_at ELSE excluded.scanned_at END, "
+            "removed_at = excluded.removed_at"
+        )
+
+    @property
+    def delete(self) -> str:
+        return (
+            f"DELETE FROM {self.table} "
+            f"WHERE connection_id = {self._param(1)} AND mailbox = {self._param(2)}"
+        )
+
+
+SQLITE_SQL: Final = StateSql("mailbox_state", "?")
+POSTGRES_SQL: Final = StateSql("trio_idle_mailbox_state", "$")
+POSTGRES_TABLE: Final = POSTGRES_SQL.table
+#: shared mode: the stored state of some connections (``$1`` a text array of ids)
+POSTGRES_SELECT_CONNECTIONS: Final = (
+    POSTGRES_SQL.select_all + " WHERE connection_id = ANY($1::text[])"
+)
+#: what ``trio-idle db migrate`` runs (idempotent)
+POSTGRES_DDL: Final = POSTGRES_SQL.create
+
+
+@attrs.frozen
+class TokenSql:
+    """Statements of the rotated refresh tokens (:mod:`trio_idle.auth.token_refresh`), in the
+    style of :class:`StateSql`: one text per statement for both backends.
+
+    One row per connection: the newest refresh token the provider handed out, encrypted
+    like the backend's passwords (``iv:tag:ct``), and the fingerprint of the row's own
+    refresh token it replaced, so that a new token in the row (the user signed in again)
+    wins over it.
+    """
+
+    table: str
+    mark: str
+
+    def _param(self, n: int) -> str:
+        return f"{self.mark}{n}"
+
+    @property
+    def create(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.table} ("
+            " connection_id text PRIMARY KEY,"
+            " encrypted_token text NOT NULL,"
+            " replaces text NOT NULL,"
+            " updated_at double precision NOT NULL)"
+        )
+
+    @property
+    def select_all(self) -> str:
+        return f"SELECT connection_id, encrypted_token, replaces, updated_at FROM {self.table}"
+
+    @property
+    def upsert(self) -> str:
+        values = ", ".join(self._param(n) for n in range(1, 5))
+        return (
+            f"INSERT INTO {self.table} VALUES ({values}) "
+            "ON CONFLICT (connection_id) DO UPDATE SET "
+            "encrypted_token = excluded.encrypted_token, replaces = excluded.replaces, "
+            "updated_at = excluded.updated_at"
+        )
+
+    @property
+    def delete(self) -> str:
+        return f"DELETE FROM {self.table} WHERE connection_id = {self._param(1)}"
+
+
+SQLITE_TOKEN_SQL: Final = TokenSql("oauth_refresh_token", "?")
+POSTGRES_TOKEN_SQL: Final = TokenSql("trio_idle_oauth_refresh_token", "$")
+POSTGRES_TOKEN_TABLE: Final = POSTGRES_TOKEN_SQL.table
+
+
+@attrs.frozen
+class HealthSql:
+    """Statements of the account health last reported to the backend
+    (:mod:`trio_idle.mailbox.health_reporter`), in the style of :class:`StateSql`.
+
+    One row per connection: the ``state`` and ``reason`` the backend last accepted (or
+    refused for good), so that a restart reports only what changed meanwhile instead of
+    one report per connection.
+    """
+
+    table: str
+    mark: str
+
+    def _param(self, n: int) -> str:
+        return f"{self.mark}{n}"
+
+    @property
+    def create(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.table} ("
+            " connection_id text PRIMARY KEY,"
+            " state text NOT NULL,"
+            " reason text,"
+            " reported_at double precision NOT NULL)"
+        )
+
+    @property
+    def select_all(self) -> str:
+        return f"SELECT connection_id, state, reason, reported_at FROM {self.table}"
+
+    @property
+    def select_connections(self) -> str:
+        """Shared mode: the rows of some connections (``$1`` a text array of ids)."""
+        return self.select_all + " WHERE connection_id = ANY($1::text[])"
+
+    @property
+    def upsert(self) -> str:
+        values = ", ".join(self._param(n) for n in range(1, 5))
+        return (
+            f"INSERT INTO {self.table} VALUES ({values}) "
+            "ON CONFLICT (connection_id) DO UPDATE SET "
+            "state = excluded.state, reason = excluded.reason, "
+            "reported_at = excluded.reported_at"
+        )
+
+    @property
+    def delete(self) -> str:
+        return f"DELETE FROM {self.table} WHERE connection_id = {self._param(1)}"
+
+
+SQLITE_HEALTH_SQL: Final = HealthSql("account_health", "?")
+POSTGRES_HEALTH_SQL: Final = HealthSql("trio_idle_account_health", "$")
+POSTGRES_HEALTH_TABLE: Final = POSTGRES_HEALTH_SQL.table
+#: every table ``trio-idle db migrate`` creates, with its statement (idempotent)
+POSTGRES_MIGRATIONS: Final = (
+    (POSTGRES_TABLE, POSTGRES_DDL),
+    (POSTGRES_TOKEN_TABLE, POSTGRES_TOKEN_SQL.create),
+    (POSTGRES_HEALTH_TABLE, POSTGRES_HEALTH_SQL.create),
+)
