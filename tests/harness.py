@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 from loguru import logger
 
+from trio_idle.backend.webhook import ATTEMPT_GRACE, BackendAuth, WebhookClient, backend_http
 from trio_idle.core.config import Settings, parse_settings
 from trio_idle.core.crypto import derive_key, encrypt_password
 from trio_idle.core.errors import SourceError
+from trio_idle.core.secret import Secret
 from trio_idle.runtime.daemon import Daemon, run_daemon
 
 KEY = "integration-test-key-0123456789abcdef"
@@ -188,3 +191,29 @@ async def serve_process(env: Mapping[str, str], log_path: Path) -> AsyncIterator
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+#: what a transport handler is: httpx.MockTransport's (sync or async)
+Handler = Callable[[httpx.Request], Any]
+TEST_ADMIN_SECRET = "virtual-admin-secret"
+
+
+def webhook_client(
+    url: str,
+    handler: Handler | None = None,
+    *,
+    secret: str | Secret = TEST_ADMIN_SECRET,
+    total_timeout: float = 3600.0,
+    max_connections: int = 1,
+    **options: Any,
+) -> WebhookClient:
+    """A :class:`WebhookClient` posting to ``url`` with the ``x-admin-secret`` header:
+    over the real network (loopback) or, given ``handler``, to it in memory
+    (``httpx.MockTransport``: no sockets, virtual time works). ``options`` go to
+    :func:`~trio_idle.backend.webhook.backend_http` (``stats``, ``trust_env``, ...); the
+    attempt's grace is the daemon's unless given."""
+    options.setdefault("grace", ATTEMPT_GRACE)
+    transport = None if handler is None else httpx.MockTransport(handler)
+    http = backend_http(total_timeout, max_connections, transport=transport, **options)
+    secret = secret if isinstance(secret, Secret) else Secret(secret)
+    return WebhookClient(url, BackendAuth("x-admin-secret", secret), http)

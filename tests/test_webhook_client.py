@@ -10,22 +10,17 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 import trustme
 
-from tests.harness import poll_until
+from tests.harness import poll_until, webhook_client
 from tests.recording_proxy import PROXY_ANSWER, RecordingProxy, point_proxies_at
-from trio_idle.backend.webhook import (
-    MAX_IDLE_CONNECTIONS,
-    MAX_REPLY_BYTES,
-    ScanJob,
-    Verdict,
-    WebhookClient,
-)
-from trio_idle.core.secret import Secret
+from trio_idle.backend.client import MAX_IDLE_CONNECTIONS, MAX_REPLY_BYTES
+from trio_idle.backend.webhook import ScanJob, Verdict, WebhookClient
 from trio_idle.core.stats import Stats
 from trio_idle.testing.backend import Reply, ScanBackend
 
@@ -41,16 +36,11 @@ def job() -> ScanJob:
     )
 
 
-def client_for(url: str, **kw: object) -> WebhookClient:
-    return WebhookClient(
-        url,
-        secret_header="x-admin-secret",
-        secret=Secret(SECRET),
-        signing_secret=None,
-        total_timeout=5.0,
-        max_connections=4,
-        **kw,  # type: ignore[arg-type]
-    )
+def client_for(url: str, *, total_timeout: float = 5.0, **kw: Any) -> WebhookClient:
+    """The daemon's scan client on loopback (``kw``: ``max_connections``, ``stats``,
+    ``trust_env``, ``max_reply_bytes``)."""
+    kw.setdefault("max_connections", 4)
+    return webhook_client(url, secret=SECRET, total_timeout=total_timeout, **kw)
 
 
 @pytest.fixture
@@ -276,14 +266,7 @@ async def test_a_burst_past_the_pool_waits_its_turn_and_leaves_few_idle_connecti
     MAX_IDLE_CONNECTIONS stay open (httpcore walks every pooled connection per idle one
     on each request, so a pool left full of idle connections makes each request costly)."""
     pool = 3 * MAX_IDLE_CONNECTIONS
-    client = WebhookClient(
-        backend.url + "/api/mail/scan-internal",
-        secret_header="x-admin-secret",
-        secret=Secret(SECRET),
-        signing_secret=None,
-        total_timeout=5.0,
-        max_connections=pool,
-    )
+    client = client_for(backend.url + "/api/mail/scan-internal", max_connections=pool)
     verdicts: list[Verdict] = []
 
     async def one() -> None:
@@ -455,11 +438,8 @@ async def test_a_timed_out_attempt_names_the_deadline_that_ended_it(
     operator reading "within 3s" for an attempt that took 8 s looks for the wrong cause.
     (Virtual time: the server's pauses and the client's limits are jumped over.)"""
     port = await raw_server(nursery, handler)
-    client = WebhookClient(
+    client = client_for(
         f"{scheme}://127.0.0.1:{port}/api/mail/scan-internal",
-        secret_header="x-admin-secret",
-        secret=Secret(SECRET),
-        signing_secret=None,
         total_timeout=total,
         max_connections=1,
     )

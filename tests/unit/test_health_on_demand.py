@@ -11,9 +11,9 @@ import httpx
 import trio
 import trio.testing
 
+from tests.harness import webhook_client
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.accounts.outcome_text import ConnectionSecrets
-from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.errors import ImapConnectError
 from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
@@ -47,15 +47,7 @@ async def test_reporter_exists_only_while_a_report_waits(
         posted.append(json.loads(request.content)["state"])
         return httpx.Response(answers.pop(0), json={})
 
-    webhook = WebhookClient(
-        URL,
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(backend),
-    )
+    webhook = webhook_client(URL, backend)
     health = AccountHealth(CONN, unreachable_after=300)
     stats = Stats()
     async with trio.open_nursery() as nursery:
@@ -105,15 +97,7 @@ async def test_a_report_a_cancelled_reporter_did_not_deliver_is_sent_on_attach(
         posted.append(json.loads(request.content)["state"])
         return httpx.Response(200, json={})
 
-    webhook = WebhookClient(
-        URL,
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(backend),
-    )
+    webhook = webhook_client(URL, backend)
     health = AccountHealth(CONN, unreachable_after=300)
     for first in (True, False):  # the connection, then its restarted successor
         async with trio.open_nursery() as nursery:

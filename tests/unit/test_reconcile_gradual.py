@@ -9,10 +9,10 @@ import httpx
 import trio
 import trio.testing
 
+from tests.harness import webhook_client
 from tests.unit.test_session_virtual_time import CONN, make_rig
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.backend.webhook import WebhookClient
-from trio_idle.core.secret import Secret
 from trio_idle.mailbox.reconcile import START_STEP, Reconciler
 
 N = 5 * START_STEP
@@ -24,14 +24,10 @@ def wanted(n: int) -> dict[str, MailConnection]:
 
 
 def webhook() -> WebhookClient:
-    return WebhookClient(
+    return webhook_client(
         "http://backend.invalid/scan",
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
+        lambda request: httpx.Response(200, json={}),
         total_timeout=60.0,
-        max_connections=1,
-        transport=httpx.MockTransport(lambda request: httpx.Response(200, json={})),
     )
 
 

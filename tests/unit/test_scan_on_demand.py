@@ -11,8 +11,8 @@ import httpx
 import trio
 import trio.testing
 
+from tests.harness import webhook_client
 from trio_idle.accounts.connections import MailConnection
-from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
 from trio_idle.mailbox.coalescer import ScanCoalescer
@@ -86,15 +86,7 @@ async def test_task_exists_only_while_scans_are_wanted(
             await release.wait()  # the retry of the first scan stays in flight
         return httpx.Response(answers.pop(0), json={"scanned": 1, "blocked": 0})
 
-    webhook = WebhookClient(
-        "http://backend.invalid/scan",
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(backend),
-    )
+    webhook = webhook_client("http://backend.invalid/scan", backend)
     stats = Stats()
     c = ScanCoalescer()
     async with trio.open_nursery() as nursery:
@@ -144,14 +136,8 @@ async def test_a_cancelled_task_keeps_the_pending_scan(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     c = ScanCoalescer()
-    webhook = WebhookClient(
-        "http://backend.invalid/scan",
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(lambda request: httpx.Response(200, json={})),
+    webhook = webhook_client(
+        "http://backend.invalid/scan", lambda request: httpx.Response(200, json={})
     )
     started = 0
     async with trio.open_nursery() as nursery:

@@ -15,6 +15,7 @@ import httpx
 import trio
 import trio.testing
 
+from tests.harness import webhook_client
 from tests.unit.test_session_virtual_time import (
     Rig,
     closed,
@@ -25,7 +26,6 @@ from tests.unit.test_session_virtual_time import (
     settled,
 )
 from trio_idle.backend.webhook import WebhookClient
-from trio_idle.core.secret import Secret
 from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap.responses import MailboxState
 from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy
@@ -74,15 +74,7 @@ def hooks(rig: Rig, envelopes: bool) -> ScanHooks:
 
 
 def webhook(backend: Backend) -> WebhookClient:
-    return WebhookClient(
-        "http://backend.invalid/scan",
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(backend),
-    )
+    return webhook_client("http://backend.invalid/scan", backend)
 
 
 def scans(rig: Rig, backend: Backend, envelopes: bool) -> AbstractAsyncContextManager[None]:

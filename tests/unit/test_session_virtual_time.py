@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.harness import webhook_client
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.config import GROUPS, OPTIONS, Settings
@@ -521,15 +522,7 @@ async def test_any_mix_of_triggers_costs_at_most_one_active_and_one_pending_scan
         await release.wait()  # the first scan stays in flight
         return httpx.Response(200, json={"scanned": 1, "blocked": 0})
 
-    webhook = WebhookClient(
-        "http://backend.invalid/scan",
-        secret_header="x-admin-secret",
-        secret=Secret("virtual-admin-secret"),
-        signing_secret=None,
-        total_timeout=3600.0,
-        max_connections=1,
-        transport=httpx.MockTransport(backend),
-    )
+    webhook = webhook_client("http://backend.invalid/scan", backend)
     policy = ScanPolicy("INBOX", 1.0, 60.0)
     async with running(rig), scanning(rig, webhook, policy):
         await connected(rig)

@@ -14,21 +14,19 @@ from typing import Any
 import httpx
 import trio
 
-from trio_idle.backend.webhook import MAX_REPLY_BYTES, ScanJob, Verdict, WebhookClient
-from trio_idle.core.secret import Secret
+from tests.harness import webhook_client
+from trio_idle.backend.client import MAX_REPLY_BYTES
+from trio_idle.backend.webhook import ScanJob, Verdict, WebhookClient
 
 JOB = ScanJob("conn-1", "user-1", "alice@example.test", "INBOX", "exists", scan_id="scan-42")
 
 
 def client(handler: Callable[[httpx.Request], Any]) -> WebhookClient:
-    return WebhookClient(
+    return webhook_client(
         "http://backend.invalid/api/mail/scan-internal",
-        secret_header="x-admin-secret",
-        secret=Secret("transport-admin-secret"),
-        signing_secret=None,
+        handler,
+        secret="transport-admin-secret",
         total_timeout=5.0,
-        max_connections=1,
-        transport=httpx.MockTransport(handler),
     )
 
 

@@ -35,9 +35,11 @@ Guarantees of :class:`RefreshingTokens` (on top of
   tables are never written;
 - the refresh token, the client secret and the access token never appear in a log line,
   an error or a repr; text from the provider is scrubbed of them and cut short;
-- each request is bounded by ``TRIO_IDLE_OAUTH_TIMEOUT`` as a whole, its reply by
+- each request is bounded by ``TRIO_IDLE_OAUTH_TIMEOUT`` as a whole (its phases too: the
+  connect by at most 10 s; a failure names the limit that fired), its reply by
   :data:`MAX_REPLY_BYTES`; no redirects, no proxy from the environment unless
-  ``TRIO_IDLE_HTTP_TRUST_ENV``.
+  ``TRIO_IDLE_HTTP_TRUST_ENV`` (the plumbing is :class:`~trio_idle.backend.client.HttpClient`'s;
+  a provider's endpoint is not the backend, so these requests feed no backend watch).
 
 Cancellation abandons a refresh in progress (nothing is cached from it), except that a
 rotated refresh token already received is always kept in memory, and its write to the
@@ -71,12 +73,14 @@ from trio_idle.accounts.credentials import (
     TokenUnavailable,
 )
 from trio_idle.accounts.outcome_text import ConnectionSecrets
-from trio_idle.backend.webhook import new_http_client, parse_retry_after, read_capped
+from trio_idle.backend.client import HttpClient, HttpFailure, Limits, Timeouts
+from trio_idle.backend.webhook import parse_retry_after
 from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
 from trio_idle.core.limiter import Pacer
 from trio_idle.core.scrub import PLAIN, Scrubs
 from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
 from trio_idle.state.store import StoredRefreshToken, TokenBackend, make_token_backend
 
 if TYPE_CHECKING:
@@ -109,6 +113,8 @@ DEFAULT_EXPIRES_IN: Final = 3600.0
 MAX_EXPIRES_IN: Final = 86400.0
 #: a token reply is a few KiB of JSON (a Microsoft JWT is the largest part)
 MAX_REPLY_BYTES: Final = 64 * 1024
+#: refresh requests in flight at once, over all providers and connections
+MAX_REFRESHES_IN_FLIGHT: Final = 20
 #: how long a rotated token's write to the store may hold up a cancellation
 STORE_WRITE_TIMEOUT: Final = 5.0
 #: error codes that mean the user has to sign in again (RFC 6749 5.2, Microsoft's additions)
@@ -438,6 +444,7 @@ class RefreshingTokens:
         trust_env: bool = False,
         refresh_ahead: float = REFRESH_AHEAD,
         transport: httpx.AsyncBaseTransport | None = None,
+        stats: Stats | None = None,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -452,9 +459,15 @@ class RefreshingTokens:
         self._wall = wall
         self._rng = rng or random.Random()
         self._entries: dict[str, _Entry] = {}
-        # the provider gets the same client shape as the backend: explicit timeouts, no
+        # the provider gets the same client as the backend: explicit timeouts, no
         # redirects, no compression (the reply cap counts wire bytes), no env proxies
-        self._http = new_http_client(self._timeout, 20, trust_env, transport)
+        self._http = HttpClient(
+            timeouts=Timeouts.within(self._timeout),
+            limits=Limits(MAX_REFRESHES_IN_FLIGHT, max_reply_bytes=MAX_REPLY_BYTES),
+            trust_env=trust_env,
+            transport=transport,
+            stats=stats,
+        )
 
     @classmethod
     def from_settings(
@@ -462,6 +475,7 @@ class RefreshingTokens:
         settings: Settings,
         env: Mapping[str, str],
         *,
+        stats: Stats | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> RefreshingTokens:
         """The source the settings describe; rotations go to the state store's file or
@@ -479,6 +493,7 @@ class RefreshingTokens:
             ),
             trust_env=settings.webhook.http_trust_env,
             transport=transport,
+            stats=stats,
         )
 
     async def aclose(self) -> None:
@@ -619,50 +634,20 @@ class RefreshingTokens:
         self, client: ProviderClient, body: bytes, scrubber: Scrubs
     ) -> TokenGrant | TokenUnavailable:
         """One request. Never raises for network trouble or a bad reply: those are
-        ``token_error`` outcomes. The whole attempt is bounded by the timeout."""
+        ``token_error`` outcomes. The whole attempt is bounded by the timeout; its text
+        names the limit that fired."""
         what = f"{client.name} token endpoint"
         headers = {
             "content-type": "application/x-www-form-urlencoded",
             "accept": "application/json",
         }
-        with trio.move_on_after(self._timeout):
-            try:
-                async with self._http.stream(
-                    "POST", client.token_url, content=body, headers=headers
-                ) as response:
-                    reply = await read_capped(response, MAX_REPLY_BYTES)
-                    if reply is None:
-                        return TokenUnavailable(
-                            TOKEN_ERROR,
-                            f"{what} sent a reply larger than {MAX_REPLY_BYTES // 1024} KiB",
-                        )
-                    return parse_token_reply(
-                        client.name,
-                        response.status_code,
-                        response.headers,
-                        reply,
-                        scrubber=scrubber,
-                    )
-            except httpx.TimeoutException:
-                pass  # the same outcome as the trio deadline below
-            except httpx.ConnectError as exc:
-                return TokenUnavailable(
-                    TOKEN_ERROR, f"{what} unreachable ({scrubber.scrub(_first_text(exc), 120)})"
-                )
-            except httpx.HTTPError as exc:
-                return TokenUnavailable(
-                    TOKEN_ERROR, f"{what}: request failed ({type(exc).__name__})"
-                )
-        return TokenUnavailable(TOKEN_ERROR, f"{what} did not answer within {self._timeout:g}s")
-
-
-def _first_text(exc: BaseException) -> str:
-    # httpx wraps the real error (refused, TLS) in one without text
-    cause: BaseException | None = exc
-    while cause is not None and not str(cause):
-        cause = cause.__cause__ or cause.__context__
-    text = str(cause) if cause is not None else type(exc).__name__
-    return "connection refused" if "refused" in text.lower() else text
+        outcome = await self._http.request("POST", client.token_url, content=body, headers=headers)
+        if isinstance(outcome, HttpFailure):
+            # the text names no secret (nor the URL); the scrubber makes sure of the first
+            return TokenUnavailable(TOKEN_ERROR, scrubber.scrub(outcome.text(what), 240))
+        return parse_token_reply(
+            client.name, outcome.status, outcome.headers, outcome.body, scrubber=scrubber
+        )
 
 
 class PerConnectionTokens:
