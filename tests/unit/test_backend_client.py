@@ -124,7 +124,8 @@ async def test_requests_past_the_pool_wait_their_turn_outside_the_attempt_deadli
             nursery.start_soon(one, n)
             await trio.testing.wait_all_tasks_blocked()
     assert peak == 2
-    assert order == [str(n) for n in range(6)]
+    # first come first served, two at a time (trio wakes each pair in either order)
+    assert [sorted(order[i : i + 2]) for i in (0, 2, 4)] == [["0", "1"], ["2", "3"], ["4", "5"]]
     assert all(isinstance(o, HttpReply) and o.status == 200 for o in outcomes)
     assert http.in_flight == 0
 
