@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.harness import running_daemon
+from tests.harness import ListSource, poll_until, row, running_daemon
 from tests.recording_proxy import RecordingProxy, point_proxies_at
 from tests.reliability.rig import Rig
 from trio_idle.testing.backend import Reply
@@ -139,7 +139,8 @@ async def test_outage_with_200_new_mails_costs_at_most_two_scans_after_recovery(
             assert handle.coalescer.pending <= 1
         assert handle.coalescer.active and handle.coalescer.pending == 1
         assert handle.coalescer.absorbed >= 150
-        assert rig.backend.requests_for(A) == []
+        sent = rig.backend.requests_for(A)
+        assert sent and {r.path for r in sent} == {rig.backend.token_path}
         rig.backend.up()
         with trio.fail_after(10):
             await rig.ledger.settle(10)
@@ -215,3 +216,18 @@ async def test_http_trust_env_sends_the_scan_through_the_proxy(
     (seen,) = [r for r in proxy.requests if r.target != rig.backend.url + rig.backend.status_path]
     assert (seen.method, seen.target) == ("POST", rig.backend.scan_url)
     assert rig.backend.requests_for(A) == []
+
+
+async def test_a_token_endpoint_that_fails_counts_against_the_backend(rig: Rig) -> None:
+    """Readiness watches whether the backend answers: in the daemon the token requests
+    feed the same watch as the scans, so a backend that only ever refuses tokens (with
+    a 503) is seen failing before any scan was sent."""
+    rig.backend.token_reply = lambda request: Reply(503)
+    rig.server.add_user(A, "unused-password")
+    oauth_row = {**row(A, A, "unused-password", rig.server.port), "authType": "oauth2"}
+    settings = rig.settings(TRIO_IDLE_CONNECTION_STATUS="false")
+    async with running_daemon(settings, ListSource([oauth_row])) as daemon:
+        with trio.fail_after(10):
+            await poll_until(lambda: daemon.backend().failing_since is not None)
+        sent = rig.backend.requests_for(A)
+        assert sent and {r.path for r in sent} == {rig.backend.token_path}
