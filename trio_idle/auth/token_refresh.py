@@ -43,13 +43,12 @@ Guarantees of :class:`RefreshingTokens` (on top of
 
 Cancellation abandons a refresh in progress (nothing is cached from it), except that a
 rotated refresh token already received is always kept in memory, and its write to the
-store is shielded for at most :data:`STORE_WRITE_TIMEOUT` seconds.
+store is shielded for at most :data:`~trio_idle.auth.rotation.STORE_WRITE_TIMEOUT` seconds
+(the rotation store: :mod:`trio_idle.auth.rotation`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import random
@@ -73,15 +72,17 @@ from trio_idle.accounts.credentials import (
     TokenUnavailable,
 )
 from trio_idle.accounts.outcome_text import ConnectionSecrets
+from trio_idle.accounts.providers import preset_for
+from trio_idle.auth.rotation import RotatedTokens, fingerprint, fingerprint_key
 from trio_idle.backend.client import HttpClient, HttpFailure, Limits, Timeouts
 from trio_idle.backend.webhook import parse_retry_after
 from trio_idle.core.backoff import Backoff, BackoffPolicy
-from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
+from trio_idle.core.crypto import derive_key
 from trio_idle.core.limiter import Pacer
 from trio_idle.core.scrub import PLAIN, Scrubs
 from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
-from trio_idle.state.store import StoredRefreshToken, TokenBackend, make_token_backend
+from trio_idle.state.store import TokenBackend, make_token_backend
 
 if TYPE_CHECKING:
     from trio_idle.accounts.connections import MailConnection
@@ -92,16 +93,9 @@ MICROSOFT: Final = "microsoft"
 #: the scopes an IMAP access token needs at each provider
 GOOGLE_SCOPE: Final = "https://mail.google.com/"
 MICROSOFT_SCOPE: Final = "https://outlook.office.com/IMAP.AccessAsUser.All offline_access"
-#: email domains whose provider is known without a preset (:mod:`trio_idle.accounts.providers`
-#: may replace this with its table)
-PROVIDER_DOMAINS: Final[Mapping[str, str]] = {
-    "gmail.com": GOOGLE,
-    "googlemail.com": GOOGLE,
-    "outlook.com": MICROSOFT,
-    "hotmail.com": MICROSOFT,
-    "live.com": MICROSOFT,
-    "msn.com": MICROSOFT,
-}
+#: the token endpoint of each provider preset whose accounts the daemon can refresh
+#: (the presets' table, :mod:`trio_idle.accounts.providers`, knows their email domains)
+TOKEN_PROVIDER_OF_PRESET: Final[Mapping[str, str]] = {"gmail": GOOGLE, "microsoft": MICROSOFT}
 
 #: an access token is refreshed this many seconds before it expires
 REFRESH_AHEAD: Final = 300.0
@@ -115,8 +109,6 @@ MAX_EXPIRES_IN: Final = 86400.0
 MAX_REPLY_BYTES: Final = 64 * 1024
 #: refresh requests in flight at once, over all providers and connections
 MAX_REFRESHES_IN_FLIGHT: Final = 20
-#: how long a rotated token's write to the store may hold up a cancellation
-STORE_WRITE_TIMEOUT: Final = 5.0
 #: error codes that mean the user has to sign in again (RFC 6749 5.2, Microsoft's additions)
 REVOKED_ERRORS: Final = frozenset(
     {"invalid_grant", "invalid_scope", "interaction_required", "consent_required"}
@@ -133,8 +125,7 @@ def provider_for(provider: str | None, email: str) -> str | None:
     Pure. ``provider`` is :attr:`MailConnection.provider` (a preset name or the row's)."""
     if provider is not None and provider.strip().lower() in (GOOGLE, MICROSOFT):
         return provider.strip().lower()
-    domain = email.rpartition("@")[2].strip().lower().rstrip(".")
-    return PROVIDER_DOMAINS.get(domain)
+    return TOKEN_PROVIDER_OF_PRESET.get(preset_for(email, None).name)
 
 
 @attrs.frozen
@@ -284,125 +275,6 @@ def parse_token_reply(
             f"TRIO_IDLE_{name}_CLIENT_SECRET",
         )
     return TokenUnavailable(TOKEN_ERROR, f"{what} answered {status}{said}")
-
-
-def fingerprint_key(key: bytes) -> bytes:
-    """The key of :func:`fingerprint`, derived from the AES key so neither reveals the other."""
-    return hmac.new(key, b"trio-idle refresh-token fingerprint", hashlib.sha256).digest()
-
-
-def fingerprint(fp_key: bytes, refresh_token: str) -> str:
-    """Which row token a stored rotation replaced, without storing that token: a keyed
-    hash (HMAC-SHA256, hex)."""
-    return hmac.new(fp_key, refresh_token.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-class RotatedTokens:
-    """The newest refresh token of each connection whose provider rotated it.
-
-    Loaded once from the store (on first use, retried until it worked); each rotation is
-    kept in memory at once and written to the store straight away. A write that fails
-    stays pending and is tried again before the connection's next refresh, so at worst
-    the store is one rotation behind while it is down. Without a store (``state =
-    none``) rotations last as long as the process.
-    """
-
-    def __init__(self, backend: TokenBackend | None, key: bytes) -> None:
-        self.backend = backend
-        self._key = key
-        self._tokens: dict[str, StoredRefreshToken] = {}
-        self._pending: dict[str, StoredRefreshToken] = {}
-        self._loaded = backend is None
-        self._load_lock = trio.Lock()
-        self._warned_no_store = False
-        self._load_failures = 0
-
-    async def ensure_loaded(self) -> None:
-        """Read the store once. Raises :class:`TokenUnavailable` (``token_error``) while
-        it cannot be read: refreshing with the row's token instead could spend a token
-        the provider has already replaced."""
-        if self._loaded:
-            return
-        async with self._load_lock:
-            if self._loaded or self.backend is None:
-                return
-            try:
-                loaded = await self.backend.load_tokens()
-            except Exception as exc:
-                self._load_failures += 1
-                # every connection's refresh tries again: one error line, then quieter
-                log = logger.error if self._load_failures == 1 else logger.debug
-                log(
-                    f"[idle/oauth] cannot read the rotated refresh tokens "
-                    f"({self.backend.name}): {type(exc).__name__}: {PLAIN.scrub(exc, 200)}"
-                    + _migrate_hint(self.backend)
-                )
-                raise TokenUnavailable(
-                    TOKEN_ERROR, f"cannot read the rotated refresh tokens ({self.backend.name})"
-                ) from None
-            # a rotation that happened before the load finished is newer than the store
-            self._tokens = {**loaded, **self._tokens}
-            self._loaded = True
-            if loaded or self._load_failures:
-                logger.info(f"[idle/oauth] loaded {len(loaded)} rotated refresh tokens")
-
-    def current(self, conn_id: str, row_fingerprint: str) -> str | None:
-        """The rotated token to use instead of the row's, or ``None`` (use the row's): none
-        stored, or the row's token changed since (its fingerprint differs), or the stored
-        one no longer decrypts (``ENCRYPTION_KEY`` changed)."""
-        stored = self._tokens.get(conn_id)
-        if stored is None or not hmac.compare_digest(stored.replaces, row_fingerprint):
-            return None
-        try:
-            return decrypt_password(stored.encrypted, self._key)
-        except DecryptionError as exc:
-            logger.warning(
-                f"[idle/oauth] connection {PLAIN.scrub(conn_id, 80)}: the stored rotated "
-                f"refresh token does not decrypt ({exc}); using the row's"
-            )
-            return None
-
-    async def keep(self, conn_id: str, refresh_token: str, row_fingerprint: str) -> None:
-        """The provider rotated ``conn_id``'s token: use ``refresh_token`` from now on and
-        write it to the store (shielded, at most :data:`STORE_WRITE_TIMEOUT` seconds)."""
-        stored = StoredRefreshToken(
-            encrypt_password(refresh_token, self._key), row_fingerprint, time.time()
-        )
-        self._tokens[conn_id] = stored
-        if self.backend is None:
-            if not self._warned_no_store:
-                self._warned_no_store = True
-                logger.warning(
-                    "[idle/oauth] a provider rotated a refresh token and TRIO_IDLE_STATE=none: "
-                    "the new one is kept only until the daemon stops"
-                )
-            return
-        self._pending[conn_id] = stored
-        with trio.CancelScope(shield=True), trio.move_on_after(STORE_WRITE_TIMEOUT):
-            await self.flush(conn_id)
-
-    async def flush(self, conn_id: str) -> bool:
-        """Write ``conn_id``'s pending rotation, if any. False if it stays pending."""
-        stored = self._pending.get(conn_id)
-        if stored is None or self.backend is None:
-            return True
-        try:
-            await self.backend.save_token(conn_id, stored)
-        except Exception as exc:
-            logger.error(
-                f"[idle/oauth] connection {PLAIN.scrub(conn_id, 80)}: cannot store the "
-                f"rotated refresh token ({self.backend.name}): {type(exc).__name__}: "
-                f"{PLAIN.scrub(exc, 200)}; using it from memory, will retry"
-                + _migrate_hint(self.backend)
-            )
-            return False
-        if self._pending.get(conn_id) is stored:  # a newer rotation may have come meanwhile
-            del self._pending[conn_id]
-        return True
-
-
-def _migrate_hint(backend: TokenBackend) -> str:
-    return " (run `trio-idle db migrate`)" if backend.name == "postgres" else ""
 
 
 @attrs.define(eq=False)
