@@ -70,6 +70,7 @@ UNIT_PATHS = [
     "tests/test_scan_backend.py",
     "tests/test_webhook_client.py",
     "tests/test_http_transport.py",
+    "tests/test_backend_client.py",
     # OAuth2 refresh against the test token endpoint, rotations kept in SQLite; its
     # Postgres cases (``pg_dsn``, so marked ``postgres``) are deselected by UNIT_MARKERS
     "tests/test_token_refresh.py",
