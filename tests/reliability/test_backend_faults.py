@@ -139,8 +139,7 @@ async def test_outage_with_200_new_mails_costs_at_most_two_scans_after_recovery(
             assert handle.coalescer.pending <= 1
         assert handle.coalescer.active and handle.coalescer.pending == 1
         assert handle.coalescer.absorbed >= 150
-        sent = rig.backend.requests_for(A)
-        assert sent and {r.path for r in sent} == {rig.backend.token_path}
+        assert rig.backend.requests_for(A) == []
         rig.backend.up()
         with trio.fail_after(10):
             await rig.ledger.settle(10)
