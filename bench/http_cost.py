@@ -7,8 +7,9 @@
 * ``httpx + httpcore``: ``httpx.AsyncClient``'s own transport, through the client (what
   the daemon did before :mod:`trio_idle.backend.http_transport`);
 * ``httpx client + ours``: the same client over :class:`TrioHTTPTransport`;
-* ``WebhookClient``: what the daemon does now (``httpx.Request`` straight to our
-  transport), :meth:`~trio_idle.backend.webhook.WebhookClient.send` with a fresh scan each time.
+* ``WebhookClient``: what the daemon does now (:class:`~trio_idle.backend.client.HttpClient`,
+  ``httpx.Request`` straight to our transport),
+  :meth:`~trio_idle.backend.webhook.WebhookClient.send` with a fresh scan each time.
 
 Each row: CPU of this process per request (``time.process_time``, the figure that does
 not depend on how busy the machine is) and the round trip p50/p99 (wall clock: the sink's
@@ -18,24 +19,32 @@ share included, noisy). Rounds alternate the three, so a busy moment hits all of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import trio
 
 from bench.procs import REPO_ROOT
-from trio_idle.backend.webhook import (
+from trio_idle.backend.client import (
+    KEEPALIVE_EXPIRY,
+    MAX_IDLE_CONNECTIONS,
     USER_AGENT,
+    read_capped,
+    tls_verify_context,
+)
+from trio_idle.backend.http_transport import TrioHTTPTransport
+from trio_idle.backend.webhook import (
+    ATTEMPT_GRACE,
+    BackendAuth,
     ScanJob,
     WebhookClient,
-    backend_transport,
-    read_capped,
-    request_timeout,
-    streamed,
+    backend_http,
 )
 from trio_idle.core.secret import Secret
 
@@ -58,6 +67,21 @@ def _job() -> ScanJob:
     return ScanJob("c1", None, "bench@example.com", "INBOX", "exists")
 
 
+@contextlib.asynccontextmanager
+async def streamed(
+    client: httpx.AsyncClient, method: str, url: str, **options: Any
+) -> AsyncIterator[httpx.Response]:
+    """``client.stream(...)`` leaving no reference cycle behind (as the daemon's client
+    does: the response gets an empty stream once closed), so the comparison is fair."""
+    response: httpx.Response | None = None
+    try:
+        async with client.stream(method, url, **options) as response:
+            yield response
+    finally:
+        if response is not None:
+            response.stream = httpx.ByteStream(b"")
+
+
 def _via_client(client: httpx.AsyncClient, url: str) -> Callable[[], Awaitable[None]]:
     async def one() -> None:
         job = _job()
@@ -74,18 +98,18 @@ def _via_client(client: httpx.AsyncClient, url: str) -> Callable[[], Awaitable[N
 
 async def measure(url: str, requests: int, rounds: int) -> dict[str, list[dict[str, float]]]:
     headers = {"user-agent": USER_AGENT, "accept-encoding": "identity"}
-    timeout = request_timeout(10.0)
+    timeout = httpx.Timeout(10.0)
     httpcore_client = httpx.AsyncClient(headers=headers, timeout=timeout)
-    ours_client = httpx.AsyncClient(
-        headers=headers, timeout=timeout, transport=backend_transport(100)
+    ours = TrioHTTPTransport(
+        ssl_context=tls_verify_context(),
+        max_idle=MAX_IDLE_CONNECTIONS,
+        idle_expiry=KEEPALIVE_EXPIRY,
     )
+    ours_client = httpx.AsyncClient(headers=headers, timeout=timeout, transport=ours)
     webhook = WebhookClient(
         url,
-        secret_header="x-admin-secret",
-        secret=Secret(SECRET),
-        signing_secret=None,
-        total_timeout=10.0,
-        max_connections=100,
+        BackendAuth("x-admin-secret", Secret(SECRET)),
+        backend_http(10.0, 100, grace=ATTEMPT_GRACE),
     )
 
     async def via_webhook() -> None:

@@ -16,7 +16,7 @@ import httpx
 from trio_idle_testing.recording_log import RecordingLog
 
 from trio_idle.accounts.connections import AUTH_PASSWORD, MailConnection
-from trio_idle.backend.webhook import WebhookClient
+from trio_idle.backend.webhook import ATTEMPT_GRACE, BackendAuth, WebhookClient, backend_http
 from trio_idle.core.secret import Secret
 
 __all__ = ["Handler", "RecordingLog", "accept_all", "mail_connection", "mock_webhook"]
@@ -67,23 +67,37 @@ def accept_all(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, json={})
 
 
+TEST_ADMIN_SECRET = "virtual-admin-secret"
+
+
+def webhook_client(
+    url: str,
+    handler: Handler | None = None,
+    *,
+    secret: str | Secret = TEST_ADMIN_SECRET,
+    total_timeout: float = 3600.0,
+    max_connections: int = 1,
+    **options: Any,
+) -> WebhookClient:
+    """A :class:`WebhookClient` posting to ``url`` with the ``x-admin-secret`` header:
+    over the real network (loopback) or, given ``handler``, to it in memory
+    (``httpx.MockTransport``: no sockets, virtual time works; the long default timeout
+    never fires by itself under the autojump clock). ``options`` go to
+    :func:`~trio_idle.backend.webhook.backend_http` (``stats``, ``trust_env``, ...); the
+    attempt's grace is the daemon's unless given. The caller closes it (``aclose``)."""
+    options.setdefault("grace", ATTEMPT_GRACE)
+    transport = None if handler is None else httpx.MockTransport(handler)
+    http = backend_http(total_timeout, max_connections, transport=transport, **options)
+    secret = secret if isinstance(secret, Secret) else Secret(secret)
+    return WebhookClient(url, BackendAuth("x-admin-secret", secret), http)
+
+
 def mock_webhook(
     handler: Handler = accept_all,
     *,
     url: str = "http://backend.invalid/scan",
-    secret: str = "virtual-admin-secret",
     total_timeout: float = 3600.0,
 ) -> WebhookClient:
-    """A :class:`WebhookClient` whose requests go to ``handler`` through an
-    ``httpx.MockTransport``: no sockets, so it runs under the autojump clock (the long
-    default timeout never fires by itself there). One connection, no signing; the caller
-    closes it (``aclose``). Real HTTP is tests/unit/test_webhook_client.py's business."""
-    return WebhookClient(
-        url,
-        secret_header="x-admin-secret",
-        secret=Secret(secret),
-        signing_secret=None,
-        total_timeout=total_timeout,
-        max_connections=1,
-        transport=httpx.MockTransport(handler),
-    )
+    """:func:`webhook_client` in memory, to a made-up URL, accepting everything unless
+    ``handler`` says otherwise."""
+    return webhook_client(url, handler, total_timeout=total_timeout)

@@ -14,11 +14,11 @@ import trio
 from loguru import logger
 from trio_idle_testing.backend import Reply, ScanRequest
 
+from tests.fixtures import webhook_client
 from tests.harness import KEY, ListSource, poll_until, row, running_daemon
 from tests.reliability.rig import PASSWORD, Rig
 from trio_idle.accounts.connections import MailConnection, build_connection
 from trio_idle.accounts.outcome_text import ConnectionSecrets
-from trio_idle.backend.webhook import WebhookClient
 from trio_idle.core.crypto import derive_key
 from trio_idle.core.errors import ImapAuthError
 from trio_idle.core.stats import Stats
@@ -120,11 +120,9 @@ async def test_a_failing_endpoint_gets_the_newest_state_one_report_at_a_time(rig
     conn = build_connection(row(A, A, PASSWORD, 1), derive_key(KEY))
     assert isinstance(conn, MailConnection)
     health = AccountHealth(conn, unreachable_after=600)
-    webhook = WebhookClient(
+    webhook = webhook_client(
         backend.url + backend.status_path,
-        secret_header="x-admin-secret",
         secret=settings.webhook.admin_secret,
-        signing_secret=None,
         total_timeout=5,
         max_connections=4,
     )

@@ -10,7 +10,7 @@ import pytest
 import trio
 from trio_idle_testing.backend import Reply
 
-from tests.harness import running_daemon
+from tests.harness import ListSource, poll_until, row, running_daemon
 from tests.recording_proxy import RecordingProxy, point_proxies_at
 from tests.reliability.rig import Rig
 
@@ -239,3 +239,18 @@ async def test_a_redirect_is_not_followed_and_the_scan_is_rejected(
     assert [r.status for r in rig.backend.requests_for(A)] == [status]
     assert elsewhere.requests == []
     assert daemon.stats.get("scans_retried", "network") == 0
+
+
+async def test_a_token_endpoint_that_fails_counts_against_the_backend(rig: Rig) -> None:
+    """Readiness watches whether the backend answers: in the daemon the token requests
+    feed the same watch as the scans, so a backend that only ever refuses tokens (with
+    a 503) is seen failing before any scan was sent."""
+    rig.backend.token_reply = lambda request: Reply(503)
+    rig.server.add_user(A, "unused-password")
+    oauth_row = {**row(A, A, "unused-password", rig.server.port), "authType": "oauth2"}
+    settings = rig.settings(TRIO_IDLE_CONNECTION_STATUS="false")
+    async with running_daemon(settings, ListSource([oauth_row])) as daemon:
+        with trio.fail_after(10):
+            await poll_until(lambda: daemon.backend().failing_since is not None)
+        sent = rig.backend.requests_for(A)
+        assert sent and {r.path for r in sent} == {rig.backend.token_path}

@@ -78,7 +78,8 @@ async def test_check_login_signs_oauth2_rows_in_with_a_backend_token(
 ) -> None:
     import httpx
 
-    from trio_idle.auth.token_backend import BackendTokenSource
+    from trio_idle.auth.token_backend import BackendTokenSource, token_http
+    from trio_idle.backend.webhook import BackendAuth
     from trio_idle.core.config import Settings
     from trio_idle.operator_commands import try_login
 
@@ -89,8 +90,8 @@ async def test_check_login_signs_oauth2_rows_in_with_a_backend_token(
         return httpx.Response(200, json={"accessToken": next(replies), "expiresAt": 4e9})
 
     tokens = BackendTokenSource(
-        "http://127.0.0.1:1/t", secret_header="x", secret=Secret("s"), signing_secret=None,
-        total_timeout=5, refresh_ahead=300, transport=httpx.MockTransport(endpoint),
+        "http://127.0.0.1:1/t", BackendAuth("x", Secret("s")),
+        token_http(5, transport=httpx.MockTransport(endpoint)), refresh_ahead=300,
     )  # fmt: skip
     import attrs
 

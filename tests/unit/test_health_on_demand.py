@@ -11,7 +11,7 @@ import trio
 import trio.testing
 from trio_idle_testing.recording_log import RecordingLog
 
-from tests.fixtures import mail_connection, mock_webhook
+from tests.fixtures import mail_connection, webhook_client
 from trio_idle.accounts.outcome_text import ConnectionSecrets
 from trio_idle.core.errors import ImapConnectError
 from trio_idle.core.stats import Stats
@@ -32,7 +32,7 @@ async def test_reporter_exists_only_while_a_report_waits(
         posted.append(json.loads(request.content)["state"])
         return httpx.Response(answers.pop(0), json={})
 
-    webhook = mock_webhook(backend, url=URL)
+    webhook = webhook_client(URL, backend)
     health = AccountHealth(CONN, unreachable_after=300)
     stats = Stats()
     async with trio.open_nursery() as nursery:
@@ -82,7 +82,7 @@ async def test_a_report_a_cancelled_reporter_did_not_deliver_is_sent_on_attach(
         posted.append(json.loads(request.content)["state"])
         return httpx.Response(200, json={})
 
-    webhook = mock_webhook(backend, url=URL)
+    webhook = webhook_client(URL, backend)
     health = AccountHealth(CONN, unreachable_after=300)
     for first in (True, False):  # the connection, then its restarted successor
         async with trio.open_nursery() as nursery:

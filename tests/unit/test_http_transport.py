@@ -3,7 +3,8 @@
 Every guarantee of :mod:`trio_idle.backend.http_transport`'s module docstring is checked the way
 a user would notice it: how many connections the server accepted, whether the server saw
 a connection closed, which exception (by type) a request raised and whether a later
-request still gets through with a single connection slot.
+request still gets through. (How many requests are in flight is the HttpClient's to
+bound: tests/test_backend_client.py.)
 """
 
 from __future__ import annotations
@@ -213,7 +214,6 @@ def first_then_serve(
 def new_transport(
     *,
     ssl_context: ssl.SSLContext | None = None,
-    max_connections: int = 4,
     max_idle: int = 4,
     idle_expiry: float = 60.0,
     max_head_bytes: int | None = None,
@@ -222,14 +222,12 @@ def new_transport(
     if max_head_bytes is None:
         return TrioHTTPTransport(
             ssl_context=ssl_context,
-            max_connections=max_connections,
             max_idle=max_idle,
             idle_expiry=idle_expiry,
             stats=stats,
         )
     return TrioHTTPTransport(
         ssl_context=ssl_context,
-        max_connections=max_connections,
         max_idle=max_idle,
         idle_expiry=idle_expiry,
         max_head_bytes=max_head_bytes,
@@ -247,10 +245,6 @@ async def wait_pooled_socket_readable(transport: TrioHTTPTransport) -> None:
     inside the pool, since nothing public shows the socket."""
     (conn,) = transport._idle
     await trio.lowlevel.wait_readable(conn.transport.get_extra_info("socket"))
-
-
-#: with a single connection slot, a request that must not wait for one
-SLOT_MUST_BE_FREE = httpx.Timeout(TIMEOUT, pool=SHORT)
 
 
 # --------------------------------------------------------------------------- keep-alive
@@ -562,7 +556,7 @@ async def test_at_most_max_idle_connections_are_kept_after_a_burst(
             await peer.send(reply(f"{peer.number}".encode()))
 
     server = await start(nursery, reply_once_all_arrived)
-    transport = new_transport(max_connections=burst, max_idle=2)
+    transport = new_transport(max_idle=2)
     answers: list[bytes] = []
 
     async def get() -> None:
@@ -608,11 +602,11 @@ async def test_aclose_closes_pooled_connections_and_pools_nothing_after(
     assert server.accepted == 2
 
 
-# --------------------------------------------------------------------------- slots
+# --------------------------------------------------------------------------- closing
 
 
 @pytest.mark.parametrize("read", [False, True], ids=["unread", "partly-read"])
-async def test_a_reply_closed_before_its_end_closes_the_connection_and_frees_the_slot(
+async def test_a_reply_closed_before_its_end_closes_the_connection(
     nursery: trio.Nursery, read: bool
 ) -> None:
     async def big_reply_first(peer: Peer) -> None:
@@ -621,7 +615,7 @@ async def test_a_reply_closed_before_its_end_closes_the_connection_and_frees_the
         await peer.wait_closed()
 
     server = await start(nursery, first_then_serve(big_reply_first))
-    transport = new_transport(max_connections=1)
+    transport = new_transport()
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             async with client.stream("GET", server.url) as response:
@@ -632,11 +626,11 @@ async def test_a_reply_closed_before_its_end_closes_the_connection_and_frees_the
                         break
             await server.peers[0].closed_by_client.wait()
             assert transport.idle_connections == 0
-            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+            after = await client.get(server.url)
         assert after.content == b"2:1"
 
 
-async def test_a_cancelled_request_closes_its_connection_and_frees_the_slot(
+async def test_a_cancelled_request_closes_its_connection(
     nursery: trio.Nursery,
 ) -> None:
     async def never_answer_the_first(peer: Peer) -> None:
@@ -644,7 +638,7 @@ async def test_a_cancelled_request_closes_its_connection_and_frees_the_slot(
         await peer.wait_closed()
 
     server = await start(nursery, first_then_serve(never_answer_the_first))
-    transport = new_transport(max_connections=1)
+    transport = new_transport()
     finished: list[httpx.Response] = []
     cancelled: list[trio.Cancelled] = []
 
@@ -664,49 +658,26 @@ async def test_a_cancelled_request_closes_its_connection_and_frees_the_slot(
             assert finished == []
             assert len(cancelled) == 1
             await server.peers[0].closed_by_client.wait()
-            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+            after = await client.get(server.url)
         assert after.content == b"2:1"
         assert transport.idle_connections == 1
 
 
-async def test_a_request_waits_for_a_slot_at_most_the_pool_timeout(
+async def test_a_request_while_another_is_in_flight_opens_its_own_connection(
     nursery: trio.Nursery,
 ) -> None:
+    """The transport does not limit requests in flight (the HttpClient's limiter does, the
+    one limit on the way): a second request never waits behind a first one's reply."""
     server = await start(nursery, serve_forever)
-    transport = new_transport(max_connections=1)
+    transport = new_transport()
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             async with client.stream("GET", server.url) as held:
                 assert held.status_code == 200
-                with pytest.raises(httpx.PoolTimeout):
-                    await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
-                assert server.request_count == 1
+                second = await client.get(server.url)
                 assert await held.aread() == b"1:1"
-            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
-        assert after.content == b"1:2"
-
-
-async def test_a_waiting_request_gets_the_slot_when_it_is_freed(nursery: trio.Nursery) -> None:
-    server = await start(nursery, serve_forever)
-    transport = new_transport(max_connections=1)
-    answers: list[bytes] = []
-
-    async def get() -> None:
-        answers.append((await client.get(server.url)).content)
-
-    async with client_for(transport) as client:
-        with trio.fail_after(TIMEOUT):
-            async with (
-                trio.open_nursery() as waiting,
-                client.stream("GET", server.url) as held,
-            ):
-                waiting.start_soon(get)
-                await trio.testing.wait_all_tasks_blocked()
-                assert answers == []
-                assert server.request_count == 1
-                await held.aread()
-            assert answers == [b"1:2"]
-        assert server.accepted == 1
+        assert second.content == b"2:1"
+        assert server.accepted == 2
 
 
 # --------------------------------------------------------------------------- timeouts
@@ -723,14 +694,14 @@ async def test_a_server_that_stops_answering_is_a_read_timeout(
         await peer.wait_closed()
 
     server = await start(nursery, first_then_serve(stall_the_first))
-    transport = new_transport(max_connections=1)
+    transport = new_transport()
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             with pytest.raises(httpx.ReadTimeout) as caught:
                 await client.get(server.url, timeout=httpx.Timeout(TIMEOUT, read=SHORT))
             # closed while the error is still referenced, not by the garbage collector
             await server.peers[0].closed_by_client.wait()
-            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+            after = await client.get(server.url)
         assert after.content == b"2:1"
         assert caught.value.__traceback__ is not None
 
@@ -751,7 +722,7 @@ async def test_a_server_that_stops_reading_is_a_write_timeout(nursery: trio.Nurs
             yield piece
 
     server = await start(nursery, first_then_serve(read_the_first_only_after_the_timeout))
-    transport = new_transport(max_connections=1)
+    transport = new_transport()
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             with pytest.raises(httpx.WriteTimeout) as caught:
@@ -763,7 +734,7 @@ async def test_a_server_that_stops_reading_is_a_write_timeout(nursery: trio.Nurs
             timed_out.set()
             # closed while the error is still referenced, not by the garbage collector
             await server.peers[0].closed_by_client.wait()
-            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+            after = await client.get(server.url)
         assert after.content == b"2:1"
         assert caught.value.__traceback__ is not None
 
@@ -775,7 +746,7 @@ async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout(
         await peer.wait_closed()
 
     server = await start(nursery, silent)  # plain TCP: never answers the ClientHello
-    transport = new_transport(ssl_context=trusting(ca), max_connections=1)
+    transport = new_transport(ssl_context=trusting(ca))
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             with pytest.raises(httpx.ConnectTimeout) as caught:
@@ -784,11 +755,11 @@ async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout(
                 )
             # closed while the error is still referenced, not by the garbage collector
             await server.peers[0].closed_by_client.wait()
-            # the slot came back
+            # the next request tries again
             with pytest.raises(httpx.ConnectTimeout):
                 await client.get(
                     f"https://{HOST}:{server.port}/",
-                    timeout=httpx.Timeout(TIMEOUT, connect=SHORT, pool=SHORT),
+                    timeout=httpx.Timeout(TIMEOUT, connect=SHORT),
                 )
         assert caught.value.__traceback__ is not None
 
@@ -807,14 +778,14 @@ async def test_a_reply_head_over_max_head_bytes_is_a_protocol_error(
         await peer.wait_closed()
 
     server = await start(nursery, first_then_serve(huge_head_first))
-    transport = new_transport(max_connections=1, max_head_bytes=1024)
+    transport = new_transport(max_head_bytes=1024)
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             with pytest.raises(httpx.RemoteProtocolError) as caught:
                 await client.get(server.url)
             # closed while the error is still referenced, not by the garbage collector
             await server.peers[0].closed_by_client.wait()
-            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+            after = await client.get(server.url)
         assert after.content == b"2:1"
         assert caught.value.__traceback__ is not None
 
@@ -839,12 +810,12 @@ async def test_a_server_closing_without_a_reply_is_a_protocol_error(
         await peer.close()
 
     server = await start(nursery, first_then_serve(close_the_first))
-    transport = new_transport(max_connections=1)
+    transport = new_transport()
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get(server.url)
-            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+            after = await client.get(server.url)
         assert after.content == b"2:1"
 
 
@@ -855,13 +826,13 @@ async def test_a_body_cut_short_is_a_protocol_error(nursery: trio.Nursery) -> No
         await peer.close()
 
     server = await start(nursery, first_then_serve(cut_the_first))
-    transport = new_transport(max_connections=1)
+    transport = new_transport()
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get(server.url)
             assert transport.idle_connections == 0
-            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+            after = await client.get(server.url)
         assert after.content == b"2:1"
 
 
@@ -869,12 +840,12 @@ async def test_a_header_h11_will_not_write_is_a_local_protocol_error(
     nursery: trio.Nursery,
 ) -> None:
     server = await start(nursery, serve_forever)
-    transport = new_transport(max_connections=1)
+    transport = new_transport()
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             with pytest.raises(httpx.LocalProtocolError):
                 await client.get(server.url, headers={"x-bad": "a\r\nInjected: yes"})
-            after = await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+            after = await client.get(server.url)
         assert after.status_code == 200
         assert all(b"injected" not in dict(r.headers) for p in server.peers for r in p.requests)
 
@@ -987,7 +958,7 @@ async def test_https_to_an_untrusted_server_is_a_connect_error(
     nursery: trio.Nursery, ca: trustme.CA
 ) -> None:
     server = await start(nursery, serve_forever, serving(ca))
-    transport = new_transport(ssl_context=trusting(trustme.CA()), max_connections=1)
+    transport = new_transport(ssl_context=trusting(trustme.CA()))
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             with pytest.raises(httpx.ConnectError) as caught:
@@ -996,8 +967,8 @@ async def test_https_to_an_untrusted_server_is_a_connect_error(
             await server.wait_until(
                 lambda: server.accepted == 1 and server.peers[0].closed_by_client.is_set()
             )
-            with pytest.raises(httpx.ConnectError):  # the slot came back
-                await client.get(server.url, timeout=SLOT_MUST_BE_FREE)
+            with pytest.raises(httpx.ConnectError):  # the next request tries again
+                await client.get(server.url)
         assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
         assert isinstance(caught.value.__cause__, ssl.SSLError)
         assert server.request_count == 0
@@ -1021,13 +992,13 @@ async def test_a_refused_connection_is_a_connect_error_saying_so() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as unused:
         unused.bind((HOST, 0))
         port = unused.getsockname()[1]
-    transport = new_transport(max_connections=1)
+    transport = new_transport()
     async with client_for(transport) as client:
         with trio.fail_after(TIMEOUT):
             with pytest.raises(httpx.ConnectError) as caught:
                 await client.get(f"http://{HOST}:{port}/")
-            with pytest.raises(httpx.ConnectError):  # the slot came back
-                await client.get(f"http://{HOST}:{port}/", timeout=SLOT_MUST_BE_FREE)
+            with pytest.raises(httpx.ConnectError):  # the next request tries again
+                await client.get(f"http://{HOST}:{port}/")
     assert "refused" in str(caught.value).lower()
     assert isinstance(caught.value.__cause__, ConnectionRefusedError)
 

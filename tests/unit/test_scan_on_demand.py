@@ -11,7 +11,7 @@ import trio
 import trio.testing
 from trio_idle_testing.recording_log import RecordingLog
 
-from tests.fixtures import mail_connection, mock_webhook
+from tests.fixtures import mail_connection, webhook_client
 from trio_idle.core.stats import Stats
 from trio_idle.mailbox.coalescer import ScanCoalescer
 from trio_idle.mailbox.scan_worker import ScanPolicy, run_scans
@@ -66,7 +66,7 @@ async def test_task_exists_only_while_scans_are_wanted(
             await release.wait()  # the retry of the first scan stays in flight
         return httpx.Response(answers.pop(0), json={"scanned": 1, "blocked": 0})
 
-    webhook = mock_webhook(backend)
+    webhook = webhook_client("http://backend.invalid/scan", backend)
     stats = Stats()
     c = ScanCoalescer()
     async with trio.open_nursery() as nursery:
@@ -116,7 +116,9 @@ async def test_a_cancelled_task_keeps_the_pending_scan(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     c = ScanCoalescer()
-    webhook = mock_webhook()
+    webhook = webhook_client(
+        "http://backend.invalid/scan", lambda request: httpx.Response(200, json={})
+    )
     started = 0
     async with trio.open_nursery() as nursery:
 

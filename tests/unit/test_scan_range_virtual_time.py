@@ -16,7 +16,7 @@ import trio
 import trio.testing
 from trio_idle_testing.fake_imap import FakeImapServer
 
-from tests.fixtures import mock_webhook
+from tests.fixtures import mock_webhook, webhook_client
 from tests.unit.session_rig import (
     Rig,
     closed,
@@ -26,6 +26,7 @@ from tests.unit.session_rig import (
     scanning,
     settled,
 )
+from trio_idle.backend.webhook import WebhookClient
 from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap.responses import MailboxState
 from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy
@@ -70,6 +71,10 @@ def hooks(rig: Rig, envelopes: bool) -> ScanHooks:
         range_for=memory.scan_range,
         new_mail=new_mail if envelopes else None,
     )
+
+
+def webhook(backend: Backend) -> WebhookClient:
+    return webhook_client("http://backend.invalid/scan", backend)
 
 
 def scans(rig: Rig, backend: Backend, envelopes: bool) -> AbstractAsyncContextManager[None]:

@@ -20,7 +20,7 @@ import trio
 import trio.testing
 from trio_idle_testing.fake_imap import FakeImapServer
 
-from tests.fixtures import mock_webhook
+from tests.fixtures import webhook_client
 from tests.unit.session_rig import (
     COMMAND_TIMEOUT,
     CONN,
@@ -372,7 +372,7 @@ async def test_any_mix_of_triggers_costs_at_most_one_active_and_one_pending_scan
         await release.wait()  # the first scan stays in flight
         return httpx.Response(200, json={"scanned": 1, "blocked": 0})
 
-    webhook = mock_webhook(backend)
+    webhook = webhook_client("http://backend.invalid/scan", backend)
     policy = ScanPolicy("INBOX", 1.0, 60.0)
     async with running(rig), scanning(rig, webhook, policy):
         await connected(rig)

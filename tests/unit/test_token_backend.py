@@ -24,13 +24,17 @@ from trio_idle.accounts.credentials import (
     TokenUnavailable,
 )
 from trio_idle.auth.token_backend import (
+    DEFAULT_TOKEN_CONCURRENCY,
     BackendTokenSource,
     interpret_token_reply,
     make_token_source,
     parse_expiry,
     request_body,
+    token_http,
 )
 from trio_idle.auth.token_refresh import RefreshingTokens
+from trio_idle.backend.watch import BackendWatch
+from trio_idle.backend.webhook import BackendAuth
 from trio_idle.core.config import parse_settings
 from trio_idle.core.secret import Secret
 
@@ -166,18 +170,29 @@ class Backend:
         )
 
 
-def source(backend: Backend, **kw: Any) -> BackendTokenSource:
-    args: dict[str, Any] = {
-        "secret_header": "x-admin-secret",
-        "secret": Secret("test-admin-secret-value"),
-        "signing_secret": Secret("sign-key"),
-        "total_timeout": 5.0,
-        "refresh_ahead": 300.0,
-        "transport": httpx.MockTransport(backend),
-        "now": lambda: backend.clock[0],
-        **kw,
-    }
-    return BackendTokenSource("http://127.0.0.1:1/api/mail/imap-token-internal", **args)
+def source(
+    backend: Backend,
+    *,
+    total_timeout: float = 5.0,
+    concurrency: int = DEFAULT_TOKEN_CONCURRENCY,
+    transport: httpx.AsyncBaseTransport | None = None,
+    watch: BackendWatch | None = None,
+) -> BackendTokenSource:
+    """The backend's token source, its requests going to ``backend`` in memory."""
+    http = token_http(
+        total_timeout,
+        concurrency=concurrency,
+        transport=transport or httpx.MockTransport(backend),
+        watch=watch,
+    )
+    auth = BackendAuth("x-admin-secret", Secret("test-admin-secret-value"), Secret("sign-key"))
+    return BackendTokenSource(
+        "http://127.0.0.1:1/api/mail/imap-token-internal",
+        auth,
+        http,
+        refresh_ahead=300.0,
+        now=lambda: backend.clock[0],
+    )
 
 
 async def test_request_carries_the_contract() -> None:
@@ -300,7 +315,7 @@ async def test_oversized_reply_fails_unread() -> None:
         return httpx.Response(200, content=b"x" * (200 * 1024))
 
     tokens = source(Backend([NOW]), transport=httpx.MockTransport(huge))
-    with pytest.raises(TokenUnavailable, match="too large"):
+    with pytest.raises(TokenUnavailable, match="token endpoint reply larger than 64 KiB"):
         await tokens.get(conn())
     await tokens.aclose()
 

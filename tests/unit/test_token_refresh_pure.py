@@ -9,13 +9,12 @@ import urllib.parse
 import pytest
 
 from trio_idle.accounts.credentials import TOKEN_ERROR, TOKEN_REVOKED, TokenUnavailable
+from trio_idle.auth.rotation import fingerprint, fingerprint_key
 from trio_idle.auth.token_refresh import (
     DEFAULT_EXPIRES_IN,
     MAX_EXPIRES_IN,
     MICROSOFT_SCOPE,
     TokenGrant,
-    fingerprint,
-    fingerprint_key,
     parse_token_reply,
     provider_clients,
     provider_for,
@@ -53,6 +52,7 @@ def reply(
         (None, "a@hotmail.com", "microsoft"),
         (None, "a@live.com", "microsoft"),
         (None, "a@msn.com", "microsoft"),
+        (None, "a@hotmail.co.uk", "microsoft"),  # every domain of the provider presets
         (None, "a@gmx.de", None),
         (None, "no-at-sign", None),
     ],

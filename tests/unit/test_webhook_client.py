@@ -10,6 +10,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -17,18 +18,14 @@ import trio.testing
 import trustme
 from trio_idle_testing.backend import Reply, ScanBackend
 
+from tests.fixtures import webhook_client
 from tests.harness import poll_until
 from tests.recording_proxy import PROXY_ANSWER, RecordingProxy, point_proxies_at
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.accounts.credentials import TokenUnavailable
 from trio_idle.auth.token_backend import BackendTokenSource
-from trio_idle.backend.webhook import (
-    MAX_IDLE_CONNECTIONS,
-    MAX_REPLY_BYTES,
-    ScanJob,
-    Verdict,
-    WebhookClient,
-)
+from trio_idle.backend.client import MAX_IDLE_CONNECTIONS, MAX_REPLY_BYTES
+from trio_idle.backend.webhook import BackendAuth, ScanJob, Verdict, WebhookClient, backend_http
 from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
 
@@ -44,16 +41,11 @@ def job() -> ScanJob:
     )
 
 
-def client_for(url: str, **kw: object) -> WebhookClient:
-    return WebhookClient(
-        url,
-        secret_header="x-admin-secret",
-        secret=Secret(SECRET),
-        signing_secret=None,
-        total_timeout=5.0,
-        max_connections=4,
-        **kw,  # type: ignore[arg-type]
-    )
+def client_for(url: str, *, total_timeout: float = 5.0, **kw: Any) -> WebhookClient:
+    """The daemon's scan client on loopback (``kw``: ``max_connections``, ``stats``,
+    ``trust_env``, ``max_reply_bytes``)."""
+    kw.setdefault("max_connections", 4)
+    return webhook_client(url, secret=SECRET, total_timeout=total_timeout, **kw)
 
 
 @pytest.fixture
@@ -279,14 +271,7 @@ async def test_a_burst_past_the_pool_waits_its_turn_and_leaves_few_idle_connecti
     MAX_IDLE_CONNECTIONS stay open (httpcore walks every pooled connection per idle one
     on each request, so a pool left full of idle connections makes each request costly)."""
     pool = 3 * MAX_IDLE_CONNECTIONS
-    client = WebhookClient(
-        backend.url + "/api/mail/scan-internal",
-        secret_header="x-admin-secret",
-        secret=Secret(SECRET),
-        signing_secret=None,
-        total_timeout=5.0,
-        max_connections=pool,
-    )
+    client = client_for(backend.url + "/api/mail/scan-internal", max_connections=pool)
     verdicts: list[Verdict] = []
 
     async def one() -> None:
@@ -369,12 +354,9 @@ async def test_cookies_the_token_endpoint_sets_are_never_sent_back(
     )
     source = BackendTokenSource(
         backend.url + backend.token_path,
-        secret_header="x-admin-secret",
-        secret=Secret(SECRET),
-        signing_secret=None,
-        total_timeout=5.0,
+        BackendAuth("x-admin-secret", Secret(SECRET)),
+        backend_http(5.0, 1, trust_env=trust_env),
         refresh_ahead=60.0,
-        trust_env=trust_env,
     )
     conn = MailConnection(
         "c-1", "u-1", EMAIL, "imap.example.test", 993, EMAIL, Secret(""), auth=AUTH_OAUTH2
@@ -400,12 +382,9 @@ async def test_a_token_endpoint_redirect_is_not_followed(
     )
     source = BackendTokenSource(
         backend.url + backend.token_path,
-        secret_header="x-admin-secret",
-        secret=Secret(SECRET),
-        signing_secret=None,
-        total_timeout=5.0,
+        BackendAuth("x-admin-secret", Secret(SECRET)),
+        backend_http(5.0, 1, trust_env=trust_env),
         refresh_ahead=60.0,
-        trust_env=trust_env,
     )
     conn = MailConnection(
         "c-1", "u-1", EMAIL, "imap.example.test", 993, EMAIL, Secret(""), auth=AUTH_OAUTH2
@@ -546,11 +525,8 @@ async def test_a_timed_out_attempt_names_the_deadline_that_ended_it(
     operator reading "within 3s" for an attempt that took 8 s looks for the wrong cause.
     (Virtual time: the server's pauses and the client's limits are jumped over.)"""
     port = await raw_server(nursery, handler)
-    client = WebhookClient(
+    client = client_for(
         f"{scheme}://127.0.0.1:{port}/api/mail/scan-internal",
-        secret_header="x-admin-secret",
-        secret=Secret(SECRET),
-        signing_secret=None,
         total_timeout=total,
         max_connections=1,
     )

@@ -16,9 +16,7 @@ from trio_idle.backend.webhook import (
     Verdict,
     interpret_reply,
     parse_retry_after,
-    request_timeout,
     sign,
-    timeout_detail,
 )
 from trio_idle.core.secret import Secret
 
@@ -200,30 +198,3 @@ def test_garbled_retry_after_is_ignored_not_raised() -> None:
     reply = interpret_reply(503, headers, b"", now=NOW)
     assert reply.verdict is Verdict.RETRY
     assert reply.retry_after is None
-
-
-# -- which limit ended an attempt -----------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("exc", "total", "detail"),
-    [
-        (
-            httpx.ConnectTimeout("x"),
-            60.0,
-            "backend did not accept a connection within 10s (connect timeout)",
-        ),
-        (
-            httpx.ConnectTimeout("x"),
-            3.0,
-            "backend did not accept a connection within 3s (connect timeout)",
-        ),
-        (httpx.WriteTimeout("x"), 3.0, "backend took none of the request for 3s (write timeout)"),
-        (httpx.ReadTimeout("x"), 2.5, "backend sent nothing for 2.5s (read timeout)"),
-    ],
-    ids=["connect-capped", "connect", "write", "read"],
-)
-def test_a_phase_timeout_names_its_limit(
-    exc: httpx.TimeoutException, total: float, detail: str
-) -> None:
-    assert timeout_detail(exc, request_timeout(total)) == detail

@@ -13,16 +13,17 @@ from collections.abc import AsyncIterator
 import httpx
 import trio
 
-from tests.fixtures import Handler, mock_webhook
-from trio_idle.backend.webhook import MAX_REPLY_BYTES, ScanJob, Verdict, WebhookClient
+from tests.fixtures import Handler, webhook_client
+from trio_idle.backend.client import MAX_REPLY_BYTES
+from trio_idle.backend.webhook import ScanJob, Verdict, WebhookClient
 
 JOB = ScanJob("conn-1", "user-1", "alice@example.test", "INBOX", "exists", scan_id="scan-42")
 
 
 def client(handler: Handler) -> WebhookClient:
-    return mock_webhook(
+    return webhook_client(
+        "http://backend.invalid/api/mail/scan-internal",
         handler,
-        url="http://backend.invalid/api/mail/scan-internal",
         secret="transport-admin-secret",
         total_timeout=5.0,
     )

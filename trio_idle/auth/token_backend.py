@@ -22,8 +22,10 @@ Guarantees of :class:`BackendTokenSource`:
 - one request in flight per connection (callers for the same connection wait for it and
   share its token); at most ``concurrency`` requests in flight in all (a slow endpoint
   holds those slots, never the IMAP connect slots: sessions fetch before connecting);
-- each request is bounded by ``token_timeout`` in total; a reply larger than
-  :data:`MAX_TOKEN_REPLY_BYTES` fails it unread;
+- each request is bounded by ``token_timeout`` in total (its phases too: the connect by
+  at most 10 s; a failure names the limit that fired); a reply larger than
+  :data:`MAX_TOKEN_REPLY_BYTES` fails it unread; the requests go over an
+  :class:`~trio_idle.backend.client.HttpClient` that feeds the backend watch;
 - the token never appears in an error, a log line or a repr (it is a
   :class:`~trio_idle.core.secret.Secret` from the moment it is parsed);
 - cancellation abandons the request; nothing is cached from it.
@@ -51,16 +53,12 @@ from trio_idle.accounts.credentials import (
     TokenUnavailable,
 )
 from trio_idle.auth.token_refresh import PerConnectionTokens, RefreshingTokens
-from trio_idle.backend.webhook import (
-    backend_headers,
-    http_error_reason,
-    new_http_client,
-    parse_retry_after,
-    read_capped,
-    streamed,
-)
+from trio_idle.backend.client import HttpClient, HttpFailure
+from trio_idle.backend.watch import BackendWatch
+from trio_idle.backend.webhook import BackendAuth, backend_http, parse_retry_after
 from trio_idle.core.scrub import escape_controls
 from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
 
 if TYPE_CHECKING:
     from trio_idle.core.config import Settings, WebhookSettings
@@ -165,9 +163,10 @@ def _parse_token(status: int, body: bytes, now: float) -> AccessToken | TokenUna
 class BackendTokenSource:
     """Tokens from the backend's endpoint, cached per connection (see the module doc).
 
-    ``now`` is the wall clock tokens' expiry is compared with (``time.time``; tests
-    pass their own). ``transport`` replaces httpx's network transport, as for
-    :class:`~trio_idle.backend.webhook.WebhookClient`. Call :meth:`aclose` when done.
+    ``http`` is the client of the backend the requests go over (:func:`token_http`: its
+    limiter is the ``concurrency`` bound, its watch the backend's); ``now`` is the wall
+    clock tokens' expiry is compared with (``time.time``; tests pass their own). Call
+    :meth:`aclose` when done (it closes ``http``).
     """
 
     name: Final = SOURCE_NAME
@@ -175,57 +174,48 @@ class BackendTokenSource:
     def __init__(
         self,
         url: str,
+        auth: BackendAuth,
+        http: HttpClient,
         *,
-        secret_header: str,
-        secret: Secret,
-        signing_secret: Secret | None,
-        total_timeout: float,
         refresh_ahead: float,
-        concurrency: int = DEFAULT_TOKEN_CONCURRENCY,
-        trust_env: bool = False,
-        transport: httpx.AsyncBaseTransport | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
         self.refresh_ahead = refresh_ahead
-        self._secret_header = secret_header
-        self._secret = secret
-        self._signing_secret = signing_secret
-        self._total_timeout = total_timeout
-        self._trust_env = trust_env
-        self._transport = transport
-        self._concurrency = concurrency
+        self.auth = auth
+        self.http = http
         self._now = now
-        self._limiter = trio.CapacityLimiter(concurrency)
         self._cache: dict[str, AccessToken] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._sweep_at = 64
-        self._client = self._new_client()
         #: requests sent (for tests and ``check``)
         self.requests = 0
 
     @classmethod
     def from_settings(
-        cls, webhook: WebhookSettings, *, transport: httpx.AsyncBaseTransport | None = None
+        cls,
+        webhook: WebhookSettings,
+        *,
+        watch: BackendWatch | None = None,
+        stats: Stats | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> BackendTokenSource:
-        return cls(
-            webhook.token_url,
-            secret_header=webhook.secret_header,
-            secret=webhook.admin_secret,
-            signing_secret=webhook.signing_secret,
-            total_timeout=webhook.token_timeout,
-            refresh_ahead=webhook.token_refresh_ahead,
+        http = token_http(
+            webhook.token_timeout,
             trust_env=webhook.http_trust_env,
+            watch=watch,
+            stats=stats,
             transport=transport,
         )
-
-    def _new_client(self) -> httpx.AsyncClient:
-        return new_http_client(
-            self._total_timeout, self._concurrency, self._trust_env, self._transport
+        return cls(
+            webhook.token_url,
+            BackendAuth.from_settings(webhook),
+            http,
+            refresh_ahead=webhook.token_refresh_ahead,
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self.http.aclose()
 
     def _usable(self, token: AccessToken | None) -> bool:
         return token is not None and token.expires_at - self._now() >= self.refresh_ahead
@@ -268,63 +258,64 @@ class BackendTokenSource:
             self._sweep_at = 2 * len(self._cache) + 64
 
     async def _fetch(self, conn: MailConnection, *, force: bool) -> AccessToken:
-        async with self._limiter:
-            self.requests += 1
-            result = await self._request(conn, force)
+        self.requests += 1
+        body = request_body(conn, force=force)
+        outcome = await self.http.request(
+            "POST", self.url, content=body, headers=self.auth.headers(body)
+        )
+        if isinstance(outcome, HttpFailure):
+            raise TokenUnavailable(TOKEN_ERROR, outcome.text("token endpoint"))
+        result = interpret_token_reply(
+            outcome.status, outcome.headers, outcome.body, now=self._now()
+        )
         if isinstance(result, TokenUnavailable):
             raise result
         return result
 
-    async def _request(self, conn: MailConnection, force: bool) -> AccessToken | TokenUnavailable:
-        body = request_body(conn, force=force)
-        headers = backend_headers(self._secret_header, self._secret, self._signing_secret, body)
-        late = TokenUnavailable(
-            TOKEN_ERROR, f"token endpoint did not answer within {self._total_timeout:g}s"
-        )
-        # httpx's per-phase timeouts fire first; this bounds a server trickling bytes
-        with trio.move_on_after(self._total_timeout):
-            try:
-                async with streamed(
-                    self._client, "POST", self.url, content=body, headers=headers
-                ) as response:
-                    reply = await read_capped(response, MAX_TOKEN_REPLY_BYTES)
-                    if reply is None:
-                        return TokenUnavailable(TOKEN_ERROR, "token endpoint reply too large")
-                    return interpret_token_reply(
-                        response.status_code, response.headers, reply, now=self._now()
-                    )
-            except httpx.PoolTimeout:
-                if self._transport is None:  # cancelled requests can leak pool slots
-                    old, self._client = self._client, self._new_client()
-                    with trio.CancelScope(shield=True):
-                        await old.aclose()
-                return TokenUnavailable(TOKEN_ERROR, "HTTP pool towards the backend exhausted")
-            except httpx.TimeoutException:
-                return late
-            except httpx.ConnectError as exc:
-                return TokenUnavailable(
-                    TOKEN_ERROR, f"token endpoint unreachable ({http_error_reason(exc)})"
-                )
-            except httpx.HTTPError as exc:
-                return TokenUnavailable(TOKEN_ERROR, f"token request failed ({type(exc).__name__})")
-        return late
+
+def token_http(
+    total_timeout: float,
+    *,
+    concurrency: int = DEFAULT_TOKEN_CONCURRENCY,
+    trust_env: bool = False,
+    watch: BackendWatch | None = None,
+    stats: Stats | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> HttpClient:
+    """The client of the backend's token endpoint: no request outlasts ``total_timeout``
+    (``TRIO_IDLE_TOKEN_TIMEOUT``), ``concurrency`` in flight, replies capped at
+    :data:`MAX_TOKEN_REPLY_BYTES`, every request feeding ``watch``."""
+    return backend_http(
+        total_timeout,
+        concurrency,
+        max_reply_bytes=MAX_TOKEN_REPLY_BYTES,
+        trust_env=trust_env,
+        watch=watch,
+        stats=stats,
+        transport=transport,
+    )
 
 
 def make_token_source(
     settings: Settings,
     env: Mapping[str, str] | None = None,
     *,
+    watch: BackendWatch | None = None,
+    stats: Stats | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> PerConnectionTokens:
     """The daemon's token source for ``oauth2`` connections — the one place it is chosen:
     rows with a refresh token get tokens the daemon refreshes at the provider itself
     (:class:`~trio_idle.auth.token_refresh.RefreshingTokens`, rotations kept in the state
-    store), every other row gets them from the backend's endpoint. ``env`` (default
-    ``os.environ``) locates the state store."""
+    store), every other row gets them from the backend's endpoint, whose requests feed
+    ``watch`` (the backend's, shared with the scan webhook). ``env`` (default
+    ``os.environ``) locates the state store; ``stats`` counts stale-connection retries."""
     refreshing = RefreshingTokens.from_settings(
-        settings, os.environ if env is None else env, transport=transport
+        settings, os.environ if env is None else env, stats=stats, transport=transport
     )
-    backend = BackendTokenSource.from_settings(settings.webhook, transport=transport)
+    backend = BackendTokenSource.from_settings(
+        settings.webhook, watch=watch, stats=stats, transport=transport
+    )
     return PerConnectionTokens(refreshing, backend)
 
 

@@ -35,19 +35,20 @@ Guarantees of :class:`RefreshingTokens` (on top of
   tables are never written;
 - the refresh token, the client secret and the access token never appear in a log line,
   an error or a repr; text from the provider is scrubbed of them and cut short;
-- each request is bounded by ``TRIO_IDLE_OAUTH_TIMEOUT`` as a whole, its reply by
+- each request is bounded by ``TRIO_IDLE_OAUTH_TIMEOUT`` as a whole (its phases too: the
+  connect by at most 10 s; a failure names the limit that fired), its reply by
   :data:`MAX_REPLY_BYTES`; no redirects, no proxy from the environment unless
-  ``TRIO_IDLE_HTTP_TRUST_ENV``.
+  ``TRIO_IDLE_HTTP_TRUST_ENV`` (the plumbing is :class:`~trio_idle.backend.client.HttpClient`'s;
+  a provider's endpoint is not the backend, so these requests feed no backend watch).
 
 Cancellation abandons a refresh in progress (nothing is cached from it), except that a
 rotated refresh token already received is always kept in memory, and its write to the
-store is shielded for at most :data:`STORE_WRITE_TIMEOUT` seconds.
+store is shielded for at most :data:`~trio_idle.auth.rotation.STORE_WRITE_TIMEOUT` seconds
+(the rotation store: :mod:`trio_idle.auth.rotation`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import random
@@ -71,14 +72,18 @@ from trio_idle.accounts.credentials import (
     TokenUnavailable,
 )
 from trio_idle.accounts.outcome_text import ConnectionSecrets
-from trio_idle.backend.webhook import new_http_client, parse_retry_after, read_capped
+from trio_idle.accounts.providers import preset_for
+from trio_idle.auth.rotation import RotatedTokens, fingerprint, fingerprint_key
+from trio_idle.backend.client import HttpClient, HttpFailure, Limits, Timeouts
+from trio_idle.backend.webhook import parse_retry_after
 from trio_idle.core.backoff import Backoff, BackoffPolicy
-from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
+from trio_idle.core.crypto import derive_key
 from trio_idle.core.limiter import Pacer
 from trio_idle.core.scrub import PLAIN, Scrubs
 from trio_idle.core.secret import Secret
+from trio_idle.core.stats import Stats
 from trio_idle.state.backends import make_token_backend
-from trio_idle.state.records import StoredRefreshToken, TokenBackend
+from trio_idle.state.records import TokenBackend
 
 if TYPE_CHECKING:
     from trio_idle.accounts.connections import MailConnection
@@ -89,16 +94,9 @@ MICROSOFT: Final = "microsoft"
 #: the scopes an IMAP access token needs at each provider
 GOOGLE_SCOPE: Final = "https://mail.google.com/"
 MICROSOFT_SCOPE: Final = "https://outlook.office.com/IMAP.AccessAsUser.All offline_access"
-#: email domains whose provider is known without a preset (:mod:`trio_idle.accounts.providers`
-#: may replace this with its table)
-PROVIDER_DOMAINS: Final[Mapping[str, str]] = {
-    "gmail.com": GOOGLE,
-    "googlemail.com": GOOGLE,
-    "outlook.com": MICROSOFT,
-    "hotmail.com": MICROSOFT,
-    "live.com": MICROSOFT,
-    "msn.com": MICROSOFT,
-}
+#: the token endpoint of each provider preset whose accounts the daemon can refresh
+#: (the presets' table, :mod:`trio_idle.accounts.providers`, knows their email domains)
+TOKEN_PROVIDER_OF_PRESET: Final[Mapping[str, str]] = {"gmail": GOOGLE, "microsoft": MICROSOFT}
 
 #: an access token is refreshed this many seconds before it expires
 REFRESH_AHEAD: Final = 300.0
@@ -110,8 +108,8 @@ DEFAULT_EXPIRES_IN: Final = 3600.0
 MAX_EXPIRES_IN: Final = 86400.0
 #: a token reply is a few KiB of JSON (a Microsoft JWT is the largest part)
 MAX_REPLY_BYTES: Final = 64 * 1024
-#: how long a rotated token's write to the store may hold up a cancellation
-STORE_WRITE_TIMEOUT: Final = 5.0
+#: refresh requests in flight at once, over all providers and connections
+MAX_REFRESHES_IN_FLIGHT: Final = 20
 #: error codes that mean the user has to sign in again (RFC 6749 5.2, Microsoft's additions)
 REVOKED_ERRORS: Final = frozenset(
     {"invalid_grant", "invalid_scope", "interaction_required", "consent_required"}
@@ -128,8 +126,7 @@ def provider_for(provider: str | None, email: str) -> str | None:
     Pure. ``provider`` is :attr:`MailConnection.provider` (a preset name or the row's)."""
     if provider is not None and provider.strip().lower() in (GOOGLE, MICROSOFT):
         return provider.strip().lower()
-    domain = email.rpartition("@")[2].strip().lower().rstrip(".")
-    return PROVIDER_DOMAINS.get(domain)
+    return TOKEN_PROVIDER_OF_PRESET.get(preset_for(email, None).name)
 
 
 @attrs.frozen
@@ -281,125 +278,6 @@ def parse_token_reply(
     return TokenUnavailable(TOKEN_ERROR, f"{what} answered {status}{said}")
 
 
-def fingerprint_key(key: bytes) -> bytes:
-    """The key of :func:`fingerprint`, derived from the AES key so neither reveals the other."""
-    return hmac.new(key, b"trio-idle refresh-token fingerprint", hashlib.sha256).digest()
-
-
-def fingerprint(fp_key: bytes, refresh_token: str) -> str:
-    """Which row token a stored rotation replaced, without storing that token: a keyed
-    hash (HMAC-SHA256, hex)."""
-    return hmac.new(fp_key, refresh_token.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-class RotatedTokens:
-    """The newest refresh token of each connection whose provider rotated it.
-
-    Loaded once from the store (on first use, retried until it worked); each rotation is
-    kept in memory at once and written to the store straight away. A write that fails
-    stays pending and is tried again before the connection's next refresh, so at worst
-    the store is one rotation behind while it is down. Without a store (``state =
-    none``) rotations last as long as the process.
-    """
-
-    def __init__(self, backend: TokenBackend | None, key: bytes) -> None:
-        self.backend = backend
-        self._key = key
-        self._tokens: dict[str, StoredRefreshToken] = {}
-        self._pending: dict[str, StoredRefreshToken] = {}
-        self._loaded = backend is None
-        self._load_lock = trio.Lock()
-        self._warned_no_store = False
-        self._load_failures = 0
-
-    async def ensure_loaded(self) -> None:
-        """Read the store once. Raises :class:`TokenUnavailable` (``token_error``) while
-        it cannot be read: refreshing with the row's token instead could spend a token
-        the provider has already replaced."""
-        if self._loaded:
-            return
-        async with self._load_lock:
-            if self._loaded or self.backend is None:
-                return
-            try:
-                loaded = await self.backend.load_tokens()
-            except Exception as exc:
-                self._load_failures += 1
-                # every connection's refresh tries again: one error line, then quieter
-                log = logger.error if self._load_failures == 1 else logger.debug
-                log(
-                    f"[idle/oauth] cannot read the rotated refresh tokens "
-                    f"({self.backend.name}): {type(exc).__name__}: {PLAIN.scrub(exc, 200)}"
-                    + _migrate_hint(self.backend)
-                )
-                raise TokenUnavailable(
-                    TOKEN_ERROR, f"cannot read the rotated refresh tokens ({self.backend.name})"
-                ) from None
-            # a rotation that happened before the load finished is newer than the store
-            self._tokens = {**loaded, **self._tokens}
-            self._loaded = True
-            if loaded or self._load_failures:
-                logger.info(f"[idle/oauth] loaded {len(loaded)} rotated refresh tokens")
-
-    def current(self, conn_id: str, row_fingerprint: str) -> str | None:
-        """The rotated token to use instead of the row's, or ``None`` (use the row's): none
-        stored, or the row's token changed since (its fingerprint differs), or the stored
-        one no longer decrypts (``ENCRYPTION_KEY`` changed)."""
-        stored = self._tokens.get(conn_id)
-        if stored is None or not hmac.compare_digest(stored.replaces, row_fingerprint):
-            return None
-        try:
-            return decrypt_password(stored.encrypted, self._key)
-        except DecryptionError as exc:
-            logger.warning(
-                f"[idle/oauth] connection {PLAIN.scrub(conn_id, 80)}: the stored rotated "
-                f"refresh token does not decrypt ({exc}); using the row's"
-            )
-            return None
-
-    async def keep(self, conn_id: str, refresh_token: str, row_fingerprint: str) -> None:
-        """The provider rotated ``conn_id``'s token: use ``refresh_token`` from now on and
-        write it to the store (shielded, at most :data:`STORE_WRITE_TIMEOUT` seconds)."""
-        stored = StoredRefreshToken(
-            encrypt_password(refresh_token, self._key), row_fingerprint, time.time()
-        )
-        self._tokens[conn_id] = stored
-        if self.backend is None:
-            if not self._warned_no_store:
-                self._warned_no_store = True
-                logger.warning(
-                    "[idle/oauth] a provider rotated a refresh token and TRIO_IDLE_STATE=none: "
-                    "the new one is kept only until the daemon stops"
-                )
-            return
-        self._pending[conn_id] = stored
-        with trio.CancelScope(shield=True), trio.move_on_after(STORE_WRITE_TIMEOUT):
-            await self.flush(conn_id)
-
-    async def flush(self, conn_id: str) -> bool:
-        """Write ``conn_id``'s pending rotation, if any. False if it stays pending."""
-        stored = self._pending.get(conn_id)
-        if stored is None or self.backend is None:
-            return True
-        try:
-            await self.backend.save_token(conn_id, stored)
-        except Exception as exc:
-            logger.error(
-                f"[idle/oauth] connection {PLAIN.scrub(conn_id, 80)}: cannot store the "
-                f"rotated refresh token ({self.backend.name}): {type(exc).__name__}: "
-                f"{PLAIN.scrub(exc, 200)}; using it from memory, will retry"
-                + _migrate_hint(self.backend)
-            )
-            return False
-        if self._pending.get(conn_id) is stored:  # a newer rotation may have come meanwhile
-            del self._pending[conn_id]
-        return True
-
-
-def _migrate_hint(backend: TokenBackend) -> str:
-    return " (run `trio-idle db migrate`)" if backend.name == "postgres" else ""
-
-
 @attrs.define(eq=False)
 class _Entry:
     """One connection's cached token and refresh bookkeeping."""
@@ -439,6 +317,7 @@ class RefreshingTokens:
         trust_env: bool = False,
         refresh_ahead: float = REFRESH_AHEAD,
         transport: httpx.AsyncBaseTransport | None = None,
+        stats: Stats | None = None,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -453,9 +332,15 @@ class RefreshingTokens:
         self._wall = wall
         self._rng = rng or random.Random()
         self._entries: dict[str, _Entry] = {}
-        # the provider gets the same client shape as the backend: explicit timeouts, no
+        # the provider gets the same client as the backend: explicit timeouts, no
         # redirects, no compression (the reply cap counts wire bytes), no env proxies
-        self._http = new_http_client(self._timeout, 20, trust_env, transport)
+        self._http = HttpClient(
+            timeouts=Timeouts.within(self._timeout),
+            limits=Limits(MAX_REFRESHES_IN_FLIGHT, max_reply_bytes=MAX_REPLY_BYTES),
+            trust_env=trust_env,
+            transport=transport,
+            stats=stats,
+        )
 
     @classmethod
     def from_settings(
@@ -463,6 +348,7 @@ class RefreshingTokens:
         settings: Settings,
         env: Mapping[str, str],
         *,
+        stats: Stats | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> RefreshingTokens:
         """The source the settings describe; rotations go to the state store's file or
@@ -480,6 +366,7 @@ class RefreshingTokens:
             ),
             trust_env=settings.webhook.http_trust_env,
             transport=transport,
+            stats=stats,
         )
 
     async def aclose(self) -> None:
@@ -620,50 +507,20 @@ class RefreshingTokens:
         self, client: ProviderClient, body: bytes, scrubber: Scrubs
     ) -> TokenGrant | TokenUnavailable:
         """One request. Never raises for network trouble or a bad reply: those are
-        ``token_error`` outcomes. The whole attempt is bounded by the timeout."""
+        ``token_error`` outcomes. The whole attempt is bounded by the timeout; its text
+        names the limit that fired."""
         what = f"{client.name} token endpoint"
         headers = {
             "content-type": "application/x-www-form-urlencoded",
             "accept": "application/json",
         }
-        with trio.move_on_after(self._timeout):
-            try:
-                async with self._http.stream(
-                    "POST", client.token_url, content=body, headers=headers
-                ) as response:
-                    reply = await read_capped(response, MAX_REPLY_BYTES)
-                    if reply is None:
-                        return TokenUnavailable(
-                            TOKEN_ERROR,
-                            f"{what} sent a reply larger than {MAX_REPLY_BYTES // 1024} KiB",
-                        )
-                    return parse_token_reply(
-                        client.name,
-                        response.status_code,
-                        response.headers,
-                        reply,
-                        scrubber=scrubber,
-                    )
-            except httpx.TimeoutException:
-                pass  # the same outcome as the trio deadline below
-            except httpx.ConnectError as exc:
-                return TokenUnavailable(
-                    TOKEN_ERROR, f"{what} unreachable ({scrubber.scrub(_first_text(exc), 120)})"
-                )
-            except httpx.HTTPError as exc:
-                return TokenUnavailable(
-                    TOKEN_ERROR, f"{what}: request failed ({type(exc).__name__})"
-                )
-        return TokenUnavailable(TOKEN_ERROR, f"{what} did not answer within {self._timeout:g}s")
-
-
-def _first_text(exc: BaseException) -> str:
-    # httpx wraps the real error (refused, TLS) in one without text
-    cause: BaseException | None = exc
-    while cause is not None and not str(cause):
-        cause = cause.__cause__ or cause.__context__
-    text = str(cause) if cause is not None else type(exc).__name__
-    return "connection refused" if "refused" in text.lower() else text
+        outcome = await self._http.request("POST", client.token_url, content=body, headers=headers)
+        if isinstance(outcome, HttpFailure):
+            # the text names no secret (nor the URL); the scrubber makes sure of the first
+            return TokenUnavailable(TOKEN_ERROR, scrubber.scrub(outcome.text(what), 240))
+        return parse_token_reply(
+            client.name, outcome.status, outcome.headers, outcome.body, scrubber=scrubber
+        )
 
 
 class PerConnectionTokens:

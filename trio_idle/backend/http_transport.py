@@ -1,12 +1,11 @@
-"""HTTP/1.1 for httpx, on trio sockets and h11: the transport of the backend clients.
+"""HTTP/1.1 for httpx, on trio sockets and h11: the transport of the daemon's HTTP client.
 
-:class:`TrioHTTPTransport` is where :class:`trio_idle.backend.webhook.WebhookClient` sends the
-backend's POSTs (scans, health reports) directly, and what
-:func:`trio_idle.backend.webhook.new_http_client` gives ``httpx.AsyncClient`` (the token
-clients); with ``trust_env``, for proxies, both use httpx's own transport instead.
-httpx's default transport (httpcore) spent most of a scan request's CPU on its pool
-bookkeeping, trace hooks, locks, trio's stream layers and one ``send`` per part of the
-request (the figures: docs/performance.md, "Figures behind the code"). This one writes the
+:class:`TrioHTTPTransport` is where :class:`trio_idle.backend.client.HttpClient` sends its
+requests (scans, health reports, tokens, pings); with ``trust_env``, for proxies, the
+client uses httpx's own transport instead. httpx's default transport (httpcore) spent most
+of a scan request's CPU on its pool bookkeeping, trace hooks, locks, trio's stream layers
+and one ``send`` per part of the request (the figures: docs/performance.md, "Figures behind
+the code"). This one writes the
 head and a small body in one ``send``, reads and writes the socket through the same
 :class:`~trio_idle.net.transport.ImapTransport` the IMAP sessions use (no scheduler
 round trip when the kernel takes the bytes at once) and keeps its pool in a list, so a
@@ -14,11 +13,10 @@ scan costs about what h11 and the socket cost.
 
 Guarantees:
 
-* Limits: at most ``max_connections`` requests in flight (a request waits for a free
-  slot at most the request's ``pool`` timeout, then :class:`httpx.PoolTimeout`); at most
-  ``max_idle`` keep-alive connections kept, each for at most ``idle_expiry`` seconds. A
-  slot is held from the start of a request until its response is closed, however that
-  happens, so slots never leak.
+* Limits: at most ``max_idle`` keep-alive connections kept, each for at most
+  ``idle_expiry`` seconds. How many requests are in flight is the caller's to bound (the
+  :class:`~trio_idle.backend.client.HttpClient`'s limiter, the one limit on the way): a
+  connection is opened whenever no idle one of the origin is free.
 * Timeouts: the request's ``connect``, ``write`` and ``read`` timeouts bound each phase
   (each read separately, as httpx documents it), raising httpx's exceptions of those
   names.
@@ -32,8 +30,8 @@ Guarantees:
   dropped before reuse, so no byte is ever taken for the reply to a later request.
 * Writes: a request is handed to the kernel in pieces of at most :data:`COALESCE_BYTES`
   (a small one, head and body, in one piece), each waited for under the write timeout.
-* Cancellation: a cancelled request closes its connection and frees its slot; nothing
-  is left half-sent on a pooled connection.
+* Cancellation: a cancelled request closes its connection; nothing is left half-sent on
+  a pooled connection.
 * Stale connections: a server may close an idle keep-alive connection just as a request
   goes out on it (its keep-alive timeout), too late for the check above. When a *reused*
   connection fails (``ReadError``, ``WriteError``, or closed without a reply) before a
@@ -47,7 +45,7 @@ Guarantees:
 Errors are httpx's: :class:`httpx.ConnectError` (with the underlying ``OSError`` or
 ``ssl.SSLError`` as its ``__cause__``), :class:`httpx.ConnectTimeout`,
 :class:`httpx.WriteError`/``WriteTimeout``, :class:`httpx.ReadError`/``ReadTimeout``,
-:class:`httpx.RemoteProtocolError` and :class:`httpx.PoolTimeout`.
+:class:`httpx.RemoteProtocolError`.
 """
 
 from __future__ import annotations
@@ -124,16 +122,12 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         self,
         *,
         ssl_context: ssl.SSLContext | None,
-        max_connections: int,
         max_idle: int,
         idle_expiry: float,
         max_head_bytes: int = MAX_HEAD_BYTES,
         stats: Stats | None = None,
     ) -> None:
-        if max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
         self._ssl_context = ssl_context
-        self._slots = trio.Semaphore(max_connections, max_value=max_connections)
         self._max_idle = max(0, max_idle)
         self._idle_expiry = idle_expiry
         self._max_head_bytes = max_head_bytes
@@ -155,8 +149,8 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         await trio.lowlevel.checkpoint()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        # a request made from a cancelled scope sends nothing (a free slot and a pooled
-        # connection would otherwise let it leave before the first real wait)
+        # a request made from a cancelled scope sends nothing (a pooled connection would
+        # otherwise let it leave before the first real wait)
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise RuntimeError("the transport is closed")
@@ -170,7 +164,6 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
             request.url.raw_host.decode("ascii"),
             request.url.port or (443 if scheme == b"https" else 80),
         )
-        await self._take_slot(_seconds(timeouts.get("pool")))
         conn: _Connection | None = None
         try:
             conn = self._take_idle(origin)
@@ -189,7 +182,6 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         except BaseException as exc:
             if conn is not None:
                 conn.close()
-            self._slots.release()
             if not isinstance(exc, h11.LocalProtocolError):
                 raise
         # Only a request h11 will not write gets here (a header value with a newline,
@@ -198,19 +190,6 @@ class TrioHTTPTransport(httpx.AsyncBaseTransport):
         raise httpx.LocalProtocolError("a request header cannot be sent as HTTP/1.1")
 
     # ------------------------------------------------------------------ the pool
-
-    async def _take_slot(self, limit: float) -> None:
-        # no scheduler round trip when a slot is free: a scan should not queue behind
-        # every other ready task twice before its bytes leave
-        try:
-            self._slots.acquire_nowait()
-            return
-        except trio.WouldBlock:
-            pass
-        with trio.move_on_after(limit) as waited:
-            await self._slots.acquire()
-        if waited.cancelled_caught:
-            raise httpx.PoolTimeout("no free connection slot within the pool timeout")
 
     def _take_idle(self, origin: _Origin) -> _Connection | None:
         # newest first (see _give_back): the most recently used connection of the origin
@@ -316,7 +295,7 @@ async def _exchange(
 
 class _ResponseBody(httpx.AsyncByteStream):
     """A response's body, read from its connection as the caller iterates; closing it
-    returns the connection to the pool (after a complete exchange) and frees the slot."""
+    returns the connection to the pool (after a complete exchange) or closes it."""
 
     def __init__(self, pool: TrioHTTPTransport, conn: _Connection, read_timeout: float) -> None:
         self._pool = pool
@@ -338,12 +317,8 @@ class _ResponseBody(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
+        if conn is not None:
             self._pool._give_back(conn)
-        finally:
-            self._pool._slots.release()
 
 
 def _stale(conn: _Connection, request: httpx.Request) -> bool:

@@ -10,11 +10,13 @@ user's wrong password never sends ``/fail``) and:
   with ``&`` when the suffix already has a query (e.g. ``?status=down`` for Uptime Kuma).
 
 A ping that fails (network error, timeout, non-2xx) is logged and counted
-(``ping_errors``), never fatal, and not retried before the next interval. The URL is
-treated as a secret (it embeds the check's token): it is never logged. Only the status of
-the answer is looked at: its body is never read (the connection is closed instead).
-Proxies named in the environment are used only with ``trust_env`` (setting
-``TRIO_IDLE_HTTP_TRUST_ENV``).
+(``ping_errors``), never fatal, and not retried before the next interval; a timeout's
+text names the limit that fired. The URL is treated as a secret (it embeds the check's
+token): it is never logged. Only the status of the answer is looked at: its body is never
+read (the connection is closed instead); redirects are followed. The requests go over an
+:class:`~trio_idle.backend.client.HttpClient` of their own (the receiver is not the
+backend: no backend watch); proxies named in the environment are used only with
+``trust_env`` (setting ``TRIO_IDLE_HTTP_TRUST_ENV``).
 
 Cancellation: :func:`run_pinger` loops until cancelled; an in-flight ping is abandoned.
 """
@@ -25,18 +27,18 @@ from collections.abc import Callable
 from typing import Final
 from urllib.parse import urlencode
 
-import httpx
 import trio
 from loguru import logger
 
-from trio_idle.backend.webhook import USER_AGENT, streamed, tls_verify_context
-from trio_idle.core.scrub import PLAIN
+from trio_idle.backend.client import HttpClient, HttpFailure, Limits, Timeouts
 from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
 from trio_idle.ops.health import Health
 
 MAX_REASON_CHARS: Final = 200
 MAX_PING_TIMEOUT: Final = 10.0
+#: how far a ping's deadline lies past its phases' timeout
+PING_GRACE: Final = 1.0
 
 
 def ping_target(url: str, fail_suffix: str, health: Health) -> str:
@@ -48,25 +50,27 @@ def ping_target(url: str, fail_suffix: str, health: Health) -> str:
     return f"{target}{'&' if '?' in target else '?'}{urlencode({'reason': reason})}"
 
 
-async def ping_once(client: httpx.AsyncClient, target: str, limit: float) -> str | None:
-    """GET ``target`` within ``limit`` seconds; ``None`` on a 2xx answer, else a log-safe
-    description (never the URL)."""
-    with trio.move_on_after(limit + 1.0):
-        try:
-            # Streamed and left unread: a monitor's answer body carries nothing we need.
-            async with streamed(client, "GET", target, timeout=limit) as response:
-                status = response.status_code
-        except httpx.TimeoutException:
-            return f"no answer within {limit:g}s"
-        except httpx.HTTPError as exc:
-            # the target embeds the check's token; other URLs (a redirect's) lose their
-            # credentials in the scrubber
-            text = PLAIN.scrub(str(exc).replace(target, "<ping url>"), 120)
-            return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-        if 200 <= status < 300:
-            return None
-        return f"HTTP {status}"
-    return f"no answer within {limit:g}s"
+async def ping_once(client: HttpClient, target: str) -> str | None:
+    """GET ``target`` within the client's limits; ``None`` on a 2xx answer, else a
+    log-safe description (never the URL)."""
+    outcome = await client.request("GET", target, read_body=False, follow_redirects=True)
+    if isinstance(outcome, HttpFailure):
+        return outcome.text("ping receiver")
+    if 200 <= outcome.status < 300:
+        return None
+    return f"HTTP {outcome.status}"
+
+
+def ping_client(interval: float, trust_env: bool, stats: Stats | None = None) -> HttpClient:
+    """The pinger's client: each phase at most :data:`MAX_PING_TIMEOUT` (and no longer
+    than ``interval``), one ping at a time."""
+    limit = min(MAX_PING_TIMEOUT, interval)
+    return HttpClient(
+        timeouts=Timeouts(limit, limit, limit, limit + PING_GRACE),
+        limits=Limits(1),
+        trust_env=trust_env,
+        stats=stats,
+    )
 
 
 async def run_pinger(
@@ -81,13 +85,7 @@ async def run_pinger(
 
     ``trust_env``: go through the proxy the environment names (``HTTP_PROXY`` ...);
     otherwise connect directly."""
-    timeout = min(MAX_PING_TIMEOUT, interval)
-    client = httpx.AsyncClient(
-        headers={"user-agent": USER_AGENT},
-        follow_redirects=True,
-        trust_env=trust_env,
-        verify=tls_verify_context(),
-    )
+    client = ping_client(interval, trust_env, stats)
     previous: Health | None = None
     try:
         while True:
@@ -101,7 +99,7 @@ async def run_pinger(
             elif previous is None and not health.ok:
                 logger.warning(f"[idle/health] unhealthy: {health.summary()}")
             previous = health
-            error = await ping_once(client, ping_target(url.reveal(), fail_suffix, health), timeout)
+            error = await ping_once(client, ping_target(url.reveal(), fail_suffix, health))
             if error is None:
                 stats.inc("pings_sent", "ok" if health.ok else "fail")
             else:

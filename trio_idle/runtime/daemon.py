@@ -356,7 +356,9 @@ async def run_daemon(
         stats,
         grace=settings.store.state_grace,
     )
-    tokens = make_token_source(settings)
+    # one watch of the backend, fed by the scans, reports and token requests alike
+    watch = BackendWatch()
+    tokens = make_token_source(settings, watch=watch, stats=stats)
     ticker = Ticker(stats, logger)
     env = SessionEnv(
         imap=settings.imap,
@@ -372,7 +374,7 @@ async def run_daemon(
         tokens=tokens,
         ticker=ticker,
     )
-    webhook = WebhookClient.from_settings(settings.webhook, stats)
+    webhook = WebhookClient.from_settings(settings.webhook, stats, watch=watch)
     daemon: Daemon | None = None
     async with open_asyncio_loop(stats):
         try:
