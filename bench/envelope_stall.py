@@ -37,7 +37,9 @@ import trio
 from bench.procs import REPO_ROOT
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.secret import Secret
-from trio_idle.imap.client import DEFAULT_LIMITS, ImapTimeouts, connect
+from trio_idle.imap.client import ImapTimeouts
+from trio_idle.imap.connect import connect
+from trio_idle.imap.framing import DEFAULT_LIMITS
 
 MiB = 1024 * 1024
 UIDS = range(1, 9)

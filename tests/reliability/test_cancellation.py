@@ -19,7 +19,8 @@ import trio_asyncio
 
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.secret import Secret
-from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
+from trio_idle.imap.client import ImapConnection, ImapTimeouts
+from trio_idle.imap.connect import connect
 from trio_idle.testing import ImapTestServer
 
 A = "alice@rel.test"

@@ -13,7 +13,8 @@ import trio
 from tests.reliability.scripted_server import Peer, ScriptedServer
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.secret import Secret
-from trio_idle.imap.client import DEFAULT_LIMITS, ImapConnection, ImapTimeouts, connect
+from trio_idle.imap.client import ImapConnection, ImapTimeouts
+from trio_idle.imap.connect import connect
 from trio_idle.imap.envelope import (
     DECODE_WORK,
     MAX_ANSWER_WORK,
@@ -22,6 +23,7 @@ from trio_idle.imap.envelope import (
     TOKEN_WORK,
     WINDOW,
 )
+from trio_idle.imap.framing import DEFAULT_LIMITS
 
 A = "alice@rel.test"
 MiB = 1024 * 1024

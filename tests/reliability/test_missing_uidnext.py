@@ -18,7 +18,8 @@ from tests.reliability.rig import PASSWORD, Rig, mailbox_name
 from tests.reliability.scripted_server import Peer, ScriptedServer
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.secret import Secret
-from trio_idle.imap.client import ImapTimeouts, connect
+from trio_idle.imap.client import ImapTimeouts
+from trio_idle.imap.connect import connect
 from trio_idle.imap.responses import MailboxState
 from trio_idle.testing import ImapTestServer
 from trio_idle.testing.backend import ScanRequest

@@ -10,7 +10,8 @@ import trio_asyncio
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.core.errors import ImapAuthError
 from trio_idle.core.secret import Secret
-from trio_idle.imap.client import ImapTimeouts, connect
+from trio_idle.imap.client import ImapTimeouts
+from trio_idle.imap.connect import connect
 from trio_idle.testing import ImapTestServer
 
 A = "alice@oauth.test"

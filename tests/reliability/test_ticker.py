@@ -26,7 +26,8 @@ from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.config import Settings
 from trio_idle.core.errors import ConnectionLost, ImapError
 from trio_idle.core.secret import Secret
-from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
+from trio_idle.imap.client import ImapConnection, ImapTimeouts
+from trio_idle.imap.connect import connect
 
 A = "alice@rel.test"
 T = "ticked@rel.test"

@@ -3,7 +3,7 @@
 :func:`trio_idle.mailbox.session.run_session` never opens a socket itself: it asks the
 :class:`ImapConnector` in its :class:`~trio_idle.mailbox.session.SessionEnv` for an
 :class:`ImapLink` and uses nothing else. The daemon's connector is
-:func:`trio_idle.imap.client.connect` (real TCP, TLS, aioimaplib); tests plug in
+:func:`trio_idle.imap.connect.connect` (real TCP, TLS, aioimaplib); tests plug in
 :class:`trio_idle.testing.fake_imap.FakeImapServer`'s, which plays a script under trio's
 virtual clock.
 

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from typing import Final
 
+import attrs
+
 #: Literals one response may carry. Real servers send a few (a FETCH of several body
 #: parts); aioimaplib's parser recurses once per literal, so this also bounds its depth.
 MAX_LITERALS: Final = 32
@@ -70,6 +72,32 @@ def format_size(n: int) -> str:
     if value == int(value):
         return f"{int(value)} {unit}"
     return f"{value:.1f} {unit}"
+
+
+@attrs.frozen
+class ImapLimits:
+    """What one server may make us buffer.
+
+    ``max_line``: text of one response outside its literals; ``max_literal``: the
+    literals of one response together. The untagged lines answering one command (all but
+    IDLE, whose lines are not kept) may total ``max_line + max_literal``
+    (:attr:`max_answer`), except a ``FETCH``'s: ``max_fetch_answer``, because the envelope
+    fetch (:meth:`~trio_idle.imap.client.ImapConnection.fetch_new`) asks for up to
+    :data:`~trio_idle.imap.envelope.MAX_ENVELOPES` envelopes in one command, and one
+    envelope of a legitimate message (hundreds of recipients, a long subject) can be tens
+    of KiB. Each of its responses is still bounded by ``max_line``/``max_literal``.
+    """
+
+    max_line: int = 1024 * 1024
+    max_literal: int = 1024 * 1024
+    max_fetch_answer: int = 8 * 1024 * 1024
+
+    @property
+    def max_answer(self) -> int:
+        return self.max_line + self.max_literal
+
+
+DEFAULT_LIMITS: Final = ImapLimits()
 
 
 class FrameError(Exception):
