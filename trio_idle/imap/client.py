@@ -49,6 +49,7 @@ from trio_idle.imap.aioimap import (
     IMAP_VERSIONS,
     NONAUTH,
     SELECTED,
+    CapturedCommand,
     Command,
     ContinuationCommand,
     ImapProtocol,
@@ -116,9 +117,19 @@ class ImapConnection:
     # -- plumbing ----------------------------------------------------------------------
 
     async def _pump(self) -> None:
-        """Read once and parse what came. A closed or broken connection is handed to the
-        monitor (never raised); only cancellation escapes."""
+        """Read once and parse what came — or, while responses already read wait
+        (:attr:`ImapProtocol.backlog`), checkpoint and parse the next batch of them
+        without reading. Either way one call parses at most
+        :data:`~trio_idle.imap.aioimap.STEP_PARTS` lines and literals, so an answer of
+        thousands of responses holds the loop for one batch at a time. Cancelled at the
+        checkpoint, nothing is lost: the batch waits for the next call. A closed or
+        broken connection is handed to the monitor (never raised); only cancellation
+        escapes."""
         protocol = self.protocol
+        if protocol.backlog:
+            await trio.lowlevel.checkpoint()
+            protocol.parse_some()
+            return
         try:
             data = await self.transport.receive()
         except (TransportClosed, trio.ClosedResourceError):
@@ -364,7 +375,7 @@ class ImapConnection:
 
     async def _status(self, mailbox: str) -> MailboxState:
         """STATUS's UIDNEXT, UIDVALIDITY and MESSAGES; nothing if the server refused it."""
-        command = Command(
+        command = CapturedCommand(
             "STATUS", self.protocol.new_tag(), mailbox, "(UIDNEXT UIDVALIDITY MESSAGES)"
         )
         ok, answer = await self._run_captured("STATUS", command)
@@ -374,7 +385,7 @@ class ImapConnection:
         """The UID of message ``number`` (``FETCH <number> (UID)``); None if refused.
         A plain FETCH: no EXPUNGE may come during it (RFC 3501 7.4.1), so ``number`` is
         still the SELECT's last message."""
-        command = Command(
+        command = CapturedCommand(
             "FETCH", self.protocol.new_tag(), str(number), "(UID)", untagged_resp_name="FETCH"
         )
         ok, answer = await self._run_captured("FETCH", command)
@@ -382,7 +393,8 @@ class ImapConnection:
 
     async def _run_captured(self, what: str, command: Command) -> tuple[bool, list[bytes]]:
         """Run ``command``; whether it was answered OK, and its untagged responses raw as
-        framed (aioimaplib hands an async command's lines over cut up)."""
+        framed (aioimaplib hands an async command's lines over cut up; a
+        :class:`~trio_idle.imap.aioimap.CapturedCommand` does not keep them)."""
         protocol = self.protocol
         captured: list[bytes] = []
         protocol.capture = captured
@@ -633,7 +645,9 @@ class ImapConnection:
                     raise ImapError(f"{step} failed: IDLE ended with {old.result}")
             step.name = "UID SEARCH"
             protocol.capture = []
-            search = Command("SEARCH", protocol.new_tag(), "UID", f"{since_uid}:*", prefix="UID")
+            search = CapturedCommand(
+                "SEARCH", protocol.new_tag(), "UID", f"{since_uid}:*", prefix="UID"
+            )
             response = await self._run_step(step, search, deadline)
             if response.result != "OK":
                 raise ImapError(f"{step} failed: UID SEARCH failed: {response.result}")
@@ -645,9 +659,9 @@ class ImapConnection:
                 if uids:
                     step.name = "UID FETCH"
                     protocol.capture = []
-                    # a plain Command: aioimaplib's FetchCommand counts parentheses across
-                    # the lines, and a subject with an unbalanced "(" would leave it waiting
-                    fetch = Command(
+                    # not aioimaplib's FetchCommand: it counts parentheses across the
+                    # lines, and a subject with an unbalanced "(" would leave it waiting
+                    fetch = CapturedCommand(
                         "FETCH",
                         protocol.new_tag(),
                         ",".join(map(str, uids)),

@@ -125,6 +125,7 @@ class ResponseFramer:
         "_scan",
         "_segment",
         "_text",
+        "last_literals",
         "max_line",
         "max_literal",
         "max_literals",
@@ -139,6 +140,9 @@ class ResponseFramer:
         self.max_literals = max_literals
         #: bytes the CRLF search has looked at, over the framer's life (for tests)
         self.scanned = 0
+        #: literals of the response :meth:`next_response` handed out last (what parsing
+        #: it costs: the parser's work is per line and literal)
+        self.last_literals = 0
         self._buf = bytearray()
         self._error: FrameError | None = None
         # The response being assembled always starts at _buf[0]:
@@ -210,6 +214,7 @@ class ResponseFramer:
             if size is None:
                 response = bytes(buf[: end + 2])
                 del buf[: end + 2]  # O(1) from the front of a bytearray
+                self.last_literals = self._literals
                 self._segment = self._scan = self._text = 0
                 self._literals = self._literal_bytes = 0
                 return response
@@ -217,9 +222,11 @@ class ResponseFramer:
             self._literal_end = end + 2 + size
 
     def _start_literal(self, size: int) -> None:
-        limit = format_size(self.max_literal)
         if size > self.max_literal:
-            raise FrameTooLarge(f"server announced a {format_size(size)} literal (limit {limit})")
+            raise FrameTooLarge(
+                f"server announced a {format_size(size)} literal "
+                f"(limit {format_size(self.max_literal)})"
+            )
         self._literals += 1
         if self._literals > self.max_literals:
             raise FrameTooLarge(
@@ -229,7 +236,7 @@ class ResponseFramer:
         if self._literal_bytes > self.max_literal:
             raise FrameTooLarge(
                 f"server sent {format_size(self._literal_bytes)} of literals in one response "
-                f"(limit {limit})"
+                f"(limit {format_size(self.max_literal)})"
             )
 
     def _literal_size(self, start: int, end: int) -> int | None:
