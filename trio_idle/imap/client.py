@@ -22,8 +22,9 @@ cancellation) the connection is unusable and :meth:`ImapConnection.abort` or
 :meth:`ImapConnection.logout` must be called. Nothing here logs or raises a password.
 Only the task that owns the connection (its session) may call its methods — but
 :meth:`ImapConnection.begin_restart` and :meth:`ImapConnection.check_restart`, which are
-synchronous, only write or close, and are the ticker's; the connection is never read by
-two tasks at once.
+synchronous, only write or close, and are the ticker's (which holds the connection as a
+:class:`~trio_idle.imap.connector.RestartWriter`, so it cannot read it); the connection
+is never read by two tasks at once.
 
 Every byte a server sends is framed and bounded before aioimaplib parses it
 (:class:`~trio_idle.imap.framing.ImapLimits`): one hostile server costs at most its
