@@ -30,14 +30,9 @@ from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key,
 from trio_idle.core.errors import ImapError, SourceError
 from trio_idle.core.scrub import PLAIN, WEAK_BELOW
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
-from trio_idle.imap.client import (
-    ImapConnection,
-    ImapLimits,
-    ImapTimeouts,
-    connect,
-    make_ssl_context,
-    resolve_security,
-)
+from trio_idle.imap.client import ImapConnection, ImapTimeouts
+from trio_idle.imap.connect import connect, make_ssl_context, resolve_security
+from trio_idle.imap.framing import ImapLimits
 from trio_idle.mailbox.account_health import explain
 from trio_idle.mailbox.session_states import SESSION_STATES, UP_STATES
 

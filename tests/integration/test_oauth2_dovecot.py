@@ -33,7 +33,8 @@ from trio_idle.core.errors import ImapAuthError
 from trio_idle.core.limiter import ConnectLimiter
 from trio_idle.core.secret import Secret
 from trio_idle.core.stats import Stats
-from trio_idle.imap.client import ImapTimeouts, connect
+from trio_idle.imap.client import ImapTimeouts
+from trio_idle.imap.connect import connect
 from trio_idle.mailbox.coalescer import ScanCoalescer
 from trio_idle.mailbox.session import ConnectionMemory, SessionEnv, run_session
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, IDLE

@@ -21,7 +21,8 @@ from trio_idle_testing import ImapTestServer
 
 from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import MailConnection
-from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
+from trio_idle.imap.client import ImapConnection, ImapTimeouts
+from trio_idle.imap.connect import connect
 
 A = "alice@rel.test"
 PASSWORD = "pw"

@@ -34,7 +34,8 @@ from tests.reliability.rig import PASSWORD, Rig
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.destinations import DEFAULT_NETWORKS, parse_networks
 from trio_idle.core.errors import ImapConnectError
-from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
+from trio_idle.imap.client import ImapConnection, ImapTimeouts
+from trio_idle.imap.connect import connect
 from trio_idle.mailbox.account_health import hint
 from trio_idle.operator_commands import run_check
 

@@ -13,7 +13,7 @@ import trio.testing
 from tests.harness import running_daemon
 from tests.reliability.rig import Rig, mailbox_name
 from trio_idle.core.gc_policy import CollectionPolicy
-from trio_idle.imap.client import _Protocol
+from trio_idle.imap.aioimap import ImapProtocol
 from trio_idle.runtime.daemon import Daemon
 
 
@@ -24,12 +24,12 @@ async def refresh(daemon: Daemon) -> None:
         await daemon.wait_refreshed(after=attempts)
 
 
-def imap_protocols() -> list[weakref.ref[_Protocol]]:
+def imap_protocols() -> list[weakref.ref[ImapProtocol]]:
     # gc.get_objects() does not list frozen objects: call it before a collection freezes them
-    return [weakref.ref(o) for o in gc.get_objects() if isinstance(o, _Protocol)]
+    return [weakref.ref(o) for o in gc.get_objects() if isinstance(o, ImapProtocol)]
 
 
-def alive(refs: list[weakref.ref[_Protocol]]) -> int:
+def alive(refs: list[weakref.ref[ImapProtocol]]) -> int:
     return sum(r() is not None for r in refs)
 
 

@@ -19,7 +19,8 @@ from tests.fixtures import mail_connection
 from tests.harness import ListSource, row, running_daemon
 from tests.reliability.rig import PASSWORD, Rig, mailbox_name
 from tests.reliability.scripted_server import Peer, ScriptedServer
-from trio_idle.imap.client import ImapTimeouts, connect
+from trio_idle.imap.client import ImapTimeouts
+from trio_idle.imap.connect import connect
 from trio_idle.imap.responses import MailboxState
 
 A = mailbox_name(1, "courier")

@@ -12,7 +12,8 @@ from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.core.errors import ImapAuthError
 from trio_idle.core.secret import Secret
-from trio_idle.imap.client import ImapTimeouts, connect
+from trio_idle.imap.client import ImapTimeouts
+from trio_idle.imap.connect import connect
 
 A = "alice@oauth.test"
 GOOD = "S3ntinel-oauth-good-token"

@@ -25,7 +25,8 @@ from tests.reliability.rig import Rig
 from tests.reliability.scripted_server import Peer, ScriptedServer
 from trio_idle.core.config import Settings
 from trio_idle.core.errors import ConnectionLost, ImapError
-from trio_idle.imap.client import ImapConnection, ImapTimeouts, connect
+from trio_idle.imap.client import ImapConnection, ImapTimeouts
+from trio_idle.imap.connect import connect
 
 A = "alice@rel.test"
 T = "ticked@rel.test"

@@ -20,7 +20,7 @@ from trio_idle.accounts.credentials import (
 from trio_idle.accounts.outcome_text import ConnectionSecrets, Failure
 from trio_idle.accounts.providers import GENERIC_PRESET, preset_named
 from trio_idle.core.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
-from trio_idle.imap.client import _connect_error_kind
+from trio_idle.imap.connect import connect_error_kind
 from trio_idle.mailbox.account_health import (
     AUTH_REASONS,
     HINTS,
@@ -119,11 +119,11 @@ def test_token_outcomes() -> None:
 
 
 def test_connect_error_kinds_from_the_os_errors() -> None:
-    assert _connect_error_kind(socket.gaierror(socket.EAI_NONAME, "x")) == "dns"
-    assert _connect_error_kind(ConnectionRefusedError()) == "refused"
-    assert _connect_error_kind(ssl.SSLCertVerificationError("bad cert")) == "tls"
-    assert _connect_error_kind(TimeoutError()) == "timeout"
-    assert _connect_error_kind(ConnectionResetError()) == "server_closed"
+    assert connect_error_kind(socket.gaierror(socket.EAI_NONAME, "x")) == "dns"
+    assert connect_error_kind(ConnectionRefusedError()) == "refused"
+    assert connect_error_kind(ssl.SSLCertVerificationError("bad cert")) == "tls"
+    assert connect_error_kind(TimeoutError()) == "timeout"
+    assert connect_error_kind(ConnectionResetError()) == "server_closed"
 
 
 def test_every_reason_has_a_hint_naming_the_provider_where_it_matters() -> None:

@@ -3,7 +3,7 @@
 End users type their own IMAP host, so a row can point the daemon at anything its network
 reaches: the cloud metadata service (169.254.169.254), a database on localhost, an admin
 panel on the LAN. The decision is made on the resolved address that is actually connected
-to (see :func:`trio_idle.imap.client.connect`), never on the name, so a name that resolves
+to (see :func:`trio_idle.imap.connect.connect`), never on the name, so a name that resolves
 to an allowed address for a check and to a refused one for the connect (DNS rebinding) gets
 nowhere. Everything here is pure.
 """

@@ -1,14 +1,16 @@
-"""An IMAP connection for one session: aioimaplib's parser, driven from trio.
+"""An IMAP connection for one session: the commands, driven from trio.
 
-aioimaplib is used for what it is good at — its response parser and command table
-(``IMAP4ClientProtocol``, ``Command``) — and fed by trio, h11-style: the socket (and its
-TLS) is ours (:mod:`trio_idle.net.transport`), bytes read are framed and bounded
-(:mod:`trio_idle.imap.framing`) and handed to the parser one response at a time, and a
-command is written, then the *calling* task reads until the parser says it is answered.
-No asyncio task, future or transport exists per connection and nothing crosses the
-trio-asyncio bridge: a keepalive line costs one wake-up of the session task, a tick one
-write (``DONE``, ``NOOP`` and ``IDLE`` pipelined, RFC 3501 §5.5: by the process ticker,
-:meth:`ImapConnection.begin_restart`) and one wake-up for its answers.
+aioimaplib's parser and command table are used through one adapter,
+:mod:`trio_idle.imap.aioimap` (the only module that imports aioimaplib), and fed by
+trio, h11-style: the socket (and its TLS) is ours (:mod:`trio_idle.net.transport`),
+bytes read are framed and bounded (:mod:`trio_idle.imap.framing`) and handed to the
+parser one response at a time, and a command is written, then the *calling* task reads
+until the parser says it is answered. No asyncio task, future or transport exists per
+connection: a keepalive line costs one wake-up of the session task, a tick one write
+(``DONE``, ``NOOP`` and ``IDLE`` pipelined, RFC 3501 §5.5: by the process ticker,
+:meth:`ImapConnection.begin_restart`) and one wake-up for its answers. Opening a
+connection (TCP, TLS, STARTTLS, the errors that say why it failed) is
+:mod:`trio_idle.imap.connect`.
 
 Untagged lines go to a :class:`~trio_idle.imap.push_monitor.PushMonitor` whatever command is
 in progress, so new mail between commands is counted; while idling the session reads
@@ -20,44 +22,41 @@ cancellation) the connection is unusable and :meth:`ImapConnection.abort` or
 :meth:`ImapConnection.logout` must be called. Nothing here logs or raises a password.
 Only the task that owns the connection (its session) may call its methods — but
 :meth:`ImapConnection.begin_restart` and :meth:`ImapConnection.check_restart`, which are
-synchronous, only write or close, and are the ticker's; the connection is never read by
-two tasks at once.
+synchronous, only write or close, and are the ticker's (which holds the connection as a
+:class:`~trio_idle.imap.connector.RestartWriter`, so it cannot read it); the connection
+is never read by two tasks at once.
 
 Every byte a server sends is framed and bounded before aioimaplib parses it
-(:class:`ImapLimits`): one hostile server costs at most its limits in memory and linear
-time, then its connection. An exception raised while parsing server data marks the
-connection dead and closes it; nothing a server sends can raise out of a session.
+(:class:`~trio_idle.imap.framing.ImapLimits`): one hostile server costs at most its
+limits in memory and linear time, then its connection. An exception raised while
+parsing server data marks the connection dead and closes it; nothing a server sends can
+raise out of a session.
 """
 
 from __future__ import annotations
 
 import math
-import random
-import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, Final, NoReturn
+from typing import NoReturn
 
-import aioimaplib
 import attrs
 import trio
 
-from trio_idle.accounts.connections import MailConnection
-from trio_idle.core.destinations import DEFAULT_NETWORKS, Network
-from trio_idle.core.errors import (
-    KIND_DNS,
-    KIND_REFUSED,
-    KIND_SERVER_CLOSED,
-    KIND_TIMEOUT,
-    KIND_TLS,
-    ConnectionLost,
-    ImapAuthError,
-    ImapConnectError,
-    ImapError,
-)
+from trio_idle.core.errors import KIND_TIMEOUT, ConnectionLost, ImapAuthError, ImapError
 from trio_idle.core.scrub import MASK, Scrubber
+from trio_idle.imap.aioimap import (
+    AUTH,
+    IMAP_VERSIONS,
+    NONAUTH,
+    SELECTED,
+    CapturedCommand,
+    Command,
+    ContinuationCommand,
+    ImapProtocol,
+    quote,
+)
 from trio_idle.imap.envelope import Envelope, NewMail, ParseMeter, parse_search, parse_steps
-from trio_idle.imap.framing import FrameError, FrameTooLarge, ResponseFramer, format_size
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import (
     MailboxState,
@@ -75,30 +74,7 @@ from trio_idle.imap.sasl import (
     error_status,
     initial_response,
 )
-from trio_idle.net.tcp_connect import RefusedDestination, open_socket
 from trio_idle.net.transport import ImapTransport, TransportClosed
-
-IMPLICIT_TLS_PORT: Final = 993
-STARTTLS_PORT: Final = 143
-
-
-def resolve_security(mode: str, port: int) -> str:
-    """``auto`` picks by port: 993 → tls, 143 → starttls, anything else → tls."""
-    if mode != "auto":
-        return mode
-    return "starttls" if port == STARTTLS_PORT else "tls"
-
-
-def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """One verifying client context shared by all sessions (contexts are costly).
-
-    System CAs are always trusted; ``ca_file`` adds private CAs on top.
-    """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if ca_file:
-        context.load_verify_locations(cafile=ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
 
 
 @attrs.frozen
@@ -108,382 +84,13 @@ class ImapTimeouts:
     keepalive_idle: float
 
 
-@attrs.frozen
-class ImapLimits:
-    """What one server may make us buffer (see :mod:`trio_idle.imap.framing`).
-
-    ``max_line``: text of one response outside its literals; ``max_literal``: the
-    literals of one response together. The untagged lines answering one command (all but
-    IDLE, whose lines are not kept) may total ``max_line + max_literal``
-    (:attr:`max_answer`), except a ``FETCH``'s: ``max_fetch_answer``, because the envelope
-    fetch (:meth:`ImapConnection.fetch_new`) asks for up to
-    :data:`~trio_idle.imap.envelope.MAX_ENVELOPES` envelopes in one command, and one
-    envelope of a legitimate message (hundreds of recipients, a long subject) can be tens
-    of KiB. Each of its responses is still bounded by ``max_line``/``max_literal``.
-    """
-
-    max_line: int = 1024 * 1024
-    max_literal: int = 1024 * 1024
-    max_fetch_answer: int = 8 * 1024 * 1024
-
-    @property
-    def max_answer(self) -> int:
-        return self.max_line + self.max_literal
-
-
-DEFAULT_LIMITS: Final = ImapLimits()
-
-
-class _NoLoop:
-    """What aioimaplib's ``Command`` needs of an event loop when it has no timeout: a
-    ``get_debug()`` for the placeholder handle it makes. Commands here never get an
-    aioimaplib timer (deadlines are trio's), so no asyncio loop is involved at all."""
-
-    __slots__ = ()
-
-    def get_debug(self) -> bool:
-        return False
-
-
-_NO_LOOP: Any = _NoLoop()
-
-
-class _DiscardQueue:
-    """Replaces aioimaplib's IDLE queue: the monitor already saw every line."""
-
-    __slots__ = ()
-
-    def put_nowait(self, item: object) -> None:
-        pass
-
-    async def put(self, item: object) -> None:
-        pass
-
-
-_DISCARD: Final = _DiscardQueue()
-
-
-class _Flag:
-    """Stands in for a command's ``asyncio.Event``: set when the server answered it.
-
-    Nothing ever waits on it (the connection checks :meth:`is_set` after each read),
-    so it needs no loop and no waiter queue — an asyncio.Event is ≈ 0.5 KiB with its
-    deque, and every tick makes two commands."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self) -> None:
-        self._value = False
-
-    def set(self) -> None:
-        self._value = True
-
-    def is_set(self) -> bool:
-        return self._value
-
-
-class _NoTimer:
-    """A command's timer where there is none (deadlines are trio cancel scopes)."""
-
-    __slots__ = ()
-
-    def cancel(self) -> None:
-        pass
-
-
-_NO_TIMER: Final = _NoTimer()
-
-
-class _Command(aioimaplib.Command):  # type: ignore[misc]
-    """aioimaplib's ``Command`` without its asyncio parts: the parser fills and closes
-    it as any other; the connection polls :func:`_done` instead of awaiting it."""
-
-    def __init__(
-        self,
-        name: str,
-        tag: str,
-        *args: str,
-        prefix: str | None = None,
-        untagged_resp_name: str | None = None,
-    ) -> None:
-        for arg in args:  # as aioimaplib: a CR or LF in an argument would end the line
-            if arg is not None and aioimaplib.CONTROL_CHARS.search(str(arg)):
-                raise ValueError(f"NUL, CR and LF are not allowed in {name} command arguments")
-        self.name = name
-        self.tag = tag
-        self.args = args
-        self.prefix = prefix + " " if prefix else None
-        self.untagged_resp_name = untagged_resp_name or name
-        self._exception = None
-        self._loop = _NO_LOOP
-        self._event = _Flag()
-        self._timeout = None
-        self._timer = _NO_TIMER
-        self._expected_size = 0
-        self._resp_literal_data = bytearray()
-        self._resp_result = "Init"
-        self._resp_lines: list[bytes] = []
-
-    def _set_timer(self) -> None:
-        pass
-
-    def _reset_timer(self) -> None:
-        pass
-
-
-class _IdleCommand(_Command):
-    """aioimaplib's ``IdleCommand`` (lines while idling are not kept: the monitor saw
-    them) on :class:`_Command`."""
-
-    def __init__(self, tag: str) -> None:
-        super().__init__("IDLE", tag)
-
-    def append_to_resp(self, line: bytes, result: str = "Pending") -> None:
-        if result != "Pending":
-            super().append_to_resp(line, result)
-
-
-def _command(name: str, tag: str, *args: str, **kwargs: Any) -> aioimaplib.Command:
-    return _Command(name, tag, *args, **kwargs)
-
-
-def _done(command: aioimaplib.Command) -> bool:
-    """Whether the server has answered ``command`` (its tagged response was parsed)."""
-    return bool(command._event.is_set())
-
-
-class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
-    """aioimaplib's parser behind our own bounded framing, fed from trio.
-
-    Bytes go through a :class:`~trio_idle.imap.framing.ResponseFramer` first, and
-    aioimaplib gets one complete response per ``data_received`` call. Its parser then never
-    holds an unfinished line or literal between calls (it would buffer those without
-    limit, and re-copy an unfinished line on every read) and recurses only over the
-    lines and literals of that one response (thousands of lines in one read ran it out
-    of stack). A bound exceeded, or anything else the parser raises, marks the
-    connection dead with a one-line reason and closes it.
-
-    Between two responses, the next of the commands written ahead (:attr:`queued`,
-    pipelining) is entered into aioimaplib's table once nothing is pending, so each
-    response is matched to the command the server is answering.
-    """
-
-    def __init__(self, monitor: PushMonitor, limits: ImapLimits) -> None:
-        # Not aioimaplib's __init__: it makes an asyncio Condition, Queue and Event per
-        # connection (≈ 2 KiB) for its coroutine API, which is not used here. These are
-        # the attributes its parser reads.
-        self.loop = _NO_LOOP
-        self.transport: Any = None
-        self.state = aioimaplib.STARTED
-        self.capabilities: set[str] = set()
-        self.pending_async_commands: dict[str, aioimaplib.Command] = {}
-        self.pending_sync_command: aioimaplib.Command | None = None
-        self.idle_queue = _DISCARD
-        self._idle_event = _Flag()  # set by the parser at IDLE's "+" continuation
-        self.imap_version: str | None = None
-        self.literal_data = None
-        self.incomplete_line = b""
-        self.current_command = None
-        self.conn_lost_cb: Callable[[Exception | None], None] | None = self._lost
-        self.tasks: set[Any] = set()
-        self.tagnum = 0
-        self.tagpre = aioimaplib.int2ap(random.randint(4096, 65535))
-        self.monitor = monitor
-        self.limits = limits
-        self.framer = ResponseFramer(limits.max_line, limits.max_literal)
-        self._protocol_error: Exception | None = None
-        #: the server's greeting line, once it came
-        self.greeting: bytes | None = None
-        #: an IDLE was written and no DONE for it yet (LOGOUT must end it first)
-        self.idle_outstanding = False
-        #: LOGOUT was written: what the server still sends is not parsed
-        self.closing = False
-        #: STARTTLS was accepted: nothing more is parsed until TLS is up
-        self.tls_pending = False
-        #: bytes of the answer to the command in progress (aioimaplib keeps them)
-        self._answer_bytes = 0
-        #: while a list: every untagged response, raw as framed (for the envelope fetch)
-        self.capture: list[bytes] | None = None
-        #: commands already written, entered into aioimaplib's table one after the other
-        self.queued: list[aioimaplib.Command] = []
-        #: told after the responses of each read were parsed, while a restart written by
-        #: :meth:`ImapConnection.begin_restart` waits for its answers
-        self.after_parse: Callable[[], None] | None = None
-        self._lost_seen = False
-
-    def _lost(self, exc: Exception | None) -> None:
-        self.monitor.connection_lost(exc or self._protocol_error)
-
-    def lost(self, exc: Exception | None) -> None:
-        """The connection ended (server close, read error, or our own close): once.
-
-        Also drops what referred back to this object (its bound callback, the commands
-        still pending), so an ended connection is freed by reference counting, without
-        waiting for a full garbage collection."""
-        if not self._lost_seen:
-            self._lost_seen = True
-            self.connection_lost(exc)
-            self.conn_lost_cb = None
-            self.after_parse = None
-            self.pending_sync_command = None
-            self.pending_async_commands.clear()
-            self.queued.clear()
-
-    def data_received(self, d: bytes) -> None:
-        self.monitor.activity()
-        if self.closing or self._protocol_error is not None:
-            return
-        self.framer.feed(d)
-        self._handle_buffered()
-        if self.after_parse is not None:
-            self.after_parse()
-
-    def start_parsing_tls(self) -> None:
-        """TLS is up after STARTTLS: parse again (what arrived since was decrypted)."""
-        self.tls_pending = False
-        self._handle_buffered()
-
-    def _handle_buffered(self) -> None:
-        try:
-            if self.tls_pending:
-                if self.framer.buffered > self.limits.max_line:  # held back: still bounded
-                    raise FrameTooLarge("server sent data after accepting STARTTLS")
-                return
-            while not self.tls_pending and (response := self.framer.next_response()) is not None:
-                self._handle_response(response)
-                if self._protocol_error is not None:
-                    return
-        except FrameError as exc:
-            self._drop(exc, str(exc))
-        except Exception as exc:  # escaping here, it would end the session's task
-            self._drop(exc, f"protocol error: {type(exc).__name__}: {exc}"[:200])
-
-    def _handle_response(self, response: bytes) -> None:
-        sync = self.pending_sync_command
-        collecting = self._collecting()
-        # named now: the answer may end the command
-        waiting = (
-            ""
-            if not collecting
-            else sync.name
-            if sync is not None
-            else "/".join(self.pending_async_commands)
-        )
-        if self.capture is not None and response[:1] == b"*":
-            self.capture.append(response)
-        try:
-            # aioimaplib's data_received minus its eager debug formatting of every read
-            self._handle_responses(response, self._handle_line)
-        except aioimaplib.IncompleteRead:
-            # aioimaplib would wait for more of this response: it read a literal where the
-            # framer read none (a bare LF before the CRLF), and would buffer without bound
-            raise FrameError(
-                "server sent a malformed response (a bare LF next to a literal)"
-            ) from None
-        if sync is not None and sync.name == "STARTTLS" and self.pending_sync_command is None:
-            self.tls_pending = True
-        if collecting:
-            self._answer_bytes += len(response)
-            budget = self.limits.max_fetch_answer if waiting == "FETCH" else self.limits.max_answer
-            if self._answer_bytes > budget:
-                raise FrameTooLarge(
-                    f"server sent more than {format_size(budget)} in answer to {waiting}"
-                )
-        self.advance_queue()
-        if not self._collecting():
-            self._answer_bytes = 0
-
-    def advance_queue(self) -> None:
-        """Enter the next queued command into the table if nothing is pending."""
-        if self.queued and self.pending_sync_command is None and not self.pending_async_commands:
-            self.register(self.queued.pop(0))
-
-    def register(self, command: aioimaplib.Command) -> None:
-        """Enter ``command`` into aioimaplib's table of pending commands, as its
-        ``execute`` does (without writing it)."""
-        if aioimaplib.Commands[command.name].exec == aioimaplib.Exec.is_sync:
-            self.pending_sync_command = command
-        else:
-            self.pending_async_commands[command.untagged_resp_name] = command
-
-    def _collecting(self) -> bool:
-        """Whether aioimaplib keeps the untagged lines now (IDLE's it hands to a queue)."""
-        sync = self.pending_sync_command
-        return (sync is not None and sync.name != "IDLE") or bool(self.pending_async_commands)
-
-    def _drop(self, exc: Exception, reason: str) -> None:
-        self._protocol_error = exc
-        self.monitor.mark_dead(reason)
-        if self.transport is not None:
-            self.transport.close()
-        self.lost(exc)
-
-    def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
-        if line and self.state == aioimaplib.CONNECTED:
-            # aioimaplib would start a greeting task per line until the first one ran:
-            # only the first line is the greeting, and the connection handles it
-            if self.greeting is None:
-                self.greeting = line
-            return None
-        return super()._handle_line(line, current_cmd)
-
-    def idle_done(self) -> None:
-        self.idle_outstanding = False
-        self.write(b"DONE\r\n")
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
-
-    def _untagged_response(self, line: bytes) -> Any:
-        self.monitor.untagged(line)
-        return super()._untagged_response(line)
-
-
-def _describe_connect_error(exc: BaseException, host: str, port: int) -> str:
-    where = f"{host}:{port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate of {where} not trusted: {exc.verify_message} (see --ca-file)"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake with {where} failed: {exc.reason or exc}"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve {host}: {exc.strerror}"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection to {where} refused"
-    if isinstance(exc, OSError):
-        return f"cannot connect to {where}: {exc.strerror or exc}"
-    return f"cannot connect to {where}: {type(exc).__name__}: {exc}"
-
-
-def _connect_error_kind(exc: BaseException) -> str:
-    """The :mod:`trio_idle.core.errors` kind of what :func:`_describe_connect_error` describes."""
-    if isinstance(exc, ssl.SSLError):
-        return KIND_TLS
-    if isinstance(exc, socket.gaierror):
-        return KIND_DNS
-    if isinstance(exc, TimeoutError):
-        return KIND_TIMEOUT
-    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
-        return KIND_SERVER_CLOSED
-    if isinstance(exc, OSError):
-        return KIND_REFUSED
-    return KIND_SERVER_CLOSED
-
-
-def _set_keepalive(sock: socket.socket, idle: float) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_KEEPIDLE"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 15)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
-
-
 class ImapConnection:
-    """A connected, not yet authenticated IMAP client. Use :func:`connect` to make one."""
+    """A connected, not yet authenticated IMAP client. Use
+    :func:`trio_idle.imap.connect.connect` to make one."""
 
     def __init__(
         self,
-        protocol: _Protocol,
+        protocol: ImapProtocol,
         monitor: PushMonitor,
         timeouts: ImapTimeouts,
         transport: ImapTransport,
@@ -498,7 +105,7 @@ class ImapConnection:
         #: the server as the user named it (OAUTHBEARER tells the server which it is)
         self.host = host
         self.port = port
-        self._idle: aioimaplib.Command | None = None
+        self._idle: Command | None = None
         #: write a tick's IDLE together with its DONE and NOOP; switched off for the rest
         #: of this connection if the server refuses an IDLE written that way
         self._pipeline_idle = True
@@ -511,9 +118,19 @@ class ImapConnection:
     # -- plumbing ----------------------------------------------------------------------
 
     async def _pump(self) -> None:
-        """Read once and parse what came. A closed or broken connection is handed to the
-        monitor (never raised); only cancellation escapes."""
+        """Read once and parse what came — or, while responses already read wait
+        (:attr:`ImapProtocol.backlog`), checkpoint and parse the next batch of them
+        without reading. Either way one call parses at most
+        :data:`~trio_idle.imap.aioimap.STEP_PARTS` lines and literals, so an answer of
+        thousands of responses holds the loop for one batch at a time. Cancelled at the
+        checkpoint, nothing is lost: the batch waits for the next call. A closed or
+        broken connection is handed to the monitor (never raised); only cancellation
+        escapes."""
         protocol = self.protocol
+        if protocol.backlog:
+            await trio.lowlevel.checkpoint()
+            protocol.parse_some()
+            return
         try:
             data = await self.transport.receive()
         except (TransportClosed, trio.ClosedResourceError):
@@ -566,79 +183,72 @@ class ImapConnection:
     def _deadline(self) -> float:
         return trio.current_time() + self.timeouts.command
 
-    def _send(self, command: aioimaplib.Command, line: bytes | None = None) -> None:
+    def _send(self, command: Command, line: bytes | None = None) -> None:
         """Write ``command`` and enter it into aioimaplib's table (nothing else pending)."""
         protocol = self.protocol
-        spec = aioimaplib.Commands[command.name]
-        if protocol.state not in spec.valid_states:
+        if not protocol.allows(command.name):
             raise ImapError(
                 f"{command.name} failed: command {command.name} illegal in state {protocol.state}"
             )
         protocol.register(command)
         protocol.write(line if line is not None else f"{command}\r\n".encode())
 
-    async def _run(
-        self, what: str, command: aioimaplib.Command, deadline: float | None = None
-    ) -> Any:
+    async def _run(self, what: str, command: Command, deadline: float | None = None) -> Command:
         self._send(command)
-        await self._until(what, lambda: _done(command), deadline or self._deadline())
-        return command.response
+        await self._until(what, lambda: command.done, deadline or self._deadline())
+        return command
 
     def _check(self) -> None:
         problem = self.monitor.problem()
         if problem is not None:
             raise ConnectionLost(problem)
 
-    def _new_idle(self) -> aioimaplib.Command:
-        protocol = self.protocol
-        protocol._idle_event = _Flag()
-        return _IdleCommand(protocol.new_tag())
+    def _new_idle(self) -> Command:
+        return self.protocol.new_idle()
 
-    async def _idle_answered(
-        self, what: str | _Step, idle: aioimaplib.Command, deadline: float
-    ) -> bool:
+    async def _idle_answered(self, what: str | _Step, idle: Command, deadline: float) -> bool:
         """Wait for IDLE's continuation: True once idling, False if the server refused it
         (answered with a tagged NO/BAD)."""
         with trio.move_on_at(deadline):
             return await self._idle_read(what, idle)
         self._timed_out(what)
 
-    async def _idle_read(self, what: str | _Step, idle: aioimaplib.Command) -> bool:
+    async def _idle_read(self, what: str | _Step, idle: Command) -> bool:
         """:meth:`_idle_answered` without a deadline of its own."""
         protocol = self.protocol
-        await self._read_until(what, lambda: protocol._idle_event.is_set() or _done(idle))
-        if _done(idle):
+        await self._read_until(what, lambda: protocol.idle_continued or idle.done)
+        if idle.done:
             return False
         self._idle = idle
         return True
 
     # -- the connect-time handshake ----------------------------------------------------
 
-    async def _handshake(self, security: str, context: ssl.SSLContext | None) -> None:
+    async def handshake(self, security: str, context: ssl.SSLContext | None) -> None:
         """Greeting, CAPABILITY, and STARTTLS (+ CAPABILITY again) when asked: bounded
         by the caller's connect deadline only."""
         protocol = self.protocol
         await self._until("greeting", lambda: protocol.greeting is not None, math.inf)
         greeting = protocol.greeting
         if greeting is None:
-            raise _BadGreeting(self.monitor.problem() or "connection lost")
+            raise BadGreeting(self.monitor.problem() or "connection lost")
         if b"PREAUTH" in greeting:
-            protocol.state = aioimaplib.AUTH
+            protocol.state = AUTH
         elif b"OK" in greeting:
-            protocol.state = aioimaplib.NONAUTH
+            protocol.state = NONAUTH
         else:  # e.g. "* BYE Too many connections" as the greeting
-            raise _BadGreeting(f"Error: {greeting.decode('utf-8', 'replace')}"[:200])
+            raise BadGreeting(f"Error: {greeting.decode('utf-8', 'replace')}"[:200])
         await self._capability()
         if security != "starttls":
             return
         if "STARTTLS" not in protocol.capabilities:
-            raise _NoStartTls()
-        response = await self._run("STARTTLS", _command("STARTTLS", protocol.new_tag()), math.inf)
+            raise NoStartTls()
+        response = await self._run("STARTTLS", Command("STARTTLS", protocol.new_tag()), math.inf)
         if response.result != "OK":
-            raise _NoStartTls()
+            raise NoStartTls()
         if protocol.framer.buffered:
             # plaintext sent after the answer would pass for TLS-protected (RFC 3207 §4.2)
-            raise _BadGreeting("server sent data after accepting STARTTLS (refused)")
+            raise BadGreeting("server sent data after accepting STARTTLS (refused)")
         assert context is not None
         await self.transport.start_tls(context, self.host)
         protocol.start_parsing_tls()
@@ -647,15 +257,15 @@ class ImapConnection:
     async def _capability(self) -> None:
         protocol = self.protocol
         response = await self._run(
-            "CAPABILITY", _command("CAPABILITY", protocol.new_tag()), math.inf
+            "CAPABILITY", Command("CAPABILITY", protocol.new_tag()), math.inf
         )
         words = (
             bytes(response.lines[0]).decode("utf-8", "replace").split() if response.lines else []
         )
         protocol.capabilities = set(words)
-        versions = [w.upper() for w in words if w.upper() in aioimaplib.AllowedVersions]
+        versions = [w.upper() for w in words if w.upper() in IMAP_VERSIONS]
         if not versions:
-            raise _BadGreeting("Error: server not IMAP4 compliant")
+            raise BadGreeting("Error: server not IMAP4 compliant")
         protocol.imap_version = versions[-1]
 
     # -- commands ----------------------------------------------------------------------
@@ -665,12 +275,10 @@ class ImapConnection:
         # with a space or a quote would garble the command, so both are quoted (always
         # valid IMAP).
         protocol = self.protocol
-        command = _command(
-            "LOGIN", protocol.new_tag(), aioimaplib.quoted(user), aioimaplib.quoted(password)
-        )
+        command = Command("LOGIN", protocol.new_tag(), quote(user), quote(password))
         response = await self._run("LOGIN", command)
         if response.result == "OK":
-            protocol.state = aioimaplib.AUTH
+            protocol.state = AUTH
             for line in response.lines:  # servers may announce new capabilities here
                 if b"CAPABILITY" in line:
                     words = bytes(line).decode("utf-8", "replace").replace("CAPABILITY", "")
@@ -707,12 +315,12 @@ class ImapConnection:
         )
         try:
             self._send(command, command.line.encode() + b"\r\n")
-            await self._until("AUTHENTICATE", lambda: _done(command), self._deadline())
+            await self._until("AUTHENTICATE", lambda: command.done, self._deadline())
         except ImapError as exc:
             raise type(exc)(scrub(exc)) from None
-        response = command.response
+        response = command
         if response.result == "OK":
-            protocol.state = aioimaplib.AUTH
+            protocol.state = AUTH
             return
         status = error_status(command.challenge) if command.challenge is not None else None
         lines = [bytes(x) for x in response.lines if not bytes(x).startswith(b"+")]
@@ -760,15 +368,15 @@ class ImapConnection:
 
     async def _select(self, mailbox: str) -> MailboxState:
         protocol = self.protocol
-        response = await self._run("SELECT", _command("SELECT", protocol.new_tag(), mailbox))
+        response = await self._run("SELECT", Command("SELECT", protocol.new_tag(), mailbox))
         if response.result != "OK":
             raise ImapError(f"SELECT {mailbox} failed: {response.result}")
-        protocol.state = aioimaplib.SELECTED
+        protocol.state = SELECTED
         return parse_mailbox_state(response.lines)
 
     async def _status(self, mailbox: str) -> MailboxState:
         """STATUS's UIDNEXT, UIDVALIDITY and MESSAGES; nothing if the server refused it."""
-        command = _command(
+        command = CapturedCommand(
             "STATUS", self.protocol.new_tag(), mailbox, "(UIDNEXT UIDVALIDITY MESSAGES)"
         )
         ok, answer = await self._run_captured("STATUS", command)
@@ -778,17 +386,16 @@ class ImapConnection:
         """The UID of message ``number`` (``FETCH <number> (UID)``); None if refused.
         A plain FETCH: no EXPUNGE may come during it (RFC 3501 7.4.1), so ``number`` is
         still the SELECT's last message."""
-        command = _command(
+        command = CapturedCommand(
             "FETCH", self.protocol.new_tag(), str(number), "(UID)", untagged_resp_name="FETCH"
         )
         ok, answer = await self._run_captured("FETCH", command)
         return parse_fetch_uid(answer, number) if ok else None
 
-    async def _run_captured(
-        self, what: str, command: aioimaplib.Command
-    ) -> tuple[bool, list[bytes]]:
+    async def _run_captured(self, what: str, command: Command) -> tuple[bool, list[bytes]]:
         """Run ``command``; whether it was answered OK, and its untagged responses raw as
-        framed (aioimaplib hands an async command's lines over cut up)."""
+        framed (aioimaplib hands an async command's lines over cut up; a
+        :class:`~trio_idle.imap.aioimap.CapturedCommand` does not keep them)."""
         protocol = self.protocol
         captured: list[bytes] = []
         protocol.capture = captured
@@ -815,7 +422,7 @@ class ImapConnection:
             await self._pump()
 
     async def noop(self) -> None:
-        response = await self._run("NOOP", _command("NOOP", self.protocol.new_tag()))
+        response = await self._run("NOOP", Command("NOOP", self.protocol.new_tag()))
         if response.result != "OK":
             raise ImapError(f"NOOP failed: {response.result}")
         self._check()
@@ -828,7 +435,7 @@ class ImapConnection:
         self._send(idle)
         self.protocol.idle_outstanding = True
         if not await self._idle_answered("IDLE", idle, self._deadline()):
-            raise ImapError(f"IDLE failed: server refused IDLE: {idle.response.result}")
+            raise ImapError(f"IDLE failed: server refused IDLE: {idle.result}")
         self._check()
 
     async def idle_done(self) -> None:
@@ -839,10 +446,10 @@ class ImapConnection:
             return
         self._check()
         self.protocol.idle_done()
-        await self._until("DONE", lambda: _done(idle), self._deadline())
+        await self._until("DONE", lambda: idle.done, self._deadline())
         self._idle = None
-        if idle.response.result != "OK":
-            raise ImapError(f"IDLE ended with {idle.response.result}")
+        if idle.result != "OK":
+            raise ImapError(f"IDLE ended with {idle.result}")
 
     async def restart_idle(self, *, noop: bool) -> None:
         """Leave IDLE (DONE), NOOP if ``noop``, and enter IDLE again, run by the session.
@@ -880,18 +487,18 @@ class ImapConnection:
         finally:
             self.protocol.queued.clear()
 
-    def _write_restart(self, old: aioimaplib.Command, *, noop: bool, pipelined: bool) -> _Restart:
+    def _write_restart(self, old: Command, *, noop: bool, pipelined: bool) -> _Restart:
         """Write ``DONE``, ``NOOP`` if ``noop`` and ``IDLE`` if ``pipelined``, in one write,
         and queue the commands to be matched with their answers in order. Synchronous,
         never blocks; the caller follows the answers with :meth:`_advance`."""
         protocol = self.protocol
         data = "DONE\r\n"
-        noop_command: aioimaplib.Command | None = None
+        noop_command: Command | None = None
         if noop:
-            noop_command = _Command("NOOP", protocol.new_tag())
+            noop_command = Command("NOOP", protocol.new_tag())
             data += f"{noop_command.tag} NOOP\r\n"
             protocol.queued.append(noop_command)
-        idle: aioimaplib.Command | None = None
+        idle: Command | None = None
         if pipelined:
             idle = self._new_idle()
             data += f"{idle.tag} IDLE\r\n"
@@ -914,15 +521,15 @@ class ImapConnection:
         while True:
             awaiting = answers.awaiting
             if awaiting == DONE:
-                command: aioimaplib.Command | None = restart.old
+                command: Command | None = restart.old
             elif awaiting == NOOP:
                 command = restart.noop
             else:
                 command = restart.idle
             assert command is not None  # each is awaited only once it was written
-            if _done(command):
-                todo = answers.answered(command.response.result)
-            elif awaiting == IDLE and protocol._idle_event.is_set():
+            if command.done:
+                todo = answers.answered(command.result)
+            elif awaiting == IDLE and protocol.idle_continued:
                 todo = answers.continued()
             else:
                 return False
@@ -1034,12 +641,14 @@ class ImapConnection:
             if old is not None:
                 protocol.idle_done()
                 self._idle = None
-                await self._until(step, lambda: _done(old), deadline)
-                if old.response.result != "OK":
-                    raise ImapError(f"{step} failed: IDLE ended with {old.response.result}")
+                await self._until(step, lambda: old.done, deadline)
+                if old.result != "OK":
+                    raise ImapError(f"{step} failed: IDLE ended with {old.result}")
             step.name = "UID SEARCH"
             protocol.capture = []
-            search = _command("SEARCH", protocol.new_tag(), "UID", f"{since_uid}:*", prefix="UID")
+            search = CapturedCommand(
+                "SEARCH", protocol.new_tag(), "UID", f"{since_uid}:*", prefix="UID"
+            )
             response = await self._run_step(step, search, deadline)
             if response.result != "OK":
                 raise ImapError(f"{step} failed: UID SEARCH failed: {response.result}")
@@ -1051,9 +660,9 @@ class ImapConnection:
                 if uids:
                     step.name = "UID FETCH"
                     protocol.capture = []
-                    # a plain Command: aioimaplib's FetchCommand counts parentheses across
-                    # the lines, and a subject with an unbalanced "(" would leave it waiting
-                    fetch = _command(
+                    # not aioimaplib's FetchCommand: it counts parentheses across the
+                    # lines, and a subject with an unbalanced "(" would leave it waiting
+                    fetch = CapturedCommand(
                         "FETCH",
                         protocol.new_tag(),
                         ",".join(map(str, uids)),
@@ -1073,7 +682,7 @@ class ImapConnection:
                 self._send(idle)
                 protocol.idle_outstanding = True
                 if not await self._idle_answered(step, idle, deadline):
-                    raise ImapError(f"{step} failed: server refused IDLE: {idle.response.result}")
+                    raise ImapError(f"{step} failed: server refused IDLE: {idle.result}")
         finally:
             protocol.capture = None
         self._check()
@@ -1099,10 +708,10 @@ class ImapConnection:
         finally:
             steps.close()
 
-    async def _run_step(self, step: _Step, command: aioimaplib.Command, deadline: float) -> Any:
+    async def _run_step(self, step: _Step, command: Command, deadline: float) -> Command:
         self._send(command)
-        await self._until(step, lambda: _done(command), deadline)
-        return command.response
+        await self._until(step, lambda: command.done, deadline)
+        return command
 
     async def logout(self, limit: float) -> None:
         """Send LOGOUT, wait up to ``limit`` seconds for the server to close, close. Never raises.
@@ -1120,7 +729,7 @@ class ImapConnection:
             if (
                 self.monitor.problem() is None
                 and not transport.is_closing()
-                and protocol.state in (aioimaplib.NONAUTH, aioimaplib.AUTH, aioimaplib.SELECTED)
+                and protocol.state in (NONAUTH, AUTH, SELECTED)
             ):
                 end_idle = protocol.idle_outstanding
                 protocol.closing = True
@@ -1151,9 +760,9 @@ class _Restart:
     def __init__(
         self,
         number: int,
-        old: aioimaplib.Command,
-        noop: aioimaplib.Command | None,
-        idle: aioimaplib.Command | None,
+        old: Command,
+        noop: Command | None,
+        idle: Command | None,
         answers: RestartAnswers,
     ) -> None:
         self.number = number
@@ -1180,21 +789,18 @@ class _Step:
         return self.name
 
 
-class _SaslCommand(_Command):
+class _SaslCommand(ContinuationCommand):
     """``AUTHENTICATE <mechanism> [<response>]`` answering the server's continuations.
 
-    aioimaplib hands every continuation of the pending command to :meth:`flush` (after
-    adding it to the response lines; it also calls it after every read). The first one
-    asks for the client response when it was not sent on the command line (no SASL-IR);
-    any other is the server refusing the token: it is kept as :attr:`challenge` and
-    acknowledged once; a further one cancels the exchange (``*``). The repr never shows
-    the response (aioimaplib quotes commands in its errors and debug log), so the
-    command line is written by
-    :func:`_aio_authenticate`, not by aioimaplib's ``execute`` (which sends the repr).
+    The first continuation asks for the client response when it was not sent on the
+    command line (no SASL-IR); any other is the server refusing the token: it is kept as
+    :attr:`challenge` and acknowledged once; a further one cancels the exchange (``*``).
+    The repr never shows the response (aioimaplib quotes commands in its errors), so the
+    command line written is :attr:`line`, not the repr.
     """
 
     def __init__(
-        self, protocol: _Protocol, mechanism: str, response: str, *, sasl_ir: bool
+        self, protocol: ImapProtocol, mechanism: str, response: str, *, sasl_ir: bool
     ) -> None:
         super().__init__("AUTHENTICATE", protocol.new_tag(), mechanism)
         self._protocol = protocol
@@ -1202,22 +808,13 @@ class _SaslCommand(_Command):
         self.line = f"{self.tag} AUTHENTICATE {mechanism}" + (f" {response}" if sasl_ir else "")
         self._unsent: str | None = None if sasl_ir else response
         self._acknowledged = False
-        self._answered_lines = 0
         #: the server's error challenge (``+ <base64 JSON>``), if it sent one
         self.challenge: bytes | None = None
 
     def __repr__(self) -> str:
         return f"{self.tag} AUTHENTICATE {self._mechanism} {MASK}"
 
-    def flush(self) -> None:
-        # aioimaplib also calls this at the end of every read while the command is
-        # pending: only a continuation line that has just arrived is answered
-        if len(self._resp_lines) == self._answered_lines:
-            return
-        self._answered_lines = len(self._resp_lines)
-        line = bytes(self._resp_lines[-1])
-        if not line.startswith(b"+"):
-            return
+    def continued(self, line: bytes) -> None:
         if self._unsent is not None and not challenge_text(line):
             data, self._unsent = self._unsent.encode(), None
         elif not self._acknowledged:
@@ -1230,87 +827,10 @@ class _SaslCommand(_Command):
         self._protocol.write(data + b"\r\n")
 
 
-class _NoStartTls(Exception):
-    pass
+class NoStartTls(Exception):
+    """The server does not offer STARTTLS, or refused it (:meth:`ImapConnection.handshake`)."""
 
 
-class _BadGreeting(Exception):
-    pass
-
-
-async def connect(
-    conn: MailConnection,
-    *,
-    security: str,
-    context: ssl.SSLContext | None,
-    timeouts: ImapTimeouts,
-    refuse: tuple[Network, ...] = DEFAULT_NETWORKS,
-    limits: ImapLimits = DEFAULT_LIMITS,
-) -> ImapConnection:
-    """Open TCP (+TLS or STARTTLS), wait for the greeting and capabilities.
-
-    Raises :class:`ImapConnectError` with a diagnosis (DNS, refused, TLS trust, no or a
-    refusing greeting, closed during the handshake) within ``timeouts.connect`` seconds.
-    No connection is attempted to an address in ``refuse`` (``TRIO_IDLE_REFUSE_NETWORKS``;
-    see :mod:`trio_idle.core.destinations`): if the host has no other address, the error says
-    so. TLS verifies the certificate against ``conn.host``, not the address.
-
-    What the server sends is bounded by ``limits`` from the first byte on. Cancelled or
-    failed, it leaves no socket open.
-    """
-    monitor = PushMonitor()
-    where = f"{conn.host}:{conn.port}"
-    imap: ImapConnection | None = None
-    try:
-        with trio.fail_after(timeouts.connect):
-            sock = await open_socket(conn.host, conn.port, refuse)
-            transport = ImapTransport(sock)
-            protocol = _Protocol(monitor, limits)
-            protocol.connection_made(transport)
-            imap = ImapConnection(
-                protocol, monitor, timeouts, transport, host=conn.host, port=conn.port
-            )
-            _set_keepalive(sock, timeouts.keepalive_idle)
-            if security != "plain" and context is None:
-                context = make_ssl_context(None)  # never plaintext for want of a context
-            if security == "tls":
-                assert context is not None
-                await transport.start_tls(context, conn.host)
-            await imap._handshake(security, context)
-    except BaseException as exc:
-        if imap is not None:
-            imap.abort()
-        if not isinstance(exc, Exception):
-            raise
-        raise _connect_error(exc, conn, where, timeouts, monitor) from None
-    if monitor.problem() is not None:
-        imap.abort()
-        raise ImapConnectError(f"{where}: {monitor.problem()}", kind=KIND_SERVER_CLOSED)
-    return imap
-
-
-def _connect_error(
-    exc: Exception, conn: MailConnection, where: str, timeouts: ImapTimeouts, monitor: PushMonitor
-) -> Exception:
-    """The :class:`ImapConnectError` a failed :func:`connect` raises (or ``exc`` itself
-    if it is not a connect failure, e.g. a bug)."""
-    if isinstance(exc, trio.TooSlowError):
-        return ImapConnectError(
-            f"no IMAP greeting from {where} within {timeouts.connect:g}s", kind=KIND_TIMEOUT
-        )
-    if isinstance(exc, _NoStartTls):
-        return ImapConnectError(f"{where} does not offer STARTTLS", kind=KIND_TLS)
-    if isinstance(exc, _BadGreeting):
-        return ImapConnectError(f"{where} failed the IMAP greeting: {exc}", kind=KIND_SERVER_CLOSED)
-    if isinstance(exc, RefusedDestination):
-        return ImapConnectError(str(exc), kind=KIND_REFUSED)
-    if isinstance(exc, (ConnectionLost, TransportClosed)):
-        problem = monitor.problem() or "connection lost (closed by server)"
-        return ImapConnectError(f"{where}: {problem}", kind=KIND_SERVER_CLOSED)
-    if isinstance(exc, ImapError):
-        return ImapConnectError(f"{where}: {exc}", kind=KIND_SERVER_CLOSED)
-    if isinstance(exc, (TimeoutError, OSError)):
-        return ImapConnectError(
-            _describe_connect_error(exc, conn.host, conn.port), kind=_connect_error_kind(exc)
-        )
-    return exc
+class BadGreeting(Exception):
+    """No usable greeting or CAPABILITY (:meth:`ImapConnection.handshake`); ``str()``
+    says why."""

@@ -3,7 +3,7 @@
 :func:`trio_idle.mailbox.session.run_session` never opens a socket itself: it asks the
 :class:`ImapConnector` in its :class:`~trio_idle.mailbox.session.SessionEnv` for an
 :class:`ImapLink` and uses nothing else. The daemon's connector is
-:func:`trio_idle.imap.client.connect` (real TCP, TLS, aioimaplib); tests plug in
+:func:`trio_idle.imap.connect.connect` (real TCP, TLS, aioimaplib); tests plug in
 :class:`trio_idle_testing.fake_imap.FakeImapServer`'s, which plays a script under trio's
 virtual clock.
 
@@ -20,8 +20,34 @@ from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import MailboxState
 
 
-class ImapLink(Protocol):
-    """One connected, not yet authenticated IMAP connection, as a session drives it.
+class RestartWriter(Protocol):
+    """What the process ticker (:mod:`trio_idle.mailbox.ticker`) gets of a connection:
+    two synchronous methods that write or close, and nothing that reads.
+
+    Only the session task reads its connection (the parser, the framer's buffer and the
+    command table are one task's); the ticker, another task, is typed against this
+    interface, so it cannot read by construction (mypy strict), and
+    ``tests/unit/test_restart_writer.py`` keeps this interface free of coroutines.
+    """
+
+    def begin_restart(self, *, noop: bool) -> int | None:
+        """DONE, NOOP if ``noop``, IDLE written now, answered as
+        :meth:`ImapLink.wait` reads: for the process ticker (another task). Synchronous,
+        never raises; returns a number for :meth:`check_restart` (due within the command
+        timeout), or ``None`` when the session must run :meth:`ImapLink.restart_idle`
+        itself. An answer that is not OK ends the connection: :meth:`ImapLink.wait`
+        returns and :attr:`PushMonitor.failure` says why."""
+        ...
+
+    def check_restart(self, number: int) -> None:
+        """Restart ``number``'s answers are due: unanswered, the connection is dead
+        (``no answer to NOOP within 30s``), closed, and :meth:`ImapLink.wait` returns."""
+        ...
+
+
+class ImapLink(RestartWriter, Protocol):
+    """One connected, not yet authenticated IMAP connection, as a session drives it
+    (and, through :class:`RestartWriter`, as the ticker writes its restarts).
 
     The contract every implementation keeps (the session relies on each point):
 
@@ -80,19 +106,6 @@ class ImapLink(Protocol):
 
     async def restart_idle(self, *, noop: bool) -> None:
         """DONE, then NOOP if ``noop``, then IDLE again, all within one command timeout."""
-        ...
-
-    def begin_restart(self, *, noop: bool) -> int | None:
-        """DONE, NOOP if ``noop``, IDLE written now, answered as :meth:`wait` reads: for
-        the process ticker (another task). Synchronous, never raises; returns a number for
-        :meth:`check_restart` (due within the command timeout), or ``None`` when the
-        session must run :meth:`restart_idle` itself. An answer that is not OK ends the
-        connection: :meth:`wait` returns and :attr:`PushMonitor.failure` says why."""
-        ...
-
-    def check_restart(self, number: int) -> None:
-        """Restart ``number``'s answers are due: unanswered, the connection is dead
-        (``no answer to NOOP within 30s``), closed, and :meth:`wait` returns."""
         ...
 
     async def fetch_new(self, since_uid: int, limit: int) -> NewMail:

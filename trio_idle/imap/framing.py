@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from typing import Final
 
+import attrs
+
 #: Literals one response may carry. Real servers send a few (a FETCH of several body
 #: parts); aioimaplib's parser recurses once per literal, so this also bounds its depth.
 MAX_LITERALS: Final = 32
@@ -72,6 +74,32 @@ def format_size(n: int) -> str:
     return f"{value:.1f} {unit}"
 
 
+@attrs.frozen
+class ImapLimits:
+    """What one server may make us buffer.
+
+    ``max_line``: text of one response outside its literals; ``max_literal``: the
+    literals of one response together. The untagged lines answering one command (all but
+    IDLE, whose lines are not kept) may total ``max_line + max_literal``
+    (:attr:`max_answer`), except a ``FETCH``'s: ``max_fetch_answer``, because the envelope
+    fetch (:meth:`~trio_idle.imap.client.ImapConnection.fetch_new`) asks for up to
+    :data:`~trio_idle.imap.envelope.MAX_ENVELOPES` envelopes in one command, and one
+    envelope of a legitimate message (hundreds of recipients, a long subject) can be tens
+    of KiB. Each of its responses is still bounded by ``max_line``/``max_literal``.
+    """
+
+    max_line: int = 1024 * 1024
+    max_literal: int = 1024 * 1024
+    max_fetch_answer: int = 8 * 1024 * 1024
+
+    @property
+    def max_answer(self) -> int:
+        return self.max_line + self.max_literal
+
+
+DEFAULT_LIMITS: Final = ImapLimits()
+
+
 class FrameError(Exception):
     """The server broke IMAP framing; ``str()`` is one line saying how. The connection
     cannot be read any further: the framer raises the same error again on every call."""
@@ -97,6 +125,7 @@ class ResponseFramer:
         "_scan",
         "_segment",
         "_text",
+        "last_literals",
         "max_line",
         "max_literal",
         "max_literals",
@@ -111,6 +140,9 @@ class ResponseFramer:
         self.max_literals = max_literals
         #: bytes the CRLF search has looked at, over the framer's life (for tests)
         self.scanned = 0
+        #: literals of the response :meth:`next_response` handed out last (what parsing
+        #: it costs: the parser's work is per line and literal)
+        self.last_literals = 0
         self._buf = bytearray()
         self._error: FrameError | None = None
         # The response being assembled always starts at _buf[0]:
@@ -182,6 +214,7 @@ class ResponseFramer:
             if size is None:
                 response = bytes(buf[: end + 2])
                 del buf[: end + 2]  # O(1) from the front of a bytearray
+                self.last_literals = self._literals
                 self._segment = self._scan = self._text = 0
                 self._literals = self._literal_bytes = 0
                 return response
@@ -189,9 +222,11 @@ class ResponseFramer:
             self._literal_end = end + 2 + size
 
     def _start_literal(self, size: int) -> None:
-        limit = format_size(self.max_literal)
         if size > self.max_literal:
-            raise FrameTooLarge(f"server announced a {format_size(size)} literal (limit {limit})")
+            raise FrameTooLarge(
+                f"server announced a {format_size(size)} literal "
+                f"(limit {format_size(self.max_literal)})"
+            )
         self._literals += 1
         if self._literals > self.max_literals:
             raise FrameTooLarge(
@@ -201,7 +236,7 @@ class ResponseFramer:
         if self._literal_bytes > self.max_literal:
             raise FrameTooLarge(
                 f"server sent {format_size(self._literal_bytes)} of literals in one response "
-                f"(limit {limit})"
+                f"(limit {format_size(self.max_literal)})"
             )
 
     def _literal_size(self, start: int, end: int) -> int | None:

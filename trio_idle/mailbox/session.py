@@ -58,8 +58,10 @@ from trio_idle.core.errors import KIND_SERVER_CLOSED, ImapAuthError, ImapError
 from trio_idle.core.limiter import ConnectLimiter, Pacer
 from trio_idle.core.logs import Logger, human_duration, log_internal_error, prefix
 from trio_idle.core.stats import Stats
-from trio_idle.imap.client import ImapLimits, ImapTimeouts, connect, resolve_security
+from trio_idle.imap.client import ImapTimeouts
+from trio_idle.imap.connect import connect, resolve_security
 from trio_idle.imap.connector import ImapConnector, ImapLink
+from trio_idle.imap.framing import ImapLimits
 from trio_idle.imap.responses import MailboxState, catch_up_decision
 from trio_idle.mailbox.account_health import Connected
 from trio_idle.mailbox.coalescer import ScanCoalescer
@@ -112,7 +114,7 @@ class ConnectionMemory:
 def network_connector(
     imap: ImapSettings, timers: TimerSettings, ssl_context: ssl.SSLContext | None
 ) -> ImapConnector:
-    """The daemon's connector: :func:`trio_idle.imap.client.connect` with the configured
+    """The daemon's connector: :func:`trio_idle.imap.connect.connect` with the configured
     security (``auto`` resolved per port), TLS context, timeouts, read limits and refused
     networks."""
     timeouts = ImapTimeouts(

@@ -5,10 +5,10 @@ cancels its read (a ``Cancelled`` raised through the read, the scopes closed and
 again), once for the server's answers. At 10,000 sessions with the 2-minute tick that is
 most of the daemon's idle CPU. Instead the :class:`Ticker` — one task for the process —
 holds when each session is due, and when one is, writes its ``DONE``/``NOOP``/``IDLE`` on
-the connection at once (:meth:`~trio_idle.imap.connector.ImapLink.begin_restart`,
+the connection at once (:meth:`~trio_idle.imap.connector.RestartWriter.begin_restart`,
 synchronous): the session task, still reading, wakes once, for the answers. The ticker
 then checks, by the command timeout, that the answers came
-(:meth:`~trio_idle.imap.connector.ImapLink.check_restart`): a half-open connection is
+(:meth:`~trio_idle.imap.connector.RestartWriter.check_restart`): a half-open connection is
 found exactly as before, with the same error (``no answer to NOOP within 30s``).
 
 Guarantees: callbacks run in the ticker's task, in due order, never before their time
@@ -32,7 +32,7 @@ import trio
 from trio_idle.core.logs import Logger, log_internal_error
 from trio_idle.core.scrub import PLAIN
 from trio_idle.core.stats import Stats
-from trio_idle.imap.connector import ImapLink
+from trio_idle.imap.connector import RestartWriter
 
 #: due times are rounded up to this (seconds), so due sessions are handled in batches:
 #: ticks are jittered over minutes, a few milliseconds late costs nothing
@@ -95,7 +95,8 @@ class Ticker:
 class IdleTimers:
     """When one IDLE session next ticks (NOOP) and renews its IDLE, and — with a
     :class:`Ticker` — the ticker's side of it: at the due time :meth:`due` writes the
-    restart on the link (:meth:`ImapLink.begin_restart`) and schedules its check, or,
+    restart on the link (:meth:`RestartWriter.begin_restart`: the ticker only writes;
+    the session alone reads) and schedules its check, or,
     when the link cannot take it now, cancels the session's wait (:attr:`wake`) so the
     session runs it itself and then calls :meth:`restarted`.
 
@@ -120,7 +121,7 @@ class IdleTimers:
 
     def __init__(
         self,
-        link: ImapLink,
+        link: RestartWriter,
         ticker: Ticker | None,
         *,
         next_tick: float,
@@ -132,7 +133,7 @@ class IdleTimers:
         renew_line: str,
         stats: Stats,
     ) -> None:
-        self._link: ImapLink | None = link
+        self._link: RestartWriter | None = link
         self._stats = stats
         self._ticker = ticker
         self._generation = 0
@@ -212,6 +213,6 @@ class IdleTimers:
         self._ticker.call_at(now + self.timeout, lambda: self._check(link, number))
         self._schedule()
 
-    def _check(self, link: ImapLink, number: int) -> None:
+    def _check(self, link: RestartWriter, number: int) -> None:
         if self._link is link:
             link.check_restart(number)

@@ -60,7 +60,7 @@ from trio_idle.core.logs import protect_secrets
 from trio_idle.core.scrub import Scrubber, url_secrets
 from trio_idle.core.stats import Stats
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
-from trio_idle.imap.client import make_ssl_context
+from trio_idle.imap.connect import make_ssl_context
 from trio_idle.mailbox.reconcile import Handle, Reconciler
 from trio_idle.mailbox.session import SessionEnv
 from trio_idle.mailbox.ticker import Ticker

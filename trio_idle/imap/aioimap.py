@@ -1,0 +1,620 @@
+"""The one place aioimaplib is imported: its parser and command table, without asyncio.
+
+aioimaplib is used for what it is good at — its response parser
+(``IMAP4ClientProtocol._handle_responses`` and the handlers it calls) and its command
+table (``Commands``) — and for nothing else: no asyncio task, future, event or timer
+exists per connection. To get there this module builds aioimaplib's objects without
+their constructors and overrides a few of their private methods; everything of
+aioimaplib it relies on, public or private, is listed in :data:`RELIED_ON`, and
+``tests/unit/test_aioimaplib_contract.py`` checks each entry (and feeds real responses
+through :class:`ImapProtocol`) against the installed aioimaplib. pyproject.toml bounds
+aioimaplib to the series that test passed with (:data:`TESTED_VERSION`); an import-linter
+contract keeps every other module of ``trio_idle`` from importing aioimaplib.
+
+What the rest of the package gets:
+
+- the connection states (:data:`CONNECTED` ... :data:`SELECTED`), :func:`quote`,
+  :data:`IMAP_VERSIONS`;
+- :class:`Command` (and :class:`CapturedCommand`, :class:`IdleCommand`,
+  :class:`ContinuationCommand`): a command the parser fills and closes;
+  :attr:`Command.done`, :attr:`Command.result`, :attr:`Command.lines` instead of awaiting
+  it;
+- :class:`ImapProtocol`: the parser behind our bounded framing
+  (:class:`~trio_idle.imap.framing.ResponseFramer`), fed by the session task, every
+  untagged line shown to a :class:`~trio_idle.imap.push_monitor.PushMonitor`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any, Final
+
+import aioimaplib
+import attrs
+
+from trio_idle.imap.framing import (
+    FrameError,
+    FrameTooLarge,
+    ImapLimits,
+    ResponseFramer,
+    format_size,
+)
+from trio_idle.imap.push_monitor import PushMonitor
+
+#: the aioimaplib release the contract test and the whole suite ran with (constraints.txt)
+TESTED_VERSION: Final = "2.0.3"
+
+#: Lines and literals parsed in one go, at most (plus the rest of the response that
+#: crosses it): :meth:`ImapProtocol.parse_some` stops there and the reading task
+#: checkpoints before the next batch. Framing and aioimaplib cost ≈ 3 µs of CPU per line
+#: or literal (a batch ≈ 1 ms), and one 16 KiB read of one-byte literals holds ~2,000 of
+#: them: parsed whole, that held the loop 35-78 ms. Bytes need no bound of their own: a
+#: batch holds at most one read plus one response (``max_line + max_literal``).
+STEP_PARTS: Final = 256
+
+
+@attrs.frozen
+class Reliance:
+    """One thing of aioimaplib this module relies on.
+
+    ``owner`` is ``"aioimaplib"`` (a module attribute), ``"Command"`` or
+    ``"IMAP4ClientProtocol"`` (a class attribute or method), or ``"Command()"`` /
+    ``"IMAP4ClientProtocol()"`` (an attribute their constructor sets: this module does not
+    run those constructors and sets the attributes itself, so aioimaplib's constructor must
+    set exactly these). ``params``: for a callable, the parameter names it is called or
+    overridden with (``self`` included for methods), checked by the contract test.
+    """
+
+    owner: str
+    name: str
+    why: str
+    params: tuple[str, ...] | None = None
+
+
+_INSTANCE_WHY = "set here without running the constructor (its asyncio parts are not wanted)"
+
+#: Everything of aioimaplib this module uses, reads, sets, calls or overrides.
+RELIED_ON: Final[tuple[Reliance, ...]] = (
+    # -- module attributes --------------------------------------------------------------
+    Reliance("aioimaplib", "STARTED", "state before connection_made"),
+    Reliance("aioimaplib", "CONNECTED", "state until the greeting (handled here)"),
+    Reliance("aioimaplib", "NONAUTH", "state after an OK greeting"),
+    Reliance("aioimaplib", "AUTH", "state after LOGIN/AUTHENTICATE or a PREAUTH greeting"),
+    Reliance("aioimaplib", "SELECTED", "state after SELECT"),
+    Reliance("aioimaplib", "quoted", "LOGIN's user and password", ("arg",)),
+    Reliance("aioimaplib", "int2ap", "the tag prefix", ("num",)),
+    Reliance("aioimaplib", "Commands", "command table: exec (sync/async), valid_states"),
+    Reliance("aioimaplib", "Exec", "Exec.is_sync: which table slot a command takes"),
+    Reliance("aioimaplib", "AllowedVersions", "the IMAP versions CAPABILITY must name"),
+    Reliance("aioimaplib", "CONTROL_CHARS", "arguments with NUL, CR or LF are refused"),
+    Reliance("aioimaplib", "IncompleteRead", "the parser wanting more of a response"),
+    Reliance("aioimaplib", "Command", "base of Command"),
+    Reliance("aioimaplib", "IMAP4ClientProtocol", "base of ImapProtocol"),
+    # -- Command: what the parser calls on it, what is overridden -----------------------
+    Reliance("Command", "__repr__", "the command line written (tag prefix name args)", ("self",)),
+    Reliance("Command", "response", "Response(result, lines) once answered"),
+    Reliance("Command", "close", "the parser ends a command", ("self", "line", "result")),
+    Reliance("Command", "append_to_resp", "IdleCommand overrides it", ("self", "line", "result")),
+    Reliance("Command", "flush", "ContinuationCommand overrides it", ("self",)),
+    Reliance("Command", "_set_timer", "overridden: no asyncio timer", ("self",)),
+    Reliance("Command", "_reset_timer", "overridden: no asyncio timer", ("self",)),
+    Reliance(
+        "Command",
+        "begin_literal_data",
+        "the parser's literal path (reads _expected_size)",
+        ("self", "expected_size", "literal_data"),
+    ),
+    Reliance("Command", "append_literal_data", "the parser's literal path", ("self", "data")),
+    Reliance("Command", "wait_literal_data", "the parser's literal path", ("self",)),
+    Reliance("Command", "wait_data", "the parser's literal path", ("self",)),
+    Reliance("Command", "_end_literal_data", "the parser's literal path", ("self",)),
+    *(
+        Reliance("Command()", name, _INSTANCE_WHY)
+        for name in (
+            "name",
+            "tag",
+            "args",
+            "prefix",
+            "untagged_resp_name",
+            "_exception",
+            "_loop",
+            "_event",  # set() by close(); Command.done reads is_set()
+            "_timeout",
+            "_timer",  # cancel() by close()
+            "_expected_size",
+            "_resp_literal_data",
+            "_resp_result",
+            "_resp_lines",  # ContinuationCommand reads the continuation lines here
+        )
+    ),
+    # -- IMAP4ClientProtocol ------------------------------------------------------------
+    Reliance(
+        "IMAP4ClientProtocol",
+        "connection_made",
+        "sets transport and state CONNECTED",
+        ("self", "transport"),
+    ),
+    Reliance(
+        "IMAP4ClientProtocol",
+        "connection_lost",
+        "calls conn_lost_cb",
+        ("self", "exc"),
+    ),
+    Reliance(
+        "IMAP4ClientProtocol",
+        "_handle_responses",
+        "the parser: called with one framed response",
+        ("self", "data", "line_handler", "current_cmd"),
+    ),
+    Reliance(
+        "IMAP4ClientProtocol",
+        "_handle_line",
+        "overridden: the greeting is taken here",
+        ("self", "line", "current_cmd"),
+    ),
+    Reliance(
+        "IMAP4ClientProtocol",
+        "_untagged_response",
+        "overridden: every untagged line reaches the PushMonitor",
+        ("self", "line"),
+    ),
+    Reliance(
+        "IMAP4ClientProtocol",
+        "_response_done",
+        "closes the command a tag answers",
+        ("self", "line"),
+    ),
+    Reliance(
+        "IMAP4ClientProtocol",
+        "_continuation",
+        "sets _idle_event for IDLE, else flush()es the sync command",
+        ("self", "line"),
+    ),
+    Reliance("IMAP4ClientProtocol", "new_tag", "every command's tag", ("self",)),
+    *(
+        Reliance("IMAP4ClientProtocol()", name, _INSTANCE_WHY)
+        for name in (
+            "loop",
+            "transport",
+            "state",
+            "state_condition",  # not set here: only the coroutine API uses it
+            "capabilities",
+            "pending_async_commands",
+            "pending_sync_command",
+            "idle_queue",
+            "_idle_event",  # set() by _continuation at IDLE's "+"
+            "imap_version",
+            "literal_data",
+            "incomplete_line",
+            "current_command",
+            "conn_lost_cb",
+            "tasks",
+            "tagnum",
+            "tagpre",
+        )
+    ),
+)
+
+#: instance attributes of aioimaplib's constructors that this module does not set
+#: (used only by the coroutine API it does not call)
+NOT_SET: Final = frozenset({("IMAP4ClientProtocol()", "state_condition")})
+
+STARTED: Final[str] = aioimaplib.STARTED
+CONNECTED: Final[str] = aioimaplib.CONNECTED
+NONAUTH: Final[str] = aioimaplib.NONAUTH
+AUTH: Final[str] = aioimaplib.AUTH
+SELECTED: Final[str] = aioimaplib.SELECTED
+
+#: the IMAP versions a server's CAPABILITY must name (one of)
+IMAP_VERSIONS: Final[tuple[str, ...]] = tuple(aioimaplib.AllowedVersions)
+
+
+def quote(arg: str) -> str:
+    """``arg`` as an IMAP quoted string (RFC 3501 §9: ``\\`` and ``"`` escaped)."""
+    return str(aioimaplib.quoted(arg))
+
+
+class _NoLoop:
+    """What aioimaplib's ``Command`` needs of an event loop when it has no timeout: a
+    ``get_debug()`` for the placeholder handle it makes. Commands here never get an
+    aioimaplib timer (deadlines are trio's), so no asyncio loop is involved at all."""
+
+    __slots__ = ()
+
+    def get_debug(self) -> bool:
+        return False
+
+
+_NO_LOOP: Any = _NoLoop()
+
+
+class _DiscardQueue:
+    """Replaces aioimaplib's IDLE queue: the monitor already saw every line."""
+
+    __slots__ = ()
+
+    def put_nowait(self, item: object) -> None:
+        pass
+
+    async def put(self, item: object) -> None:
+        pass
+
+
+_DISCARD: Final = _DiscardQueue()
+
+
+class _Flag:
+    """Stands in for an ``asyncio.Event``: set when the server answered.
+
+    Nothing ever waits on it (the connection checks :meth:`is_set` after each read),
+    so it needs no loop and no waiter queue — an asyncio.Event is ≈ 0.5 KiB with its
+    deque, and every tick makes two commands."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self) -> None:
+        self._value = False
+
+    def set(self) -> None:
+        self._value = True
+
+    def is_set(self) -> bool:
+        return self._value
+
+
+class _NoTimer:
+    """A command's timer where there is none (deadlines are trio cancel scopes)."""
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        pass
+
+
+_NO_TIMER: Final = _NoTimer()
+
+
+class Command(aioimaplib.Command):  # type: ignore[misc]
+    """aioimaplib's ``Command`` without its asyncio parts: the parser fills and closes it
+    as any other; the connection polls :attr:`done` instead of awaiting it.
+
+    ``str(command)`` is its command line (without CRLF). Raises :class:`ValueError` if an
+    argument holds NUL, CR or LF (it would end the line: another command)."""
+
+    def __init__(
+        self,
+        name: str,
+        tag: str,
+        *args: str,
+        prefix: str | None = None,
+        untagged_resp_name: str | None = None,
+    ) -> None:
+        for arg in args:  # as aioimaplib: a CR or LF in an argument would end the line
+            if arg is not None and aioimaplib.CONTROL_CHARS.search(str(arg)):
+                raise ValueError(f"NUL, CR and LF are not allowed in {name} command arguments")
+        self.name = name
+        self.tag = tag
+        self.args = args
+        self.prefix = prefix + " " if prefix else None
+        self.untagged_resp_name = untagged_resp_name or name
+        self._exception = None
+        self._loop = _NO_LOOP
+        self._event = _Flag()
+        self._timeout = None
+        self._timer = _NO_TIMER
+        self._expected_size = 0
+        self._resp_literal_data = bytearray()
+        self._resp_result = "Init"
+        self._resp_lines: list[bytes] = []
+
+    def _set_timer(self) -> None:
+        pass
+
+    def _reset_timer(self) -> None:
+        pass
+
+    @property
+    def done(self) -> bool:
+        """Whether the server has answered (its tagged response was parsed)."""
+        return bool(self._event.is_set())
+
+    @property
+    def result(self) -> str:
+        """``OK``, ``NO`` or ``BAD`` once :attr:`done` (``Init``/``Pending`` before)."""
+        return str(self.response.result)
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The response lines (untagged lines, literals, the tagged line's text), as the
+        parser keeps them: ``* `` stripped; an async command's lines start after its
+        name; a literal is a ``bytearray``."""
+        lines: list[bytes] = self.response.lines
+        return lines
+
+
+class CapturedCommand(Command):
+    """A command whose untagged lines are not kept (:attr:`lines` holds the tagged
+    line's text only): the connection reads its answer raw, as framed
+    (:attr:`ImapProtocol.capture`). aioimaplib would keep every line and literal as an
+    object: an 8 MiB answer of one-byte literals is 2 million of them, hundreds of MiB,
+    freed in one go when the command is dropped (≈ 100 ms holding the loop)."""
+
+    def append_to_resp(self, line: bytes, result: str = "Pending") -> None:
+        if result != "Pending":
+            super().append_to_resp(line, result)
+
+
+class IdleCommand(CapturedCommand):
+    """aioimaplib's ``IdleCommand`` on :class:`Command`: lines while idling are not
+    kept (the monitor saw them)."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__("IDLE", tag)
+
+
+class ContinuationCommand(Command):
+    """A command that answers the server's ``+`` continuations: :meth:`continued` is
+    called once for each, in order (an exchange such as ``AUTHENTICATE``).
+
+    aioimaplib hands every continuation of the pending sync command to ``flush`` after
+    adding it to the response lines, and also calls ``flush`` after every response while
+    the command is pending: only a line that has just arrived is a continuation."""
+
+    def __init__(self, name: str, tag: str, *args: str) -> None:
+        super().__init__(name, tag, *args)
+        self._seen_lines = 0
+
+    def continued(self, line: bytes) -> None:
+        """The server sent ``line`` (starting with ``+``). Synchronous; may write."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        if len(self._resp_lines) == self._seen_lines:
+            return
+        self._seen_lines = len(self._resp_lines)
+        line = bytes(self._resp_lines[-1])
+        if line.startswith(b"+"):
+            self.continued(line)
+
+
+class ImapProtocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
+    """aioimaplib's parser behind our own bounded framing, fed from trio.
+
+    Bytes go through a :class:`~trio_idle.imap.framing.ResponseFramer` first, and
+    aioimaplib gets one complete response at a time. Its parser then never holds an
+    unfinished line or literal between calls (it would buffer those without limit, and
+    re-copy an unfinished line on every read) and recurses only over the lines and
+    literals of that one response (thousands of lines in one read ran it out of stack).
+    A bound exceeded, or anything else the parser raises, marks the connection dead with
+    a one-line reason and closes it.
+
+    Between two responses, the next of the commands written ahead (:attr:`queued`,
+    pipelining) is entered into aioimaplib's table once nothing is pending, so each
+    response is matched to the command the server is answering.
+    """
+
+    def __init__(self, monitor: PushMonitor, limits: ImapLimits) -> None:
+        # Not aioimaplib's __init__: it makes an asyncio Condition, Queue and Event per
+        # connection (≈ 2 KiB) for its coroutine API, which is not used here. These are
+        # the attributes its parser reads (RELIED_ON lists them).
+        self.loop = _NO_LOOP
+        self.transport: Any = None
+        self.state = aioimaplib.STARTED
+        self.capabilities: set[str] = set()
+        self.pending_async_commands: dict[str, Command] = {}
+        self.pending_sync_command: Command | None = None
+        self.idle_queue = _DISCARD
+        self._idle_event = _Flag()  # set by the parser at IDLE's "+" continuation
+        self.imap_version: str | None = None
+        self.literal_data = None
+        self.incomplete_line = b""
+        self.current_command = None
+        self.conn_lost_cb: Callable[[Exception | None], None] | None = self._lost
+        self.tasks: set[Any] = set()
+        self.tagnum = 0
+        self.tagpre = aioimaplib.int2ap(random.randint(4096, 65535))
+        self.monitor = monitor
+        self.limits = limits
+        self.framer = ResponseFramer(limits.max_line, limits.max_literal)
+        self._protocol_error: Exception | None = None
+        #: the server's greeting line, once it came
+        self.greeting: bytes | None = None
+        #: an IDLE was written and no DONE for it yet (LOGOUT must end it first)
+        self.idle_outstanding = False
+        #: LOGOUT was written: what the server still sends is not parsed
+        self.closing = False
+        #: STARTTLS was accepted: nothing more is parsed until TLS is up
+        self.tls_pending = False
+        #: bytes of the answer to the command in progress (aioimaplib keeps them)
+        self._answer_bytes = 0
+        #: while a list: every untagged response, raw as framed (for the envelope fetch)
+        self.capture: list[bytes] | None = None
+        #: commands already written, entered into aioimaplib's table one after the other
+        self.queued: list[Command] = []
+        #: told after each batch of responses was parsed, while a restart written by
+        #: :meth:`~trio_idle.imap.client.ImapConnection.begin_restart` waits for its answers
+        self.after_parse: Callable[[], None] | None = None
+        self._lost_seen = False
+        #: the last batch stopped at :data:`STEP_PARTS`: complete responses may wait
+        self._backlog = False
+        #: lines and literals handed to aioimaplib, over the connection's life (for tests)
+        self.parsed_parts = 0
+
+    # -- what the connection calls ------------------------------------------------------
+
+    def new_idle(self) -> IdleCommand:
+        """A new IDLE command; :attr:`idle_continued` is False until its ``+``."""
+        self._idle_event = _Flag()
+        return IdleCommand(self.new_tag())
+
+    @property
+    def idle_continued(self) -> bool:
+        """The server sent ``+`` for the last IDLE of :meth:`new_idle`: it is idling."""
+        return bool(self._idle_event.is_set())
+
+    def allows(self, name: str) -> bool:
+        """Whether command ``name`` is valid in the current :attr:`state`."""
+        return self.state in aioimaplib.Commands[name].valid_states
+
+    def lost(self, exc: Exception | None) -> None:
+        """The connection ended (server close, read error, or our own close): once.
+
+        Also drops what referred back to this object (its bound callback, the commands
+        still pending), so an ended connection is freed by reference counting, without
+        waiting for a full garbage collection."""
+        if not self._lost_seen:
+            self._lost_seen = True
+            self.connection_lost(exc)
+            self.conn_lost_cb = None
+            self.after_parse = None
+            self.pending_sync_command = None
+            self.pending_async_commands.clear()
+            self.queued.clear()
+
+    def data_received(self, d: bytes) -> None:
+        """Bytes read from the server: framed, and the first batch of the responses they
+        complete parsed (:meth:`parse_some`); :attr:`backlog` says if more wait."""
+        self.monitor.activity()
+        if self.closing or self._protocol_error is not None:
+            return
+        self.framer.feed(d)
+        self.parse_some()
+
+    @property
+    def backlog(self) -> bool:
+        """Responses already read may wait unparsed: the reader must call
+        :meth:`parse_some` (after a checkpoint) before it reads again."""
+        return (
+            self._backlog
+            and not self.closing
+            and not self.tls_pending
+            and self._protocol_error is None
+        )
+
+    def parse_some(self) -> None:
+        """Parse the framed responses, at most :data:`STEP_PARTS` lines and literals of
+        them (the response crossing the bound is finished), then tell
+        :attr:`after_parse`. Synchronous; a batch is what one read was before responses
+        were batched: whatever it completes is seen by the next caller."""
+        self._handle_buffered()
+        if self.after_parse is not None:
+            self.after_parse()
+
+    def start_parsing_tls(self) -> None:
+        """TLS is up after STARTTLS: parse again (what arrived since was decrypted)."""
+        self.tls_pending = False
+        self._handle_buffered()
+
+    def advance_queue(self) -> None:
+        """Enter the next queued command into the table if nothing is pending."""
+        if self.queued and self.pending_sync_command is None and not self.pending_async_commands:
+            self.register(self.queued.pop(0))
+
+    def register(self, command: Command) -> None:
+        """Enter ``command`` into aioimaplib's table of pending commands, as its
+        ``execute`` does (without writing it)."""
+        if aioimaplib.Commands[command.name].exec == aioimaplib.Exec.is_sync:
+            self.pending_sync_command = command
+        else:
+            self.pending_async_commands[command.untagged_resp_name] = command
+
+    def idle_done(self) -> None:
+        self.idle_outstanding = False
+        self.write(b"DONE\r\n")
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    # -- parsing ------------------------------------------------------------------------
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.monitor.connection_lost(exc or self._protocol_error)
+
+    def _handle_buffered(self) -> None:
+        try:
+            if self.tls_pending:
+                if self.framer.buffered > self.limits.max_line:  # held back: still bounded
+                    raise FrameTooLarge("server sent data after accepting STARTTLS")
+                return
+            framer = self.framer
+            budget = STEP_PARTS
+            self._backlog = False
+            while not self.tls_pending:
+                if budget <= 0:
+                    self._backlog = True
+                    return
+                response = framer.next_response()
+                if response is None:
+                    return
+                parts = 1 + framer.last_literals
+                self.parsed_parts += parts
+                budget -= parts
+                self._handle_response(response)
+                if self._protocol_error is not None:
+                    return
+        except FrameError as exc:
+            self._drop(exc, str(exc))
+        except Exception as exc:  # escaping here, it would end the session's task
+            self._drop(exc, f"protocol error: {type(exc).__name__}: {exc}"[:200])
+
+    def _handle_response(self, response: bytes) -> None:
+        sync = self.pending_sync_command
+        collecting = self._collecting()
+        # named now: the answer may end the command
+        waiting = (
+            ""
+            if not collecting
+            else sync.name
+            if sync is not None
+            else "/".join(self.pending_async_commands)
+        )
+        if self.capture is not None and response[:1] == b"*":
+            self.capture.append(response)
+        try:
+            # aioimaplib's data_received minus its eager debug formatting of every read
+            self._handle_responses(response, self._handle_line)
+        except aioimaplib.IncompleteRead:
+            # aioimaplib would wait for more of this response: it read a literal where the
+            # framer read none (a bare LF before the CRLF), and would buffer without bound
+            raise FrameError(
+                "server sent a malformed response (a bare LF next to a literal)"
+            ) from None
+        if sync is not None and sync.name == "STARTTLS" and self.pending_sync_command is None:
+            self.tls_pending = True
+        if collecting:
+            self._answer_bytes += len(response)
+            budget = self.limits.max_fetch_answer if waiting == "FETCH" else self.limits.max_answer
+            if self._answer_bytes > budget:
+                raise FrameTooLarge(
+                    f"server sent more than {format_size(budget)} in answer to {waiting}"
+                )
+        self.advance_queue()
+        if not self._collecting():
+            self._answer_bytes = 0
+
+    def _collecting(self) -> bool:
+        """Whether aioimaplib keeps the untagged lines now (IDLE's it hands to a queue)."""
+        sync = self.pending_sync_command
+        return (sync is not None and sync.name != "IDLE") or bool(self.pending_async_commands)
+
+    def _drop(self, exc: Exception, reason: str) -> None:
+        self._protocol_error = exc
+        self.monitor.mark_dead(reason)
+        if self.transport is not None:
+            self.transport.close()
+        self.lost(exc)
+
+    def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
+        if line and self.state == aioimaplib.CONNECTED:
+            # aioimaplib would start a greeting task per line until the first one ran:
+            # only the first line is the greeting, and the connection handles it
+            if self.greeting is None:
+                self.greeting = line
+            return None
+        return super()._handle_line(line, current_cmd)
+
+    def _untagged_response(self, line: bytes) -> Any:
+        self.monitor.untagged(line)
+        return super()._untagged_response(line)
