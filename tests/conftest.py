@@ -18,6 +18,8 @@ Fixtures (all synchronous; use them from trio tests freely):
 * ``promtool`` (session) -> ``Path``: path of Prometheus' ``promtool``
 * ``prometheus_bin`` (session) -> ``Path``: path of ``prometheus`` (see
   :class:`tests.servers.prometheus.PrometheusServer`)
+* ``pm2_script`` (session) -> ``Path``: ``pm2`` of the pinned PM2, installed by ``npm ci``
+  into a temp prefix (see :mod:`tests.servers.pm2`)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tests.harness import ADMIN_SECRET, LogCapture, capture_logs  # noqa: E402
 from tests.leak_guard import pytest_configure, pytest_runtest_makereport  # noqa: E402, F401
 from tests.servers import ServerUnavailable  # noqa: E402
 from tests.servers.dovecot import DovecotServer, DovecotUser  # noqa: E402
+from tests.servers.pm2 import install_pm2  # noqa: E402
 from tests.servers.postgres import MAIL_CONNECTION_DDL, PostgresServer, execute_sql  # noqa: E402
 from tests.servers.prometheus import find_prometheus, find_promtool  # noqa: E402
 
@@ -65,6 +68,7 @@ _FIXTURE_MARKERS = {
     "node_bin": "node",
     "promtool": "prometheus",
     "prometheus_bin": "prometheus",
+    "pm2_script": "pm2",
 }
 _db_numbers = itertools.count(1)
 
@@ -213,6 +217,20 @@ def prometheus_bin() -> Path:
         return find_prometheus()
     except ServerUnavailable as exc:
         unavailable(f"prometheus unavailable: {exc}")
+
+
+# --------------------------------------------------------------------------- PM2
+
+
+@pytest.fixture(scope="session")
+def pm2_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pinned PM2 (tests/ops/pm2/package-lock.json), installed once per session by
+    ``npm ci`` into a temp prefix: nothing global, nothing in the user's home but npm's
+    download cache. Skip/fail like the servers if node, npm or the registry is missing."""
+    try:
+        return install_pm2(tmp_path_factory.mktemp("pm2-prefix"))
+    except ServerUnavailable as exc:
+        unavailable(f"PM2 unavailable: {exc}")
 
 
 @pytest.fixture(autouse=True, scope="session")

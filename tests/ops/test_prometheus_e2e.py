@@ -10,47 +10,20 @@ are rewritten to 1 s in the copy Prometheus loads — the expressions are the sh
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ADMIN_SECRET, KEY, serve_process
-from tests.ops.helpers import until
+from tests.ops.helpers import answer, until
 from tests.servers import free_tcp_port
 from tests.servers.dovecot import DovecotServer
 from tests.servers.prometheus import PrometheusServer
 
-RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "trio-idle.rules.yml"
 MESSAGE = b"From: a@example.test\r\nTo: b@example.test\r\nSubject: e2e\r\n\r\nbody\r\n"
-
-
-def short_for(rules: str) -> str:
-    """The rules with every ``for:`` cut to 1 s (the expressions untouched)."""
-    cut, count = re.subn(r"^(\s+)for: \S+$", r"\1for: 1s", rules, flags=re.MULTILINE)
-    assert count >= 5, "the rules file changed layout"
-    return cut
-
-
-@pytest.fixture
-def prometheus_for(prometheus_bin: Path, tmp_path: Path) -> Any:
-    servers: list[PrometheusServer] = []
-
-    def start(target: str) -> PrometheusServer:
-        rules = tmp_path / "rules-short-for.yml"
-        rules.write_text(short_for(RULES.read_text()))
-        server = PrometheusServer([target], rules)
-        servers.append(server)
-        server.start()
-        return server
-
-    yield start
-    for server in servers:
-        server.cleanup()
 
 
 def alert_states(body: dict[str, Any]) -> dict[str, str]:
@@ -87,7 +60,7 @@ async def test_the_scan_alert_fires_through_prometheus_while_the_backend_is_down
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{health_port}") as daemon,
     ):
         with trio.fail_after(30):
-            await until(_get(daemon, "/readyz"), lambda r: r is not None and r.status_code == 200)
+            await until(answer(daemon, "/readyz"), lambda r: r is not None and r.status_code == 200)
         prometheus: PrometheusServer = await trio.to_thread.run_sync(
             prometheus_for, f"127.0.0.1:{health_port}"
         )
@@ -132,15 +105,3 @@ async def test_the_scan_alert_fires_through_prometheus_while_the_backend_is_down
             assert readyz.status_code == 503
             assert readyz.json()["reasons"][0].startswith("every request to the backend")
         backend.up()
-
-
-def _get(client: httpx.AsyncClient, path: str) -> Any:
-    """A fetch for :func:`until` that is ``None`` while the port does not answer yet."""
-
-    async def fetch() -> httpx.Response | None:
-        try:
-            return await client.get(path)
-        except httpx.TransportError:
-            return None
-
-    return fetch
