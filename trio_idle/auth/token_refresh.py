@@ -71,6 +71,7 @@ from trio_idle.accounts.credentials import (
     TokenUnavailable,
 )
 from trio_idle.accounts.outcome_text import ConnectionSecrets
+from trio_idle.accounts.providers import MICROSOFT_SCOPE
 from trio_idle.backend.webhook import new_http_client, parse_retry_after, read_capped
 from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.crypto import DecryptionError, decrypt_password, derive_key, encrypt_password
@@ -85,9 +86,6 @@ if TYPE_CHECKING:
 
 GOOGLE: Final = "google"
 MICROSOFT: Final = "microsoft"
-#: the scopes an IMAP access token needs at each provider
-GOOGLE_SCOPE: Final = "https://mail.google.com/"
-MICROSOFT_SCOPE: Final = "https://outlook.office.com/IMAP.AccessAsUser.All offline_access"
 #: email domains whose provider is known without a preset (:mod:`trio_idle.accounts.providers`
 #: may replace this with its table)
 PROVIDER_DOMAINS: Final[Mapping[str, str]] = {
