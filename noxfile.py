@@ -37,6 +37,8 @@ SYSTEM_PACKAGES = {
     # promtool checks and unit-tests deploy/prometheus/; prometheus runs the rules end to end
     "promtool": "prometheus",
     "prometheus": "prometheus",
+    # a real browser drives `trio-idle oauth authorize`'s loopback redirect end to end
+    "chromium": "chromium",
 }
 
 
@@ -73,6 +75,8 @@ UNIT_PATHS = [
     # OAuth2 refresh against the test token endpoint, rotations kept in SQLite; its
     # Postgres cases (``pg_dsn``, so marked ``postgres``) are deselected by UNIT_MARKERS
     "tests/test_token_refresh.py",
+    # `trio-idle oauth authorize` against the test OAuth server (httpx as the browser)
+    "tests/test_oauth_authorize.py",
 ]
 #: a real-server test in those paths is deselected, not run: tests using the ``postgres``,
 #: ``pg_dsn``, ``dovecot``, ``dovecot_user`` or ``node_bin`` fixtures are marked by

@@ -18,6 +18,8 @@ Fixtures (all synchronous; use them from trio tests freely):
 * ``promtool`` (session) -> ``Path``: path of Prometheus' ``promtool``
 * ``prometheus_bin`` (session) -> ``Path``: path of ``prometheus`` (see
   :class:`tests.servers.prometheus.PrometheusServer`)
+* ``chromium_bin`` (session) -> ``Path``: a headless Chromium (see
+  :func:`tests.servers.chromium.dump_dom`)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ if _REPO_ROOT not in sys.path:
 from tests.harness import ADMIN_SECRET, LogCapture, capture_logs  # noqa: E402
 from tests.leak_guard import pytest_configure, pytest_runtest_makereport  # noqa: E402, F401
 from tests.servers import ServerUnavailable  # noqa: E402
+from tests.servers.chromium import find_chromium  # noqa: E402
 from tests.servers.dovecot import DovecotServer, DovecotUser  # noqa: E402
 from tests.servers.postgres import MAIL_CONNECTION_DDL, PostgresServer, execute_sql  # noqa: E402
 from tests.servers.prometheus import find_prometheus, find_promtool  # noqa: E402
@@ -64,6 +67,7 @@ _FIXTURE_MARKERS = {
     "node_bin": "node",
     "promtool": "prometheus",
     "prometheus_bin": "prometheus",
+    "chromium_bin": "chromium",
 }
 _db_numbers = itertools.count(1)
 
@@ -212,6 +216,15 @@ def prometheus_bin() -> Path:
         return find_prometheus()
     except ServerUnavailable as exc:
         unavailable(f"prometheus unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def chromium_bin() -> Path:
+    """A headless Chromium (skip/fail like the servers if missing)."""
+    try:
+        return find_chromium()
+    except ServerUnavailable as exc:
+        unavailable(f"chromium unavailable: {exc}")
 
 
 @pytest.fixture(autouse=True, scope="session")
