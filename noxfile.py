@@ -40,6 +40,8 @@ SYSTEM_PACKAGES = {
     # promtool checks and unit-tests deploy/prometheus/; prometheus runs the rules end to end
     "promtool": "prometheus",
     "prometheus": "prometheus",
+    # a real browser drives `trio-idle oauth authorize`'s loopback redirect end to end
+    "chromium": "chromium",
 }
 
 

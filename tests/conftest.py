@@ -20,6 +20,8 @@ Fixtures (all synchronous; use them from trio tests freely):
   :class:`tests.servers.prometheus.PrometheusServer`)
 * ``pm2_script`` (session) -> ``Path``: ``pm2`` of the pinned PM2, installed by ``npm ci``
   into a temp prefix (see :mod:`tests.servers.pm2`)
+* ``chromium_bin`` (session) -> ``Path``: a headless Chromium (see
+  :func:`tests.servers.chromium.dump_dom`)
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from trio_idle_testing.backend import ScanBackend  # noqa: E402
 from tests.harness import ADMIN_SECRET, LogCapture, capture_logs  # noqa: E402
 from tests.leak_guard import pytest_configure, pytest_runtest_makereport  # noqa: E402, F401
 from tests.servers import ServerUnavailable  # noqa: E402
+from tests.servers.chromium import find_chromium  # noqa: E402
 from tests.servers.dovecot import DovecotServer, DovecotUser  # noqa: E402
 from tests.servers.pm2 import install_pm2  # noqa: E402
 from tests.servers.postgres import MAIL_CONNECTION_DDL, PostgresServer, execute_sql  # noqa: E402
@@ -69,6 +72,7 @@ _FIXTURE_MARKERS = {
     "promtool": "prometheus",
     "prometheus_bin": "prometheus",
     "pm2_script": "pm2",
+    "chromium_bin": "chromium",
 }
 _db_numbers = itertools.count(1)
 
@@ -231,6 +235,18 @@ def pm2_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return install_pm2(tmp_path_factory.mktemp("pm2-prefix"))
     except ServerUnavailable as exc:
         unavailable(f"PM2 unavailable: {exc}")
+
+
+# --------------------------------------------------------------------------- Chromium
+
+
+@pytest.fixture(scope="session")
+def chromium_bin() -> Path:
+    """A headless Chromium (skip/fail like the servers if missing)."""
+    try:
+        return find_chromium()
+    except ServerUnavailable as exc:
+        unavailable(f"chromium unavailable: {exc}")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -43,6 +43,12 @@ from trio_idle.core.errors import describe, leaf_exceptions
 from trio_idle.core.logs import protect_secrets, setup_logging, traceback_frames
 from trio_idle.core.scrub import Scrubber, redact_url, url_secrets
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
+from trio_idle.oauth_commands import (
+    OAUTH_FIELDS,
+    add_oauth_parser,
+    required_settings,
+    run_oauth_command,
+)
 from trio_idle.operator_commands import (
     DEFAULT_CHECK_CONCURRENCY,
     decrypt_check_command,
@@ -235,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep running so you can deliver mail yourself (Ctrl-C to stop)",
     )
-    for command in (serve, check, encrypt, decrypt, db, status):
+    oauth_authorize = add_oauth_parser(commands)
+    _add_setting_flags(oauth_authorize, OAUTH_FIELDS)
+    for command in (serve, check, encrypt, decrypt, db, status, oauth_authorize):
         _add_env_file_flag(command)
     return parser
 
@@ -455,7 +463,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    if args.env_file is not None:
+    if getattr(args, "env_file", None) is not None:
         try:
             loaded = read_env_file(args.env_file)
         except EnvFileError as exc:
@@ -486,6 +494,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         elif args.command == "status":
             settings = settings_from_args(args, env, require=(), require_source=False)
             url = status_url(settings)
+        elif args.command == "oauth":
+            settings = settings_from_args(
+                args, env, require=required_settings(args), require_source=False
+            )
         elif args.command == "db":
             settings = settings_from_args(args, env, require=(), require_source=False)
             if settings.connections.database_url is None:
@@ -547,6 +559,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         if args.action == "migrate":
             return int(_run_trio(functools.partial(migrate_state_table, settings), "db"))
         return int(_run_trio(functools.partial(notify_trigger, settings, args.action), "db"))
+    if args.command == "oauth":
+        return run_oauth_command(args, settings, sys.stdout, sys.stderr, _run_trio)
     if args.command == "encrypt":
         return encrypt_command(settings, sys.stdin, sys.stdout, sys.stderr, iv_size=args.iv_size)
     if args.command == "decrypt":

@@ -14,6 +14,25 @@ and, for Dovecot's ``passdb { driver = oauth2 }`` (``introspection_mode = post``
 "username": "<user>"}``. Rotation is strict: once a grant has rotated, its previous
 refresh token is refused, so a client that keeps using an old one is caught.
 
+The sign-in itself, for ``trio-idle oauth authorize``:
+
+* ``GET {url}/authorize`` (RFC 6749 4.1 with PKCE, RFC 7636): checks ``client_id``,
+  ``response_type=code``, a loopback ``redirect_uri`` and an ``S256`` ``code_challenge``,
+  then — the user :attr:`~OAuthTestServer.consent_user` consents at once — answers 302 to
+  ``redirect_uri?code=..&state=..``; :attr:`~OAuthTestServer.deny_consent` redirects with
+  ``error=access_denied``, :attr:`~OAuthTestServer.tamper_state` with another ``state``
+  (a forged redirect). A broken request is a 400 page, not a redirect (RFC 6749 4.1.2.1).
+* ``grant_type=authorization_code`` at the token endpoint: the code is single-use, bound
+  to its client and ``redirect_uri``, and ``code_verifier`` must hash to the challenge;
+  otherwise ``invalid_grant``. Success makes a new :class:`Grant` and returns its refresh
+  token with an access token.
+* ``POST {url}/devicecode`` (RFC 8628 3.1) hands out a device code (interval
+  ``device_interval``); polls with ``grant_type=urn:ietf:params:oauth:grant-type:device_code``
+  get ``authorization_pending`` until :meth:`~OAuthTestServer.approve_device` (then the
+  tokens, once), ``access_denied`` after :meth:`~OAuthTestServer.deny_device`,
+  ``expired_token`` after its ``expires_in``, ``slow_down`` when polled sooner than the
+  interval (which then grows by 5 s, as RFC 8628 3.5 says).
+
 Test controls: :meth:`add_grant`, :meth:`revoke`, :meth:`fail_next` (scripted replies:
 500s, 429s, slow answers, dropped connections), :meth:`hold` (requests wait until
 released), and :attr:`requests` with :meth:`wait_for` to wait on them. Nothing here
@@ -22,8 +41,13 @@ sleeps to poll; every wait is on an event.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import ipaddress
 import itertools
 import json
+import re
 import secrets
 import socket
 import urllib.parse
@@ -87,6 +111,44 @@ class TokenRequest:
         return self.form.get("refresh_token")
 
 
+@attrs.define(eq=False)
+class AuthorizationCode:
+    """A code handed out by the authorization endpoint, and what it is bound to."""
+
+    client_id: str
+    redirect_uri: str
+    challenge: str
+    user: str
+    used: bool = False
+
+
+@attrs.define(eq=False)
+class DeviceCode:
+    """One device authorization in progress (RFC 8628)."""
+
+    client_id: str
+    user_code: str
+    expires_at: float
+    interval: float
+    approved_by: str | None = None
+    denied: bool = False
+    used: bool = False
+    last_poll: float | None = None
+    polls: int = 0
+
+
+_CHALLENGE_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+DEVICE_GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+def _loopback_http(uri: str) -> bool:
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        return parts.scheme == "http" and ipaddress.ip_address(parts.hostname or "").is_loopback
+    except ValueError:
+        return False
+
+
 @attrs.frozen
 class Issued:
     """An access token the server handed out."""
@@ -113,6 +175,9 @@ class OAuthTestServer:
         expires_in: int = 3600,
         rotate: bool = False,
         prefix: str = "",
+        consent_user: str = "user@example.test",
+        device_interval: float = 1.0,
+        device_expires_in: int = 900,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -130,6 +195,16 @@ class OAuthTestServer:
         self._serial = itertools.count(1)
         self._changed = trio.Event()
         self.in_flight = 0
+        #: who signs in at the authorization endpoint (consent is given at once)
+        self.consent_user = consent_user
+        #: the user refuses: redirect with ``error=access_denied``
+        self.deny_consent = False
+        #: a forged redirect: the ``state`` sent back is not the one received
+        self.tamper_state = False
+        self.device_interval = device_interval
+        self.device_expires_in = device_expires_in
+        self.codes: dict[str, AuthorizationCode] = {}
+        self.devices: dict[str, DeviceCode] = {}
 
     @property
     def url(self) -> str:
@@ -142,6 +217,14 @@ class OAuthTestServer:
     @property
     def introspection_url(self) -> str:
         return self.url + "/introspect"
+
+    @property
+    def authorization_url(self) -> str:
+        return self.url + "/authorize"
+
+    @property
+    def device_url(self) -> str:
+        return self.url + "/devicecode"
 
     # -- controls -------------------------------------------------------------------
 
@@ -184,6 +267,21 @@ class OAuthTestServer:
         """Make token requests wait until the returned event is set."""
         self._gate = trio.Event()
         return self._gate
+
+    def approve_device(self, user: str | None = None) -> None:
+        """The user entered the code (of every device authorization pending) and consented."""
+        for device in self.devices.values():
+            device.approved_by = user or self.consent_user
+        self._notify()
+
+    def deny_device(self) -> None:
+        """The user entered the code and declined."""
+        for device in self.devices.values():
+            device.denied = True
+        self._notify()
+
+    def authorization_requests(self) -> list[TokenRequest]:
+        return [r for r in self.requests if r.path.endswith("/authorize")]
 
     def token_requests(self) -> list[TokenRequest]:
         return [r for r in self.requests if r.path.endswith("/token")]
@@ -234,8 +332,11 @@ class OAuthTestServer:
     async def _handle(
         self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, body: bytes
     ) -> bool:
-        path = request.target.decode("ascii", "replace").split("?")[0]
-        form = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace")))
+        path, _, query = request.target.decode("ascii", "replace").partition("?")
+        if request.method == b"GET":
+            form = dict(urllib.parse.parse_qsl(query))
+        else:
+            form = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace")))
         record = TokenRequest(path, form, trio.current_time())
         self.requests.append(record)
         self.in_flight += 1
@@ -243,8 +344,12 @@ class OAuthTestServer:
         headers: dict[str, str] = {}
         payload: Any
         try:
-            if request.method != b"POST":
+            if request.method == b"GET" and path.endswith("/authorize"):
+                status, payload, headers = self._authorize(form)
+            elif request.method != b"POST":
                 status, payload = 405, {"error": "method not allowed"}
+            elif path.endswith("/devicecode"):
+                status, payload = self._device_authorization(form)
             elif path == "/introspect":
                 status, payload = 200, self._introspect(form)
             elif not path.endswith("/token"):
@@ -275,11 +380,21 @@ class OAuthTestServer:
             self.client_secret
         ):
             return 401, {"error": "invalid_client", "error_description": "bad client"}
-        if form.get("grant_type") != "refresh_token":
+        grant_type = form.get("grant_type")
+        if grant_type == "authorization_code":
+            return self._code_grant(form, record)
+        if grant_type == DEVICE_GRANT_TYPE:
+            return self._device_grant(form, record)
+        if grant_type != "refresh_token":
             return 400, {"error": "unsupported_grant_type"}
         grant = self.grants.get(form.get("refresh_token", ""))
         if grant is None or grant.revoked:
             return 400, {"error": "invalid_grant", "error_description": "Token has been revoked."}
+        return self._issue(grant, record, rotate=grant.rotate)
+
+    def _issue(
+        self, grant: Grant, record: TokenRequest, *, rotate: bool, new: bool = False
+    ) -> tuple[int, dict[str, Any]]:
         access = f"{self.prefix}at-{grant.user}-{next(self._serial)}-{secrets.token_hex(6)}"
         self.issued[access] = Issued(grant.user, trio.current_time() + grant.expires_in)
         record.issued = access
@@ -289,15 +404,108 @@ class OAuthTestServer:
             "token_type": "Bearer",
             "expires_in": grant.expires_in,
         }
-        if grant.rotate:
-            new = f"{self.prefix}rt-{grant.user}-{secrets.token_hex(8)}"
+        if new:
+            payload["refresh_token"] = grant.refresh_token
+        elif rotate:
+            rotated = f"{self.prefix}rt-{grant.user}-{secrets.token_hex(8)}"
             del self.grants[grant.refresh_token]
             grant.retired.append(grant.refresh_token)
-            grant.refresh_token = new
-            self.grants[new] = grant
-            witness.issued(new)
-            payload["refresh_token"] = new
+            grant.refresh_token = rotated
+            self.grants[rotated] = grant
+            witness.issued(rotated)
+            payload["refresh_token"] = rotated
         return 200, payload
+
+    # -- sign-in: authorization code with PKCE, device authorization ----------------
+
+    def _authorize(self, query: dict[str, str]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        redirect_uri = query.get("redirect_uri", "")
+        if query.get("client_id") != self.client_id:
+            return 400, {"error": "invalid_client", "error_description": "unknown client"}, {}
+        if not _loopback_http(redirect_uri):
+            return 400, {"error": "invalid_request", "error_description": "bad redirect_uri"}, {}
+        state = query.get("state", "")
+        if self.tamper_state:
+            state = secrets.token_urlsafe(24)
+        reply: dict[str, str]
+        challenge = query.get("code_challenge", "")
+        if query.get("response_type") != "code":
+            reply = {"error": "unsupported_response_type"}
+        elif query.get("code_challenge_method") != "S256" or not _CHALLENGE_RE.fullmatch(challenge):
+            reply = {"error": "invalid_request", "error_description": "PKCE S256 is required"}
+        elif self.deny_consent:
+            reply = {"error": "access_denied", "error_description": "The user said no."}
+        else:
+            code = f"{self.prefix}code-{secrets.token_urlsafe(24)}"
+            self.codes[code] = AuthorizationCode(
+                self.client_id, redirect_uri, challenge, self.consent_user
+            )
+            witness.issued(code)
+            reply = {"code": code}
+        if state:
+            reply["state"] = state
+        location = f"{redirect_uri}?{urllib.parse.urlencode(reply)}"
+        return 302, {}, {"location": location}
+
+    def _code_grant(self, form: dict[str, str], record: TokenRequest) -> tuple[int, dict[str, Any]]:
+        refused = {"error": "invalid_grant", "error_description": "Bad code or code_verifier."}
+        issued = self.codes.get(form.get("code", ""))
+        if issued is None or issued.used or issued.client_id != form.get("client_id"):
+            return 400, refused
+        if issued.redirect_uri != form.get("redirect_uri"):
+            return 400, refused
+        verifier = form.get("code_verifier", "")
+        digest = hashlib.sha256(verifier.encode("ascii", "replace")).digest()
+        expected = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+        if not verifier or not hmac.compare_digest(expected, issued.challenge):
+            return 400, refused
+        issued.used = True
+        grant = self.add_grant(issued.user)
+        return self._issue(grant, record, rotate=False, new=True)
+
+    def _device_authorization(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if form.get("client_id") != self.client_id:
+            return 400, {"error": "invalid_client", "error_description": "unknown client"}
+        device_code = f"{self.prefix}dc-{secrets.token_urlsafe(24)}"
+        user_code = "-".join(secrets.token_hex(2).upper() for _ in range(2))
+        self.devices[device_code] = DeviceCode(
+            self.client_id,
+            user_code,
+            trio.current_time() + self.device_expires_in,
+            self.device_interval,
+        )
+        witness.issued(device_code)
+        return 200, {
+            "device_code": device_code,
+            "user_code": user_code,
+            "verification_uri": self.url + "/device",
+            "expires_in": self.device_expires_in,
+            "interval": self.device_interval,
+            "message": f"To sign in, open {self.url}/device and enter {user_code}.",
+        }
+
+    def _device_grant(
+        self, form: dict[str, str], record: TokenRequest
+    ) -> tuple[int, dict[str, Any]]:
+        device = self.devices.get(form.get("device_code", ""))
+        if device is None or device.used or device.client_id != form.get("client_id"):
+            return 400, {"error": "invalid_grant"}
+        now = trio.current_time()
+        device.polls += 1
+        too_soon = device.last_poll is not None and now - device.last_poll < device.interval
+        device.last_poll = now
+        if now >= device.expires_at:
+            return 400, {"error": "expired_token"}
+        if device.denied:
+            return 400, {"error": "access_denied"}
+        if too_soon:
+            device.interval += 5
+            return 400, {"error": "slow_down"}
+        if device.approved_by is None:
+            return 400, {"error": "authorization_pending"}
+        device.used = True
+        grant = self.add_grant(device.approved_by)
+        return self._issue(grant, record, rotate=False, new=True)
 
     def _introspect(self, form: dict[str, str]) -> dict[str, Any]:
         issued = self.issued.get(form.get("token", ""))

@@ -26,8 +26,8 @@ from trio_idle.accounts.credentials import (
     AccessToken,
     TokenUnavailable,
 )
+from trio_idle.accounts.providers import MICROSOFT_SCOPE
 from trio_idle.auth.token_refresh import (
-    MICROSOFT_SCOPE,
     REFRESH_AHEAD,
     PerConnectionTokens,
     RefreshingTokens,

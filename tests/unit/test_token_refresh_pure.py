@@ -9,11 +9,11 @@ import urllib.parse
 import pytest
 
 from trio_idle.accounts.credentials import TOKEN_ERROR, TOKEN_REVOKED, TokenUnavailable
+from trio_idle.accounts.providers import MICROSOFT_SCOPE
 from trio_idle.auth.rotation import fingerprint, fingerprint_key
 from trio_idle.auth.token_refresh import (
     DEFAULT_EXPIRES_IN,
     MAX_EXPIRES_IN,
-    MICROSOFT_SCOPE,
     TokenGrant,
     parse_token_reply,
     provider_clients,

@@ -8,6 +8,9 @@ two pure lookups the rest of the daemon uses:
   email domain when the row names no host;
 * :func:`classify_server_text` — which reason code a server's reply text means.
 
+The presets of providers that grant IMAP access tokens also carry where and how a user
+signs in (:class:`OAuthEndpoints`, :func:`oauth_endpoints`; ``trio-idle oauth authorize``).
+
 There is no code path per provider: everything provider-specific is a field here, and
 every fact is sourced in ``docs/providers.md`` (a fact without a public source is left
 at the generic default). Nothing here does I/O.
@@ -19,6 +22,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 import attrs
+
+from trio_idle.core.config import GOOGLE_TOKEN_URL, MICROSOFT_TOKEN_URL
 
 if TYPE_CHECKING:
     from trio_idle.core.config import TimerSettings
@@ -62,6 +67,34 @@ class ServerText:
     reason: str
 
 
+#: the scopes an IMAP access token needs at each provider
+GOOGLE_SCOPE: Final = "https://mail.google.com/"
+MICROSOFT_SCOPE: Final = "https://outlook.office.com/IMAP.AccessAsUser.All offline_access"
+
+
+@attrs.frozen
+class OAuthEndpoints:
+    """Where a user grants IMAP access at a provider (RFC 6749 authorization code with
+    PKCE, RFC 8628 device authorization) and what to ask for. ``{tenant}`` in a URL is
+    Microsoft's tenant (``TRIO_IDLE_MICROSOFT_TENANT``), filled in by the caller."""
+
+    #: the name ``trio-idle oauth authorize --provider`` and the token refresh use
+    provider: str
+    authorization_url: str
+    token_url: str
+    #: RFC 8628 device authorization endpoint; ``None``: the provider offers none that
+    #: grants the IMAP scope
+    device_url: str | None
+    scope: str
+    #: further authorization-request parameters (Google returns a refresh token only
+    #: with ``access_type=offline``, and again for a user who consented before only with
+    #: ``prompt=consent``)
+    extra: tuple[tuple[str, str], ...] = ()
+    #: the provider's token endpoint insists on a client secret (Google's desktop clients
+    #: have one; Microsoft's public clients have none)
+    secret_required: bool = False
+
+
 @attrs.frozen
 class Preset:
     """Everything known about one provider. ``None`` means "not documented: use the
@@ -93,6 +126,8 @@ class Preset:
     hosts: tuple[str, ...]
     #: reply texts that name a reason, checked before the generic ones
     texts: tuple[ServerText, ...]
+    #: where users grant IMAP access tokens, for providers that sign in with OAuth2
+    oauth: OAuthEndpoints | None = None
 
 
 def _texts(pairs: Mapping[str, str]) -> tuple[ServerText, ...]:
@@ -155,6 +190,16 @@ PRESETS: Final[tuple[Preset, ...]] = (
                 "Invalid credentials": INVALID_CREDENTIALS,
             }
         ),
+        oauth=OAuthEndpoints(
+            provider="google",
+            authorization_url="https://accounts.google.com/o/oauth2/v2/auth",
+            token_url=GOOGLE_TOKEN_URL,
+            # Google's device flow does not grant https://mail.google.com/
+            device_url=None,
+            scope=GOOGLE_SCOPE,
+            extra=(("access_type", "offline"), ("prompt", "consent")),
+            secret_required=True,
+        ),
     ),
     Preset(
         name="microsoft",
@@ -189,6 +234,13 @@ PRESETS: Final[tuple[Preset, ...]] = (
                 "AUTHENTICATE failed": INVALID_CREDENTIALS,
                 "LOGIN failed": INVALID_CREDENTIALS,
             }
+        ),
+        oauth=OAuthEndpoints(
+            provider="microsoft",
+            authorization_url="https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
+            token_url=MICROSOFT_TOKEN_URL,
+            device_url="https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode",
+            scope=MICROSOFT_SCOPE,
         ),
     ),
     Preset(
@@ -299,6 +351,18 @@ def preset_named(name: str | None) -> Preset:
     """The preset called ``name`` (``MailConnection.provider``); the generic one for
     ``None`` or a name the table does not have."""
     return _BY_NAME.get(name or GENERIC, GENERIC_PRESET)
+
+
+def oauth_endpoints(provider: str) -> OAuthEndpoints | None:
+    """The sign-in endpoints of ``provider`` (``google``, ``microsoft``), or ``None``."""
+    for preset in PRESETS:
+        if preset.oauth is not None and preset.oauth.provider == provider:
+            return preset.oauth
+    return None
+
+
+#: the providers :func:`oauth_endpoints` knows, in table order
+OAUTH_PROVIDERS: Final = tuple(p.oauth.provider for p in PRESETS if p.oauth is not None)
 
 
 def preset_for(email: str, host: str | None) -> Preset:

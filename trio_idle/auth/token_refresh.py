@@ -72,7 +72,7 @@ from trio_idle.accounts.credentials import (
     TokenUnavailable,
 )
 from trio_idle.accounts.outcome_text import ConnectionSecrets
-from trio_idle.accounts.providers import preset_for
+from trio_idle.accounts.providers import MICROSOFT_SCOPE, preset_for
 from trio_idle.auth.rotation import RotatedTokens, fingerprint, fingerprint_key
 from trio_idle.backend.client import HttpClient, HttpFailure, Limits, Timeouts
 from trio_idle.backend.webhook import parse_retry_after
@@ -91,9 +91,6 @@ if TYPE_CHECKING:
 
 GOOGLE: Final = "google"
 MICROSOFT: Final = "microsoft"
-#: the scopes an IMAP access token needs at each provider
-GOOGLE_SCOPE: Final = "https://mail.google.com/"
-MICROSOFT_SCOPE: Final = "https://outlook.office.com/IMAP.AccessAsUser.All offline_access"
 #: the token endpoint of each provider preset whose accounts the daemon can refresh
 #: (the presets' table, :mod:`trio_idle.accounts.providers`, knows their email domains)
 TOKEN_PROVIDER_OF_PRESET: Final[Mapping[str, str]] = {"gmail": GOOGLE, "microsoft": MICROSOFT}
