@@ -160,6 +160,56 @@ def _share(text: str) -> float:
     return value
 
 
+#: the provider presets' names (trio_idle.accounts.providers.PRESETS; a test checks they
+#: agree): the names TRIO_IDLE_HOST_CONNECT_RATES accepts besides hosts and ``generic``
+PROVIDER_NAMES: Final = ("gmail", "microsoft", "icloud", "yahoo", "gmx", "webde", "tonline")
+_RATES_EXPECTED: Final = (
+    "expected NAME=RATE entries separated by commas, NAME a provider ("
+    + ", ".join(PROVIDER_NAMES)
+    + "), generic, or a host with a dot or a port (imap.example.com, 10.0.0.5:993)"
+)
+
+
+def parse_host_rates(text: str) -> tuple[tuple[str, float], ...]:
+    """``gmail=10,imap.example.com:993=5,generic=20`` → ``(("gmail", 10.0), ...)``.
+
+    Names are folded to lower case, a final dot dropped. A name without a dot or a colon
+    must be a provider's or ``generic`` (so a misspelt provider is refused instead of
+    pacing a host nobody has); a port must be 1-65535; a rate a positive number of
+    connects per second; no name twice. Empty: no entries.
+    """
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        name = name.strip().lower().rstrip(".")
+        if not eq or not name:
+            raise ValueError(f"{_RATES_EXPECTED}; got {part.strip()!r}")
+        if "." not in name and ":" not in name and name not in (*PROVIDER_NAMES, "generic"):
+            raise ValueError(f"unknown provider {name!r}: {_RATES_EXPECTED}")
+        host, colon, port = name.rpartition(":")
+        if colon and not host.rstrip("."):
+            raise ValueError(f"{_RATES_EXPECTED}; got {part.strip()!r}")
+        if colon and not port.isdigit():
+            raise ValueError(f"expected host:port with a numeric port, got {name!r}")
+        if colon:
+            if not 0 < int(port) < 65536:
+                raise ValueError(f"port out of range in {name!r}: expected 1-65535")
+            name = f"{host.rstrip('.')}:{int(port)}"  # as the host keys spell it
+        bad_rate = f"{name}: expected a positive rate per second, got {value.strip()!r}"
+        try:
+            rate = float(value.strip())
+        except ValueError:
+            raise ValueError(bad_rate) from None
+        if not (rate > 0 and rate != float("inf")):
+            raise ValueError(bad_rate)
+        if name in out:
+            raise ValueError(f"{name!r} is named twice")
+        out[name] = rate
+    return tuple(out.items())
+
+
 _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no"})
 
@@ -595,8 +645,28 @@ class LimitSettings:
         "--connect-host-share",
         _share,
         "0.25",
-        "share of the connect slots one IMAP host name may hold (at least one slot), so a "
-        "host that never answers cannot make every other mailbox wait",
+        "share of the connect slots one host key (a provider preset, else host:port) may "
+        "hold (at least one slot), so a host that never answers cannot make every other "
+        "mailbox wait",
+    )
+    host_pacing: bool = setting(
+        "TRIO_IDLE_HOST_PACING",
+        "--host-pacing",
+        parse_bool,
+        "true",
+        "pace connects per host key (a provider preset, else host:port): each at its own "
+        "rate (TRIO_IDLE_HOST_CONNECT_RATES), the global rate shared round robin among the "
+        "hosts waiting; false: one first-come-first-served pace for every host",
+    )
+    host_connect_rates: tuple[tuple[str, float], ...] = setting(
+        "TRIO_IDLE_HOST_CONNECT_RATES",
+        "--host-connect-rates",
+        parse_host_rates,
+        None,
+        "own connect rates (per second) of providers or hosts, e.g. "
+        "gmail=10,imap.example.com:993=5,generic=20 (generic: every host matching no "
+        "preset); unnamed: the preset's published rate, none published: no own limit",
+        unset=(),
     )
     catchup_rate: float = setting(
         "TRIO_IDLE_CATCHUP_RATE",
