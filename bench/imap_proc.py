@@ -14,6 +14,15 @@ The control port speaks one JSON object per line each way (request → answer). 
 ``appends``        ``{"users": [...], "offsets": [...], "start_at": t}``: append one
                    message to ``users[i]`` at wall time ``t + offsets[i]``
 ``append_results`` ``{"done", "records": [[user, t_append, t_exists | null], ...]}``
+``restart``        ``{"downtime": s}``: reset every connection, refuse new ones for
+                   ``downtime`` seconds, listen again (answers at once; ``up_at`` in
+                   ``stats`` is the wall time it listened again)
+``drop_all``       reset every connection now; answers how many
+
+With ``"login_rate": r`` in the spec the server accepts at most ``r`` connections per
+second (a token bucket holding one second's worth): any more are greeted with
+``* BYE [UNAVAILABLE]`` and closed, as a provider refusing a login burst would
+(``throttled`` in ``stats`` counts them).
 
 ``t_exists`` is the wall time at which the server built the ``* N EXISTS`` line for that
 append (just before writing it to the socket). All times are :func:`time.time`.
@@ -21,6 +30,7 @@ append (just before writing it to the socket). All times are :func:`time.time`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
@@ -61,7 +71,27 @@ class BenchServer:
         self._awaiting_exists: dict[str, list[Any]] = {}
         self.appends_done = True
         self._nursery: trio.Nursery | None = None
+        self.login_rate: float | None = spec.get("login_rate")
+        self._tokens = self.login_rate or 0.0
+        self._tokens_at = time.monotonic()
+        self.throttled = 0
+        self.up_at: float | None = None
         _install_exists_hook(self)
+        if self.login_rate:
+            _install_throttle(self)
+
+    def take_token(self) -> bool:
+        """One connection's worth of the login rate, if there is one now."""
+        assert self.login_rate
+        now = time.monotonic()
+        self._tokens = min(
+            self.login_rate, self._tokens + (now - self._tokens_at) * self.login_rate
+        )
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
     def _on_event(self, entry: LogEntry) -> None:
         if entry.event == "IDLE":
@@ -93,6 +123,8 @@ class BenchServer:
             "appends": s.appends,
             "noops": s.commands["NOOP"],
             "idle_commands": s.commands["IDLE"],
+            "throttled": self.throttled,
+            "up_at": self.up_at,
             "rss_kib": rss_kib(os.getpid()),
             "cpu_s": cpu_seconds(os.getpid()),
         }
@@ -135,6 +167,19 @@ class BenchServer:
 
     def op_append_results(self, _req: dict[str, Any]) -> dict[str, Any]:
         return {"done": self.appends_done, "records": self.records}
+
+    def op_restart(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self._nursery is not None
+        self.up_at = None
+        self._nursery.start_soon(self._restart, float(req["downtime"]))
+        return {"ok": True}
+
+    async def _restart(self, downtime: float) -> None:
+        await self.server.restart(how="rst", downtime=downtime)
+        self.up_at = time.time()
+
+    def op_drop_all(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {"dropped": self.server.drop_all("rst")}
 
     async def _run_appends(self, users: list[str], offsets: list[float], start_at: float) -> None:
         start = trio.current_time() + (start_at - time.time())
@@ -196,6 +241,22 @@ def _install_exists_hook(bench: BenchServer) -> None:
         return out
 
     ImapTestSession._updates = _updates  # type: ignore[method-assign]
+
+
+def _install_throttle(bench: BenchServer) -> None:
+    """Refuse connections beyond the spec's ``login_rate`` with a BYE greeting."""
+    original = bench.server._handle
+
+    async def _handle(stream: trio.SocketStream, *, tls: bool) -> None:
+        if bench.take_token():
+            await original(stream, tls=tls)
+            return
+        bench.throttled += 1
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(b"* BYE [UNAVAILABLE] Too many logins, try later\r\n")
+
+    bench.server._handle = _handle  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> None:

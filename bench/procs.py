@@ -58,15 +58,21 @@ class ServerProc:
         self._lock = trio.Lock()
 
     async def start(
-        self, workdir: Path, keepalive: float, tls_files: tuple[str, str] | None
+        self,
+        workdir: Path,
+        keepalive: float,
+        tls_files: tuple[str, str] | None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Start the process and connect to its control port."""
+        """Start the process and connect to its control port; ``extra`` goes into its spec
+        (``login_rate``: see :mod:`bench.imap_proc`)."""
         spec = {
             "users": self.users,
             "password": PASSWORD,
             "keepalive": keepalive,
             "tls_cert": tls_files[0] if tls_files else None,
             "tls_key": tls_files[1] if tls_files else None,
+            **(extra or {}),
         }
         spec_path = workdir / f"server{self.index}.json"
         spec_path.write_text(json.dumps(spec))

@@ -52,6 +52,9 @@ def run(capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str]
         ([], {"ENCRYPTION_KEY": "short"}, "ENCRYPTION_KEY"),
         ([], {"TRIO_IDLE_BACKOFF_INITIAL": "1h"}, "TRIO_IDLE_BACKOFF_INITIAL"),
         (["--source", "ldap"], {}, "--source"),
+        ([], {"TRIO_IDLE_HOST_CONNECT_RATES": "gmial=10"}, "TRIO_IDLE_HOST_CONNECT_RATES"),
+        (["--host-connect-rates", "gmail=0"], {}, "--host-connect-rates"),
+        ([], {"TRIO_IDLE_HOST_PACING": "maybe"}, "TRIO_IDLE_HOST_PACING"),
     ],
 )
 def test_serve_with_bad_value_exits_2_naming_it(

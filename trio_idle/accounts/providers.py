@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Final
 import attrs
 
 from trio_idle.core.config import GOOGLE_TOKEN_URL, MICROSOFT_TOKEN_URL
+from trio_idle.core.host_pacing import GENERIC_KEY, HostRates
 
 if TYPE_CHECKING:
-    from trio_idle.core.config import TimerSettings
+    from trio_idle.core.config import LimitSettings, TimerSettings
 
 # sign-in methods a provider accepts
 PASSWORD: Final = "password"
@@ -114,6 +115,10 @@ class Preset:
     app_password_required: bool
     #: simultaneous IMAP connections per account, where documented
     max_connections: int | None
+    #: new IMAP logins per second the provider accepts from one client address, where
+    #: published (none is, so far: docs/providers.md); ``None``: no own pace, only a fair
+    #: share of TRIO_IDLE_CONNECT_RATE. TRIO_IDLE_HOST_CONNECT_RATES overrides it.
+    login_rate: float | None
     #: how long the provider keeps one IDLE command or an idle connection (seconds)
     idle_limit: float | None
     #: re-issue IDLE after this long instead of the global setting (sooner only)
@@ -156,6 +161,7 @@ GENERIC_PRESET: Final = Preset(
     auth=(PASSWORD,),
     app_password_required=False,
     max_connections=None,
+    login_rate=None,
     idle_limit=29 * _MINUTE,  # RFC 2177: servers may drop an idler after 30 minutes
     idle_renew=None,
     tick=None,
@@ -174,6 +180,7 @@ PRESETS: Final[tuple[Preset, ...]] = (
         auth=(APP_PASSWORD, OAUTH2),
         app_password_required=True,
         max_connections=15,
+        login_rate=None,
         idle_limit=29 * _MINUTE,
         idle_renew=None,
         tick=None,
@@ -210,6 +217,7 @@ PRESETS: Final[tuple[Preset, ...]] = (
         auth=(OAUTH2,),
         app_password_required=False,
         max_connections=None,
+        login_rate=None,
         idle_limit=None,
         idle_renew=None,
         tick=None,
@@ -252,6 +260,7 @@ PRESETS: Final[tuple[Preset, ...]] = (
         auth=(APP_PASSWORD,),
         app_password_required=True,
         max_connections=None,
+        login_rate=None,
         idle_limit=None,
         idle_renew=None,
         tick=None,
@@ -268,6 +277,7 @@ PRESETS: Final[tuple[Preset, ...]] = (
         auth=(APP_PASSWORD, OAUTH2),
         app_password_required=True,
         max_connections=None,
+        login_rate=None,
         idle_limit=None,
         idle_renew=None,
         tick=None,
@@ -295,6 +305,7 @@ PRESETS: Final[tuple[Preset, ...]] = (
         auth=(PASSWORD, APP_PASSWORD),
         app_password_required=False,
         max_connections=None,
+        login_rate=None,
         # not documented by GMX: users report idle connections dropped silently after
         # 10-15 minutes, so renew well before that (the NOOP tick stays global)
         idle_limit=10 * _MINUTE,
@@ -313,6 +324,7 @@ PRESETS: Final[tuple[Preset, ...]] = (
         auth=(PASSWORD, APP_PASSWORD),
         app_password_required=False,
         max_connections=None,
+        login_rate=None,
         idle_limit=None,
         idle_renew=None,
         tick=None,
@@ -329,6 +341,7 @@ PRESETS: Final[tuple[Preset, ...]] = (
         auth=(APP_PASSWORD,),
         app_password_required=True,
         max_connections=None,
+        login_rate=None,
         idle_limit=None,
         idle_renew=None,
         tick=None,
@@ -415,3 +428,29 @@ def connection_preset(provider: str | None, email: str, host: str | None) -> Pre
     """The preset of a connection: the one its row matched (``MailConnection.provider``),
     else a lookup by host and email domain."""
     return preset_named(provider) if provider else preset_for(email, host)
+
+
+def pace_key(provider: str | None, host: str, port: int) -> str:
+    """What a connection's connects are paced and shared under (the *host key*).
+
+    A preset's name for a connection of a known provider (every Gmail host name is one
+    provider, with one login budget); ``host:port`` for any other server (host lowercased,
+    final dot dropped): two servers on one address but different ports are two hosts.
+    """
+    preset = preset_named(provider)
+    if preset.name != GENERIC:
+        return preset.name
+    return f"{_norm(host)}:{port}"
+
+
+def host_rates(limits: LimitSettings) -> HostRates:
+    """Own connect rates per host key: the presets' published login rates, replaced or
+    extended by ``TRIO_IDLE_HOST_CONNECT_RATES`` (``generic``: every other server)."""
+    rates = {p.name: p.login_rate for p in PRESETS if p.login_rate is not None}
+    generic = GENERIC_PRESET.login_rate
+    for name, rate in limits.host_connect_rates:
+        if name == GENERIC_KEY:
+            generic = rate
+        else:
+            rates[name] = rate
+    return HostRates(rates, generic)

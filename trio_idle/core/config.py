@@ -32,6 +32,7 @@ from trio_idle.core.destinations import (
     Network,
     parse_networks,
 )
+from trio_idle.core.host_pacing import parse_host_rates
 from trio_idle.core.scrub import url_secrets
 from trio_idle.core.secret import Secret
 from trio_idle.core.urls import (
@@ -406,8 +407,28 @@ class LimitSettings:
         "--connect-host-share",
         parse_share,
         "0.25",
-        "share of the connect slots one IMAP host name may hold (at least one slot), so a "
-        "host that never answers cannot make every other mailbox wait",
+        "share of the connect slots one host key (a provider preset, else host:port) may "
+        "hold (at least one slot), so a host that never answers cannot make every other "
+        "mailbox wait",
+    )
+    host_pacing: bool = setting(
+        "TRIO_IDLE_HOST_PACING",
+        "--host-pacing",
+        parse_bool,
+        "true",
+        "pace connects per host key (a provider preset, else host:port): each at its own "
+        "rate (TRIO_IDLE_HOST_CONNECT_RATES), the global rate shared round robin among the "
+        "hosts waiting; false: one first-come-first-served pace for every host",
+    )
+    host_connect_rates: tuple[tuple[str, float], ...] = setting(
+        "TRIO_IDLE_HOST_CONNECT_RATES",
+        "--host-connect-rates",
+        parse_host_rates,
+        None,
+        "own connect rates (per second) of providers or hosts, e.g. "
+        "gmail=10,imap.example.com:993=5,generic=20 (generic: every host matching no "
+        "preset); unnamed: the preset's published rate, none published: no own limit",
+        unset=(),
     )
     catchup_rate: float = setting(
         "TRIO_IDLE_CATCHUP_RATE",

@@ -51,7 +51,7 @@ import trio
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.accounts.credentials import TOKEN_ERROR, AccessToken, TokenSource, TokenUnavailable
 from trio_idle.accounts.outcome_text import ConnectionSecrets, Failure
-from trio_idle.accounts.providers import provider_timers
+from trio_idle.accounts.providers import pace_key, provider_timers
 from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.config import BackoffSettings, ImapSettings, TimerSettings
 from trio_idle.core.errors import KIND_SERVER_CLOSED, ImapAuthError, ImapError
@@ -213,7 +213,8 @@ async def run_session(
                 # before the connect slot: a slow token endpoint must not hold IMAP slots
                 token = await _get_token(env, conn, force=force_token)
                 secrets.use_token(token.token.reveal())
-            async with env.limiter.slot(conn.host):
+            # paced and shared per provider (else host:port), see core/host_pacing.py
+            async with env.limiter.slot(pace_key(conn.provider, conn.host, conn.port)):
                 env.stats.inc("connect_attempts")
                 imap = await env.connector(conn)
                 if token is None:

@@ -42,6 +42,7 @@ import trio
 from loguru import logger
 
 from trio_idle.accounts.connections import ConnectionListBuilder, MailConnection
+from trio_idle.accounts.providers import host_rates
 from trio_idle.auth.token_backend import make_token_source
 from trio_idle.backend.watch import BackendWatch
 from trio_idle.backend.webhook import WebhookClient
@@ -365,7 +366,7 @@ async def run_daemon(
         timers=settings.timers,
         backoff=settings.backoff,
         start_from=settings.store.start_from,
-        limiter=ConnectLimiter.from_settings(settings.limits),
+        limiter=ConnectLimiter.from_settings(settings.limits, host_rates(settings.limits)),
         ssl_context=make_ssl_context(settings.imap.ca_file),
         stats=stats,
         rng=random.Random(),
