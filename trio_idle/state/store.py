@@ -19,12 +19,12 @@ Guarantees:
   crash: the failure is logged and counted, and the daemon starts from an empty state.
 
 The same backends also keep the refresh tokens an OAuth2 provider rotated
-(:class:`~trio_idle.state.tables.TokenSql`, :class:`~trio_idle.state.records.TokenBackend`;
+(:data:`~trio_idle.state.tables.TOKEN_COLUMNS`, :class:`~trio_idle.state.records.TokenBackend`;
 used by :mod:`trio_idle.auth.token_refresh`): one more table in the same file or database,
 written at once rather than batched, since a rotated token lost in a crash can be a grant
 lost.
 
-And the account health last reported per connection (:class:`~trio_idle.state.tables.HealthSql`,
+And the account health last reported per connection (:data:`~trio_idle.state.tables.HEALTH_COLUMNS`,
 :meth:`StateStore.reported_health`; used by :mod:`trio_idle.mailbox.health_reporter`):
 a restart reports only the connections whose health changed, not one report per
 connection. Batched like the scan state; a write lost in a crash costs one repeated

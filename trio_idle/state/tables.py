@@ -1,8 +1,9 @@
 """The state store's tables, as SQL: one text per statement for SQLite and PostgreSQL.
 
 Three tables, each kept by both backends: the scan state per mailbox (:class:`StateSql`),
-the refresh tokens an OAuth2 provider rotated (:class:`TokenSql`) and the account health
-last reported per connection (:class:`HealthSql`). SQLite creates them on first use;
+the refresh tokens an OAuth2 provider rotated (:data:`TOKEN_COLUMNS`) and the account
+health last reported per connection (:data:`HEALTH_COLUMNS`), the last two one row per
+connection (:class:`ConnectionRowSql`). SQLite creates them on first use;
 PostgreSQL by ``trio-idle db migrate`` (:data:`POSTGRES_MIGRATIONS`). Pure text.
 """
 
@@ -95,85 +96,35 @@ POSTGRES_DDL: Final = POSTGRES_SQL.create
 
 
 @attrs.frozen
-class TokenSql:
-    """Statements of the rotated refresh tokens (:mod:`trio_idle.auth.token_refresh`), in the
-    style of :class:`StateSql`: one text per statement for both backends.
+class ConnectionRowSql:
+    """Statements of a table with one row per connection (``connection_id`` its key), in
+    the style of :class:`StateSql`: one text per statement for both backends.
 
-    One row per connection: the newest refresh token the provider handed out, encrypted
-    like the backend's passwords (``iv:tag:ct``), and the fingerprint of the row's own
-    refresh token it replaced, so that a new token in the row (the user signed in again)
-    wins over it.
+    Writing a row replaces every column of the connection's row; :attr:`columns` are the
+    columns after ``connection_id``, in their order in the table, each with its SQL type.
     """
 
     table: str
     mark: str
+    #: ``(name, type)`` of each column after ``connection_id``
+    columns: tuple[tuple[str, str], ...]
 
     def _param(self, n: int) -> str:
         return f"{self.mark}{n}"
 
     @property
     def create(self) -> str:
+        declared = [("connection_id", "text PRIMARY KEY"), *self.columns]
         return (
             f"CREATE TABLE IF NOT EXISTS {self.table} ("
-            " connection_id text PRIMARY KEY,"
-            " encrypted_token text NOT NULL,"
-            " replaces text NOT NULL,"
-            " updated_at double precision NOT NULL)"
+            + ",".join(f" {name} {type_}" for name, type_ in declared)
+            + ")"
         )
 
     @property
     def select_all(self) -> str:
-        return f"SELECT connection_id, encrypted_token, replaces, updated_at FROM {self.table}"
-
-    @property
-    def upsert(self) -> str:
-        values = ", ".join(self._param(n) for n in range(1, 5))
-        return (
-            f"INSERT INTO {self.table} VALUES ({values}) "
-            "ON CONFLICT (connection_id) DO UPDATE SET "
-            "encrypted_token = excluded.encrypted_token, replaces = excluded.replaces, "
-            "updated_at = excluded.updated_at"
-        )
-
-    @property
-    def delete(self) -> str:
-        return f"DELETE FROM {self.table} WHERE connection_id = {self._param(1)}"
-
-
-SQLITE_TOKEN_SQL: Final = TokenSql("oauth_refresh_token", "?")
-POSTGRES_TOKEN_SQL: Final = TokenSql("trio_idle_oauth_refresh_token", "$")
-POSTGRES_TOKEN_TABLE: Final = POSTGRES_TOKEN_SQL.table
-
-
-@attrs.frozen
-class HealthSql:
-    """Statements of the account health last reported to the backend
-    (:mod:`trio_idle.mailbox.health_reporter`), in the style of :class:`StateSql`.
-
-    One row per connection: the ``state`` and ``reason`` the backend last accepted (or
-    refused for good), so that a restart reports only what changed meanwhile instead of
-    one report per connection.
-    """
-
-    table: str
-    mark: str
-
-    def _param(self, n: int) -> str:
-        return f"{self.mark}{n}"
-
-    @property
-    def create(self) -> str:
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.table} ("
-            " connection_id text PRIMARY KEY,"
-            " state text NOT NULL,"
-            " reason text,"
-            " reported_at double precision NOT NULL)"
-        )
-
-    @property
-    def select_all(self) -> str:
-        return f"SELECT connection_id, state, reason, reported_at FROM {self.table}"
+        names = ", ".join(["connection_id", *(name for name, _ in self.columns)])
+        return f"SELECT {names} FROM {self.table}"
 
     @property
     def select_connections(self) -> str:
@@ -182,12 +133,11 @@ class HealthSql:
 
     @property
     def upsert(self) -> str:
-        values = ", ".join(self._param(n) for n in range(1, 5))
+        values = ", ".join(self._param(n) for n in range(1, len(self.columns) + 2))
+        updates = ", ".join(f"{name} = excluded.{name}" for name, _ in self.columns)
         return (
             f"INSERT INTO {self.table} VALUES ({values}) "
-            "ON CONFLICT (connection_id) DO UPDATE SET "
-            "state = excluded.state, reason = excluded.reason, "
-            "reported_at = excluded.reported_at"
+            f"ON CONFLICT (connection_id) DO UPDATE SET {updates}"
         )
 
     @property
@@ -195,8 +145,30 @@ class HealthSql:
         return f"DELETE FROM {self.table} WHERE connection_id = {self._param(1)}"
 
 
-SQLITE_HEALTH_SQL: Final = HealthSql("account_health", "?")
-POSTGRES_HEALTH_SQL: Final = HealthSql("trio_idle_account_health", "$")
+#: The rotated refresh tokens (:mod:`trio_idle.auth.token_refresh`). One row per
+#: connection: the newest refresh token the provider handed out, encrypted like the
+#: backend's passwords (``iv:tag:ct``), and the fingerprint of the row's own refresh token
+#: it replaced, so that a new token in the row (the user signed in again) wins over it.
+TOKEN_COLUMNS: Final = (
+    ("encrypted_token", "text NOT NULL"),
+    ("replaces", "text NOT NULL"),
+    ("updated_at", "double precision NOT NULL"),
+)
+SQLITE_TOKEN_SQL: Final = ConnectionRowSql("oauth_refresh_token", "?", TOKEN_COLUMNS)
+POSTGRES_TOKEN_SQL: Final = ConnectionRowSql("trio_idle_oauth_refresh_token", "$", TOKEN_COLUMNS)
+POSTGRES_TOKEN_TABLE: Final = POSTGRES_TOKEN_SQL.table
+
+#: The account health last reported to the backend
+#: (:mod:`trio_idle.mailbox.health_reporter`). One row per connection: the ``state`` and
+#: ``reason`` the backend last accepted (or refused for good), so that a restart reports
+#: only what changed meanwhile instead of one report per connection.
+HEALTH_COLUMNS: Final = (
+    ("state", "text NOT NULL"),
+    ("reason", "text"),
+    ("reported_at", "double precision NOT NULL"),
+)
+SQLITE_HEALTH_SQL: Final = ConnectionRowSql("account_health", "?", HEALTH_COLUMNS)
+POSTGRES_HEALTH_SQL: Final = ConnectionRowSql("trio_idle_account_health", "$", HEALTH_COLUMNS)
 POSTGRES_HEALTH_TABLE: Final = POSTGRES_HEALTH_SQL.table
 #: every table ``trio-idle db migrate`` creates, with its statement (idempotent)
 POSTGRES_MIGRATIONS: Final = (
