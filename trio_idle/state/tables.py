@@ -4,14 +4,19 @@ Three tables, each kept by both backends: the scan state per mailbox (:class:`St
 the refresh tokens an OAuth2 provider rotated (:data:`TOKEN_COLUMNS`) and the account
 health last reported per connection (:data:`HEALTH_COLUMNS`), the last two one row per
 connection (:class:`ConnectionRowSql`). SQLite creates them on first use;
-PostgreSQL by ``trio-idle db migrate`` (:data:`POSTGRES_MIGRATIONS`). Pure text.
+PostgreSQL by ``trio-idle db migrate`` (:data:`POSTGRES_MIGRATIONS`). Their rows, in
+the tables' column order, to and from the records (:mod:`trio_idle.state.records`) are
+here too, for both backends. Pure.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
 
 import attrs
+
+from trio_idle.state.records import Key, ReportedHealth, ScannedState, StoredRefreshToken
 
 
 @attrs.frozen
@@ -176,3 +181,36 @@ POSTGRES_MIGRATIONS: Final = (
     (POSTGRES_TOKEN_TABLE, POSTGRES_TOKEN_SQL.create),
     (POSTGRES_HEALTH_TABLE, POSTGRES_HEALTH_SQL.create),
 )
+
+
+# -- rows <-> records, in the tables' column order (both backends) ------------------------
+
+
+def state_rows(entries: Iterable[tuple[Key, ScannedState]]) -> list[tuple[Any, ...]]:
+    """The scan-state rows to write, one per ``(key, state)``."""
+    return [(k[0], k[1], s.uidvalidity, s.uidnext, s.scanned_at, s.removed_at) for k, s in entries]
+
+
+def states_of(rows: Iterable[Sequence[Any]]) -> dict[Key, ScannedState]:
+    """The scan states in ``rows`` (as :attr:`StateSql.select_all` reads them), by key."""
+    return {(r[0], r[1]): ScannedState(r[2], r[3], r[4], r[5]) for r in rows}
+
+
+def token_row(conn_id: str, stored: StoredRefreshToken) -> tuple[Any, ...]:
+    """The rotated-token row to write for ``conn_id``."""
+    return (conn_id, stored.encrypted, stored.replaces, stored.updated_at)
+
+
+def tokens_of(rows: Iterable[Sequence[Any]]) -> dict[str, StoredRefreshToken]:
+    """The stored rotated tokens in ``rows``, by connection id."""
+    return {r[0]: StoredRefreshToken(r[1], r[2], r[3]) for r in rows}
+
+
+def health_rows(entries: Iterable[tuple[str, ReportedHealth]]) -> list[tuple[Any, ...]]:
+    """The health-reported rows to write, one per ``(connection id, health)``."""
+    return [(i, h.state, h.reason, h.reported_at) for i, h in entries]
+
+
+def healths_of(rows: Iterable[Sequence[Any]]) -> dict[str, ReportedHealth]:
+    """The health reported in ``rows``, by connection id."""
+    return {r[0]: ReportedHealth(r[1], r[2], r[3]) for r in rows}
