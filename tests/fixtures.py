@@ -25,6 +25,7 @@ __all__ = [
     "ROW_PASSWORD",
     "Handler",
     "RecordingLog",
+    "Wire",
     "accept_all",
     "connection_row",
     "mail_connection",
@@ -133,3 +134,21 @@ def mock_webhook(
     """:func:`webhook_client` in memory, to a made-up URL, accepting everything unless
     ``handler`` says otherwise."""
     return webhook_client(url, handler, total_timeout=total_timeout)
+
+
+class Wire:
+    """What :class:`~trio_idle.imap.aioimap.ImapProtocol` writes to in place of an asyncio
+    transport (``connection_made(Wire())``): records the bytes written and the close."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
