@@ -10,16 +10,49 @@ is :mod:`tests.harness`, which imports the whole runtime). A unit test that need
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 import httpx
 from trio_idle_testing.recording_log import RecordingLog
 
 from trio_idle.accounts.connections import AUTH_PASSWORD, MailConnection
 from trio_idle.backend.webhook import ATTEMPT_GRACE, BackendAuth, WebhookClient, backend_http
+from trio_idle.core.crypto import derive_key, encrypt_password
 from trio_idle.core.secret import Secret
 
-__all__ = ["Handler", "RecordingLog", "accept_all", "mail_connection", "mock_webhook"]
+__all__ = [
+    "ROW_KEY",
+    "ROW_PASSWORD",
+    "Handler",
+    "RecordingLog",
+    "Wire",
+    "accept_all",
+    "connection_row",
+    "mail_connection",
+    "mock_webhook",
+]
+
+
+#: the key :func:`connection_row` encrypts its password with, and that password
+ROW_KEY: Final = derive_key("K" * 32)
+ROW_PASSWORD: Final = "imap-Passw0rd!"
+
+
+def connection_row(**changes: Any) -> dict[str, Any]:
+    """A valid row of the connection table, as the source reads it: connection ``c1`` of
+    ``alice@example.com`` with :data:`ROW_PASSWORD` encrypted under :data:`ROW_KEY` (as
+    the Node backend does), then ``changes`` (column name → value) applied."""
+    row: dict[str, Any] = {
+        "id": "c1",
+        "userId": "u1",
+        "email": "alice@example.com",
+        "imapHost": "imap.example.com",
+        "imapPort": 993,
+        "imapUser": "alice",
+        "encryptedPassword": encrypt_password(ROW_PASSWORD, ROW_KEY),
+    }
+    row.update(changes)
+    return row
 
 
 def mail_connection(
@@ -101,3 +134,21 @@ def mock_webhook(
     """:func:`webhook_client` in memory, to a made-up URL, accepting everything unless
     ``handler`` says otherwise."""
     return webhook_client(url, handler, total_timeout=total_timeout)
+
+
+class Wire:
+    """What :class:`~trio_idle.imap.aioimap.ImapProtocol` writes to in place of an asyncio
+    transport (``connection_made(Wire())``): records the bytes written and the close."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import pytest
 import trio
 import trio_asyncio
@@ -12,7 +15,7 @@ from tests.fixtures import mail_connection
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.core.errors import ImapAuthError
 from trio_idle.core.secret import Secret
-from trio_idle.imap.client import ImapTimeouts
+from trio_idle.imap.client import ImapConnection, ImapTimeouts
 from trio_idle.imap.connect import connect
 
 A = "alice@oauth.test"
@@ -29,20 +32,26 @@ def setup(server: ImapTestServer, mechanisms: tuple[str, ...], sasl_ir: bool) ->
     return mail_connection("c", user_id=None, email=A, port=server.port, auth=AUTH_OAUTH2)
 
 
+@contextlib.asynccontextmanager
+async def connected(conn: MailConnection) -> AsyncIterator[ImapConnection]:
+    """A plain-text connection to ``conn``'s server, not signed in yet; LOGOUT after."""
+    async with trio_asyncio.open_loop():
+        imap = await connect(conn, security="plain", context=None, timeouts=TIMEOUTS)
+        try:
+            yield imap
+        finally:
+            with trio.CancelScope(shield=True):
+                await imap.logout(1.0)
+
+
 @pytest.mark.parametrize("mechanisms", [("XOAUTH2",), ("XOAUTH2", "OAUTHBEARER")])
 @pytest.mark.parametrize("sasl_ir", [True, False])
 async def test_a_good_token_signs_in(
     server: ImapTestServer, mechanisms: tuple[str, ...], sasl_ir: bool
 ) -> None:
-    conn = setup(server, mechanisms, sasl_ir)
-    async with trio_asyncio.open_loop():
-        imap = await connect(conn, security="plain", context=None, timeouts=TIMEOUTS)
-        try:
-            await imap.authenticate_oauth2(A, GOOD)
-            state = await imap.select("INBOX")  # only valid once signed in
-        finally:
-            with trio.CancelScope(shield=True):
-                await imap.logout(1.0)
+    async with connected(setup(server, mechanisms, sasl_ir)) as imap:
+        await imap.authenticate_oauth2(A, GOOD)
+        state = await imap.select("INBOX")  # only valid once signed in
     assert state.exists == 0
     assert server.stats.logins == 1
     want = "OAUTHBEARER" if "OAUTHBEARER" in mechanisms else "XOAUTH2"
@@ -55,15 +64,9 @@ async def test_a_good_token_signs_in(
 async def test_a_bad_token_gets_the_error_dance_and_its_status(
     server: ImapTestServer, mechanisms: tuple[str, ...], sasl_ir: bool
 ) -> None:
-    conn = setup(server, mechanisms, sasl_ir)
-    async with trio_asyncio.open_loop():
-        imap = await connect(conn, security="plain", context=None, timeouts=TIMEOUTS)
-        try:
-            with trio.fail_after(10), pytest.raises(ImapAuthError) as info:
-                await imap.authenticate_oauth2(A, BAD)
-        finally:
-            with trio.CancelScope(shield=True):
-                await imap.logout(1.0)
+    async with connected(setup(server, mechanisms, sasl_ir)) as imap:
+        with trio.fail_after(10), pytest.raises(ImapAuthError) as info:
+            await imap.authenticate_oauth2(A, BAD)
     error = info.value
     assert error.sasl_status == "401" and error.mechanism == (
         "OAUTHBEARER" if "OAUTHBEARER" in mechanisms else "XOAUTH2"

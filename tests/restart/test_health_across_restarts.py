@@ -18,7 +18,7 @@ from trio_idle_testing import ImapTestServer
 from trio_idle_testing.backend import ScanBackend
 
 from tests.harness import ListSource, make_settings, poll_until, row, running_daemon
-from tests.servers.postgres import execute_sql
+from tests.restart.conftest import state_settings
 from trio_idle.runtime.daemon import Daemon
 from trio_idle.state.tables import POSTGRES_MIGRATIONS
 
@@ -27,21 +27,10 @@ HEALTHY = [f"h{i}@health-restart.test" for i in range(5)]
 CHANGED = "changed@health-restart.test"
 
 
-@pytest.fixture
-async def server(nursery: trio.Nursery) -> ImapTestServer:
-    imap = ImapTestServer(keepalive_interval=None)
-    await nursery.start(imap.serve)
-    return imap
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def state_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    if request.param == "sqlite":
-        return {"TRIO_IDLE_STATE": "sqlite", "TRIO_IDLE_STATE_PATH": str(tmp_path / "s.db")}
-    dsn: str = request.getfixturevalue("pg_dsn")
-    for _table, statement in POSTGRES_MIGRATIONS:  # what `trio-idle db migrate` runs
-        execute_sql(dsn, statement)
-    return {"TRIO_IDLE_STATE": "postgres", "DATABASE_URL": dsn}
+    # every table `trio-idle db migrate` creates
+    return state_settings(request, tmp_path, *(statement for _, statement in POSTGRES_MIGRATIONS))
 
 
 def reported(backend: ScanBackend, conn_id: str) -> list[str]:

@@ -24,6 +24,7 @@ from tests.harness import (
     row,
     running_daemon,
 )
+from tests.restart.conftest import state_settings
 from tests.servers.postgres import execute_sql, fetch_sql
 from trio_idle.runtime.daemon import Daemon
 from trio_idle.state.tables import POSTGRES_DDL, POSTGRES_TABLE
@@ -36,21 +37,11 @@ def users(n: int) -> list[str]:
     return [f"r{i}@restart.test" for i in range(n)]
 
 
-@pytest.fixture
-async def server(nursery: trio.Nursery) -> ImapTestServer:
-    imap = ImapTestServer(keepalive_interval=None)
-    await nursery.start(imap.serve)
-    return imap
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def state_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    """Settings selecting each state backend; the Postgres one uses a fresh database."""
-    if request.param == "sqlite":
-        return {"TRIO_IDLE_STATE": "sqlite", "TRIO_IDLE_STATE_PATH": str(tmp_path / "s.db")}
-    dsn: str = request.getfixturevalue("pg_dsn")
-    execute_sql(dsn, POSTGRES_DDL)  # what `trio-idle db migrate` does (tested below)
-    return {"TRIO_IDLE_STATE": "postgres", "DATABASE_URL": dsn}
+    """Settings selecting each state backend; the Postgres one uses a fresh database with
+    the state table only (`trio-idle db migrate` is tested below)."""
+    return state_settings(request, tmp_path, POSTGRES_DDL)
 
 
 def forget_state(env: dict[str, str]) -> None:

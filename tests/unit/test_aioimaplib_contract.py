@@ -22,6 +22,7 @@ from typing import Any
 import aioimaplib
 import pytest
 
+from tests.fixtures import Wire
 from trio_idle.imap import aioimap
 from trio_idle.imap.aioimap import (
     AUTH,
@@ -173,24 +174,8 @@ def test_a_changed_signature_and_a_new_constructor_attribute_are_named(
 
 
 # -- the parser still fills the adapter's commands as the connection expects ---------
-
-
-class Wire:
-    """The transport subset the protocol writes to (the tests below run in trio: the
-    monitor reads its clock)."""
-
-    def __init__(self) -> None:
-        self.written = b""
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
+#
+# The tests below run in trio: the push monitor reads its clock.
 
 
 def connected(state: str = SELECTED) -> tuple[ImapProtocol, PushMonitor, Wire]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures import ROW_KEY, ROW_PASSWORD, connection_row
 from trio_idle.accounts.connections import (
     AUTH_OAUTH2,
     AUTH_PASSWORD,
@@ -19,24 +20,14 @@ from trio_idle.accounts.providers import preset_named
 from trio_idle.accounts.source_file import rows_from_toml
 from trio_idle.core.crypto import derive_key, encrypt_password
 
-KEY = derive_key("K" * 32)
+KEY = ROW_KEY
 OTHER_KEY = derive_key("Z" * 32)
-PASSWORD = "imap-Passw0rd!"
+PASSWORD = ROW_PASSWORD
 REFRESH = "1//0g-refresh-token-sentinel-L"
 
 
 def row(**changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "id": "c1",
-        "userId": "u1",
-        "email": "alice@example.com",
-        "imapHost": "imap.example.com",
-        "imapPort": 993,
-        "imapUser": None,
-        "encryptedPassword": encrypt_password(PASSWORD, KEY),
-    }
-    base.update(changes)
-    return base
+    return connection_row(imapUser=None) | changes
 
 
 def good(r: dict[str, Any]) -> MailConnection:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures import ROW_KEY, ROW_PASSWORD, connection_row
 from trio_idle.accounts.connections import (
     MailConnection,
     RowProblem,
@@ -17,23 +18,13 @@ from trio_idle.accounts.source_file import rows_from_toml
 from trio_idle.core.crypto import decrypt_password, derive_key, encrypt_password
 from trio_idle.core.errors import SourceError
 
-KEY = derive_key("K" * 32)
+KEY = ROW_KEY
 OTHER_KEY = derive_key("Z" * 32)
-PASSWORD = "imap-Passw0rd!"
+PASSWORD = ROW_PASSWORD
 
 
 def row(**changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "id": "c1",
-        "userId": "u1",
-        "email": "alice@example.com",
-        "imapHost": "imap.example.com",
-        "imapPort": 993,
-        "imapUser": "alice",
-        "encryptedPassword": encrypt_password(PASSWORD, KEY),
-    }
-    base.update(changes)
-    return base
+    return connection_row(**changes)
 
 
 def problem(r: dict[str, Any], key: bytes = KEY) -> RowProblem:

@@ -6,26 +6,12 @@ commands and counters out."""
 
 from __future__ import annotations
 
+from tests.fixtures import Wire
 from trio_idle.imap.aioimap import SELECTED, STEP_PARTS, Command, ImapProtocol
 from trio_idle.imap.framing import DEFAULT_LIMITS, MAX_LITERALS
 from trio_idle.imap.push_monitor import PushMonitor
 
 ONE = b"* 1 FETCH (UID 1 ENVELOPE (NIL %s))\r\n" % (b"{1}\r\nx " * 31,)
-
-
-class Wire:
-    def __init__(self) -> None:
-        self.written = b""
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
 
 
 def fetching() -> tuple[ImapProtocol, Command, PushMonitor]:

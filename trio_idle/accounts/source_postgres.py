@@ -12,20 +12,15 @@ from typing import Any
 
 import asyncpg
 import trio
-import trio_asyncio
 
 from trio_idle.core.errors import SourceError
 from trio_idle.core.scrub import MASK, Scrubber, url_secrets
 from trio_idle.core.secret import Secret
+from trio_idle.net.pg_call import pg_call
 
 
-async def _aio_fetch(dsn: str, query: str, seconds: float) -> list[dict[str, Any]]:
-    conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=seconds)
-    try:
-        records = await conn.fetch(query, timeout=seconds)
-    finally:
-        await conn.close(timeout=5)
-    return [dict(r) for r in records]
+async def _fetch_dicts(conn: Any, query: str, seconds: float) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch(query, timeout=seconds)]
 
 
 class PostgresSource:
@@ -43,10 +38,9 @@ class PostgresSource:
     async def fetch(self) -> list[dict[str, Any]]:
         try:
             with trio.fail_after(self._timeout + 5):
-                rows: list[dict[str, Any]] = await trio_asyncio.aio_as_trio(_aio_fetch)(
-                    self._dsn.reveal(), self._query, self._timeout
+                return await pg_call(
+                    self._dsn, self._timeout, _fetch_dicts, self._query, self._timeout
                 )
-                return rows
         except trio.TooSlowError:
             raise SourceError(f"database did not answer within {self._timeout:g}s") from None
         except asyncpg.PostgresError as exc:

@@ -39,8 +39,9 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
+import attrs
 import httpx
 import trio
 
@@ -160,6 +161,7 @@ def _parse_token(status: int, body: bytes, now: float) -> AccessToken | TokenUna
     return AccessToken(Secret(token), expires_at, user, source=SOURCE_NAME)
 
 
+@attrs.define(eq=False, repr=False)
 class BackendTokenSource:
     """Tokens from the backend's endpoint, cached per connection (see the module doc).
 
@@ -169,27 +171,18 @@ class BackendTokenSource:
     :meth:`aclose` when done (it closes ``http``).
     """
 
-    name: Final = SOURCE_NAME
+    name: ClassVar[str] = SOURCE_NAME
 
-    def __init__(
-        self,
-        url: str,
-        auth: BackendAuth,
-        http: HttpClient,
-        *,
-        refresh_ahead: float,
-        now: Callable[[], float] = time.time,
-    ) -> None:
-        self.url = url
-        self.refresh_ahead = refresh_ahead
-        self.auth = auth
-        self.http = http
-        self._now = now
-        self._cache: dict[str, AccessToken] = {}
-        self._locks: dict[str, trio.Lock] = {}
-        self._sweep_at = 64
-        #: requests sent (for tests and ``check``)
-        self.requests = 0
+    url: str
+    auth: BackendAuth
+    http: HttpClient
+    refresh_ahead: float = attrs.field(kw_only=True)
+    _now: Callable[[], float] = attrs.field(default=time.time, kw_only=True)
+    _cache: dict[str, AccessToken] = attrs.field(factory=dict, init=False)
+    _locks: dict[str, trio.Lock] = attrs.field(factory=dict, init=False)
+    _sweep_at: int = attrs.field(default=64, init=False)
+    #: requests sent (for tests and ``check``)
+    requests: int = attrs.field(default=0, init=False)
 
     @classmethod
     def from_settings(

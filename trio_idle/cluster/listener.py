@@ -41,6 +41,7 @@ from loguru import logger
 from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.scrub import Scrubber, url_secrets
 from trio_idle.core.secret import Secret
+from trio_idle.net.pg_call import pg_call
 
 #: the channel the trigger notifies and the listener LISTENs on
 CHANNEL: Final = "trio_idle_connections"
@@ -114,20 +115,14 @@ class NotifySql:
         )
 
 
-async def _pg_script(dsn: str, script: str, seconds: float) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=seconds)
-    try:
-        await conn.execute(script, timeout=seconds)
-    finally:
-        await conn.close(timeout=5)
+async def _execute(conn: Any, script: str, seconds: float) -> None:
+    await conn.execute(script, timeout=seconds)
 
 
 async def run_notify_script(dsn: Secret, script: str, seconds: float) -> None:
     """Run an install/remove script (inside a trio-asyncio loop), bounded by ``seconds``."""
     with trio.fail_after(seconds + 5):
-        await trio_asyncio.aio_as_trio(_pg_script)(dsn.reveal(), script, seconds)
+        await pg_call(dsn, seconds, _execute, script, seconds)
 
 
 class Debouncer:

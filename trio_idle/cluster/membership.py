@@ -40,11 +40,11 @@ from typing import Any, Final, Protocol
 
 import attrs
 import trio
-import trio_asyncio
 from loguru import logger
 
 from trio_idle.core.scrub import PLAIN, Scrubs
 from trio_idle.core.secret import Secret
+from trio_idle.net.pg_call import pg_call
 
 #: the membership table's name (Postgres)
 MEMBERSHIP_TABLE: Final = "trio_idle_instance"
@@ -129,17 +129,6 @@ class MembershipDb(Protocol):
     async def leave(self, instance_id: str) -> None: ...
 
 
-async def _pg_call(dsn: str, fn: Any, *args: Any) -> Any:
-    import asyncpg
-
-    # no connect timeout of its own: the caller's trio deadline bounds the whole call
-    conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=60)
-    try:
-        return await fn(conn, *args)
-    finally:
-        await conn.close(timeout=5)
-
-
 async def _pg_beat(conn: Any, instance_id: str, ttl: float) -> list[Any]:
     return list(await conn.fetch(MEMBERSHIP_SQL.beat, instance_id, ttl))
 
@@ -159,19 +148,21 @@ class PostgresMembership:
     def __init__(self, dsn: Secret) -> None:
         self._dsn = dsn
 
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        # no connect timeout of its own: the caller's trio deadline bounds the whole call
+        return await pg_call(self._dsn, 60, fn, *args)
+
     async def migrate(self) -> None:
-        await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_migrate)
+        await self._call(_pg_migrate)
 
     async def beat(self, instance_id: str, ttl: float) -> Beat:
-        rows = await trio_asyncio.aio_as_trio(_pg_call)(
-            self._dsn.reveal(), _pg_beat, instance_id, ttl
-        )
+        rows = await self._call(_pg_beat, instance_id, ttl)
         members = tuple(sorted((Member(r[0], float(r[1])) for r in rows), key=_member_key))
         db_now = float(rows[0][2]) if rows else math.nan
         return Beat(members, db_now)
 
     async def leave(self, instance_id: str) -> None:
-        await trio_asyncio.aio_as_trio(_pg_call)(self._dsn.reveal(), _pg_leave, instance_id)
+        await self._call(_pg_leave, instance_id)
 
 
 def _member_key(member: Member) -> str:

@@ -128,11 +128,7 @@ def _assignments(text: str) -> list[tuple[str, str]]:
             elif c == "=":
                 state, value, value_ws = "pre_value", [], None
             else:
-                if c not in _WHITESPACE:
-                    key_ws = None
-                elif key_ws is None:
-                    key_ws = len(key)
-                key.append(c)
+                key_ws = _append(key, c, key_ws)
         elif state == "pre_value":
             if c in _NEWLINE:
                 push(strip_value=False)
@@ -153,11 +149,7 @@ def _assignments(text: str) -> list[tuple[str, str]]:
             elif c == "\\":
                 state, value_ws = "value_escape", None
             else:
-                if c not in _WHITESPACE:
-                    value_ws = None
-                elif value_ws is None:
-                    value_ws = len(value)
-                value.append(c)
+                value_ws = _append(value, c, value_ws)
         elif state == "value_escape":
             state = "value"
             if c not in _NEWLINE:  # an escaped newline joins the lines
@@ -191,3 +183,14 @@ def _assignments(text: str) -> list[tuple[str, str]]:
     if state in ("pre_value", "value", "value_escape", "single", "double", "double_escape"):
         push(strip_value=state == "value")
     return out
+
+
+def _append(chars: list[str], c: str, blanks_from: int | None) -> int | None:
+    """Append ``c`` to an unquoted key or value; returns where its trailing whitespace
+    now starts (``blanks_from`` before ``c``; ``None``: it ends in no whitespace)."""
+    if c not in _WHITESPACE:
+        blanks_from = None
+    elif blanks_from is None:
+        blanks_from = len(chars)
+    chars.append(c)
+    return blanks_from

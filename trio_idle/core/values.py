@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Final
+from typing import Final, TypeVar
 
 from trio_idle.core.secret import Secret
 
@@ -58,46 +58,37 @@ def parse_buffer_size(text: str) -> int:
     return value
 
 
-def parse_positive_int(text: str) -> int:
+_N = TypeVar("_N", int, float)
+
+
+def _number(text: str, kind: Callable[[str], _N], accept: Callable[[_N], bool], what: str) -> _N:
+    """``text`` as a ``kind`` that ``accept`` takes, else :class:`ValueError` saying it
+    expected ``what`` (NaN is refused: no comparison holds for it)."""
     try:
-        value = int(text.strip())
+        value = kind(text.strip())
     except ValueError:
-        raise ValueError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"expected a positive integer, got {text!r}")
+        raise ValueError(f"expected {what}, got {text!r}") from None
+    if not accept(value):
+        raise ValueError(f"expected {what}, got {text!r}")
     return value
+
+
+def parse_positive_int(text: str) -> int:
+    return _number(text, int, lambda value: value > 0, "a positive integer")
 
 
 def parse_positive_float(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise ValueError(f"expected a positive number, got {text!r}")
-    return value
+    return _number(text, float, lambda value: value > 0, "a positive number")
 
 
 def parse_fraction(text: str) -> float:
     """A number from 0 to 1, both included."""
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise ValueError(f"expected a number between 0 and 1, got {text!r}")
-    return value
+    return _number(text, float, lambda value: 0 <= value <= 1, "a number between 0 and 1")
 
 
 def parse_share(text: str) -> float:
     """A number above 0 and at most 1 (a share that cannot be nothing)."""
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a number above 0 and at most 1, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise ValueError(f"expected a number above 0 and at most 1, got {text!r}")
-    return value
+    return _number(text, float, lambda value: 0 < value <= 1, "a number above 0 and at most 1")
 
 
 _TRUE: Final = frozenset({"true", "1", "yes"})
@@ -194,13 +185,11 @@ _INSTANCE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 def parse_instance_id(text: str) -> str:
     """A process's name among its peers: 1 to 128 letters, digits or ``. _ : @ -``."""
-    text = text.strip()
-    if not _INSTANCE_ID.fullmatch(text):
-        raise ValueError(
-            "expected 1 to 128 letters, digits or . _ : @ - (starting with a letter or "
-            f"digit), got {text!r}"
-        )
-    return text
+    return _matching(
+        text.strip(),
+        _INSTANCE_ID,
+        "1 to 128 letters, digits or . _ : @ - (starting with a letter or digit)",
+    )
 
 
 _IDENT = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")'
@@ -210,10 +199,15 @@ _TABLE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})?$")
 def parse_table_name(text: str) -> str:
     """A table name for SQL: ``name``, ``"Quoted"`` or ``schema.name`` (either part
     quoted or not); anything else (spaces, semicolons, ...) is refused."""
+    return _matching(
+        text, _TABLE, 'a table name such as "MailConnection" or public.mail_connection'
+    )
+
+
+def _matching(text: str, pattern: re.Pattern[str], what: str) -> str:
+    """``text`` without surrounding blanks when ``pattern`` matches all of it, else
+    :class:`ValueError` saying it expected ``what``."""
     value = text.strip()
-    if not _TABLE.match(value):
-        raise ValueError(
-            'expected a table name such as "MailConnection" or public.mail_connection, '
-            f"got {text!r}"
-        )
+    if not pattern.fullmatch(value):
+        raise ValueError(f"expected {what}, got {text!r}")
     return value

@@ -84,7 +84,7 @@ async def run_scans(
     Catch-up scans (``startup``/``reconnect``) first wait for a global pacer slot, unless
     new mail (EXISTS/tick) arrives meanwhile: then the scan goes at once, as ``exists``.
     """
-    hooks = hooks or ScanHooks()
+    worker = _ScanWorker(conn, coalescer, webhook, policy, stats, log, rng, hooks or ScanHooks())
     try:
         while True:
             # cancelled, a pending scan is not taken (and so not lost)
@@ -92,103 +92,100 @@ async def run_scans(
             reason = coalescer.take_next()
             if reason is None:
                 return
-            await _scan(reason, conn, coalescer, webhook, policy, stats, log, rng, hooks)
+            await worker.scan(reason)
     finally:
         coalescer.task_ended()
 
 
-async def _scan(
-    reason: str,
-    conn: MailConnection,
-    coalescer: ScanCoalescer,
-    webhook: WebhookClient,
-    policy: ScanPolicy,
-    stats: Stats,
-    log: Logger,
-    rng: random.Random,
-    hooks: ScanHooks,
-) -> None:
-    """One taken (active) scan: pace it, fix its range, deliver it; always ``done()``."""
-    try:
-        pacer = hooks.pacer if reason in PACED_REASONS else None
-        if pacer is not None and await coalescer.wait_paced(pacer):
-            reason = "exists"
-        covered = hooks.covered()
-        span = hooks.range_for(covered)
-        messages: tuple[Envelope, ...] | None = None
-        if hooks.new_mail is not None and span.since_uid is not None:
-            found = await hooks.new_mail(span.since_uid)
-            if found is not None:
-                messages = found.envelopes
-                stats.inc("envelope_fetches", "listed" if messages is not None else "range")
-                if found.uids and covered is not None and covered.uidnext is not None:
-                    # the backend's own search comes later, so it sees these too
-                    top = max(covered.uidnext, found.uids[-1] + 1)
-                    covered = attrs.evolve(covered, uidnext=top)
-            else:
-                stats.inc("envelope_fetches", "unavailable")
-        delivered = await deliver(
-            conn, reason, coalescer, webhook, policy, stats, log, rng, span, messages
-        )
-        if delivered and covered is not None:
-            hooks.on_success(covered)
-    finally:
-        coalescer.done()
+@attrs.frozen
+class _ScanWorker:
+    """What every scan of one connection's worker task needs (:func:`run_scans`)."""
 
+    conn: MailConnection
+    coalescer: ScanCoalescer
+    webhook: WebhookClient
+    policy: ScanPolicy
+    stats: Stats
+    log: Logger
+    rng: random.Random
+    hooks: ScanHooks
 
-async def deliver(
-    conn: MailConnection,
-    reason: str,
-    coalescer: ScanCoalescer,
-    webhook: WebhookClient,
-    policy: ScanPolicy,
-    stats: Stats,
-    log: Logger,
-    rng: random.Random,
-    span: ScanRange = NO_RANGE,
-    messages: tuple[Envelope, ...] | None = None,
-) -> bool:
-    """Send one scan until the backend answers 2xx (True) or refuses it for good (False)."""
-    job = ScanJob(
-        conn.id, conn.user_id, conn.email, policy.mailbox, reason, span=span, messages=messages
-    )
-    prefix = log_prefix(conn.email)
-    # the id the backend sees as x-scan-id: every line of this scan names it, so the
-    # scan can be followed into the backend's logs
-    scan = f"(scan {job.scan_id})"
-    retry = BackoffPolicy(policy.retry_initial, policy.retry_max, jitter=SCAN_RETRY_JITTER)
-    attempt = 0
-    while True:
-        attempt += 1
-        stats.inc("scans_sent", reason)
-        reply = await webhook.send(job)
-        if reply.verdict is Verdict.OK:
-            stats.inc("scans_ok")
-            took = None
-            if coalescer.active_since is not None:
-                took = trio.current_time() - coalescer.active_since
-                stats.scan_latency.observe(took)
-            done = log.bind(scan_id=job.scan_id, duration=took)
-            if reply.scanned is None:
-                done.warning(f"{prefix} scan-triggered → {reply.detail} {scan}")
-            else:
-                done.info(
-                    f"{prefix} scan-triggered → scanned={reply.scanned} "
-                    f"blocked={reply.blocked} {scan}"
-                )
-            return True
-        label = str(reply.status) if reply.status is not None else "network"
-        failed = log.bind(
-            scan_id=job.scan_id, error_kind=f"http_{label}" if reply.status else label
+    async def scan(self, reason: str) -> None:
+        """One taken (active) scan: pace it, fix its range, deliver it; always ``done()``."""
+        hooks, stats = self.hooks, self.stats
+        try:
+            pacer = hooks.pacer if reason in PACED_REASONS else None
+            if pacer is not None and await self.coalescer.wait_paced(pacer):
+                reason = "exists"
+            covered = hooks.covered()
+            span = hooks.range_for(covered)
+            messages: tuple[Envelope, ...] | None = None
+            if hooks.new_mail is not None and span.since_uid is not None:
+                found = await hooks.new_mail(span.since_uid)
+                if found is not None:
+                    messages = found.envelopes
+                    stats.inc("envelope_fetches", "listed" if messages is not None else "range")
+                    if found.uids and covered is not None and covered.uidnext is not None:
+                        # the backend's own search comes later, so it sees these too
+                        top = max(covered.uidnext, found.uids[-1] + 1)
+                        covered = attrs.evolve(covered, uidnext=top)
+                else:
+                    stats.inc("envelope_fetches", "unavailable")
+            delivered = await self.deliver(reason, span, messages)
+            if delivered and covered is not None:
+                hooks.on_success(covered)
+        finally:
+            self.coalescer.done()
+
+    async def deliver(
+        self,
+        reason: str,
+        span: ScanRange = NO_RANGE,
+        messages: tuple[Envelope, ...] | None = None,
+    ) -> bool:
+        """Send one scan until the backend answers 2xx (True) or refuses it for good
+        (False)."""
+        conn, policy, stats, log = self.conn, self.policy, self.stats, self.log
+        job = ScanJob(
+            conn.id, conn.user_id, conn.email, policy.mailbox, reason, span=span, messages=messages
         )
-        if reply.verdict is Verdict.REJECT:
-            stats.inc("scans_failed", label)
-            failed.error(f"{prefix} scan rejected: {reply.detail} {scan}")
-            return False
-        stats.inc("scans_retried", label)
-        delay = retry.delay(attempt, rng, hint=reply.retry_after)
-        failed.bind(duration=delay).warning(
-            f"{prefix} scan failed: {reply.detail}; retrying in "
-            f"{human_duration(delay)} (attempt {attempt + 1}) {scan}"
-        )
-        await trio.sleep(delay)
+        prefix = log_prefix(conn.email)
+        # the id the backend sees as x-scan-id: every line of this scan names it, so the
+        # scan can be followed into the backend's logs
+        scan = f"(scan {job.scan_id})"
+        retry = BackoffPolicy(policy.retry_initial, policy.retry_max, jitter=SCAN_RETRY_JITTER)
+        attempt = 0
+        while True:
+            attempt += 1
+            stats.inc("scans_sent", reason)
+            reply = await self.webhook.send(job)
+            if reply.verdict is Verdict.OK:
+                stats.inc("scans_ok")
+                took = None
+                if self.coalescer.active_since is not None:
+                    took = trio.current_time() - self.coalescer.active_since
+                    stats.scan_latency.observe(took)
+                done = log.bind(scan_id=job.scan_id, duration=took)
+                if reply.scanned is None:
+                    done.warning(f"{prefix} scan-triggered → {reply.detail} {scan}")
+                else:
+                    done.info(
+                        f"{prefix} scan-triggered → scanned={reply.scanned} "
+                        f"blocked={reply.blocked} {scan}"
+                    )
+                return True
+            label = str(reply.status) if reply.status is not None else "network"
+            failed = log.bind(
+                scan_id=job.scan_id, error_kind=f"http_{label}" if reply.status else label
+            )
+            if reply.verdict is Verdict.REJECT:
+                stats.inc("scans_failed", label)
+                failed.error(f"{prefix} scan rejected: {reply.detail} {scan}")
+                return False
+            stats.inc("scans_retried", label)
+            delay = retry.delay(attempt, self.rng, hint=reply.retry_after)
+            failed.bind(duration=delay).warning(
+                f"{prefix} scan failed: {reply.detail}; retrying in "
+                f"{human_duration(delay)} (attempt {attempt + 1}) {scan}"
+            )
+            await trio.sleep(delay)

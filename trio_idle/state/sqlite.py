@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
 
+from trio_idle.state import tables
 from trio_idle.state.records import Key, ReportedHealth, ScannedState, StoredRefreshToken
-from trio_idle.state.tables import SQLITE_HEALTH_SQL, SQLITE_SQL, SQLITE_TOKEN_SQL
+from trio_idle.state.tables import (
+    SQLITE_HEALTH_SQL,
+    SQLITE_SQL,
+    SQLITE_TOKEN_SQL,
+    ConnectionRowSql,
+    StateSql,
+)
+
+_T = TypeVar("_T")
 
 
 class SqliteBackend:
@@ -28,97 +38,59 @@ class SqliteBackend:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _connect(self, create: str = SQLITE_SQL.create) -> sqlite3.Connection:
+    def _connect(self, create: str) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=10)
         db.execute(create)
         return db
 
-    def _load(self) -> dict[Key, ScannedState]:
-        db = self._connect()
+    def _read(self, sql: StateSql | ConnectionRowSql, of: Callable[[list[Any]], _T]) -> _T:
+        """``of`` every row of ``sql``'s table (blocking: run in a worker thread)."""
+        db = self._connect(sql.create)
         try:
-            rows = db.execute(SQLITE_SQL.select_all).fetchall()
+            rows = db.execute(sql.select_all).fetchall()
         finally:
             db.close()
-        return {(r[0], r[1]): ScannedState(r[2], r[3], r[4], r[5]) for r in rows}
+        return of(rows)
 
-    def _write(self, upserts: Sequence[tuple[Key, ScannedState]], deletes: Sequence[Key]) -> None:
-        db = self._connect()
+    def _write(
+        self,
+        sql: StateSql | ConnectionRowSql,
+        upserts: Sequence[Sequence[Any]],
+        deletes: Sequence[Sequence[Any]],
+    ) -> None:
+        """Upsert and delete these rows of ``sql``'s table in one transaction (blocking)."""
+        db = self._connect(sql.create)
         try:
             with db:
-                db.executemany(
-                    SQLITE_SQL.upsert,
-                    [
-                        (k[0], k[1], s.uidvalidity, s.uidnext, s.scanned_at, s.removed_at)
-                        for k, s in upserts
-                    ],
-                )
-                db.executemany(SQLITE_SQL.delete, deletes)
+                db.executemany(sql.upsert, upserts)
+                db.executemany(sql.delete, deletes)
         finally:
             db.close()
 
     async def load_all(self) -> dict[Key, ScannedState]:
-        return await trio.to_thread.run_sync(self._load)
+        return await trio.to_thread.run_sync(self._read, SQLITE_SQL, tables.states_of)
 
     async def write(
         self, upserts: Sequence[tuple[Key, ScannedState]], deletes: Sequence[Key]
     ) -> None:
-        await trio.to_thread.run_sync(self._write, upserts, deletes)
-
-    def _load_tokens(self) -> dict[str, StoredRefreshToken]:
-        db = self._connect(SQLITE_TOKEN_SQL.create)
-        try:
-            rows = db.execute(SQLITE_TOKEN_SQL.select_all).fetchall()
-        finally:
-            db.close()
-        return {r[0]: StoredRefreshToken(r[1], r[2], r[3]) for r in rows}
-
-    def _save_token(self, conn_id: str, stored: StoredRefreshToken) -> None:
-        db = self._connect(SQLITE_TOKEN_SQL.create)
-        try:
-            with db:
-                db.execute(
-                    SQLITE_TOKEN_SQL.upsert,
-                    (conn_id, stored.encrypted, stored.replaces, stored.updated_at),
-                )
-        finally:
-            db.close()
+        await trio.to_thread.run_sync(self._write, SQLITE_SQL, tables.state_rows(upserts), deletes)
 
     async def load_tokens(self) -> dict[str, StoredRefreshToken]:
-        return await trio.to_thread.run_sync(self._load_tokens)
+        return await trio.to_thread.run_sync(self._read, SQLITE_TOKEN_SQL, tables.tokens_of)
 
     async def save_token(self, conn_id: str, stored: StoredRefreshToken) -> None:
-        await trio.to_thread.run_sync(self._save_token, conn_id, stored)
-
-    def _load_health(self) -> dict[str, ReportedHealth]:
-        db = self._connect(SQLITE_HEALTH_SQL.create)
-        try:
-            rows = db.execute(SQLITE_HEALTH_SQL.select_all).fetchall()
-        finally:
-            db.close()
-        return {r[0]: ReportedHealth(r[1], r[2], r[3]) for r in rows}
-
-    def _write_health(
-        self, upserts: Sequence[tuple[str, ReportedHealth]], deletes: Sequence[str]
-    ) -> None:
-        db = self._connect(SQLITE_HEALTH_SQL.create)
-        try:
-            with db:
-                db.executemany(
-                    SQLITE_HEALTH_SQL.upsert,
-                    [(i, h.state, h.reason, h.reported_at) for i, h in upserts],
-                )
-                db.executemany(SQLITE_HEALTH_SQL.delete, [(i,) for i in deletes])
-        finally:
-            db.close()
+        row = tables.token_row(conn_id, stored)
+        await trio.to_thread.run_sync(self._write, SQLITE_TOKEN_SQL, [row], [])
 
     async def load_health(self) -> dict[str, ReportedHealth]:
-        return await trio.to_thread.run_sync(self._load_health)
+        return await trio.to_thread.run_sync(self._read, SQLITE_HEALTH_SQL, tables.healths_of)
 
     async def write_health(
         self, upserts: Sequence[tuple[str, ReportedHealth]], deletes: Sequence[str]
     ) -> None:
-        await trio.to_thread.run_sync(self._write_health, upserts, deletes)
+        rows, keys = tables.health_rows(upserts), [(i,) for i in deletes]
+        await trio.to_thread.run_sync(self._write, SQLITE_HEALTH_SQL, rows, keys)
 
 
 def default_state_path(env: Mapping[str, str]) -> Path:

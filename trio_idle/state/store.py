@@ -19,12 +19,12 @@ Guarantees:
   crash: the failure is logged and counted, and the daemon starts from an empty state.
 
 The same backends also keep the refresh tokens an OAuth2 provider rotated
-(:class:`~trio_idle.state.tables.TokenSql`, :class:`~trio_idle.state.records.TokenBackend`;
+(:data:`~trio_idle.state.tables.TOKEN_COLUMNS`, :class:`~trio_idle.state.records.TokenBackend`;
 used by :mod:`trio_idle.auth.token_refresh`): one more table in the same file or database,
 written at once rather than batched, since a rotated token lost in a crash can be a grant
 lost.
 
-And the account health last reported per connection (:class:`~trio_idle.state.tables.HealthSql`,
+And the account health last reported per connection (:data:`~trio_idle.state.tables.HEALTH_COLUMNS`,
 :meth:`StateStore.reported_health`; used by :mod:`trio_idle.mailbox.health_reporter`):
 a restart reports only the connections whose health changed, not one report per
 connection. Batched like the scan state; a write lost in a crash costs one repeated
@@ -42,7 +42,8 @@ one: :mod:`~trio_idle.state.backends`), the restart decision in
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import attrs
 import trio
@@ -52,6 +53,9 @@ from trio_idle.core.stats import Stats
 from trio_idle.state.postgres import PostgresBackend
 from trio_idle.state.records import HealthBackend, Key, ReportedHealth, ScannedState, StateBackend
 from trio_idle.state.tables import POSTGRES_HEALTH_TABLE
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 
 class StateStore:
@@ -208,47 +212,54 @@ class StateStore:
         health_ok = await self._flush_health()
         if not (self._dirty or self._deleted):
             return health_ok
-        upserts = [(k, self._state[k]) for k in self._dirty if k in self._state]
-        deletes = list(self._deleted)
-        self._dirty, self._deleted = set(), set()
-        try:
-            await self.backend.write(upserts, deletes)
-        except BaseException as exc:
-            # Keep them for the next try: a failed write, and also one cancelled in flight
-            # (shutdown), which the final flush must redo or the restart rescans them.
-            self._dirty.update(k for k, _ in upserts if k in self._state)
-            self._deleted.update(k for k in deletes if k not in self._state)
-            if not isinstance(exc, Exception):
-                raise
-            self._stats.inc("state_errors", "write")
-            logger.warning(
-                f"[idle/state] cannot write {len(upserts) + len(deletes)} state "
-                f"entries ({self.backend.name}): {type(exc).__name__}: {exc}; "
-                "will retry"
-            )
-            return False
-        self._stats.inc("state_writes", by=len(upserts) + len(deletes))
-        return health_ok
+        written = await self._write(
+            self._state, self._dirty, self._deleted, self.backend.write, "state", self.backend.name
+        )
+        return written and health_ok
 
     async def _flush_health(self) -> bool:
         """:meth:`flush` for the health reported (same guarantees)."""
         backend = self._health_backend
         if backend is None or not (self._health_dirty or self._health_deleted):
             return True
-        upserts = [(i, self._health[i]) for i in self._health_dirty if i in self._health]
-        deletes = list(self._health_deleted)
-        self._health_dirty, self._health_deleted = set(), set()
+        return await self._write(
+            self._health,
+            self._health_dirty,
+            self._health_deleted,
+            backend.write_health,
+            "account health",
+            backend.name,
+        )
+
+    async def _write(
+        self,
+        entries: Mapping[_K, _V],
+        dirty: set[_K],
+        deleted: set[_K],
+        write: Callable[[Sequence[tuple[_K, _V]], Sequence[_K]], Awaitable[None]],
+        what: str,
+        backend_name: str,
+    ) -> bool:
+        """Write the ``dirty`` and ``deleted`` keys of ``entries`` (emptying both sets);
+        on failure, or cancellation, the keys go back into them for the next flush and a
+        failure is logged and counted (False). ``what`` names the entries in the log line."""
+        upserts = [(k, entries[k]) for k in dirty if k in entries]
+        deletes = list(deleted)
+        dirty.clear()
+        deleted.clear()
         try:
-            await backend.write_health(upserts, deletes)
+            await write(upserts, deletes)
         except BaseException as exc:
-            self._health_dirty.update(i for i, _ in upserts if i in self._health)
-            self._health_deleted.update(i for i in deletes if i not in self._health)
+            # Keep them for the next try: a failed write, and also one cancelled in flight
+            # (shutdown), which the final flush must redo or the restart rescans them.
+            dirty.update(k for k, _ in upserts if k in entries)
+            deleted.update(k for k in deletes if k not in entries)
             if not isinstance(exc, Exception):
                 raise
             self._stats.inc("state_errors", "write")
             logger.warning(
-                f"[idle/state] cannot write {len(upserts) + len(deletes)} account health "
-                f"entries ({backend.name}): {type(exc).__name__}: {exc}; will retry"
+                f"[idle/state] cannot write {len(upserts) + len(deletes)} {what} "
+                f"entries ({backend_name}): {type(exc).__name__}: {exc}; will retry"
             )
             return False
         self._stats.inc("state_writes", by=len(upserts) + len(deletes))
@@ -276,29 +287,21 @@ class StateStore:
         logged and counted; the entries in memory stay (at worst one extra scan)."""
         if not isinstance(self.backend, PostgresBackend) or not conn_ids:
             return
-        try:
-            fresh = await self.backend.load_connections(conn_ids)
-        except Exception as exc:
-            self._stats.inc("state_errors", "load")
-            logger.warning(
-                f"[idle/state] cannot read the shared state of {len(conn_ids)} connections "
-                f"that moved here: {type(exc).__name__}: {exc}; using what was loaded before"
-            )
+        backend = self.backend
+        fresh = await self._read_moved(
+            lambda: backend.load_connections(conn_ids), "shared state", len(conn_ids)
+        )
+        if fresh is None:
             return
         for key, state in fresh.items():
             if key not in self._dirty:
                 self._state[key] = state
         if self._health_backend is None:
             return
-        try:
-            health = await self.backend.load_health(conn_ids)
-        except Exception as exc:
-            self._stats.inc("state_errors", "load")
-            logger.warning(
-                f"[idle/state] cannot read the account health reported of {len(conn_ids)} "
-                f"connections that moved here: {type(exc).__name__}: {exc}; using what was "
-                "loaded before"
-            )
+        health = await self._read_moved(
+            lambda: backend.load_health(conn_ids), "account health reported", len(conn_ids)
+        )
+        if health is None:
             return
         for conn_id in conn_ids:
             if conn_id in self._health_dirty:
@@ -307,3 +310,18 @@ class StateStore:
                 self._health[conn_id] = health[conn_id]
             else:
                 self._health.pop(conn_id, None)
+
+    async def _read_moved(
+        self, read: Callable[[], Awaitable[_V]], what: str, count: int
+    ) -> _V | None:
+        """:meth:`reload`'s reads: ``read()``, or ``None`` after a failure, logged and
+        counted (``what`` names what was read of ``count`` connections)."""
+        try:
+            return await read()
+        except Exception as exc:
+            self._stats.inc("state_errors", "load")
+            logger.warning(
+                f"[idle/state] cannot read the {what} of {count} connections that moved "
+                f"here: {type(exc).__name__}: {exc}; using what was loaded before"
+            )
+            return None

@@ -1,16 +1,22 @@
 """The state store's tables, as SQL: one text per statement for SQLite and PostgreSQL.
 
 Three tables, each kept by both backends: the scan state per mailbox (:class:`StateSql`),
-the refresh tokens an OAuth2 provider rotated (:class:`TokenSql`) and the account health
-last reported per connection (:class:`HealthSql`). SQLite creates them on first use;
-PostgreSQL by ``trio-idle db migrate`` (:data:`POSTGRES_MIGRATIONS`). Pure text.
+the refresh tokens an OAuth2 provider rotated (:data:`TOKEN_COLUMNS`) and the account
+health last reported per connection (:data:`HEALTH_COLUMNS`), the last two one row per
+connection (:class:`ConnectionRowSql`). SQLite creates them on first use;
+PostgreSQL by ``trio-idle db migrate`` (:data:`POSTGRES_MIGRATIONS`). Their rows, in
+the tables' column order, to and from the records (:mod:`trio_idle.state.records`) are
+here too, for both backends. Pure.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
 
 import attrs
+
+from trio_idle.state.records import Key, ReportedHealth, ScannedState, StoredRefreshToken
 
 
 @attrs.frozen
@@ -95,85 +101,35 @@ POSTGRES_DDL: Final = POSTGRES_SQL.create
 
 
 @attrs.frozen
-class TokenSql:
-    """Statements of the rotated refresh tokens (:mod:`trio_idle.auth.token_refresh`), in the
-    style of :class:`StateSql`: one text per statement for both backends.
+class ConnectionRowSql:
+    """Statements of a table with one row per connection (``connection_id`` its key), in
+    the style of :class:`StateSql`: one text per statement for both backends.
 
-    One row per connection: the newest refresh token the provider handed out, encrypted
-    like the backend's passwords (``iv:tag:ct``), and the fingerprint of the row's own
-    refresh token it replaced, so that a new token in the row (the user signed in again)
-    wins over it.
+    Writing a row replaces every column of the connection's row; :attr:`columns` are the
+    columns after ``connection_id``, in their order in the table, each with its SQL type.
     """
 
     table: str
     mark: str
+    #: ``(name, type)`` of each column after ``connection_id``
+    columns: tuple[tuple[str, str], ...]
 
     def _param(self, n: int) -> str:
         return f"{self.mark}{n}"
 
     @property
     def create(self) -> str:
+        declared = [("connection_id", "text PRIMARY KEY"), *self.columns]
         return (
             f"CREATE TABLE IF NOT EXISTS {self.table} ("
-            " connection_id text PRIMARY KEY,"
-            " encrypted_token text NOT NULL,"
-            " replaces text NOT NULL,"
-            " updated_at double precision NOT NULL)"
+            + ",".join(f" {name} {type_}" for name, type_ in declared)
+            + ")"
         )
 
     @property
     def select_all(self) -> str:
-        return f"SELECT connection_id, encrypted_token, replaces, updated_at FROM {self.table}"
-
-    @property
-    def upsert(self) -> str:
-        values = ", ".join(self._param(n) for n in range(1, 5))
-        return (
-            f"INSERT INTO {self.table} VALUES ({values}) "
-            "ON CONFLICT (connection_id) DO UPDATE SET "
-            "encrypted_token = excluded.encrypted_token, replaces = excluded.replaces, "
-            "updated_at = excluded.updated_at"
-        )
-
-    @property
-    def delete(self) -> str:
-        return f"DELETE FROM {self.table} WHERE connection_id = {self._param(1)}"
-
-
-SQLITE_TOKEN_SQL: Final = TokenSql("oauth_refresh_token", "?")
-POSTGRES_TOKEN_SQL: Final = TokenSql("trio_idle_oauth_refresh_token", "$")
-POSTGRES_TOKEN_TABLE: Final = POSTGRES_TOKEN_SQL.table
-
-
-@attrs.frozen
-class HealthSql:
-    """Statements of the account health last reported to the backend
-    (:mod:`trio_idle.mailbox.health_reporter`), in the style of :class:`StateSql`.
-
-    One row per connection: the ``state`` and ``reason`` the backend last accepted (or
-    refused for good), so that a restart reports only what changed meanwhile instead of
-    one report per connection.
-    """
-
-    table: str
-    mark: str
-
-    def _param(self, n: int) -> str:
-        return f"{self.mark}{n}"
-
-    @property
-    def create(self) -> str:
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.table} ("
-            " connection_id text PRIMARY KEY,"
-            " state text NOT NULL,"
-            " reason text,"
-            " reported_at double precision NOT NULL)"
-        )
-
-    @property
-    def select_all(self) -> str:
-        return f"SELECT connection_id, state, reason, reported_at FROM {self.table}"
+        names = ", ".join(["connection_id", *(name for name, _ in self.columns)])
+        return f"SELECT {names} FROM {self.table}"
 
     @property
     def select_connections(self) -> str:
@@ -182,12 +138,11 @@ class HealthSql:
 
     @property
     def upsert(self) -> str:
-        values = ", ".join(self._param(n) for n in range(1, 5))
+        values = ", ".join(self._param(n) for n in range(1, len(self.columns) + 2))
+        updates = ", ".join(f"{name} = excluded.{name}" for name, _ in self.columns)
         return (
             f"INSERT INTO {self.table} VALUES ({values}) "
-            "ON CONFLICT (connection_id) DO UPDATE SET "
-            "state = excluded.state, reason = excluded.reason, "
-            "reported_at = excluded.reported_at"
+            f"ON CONFLICT (connection_id) DO UPDATE SET {updates}"
         )
 
     @property
@@ -195,8 +150,30 @@ class HealthSql:
         return f"DELETE FROM {self.table} WHERE connection_id = {self._param(1)}"
 
 
-SQLITE_HEALTH_SQL: Final = HealthSql("account_health", "?")
-POSTGRES_HEALTH_SQL: Final = HealthSql("trio_idle_account_health", "$")
+#: The rotated refresh tokens (:mod:`trio_idle.auth.token_refresh`). One row per
+#: connection: the newest refresh token the provider handed out, encrypted like the
+#: backend's passwords (``iv:tag:ct``), and the fingerprint of the row's own refresh token
+#: it replaced, so that a new token in the row (the user signed in again) wins over it.
+TOKEN_COLUMNS: Final = (
+    ("encrypted_token", "text NOT NULL"),
+    ("replaces", "text NOT NULL"),
+    ("updated_at", "double precision NOT NULL"),
+)
+SQLITE_TOKEN_SQL: Final = ConnectionRowSql("oauth_refresh_token", "?", TOKEN_COLUMNS)
+POSTGRES_TOKEN_SQL: Final = ConnectionRowSql("trio_idle_oauth_refresh_token", "$", TOKEN_COLUMNS)
+POSTGRES_TOKEN_TABLE: Final = POSTGRES_TOKEN_SQL.table
+
+#: The account health last reported to the backend
+#: (:mod:`trio_idle.mailbox.health_reporter`). One row per connection: the ``state`` and
+#: ``reason`` the backend last accepted (or refused for good), so that a restart reports
+#: only what changed meanwhile instead of one report per connection.
+HEALTH_COLUMNS: Final = (
+    ("state", "text NOT NULL"),
+    ("reason", "text"),
+    ("reported_at", "double precision NOT NULL"),
+)
+SQLITE_HEALTH_SQL: Final = ConnectionRowSql("account_health", "?", HEALTH_COLUMNS)
+POSTGRES_HEALTH_SQL: Final = ConnectionRowSql("trio_idle_account_health", "$", HEALTH_COLUMNS)
 POSTGRES_HEALTH_TABLE: Final = POSTGRES_HEALTH_SQL.table
 #: every table ``trio-idle db migrate`` creates, with its statement (idempotent)
 POSTGRES_MIGRATIONS: Final = (
@@ -204,3 +181,36 @@ POSTGRES_MIGRATIONS: Final = (
     (POSTGRES_TOKEN_TABLE, POSTGRES_TOKEN_SQL.create),
     (POSTGRES_HEALTH_TABLE, POSTGRES_HEALTH_SQL.create),
 )
+
+
+# -- rows <-> records, in the tables' column order (both backends) ------------------------
+
+
+def state_rows(entries: Iterable[tuple[Key, ScannedState]]) -> list[tuple[Any, ...]]:
+    """The scan-state rows to write, one per ``(key, state)``."""
+    return [(k[0], k[1], s.uidvalidity, s.uidnext, s.scanned_at, s.removed_at) for k, s in entries]
+
+
+def states_of(rows: Iterable[Sequence[Any]]) -> dict[Key, ScannedState]:
+    """The scan states in ``rows`` (as :attr:`StateSql.select_all` reads them), by key."""
+    return {(r[0], r[1]): ScannedState(r[2], r[3], r[4], r[5]) for r in rows}
+
+
+def token_row(conn_id: str, stored: StoredRefreshToken) -> tuple[Any, ...]:
+    """The rotated-token row to write for ``conn_id``."""
+    return (conn_id, stored.encrypted, stored.replaces, stored.updated_at)
+
+
+def tokens_of(rows: Iterable[Sequence[Any]]) -> dict[str, StoredRefreshToken]:
+    """The stored rotated tokens in ``rows``, by connection id."""
+    return {r[0]: StoredRefreshToken(r[1], r[2], r[3]) for r in rows}
+
+
+def health_rows(entries: Iterable[tuple[str, ReportedHealth]]) -> list[tuple[Any, ...]]:
+    """The health-reported rows to write, one per ``(connection id, health)``."""
+    return [(i, h.state, h.reason, h.reported_at) for i, h in entries]
+
+
+def healths_of(rows: Iterable[Sequence[Any]]) -> dict[str, ReportedHealth]:
+    """The health reported in ``rows``, by connection id."""
+    return {r[0]: ReportedHealth(r[1], r[2], r[3]) for r in rows}
