@@ -148,7 +148,8 @@ class ServerPool:
         total: dict[str, float] = {}
         for answer in await self.call_all("stats"):
             for key, value in answer.items():
-                total[key] = total.get(key, 0) + value
+                if isinstance(value, int | float):  # not ``up_at`` (a time, or None)
+                    total[key] = total.get(key, 0) + value
         return total
 
     async def idle_marks(self, users: Sequence[str] | None) -> tuple[int, float | None]:
