@@ -288,7 +288,9 @@ async def test_the_tickers_restart_is_answered_by_the_sessions_reads_and_counts_
     # an EXISTS inside the answers: the monitor counts it, as the tick's
     server_sends(imap, f"{old} OK done\r\n* 5 EXISTS\r\n{noop} OK noop\r\n".encode())
     assert imap.monitor.new_mail == 2 and imap.monitor.tick_mail == 2
-    server_sends(imap, b"* OK still here\r\n+ idling\r\n")
+    server_sends(imap, b"* OK still here\r\n+ idling\r\n* 6 EXISTS\r\n")
+    # once idling again, mail is pushed mail again, not the tick's
+    assert imap.monitor.new_mail == 3 and imap.monitor.tick_mail == 2
     imap.check_restart(number)  # due later: the answers are in, nothing happens
     assert imap.monitor.problem() is None and not wire.closed
     # idling under the new IDLE: the next restart's DONE is answered under its tag
@@ -344,3 +346,20 @@ async def test_an_unanswered_tick_is_named_by_the_tickers_check() -> None:
     imap.check_restart(number)
     assert str(imap.monitor.failure) == "no answer to NOOP within 30s"
     assert wire.closed
+
+
+async def test_an_idle_the_server_ended_itself_is_restarted_by_the_session() -> None:
+    imap, wire, old = await idling()
+    server_sends(imap, f"{old} OK IDLE timed out\r\n".encode())  # before any DONE
+    # its answer is parsed already: the ticker leaves the restart to the session's task,
+    # which feeds that answer to the machine first
+    assert imap.begin_restart(noop=True) is None
+    protocol = imap.protocol
+    noop, idle = (f"{protocol.tagpre}{protocol.tagnum + n}" for n in (0, 1))
+    wire.incoming.append(f"{noop} OK\r\n+ idling\r\n".encode())
+    with trio.fail_after(5):
+        await imap.restart_idle(noop=True)
+    assert wire.take() == f"DONE\r\n{noop} NOOP\r\n{idle} IDLE\r\n".encode()
+    assert imap.monitor.problem() is None
+    assert imap.begin_restart(noop=False) is not None  # idling under the new IDLE
+    imap.abort()
