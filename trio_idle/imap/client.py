@@ -24,7 +24,10 @@ Only the task that owns the connection (its session) may call its methods — bu
 :meth:`ImapConnection.begin_restart` and :meth:`ImapConnection.check_restart`, which are
 synchronous, only write or close, and are the ticker's (which holds the connection as a
 :class:`~trio_idle.imap.connector.RestartWriter`, so it cannot read it); the connection
-is never read by two tasks at once.
+is never read by two tasks at once. The IDLE restarts are a pure
+:class:`~trio_idle.imap.restart.RestartMachine` this class drives: it writes the bytes
+``begin`` returns, and the parser (:attr:`ImapProtocol.on_answer`) feeds it each answer
+— the read path, so only the session task feeds it, whoever wrote the restart.
 
 Every byte a server sends is framed and bounded before aioimaplib parses it
 (:class:`~trio_idle.imap.framing.ImapLimits`): one hostile server costs at most its
