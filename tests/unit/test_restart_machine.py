@@ -11,14 +11,18 @@ within 30s``).
 
 from __future__ import annotations
 
+import ast
+import inspect
 import itertools
 from collections.abc import Callable
+from types import ModuleType
 from typing import cast
 
 import pytest
 import trio
 
 from trio_idle.core.errors import ImapError
+from trio_idle.imap import aioimap, client
 from trio_idle.imap.aioimap import SELECTED, ImapProtocol
 from trio_idle.imap.client import ImapConnection, ImapTimeouts
 from trio_idle.imap.framing import DEFAULT_LIMITS
@@ -363,3 +367,28 @@ async def test_an_idle_the_server_ended_itself_is_restarted_by_the_session() -> 
     assert imap.monitor.problem() is None
     assert imap.begin_restart(noop=False) is not None  # idling under the new IDLE
     imap.abort()
+
+
+# -- who may feed the machine ----------------------------------------------------------
+
+
+def _functions_using(module: ModuleType, name: str) -> set[str]:
+    """The functions of ``module`` whose body names ``name`` (an attribute or a call)."""
+    tree = ast.parse(inspect.getsource(module))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Attribute) and inner.attr == name:
+                    found.add(node.name)
+    return found
+
+
+def test_only_the_read_path_feeds_the_machine() -> None:
+    # the machine is fed in one place, the hook the parser calls ...
+    assert _functions_using(client, "feed") == {"_restart_line"}
+    assert _functions_using(aioimap, "on_answer") == {"__init__", "lost", "_handle_response"}
+    # ... which the ticker's synchronous side only installs (_write_restart) or removes;
+    # the one direct call is the session's own restart (an answer parsed before it began)
+    assert _functions_using(client, "_restart_line") == {"_write_restart", "restart_idle"}
+    assert inspect.iscoroutinefunction(ImapConnection.restart_idle)
