@@ -432,9 +432,13 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.capture: list[bytes] | None = None
         #: commands already written, entered into aioimaplib's table one after the other
         self.queued: list[Command] = []
-        #: told after each batch of responses was parsed, while a restart written by
-        #: :meth:`~trio_idle.imap.client.ImapConnection.begin_restart` waits for its answers
+        #: told after each batch of responses was parsed (for tests)
         self.after_parse: Callable[[], None] | None = None
+        #: while an IDLE restart runs: told the first line of each tagged response and
+        #: continuation, as parsed (:meth:`~trio_idle.imap.client.ImapConnection._restart_line`
+        #: feeds it to the :class:`~trio_idle.imap.restart.RestartMachine`). Parsing is
+        #: the reading task's, so the machine is fed by that task only: the session.
+        self.on_answer: Callable[[bytes], None] | None = None
         self._lost_seen = False
         #: the last batch stopped at :data:`STEP_PARTS`: complete responses may wait
         self._backlog = False
@@ -443,10 +447,11 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
 
     # -- what the connection calls ------------------------------------------------------
 
-    def new_idle(self) -> IdleCommand:
-        """A new IDLE command; :attr:`idle_continued` is False until its ``+``."""
+    def new_idle(self, tag: str | None = None) -> IdleCommand:
+        """A new IDLE command (under ``tag``, else a new one); :attr:`idle_continued` is
+        False until its ``+``."""
         self._idle_event = _Flag()
-        return IdleCommand(self.new_tag())
+        return IdleCommand(tag if tag is not None else self.new_tag())
 
     @property
     def idle_continued(self) -> bool:
@@ -468,6 +473,7 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
             self.connection_lost(exc)
             self.conn_lost_cb = None
             self.after_parse = None
+            self.on_answer = None
             self.pending_sync_command = None
             self.pending_async_commands.clear()
             self.queued.clear()
@@ -583,6 +589,8 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
             ) from None
         if sync is not None and sync.name == "STARTTLS" and self.pending_sync_command is None:
             self.tls_pending = True
+        if self.on_answer is not None and response[:1] != b"*":
+            self.on_answer(response.partition(b"\r\n")[0])
         if collecting:
             self._answer_bytes += len(response)
             budget = self.limits.max_fetch_answer if waiting == "FETCH" else self.limits.max_answer

@@ -24,7 +24,10 @@ Only the task that owns the connection (its session) may call its methods — bu
 :meth:`ImapConnection.begin_restart` and :meth:`ImapConnection.check_restart`, which are
 synchronous, only write or close, and are the ticker's (which holds the connection as a
 :class:`~trio_idle.imap.connector.RestartWriter`, so it cannot read it); the connection
-is never read by two tasks at once.
+is never read by two tasks at once. The IDLE restarts are a pure
+:class:`~trio_idle.imap.restart.RestartMachine` this class drives: it writes the bytes
+``begin`` returns, and the parser (:attr:`ImapProtocol.on_answer`) feeds it each answer
+— the read path, so only the session task feeds it, whoever wrote the restart.
 
 Every byte a server sends is framed and bounded before aioimaplib parses it
 (:class:`~trio_idle.imap.framing.ImapLimits`): one hostile server costs at most its
@@ -66,7 +69,13 @@ from trio_idle.imap.responses import (
     parse_status,
     with_learnt_uidnext,
 )
-from trio_idle.imap.restart import DONE, IDLE, NOOP, Next, RestartAnswers
+from trio_idle.imap.restart import (
+    Answered,
+    Failed,
+    IdleResumed,
+    RestartMachine,
+    SendIdle,
+)
 from trio_idle.imap.sasl import (
     challenge_text,
     choose_mechanism,
@@ -106,12 +115,15 @@ class ImapConnection:
         self.host = host
         self.port = port
         self._idle: Command | None = None
-        #: write a tick's IDLE together with its DONE and NOOP; switched off for the rest
-        #: of this connection if the server refuses an IDLE written that way
-        self._pipeline_idle = True
-        #: a restart written by :meth:`begin_restart`, answered as the session reads
-        self._restart: _Restart | None = None
-        self._restarts = 0
+        #: the IDLE restarts (pure: tags, bytes, state, the pipelining memory); fed only
+        #: by the read path (:meth:`_restart_line`), which only the session task runs
+        self._restart = RestartMachine(protocol.new_tag, timeouts.command)
+        #: the running restart was written by the ticker (its failure fails the monitor)
+        self._restart_by_ticker = False
+        #: the IDLE the running restart enters again, once written
+        self._restart_idle: Command | None = None
+        #: how the session's own restart ended, when an answer ended it
+        self._restart_error: ImapError | None = None
         #: what the last envelope parse cost (:meth:`fetch_new`; for tests)
         self.envelope_meter: ParseMeter | None = None
 
@@ -147,19 +159,21 @@ class ImapConnection:
             protocol.lost(None)
 
     async def _until(
-        self, what: str | _Step | _Restart, done: Callable[[], bool], deadline: float
+        self, what: str | _Step | RestartMachine, done: Callable[[], bool], deadline: float
     ) -> None:
         """Read and parse until ``done()``, by ``deadline``; fail fast on a lost connection.
 
-        ``what`` names the command in errors (a :class:`_Step` or :class:`_Restart` names
-        the one in progress when the error happens).
+        ``what`` names the command in errors (a :class:`_Step` or :class:`RestartMachine`
+        names the one in progress when the error happens).
         """
         with trio.move_on_at(deadline):
             await self._read_until(what, done)
             return
         self._timed_out(what)
 
-    async def _read_until(self, what: str | _Step | _Restart, done: Callable[[], bool]) -> None:
+    async def _read_until(
+        self, what: str | _Step | RestartMachine, done: Callable[[], bool]
+    ) -> None:
         """:meth:`_until` without a deadline of its own (the caller's scope has it)."""
         monitor = self.monitor
         while not done():
@@ -169,12 +183,12 @@ class ImapConnection:
                 raise ConnectionLost(f"{what}: {monitor.problem() or 'connection lost'}")
             await self._pump()
 
-    def _timed_out(self, what: str | _Step | _Restart) -> NoReturn:
+    def _timed_out(self, what: str | _Step | RestartMachine) -> NoReturn:
         error = self._no_answer(what)
         self.monitor.mark_dead(str(error))
         raise error
 
-    def _no_answer(self, what: str | _Step | _Restart) -> ConnectionLost:
+    def _no_answer(self, what: str | _Step | RestartMachine) -> ConnectionLost:
         """The error of a command not answered within the command timeout."""
         return ConnectionLost(
             f"no answer to {what} within {self.timeouts.command:g}s", kind=KIND_TIMEOUT
@@ -460,7 +474,7 @@ class ImapConnection:
         after the one before) — or, on a connection whose server once refused an IDLE
         written that way, ``IDLE`` alone once ``NOOP`` is answered — and their answers
         are followed by the same machine as the ticker's restarts
-        (:class:`~trio_idle.imap.restart.RestartAnswers`): same errors, and a refused
+        (:class:`~trio_idle.imap.restart.RestartMachine`): same errors, and a refused
         pipelined IDLE is sent again on its own and this connection stops pipelining it.
 
         A restart the ticker wrote and that is still unanswered is followed to its end
@@ -475,73 +489,71 @@ class ImapConnection:
         if old is None:
             raise ConnectionLost("not idling")
         self._check()
-        restart = self._write_restart(old, noop=noop, pipelined=self._pipeline_idle)
+        machine = self._restart
+        self._write_restart(old, noop=noop, pipelined=machine.pipelines, by_ticker=False)
+        if old.done:  # the server ended that IDLE before DONE: its answer was parsed
+            self._restart_line(f"{old.tag} {old.result}".encode())
         try:
             with trio.move_on_at(deadline):
-                # the answers are followed here, between reads, so a refusal is raised
-                # as is instead of failing the monitor (which the ticker's path must do)
-                await self._read_until(restart, lambda: self._advance(restart))
+                # an answer that ends the restart is raised as is here, instead of failing
+                # the monitor (which the ticker's path must do: the session only waits)
+                await self._read_until(machine, lambda: not machine.running)
+                if (error := self._restart_error) is not None:
+                    raise error
                 self._check()
                 return
-            self._timed_out(restart)
+            self._timed_out(machine)
         finally:
             self.protocol.queued.clear()
 
-    def _write_restart(self, old: Command, *, noop: bool, pipelined: bool) -> _Restart:
-        """Write ``DONE``, ``NOOP`` if ``noop`` and ``IDLE`` if ``pipelined``, in one write,
-        and queue the commands to be matched with their answers in order. Synchronous,
-        never blocks; the caller follows the answers with :meth:`_advance`."""
+    def _write_restart(self, old: Command, *, noop: bool, pipelined: bool, by_ticker: bool) -> None:
+        """Write the machine's ``DONE``, ``NOOP`` if ``noop`` and ``IDLE`` if ``pipelined``
+        in one write, queue the commands under the machine's tags (the parser matches
+        each answer to its command in order), and have the read path feed the machine
+        (:attr:`ImapProtocol.on_answer`). Synchronous, never blocks, reads nothing."""
         protocol = self.protocol
-        data = "DONE\r\n"
-        noop_command: Command | None = None
-        if noop:
-            noop_command = Command("NOOP", protocol.new_tag())
-            data += f"{noop_command.tag} NOOP\r\n"
-            protocol.queued.append(noop_command)
+        machine = self._restart
+        data = machine.begin(trio.current_time(), old.tag, noop=noop, pipelined=pipelined)
+        if machine.noop_tag is not None:
+            protocol.queued.append(Command("NOOP", machine.noop_tag))
         idle: Command | None = None
-        if pipelined:
-            idle = self._new_idle()
-            data += f"{idle.tag} IDLE\r\n"
+        if machine.idle_tag is not None:
+            idle = protocol.new_idle(machine.idle_tag)
             protocol.queued.append(idle)
         protocol.idle_outstanding = pipelined
         self._idle = None
-        self._restarts += 1
-        restart = _Restart(self._restarts, old, noop_command, idle, RestartAnswers(noop, pipelined))
-        protocol.write(data.encode())
-        protocol.advance_queue()  # the server may have ended the old IDLE already
-        return restart
+        self._restart_idle = idle
+        self._restart_by_ticker = by_ticker
+        self._restart_error = None
+        protocol.on_answer = self._restart_line
+        protocol.write(data)
+        protocol.advance_queue()
 
-    def _advance(self, restart: _Restart) -> bool:
-        """Feed ``restart``'s machine every answer parsed since the last call, in order,
-        and do what it says: True once idling again. An answer that ends the restart
-        raises the machine's :class:`ImapError`. Synchronous, never blocks: called after
-        each read by the task that reads (the session), whoever wrote the restart."""
-        answers = restart.answers
+    def _restart_line(self, line: bytes) -> None:
+        """The read path's hook while a restart runs: each tagged line and continuation,
+        as parsed, goes to the machine, and this does what it says. Only the task that
+        reads (the session) gets here, whoever wrote the restart."""
+        event = self._restart.feed(line)
+        if event is None or isinstance(event, Answered):
+            return
         protocol = self.protocol
-        while True:
-            awaiting = answers.awaiting
-            if awaiting == DONE:
-                command: Command | None = restart.old
-            elif awaiting == NOOP:
-                command = restart.noop
+        if isinstance(event, SendIdle):  # IDLE on its own: not pipelined, or refused so
+            idle = protocol.new_idle(event.tag)
+            self._restart_idle = idle
+            self._send(idle, event.data)
+            protocol.idle_outstanding = True
+            return
+        protocol.on_answer = None
+        if isinstance(event, IdleResumed):
+            self._idle = self._restart_idle
+            self.monitor.ticking = False
+        elif isinstance(event, Failed):
+            error = ImapError(event.text)
+            if self._restart_by_ticker:
+                self.monitor.fail(error)  # wakes the session's wait with it
             else:
-                command = restart.idle
-            assert command is not None  # each is awaited only once it was written
-            if command.done:
-                todo = answers.answered(command.result)
-            elif awaiting == IDLE and protocol.idle_continued:
-                todo = answers.continued()
-            else:
-                return False
-            if todo is Next.IDLING:
-                self._idle = command
-                return True
-            if todo is not Next.WAIT:  # IDLE on its own: not pipelined, or refused so
-                if todo is Next.RESEND_IDLE:
-                    self._pipeline_idle = False
-                restart.idle = idle = self._new_idle()
-                self._send(idle)
-                protocol.idle_outstanding = True
+                self._restart_error = error
+        self._restart_idle = None
 
     # -- the restart the process ticker writes (passive) ------------------------------
 
@@ -551,71 +563,59 @@ class ImapConnection:
         tick wakes that task once, for the answers, and never through a cancellation.
 
         For the process's ticker (:mod:`trio_idle.mailbox.ticker`), which runs in another task:
-        synchronous, never blocks, never raises. Returns a number for
+        synchronous, never blocks, never raises, never reads. Returns a number for
         :meth:`check_restart`, which must follow within the command timeout (the
-        deadline of the answers), or ``None`` when this cannot be done now — not idling,
-        a command or restart in progress, the server once refused a pipelined IDLE, the
-        connection unusable: the session then runs :meth:`restart_idle` itself.
+        deadline of the answers), or ``None`` when this cannot be done now — not idling
+        (or the server already ended the IDLE), a command or restart in progress, the
+        server once refused a pipelined IDLE, the connection unusable: the session then
+        runs :meth:`restart_idle` itself.
 
         The answers are followed by the machine :meth:`restart_idle` uses
-        (:class:`~trio_idle.imap.restart.RestartAnswers`): an answer that is not ``OK``
-        ends the connection with the error :meth:`restart_idle` would raise
-        (:attr:`PushMonitor.failure`), and a refused pipelined IDLE is sent again on its
-        own. Mail counted until IDLE is confirmed is the tick's (:attr:`PushMonitor.ticking`).
+        (:class:`~trio_idle.imap.restart.RestartMachine`), fed by the session's reads:
+        an answer that is not ``OK`` ends the connection with the error
+        :meth:`restart_idle` would raise (:attr:`PushMonitor.failure`), and a refused
+        pipelined IDLE is sent again on its own. Mail counted until IDLE is confirmed is
+        the tick's (:attr:`PushMonitor.ticking`).
         """
         old = self._idle
         protocol = self.protocol
+        machine = self._restart
         if (
             old is None
-            or self._restart is not None
-            or not self._pipeline_idle
+            or old.done  # its answer is parsed already: the session's restart feeds it
+            or machine.running
+            or not machine.pipelines
             or protocol.queued
             or self.monitor.problem() is not None
             or self.transport.is_closing()
         ):
             return None
-        restart = self._write_restart(old, noop=noop, pipelined=True)
-        self._restart = restart
+        self._write_restart(old, noop=noop, pipelined=True, by_ticker=True)
         self.monitor.ticking = noop
-        protocol.after_parse = self._restart_progress
-        return restart.number
+        return machine.number
 
     def check_restart(self, number: int) -> None:
         """The answers to restart ``number`` are due: if they are not all in, the
         connection is dead (``no answer to NOOP within 30s``) and closed, which wakes the
-        session. Synchronous, never raises; a restart already answered (or a connection
-        already lost) is left alone."""
-        restart = self._restart
-        if restart is None or restart.number != number or self.monitor.lost is not None:
+        session. Synchronous, never raises, never reads; a restart already answered (or
+        a connection already lost) is left alone."""
+        if self.monitor.lost is not None:
             return
-        self.monitor.fail(self._no_answer(restart))
+        timed_out = self._restart.check(number)
+        if timed_out is None:
+            return
+        self.protocol.on_answer = None
+        self.monitor.fail(self._no_answer(timed_out.which))
         self.transport.close()
-
-    def _restart_progress(self) -> None:
-        """After each read while a restart the ticker wrote is in flight: follow its
-        answers (:meth:`_advance`). The session is waiting in :meth:`wait`, so an answer
-        that ends the restart fails the monitor, which wakes it with that error."""
-        restart = self._restart
-        if restart is None or self.monitor.lost is not None:
-            return
-        try:
-            if not self._advance(restart):
-                return
-        except ImapError as exc:
-            self.monitor.fail(exc)
-        else:
-            self.monitor.ticking = False
-        self._restart = None
-        self.protocol.after_parse = None
 
     async def _settle(self, deadline: float) -> None:
         """Read until a restart the ticker wrote (:meth:`begin_restart`) is over, by
         ``deadline``; raise its failure if it failed (:attr:`PushMonitor.failure`), so
         the command that waited reports why the connection ended, not that it did."""
-        restart = self._restart
-        if restart is None:
+        machine = self._restart
+        if not machine.running:
             return
-        await self._until(restart, lambda: self._restart is None, deadline)
+        await self._until(machine, lambda: not machine.running, deadline)
         if (failure := self.monitor.failure) is not None:
             raise failure
 
@@ -745,36 +745,10 @@ class ImapConnection:
     def abort(self) -> None:
         """Close the socket now (no LOGOUT)."""
         self._idle = None
-        self._restart = None
+        self._restart.abandon()
         self.protocol.queued.clear()
         self.transport.close()
         self.protocol.lost(None)
-
-
-class _Restart:
-    """A restart on the wire: its commands, matched with their answers in order by
-    :attr:`answers`. Formats as the command whose answer is awaited (errors name it)."""
-
-    __slots__ = ("answers", "idle", "noop", "number", "old")
-
-    def __init__(
-        self,
-        number: int,
-        old: Command,
-        noop: Command | None,
-        idle: Command | None,
-        answers: RestartAnswers,
-    ) -> None:
-        self.number = number
-        #: the IDLE being left: its tagged answer is DONE's
-        self.old = old
-        self.noop = noop
-        #: the IDLE entered again; None until written when it was not pipelined
-        self.idle = idle
-        self.answers = answers
-
-    def __str__(self) -> str:
-        return self.answers.awaiting
 
 
 class _Step:
