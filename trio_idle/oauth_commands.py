@@ -70,7 +70,7 @@ from trio_idle.auth.authorization import (
     poll_device,
     refresh_token_of,
 )
-from trio_idle.auth.token_refresh import MAX_REPLY_BYTES, parse_token_reply
+from trio_idle.auth.oauth_provider import MAX_REPLY_BYTES, parse_token_reply
 from trio_idle.backend.client import HttpClient, HttpFailure, Limits, Problem, Timeouts
 from trio_idle.core.config import Settings
 from trio_idle.core.crypto import derive_key, encrypt_password

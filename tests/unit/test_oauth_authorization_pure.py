@@ -39,7 +39,7 @@ from trio_idle.auth.authorization import (
     poll_device,
     refresh_token_of,
 )
-from trio_idle.auth.token_refresh import TokenGrant, parse_token_reply
+from trio_idle.auth.oauth_provider import TokenGrant, parse_token_reply
 from trio_idle.core.scrub import Scrubber
 from trio_idle.core.secret import Secret
 

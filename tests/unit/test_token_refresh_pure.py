@@ -10,8 +10,7 @@ import pytest
 
 from trio_idle.accounts.credentials import TOKEN_ERROR, TOKEN_REVOKED, TokenUnavailable
 from trio_idle.accounts.providers import MICROSOFT_SCOPE
-from trio_idle.auth.rotation import fingerprint, fingerprint_key
-from trio_idle.auth.token_refresh import (
+from trio_idle.auth.oauth_provider import (
     DEFAULT_EXPIRES_IN,
     MAX_EXPIRES_IN,
     TokenGrant,
@@ -20,6 +19,7 @@ from trio_idle.auth.token_refresh import (
     provider_for,
     refresh_body,
 )
+from trio_idle.auth.rotation import fingerprint, fingerprint_key
 from trio_idle.core.config import ConfigError, OAuthSettings, Settings, parse_settings
 from trio_idle.core.scrub import PLAIN, Scrubber, Scrubs
 from trio_idle.core.secret import Secret

@@ -37,7 +37,7 @@ import attrs
 import trio
 
 from trio_idle.accounts.credentials import TokenUnavailable
-from trio_idle.auth.token_refresh import TokenGrant, parse_token_reply
+from trio_idle.auth.oauth_provider import TokenGrant, parse_token_reply
 from trio_idle.core.scrub import PLAIN, Scrubs
 from trio_idle.core.secret import Secret
 

@@ -1,7 +1,7 @@
 """The scan webhook: building the request and judging the reply (pure), and sending it.
 
 Contract with the backend's scan endpoint (written down nowhere else in this repository:
-this docstring, and ``tests/test_webhook_client.py`` against the test backend in
+this docstring, and ``tests/unit/test_webhook_client.py`` against the test backend in
 ``trio_idle_testing.backend``, are its reference): ``POST {BACKEND_URL}{scan_path}`` with
 the shared secret header, a ``user-agent``, a unique ``x-scan-id`` (kept across retries of
 the same scan, so the backend can de-duplicate), an optional HMAC-SHA256 ``x-signature``

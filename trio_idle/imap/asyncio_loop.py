@@ -1,6 +1,7 @@
 """The process's one asyncio event loop: trio-asyncio's, opened inside trio.
 
-aioimaplib and asyncpg run on it. Its exception handler decides the fate of the errors
+asyncpg runs on it (aioimaplib does not: its parser is fed from trio, no asyncio object exists per
+IMAP connection). Its exception handler decides the fate of the errors
 asyncio has nobody to hand to: a future whose exception was never retrieved, a callback
 that raised. trio-asyncio's default handler re-raises them into the loop's nursery, which
 ends the whole daemon, every mailbox with it, because one library left a stray future
