@@ -2,7 +2,7 @@
 (httpx.MockTransport): no sockets, virtual time. What every caller gets: one limiter,
 one timeout model whose texts name the limit that fired, the reply cap, the backend
 watch, redirects only when asked. (The same client on real sockets:
-tests/test_backend_client.py.)"""
+tests/unit/test_backend_client_loopback.py.)"""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Every guarantee of :mod:`trio_idle.backend.http_transport`'s module docstring is
 a user would notice it: how many connections the server accepted, whether the server saw
 a connection closed, which exception (by type) a request raised and whether a later
 request still gets through. (How many requests are in flight is the HttpClient's to
-bound: tests/test_backend_client.py.)
+bound: tests/unit/test_backend_client.py.)
 """
 
 from __future__ import annotations
