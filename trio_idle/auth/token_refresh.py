@@ -29,7 +29,7 @@ Guarantees of :class:`RefreshingTokens` (on top of
   seconds left is still handed out (not for ``force``);
 - rotation: when the provider hands out a new refresh token, the newest one is kept,
   encrypted with ``ENCRYPTION_KEY`` (the ``iv:tag:ct`` format), in the daemon's state
-  store (:class:`~trio_idle.state.store.TokenBackend`) together with a fingerprint of the
+  store (:class:`~trio_idle.state.records.TokenBackend`) together with a fingerprint of the
   row's token it replaced, and used from then on, across restarts too. The row's token
   wins again as soon as it changes (the user signed in again in the app). The backend's
   tables are never written;
@@ -176,7 +176,7 @@ class RefreshingTokens:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> RefreshingTokens:
         """The source the settings describe; rotations go to the state store's file or
-        database (:func:`~trio_idle.state.store.make_token_backend`)."""
+        database (:func:`~trio_idle.state.backends.make_token_backend`)."""
         key = derive_key(
             settings.connections.encryption_key.reveal(), settings.connections.key_derivation
         )
