@@ -38,7 +38,7 @@ from trio_idle.core.config import (
     parse_settings,
     process_secrets,
 )
-from trio_idle.core.env_file import EnvFileError, read_env_file
+from trio_idle.core.env_file import EnvFileError, read_env_file, shown_key
 from trio_idle.core.errors import describe, leaf_exceptions
 from trio_idle.core.logs import protect_secrets, setup_logging, traceback_frames
 from trio_idle.core.scrub import Scrubber, redact_url, url_secrets
@@ -471,8 +471,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             return EXIT_CONFIG
         for name in loaded.ignored:  # systemd ignores these too
             print(
-                f"trio-idle: {args.env_file}: ignoring {name!r}: not a variable name "
-                "(no 'export', no spaces)",
+                f"trio-idle: {args.env_file}: ignoring {shown_key(name)}: not a variable "
+                "name (no 'export', no spaces)",
                 file=sys.stderr,
             )
         for number in loaded.ambiguous_comments:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unavailable
+from trio_idle import cli
 from trio_idle.core.env_file import EnvFileError, parse_env_file
 
 
@@ -194,3 +195,23 @@ def test_systemd_reads_the_file_as_we_do(tmp_path: Path) -> None:
     # and the comparison has teeth: the file exercises every rule
     assert ours["T_SPACES"] == "two  words" and ours["T_JOIN"] == "firstsecond"
     assert ours["T_DOUBLE"] == 'q" b\\ t` n\\n & #' and "T_EXPORTED" not in ours
+
+
+# -- what the warnings about ignored lines may show ----------------------------------------
+
+
+def test_an_ignored_line_that_may_be_part_of_a_wrapped_secret_is_not_echoed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value wrapped onto a second line (a pasted key or token) makes that line an
+    assignment with an invalid name when the value holds ``=``: the warning must say a
+    line was ignored without quoting it. A mistaken name (``export A``) is still named."""
+    wrapped_half = "Zm9vYmFy+S3ntinel/wrapped-key-half"
+    path = tmp_path / "env"
+    path.write_text(f"ADMIN_SECRET=first-half\n{wrapped_half}==\nexport ODD=1\n")
+    code = cli.main(["check", "--env-file", str(path)], {})
+    _, err = capsys.readouterr()
+    assert code == 2  # ENCRYPTION_KEY and the rest are missing
+    assert wrapped_half not in err
+    assert "not a variable name" in err and "may be part of a value" in err
+    assert "ignoring 'export ODD'" in err

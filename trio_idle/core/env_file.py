@@ -91,6 +91,21 @@ def parse_env_file(data: bytes, name: str = "environment file") -> EnvFile:
     return EnvFile(values, tuple(ignored), ambiguous)
 
 
+#: an ignored key shown in a warning: words that are each a variable name (``export A``,
+#: ``A B``), short; anything else may be a wrapped value's continuation line
+_SHOWN_KEY: Final = re.compile(r"[A-Za-z0-9_]{1,64}(?:[ \t]+[A-Za-z0-9_]{1,64}){0,3}")
+
+
+def shown_key(key: str) -> str:
+    """How a warning names an ignored key (pure): quoted when it reads as a mistaken name
+    (``'export A'``, ``'A B'``, ``'1A'``), else a description without its text — a line of a
+    value wrapped in two (a pasted key or token holding ``=``) reads as such a key, and it
+    may be half of a secret."""
+    if len(key) <= 100 and _SHOWN_KEY.fullmatch(key):
+        return repr(key)
+    return "a line whose text before '=' (not shown: it may be part of a value)"
+
+
 def read_env_file(path: str | Path) -> EnvFile:
     """Read and parse ``path`` (:func:`parse_env_file`); :class:`EnvFileError` if it
     cannot be read."""
