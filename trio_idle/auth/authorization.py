@@ -26,18 +26,22 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-import json
 import re
 import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import Final
 
 import attrs
 import trio
 
 from trio_idle.accounts.credentials import TokenUnavailable
-from trio_idle.auth.oauth_provider import TokenGrant, parse_token_reply
+from trio_idle.auth.oauth_provider import (
+    ERROR_CODE_RE,
+    TokenGrant,
+    json_object,
+    parse_token_reply,
+)
 from trio_idle.core.scrub import PLAIN, Scrubs
 from trio_idle.core.secret import Secret
 
@@ -57,8 +61,6 @@ MAX_DEVICE_EXPIRES_IN: Final = 3600.0
 DEVICE_GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:device_code"
 #: a code or device code longer than this is not one (Microsoft's are ~1 KiB)
 MAX_CODE_CHARS: Final = 4096
-_ERROR_CODE_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_VERIFIER_RE: Final = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 _USER_CODE_RE: Final = re.compile(r"[A-Za-z0-9-]{1,32}")
 
 
@@ -203,7 +205,7 @@ Callback = CallbackCode | CallbackRefused | NotTheCallback
 
 
 def _error_text(code: object, description: object, scrubber: Scrubs) -> str:
-    error = code if isinstance(code, str) and _ERROR_CODE_RE.fullmatch(code) else "error"
+    error = code if isinstance(code, str) and ERROR_CODE_RE.fullmatch(code) else "error"
     if isinstance(description, str) and description.strip():
         return f"{error}: {scrubber.scrub(description, 200)}"
     return error
@@ -309,14 +311,6 @@ class DeviceAuthorization:
         )
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(body) if body else None
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _seconds(value: object, default: float, low: float, high: float) -> float | None:
     if value is None:
         return default
@@ -336,7 +330,7 @@ def parse_device_authorization(
     https (or loopback http); the user code is checked for shape, since both are shown.
     """
     what = f"{provider} device authorization endpoint"
-    data = _json_object(body)
+    data = json_object(body)
     if not 200 <= status < 300:
         said = (
             _error_text(data.get("error"), data.get("error_description"), scrubber) if data else ""
@@ -405,7 +399,7 @@ def classify_poll_reply(
     """What one poll's reply means (RFC 8628 3.5). Pure."""
     if status == 429 or status >= 500:
         return PollAgain(TRANSIENT)
-    data = _json_object(body) if not 200 <= status < 300 else None
+    data = json_object(body) if not 200 <= status < 300 else None
     error = data.get("error") if data is not None else None
     if error == "authorization_pending":
         return PollAgain(PENDING)

@@ -52,7 +52,8 @@ MAX_REPLY_BYTES: Final = 64 * 1024
 REVOKED_ERRORS: Final = frozenset(
     {"invalid_grant", "invalid_scope", "interaction_required", "consent_required"}
 )
-_ERROR_CODE_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: the shape of an OAuth2 ``error`` code a message may quote (anything else is not quoted)
+ERROR_CODE_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: what a SASL XOAUTH2 / OAUTHBEARER message can carry: visible ASCII, no spaces
 _ACCESS_TOKEN_RE: Final = re.compile(r"[\x21-\x7e]{1,16384}")
 
@@ -133,7 +134,8 @@ class TokenGrant:
         )
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """``body`` as a JSON object, or ``None`` (not JSON, not UTF-8, not an object)."""
     try:
         data = json.loads(body) if body else None
     except ValueError:  # also UnicodeDecodeError
@@ -169,7 +171,7 @@ def parse_token_reply(
     """
     what = f"{provider} token endpoint"
     headers = {k.lower(): v for k, v in headers.items()}
-    data = _json_object(body)
+    data = json_object(body)
     if 200 <= status < 300:
         if data is None:
             return TokenUnavailable(TOKEN_ERROR, f"{what} answered {status} without a JSON object")
@@ -194,7 +196,7 @@ def parse_token_reply(
         rotated = Secret(refresh) if isinstance(refresh, str) and refresh.strip() else None
         return TokenGrant(Secret(access), expires_in, rotated)
     code = data.get("error") if data is not None else None
-    error = code if isinstance(code, str) and _ERROR_CODE_RE.fullmatch(code) else None
+    error = code if isinstance(code, str) and ERROR_CODE_RE.fullmatch(code) else None
     described = data.get("error_description") if data is not None else None
     detail = f"{error}: {scrubber.scrub(described, 160)}" if error and described else error
     said = f" ({detail})" if detail else ""
