@@ -50,7 +50,6 @@ from trio_idle.core.errors import KIND_TIMEOUT, ConnectionLost, ImapAuthError, I
 from trio_idle.core.scrub import MASK, Scrubber
 from trio_idle.imap.aioimap import (
     AUTH,
-    IMAP_VERSIONS,
     NONAUTH,
     SELECTED,
     CapturedCommand,
@@ -276,11 +275,8 @@ class ImapConnection:
         words = (
             bytes(response.lines[0]).decode("utf-8", "replace").split() if response.lines else []
         )
-        protocol.capabilities = set(words)
-        versions = [w.upper() for w in words if w.upper() in IMAP_VERSIONS]
-        if not versions:
+        if not protocol.learn_capabilities(words):
             raise BadGreeting("Error: server not IMAP4 compliant")
-        protocol.imap_version = versions[-1]
 
     # -- commands ----------------------------------------------------------------------
 
