@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import trio
 
-from tests.unit.session_rig import TICK, connected, make_rig, running, settled
+from tests.unit.session_rig import CONN, TICK, connected, make_rig, running, settled
+from tests.unit.test_session_virtual_time import MemoryBackend
+from trio_idle.core.stats import Stats
+from trio_idle.state.records import ScannedState
+from trio_idle.state.store import StateStore
 
 
 async def test_mail_filed_into_junk_requests_a_junk_scan_within_one_tick(
@@ -53,3 +57,33 @@ async def test_a_missing_folder_is_reported_once_and_not_asked_for_again(
     statuses = [c for c in rig.server.calls if c.command == "STATUS"]
     assert [c.arg for c in statuses if c.link == 1] == ["Junk", "Junk"]
     assert [c.arg for c in statuses if c.link == 2] == []
+
+
+async def test_junk_mail_filed_while_down_or_disconnected_is_caught_up_per_folder(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # the last run had Junk scanned up to UIDNEXT 4 (its own row, beside INBOX's)
+    rows = {
+        (CONN.id, "INBOX"): ScannedState(5, 10, 0.0),
+        (CONN.id, "Junk"): ScannedState(5, 4, 0.0),
+    }
+    store = StateStore(MemoryBackend(rows), Stats())
+    await store.load()
+    rig = make_rig(store=store, folders=("INBOX", "\\Junk"))
+    rig.server.add_folder("Junk", attributes=["\\Junk"], uidnext=6)  # 2 filed while down
+    async with running(rig):
+        await connected(rig)
+        junk = rig.memory.folders.by_name["Junk"]
+        assert rig.coalescer.requested == 0  # INBOX: nothing new since its row
+        assert junk.coalescer.pending_reason == "startup"
+        assert junk.scan_range(junk.mailbox).since_uid == 4
+        junk.coalescer.take_next()  # the scan went out; the backend accepted it
+        assert junk.mailbox is not None
+        junk.accepted(junk.mailbox)
+        junk.coalescer.done()
+        rig.server.drop()
+        rig.server.deliver_to("Junk")  # filed while nobody was connected
+        await connected(rig, link=2)
+        assert junk.coalescer.pending_reason == "reconnect"
+        assert junk.scan_range(junk.mailbox).since_uid == 6
+    assert junk.coalescer.requested == 2
