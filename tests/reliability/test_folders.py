@@ -61,3 +61,37 @@ async def test_junk_mail_is_scanned_with_its_folder_and_a_deleted_folder_is_repo
     assert len(rig.logs.matching("no longer exists")) == 1
     assert rig.logs.matching("not found on the server") == []
     assert len(rig.backend.requests_for(A)) == 2
+
+
+async def test_junk_and_inbox_coalesce_separately_during_a_backend_stall(rig: Rig) -> None:
+    source = rig.source(A)
+    server = rig.server
+    server.add_mailbox(A, SPAM, special_use=("\\Junk",))
+    settings = rig.settings(TRIO_IDLE_FOLDERS="INBOX,\\Junk", TRIO_IDLE_TICK_INTERVAL="1s")
+    async with running_daemon(settings, source) as daemon:
+        with trio.fail_after(20):
+            await rig.idle(A)
+            gate = rig.backend.hold(A)
+            server.append(A, _mail(1), SPAM)
+            await rig.backend.wait_for_requests(1, email=A)  # Junk's scan, held
+            server.append(A, _mail(2))
+            # INBOX's scan does not wait behind Junk's: its own coalescer, its own task
+            await rig.backend.wait_for_requests(2, email=A)
+            for n in range(3, 6):  # more Junk mail, each seen by its own STATUS tick
+                statuses = server.stats.commands["STATUS"]
+                server.append(A, _mail(n), SPAM)
+                await server.wait_for(lambda s=statuses: server.stats.commands["STATUS"] > s)
+            junk = daemon.reconciler.handles[A].memory.folders.by_name[SPAM]
+            assert junk.coalescer.active and junk.coalescer.pending == 1
+            gate.release()
+            await rig.logs.wait_until(
+                lambda: not junk.coalescer.active and not junk.coalescer.pending
+            )
+            await rig.quiet(daemon, A)
+    bodies = [r.body for r in rig.backend.requests_for(A)]
+    spam = [b for b in bodies if b.get("folder") == SPAM]
+    inbox = [b for b in bodies if "folder" not in b]
+    assert len(inbox) == 1
+    # a burst of four Junk messages across ticks: one active + one pending, two scans;
+    # the second starts where the first's range ended
+    assert [b["sinceUid"] for b in spam] == [1, 2]
