@@ -67,7 +67,11 @@ async def test_junk_and_inbox_coalesce_separately_during_a_backend_stall(rig: Ri
     source = rig.source(A)
     server = rig.server
     server.add_mailbox(A, SPAM, special_use=("\\Junk",))
-    settings = rig.settings(TRIO_IDLE_FOLDERS="INBOX,\\Junk", TRIO_IDLE_TICK_INTERVAL="1s")
+    settings = rig.settings(
+        TRIO_IDLE_FOLDERS="INBOX,\\Junk",
+        TRIO_IDLE_TICK_INTERVAL="1s",
+        TRIO_IDLE_SCAN_TIMEOUT="60s",  # the held scans wait, never time out and retry
+    )
     async with running_daemon(settings, source) as daemon:
         with trio.fail_after(20):
             await rig.idle(A)
