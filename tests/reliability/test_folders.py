@@ -5,6 +5,8 @@ watched is reported once and then left alone."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 from tests.harness import running_daemon
@@ -63,6 +65,12 @@ async def test_junk_mail_is_scanned_with_its_folder_and_a_deleted_folder_is_repo
     assert len(rig.backend.requests_for(A)) == 2
 
 
+def _more_statuses(rig: Rig) -> Callable[[], bool]:
+    """A condition: the server has answered another STATUS since now."""
+    before = rig.server.stats.commands["STATUS"]
+    return lambda: rig.server.stats.commands["STATUS"] > before
+
+
 async def test_junk_and_inbox_coalesce_separately_during_a_backend_stall(rig: Rig) -> None:
     source = rig.source(A)
     server = rig.server
@@ -82,9 +90,8 @@ async def test_junk_and_inbox_coalesce_separately_during_a_backend_stall(rig: Ri
             # INBOX's scan does not wait behind Junk's: its own coalescer, its own task
             await rig.backend.wait_for_requests(2, email=A)
             for n in range(3, 6):  # more Junk mail, each seen by its own STATUS tick
-                statuses = server.stats.commands["STATUS"]
                 server.append(A, _mail(n), SPAM)
-                await server.wait_for(lambda s=statuses: server.stats.commands["STATUS"] > s)
+                await server.wait_for(_more_statuses(rig))
             junk = daemon.reconciler.handles[A].memory.folders.by_name[SPAM]
             assert junk.coalescer.active and junk.coalescer.pending == 1
             gate.release()
