@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from trio_idle.core.config import ConfigError, parse_settings
+from tests.fixtures import ROW_KEY, connection_row
+from trio_idle.accounts.connections import MailConnection, RowProblem, build_connection
+from trio_idle.accounts.source_file import rows_from_toml
+from trio_idle.core.config import DEFAULT_QUERY, ConfigError, parse_settings
 from trio_idle.core.folders import parse_folders
 from trio_idle.imap.folders import ListEntry, list_command_args, parse_list, resolve_folders
 
@@ -112,3 +117,48 @@ def test_special_use_attributes_are_asked_for_where_list_extended_allows() -> No
         "(SPECIAL-USE)",
     )
     assert list_command_args(["IMAP4rev1", "SPECIAL-USE"]) == ('""', '"*"')
+
+
+# -- a row's own folders (imapFolders; folders = [...] in the TOML file) ---------------
+
+
+def _row(**changes: Any) -> dict[str, Any]:
+    return connection_row(imapUser=None) | changes
+
+
+@pytest.mark.parametrize(
+    ("value", "folders"),
+    [
+        (None, None),  # the global TRIO_IDLE_FOLDERS
+        ("", None),
+        ("INBOX, \\junk", ("INBOX", "\\Junk")),
+        (["INBOX", "Archive/2024"], ("INBOX", "Archive/2024")),
+        ('["INBOX", "\\\\Junk"]', ("INBOX", "\\Junk")),  # a text[] column through to_jsonb
+    ],
+)
+def test_a_row_may_name_its_own_folders(value: object, folders: tuple[str, ...] | None) -> None:
+    conn = build_connection(_row(imapFolders=value), ROW_KEY)
+    assert isinstance(conn, MailConnection)
+    assert conn.folders == folders
+
+
+@pytest.mark.parametrize("value", ["INBOX,\\Spam", ["INBOX", "a,b"], "[not json", 42])
+def test_a_bad_folder_list_skips_the_row_with_one_line_naming_the_column(value: object) -> None:
+    problem = build_connection(_row(imapFolders=value), ROW_KEY)
+    assert isinstance(problem, RowProblem)
+    assert problem.message.startswith("imapFolders") and "\n" not in problem.message
+
+
+def test_the_toml_entry_folders_reach_the_row() -> None:
+    data = {
+        "connection": [
+            {"id": "a", "email": "a@gmail.com", "password_env": "X", "folders": ["\\Junk"]}
+        ]
+    }
+    (row,) = rows_from_toml(data, {"X": "pw"})
+    conn = build_connection(row, ROW_KEY)
+    assert isinstance(conn, MailConnection) and conn.folders == ("\\Junk",)
+
+
+def test_the_default_query_reads_the_optional_column() -> None:
+    assert "'imapFolders' AS \"imapFolders\"" in DEFAULT_QUERY

@@ -4,6 +4,7 @@ reported once and never asked about again."""
 
 from __future__ import annotations
 
+import attrs
 import trio
 
 from tests.unit.session_rig import CONN, TICK, connected, make_rig, running, settled
@@ -87,3 +88,14 @@ async def test_junk_mail_filed_while_down_or_disconnected_is_caught_up_per_folde
         assert junk.coalescer.pending_reason == "reconnect"
         assert junk.scan_range(junk.mailbox).since_uid == 6
     assert junk.coalescer.requested == 2
+
+
+async def test_a_rows_own_folders_win_over_the_setting(autojump_clock: trio.abc.Clock) -> None:
+    rig = make_rig()  # TRIO_IDLE_FOLDERS: INBOX only
+    rig.server.add_folder("Junk", attributes=["\\Junk"])
+    async with running(rig, attrs.evolve(CONN, folders=("INBOX", "\\Junk"))):
+        await connected(rig)
+        rig.server.deliver_to("Junk")
+        await settled(rig, lambda: "Junk" in rig.memory.folders.by_name)
+        junk = rig.memory.folders.by_name["Junk"]
+        await settled(rig, lambda: junk.coalescer.requested == 1)

@@ -70,7 +70,8 @@ DEFAULT_QUERY: Final = (
     'SELECT id, "userId", email, "imapHost", "imapPort", "imapUser", "encryptedPassword", '
     'to_jsonb("MailConnection") ->> \'authType\' AS "authType", '
     'to_jsonb("MailConnection") ->> \'encryptedRefreshToken\' AS "encryptedRefreshToken", '
-    'to_jsonb("MailConnection") ->> \'imapSecurity\' AS "imapSecurity" '
+    'to_jsonb("MailConnection") ->> \'imapSecurity\' AS "imapSecurity", '
+    'to_jsonb("MailConnection") ->> \'imapFolders\' AS "imapFolders" '
     'FROM "MailConnection" WHERE "isActive" = true'
 )
 SECURITY_MODES: Final = ("auto", "tls", "starttls", "plain")

@@ -372,19 +372,21 @@ class _Watch:
     folders: list[str] = attrs.field(factory=list)
 
     async def open_folders(self) -> None:
-        """Resolve the watched folders beside the selected mailbox (one LIST, before
-        IDLE) and check them once (STATUS): a folder whose UIDNEXT moved since the last
-        session (or the last run: the state store) gets a scan. A folder the server
-        lacks is reported once per connection row, then left alone."""
+        """Resolve the watched folders (the row's own, else ``TRIO_IDLE_FOLDERS``) beside
+        the selected mailbox (one LIST, before IDLE) and check them once (STATUS): a
+        folder whose UIDNEXT moved since the last session (or the last run: the state
+        store) gets a scan. A folder the server lacks is reported once per connection
+        row, then left alone."""
         env, selected = self.env, self.env.imap.mailbox
-        extras = [f for f in env.imap.folders if not _same_folder(f, selected)]
+        wanted = self.conn.folders if self.conn.folders is not None else env.imap.folders
+        extras = [f for f in wanted if not _same_folder(f, selected)]
         if not extras:
             return
         resolved = resolve_folders(extras, await self.imap.list_folders())
         self.memory.folders.resolved = dict(resolved.found)
-        for wanted in resolved.missing:
-            if self.memory.folders.missing(wanted):
-                self._report_missing(wanted, "not found on the server")
+        for name in resolved.missing:
+            if self.memory.folders.missing(name):
+                self._report_missing(name, "not found on the server")
         self.folders[:] = [f for f in resolved.folders if not _same_folder(f, selected)]
         await self.check_folders("reconnect")
 
