@@ -94,6 +94,8 @@ async def test_junk_and_inbox_coalesce_separately_during_a_backend_stall(rig: Ri
                 await server.wait_for(_more_statuses(rig))
             junk = daemon.reconciler.handles[A].memory.folders.by_name[SPAM]
             assert junk.coalescer.active and junk.coalescer.pending == 1
+            (shown,) = daemon.reconciler.snapshot()[0]["folders"]  # what /status shows
+            assert shown["name"] == SPAM and shown["scan_active"] and shown["scan_pending"]
             gate.release()
             await rig.logs.wait_until(
                 lambda: not junk.coalescer.active and not junk.coalescer.pending

@@ -396,6 +396,17 @@ class Reconciler:
                     "sessions": h.memory.sessions,
                     "scan_active": h.coalescer.active,
                     "scan_pending": bool(h.coalescer.pending),
+                    # the folders beside INBOX (TRIO_IDLE_FOLDERS) this process has seen
+                    "folders": [
+                        {
+                            "name": f.name,
+                            "uidnext": None if f.mailbox is None else f.mailbox.uidnext,
+                            "last_scan": _iso(f.last_scan),
+                            "scan_active": f.coalescer.active,
+                            "scan_pending": bool(f.coalescer.pending),
+                        }
+                        for f in h.memory.folders.by_name.values()
+                    ],
                 }
             )
         return out
