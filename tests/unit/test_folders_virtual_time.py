@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import attrs
 import trio
+from trio_idle_testing.fake_imap import FakeImapServer
 
 from tests.unit.session_rig import CONN, TICK, connected, make_rig, running, settled
 from tests.unit.test_session_virtual_time import MemoryBackend
@@ -99,3 +100,20 @@ async def test_a_rows_own_folders_win_over_the_setting(autojump_clock: trio.abc.
         await settled(rig, lambda: "Junk" in rig.memory.folders.by_name)
         junk = rig.memory.folders.by_name["Junk"]
         await settled(rig, lambda: junk.coalescer.requested == 1)
+
+
+async def test_a_server_without_idle_checks_the_folders_on_its_poll(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    server = FakeImapServer(exists=3, uidnext=10, uidvalidity=5, idle=False)
+    server.add_folder("Junk", attributes=["\\Junk"])
+    rig = make_rig(server, folders=("INBOX", "\\Junk"))
+    async with running(rig):
+        await connected(rig)
+        junk = rig.memory.folders.by_name["Junk"]
+        server.deliver_to("Junk")
+        filed_at = trio.current_time()
+        await settled(rig, lambda: junk.coalescer.requested == 1)
+        assert trio.current_time() - filed_at <= TICK
+        assert junk.coalescer.pending_reason == "tick"
+        assert "IDLE" not in server.commands()
