@@ -764,6 +764,8 @@ class ScanBackend:
             problems.append("userId must be a string or null")
         if body.get("reason") not in SCAN_REASONS:
             problems.append(f"reason must be one of {sorted(SCAN_REASONS)}")
+        if "folder" in body and body["folder"] != body.get("mailbox"):
+            problems.append("folder, when present, must name the mailbox scanned")
         return problems
 
     def _header_problems(self, request: ScanRequest, *, scan_id: bool) -> list[str]:

@@ -29,7 +29,7 @@ error, which a test sees in ``stats``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 import trio
@@ -38,6 +38,7 @@ from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
 from trio_idle.imap.connector import ImapConnector, ImapLink
 from trio_idle.imap.envelope import Envelope, NewMail
+from trio_idle.imap.folders import ListEntry
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import MailboxState
 
@@ -91,6 +92,10 @@ class FakeImapServer:
         #: every access token AUTHENTICATE received, in order (fake tokens only)
         self.tokens_seen: list[str] = []
         self.calls: list[Call] = []
+        #: folders beside the selected mailbox, by name: their state (STATUS answers)
+        #: and attributes (LIST); a folder removed here is refused by STATUS
+        self.folders: dict[str, MailboxState] = {}
+        self.folder_attributes: dict[str, frozenset[str]] = {}
         #: the connections made, by attempt number (refused attempts make none)
         self.links: dict[int, FakeImapLink] = {}
         self._attempts = 0
@@ -145,6 +150,20 @@ class FakeImapServer:
             link.pending.append(b"* 1 EXPUNGE")
             if self.push and link.idling:
                 link.flush()
+
+    def add_folder(self, name: str, *, attributes: Iterable[str] = (), uidnext: int = 1) -> None:
+        """A folder beside the selected mailbox (LIST shows it, STATUS answers for it)."""
+        self.folders[name] = MailboxState(0, uidnext, self.uidvalidity)
+        self.folder_attributes[name] = frozenset(attributes)
+
+    def deliver_to(self, folder: str, count: int = 1) -> None:
+        """New mail in another folder: never pushed, seen only by its next STATUS."""
+        state = self.folders[folder]
+        assert state.uidnext is not None and state.exists is not None
+        self.folders[folder] = MailboxState(
+            state.exists + count, state.uidnext + count, state.uidvalidity
+        )
+        self._notify()
 
     def renumber(self, uidvalidity: int) -> None:
         """A new UIDVALIDITY: the messages are numbered 1..n again (as after a server
@@ -351,6 +370,33 @@ class FakeImapLink:
             await self._command("IDLE")
             self._enter_idle()
         return NewMail(uids, envelopes)
+
+    async def list_folders(self) -> tuple[ListEntry, ...]:
+        assert self.logged_in and not self.idling, "LIST outside the authenticated state"
+        await self._command("LIST")
+        entries = [ListEntry("INBOX", frozenset(), "/")]
+        entries += [
+            ListEntry(name, self._server.folder_attributes.get(name, frozenset()), "/")
+            for name in self._server.folders
+        ]
+        return tuple(entries)
+
+    async def check_folders(self, folders: Sequence[str]) -> dict[str, MailboxState | None]:
+        assert self.selected, "STATUS outside the selected state"
+        was_idling = self.idling
+        if was_idling:
+            self._check()
+            await self._command("DONE")
+            self.idling = False
+        found: dict[str, MailboxState | None] = {}
+        for folder in folders:
+            await self._command("STATUS", folder)
+            found[folder] = self._server.folders.get(folder)
+        self.flush()
+        if was_idling:
+            await self._command("IDLE")
+            self._enter_idle()
+        return found
 
     def _enter_idle(self) -> None:
         self.idling = True

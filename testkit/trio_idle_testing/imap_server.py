@@ -199,8 +199,16 @@ class ImapTestServer:
         for mailbox in mailboxes:
             self.add_mailbox(name, mailbox, uidvalidity=uidvalidity)
 
-    def add_mailbox(self, user: str, name: str, *, uidvalidity: int | None = None) -> Mailbox:
-        """Create a mailbox (``inbox`` in any case is stored as ``INBOX``)."""
+    def add_mailbox(
+        self,
+        user: str,
+        name: str,
+        *,
+        uidvalidity: int | None = None,
+        special_use: tuple[str, ...] = (),
+    ) -> Mailbox:
+        """Create a mailbox (``inbox`` in any case is stored as ``INBOX``); LIST shows
+        its ``special_use`` attributes (``("\\Junk",)``)."""
         account = self._user(user)
         if name.upper() == "INBOX":
             name = "INBOX"
@@ -209,10 +217,18 @@ class ImapTestServer:
         mailbox = Mailbox(
             name,
             self._uidvalidity if uidvalidity is None else uidvalidity,
+            special_use=special_use,
             _on_change=self._mailbox_changed,
         )
         account.mailboxes[name] = mailbox
         return mailbox
+
+    def delete_mailbox(self, user: str, name: str) -> None:
+        """Remove a mailbox (not INBOX): LIST no longer shows it, STATUS and SELECT
+        answer ``NO [NONEXISTENT]``; a session that has it selected keeps its object."""
+        if name.upper() == "INBOX":
+            raise ValueError("INBOX cannot be deleted")
+        del self._user(user).mailboxes[name]
 
     def mailbox(self, user: str, name: str = "INBOX") -> Mailbox:
         """The live mailbox object (``uidvalidity``, ``uidnext``, ``exists``, ``messages``)."""

@@ -613,9 +613,10 @@ class ImapTestSession:
         if pattern == "":
             lines.append('* LIST (\\Noselect) "/" ""')
         else:
-            for name in self._account().mailboxes:
+            for name, mailbox in self._account().mailboxes.items():
                 if list_match(pattern, name):
-                    lines.append(f'* LIST (\\HasNoChildren) "/" {quote(name)}')
+                    attributes = " ".join(("\\HasNoChildren", *mailbox.special_use))
+                    lines.append(f'* LIST ({attributes}) "/" {quote(name)}')
         pre = "".join(line + "\r\n" for line in lines).encode()
         await self._tagged(command, "OK", "LIST completed", pre)
 

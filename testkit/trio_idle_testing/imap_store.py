@@ -36,6 +36,8 @@ class Mailbox:
     messages: list[Message] = attrs.field(factory=list)
     #: Bumped on every change; a session compares it to what it last reported.
     version: int = 0
+    #: RFC 6154 special-use attributes LIST shows (``\\Junk``)
+    special_use: tuple[str, ...] = ()
     _snapshot: tuple[int, ...] | None = attrs.field(default=None, repr=False, alias="_snapshot")
     _on_change: Callable[[Mailbox], None] | None = attrs.field(
         default=None, repr=False, alias="_on_change"

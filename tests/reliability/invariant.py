@@ -44,6 +44,8 @@ class Append:
     at: float  # trio.current_time() right after the append
     note: str = ""
     uidvalidity: int | None = None
+    #: the folder it was filed into (a scan of another folder does not cover it)
+    mailbox: str = "INBOX"
 
 
 def in_range(request: ScanRequest, append: Append) -> bool:
@@ -65,9 +67,11 @@ def scanned(request: ScanRequest) -> bool:
 
 
 def covers(request: ScanRequest, append: Append) -> bool:
-    """Whether ``request`` is a scan of ``append``'s mailbox that started after it."""
+    """Whether ``request`` is a scan of ``append``'s mailbox (and folder) that started
+    after it."""
     return (
         request.email == append.user
+        and request.body.get("mailbox") == append.mailbox
         and scanned(request)
         and request.received_at > append.at
         and in_range(request, append)
@@ -105,7 +109,7 @@ class Ledger:
             mailbox,
         )
         uidvalidity = self.server.mailbox(user, mailbox).uidvalidity
-        record = Append(user, uid, trio.current_time(), note, uidvalidity)
+        record = Append(user, uid, trio.current_time(), note, uidvalidity, mailbox)
         self.appends.append(record)
         message = self.server.mailbox(user, mailbox).by_uid(uid)
         assert message is not None
@@ -177,14 +181,15 @@ class Ledger:
         lines = [f"{len(misses)} append(s) never followed by an accepted scan POST. {context}"]
         for user in sorted({m.user for m in misses}):
             mine = [m for m in misses if m.user == user]
-            lines.append(f"  {user}: missed uids {[m.uid for m in mine]}")
+            lines.append(f"  {user}: missed uids {[(m.mailbox, m.uid) for m in mine]}")
             for m in mine[:5]:
                 lines.append(f"    uid {m.uid} appended at t-{now - m.at:.3f}s {m.note}")
             for e in [e for e in self.expunges if e.user == user][-5:]:
                 lines.append(f"    uid {e.uid} expunged at t-{now - e.at:.3f}s {e.note}")
             for r in self.backend.requests_for(user)[-8:]:
                 lines.append(
-                    f"    POST reason={r.reason} received t-{now - r.received_at:.3f}s "
+                    f"    POST {r.body.get('mailbox')} reason={r.reason} "
+                    f"received t-{now - r.received_at:.3f}s "
                     f"status={r.status} uidValidity={r.body.get('uidValidity')} "
                     f"sinceUid={r.body.get('sinceUid')}"
                 )

@@ -8,7 +8,10 @@ answering 500 / 429 (Retry-After) / slower than the scan timeout for a while, ba
 for a while. A quarter of the mailboxes answer SELECT without UIDNEXT, like Courier-IMAP
 (STATUS still has it), and another quarter give it neither in SELECT nor in STATUS. Then
 every fault is cleared, and every message appended during the run must be followed by an
-accepted scan POST of its mailbox that started after it and whose range includes it.
+accepted scan POST of its mailbox that started after it and whose range includes it. A
+fifth of the mail is filed into Junk (Gmail's ``[Gmail]/Spam``, watched with
+``TRIO_IDLE_FOLDERS=INBOX,\\Junk`` by STATUS on each tick): its scans must name that
+folder, through the same outages.
 
 Replay: ``CHAOS_SEED=<seed> python -m pytest tests/reliability/test_chaos.py`` (the seed is
 printed and is part of every assertion message). ``CHAOS_SECONDS`` changes the duration.
@@ -47,7 +50,10 @@ SETTINGS = {
     "TRIO_IDLE_AUTH_BACKOFF": "1s",
     "TRIO_IDLE_AUTH_BACKOFF_MAX": "2s",
     "TRIO_IDLE_LOG_LEVEL": "INFO",
+    "TRIO_IDLE_FOLDERS": "INBOX,\\Junk",
 }
+#: the folder ``\\Junk`` resolves to (Gmail's name, marked \\Junk in LIST)
+JUNK = "[Gmail]/Spam"
 
 
 class Chaos:
@@ -64,6 +70,7 @@ class Chaos:
         self.retired: set[str] = set()
         rig.backend.default_reply = self._reply
         for user in users:
+            rig.server.add_mailbox(user, JUNK, special_use=("\\Junk",))
             for n in range(OLD_MAIL):
                 rig.server.append(user, f"Subject: old {n}\r\n\r\nold\r\n".encode())
         self.uidnext_modes()
@@ -162,7 +169,10 @@ class Chaos:
             await trio.sleep(self.rng.uniform(0.0, 0.08))
             user = self.rng.choice(self.users)
             if user not in self.retired:
-                self.rig.ledger.append(user, "chaos")
+                if self.rng.random() < 0.2:
+                    self.rig.ledger.append(user, "chaos, filed into Junk", JUNK)
+                else:
+                    self.rig.ledger.append(user, "chaos")
 
     def calm(self) -> None:
         self.backend_mode.clear()
@@ -194,6 +204,7 @@ async def test_chaos(rig: Rig) -> None:
             for user in users:
                 if user not in chaos.retired:  # their last mail came in an outage
                     rig.ledger.append(user, "last, under the final faults")
+                    rig.ledger.append(user, "last Junk, under the final faults", JUNK)
         chaos.calm()
         calm_at = trio.current_time()
         await rig.ledger.settle(30, context=f"{context}\nfaults:\n" + "\n".join(chaos.done))
@@ -211,3 +222,5 @@ async def test_chaos(rig: Rig) -> None:
         for user in users:
             coalescer = rig.handle(daemon, user).coalescer
             assert coalescer.pending <= 1, context
+            junk = rig.handle(daemon, user).memory.folders.by_name[JUNK].coalescer
+            assert junk.pending <= 1, context

@@ -470,6 +470,14 @@ userdb {{
 
 mail_location = maildir:~/Maildir
 mailbox_idle_check_interval = 1 secs
+# a Spamverdacht folder (made by a test, not auto-created; no provider uses the name)
+# is marked \\Junk in LIST
+namespace inbox {{
+  inbox = yes
+  mailbox Spamverdacht {{
+    special_use = \\Junk
+  }}
+}}
 
 service imap-login {{
   inet_listener imap {{

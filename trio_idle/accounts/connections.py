@@ -10,6 +10,7 @@ from __future__ import annotations
 import decimal
 import hashlib
 import ipaddress
+import json
 import math
 import re
 import secrets
@@ -20,6 +21,7 @@ import attrs
 
 from trio_idle.accounts.providers import GENERIC, SECURITIES, preset_for
 from trio_idle.core.crypto import DecryptionError, decrypt_password
+from trio_idle.core.folders import parse_folders
 from trio_idle.core.scrub import PLAIN, escape_controls
 from trio_idle.core.secret import Secret
 
@@ -133,6 +135,8 @@ class MailConnection:
     security: str | None = None
     #: the provider preset this connection matched (``trio_idle.accounts.providers``), if any
     provider: str | None = None
+    #: the row's own folders to watch (``imapFolders``), overriding ``TRIO_IDLE_FOLDERS``
+    folders: tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -183,6 +187,31 @@ def _choice(row: Mapping[str, Any], column: str, choices: tuple[str, ...]) -> st
     if text.lower() not in choices:
         raise ValueError(f"{column}: expected one of {', '.join(choices)}, got {_shown(text)}")
     return text.lower()
+
+
+def _folders(row: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The optional ``imapFolders`` column: absent, NULL or empty → ``None`` (the global
+    ``TRIO_IDLE_FOLDERS``); a comma-separated text, a list of names, or a JSON array as
+    text (a PostgreSQL ``text[]`` read through ``to_jsonb``), parsed like the setting;
+    ``ValueError`` naming the column otherwise."""
+    value = row.get("imapFolders")
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("imapFolders: not a JSON array of folder names") from None
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, str) and "," not in v for v in value):
+            raise ValueError("imapFolders: expected folder names without commas")
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise ValueError(f"imapFolders: expected text or a list, got {type(value).__name__}")
+    try:
+        return parse_folders(value)
+    except ValueError as exc:
+        raise ValueError(f"imapFolders: {exc}") from None
 
 
 def _refresh_token(row: Mapping[str, Any], key: bytes) -> Secret | None:
@@ -289,6 +318,7 @@ def _build(row: Mapping[str, Any], key: bytes, conn_id: str) -> MailConnection |
         refresh_token=refresh,
         security=security,
         provider=provider,
+        folders=_folders(row),
     )
 
 

@@ -8,6 +8,7 @@ Format::
     imap_host = "imap.example.com"     # default: the provider preset of the email domain
     imap_port = 993                    # default 993 (or the preset's port)
     imap_security = "tls"              # optional: tls, starttls or plain; default: global
+    folders = ["INBOX", "\\Junk"]       # optional: default TRIO_IDLE_FOLDERS
     imap_user = "alice"                # default: email
     user_id = "u-1"                    # optional, sent to the backend as userId
     active = true                      # default true
@@ -58,6 +59,7 @@ def rows_from_toml(data: Mapping[str, Any], env: Mapping[str, str]) -> list[dict
             "authType": entry.get("auth"),
             "encryptedRefreshToken": entry.get("encrypted_refresh_token"),
             "imapSecurity": entry.get("imap_security"),
+            "imapFolders": entry.get("folders"),
         }
         port = entry.get("imap_port")
         if port is None:

@@ -62,6 +62,9 @@ class ScanJob:
     scan_id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
     span: ScanRange = NO_RANGE
     messages: tuple[Envelope, ...] | None = attrs.field(default=None, repr=False)
+    #: a folder beside the session's mailbox (``\\Junk`` resolved, e.g. ``[Gmail]/Spam``;
+    #: ``mailbox`` names it too); None: the session's mailbox (INBOX), no ``folder`` field
+    folder: str | None = None
 
     def body(self) -> bytes:
         data: dict[str, object] = {
@@ -71,6 +74,8 @@ class ScanJob:
             "mailbox": self.mailbox,
             "reason": self.reason,
         }
+        if self.folder is not None:
+            data["folder"] = self.folder
         data.update(self.span.fields())
         if self.messages is not None:
             data["messages"] = [m.to_json() for m in self.messages]

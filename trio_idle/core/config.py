@@ -32,6 +32,7 @@ from trio_idle.core.destinations import (
     Network,
     parse_networks,
 )
+from trio_idle.core.folders import parse_folders
 from trio_idle.core.host_pacing import parse_host_rates
 from trio_idle.core.scrub import url_secrets
 from trio_idle.core.secret import Secret
@@ -69,7 +70,8 @@ DEFAULT_QUERY: Final = (
     'SELECT id, "userId", email, "imapHost", "imapPort", "imapUser", "encryptedPassword", '
     'to_jsonb("MailConnection") ->> \'authType\' AS "authType", '
     'to_jsonb("MailConnection") ->> \'encryptedRefreshToken\' AS "encryptedRefreshToken", '
-    'to_jsonb("MailConnection") ->> \'imapSecurity\' AS "imapSecurity" '
+    'to_jsonb("MailConnection") ->> \'imapSecurity\' AS "imapSecurity", '
+    'to_jsonb("MailConnection") ->> \'imapFolders\' AS "imapFolders" '
     'FROM "MailConnection" WHERE "isActive" = true'
 )
 SECURITY_MODES: Final = ("auto", "tls", "starttls", "plain")
@@ -245,6 +247,14 @@ class ImapSettings:
 
     mailbox: str = setting(
         "TRIO_IDLE_MAILBOX", "--mailbox", parse_nonempty, "INBOX", "mailbox to watch"
+    )
+    folders: tuple[str, ...] = setting(
+        "TRIO_IDLE_FOLDERS",
+        "--folders",
+        parse_folders,
+        "INBOX",
+        "comma-separated folders to watch: names or RFC 6154 special uses (INBOX,\\Junk); "
+        "TRIO_IDLE_MAILBOX is IDLEd on, the others are checked with STATUS every tick",
     )
     imap_security: str = setting(
         "TRIO_IDLE_IMAP_SECURITY",

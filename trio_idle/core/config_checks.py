@@ -28,8 +28,19 @@ def cross_check(values: Mapping[str, Any], label: Callable[[str], str]) -> list[
     at_least("scan_retry_initial", "scan_retry_max")
     if values.get("state") == "postgres" and values.get("database_url") is None:
         problems.append((label("state"), "postgres state needs DATABASE_URL"))
+    problems += _check_folders(values, label)
     problems += _check_cluster(values, label)
     return problems
+
+
+def _check_folders(values: Mapping[str, Any], label: Callable[[str], str]) -> list[Problem]:
+    """The mailbox the session IDLEs on must be one of the watched folders."""
+    folders, mailbox = values.get("folders"), values.get("mailbox")
+    if folders is None or mailbox is None:
+        return []
+    if mailbox not in folders and not (mailbox.upper() == "INBOX" and "INBOX" in folders):
+        return [(label("folders"), f"must list {label('mailbox')} ({mailbox})")]
+    return []
 
 
 def _check_cluster(values: Mapping[str, Any], label: Callable[[str], str]) -> list[Problem]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import attrs
@@ -59,6 +59,7 @@ from trio_idle.imap.aioimap import (
     quote,
 )
 from trio_idle.imap.envelope import Envelope, NewMail, ParseMeter, parse_search, parse_steps
+from trio_idle.imap.folders import ListEntry, list_command_args, parse_list
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import (
     MailboxState,
@@ -683,6 +684,61 @@ class ImapConnection:
             protocol.capture = None
         self._check()
         return NewMail(uids, envelopes)
+
+    async def list_folders(self) -> tuple[ListEntry, ...]:
+        """The server's folders and their attributes: ``LIST "" "*"`` (with ``RETURN
+        (SPECIAL-USE)`` where the server announces LIST-EXTENDED), under the command
+        timeout; a refused LIST gives nothing. Not while idling (the session lists its
+        folders once, after SELECT, before IDLE)."""
+        self._check()
+        command = CapturedCommand(
+            "LIST",
+            self.protocol.new_tag(),
+            *list_command_args(self.protocol.capabilities),
+            untagged_resp_name="LIST",
+        )
+        ok, answer = await self._run_captured("LIST", command)
+        return parse_list(answer) if ok else ()
+
+    async def check_folders(self, folders: Sequence[str]) -> dict[str, MailboxState | None]:
+        """``STATUS <folder> (UIDNEXT UIDVALIDITY)`` for each folder: DONE first if
+        idling, IDLE again after, all within one command timeout (an error names the
+        command not answered). A folder whose STATUS the server refused (it does not
+        exist, or no longer) maps to ``None``. Same guarantees as every command."""
+        self._check()
+        protocol = self.protocol
+        deadline = self._deadline()
+        await self._settle(deadline)
+        old = self._idle
+        step = _Step("DONE")
+        found: dict[str, MailboxState | None] = {}
+        try:
+            if old is not None:
+                protocol.idle_done()
+                self._idle = None
+                await self._until(step, lambda: old.done, deadline)
+                if old.result != "OK":
+                    raise ImapError(f"{step} failed: IDLE ended with {old.result}")
+            for folder in folders:
+                step.name = f"STATUS {folder}"
+                protocol.capture = []
+                status = CapturedCommand(
+                    "STATUS", protocol.new_tag(), quote(folder), "(UIDNEXT UIDVALIDITY)"
+                )
+                response = await self._run_step(step, status, deadline)
+                found[folder] = parse_status(protocol.capture) if response.result == "OK" else None
+            protocol.capture = None
+            if old is not None:
+                step.name = "IDLE"
+                idle = self._new_idle()
+                self._send(idle)
+                protocol.idle_outstanding = True
+                if not await self._idle_answered(step, idle, deadline):
+                    raise ImapError(f"{step} failed: server refused IDLE: {idle.result}")
+        finally:
+            protocol.capture = None
+        self._check()
+        return found
 
     async def _parse_envelopes(
         self, responses: list[bytes], wanted: set[int]

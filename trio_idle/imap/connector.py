@@ -12,10 +12,12 @@ This module imports no I/O library: reading it (or implementing it) costs nothin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.imap.envelope import NewMail
+from trio_idle.imap.folders import ListEntry
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import MailboxState
 
@@ -112,6 +114,17 @@ class ImapLink(RestartWriter, Protocol):
         """The UIDs from ``since_uid`` on and (at most ``limit`` of them) their envelopes:
         DONE if idling, ``UID SEARCH``, ``UID FETCH (UID ENVELOPE RFC822.SIZE)``, IDLE
         again, all within one command timeout. Envelope text is never logged."""
+        ...
+
+    async def list_folders(self) -> tuple[ListEntry, ...]:
+        """The server's folders with their attributes (``LIST``; special uses asked for
+        where the server allows); nothing if it refused. Not while idling."""
+        ...
+
+    async def check_folders(self, folders: Sequence[str]) -> dict[str, MailboxState | None]:
+        """``STATUS <folder> (UIDNEXT UIDVALIDITY)`` of each folder, leaving IDLE (DONE)
+        first and entering it again after if idling, all within one command timeout;
+        ``None`` for a folder the server refused (it does not exist)."""
         ...
 
     async def logout(self, limit: float) -> None:

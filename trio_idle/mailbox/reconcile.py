@@ -37,6 +37,7 @@ from trio_idle.imap.envelope import MAX_ENVELOPES, NewMail
 from trio_idle.imap.responses import MailboxState
 from trio_idle.mailbox.account_health import Health
 from trio_idle.mailbox.coalescer import ScanCoalescer
+from trio_idle.mailbox.folders import FolderMemory
 from trio_idle.mailbox.health_reporter import (
     AccountHealth,
     StatusPolicy,
@@ -71,6 +72,10 @@ def diff(running: Mapping[str, MailConnection], wanted: Mapping[str, MailConnect
         if wanted[i] is not running[i] and wanted[i] != running[i]
     )
     return Diff(tuple(added), tuple(removed), tuple(changed))
+
+
+def _no_folder_hook(folder: FolderMemory) -> None:
+    """Between two connection subtrees no folder gets a scan task."""
 
 
 @attrs.define
@@ -255,11 +260,18 @@ class Reconciler:
                         handle.health.attach(
                             functools.partial(self._start_reports, nursery, handle, log)
                         )
+                    folders = handle.memory.folders
+                    folders.on_new = functools.partial(self._attach_folder, nursery, handle, log)
+                    for folder in folders.by_name.values():  # a credentials restart's
+                        self._attach_folder(nursery, handle, log, folder)
                     try:
                         await run_session(conn, self._env, handle.coalescer, handle.memory, log)
                     finally:
                         handle.coalescer.detach()
                         handle.health.detach()
+                        folders.on_new = _no_folder_hook
+                        for folder in folders.by_name.values():
+                            folder.coalescer.detach()
         except Exception as exc:  # belt and braces: one connection never takes down the rest
             self._env.stats.inc("internal_errors")
             log_internal_error(
@@ -286,6 +298,45 @@ class Reconciler:
             self._env.rng,
             self._hooks(handle),
             name=f"scan:{handle.conn.id}",
+        )
+
+    def _attach_folder(
+        self, nursery: trio.Nursery, handle: Handle, log: Logger, folder: FolderMemory
+    ) -> None:
+        """A watched folder's coalescer gets its scan task's starter, as the mailbox's."""
+        folder.coalescer.attach(
+            functools.partial(self._start_folder_scans, nursery, handle, log, folder)
+        )
+
+    def _start_folder_scans(
+        self, nursery: trio.Nursery, handle: Handle, log: Logger, folder: FolderMemory
+    ) -> None:
+        """A folder's coalescer's starter: its own scan task, while its scans are pending
+        (1 active + 1 pending per folder); its scans name the folder."""
+        store, conn_id = self._env.store, handle.conn.id
+
+        def on_success(covered: MailboxState) -> None:
+            folder.accepted(covered)
+            if store is not None:
+                store.record(conn_id, folder.name, covered.uidvalidity, covered.uidnext)
+
+        hooks = ScanHooks(
+            pacer=self._env.catchup_pacer,
+            covered=lambda: folder.mailbox,
+            on_success=on_success,
+            range_for=folder.scan_range,
+        )
+        nursery.start_soon(
+            run_scans,
+            handle.conn,
+            folder.coalescer,
+            self._webhook,
+            attrs.evolve(self._policy, mailbox=folder.name, folder=folder.name),
+            self._env.stats,
+            log,
+            self._env.rng,
+            hooks,
+            name=f"scan:{conn_id}:{folder.name}",
         )
 
     def _start_reports(self, nursery: trio.Nursery, handle: Handle, log: Logger) -> None:
@@ -345,6 +396,17 @@ class Reconciler:
                     "sessions": h.memory.sessions,
                     "scan_active": h.coalescer.active,
                     "scan_pending": bool(h.coalescer.pending),
+                    # the folders beside INBOX (TRIO_IDLE_FOLDERS) this process has seen
+                    "folders": [
+                        {
+                            "name": f.name,
+                            "uidnext": None if f.mailbox is None else f.mailbox.uidnext,
+                            "last_scan": _iso(f.last_scan),
+                            "scan_active": f.coalescer.active,
+                            "scan_pending": bool(f.coalescer.pending),
+                        }
+                        for f in h.memory.folders.by_name.values()
+                    ],
                 }
             )
         return out

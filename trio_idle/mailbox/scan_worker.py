@@ -46,6 +46,9 @@ class ScanPolicy:
     mailbox: str
     retry_initial: float
     retry_max: float
+    #: the folder scanned when it is not the session's selected mailbox (the body's
+    #: ``folder``; :mod:`trio_idle.mailbox.folders`), else None
+    folder: str | None = None
 
 
 @attrs.frozen
@@ -147,7 +150,14 @@ class _ScanWorker:
         (False)."""
         conn, policy, stats, log = self.conn, self.policy, self.stats, self.log
         job = ScanJob(
-            conn.id, conn.user_id, conn.email, policy.mailbox, reason, span=span, messages=messages
+            conn.id,
+            conn.user_id,
+            conn.email,
+            policy.mailbox,
+            reason,
+            span=span,
+            messages=messages,
+            folder=policy.folder,
         )
         prefix = log_prefix(conn.email)
         # the id the backend sees as x-scan-id: every line of this scan names it, so the

@@ -61,11 +61,13 @@ from trio_idle.core.stats import Stats
 from trio_idle.imap.client import ImapTimeouts
 from trio_idle.imap.connect import connect, resolve_security
 from trio_idle.imap.connector import ImapConnector, ImapLink
+from trio_idle.imap.folders import resolve_folders
 from trio_idle.imap.framing import ImapLimits
 from trio_idle.imap.responses import MailboxState, catch_up_decision
 from trio_idle.mailbox.account_health import Connected
 from trio_idle.mailbox.coalescer import ScanCoalescer
 from trio_idle.mailbox.fetch_desk import FetchDesk, FetchRequest
+from trio_idle.mailbox.folders import Folders, apply_check, folder_decision
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, CONNECTING, IDLE, POLLING
 from trio_idle.mailbox.ticker import IdleTimers, Ticker
 from trio_idle.state.catch_up import startup_decision
@@ -100,6 +102,8 @@ class ConnectionMemory:
     mark: ScanMark | None = None
     #: where the scan worker asks this connection's session for envelopes
     desk: FetchDesk = attrs.field(factory=FetchDesk, repr=False, eq=False)
+    #: the folders watched beside the selected mailbox (:mod:`trio_idle.mailbox.folders`)
+    folders: Folders = attrs.field(factory=Folders, repr=False, eq=False)
 
     def scan_range(self, covered: MailboxState | None) -> ScanRange:
         """The range fields of a scan that starts now and covers ``covered``."""
@@ -363,6 +367,71 @@ class _Watch:
     coalescer: ScanCoalescer
     memory: ConnectionMemory
     log: Logger
+    #: the other folders this connection checks with STATUS (server names); a folder
+    #: the server stops answering for is dropped from it
+    folders: list[str] = attrs.field(factory=list)
+
+    async def open_folders(self) -> None:
+        """Resolve the watched folders (the row's own, else ``TRIO_IDLE_FOLDERS``) beside
+        the selected mailbox (one LIST, before IDLE) and check them once (STATUS): a
+        folder whose UIDNEXT moved since the last session (or the last run: the state
+        store) gets a scan. A folder the server lacks is reported once per connection
+        row, then left alone."""
+        env, selected = self.env, self.env.imap.mailbox
+        wanted = self.conn.folders if self.conn.folders is not None else env.imap.folders
+        extras = [f for f in wanted if not _same_folder(f, selected)]
+        if not extras:
+            return
+        resolved = resolve_folders(extras, await self.imap.list_folders())
+        self.memory.folders.resolved = dict(resolved.found)
+        for name in resolved.missing:
+            if self.memory.folders.missing(name):
+                self._report_missing(name, "not found on the server")
+        self.folders[:] = [f for f in resolved.folders if not _same_folder(f, selected)]
+        await self.check_folders("reconnect")
+
+    def _report_missing(self, name: str, why: str) -> None:
+        self.env.stats.inc("folders_missing")
+        self.log.bind(error_kind="folder_missing").warning(
+            f"{prefix(self.conn.email)} folder {name} {why}: not watched"
+        )
+
+    async def check_folders(self, reason: str) -> None:
+        """STATUS of every other folder (DONE/IDLE around it if idling, one command
+        deadline); a moved UIDNEXT or a new UIDVALIDITY requests a scan of that folder
+        (``reason``: ``reconnect`` right after connecting, ``tick`` later; ``startup``
+        for its first check in this process when there is a state store)."""
+        if not self.folders:
+            return
+        env, memory, conn = self.env, self.memory, self.conn
+        store = env.store if env.store is not None and env.store.enabled else None
+        states = await self.imap.check_folders(tuple(self.folders))
+        for name, current in states.items():
+            if current is None:
+                self.folders.remove(name)
+                if memory.folders.gone(name):
+                    self._report_missing(name, "no longer exists (STATUS refused)")
+                continue
+            folder = memory.folders.get(name)
+            stored = (
+                store.get(conn.id, name) if store is not None and folder.mailbox is None else None
+            )
+            decision = folder_decision(
+                folder,
+                current,
+                stored,
+                store_enabled=store is not None,
+                start_from=env.start_from,
+                reason=reason,
+            )
+            apply_check(folder, current, stored, decision)
+            if decision.store_now and store is not None:
+                store.record(conn.id, name, current.uidvalidity, current.uidnext)
+            if decision.catch_up.scan:
+                env.stats.inc("folder_scans", decision.reason)
+                self.log.info(f"{prefix(conn.email)} folder {name}: scan ({decision.catch_up.why})")
+                if not folder.coalescer.request(decision.reason):
+                    env.stats.inc("scans_coalesced")
 
     def announce(self, reason: str) -> None:
         """Request a scan for mail the monitor counted since the last call, if any."""
@@ -388,8 +457,14 @@ class _Watch:
             stats.inc("scans_coalesced")
 
 
+def _same_folder(a: str, b: str) -> bool:
+    """Whether two folder names are one folder (INBOX is case-insensitive)."""
+    return a == b or (a.upper() == "INBOX" and b.upper() == "INBOX")
+
+
 async def _watch(watch: _Watch) -> None:
     desk = watch.memory.desk
+    await watch.open_folders()
     desk.open()
     try:
         await _watch_open(watch)
@@ -431,6 +506,7 @@ async def _watch_open(watch: _Watch) -> None:
                     continue
             await imap.noop()
             watch.announce("tick")
+            await watch.check_folders("tick")
             next_tick = trio.current_time() + t.tick_interval
     watch.announce("exists")
     await imap.idle_start()
@@ -462,10 +538,16 @@ async def _idle_loop(watch: _Watch, timers: IdleTimers) -> None:
     it, the wait's deadline is the next restart, which the session runs itself."""
     imap = watch.imap
     desk = watch.memory.desk
+    # the other folders' STATUS check: the session's own, once per tick interval (its
+    # own phase, so it does not wait on the ticker's restart of this connection)
+    folders_due = math.inf
+    if watch.folders:
+        folders_due = trio.current_time() + timers.tick_interval * watch.env.rng.uniform(0.5, 1.0)
     while True:
         # one scope per wake-up: the next tick or renewal (unless the ticker writes them),
-        # and the scan worker's fetch request (the desk cancels it)
-        with trio.CancelScope(deadline=math.inf if timers.passive else timers.due_at) as wake:
+        # the next folder check, and the scan worker's fetch request (the desk cancels it)
+        deadline = min(math.inf if timers.passive else timers.due_at, folders_due)
+        with trio.CancelScope(deadline=deadline) as wake:
             desk.listen(wake)
             timers.wake = wake
             try:
@@ -484,6 +566,11 @@ async def _idle_loop(watch: _Watch, timers: IdleTimers) -> None:
             await _serve_fetch(imap, request)  # DONE, UID SEARCH, UID FETCH, IDLE
             watch.announce("exists")
         now = trio.current_time()
+        if now >= folders_due:
+            await watch.check_folders("tick")  # DONE, STATUS per folder, IDLE
+            watch.announce("exists")
+            now = trio.current_time()
+            folders_due = now + timers.tick_interval if watch.folders else math.inf
         if now < timers.due_at:
             continue
         tick = timers.take_due(now)

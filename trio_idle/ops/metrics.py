@@ -69,6 +69,11 @@ PLAIN_COUNTERS: Final = (
         "(TRIO_IDLE_START_FROM=now)",
     ),
     ("asyncio_errors", "errors asyncio had nobody to report to (logged, not fatal)"),
+    (
+        "folders_missing",
+        "watched folders (TRIO_IDLE_FOLDERS) a server does not have, counted once per "
+        "connection and folder",
+    ),
 )
 
 #: ``Stats`` counters with a label, exported as ``trio_idle_<name>_total{<label>}``: name,
@@ -88,6 +93,13 @@ LABELLED_COUNTERS: Final[tuple[tuple[str, str, tuple[str, ...], str], ...]] = (
         "reason",
         ("exists", "tick", *sorted(PACED_REASONS)),
         "scan requests sent to the backend, retries included",
+    ),
+    (
+        "folder_scans",
+        "reason",
+        ("tick", *sorted(PACED_REASONS)),
+        "scans requested for a folder beside INBOX (TRIO_IDLE_FOLDERS) whose STATUS "
+        "showed new mail",
     ),
     (
         "idle_restarts",

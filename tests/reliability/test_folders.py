@@ -1,0 +1,110 @@
+"""Folders beside INBOX (``TRIO_IDLE_FOLDERS``) against the IMAP test server with Gmail's
+folder names and no NOTIFY, the real daemon in-process: mail filed into Junk is scanned
+with ``folder`` within a tick, on the session's one connection; a folder deleted while
+watched is reported once and then left alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from tests.harness import running_daemon
+from tests.reliability.rig import Rig, mailbox_name
+
+A = mailbox_name(1, "folders")
+SPAM = "[Gmail]/Spam"
+
+
+def _mail(n: int) -> bytes:
+    return f"From: s{n}@example.test\r\nSubject: junk #{n}\r\n\r\nbody {n}\r\n".encode()
+
+
+async def test_junk_mail_is_scanned_with_its_folder_and_a_deleted_folder_is_reported_once(
+    rig: Rig,
+) -> None:
+    source = rig.source(A)
+    server = rig.server
+    server.add_mailbox(A, "[Gmail]/All Mail", special_use=("\\All",))
+    server.add_mailbox(A, SPAM, special_use=("\\Junk",))
+    server.append(A, _mail(0), SPAM)  # old Junk mail: not new to the first session
+    settings = rig.settings(TRIO_IDLE_FOLDERS="INBOX,\\Junk", TRIO_IDLE_TICK_INTERVAL="1s")
+    async with running_daemon(settings, source) as daemon:
+        with trio.fail_after(15):
+            await rig.idle(A)
+            spam = server.mailbox(A, SPAM)
+            uid = server.append(A, _mail(1), SPAM)
+            await rig.backend.wait_for_requests(1, email=A, finished=True)
+            (scan,) = rig.backend.requests_for(A)
+            assert scan.problems == []
+            assert scan.body["folder"] == SPAM and scan.body["mailbox"] == SPAM
+            assert scan.body["reason"] == "tick"
+            assert scan.body["sinceUid"] == uid == 2
+            assert scan.body["uidValidity"] == spam.uidvalidity
+            # checked on the IDLE connection itself: one login, no other connection
+            assert server.stats.logins == 1
+
+            # INBOX scans still say nothing of a folder
+            server.append(A, _mail(2))
+            await rig.backend.wait_for_requests(2, email=A, finished=True)
+            assert "folder" not in rig.backend.requests_for(A)[1].body
+
+            server.delete_mailbox(A, SPAM)
+            await rig.log(f"[idle/{A}] folder {SPAM} no longer exists")
+            statuses = server.stats.commands["STATUS"]
+            dones = server.stats.commands["DONE"]
+            await server.wait_for(lambda: server.stats.commands["DONE"] >= dones + 3)
+            assert server.stats.commands["STATUS"] == statuses  # not asked again
+            # a new connection does not report it again either
+            session = await rig.idle(A)
+            server.bye(A)
+            await rig.idle(A, after=session)
+            await rig.quiet(daemon, A)
+    assert len(rig.logs.matching("no longer exists")) == 1
+    assert rig.logs.matching("not found on the server") == []
+    assert len(rig.backend.requests_for(A)) == 2
+
+
+def _more_statuses(rig: Rig) -> Callable[[], bool]:
+    """A condition: the server has answered another STATUS since now."""
+    before = rig.server.stats.commands["STATUS"]
+    return lambda: rig.server.stats.commands["STATUS"] > before
+
+
+async def test_junk_and_inbox_coalesce_separately_during_a_backend_stall(rig: Rig) -> None:
+    source = rig.source(A)
+    server = rig.server
+    server.add_mailbox(A, SPAM, special_use=("\\Junk",))
+    settings = rig.settings(
+        TRIO_IDLE_FOLDERS="INBOX,\\Junk",
+        TRIO_IDLE_TICK_INTERVAL="1s",
+        TRIO_IDLE_SCAN_TIMEOUT="60s",  # the held scans wait, never time out and retry
+    )
+    async with running_daemon(settings, source) as daemon:
+        with trio.fail_after(20):
+            await rig.idle(A)
+            gate = rig.backend.hold(A)
+            server.append(A, _mail(1), SPAM)
+            await rig.backend.wait_for_requests(1, email=A)  # Junk's scan, held
+            server.append(A, _mail(2))
+            # INBOX's scan does not wait behind Junk's: its own coalescer, its own task
+            await rig.backend.wait_for_requests(2, email=A)
+            for n in range(3, 6):  # more Junk mail, each seen by its own STATUS tick
+                server.append(A, _mail(n), SPAM)
+                await server.wait_for(_more_statuses(rig))
+            junk = daemon.reconciler.handles[A].memory.folders.by_name[SPAM]
+            assert junk.coalescer.active and junk.coalescer.pending == 1
+            (shown,) = daemon.reconciler.snapshot()[0]["folders"]  # what /status shows
+            assert shown["name"] == SPAM and shown["scan_active"] and shown["scan_pending"]
+            gate.release()
+            await rig.logs.wait_until(
+                lambda: not junk.coalescer.active and not junk.coalescer.pending
+            )
+            await rig.quiet(daemon, A)
+    bodies = [r.body for r in rig.backend.requests_for(A)]
+    spam = [b for b in bodies if b.get("folder") == SPAM]
+    inbox = [b for b in bodies if "folder" not in b]
+    assert len(inbox) == 1
+    # a burst of four Junk messages across ticks: one active + one pending, two scans;
+    # the second starts where the first's range ended
+    assert [b["sinceUid"] for b in spam] == [1, 2]
