@@ -113,7 +113,11 @@ async def test_a_server_without_idle_checks_the_folders_on_its_poll(
         junk = rig.memory.folders.by_name["Junk"]
         server.deliver_to("Junk")
         filed_at = trio.current_time()
-        await settled(rig, lambda: junk.coalescer.requested == 1)
+        seen = len(server.calls)
+        # the server's wait wakes on commands it receives, not on what the session does
+        # with the answer: wait for the next poll's STATUS, then until the session blocks
+        await settled(rig, lambda: any(c.command == "STATUS" for c in server.calls[seen:]))
+        assert junk.coalescer.requested == 1
         assert trio.current_time() - filed_at <= TICK
         assert junk.coalescer.pending_reason == "tick"
         assert "IDLE" not in server.commands()
