@@ -15,7 +15,9 @@ reconnect or a restart works per folder. What this module decides is pure
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Final
 
 import attrs
 
@@ -48,23 +50,37 @@ class FolderMemory:
         self.last_scan = time.time()
 
 
+#: what a connection that watches no other folder holds: nothing of its own
+_NONE: Final[Mapping[str, FolderMemory]] = MappingProxyType({})
+_NO_NAMES: Final[Mapping[str, str]] = MappingProxyType({})
+
+
 @attrs.define(eq=False)
 class Folders:
     """A connection's folders beside the selected mailbox: their memories, the folders
     already reported missing (once per connection row, never in a loop), and the
-    reconciler's hook that gives a new folder's coalescer its scan task."""
+    reconciler's hook that gives a new folder's coalescer its scan task.
 
-    by_name: dict[str, FolderMemory] = attrs.field(factory=dict)
-    reported_missing: set[str] = attrs.field(factory=set)
+    Every connection has one, most watch INBOX only: until a folder is made, it holds
+    shared empty values and no container of its own."""
+
+    _by_name: dict[str, FolderMemory] | None = None
+    reported_missing: frozenset[str] = frozenset()
     #: the last connection's resolution: each wanted entry (``\\Junk``) → server folder
-    resolved: dict[str, str] = attrs.field(factory=dict)
+    resolved: Mapping[str, str] = _NO_NAMES
     #: called once for each folder made (the reconciler attaches its coalescer)
     on_new: Callable[[FolderMemory], None] = attrs.field(default=lambda folder: None, repr=False)
 
+    @property
+    def by_name(self) -> Mapping[str, FolderMemory]:
+        return _NONE if self._by_name is None else self._by_name
+
     def get(self, name: str) -> FolderMemory:
-        folder = self.by_name.get(name)
+        if self._by_name is None:
+            self._by_name = {}
+        folder = self._by_name.get(name)
         if folder is None:
-            folder = self.by_name[name] = FolderMemory(name)
+            folder = self._by_name[name] = FolderMemory(name)
             self.on_new(folder)
         return folder
 
@@ -72,7 +88,7 @@ class Folders:
         """Whether ``wanted`` is missing for the first time (then it is to be reported)."""
         if wanted in self.reported_missing:
             return False
-        self.reported_missing.add(wanted)
+        self.reported_missing = self.reported_missing | {wanted}
         return True
 
     def gone(self, name: str) -> bool:
@@ -81,7 +97,7 @@ class Folders:
         so the next connection, not finding them, says nothing more."""
         wanted = [w for w, server in self.resolved.items() if server == name] or [name]
         news = any(w not in self.reported_missing for w in wanted)
-        self.reported_missing.update(wanted)
+        self.reported_missing = self.reported_missing | set(wanted)
         return news
 
 
