@@ -294,6 +294,11 @@ async def test_compose_setup_then_the_entrypoint_serves_and_the_healthcheck_sees
                 # the health check is a command: no event to wait on
                 while await healthcheck(env) != 0:  # noqa: ASYNC110
                     await trio.sleep(0.2)
+                # alive is not yet registered: the first heartbeat runs beside the health
+                # port (a process's log offers no event either)
+                log_path = tmp_path / "serve.log"
+                while "instance idle-1 registered" not in log_path.read_text():  # noqa: ASYNC110
+                    await trio.sleep(0.2)
             proc.send_signal(signal.SIGTERM)
             with trio.fail_after(15):
                 assert await proc.wait() == 0
