@@ -632,15 +632,9 @@ class ImapConnection:
         protocol = self.protocol
         deadline = self._deadline()
         await self._settle(deadline)
-        old = self._idle
-        step = _Step("DONE" if old is not None else "UID SEARCH")
+        step = _Step("DONE" if self._idle is not None else "UID SEARCH")
         try:
-            if old is not None:
-                protocol.idle_done()
-                self._idle = None
-                await self._until(step, lambda: old.done, deadline)
-                if old.result != "OK":
-                    raise ImapError(f"{step} failed: IDLE ended with {old.result}")
+            old = await self._leave_idle(step, deadline)
             step.name = "UID SEARCH"
             protocol.capture = []
             search = CapturedCommand(
@@ -674,12 +668,7 @@ class ImapConnection:
                     envelopes = None if found is None else tuple(found)
             protocol.capture = None
             if old is not None:
-                step.name = "IDLE"
-                idle = self._new_idle()
-                self._send(idle)
-                protocol.idle_outstanding = True
-                if not await self._idle_answered(step, idle, deadline):
-                    raise ImapError(f"{step} failed: server refused IDLE: {idle.result}")
+                await self._resume_idle(step, deadline)
         finally:
             protocol.capture = None
         self._check()
@@ -709,16 +698,10 @@ class ImapConnection:
         protocol = self.protocol
         deadline = self._deadline()
         await self._settle(deadline)
-        old = self._idle
         step = _Step("DONE")
         found: dict[str, MailboxState | None] = {}
         try:
-            if old is not None:
-                protocol.idle_done()
-                self._idle = None
-                await self._until(step, lambda: old.done, deadline)
-                if old.result != "OK":
-                    raise ImapError(f"{step} failed: IDLE ended with {old.result}")
+            old = await self._leave_idle(step, deadline)
             for folder in folders:
                 step.name = f"STATUS {folder}"
                 protocol.capture = []
@@ -729,16 +712,34 @@ class ImapConnection:
                 found[folder] = parse_status(protocol.capture) if response.result == "OK" else None
             protocol.capture = None
             if old is not None:
-                step.name = "IDLE"
-                idle = self._new_idle()
-                self._send(idle)
-                protocol.idle_outstanding = True
-                if not await self._idle_answered(step, idle, deadline):
-                    raise ImapError(f"{step} failed: server refused IDLE: {idle.result}")
+                await self._resume_idle(step, deadline)
         finally:
             protocol.capture = None
         self._check()
         return found
+
+    async def _leave_idle(self, step: _Step, deadline: float) -> Command | None:
+        """End the IDLE in progress, if any (DONE, then its tagged answer, by
+        ``deadline``): the IDLE it ended, None when not idling. For commands that run
+        between two IDLEs (:meth:`fetch_new`, :meth:`check_folders`); an error names
+        ``step``."""
+        old = self._idle
+        if old is not None:
+            self.protocol.idle_done()
+            self._idle = None
+            await self._until(step, lambda: old.done, deadline)
+            if old.result != "OK":
+                raise ImapError(f"{step} failed: IDLE ended with {old.result}")
+        return old
+
+    async def _resume_idle(self, step: _Step, deadline: float) -> None:
+        """Enter IDLE again after :meth:`_leave_idle` and its commands, by ``deadline``."""
+        step.name = "IDLE"
+        idle = self._new_idle()
+        self._send(idle)
+        self.protocol.idle_outstanding = True
+        if not await self._idle_answered(step, idle, deadline):
+            raise ImapError(f"{step} failed: server refused IDLE: {idle.result}")
 
     async def _parse_envelopes(
         self, responses: list[bytes], wanted: set[int]
