@@ -39,7 +39,7 @@ from trio_idle.core.config import (
     process_secrets,
 )
 from trio_idle.core.env_file import EnvFileError, read_env_file, shown_key
-from trio_idle.core.errors import describe, leaf_exceptions
+from trio_idle.core.errors import EXIT_CONFIG, describe, leaf_exceptions
 from trio_idle.core.logs import protect_secrets, setup_logging, traceback_frames
 from trio_idle.core.scrub import Scrubber, redact_url, url_secrets
 from trio_idle.imap.asyncio_loop import open_asyncio_loop
@@ -71,7 +71,6 @@ from trio_idle.runtime.supervision import StartupError
 from trio_idle.state.postgres import PostgresBackend
 from trio_idle.state.tables import POSTGRES_MIGRATIONS
 
-EXIT_CONFIG = 2
 #: the ``trio-idle db`` actions
 DB_ACTIONS = ("migrate", "install-notify", "remove-notify")
 EXIT_FAILURE = 1

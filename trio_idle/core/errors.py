@@ -23,6 +23,10 @@ KIND_TLS: Final = "tls"
 KIND_SERVER_CLOSED: Final = "server_closed"
 CONNECT_KINDS: Final = (KIND_DNS, KIND_REFUSED, KIND_TIMEOUT, KIND_TLS, KIND_SERVER_CLOSED)
 
+#: the exit code of every command for a configuration error (a bad setting, a missing
+#: secret, a file that cannot be read): what supervisors and scripts test for
+EXIT_CONFIG: Final = 2
+
 
 class ImapError(Exception):
     """The IMAP connection failed or misbehaved; the client must be discarded.

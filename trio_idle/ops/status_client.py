@@ -32,12 +32,12 @@ import trio
 
 from trio_idle import __version__
 from trio_idle.core.config import ConfigError, Settings
+from trio_idle.core.errors import EXIT_CONFIG
 from trio_idle.core.scrub import PLAIN, Scrubber
 from trio_idle.core.secret import Secret
 
 EXIT_OK: Final = 0
 EXIT_NOT_OK: Final = 1
-EXIT_CONFIG: Final = 2
 EXIT_UNREACHABLE: Final = 3
 
 #: seconds for the whole request (connect, send, answer)
