@@ -170,7 +170,7 @@ async def test_the_provider_connection_limit_leaves_the_folders_past_it_on_statu
     )
     async with running_daemon(settings, source) as daemon:
         with trio.fail_after(20):
-            await _both_idle(rig, A)
+            _, junk = await _both_idle(rig, A)
             await rig.log("IMAP connections per account")
             # Junk has its own connection, Archive is checked with STATUS on INBOX's
             server.append(A, _mail(1), ARCHIVE)
@@ -184,6 +184,8 @@ async def test_the_provider_connection_limit_leaves_the_folders_past_it_on_statu
             inbox = [s for s in server.sessions(A) if s.selected == "INBOX"]
             inbox[0].drop("rst")
             await rig.log(f"[idle/{A}] connected", count=2)
+            # the mailbox's reconnect handed Junk over again: its connection untouched
+            assert (await _both_idle(rig, A))[1] == junk
             await rig.quiet(daemon, A)
             # one folder session ever (Junk's); never more than 2 connections at once
             assert server.stats.commands["EXAMINE"] == 1
@@ -191,3 +193,33 @@ async def test_the_provider_connection_limit_leaves_the_folders_past_it_on_statu
     (warning,) = rig.logs.matching("IMAP connections per account")
     assert A in warning and "allows 2" in warning and ARCHIVE in warning
     assert daemon.stats.get("folder_connections_capped") == 1
+
+
+async def test_a_folder_deleted_while_it_has_its_own_connection_is_reported_once(
+    rig: Rig,
+) -> None:
+    source = rig.source(A)
+    server = rig.server
+    server.add_mailbox(A, SPAM, special_use=("\\Junk",))
+    settings = rig.settings(TRIO_IDLE_FOLDERS="INBOX,\\Junk", **NO_TICK)
+    async with running_daemon(settings, source) as daemon:
+        with trio.fail_after(20):
+            inbox, junk = await _both_idle(rig, A)
+            server.delete_mailbox(A, SPAM)
+            (session,) = [s for s in server.sessions(A) if s.id == junk]
+            session.drop("rst")  # its reconnect finds the folder gone
+            await rig.log(f"[idle/{A}] folder {SPAM} no longer exists (EXAMINE refused)")
+            await server.wait_for(lambda: server.connections(A) == 1)
+            examines = server.stats.commands["EXAMINE"]
+            # the mailbox's next connection lists the folders again: nothing more is said,
+            # no folder session is started, and INBOX still pushes
+            server.bye(A)
+            await rig.idle(A, after=inbox)
+            server.append(A, _mail(1))
+            await rig.backend.wait_for_requests(1, email=A, finished=True)
+            await rig.quiet(daemon, A)
+            assert server.stats.commands["EXAMINE"] == examines == 2
+            assert server.connections(A) == 1
+    assert len(rig.logs.matching("no longer exists")) == 1
+    assert rig.logs.matching("not found on the server") == []
+    assert daemon.stats.get("folders_missing") == 1

@@ -46,7 +46,13 @@ from typing import NoReturn
 import attrs
 import trio
 
-from trio_idle.core.errors import KIND_TIMEOUT, ConnectionLost, ImapAuthError, ImapError
+from trio_idle.core.errors import (
+    KIND_TIMEOUT,
+    ConnectionLost,
+    ImapAuthError,
+    ImapError,
+    MailboxRefused,
+)
 from trio_idle.core.scrub import MASK, Scrubber
 from trio_idle.imap.aioimap import (
     AUTH,
@@ -383,6 +389,8 @@ class ImapConnection:
         # a folder from LIST may hold spaces ("Junk E-mail"): quoted then, as STATUS does
         command = Command(name, protocol.new_tag(), mailbox_arg(mailbox))
         response = await self._run(name, command)
+        if response.result == "NO":
+            raise MailboxRefused(f"{name} {mailbox} failed: {response.result}")
         if response.result != "OK":
             raise ImapError(f"{name} {mailbox} failed: {response.result}")
         protocol.state = SELECTED

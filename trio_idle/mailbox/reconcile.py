@@ -348,13 +348,20 @@ class Reconciler:
     async def _run_folder(
         self, handle: Handle, log: Logger, name: str, scope: trio.CancelScope
     ) -> None:
-        """One folder's own session until its scope or the connection's is cancelled."""
+        """One folder's own session until its scope or the connection's is cancelled, or
+        the server refuses the folder (reported once per row, as a folder STATUS refused)."""
         conn = handle.conn
+        folders = handle.memory.folders
         with scope:
             try:
                 # made here if new: its coalescer gets its scan task (on_new)
-                folder = handle.memory.folders.get(name)
-                await run_folder_session(conn, self._env, folder, log)
+                await run_folder_session(conn, self._env, folders.get(name), log)
+                if folders.gone(name):
+                    self._env.stats.inc("folders_missing")
+                    log.bind(error_kind="folder_missing").warning(
+                        f"{prefix(conn.email)} folder {name} no longer exists "
+                        "(EXAMINE refused): not watched"
+                    )
             except Exception as exc:  # one folder's bug never ends the connection's subtree
                 self._env.stats.inc("internal_errors")
                 log_internal_error(
@@ -363,6 +370,11 @@ class Reconciler:
                     exc,
                     ConnectionSecrets.of(conn),
                 )
+            finally:
+                # ended on its own: the next hand-over naming it starts it again
+                running = handle.folder_scopes
+                if running is not None and running.get(name) is scope:
+                    del running[name]
 
     def _start_folder_scans(
         self, nursery: trio.Nursery, handle: Handle, log: Logger, folder: FolderMemory

@@ -54,7 +54,7 @@ from trio_idle.accounts.outcome_text import ConnectionSecrets, Failure
 from trio_idle.accounts.providers import pace_key, preset_named, provider_timers
 from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.config import BackoffSettings, ImapSettings, TimerSettings
-from trio_idle.core.errors import KIND_SERVER_CLOSED, ImapAuthError, ImapError
+from trio_idle.core.errors import KIND_SERVER_CLOSED, ImapAuthError, ImapError, MailboxRefused
 from trio_idle.core.folders import FOLDER_WATCH_IDLE
 from trio_idle.core.limiter import ConnectLimiter, Pacer
 from trio_idle.core.logs import Logger, human_duration, log_internal_error, prefix
@@ -212,7 +212,11 @@ async def run_folder_session(
     and ``Spam`` naming one folder get one session) and the connection cap; the cost is
     that a folder session starts only after the mailbox's first connect, and a folder
     renamed on the server is followed at the mailbox's next reconnect (until then the
-    folder session fails its EXAMINE and backs off, logging why)."""
+    folder session's EXAMINE is refused).
+
+    Returns (after LOGOUT) only when the server refuses to EXAMINE the folder (``NO``:
+    it no longer exists): the caller reports it once and leaves it alone until the next
+    hand-over."""
     folder.own_connection = True
     try:
         await run_session(conn, env, folder.coalescer, folder, log, folder=folder.name)
@@ -232,7 +236,8 @@ async def run_session(
     """Keep one IMAP session alive until cancelled. Never returns otherwise.
 
     ``folder``: watch this server folder (EXAMINE) instead of ``TRIO_IDLE_MAILBOX``, and
-    no other folders (:func:`run_folder_session`); its lines say ``folder <name>:``."""
+    no other folders (:func:`run_folder_session`); its lines say ``folder <name>:``. Such
+    a session also returns when its EXAMINE is refused."""
     where = prefix(conn.email)
     mailbox = env.imap.mailbox
     if folder is not None:
@@ -274,7 +279,13 @@ async def run_session(
                 else:
                     await imap.authenticate_oauth2(token.user or conn.login, token.token.reveal())
                     force_token = quick_retry_used = False
-            selected = await imap.select(mailbox, readonly=folder is not None)
+            if folder is None:
+                selected = await imap.select(mailbox)
+            else:
+                try:
+                    selected = await imap.select(mailbox, readonly=True)
+                except MailboxRefused:
+                    return  # the folder is gone: run_folder_session's caller reports it
             up_since = trio.current_time()
             auth_backoff.attempt = 0
             memory.sessions += 1
