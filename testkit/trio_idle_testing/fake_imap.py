@@ -303,9 +303,9 @@ class FakeImapLink:
             )
         self.logged_in = True
 
-    async def select(self, mailbox: str) -> MailboxState:
+    async def select(self, mailbox: str, *, readonly: bool = False) -> MailboxState:
         assert self.logged_in, "SELECT before LOGIN"
-        await self._command("SELECT", mailbox)
+        await self._command("EXAMINE" if readonly else "SELECT", mailbox)
         self.selected = True
         self.pending = [f"* {self._server.exists} EXISTS".encode()]  # the answer says it all
         self.flush()

@@ -157,7 +157,7 @@ async def test_database_outage_keeps_sessions_and_recovers(
 
 # -- the optional columns of issue 12 (authType, encryptedRefreshToken, imapSecurity) -----
 
-OPTIONAL_COLUMNS = ("authType", "encryptedRefreshToken", "imapSecurity")
+OPTIONAL_COLUMNS = ("authType", "encryptedRefreshToken", "imapSecurity", "imapFolderWatch")
 
 
 async def fetch_default(dsn: str) -> list[dict[str, Any]]:
@@ -232,3 +232,25 @@ async def test_a_row_s_imap_security_overrides_the_global_setting(
             await poll_until(lambda: dovecot.connections(plain.email) == 1)
         assert not logs.matching(f"[idle/{default.email}] connected")
         assert dovecot.connections(default.email) == 0
+
+
+async def test_the_optional_folder_watch_column(pg_dsn: str) -> None:
+    """``imapFolderWatch`` where the table has it: ``idle`` is read, NULL is the global
+    setting, and a bad value keeps the row (``status``, one warning) instead of skipping it."""
+    await sql(pg_dsn, 'ALTER TABLE "MailConnection" ADD COLUMN "imapFolderWatch" text')
+    for conn_id, value in (("idle", "idle"), ("none", None), ("bad", "push")):
+        await insert(pg_dsn, row(conn_id, f"{conn_id}@example.test", "pw-1", 993))
+        await sql(
+            pg_dsn,
+            'UPDATE "MailConnection" SET "imapFolderWatch" = $1 WHERE id = $2',
+            value,
+            conn_id,
+        )
+    good, problems = build_connections(await fetch_default(pg_dsn), derive_key(KEY))
+    assert not problems
+    assert {i: c.folder_watch for i, c in good.items()} == {
+        "idle": "idle",
+        "none": None,
+        "bad": "status",
+    }
+    assert good["bad"].warnings and good["bad"].warnings[0].startswith("imapFolderWatch")

@@ -21,7 +21,7 @@ import attrs
 
 from trio_idle.accounts.providers import GENERIC, SECURITIES, preset_for
 from trio_idle.core.crypto import DecryptionError, decrypt_password
-from trio_idle.core.folders import parse_folders
+from trio_idle.core.folders import FOLDER_WATCH_MODES, FOLDER_WATCH_STATUS, parse_folders
 from trio_idle.core.scrub import PLAIN, escape_controls
 from trio_idle.core.secret import Secret
 
@@ -137,6 +137,12 @@ class MailConnection:
     provider: str | None = None
     #: the row's own folders to watch (``imapFolders``), overriding ``TRIO_IDLE_FOLDERS``
     folders: tuple[str, ...] | None = None
+    #: the row's own way of watching those folders (``imapFolderWatch``: ``status`` or
+    #: ``idle``), overriding ``TRIO_IDLE_FOLDER_WATCH``; None: the global setting
+    folder_watch: str | None = None
+    #: what was wrong with optional row values that were replaced by a default instead
+    #: of skipping the row (safe to log; logged and counted once by the refresher)
+    warnings: tuple[str, ...] = attrs.field(default=(), eq=False)
 
     @property
     def label(self) -> str:
@@ -212,6 +218,22 @@ def _folders(row: Mapping[str, Any]) -> tuple[str, ...] | None:
         return parse_folders(value)
     except ValueError as exc:
         raise ValueError(f"imapFolders: {exc}") from None
+
+
+def _folder_watch(row: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The optional ``imapFolderWatch`` column: ``(mode, warning)``. Absent, NULL or
+    empty: ``(None, None)`` (the global ``TRIO_IDLE_FOLDER_WATCH``). A value that is not
+    a mode does not cost the mailbox its watch: it falls back to ``status`` (today's
+    behaviour, no extra connections) with a warning naming the column."""
+    value = row.get("imapFolderWatch")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, None
+    if isinstance(value, str) and value.strip().lower() in FOLDER_WATCH_MODES:
+        return value.strip().lower(), None
+    return FOLDER_WATCH_STATUS, (
+        f"imapFolderWatch: expected one of {', '.join(FOLDER_WATCH_MODES)}, got "
+        f"{_shown(value)}; watching its folders with {FOLDER_WATCH_STATUS}"
+    )
 
 
 def _refresh_token(row: Mapping[str, Any], key: bytes) -> Secret | None:
@@ -306,6 +328,7 @@ def _build(row: Mapping[str, Any], key: bytes, conn_id: str) -> MailConnection |
         password, refresh = "", _refresh_token(row, key)
     login = _text(row, "imapUser", MAX_LOGIN_CHARS) or email
     user_id = _text(row, "userId", MAX_ID_CHARS)
+    folder_watch, watch_warning = _folder_watch(row)
     return MailConnection(
         id=conn_id,
         user_id=user_id or None,
@@ -319,6 +342,8 @@ def _build(row: Mapping[str, Any], key: bytes, conn_id: str) -> MailConnection |
         security=security,
         provider=provider,
         folders=_folders(row),
+        folder_watch=folder_watch,
+        warnings=() if watch_warning is None else (watch_warning,),
     )
 
 

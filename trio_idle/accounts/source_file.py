@@ -9,6 +9,7 @@ Format::
     imap_port = 993                    # default 993 (or the preset's port)
     imap_security = "tls"              # optional: tls, starttls or plain; default: global
     folders = ["INBOX", "\\Junk"]       # optional: default TRIO_IDLE_FOLDERS
+    folder_watch = "idle"              # optional: status or idle; default TRIO_IDLE_FOLDER_WATCH
     imap_user = "alice"                # default: email
     user_id = "u-1"                    # optional, sent to the backend as userId
     active = true                      # default true
@@ -60,6 +61,7 @@ def rows_from_toml(data: Mapping[str, Any], env: Mapping[str, str]) -> list[dict
             "encryptedRefreshToken": entry.get("encrypted_refresh_token"),
             "imapSecurity": entry.get("imap_security"),
             "imapFolders": entry.get("folders"),
+            "imapFolderWatch": entry.get("folder_watch"),
         }
         port = entry.get("imap_port")
         if port is None:

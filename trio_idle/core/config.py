@@ -32,7 +32,7 @@ from trio_idle.core.destinations import (
     Network,
     parse_networks,
 )
-from trio_idle.core.folders import parse_folders
+from trio_idle.core.folders import FOLDER_WATCH_MODES, parse_folders
 from trio_idle.core.host_pacing import parse_host_rates
 from trio_idle.core.scrub import url_secrets
 from trio_idle.core.secret import Secret
@@ -71,7 +71,8 @@ DEFAULT_QUERY: Final = (
     'to_jsonb("MailConnection") ->> \'authType\' AS "authType", '
     'to_jsonb("MailConnection") ->> \'encryptedRefreshToken\' AS "encryptedRefreshToken", '
     'to_jsonb("MailConnection") ->> \'imapSecurity\' AS "imapSecurity", '
-    'to_jsonb("MailConnection") ->> \'imapFolders\' AS "imapFolders" '
+    'to_jsonb("MailConnection") ->> \'imapFolders\' AS "imapFolders", '
+    'to_jsonb("MailConnection") ->> \'imapFolderWatch\' AS "imapFolderWatch" '
     'FROM "MailConnection" WHERE "isActive" = true'
 )
 SECURITY_MODES: Final = ("auto", "tls", "starttls", "plain")
@@ -254,7 +255,17 @@ class ImapSettings:
         parse_folders,
         "INBOX",
         "comma-separated folders to watch: names or RFC 6154 special uses (INBOX,\\Junk); "
-        "TRIO_IDLE_MAILBOX is IDLEd on, the others are checked with STATUS every tick",
+        "TRIO_IDLE_MAILBOX is IDLEd on, the others are watched as TRIO_IDLE_FOLDER_WATCH says",
+    )
+    folder_watch: str = setting(
+        "TRIO_IDLE_FOLDER_WATCH",
+        "--folder-watch",
+        one_of(FOLDER_WATCH_MODES),
+        "status",
+        "how the folders beside TRIO_IDLE_MAILBOX are watched: status (STATUS on the "
+        "mailbox's connection every tick) or idle (an IDLE connection of their own each: "
+        "new mail at once, one more login per folder, within the provider's connection "
+        "limit); a row's imapFolderWatch overrides it",
     )
     imap_security: str = setting(
         "TRIO_IDLE_IMAP_SECURITY",

@@ -67,6 +67,11 @@ class ImapAuthError(ImapError):
         self.mechanism = mechanism
 
 
+class MailboxRefused(ImapError):
+    """SELECT or EXAMINE answered NO: the mailbox does not exist (any more) or may not be
+    opened. The connection itself is fine."""
+
+
 class ConnectionLost(ImapError):
     """The server closed the connection, said BYE, or stopped answering."""
 

@@ -12,6 +12,13 @@ from typing import Final
 #: the special uses RFC 6154 defines, in their canonical spelling
 SPECIAL_USES: Final = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
 _BY_LOWER: Final = {use.lower(): use for use in SPECIAL_USES}
+#: how the folders beside the selected mailbox are watched (``TRIO_IDLE_FOLDER_WATCH``, a
+#: row's ``imapFolderWatch``): ``status``: STATUS on the mailbox's own connection once per
+#: tick; ``idle``: an IDLE connection of their own each (one more login per folder)
+FOLDER_WATCH_STATUS: Final = "status"
+FOLDER_WATCH_IDLE: Final = "idle"
+FOLDER_WATCH_MODES: Final = (FOLDER_WATCH_STATUS, FOLDER_WATCH_IDLE)
+
 #: a folder name longer than this is refused (servers limit names well below it)
 MAX_FOLDER_CHARS: Final = 255
 

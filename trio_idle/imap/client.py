@@ -46,7 +46,13 @@ from typing import NoReturn
 import attrs
 import trio
 
-from trio_idle.core.errors import KIND_TIMEOUT, ConnectionLost, ImapAuthError, ImapError
+from trio_idle.core.errors import (
+    KIND_TIMEOUT,
+    ConnectionLost,
+    ImapAuthError,
+    ImapError,
+    MailboxRefused,
+)
 from trio_idle.core.scrub import MASK, Scrubber
 from trio_idle.imap.aioimap import (
     AUTH,
@@ -59,7 +65,7 @@ from trio_idle.imap.aioimap import (
     quote,
 )
 from trio_idle.imap.envelope import Envelope, NewMail, ParseMeter, parse_search, parse_steps
-from trio_idle.imap.folders import ListEntry, list_command_args, parse_list
+from trio_idle.imap.folders import ListEntry, list_command_args, mailbox_arg, parse_list
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import (
     MailboxState,
@@ -345,8 +351,8 @@ class ImapConnection:
             mechanism=mechanism,
         )
 
-    async def select(self, mailbox: str) -> MailboxState:
-        """SELECT ``mailbox``; its EXISTS, UIDNEXT and UIDVALIDITY.
+    async def select(self, mailbox: str, *, readonly: bool = False) -> MailboxState:
+        """SELECT ``mailbox`` (EXAMINE with ``readonly``); its EXISTS, UIDNEXT and UIDVALIDITY.
 
         A server that leaves UIDNEXT out of its SELECT answer (Courier-IMAP; RFC 3501
         requires it) has it learnt another way, so catch-up and ``sinceUid`` never rely
@@ -357,7 +363,7 @@ class ImapConnection:
         its own command timeout; a STATUS or FETCH the server refuses only means
         nothing was learnt (:func:`~trio_idle.imap.responses.with_learnt_uidnext`).
         """
-        selected = await self._select(mailbox)
+        selected = await self._select(mailbox, readonly)
         if not needs_uidnext(selected):
             return selected
         # Why STATUS *before* a second SELECT, not after the first one: STATUS's UIDNEXT
@@ -371,17 +377,22 @@ class ImapConnection:
         # falls only on servers that omit UIDNEXT.
         status = await self._status(mailbox)
         self.monitor.rebase()
-        selected = await self._select(mailbox)
+        selected = await self._select(mailbox, readonly)
         last_uid = None
         if needs_uidnext(selected) and status.uidnext is None and selected.exists:
             last_uid = await self._last_uid(selected.exists)
         return with_learnt_uidnext(selected, status, last_uid)
 
-    async def _select(self, mailbox: str) -> MailboxState:
+    async def _select(self, mailbox: str, readonly: bool = False) -> MailboxState:
         protocol = self.protocol
-        response = await self._run("SELECT", Command("SELECT", protocol.new_tag(), mailbox))
+        name = "EXAMINE" if readonly else "SELECT"
+        # a folder from LIST may hold spaces ("Junk E-mail"): quoted then, as STATUS does
+        command = Command(name, protocol.new_tag(), mailbox_arg(mailbox))
+        response = await self._run(name, command)
+        if response.result == "NO":
+            raise MailboxRefused(f"{name} {mailbox} failed: {response.result}")
         if response.result != "OK":
-            raise ImapError(f"SELECT {mailbox} failed: {response.result}")
+            raise ImapError(f"{name} {mailbox} failed: {response.result}")
         protocol.state = SELECTED
         return parse_mailbox_state(response.lines)
 

@@ -85,8 +85,10 @@ class ImapLink(RestartWriter, Protocol):
         challenge) when the server refuses the token. The token is never in an error."""
         ...
 
-    async def select(self, mailbox: str) -> MailboxState:
-        """SELECT ``mailbox``; its EXISTS/UIDNEXT/UIDVALIDITY as the server reported them.
+    async def select(self, mailbox: str, *, readonly: bool = False) -> MailboxState:
+        """SELECT ``mailbox`` (EXAMINE with ``readonly``: the folder cannot be changed
+        through this connection, ``\\Recent`` stays for others); its
+        EXISTS/UIDNEXT/UIDVALIDITY as the server reported them.
         A UIDNEXT the SELECT answer left out is learnt otherwise (STATUS, FETCH) as a
         lower bound every later-announced message's UID is at or above; ``None`` only if
         the server gave no way to learn it."""

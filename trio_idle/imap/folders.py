@@ -145,6 +145,19 @@ def resolve_folders(wanted: Iterable[str], entries: Iterable[ListEntry]) -> Reso
     return Resolution(found, tuple(missing))
 
 
+#: a mailbox name that goes as is (RFC 3501 ``astring``: no space, control, quote,
+#: backslash, parenthesis, brace or wildcard); anything else is sent quoted
+_ASTRING_RE = re.compile(r'[^\x00-\x20\x7f-\uffff(){%*"\\]+')
+
+
+def mailbox_arg(name: str) -> str:
+    """``name`` as a command's mailbox argument: as is where it is an atom-like string
+    (``INBOX``, ``[Gmail]/Spam``), else a quoted string (``"Junk E-mail"``, RFC 3501 9)."""
+    if _ASTRING_RE.fullmatch(name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def list_command_args(capabilities: Iterable[str]) -> tuple[str, ...]:
     """The LIST arguments for this server: every folder, with the special-use attributes
     asked for where LIST-EXTENDED allows it (RFC 5258/6154); plain LIST elsewhere, where

@@ -9,7 +9,15 @@ folder): its accepted mark and last seen state (:class:`FolderMemory`), its own
 coalescer (1 active + 1 pending per folder) and scan task, and its row in the state
 store under the folder's name (INBOX rows keep their key), so the catch-up after a
 reconnect or a restart works per folder. What this module decides is pure
-(:func:`folder_decision`).
+(:func:`folder_decision`, :func:`split_connections`).
+
+With ``TRIO_IDLE_FOLDER_WATCH=idle`` (or a row's ``imapFolderWatch``) each folder gets an
+IDLE connection of its own instead (:func:`trio_idle.mailbox.session.run_folder_session`):
+the mailbox's session still resolves the folders (one LIST) and hands the server names
+over (:meth:`Folders.hand_over`); the reconciler runs one folder session per name in the
+connection's child nursery. A :class:`FolderMemory` then is also that session's memory
+(state, desk, ...), fed by pushes like the mailbox's. The provider's connection limit
+caps how many folders get one; the rest stay on STATUS.
 """
 
 from __future__ import annotations
@@ -21,16 +29,29 @@ from typing import Final
 
 import attrs
 
+from trio_idle.accounts.outcome_text import Failure
 from trio_idle.imap.responses import CatchUp, MailboxState, catch_up_decision
+from trio_idle.mailbox.account_health import Connected
 from trio_idle.mailbox.coalescer import ScanCoalescer
+from trio_idle.mailbox.fetch_desk import FetchDesk
+from trio_idle.mailbox.session_states import CONNECTING
 from trio_idle.state.catch_up import startup_decision
 from trio_idle.state.records import ScannedState
 from trio_idle.state.scan_range import ScanMark, ScanRange, advance, on_connect, scan_range
 
 
+def _no_outcome(outcome: Connected | Failure) -> None:
+    """A folder's own connection says nothing about the account's health: the mailbox's
+    session reports it (one account, one health; a second voice would make it flap)."""
+
+
 @attrs.define(eq=False)
 class FolderMemory:
-    """What outlives one session for one folder beside the selected mailbox."""
+    """What outlives one session for one folder beside the selected mailbox.
+
+    With a connection of its own (:attr:`own_connection`), it is also that session's
+    memory: the fields below ``last_scan`` are what
+    :func:`~trio_idle.mailbox.session.run_session` keeps of every session."""
 
     #: the folder as the server names it (``[Gmail]/Spam``)
     name: str
@@ -41,6 +62,16 @@ class FolderMemory:
     #: every UID below ``mark.uidnext`` (in its UIDVALIDITY) was accepted by the backend
     mark: ScanMark | None = None
     last_scan: float | None = None
+    #: a folder session of its own runs for it now (``idle`` mode), not STATUS
+    own_connection: bool = False
+    state: str = CONNECTING
+    last_error: str | None = None
+    connected_since: float | None = None
+    sessions: int = 0
+    last_push: float | None = None
+    #: where its scan worker asks the folder's own session for envelopes
+    desk: FetchDesk = attrs.field(factory=FetchDesk, repr=False)
+    on_outcome: Callable[[Connected | Failure], None] = attrs.field(default=_no_outcome, repr=False)
 
     def scan_range(self, covered: MailboxState | None) -> ScanRange:
         return scan_range(self.mark, covered)
@@ -48,6 +79,10 @@ class FolderMemory:
     def accepted(self, covered: MailboxState) -> None:
         self.mark = advance(self.mark, covered)
         self.last_scan = time.time()
+
+
+def _no_sessions(names: tuple[str, ...]) -> None:
+    """Between two connection subtrees no folder gets a session of its own."""
 
 
 #: what a connection that watches no other folder holds: nothing of its own
@@ -70,6 +105,11 @@ class Folders:
     resolved: Mapping[str, str] = _NO_NAMES
     #: called once for each folder made (the reconciler attaches its coalescer)
     on_new: Callable[[FolderMemory], None] = attrs.field(default=lambda folder: None, repr=False)
+    #: told the server folders that get an IDLE connection of their own, after each
+    #: resolution (the reconciler starts and stops their sessions to match)
+    on_own: Callable[[tuple[str, ...]], None] = attrs.field(default=_no_sessions, repr=False)
+    #: the connection limit was reported (once per connection row)
+    capped_reported: bool = False
 
     @property
     def by_name(self) -> Mapping[str, FolderMemory]:
@@ -83,6 +123,10 @@ class Folders:
             folder = self._by_name[name] = FolderMemory(name)
             self.on_new(folder)
         return folder
+
+    def hand_over(self, names: tuple[str, ...]) -> None:
+        """These server folders (and no others) get a session of their own from now on."""
+        self.on_own(names)
 
     def missing(self, wanted: str) -> bool:
         """Whether ``wanted`` is missing for the first time (then it is to be reported)."""
@@ -99,6 +143,33 @@ class Folders:
         news = any(w not in self.reported_missing for w in wanted)
         self.reported_missing = self.reported_missing | set(wanted)
         return news
+
+
+@attrs.frozen
+class ConnectionSplit:
+    """Which folders get an IDLE connection of their own (``own``) and which are checked
+    with STATUS on the mailbox's connection (``polled``); ``capped``: the provider's
+    connection limit moved some of them to ``polled``."""
+
+    own: tuple[str, ...]
+    polled: tuple[str, ...]
+    capped: bool = False
+
+
+def split_connections(
+    folders: tuple[str, ...], *, idle: bool, max_connections: int | None
+) -> ConnectionSplit:
+    """How ``folders`` (server names, beside the selected mailbox) are watched. Pure.
+
+    ``status`` mode (``idle`` false): all polled. ``idle`` mode: one connection each, in
+    the order wanted, as long as the mailbox's connections (its own + one per folder)
+    stay within ``max_connections`` (the provider's simultaneous connections per account;
+    ``None``: not published, no cap); the folders past it are polled."""
+    if not idle:
+        return ConnectionSplit((), folders)
+    room = len(folders) if max_connections is None else max(0, max_connections - 1)
+    own, polled = folders[:room], folders[room:]
+    return ConnectionSplit(own, polled, capped=bool(polled))
 
 
 @attrs.frozen

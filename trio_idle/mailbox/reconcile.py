@@ -9,6 +9,10 @@
                 ├── IMAP session (connect / IDLE / reconnect loop)
                 ├── scan task (webhook, retries): only while a scan is pending
                 │   (started by the coalescer, ends when none is left)
+                ├── folder sessions (TRIO_IDLE_FOLDER_WATCH=idle): one IMAP session per
+                │   watched folder, each in its own CancelScope (started and stopped as
+                │   the mailbox's session hands the resolved folders over), and each
+                │   folder's scan task while one is pending
                 └── health reporter (account health to the backend; unless switched off):
                     only while a report is due or debounced
 
@@ -45,7 +49,12 @@ from trio_idle.mailbox.health_reporter import (
     run_health_reports,
 )
 from trio_idle.mailbox.scan_worker import ScanHooks, ScanPolicy, run_scans
-from trio_idle.mailbox.session import ConnectionMemory, SessionEnv, run_session
+from trio_idle.mailbox.session import (
+    ConnectionMemory,
+    SessionEnv,
+    run_folder_session,
+    run_session,
+)
 from trio_idle.state.store import StateStore
 
 
@@ -78,6 +87,10 @@ def _no_folder_hook(folder: FolderMemory) -> None:
     """Between two connection subtrees no folder gets a scan task."""
 
 
+def _no_folder_sessions(names: tuple[str, ...]) -> None:
+    """Between two connection subtrees no folder gets a session of its own."""
+
+
 @attrs.define
 class Handle:
     """A running connection: its spec, the scope that owns its subtree, its state."""
@@ -88,6 +101,8 @@ class Handle:
     coalescer: ScanCoalescer
     health: AccountHealth
     finished: trio.Event = attrs.field(factory=trio.Event)
+    #: the folder sessions running in its subtree (idle mode), by server folder; None: none
+    folder_scopes: dict[str, trio.CancelScope] | None = None
 
 
 #: new connections :meth:`Reconciler.apply_gradually` starts between two checkpoints
@@ -262,6 +277,7 @@ class Reconciler:
                         )
                     folders = handle.memory.folders
                     folders.on_new = functools.partial(self._attach_folder, nursery, handle, log)
+                    folders.on_own = functools.partial(self._own_folders, nursery, handle, log)
                     for folder in folders.by_name.values():  # a credentials restart's
                         self._attach_folder(nursery, handle, log, folder)
                     try:
@@ -270,6 +286,8 @@ class Reconciler:
                         handle.coalescer.detach()
                         handle.health.detach()
                         folders.on_new = _no_folder_hook
+                        folders.on_own = _no_folder_sessions
+                        handle.folder_scopes = None
                         for folder in folders.by_name.values():
                             folder.coalescer.detach()
         except Exception as exc:  # belt and braces: one connection never takes down the rest
@@ -308,6 +326,56 @@ class Reconciler:
             functools.partial(self._start_folder_scans, nursery, handle, log, folder)
         )
 
+    def _own_folders(
+        self, nursery: trio.Nursery, handle: Handle, log: Logger, names: tuple[str, ...]
+    ) -> None:
+        """The mailbox's session resolved its folders: exactly ``names`` have a session
+        of their own from now on (in this connection's nursery, each in its own scope:
+        one no longer handed over is cancelled and LOGOUTs; removing the connection
+        cancels them all with it). Synchronous; a folder that keeps its session is not
+        disturbed (the mailbox's reconnects do not touch the folders' connections)."""
+        running = handle.folder_scopes or {}
+        for name in [n for n in running if n not in names]:
+            running.pop(name).cancel()
+        for name in names:
+            if name not in running:
+                scope = running[name] = trio.CancelScope()
+                nursery.start_soon(
+                    self._run_folder, handle, log, name, scope, name=f"folder:{handle.conn.id}"
+                )
+        handle.folder_scopes = running or None
+
+    async def _run_folder(
+        self, handle: Handle, log: Logger, name: str, scope: trio.CancelScope
+    ) -> None:
+        """One folder's own session until its scope or the connection's is cancelled, or
+        the server refuses the folder (reported once per row, as a folder STATUS refused)."""
+        conn = handle.conn
+        folders = handle.memory.folders
+        with scope:
+            try:
+                # made here if new: its coalescer gets its scan task (on_new)
+                await run_folder_session(conn, self._env, folders.get(name), log)
+                if folders.gone(name):
+                    self._env.stats.inc("folders_missing")
+                    log.bind(error_kind="folder_missing").warning(
+                        f"{prefix(conn.email)} folder {name} no longer exists "
+                        "(EXAMINE refused): not watched"
+                    )
+            except Exception as exc:  # one folder's bug never ends the connection's subtree
+                self._env.stats.inc("internal_errors")
+                log_internal_error(
+                    log,
+                    f"{prefix(conn.email)} folder session crashed:",
+                    exc,
+                    ConnectionSecrets.of(conn),
+                )
+            finally:
+                # ended on its own: the next hand-over naming it starts it again
+                running = handle.folder_scopes
+                if running is not None and running.get(name) is scope:
+                    del running[name]
+
     def _start_folder_scans(
         self, nursery: trio.Nursery, handle: Handle, log: Logger, folder: FolderMemory
     ) -> None:
@@ -320,11 +388,21 @@ class Reconciler:
             if store is not None:
                 store.record(conn_id, folder.name, covered.uidvalidity, covered.uidnext)
 
+        command_timeout = self._env.timers.command_timeout
+
+        async def new_mail(since_uid: int) -> NewMail | None:
+            # the folder's own session fetches (idle mode), bounded as the mailbox's
+            with trio.move_on_after(2 * command_timeout):
+                return await folder.desk.ask(since_uid, MAX_ENVELOPES)
+            return None
+
         hooks = ScanHooks(
             pacer=self._env.catchup_pacer,
             covered=lambda: folder.mailbox,
             on_success=on_success,
             range_for=folder.scan_range,
+            # only a folder with a session of its own has one to ask for envelopes
+            new_mail=new_mail if self._scan_envelopes and folder.own_connection else None,
         )
         nursery.start_soon(
             run_scans,
@@ -400,6 +478,9 @@ class Reconciler:
                     "folders": [
                         {
                             "name": f.name,
+                            # status: checked on the mailbox's connection; else the
+                            # state of the folder's own session (idle mode)
+                            "watch": f.state if f.own_connection else "status",
                             "uidnext": None if f.mailbox is None else f.mailbox.uidnext,
                             "last_scan": _iso(f.last_scan),
                             "scan_active": f.coalescer.active,

@@ -51,10 +51,11 @@ import trio
 from trio_idle.accounts.connections import AUTH_OAUTH2, MailConnection
 from trio_idle.accounts.credentials import TOKEN_ERROR, AccessToken, TokenSource, TokenUnavailable
 from trio_idle.accounts.outcome_text import ConnectionSecrets, Failure
-from trio_idle.accounts.providers import pace_key, provider_timers
+from trio_idle.accounts.providers import pace_key, preset_named, provider_timers
 from trio_idle.core.backoff import Backoff, BackoffPolicy
 from trio_idle.core.config import BackoffSettings, ImapSettings, TimerSettings
-from trio_idle.core.errors import KIND_SERVER_CLOSED, ImapAuthError, ImapError
+from trio_idle.core.errors import KIND_SERVER_CLOSED, ImapAuthError, ImapError, MailboxRefused
+from trio_idle.core.folders import FOLDER_WATCH_IDLE
 from trio_idle.core.limiter import ConnectLimiter, Pacer
 from trio_idle.core.logs import Logger, human_duration, log_internal_error, prefix
 from trio_idle.core.stats import Stats
@@ -67,7 +68,13 @@ from trio_idle.imap.responses import MailboxState, catch_up_decision
 from trio_idle.mailbox.account_health import Connected
 from trio_idle.mailbox.coalescer import ScanCoalescer
 from trio_idle.mailbox.fetch_desk import FetchDesk, FetchRequest
-from trio_idle.mailbox.folders import Folders, apply_check, folder_decision
+from trio_idle.mailbox.folders import (
+    FolderMemory,
+    Folders,
+    apply_check,
+    folder_decision,
+    split_connections,
+)
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, CONNECTING, IDLE, POLLING
 from trio_idle.mailbox.ticker import IdleTimers, Ticker
 from trio_idle.state.catch_up import startup_decision
@@ -178,17 +185,63 @@ class SessionEnv:
     #: writes every session's tick and renewal from one task (:mod:`trio_idle.mailbox.ticker`);
     #: None: each session waits for its own (tests under a virtual clock)
     ticker: Ticker | None = None
+    #: simultaneous IMAP connections one account may hold (the provider preset's
+    #: ``max_connections``; None: not published): caps the folders' own connections
+    max_connections: Callable[[MailConnection], int | None] = attrs.field(
+        default=lambda conn: preset_named(conn.provider).max_connections, repr=False
+    )
+
+
+async def run_folder_session(
+    conn: MailConnection, env: SessionEnv, folder: FolderMemory, log: Logger
+) -> None:
+    """Keep an IDLE connection of ``folder``'s own alive until cancelled
+    (``TRIO_IDLE_FOLDER_WATCH=idle``): :func:`run_session` on the server folder
+    ``folder.name``, feeding its coalescer and memory (scans name the folder), with the
+    same reconnect, backoff, catch-up and LOGOUT on cancellation.
+
+    The folder is opened with EXAMINE, not SELECT: the session only reads (the backend
+    moves or deletes mail through its own connection), EXAMINE cannot change the folder,
+    and it leaves ``\\Recent`` to the user's own client (SELECT would take it). IDLE,
+    UID SEARCH and UID FETCH work the same on an examined folder.
+
+    The name is the server's, resolved by the mailbox's session (one LIST per
+    connection, :meth:`_Watch.open_folders`) and handed over. The trade-off against each
+    folder session LISTing for itself: one LIST per mailbox instead of one per folder,
+    and one place that decides missing folders (reported once), duplicates (``\\Junk``
+    and ``Spam`` naming one folder get one session) and the connection cap; the cost is
+    that a folder session starts only after the mailbox's first connect, and a folder
+    renamed on the server is followed at the mailbox's next reconnect (until then the
+    folder session's EXAMINE is refused).
+
+    Returns (after LOGOUT) only when the server refuses to EXAMINE the folder (``NO``:
+    it no longer exists): the caller reports it once and leaves it alone until the next
+    hand-over."""
+    folder.own_connection = True
+    try:
+        await run_session(conn, env, folder.coalescer, folder, log, folder=folder.name)
+    finally:
+        folder.own_connection = False
 
 
 async def run_session(
     conn: MailConnection,
     env: SessionEnv,
     coalescer: ScanCoalescer,
-    memory: ConnectionMemory,
+    memory: ConnectionMemory | FolderMemory,
     log: Logger,
+    *,
+    folder: str | None = None,
 ) -> None:
-    """Keep one IMAP session alive until cancelled. Never returns otherwise."""
+    """Keep one IMAP session alive until cancelled. Never returns otherwise.
+
+    ``folder``: watch this server folder (EXAMINE) instead of ``TRIO_IDLE_MAILBOX``, and
+    no other folders (:func:`run_folder_session`); its lines say ``folder <name>:``. Such
+    a session also returns when its EXAMINE is refused."""
     where = prefix(conn.email)
+    mailbox = env.imap.mailbox
+    if folder is not None:
+        where, mailbox = f"{where} folder {folder}:", folder
     # Error texts quote the server (and aioimaplib quotes our LOGIN line back, a server
     # may quote the token it refused): every outcome becomes text in one place, with
     # every secret of this connection, before it is logged, stored or told to the health.
@@ -226,7 +279,13 @@ async def run_session(
                 else:
                     await imap.authenticate_oauth2(token.user or conn.login, token.token.reveal())
                     force_token = quick_retry_used = False
-            selected = await imap.select(env.imap.mailbox)
+            if folder is None:
+                selected = await imap.select(mailbox)
+            else:
+                try:
+                    selected = await imap.select(mailbox, readonly=True)
+                except MailboxRefused:
+                    return  # the folder is gone: run_folder_session's caller reports it
             up_since = trio.current_time()
             auth_backoff.attempt = 0
             memory.sessions += 1
@@ -236,7 +295,7 @@ async def run_session(
             log.info(f"{where} connected ({conn.host}:{conn.port})")
             if memory.mailbox is None and env.store is not None and env.store.enabled:
                 # first session in this process: compare with what the last run scanned
-                stored = env.store.get(conn.id, env.imap.mailbox)
+                stored = env.store.get(conn.id, mailbox)
                 decision = startup_decision(stored, selected, env.start_from)
                 reason = "startup"
                 if stored is not None and memory.mark is None:
@@ -245,9 +304,7 @@ async def run_session(
                     # TRIO_IDLE_START_FROM=now: what the mailbox holds counts as scanned
                     # (the previous daemon's backend did it); stored, so that the next
                     # start compares with it instead of scanning everything after all
-                    env.store.record(
-                        conn.id, env.imap.mailbox, selected.uidvalidity, selected.uidnext
-                    )
+                    env.store.record(conn.id, mailbox, selected.uidvalidity, selected.uidnext)
                     env.stats.inc("started_from_now")
                     log.info(f"{where} {decision.why}: UIDNEXT {selected.uidnext} recorded")
             else:
@@ -258,7 +315,7 @@ async def run_session(
                 log.info(f"{where} catch-up scan ({decision.why})")
                 env.stats.inc("catch_up_scans", reason)
                 coalescer.request(reason)
-            await _watch(_Watch(imap, conn, env, coalescer, memory, log))
+            await _watch(_Watch(imap, conn, env, coalescer, memory, log, where=where))
         except TokenUnavailable as exc:
             failure = secrets.failure(exc)
             memory.last_error = text = failure.text
@@ -365,8 +422,10 @@ class _Watch:
     conn: MailConnection
     env: SessionEnv
     coalescer: ScanCoalescer
-    memory: ConnectionMemory
+    memory: ConnectionMemory | FolderMemory
     log: Logger
+    #: the ``[idle/<email>]`` prefix of its lines (and ``folder <name>:`` for a folder's own)
+    where: str = attrs.field(kw_only=True)
     #: the other folders this connection checks with STATUS (server names); a folder
     #: the server stops answering for is dropped from it
     folders: list[str] = attrs.field(factory=list)
@@ -376,18 +435,39 @@ class _Watch:
         the selected mailbox (one LIST, before IDLE) and check them once (STATUS): a
         folder whose UIDNEXT moved since the last session (or the last run: the state
         store) gets a scan. A folder the server lacks is reported once per connection
-        row, then left alone."""
+        row, then left alone.
+
+        In ``idle`` mode (``TRIO_IDLE_FOLDER_WATCH``, the row's ``imapFolderWatch``) the
+        resolved folders are handed over to sessions of their own instead (within the
+        provider's connection limit; the rest stay here, with one warning per row). A
+        folder session's memory watches no other folders."""
+        memory = self.memory
+        if not isinstance(memory, ConnectionMemory):
+            return
         env, selected = self.env, self.env.imap.mailbox
         wanted = self.conn.folders if self.conn.folders is not None else env.imap.folders
         extras = [f for f in wanted if not _same_folder(f, selected)]
         if not extras:
             return
         resolved = resolve_folders(extras, await self.imap.list_folders())
-        self.memory.folders.resolved = dict(resolved.found)
+        memory.folders.resolved = dict(resolved.found)
         for name in resolved.missing:
-            if self.memory.folders.missing(name):
+            if memory.folders.missing(name):
                 self._report_missing(name, "not found on the server")
-        self.folders[:] = [f for f in resolved.folders if not _same_folder(f, selected)]
+        found = tuple(f for f in resolved.folders if not _same_folder(f, selected))
+        mode = self.conn.folder_watch or env.imap.folder_watch
+        limit = env.max_connections(self.conn)
+        split = split_connections(found, idle=mode == FOLDER_WATCH_IDLE, max_connections=limit)
+        if split.capped and not memory.folders.capped_reported:
+            memory.folders.capped_reported = True
+            env.stats.inc("folder_connections_capped")
+            self.log.bind(error_kind="folder_connections_capped").warning(
+                f"{self.where} the provider allows {limit} IMAP connections per account: "
+                f"{len(split.own)} folder(s) get their own, {', '.join(split.polled)} "
+                "checked with STATUS every tick instead"
+            )
+        memory.folders.hand_over(split.own)
+        self.folders[:] = split.polled
         await self.check_folders("reconnect")
 
     def _report_missing(self, name: str, why: str) -> None:
@@ -401,9 +481,10 @@ class _Watch:
         deadline); a moved UIDNEXT or a new UIDVALIDITY requests a scan of that folder
         (``reason``: ``reconnect`` right after connecting, ``tick`` later; ``startup``
         for its first check in this process when there is a state store)."""
-        if not self.folders:
+        memory = self.memory
+        if not self.folders or not isinstance(memory, ConnectionMemory):
             return
-        env, memory, conn = self.env, self.memory, self.conn
+        env, conn = self.env, self.conn
         store = env.store if env.store is not None and env.store.enabled else None
         states = await self.imap.check_folders(tuple(self.folders))
         for name, current in states.items():
@@ -450,9 +531,9 @@ class _Watch:
                 memory.mailbox, uidnext=memory.mailbox.uidnext + count, exists=monitor.exists
             )
         if reason == "exists":
-            self.log.info(f"{prefix(self.conn.email)} exists-event received (new mail)")
+            self.log.info(f"{self.where} exists-event received (new mail)")
         else:
-            self.log.info(f"{prefix(self.conn.email)} {reason}: {count} new message(s) found")
+            self.log.info(f"{self.where} {reason}: {count} new message(s) found")
         if not self.coalescer.request(reason):
             stats.inc("scans_coalesced")
 
@@ -484,7 +565,7 @@ async def _serve_fetch(imap: ImapLink, request: FetchRequest) -> None:
 async def _watch_open(watch: _Watch) -> None:
     imap, env, memory, log = watch.imap, watch.env, watch.memory, watch.log
     t = provider_timers(env.timers, watch.conn.provider)  # a provider's shorter IDLE timers
-    where = prefix(watch.conn.email)
+    where = watch.where
     desk = memory.desk
     next_tick, renew_at = first_timers(
         trio.current_time(), t.tick_interval, t.idle_renew_interval, env.rng

@@ -51,6 +51,11 @@ PLAIN_COUNTERS: Final = (
     ("refreshes", "successful refreshes of the connection list"),
     ("refresh_failures", "failed refreshes of the connection list (source unreachable)"),
     ("rows_skipped", "rows skipped as unusable (logged once per problem)"),
+    (
+        "row_values_ignored",
+        "optional row values that were invalid and replaced by their default, the row "
+        "still running (logged once per problem)",
+    ),
     ("connect_attempts", "IMAP connection attempts (TCP + TLS + LOGIN)"),
     ("connects", "IMAP sessions established (LOGIN and SELECT succeeded)"),
     ("catch_up_scans", "scans requested after a reconnect found mail that arrived meanwhile"),
@@ -73,6 +78,12 @@ PLAIN_COUNTERS: Final = (
         "folders_missing",
         "watched folders (TRIO_IDLE_FOLDERS) a server does not have, counted once per "
         "connection and folder",
+    ),
+    (
+        "folder_connections_capped",
+        "mailboxes in TRIO_IDLE_FOLDER_WATCH=idle whose folders would need more IMAP "
+        "connections than the provider allows: the folders past the limit are polled "
+        "with STATUS (once per connection)",
     ),
 )
 

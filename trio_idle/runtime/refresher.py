@@ -78,6 +78,8 @@ class Refresher:
     _now: trio.Event = attrs.field(factory=trio.Event, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
     _logged_problems: set[tuple[str, str]] = attrs.field(factory=set, init=False)
+    #: row values already warned about (replaced by a default; the row still runs)
+    _logged_warnings: set[tuple[str, str]] = attrs.field(factory=set, init=False)
     #: connections already warned about a password too short to mask safely
     _weak_warned: set[str] = attrs.field(factory=set, init=False)
     #: refreshes that have ended so far, successful or not
@@ -130,6 +132,19 @@ class Refresher:
             return rows, version
         return await self.source.fetch(), None
 
+    def _warn_row_values(self, conns: Iterable[MailConnection]) -> None:
+        """One line (and one count) per bad optional value a running row holds
+        (:attr:`MailConnection.warnings`: replaced by a default, the row still runs);
+        again only after it was fixed and broke again."""
+        current = {(c.id, w) for c in conns for w in c.warnings}
+        for conn_id, warning in sorted(current - self._logged_warnings):
+            self._stats.inc("row_values_ignored")
+            logger.warning(
+                f"[idle/{self.source.name}] connection {PLAIN.scrub(conn_id, 80)}: "
+                f"{PLAIN.scrub(warning)}"
+            )
+        self._logged_warnings = current
+
     def _warn_weak_passwords(self, conns: Iterable[MailConnection]) -> None:
         """One line per process for the connections whose password is too short to be
         masked safely in server text (:func:`trio_idle.core.scrub.weakly_masked`)."""
@@ -172,6 +187,7 @@ class Refresher:
                 f"skipped: {PLAIN.scrub(message)}"
             )
         self._logged_problems = current  # a row that is fixed and breaks again logs again
+        self._warn_row_values(wanted.values())
         self._warn_weak_passwords(wanted.values())
         if self._stopped:
             return True
