@@ -320,11 +320,20 @@ class Reconciler:
             if store is not None:
                 store.record(conn_id, folder.name, covered.uidvalidity, covered.uidnext)
 
+        command_timeout = self._env.timers.command_timeout
+
+        async def new_mail(since_uid: int) -> NewMail | None:
+            # the session's visit to the folder has its own command deadline
+            with trio.move_on_after(2 * command_timeout):
+                return await folder.desk.ask(since_uid, MAX_ENVELOPES)
+            return None
+
         hooks = ScanHooks(
             pacer=self._env.catchup_pacer,
             covered=lambda: folder.mailbox,
             on_success=on_success,
             range_for=folder.scan_range,
+            new_mail=new_mail if self._scan_envelopes else None,
         )
         nursery.start_soon(
             run_scans,
