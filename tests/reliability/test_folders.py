@@ -173,3 +173,61 @@ async def test_junk_scans_list_their_envelopes_and_inbox_mail_during_the_visit_i
             assert [m["subject"] for m in last["messages"]] == ["junk #11"]
     assert len(rig.backend.requests_for(A)) == 4
     assert rig.logs.matching("connection lost") == []
+
+
+async def test_a_visit_that_finds_inbox_renumbered_catches_up_and_a_failed_one_reconnects(
+    rig: Rig,
+) -> None:
+    """The SELECT back shows INBOX's UIDVALIDITY changed: the catch-up (every UID void),
+    on the same connection. The connection dropped during a visit: the Junk scan goes
+    with its range only, the session reconnects (in INBOX) and INBOX mail delivered
+    during that visit is scanned by the catch-up."""
+    source = rig.source(A)
+    server = rig.server
+    server.add_mailbox(A, SPAM, special_use=("\\Junk",))
+    settings = rig.settings(
+        TRIO_IDLE_FOLDERS="INBOX,\\Junk",
+        TRIO_IDLE_TICK_INTERVAL="1s",
+        TRIO_IDLE_SCAN_ENVELOPES="true",
+    )
+    at_examine: list[Callable[[], object]] = []
+    at_select: list[Callable[[], object]] = []
+
+    def on_command(user: str, name: str) -> None:
+        if user == A and name == "EXAMINE" and at_examine:
+            at_examine.pop()()
+        elif user == A and name == "SELECT" and at_select:
+            at_select.pop()()
+
+    server.on_command = on_command
+    async with running_daemon(settings, source) as daemon:
+        with trio.fail_after(25):
+            session = await rig.idle(A)
+            old_validity = server.mailbox(A).uidvalidity
+            at_examine.append(lambda: server.set_uidvalidity(A, old_validity + 1, "INBOX"))
+            server.append(A, _mail(1), SPAM)
+            await rig.backend.wait_for_requests(2, email=A, finished=True)
+            await rig.quiet(daemon, A)
+            await rig.log(f"[idle/{A}] catch-up scan (uidvalidity changed)")
+            bodies = [r.body for r in rig.backend.requests_for(A)]
+            (inbox,) = [b for b in bodies if "folder" not in b]
+            assert inbox["reason"] == "reconnect" and inbox["uidValidityChanged"] is True
+            assert inbox["uidValidity"] == old_validity + 1 and "sinceUid" not in inbox
+            assert server.stats.logins == 1  # the same connection goes on
+
+            # the connection drops as the SELECT back arrives; INBOX mail came meanwhile
+            at_examine.append(lambda: server.append(A, _mail(10)))
+            at_select.append(lambda: server.drop(A))
+            server.append(A, _mail(2), SPAM)
+            await rig.idle(A, after=session)
+            await rig.backend.wait_for_requests(4, email=A, finished=True)
+            await rig.quiet(daemon, A)
+    bodies = [r.body for r in rig.backend.requests_for(A)[2:]]
+    (junk,) = [b for b in bodies if b.get("folder") == SPAM]
+    (inbox,) = [b for b in bodies if "folder" not in b]
+    assert "messages" not in junk and junk["sinceUid"] == 2  # the range only
+    # the catch-up's range holds the mail delivered during the failed visit (UID 1)
+    assert inbox["reason"] == "reconnect" and inbox["sinceUid"] == 1
+    assert server.mailbox(A).uidnext == 2
+    assert len(rig.logs.matching(f"[idle/{A}] connection lost")) == 1
+    assert server.stats.logins == 2
