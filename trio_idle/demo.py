@@ -10,6 +10,11 @@ request cost it — one per new mail, not the 1,000 in alice's mailbox. Then it 
 a few messages, lets the daemon's own log lines show what happens, prints a summary and
 exits 0 (1 if a message was not followed by a scan). ``--forever`` keeps everything
 running for you to deliver mail yourself.
+
+Each mailbox also has a Junk folder (the special use ``\\Junk``), watched beside INBOX
+(``TRIO_IDLE_FOLDERS=INBOX,\\Junk``): one gambling mail is filed straight into carol's
+Junk, the daemon's STATUS check on the next tick finds it, the Junk scan carries its
+envelope (the session visits Junk for it) and the backend deletes it from Junk.
 """
 
 from __future__ import annotations
@@ -46,6 +51,13 @@ SCRIPT: tuple[tuple[str, str, str], ...] = (
     ("bob@demo.test", "Minutes of the meeting", "Attached."),
 )
 BURST_FROM = 4
+#: the folder every demo mailbox has beside INBOX, and the mail filed straight into it
+JUNK = "Junk"
+JUNK_MAIL: tuple[str, str, str] = (
+    "carol@demo.test",
+    "Jackpot! 500 free spins at the casino",
+    "Your bet is waiting.",
+)
 #: alice's mailbox holds this many old messages before the daemon starts
 OLD_MESSAGES = 1000
 
@@ -72,13 +84,20 @@ class DemoBackend:
     #: messages looked at per request, in order
     looked_at: list[int] = attrs.field(factory=list)
     blocked_subjects: list[str] = attrs.field(factory=list)
+    #: of :attr:`blocked`, what scans of a folder beside INBOX blocked
+    folder_blocked: int = 0
+    #: how the last folder scan's mail was judged (``envelopes``, ``messages read``)
+    folder_judged_by: str = "-"
     changed: trio.Event = attrs.field(factory=trio.Event)
 
     def __call__(self, request: ScanRequest) -> Reply:
         email = request.email or ""
         body = request.body
         detector = KeywordScanner(lambda _: ())
-        box = self.server.mailbox(email)
+        folder = body.get("folder")
+        # no "folder": INBOX (docs/backend-contract.md); a folder's mail is deleted there
+        where = folder if isinstance(folder, str) else "INBOX"
+        box = self.server.mailbox(email, where)
         since = body.get("sinceUid")
         if not isinstance(since, int) or body.get("uidValidity") != box.uidvalidity:
             since = 1  # no range (or another UIDVALIDITY): everything is new
@@ -106,13 +125,18 @@ class DemoBackend:
         for uid, subject, gambling in verdicts:
             if gambling:
                 blocked += 1
-                self.blocked_subjects.append(f"{email}: {subject}")
-                self.server.expunge(email, uid)  # the real backend deletes it
+                self.blocked_subjects.append(f"{email} ({where}): {subject}")
+                self.server.expunge(email, uid, where)  # the real backend deletes it
         looked = len(verdicts)
+        in_folder = f" folder {where}:" if where != "INBOX" else ""
         logger.opt(colors=False).info(
-            f"[demo] backend: {email} sinceUid={body.get('sinceUid')} → looked at {looked} "
-            f"message(s) ({how}) of {box.exists + blocked} in the mailbox"
+            f"[demo] backend: {email}{in_folder} sinceUid={body.get('sinceUid')} → looked at "
+            f"{looked} message(s) ({how}) of {box.exists + blocked} in the "
+            f"{'mailbox' if where == 'INBOX' else 'folder'}, blocked={blocked}"
         )
+        if where != "INBOX":
+            self.folder_blocked += blocked
+            self.folder_judged_by = how
         self.looked_at.append(looked)
         self.scanned += looked
         self.blocked += blocked
@@ -143,6 +167,7 @@ async def _demo(forever: bool, workdir: Path) -> int:
     passwords = {email: secrets.token_urlsafe(10) for email in MAILBOXES}
     for email, password in passwords.items():
         server.add_user(email, password)
+        server.add_mailbox(email, JUNK, special_use=("\\Junk",))
     for n in range(OLD_MESSAGES):
         server.append(MAILBOXES[0], _message("old@example.net", MAILBOXES[0], f"Old #{n}", "."))
     admin_secret = secrets.token_urlsafe(16)
@@ -168,6 +193,10 @@ async def _demo(forever: bool, workdir: Path) -> int:
                 "TRIO_IDLE_LOGOUT_TIMEOUT": "1s",
                 "TRIO_IDLE_STATE": "none",  # every demo run starts with fresh mailboxes
                 "TRIO_IDLE_SCAN_ENVELOPES": "true",
+                # Junk beside INBOX: checked with STATUS once per tick (folders are not
+                # pushed), so the tick is short enough to watch
+                "TRIO_IDLE_FOLDERS": "INBOX,\\Junk",
+                "TRIO_IDLE_TICK_INTERVAL": "2s",
             }
         )
         say = logger.opt(colors=False).info
@@ -181,12 +210,16 @@ async def _demo(forever: bool, workdir: Path) -> int:
         say(f"[demo] {len(MAILBOXES)} mailboxes are in IDLE; delivering {len(SCRIPT)} messages")
 
         missed = await _deliver_script(server, backend, scanner)
+        missed += await _deliver_junk(server, scanner)
         with trio.fail_after(20):
             await _quiet(daemon)
 
         requests = backend.requests
         say("[demo] ---------------------------------------------------------------")
-        say(f"[demo] delivered {len(SCRIPT)} messages to {len(MAILBOXES)} mailboxes")
+        say(
+            f"[demo] delivered {len(SCRIPT)} messages to {len(MAILBOXES)} mailboxes and 1 "
+            f"straight into {JUNK_MAIL[0]}'s {JUNK} folder"
+        )
         say(
             f"[demo] scan POSTs: {len(requests)} (the burst of {len(SCRIPT) - BURST_FROM} "
             f"was coalesced: at most 1 active + 1 pending scan per mailbox)"
@@ -203,7 +236,13 @@ async def _demo(forever: bool, workdir: Path) -> int:
             say(f"[demo]   blocked {subject}")
         for email in MAILBOXES:
             left = [m.data for m in server.mailbox(email).messages]
-            say(f"[demo] {email}: {len(left)} message(s) left in INBOX")
+            junk = server.mailbox(email, JUNK).exists
+            say(f"[demo] {email}: {len(left)} message(s) left in INBOX, {junk} in {JUNK}")
+        say(
+            f"[demo] folder {JUNK}: the scan of {JUNK_MAIL[0]}'s {JUNK} folder "
+            f"blocked={scanner.folder_blocked} (judged by {scanner.folder_judged_by}, "
+            f"deleted from {JUNK})"
+        )
         if missed:
             say(f"[demo] FAILED: {missed} message(s) were not followed by a scan")
         if forever:
@@ -246,13 +285,33 @@ async def _deliver_script(
     return missed
 
 
+async def _deliver_junk(server: ImapTestServer, scanner: DemoBackend) -> int:
+    """File :data:`JUNK_MAIL` straight into its mailbox's Junk folder and wait for the
+    backend to look at it (the next tick's STATUS check finds it); returns 1 if it did
+    not within the wait, else 0."""
+    email, subject, body = JUNK_MAIL
+    logger.info(f"[demo] filing straight into {email}'s {JUNK} folder: {subject!r}")
+    looked = scanner.scanned
+    server.append(email, _message("casino@bet.example", email, subject, body), JUNK)
+    try:
+        with trio.fail_after(15):
+            while scanner.scanned <= looked:
+                await scanner.changed.wait()
+    except trio.TooSlowError:
+        return 1
+    return 0
+
+
 async def _quiet(daemon: Daemon) -> None:
     """Wait until no connection has a scan active or pending (bounded by the caller)."""
 
     def busy() -> bool:
-        return any(
-            h.coalescer.active or h.coalescer.pending for h in daemon.reconciler.handles.values()
-        )
+        coalescers = [
+            c
+            for h in daemon.reconciler.handles.values()
+            for c in (h.coalescer, *(f.coalescer for f in h.memory.folders.by_name.values()))
+        ]
+        return any(c.active or c.pending for c in coalescers)
 
     while busy():  # noqa: ASYNC110 - the demo's last look; no event covers all mailboxes
         await trio.sleep(0.05)

@@ -37,7 +37,7 @@ import trio
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.core.errors import ConnectionLost, ImapAuthError, ImapConnectError, ImapError
 from trio_idle.imap.connector import ImapConnector, ImapLink
-from trio_idle.imap.envelope import Envelope, NewMail
+from trio_idle.imap.envelope import Envelope, FolderMail, NewMail
 from trio_idle.imap.folders import ListEntry
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import MailboxState
@@ -370,6 +370,39 @@ class FakeImapLink:
             await self._command("IDLE")
             self._enter_idle()
         return NewMail(uids, envelopes)
+
+    async def fetch_folder_new(
+        self, folder: str, selected: str, since_uid: int, limit: int
+    ) -> FolderMail:
+        """The folder's UIDs from ``since_uid`` up to its UIDNEXT (its state is all the
+        script keeps of a folder), with made-up envelopes; the commands recorded."""
+        assert self.selected, "EXAMINE outside the selected state"
+        was_idling = self.idling
+        if was_idling:
+            self._check()
+            await self._command("DONE")
+            self.idling = False
+        exists_before = self.monitor.exists
+        await self._command("EXAMINE", folder)
+        state = self._server.folders.get(folder)
+        if state is None:
+            raise ImapError(f"EXAMINE {folder} failed: NO")
+        await self._command("UID SEARCH", f"{since_uid}:*")
+        uids = tuple(range(since_uid, state.uidnext or since_uid))
+        envelopes: tuple[Envelope, ...] | None = None
+        if len(uids) <= limit:
+            envelopes = tuple(
+                Envelope(u, subject=f"{folder} message {u}", from_address="sender@example.test")
+                for u in uids
+            )
+        await self._command("SELECT", selected)
+        self.pending = []  # the SELECT's answer says it all
+        back = self._server._mailbox()
+        self.monitor.exists = back.exists
+        if was_idling:
+            await self._command("IDLE")
+            self._enter_idle()
+        return FolderMail(NewMail(uids, envelopes), state, back, exists_before)
 
     async def list_folders(self) -> tuple[ListEntry, ...]:
         assert self.logged_in and not self.idling, "LIST outside the authenticated state"

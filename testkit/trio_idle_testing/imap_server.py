@@ -162,6 +162,10 @@ class ImapTestServer:
         )
         #: Called synchronously with every new :class:`LogEntry`.
         self.on_event: Callable[[LogEntry], None] | None = None
+        #: Called synchronously with (user, command name) as each command of a logged-in
+        #: connection arrives, before it is answered (``UID SEARCH`` for UID commands):
+        #: a test changes a mailbox at an exact point of a client's command sequence.
+        self.on_command: Callable[[str, str], None] | None = None
         self.global_faults = Faults()
         self.global_faults.bind(self._global_faults_changed)
         self._uidvalidity = int(time.time()) if uidvalidity is None else uidvalidity

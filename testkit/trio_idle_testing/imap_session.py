@@ -385,6 +385,8 @@ class ImapTestSession:
         self._server.stats.commands[name] += 1
         if self._user is not None:
             self._server.command_lines.append((self._user.name, raw))
+            if (hook := self._server.on_command) is not None:
+                hook(self._user.name, name)
         delay = self._delay("response_delay")
         if delay > 0:
             await trio.sleep(delay)

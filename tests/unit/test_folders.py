@@ -12,6 +12,8 @@ from trio_idle.accounts.source_file import rows_from_toml
 from trio_idle.core.config import DEFAULT_QUERY, ConfigError, parse_settings
 from trio_idle.core.folders import parse_folders
 from trio_idle.imap.folders import ListEntry, list_command_args, parse_list, resolve_folders
+from trio_idle.imap.responses import MailboxState
+from trio_idle.mailbox.folders import missed_during_visit
 
 BASE_ENV = {
     "ADMIN_SECRET": "adm1n-s3cret-VALUE",
@@ -162,3 +164,20 @@ def test_the_toml_entry_folders_reach_the_row() -> None:
 
 def test_the_default_query_reads_the_optional_column() -> None:
     assert "'imapFolders' AS \"imapFolders\"" in DEFAULT_QUERY
+
+
+def test_mail_missed_during_a_visit_is_what_the_select_back_shows_beyond_what_was_known() -> None:
+    known = MailboxState(exists=5, uidnext=10, uidvalidity=7)
+    # UIDNEXT decides: one expunged and two arrived meanwhile are two
+    assert missed_during_visit(known, 5, MailboxState(6, 12, 7)) == 2
+    assert missed_during_visit(known, 5, MailboxState(4, 10, 7)) == 0
+    # a known UIDNEXT that lagged (an arrival masked by an expunge): more is scanned
+    assert missed_during_visit(known, 5, MailboxState(5, 11, 7)) == 1
+    # without UIDNEXT the counts are compared
+    no_uidnext = MailboxState(exists=5, uidnext=None, uidvalidity=7)
+    assert missed_during_visit(no_uidnext, 5, MailboxState(8, None, 7)) == 3
+    assert missed_during_visit(no_uidnext, 5, MailboxState(4, None, 7)) == 0
+    assert missed_during_visit(no_uidnext, None, MailboxState(8, None, 7)) == 0
+    # renumbered: the catch-up decides (None)
+    assert missed_during_visit(known, 5, MailboxState(5, 10, 8)) is None
+    assert missed_during_visit(None, None, MailboxState(5, 10, 8)) == 0

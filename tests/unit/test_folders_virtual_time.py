@@ -121,3 +121,29 @@ async def test_a_server_without_idle_checks_the_folders_on_its_poll(
         assert trio.current_time() - filed_at <= TICK
         assert junk.coalescer.pending_reason == "tick"
         assert "IDLE" not in server.commands()
+
+
+async def test_a_folder_envelope_request_is_served_by_a_visit_idling_or_polling(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    for idle in (True, False):
+        server = FakeImapServer(exists=3, uidnext=10, uidvalidity=5, idle=idle)
+        server.add_folder("Junk", attributes=["\\Junk"], uidnext=7)
+        rig = make_rig(server, folders=("INBOX", "\\Junk"))
+        async with running(rig):
+            await connected(rig)
+            junk = rig.memory.folders.by_name["Junk"]
+            server.deliver_to("Junk", 2)
+            seen = len(server.calls)
+            asked_at = trio.current_time()
+            found = await junk.desk.ask(7, 50)
+            assert trio.current_time() - asked_at < TICK  # served at once, not on a tick
+            assert found is not None and found.uids == (7, 8)
+            assert found.envelopes is not None
+            assert [e.subject for e in found.envelopes] == ["Junk message 7", "Junk message 8"]
+            visit = [c.command for c in server.calls[seen:]]
+            middle = ["EXAMINE", "UID SEARCH", "SELECT"]
+            expected = ["DONE", *middle, "IDLE"] if idle else middle
+            assert visit[: len(expected)] == expected
+            assert rig.coalescer.requested == 0  # Junk's mail is not INBOX mail
+        assert await junk.desk.ask(7, 50) is None  # no session: the range only

@@ -64,7 +64,14 @@ from trio_idle.imap.aioimap import (
     ImapProtocol,
     quote,
 )
-from trio_idle.imap.envelope import Envelope, NewMail, ParseMeter, parse_search, parse_steps
+from trio_idle.imap.envelope import (
+    Envelope,
+    FolderMail,
+    NewMail,
+    ParseMeter,
+    parse_search,
+    parse_steps,
+)
 from trio_idle.imap.folders import ListEntry, list_command_args, mailbox_arg, parse_list
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import (
@@ -684,6 +691,85 @@ class ImapConnection:
             protocol.capture = None
         self._check()
         return NewMail(uids, envelopes)
+
+    async def fetch_folder_new(
+        self, folder: str, selected: str, since_uid: int, limit: int
+    ) -> FolderMail:
+        """:meth:`fetch_new` in ``folder``, beside the selected mailbox ``selected``: leave
+        IDLE (DONE) if idling, ``EXAMINE <folder>`` (read-only: no flag changes), ``UID
+        SEARCH`` and ``UID FETCH`` as :meth:`fetch_new` (same ``limit``, same parse
+        budget), ``SELECT <selected>`` again, then IDLE again — all within one command
+        timeout (an error names the command not answered or refused).
+
+        Between EXAMINE and the SELECT's answer the untagged EXISTS/EXPUNGE/RECENT lines
+        are the folder's: the monitor's count of new mail and its baseline are restored
+        after, and the baseline becomes the SELECT's EXISTS. Mail that reached the
+        selected mailbox during the visit is not counted by the monitor: the caller
+        compares :attr:`FolderMail.selected` (UIDNEXT, UIDVALIDITY, EXISTS) with what it
+        knew. Same guarantees as every command: any failure, cancellation included,
+        leaves the connection unusable (in whichever mailbox), never quietly in the
+        folder."""
+        self._check()
+        protocol, monitor = self.protocol, self.monitor
+        deadline = self._deadline()
+        await self._settle(deadline)
+        step = _Step("DONE" if self._idle is not None else f"EXAMINE {folder}")
+        try:
+            old = await self._leave_idle(step, deadline)
+            # mail counted until here (DONE's answer included) is the selected mailbox's
+            exists_before, new_mail, tick_mail = monitor.exists, monitor.new_mail, monitor.tick_mail
+            step.name = f"EXAMINE {folder}"
+            examine = await self._run_step(
+                step, Command("EXAMINE", protocol.new_tag(), quote(folder)), deadline
+            )
+            if examine.result != "OK":
+                raise ImapError(f"{step} failed: {examine.result}")
+            examined = parse_mailbox_state(examine.lines)
+            step.name = "UID SEARCH"
+            protocol.capture = []
+            search = CapturedCommand(
+                "SEARCH", protocol.new_tag(), "UID", f"{since_uid}:*", prefix="UID"
+            )
+            response = await self._run_step(step, search, deadline)
+            if response.result != "OK":
+                raise ImapError(f"{step} failed: UID SEARCH failed: {response.result}")
+            uids = tuple(uid for uid in parse_search(protocol.capture) if uid >= since_uid)
+            envelopes: tuple[Envelope, ...] | None = None
+            if len(uids) <= limit:
+                envelopes = ()
+                if uids:
+                    step.name = "UID FETCH"
+                    protocol.capture = []
+                    fetch = CapturedCommand(
+                        "FETCH",
+                        protocol.new_tag(),
+                        ",".join(map(str, uids)),
+                        "(UID ENVELOPE RFC822.SIZE)",
+                        prefix="UID",
+                        untagged_resp_name="FETCH",
+                    )
+                    response = await self._run_step(step, fetch, deadline)
+                    if response.result != "OK":
+                        raise ImapError(f"{step} failed: UID FETCH failed: {response.result}")
+                    found = await self._parse_envelopes(protocol.capture, set(uids))
+                    envelopes = None if found is None else tuple(found)
+            protocol.capture = None
+            step.name = f"SELECT {selected}"
+            reselect = await self._run_step(
+                step, Command("SELECT", protocol.new_tag(), mailbox_arg(selected)), deadline
+            )
+            if reselect.result != "OK":
+                raise ImapError(f"{step} failed: {reselect.result}")
+            protocol.state = SELECTED
+            back = parse_mailbox_state(reselect.lines)
+            # the folder's EXISTS counted meanwhile are void; the SELECT's is the baseline
+            monitor.exists, monitor.new_mail, monitor.tick_mail = back.exists, new_mail, tick_mail
+            if old is not None:
+                await self._resume_idle(step, deadline)
+        finally:
+            protocol.capture = None
+        self._check()
+        return FolderMail(NewMail(uids, envelopes), examined, back, exists_before)
 
     async def list_folders(self) -> tuple[ListEntry, ...]:
         """The server's folders and their attributes: ``LIST "" "*"`` (with ``RETURN

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from trio_idle.accounts.connections import MailConnection
-from trio_idle.imap.envelope import NewMail
+from trio_idle.imap.envelope import FolderMail, NewMail
 from trio_idle.imap.folders import ListEntry
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import MailboxState
@@ -116,6 +116,17 @@ class ImapLink(RestartWriter, Protocol):
         """The UIDs from ``since_uid`` on and (at most ``limit`` of them) their envelopes:
         DONE if idling, ``UID SEARCH``, ``UID FETCH (UID ENVELOPE RFC822.SIZE)``, IDLE
         again, all within one command timeout. Envelope text is never logged."""
+        ...
+
+    async def fetch_folder_new(
+        self, folder: str, selected: str, since_uid: int, limit: int
+    ) -> FolderMail:
+        """:meth:`fetch_new` in another ``folder``: DONE if idling, ``EXAMINE <folder>``,
+        ``UID SEARCH``/``UID FETCH``, ``SELECT <selected>`` again, IDLE again, all within
+        one command timeout. The folder's EXISTS/EXPUNGE during the visit are not counted
+        as new mail (:attr:`monitor`); the SELECT's answer (:attr:`FolderMail.selected`)
+        tells the caller what reached the selected mailbox meanwhile. A failure leaves
+        the link unusable, as always."""
         ...
 
     async def list_folders(self) -> tuple[ListEntry, ...]:

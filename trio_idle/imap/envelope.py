@@ -38,6 +38,8 @@ from typing import Any, Final
 
 import attrs
 
+from trio_idle.imap.responses import MailboxState
+
 #: longest text kept per field, in characters (longer: cut, ending in "…")
 LIMITS: Final = {"subject": 998, "name": 200, "address": 320, "date": 100, "message_id": 250}
 #: bytes of one string kept as it is read (bounds the decoder's work and the memory)
@@ -152,6 +154,22 @@ class NewMail:
     #: their envelopes (messages expunged meanwhile missing); None: more than the limit,
     #: or an answer that would cost more than :data:`MAX_ANSWER_WORK` to parse
     envelopes: tuple[Envelope, ...] | None = attrs.field(repr=False)
+
+
+@attrs.frozen
+class FolderMail:
+    """What :meth:`~trio_idle.imap.connector.ImapLink.fetch_folder_new` found in a folder
+    beside the selected mailbox, and what it saw of both mailboxes on the way."""
+
+    #: the folder's new mail, as :meth:`~trio_idle.imap.connector.ImapLink.fetch_new` gives it
+    mail: NewMail
+    #: the folder as its EXAMINE reported it (its UIDVALIDITY: the numbering of ``mail``)
+    examined: MailboxState
+    #: the selected mailbox as the SELECT that ended the visit reported it
+    selected: MailboxState
+    #: the selected mailbox's message count as the session knew it before the visit
+    #: (its EXISTS and EXPUNGE meanwhile were the folder's, not counted as new mail)
+    exists_before: int | None
 
 
 def parse_search(responses: Iterable[bytes]) -> list[int]:

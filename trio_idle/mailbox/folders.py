@@ -8,8 +8,13 @@ scan of that folder. Each folder has what the selected mailbox has, per (connect
 folder): its accepted mark and last seen state (:class:`FolderMemory`), its own
 coalescer (1 active + 1 pending per folder) and scan task, and its row in the state
 store under the folder's name (INBOX rows keep their key), so the catch-up after a
-reconnect or a restart works per folder. What this module decides is pure
-(:func:`folder_decision`, :func:`split_connections`).
+reconnect or a restart works per folder. With envelopes switched on, a folder's scan
+worker asks the session for the folder's new mail at the folder's own
+:class:`~trio_idle.mailbox.fetch_desk.FetchDesk` (:attr:`FolderMemory.desk`, made on first
+use: only for folders actually watched); the session visits the folder (EXAMINE,
+UID SEARCH/FETCH, SELECT back) and :func:`missed_during_visit` says what reached the
+selected mailbox meanwhile. What this module decides is pure (:func:`folder_decision`,
+:func:`missed_during_visit`, :func:`split_connections`).
 
 With ``TRIO_IDLE_FOLDER_WATCH=idle`` (or a row's ``imapFolderWatch``) each folder gets an
 IDLE connection of its own instead (:func:`trio_idle.mailbox.session.run_folder_session`):
@@ -69,9 +74,20 @@ class FolderMemory:
     connected_since: float | None = None
     sessions: int = 0
     last_push: float | None = None
-    #: where its scan worker asks the folder's own session for envelopes
-    desk: FetchDesk = attrs.field(factory=FetchDesk, repr=False)
     on_outcome: Callable[[Connected | Failure], None] = attrs.field(default=_no_outcome, repr=False)
+    _desk: FetchDesk | None = attrs.field(default=None, init=False, repr=False)
+
+    @property
+    def desk(self) -> FetchDesk:
+        """Where this folder's scan worker asks the session for the folder's new mail."""
+        if self._desk is None:
+            self._desk = FetchDesk()
+        return self._desk
+
+    def close_desk(self) -> None:
+        """No session serves this folder now: a waiting request is answered ``None``."""
+        if self._desk is not None:
+            self._desk.close()
 
     def scan_range(self, covered: MailboxState | None) -> ScanRange:
         return scan_range(self.mark, covered)
@@ -219,3 +235,29 @@ def apply_check(
         folder.mark = ScanMark(stored.uidvalidity, stored.uidnext)
     folder.mailbox = current
     folder.mark = on_connect(folder.mark, current, scanning=decision.catch_up.scan)
+
+
+def missed_during_visit(
+    known: MailboxState | None, exists_before: int | None, back: MailboxState
+) -> int | None:
+    """How many messages reached the selected mailbox while the session visited another
+    folder (its EXISTS unseen), from the SELECT that ended the visit (``back``); None:
+    its UIDVALIDITY changed (every UID known is void: the catch-up decides). Pure.
+
+    ``known`` is the selected mailbox as the session knows it, the mail announced before
+    the visit included (its UIDNEXT a lower bound: more found is scanned, never less);
+    without UIDNEXT on either side, the counts are compared (``exists_before``: the
+    monitor's before the visit), which misses one expunged plus one arrived."""
+    if known is None:
+        return 0
+    if (
+        known.uidvalidity is not None
+        and back.uidvalidity is not None
+        and known.uidvalidity != back.uidvalidity
+    ):
+        return None
+    if known.uidnext is not None and back.uidnext is not None:
+        return max(0, back.uidnext - known.uidnext)
+    if exists_before is not None and back.exists is not None:
+        return max(0, back.exists - exists_before)
+    return 0

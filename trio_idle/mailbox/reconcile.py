@@ -391,7 +391,8 @@ class Reconciler:
         command_timeout = self._env.timers.command_timeout
 
         async def new_mail(since_uid: int) -> NewMail | None:
-            # the folder's own session fetches (idle mode), bounded as the mailbox's
+            # served by the folder's own session (idle mode) or by the mailbox session's
+            # visit to the folder (EXAMINE ... SELECT back); either has its own deadline
             with trio.move_on_after(2 * command_timeout):
                 return await folder.desk.ask(since_uid, MAX_ENVELOPES)
             return None
@@ -401,8 +402,7 @@ class Reconciler:
             covered=lambda: folder.mailbox,
             on_success=on_success,
             range_for=folder.scan_range,
-            # only a folder with a session of its own has one to ask for envelopes
-            new_mail=new_mail if self._scan_envelopes and folder.own_connection else None,
+            new_mail=new_mail if self._scan_envelopes else None,
         )
         nursery.start_soon(
             run_scans,

@@ -163,6 +163,8 @@ class _ScanWorker:
         # the id the backend sees as x-scan-id: every line of this scan names it, so the
         # scan can be followed into the backend's logs
         scan = f"(scan {job.scan_id})"
+        if policy.folder is not None:  # at the end: the line's event is still its start
+            scan = f"(folder {policy.folder}) {scan}"
         retry = BackoffPolicy(policy.retry_initial, policy.retry_max, jitter=SCAN_RETRY_JITTER)
         attempt = 0
         while True:

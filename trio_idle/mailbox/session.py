@@ -24,7 +24,10 @@ It also keeps the accepted mark of the mailbox (:attr:`ConnectionMemory.mark`,
 process, set to the server's UIDNEXT when a session decides there is nothing to catch up
 on, and moved by the scan worker after each 2xx. Scan requests carry it as ``sinceUid``.
 While watching, the session serves the scan worker's envelope requests
-(:mod:`trio_idle.mailbox.fetch_desk`): DONE, UID SEARCH, UID FETCH, IDLE under one deadline.
+(:mod:`trio_idle.mailbox.fetch_desk`): DONE, UID SEARCH, UID FETCH, IDLE under one deadline;
+for a folder beside the mailbox (its own desk) DONE, EXAMINE, UID SEARCH, UID FETCH, SELECT
+back, IDLE — and mail that reached the mailbox during that visit is announced from the
+SELECT's answer (its UIDVALIDITY changed: the catch-up).
 
 IDLE is re-issued every ``idle_renew_interval`` (servers drop it at 29 min), the same way. Servers
 without the IDLE capability are polled with NOOP at the tick interval.
@@ -62,6 +65,7 @@ from trio_idle.core.stats import Stats
 from trio_idle.imap.client import ImapTimeouts
 from trio_idle.imap.connect import connect, resolve_security
 from trio_idle.imap.connector import ImapConnector, ImapLink
+from trio_idle.imap.envelope import FolderMail
 from trio_idle.imap.folders import resolve_folders
 from trio_idle.imap.framing import ImapLimits
 from trio_idle.imap.responses import MailboxState, catch_up_decision
@@ -73,6 +77,7 @@ from trio_idle.mailbox.folders import (
     Folders,
     apply_check,
     folder_decision,
+    missed_during_visit,
     split_connections,
 )
 from trio_idle.mailbox.session_states import AUTH_FAILED, BACKOFF, CONNECTING, IDLE, POLLING
@@ -490,6 +495,8 @@ class _Watch:
         for name, current in states.items():
             if current is None:
                 self.folders.remove(name)
+                if (gone := memory.folders.by_name.get(name)) is not None:
+                    gone.close_desk()
                 if memory.folders.gone(name):
                     self._report_missing(name, "no longer exists (STATUS refused)")
                 continue
@@ -513,6 +520,71 @@ class _Watch:
                 self.log.info(f"{prefix(conn.email)} folder {name}: scan ({decision.catch_up.why})")
                 if not folder.coalescer.request(decision.reason):
                     env.stats.inc("scans_coalesced")
+
+    def watched(self) -> list[FolderMemory]:
+        """The memories of the folders this connection watches now (a folder's own
+        session watches no other)."""
+        if not isinstance(self.memory, ConnectionMemory):
+            return []
+        by_name = self.memory.folders.by_name
+        return [by_name[name] for name in self.folders if name in by_name]
+
+    def listen_folders(self, scope: trio.CancelScope) -> None:
+        """Until :meth:`unlisten_folders`, a folder's envelope request cancels ``scope``."""
+        for folder in self.watched():
+            folder.desk.listen(scope)
+
+    def unlisten_folders(self) -> None:
+        for folder in self.watched():
+            folder.desk.unlisten()
+
+    async def serve_folders(self) -> bool:
+        """Serve every folder's waiting envelope request (a visit each: DONE, EXAMINE,
+        UID SEARCH, UID FETCH, SELECT back, IDLE); whether one was served. A failure
+        still answers the request (``None``) before the error ends the session."""
+        served = False
+        for folder in self.watched():
+            request = folder.desk.take()
+            if request is None:
+                continue
+            served = True
+            try:
+                visit = await self.imap.fetch_folder_new(
+                    folder.name, self.env.imap.mailbox, request.since_uid, request.limit
+                )
+                known, seen = folder.mailbox, visit.examined
+                if (
+                    known is None
+                    or known.uidvalidity is None
+                    or seen.uidvalidity in (None, known.uidvalidity)
+                ):
+                    request.result = visit.mail
+                # else: UIDs in another numbering than the scan's range: the range only
+                # (the next STATUS check sees the new UIDVALIDITY)
+            finally:
+                request.done.set()
+            self.back_in_mailbox(visit)
+        return served
+
+    def back_in_mailbox(self, visit: FolderMail) -> None:
+        """After a visit to another folder: announce what the monitor counted before it,
+        then what the SELECT back shows arrived meanwhile (the monitor did not count the
+        mailbox's EXISTS then), or run the catch-up if its UIDVALIDITY changed."""
+        self.announce("exists")
+        memory = self.memory
+        missed = missed_during_visit(memory.mailbox, visit.exists_before, visit.selected)
+        if missed is None:
+            decision = catch_up_decision(memory.mailbox, visit.selected)
+            memory.mailbox = visit.selected
+            memory.mark = on_connect(memory.mark, visit.selected, scanning=decision.scan)
+            self.log.info(f"{prefix(self.conn.email)} catch-up scan ({decision.why})")
+            self.env.stats.inc("catch_up_scans", "reconnect")
+            if not self.coalescer.request("reconnect"):
+                self.env.stats.inc("scans_coalesced")
+        elif missed:
+            # what the monitor would have counted had the mailbox been selected
+            self.imap.monitor.new_mail += missed
+            self.announce("exists")
 
     def announce(self, reason: str) -> None:
         """Request a scan for mail the monitor counted since the last call, if any."""
@@ -547,10 +619,16 @@ async def _watch(watch: _Watch) -> None:
     desk = watch.memory.desk
     await watch.open_folders()
     desk.open()
+    for folder in watch.watched():
+        folder.desk.open()
     try:
         await _watch_open(watch)
     finally:
         desk.close()
+        if isinstance(watch.memory, ConnectionMemory):
+            for folder in watch.memory.folders.by_name.values():
+                if not folder.own_connection:  # its own session serves (and closes) it
+                    folder.close_desk()
 
 
 async def _serve_fetch(imap: ImapLink, request: FetchRequest) -> None:
@@ -579,12 +657,18 @@ async def _watch_open(watch: _Watch) -> None:
         )
         while True:
             watch.announce("exists")
-            with desk.listening():
-                await trio.sleep_until(next_tick)
+            with desk.listening(), trio.CancelScope() as folder_asked:
+                watch.listen_folders(folder_asked)
+                try:
+                    await trio.sleep_until(next_tick)
+                finally:
+                    watch.unlisten_folders()
+            served = await watch.serve_folders()
             if (request := desk.take()) is not None:
                 await _serve_fetch(imap, request)
-                if trio.current_time() < next_tick:
-                    continue
+                served = True
+            if served and trio.current_time() < next_tick:
+                continue
             await imap.noop()
             watch.announce("tick")
             await watch.check_folders("tick")
@@ -630,6 +714,7 @@ async def _idle_loop(watch: _Watch, timers: IdleTimers) -> None:
         deadline = min(math.inf if timers.passive else timers.due_at, folders_due)
         with trio.CancelScope(deadline=deadline) as wake:
             desk.listen(wake)
+            watch.listen_folders(wake)
             timers.wake = wake
             try:
                 while True:
@@ -639,6 +724,7 @@ async def _idle_loop(watch: _Watch, timers: IdleTimers) -> None:
                     watch.announce("exists")
             finally:
                 desk.unlisten()
+                watch.unlisten_folders()
                 timers.wake = None
         # Mail pushed just as the deadline passed: wait() checkpoints, so the deadline
         # can win over a wake-up that was already due. It was pushed, so it is "exists".
@@ -646,6 +732,7 @@ async def _idle_loop(watch: _Watch, timers: IdleTimers) -> None:
         if (request := desk.take()) is not None:
             await _serve_fetch(imap, request)  # DONE, UID SEARCH, UID FETCH, IDLE
             watch.announce("exists")
+        await watch.serve_folders()  # DONE, EXAMINE, UID SEARCH/FETCH, SELECT, IDLE
         now = trio.current_time()
         if now >= folders_due:
             await watch.check_folders("tick")  # DONE, STATUS per folder, IDLE
