@@ -75,6 +75,8 @@ DEFAULT_QUERY: Final = (
     'FROM "MailConnection" WHERE "isActive" = true'
 )
 SECURITY_MODES: Final = ("auto", "tls", "starttls", "plain")
+#: TRIO_IDLE_NOTIFY: use IMAP NOTIFY where the server announces it, or never
+NOTIFY_MODES: Final = ("auto", "off")
 SOURCES: Final = ("postgres", "file")
 STATE_BACKENDS: Final = ("sqlite", "postgres", "none")
 #: where a mailbox with no stored state starts (TRIO_IDLE_START_FROM)
@@ -254,7 +256,17 @@ class ImapSettings:
         parse_folders,
         "INBOX",
         "comma-separated folders to watch: names or RFC 6154 special uses (INBOX,\\Junk); "
-        "TRIO_IDLE_MAILBOX is IDLEd on, the others are checked with STATUS every tick",
+        "TRIO_IDLE_MAILBOX is IDLEd on, the others are checked with STATUS every tick "
+        "(or watched with NOTIFY, see TRIO_IDLE_NOTIFY)",
+    )
+    imap_notify: str = setting(
+        "TRIO_IDLE_NOTIFY",
+        "--imap-notify",
+        one_of(NOTIFY_MODES),
+        "auto",
+        "IMAP NOTIFY (RFC 5465) for the folders beside TRIO_IDLE_MAILBOX: auto (where the "
+        "server announces it, their new mail is pushed during IDLE and they are checked "
+        "with STATUS only after each connect) or off (STATUS every tick)",
     )
     imap_security: str = setting(
         "TRIO_IDLE_IMAP_SECURITY",
