@@ -29,6 +29,12 @@ async def test_junk_mail_appended_during_idle_is_scanned_without_any_tick(rig: R
         with trio.fail_after(15):
             await rig.idle(A)
             assert server.stats.commands["NOTIFY"] == 1
+            (line,) = [raw for _, raw in server.command_lines if b" NOTIFY " in raw]
+            assert line.split(b" ", 1)[1] == (
+                b"NOTIFY SET (selected (MessageNew MessageExpunge)) "
+                b'(mailboxes ("[Gmail]/Spam") (MessageNew MessageExpunge))'
+            )
+            assert server.stats.bad == 0
             assert server.stats.commands["STATUS"] == 1  # the check after connecting
             uid = server.append(A, _mail(1), SPAM)
             await rig.backend.wait_for_requests(1, email=A, finished=True)
