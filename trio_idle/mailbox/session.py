@@ -19,6 +19,11 @@ This is where new mail is noticed and a scan requested (:func:`_announce`):
 - a (re)connect whose SELECT shows a moved ``UIDNEXT`` or a new ``UIDVALIDITY`` compared
   with what the previous session saw (reason ``reconnect``).
 
+For the other watched folders (:mod:`trio_idle.mailbox.folders`) the same happens per
+folder: a STATUS after connecting (``reconnect``/``startup``), then once per tick
+(``tick``) — or, where the server announces NOTIFY (RFC 5465, ``TRIO_IDLE_NOTIFY``), a
+``* STATUS`` the server pushes during IDLE (``exists``), with no STATUS per tick.
+
 It also keeps the accepted mark of the mailbox (:attr:`ConnectionMemory.mark`,
 :mod:`trio_idle.state.scan_range`): loaded from the state store by the first session of the
 process, set to the server's UIDNEXT when a session decides there is nothing to catch up
