@@ -10,6 +10,7 @@ from trio_idle.imap.notify import (
     notify_set_args,
     parse_status_push,
     quotable,
+    stale,
     status_lines_for,
 )
 from trio_idle.imap.push_monitor import PushMonitor
@@ -156,3 +157,13 @@ async def test_without_notify_a_status_line_is_nothing() -> None:
     monitor.untagged(b'* STATUS "Junk" (UIDNEXT 2)')
     monitor.untagged(b"* OK [NOTIFICATIONOVERFLOW]")
     assert not monitor.pending()
+
+
+def test_a_push_older_than_what_is_known_is_stale() -> None:
+    known = MailboxState(5, 9, 1)
+    assert stale(known, MailboxState(4, 8, 1))  # collected during the check that saw 9
+    assert not stale(known, MailboxState(5, 9, 1))
+    assert not stale(known, MailboxState(6, 10, 1))
+    assert not stale(known, MailboxState(1, 2, 7))  # a new UIDVALIDITY: not comparable
+    assert not stale(None, MailboxState(1, 2, 7))
+    assert not stale(MailboxState(5, None, 1), MailboxState(1, 2, 1))

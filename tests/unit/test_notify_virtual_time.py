@@ -149,3 +149,20 @@ async def test_a_status_pushed_for_a_folder_not_watched_is_counted_and_ignored(
         assert rig.stats.get("notify_status_ignored", "unwatched") == 1
         assert rig.stats.get("notify_status_ignored", "malformed") == 1
         assert set(rig.memory.folders.by_name) == {"Junk"}
+
+
+async def test_a_push_older_than_the_folders_known_state_moves_nothing_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    rig = notify_rig()
+    async with running(rig):
+        await connected(rig)
+        junk = rig.memory.folders.by_name["Junk"]
+        rig.server.deliver_to("Junk", 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert junk.mailbox == MailboxState(2, 9, 5) and junk.coalescer.requested == 1
+        # a push the server sent before the newer state (read late): not applied
+        rig.server.link.monitor.untagged(b'* STATUS "Junk" (MESSAGES 1 UIDNEXT 8)')
+        await trio.testing.wait_all_tasks_blocked()
+        assert junk.mailbox == MailboxState(2, 9, 5) and junk.coalescer.requested == 1
+        assert junk.scan_range(junk.mailbox).since_uid == 7

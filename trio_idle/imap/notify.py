@@ -169,6 +169,20 @@ def merged(old: MailboxState | None, new: MailboxState) -> MailboxState:
     )
 
 
+def stale(known: MailboxState | None, pushed: MailboxState) -> bool:
+    """Whether ``pushed`` (merged with ``known``) is older than what is ``known``: a
+    lower UIDNEXT in the same UIDVALIDITY. A push collected while the connection's own
+    STATUS check ran may be answered before it and taken after it; applied, it would
+    move the folder's state (and its mark) back, and the next scan would repeat mail."""
+    return (
+        known is not None
+        and known.uidnext is not None
+        and pushed.uidnext is not None
+        and known.uidvalidity == pushed.uidvalidity
+        and pushed.uidnext < known.uidnext
+    )
+
+
 class NotifyWatch:
     """What NOTIFY pushed for one connection since the session last looked.
 

@@ -68,7 +68,7 @@ from trio_idle.imap.connect import connect, resolve_security
 from trio_idle.imap.connector import ImapConnector, ImapLink
 from trio_idle.imap.folders import resolve_folders
 from trio_idle.imap.framing import ImapLimits
-from trio_idle.imap.notify import merged
+from trio_idle.imap.notify import merged, stale
 from trio_idle.imap.responses import MailboxState, catch_up_decision
 from trio_idle.mailbox.account_health import Connected
 from trio_idle.mailbox.coalescer import ScanCoalescer
@@ -445,7 +445,9 @@ class _Watch:
             if name in self.folders:
                 known = self.memory.folders.by_name.get(name)
                 last = known.mailbox if known is not None else None
-                self.decide_folder(name, merged(last, pushed), "exists")
+                current = merged(last, pushed)
+                if not stale(last, current):
+                    self.decide_folder(name, current, "exists")
         if not watch.overflow:
             return False
         monitor.notify = None
