@@ -39,6 +39,7 @@ from trio_idle.core.errors import ConnectionLost, ImapAuthError, ImapConnectErro
 from trio_idle.imap.connector import ImapConnector, ImapLink
 from trio_idle.imap.envelope import Envelope, FolderMail, NewMail
 from trio_idle.imap.folders import ListEntry
+from trio_idle.imap.notify import NotifyAnswer, NotifyWatch
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import MailboxState
 
@@ -96,6 +97,12 @@ class FakeImapServer:
         #: and attributes (LIST); a folder removed here is refused by STATUS
         self.folders: dict[str, MailboxState] = {}
         self.folder_attributes: dict[str, frozenset[str]] = {}
+        #: NOTIFY (RFC 5465) is announced: a NOTIFY SET is accepted (unless
+        #: ``notify_refusal``), and mail :meth:`deliver_to` a watched folder is pushed as
+        #: ``* STATUS`` while idling
+        self.notify = False
+        #: NOTIFY SET is answered with this (``NO [BADEVENT] ...``) instead of OK
+        self.notify_refusal: str | None = None
         #: the connections made, by attempt number (refused attempts make none)
         self.links: dict[int, FakeImapLink] = {}
         self._attempts = 0
@@ -157,12 +164,27 @@ class FakeImapServer:
         self.folder_attributes[name] = frozenset(attributes)
 
     def deliver_to(self, folder: str, count: int = 1) -> None:
-        """New mail in another folder: never pushed, seen only by its next STATUS."""
+        """New mail in another folder: seen by its next STATUS — and pushed as
+        ``* STATUS`` where the connection asked for NOTIFY on it."""
         state = self.folders[folder]
         assert state.uidnext is not None and state.exists is not None
-        self.folders[folder] = MailboxState(
+        self.folders[folder] = state = MailboxState(
             state.exists + count, state.uidnext + count, state.uidvalidity
         )
+        link = self._open_link()
+        watch = link.monitor.notify if link is not None else None
+        if link is not None and watch is not None and folder in watch.folders:
+            link.pending.append(
+                f'* STATUS "{folder}" (MESSAGES {state.exists} UIDNEXT {state.uidnext} '
+                f"UIDVALIDITY {state.uidvalidity})".encode()
+            )
+            if link.idling:
+                link.flush()
+        self._notify()
+
+    def notify_overflow(self) -> None:
+        """The server gives up on NOTIFY (``* OK [NOTIFICATIONOVERFLOW]``, sent at once)."""
+        self.link.monitor.untagged(b"* OK [NOTIFICATIONOVERFLOW] too many events")
         self._notify()
 
     def renumber(self, uidvalidity: int) -> None:
@@ -430,6 +452,16 @@ class FakeImapLink:
             await self._command("IDLE")
             self._enter_idle()
         return found
+
+    async def notify_set(self, folders: Sequence[str]) -> NotifyAnswer:
+        assert self.selected and not self.idling, "NOTIFY outside the selected state"
+        if not self._server.notify:
+            return NotifyAnswer(False, "not announced")
+        await self._command("NOTIFY", ",".join(folders))
+        if self._server.notify_refusal is not None:
+            return NotifyAnswer(False, f"refused: {self._server.notify_refusal}", refused=True)
+        self.monitor.notify = NotifyWatch(folders)
+        return NotifyAnswer(True)
 
     def _enter_idle(self) -> None:
         self.idling = True

@@ -111,6 +111,15 @@ class ImapTestServer:
     ``uidvalidity``: UIDVALIDITY of new mailboxes (default: the current UNIX time).
     ``log_limit``: the :attr:`log` and :attr:`command_lines` keep the newest entries only.
 
+    NOTIFY (RFC 5465): with :attr:`notify_capability` the server announces ``NOTIFY`` and
+    accepts ``NOTIFY SET`` (and ``NOTIFY NONE``); while a client idles, each change of a
+    mailbox named in its ``mailboxes`` filter is pushed as ``* STATUS "<name>" (MESSAGES n
+    UIDNEXT n UIDVALIDITY n)`` (counted in :attr:`ServerStats.pushes`), the selected
+    mailbox's as ``EXISTS``/``EXPUNGE`` as always. ``MessageNew`` without
+    ``MessageExpunge`` is refused with ``NO [BADEVENT]``, as the RFC requires; with
+    :attr:`notify_refusal` set, every ``NOTIFY`` is answered with it instead (``NO
+    [NOTIFICATIONOVERFLOW] ...``). :meth:`notification_overflow` gives up on it later.
+
     OAuth2: set :attr:`oauth2_check` (``(user, token) -> bool``) and the server offers
     ``AUTH=XOAUTH2 AUTH=OAUTHBEARER`` (:attr:`oauth2_mechanisms`) and, with
     :attr:`sasl_ir`, ``SASL-IR``. A refused token gets Gmail's answer: a ``+``
@@ -148,6 +157,10 @@ class ImapTestServer:
         self.sasl_ir = True
         #: the mechanism of every OAuth2 sign-in attempt, in order
         self.oauth2_attempts: list[str] = []
+        #: announce NOTIFY (RFC 5465) and push STATUS for the mailboxes a client names
+        self.notify_capability = False
+        #: when set, the answer to every NOTIFY after the tag (``NO [BADEVENT] ...``)
+        self.notify_refusal: str | None = None
         #: Plaintext listening port (0 until :meth:`serve` has bound it).
         self.port = 0
         #: Implicit-TLS listening port (0 unless ``implicit_tls``).
@@ -481,6 +494,16 @@ class ImapTestServer:
         self._notify()
         return len(sessions)
 
+    def notification_overflow(self, user: str) -> int:
+        """The server gives up on NOTIFY for ``user``'s connections: each gets
+        ``* OK [NOTIFICATIONOVERFLOW]`` (at once if idling, else before its next answer)
+        and no STATUS push any more. Returns how many had NOTIFY on."""
+        count = 0
+        for session in list(self._by_user.get(user, ())):
+            if session.overflow_notify():
+                count += 1
+        return count
+
     def _mailbox_changed(self, mailbox: Mailbox) -> None:
         for session in self._idlers.get(mailbox, ()):
             session.wake()
@@ -539,14 +562,17 @@ class ImapTestServer:
             self._log(session.user, "LOGOUT")
 
     def _idle_changed(self, session: ImapTestSession, idling: bool, event: str | None) -> None:
-        mailbox = session.selected_mailbox
+        selected = session.selected_mailbox
+        # woken by a change of the selected mailbox, and of those it asked NOTIFY for
+        watched = [selected] if selected is not None else []
+        watched += session.notify_mailboxes
         if idling:
             self.stats.idle_clients += 1
-            if mailbox is not None:
+            for mailbox in watched:
                 self._idlers.setdefault(mailbox, set()).add(session)
         else:
             self.stats.idle_clients -= 1
-            if mailbox is not None:
+            for mailbox in watched:
                 peers = self._idlers.get(mailbox)
                 if peers is not None:
                     peers.discard(session)

@@ -8,6 +8,8 @@ handshake is done, too), so waking is safe at any time.
 
 Guarantees:
 
+* With NOTIFY (RFC 5465) set, a change of a mailbox named in its ``mailboxes`` filter is
+  pushed in IDLE as ``* STATUS`` (and before the tagged reply of NOOP).
 * Untagged ``EXISTS``/``EXPUNGE`` are sent only in IDLE (pushed as soon as the session runs
   after the change), and before the tagged reply of NOOP, CHECK, APPEND, EXPUNGE, DONE and
   the UID commands. ``EXPUNGE`` numbers refer to the client's view and are sent highest first.
@@ -100,7 +102,8 @@ class ImapTestSession:
     """
 
     __slots__ = (
-        "_faults", "_framer", "_idle_tag", "_keepalive_at", "_known", "_raw", "_readonly",
+        "_faults", "_framer", "_idle_tag", "_keepalive_at", "_known", "_notify", "_overflow",
+        "_raw", "_readonly",
         "_sasl_failed", "_sasl_mech", "_sasl_tag", "_scope", "_seen_version", "_selected",
         "_server", "_stream", "_user", "_wake_scope", "_woken", "bye_text", "close_how", "id",
         "peer", "state", "tls",
@@ -134,6 +137,10 @@ class ImapTestSession:
         self._keepalive_at = math.inf
         self._wake_scope: trio.CancelScope | None = None
         self._woken = False
+        #: NOTIFY's mailboxes (not the selected one) → the version last pushed
+        self._notify: dict[Mailbox, int] = {}
+        #: ``* OK [NOTIFICATIONOVERFLOW]`` is due (the server gave up on NOTIFY)
+        self._overflow = False
 
     def __repr__(self) -> str:
         return f"<ImapTestSession {self.id} user={self.user!r} state={self.state.value}>"
@@ -154,6 +161,26 @@ class ImapTestSession:
     def selected_mailbox(self) -> Mailbox | None:
         """The selected mailbox object, if any."""
         return self._selected
+
+    @property
+    def notify_mailboxes(self) -> list[Mailbox]:
+        """The mailboxes NOTIFY pushes STATUS for (empty without NOTIFY)."""
+        return list(self._notify)
+
+    def overflow_notify(self) -> bool:
+        """Give up on NOTIFY (:meth:`ImapTestServer.notification_overflow`): whether it
+        was on."""
+        if not self._notify:
+            return False
+        idling = self._idle_tag is not None
+        if idling:  # out of the server's wake-up sets first, as after DONE
+            self._server._idle_changed(self, False, None)
+        self._notify = {}
+        self._overflow = True
+        if idling:
+            self._server._idle_changed(self, True, None)
+        self.wake()
+        return True
 
     @property
     def idling(self) -> bool:
@@ -297,6 +324,7 @@ class ImapTestSession:
             deadline = math.inf
             if self._idle_tag is not None:
                 out = b"" if self._flag("no_push") else self._updates(counting=True)
+                out += self._notify_updates()
                 interval = self._server.keepalive_interval
                 now = trio.current_time()
                 if interval is not None and self._keepalive_at <= now:
@@ -347,12 +375,31 @@ class ImapTestSession:
             self._server.stats.pushes += len(lines)
         return b"".join(lines)
 
+    def _notify_updates(self) -> bytes:
+        """``* STATUS`` for NOTIFY's mailboxes changed since last pushed, and a due
+        ``* OK [NOTIFICATIONOVERFLOW]``; marks them sent."""
+        lines: list[bytes] = []
+        if self._overflow:
+            self._overflow = False
+            lines.append(b"* OK [NOTIFICATIONOVERFLOW] NOTIFY is off now\r\n")
+        for mailbox, seen in self._notify.items():
+            if mailbox.version != seen:
+                self._notify[mailbox] = mailbox.version
+                lines.append(
+                    f"* STATUS {quote(mailbox.name)} (MESSAGES {mailbox.exists} UIDNEXT "
+                    f"{mailbox.uidnext} UIDVALIDITY {mailbox.uidvalidity})\r\n".encode()
+                )
+                self._server.stats.pushes += 1
+        return b"".join(lines)
+
     # ---- dispatch -----------------------------------------------------------------------
 
     def _capabilities(self) -> str:
         caps = ["IMAP4rev1"]
         if self._server.idle_capability:
             caps.append("IDLE")
+        if self._server.notify_capability:
+            caps.append("NOTIFY")
         if (
             self._server.tls_context is not None
             and not self.tls
@@ -391,7 +438,10 @@ class ImapTestSession:
         if delay > 0:
             await trio.sleep(delay)
         entry = _HANDLERS.get(command.name)
-        if entry is None or (command.name == "IDLE" and not self._server.idle_capability):
+        if entry is None or (
+            (command.name == "IDLE" and not self._server.idle_capability)
+            or (command.name == "NOTIFY" and not self._server.notify_capability)
+        ):
             await self._tagged(command, "BAD", "Unknown command")
             return
         handler, states = entry
@@ -415,7 +465,8 @@ class ImapTestSession:
         await self._tagged(command, "OK", "CAPABILITY completed", pre)
 
     async def _cmd_noop(self, command: Command) -> None:
-        await self._tagged(command, "OK", f"{command.name} completed", self._updates())
+        pre = self._updates() + self._notify_updates()
+        await self._tagged(command, "OK", f"{command.name} completed", pre)
 
     async def _cmd_logout(self, command: Command) -> None:
         self._server._logged_out(self)
@@ -643,6 +694,42 @@ class ImapTestSession:
         mailbox.append(data, flags, internaldate)
         await self._tagged(command, "OK", "APPEND completed", self._updates())
 
+    async def _cmd_notify(self, command: Command) -> None:
+        """``NOTIFY NONE`` / ``NOTIFY SET <event-group>...`` (RFC 5465 §6; no STATUS
+        indicator): the ``mailboxes`` groups' mailboxes get STATUS pushes."""
+        refusal = self._server.notify_refusal
+        if refusal is not None:
+            await self._send(f"{command.tag} {refusal}\r\n".encode())
+            return
+        args = command.args
+        if not args or not isinstance(args[0], str):
+            raise ValueError("NOTIFY takes SET or NONE")
+        if args[0].upper() == "NONE" and len(args) == 1:
+            self._notify = {}
+            await self._tagged(command, "OK", "NOTIFY completed")
+            return
+        if args[0].upper() != "SET" or len(args) < 2:
+            raise ValueError("NOTIFY takes SET or NONE")
+        boxes: dict[Mailbox, int] = {}
+        for group in args[1:]:
+            if not isinstance(group, tuple) or len(group) < 2:
+                raise ValueError("an event group is (filter events)")
+            kind, events = as_text(group[0]).lower(), group[-1]
+            names = {as_text(e).lower() for e in events} if isinstance(events, tuple) else set()
+            if "messagenew" in names and "messageexpunge" not in names:
+                await self._tagged(command, "NO", "[BADEVENT] MessageNew needs MessageExpunge")
+                return
+            if kind == "mailboxes" and len(group) == 3:
+                listed = group[1] if isinstance(group[1], tuple) else (group[1],)
+                for name in listed:
+                    mailbox = self._account().find_mailbox(as_text(name))
+                    if mailbox is not None and mailbox is not self._selected:
+                        boxes[mailbox] = mailbox.version
+            elif kind not in ("selected", "selected-delayed"):
+                raise ValueError(f"filter {kind} not supported here")
+        self._notify = boxes
+        await self._tagged(command, "OK", "NOTIFY completed")
+
     async def _cmd_idle(self, command: Command) -> None:
         self._idle_tag = command.tag
         interval = self._server.keepalive_interval
@@ -840,6 +927,7 @@ _HANDLERS: Final[dict[str, tuple[ImapTestSessionHandler, frozenset[State]]]] = {
     "LIST": (ImapTestSession._cmd_list, _AUTH),
     "APPEND": (ImapTestSession._cmd_append, _AUTH),
     "IDLE": (ImapTestSession._cmd_idle, _AUTH),
+    "NOTIFY": (ImapTestSession._cmd_notify, _AUTH),
     "CHECK": (ImapTestSession._cmd_noop, _SELECTED),
     "CLOSE": (ImapTestSession._cmd_close, _SELECTED),
     "UNSELECT": (ImapTestSession._cmd_close, _SELECTED),

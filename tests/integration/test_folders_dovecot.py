@@ -1,14 +1,15 @@
 """Against real Dovecot: ``\\Junk`` resolves to the folder Dovecot marks ``\\Junk`` (named
 Spamverdacht here, so no provider's fallback name finds it), and mail filed there is
-scanned with ``folder``, checked with STATUS on the IDLE connection. (Dovecot 2.3
-announces NOTIFY, which the daemon does not use yet: this is the STATUS path every
-server gets today.)"""
+scanned with ``folder``, checked with STATUS on the IDLE connection. Dovecot 2.3
+announces NOTIFY, used by default (tests/integration/test_notify_dovecot.py): here it is
+switched off (``TRIO_IDLE_NOTIFY=off``), the STATUS path servers without NOTIFY get."""
 
 from __future__ import annotations
 
 import imaplib
 from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 from trio_idle_testing.backend import ScanBackend
 
@@ -36,6 +37,7 @@ async def test_mail_filed_into_dovecots_junk_is_scanned_with_its_folder(
         TRIO_IDLE_IMAP_SECURITY="plain",
         TRIO_IDLE_FOLDERS="INBOX,\\Junk",
         TRIO_IDLE_TICK_INTERVAL="1s",
+        TRIO_IDLE_NOTIFY="off",
     )
     source = ListSource([row("folders", user.email, user.password, dovecot.plain_port)])
     async with running_daemon(settings, source):
@@ -94,9 +96,17 @@ class _HoldingRelay:
                 await server.send_all(line + b"\r\n")
 
 
+@pytest.mark.parametrize(("notify", "junk_reason"), [("off", "tick"), ("auto", "exists")])
 async def test_a_junk_scan_lists_dovecots_envelopes_and_inbox_mail_meanwhile_is_scanned(
-    dovecot: DovecotServer, backend: ScanBackend, logs: LogCapture, nursery: trio.Nursery
+    dovecot: DovecotServer,
+    backend: ScanBackend,
+    logs: LogCapture,
+    nursery: trio.Nursery,
+    notify: str,
+    junk_reason: str,
 ) -> None:
+    """The visit (EXAMINE Junk, UID FETCH, SELECT back) on both paths that find Junk's
+    mail: the STATUS check on the tick, and Dovecot's NOTIFY push (reason ``exists``)."""
     user = dovecot.new_user("folderenv")
     _create(dovecot, user.email, user.password, "Spamverdacht")
     for _ in range(2):  # Junk holds more than INBOX: its EXISTS would look like new mail
@@ -111,6 +121,7 @@ async def test_a_junk_scan_lists_dovecots_envelopes_and_inbox_mail_meanwhile_is_
         TRIO_IDLE_FOLDERS="INBOX,\\Junk",
         TRIO_IDLE_TICK_INTERVAL="1s",
         TRIO_IDLE_SCAN_ENVELOPES="true",
+        TRIO_IDLE_NOTIFY=notify,
     )
     source = ListSource([row("folderenv", user.email, user.password, relay.port)])
 
@@ -136,7 +147,7 @@ async def test_a_junk_scan_lists_dovecots_envelopes_and_inbox_mail_meanwhile_is_
             await backend.wait_for_requests(4, email=user.email, finished=True)
     bodies = [r.body for r in backend.requests_for(user.email)]
     (junk,) = [b for b in bodies if b.get("folder") == "Spamverdacht"]
-    assert junk["reason"] == "tick" and junk["sinceUid"] == uid == 3
+    assert junk["reason"] == junk_reason and junk["sinceUid"] == uid == 3
     ((listed),) = junk["messages"]
     assert listed["uid"] == uid and listed["subject"] == "Free spins!"
     assert listed["from"] == {"name": "Casino", "address": "win@casino.example"}

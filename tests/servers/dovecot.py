@@ -103,12 +103,18 @@ class DovecotServer:
     host = "127.0.0.1"
 
     def __init__(
-        self, base_dir: Path | None = None, *, oauth2_introspection_url: str | None = None
+        self,
+        base_dir: Path | None = None,
+        *,
+        oauth2_introspection_url: str | None = None,
+        extra_config: str = "",
     ) -> None:
         #: with a URL: OAuth2 (XOAUTH2/OAUTHBEARER) tokens are checked by POSTing them there
         #: (``token=<token>&...``, answered ``{"active": true, "username": "<user>"}``);
         #: password logins keep working (passwd-file passdb for PLAIN/LOGIN)
         self.oauth2_introspection_url = oauth2_introspection_url
+        #: appended to the generated dovecot.conf (``mailbox_list_index = yes``, ...)
+        self.extra_config = extra_config
         self.dovecot_bin, self.doveadm_bin = find_dovecot()
         self._owns_base_dir = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="trio-idle-dovecot-"))
@@ -504,7 +510,7 @@ service anvil {{
     mode = 0
   }}
 }}
-{unchrooted}"""
+{unchrooted}{self.extra_config}"""
         )
         self.config_path.chmod(0o644)
 

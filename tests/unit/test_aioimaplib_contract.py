@@ -27,6 +27,7 @@ from trio_idle.imap import aioimap
 from trio_idle.imap.aioimap import (
     AUTH,
     CONNECTED,
+    EXTRA_COMMANDS,
     NONAUTH,
     NOT_SET,
     RELIED_ON,
@@ -260,6 +261,31 @@ async def test_a_continuation_command_answers_each_continuation_once() -> None:
     protocol.data_received(f"{command.tag} NO refused\r\n".encode())
     assert wire.written == b"answer to + \r\nanswer to + again\r\n"
     assert command.done and command.result == "NO"
+
+
+def test_the_commands_the_adapter_adds_are_still_missing_from_aioimaplibs_table() -> None:
+    """NOTIFY is entered by the adapter (:data:`EXTRA_COMMANDS`); a release that has its
+    own entry takes precedence, which must then be looked at."""
+    assert set(EXTRA_COMMANDS).isdisjoint(aioimaplib.Commands), explain(
+        [f"aioimaplib now has its own {sorted(set(EXTRA_COMMANDS) & set(aioimaplib.Commands))}"]
+    )
+    for entry in EXTRA_COMMANDS.values():
+        assert isinstance(entry, aioimaplib.Cmd)
+
+
+async def test_notify_is_a_sync_command_the_parser_closes_and_pushes_reach_the_monitor() -> None:
+    protocol, monitor, _ = connected()
+    assert protocol.allows("NOTIFY")
+    notify = Command("NOTIFY", protocol.new_tag(), "SET", "(selected (MessageNew MessageExpunge))")
+    assert str(notify) == f"{notify.tag} NOTIFY SET (selected (MessageNew MessageExpunge))"
+    protocol.register(notify)
+    assert protocol.pending_sync_command is notify
+    protocol.data_received(b'* STATUS "Junk" (MESSAGES 1 UIDNEXT 2)\r\n* 5 EXISTS\r\n')
+    protocol.data_received(f"{notify.tag} NO [BADEVENT] not that\r\n".encode())
+    assert notify.done and notify.result == "NO"
+    assert monitor.exists == 5  # untagged lines during NOTIFY still reach the monitor
+    protocol.state = NONAUTH
+    assert not protocol.allows("NOTIFY")
 
 
 async def test_an_unexpected_tag_is_a_dead_connection_not_an_exception() -> None:

@@ -1027,3 +1027,64 @@ async def test_two_thousand_idle_clients(nursery: trio.Nursery) -> None:
     assert seen.pop(7) == [[b"* 1 EXISTS"]] * per_user
     assert all(lines == [[]] * per_user for lines in seen.values())
     assert srv.stats.pushes == per_user
+
+
+# ---------------------------------------------------------------------------------------
+# NOTIFY (RFC 5465)
+
+NOTIFY_SET = (
+    'NOTIFY SET (selected (MessageNew MessageExpunge)) (mailboxes ("Junk" "Gone") '
+    "(MessageNew MessageExpunge))"
+)
+
+
+async def test_notify_pushes_status_for_the_mailboxes_named_during_idle(
+    server: ImapTestServer,
+) -> None:
+    server.add_mailbox(USER, "Junk")
+    server.add_mailbox(USER, "Other")
+    with trio.fail_after(5):
+        client = await RawClient.connect(server.port)
+        await client.login_select()
+        _, tagged = await client.command(NOTIFY_SET)
+        assert tagged.startswith(b"t3 BAD")  # not announced: unknown command
+        server.notify_capability = True
+        untagged, _ = await client.command("CAPABILITY")
+        assert b"NOTIFY" in untagged[0].split()
+        _, tagged = await client.command(NOTIFY_SET)  # "Gone" does not exist: skipped
+        assert tagged == b"t5 OK NOTIFY completed"
+        tag = await client.idle()
+        server.append(USER, MSG, "Other")  # not named: nothing
+        junk = server.mailbox(USER, "Junk")
+        server.append(USER, MSG, "Junk")
+        line = await client.readline()
+        assert line == (
+            f'* STATUS "Junk" (MESSAGES 1 UIDNEXT 2 UIDVALIDITY {junk.uidvalidity})'.encode()
+        )
+        server.append(USER, MSG)  # INBOX, the selected one: EXISTS as always
+        assert await client.readline() == b"* 1 EXISTS"
+        assert await client.done(tag) == []
+        assert server.notification_overflow(USER) == 1
+        tag = await client.idle()
+        assert await client.readline() == b"* OK [NOTIFICATIONOVERFLOW] NOTIFY is off now"
+        server.append(USER, MSG, "Junk")  # NOTIFY is off: no push
+        server.append(USER, MSG)
+        assert await client.readline() == b"* 2 EXISTS"
+        await client.done(tag)
+    assert server.stats.bad == 1
+
+
+async def test_notify_refuses_message_new_without_expunge_and_on_demand(
+    server: ImapTestServer,
+) -> None:
+    server.notify_capability = True
+    with trio.fail_after(5):
+        client = await RawClient.connect(server.port)
+        await client.login_select()
+        _, tagged = await client.command('NOTIFY SET (mailboxes "INBOX" (MessageNew))')
+        assert tagged == b"t3 NO [BADEVENT] MessageNew needs MessageExpunge"
+        server.notify_refusal = "NO [NOTIFICATIONOVERFLOW] too many"
+        _, tagged = await client.command(NOTIFY_SET)
+        assert tagged == b"t4 NO [NOTIFICATIONOVERFLOW] too many"
+        _, tagged = await client.command("NOTIFY NONE")
+        assert tagged.startswith(b"t5 NO")

@@ -76,6 +76,8 @@ DEFAULT_QUERY: Final = (
     'FROM "MailConnection" WHERE "isActive" = true'
 )
 SECURITY_MODES: Final = ("auto", "tls", "starttls", "plain")
+#: TRIO_IDLE_NOTIFY: use IMAP NOTIFY where the server announces it, or never
+NOTIFY_MODES: Final = ("auto", "off")
 SOURCES: Final = ("postgres", "file")
 STATE_BACKENDS: Final = ("sqlite", "postgres", "none")
 #: where a mailbox with no stored state starts (TRIO_IDLE_START_FROM)
@@ -255,17 +257,28 @@ class ImapSettings:
         parse_folders,
         "INBOX",
         "comma-separated folders to watch: names or RFC 6154 special uses (INBOX,\\Junk); "
-        "TRIO_IDLE_MAILBOX is IDLEd on, the others are watched as TRIO_IDLE_FOLDER_WATCH says",
+        "TRIO_IDLE_MAILBOX is IDLEd on, the others are watched as TRIO_IDLE_FOLDER_WATCH "
+        "(and TRIO_IDLE_NOTIFY) say",
     )
     folder_watch: str = setting(
         "TRIO_IDLE_FOLDER_WATCH",
         "--folder-watch",
         one_of(FOLDER_WATCH_MODES),
         "status",
-        "how the folders beside TRIO_IDLE_MAILBOX are watched: status (STATUS on the "
-        "mailbox's connection every tick) or idle (an IDLE connection of their own each: "
-        "new mail at once, one more login per folder, within the provider's connection "
-        "limit); a row's imapFolderWatch overrides it",
+        "how the folders beside TRIO_IDLE_MAILBOX are watched: status (on the mailbox's "
+        "connection: pushed by NOTIFY where the server has it, see TRIO_IDLE_NOTIFY, else "
+        "STATUS every tick) or idle (an IDLE connection of their own each: new mail at once, "
+        "one more login per folder, within the provider's connection limit); a row's "
+        "imapFolderWatch overrides it",
+    )
+    imap_notify: str = setting(
+        "TRIO_IDLE_NOTIFY",
+        "--imap-notify",
+        one_of(NOTIFY_MODES),
+        "auto",
+        "IMAP NOTIFY (RFC 5465) for the folders checked on the mailbox's connection: auto "
+        "(where the server announces it, their new mail is pushed during IDLE and they are "
+        "checked with STATUS only after each connect) or off (STATUS every tick)",
     )
     imap_security: str = setting(
         "TRIO_IDLE_IMAP_SECURITY",

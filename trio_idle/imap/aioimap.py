@@ -89,6 +89,7 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
     Reliance("aioimaplib", "int2ap", "the tag prefix", ("num",)),
     Reliance("aioimaplib", "Commands", "command table: exec (sync/async), valid_states"),
     Reliance("aioimaplib", "Exec", "Exec.is_sync: which table slot a command takes"),
+    Reliance("aioimaplib", "Cmd", "the entry of a command the table lacks (NOTIFY)"),
     Reliance("aioimaplib", "AllowedVersions", "the IMAP versions CAPABILITY must name"),
     Reliance("aioimaplib", "CONTROL_CHARS", "arguments with NUL, CR or LF are refused"),
     Reliance("aioimaplib", "IncompleteRead", "the parser wanting more of a response"),
@@ -211,6 +212,21 @@ SELECTED: Final[str] = aioimaplib.SELECTED
 
 #: the IMAP versions a server's CAPABILITY must name (one of)
 IMAP_VERSIONS: Final[tuple[str, ...]] = tuple(aioimaplib.AllowedVersions)
+
+
+#: commands aioimaplib's table (``Commands``) lacks, as its entries: NOTIFY (RFC 5465) is
+#: sync (its untagged answers, if any, belong to it); the table itself is left alone
+EXTRA_COMMANDS: Final[dict[str, Any]] = {
+    "NOTIFY": aioimaplib.Cmd(
+        "NOTIFY", (aioimaplib.AUTH, aioimaplib.SELECTED), aioimaplib.Exec.is_sync
+    ),
+}
+
+
+def _entry(name: str) -> Any:
+    """The command table's entry for ``name`` (aioimaplib's, else :data:`EXTRA_COMMANDS`)."""
+    entry = aioimaplib.Commands.get(name)
+    return entry if entry is not None else EXTRA_COMMANDS[name]
 
 
 def quote(arg: str) -> str:
@@ -496,7 +512,7 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
 
     def allows(self, name: str) -> bool:
         """Whether command ``name`` is valid in the current :attr:`state`."""
-        return self.state in aioimaplib.Commands[name].valid_states
+        return self.state in _entry(name).valid_states
 
     def lost(self, exc: Exception | None) -> None:
         """The connection ended (server close, read error, or our own close): once.
@@ -556,7 +572,7 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
     def register(self, command: Command) -> None:
         """Enter ``command`` into aioimaplib's table of pending commands, as its
         ``execute`` does (without writing it)."""
-        if aioimaplib.Commands[command.name].exec == aioimaplib.Exec.is_sync:
+        if _entry(command.name).exec == aioimaplib.Exec.is_sync:
             self.pending_sync_command = command
         else:
             self.pending_async_commands[command.untagged_resp_name] = command

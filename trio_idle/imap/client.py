@@ -73,6 +73,7 @@ from trio_idle.imap.envelope import (
     parse_steps,
 )
 from trio_idle.imap.folders import ListEntry, list_command_args, mailbox_arg, parse_list
+from trio_idle.imap.notify import NotifyAnswer, NotifyWatch, notify_set_args, status_lines_for
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import (
     MailboxState,
@@ -806,7 +807,9 @@ class ImapConnection:
                     "STATUS", protocol.new_tag(), quote(folder), "(UIDNEXT UIDVALIDITY)"
                 )
                 response = await self._run_step(step, status, deadline)
-                found[folder] = parse_status(protocol.capture) if response.result == "OK" else None
+                # only this folder's line: under NOTIFY another's may be pushed meanwhile
+                answer = status_lines_for(protocol.capture, folder)
+                found[folder] = parse_status(answer) if response.result == "OK" else None
             protocol.capture = None
             if old is not None:
                 await self._resume_idle(step, deadline)
@@ -814,6 +817,35 @@ class ImapConnection:
             protocol.capture = None
         self._check()
         return found
+
+    async def notify_set(self, folders: Sequence[str]) -> NotifyAnswer:
+        """Ask for NOTIFY (RFC 5465) on the selected mailbox and ``folders``, where the
+        server announces it: ``NOTIFY SET (selected (MessageNew MessageExpunge))
+        (mailboxes (<folders>) (MessageNew MessageExpunge))``
+        (:func:`~trio_idle.imap.notify.notify_set_args`), under the command timeout.
+
+        Accepted, :attr:`PushMonitor.notify` collects the ``STATUS`` the server pushes for
+        ``folders`` from then on (the selected mailbox keeps its ``EXISTS`` pushes); not
+        sent (not announced, a name that cannot be quoted) or refused (``NO``/``BAD``,
+        e.g. ``[NOTIFICATIONOVERFLOW]``, ``[BADEVENT]``), the answer says why and nothing
+        changes. Not while idling (the session asks once, after SELECT, before IDLE).
+        Same guarantees as every command."""
+        self._check()
+        protocol = self.protocol
+        if not any(c.upper() == "NOTIFY" for c in protocol.capabilities):
+            return NotifyAnswer(False, "not announced")
+        args = notify_set_args(folders)
+        if args is None:
+            return NotifyAnswer(False, "a folder name cannot be sent as a quoted string")
+        # watching before the command is written: a push may come before its answer
+        self.monitor.notify = NotifyWatch(folders)
+        response = await self._run("NOTIFY", Command("NOTIFY", protocol.new_tag(), *args))
+        self._check()
+        if response.result == "OK":
+            return NotifyAnswer(True)
+        self.monitor.notify = None
+        text = bytes(response.lines[-1]).decode("utf-8", "replace") if response.lines else ""
+        return NotifyAnswer(False, f"refused: {response.result} {text}"[:200], refused=True)
 
     async def _leave_idle(self, step: _Step, deadline: float) -> Command | None:
         """End the IDLE in progress, if any (DONE, then its tagged answer, by

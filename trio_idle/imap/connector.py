@@ -18,6 +18,7 @@ from typing import Protocol
 from trio_idle.accounts.connections import MailConnection
 from trio_idle.imap.envelope import FolderMail, NewMail
 from trio_idle.imap.folders import ListEntry
+from trio_idle.imap.notify import NotifyAnswer
 from trio_idle.imap.push_monitor import PushMonitor
 from trio_idle.imap.responses import MailboxState
 
@@ -138,6 +139,12 @@ class ImapLink(RestartWriter, Protocol):
         """``STATUS <folder> (UIDNEXT UIDVALIDITY)`` of each folder, leaving IDLE (DONE)
         first and entering it again after if idling, all within one command timeout;
         ``None`` for a folder the server refused (it does not exist)."""
+        ...
+
+    async def notify_set(self, folders: Sequence[str]) -> NotifyAnswer:
+        """``NOTIFY SET`` for the selected mailbox and ``folders`` where the server
+        announces NOTIFY (RFC 5465): in effect, :attr:`PushMonitor.notify` collects the
+        STATUS the server pushes for them. Not while idling."""
         ...
 
     async def logout(self, limit: float) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import trio
 
 from trio_idle.core.errors import ImapError
+from trio_idle.imap.notify import NotifyWatch
 from trio_idle.imap.responses import PushKind, classify_push
 
 
@@ -30,6 +31,7 @@ class PushMonitor:
         "last_activity",
         "lost",
         "new_mail",
+        "notify",
         "tick_mail",
         "ticking",
     )
@@ -49,6 +51,8 @@ class PushMonitor:
         #: of :attr:`new_mail`, what arrived while :attr:`ticking`
         self.tick_mail = 0
         self.last_activity = trio.current_time()
+        #: what NOTIFY pushed for the other watched folders (None: NOTIFY not in effect)
+        self.notify: NotifyWatch | None = None
         self._wakeup = trio.Event()
         self._cancel_on_loss: set[trio.CancelScope] = set()
 
@@ -57,6 +61,8 @@ class PushMonitor:
     def untagged(self, line: bytes) -> None:
         kind, number = classify_push(line)
         if kind is PushKind.OTHER:
+            if self.notify is not None and self.notify.feed(line):
+                self._wakeup.set()  # a watched folder's STATUS, or NOTIFY's overflow
             return
         if kind is PushKind.EXISTS:
             assert number is not None
@@ -116,8 +122,14 @@ class PushMonitor:
         return count
 
     def pending(self) -> bool:
-        """Whether new mail, a BYE or the connection's loss waits to be acted on."""
-        return bool(self.new_mail) or self.bye is not None or self.lost is not None
+        """Whether new mail (in the selected mailbox, or pushed by NOTIFY for another
+        folder), a BYE or the connection's loss waits to be acted on."""
+        return (
+            bool(self.new_mail)
+            or self.bye is not None
+            or self.lost is not None
+            or (self.notify is not None and self.notify.waiting)
+        )
 
     def problem(self) -> str | None:
         """Why this connection is unusable, or None while it is healthy."""

@@ -3,7 +3,8 @@
 The session IDLEs on one mailbox (``TRIO_IDLE_MAILBOX``, INBOX); every other watched
 folder (``\\Junk`` resolved to the server's folder, :mod:`trio_idle.imap.folders`) is
 checked on the same connection with ``STATUS <folder> (UIDNEXT UIDVALIDITY)`` — once
-after SELECT, then once per tick — and a moved UIDNEXT or a new UIDVALIDITY requests a
+after SELECT, then once per tick, or, where the server NOTIFYs (RFC 5465), as the server
+pushes its STATUS during IDLE — and a moved UIDNEXT or a new UIDVALIDITY requests a
 scan of that folder. Each folder has what the selected mailbox has, per (connection,
 folder): its accepted mark and last seen state (:class:`FolderMemory`), its own
 coalescer (1 active + 1 pending per folder) and scan task, and its row in the state

@@ -19,6 +19,11 @@ This is where new mail is noticed and a scan requested (:func:`_announce`):
 - a (re)connect whose SELECT shows a moved ``UIDNEXT`` or a new ``UIDVALIDITY`` compared
   with what the previous session saw (reason ``reconnect``).
 
+For the other watched folders (:mod:`trio_idle.mailbox.folders`) the same happens per
+folder: a STATUS after connecting (``reconnect``/``startup``), then once per tick
+(``tick``) — or, where the server announces NOTIFY (RFC 5465, ``TRIO_IDLE_NOTIFY``), a
+``* STATUS`` the server pushes during IDLE (``exists``), with no STATUS per tick.
+
 It also keeps the accepted mark of the mailbox (:attr:`ConnectionMemory.mark`,
 :mod:`trio_idle.state.scan_range`): loaded from the state store by the first session of the
 process, set to the server's UIDNEXT when a session decides there is nothing to catch up
@@ -68,6 +73,7 @@ from trio_idle.imap.connector import ImapConnector, ImapLink
 from trio_idle.imap.envelope import FolderMail
 from trio_idle.imap.folders import resolve_folders
 from trio_idle.imap.framing import ImapLimits
+from trio_idle.imap.notify import merged, stale
 from trio_idle.imap.responses import MailboxState, catch_up_decision
 from trio_idle.mailbox.account_health import Connected
 from trio_idle.mailbox.coalescer import ScanCoalescer
@@ -473,7 +479,67 @@ class _Watch:
             )
         memory.folders.hand_over(split.own)
         self.folders[:] = split.polled
+        if self.folders and env.imap.imap_notify == "auto" and self.imap.has_idle:
+            # before the STATUS check: mail that arrives between the two is pushed, not
+            # missed until the next connect (no STATUS per tick under NOTIFY)
+            await self.start_notify()
         await self.check_folders("reconnect")
+
+    @property
+    def notifying(self) -> bool:
+        """Whether NOTIFY pushes the other folders' new mail on this connection (then
+        they are not checked with STATUS every tick)."""
+        return self.imap.monitor.notify is not None
+
+    async def start_notify(self) -> None:
+        """``NOTIFY SET`` for the other folders where the server announces NOTIFY; a
+        refusal (NO/BAD) leaves them to STATUS every tick, logged and counted."""
+        answer = await self.imap.notify_set(tuple(self.folders))
+        if answer.in_effect:
+            self.log.info(
+                f"{prefix(self.conn.email)} folders {', '.join(self.folders)}: watched with NOTIFY"
+            )
+        elif answer.refused:
+            self._notify_fallback("refused", answer.why)
+
+    def _notify_fallback(self, cause: str, text: str) -> None:
+        """NOTIFY is not (or no longer) in effect on this connection: said once."""
+        self.env.stats.inc("notify_fallbacks", cause)
+        text = ConnectionSecrets.of(self.conn).scrub(text)
+        self.log.bind(error_kind=f"notify_{cause}").warning(
+            f"{prefix(self.conn.email)} NOTIFY {text}: "
+            "checking the folders with STATUS every tick on this connection"
+        )
+
+    def take_notify(self) -> bool:
+        """Act on what NOTIFY pushed: each watched folder's pushed STATUS is decided as a
+        check (reason ``exists``: a moved UIDNEXT requests that folder's scan); STATUS
+        for folders not watched, or unreadable, are counted. True when the server gave
+        up on NOTIFY (``[NOTIFICATIONOVERFLOW]``): the folders must be checked with
+        STATUS now, and every tick from then on. Synchronous."""
+        monitor = self.imap.monitor
+        watch = monitor.notify
+        if watch is None:
+            return False
+        ignored, malformed = watch.take_counts()
+        if ignored:
+            self.env.stats.inc("notify_status_ignored", "unwatched", ignored)
+        if malformed:
+            self.env.stats.inc("notify_status_ignored", "malformed", malformed)
+        memory = self.memory
+        assert isinstance(memory, ConnectionMemory)  # NOTIFY is only set for its folders
+        for name, pushed in watch.take().items():
+            if name in self.folders:
+                known = memory.folders.by_name.get(name)
+                last = known.mailbox if known is not None else None
+                current = merged(last, pushed)
+                if not stale(last, current):
+                    self.decide_folder(name, current, "exists")
+        if not watch.overflow:
+            return False
+        monitor.notify = None
+        self._notify_fallback("overflow", "overflow (the server sent [NOTIFICATIONOVERFLOW])")
+        return True
 
     def _report_missing(self, name: str, why: str) -> None:
         self.env.stats.inc("folders_missing")
@@ -489,8 +555,6 @@ class _Watch:
         memory = self.memory
         if not self.folders or not isinstance(memory, ConnectionMemory):
             return
-        env, conn = self.env, self.conn
-        store = env.store if env.store is not None and env.store.enabled else None
         states = await self.imap.check_folders(tuple(self.folders))
         for name, current in states.items():
             if current is None:
@@ -500,26 +564,38 @@ class _Watch:
                 if memory.folders.gone(name):
                     self._report_missing(name, "no longer exists (STATUS refused)")
                 continue
-            folder = memory.folders.get(name)
-            stored = (
-                store.get(conn.id, name) if store is not None and folder.mailbox is None else None
-            )
-            decision = folder_decision(
-                folder,
-                current,
-                stored,
-                store_enabled=store is not None,
-                start_from=env.start_from,
-                reason=reason,
-            )
-            apply_check(folder, current, stored, decision)
-            if decision.store_now and store is not None:
-                store.record(conn.id, name, current.uidvalidity, current.uidnext)
-            if decision.catch_up.scan:
-                env.stats.inc("folder_scans", decision.reason)
+            self.decide_folder(name, current, reason)
+
+    def decide_folder(self, name: str, current: MailboxState, reason: str) -> None:
+        """``name`` is now ``current`` (a STATUS answer, or pushed): remember it, and
+        request its scan if its UIDNEXT moved or its UIDVALIDITY changed."""
+        env, memory, conn = self.env, self.memory, self.conn
+        assert isinstance(memory, ConnectionMemory)  # a folder's own session has no folders
+        store = env.store if env.store is not None and env.store.enabled else None
+        folder = memory.folders.get(name)
+        stored = store.get(conn.id, name) if store is not None and folder.mailbox is None else None
+        decision = folder_decision(
+            folder,
+            current,
+            stored,
+            store_enabled=store is not None,
+            start_from=env.start_from,
+            reason=reason,
+        )
+        apply_check(folder, current, stored, decision)
+        if decision.store_now and store is not None:
+            store.record(conn.id, name, current.uidvalidity, current.uidnext)
+        if decision.catch_up.scan:
+            env.stats.inc("folder_scans", decision.reason)
+            if reason == "exists":
+                self.log.info(
+                    f"{prefix(conn.email)} folder {name}: new mail pushed (NOTIFY STATUS, "
+                    f"{decision.catch_up.why}): scan"
+                )
+            else:
                 self.log.info(f"{prefix(conn.email)} folder {name}: scan ({decision.catch_up.why})")
-                if not folder.coalescer.request(decision.reason):
-                    env.stats.inc("scans_coalesced")
+            if not folder.coalescer.request(decision.reason):
+                env.stats.inc("scans_coalesced")
 
     def watched(self) -> list[FolderMemory]:
         """The memories of the folders this connection watches now (a folder's own
@@ -706,7 +782,7 @@ async def _idle_loop(watch: _Watch, timers: IdleTimers) -> None:
     # the other folders' STATUS check: the session's own, once per tick interval (its
     # own phase, so it does not wait on the ticker's restart of this connection)
     folders_due = math.inf
-    if watch.folders:
+    if watch.folders and not watch.notifying:  # under NOTIFY their mail is pushed
         folders_due = trio.current_time() + timers.tick_interval * watch.env.rng.uniform(0.5, 1.0)
     while True:
         # one scope per wake-up: the next tick or renewal (unless the ticker writes them),
@@ -722,6 +798,9 @@ async def _idle_loop(watch: _Watch, timers: IdleTimers) -> None:
                     if (problem := imap.monitor.problem()) is not None:
                         raise imap.monitor.failure or ImapError(problem)
                     watch.announce("exists")
+                    if watch.take_notify():  # NOTIFY overflowed: STATUS now, then per tick
+                        folders_due = trio.current_time()
+                        wake.cancel()
             finally:
                 desk.unlisten()
                 watch.unlisten_folders()
@@ -738,7 +817,9 @@ async def _idle_loop(watch: _Watch, timers: IdleTimers) -> None:
             await watch.check_folders("tick")  # DONE, STATUS per folder, IDLE
             watch.announce("exists")
             now = trio.current_time()
-            folders_due = now + timers.tick_interval if watch.folders else math.inf
+            folders_due = (
+                now + timers.tick_interval if watch.folders and not watch.notifying else math.inf
+            )
         if now < timers.due_at:
             continue
         tick = timers.take_due(now)

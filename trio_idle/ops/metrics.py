@@ -108,9 +108,22 @@ LABELLED_COUNTERS: Final[tuple[tuple[str, str, tuple[str, ...], str], ...]] = (
     (
         "folder_scans",
         "reason",
-        ("tick", *sorted(PACED_REASONS)),
+        ("exists", "tick", *sorted(PACED_REASONS)),
         "scans requested for a folder beside INBOX (TRIO_IDLE_FOLDERS) whose STATUS "
-        "showed new mail",
+        "showed new mail (exists: pushed by NOTIFY during IDLE)",
+    ),
+    (
+        "notify_fallbacks",
+        "cause",
+        ("refused", "overflow"),
+        "connections whose folders went back to STATUS every tick: the server refused "
+        "NOTIFY (refused) or gave up on it ([NOTIFICATIONOVERFLOW], overflow)",
+    ),
+    (
+        "notify_status_ignored",
+        "why",
+        ("unwatched", "malformed"),
+        "STATUS lines pushed under NOTIFY and dropped: for a folder not watched, or unreadable",
     ),
     (
         "idle_restarts",
