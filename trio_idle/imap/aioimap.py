@@ -140,12 +140,6 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
     ),
     Reliance(
         "IMAP4ClientProtocol",
-        "connection_lost",
-        "calls conn_lost_cb",
-        ("self", "exc"),
-    ),
-    Reliance(
-        "IMAP4ClientProtocol",
         "_handle_responses",
         "the parser: called with one framed response",
         ("self", "data", "line_handler", "current_cmd"),
@@ -171,7 +165,7 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
     Reliance(
         "IMAP4ClientProtocol",
         "_continuation",
-        "sets _idle_event for IDLE, else flush()es the sync command",
+        "overridden for IDLE's + (idle_continued), else flush()es the sync command",
         ("self", "line"),
     ),
     Reliance("IMAP4ClientProtocol", "new_tag", "every command's tag", ("self",)),
@@ -186,7 +180,7 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
             "pending_async_commands",
             "pending_sync_command",
             "idle_queue",
-            "_idle_event",  # set() by _continuation at IDLE's "+"
+            "_idle_event",  # a class attribute: _continuation is overridden for IDLE
             "imap_version",
             "literal_data",
             "incomplete_line",
@@ -211,6 +205,7 @@ SELECTED: Final[str] = aioimaplib.SELECTED
 
 #: the IMAP versions a server's CAPABILITY must name (one of)
 IMAP_VERSIONS: Final[tuple[str, ...]] = tuple(aioimaplib.AllowedVersions)
+_VERSION_NAMES: Final = {version: version for version in IMAP_VERSIONS}
 
 
 def quote(arg: str) -> str:
@@ -397,7 +392,7 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
     response is matched to the command the server is answering.
     """
 
-    # Our own attributes live in slots: aioimaplib's 16 stay in the instance dict, which
+    # Our own attributes live in slots: aioimaplib's stay in the instance dict, which
     # CPython then keeps key-shared (at most 30 keys). All 32 in the dict made it a
     # combined table: +1.6 KiB per connection (python -m bench.memory_probe).
     __slots__ = (
@@ -410,6 +405,7 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         "closing",
         "framer",
         "greeting",
+        "idle_continued",
         "idle_outstanding",
         "limits",
         "monitor",
@@ -419,24 +415,37 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         "tls_pending",
     )
 
+    # aioimaplib's attributes that never change here are class attributes, shared by all
+    # connections (each instance attribute is ≈ 9 bytes in the instance dict per
+    # connection, and a set, a bound method or a flag object more beside it):
+    loop = _NO_LOOP
+    idle_queue = _DISCARD
+    #: APPEND's data: no APPEND is sent here
+    literal_data = None
+    #: aioimaplib's data_received's unfinished line and literal: the framer hands its
+    #: parser whole responses (and data_received is ours)
+    incomplete_line = b""
+    current_command = None
+    #: aioimaplib's greeting tasks: _handle_line takes the greeting here, so none is ever
+    #: started; immutable, so a path that did add one fails loudly (a protocol error)
+    tasks: frozenset[Any] = frozenset()
+    #: :meth:`lost` tells the monitor itself (aioimaplib's connection_lost is not called):
+    #: no bound method, and no reference cycle, per connection
+    conn_lost_cb: Callable[[Exception | None], None] | None = None
+    #: aioimaplib sets it at IDLE's ``+``: :meth:`_continuation` sets
+    #: :attr:`idle_continued` instead, so no per-connection flag object is needed
+    _idle_event = None
+
     def __init__(self, monitor: PushMonitor, limits: ImapLimits) -> None:
         # Not aioimaplib's __init__: it makes an asyncio Condition, Queue and Event per
-        # connection (≈ 2 KiB) for its coroutine API, which is not used here. These are
-        # the attributes its parser reads (RELIED_ON lists them).
-        self.loop = _NO_LOOP
+        # connection (≈ 2 KiB) for its coroutine API, which is not used here. These and
+        # the class attributes above are the attributes its parser reads (RELIED_ON).
         self.transport: Any = None
         self.state = aioimaplib.STARTED
         self.capabilities: set[str] = set()
         self.pending_async_commands: dict[str, Command] = {}
         self.pending_sync_command: Command | None = None
-        self.idle_queue = _DISCARD
-        self._idle_event = _Flag()  # set by the parser at IDLE's "+" continuation
         self.imap_version: str | None = None
-        self.literal_data = None
-        self.incomplete_line = b""
-        self.current_command = None
-        self.conn_lost_cb: Callable[[Exception | None], None] | None = self._lost
-        self.tasks: set[Any] = set()
         self.tagnum = 0
         self.tagpre = aioimaplib.int2ap(random.randint(4096, 65535))
         self.monitor = monitor
@@ -445,6 +454,8 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         self._protocol_error: Exception | None = None
         #: the server's greeting line, once it came
         self.greeting: bytes | None = None
+        #: the server sent ``+`` for the last IDLE of :meth:`new_idle`: it is idling
+        self.idle_continued = False
         #: an IDLE was written and no DONE for it yet (LOGOUT must end it first)
         self.idle_outstanding = False
         #: LOGOUT was written: what the server still sends is not parsed
@@ -480,19 +491,14 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         versions = [w.upper() for w in words if w.upper() in IMAP_VERSIONS]
         if not versions:
             return False
-        self.imap_version = versions[-1]
+        self.imap_version = _VERSION_NAMES[versions[-1]]  # the constant, not a copy
         return True
 
     def new_idle(self, tag: str | None = None) -> IdleCommand:
         """A new IDLE command (under ``tag``, else a new one); :attr:`idle_continued` is
         False until its ``+``."""
-        self._idle_event = _Flag()
+        self.idle_continued = False
         return IdleCommand(tag if tag is not None else self.new_tag())
-
-    @property
-    def idle_continued(self) -> bool:
-        """The server sent ``+`` for the last IDLE of :meth:`new_idle`: it is idling."""
-        return bool(self._idle_event.is_set())
 
     def allows(self, name: str) -> bool:
         """Whether command ``name`` is valid in the current :attr:`state`."""
@@ -506,8 +512,7 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         waiting for a full garbage collection."""
         if not self._lost_seen:
             self._lost_seen = True
-            self.connection_lost(exc)
-            self.conn_lost_cb = None
+            self.monitor.connection_lost(exc or self._protocol_error)
             self.after_parse = None
             self.on_answer = None
             self.pending_sync_command = None
@@ -570,9 +575,6 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
             self.transport.write(data)
 
     # -- parsing ------------------------------------------------------------------------
-
-    def _lost(self, exc: Exception | None) -> None:
-        self.monitor.connection_lost(exc or self._protocol_error)
 
     def _handle_buffered(self) -> None:
         try:
@@ -658,6 +660,14 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
                 self.greeting = line
             return None
         return super()._handle_line(line, current_cmd)
+
+    def _continuation(self, line: bytes) -> None:
+        sync = self.pending_sync_command
+        if sync is not None and sync.name == "IDLE":
+            # aioimaplib's branch for IDLE sets its _idle_event (and logs): the flag is ours
+            self.idle_continued = True
+            return
+        super()._continuation(line)
 
     def _untagged_response(self, line: bytes) -> Any:
         self.monitor.untagged(line)
