@@ -258,7 +258,7 @@ async def idling() -> tuple[ImapConnection, Wire, str]:
     protocol.connection_made(wire)
     protocol.data_received(b"* OK ready\r\n")
     protocol.state = SELECTED
-    protocol.capabilities.add("IDLE")
+    protocol.add_capabilities(["IDLE"])
     monitor.exists = 3
     imap = ImapConnection(
         protocol,

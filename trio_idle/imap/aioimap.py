@@ -30,7 +30,7 @@ What the rest of the package gets:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import aioimaplib
@@ -376,6 +376,53 @@ class ContinuationCommand(Command):
             self.continued(line)
 
 
+class CapabilitySets:
+    """One frozenset for all connections whose server announced the same capabilities.
+
+    Thousands of connections to one provider hold the same ~20-50 words: shared, that is
+    one set (and its strings) instead of one each (≈ 0.4 KiB per connection). The table is
+    bounded, as a hostile or odd server could announce a new set on every connection: at
+    most ``limit`` sets of at most ``max_words`` words and ``max_chars`` characters are
+    kept (worst case ≈ ``limit`` × 20 KiB); past that, or for a larger set, the connection
+    gets a private frozenset, as before (counted in :attr:`private`). Never emptied: a
+    real deployment sees a handful of distinct sets. Not thread-safe (trio thread).
+    """
+
+    __slots__ = ("_sets", "limit", "max_chars", "max_words", "private")
+
+    def __init__(self, limit: int = 64, max_words: int = 128, max_chars: int = 4096) -> None:
+        self.limit = limit
+        self.max_words = max_words
+        self.max_chars = max_chars
+        self._sets: dict[frozenset[str], frozenset[str]] = {}
+        #: capability sets handed out unshared (table full, or the set too large)
+        self.private = 0
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def shared(self, words: Iterable[str]) -> frozenset[str]:
+        """``words`` as a frozenset: the one already kept for these words if there is
+        one, else this one, kept if the table has room and it is not too large."""
+        capabilities = frozenset(words)
+        known = self._sets.get(capabilities)
+        if known is not None:
+            return known
+        if (
+            len(self._sets) >= self.limit
+            or len(capabilities) > self.max_words
+            or sum(map(len, capabilities)) > self.max_chars
+        ):
+            self.private += 1
+            return capabilities
+        self._sets[capabilities] = capabilities
+        return capabilities
+
+
+#: the process's table (tests may replace it)
+CAPABILITY_SETS = CapabilitySets()
+
+
 class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
     """aioimaplib's parser behind our own bounded framing, fed from trio.
 
@@ -442,7 +489,8 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         # the class attributes above are the attributes its parser reads (RELIED_ON).
         self.transport: Any = None
         self.state = aioimaplib.STARTED
-        self.capabilities: set[str] = set()
+        #: shared with every connection that has the same (:class:`CapabilitySets`)
+        self.capabilities: frozenset[str] = frozenset()
         self.pending_async_commands: dict[str, Command] = {}
         self.pending_sync_command: Command | None = None
         self.imap_version: str | None = None
@@ -487,12 +535,17 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         """Keep the server's capabilities (a CAPABILITY answer's words) where aioimaplib's
         parser reads them; False when none of them is an IMAP version (not an IMAP
         server)."""
-        self.capabilities = set(words)
+        self.capabilities = CAPABILITY_SETS.shared(words)
         versions = [w.upper() for w in words if w.upper() in IMAP_VERSIONS]
         if not versions:
             return False
         self.imap_version = _VERSION_NAMES[versions[-1]]  # the constant, not a copy
         return True
+
+    def add_capabilities(self, words: Iterable[str]) -> None:
+        """Capabilities the server announced later (e.g. in LOGIN's answer) join the
+        ones known."""
+        self.capabilities = CAPABILITY_SETS.shared(self.capabilities.union(words))
 
     def new_idle(self, tag: str | None = None) -> IdleCommand:
         """A new IDLE command (under ``tag``, else a new one); :attr:`idle_continued` is

@@ -293,7 +293,7 @@ class ImapConnection:
             for line in response.lines:  # servers may announce new capabilities here
                 if b"CAPABILITY" in line:
                     words = bytes(line).decode("utf-8", "replace").replace("CAPABILITY", "")
-                    protocol.capabilities |= set(words.split())
+                    protocol.add_capabilities(words.split())
             return
         text = b" ".join(bytes(x) for x in response.lines).decode("utf-8", "replace")
         text = text.replace(password, "********") if password else text
