@@ -97,7 +97,9 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
     # -- Command: what the parser calls on it, what is overridden -----------------------
     Reliance("Command", "__repr__", "the command line written (tag prefix name args)", ("self",)),
     Reliance("Command", "response", "Response(result, lines) once answered"),
-    Reliance("Command", "close", "the parser ends a command", ("self", "line", "result")),
+    Reliance(
+        "Command", "close", "overridden: the parser ends a command", ("self", "line", "result")
+    ),
     Reliance("Command", "append_to_resp", "IdleCommand overrides it", ("self", "line", "result")),
     Reliance("Command", "flush", "ContinuationCommand overrides it", ("self",)),
     Reliance("Command", "_set_timer", "overridden: no asyncio timer", ("self",)),
@@ -105,13 +107,13 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
     Reliance(
         "Command",
         "begin_literal_data",
-        "the parser's literal path (reads _expected_size)",
+        "the parser's literal path (reads _expected_size); overridden: makes the buffer",
         ("self", "expected_size", "literal_data"),
     ),
     Reliance("Command", "append_literal_data", "the parser's literal path", ("self", "data")),
     Reliance("Command", "wait_literal_data", "the parser's literal path", ("self",)),
     Reliance("Command", "wait_data", "the parser's literal path", ("self",)),
-    Reliance("Command", "_end_literal_data", "the parser's literal path", ("self",)),
+    Reliance("Command", "_end_literal_data", "overridden: the parser's literal path", ("self",)),
     *(
         Reliance("Command()", name, _INSTANCE_WHY)
         for name in (
@@ -122,9 +124,9 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
             "untagged_resp_name",
             "_exception",
             "_loop",
-            "_event",  # set() by close(); Command.done reads is_set()
+            "_event",  # a class attribute: close() is overridden
             "_timeout",
-            "_timer",  # cancel() by close()
+            "_timer",  # a class attribute: close() is overridden
             "_expected_size",
             "_resp_literal_data",
             "_resp_result",
@@ -242,25 +244,6 @@ class _DiscardQueue:
 _DISCARD: Final = _DiscardQueue()
 
 
-class _Flag:
-    """Stands in for an ``asyncio.Event``: set when the server answered.
-
-    Nothing ever waits on it (the connection checks :meth:`is_set` after each read),
-    so it needs no loop and no waiter queue — an asyncio.Event is ≈ 0.5 KiB with its
-    deque, and every tick makes two commands."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self) -> None:
-        self._value = False
-
-    def set(self) -> None:
-        self._value = True
-
-    def is_set(self) -> bool:
-        return self._value
-
-
 class _NoTimer:
     """A command's timer where there is none (deadlines are trio cancel scopes)."""
 
@@ -280,6 +263,20 @@ class Command(aioimaplib.Command):
     ``str(command)`` is its command line (without CRLF). Raises :class:`ValueError` if an
     argument holds NUL, CR or LF (it would end the line: another command)."""
 
+    # aioimaplib's attributes that are the same for every command here are class
+    # attributes: the IDLE command lives as long as its connection, and a tick makes two.
+    _exception = None
+    _loop = _NO_LOOP
+    #: aioimaplib's asyncio.Event, set by its close(): :meth:`close` sets ``_done``
+    #: instead (nothing waits: the connection checks :attr:`done` after each read)
+    _event = None
+    _timeout = None
+    _timer = _NO_TIMER
+    _expected_size = 0
+    #: a literal's bytes while it is read; a bytearray of its own from
+    #: :meth:`begin_literal_data` (most commands never get a literal)
+    _resp_literal_data: bytes | bytearray = b""
+
     def __init__(
         self,
         name: str,
@@ -296,15 +293,9 @@ class Command(aioimaplib.Command):
         self.args = args
         self.prefix = prefix + " " if prefix else None
         self.untagged_resp_name = untagged_resp_name or name
-        self._exception = None
-        self._loop = _NO_LOOP
-        self._event = _Flag()
-        self._timeout = None
-        self._timer = _NO_TIMER
-        self._expected_size = 0
-        self._resp_literal_data = bytearray()
         self._resp_result = "Init"
         self._resp_lines: list[bytes] = []
+        self._done = False
 
     def _set_timer(self) -> None:
         pass
@@ -312,10 +303,25 @@ class Command(aioimaplib.Command):
     def _reset_timer(self) -> None:
         pass
 
+    def close(self, line: bytes, result: str) -> None:
+        # aioimaplib's close() minus its timer and event (neither exists here)
+        self.append_to_resp(line, result=result)
+        self._done = True
+
+    def begin_literal_data(self, expected_size: int, literal_data: bytes = b"") -> bytes:
+        self._resp_literal_data = bytearray()
+        rest: bytes = super().begin_literal_data(expected_size, literal_data)
+        return rest
+
+    def _end_literal_data(self) -> None:
+        # aioimaplib's makes the next literal's bytearray now: it is made when one begins
+        self._expected_size = 0
+        self._resp_literal_data = b""
+
     @property
     def done(self) -> bool:
         """Whether the server has answered (its tagged response was parsed)."""
-        return bool(self._event.is_set())
+        return self._done
 
     @property
     def result(self) -> str:
