@@ -117,7 +117,7 @@ class ImapConnection:
         self._idle: Command | None = None
         #: the IDLE restarts (pure: tags, bytes, state, the pipelining memory); fed only
         #: by the read path (:meth:`_restart_line`), which only the session task runs
-        self._restart = RestartMachine(protocol.new_tag, timeouts.command)
+        self._restart = RestartMachine(protocol, timeouts.command)
         #: the running restart was written by the ticker (its failure fails the monitor)
         self._restart_by_ticker = False
         #: the IDLE the running restart enters again, once written
