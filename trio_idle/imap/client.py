@@ -97,6 +97,23 @@ class ImapConnection:
     """A connected, not yet authenticated IMAP client. Use
     :func:`trio_idle.imap.connect.connect` to make one."""
 
+    # One per session: slots, no instance dict (≈ 50 bytes less). An attribute added in
+    # __init__ must be named here.
+    __slots__ = (
+        "_idle",
+        "_restart",
+        "_restart_by_ticker",
+        "_restart_error",
+        "_restart_idle",
+        "envelope_meter",
+        "host",
+        "monitor",
+        "port",
+        "protocol",
+        "timeouts",
+        "transport",
+    )
+
     def __init__(
         self,
         protocol: ImapProtocol,
