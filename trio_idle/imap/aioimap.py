@@ -506,7 +506,7 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         self.limits = limits
         self.framer = ResponseFramer(limits.max_line, limits.max_literal)
         self._protocol_error: Exception | None = None
-        #: the server's greeting line, once it came
+        #: the server's greeting line, once it came (``b""`` once :meth:`take_greeting`)
         self.greeting: bytes | None = None
         #: the server sent ``+`` for the last IDLE of :meth:`new_idle`: it is idling
         self.idle_continued = False
@@ -547,6 +547,15 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
             return False
         self.imap_version = _VERSION_NAMES[versions[-1]]  # the constant, not a copy
         return True
+
+    def take_greeting(self) -> bytes | None:
+        """The server's greeting line once it came (None before), for the handshake: it
+        is not kept after (≈ 0.1 KiB per connection). Later lines are still not taken for
+        a greeting."""
+        greeting = self.greeting
+        if greeting:
+            self.greeting = b""
+        return greeting
 
     def add_capabilities(self, words: Iterable[str]) -> None:
         """Capabilities the server announced later (e.g. in LOGIN's answer) join the

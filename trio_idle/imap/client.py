@@ -260,7 +260,7 @@ class ImapConnection:
         by the caller's connect deadline only."""
         protocol = self.protocol
         await self._until("greeting", lambda: protocol.greeting is not None, math.inf)
-        greeting = protocol.greeting
+        greeting = protocol.take_greeting()
         if greeting is None:
             raise BadGreeting(self.monitor.problem() or "connection lost")
         if b"PREAUTH" in greeting:
