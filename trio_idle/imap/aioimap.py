@@ -30,7 +30,8 @@ What the rest of the package gets:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, Final
 
 import aioimaplib
@@ -254,6 +255,10 @@ class _NoTimer:
 
 
 _NO_TIMER: Final = _NoTimer()
+
+#: no async command pending (aioimaplib only reads the table then; :meth:`register` makes
+#: a dict of the connection's own)
+_NO_COMMANDS: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
 class Command(aioimaplib.Command):
@@ -497,7 +502,9 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         self.state = aioimaplib.STARTED
         #: shared with every connection that has the same (:class:`CapabilitySets`)
         self.capabilities: frozenset[str] = frozenset()
-        self.pending_async_commands: dict[str, Command] = {}
+        #: aioimaplib's table of async commands; the shared empty one while none is
+        #: pending (most of a connection's life: a dict that held one keeps its table)
+        self.pending_async_commands: Mapping[str, Command] = _NO_COMMANDS
         self.pending_sync_command: Command | None = None
         self.imap_version: str | None = None
         self.tagnum = 0
@@ -584,7 +591,7 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
             self.after_parse = None
             self.on_answer = None
             self.pending_sync_command = None
-            self.pending_async_commands.clear()
+            self.pending_async_commands = _NO_COMMANDS
             self.queued.clear()
 
     def data_received(self, d: bytes) -> None:
@@ -632,7 +639,10 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         if aioimaplib.Commands[command.name].exec == aioimaplib.Exec.is_sync:
             self.pending_sync_command = command
         else:
-            self.pending_async_commands[command.untagged_resp_name] = command
+            commands = self.pending_async_commands
+            if not isinstance(commands, dict):
+                self.pending_async_commands = commands = {}
+            commands[command.untagged_resp_name] = command
 
     def idle_done(self) -> None:
         self.idle_outstanding = False
@@ -697,6 +707,8 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
             self.tls_pending = True
         if self.on_answer is not None and response[:1] != b"*":
             self.on_answer(response.partition(b"\r\n")[0])
+        if collecting and not self.pending_async_commands:
+            self.pending_async_commands = _NO_COMMANDS  # the last one was answered
         if collecting:
             self._answer_bytes += len(response)
             budget = self.limits.max_fetch_answer if waiting == "FETCH" else self.limits.max_answer
