@@ -55,7 +55,7 @@ def selected(wire: AnsweringWire, *capabilities: str) -> ImapConnection:
     protocol.connection_made(wire)
     protocol.data_received(b"* OK ready\r\n")
     protocol.state = SELECTED
-    protocol.capabilities |= {"IMAP4rev1", "IDLE", *capabilities}
+    protocol.add_capabilities({"IMAP4rev1", "IDLE", *capabilities})
     monitor.exists = 0
     timeouts = ImapTimeouts(connect=5, command=30, keepalive_idle=60)
     return ImapConnection(protocol, monitor, timeouts, cast(ImapTransport, wire))

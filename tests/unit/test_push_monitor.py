@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import trio
 import trio.testing
 
@@ -228,3 +230,28 @@ async def test_cancelled_wait_raises_even_with_mail_pending_and_loses_nothing() 
         raise AssertionError("wait returned inside a cancelled scope")
     assert scope.cancelled_caught
     assert monitor.take_new_mail() == 2
+
+
+# -- what a monitor holds: one per connection, thousands per daemon -----------------------
+
+
+def _held(monitor: PushMonitor) -> list[object]:
+    return [o for o in gc.get_referents(monitor) if isinstance(o, trio.Event | set)]
+
+
+async def test_a_monitor_nobody_waits_on_holds_no_event_and_no_set() -> None:
+    """The session reads the connection itself and never calls wait() or guard(): what
+    they need is made when first needed, and the guards' set is dropped when empty."""
+    monitor = selected(3)
+    monitor.untagged(b"* 4 EXISTS")
+    monitor.untagged(b"* BYE bye")
+    monitor.mark_dead("gone")
+    monitor.connection_lost(None)
+    assert _held(monitor) == []
+    fresh = selected(3)
+    with fresh.guard():
+        assert len(_held(fresh)) == 1
+    assert _held(fresh) == []
+    fresh.untagged(b"* 4 EXISTS")
+    await fresh.wait()  # pending: returns, and made nothing to wait on
+    assert _held(fresh) == []

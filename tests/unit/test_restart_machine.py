@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import inspect
 import itertools
-from collections.abc import Callable
 from types import ModuleType
 from typing import cast
 
@@ -42,10 +41,18 @@ from trio_idle.net.transport import ImapTransport
 TIMEOUT = 30.0
 
 
-def tags() -> Callable[[], str]:
+class Counter:
     """The connection's tag counter: A2, A3, ... (A1 is the IDLE being left)."""
-    counter = itertools.count(2)
-    return lambda: f"A{next(counter)}"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(2)
+
+    def new_tag(self) -> str:
+        return f"A{next(self._counter)}"
+
+
+def tags() -> Counter:
+    return Counter()
 
 
 def machine() -> RestartMachine:
@@ -258,7 +265,7 @@ async def idling() -> tuple[ImapConnection, Wire, str]:
     protocol.connection_made(wire)
     protocol.data_received(b"* OK ready\r\n")
     protocol.state = SELECTED
-    protocol.capabilities.add("IDLE")
+    protocol.add_capabilities(["IDLE"])
     monitor.exists = 3
     imap = ImapConnection(
         protocol,

@@ -30,7 +30,8 @@ What the rest of the package gets:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, Final
 
 import aioimaplib
@@ -98,7 +99,9 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
     # -- Command: what the parser calls on it, what is overridden -----------------------
     Reliance("Command", "__repr__", "the command line written (tag prefix name args)", ("self",)),
     Reliance("Command", "response", "Response(result, lines) once answered"),
-    Reliance("Command", "close", "the parser ends a command", ("self", "line", "result")),
+    Reliance(
+        "Command", "close", "overridden: the parser ends a command", ("self", "line", "result")
+    ),
     Reliance("Command", "append_to_resp", "IdleCommand overrides it", ("self", "line", "result")),
     Reliance("Command", "flush", "ContinuationCommand overrides it", ("self",)),
     Reliance("Command", "_set_timer", "overridden: no asyncio timer", ("self",)),
@@ -106,13 +109,13 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
     Reliance(
         "Command",
         "begin_literal_data",
-        "the parser's literal path (reads _expected_size)",
+        "the parser's literal path (reads _expected_size); overridden: makes the buffer",
         ("self", "expected_size", "literal_data"),
     ),
     Reliance("Command", "append_literal_data", "the parser's literal path", ("self", "data")),
     Reliance("Command", "wait_literal_data", "the parser's literal path", ("self",)),
     Reliance("Command", "wait_data", "the parser's literal path", ("self",)),
-    Reliance("Command", "_end_literal_data", "the parser's literal path", ("self",)),
+    Reliance("Command", "_end_literal_data", "overridden: the parser's literal path", ("self",)),
     *(
         Reliance("Command()", name, _INSTANCE_WHY)
         for name in (
@@ -123,9 +126,9 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
             "untagged_resp_name",
             "_exception",
             "_loop",
-            "_event",  # set() by close(); Command.done reads is_set()
+            "_event",  # a class attribute: close() is overridden
             "_timeout",
-            "_timer",  # cancel() by close()
+            "_timer",  # a class attribute: close() is overridden
             "_expected_size",
             "_resp_literal_data",
             "_resp_result",
@@ -138,12 +141,6 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
         "connection_made",
         "sets transport and state CONNECTED",
         ("self", "transport"),
-    ),
-    Reliance(
-        "IMAP4ClientProtocol",
-        "connection_lost",
-        "calls conn_lost_cb",
-        ("self", "exc"),
     ),
     Reliance(
         "IMAP4ClientProtocol",
@@ -172,7 +169,7 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
     Reliance(
         "IMAP4ClientProtocol",
         "_continuation",
-        "sets _idle_event for IDLE, else flush()es the sync command",
+        "overridden for IDLE's + (idle_continued), else flush()es the sync command",
         ("self", "line"),
     ),
     Reliance("IMAP4ClientProtocol", "new_tag", "every command's tag", ("self",)),
@@ -187,7 +184,7 @@ RELIED_ON: Final[tuple[Reliance, ...]] = (
             "pending_async_commands",
             "pending_sync_command",
             "idle_queue",
-            "_idle_event",  # set() by _continuation at IDLE's "+"
+            "_idle_event",  # a class attribute: _continuation is overridden for IDLE
             "imap_version",
             "literal_data",
             "incomplete_line",
@@ -212,6 +209,7 @@ SELECTED: Final[str] = aioimaplib.SELECTED
 
 #: the IMAP versions a server's CAPABILITY must name (one of)
 IMAP_VERSIONS: Final[tuple[str, ...]] = tuple(aioimaplib.AllowedVersions)
+_VERSION_NAMES: Final = {version: version for version in IMAP_VERSIONS}
 
 
 #: commands aioimaplib's table (``Commands``) lacks, as its entries: NOTIFY (RFC 5465) is
@@ -263,25 +261,6 @@ class _DiscardQueue:
 _DISCARD: Final = _DiscardQueue()
 
 
-class _Flag:
-    """Stands in for an ``asyncio.Event``: set when the server answered.
-
-    Nothing ever waits on it (the connection checks :meth:`is_set` after each read),
-    so it needs no loop and no waiter queue — an asyncio.Event is ≈ 0.5 KiB with its
-    deque, and every tick makes two commands."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self) -> None:
-        self._value = False
-
-    def set(self) -> None:
-        self._value = True
-
-    def is_set(self) -> bool:
-        return self._value
-
-
 class _NoTimer:
     """A command's timer where there is none (deadlines are trio cancel scopes)."""
 
@@ -293,6 +272,10 @@ class _NoTimer:
 
 _NO_TIMER: Final = _NoTimer()
 
+#: no async command pending (aioimaplib only reads the table then; :meth:`register` makes
+#: a dict of the connection's own)
+_NO_COMMANDS: Final[Mapping[str, Any]] = MappingProxyType({})
+
 
 class Command(aioimaplib.Command):
     """aioimaplib's ``Command`` without its asyncio parts: the parser fills and closes it
@@ -300,6 +283,20 @@ class Command(aioimaplib.Command):
 
     ``str(command)`` is its command line (without CRLF). Raises :class:`ValueError` if an
     argument holds NUL, CR or LF (it would end the line: another command)."""
+
+    # aioimaplib's attributes that are the same for every command here are class
+    # attributes: the IDLE command lives as long as its connection, and a tick makes two.
+    _exception = None
+    _loop = _NO_LOOP
+    #: aioimaplib's asyncio.Event, set by its close(): :meth:`close` sets ``_done``
+    #: instead (nothing waits: the connection checks :attr:`done` after each read)
+    _event = None
+    _timeout = None
+    _timer = _NO_TIMER
+    _expected_size = 0
+    #: a literal's bytes while it is read; a bytearray of its own from
+    #: :meth:`begin_literal_data` (most commands never get a literal)
+    _resp_literal_data: bytes | bytearray = b""
 
     def __init__(
         self,
@@ -317,15 +314,9 @@ class Command(aioimaplib.Command):
         self.args = args
         self.prefix = prefix + " " if prefix else None
         self.untagged_resp_name = untagged_resp_name or name
-        self._exception = None
-        self._loop = _NO_LOOP
-        self._event = _Flag()
-        self._timeout = None
-        self._timer = _NO_TIMER
-        self._expected_size = 0
-        self._resp_literal_data = bytearray()
         self._resp_result = "Init"
         self._resp_lines: list[bytes] = []
+        self._done = False
 
     def _set_timer(self) -> None:
         pass
@@ -333,10 +324,25 @@ class Command(aioimaplib.Command):
     def _reset_timer(self) -> None:
         pass
 
+    def close(self, line: bytes, result: str) -> None:
+        # aioimaplib's close() minus its timer and event (neither exists here)
+        self.append_to_resp(line, result=result)
+        self._done = True
+
+    def begin_literal_data(self, expected_size: int, literal_data: bytes = b"") -> bytes:
+        self._resp_literal_data = bytearray()
+        rest: bytes = super().begin_literal_data(expected_size, literal_data)
+        return rest
+
+    def _end_literal_data(self) -> None:
+        # aioimaplib's makes the next literal's bytearray now: it is made when one begins
+        self._expected_size = 0
+        self._resp_literal_data = b""
+
     @property
     def done(self) -> bool:
         """Whether the server has answered (its tagged response was parsed)."""
-        return bool(self._event.is_set())
+        return self._done
 
     @property
     def result(self) -> str:
@@ -397,6 +403,53 @@ class ContinuationCommand(Command):
             self.continued(line)
 
 
+class CapabilitySets:
+    """One frozenset for all connections whose server announced the same capabilities.
+
+    Thousands of connections to one provider hold the same ~20-50 words: shared, that is
+    one set (and its strings) instead of one each (≈ 0.4 KiB per connection). The table is
+    bounded, as a hostile or odd server could announce a new set on every connection: at
+    most ``limit`` sets of at most ``max_words`` words and ``max_chars`` characters are
+    kept (worst case ≈ ``limit`` × 20 KiB); past that, or for a larger set, the connection
+    gets a private frozenset, as before (counted in :attr:`private`). Never emptied: a
+    real deployment sees a handful of distinct sets. Not thread-safe (trio thread).
+    """
+
+    __slots__ = ("_sets", "limit", "max_chars", "max_words", "private")
+
+    def __init__(self, limit: int = 64, max_words: int = 128, max_chars: int = 4096) -> None:
+        self.limit = limit
+        self.max_words = max_words
+        self.max_chars = max_chars
+        self._sets: dict[frozenset[str], frozenset[str]] = {}
+        #: capability sets handed out unshared (table full, or the set too large)
+        self.private = 0
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def shared(self, words: Iterable[str]) -> frozenset[str]:
+        """``words`` as a frozenset: the one already kept for these words if there is
+        one, else this one, kept if the table has room and it is not too large."""
+        capabilities = frozenset(words)
+        known = self._sets.get(capabilities)
+        if known is not None:
+            return known
+        if (
+            len(self._sets) >= self.limit
+            or len(capabilities) > self.max_words
+            or sum(map(len, capabilities)) > self.max_chars
+        ):
+            self.private += 1
+            return capabilities
+        self._sets[capabilities] = capabilities
+        return capabilities
+
+
+#: the process's table (tests may replace it)
+CAPABILITY_SETS = CapabilitySets()
+
+
 class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
     """aioimaplib's parser behind our own bounded framing, fed from trio.
 
@@ -413,7 +466,7 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
     response is matched to the command the server is answering.
     """
 
-    # Our own attributes live in slots: aioimaplib's 16 stay in the instance dict, which
+    # Our own attributes live in slots: aioimaplib's stay in the instance dict, which
     # CPython then keeps key-shared (at most 30 keys). All 32 in the dict made it a
     # combined table: +1.6 KiB per connection (python -m bench.memory_probe).
     __slots__ = (
@@ -426,6 +479,7 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         "closing",
         "framer",
         "greeting",
+        "idle_continued",
         "idle_outstanding",
         "limits",
         "monitor",
@@ -435,32 +489,50 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         "tls_pending",
     )
 
+    # aioimaplib's attributes that never change here are class attributes, shared by all
+    # connections (each instance attribute is ≈ 9 bytes in the instance dict per
+    # connection, and a set, a bound method or a flag object more beside it):
+    loop = _NO_LOOP
+    idle_queue = _DISCARD
+    #: APPEND's data: no APPEND is sent here
+    literal_data = None
+    #: aioimaplib's data_received's unfinished line and literal: the framer hands its
+    #: parser whole responses (and data_received is ours)
+    incomplete_line = b""
+    current_command = None
+    #: aioimaplib's greeting tasks: _handle_line takes the greeting here, so none is ever
+    #: started; immutable, so a path that did add one fails loudly (a protocol error)
+    tasks: frozenset[Any] = frozenset()
+    #: :meth:`lost` tells the monitor itself (aioimaplib's connection_lost is not called):
+    #: no bound method, and no reference cycle, per connection
+    conn_lost_cb: Callable[[Exception | None], None] | None = None
+    #: aioimaplib sets it at IDLE's ``+``: :meth:`_continuation` sets
+    #: :attr:`idle_continued` instead, so no per-connection flag object is needed
+    _idle_event = None
+
     def __init__(self, monitor: PushMonitor, limits: ImapLimits) -> None:
         # Not aioimaplib's __init__: it makes an asyncio Condition, Queue and Event per
-        # connection (≈ 2 KiB) for its coroutine API, which is not used here. These are
-        # the attributes its parser reads (RELIED_ON lists them).
-        self.loop = _NO_LOOP
+        # connection (≈ 2 KiB) for its coroutine API, which is not used here. These and
+        # the class attributes above are the attributes its parser reads (RELIED_ON).
         self.transport: Any = None
         self.state = aioimaplib.STARTED
-        self.capabilities: set[str] = set()
-        self.pending_async_commands: dict[str, Command] = {}
+        #: shared with every connection that has the same (:class:`CapabilitySets`)
+        self.capabilities: frozenset[str] = frozenset()
+        #: aioimaplib's table of async commands; the shared empty one while none is
+        #: pending (most of a connection's life: a dict that held one keeps its table)
+        self.pending_async_commands: Mapping[str, Command] = _NO_COMMANDS
         self.pending_sync_command: Command | None = None
-        self.idle_queue = _DISCARD
-        self._idle_event = _Flag()  # set by the parser at IDLE's "+" continuation
         self.imap_version: str | None = None
-        self.literal_data = None
-        self.incomplete_line = b""
-        self.current_command = None
-        self.conn_lost_cb: Callable[[Exception | None], None] | None = self._lost
-        self.tasks: set[Any] = set()
         self.tagnum = 0
         self.tagpre = aioimaplib.int2ap(random.randint(4096, 65535))
         self.monitor = monitor
         self.limits = limits
         self.framer = ResponseFramer(limits.max_line, limits.max_literal)
         self._protocol_error: Exception | None = None
-        #: the server's greeting line, once it came
+        #: the server's greeting line, once it came (``b""`` once :meth:`take_greeting`)
         self.greeting: bytes | None = None
+        #: the server sent ``+`` for the last IDLE of :meth:`new_idle`: it is idling
+        self.idle_continued = False
         #: an IDLE was written and no DONE for it yet (LOGOUT must end it first)
         self.idle_outstanding = False
         #: LOGOUT was written: what the server still sends is not parsed
@@ -492,23 +564,32 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         """Keep the server's capabilities (a CAPABILITY answer's words) where aioimaplib's
         parser reads them; False when none of them is an IMAP version (not an IMAP
         server)."""
-        self.capabilities = set(words)
+        self.capabilities = CAPABILITY_SETS.shared(words)
         versions = [w.upper() for w in words if w.upper() in IMAP_VERSIONS]
         if not versions:
             return False
-        self.imap_version = versions[-1]
+        self.imap_version = _VERSION_NAMES[versions[-1]]  # the constant, not a copy
         return True
+
+    def take_greeting(self) -> bytes | None:
+        """The server's greeting line once it came (None before), for the handshake: it
+        is not kept after (≈ 0.1 KiB per connection). Later lines are still not taken for
+        a greeting."""
+        greeting = self.greeting
+        if greeting:
+            self.greeting = b""
+        return greeting
+
+    def add_capabilities(self, words: Iterable[str]) -> None:
+        """Capabilities the server announced later (e.g. in LOGIN's answer) join the
+        ones known."""
+        self.capabilities = CAPABILITY_SETS.shared(self.capabilities.union(words))
 
     def new_idle(self, tag: str | None = None) -> IdleCommand:
         """A new IDLE command (under ``tag``, else a new one); :attr:`idle_continued` is
         False until its ``+``."""
-        self._idle_event = _Flag()
+        self.idle_continued = False
         return IdleCommand(tag if tag is not None else self.new_tag())
-
-    @property
-    def idle_continued(self) -> bool:
-        """The server sent ``+`` for the last IDLE of :meth:`new_idle`: it is idling."""
-        return bool(self._idle_event.is_set())
 
     def allows(self, name: str) -> bool:
         """Whether command ``name`` is valid in the current :attr:`state`."""
@@ -522,12 +603,11 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         waiting for a full garbage collection."""
         if not self._lost_seen:
             self._lost_seen = True
-            self.connection_lost(exc)
-            self.conn_lost_cb = None
+            self.monitor.connection_lost(exc or self._protocol_error)
             self.after_parse = None
             self.on_answer = None
             self.pending_sync_command = None
-            self.pending_async_commands.clear()
+            self.pending_async_commands = _NO_COMMANDS
             self.queued.clear()
 
     def data_received(self, d: bytes) -> None:
@@ -575,7 +655,10 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
         if _entry(command.name).exec == aioimaplib.Exec.is_sync:
             self.pending_sync_command = command
         else:
-            self.pending_async_commands[command.untagged_resp_name] = command
+            commands = self.pending_async_commands
+            if not isinstance(commands, dict):
+                self.pending_async_commands = commands = {}
+            commands[command.untagged_resp_name] = command
 
     def idle_done(self) -> None:
         self.idle_outstanding = False
@@ -586,9 +669,6 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
             self.transport.write(data)
 
     # -- parsing ------------------------------------------------------------------------
-
-    def _lost(self, exc: Exception | None) -> None:
-        self.monitor.connection_lost(exc or self._protocol_error)
 
     def _handle_buffered(self) -> None:
         try:
@@ -643,6 +723,8 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
             self.tls_pending = True
         if self.on_answer is not None and response[:1] != b"*":
             self.on_answer(response.partition(b"\r\n")[0])
+        if collecting and not self.pending_async_commands:
+            self.pending_async_commands = _NO_COMMANDS  # the last one was answered
         if collecting:
             self._answer_bytes += len(response)
             budget = self.limits.max_fetch_answer if waiting == "FETCH" else self.limits.max_answer
@@ -674,6 +756,14 @@ class ImapProtocol(aioimaplib.IMAP4ClientProtocol):
                 self.greeting = line
             return None
         return super()._handle_line(line, current_cmd)
+
+    def _continuation(self, line: bytes) -> None:
+        sync = self.pending_sync_command
+        if sync is not None and sync.name == "IDLE":
+            # aioimaplib's branch for IDLE sets its _idle_event (and logs): the flag is ours
+            self.idle_continued = True
+            return
+        super()._continuation(line)
 
     def _untagged_response(self, line: bytes) -> Any:
         self.monitor.untagged(line)

@@ -111,6 +111,23 @@ class ImapConnection:
     """A connected, not yet authenticated IMAP client. Use
     :func:`trio_idle.imap.connect.connect` to make one."""
 
+    # One per session: slots, no instance dict (≈ 50 bytes less). An attribute added in
+    # __init__ must be named here.
+    __slots__ = (
+        "_idle",
+        "_restart",
+        "_restart_by_ticker",
+        "_restart_error",
+        "_restart_idle",
+        "envelope_meter",
+        "host",
+        "monitor",
+        "port",
+        "protocol",
+        "timeouts",
+        "transport",
+    )
+
     def __init__(
         self,
         protocol: ImapProtocol,
@@ -131,7 +148,7 @@ class ImapConnection:
         self._idle: Command | None = None
         #: the IDLE restarts (pure: tags, bytes, state, the pipelining memory); fed only
         #: by the read path (:meth:`_restart_line`), which only the session task runs
-        self._restart = RestartMachine(protocol.new_tag, timeouts.command)
+        self._restart = RestartMachine(protocol, timeouts.command)
         #: the running restart was written by the ticker (its failure fails the monitor)
         self._restart_by_ticker = False
         #: the IDLE the running restart enters again, once written
@@ -257,7 +274,7 @@ class ImapConnection:
         by the caller's connect deadline only."""
         protocol = self.protocol
         await self._until("greeting", lambda: protocol.greeting is not None, math.inf)
-        greeting = protocol.greeting
+        greeting = protocol.take_greeting()
         if greeting is None:
             raise BadGreeting(self.monitor.problem() or "connection lost")
         if b"PREAUTH" in greeting:
@@ -307,7 +324,7 @@ class ImapConnection:
             for line in response.lines:  # servers may announce new capabilities here
                 if b"CAPABILITY" in line:
                     words = bytes(line).decode("utf-8", "replace").replace("CAPABILITY", "")
-                    protocol.capabilities |= set(words.split())
+                    protocol.add_capabilities(words.split())
             return
         text = b" ".join(bytes(x) for x in response.lines).decode("utf-8", "replace")
         text = text.replace(password, "********") if password else text

@@ -143,7 +143,9 @@ class ResponseFramer:
         #: literals of the response :meth:`next_response` handed out last (what parsing
         #: it costs: the parser's work is per line and literal)
         self.last_literals = 0
-        self._buf = bytearray()
+        # a bytearray while bytes wait; the shared empty bytes between responses (an
+        # idle connection's framer holds no buffer object of its own)
+        self._buf: bytes | bytearray = b""
         self._error: FrameError | None = None
         # The response being assembled always starts at _buf[0]:
         self._segment = 0  # where its current line segment (after the last literal) starts
@@ -164,7 +166,10 @@ class ResponseFramer:
         After an error the bytes are dropped: the connection is being closed anyway.
         """
         if self._error is None:
-            self._buf += data
+            if self._buf:
+                self._buf += data  # a bytearray: in place
+            else:
+                self._buf = bytearray(data)
 
     def next_response(self) -> bytes | None:
         """The next complete response (ending in CRLF), or ``None`` if more bytes are needed.
@@ -178,7 +183,7 @@ class ResponseFramer:
             return self._next()
         except FrameError as exc:
             self._error = exc
-            self._buf = bytearray()  # nothing more will be read: free the memory now
+            self._buf = b""  # nothing more will be read: free the memory now
             raise
 
     def _next(self) -> bytes | None:
@@ -212,8 +217,13 @@ class ResponseFramer:
                 )
             size = self._literal_size(self._segment, end)
             if size is None:
-                response = bytes(buf[: end + 2])
-                del buf[: end + 2]  # O(1) from the front of a bytearray
+                if end + 2 == len(buf):  # the usual case: one whole response was read
+                    response = bytes(buf)
+                    self._buf = b""
+                else:
+                    assert isinstance(buf, bytearray)  # bytes only when empty
+                    response = bytes(buf[: end + 2])
+                    del buf[: end + 2]  # O(1) from the front of a bytearray
                 self.last_literals = self._literals
                 self._segment = self._scan = self._text = 0
                 self._literals = self._literal_bytes = 0

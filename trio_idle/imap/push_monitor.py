@@ -53,8 +53,13 @@ class PushMonitor:
         self.last_activity = trio.current_time()
         #: what NOTIFY pushed for the other watched folders (None: NOTIFY not in effect)
         self.notify: NotifyWatch | None = None
-        self._wakeup = trio.Event()
-        self._cancel_on_loss: set[trio.CancelScope] = set()
+        # Both made when first needed: the session reads the connection itself and never
+        # waits here, and guards are the test server's. An Event is ≈ 0.5 KiB with its
+        # waiter set, an empty set 0.2 KiB, per connection (python -m bench.memory_probe).
+        #: who :meth:`wait` sleeps on (None until a task waits)
+        self._wakeup: trio.Event | None = None
+        #: the active :meth:`guard` scopes (None while there are none)
+        self._cancel_on_loss: set[trio.CancelScope] | None = None
 
     # -- called from the protocol (asyncio side, same thread) -------------------------
 
@@ -62,7 +67,7 @@ class PushMonitor:
         kind, number = classify_push(line)
         if kind is PushKind.OTHER:
             if self.notify is not None and self.notify.feed(line):
-                self._wakeup.set()  # a watched folder's STATUS, or NOTIFY's overflow
+                self._wake()  # a watched folder's STATUS, or NOTIFY's overflow
             return
         if kind is PushKind.EXISTS:
             assert number is not None
@@ -70,14 +75,14 @@ class PushMonitor:
                 self.new_mail += number - self.exists
                 if self.ticking:
                     self.tick_mail += number - self.exists
-                self._wakeup.set()
+                self._wake()
             self.exists = number
         elif kind is PushKind.EXPUNGE:
             if self.exists:
                 self.exists -= 1
         else:
             self.bye = line[:200]
-            self._wakeup.set()
+            self._wake()
 
     def activity(self) -> None:
         self.last_activity = trio.current_time()
@@ -85,9 +90,15 @@ class PushMonitor:
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.lost is None:  # closed because of mark_dead: that reason stands
             self.lost = f"{type(exc).__name__}: {exc}" if exc else "closed by server"
-        self._wakeup.set()
-        for scope in self._cancel_on_loss:
-            scope.cancel()
+        self._wake()
+        if self._cancel_on_loss is not None:
+            for scope in self._cancel_on_loss:
+                scope.cancel()
+
+    def _wake(self) -> None:
+        """Wake the tasks in :meth:`wait` (there are none if it was never called)."""
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     # -- called from the session task (trio side) -------------------------------------
 
@@ -95,7 +106,7 @@ class PushMonitor:
         """The session gave up on this connection (e.g. a command timed out)."""
         if self.lost is None:
             self.lost = reason
-            self._wakeup.set()
+            self._wake()
 
     def fail(self, error: ImapError) -> None:
         """The connection is unusable because of ``error`` (raised by the session as is);
@@ -103,7 +114,7 @@ class PushMonitor:
         if self.lost is None:
             self.lost = str(error)
             self.failure = error
-            self._wakeup.set()
+            self._wake()
 
     def rebase(self) -> None:
         """A SELECT is about to be issued again: its EXISTS is the new baseline. Mail
@@ -149,9 +160,10 @@ class PushMonitor:
         if self.pending():
             await trio.lowlevel.checkpoint()
             return
-        if self._wakeup.is_set():
-            self._wakeup = trio.Event()
-        await self._wakeup.wait()
+        wakeup = self._wakeup
+        if wakeup is None or wakeup.is_set():
+            self._wakeup = wakeup = trio.Event()
+        await wakeup.wait()
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[trio.CancelScope]:
@@ -163,8 +175,13 @@ class PushMonitor:
         with trio.CancelScope() as scope:
             if self.lost is not None:
                 scope.cancel()
-            self._cancel_on_loss.add(scope)
+            if self._cancel_on_loss is None:
+                self._cancel_on_loss = set()
+            guards = self._cancel_on_loss
+            guards.add(scope)
             try:
                 yield scope
             finally:
-                self._cancel_on_loss.discard(scope)
+                guards.discard(scope)
+                if not guards and self._cancel_on_loss is guards:
+                    self._cancel_on_loss = None

@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
-from typing import Final, NoReturn
+from typing import Final, NoReturn, Protocol
 
 import attrs
 
@@ -178,6 +177,12 @@ class TimedOut:
 Event = Answered | SendIdle | IdleResumed | Failed
 
 
+class Tags(Protocol):
+    """What makes a connection's tags (its parser: tags never repeat)."""
+
+    def new_tag(self) -> str: ...
+
+
 class RestartMachine:
     """The IDLE restarts of one connection (see the module docstring).
 
@@ -194,7 +199,7 @@ class RestartMachine:
 
     __slots__ = (
         "_answers",
-        "_new_tag",
+        "_tags",
         "_timeout",
         "deadline",
         "done_tag",
@@ -204,9 +209,10 @@ class RestartMachine:
         "pipelines",
     )
 
-    def __init__(self, new_tag: Callable[[], str], timeout: float) -> None:
-        #: makes the connection's next tag (the parser's counter: tags never repeat)
-        self._new_tag = new_tag
+    def __init__(self, tags: Tags, timeout: float) -> None:
+        #: makes the connection's next tag; the object, not its bound method (one object
+        #: less per connection)
+        self._tags = tags
         self._timeout = timeout
         self._answers: RestartAnswers | None = None
         #: write IDLE together with DONE (and NOOP); False once the server refused that
@@ -252,10 +258,10 @@ class RestartMachine:
         data = b"DONE\r\n"
         self.noop_tag = self.idle_tag = None
         if noop:
-            self.noop_tag = tag = self._new_tag()
+            self.noop_tag = tag = self._tags.new_tag()
             data += f"{tag} NOOP\r\n".encode()
         if pipelined:
-            self.idle_tag = tag = self._new_tag()
+            self.idle_tag = tag = self._tags.new_tag()
             data += f"{tag} IDLE\r\n".encode()
         return data
 
@@ -295,7 +301,7 @@ class RestartMachine:
         refused = todo is Next.RESEND_IDLE
         if refused:
             self.pipelines = False
-        self.idle_tag = tag_ = self._new_tag()
+        self.idle_tag = tag_ = self._tags.new_tag()
         return SendIdle(f"{tag_} IDLE\r\n".encode(), tag_, refused)
 
     def check(self, number: int) -> TimedOut | None:
