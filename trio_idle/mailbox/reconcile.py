@@ -87,7 +87,27 @@ class Handle:
     memory: ConnectionMemory
     coalescer: ScanCoalescer
     health: AccountHealth
-    finished: trio.Event = attrs.field(factory=trio.Event)
+    #: the connection task has ended (:meth:`ended`)
+    _ended: bool = False
+    #: :attr:`finished`, made by its first waiter: only a restarted connection's
+    #: successor (and tests) wait for it, so most connections never hold an Event
+    _finished: trio.Event | None = None
+
+    @property
+    def finished(self) -> trio.Event:
+        """Set once the connection task has ended, its whole subtree with it (at once,
+        if that happened before the first call)."""
+        if self._finished is None:
+            self._finished = trio.Event()
+            if self._ended:
+                self._finished.set()
+        return self._finished
+
+    def ended(self) -> None:
+        """The connection task ends: :attr:`finished` is set, now or when first made."""
+        self._ended = True
+        if self._finished is not None:
+            self._finished.set()
 
 
 #: new connections :meth:`Reconciler.apply_gradually` starts between two checkpoints
@@ -283,7 +303,7 @@ class Reconciler:
             if self.handles.get(conn.id) is handle:
                 del self.handles[conn.id]  # the next refresh starts it again
         finally:
-            handle.finished.set()
+            handle.ended()
 
     def _start_scans(self, nursery: trio.Nursery, handle: Handle, log: Logger) -> None:
         """The coalescer's starter: a scan task only while scans are pending."""
