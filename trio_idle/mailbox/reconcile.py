@@ -273,15 +273,12 @@ class Reconciler:
                     # only now: the old session's outcomes were classified with the old row
                     handle.health.rebind(conn)
                 async with trio.open_nursery() as nursery:
-                    handle.coalescer.attach(
-                        functools.partial(self._start_scans, nursery, handle, log)
-                    )
+                    subtree = _Subtree(self, nursery, handle, log)
+                    handle.coalescer.attach(subtree.start_scans)
                     if self._status_policy is not None:
-                        handle.health.attach(
-                            functools.partial(self._start_reports, nursery, handle, log)
-                        )
+                        handle.health.attach(subtree.start_reports)
                     folders = handle.memory.folders
-                    folders.on_new = functools.partial(self._attach_folder, nursery, handle, log)
+                    folders.on_new = subtree.attach_folder
                     for folder in folders.by_name.values():  # a credentials restart's
                         self._attach_folder(nursery, handle, log, folder)
                     try:
@@ -430,6 +427,27 @@ class Reconciler:
                 }
             )
         return out
+
+
+@attrs.define(eq=False, weakref_slot=False)
+class _Subtree:
+    """A running connection's nursery and what its starters need: the starters handed to
+    the coalescer, the account health and the folders are bound methods of this one
+    small object (a partial each cost its argument tuple and keyword dict too)."""
+
+    reconciler: Reconciler
+    nursery: trio.Nursery
+    handle: Handle
+    log: Logger
+
+    def start_scans(self) -> None:
+        self.reconciler._start_scans(self.nursery, self.handle, self.log)
+
+    def start_reports(self) -> None:
+        self.reconciler._start_reports(self.nursery, self.handle, self.log)
+
+    def attach_folder(self, folder: FolderMemory) -> None:
+        self.reconciler._attach_folder(self.nursery, self.handle, self.log, folder)
 
 
 def _iso(unix: float | None) -> str | None:
