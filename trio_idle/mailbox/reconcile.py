@@ -138,6 +138,8 @@ class Reconciler:
         self._scan_envelopes = w.scan_envelopes
         self._unreachable_after = account_health.unreachable_after
         self._status_policy: StatusPolicy | None = None
+        #: every connection's ``on_delivered``: one bound method, not a closure each
+        self._health_delivered = self._record_health
         if account_health.connection_status:
             self._status_policy = StatusPolicy(
                 w.backend_url + account_health.status_path,
@@ -255,13 +257,18 @@ class Reconciler:
         if store is None or not store.enabled:
             return AccountHealth(conn, unreachable_after)
         stored = store.reported_health(conn.id)
-        conn_id = conn.id
         return AccountHealth(
             conn,
             unreachable_after,
             reported=None if stored is None else Health(stored.state, stored.reason),
-            on_delivered=lambda h: store.record_health(conn_id, h.state, h.reason),
+            on_delivered=self._health_delivered,
         )
+
+    def _record_health(self, conn_id: str, health: Health) -> None:
+        """What the backend accepted for ``conn_id``, kept for the next start."""
+        store = self._env.store
+        if store is not None:
+            store.record_health(conn_id, health.state, health.reason)
 
     async def _run(self, handle: Handle, predecessor: Handle | None) -> None:
         conn = handle.conn
