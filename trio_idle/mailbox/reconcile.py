@@ -78,7 +78,7 @@ def _no_folder_hook(folder: FolderMemory) -> None:
     """Between two connection subtrees no folder gets a scan task."""
 
 
-@attrs.define
+@attrs.define(weakref_slot=False)
 class Handle:
     """A running connection: its spec, the scope that owns its subtree, its state."""
 
@@ -87,27 +87,29 @@ class Handle:
     memory: ConnectionMemory
     coalescer: ScanCoalescer
     health: AccountHealth
-    #: the connection task has ended (:meth:`ended`)
-    _ended: bool = False
-    #: :attr:`finished`, made by its first waiter: only a restarted connection's
-    #: successor (and tests) wait for it, so most connections never hold an Event
-    _finished: trio.Event | None = None
+    #: :attr:`finished` once a waiter made it; until then whether the connection task
+    #: ended. Only a restarted connection's successor (and tests) wait for the end, so
+    #: most connections never hold an Event.
+    _finished: trio.Event | bool = False
 
     @property
     def finished(self) -> trio.Event:
         """Set once the connection task has ended, its whole subtree with it (at once,
         if that happened before the first call)."""
-        if self._finished is None:
-            self._finished = trio.Event()
-            if self._ended:
-                self._finished.set()
-        return self._finished
+        finished = self._finished
+        if isinstance(finished, trio.Event):
+            return finished
+        event = self._finished = trio.Event()
+        if finished:
+            event.set()
+        return event
 
     def ended(self) -> None:
         """The connection task ends: :attr:`finished` is set, now or when first made."""
-        self._ended = True
-        if self._finished is not None:
+        if isinstance(self._finished, trio.Event):
             self._finished.set()
+        else:
+            self._finished = True
 
 
 #: new connections :meth:`Reconciler.apply_gradually` starts between two checkpoints
