@@ -180,6 +180,11 @@ class AccountHealth:
             self._cell.set(health)
         self._kick()
 
+    #: the health is the session's outcome hook itself
+    #: (:attr:`~trio_idle.mailbox.session.ConnectionMemory.on_outcome`): a reference to it
+    #: costs nothing, a bound ``observe`` would be one more object per connection
+    __call__ = observe
+
     def snapshot(self) -> dict[str, Any] | None:
         """For ``/status``: the current classification, since when, and what the backend
         was last told (``None`` before the first outcome)."""

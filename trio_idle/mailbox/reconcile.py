@@ -246,7 +246,7 @@ class Reconciler:
             health = predecessor.health
         else:
             health = self._new_health(conn)
-            memory.on_outcome = health.observe
+            memory.on_outcome = health  # its observe
         handle = Handle(conn, trio.CancelScope(), memory, coalescer, health)
         self.handles[conn.id] = handle
         self._nursery.start_soon(self._run, handle, predecessor, name=f"conn:{conn.id}")
