@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import loguru
 import pytest
@@ -133,6 +134,30 @@ def test_the_email_is_left_out_unless_allowed() -> None:
         if fmt == "json":
             assert all("email" not in line for line in _json_lines(stream))
             assert _json_lines(stream)[0]["connection_id"] == "c-9"
+
+
+def test_a_session_loggers_lines_carry_its_fields_and_name_their_caller() -> None:
+    # the session logger binds the connection's fields as each line is written: every
+    # level, plain or with more fields bound, gets them, and the record names the code
+    # that wrote the line (module, function, line), as a logger bound up front did
+    records: list[Any] = []
+    logger.remove()
+    logger.add(lambda message: records.append(message.record), format="{message}")
+    log = logs.session_logger("carol@example.test", "c-3", "imap.example.test")
+    log.info("[idle/carol@example.test] connected (imap.example.test:993)")
+    log.warning("[idle/carol@example.test] connection lost: EOF")
+    log.error("[idle/carol@example.test] authentication failed: NO")
+    log.bind(error_kind="tls", connection_id="c-4").warning("[idle/carol@example.test] x")
+    fields = {"mailbox": "carol@example.test", "connection_id": "c-3", "host": "imap.example.test"}
+    assert [r["extra"] for r in records] == [
+        fields,
+        fields,
+        fields,
+        {**fields, "connection_id": "c-4", "error_kind": "tls"},
+    ]
+    assert [r["level"].name for r in records][:3] == ["INFO", "WARNING", "ERROR"]
+    me = sys._getframe().f_code.co_name
+    assert all(r["function"] == me and r["name"] == __name__ for r in records)
 
 
 def test_every_documented_event_name_is_in_the_operations_doc() -> None:

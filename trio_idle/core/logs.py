@@ -23,9 +23,12 @@ import re
 import sys
 import traceback
 from collections.abc import Iterable, Mapping
-from typing import Any, Final, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Final, Protocol, TextIO
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    import loguru
 
 from trio_idle.core.scrub import Scrubber, Scrubs, escape_controls
 
@@ -314,10 +317,52 @@ def log_internal_error(log: Logger, where: str, exc: BaseException, scrub: Scrub
     )
 
 
+class _SessionLogger:
+    """A session's logger: loguru's, with the connection's fields bound when a line is
+    written instead of held. A bound loguru logger keeps its own options tuple and
+    fields dict (~370 bytes) for the whole life of the session; this keeps three
+    references. Each line gets exactly the fields (and the caller's module, function
+    and line) ``logger.bind(mailbox=…, connection_id=…, host=…)`` gave it."""
+
+    __slots__ = ("_connection_id", "_email", "_host")
+
+    def __init__(self, email: str, connection_id: str, host: str | None) -> None:
+        self._email = email
+        self._connection_id = connection_id
+        self._host = host
+
+    def bind(self, **fields: Any) -> Logger:
+        bound: Logger = logger.bind(
+            **{
+                "mailbox": self._email,
+                "connection_id": self._connection_id,
+                "host": self._host,
+                **fields,
+            }
+        )
+        return bound
+
+    def info(self, message: str, /) -> None:
+        self._line().info(message)
+
+    def warning(self, message: str, /) -> None:
+        self._line().warning(message)
+
+    def error(self, message: str, /) -> None:
+        self._line().error(message)
+
+    def _line(self) -> loguru.Logger:
+        # depth=1: the record names our caller, as a bound logger's would
+        return logger.bind(
+            mailbox=self._email, connection_id=self._connection_id, host=self._host
+        ).opt(depth=1)
+
+
 def session_logger(email: str, connection_id: str, host: str | None = None) -> Logger:
     """A logger whose JSON records carry the connection (id, IMAP host, email); text
-    lines carry the ``[idle/<email>]`` prefix the caller writes."""
-    return logger.bind(mailbox=email, connection_id=connection_id, host=host)
+    lines carry the ``[idle/<email>]`` prefix the caller writes. It holds only the three
+    values; they are bound to each line as it is written."""
+    return _SessionLogger(email, connection_id, host)
 
 
 def human_duration(seconds: float) -> str:

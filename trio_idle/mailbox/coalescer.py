@@ -26,7 +26,7 @@ from trio_idle.core.limiter import Pacer
 PACED_REASONS: Final = frozenset({"startup", "reconnect"})
 
 
-@attrs.define
+@attrs.define(weakref_slot=False)  # one per mailbox and folder: no weakref slot to carry
 class ScanCoalescer:
     """A pending counter (0 or 1) and the scan task's starter: at most one scan active and
     one pending per mailbox, however many requests arrive (a burst or an outage never

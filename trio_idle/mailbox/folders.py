@@ -107,7 +107,7 @@ _NONE: Final[Mapping[str, FolderMemory]] = MappingProxyType({})
 _NO_NAMES: Final[Mapping[str, str]] = MappingProxyType({})
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, weakref_slot=False)  # one per connection: no weakref slot
 class Folders:
     """A connection's folders beside the selected mailbox: their memories, the folders
     already reported missing (once per connection row, never in a loop), and the

@@ -95,7 +95,7 @@ class AccountHealth:
     hook (:meth:`observe`), the cell its reporter waits on, and the starter of that
     reporter (:meth:`attach`)."""
 
-    __slots__ = ("_on_delivered", "_running", "_start", "cell", "conn", "preset", "tracker")
+    __slots__ = ("_cell", "_on_delivered", "_running", "_start", "conn", "preset", "tracker")
 
     def __init__(
         self,
@@ -103,26 +103,36 @@ class AccountHealth:
         unreachable_after: float,
         *,
         reported: Health | None = None,
-        on_delivered: Callable[[Health], None] | None = None,
+        on_delivered: Callable[[str, Health], None] | None = None,
     ) -> None:
         """``reported``: what the backend was told before this process started (the
         state store's, :meth:`~trio_idle.state.store.StateStore.reported_health`): a
         first classification equal to it is not reported again. ``on_delivered`` is told
-        each health the backend accepted (or refused for good); it must never block."""
+        the connection id and each health the backend accepted (or refused for good); it
+        must never block (one callable serves every connection)."""
         self.tracker = HealthTracker(unreachable_after, reported=reported)
-        self.cell: LatestValue[Health | None] = LatestValue(None)
+        self._cell: LatestValue[Health | None] | None = None
         self.conn = conn
         self.preset: Preset = connection_preset(conn.provider, conn.email, conn.host)
         self._start: Callable[[], None] | None = None
         self._running = False
         self._on_delivered = on_delivered
 
+    @property
+    def cell(self) -> LatestValue[Health | None]:
+        """The newest classification, for the reporter to wait on: made by the reporter
+        (its versions count from then), kept while one runs, so a connection without a
+        reporter holds none."""
+        if self._cell is None:
+            self._cell = LatestValue(self.tracker.current)
+        return self._cell
+
     def delivered(self, report: Report) -> None:
         """The backend has ``report`` (or refused it for good): not sent again, in this
         process and (through ``on_delivered``) after a restart."""
         self.tracker.delivered(report)
         if self._on_delivered is not None:
-            self._on_delivered(report.health)
+            self._on_delivered(self.conn.id, report.health)
 
     def attach(self, start: Callable[[], None]) -> None:
         """From now on an outcome that leaves a report due or debounced, with no reporter
@@ -142,8 +152,10 @@ class AccountHealth:
         return t.due(trio.current_time()) is not None or t.next_due() is not None
 
     def reporter_ended(self) -> None:
-        """The started reporter ended (nothing left, or cancelled)."""
+        """The started reporter ended (nothing left, or cancelled); its cell goes with it
+        (the next reporter counts versions from its own start)."""
         self._running = False
+        self._cell = None
 
     def _kick(self) -> None:
         if self._start is not None and not self._running and self.wanted():
@@ -164,8 +176,14 @@ class AccountHealth:
         if health is None:
             return
         self.tracker.observe(health, trio.current_time(), time.time())
-        self.cell.set(health)
+        if self._cell is not None:  # a reporter runs: wake it
+            self._cell.set(health)
         self._kick()
+
+    #: the health is the session's outcome hook itself
+    #: (:attr:`~trio_idle.mailbox.session.ConnectionMemory.on_outcome`): a reference to it
+    #: costs nothing, a bound ``observe`` would be one more object per connection
+    __call__ = observe
 
     def snapshot(self) -> dict[str, Any] | None:
         """For ``/status``: the current classification, since when, and what the backend

@@ -91,7 +91,7 @@ def _no_folder_sessions(names: tuple[str, ...]) -> None:
     """Between two connection subtrees no folder gets a session of its own."""
 
 
-@attrs.define
+@attrs.define(weakref_slot=False)
 class Handle:
     """A running connection: its spec, the scope that owns its subtree, its state."""
 
@@ -100,9 +100,31 @@ class Handle:
     memory: ConnectionMemory
     coalescer: ScanCoalescer
     health: AccountHealth
-    finished: trio.Event = attrs.field(factory=trio.Event)
     #: the folder sessions running in its subtree (idle mode), by server folder; None: none
     folder_scopes: dict[str, trio.CancelScope] | None = None
+    #: :attr:`finished` once a waiter made it; until then whether the connection task
+    #: ended. Only a restarted connection's successor (and tests) wait for the end, so
+    #: most connections never hold an Event.
+    _finished: trio.Event | bool = False
+
+    @property
+    def finished(self) -> trio.Event:
+        """Set once the connection task has ended, its whole subtree with it (at once,
+        if that happened before the first call)."""
+        finished = self._finished
+        if isinstance(finished, trio.Event):
+            return finished
+        event = self._finished = trio.Event()
+        if finished:
+            event.set()
+        return event
+
+    def ended(self) -> None:
+        """The connection task ends: :attr:`finished` is set, now or when first made."""
+        if isinstance(self._finished, trio.Event):
+            self._finished.set()
+        else:
+            self._finished = True
 
 
 #: new connections :meth:`Reconciler.apply_gradually` starts between two checkpoints
@@ -133,6 +155,8 @@ class Reconciler:
         self._scan_envelopes = w.scan_envelopes
         self._unreachable_after = account_health.unreachable_after
         self._status_policy: StatusPolicy | None = None
+        #: every connection's ``on_delivered``: one bound method, not a closure each
+        self._health_delivered = self._record_health
         if account_health.connection_status:
             self._status_policy = StatusPolicy(
                 w.backend_url + account_health.status_path,
@@ -237,7 +261,7 @@ class Reconciler:
             health = predecessor.health
         else:
             health = self._new_health(conn)
-            memory.on_outcome = health.observe
+            memory.on_outcome = health  # its observe
         handle = Handle(conn, trio.CancelScope(), memory, coalescer, health)
         self.handles[conn.id] = handle
         self._nursery.start_soon(self._run, handle, predecessor, name=f"conn:{conn.id}")
@@ -250,13 +274,18 @@ class Reconciler:
         if store is None or not store.enabled:
             return AccountHealth(conn, unreachable_after)
         stored = store.reported_health(conn.id)
-        conn_id = conn.id
         return AccountHealth(
             conn,
             unreachable_after,
             reported=None if stored is None else Health(stored.state, stored.reason),
-            on_delivered=lambda h: store.record_health(conn_id, h.state, h.reason),
+            on_delivered=self._health_delivered,
         )
+
+    def _record_health(self, conn_id: str, health: Health) -> None:
+        """What the backend accepted for ``conn_id``, kept for the next start."""
+        store = self._env.store
+        if store is not None:
+            store.record_health(conn_id, health.state, health.reason)
 
     async def _run(self, handle: Handle, predecessor: Handle | None) -> None:
         conn = handle.conn
@@ -268,16 +297,13 @@ class Reconciler:
                     # only now: the old session's outcomes were classified with the old row
                     handle.health.rebind(conn)
                 async with trio.open_nursery() as nursery:
-                    handle.coalescer.attach(
-                        functools.partial(self._start_scans, nursery, handle, log)
-                    )
+                    subtree = _Subtree(self, nursery, handle, log)
+                    handle.coalescer.attach(subtree.start_scans)
                     if self._status_policy is not None:
-                        handle.health.attach(
-                            functools.partial(self._start_reports, nursery, handle, log)
-                        )
+                        handle.health.attach(subtree.start_reports)
                     folders = handle.memory.folders
-                    folders.on_new = functools.partial(self._attach_folder, nursery, handle, log)
-                    folders.on_own = functools.partial(self._own_folders, nursery, handle, log)
+                    folders.on_new = subtree.attach_folder
+                    folders.on_own = subtree.own_folders
                     for folder in folders.by_name.values():  # a credentials restart's
                         self._attach_folder(nursery, handle, log, folder)
                     try:
@@ -301,7 +327,7 @@ class Reconciler:
             if self.handles.get(conn.id) is handle:
                 del self.handles[conn.id]  # the next refresh starts it again
         finally:
-            handle.finished.set()
+            handle.ended()
 
     def _start_scans(self, nursery: trio.Nursery, handle: Handle, log: Logger) -> None:
         """The coalescer's starter: a scan task only while scans are pending."""
@@ -491,6 +517,30 @@ class Reconciler:
                 }
             )
         return out
+
+
+@attrs.define(eq=False, weakref_slot=False)
+class _Subtree:
+    """A running connection's nursery and what its starters need: the starters handed to
+    the coalescer, the account health and the folders are bound methods of this one
+    small object (a partial each cost its argument tuple and keyword dict too)."""
+
+    reconciler: Reconciler
+    nursery: trio.Nursery
+    handle: Handle
+    log: Logger
+
+    def start_scans(self) -> None:
+        self.reconciler._start_scans(self.nursery, self.handle, self.log)
+
+    def start_reports(self) -> None:
+        self.reconciler._start_reports(self.nursery, self.handle, self.log)
+
+    def attach_folder(self, folder: FolderMemory) -> None:
+        self.reconciler._attach_folder(self.nursery, self.handle, self.log, folder)
+
+    def own_folders(self, names: tuple[str, ...]) -> None:
+        self.reconciler._own_folders(self.nursery, self.handle, self.log, names)
 
 
 def _iso(unix: float | None) -> str | None:

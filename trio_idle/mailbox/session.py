@@ -202,6 +202,29 @@ class SessionEnv:
         default=lambda conn: preset_named(conn.provider).max_connections, repr=False
     )
 
+    #: the reconnect schedule and the authentication failures' schedule, made once from
+    #: ``backoff`` for every session (each session keeps only its attempt counters)
+    reconnect_policy: BackoffPolicy = attrs.field(
+        init=False,
+        default=attrs.Factory(
+            lambda env: BackoffPolicy(
+                env.backoff.backoff_initial,
+                env.backoff.backoff_max,
+                env.backoff.backoff_reset_after,
+            ),
+            takes_self=True,
+        ),
+    )
+    auth_policy: BackoffPolicy = attrs.field(
+        init=False,
+        default=attrs.Factory(
+            lambda env: BackoffPolicy(
+                env.backoff.auth_backoff, env.backoff.auth_backoff_max, float("inf")
+            ),
+            takes_self=True,
+        ),
+    )
+
 
 async def run_folder_session(
     conn: MailConnection, env: SessionEnv, folder: FolderMemory, log: Logger
@@ -257,15 +280,8 @@ async def run_session(
     # may quote the token it refused): every outcome becomes text in one place, with
     # every secret of this connection, before it is logged, stored or told to the health.
     secrets = ConnectionSecrets.of(conn)
-    backoff = Backoff(
-        BackoffPolicy(
-            env.backoff.backoff_initial, env.backoff.backoff_max, env.backoff.backoff_reset_after
-        ),
-        env.rng,
-    )
-    auth_backoff = Backoff(
-        BackoffPolicy(env.backoff.auth_backoff, env.backoff.auth_backoff_max, float("inf")), env.rng
-    )
+    backoff = Backoff(env.reconnect_policy, env.rng)
+    auth_backoff = Backoff(env.auth_policy, env.rng)
     # OAuth2: a refused token is replaced at once by a fresh one (force) and tried once
     # more before it counts as an auth failure; until a sign-in succeeds, every later
     # attempt asks for a fresh token too (the cached one was refused).
