@@ -17,7 +17,15 @@ synchronous and cheap (it only writes). One that raises is logged and counted
 (``internal_errors``), never ends the ticker, and the others still run. The ticker runs
 until cancelled (its owner's scope: the daemon's root nursery, cancelled at shutdown);
 entries of ended sessions are dropped when they come due (each session's
-:class:`IdleTimers` is told it ended).
+:class:`IdleTimers` is told it ended). After :data:`BATCH` entries in one pass the ticker
+checkpoints, so a large batch does not hold the loop.
+
+Entries are plain data, no closure per entry (at 10,000 sessions every session holds one):
+a session's next restart is ``(when, seq, its IdleTimers, generation)``, stale once the
+generation moved on; the restarts written in one pass share one entry for their checks,
+``(when, seq, [(IdleTimers, restart number), ...], 0)``, due one command timeout later
+and run in one pass, so a batch of ticks costs the ticker one wake-up for the writes and
+one for the checks, whatever its size. :meth:`Ticker.call_at` takes any callback too.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from typing import Final
+from typing import Final, TypeAlias
 
 import trio
 
@@ -37,17 +45,29 @@ from trio_idle.imap.connector import RestartWriter
 #: due times are rounded up to this (seconds), so due sessions are handled in batches:
 #: ticks are jittered over minutes, a few milliseconds late costs nothing
 GRANULARITY: Final = 0.02
-#: callbacks run per batch before the ticker lets other tasks run
+#: entries run per batch before the ticker lets other tasks run
 BATCH: Final = 500
+
+#: the checks of the restarts one pass wrote: (timers, restart number) each
+_Checks: TypeAlias = "list[tuple[IdleTimers, int]]"
+#: what an entry runs: a session's restart (with its generation), a pass's checks, or
+#: a callback (:meth:`Ticker.call_at`)
+_Target: TypeAlias = "IdleTimers | _Checks | Callable[[], None]"
+
+
+def _slot(when: float) -> float:
+    """``when`` rounded up to the ticker's grid (:data:`GRANULARITY`)."""
+    return math.ceil(when / GRANULARITY) * GRANULARITY
 
 
 class Ticker:
-    """Calls synchronous callbacks at their due time, from one task (see module doc)."""
+    """Runs sessions' restarts, their checks and callbacks at their due time, from one
+    task (see module doc)."""
 
     __slots__ = ("_heap", "_log", "_scope", "_seq", "_stats")
 
     def __init__(self, stats: Stats | None = None, log: Logger | None = None) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._heap: list[tuple[float, int, _Target, int]] = []
         self._seq = 0
         self._scope: trio.CancelScope | None = None
         self._stats = stats
@@ -59,15 +79,21 @@ class Ticker:
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
         """Run ``callback()`` in the ticker's task at ``when`` (trio's clock) or soon after.
         Synchronous; never blocks."""
-        when = math.ceil(when / GRANULARITY) * GRANULARITY
+        self._push(when, callback, 0)
+
+    def _push(self, when: float, target: _Target, number: int) -> None:
+        when = _slot(when)
         self._seq += 1
-        heapq.heappush(self._heap, (when, self._seq, callback))
+        # checks before restarts due at the same time: a session's check was due before
+        # its next restart was (it is pushed later, after the pass that rescheduled it)
+        seq = -self._seq if type(target) is list else self._seq
+        heapq.heappush(self._heap, (when, seq, target, number))
         scope = self._scope
         if scope is not None and when < scope.deadline:
             scope.deadline = when
 
     async def run(self) -> None:
-        """Run callbacks as they come due, until cancelled."""
+        """Run entries as they come due, until cancelled."""
         heap = self._heap
         while True:
             with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
@@ -76,20 +102,48 @@ class Ticker:
             self._scope = None
             now = trio.current_time()
             ran = 0
+            # the checks of the restarts written in this pass, by due time (one entry
+            # each: with one command timeout for every session, a single one)
+            checks: dict[float, _Checks] = {}
             while heap and heap[0][0] <= now:
-                _, _, callback = heapq.heappop(heap)
-                try:
-                    callback()
-                except Exception as exc:  # one session's bug must not stop every tick
-                    if self._stats is not None:
-                        self._stats.inc("internal_errors")
-                    if self._log is not None:
-                        log_internal_error(self._log, "[idle/ticker]", exc, PLAIN)
+                _, _, target, number = heapq.heappop(heap)
                 ran += 1
+                # each entry in its own try: one session's bug must not stop every tick
+                if isinstance(target, IdleTimers):
+                    try:
+                        restart = target._due(number, now)
+                    except Exception as exc:
+                        self._failed(exc)
+                        continue
+                    if restart is not None:
+                        when = _slot(now + target.timeout)
+                        batch = checks.get(when)
+                        if batch is None:
+                            batch = checks[when] = []
+                            self._push(when, batch, 0)
+                        batch.append((target, restart))
+                elif isinstance(target, list):
+                    ran += len(target) - 1
+                    for timers, restart in target:
+                        try:
+                            timers._check(restart)
+                        except Exception as exc:
+                            self._failed(exc)
+                else:
+                    try:
+                        target()
+                    except Exception as exc:
+                        self._failed(exc)
                 if ran >= BATCH:
                     ran = 0
                     await trio.lowlevel.checkpoint()
                     now = trio.current_time()
+
+    def _failed(self, exc: Exception) -> None:
+        if self._stats is not None:
+            self._stats.inc("internal_errors")
+        if self._log is not None:
+            log_internal_error(self._log, "[idle/ticker]", exc, PLAIN)
 
 
 class IdleTimers:
@@ -189,30 +243,33 @@ class IdleTimers:
         if ticker is None or self._link is None:
             return
         self._generation += 1
-        generation = self._generation
-        ticker.call_at(self.due_at, lambda: self._due(generation))
+        ticker._push(self.due_at, self, self._generation)
 
-    def _due(self, generation: int) -> None:
+    def _due(self, generation: int, now: float) -> int | None:
+        """The ticker's entry came due: write the restart and return its number (the
+        ticker checks it by the command timeout), or None (stale, early, or handed to
+        the session)."""
         link = self._link
         if link is None or generation != self._generation:
-            return  # ended, or rescheduled since
-        now = trio.current_time()
+            return None  # ended, or rescheduled since
         if now < self.due_at:
             self._schedule()
-            return
+            return None
         number = link.begin_restart(noop=now >= self.next_tick)
         if number is None:
             # the session does it (it may be busy, e.g. fetching for a scan: then it
             # finds the restart due when it is done)
             if self.wake is not None:
                 self.wake.cancel()
-            return
-        assert self._ticker is not None
+            return None
         self._stats.inc("idle_restarts", "ticker")
         self.take_due(now)
-        self._ticker.call_at(now + self.timeout, lambda: self._check(link, number))
         self._schedule()
+        return number
 
-    def _check(self, link: RestartWriter, number: int) -> None:
-        if self._link is link:
+    def _check(self, number: int) -> None:
+        """Restart ``number``'s answers are due: a link that has not had them all is
+        dead (:meth:`RestartWriter.check_restart`)."""
+        link = self._link
+        if link is not None:  # a session that ended has nothing left to check
             link.check_restart(number)
