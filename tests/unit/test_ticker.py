@@ -12,7 +12,7 @@ import trio.testing
 from trio_idle_testing.recording_log import RecordingLog
 
 from trio_idle.core.stats import Stats
-from trio_idle.mailbox.ticker import BATCH, GRANULARITY, IdleTimers, Ticker
+from trio_idle.mailbox.ticker import BATCH, CHECK_GRANULARITY, GRANULARITY, IdleTimers, Ticker
 
 
 async def test_callbacks_run_in_due_order_never_early(
@@ -122,7 +122,7 @@ async def test_ticks_renewals_and_checks_on_time(autojump_clock: trio.testing.Mo
     assert log.texts() == ["[idle/x] idle renewing (25min threshold)"]
     # each restart is checked by the command timeout (30 s) after it was written
     for (begun_at, _), (checked_at, _number) in zip(link.begun, link.checked, strict=False):
-        assert 30 <= checked_at - begun_at <= 30 + 2 * GRANULARITY
+        assert 30 <= checked_at - begun_at <= 30 + CHECK_GRANULARITY + GRANULARITY
     assert [n for _, n in link.checked] == list(range(1, len(link.checked) + 1))
     assert stats.get("idle_restarts", "ticker") == len(link.begun)
 
@@ -197,7 +197,7 @@ async def test_the_checks_of_one_pass_are_one_entry_run_together(
     assert checked[1] == []
     assert checked[0] == checked[2] and len(checked[0]) == 1
     (at, number) = checked[0][0]
-    assert number == 1 and 30 <= at - links[0].begun[0][0] <= 30 + 2 * GRANULARITY
+    assert number == 1 and 30 <= at - links[0].begun[0][0] <= 30 + CHECK_GRANULARITY + GRANULARITY
     assert stats.get("internal_errors") == 0
 
 
@@ -296,3 +296,23 @@ async def test_a_large_batch_lets_other_tasks_run_every_batch_entries(
     # BATCH entries per step: the ticker yields (a checkpoint) between two batches
     first = seen[0]
     assert seen == [first] * BATCH + [first + 1] * BATCH + [first + 2]
+
+
+async def test_checks_of_passes_within_a_check_slot_share_one_wake_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # sessions ticking 0.1 s apart: one pass each for their writes, one for all checks
+    stats, log = Stats(), RecordingLog()
+    ticker = Ticker(stats, log)
+    start = trio.current_time()
+    links = [Link() for _ in range(5)]
+    for i, link in enumerate(links):
+        t = timers(link, ticker, stats, log, start)
+        t.next_tick = start + 120.1 + 0.1 * i  # checks due 150.1-150.5: slot 151
+        t.start()
+    with trio.move_on_after(160):
+        await ticker.run()
+    written = {at for link in links for at, _ in link.begun}
+    checked = {at for link in links for at, _ in link.checked}
+    assert len(written) == 5 and len(checked) == 1
+    assert min(checked) >= max(written) + 30 and min(checked) <= min(written) + 30 + 1

@@ -12,7 +12,9 @@ then checks, by the command timeout, that the answers came
 found exactly as before, with the same error (``no answer to NOOP within 30s``).
 
 Guarantees: callbacks run in the ticker's task, in due order, never before their time
-and late by at most :data:`GRANULARITY` plus the loop's own delay; a callback must be
+and late by at most :data:`GRANULARITY` plus the loop's own delay (a restart's check: by
+at most :data:`CHECK_GRANULARITY`, so a half-open connection is found within the command
+timeout plus that); a callback must be
 synchronous and cheap (it only writes). One that raises is logged and counted
 (``internal_errors``), never ends the ticker, and the others still run. The ticker runs
 until cancelled (its owner's scope: the daemon's root nursery, cancelled at shutdown);
@@ -24,8 +26,11 @@ Entries are plain data, no closure per entry (at 10,000 sessions every session h
 a session's next restart is ``(when, seq, its IdleTimers, generation)``, stale once the
 generation moved on; the restarts written in one pass share one entry for their checks,
 ``(when, seq, [(IdleTimers, restart number), ...], 0)``, due one command timeout later
-and run in one pass, so a batch of ticks costs the ticker one wake-up for the writes and
-one for the checks, whatever its size. :meth:`Ticker.call_at` takes any callback too.
+and run in one pass. Checks are due on a coarser grid (:data:`CHECK_GRANULARITY`) than
+restarts: with ticks jittered over minutes, most passes write one or two sessions' ticks,
+and a check of its own for each would wake the loop once more per tick; on the coarse
+grid the checks of every pass in that second share one wake-up. :meth:`Ticker.call_at`
+takes any callback too.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ from trio_idle.imap.connector import RestartWriter
 #: due times are rounded up to this (seconds), so due sessions are handled in batches:
 #: ticks are jittered over minutes, a few milliseconds late costs nothing
 GRANULARITY: Final = 0.02
+#: checks of restarts are due on this grid (seconds): a second late on a 30-second
+#: command timeout costs nothing, and one wake-up serves every check due in it
+CHECK_GRANULARITY: Final = 1.0
 #: entries run per batch before the ticker lets other tasks run
 BATCH: Final = 500
 
@@ -55,9 +63,9 @@ _Checks: TypeAlias = "list[tuple[IdleTimers, int]]"
 _Target: TypeAlias = "IdleTimers | _Checks | Callable[[], None]"
 
 
-def _slot(when: float) -> float:
+def _slot(when: float, grid: float = GRANULARITY) -> float:
     """``when`` rounded up to the ticker's grid (:data:`GRANULARITY`)."""
-    return math.ceil(when / GRANULARITY) * GRANULARITY
+    return math.ceil(when / grid) * grid
 
 
 class Ticker:
@@ -79,10 +87,10 @@ class Ticker:
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
         """Run ``callback()`` in the ticker's task at ``when`` (trio's clock) or soon after.
         Synchronous; never blocks."""
-        self._push(when, callback, 0)
+        self._push(_slot(when), callback, 0)
 
     def _push(self, when: float, target: _Target, number: int) -> None:
-        when = _slot(when)
+        """Add an entry due at ``when`` (on a grid already: :func:`_slot`)."""
         self._seq += 1
         # checks before restarts due at the same time: a session's check was due before
         # its next restart was (it is pushed later, after the pass that rescheduled it)
@@ -116,7 +124,7 @@ class Ticker:
                         self._failed(exc)
                         continue
                     if restart is not None:
-                        when = _slot(now + target.timeout)
+                        when = _slot(now + target.timeout, CHECK_GRANULARITY)
                         batch = checks.get(when)
                         if batch is None:
                             batch = checks[when] = []
@@ -243,7 +251,7 @@ class IdleTimers:
         if ticker is None or self._link is None:
             return
         self._generation += 1
-        ticker._push(self.due_at, self, self._generation)
+        ticker._push(_slot(self.due_at), self, self._generation)
 
     def _due(self, generation: int, now: float) -> int | None:
         """The ticker's entry came due: write the restart and return its number (the
