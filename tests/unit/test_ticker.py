@@ -310,7 +310,10 @@ async def test_checks_of_passes_within_a_check_slot_share_one_wake_up(
         t = timers(link, ticker, stats, log, start)
         t.next_tick = start + 120.1 + 0.1 * i  # checks due 150.1-150.5: slot 151
         t.start()
-    with trio.move_on_after(160):
+    with trio.move_on_after(121):
+        await ticker.run()
+    assert len(ticker) == 5 + 1  # five next restarts, one entry for the five checks
+    with trio.move_on_after(40):
         await ticker.run()
     written = {at for link in links for at, _ in link.begun}
     checked = {at for link in links for at, _ in link.checked}

@@ -9,14 +9,15 @@ the connection at once (:meth:`~trio_idle.imap.connector.RestartWriter.begin_res
 synchronous): the session task, still reading, wakes once, for the answers. The ticker
 then checks, by the command timeout, that the answers came
 (:meth:`~trio_idle.imap.connector.RestartWriter.check_restart`): a half-open connection is
-found exactly as before, with the same error (``no answer to NOOP within 30s``).
+found as before, with the same error (``no answer to NOOP within 30s``), at most
+:data:`CHECK_GRANULARITY` after the command timeout.
 
 Guarantees: callbacks run in the ticker's task, in due order, never before their time
 and late by at most :data:`GRANULARITY` plus the loop's own delay (a restart's check: by
 at most :data:`CHECK_GRANULARITY`, so a half-open connection is found within the command
-timeout plus that); a callback must be
-synchronous and cheap (it only writes). One that raises is logged and counted
-(``internal_errors``), never ends the ticker, and the others still run. The ticker runs
+timeout plus that); a callback must be synchronous and cheap (it only writes). One
+that raises is logged and counted (``internal_errors``), never ends the ticker, and the
+others still run. The ticker runs
 until cancelled (its owner's scope: the daemon's root nursery, cancelled at shutdown);
 entries of ended sessions are dropped when they come due (each session's
 :class:`IdleTimers` is told it ended). After :data:`BATCH` entries in one pass the ticker
@@ -24,13 +25,13 @@ checkpoints, so a large batch does not hold the loop.
 
 Entries are plain data, no closure per entry (at 10,000 sessions every session holds one):
 a session's next restart is ``(when, seq, its IdleTimers, generation)``, stale once the
-generation moved on; the restarts written in one pass share one entry for their checks,
-``(when, seq, [(IdleTimers, restart number), ...], 0)``, due one command timeout later
-and run in one pass. Checks are due on a coarser grid (:data:`CHECK_GRANULARITY`) than
-restarts: with ticks jittered over minutes, most passes write one or two sessions' ticks,
-and a check of its own for each would wake the loop once more per tick; on the coarse
-grid the checks of every pass in that second share one wake-up. :meth:`Ticker.call_at`
-takes any callback too.
+generation moved on; the checks of the restarts written one command timeout earlier,
+within one :data:`CHECK_GRANULARITY`, share one entry,
+``(when, seq, [(IdleTimers, restart number), ...], 0)``, run in one pass. Checks are
+due on that coarser grid than restarts: with ticks jittered over minutes, most passes
+write one or two sessions' ticks, and a check of its own for each would wake the loop
+once more per tick; on the coarse grid every check due in that second shares one
+wake-up. :meth:`Ticker.call_at` takes any callback too.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ _Target: TypeAlias = "IdleTimers | _Checks | Callable[[], None]"
 
 
 def _slot(when: float, grid: float = GRANULARITY) -> float:
-    """``when`` rounded up to the ticker's grid (:data:`GRANULARITY`)."""
+    """``when`` rounded up to the ticker's ``grid`` (restarts: :data:`GRANULARITY`)."""
     return math.ceil(when / grid) * grid
 
 
@@ -72,10 +73,12 @@ class Ticker:
     """Runs sessions' restarts, their checks and callbacks at their due time, from one
     task (see module doc)."""
 
-    __slots__ = ("_heap", "_log", "_scope", "_seq", "_stats")
+    __slots__ = ("_checks", "_heap", "_log", "_scope", "_seq", "_stats")
 
     def __init__(self, stats: Stats | None = None, log: Logger | None = None) -> None:
         self._heap: list[tuple[float, int, _Target, int]] = []
+        #: the entries of checks not yet due, by due time: restarts written later join them
+        self._checks: dict[float, _Checks] = {}
         self._seq = 0
         self._scope: trio.CancelScope | None = None
         self._stats = stats
@@ -110,11 +113,9 @@ class Ticker:
             self._scope = None
             now = trio.current_time()
             ran = 0
-            # the checks of the restarts written in this pass, by due time (one entry
-            # each: with one command timeout for every session, a single one)
-            checks: dict[float, _Checks] = {}
+            checks = self._checks
             while heap and heap[0][0] <= now:
-                _, _, target, number = heapq.heappop(heap)
+                due, _, target, number = heapq.heappop(heap)
                 ran += 1
                 # each entry in its own try: one session's bug must not stop every tick
                 if isinstance(target, IdleTimers):
@@ -131,6 +132,8 @@ class Ticker:
                             self._push(when, batch, 0)
                         batch.append((target, restart))
                 elif isinstance(target, list):
+                    if checks.get(due) is target:
+                        del checks[due]
                     ran += len(target) - 1
                     for timers, restart in target:
                         try:
