@@ -9,10 +9,11 @@ IDLE and the sink got its startup scan, the daemon counts its gc-tracked objects
 added, is what one more idle session costs — the fixed costs (the first session's
 caches, the loop, the modules) cancel out — and it is compared with ceilings.
 
-The ceilings are today's counts plus a small margin (docs/performance.md, "Memory per
-session": ``python -m bench.memory_probe --n 2000 --trace`` prints the same table per
-type). Lower them when a change takes objects away; a change that adds one to every
-session fails here and has to say why in docs/performance.md.
+The ceilings are today's counts plus a small margin (docs/performance.md, "Issue 27, the
+ticker ...", "Objects per session under a test"; ``python -m bench.memory_probe --n 2000
+--trace`` prints the same table per type at 2,000 sessions). Lower them when a change
+takes objects away; a change that adds one to every session fails here and has to say
+why in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ FIRST: Final = 100
 SESSIONS: Final = 200
 
 #: gc-tracked objects per idle plaintext session, every type (docs/performance.md,
-#: "Memory per session"): 107 when this test was written (110 before the ticker's entries
-#: became plain data); issue 27 aims at about half
+#: "Objects per session under a test"): 105.9-107.0 when this test was written (109.9
+#: before the ticker's entries became plain data); issue 27 aims at about half
 OBJECTS_PER_SESSION_MAX: Final = 110.0
 #: coroutine objects per session: the session's frames, waiting (13 when written)
 COROUTINES_PER_SESSION_MAX: Final = 13.0
