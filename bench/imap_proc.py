@@ -19,6 +19,9 @@ The control port speaks one JSON object per line each way (request → answer). 
                    ``stats`` is the wall time it listened again)
 ``drop_all``       reset every connection now; answers how many
 
+With ``"coalesce_replies": true`` in the spec the answers to commands that arrived
+together go out in one write (:class:`ImapTestServer`'s option; off by default).
+
 With ``"login_rate": r`` in the spec the server accepts at most ``r`` connections per
 second (a token bucket holding one second's worth): any more are greeted with
 ``* BYE [UNAVAILABLE]`` and closed, as a provider refusing a login burst would
@@ -59,6 +62,7 @@ class BenchServer:
             tls_context=context,
             implicit_tls=context is not None,
             log_limit=1000,
+            coalesce_replies=bool(spec.get("coalesce_replies", False)),
         )
         for user in spec["users"]:
             self.server.add_user(user, spec["password"])

@@ -107,6 +107,10 @@ class CommandFramer:
         """Number of bytes held (unframed input plus the partial command)."""
         return len(self._buf) + len(self._pending)
 
+    def has_line(self) -> bool:
+        """Whether a line end is buffered: another (pipelined) command may be complete."""
+        return b"\n" in self._buf
+
     def next_event(self) -> FramerEvent | None:
         """Return the next event, or ``None`` if more input is needed.
 

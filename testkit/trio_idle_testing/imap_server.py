@@ -110,6 +110,10 @@ class ImapTestServer:
     listener, ``tls_port``). ``idle_capability=False`` hides IDLE and rejects the command.
     ``uidvalidity``: UIDVALIDITY of new mailboxes (default: the current UNIX time).
     ``log_limit``: the :attr:`log` and :attr:`command_lines` keep the newest entries only.
+    ``coalesce_replies``: the answers to commands that arrived together (pipelined, e.g. a
+    client's ``DONE``, ``NOOP``, ``IDLE`` in one write) go out in one write, as servers
+    that cork their output do; a client that waits for each answer gets one write per
+    answer either way. Off by default: each answer is written as it is made.
 
     NOTIFY (RFC 5465): with :attr:`notify_capability` the server announces ``NOTIFY`` and
     accepts ``NOTIFY SET`` (and ``NOTIFY NONE``); while a client idles, each change of a
@@ -140,12 +144,14 @@ class ImapTestServer:
         *,
         uidvalidity: int | None = None,
         log_limit: int = 100_000,
+        coalesce_replies: bool = False,
     ) -> None:
         if implicit_tls and tls_context is None:
             raise ValueError("implicit_tls needs a tls_context")
         if keepalive_interval is not None and keepalive_interval <= 0:
             raise ValueError("keepalive_interval must be positive or None")
         self.keepalive_interval = keepalive_interval
+        self.coalesce_replies = coalesce_replies
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.idle_capability = idle_capability

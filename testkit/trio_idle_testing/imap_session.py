@@ -102,8 +102,8 @@ class ImapTestSession:
     """
 
     __slots__ = (
-        "_faults", "_framer", "_idle_tag", "_keepalive_at", "_known", "_notify", "_overflow",
-        "_raw", "_readonly",
+        "_faults", "_framer", "_idle_tag", "_keepalive_at", "_known", "_notify", "_out",
+        "_overflow", "_raw", "_readonly",
         "_sasl_failed", "_sasl_mech", "_sasl_tag", "_scope", "_seen_version", "_selected",
         "_server", "_stream", "_user", "_wake_scope", "_woken", "bye_text", "close_how", "id",
         "peer", "state", "tls",
@@ -136,6 +136,8 @@ class ImapTestSession:
         self._sasl_failed = False
         self._keepalive_at = math.inf
         self._wake_scope: trio.CancelScope | None = None
+        #: answers held back while more pipelined commands wait (``coalesce_replies``)
+        self._out = b""
         self._woken = False
         #: NOTIFY's mailboxes (not the selected one) → the version last pushed
         self._notify: dict[Mailbox, int] = {}
@@ -314,10 +316,21 @@ class ImapTestSession:
 
     async def _send(self, data: bytes) -> None:
         await self._pause_if_silent()
+        if self._out:
+            data, self._out = self._out + data, b""
+        if self._server.coalesce_replies and self._framer.has_line():
+            self._out = data  # the next command's answer takes it along
+            return
         await self._stream.send_all(data)
+
+    async def _flush(self) -> None:
+        if self._out:
+            data, self._out = self._out, b""
+            await self._stream.send_all(data)
 
     async def _fill(self) -> bool:
         """Wait for input, doing IDLE pushes and keepalives meanwhile. False on EOF."""
+        await self._flush()
         while True:
             self._woken = False
             await self._pause_if_silent()
@@ -472,6 +485,7 @@ class ImapTestSession:
         self._server._logged_out(self)
         self.state = State.LOGOUT
         await self._tagged(command, "OK", "LOGOUT completed", b"* BYE Logging out\r\n")
+        await self._flush()
         raise _EndSession
 
     # ---- not authenticated --------------------------------------------------------------
@@ -482,6 +496,7 @@ class ImapTestSession:
             await self._tagged(command, "BAD", "STARTTLS not available")
             return
         await self._tagged(command, "OK", "Begin TLS negotiation now")
+        await self._flush()
         self._framer.reset()  # plaintext pipelined after STARTTLS must not be executed
         self._stream = trio.SSLStream(self._raw, context, server_side=True)
         self.tls = True

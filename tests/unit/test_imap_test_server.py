@@ -257,6 +257,26 @@ async def test_idle_capability_can_be_disabled(nursery: trio.Nursery) -> None:
         assert tagged.startswith(b"t4 BAD")
 
 
+async def test_coalesced_replies_to_pipelined_commands_go_out_in_one_write(
+    nursery: trio.Nursery,
+) -> None:
+    srv = ImapTestServer(keepalive_interval=None, coalesce_replies=True)
+    srv.add_user(USER, PASSWORD)
+    await nursery.start(srv.serve)
+    with trio.fail_after(5):
+        client = await RawClient.connect(srv.port)
+        await client.login_select()  # one command at a time: answered at once, as always
+        tag = await client.idle()
+        await srv.wait_for(lambda: srv.idle_count(USER) == 1)
+        # a client's tick: DONE, NOOP, IDLE in one write; the answers in one write too
+        await client.send(b"DONE\r\nn1 NOOP\r\ni2 IDLE\r\n")
+        data = await client.stream.receive_some(65536)
+        assert data == tag + b" OK IDLE terminated\r\nn1 OK NOOP completed\r\n+ idling\r\n"
+        await srv.wait_for(lambda: srv.idle_count(USER) == 1)
+        srv.append(USER, MSG)  # a push in IDLE is not held back
+        assert await client.readline() == b"* 1 EXISTS"
+
+
 async def test_login_ok_and_refused(server: ImapTestServer) -> None:
     def session() -> tuple[str, list[bytes]]:
         with imaplib.IMAP4("127.0.0.1", server.port, timeout=5) as imap:
