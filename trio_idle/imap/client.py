@@ -671,43 +671,54 @@ class ImapConnection:
         step = _Step("DONE" if self._idle is not None else "UID SEARCH")
         try:
             old = await self._leave_idle(step, deadline)
-            step.name = "UID SEARCH"
-            protocol.capture = []
-            search = CapturedCommand(
-                "SEARCH", protocol.new_tag(), "UID", f"{since_uid}:*", prefix="UID"
-            )
-            response = await self._run_step(step, search, deadline)
-            if response.result != "OK":
-                raise ImapError(f"{step} failed: UID SEARCH failed: {response.result}")
-            # "n:*" also matches the highest UID when it is below n (RFC 3501 6.4.8)
-            uids = tuple(uid for uid in parse_search(protocol.capture) if uid >= since_uid)
-            envelopes: tuple[Envelope, ...] | None = None
-            if len(uids) <= limit:
-                envelopes = ()
-                if uids:
-                    step.name = "UID FETCH"
-                    protocol.capture = []
-                    # not aioimaplib's FetchCommand: it counts parentheses across the
-                    # lines, and a subject with an unbalanced "(" would leave it waiting
-                    fetch = CapturedCommand(
-                        "FETCH",
-                        protocol.new_tag(),
-                        ",".join(map(str, uids)),
-                        "(UID ENVELOPE RFC822.SIZE)",
-                        prefix="UID",
-                        untagged_resp_name="FETCH",
-                    )
-                    response = await self._run_step(step, fetch, deadline)
-                    if response.result != "OK":
-                        raise ImapError(f"{step} failed: UID FETCH failed: {response.result}")
-                    found = await self._parse_envelopes(protocol.capture, set(uids))
-                    envelopes = None if found is None else tuple(found)
+            mail = await self._search_and_fetch(step, since_uid, limit, deadline)
             protocol.capture = None
             if old is not None:
                 await self._resume_idle(step, deadline)
         finally:
             protocol.capture = None
         self._check()
+        return mail
+
+    async def _search_and_fetch(
+        self, step: _Step, since_uid: int, limit: int, deadline: float
+    ) -> NewMail:
+        """``UID SEARCH UID <since_uid>:*`` in the selected (or examined) mailbox and, for
+        at most ``limit`` messages found, ``UID FETCH`` of their envelopes, parsed in slices
+        (``envelopes`` None: too many, or an answer too costly to parse). Leaves
+        ``protocol.capture`` to the caller's ``finally``."""
+        protocol = self.protocol
+        step.name = "UID SEARCH"
+        protocol.capture = []
+        search = CapturedCommand(
+            "SEARCH", protocol.new_tag(), "UID", f"{since_uid}:*", prefix="UID"
+        )
+        response = await self._run_step(step, search, deadline)
+        if response.result != "OK":
+            raise ImapError(f"{step} failed: UID SEARCH failed: {response.result}")
+        # "n:*" also matches the highest UID when it is below n (RFC 3501 6.4.8)
+        uids = tuple(uid for uid in parse_search(protocol.capture) if uid >= since_uid)
+        envelopes: tuple[Envelope, ...] | None = None
+        if len(uids) <= limit:
+            envelopes = ()
+            if uids:
+                step.name = "UID FETCH"
+                protocol.capture = []
+                # not aioimaplib's FetchCommand: it counts parentheses across the
+                # lines, and a subject with an unbalanced "(" would leave it waiting
+                fetch = CapturedCommand(
+                    "FETCH",
+                    protocol.new_tag(),
+                    ",".join(map(str, uids)),
+                    "(UID ENVELOPE RFC822.SIZE)",
+                    prefix="UID",
+                    untagged_resp_name="FETCH",
+                )
+                response = await self._run_step(step, fetch, deadline)
+                if response.result != "OK":
+                    raise ImapError(f"{step} failed: UID FETCH failed: {response.result}")
+                found = await self._parse_envelopes(protocol.capture, set(uids))
+                envelopes = None if found is None else tuple(found)
         return NewMail(uids, envelopes)
 
     async def fetch_folder_new(
@@ -743,34 +754,7 @@ class ImapConnection:
             if examine.result != "OK":
                 raise ImapError(f"{step} failed: {examine.result}")
             examined = parse_mailbox_state(examine.lines)
-            step.name = "UID SEARCH"
-            protocol.capture = []
-            search = CapturedCommand(
-                "SEARCH", protocol.new_tag(), "UID", f"{since_uid}:*", prefix="UID"
-            )
-            response = await self._run_step(step, search, deadline)
-            if response.result != "OK":
-                raise ImapError(f"{step} failed: UID SEARCH failed: {response.result}")
-            uids = tuple(uid for uid in parse_search(protocol.capture) if uid >= since_uid)
-            envelopes: tuple[Envelope, ...] | None = None
-            if len(uids) <= limit:
-                envelopes = ()
-                if uids:
-                    step.name = "UID FETCH"
-                    protocol.capture = []
-                    fetch = CapturedCommand(
-                        "FETCH",
-                        protocol.new_tag(),
-                        ",".join(map(str, uids)),
-                        "(UID ENVELOPE RFC822.SIZE)",
-                        prefix="UID",
-                        untagged_resp_name="FETCH",
-                    )
-                    response = await self._run_step(step, fetch, deadline)
-                    if response.result != "OK":
-                        raise ImapError(f"{step} failed: UID FETCH failed: {response.result}")
-                    found = await self._parse_envelopes(protocol.capture, set(uids))
-                    envelopes = None if found is None else tuple(found)
+            mail = await self._search_and_fetch(step, since_uid, limit, deadline)
             protocol.capture = None
             step.name = f"SELECT {selected}"
             reselect = await self._run_step(
@@ -787,7 +771,7 @@ class ImapConnection:
         finally:
             protocol.capture = None
         self._check()
-        return FolderMail(NewMail(uids, envelopes), examined, back, exists_before)
+        return FolderMail(mail, examined, back, exists_before)
 
     async def list_folders(self) -> tuple[ListEntry, ...]:
         """The server's folders and their attributes: ``LIST "" "*"`` (with ``RETURN
