@@ -68,6 +68,12 @@ class CompareOptions:
     settle: float
     #: the baseline's imapflow ``autoIdleDelay`` in ms (None: imapflow's default, 15 s)
     node_idle_delay_ms: int | None = None
+    #: the IMAP server processes answer commands that arrived together in one write, as a
+    #: server that handles one read's pipelined commands before flushing its output does
+    #: (``coalesce_replies`` in bench.imap_proc; off: one write per answer). Fair
+    #: to both stacks: imapflow sends each command after the previous answer, so it
+    #: gets one write per answer either way; trio-idle pipelines DONE/NOOP/IDLE.
+    coalesce_replies: bool = False
     #: the loop-stall probe of both programs: timer period, and the lateness worth a line
     stall_period_ms: float = 20.0
     stall_log_ms: float = 5.0
@@ -154,6 +160,7 @@ async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> di
             "latency_seconds": opts.latency_seconds,
             "grace_s": opts.grace,
             "node_idle_delay_ms": opts.node_idle_delay_ms,
+            "coalesce_replies": opts.coalesce_replies,
             "stall_period_ms": opts.stall_period_ms,
             "stall_log_ms": opts.stall_log_ms,
             "refresh_midway": opts.refresh_midway,
@@ -166,8 +173,9 @@ async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> di
     async with trio.open_nursery() as nursery:
         await nursery.start(_serve_sink, sink)
         try:
+            extra = {"coalesce_replies": True} if opts.coalesce_replies else None
             for s in servers:
-                await s.start(workdir, opts.keepalive, tls_files)
+                await s.start(workdir, opts.keepalive, tls_files, extra)
             port_of = {u: (s.tls_port if tls else s.port) for s in servers for u in s.users}
             rows = [(u, port_of[u]) for u in users]
             node_env = {

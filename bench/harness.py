@@ -590,6 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--per-server", type=int, default=8000, help="max accounts per IMAP server process"
     )
+    p.add_argument(
+        "--coalesce-replies",
+        action="store_true",
+        help="with --compare: the IMAP servers answer commands that arrived together in "
+        "one write (a server flushing once per read of pipelined commands)",
+    )
     p.add_argument("--churn", type=float, default=0.1, help="reconcile fraction (0.1)")
     p.add_argument(
         "--skip-default", action="store_true", help="skip daemon A (default limiter, no ticks)"
@@ -791,6 +797,7 @@ def _compare_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         settle=2.0 if quick else 5.0,
         # imapflow waits 15 s after its last command before IDLE: too long for a check
         node_idle_delay_ms=200 if quick else None,
+        coalesce_replies=args.coalesce_replies,
         stall_period_ms=args.stall_period,
         refresh_midway=not args.no_refresh,
         settle_refresh=args.settle_refresh,
