@@ -3,6 +3,7 @@ in-memory wire that answers each command line as a server would."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import cast
 
@@ -23,13 +24,18 @@ NOTIFY_LINE = (
 
 class AnsweringWire:
     """The socket in memory: each command line written is answered by ``answer(tag,
-    rest)`` (the bytes the server sends back, read by the next receive)."""
+    rest)`` (the bytes the server sends back, read by the next read). The reader waits
+    on :attr:`socket`, one end of a socket pair that is always readable."""
+
+    unsent = False
 
     def __init__(self, answer: Callable[[bytes, bytes], bytes]) -> None:
         self.answer = answer
         self.lines: list[bytes] = []
         self.incoming: list[bytes] = []
         self.closed = False
+        self.socket, self._peer = socket.socketpair()
+        self._peer.send(b"x")  # never read: every wait for the socket returns at once
 
     def write(self, data: bytes) -> None:
         for line in data.split(b"\r\n"):
@@ -39,13 +45,16 @@ class AnsweringWire:
                 self.incoming.append(self.answer(tag, rest))
 
     def close(self) -> None:
-        self.closed = True
+        if not self.closed:
+            self.closed = True
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+            self._peer.close()
 
     def is_closing(self) -> bool:
         return self.closed
 
-    async def receive(self) -> bytes:
-        await trio.lowlevel.checkpoint()
+    def receive_nowait(self) -> bytes:
         return self.incoming.pop(0) if self.incoming else b""
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import inspect
 import itertools
+import socket
 from types import ModuleType
 from typing import cast
 
@@ -232,24 +233,32 @@ def test_a_tick_allocates_no_event_for_the_answers_that_change_nothing() -> None
 
 class Wire:
     """The connection's socket in memory: what was written, and the server's bytes
-    waiting to be read (a read takes one chunk; none left: the server closed)."""
+    waiting to be read (a read takes one chunk; none left: the server closed). The
+    reader waits on :attr:`socket`, one end of a socket pair that is always readable."""
+
+    unsent = False
 
     def __init__(self) -> None:
         self.written = b""
         self.incoming: list[bytes] = []
         self.closed = False
+        self.socket, self._peer = socket.socketpair()
+        self._peer.send(b"x")  # never read: every wait for the socket returns at once
 
     def write(self, data: bytes) -> None:
         self.written += data
 
     def close(self) -> None:
-        self.closed = True
+        if not self.closed:
+            self.closed = True
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+            self._peer.close()
 
     def is_closing(self) -> bool:
         return self.closed
 
-    async def receive(self) -> bytes:
-        await trio.lowlevel.checkpoint()
+    def receive_nowait(self) -> bytes:
         return self.incoming.pop(0) if self.incoming else b""
 
     def take(self) -> bytes:
@@ -284,7 +293,7 @@ def written_tags(data: bytes) -> list[str]:
 
 
 def server_sends(imap: ImapConnection, data: bytes) -> None:
-    """The session's read path gets ``data`` (what :meth:`ImapConnection._pump` does
+    """The session's read path gets ``data`` (what :meth:`ImapConnection._take` does
     with a read)."""
     imap.protocol.data_received(data)
 

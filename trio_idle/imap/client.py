@@ -160,34 +160,67 @@ class ImapConnection:
 
     # -- plumbing ----------------------------------------------------------------------
 
+    # The read loop's step, :meth:`_pump` (commands, LOGOUT), written out in :meth:`wait`
+    # too (an idle session): while parsed responses wait (:attr:`ImapProtocol.backlog`),
+    # checkpoint and parse the next batch of them without reading; else send what is
+    # unsent (:meth:`_flush`), then wait for the socket in the loop's own frame and take
+    # what it has (:meth:`_take`). One step parses at most
+    # :data:`~trio_idle.imap.aioimap.STEP_PARTS` lines and literals, so an answer of
+    # thousands of responses holds the loop for one batch at a time; cancelled at the
+    # checkpoint or the wait, nothing is lost (the batch waits for the next step, bytes
+    # are read only after the wait). A closed or broken connection is handed to the
+    # monitor (never raised); only cancellation escapes. No helper coroutine runs on
+    # the way to the socket: an idle session sleeps in :meth:`wait` itself.
+
     async def _pump(self) -> None:
-        """Read once and parse what came — or, while responses already read wait
-        (:attr:`ImapProtocol.backlog`), checkpoint and parse the next batch of them
-        without reading. Either way one call parses at most
-        :data:`~trio_idle.imap.aioimap.STEP_PARTS` lines and literals, so an answer of
-        thousands of responses holds the loop for one batch at a time. Cancelled at the
-        checkpoint, nothing is lost: the batch waits for the next call. A closed or
-        broken connection is handed to the monitor (never raised); only cancellation
-        escapes."""
+        """One step of the read loop (see above): for the loops that are not hot."""
         protocol = self.protocol
+        transport = self.transport
         if protocol.backlog:
             await trio.lowlevel.checkpoint()
             protocol.parse_some()
-            return
+        elif transport.unsent:
+            await self._flush()
+        elif transport.is_closing():
+            self._take()  # hands over what closed it
+        else:
+            try:
+                await trio.lowlevel.wait_readable(transport.socket)
+            except trio.ClosedResourceError:  # closed meanwhile (:meth:`check_restart`)
+                protocol.lost(None)
+            else:
+                self._take()
+
+    def _take(self) -> None:
+        """After the socket was readable: parse what it has (the first batch of it), or
+        hand a closed or broken connection to the monitor. Synchronous."""
+        protocol = self.protocol
+        transport = self.transport
         try:
-            data = await self.transport.receive()
-        except (TransportClosed, trio.ClosedResourceError):
+            data = transport.receive_nowait()
+        except TransportClosed:
             protocol.lost(None)
             return
         except OSError as exc:  # ssl.SSLError included
-            self.transport.close()
+            transport.close()
             protocol.lost(exc)
             return
         if data:
             protocol.data_received(data)
-        else:
-            self.transport.close()
+        elif data is not None:  # the server closed it
+            transport.close()
             protocol.lost(None)
+
+    async def _flush(self) -> None:
+        """Send what is unsent before reading; a connection that breaks meanwhile is
+        handed to the monitor."""
+        try:
+            await self.transport.flush()
+        except (TransportClosed, trio.ClosedResourceError):
+            self.protocol.lost(None)
+        except OSError as exc:
+            self.transport.close()
+            self.protocol.lost(exc)
 
     async def _until(
         self, what: str | _Step | RestartMachine, done: Callable[[], bool], deadline: float
@@ -460,13 +493,31 @@ class ImapConnection:
     async def wait(self) -> None:
         """Read the connection until new mail, BYE or its loss is pending (at once if
         already so); see :meth:`PushMonitor.wait`. Always a checkpoint; cancellation
-        loses nothing (bytes are read only after the wait for them)."""
+        loses nothing (bytes are read only after the wait for them). An idle session
+        sleeps here, on the socket, in this one frame (the read loop's step of
+        :meth:`_pump`, inline): a keepalive wakes it, is parsed, and it sleeps again."""
         monitor = self.monitor
         if monitor.pending():
             await trio.lowlevel.checkpoint()
             return
+        protocol = self.protocol
+        transport = self.transport
+        wait_readable = trio.lowlevel.wait_readable
         while not monitor.pending():
-            await self._pump()
+            if protocol.backlog:
+                await trio.lowlevel.checkpoint()
+                protocol.parse_some()
+            elif transport.unsent:
+                await self._flush()
+            elif transport.is_closing():
+                self._take()
+            else:
+                try:
+                    await wait_readable(transport.socket)
+                except trio.ClosedResourceError:
+                    protocol.lost(None)
+                else:
+                    self._take()
 
     async def noop(self) -> None:
         response = await self._run("NOOP", Command("NOOP", self.protocol.new_tag()))

@@ -52,6 +52,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import attrs
 import trio
@@ -708,19 +709,151 @@ def _same_folder(a: str, b: str) -> bool:
 
 
 async def _watch(watch: _Watch) -> None:
-    desk = watch.memory.desk
+    """Watch the selected mailbox (and the other folders) until the connection fails:
+    IDLE where the server has it, else :func:`_poll`. Never returns otherwise.
+
+    One frame for the whole of an IDLE session's life (the folders, the desk, the
+    timers, the loop), so that an idle session sleeps as ``run_session`` → this →
+    :meth:`ImapConnection.wait` → trio: every frame here is kept by every idle
+    session. With the process ticker (``env.ticker``) the restarts are written by it
+    and answered by the reads of ``wait``; the session wakes for mail, the scan
+    worker's fetch request, the folders' check, or a restart the ticker hands back.
+    Without it, the wait's deadline is the next restart, which the session runs
+    itself."""
+    imap, env, memory, log = watch.imap, watch.env, watch.memory, watch.log
+    desk = memory.desk
     await watch.open_folders()
     desk.open()
     for folder in watch.watched():
         folder.desk.open()
     try:
-        await _watch_open(watch)
+        if not imap.has_idle:
+            await _poll(watch)
+        t = provider_timers(env.timers, watch.conn.provider)  # a provider's shorter timers
+        where = watch.where
+        next_tick, renew_at = first_timers(
+            trio.current_time(), t.tick_interval, t.idle_renew_interval, env.rng
+        )
+        watch.announce("exists")
+        await imap.idle_start()
+        memory.state = IDLE
+        memory.on_outcome(Connected(idle=True))
+        timers = IdleTimers(
+            imap,
+            env.ticker,
+            next_tick=next_tick,
+            renew_at=renew_at,
+            tick_interval=t.tick_interval,
+            renew_interval=t.idle_renew_interval,
+            timeout=t.command_timeout,
+            log=log,
+            renew_line=(
+                f"{where} idle renewing ({human_duration(t.idle_renew_interval)} threshold)"
+            ),
+            stats=env.stats,
+        )
+        timers.start()
+        try:
+            # the other folders' STATUS check: the session's own, once per tick interval
+            # (its own phase, so it does not wait on the ticker's restart of this
+            # connection)
+            folders_due = math.inf
+            if watch.folders and not watch.notifying:  # under NOTIFY their mail is pushed
+                folders_due = trio.current_time() + timers.tick_interval * env.rng.uniform(0.5, 1.0)
+            while True:
+                # one scope per wake-up (a cancelled scope cannot be entered again): the
+                # next tick or renewal (unless the ticker writes them), the next folder
+                # check, and the scan worker's fetch request (the desk cancels it). New
+                # mail and keepalives do not end it: they are read inside.
+                deadline = min(math.inf if timers.passive else timers.due_at, folders_due)
+                with trio.CancelScope(deadline=deadline) as wake:
+                    desk.listen(wake)
+                    watch.listen_folders(wake)
+                    timers.wake = wake
+                    try:
+                        while True:
+                            await imap.wait()
+                            if (problem := imap.monitor.problem()) is not None:
+                                raise imap.monitor.failure or ImapError(problem)
+                            watch.announce("exists")
+                            if watch.take_notify():  # NOTIFY overflowed: STATUS now, then per tick
+                                folders_due = trio.current_time()
+                                wake.cancel()
+                    finally:
+                        desk.unlisten()
+                        watch.unlisten_folders()
+                        timers.wake = None
+                # Mail pushed just as the deadline passed: wait() checkpoints, so the
+                # deadline can win over a wake-up that was already due. It was pushed,
+                # so it is "exists".
+                watch.announce("exists")
+                if (request := desk.take()) is not None:
+                    await _serve_fetch(imap, request)  # DONE, UID SEARCH, UID FETCH, IDLE
+                    watch.announce("exists")
+                await watch.serve_folders()  # DONE, EXAMINE, UID SEARCH/FETCH, SELECT, IDLE
+                now = trio.current_time()
+                if now >= folders_due:
+                    await watch.check_folders("tick")  # DONE, STATUS per folder, IDLE
+                    watch.announce("exists")
+                    now = trio.current_time()
+                    folders_due = (
+                        now + timers.tick_interval
+                        if watch.folders and not watch.notifying
+                        else math.inf
+                    )
+                if now < timers.due_at:
+                    continue
+                tick = timers.take_due(now)
+                # DONE, NOOP (on a tick), IDLE: mail counted meanwhile is announced
+                # after, as "tick"
+                await imap.restart_idle(noop=tick)
+                if tick:
+                    timers.next_tick = trio.current_time() + timers.tick_interval
+                timers.restarted()
+                watch.announce("tick" if tick else "exists")
+        finally:
+            timers.ended()
     finally:
         desk.close()
         if isinstance(watch.memory, ConnectionMemory):
             for folder in watch.memory.folders.by_name.values():
                 if not folder.own_connection:  # its own session serves (and closes) it
                     folder.close_desk()
+
+
+async def _poll(watch: _Watch) -> NoReturn:
+    """A server without IDLE: NOOP every tick interval (and the other folders' STATUS),
+    serving the scan worker's fetch requests in between. Never returns."""
+    imap, env, memory = watch.imap, watch.env, watch.memory
+    t = provider_timers(env.timers, watch.conn.provider)
+    desk = memory.desk
+    next_tick, _ = first_timers(
+        trio.current_time(), t.tick_interval, t.idle_renew_interval, env.rng
+    )
+    memory.state = POLLING
+    memory.on_outcome(Connected(idle=False))
+    watch.log.warning(
+        f"{watch.where} server has no IDLE capability; polling every "
+        f"{human_duration(t.tick_interval)}"
+    )
+    while True:
+        watch.announce("exists")
+        with desk.listening(), trio.CancelScope() as folder_asked:
+            watch.listen_folders(folder_asked)
+            try:
+                await trio.sleep_until(next_tick)
+            finally:
+                watch.unlisten_folders()
+        served = await watch.serve_folders()
+        if (request := desk.take()) is not None:
+            await _serve_fetch(imap, request)
+            served = True
+        if served and trio.current_time() < next_tick:
+            continue
+        await imap.noop()
+        watch.announce("tick")
+        await watch.check_folders("tick")
+        next_tick = trio.current_time() + t.tick_interval
 
 
 async def _serve_fetch(imap: ImapLink, request: FetchRequest) -> None:
@@ -730,118 +863,3 @@ async def _serve_fetch(imap: ImapLink, request: FetchRequest) -> None:
         request.result = await imap.fetch_new(request.since_uid, request.limit)
     finally:
         request.done.set()
-
-
-async def _watch_open(watch: _Watch) -> None:
-    imap, env, memory, log = watch.imap, watch.env, watch.memory, watch.log
-    t = provider_timers(env.timers, watch.conn.provider)  # a provider's shorter IDLE timers
-    where = watch.where
-    desk = memory.desk
-    next_tick, renew_at = first_timers(
-        trio.current_time(), t.tick_interval, t.idle_renew_interval, env.rng
-    )
-    if not imap.has_idle:
-        memory.state = POLLING
-        memory.on_outcome(Connected(idle=False))
-        log.warning(
-            f"{where} server has no IDLE capability; polling every "
-            f"{human_duration(t.tick_interval)}"
-        )
-        while True:
-            watch.announce("exists")
-            with desk.listening(), trio.CancelScope() as folder_asked:
-                watch.listen_folders(folder_asked)
-                try:
-                    await trio.sleep_until(next_tick)
-                finally:
-                    watch.unlisten_folders()
-            served = await watch.serve_folders()
-            if (request := desk.take()) is not None:
-                await _serve_fetch(imap, request)
-                served = True
-            if served and trio.current_time() < next_tick:
-                continue
-            await imap.noop()
-            watch.announce("tick")
-            await watch.check_folders("tick")
-            next_tick = trio.current_time() + t.tick_interval
-    watch.announce("exists")
-    await imap.idle_start()
-    memory.state = IDLE
-    memory.on_outcome(Connected(idle=True))
-    timers = IdleTimers(
-        imap,
-        env.ticker,
-        next_tick=next_tick,
-        renew_at=renew_at,
-        tick_interval=t.tick_interval,
-        renew_interval=t.idle_renew_interval,
-        timeout=t.command_timeout,
-        log=log,
-        renew_line=(f"{where} idle renewing ({human_duration(t.idle_renew_interval)} threshold)"),
-        stats=env.stats,
-    )
-    timers.start()
-    try:
-        await _idle_loop(watch, timers)
-    finally:
-        timers.ended()
-
-
-async def _idle_loop(watch: _Watch, timers: IdleTimers) -> None:
-    """Idle until the connection fails. With the process ticker (``env.ticker``) the
-    restarts are written by it and answered here while reading; the session wakes for
-    mail, the scan worker's fetch request, or a restart the ticker hands back. Without
-    it, the wait's deadline is the next restart, which the session runs itself."""
-    imap = watch.imap
-    desk = watch.memory.desk
-    # the other folders' STATUS check: the session's own, once per tick interval (its
-    # own phase, so it does not wait on the ticker's restart of this connection)
-    folders_due = math.inf
-    if watch.folders and not watch.notifying:  # under NOTIFY their mail is pushed
-        folders_due = trio.current_time() + timers.tick_interval * watch.env.rng.uniform(0.5, 1.0)
-    while True:
-        # one scope per wake-up: the next tick or renewal (unless the ticker writes them),
-        # the next folder check, and the scan worker's fetch request (the desk cancels it)
-        deadline = min(math.inf if timers.passive else timers.due_at, folders_due)
-        with trio.CancelScope(deadline=deadline) as wake:
-            desk.listen(wake)
-            watch.listen_folders(wake)
-            timers.wake = wake
-            try:
-                while True:
-                    await imap.wait()
-                    if (problem := imap.monitor.problem()) is not None:
-                        raise imap.monitor.failure or ImapError(problem)
-                    watch.announce("exists")
-                    if watch.take_notify():  # NOTIFY overflowed: STATUS now, then per tick
-                        folders_due = trio.current_time()
-                        wake.cancel()
-            finally:
-                desk.unlisten()
-                watch.unlisten_folders()
-                timers.wake = None
-        # Mail pushed just as the deadline passed: wait() checkpoints, so the deadline
-        # can win over a wake-up that was already due. It was pushed, so it is "exists".
-        watch.announce("exists")
-        if (request := desk.take()) is not None:
-            await _serve_fetch(imap, request)  # DONE, UID SEARCH, UID FETCH, IDLE
-            watch.announce("exists")
-        await watch.serve_folders()  # DONE, EXAMINE, UID SEARCH/FETCH, SELECT, IDLE
-        now = trio.current_time()
-        if now >= folders_due:
-            await watch.check_folders("tick")  # DONE, STATUS per folder, IDLE
-            watch.announce("exists")
-            now = trio.current_time()
-            folders_due = (
-                now + timers.tick_interval if watch.folders and not watch.notifying else math.inf
-            )
-        if now < timers.due_at:
-            continue
-        tick = timers.take_due(now)
-        # DONE, NOOP (on a tick), IDLE: mail counted meanwhile is announced after, as "tick"
-        await imap.restart_idle(noop=tick)
-        if tick:
-            timers.next_tick = trio.current_time() + timers.tick_interval
-        timers.restarted()
-        watch.announce("tick" if tick else "exists")

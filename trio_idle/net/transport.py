@@ -4,10 +4,14 @@
 same socket handling for both kinds of outgoing connection.)
 
 This replaces the asyncio transport (and trio-asyncio's reader task per socket) under
-aioimaplib's parser: the session task that waits for the server reads the socket itself
-(:meth:`ImapTransport.receive`), so a keepalive line costs one task wake-up and no
-trip through the asyncio bridge, and :meth:`ImapTransport.write` is synchronous, as the
-parser's callbacks need it (aioimaplib writes from inside ``data_received``).
+aioimaplib's parser: the session task that waits for the server reads the socket itself,
+so a keepalive line costs one task wake-up and no trip through the asyncio bridge, and
+:meth:`ImapTransport.write` is synchronous, as the parser's callbacks need it (aioimaplib
+writes from inside ``data_received``). Reading comes in two forms: :meth:`receive` waits
+and reads (the backend's HTTP client, the TLS handshake), and :meth:`receive_nowait` only
+reads, for a reader that waits on :attr:`socket` itself
+(``trio.lowlevel.wait_readable``) — the IMAP session's read loop, which then sleeps in
+one frame of its own instead of three more of ours per idle connection.
 
 TLS is an :class:`ssl.SSLObject` over two memory BIOs, the way asyncio and trio both do
 it, with the socket read in chunks of :data:`RECV_SIZE` (asyncio gave every TLS
@@ -16,11 +20,12 @@ keeps). The certificate is verified against the name the user typed.
 
 Guarantees: :meth:`write` never blocks and never raises; bytes the kernel does not take
 at once wait (at most :data:`MAX_UNSENT`) until the next :meth:`receive` or
-:meth:`flush`, which sends them first. A failed write or an overfull queue closes the
-connection, and the next :meth:`receive` reports it. :meth:`close` is synchronous,
-idempotent and wakes a task blocked in :meth:`receive` (with
-:class:`trio.ClosedResourceError`). Not safe for two tasks receiving at once: one
-session task owns a connection.
+:meth:`flush`, which sends them first (a reader of :meth:`receive_nowait` flushes
+while :attr:`unsent` says so, before it waits to read). A failed write or an overfull
+queue closes the connection, and the next :meth:`receive` (or :meth:`receive_nowait`)
+reports it. :meth:`close` is synchronous, idempotent and wakes a task blocked in
+:meth:`receive` or waiting on :attr:`socket` (with :class:`trio.ClosedResourceError`).
+Not safe for two tasks receiving at once: one session task owns a connection.
 """
 
 from __future__ import annotations
@@ -102,6 +107,17 @@ class ImapTransport:
     def tls(self) -> bool:
         return self._tls is not None
 
+    @property
+    def socket(self) -> socket.socket:
+        """The socket, for a reader that waits for it itself before
+        :meth:`receive_nowait` (not to be read or written directly)."""
+        return self._sock
+
+    @property
+    def unsent(self) -> bool:
+        """Bytes written wait for the kernel: :meth:`flush` before waiting to read."""
+        return bool(self._unsent)
+
     async def receive(self) -> bytes:
         """The next bytes from the server (decrypted); ``b""`` once it has closed.
 
@@ -113,21 +129,39 @@ class ImapTransport:
         while True:
             if self._unsent:
                 await self.flush()
-            data = await self._recv()
-            tls = self._tls
-            if tls is None:
+            self._raise_if_closed()
+            await trio.lowlevel.wait_readable(self._sock)
+            data = self.receive_nowait()
+            if data is not None:
                 return data
-            assert self._incoming is not None
-            if data:
-                self._incoming.write(data)
-            else:
-                self._incoming.write_eof()
-            plain = self._decrypt(tls)
-            if self._outgoing is not None and self._outgoing.pending:
-                self._send(self._outgoing.read())  # e.g. an answer to a key update
-            if plain is not None:
-                return plain
-            # a record split across reads, or a TLS 1.3 session ticket: read on
+            # nothing after all, a record split across reads, or a TLS 1.3 session
+            # ticket: wait on
+
+    def receive_nowait(self) -> bytes | None:
+        """What the server sent that the socket has now, decrypted: the bytes; ``b""``
+        once the server has closed; None when there is nothing to hand out yet (the read
+        would block, or it brought only part of a TLS record, a TLS 1.3 session ticket or
+        key update — whose answer is sent here). Never blocks, never waits: the caller
+        waits for :attr:`socket` to be readable first, and sends what is :attr:`unsent`
+        before that. Raises as :meth:`receive` does (:class:`TransportClosed` once
+        closed, :class:`OSError` / :class:`ssl.SSLError` on a broken connection)."""
+        self._raise_if_closed()
+        try:
+            data = self._sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        tls = self._tls
+        if tls is None:
+            return data
+        assert self._incoming is not None
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+        plain = self._decrypt(tls)
+        if self._outgoing is not None and self._outgoing.pending:
+            self._send(self._outgoing.read())  # e.g. an answer to a key update
+        return plain
 
     async def flush(self) -> None:
         """Wait until the kernel has taken every queued byte."""
