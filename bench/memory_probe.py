@@ -12,6 +12,14 @@ startup catch-up scan, settles, and reports:
   innermost ``trio_idle`` frame that led to them), and :func:`gc.get_objects` counts by
   type per session.
 
+``--tls``: the servers serve implicit TLS with a certificate from a fresh :mod:`trustme` CA,
+which the daemon trusts through ``TRIO_IDLE_CA_FILE`` (verification and the name check stay
+on): the figures then include what OpenSSL keeps per connection.
+
+Every dump also reads glibc's ``mallinfo2()`` in the daemon: **malloc in use per session**
+(``uordblks``, bytes handed out by ``malloc`` and not freed: OpenSSL's allocations are there,
+which tracemalloc does not see) next to RSS, which also counts what the allocator keeps free.
+
 ``--tree DIR`` (repeatable) measures the ``trio_idle`` package of another source tree
 too, in the same run against the same servers (e.g. ``git archive <commit> trio_idle |
 tar -x -C DIR``): before/after figures from one run on this shared machine.
@@ -37,6 +45,7 @@ from typing import Any
 import trio
 
 from bench import phases
+from bench.harness import _tls_files
 from bench.procinfo import raise_nofile_limit, rss_kib
 from bench.procs import ADMIN_SECRET, DaemonProc, ServerPool, ServerProc
 
@@ -117,13 +126,14 @@ async def measure_one(
     pool: ServerPool,
     sink: phases.Sink,
     rows: list[tuple[str, int]],
+    ca_path: str | None,
 ) -> dict[str, Any]:
     n = len(rows)
     tag = f"{label}-{'trace' if trace else 'rss'}"
     out = workdir / f"probe-{tag}"
     env = {
         "BACKEND_URL": sink.backend.url,
-        "TRIO_IDLE_IMAP_SECURITY": "plain",
+        "TRIO_IDLE_IMAP_SECURITY": "tls" if ca_path else "plain",
         "TRIO_IDLE_LOG_LEVEL": "WARNING",
         "TRIO_IDLE_TICK_INTERVAL": "24h",
         "TRIO_IDLE_CONNECT_CONCURRENCY": "200",
@@ -132,6 +142,8 @@ async def measure_one(
         "BENCH_PROBE_OUT": str(out),
         "BENCH_PROBE_TRACE": "1" if trace else "0",
     }
+    if ca_path:
+        env["TRIO_IDLE_CA_FILE"] = ca_path
     if tree:
         env["BENCH_PROBE_TREE"] = tree
     daemon = DaemonProc(workdir, f"daemon-{tag}", env, module="bench.memory_child")
@@ -139,13 +151,14 @@ async def measure_one(
         await daemon.start()
         await trio.sleep(1.0)
         base = rss_kib(daemon.pid)
-        info0 = await _dump_now(daemon, out, 0) if trace else None
+        info0 = await _dump_now(daemon, out, 0)
         startup = sink.reasons.get("startup", 0)
         t0 = time.perf_counter()
         ramp = await phases.ramp(pool, daemon, rows, n / 100 + 120)
         scans = await phases.catch_up(sink, daemon, startup, n, n / 100 + 60)
         await trio.sleep(args.settle)
         rss = rss_kib(daemon.pid)
+        info1 = await _dump_now(daemon, out, 1)
         result: dict[str, Any] = {
             "label": label,
             "tree": tree,
@@ -157,10 +170,14 @@ async def measure_one(
             "rss_base_kib": base,
             "rss_kib": rss,
             "rss_per_session_kib": round((rss - base) / n, 2),
+            "tls": ca_path is not None,
+            "trio_idle": info1["trio_idle"],
         }
+        if info0.get("malloc") and info1.get("malloc"):
+            for key in ("in_use", "free", "mmapped"):
+                delta = info1["malloc"][key] - info0["malloc"][key]
+                result[f"malloc_{key}_per_session_kib"] = round(delta / n / 1024, 2)
         if trace:
-            assert info0 is not None
-            info1 = await _dump_now(daemon, out, 1)
             result["trio_idle"] = info1["trio_idle"]
             result["objects_per_session"] = count_report(
                 info0["counts"], info1["counts"], n, args.top
@@ -185,6 +202,7 @@ async def run(
     n_servers = max(1, math.ceil(n / args.per_server))
     groups: list[list[str]] = [users[i::n_servers] for i in range(n_servers)]
     servers = [ServerProc(i, g) for i, g in enumerate(groups)]
+    tls_files, ca_path = _tls_files(workdir) if args.tls else (None, None)
     pool = ServerPool(servers)
     sink = phases.Sink(ADMIN_SECRET)
     results: list[dict[str, Any]] = []
@@ -192,20 +210,25 @@ async def run(
         await nursery.start(sink.backend.serve)
         try:
             for s in servers:
-                await s.start(workdir, 3600.0, None)
-            rows = [(u, s.port) for s in servers for u in s.users]
+                await s.start(workdir, 3600.0, tls_files)
+            rows = [(u, s.tls_port if args.tls else s.port) for s in servers for u in s.users]
             for _ in range(args.rounds):
                 for label, tree in trees:
-                    r = await measure_one(label, tree, False, args, workdir, pool, sink, rows)
+                    r = await measure_one(
+                        label, tree, False, args, workdir, pool, sink, rows, ca_path
+                    )
                     print(
-                        f"{label}: {r['rss_per_session_kib']:.1f} KiB RSS/session "
+                        f"{label}: {r['rss_per_session_kib']:.1f} KiB RSS/session"
+                        f"{' over TLS' if args.tls else ''}{_malloc_text(r)} "
                         f"(N={n}, idle={r['all_idle']}, scans={r['startup_scans']})",
                         flush=True,
                     )
                     results.append(r)
             if args.trace:
                 for label, tree in trees:
-                    r = await measure_one(label, tree, True, args, workdir, pool, sink, rows)
+                    r = await measure_one(
+                        label, tree, True, args, workdir, pool, sink, rows, ca_path
+                    )
                     results.append(r)
                     print_trace(r)
         finally:
@@ -213,6 +236,15 @@ async def run(
                 await pool.stop()
             nursery.cancel_scope.cancel()
     return results
+
+
+def _malloc_text(r: dict[str, Any]) -> str:
+    if "malloc_in_use_per_session_kib" not in r:
+        return ""
+    return (
+        f", malloc in use {r['malloc_in_use_per_session_kib']:.1f} "
+        f"(+ free {r['malloc_free_per_session_kib']:.1f})"
+    )
 
 
 def print_trace(r: dict[str, Any]) -> None:
@@ -237,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=2000, help="mailboxes (sessions)")
     p.add_argument("--per-server", type=int, default=2500, help="mailboxes per server process")
     p.add_argument("--settle", type=float, default=3.0, help="seconds between ready and RSS")
+    p.add_argument("--tls", action="store_true", help="implicit TLS with a trustme CA")
     p.add_argument("--trace", action="store_true", help="also a tracemalloc + gc-count run")
     p.add_argument("--top", type=int, default=25, help="rows per table")
     p.add_argument("--rounds", type=int, default=1, help="untraced RSS runs per tree")
