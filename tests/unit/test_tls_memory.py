@@ -1,12 +1,12 @@
 """What OpenSSL keeps per idle TLS connection does not grow with what once passed through it.
 
 An :class:`ssl.MemoryBIO` never gives memory back: its buffer stays at 4/3 of the largest
-amount written into it at once, for the life of the connection. The transport hands the
-incoming BIO whole socket reads (up to 16 KiB: a FETCH answer, a LIST) and the outgoing
-BIO whole commands (an XOAUTH2 token is kilobytes), so one large answer or command left
-each connection ≈ 21 KiB (2 KiB) heavier for good (``bench.memory_probe --tls`` measures
-≈ 22 KiB per idle TLS connection in all). The fix belongs in ``net/transport.py``: feed
-the BIOs in slices, decrypting (reading out) after each.
+amount written into it at once, for the life of the connection. Handed whole socket reads
+(up to 16 KiB: a FETCH answer, a LIST) and whole commands (an XOAUTH2 token is
+kilobytes), one large answer or command left each connection ≈ 21 KiB (3.5 KiB) heavier
+for good (``bench.memory_probe --tls`` measures ≈ 22 KiB per idle TLS connection in all).
+``net/transport.py`` therefore feeds the BIOs in slices (``_BIO_SLICE``), decrypting
+(reading out) after each; these tests fail when it hands them whole reads or writes.
 
 Measured from glibc's ``mallinfo2()`` (OpenSSL's allocations; tracemalloc does not see
 them) in this process, against a TLS server in another process so that only the client's
@@ -160,20 +160,12 @@ async def _growth_per_connection(port: int, ca_file: str, command: bytes, answer
     return (after - before) / N
 
 
-_NOT_YET = pytest.mark.xfail(
-    strict=True,
-    reason="net/transport.py hands the MemoryBIOs whole reads and writes (see module doc)",
-)
-
-
-@_NOT_YET
 async def test_a_large_answer_leaves_no_larger_buffer_behind(tls_server: tuple[int, str]) -> None:
     port, ca_file = tls_server
     growth = await _growth_per_connection(port, ca_file, b"BIG\r\n", BIG_ANSWER)
     assert growth < SLACK, f"{growth:.0f} bytes more per idle connection"
 
 
-@_NOT_YET
 async def test_a_large_command_leaves_no_larger_buffer_behind(
     tls_server: tuple[int, str],
 ) -> None:

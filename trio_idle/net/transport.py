@@ -42,6 +42,13 @@ import trio
 RECV_SIZE: Final = 16 * 1024
 #: plaintext handed out per TLS read (one record at most)
 _TLS_CHUNK: Final = 16 * 1024
+#: bytes handed to a TLS memory buffer at once. OpenSSL's memory BIOs never shrink: each
+#: keeps 4/3 of the largest write it ever took, for the connection's whole life. Fed
+#: whole, one 16 KiB read (an envelope FETCH, a LIST) left +20 KiB per connection, one
+#: XOAUTH2 command +3.5 KiB, the handshake's certificate ~0.9 KiB; fed in slices, each
+#: consumed before the next, they stay at a slice (bench.memory_probe --tls,
+#: tests/unit/test_tls_memory.py)
+_BIO_SLICE: Final = 256
 #: written but not yet accepted by the kernel: IMAP commands are lines; a server that
 #: stops reading while we have this much to send is not a server we can use
 MAX_UNSENT: Final = 256 * 1024
@@ -74,13 +81,17 @@ class ImapTransport:
             return
         tls = self._tls
         if tls is not None:
+            outgoing = self._outgoing
+            assert outgoing is not None
+            sealed = []
             try:
-                tls.write(data)
+                for i in range(0, len(data), _BIO_SLICE):  # see _BIO_SLICE
+                    tls.write(data[i : i + _BIO_SLICE])
+                    sealed.append(outgoing.read())
             except ssl.SSLError as exc:  # e.g. a renegotiation asked for mid-write
                 self._fail(exc)
                 return
-            assert self._outgoing is not None
-            data = self._outgoing.read()
+            data = sealed[0] if len(sealed) == 1 else b"".join(sealed)
         self._send(data)
 
     def is_closing(self) -> bool:
@@ -155,10 +166,10 @@ class ImapTransport:
             return data
         assert self._incoming is not None
         if data:
-            self._incoming.write(data)
+            plain = self._feed(tls, self._incoming, data)
         else:
             self._incoming.write_eof()
-        plain = self._decrypt(tls)
+            plain = self._decrypt(tls)
         if self._outgoing is not None and self._outgoing.pending:
             self._send(self._outgoing.read())  # e.g. an answer to a key update
         return plain
@@ -196,7 +207,8 @@ class ImapTransport:
             data = await self._recv()
             if not data:
                 raise ConnectionResetError("server closed the connection during the TLS handshake")
-            incoming.write(data)
+            if _feed_handshake(tls, incoming, data):
+                break
         if outgoing.pending:
             self._send(outgoing.read())
         self._tls, self._incoming, self._outgoing = tls, incoming, outgoing
@@ -218,6 +230,26 @@ class ImapTransport:
                 return self._sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 continue
+
+    def _feed(self, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, data: bytes) -> bytes | None:
+        """:meth:`_decrypt` after writing ``data`` to ``incoming``, in slices (see
+        :data:`_BIO_SLICE`): what each slice completes is decrypted before the next."""
+        if len(data) <= _BIO_SLICE:
+            incoming.write(data)
+            return self._decrypt(tls)
+        parts = []
+        view = memoryview(data)
+        for i in range(0, len(data), _BIO_SLICE):
+            incoming.write(view[i : i + _BIO_SLICE])
+            part = self._decrypt(tls)
+            if part is None:
+                continue
+            parts.append(part)
+            if not part:  # close_notify: what follows it is not the server's
+                break
+        if not parts:
+            return None
+        return b"".join(parts)
 
     def _decrypt(self, tls: ssl.SSLObject) -> bytes | None:
         """All plaintext OpenSSL can give now; ``b""`` at the server's close_notify or
@@ -267,3 +299,19 @@ class ImapTransport:
             raise self._error
         if self._closed:
             raise TransportClosed("connection closed")
+
+
+def _feed_handshake(tls: ssl.SSLObject, incoming: ssl.MemoryBIO, data: bytes) -> bool:
+    """Write ``data`` to the handshake's ``incoming`` buffer in slices (see
+    :data:`_BIO_SLICE`), advancing the handshake after each; True once it is done (the
+    rest of ``data``, already application data, is then in the buffer)."""
+    view = memoryview(data)
+    for i in range(0, len(data), _BIO_SLICE):
+        incoming.write(view[i : i + _BIO_SLICE])
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            continue
+        incoming.write(view[i + _BIO_SLICE :])
+        return True
+    return False
