@@ -279,7 +279,9 @@ async def run_session(
     # Error texts quote the server (and aioimaplib quotes our LOGIN line back, a server
     # may quote the token it refused): every outcome becomes text in one place, with
     # every secret of this connection, before it is logged, stored or told to the health.
-    secrets = ConnectionSecrets.of(conn)
+    # Made when first needed (a token used, an attempt failed): the set depends on
+    # ``conn`` and the tokens used only, and a session that connects at once never needs it.
+    secrets: ConnectionSecrets | None = None
     # made when first needed: a session that connects at once never needs either (its
     # frame lives as long as the connection)
     backoff: Backoff | None = None
@@ -303,6 +305,7 @@ async def run_session(
                 # before the connect slot: a slow token endpoint must not hold IMAP slots
                 token = await _get_token(env, conn, force=force_token)
                 by_token = True
+                secrets = _secrets_of(conn, secrets)
                 secrets.use_token(token.token.reveal())
             # paced and shared per provider (else host:port), see core/host_pacing.py
             async with env.limiter.slot(pace_key(conn.provider, conn.host, conn.port)):
@@ -332,6 +335,7 @@ async def run_session(
             del selected  # memory.mailbox holds it while current; this frame is long-lived
             await _watch(_Watch(imap, conn, env, coalescer, memory, log, where=where))
         except TokenUnavailable as exc:
+            secrets = _secrets_of(conn, secrets)
             failure = secrets.failure(exc)
             memory.last_error = text = failure.text
             memory.on_outcome(failure)  # revoked / unavailable: auth_failed; token_error: no change
@@ -353,6 +357,7 @@ async def run_session(
                     f"reconnected in the app; next attempt in {human_duration(delay)}"
                 )
         except ImapAuthError as exc:
+            secrets = _secrets_of(conn, secrets)
             failure = secrets.failure(exc)
             memory.last_error = text = failure.text
             if by_token:
@@ -374,6 +379,7 @@ async def run_session(
             )
         except ImapError as exc:
             memory.state = BACKOFF
+            secrets = _secrets_of(conn, secrets)
             failure = secrets.failure(exc)
             memory.last_error = text = failure.text
             memory.on_outcome(failure)
@@ -394,7 +400,7 @@ async def run_session(
             memory.state = BACKOFF
             memory.last_error = f"internal error: {type(exc).__name__}"
             env.stats.inc("internal_errors")
-            log_internal_error(log, where, exc, secrets)
+            log_internal_error(log, where, exc, _secrets_of(conn, secrets))
             backoff = backoff or Backoff(env.reconnect_policy, env.rng)
             delay = backoff.next_delay()
         finally:
@@ -408,6 +414,11 @@ async def run_session(
                 f"{where} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
             )
         await trio.sleep(delay)
+
+
+def _secrets_of(conn: MailConnection, secrets: ConnectionSecrets | None) -> ConnectionSecrets:
+    """``secrets``, or ``conn``'s set if none was made yet (:func:`run_session`)."""
+    return secrets if secrets is not None else ConnectionSecrets.of(conn)
 
 
 def _catch_up(
