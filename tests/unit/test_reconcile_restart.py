@@ -72,7 +72,6 @@ async def test_a_restart_while_backing_off_connects_again_at_once(
 def _handle() -> Handle:
     return Handle(
         CONN,
-        trio.CancelScope(),
         ConnectionMemory(),
         ScanCoalescer(),
         AccountHealth(CONN, 60.0),
@@ -90,3 +89,66 @@ async def test_finished_is_set_for_whoever_waits_before_or_after_the_end() -> No
     late.ended()
     with trio.fail_after(1):  # first asked after the end: already set
         await late.finished.wait()
+
+
+async def test_a_connection_removed_before_its_task_ran_never_connects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # its scope is the nursery the task has not opened yet: the removal must still count
+    rig = make_rig()
+    server = rig.server
+    async with trio.open_nursery() as nursery:
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0), **groups())
+        reconciler.apply({CONN.id: CONN})
+        handle = reconciler.handles[CONN.id]
+        reconciler.apply({})  # in the same step: the connection task has not run yet
+        with trio.fail_after(DEADLINE):
+            await handle.finished.wait()
+        await trio.sleep(60.0)  # anything it would still do, it would have done by now
+        assert server.links == {}
+        assert rig.env.stats.get("connect_attempts") == 0
+        assert reconciler.handles == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_stop_all_before_the_tasks_ran_starts_no_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rig = make_rig()
+    async with trio.open_nursery() as nursery:
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0), **groups())
+        reconciler.apply({CONN.id: CONN})
+        handle = reconciler.handles[CONN.id]
+        reconciler.stop_all()
+        with trio.fail_after(DEADLINE):
+            await handle.finished.wait()
+        await trio.sleep(60.0)
+        assert rig.server.links == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restart_removed_while_waiting_for_its_predecessor_never_connects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rig = make_rig(logout_timeout=5.0)
+    server = rig.server
+    async with trio.open_nursery() as nursery:
+        reconciler = Reconciler(nursery, rig.env, mock_webhook(total_timeout=60.0), **groups())
+        with trio.fail_after(DEADLINE):
+            reconciler.apply({CONN.id: CONN})
+            await connected(rig)
+            old = reconciler.handles[CONN.id]
+            server.go_silent()  # the old session's LOGOUT waits its whole timeout
+            reconciler.apply({CONN.id: CHANGED})
+            new = reconciler.handles[CONN.id]
+            await settled(rig, lambda: server.times("LOGOUT", 1) != [])
+            assert not old.finished.is_set()  # the new one waits for it now
+            reconciler.apply({})
+            await new.finished.wait()
+            # it stopped waiting at once: the old one still waits for its LOGOUT's answer
+            assert not old.finished.is_set()
+            await old.finished.wait()
+        await trio.sleep(60.0)
+        assert list(server.links) == [1], "the removed restart connected after all"
+        assert server.links[1].closed
+        nursery.cancel_scope.cancel()

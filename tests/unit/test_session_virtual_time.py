@@ -330,6 +330,21 @@ async def test_rejected_login_waits_the_long_auth_backoff(
     assert all(c.command != "SELECT" for c in server.calls if c.link < 3)
 
 
+async def test_a_login_that_worked_starts_the_auth_backoff_over(
+    autojump_clock: trio.testing.MockClock, rig: Rig, server: FakeImapServer
+) -> None:
+    server.reject_logins = 1
+    async with running(rig):
+        await connected(rig, link=2)
+        server.reject_logins = 1  # the password is wrong again after the next drop
+        server.drop()
+        await connected(rig, link=4)
+    refused, again = server.times("connect", 3)[0], server.times("connect", 4)[0]
+    # 15 min exactly: the first failure since a login worked, not the second in a row
+    assert again - refused == 900.0
+    assert rig.stats.get("auth_failures") == 2
+
+
 # -- ending -------------------------------------------------------------------------------
 
 

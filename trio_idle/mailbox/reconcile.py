@@ -4,17 +4,18 @@
 
     root nursery (daemon)
     └── connection task  (one per connection id, started by the reconciler)
-        └── CancelScope  ← cancelled to remove or restart this connection only
-            └── child nursery
-                ├── IMAP session (connect / IDLE / reconnect loop)
-                ├── scan task (webhook, retries): only while a scan is pending
-                │   (started by the coalescer, ends when none is left)
-                ├── folder sessions (TRIO_IDLE_FOLDER_WATCH=idle): one IMAP session per
-                │   watched folder, each in its own CancelScope (started and stopped as
-                │   the mailbox's session hands the resolved folders over), and each
-                │   folder's scan task while one is pending
-                └── health reporter (account health to the backend; unless switched off):
-                    only while a report is due or debounced
+        └── child nursery, in its own CancelScope  ← cancelled to remove or restart
+            │   this connection only (Handle.cancel: before the task ran, too)
+            ├── a restarted connection's wait for its predecessor's end, then
+            ├── IMAP session (connect / IDLE / reconnect loop)
+            ├── scan task (webhook, retries): only while a scan is pending
+            │   (started by the coalescer, ends when none is left)
+            ├── folder sessions (TRIO_IDLE_FOLDER_WATCH=idle): one IMAP session per
+            │   watched folder, each in its own CancelScope (started and stopped as
+            │   the mailbox's session hands the resolved folders over), and each
+            │   folder's scan task while one is pending
+            └── health reporter (account health to the backend; unless switched off):
+                only while a report is due or debounced
 
 Cancelling a connection's scope ends its whole subtree: the session LOGOUTs under a
 short shielded deadline, an in-flight scan request is abandoned. A restarted connection
@@ -96,12 +97,15 @@ class Handle:
     """A running connection: its spec, the scope that owns its subtree, its state."""
 
     conn: MailConnection
-    scope: trio.CancelScope
     memory: ConnectionMemory
     coalescer: ScanCoalescer
     health: AccountHealth
     #: the folder sessions running in its subtree (idle mode), by server folder; None: none
     folder_scopes: dict[str, trio.CancelScope] | None = None
+    #: the scope that owns its subtree once the connection task opened it: its child
+    #: nursery's own cancel scope (one scope per connection, not one around the nursery
+    #: as well). Until then whether :meth:`cancel` was called.
+    _scope: trio.CancelScope | bool = False
     #: :attr:`finished` once a waiter made it; until then whether the connection task
     #: ended. Only a restarted connection's successor (and tests) wait for the end, so
     #: most connections never hold an Event.
@@ -125,6 +129,24 @@ class Handle:
             self._finished.set()
         else:
             self._finished = True
+
+    def cancel(self) -> None:
+        """End the connection's whole subtree (removed, restarted, shutdown). Works
+        before the connection task ran: its nursery is then cancelled as it opens, so
+        the session never connects. Synchronous, idempotent."""
+        scope = self._scope
+        if isinstance(scope, trio.CancelScope):
+            scope.cancel()
+        else:
+            self._scope = True
+
+    def owns(self, scope: trio.CancelScope) -> None:
+        """The connection task opened its nursery: ``scope`` (the nursery's) is the
+        connection's from now on, cancelled at once if :meth:`cancel` came first."""
+        cancelled = self._scope is True
+        self._scope = scope
+        if cancelled:
+            scope.cancel()
 
 
 #: new connections :meth:`Reconciler.apply_gradually` starts between two checkpoints
@@ -239,17 +261,17 @@ class Reconciler:
     def _stop_and_restart(self, wanted: Mapping[str, MailConnection]) -> Diff:
         d = diff(self.running, wanted)
         for conn_id in d.removed:
-            self.handles.pop(conn_id).scope.cancel()
+            self.handles.pop(conn_id).cancel()
         for conn_id in d.changed:
             old = self.handles.pop(conn_id)
-            old.scope.cancel()
+            old.cancel()
             self._start(wanted[conn_id], predecessor=old)
         return d
 
     def stop_all(self) -> None:
         self._stopped = True
         for handle in self.handles.values():
-            handle.scope.cancel()
+            handle.cancel()
         self.handles.clear()
 
     def _start(self, conn: MailConnection, predecessor: Handle | None) -> None:
@@ -262,7 +284,7 @@ class Reconciler:
         else:
             health = self._new_health(conn)
             memory.on_outcome = health  # its observe
-        handle = Handle(conn, trio.CancelScope(), memory, coalescer, health)
+        handle = Handle(conn, memory, coalescer, health)
         self.handles[conn.id] = handle
         self._nursery.start_soon(self._run, handle, predecessor, name=f"conn:{conn.id}")
 
@@ -291,31 +313,33 @@ class Reconciler:
         conn = handle.conn
         log = session_logger(conn.email, conn.id, conn.host)
         try:
-            with handle.scope:
+            # the nursery's own cancel scope is the connection's scope (Handle.cancel):
+            # the wait for a predecessor runs inside it, so cancelling it ends that too
+            async with trio.open_nursery() as nursery:
+                handle.owns(nursery.cancel_scope)
                 if predecessor is not None:
                     await predecessor.finished.wait()
                     # only now: the old session's outcomes were classified with the old row
                     handle.health.rebind(conn)
-                async with trio.open_nursery() as nursery:
-                    subtree = _Subtree(self, nursery, handle, log)
-                    handle.coalescer.attach(subtree.start_scans)
-                    if self._status_policy is not None:
-                        handle.health.attach(subtree.start_reports)
-                    folders = handle.memory.folders
-                    folders.on_new = subtree.attach_folder
-                    folders.on_own = subtree.own_folders
-                    for folder in folders.by_name.values():  # a credentials restart's
-                        self._attach_folder(nursery, handle, log, folder)
-                    try:
-                        await run_session(conn, self._env, handle.coalescer, handle.memory, log)
-                    finally:
-                        handle.coalescer.detach()
-                        handle.health.detach()
-                        folders.on_new = _no_folder_hook
-                        folders.on_own = _no_folder_sessions
-                        handle.folder_scopes = None
-                        for folder in folders.by_name.values():
-                            folder.coalescer.detach()
+                subtree = _Subtree(self, nursery, handle, log)
+                handle.coalescer.attach(subtree.start_scans)
+                if self._status_policy is not None:
+                    handle.health.attach(subtree.start_reports)
+                folders = handle.memory.folders
+                folders.on_new = subtree.attach_folder
+                folders.on_own = subtree.own_folders
+                for folder in folders.by_name.values():  # a credentials restart's
+                    self._attach_folder(nursery, handle, log, folder)
+                try:
+                    await run_session(conn, self._env, handle.coalescer, handle.memory, log)
+                finally:
+                    handle.coalescer.detach()
+                    handle.health.detach()
+                    folders.on_new = _no_folder_hook
+                    folders.on_own = _no_folder_sessions
+                    handle.folder_scopes = None
+                    for folder in folders.by_name.values():
+                        folder.coalescer.detach()
         except Exception as exc:  # belt and braces: one connection never takes down the rest
             self._env.stats.inc("internal_errors")
             log_internal_error(

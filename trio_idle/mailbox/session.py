@@ -280,9 +280,15 @@ async def run_session(
     # Error texts quote the server (and aioimaplib quotes our LOGIN line back, a server
     # may quote the token it refused): every outcome becomes text in one place, with
     # every secret of this connection, before it is logged, stored or told to the health.
-    secrets = ConnectionSecrets.of(conn)
-    backoff = Backoff(env.reconnect_policy, env.rng)
-    auth_backoff = Backoff(env.auth_policy, env.rng)
+    # Made when first needed (a token used, an attempt failed): the set depends on
+    # ``conn`` and the tokens used only, and a session that connects at once never needs it.
+    secrets: ConnectionSecrets | None = None
+    # made when first needed: a session that connects at once never needs either (its
+    # frame lives as long as the connection)
+    backoff: Backoff | None = None
+    auth_backoff: Backoff | None = None
+    # the outcome of the last failed attempt, dropped once a session is up
+    failure: Failure | None = None
     # OAuth2: a refused token is replaced at once by a fresh one (force) and tried once
     # more before it counts as an auth failure; until a sign-in succeeds, every later
     # attempt asks for a fresh token too (the cached one was refused).
@@ -293,10 +299,14 @@ async def run_session(
         imap: ImapLink | None = None
         up_since: float | None = None
         token: AccessToken | None = None
+        # signed in (or tried to) with an access token
+        by_token = False
         try:
             if conn.auth == AUTH_OAUTH2:
                 # before the connect slot: a slow token endpoint must not hold IMAP slots
                 token = await _get_token(env, conn, force=force_token)
+                by_token = True
+                secrets = _secrets_of(conn, secrets)
                 secrets.use_token(token.token.reveal())
             # paced and shared per provider (else host:port), see core/host_pacing.py
             async with env.limiter.slot(pace_key(conn.provider, conn.host, conn.port)):
@@ -307,6 +317,7 @@ async def run_session(
                 else:
                     await imap.authenticate_oauth2(token.user or conn.login, token.token.reveal())
                     force_token = quick_retry_used = False
+            token = None  # the token source keeps it; not this frame, for the session
             if folder is None:
                 selected = await imap.select(mailbox)
             else:
@@ -315,42 +326,24 @@ async def run_session(
                 except MailboxRefused:
                     return  # the folder is gone: run_folder_session's caller reports it
             up_since = trio.current_time()
-            auth_backoff.attempt = 0
+            auth_backoff = failure = None  # a fresh one counts from 0 again
             memory.sessions += 1
             memory.connected_since = up_since
             memory.last_error = None
             env.stats.inc("connects")
             log.info(f"{where} connected ({conn.host}:{conn.port})")
-            if memory.mailbox is None and env.store is not None and env.store.enabled:
-                # first session in this process: compare with what the last run scanned
-                stored = env.store.get(conn.id, mailbox)
-                decision = startup_decision(stored, selected, env.start_from)
-                reason = "startup"
-                if stored is not None and memory.mark is None:
-                    memory.mark = ScanMark(stored.uidvalidity, stored.uidnext)
-                elif stored is None and not decision.scan:
-                    # TRIO_IDLE_START_FROM=now: what the mailbox holds counts as scanned
-                    # (the previous daemon's backend did it); stored, so that the next
-                    # start compares with it instead of scanning everything after all
-                    env.store.record(conn.id, mailbox, selected.uidvalidity, selected.uidnext)
-                    env.stats.inc("started_from_now")
-                    log.info(f"{where} {decision.why}: UIDNEXT {selected.uidnext} recorded")
-            else:
-                decision, reason = catch_up_decision(memory.mailbox, selected), "reconnect"
-            memory.mailbox = selected
-            memory.mark = on_connect(memory.mark, selected, scanning=decision.scan)
-            if decision.scan:
-                log.info(f"{where} catch-up scan ({decision.why})")
-                env.stats.inc("catch_up_scans", reason)
-                coalescer.request(reason)
+            _catch_up(conn, env, coalescer, memory, log, where, mailbox, selected)
+            del selected  # memory.mailbox holds it while current; this frame is long-lived
             await _watch(_Watch(imap, conn, env, coalescer, memory, log, where=where))
         except TokenUnavailable as exc:
+            secrets = _secrets_of(conn, secrets)
             failure = secrets.failure(exc)
             memory.last_error = text = failure.text
             memory.on_outcome(failure)  # revoked / unavailable: auth_failed; token_error: no change
             env.stats.inc("token_failures", exc.reason)
             if exc.reason == TOKEN_ERROR:
                 memory.state = BACKOFF
+                backoff = backoff or Backoff(env.reconnect_policy, env.rng)
                 delay = max(backoff.next_delay(), exc.retry_after or 0.0)
                 log.bind(error_kind=f"token_{exc.reason}").warning(
                     f"{where} no access token ({exc.reason}): {text}; "
@@ -358,15 +351,17 @@ async def run_session(
                 )
             else:
                 memory.state = AUTH_FAILED
+                auth_backoff = auth_backoff or Backoff(env.auth_policy, env.rng)
                 delay = auth_backoff.next_delay()
                 log.bind(error_kind=f"token_{exc.reason}").error(
                     f"{where} no access token ({exc.reason}): {text} — the account must be "
                     f"reconnected in the app; next attempt in {human_duration(delay)}"
                 )
         except ImapAuthError as exc:
+            secrets = _secrets_of(conn, secrets)
             failure = secrets.failure(exc)
             memory.last_error = text = failure.text
-            if token is not None:
+            if by_token:
                 force_token = True
                 if not quick_retry_used:
                     quick_retry_used = True
@@ -376,34 +371,38 @@ async def run_session(
             memory.state = AUTH_FAILED
             memory.on_outcome(failure)
             env.stats.inc("auth_failures")
+            auth_backoff = auth_backoff or Backoff(env.auth_policy, env.rng)
             delay = auth_backoff.next_delay()
-            what = (
-                "the access token was refused" if token is not None else "check the stored password"
-            )
+            what = "the access token was refused" if by_token else "check the stored password"
             log.bind(error_kind=exc.kind or "auth").error(
                 f"{where} authentication failed: {text} — {what}; "
                 f"next login attempt in {human_duration(delay)}"
             )
         except ImapError as exc:
             memory.state = BACKOFF
+            secrets = _secrets_of(conn, secrets)
             failure = secrets.failure(exc)
             memory.last_error = text = failure.text
             memory.on_outcome(failure)
+            backoff = backoff or Backoff(env.reconnect_policy, env.rng)
             if up_since is not None:
                 env.stats.inc("disconnects")
                 backoff.session_ended(trio.current_time() - up_since)
-                failed = log.bind(error_kind=exc.kind or KIND_SERVER_CLOSED)
-                failed.warning(f"{where} connection lost: {text}")
+                log.bind(error_kind=exc.kind or KIND_SERVER_CLOSED).warning(
+                    f"{where} connection lost: {text}"
+                )
             else:
                 env.stats.inc("connect_failures")
-                failed = log.bind(error_kind=exc.kind or KIND_SERVER_CLOSED)
-                failed.warning(f"{where} connect failed: {text}")
+                log.bind(error_kind=exc.kind or KIND_SERVER_CLOSED).warning(
+                    f"{where} connect failed: {text}"
+                )
             delay = backoff.next_delay()
         except Exception as exc:  # a bug must cost one mailbox a reconnect, not the process
             memory.state = BACKOFF
             memory.last_error = f"internal error: {type(exc).__name__}"
             env.stats.inc("internal_errors")
-            log_internal_error(log, where, exc, secrets)
+            log_internal_error(log, where, exc, _secrets_of(conn, secrets))
+            backoff = backoff or Backoff(env.reconnect_policy, env.rng)
             delay = backoff.next_delay()
         finally:
             memory.connected_since = None
@@ -411,10 +410,54 @@ async def run_session(
                 with trio.CancelScope(shield=True):
                     await imap.logout(env.timers.logout_timeout)
         if memory.state == BACKOFF:
+            assert backoff is not None  # every way into BACKOFF drew its delay from it
             log.bind(duration=delay).info(
                 f"{where} reconnecting in {human_duration(delay)} (attempt {backoff.attempt + 1})"
             )
         await trio.sleep(delay)
+
+
+def _secrets_of(conn: MailConnection, secrets: ConnectionSecrets | None) -> ConnectionSecrets:
+    """``secrets``, or ``conn``'s set if none was made yet (:func:`run_session`)."""
+    return secrets if secrets is not None else ConnectionSecrets.of(conn)
+
+
+def _catch_up(
+    conn: MailConnection,
+    env: SessionEnv,
+    coalescer: ScanCoalescer,
+    memory: ConnectionMemory | FolderMemory,
+    log: Logger,
+    where: str,
+    mailbox: str,
+    selected: MailboxState,
+) -> None:
+    """A session selected ``mailbox`` and saw ``selected``: compare with what the last
+    session (or the last run, through the state store) saw, keep it, and request the
+    catch-up scan if mail may have arrived meanwhile. A function of its own: what the
+    decision needs (the stored state, the decision) is not kept by the session's frame."""
+    if memory.mailbox is None and env.store is not None and env.store.enabled:
+        # first session in this process: compare with what the last run scanned
+        stored = env.store.get(conn.id, mailbox)
+        decision = startup_decision(stored, selected, env.start_from)
+        reason = "startup"
+        if stored is not None and memory.mark is None:
+            memory.mark = ScanMark(stored.uidvalidity, stored.uidnext)
+        elif stored is None and not decision.scan:
+            # TRIO_IDLE_START_FROM=now: what the mailbox holds counts as scanned
+            # (the previous daemon's backend did it); stored, so that the next
+            # start compares with it instead of scanning everything after all
+            env.store.record(conn.id, mailbox, selected.uidvalidity, selected.uidnext)
+            env.stats.inc("started_from_now")
+            log.info(f"{where} {decision.why}: UIDNEXT {selected.uidnext} recorded")
+    else:
+        decision, reason = catch_up_decision(memory.mailbox, selected), "reconnect"
+    memory.mailbox = selected
+    memory.mark = on_connect(memory.mark, selected, scanning=decision.scan)
+    if decision.scan:
+        log.info(f"{where} catch-up scan ({decision.why})")
+        env.stats.inc("catch_up_scans", reason)
+        coalescer.request(reason)
 
 
 async def _get_token(env: SessionEnv, conn: MailConnection, *, force: bool) -> AccessToken:
