@@ -171,7 +171,7 @@ EXPECTED_ZEROS = {
     "trio_idle_idle_restarts_total": ("by", {"ticker", "session"}),
     "trio_idle_folder_scans_total": ("reason", {"exists", "tick", "startup", "reconnect"}),
     "trio_idle_notify_fallbacks_total": ("cause", {"refused", "overflow"}),
-    "trio_idle_notify_status_ignored_total": ("why", {"unwatched", "malformed"}),
+    "trio_idle_notify_status_ignored_total": ("reason", {"unwatched", "malformed"}),
     "trio_idle_scans_failed_total": ("status", {"400", "401", "403", "404"}),
     "trio_idle_scans_retried_total": ("status", {"network", "429", "500", "502", "503", "504"}),
     "trio_idle_pings_sent_total": ("result", {"ok", "fail"}),

@@ -121,7 +121,7 @@ LABELLED_COUNTERS: Final[tuple[tuple[str, str, tuple[str, ...], str], ...]] = (
     ),
     (
         "notify_status_ignored",
-        "why",
+        "reason",
         ("unwatched", "malformed"),
         "STATUS lines pushed under NOTIFY and dropped: for a folder not watched, or unreadable",
     ),
