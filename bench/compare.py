@@ -74,6 +74,8 @@ class CompareOptions:
     #: to both stacks: imapflow sends each command after the previous answer, so it
     #: gets one write per answer either way; trio-idle pipelines DONE/NOOP/IDLE.
     coalesce_replies: bool = False
+    #: extra ``TRIO_IDLE_*`` settings for the daemon (an A/B of one setting)
+    daemon_env: tuple[tuple[str, str], ...] = ()
     #: the loop-stall probe of both programs: timer period, and the lateness worth a line
     stall_period_ms: float = 20.0
     stall_log_ms: float = 5.0
@@ -161,6 +163,7 @@ async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> di
             "grace_s": opts.grace,
             "node_idle_delay_ms": opts.node_idle_delay_ms,
             "coalesce_replies": opts.coalesce_replies,
+            "daemon_env": dict(opts.daemon_env),
             "stall_period_ms": opts.stall_period_ms,
             "stall_log_ms": opts.stall_log_ms,
             "refresh_midway": opts.refresh_midway,
@@ -206,6 +209,7 @@ async def run_pair(n: int, tls: bool, opts: CompareOptions, workdir: Path) -> di
             }
             if ca_path:
                 daemon_env["TRIO_IDLE_CA_FILE"] = ca_path
+            daemon_env.update(opts.daemon_env)
             # the CLI unchanged, plus the stall probe beside it (bench.loop_probe, which
             # bench.gc_probe installs) and a line per full collection: what a stall was
             daemon = DaemonProc(workdir, f"trio-idle-{n}", daemon_env, "bench.gc_probe")

@@ -591,6 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-server", type=int, default=8000, help="max accounts per IMAP server process"
     )
     p.add_argument(
+        "--daemon-env",
+        action="append",
+        default=[],
+        metavar="TRIO_IDLE_X=VALUE",
+        help="with --compare: one more setting for trio-idle (repeatable; an A/B of one setting)",
+    )
+    p.add_argument(
         "--coalesce-replies",
         action="store_true",
         help="with --compare: the IMAP servers answer commands that arrived together in "
@@ -798,6 +805,7 @@ def _compare_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
         # imapflow waits 15 s after its last command before IDLE: too long for a check
         node_idle_delay_ms=200 if quick else None,
         coalesce_replies=args.coalesce_replies,
+        daemon_env=tuple(_setting(item) for item in args.daemon_env),
         stall_period_ms=args.stall_period,
         refresh_midway=not args.no_refresh,
         settle_refresh=args.settle_refresh,
@@ -927,3 +935,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _setting(item: str) -> tuple[str, str]:
+    """``--daemon-env``'s ``TRIO_IDLE_X=VALUE``; a clear error for anything else."""
+    key, eq, value = item.partition("=")
+    if not eq or not key.startswith("TRIO_IDLE_"):
+        raise SystemExit(f"--daemon-env: expected TRIO_IDLE_<NAME>=<value>, got {item!r}")
+    return key, value
