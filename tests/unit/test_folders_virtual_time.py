@@ -147,3 +147,30 @@ async def test_a_folder_envelope_request_is_served_by_a_visit_idling_or_polling(
             assert visit[: len(expected)] == expected
             assert rig.coalescer.requested == 0  # Junk's mail is not INBOX mail
         assert await junk.desk.ask(7, 50) is None  # no session: the range only
+
+
+async def test_a_folder_created_after_it_was_reported_missing_is_watched_from_the_next_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Missing at connect: reported once, not asked for on that connection. Created by the
+    user meanwhile: the next connection's LIST finds it, its mail is scanned, and nothing
+    is reported again."""
+    rig = make_rig(folders=("INBOX", "Archive"))
+    async with running(rig):
+        await connected(rig)
+        rig.server.add_folder("Archive", uidnext=3)  # created while this connection runs
+        await trio.sleep(3 * TICK)
+        assert "Archive" not in rig.memory.folders.by_name  # not on this connection
+        rig.server.bye()  # the next connection lists the folders again
+        await connected(rig, link=2)
+        archive = rig.memory.folders.by_name["Archive"]
+        rig.server.deliver_to("Archive")
+        await settled(rig, lambda: archive.coalescer.requested == 1)
+        assert archive.scan_range(archive.mailbox).since_uid == 3
+    warnings = [t for t in rig.log.texts("warning") if "folder" in t]
+    assert warnings == [
+        "[idle/alice@example.test] folder Archive not found on the server: not watched"
+    ]
+    statuses = [c for c in rig.server.calls if c.command == "STATUS"]
+    assert {c.arg for c in statuses if c.link == 1} == set()
+    assert {c.arg for c in statuses if c.link == 2} == {"Archive"}
