@@ -160,32 +160,12 @@ def _memory_sampler(every: float, directory: Path) -> None:
 
 def _mallinfo_kib() -> tuple[int, int]:
     """glibc's (bytes in use, bytes free inside the heap) in KiB; (0, 0) elsewhere."""
-    import ctypes
+    from bench.mallinfo import malloc_info
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_size_t)
-            for name in (
-                "arena",
-                "ordblks",
-                "smblks",
-                "hblks",
-                "hblkhd",
-                "usmblks",
-                "fsmblks",
-                "uordblks",
-                "fordblks",
-                "keepcost",
-            )
-        ]
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = MallInfo2
-        info = libc.mallinfo2()
-    except (OSError, AttributeError):
+    info = malloc_info()
+    if info is None:
         return 0, 0
-    return (info.uordblks + info.hblkhd) // 1024, info.fordblks // 1024
+    return info["in_use"] // 1024, info["free"] // 1024
 
 
 def _light_memory_sampler(every: float) -> None:

@@ -12,8 +12,6 @@ object counts by type, the ``trio_idle`` package used) and, traced,
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
@@ -23,42 +21,9 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from bench.mallinfo import malloc_info
+
 _dumps = [0]
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _malloc_info() -> dict[str, int] | None:
-    """glibc's heap figures (None elsewhere): what malloc handed out and still holds,
-    OpenSSL's allocations included (tracemalloc sees only Python's)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        fn = libc.mallinfo2
-    except (OSError, AttributeError, TypeError):
-        return None
-    fn.restype = _MallInfo2
-    info = fn()
-    return {
-        "in_use": info.uordblks + info.hblkhd,
-        "free": info.fordblks,
-        "mmapped": info.hblkhd,
-    }
 
 
 def _dump(_signum: int, _frame: Any) -> None:
@@ -73,7 +38,7 @@ def _dump(_signum: int, _frame: Any) -> None:
     if tracemalloc.is_tracing():
         tracemalloc.take_snapshot().dump(f"{base}.{k}.tracemalloc")
     package = sys.modules["trio_idle"]
-    info = {"counts": dict(counts), "trio_idle": package.__file__, "malloc": _malloc_info()}
+    info = {"counts": dict(counts), "trio_idle": package.__file__, "malloc": malloc_info()}
     Path(f"{base}.{k}.json.tmp").write_text(json.dumps(info))
     os.replace(f"{base}.{k}.json.tmp", f"{base}.{k}.json")
 

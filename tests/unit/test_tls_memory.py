@@ -15,8 +15,6 @@ side is counted. Linux/glibc only.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import socket
 import ssl
@@ -29,6 +27,8 @@ import pytest
 import trio
 import trustme
 
+from bench.mallinfo import malloc_info
+from tests.conftest import unavailable
 from trio_idle.imap.connect import make_ssl_context
 from trio_idle.net.transport import ImapTransport
 
@@ -64,40 +64,18 @@ asyncio.run(main())
 """
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
 def _malloc_in_use() -> int:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    try:
-        fn = libc.mallinfo2
-    except AttributeError:
-        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
-    fn.restype = _MallInfo2
-    info = fn()
-    return int(info.uordblks + info.hblkhd)
+    info = malloc_info()
+    if info is None:
+        unavailable("needs glibc >= 2.33 (mallinfo2)")
+    return info["in_use"]
 
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
     """(port, CA file) of the server process."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("mallinfo2 is glibc's")
+    if malloc_info() is None:
+        unavailable("needs glibc >= 2.33 (mallinfo2)")
     workdir: Path = tmp_path_factory.mktemp("tls-memory")
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")
